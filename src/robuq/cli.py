@@ -1,0 +1,113 @@
+"""The ``robuq`` command: each subcommand parses its arguments and calls one library function."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Sequence
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from robuq.train.trainer import TrainConfig
+
+    p = sub.add_parser("train", help="train a full-precision DiT (single process or under torchrun)")
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kind = type(default) if default is not None else str
+            p.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    p.add_argument("--until", type=int, default=None, help="stop at this step (the schedule still spans --steps)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from robuq.train.trainer import TrainConfig, train
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    out = train(config, resume=args.resume, until=args.until, progress=not args.no_progress)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the DiT configurations with parameters and GFLOPs")
+    p.add_argument("--input-size", type=int, default=32, help="latent (or image) side length (default: 32)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--in-channels", type=int, default=4)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from robuq.models.summary import model_table
+
+    rows = model_table(args.input_size, args.num_classes, args.in_channels)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<10} {'depth':>5} {'hidden':>6} {'heads':>5} {'patch':>5} {'tokens':>6} {'params':>14} {'GFLOPs':>9}")
+    for r in rows:
+        print(
+            f"{r['name']:<10} {r['depth']:>5} {r['hidden_size']:>6} {r['num_heads']:>5} {r['patch_size']:>5} "
+            f"{r['tokens']:>6} {r['params']:>14,} {r['gflops']:>9.2f}"
+        )
+    print("GFLOPs are multiply-accumulates of one forward pass of one image, as in the DiT paper.")
+    return 0
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate images: a PNG grid (a row per class) and an ADM-style .npz")
+    p.add_argument("--ckpt", default=None, help="model file (default: the teacher shipped with robuq)")
+    p.add_argument("--out", default="samples", help="output folder (default: samples)")
+    p.add_argument("--per-class", type=int, default=8, help="images per class (default: 8)")
+    p.add_argument("--num-samples", type=int, default=None, help="unconditional models: how many images")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--steps", type=int, default=100, help="respaced sampling steps (default: 100)")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance (1 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from robuq.sampling import SampleConfig, sample_to_files
+
+    names = {f.name for f in dataclasses.fields(SampleConfig)}
+    config = SampleConfig(**{k: v for k, v in vars(args).items() if k in names})
+    paths = sample_to_files(config)
+    for label, path in paths.items():
+        print(f"{label}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robuq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_models(sub)
+    _add_train(sub)
+    _add_sample(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Library errors are written to be read by people; a traceback would bury the message.
+        print(f"robuq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

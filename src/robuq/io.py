@@ -1,0 +1,65 @@
+"""robuq's own files: safetensors tensors with a JSON document in the header, written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, safe_open
+
+META_KEY = "robuq"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` and move the result over ``path`` only once it is complete on disk.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> Path:
+    """Write tensors (made contiguous, on the CPU) and a JSON-serialisable ``meta`` dict, atomically."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header = {META_KEY: json.dumps(meta or {}, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=header))
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON document robuq stored in a safetensors header ({} for a foreign safetensors file)."""
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    return json.loads(header[META_KEY]) if META_KEY in header else {}
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and the robuq JSON document of a safetensors file."""
+    try:
+        return load_file(str(path)), read_meta(path)
+    except (SafetensorError, json.JSONDecodeError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt") from exc

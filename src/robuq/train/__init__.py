@@ -1,0 +1,3 @@
+from robuq.train.trainer import TrainConfig, train
+
+__all__ = ["TrainConfig", "train"]

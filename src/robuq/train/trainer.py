@@ -1,0 +1,280 @@
+"""The training loop every robuq run uses: AdamW, EMA, clipping, logging, atomic checkpoints, exact resume.
+
+Exactness comes from construction rather than from saving RNG streams: the data order of every epoch
+is a permutation seeded by (seed, epoch), and all randomness of step k (timesteps, noise, label
+dropout) is drawn after reseeding with (seed, k, rank). A run stopped at step k and resumed is therefore
+the same computation as one that never stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from robuq.data import build_dataset
+from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
+from robuq.io import atomic_write_text, save_tensors
+from robuq.models.checkpoint import load_dit
+from robuq.models.dit import DiT, create_dit
+from robuq.train.distributed import DistInfo, barrier, init_distributed, resolve_device, shutdown
+from robuq.train.state import checkpoint_path, list_checkpoints, load_training_state, save_training_state
+
+
+@dataclass
+class TrainConfig:
+    """A training run; written to ``out_dir/config.json`` and into every checkpoint."""
+
+    model: str = "DiT-T/4"
+    input_size: int = 32
+    data: str = "fashion-mnist"  # or the path of an image folder
+    data_dir: str | None = None
+    channels: int = 3  # for image folders; Fashion-MNIST is grayscale
+    conditional: bool = True
+    learn_sigma: bool = True
+    init_from: str | None = None  # start from these weights instead of a fresh initialisation
+    steps: int = 10_000
+    global_batch_size: int = 128
+    lr: float = 3e-4
+    lr_schedule: str = "cosine"  # "constant" or "cosine" (to min_lr_ratio · lr)
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay = min(ema_decay, (1 + k) / (10 + k)), useful for short runs
+    seed: int = 0
+    log_every: int = 25
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/train"
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training options: {', '.join(unknown)}")
+        return cls(**data)
+
+    def validate(self, world_size: int = 1) -> None:
+        if self.steps <= 0 or self.global_batch_size <= 0:
+            raise ValueError("steps and global_batch_size must be positive")
+        if self.global_batch_size % world_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by {world_size} processes")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
+
+
+# Options that may differ between a run and its resumption without changing the computation.
+_RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_checkpoints", "device", "data_dir", "out_dir"}
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or a gradient stopped being finite."""
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+class StepBatches:
+    """The samples each rank sees at each step, a pure function of (seed, step, rank)."""
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, info: DistInfo):
+        if num_samples < global_batch:
+            raise ValueError(f"the dataset has {num_samples} samples, fewer than one batch of {global_batch}")
+        self.num_samples, self.global_batch, self.seed, self.info = num_samples, global_batch, seed, info
+        self.steps_per_epoch = num_samples // global_batch
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 65_537 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=g)
+        batch = self._perm[within * self.global_batch : (within + 1) * self.global_batch]
+        return batch[self.info.rank :: self.info.world_size]
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def diffusion_objective(diffusion: GaussianDiffusion) -> Callable[..., dict[str, torch.Tensor]]:
+    """The plain DiT loss: per-sample hybrid (or MSE) loss at random timesteps."""
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator) -> dict:
+        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=generator).to(x.device)
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        kwargs = {} if y is None else {"y": y}
+        return diffusion.training_losses(model, x, t, noise, model_kwargs=kwargs)
+
+    return objective
+
+
+def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> DiT:
+    if config.init_from:
+        model = load_dit(config.init_from)
+        if model.in_channels != in_channels or model.num_classes != num_classes:
+            raise ValueError(
+                f"{config.init_from} has {model.in_channels} channels and {model.num_classes} classes, "
+                f"the data has {in_channels} and {num_classes}"
+            )
+        return model
+    return create_dit(
+        config.model, input_size=config.input_size, num_classes=num_classes,
+        learn_sigma=config.learn_sigma, in_channels=in_channels,
+    )
+
+
+def _check_resumable(saved: dict[str, Any], current: TrainConfig, path: Path) -> None:
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}"
+        for k, v in current.to_dict().items()
+        if k not in _RESUMABLE_CHANGES and saved.get(k) != v
+    ]
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: the run's settings changed ({'; '.join(diffs)})")
+
+
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    until: int | None = None,
+    model: nn.Module | None = None,
+    objective: Callable[..., dict[str, torch.Tensor]] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run (or continue) training; returns the output folder.
+
+    ``until`` stops early at that step, keeping the schedule of the full ``config.steps``, so long runs
+    can be done in chunks with ``resume=True``. ``model`` and ``objective`` let other stages (QAT) reuse
+    this loop with their own network and loss.
+    """
+    device = resolve_device(config.device)
+    info = init_distributed(device)
+    try:
+        return _train(config, resume, until, model, objective, extra_meta or {}, progress, device, info)
+    finally:
+        shutdown(info)
+
+
+def _train(config, resume, until, model, objective, extra_meta, progress, device, info) -> Path:
+    config.validate(info.world_size)
+    out_dir = Path(config.out_dir)
+    dataset = build_dataset(config.data, config.input_size, config.data_dir, config.conditional, channels=config.channels)
+    num_classes = dataset.num_classes if config.conditional else 0
+    if model is None:
+        torch.manual_seed(config.seed)  # the initial weights are part of the run's reproducible state
+        model = build_model(config, dataset.in_channels, num_classes)
+    model = model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    objective = objective or diffusion_objective(create_diffusion(learn_sigma=config.learn_sigma))
+    meta = {"train_config": config.to_dict(), "model_config": model.config.to_dict(), **extra_meta}
+
+    start = 0
+    if resume:
+        found = list_checkpoints(out_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
+        start, path = found[-1]
+        saved = load_training_state(path, model, ema, optimizer)
+        _check_resumable(saved["train_config"], config, path)
+    stop = min(config.steps, until) if until is not None else config.steps
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        _truncate_log(out_dir / "log.jsonl", start)
+
+    net = DistributedDataParallel(model) if info.enabled else model
+    batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info)
+    model.train()
+    bar = tqdm(range(start, stop), initial=start, total=stop, desc="train", disable=not (progress and info.is_main), dynamic_ncols=True)
+    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+    for step in bar:
+        torch.manual_seed(step_seed(config.seed, step, info.rank))  # label dropout and any module randomness
+        generator = torch.Generator().manual_seed(step_seed(config.seed, step, info.rank))
+        idx = batches.indices(step)
+        x = dataset.images[idx].to(device)
+        y = dataset.labels[idx].to(device) if num_classes > 0 else None
+
+        losses = objective(net, x, y, generator)
+        loss = losses["loss"].mean()
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(f"non-finite loss ({loss.item()}) at step {step}; the last checkpoint is intact")
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise TrainingDivergedError(f"non-finite gradient norm at step {step}; the last checkpoint is intact")
+        optimizer.step()
+        decay = min(config.ema_decay, (1 + step) / (10 + step)) if config.ema_warmup else config.ema_decay
+        update_ema(ema, model, decay)
+
+        window_loss, window_n = window_loss + loss.item(), window_n + 1
+        done = step + 1
+        if info.is_main and (done % config.log_every == 0 or done == stop):
+            elapsed = time.perf_counter() - window_t0
+            record = {
+                "step": done, "loss": window_loss / window_n, "lr": learning_rate(config, step),
+                "grad_norm": float(grad_norm), "images_per_s": window_n * config.global_batch_size / elapsed,
+                "time": time.time(),
+            }
+            for key in ("mse", "vb"):
+                if key in losses:
+                    record[key] = float(losses[key].detach().mean())
+            with open(out_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+        if done % config.ckpt_every == 0 or done == stop:
+            if info.is_main:
+                save_training_state(checkpoint_path(out_dir, done), model, ema, optimizer, done, meta)
+                for _, old in list_checkpoints(out_dir)[: -config.keep_checkpoints]:
+                    old.unlink()
+            barrier(info)
+    bar.close()
+    if info.is_main and stop == config.steps:
+        save_tensors(out_dir / "model.safetensors", ema.state_dict(), {**meta, "kind": "model", "step": stop, "weights": "ema"})
+    barrier(info)
+    return out_dir
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after ``step`` so a resumed run's log reads as one continuous run."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -1,0 +1,109 @@
+import argparse
+import os
+
+import pytest
+import torch
+
+from robuq.io import save_tensors
+from robuq.models.checkpoint import CheckpointError, infer_config, load_dit, read_state_dict
+from robuq.models.dit import DiT, create_dit
+
+from conftest import tiny_config
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_robuq_file_round_trip(tmp_path, tiny_dit):
+    path = save_tensors(tmp_path / "m.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()})
+    loaded = load_dit(path)
+    assert loaded.config == tiny_dit.config
+    assert _same_weights(loaded, tiny_dit)
+
+
+def test_reference_plain_state_dict(tmp_path, tiny_dit):
+    path = tmp_path / "ref.pt"
+    torch.save(tiny_dit.state_dict(), path)
+    loaded = load_dit(path, config=tiny_dit.config)
+    assert _same_weights(loaded, tiny_dit)
+
+
+def test_reference_training_checkpoint_with_args_namespace(tmp_path, tiny_dit):
+    other = DiT(tiny_dit.config)
+    path = tmp_path / "0400000.pt"
+    torch.save({"model": other.state_dict(), "ema": tiny_dit.state_dict(), "opt": {}, "args": argparse.Namespace(model="DiT-XL/2")}, path)
+    assert _same_weights(load_dit(path, config=tiny_dit.config), tiny_dit)  # EMA preferred, as DiT's sample.py does
+    assert _same_weights(load_dit(path, config=tiny_dit.config, prefer="model"), other)
+
+
+def test_config_inferred_from_shapes(tiny_dit):
+    inferred = infer_config(tiny_dit.state_dict())
+    assert (inferred.hidden_size, inferred.depth, inferred.patch_size, inferred.input_size) == (48, 2, 2, 8)
+    assert inferred.num_classes == 10 and inferred.learn_sigma and inferred.in_channels == 1
+    xl = infer_config({k: v for k, v in create_dit("DiT-S/4", input_size=16).state_dict().items()})
+    assert xl.num_heads == 6 and xl.patch_size == 4 and xl.input_size == 16
+
+
+def test_ddp_prefixes_are_stripped(tmp_path, tiny_dit):
+    path = tmp_path / "ddp.pt"
+    torch.save({f"module.{k}": v for k, v in tiny_dit.state_dict().items()}, path)
+    assert _same_weights(load_dit(path, config=tiny_dit.config), tiny_dit)
+
+
+def test_missing_keys_are_named(tmp_path, tiny_dit):
+    state = tiny_dit.state_dict()
+    del state["blocks.1.mlp.fc2.weight"]
+    torch.save(state, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"missing keys: blocks\.1\.mlp\.fc2\.weight"):
+        load_dit(tmp_path / "m.pt", config=tiny_dit.config)
+
+
+def test_shape_mismatch_with_config_is_named(tmp_path, tiny_dit):
+    torch.save(tiny_dit.state_dict(), tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="shape mismatches: pos_embed"):
+        load_dit(tmp_path / "m.pt", config=tiny_config(input_size=16))
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_bytes(os.urandom(256))
+    with pytest.raises(CheckpointError, match="not a PyTorch or safetensors checkpoint"):
+        load_dit(path)
+
+
+def test_truncated_checkpoint(tmp_path, tiny_dit):
+    for name, save in (("m.pt", lambda p: torch.save(tiny_dit.state_dict(), p)),
+                       ("m.safetensors", lambda p: save_tensors(p, tiny_dit.state_dict()))):
+        path = tmp_path / name
+        save(path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            load_dit(path)
+
+
+def test_arbitrary_pickles_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(CheckpointError, match="loaded safely"):
+        read_state_dict(path)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_dit(tmp_path / "nope.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty"):
+        load_dit(tmp_path / "empty.pt")
+
+
+def test_dict_without_weights(tmp_path):
+    torch.save({"step": torch.tensor(3), "note": "hi"}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="holds no state_dict"):
+        read_state_dict(tmp_path / "x.pt")
