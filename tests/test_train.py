@@ -79,7 +79,7 @@ def test_learning_rate_schedule():
 @pytest.mark.slow
 def test_torchrun_two_process_gloo(tmp_path, fmnist_dir):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "robuq.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "robuq.cli",
            "train", "--model", "DiT-T/4", "--input-size", "28", "--data-dir", str(fmnist_dir), "--steps", "3",
            "--global-batch-size", "8", "--ckpt-every", "3", "--log-every", "1", "--device", "cpu",
            "--out-dir", str(out), "--no-progress"]
