@@ -151,6 +151,8 @@ def load_dit(
     """A DiT with the weights of ``path``; the config comes from robuq's metadata or the tensor shapes
     unless given."""
     state, meta = read_state_dict(path, prefer=prefer)
+    if "quant_config" in meta:
+        raise CheckpointError(f"{path} is a quantized model; load it with robuq.load_quantized")
     if config is None:
         config = DiTConfig(**meta["model_config"]) if "model_config" in meta else infer_config(state)
     model = DiT(config)

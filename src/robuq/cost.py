@@ -1,0 +1,155 @@
+"""What a (quantized) model costs: per-module weight/activation bits, MACs and bit-operations (BOPs).
+
+BOPs of a matmul = MACs × weight bits × activation bits (full precision counts as 32 × 32), the measure
+RobuQ and the binarisation literature use to compare W/A settings. Counts come from one real forward
+pass with hooks, so they hold for any input size and any model whose layers are standard modules.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from robuq.models.dit import AttentionCore, DiT
+from robuq.quant.attention import QuantAttentionCore
+from robuq.quant.linear import QuantLinear
+from robuq.quant.weights import parse_weight_format
+
+FP_BITS = 32
+LOWRANK = "low-rank branch"
+
+
+@dataclass
+class ModuleCost:
+    name: str
+    kind: str
+    weight: str  # "fp", "ternary", "int4", or "-" for weight-free matmuls
+    weight_bits: float
+    act_bits: float
+    macs: int
+    bops: float
+
+
+@dataclass
+class CostSummary:
+    modules: list[ModuleCost] = field(default_factory=list)
+    params: int = 0
+    weight_storage_bits: float = 0.0
+    fp_weight_storage_bits: float = 0.0
+
+    @property
+    def macs(self) -> int:
+        return sum(m.macs for m in self.modules)
+
+    @property
+    def bops(self) -> float:
+        return sum(m.bops for m in self.modules)
+
+    @property
+    def fp_bops(self) -> float:
+        """BOPs of the same network unquantized (the low-rank branches exist only after quantization)."""
+        return sum(m.macs for m in self.modules if m.kind != LOWRANK) * FP_BITS * FP_BITS
+
+    def to_dict(self) -> dict:
+        return {
+            "params": self.params, "macs": self.macs, "bops": self.bops, "fp_bops": self.fp_bops,
+            "bops_reduction": self.fp_bops / self.bops if self.bops else 1.0,
+            "weight_storage_bits": self.weight_storage_bits,
+            "compression": self.fp_weight_storage_bits / self.weight_storage_bits if self.weight_storage_bits else 1.0,
+            "modules": [m.__dict__ for m in self.modules],
+        }
+
+    def format(self, per_module: bool = True) -> str:
+        lines = []
+        if per_module:
+            lines.append(f"{'module':<32} {'kind':<18} {'weights':<8} {'W bits':>6} {'A bits':>6} {'MMACs':>9} {'GBOPs':>9}")
+            for m in self.modules:
+                lines.append(
+                    f"{m.name:<32} {m.kind:<18} {m.weight:<8} {m.weight_bits:>6.2f} {m.act_bits:>6.2f} "
+                    f"{m.macs / 1e6:>9.2f} {m.bops / 1e9:>9.2f}"
+                )
+        d = self.to_dict()
+        lines.append(
+            f"total: {self.params:,} parameters, {self.weight_storage_bits / 8 / 2**20:.2f} MiB of weights "
+            f"({d['compression']:.1f}× smaller than the fp32 model), {self.macs / 1e9:.3f} GMACs, {self.bops / 1e12:.3f} TBOPs "
+            f"({d['bops_reduction']:.1f}× fewer than the fp32 model)"
+        )
+        return "\n".join(lines)
+
+
+def _weight_storage(model: nn.Module) -> tuple[int, float, float]:
+    """Parameters, bits to store them (quantized weights at their width, the rest at 32), and the bits
+    of the unquantized network in fp32."""
+    params, bits, fp_bits = 0, 0.0, 0.0
+    quantized = {id(m.weight): m for m in model.modules() if isinstance(m, QuantLinear)}
+    for name, p in model.named_parameters():
+        params += p.numel()
+        if not name.rsplit(".", 1)[-1].startswith("lowrank_"):
+            fp_bits += p.numel() * FP_BITS
+        layer = quantized.get(id(p))
+        width = parse_weight_format(layer.config.weight) if layer is not None else None
+        if width is None:
+            bits += p.numel() * FP_BITS
+        else:
+            bits += p.numel() * width + p.shape[0] * FP_BITS  # levels plus one fp32 scale per channel
+    return params, bits, fp_bits
+
+
+def example_inputs(model: DiT, batch: int = 1) -> tuple[torch.Tensor, ...]:
+    device = next(model.parameters()).device
+    size = model.x_embedder.grid_size * model.patch_size
+    x = torch.zeros(batch, model.in_channels, size, size, device=device)
+    t = torch.full((batch,), 500, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    return (x, t, y) if model.num_classes else (x, t, None)
+
+
+@torch.no_grad()
+def cost_summary(model: nn.Module, inputs: tuple | None = None) -> CostSummary:
+    """Cost of one forward pass on ``inputs`` (default: one image at the DiT's own size)."""
+    inputs = inputs if inputs is not None else example_inputs(model)
+    summary = CostSummary()
+    hooks = []
+
+    def record(name: str, module: nn.Module):
+        def hook(mod, args, out):
+            x = args[0]
+            if isinstance(mod, QuantLinear):
+                tokens = x.numel() // mod.in_features
+                w_bits = parse_weight_format(mod.config.weight) or FP_BITS
+                a_bits = mod.act_bits or FP_BITS
+                macs = tokens * mod.in_features * mod.out_features
+                summary.modules.append(ModuleCost(name, "QuantLinear", mod.config.weight, w_bits, a_bits, macs, macs * w_bits * a_bits))
+                if mod.rank:
+                    lr_macs = tokens * mod.rank * (mod.in_features + mod.out_features)
+                    lr_act = a_bits if mod.config.lowrank_input == "quantized" else FP_BITS
+                    summary.modules.append(ModuleCost(name + ".lowrank", LOWRANK, "fp", FP_BITS, lr_act, lr_macs, lr_macs * FP_BITS * lr_act))
+            elif isinstance(mod, nn.Linear):
+                macs = x.numel() // mod.in_features * mod.in_features * mod.out_features
+                summary.modules.append(ModuleCost(name, "Linear", "fp", FP_BITS, FP_BITS, macs, macs * FP_BITS**2))
+            elif isinstance(mod, nn.Conv2d):
+                macs = out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size)
+                summary.modules.append(ModuleCost(name, "Conv2d", "fp", FP_BITS, FP_BITS, macs, macs * FP_BITS**2))
+            elif isinstance(mod, (AttentionCore, QuantAttentionCore)):
+                q, k, v = args
+                macs = q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+                bits = mod.bits if isinstance(mod, QuantAttentionCore) else FP_BITS
+                summary.modules.append(ModuleCost(name, type(mod).__name__, "-", bits, bits, macs, macs * bits * bits))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, nn.Linear, nn.Conv2d, AttentionCore, QuantAttentionCore)):
+            hooks.append(module.register_forward_hook(record(name, module)))
+    was_training = model.training
+    model.eval()
+    try:
+        model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    summary.params, summary.weight_storage_bits, summary.fp_weight_storage_bits = _weight_storage(model)
+    return summary

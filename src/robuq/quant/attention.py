@@ -1,0 +1,36 @@
+"""Attention with quantized matmul operands: Q and K per token, V per channel, the softmax probabilities."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from robuq.quant.activation import check_bits, quantize_activation
+from robuq.quant.primitives import affine_fake_quantize
+
+
+def quantize_probabilities(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """Softmax outputs lie in [0, 1]: a fixed unsigned grid of 2^b levels, no statistics needed."""
+    top = 2**bits - 1
+    return affine_fake_quantize(p, torch.tensor(1.0 / top, dtype=p.dtype, device=p.device), 0.0, 0, top)[0]
+
+
+class QuantAttentionCore(nn.Module):
+    """softmax(Q̂ K̂ᵀ/√d) quantized, times V̂; replaces ``AttentionCore`` (same call signature)."""
+
+    def __init__(self, bits: int = 8, probs_bits: int | None = None):
+        super().__init__()
+        self.bits = check_bits(bits, "attention bits")
+        self.probs_bits = check_bits(probs_bits if probs_bits is not None else bits, "attention probability bits")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k = (quantize_activation(t, self.bits, "token", "minmax")[0] for t in (q, k))
+        # probs·V sums over tokens, so V's scales must not vary along tokens: one scale per channel.
+        v = quantize_activation(v.transpose(-2, -1), self.bits, "token", "minmax")[0].transpose(-2, -1)
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        probs = quantize_probabilities(scores.softmax(dim=-1), self.probs_bits)
+        return probs @ v
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, probs_bits={self.probs_bits}"

@@ -1,0 +1,44 @@
+"""The arithmetic every quantizer shares: rounding with a straight-through gradient and affine codes.
+
+A quantized tensor is always ``value ≈ scale · level + offset`` with integer ``level``; weights use
+offset 0 and signed levels, activations unsigned levels 0 … 2^b − 1 with a per-token (or per-tensor)
+scale and offset. Keeping levels and scales apart is what lets the deployment code pack the levels and
+run integer kernels on exactly the numbers training saw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EPS = 1e-8
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (the straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+@dataclass
+class QuantizedTensor:
+    """Integer levels and the affine map back to real values: ``levels · scale + offset``."""
+
+    levels: torch.Tensor  # integer-valued (int8/uint8 when exported; float during training)
+    scale: torch.Tensor  # broadcastable to levels
+    offset: torch.Tensor | float = 0.0
+    bits: float = 8
+
+    def dequantize(self) -> torch.Tensor:
+        return self.levels.to(self.scale.dtype) * self.scale + self.offset
+
+
+def affine_fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | float, low: int, high: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fake-quantized x, levels) for levels clamp(round((x − offset)/scale), low, high).
+
+    The gradient reaches x where it lies inside the clipping range (zero outside), and reaches
+    ``scale``/``offset`` when they carry gradients (learned clipping), as in LSQ.
+    """
+    levels = torch.clamp(round_ste((x - offset) / scale), low, high)
+    return levels * scale + offset, levels

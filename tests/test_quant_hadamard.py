@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from robuq.quant.hadamard import (
+    hadamard_factors, hadamard_matrix, hadamard_transform, is_supported_size, random_signs, small_hadamard_orders,
+)
+
+DIT_SIZES = [192, 384, 768, 1024, 1152, 1536, 3072, 4096, 4608]
+SMALL_ORDERS = list(small_hadamard_orders())
+
+
+@pytest.mark.parametrize("m", SMALL_ORDERS)
+def test_small_constructions_are_symmetric_hadamard(m):
+    scaled = hadamard_matrix(m, torch.float64) * math.sqrt(m)
+    H = scaled.round()
+    assert torch.allclose(scaled, H, atol=1e-12)
+    assert set(H.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(H @ H.T, m * torch.eye(m, dtype=torch.float64))
+    assert torch.equal(H, H.T)
+
+
+def test_paper_orders_are_built_in():
+    assert {12, 20, 28, 36, 44, 60}.issubset(SMALL_ORDERS)
+
+
+@pytest.mark.parametrize("n", DIT_SIZES)
+def test_dit_sizes_orthogonal_and_self_inverse(n):
+    H = hadamard_matrix(n, torch.float64)
+    assert torch.equal(H, H.T)  # symmetric, so orthogonal means its own inverse
+    probe = torch.randn(n, 8, dtype=torch.float64)  # H·Hᵀ = I checked on random vectors: n³ is too slow at 4608
+    assert torch.allclose(H @ (H.T @ probe), probe, atol=1e-10)
+    if n <= 768:
+        assert torch.allclose(H @ H.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+
+
+supported = st.builds(lambda m, k: m * 2**k, st.sampled_from([1] + SMALL_ORDERS[:8]), st.integers(0, 6))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=supported, rows=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_fast_transform_equals_dense_matrix(n, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g, dtype=torch.float64)
+    H = hadamard_matrix(n, torch.float64)
+    assert torch.allclose(hadamard_transform(x), x @ H.T, atol=1e-10)
+    signs = random_signs(n, seed).double()
+    assert torch.allclose(hadamard_transform(x, signs), (x * signs) @ H.T, atol=1e-10)
+    y = hadamard_transform(x, signs)
+    assert torch.allclose(hadamard_transform(y, signs, inverse=True), x, atol=1e-10)
+    assert torch.allclose(hadamard_transform(hadamard_transform(x)), x, atol=1e-10)
+
+
+def test_gradient_is_the_transpose():
+    small = torch.randn(2, 24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: hadamard_transform(t, random_signs(24, 1).double()), (small,))
+    n = 192
+    x = torch.randn(3, 7, n, dtype=torch.float64, requires_grad=True)
+    signs = random_signs(n, 1).double()
+    g = torch.randn(3, 7, n, dtype=torch.float64)
+    hadamard_transform(x, signs).backward(g)
+    assert torch.allclose(x.grad, hadamard_transform(g, signs, inverse=True))
+
+
+@pytest.mark.parametrize("n", [3, 6, 18, 100])
+def test_unsupported_size_names_the_size(n):
+    assert not is_supported_size(n)
+    with pytest.raises(ValueError, match=f"size {n}"):
+        hadamard_transform(torch.zeros(2, n))
+
+
+def test_factors_keep_blocks_small():
+    assert hadamard_factors(4608) == (36, 128)
+    assert hadamard_factors(1152) == (36, 32)
+    assert all(f <= 128 or f in SMALL_ORDERS for f in hadamard_factors(2**20))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    x = torch.randn(64, 1152)
+    signs = random_signs(1152, 3)
+    assert torch.allclose(hadamard_transform(x.cuda(), signs.cuda()).cpu(), hadamard_transform(x, signs), atol=1e-4)

@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from robuq.quant.activation import ActivationQuantizer, gaussian_optimal_step, quantize_activation
+from robuq.quant.weights import fake_quantize_weight, parse_weight_format, quantize_weight_int, ternarize_weight
+
+seeds = st.integers(0, 2**16)
+
+
+def _randn(seed, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, out=st.integers(1, 16), inp=st.integers(1, 64))
+def test_ternary_values_are_alpha_times_sign(seed, out, inp):
+    w = _randn(seed, out, inp)
+    q = ternarize_weight(w)
+    assert set(q.levels.unique().tolist()).issubset({-1.0, 0.0, 1.0})
+    assert torch.allclose(q.scale.squeeze(1), w.abs().mean(dim=1))
+    values = q.dequantize()
+    for row, alpha in zip(values, q.scale.squeeze(1)):
+        assert set((row / alpha).round().unique().tolist()).issubset({-1.0, 0.0, 1.0})
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, bits=st.integers(2, 8))
+def test_int_weights_stay_in_range_and_reconstruct(seed, bits):
+    w = _randn(seed, 8, 32)
+    q = quantize_weight_int(w, bits)
+    assert q.levels.abs().max() <= 2 ** (bits - 1) - 1
+    assert (q.dequantize() - w).abs().max() <= q.scale.max() / 2 + 1e-6
+
+
+def test_weight_ste_passes_gradient():
+    w = torch.randn(4, 8, requires_grad=True)
+    for spec in ("ternary", "int4"):
+        w.grad = None
+        (fake_quantize_weight(w, spec) * torch.arange(8.0)).sum().backward()
+        assert torch.equal(w.grad, torch.arange(8.0).expand(4, 8))
+
+
+def test_weight_format_errors_are_clear():
+    with pytest.raises(ValueError, match="ternary"):
+        parse_weight_format("int1")
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, bits=st.integers(1, 8), rule=st.sampled_from(["minmax", "gaussian"]), tokens=st.integers(1, 6))
+def test_each_token_has_at_most_2_to_the_b_levels(seed, bits, rule, tokens):
+    x = _randn(seed, tokens, 48) * 3 + 1
+    fake, q = quantize_activation(x, bits, "token", rule)
+    for row, levels in zip(fake, q.levels):
+        assert len(row.unique()) <= 2**bits
+        assert levels.min() >= 0 and levels.max() <= 2**bits - 1
+    assert torch.allclose(q.dequantize(), fake, atol=1e-5)
+
+
+def test_per_tensor_levels():
+    x = torch.randn(5, 40)
+    fake, q = quantize_activation(x, 2, "tensor", "minmax")
+    assert len(fake.unique()) <= 4 and q.scale.numel() == 1
+
+
+def test_one_bit_works_for_both_rules():
+    x = torch.randn(3, 1000)
+    for rule in ("minmax", "gaussian"):
+        fake, _ = quantize_activation(x, 1, "token", rule)
+        assert all(len(r.unique()) == 2 for r in fake)
+    fake, _ = quantize_activation(x, 1, "token", "gaussian")
+    # Optimal 1-bit levels for N(μ, σ²) are μ ± σ·√(2/π).
+    expected = x.std(dim=1, unbiased=False) * math.sqrt(2 / math.pi)
+    assert torch.allclose(fake.max(dim=1).values - x.mean(dim=1), expected, rtol=1e-3)
+
+
+def test_gaussian_steps_match_the_published_table():
+    for bits, step in ((1, 1.596), (2, 0.9957), (3, 0.5860), (4, 0.3352)):
+        assert gaussian_optimal_step(bits) == pytest.approx(step, abs=6e-4)
+
+
+def test_gaussian_rule_beats_minmax_on_gaussian_tokens_at_low_bits():
+    x = torch.randn(64, 1152, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 3):
+        mse = {r: (quantize_activation(x, bits, "token", r)[0] - x).pow(2).mean() for r in ("minmax", "gaussian")}
+        assert mse["gaussian"] < mse["minmax"]
+
+
+@pytest.mark.parametrize("rule", ["minmax", "gaussian"])
+@pytest.mark.parametrize("learn", [False, True])
+def test_gradients_flow_through_activation_quantizers(rule, learn):
+    quant = ActivationQuantizer(2, "token", rule, learn_clip=learn)
+    x = torch.randn(4, 32, requires_grad=True)
+    (quant(x) * torch.randn(4, 32)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    if learn:
+        assert quant.clip_ratio.grad is not None and quant.clip_ratio.grad != 0
+
+
+def test_bits_out_of_range_are_rejected():
+    for bad in (0, 9, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="1 to 8"):
+            ActivationQuantizer(bad)
