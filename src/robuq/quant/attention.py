@@ -11,9 +11,14 @@ from robuq.quant.primitives import affine_fake_quantize
 
 
 def quantize_probabilities(p: torch.Tensor, bits: int) -> torch.Tensor:
-    """Softmax outputs lie in [0, 1]: a fixed unsigned grid of 2^b levels, no statistics needed."""
+    """Softmax rows on an unsigned grid from 0 to the row's maximum.
+
+    A fixed [0, 1] grid wastes most levels: with N tokens typical probabilities are ≈ 1/N. One scale per
+    query row is still integer-kernel friendly, because probs·V sums along the row.
+    """
     top = 2**bits - 1
-    return affine_fake_quantize(p, torch.tensor(1.0 / top, dtype=p.dtype, device=p.device), 0.0, 0, top)[0]
+    scale = (p.detach().amax(dim=-1, keepdim=True) / top).clamp_min(1e-12)
+    return affine_fake_quantize(p, scale, 0.0, 0, top)[0]
 
 
 class QuantAttentionCore(nn.Module):
