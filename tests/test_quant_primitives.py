@@ -104,3 +104,19 @@ def test_bits_out_of_range_are_rejected():
     for bad in (0, 9, 2.5, True, "4"):
         with pytest.raises(ValueError, match="1 to 8"):
             ActivationQuantizer(bad)
+
+
+def test_fused_fake_quantize_matches_the_autograd_definition():
+    from robuq.quant.primitives import affine_fake_quantize, round_ste
+
+    x = (torch.randn(6, 40) * 2).requires_grad_()
+    scale, offset = torch.full((6, 1), 0.3), torch.full((6, 1), -0.9)
+    fused, levels = affine_fake_quantize(x, scale, offset, 0, 7)
+    g = torch.randn(6, 40)
+    fused.backward(g)
+    reference_x = x.detach().clone().requires_grad_()
+    reference_levels = torch.clamp(round_ste((reference_x - offset) / scale), 0, 7)
+    (reference_levels * scale + offset).backward(g)
+    assert torch.equal(levels, reference_levels.detach())
+    assert torch.allclose(fused, reference_levels * scale + offset)
+    assert torch.equal(x.grad, reference_x.grad)

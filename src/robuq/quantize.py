@@ -197,6 +197,7 @@ def preset(
     attention_bits: int | None = 8,
     adaln: str = "int4",
     adaln_act_bits: int | None = 4,
+    hadamard_signs: bool = True,
 ) -> QuantConfig:
     """The policy of a named method at ``act_bits`` (block linears), or with a per-layer ``plan``.
 
@@ -207,6 +208,10 @@ def preset(
     - ``robuq``: baseline + RobustQuantizer (Gaussian-optimal per-token scale).
     Every preset but ``fp`` puts attention matmuls at ``attention_bits`` and adaLN at W4A4 (``adaln``,
     ``adaln_act_bits``); embedders and the final layer stay full precision.
+
+    ``hadamard_signs`` adds random sign flips before each Hadamard transform. They matter: fc2's input
+    (GELU outputs) has a large per-token mean, which a plain Hadamard concentrates into one huge
+    coordinate; with the flips the token becomes Gaussian (results/activation_stats.md).
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -222,10 +227,10 @@ def preset(
     if name == "rtn":
         block = {role: base for role in BLOCK_ROLES}
     elif name == "bitnet-v2":
-        rotated = replace(base, hadamard=True)
+        rotated = replace(base, hadamard=True, hadamard_signs=hadamard_signs)
         block = {"qkv": base, "proj": rotated, "fc1": base, "fc2": rotated}
     else:
-        strong = replace(base, hadamard=True, lowrank_rank=lowrank_rank)
+        strong = replace(base, hadamard=True, hadamard_signs=hadamard_signs, lowrank_rank=lowrank_rank)
         if name == "robuq":
             strong = replace(strong, act_rule="gaussian")
         block = {role: strong for role in BLOCK_ROLES}

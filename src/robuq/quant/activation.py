@@ -78,16 +78,16 @@ def activation_scale_offset(
     stats = x.detach()
     top = 2**bits - 1
     if rule == "minmax":
-        lo, hi = stats.amin(dim=dims, keepdim=True), stats.amax(dim=dims, keepdim=True)
+        flat = stats if granularity == "token" else stats.reshape(*[1] * (stats.dim() - 1), -1)
+        lo, hi = torch.aminmax(flat, dim=-1, keepdim=True)
         center, half = (lo + hi) / 2, (hi - lo) / 2
         if clip_ratio is not None:
             half = half * clip_ratio
         scale = (2 * half / top).clamp_min(EPS)
         return scale, center - half
     if rule == "gaussian":
-        mean = stats.mean(dim=dims, keepdim=True)
-        std = stats.std(dim=dims, keepdim=True, unbiased=False)
-        step = gaussian_optimal_step(bits) * std
+        var, mean = torch.var_mean(stats, dim=dims, keepdim=True, correction=0)
+        step = gaussian_optimal_step(bits) * var.sqrt()
         if clip_ratio is not None:
             step = step * clip_ratio
         scale = step.clamp_min(EPS)

@@ -32,6 +32,28 @@ class QuantizedTensor:
         return self.levels.to(self.scale.dtype) * self.scale + self.offset
 
 
+class _FakeQuantize(torch.autograd.Function):
+    """The same maths as the autograd path below, in a few in-place passes and one mask for backward.
+
+    QAT spends most of its extra time in these element-wise passes (the CPU is memory-bound), so the
+    common case — scale and offset computed from the data, not learned — gets this fused version.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, offset, low, high):
+        u = (x - offset).div_(scale)
+        inside = (u >= low - 0.5) & (u < high + 0.5)
+        levels = u.round_().clamp_(low, high)
+        ctx.save_for_backward(inside)
+        ctx.mark_non_differentiable(levels)
+        return levels * scale + offset, levels
+
+    @staticmethod
+    def backward(ctx, grad, _grad_levels):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
 def affine_fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | float, low: int, high: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,5 +62,8 @@ def affine_fake_quantize(
     The gradient reaches x where it lies inside the clipping range (zero outside), and reaches
     ``scale``/``offset`` when they carry gradients (learned clipping), as in LSQ.
     """
+    learned = scale.requires_grad or (isinstance(offset, torch.Tensor) and offset.requires_grad)
+    if not learned:
+        return _FakeQuantize.apply(x, scale, offset, low, high)
     levels = torch.clamp(round_ste((x - offset) / scale), low, high)
     return levels * scale + offset, levels

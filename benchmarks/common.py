@@ -1,0 +1,59 @@
+"""What every benchmark records beside its numbers: the machine, the exact command and the date."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> dict:
+    info = {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def time_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, device: str = "cpu") -> float:
+    """Median wall time of ``fn`` in milliseconds (median: the machine is shared and noisy)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def write_result(name: str, payload: dict, markdown: str) -> Path:
+    """results/<name>.json (payload + provenance) and results/<name>.md (the table a person reads)."""
+    out = ROOT / "results"
+    out.mkdir(exist_ok=True)
+    provenance = {
+        "machine": machine(),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    data = {**payload, **provenance}
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    header = f"# {name}\n\n`{provenance['command']}` on {provenance['date']}\n\nmachine: {json.dumps(provenance['machine'])}\n\n"
+    (out / f"{name}.md").write_text(header + markdown + "\n")
+    return out / f"{name}.json"

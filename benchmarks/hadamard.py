@@ -1,0 +1,50 @@
+"""Fast Hadamard transform vs a dense matmul with H vs a plain memory copy (the floor).
+
+    python benchmarks/hadamard.py            # writes results/hadamard.json and .md
+
+All three are timed side by side in one run; compare the ratios, not the absolute times.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import time_ms, write_result
+from robuq.quant.hadamard import hadamard_factors, hadamard_matrix, hadamard_transform
+
+
+def measure(shape: tuple[int, int], device: str, repeats: int) -> dict:
+    x = torch.randn(*shape, device=device)
+    H = hadamard_matrix(shape[1]).to(device)
+    fast = time_ms(lambda: hadamard_transform(x), repeats, device=device)
+    dense = time_ms(lambda: x @ H, repeats, device=device)
+    copy = time_ms(lambda: x.clone(), repeats, device=device)
+    error = (hadamard_transform(x) - x @ H).abs().max().item()
+    return {
+        "shape": list(shape), "device": device, "factors": list(hadamard_factors(shape[1])), "fast_ms": fast,
+        "dense_ms": dense, "copy_ms": copy, "dense_over_fast": dense / fast, "fast_over_copy": fast / copy,
+        "max_abs_diff": error,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = [measure(shape, d, args.repeats) for d in devices for shape in ((4096, 1152), (4096, 4608))]
+    table = ["| shape | device | factors | fast ms | dense ms | copy ms | dense/fast | fast/copy |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(
+            f"| {r['shape']} | {r['device']} | {r['factors']} | {r['fast_ms']:.1f} | {r['dense_ms']:.1f} | {r['copy_ms']:.1f} "
+            f"| {r['dense_over_fast']:.1f}× | {r['fast_over_copy']:.1f}× |"
+        )
+    write_result("hadamard", {"rows": rows}, "\n".join(table))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
