@@ -119,4 +119,4 @@ def test_fused_fake_quantize_matches_the_autograd_definition():
     (reference_levels * scale + offset).backward(g)
     assert torch.equal(levels, reference_levels.detach())
     assert torch.allclose(fused, reference_levels * scale + offset)
-    assert torch.equal(x.grad, reference_x.grad)
+    assert torch.allclose(x.grad, reference_x.grad)  # the reference divides and multiplies by scale
