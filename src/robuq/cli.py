@@ -89,12 +89,59 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from robuq.quantize import PRESETS
+
+    p = sub.add_parser("quantize", help="apply a preset (and optional bit plan) to a checkpoint and save it")
+    p.add_argument("--ckpt", default=None, help="full-precision model (default: the shipped teacher)")
+    p.add_argument("--preset", choices=PRESETS, default="robuq")
+    p.add_argument("--act-bits", type=int, default=4, help="activation bits of the block linears (default: 4)")
+    p.add_argument("--plan", default=None, help="per-layer activation bits (JSON), e.g. from robuq ampn allocate")
+    p.add_argument("--config", default=None, help="a policy file (YAML/JSON) instead of --preset")
+    p.add_argument("--out", default="quantized.safetensors")
+    p.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from robuq.cost import cost_summary
+    from robuq.quantize import QuantConfig, load_plan, preset
+    from robuq.quantized_io import quantize_checkpoint
+    from robuq.sampling import default_teacher_path
+
+    config = QuantConfig.load(args.config) if args.config else preset(args.preset, args.act_bits)
+    if args.plan:
+        config.plan = load_plan(args.plan)
+    model, path = quantize_checkpoint(args.ckpt or default_teacher_path(), config, args.out)
+    print(cost_summary(model).format(per_module=False))
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_summary(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("summary", help="per-module quantizers, bits, MACs and BOPs of a model file")
+    p.add_argument("path", nargs="?", default=None, help="model file (default: the shipped teacher)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_summary)
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    from robuq.cost import cost_summary
+    from robuq.quantized_io import load_any
+    from robuq.sampling import default_teacher_path
+
+    summary = cost_summary(load_any(args.path or default_teacher_path()))
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robuq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_models(sub)
     _add_train(sub)
     _add_sample(sub)
+    _add_quantize(sub)
+    _add_summary(sub)
     return parser
 
 

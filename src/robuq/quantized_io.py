@@ -46,4 +46,21 @@ def is_quantized_file(path: str | os.PathLike) -> bool:
         return False
 
 
-__all__ = ["is_quantized_file", "load_quantized", "quantized_meta", "save_quantized"]
+
+
+def load_any(path: str | os.PathLike, map_location: str = "cpu") -> DiT:
+    """A full-precision or quantized DiT, whichever ``path`` holds."""
+    from robuq.models.checkpoint import load_dit
+
+    return load_quantized(path, map_location=map_location)[0] if is_quantized_file(path) else load_dit(path, map_location=map_location)
+
+
+def quantize_checkpoint(ckpt: str | os.PathLike, config: QuantConfig, out: str | os.PathLike) -> tuple[DiT, Path]:
+    """Load a full-precision checkpoint, ``quantize_`` it (post-training initialisation), save it."""
+    from robuq.models.checkpoint import load_dit
+
+    model = quantize_(load_dit(ckpt), config)
+    return model, save_quantized(model, out, config, {"source": str(ckpt)})
+
+
+__all__ = ["is_quantized_file", "load_any", "load_quantized", "quantize_checkpoint", "quantized_meta", "save_quantized"]

@@ -11,7 +11,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from robuq.diffusion.gaussian import create_diffusion
-from robuq.models.checkpoint import load_dit
+from robuq.quantized_io import load_any
 from robuq.models.dit import DiT
 from robuq.train.distributed import resolve_device
 
@@ -115,7 +115,7 @@ class SampleConfig:
 
 def sample_to_files(config: SampleConfig) -> dict[str, Path]:
     """Sample a model file and write ``grid.png`` (one row per class) and ``samples.npz`` (``arr_0``: uint8 NHWC)."""
-    model = load_dit(config.ckpt or default_teacher_path()).to(resolve_device(config.device))
+    model = load_any(config.ckpt or default_teacher_path()).to(resolve_device(config.device))
     if model.num_classes > 0:
         labels = torch.arange(model.num_classes).repeat_interleave(config.per_class)
         columns = config.per_class
