@@ -8,6 +8,7 @@ import torch
 
 from robuq.io import load_tensors
 from robuq.models.checkpoint import load_dit
+from robuq.models.dit import create_dit
 from robuq.train.state import list_checkpoints
 from robuq.train.trainer import TrainConfig, TrainingDivergedError, learning_rate, train
 
@@ -64,8 +65,18 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, fmnist_dir):
 
     with pytest.raises(TrainingDivergedError, match="step 2"):
         train(config, resume=True, objective=poisoned, progress=False)
-    assert calls["n"] == 1
+    assert calls["n"] == 2  # the failing step, then one re-run that looks for the module to blame
     assert load_dit(list_checkpoints(tmp_path / "nan")[-1][1]).config.hidden_size == 192
+
+
+def test_non_finite_error_names_the_module(tmp_path, fmnist_dir):
+    config = small_config(tmp_path / "blame", fmnist_dir)
+    torch.manual_seed(0)
+    model = create_dit(config.model, input_size=config.input_size, num_classes=10, in_channels=1)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[3, 5] = float("nan")
+    with pytest.raises(TrainingDivergedError, match=r"step 0, first in module 'blocks\.1\.mlp\.fc1'"):
+        train(config, model=model, progress=False)
 
 
 def test_learning_rate_schedule():

@@ -25,6 +25,7 @@ from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from robuq.io import atomic_write_text, save_tensors
 from robuq.models.checkpoint import load_dit
 from robuq.models.dit import DiT, create_dit
+from robuq.train.guards import first_nonfinite_grad, first_nonfinite_module
 from robuq.train.distributed import DistInfo, barrier, init_distributed, resolve_device, shutdown
 from robuq.train.state import checkpoint_path, list_checkpoints, load_training_state, save_training_state
 
@@ -55,6 +56,7 @@ class TrainConfig:
     log_every: int = 25
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    probe_every: int = 0  # log a quality probe (when the caller gives one) every N steps; 0: never
     out_dir: str = "runs/train"
     device: str = "auto"
 
@@ -79,7 +81,7 @@ class TrainConfig:
 
 
 # Options that may differ between a run and its resumption without changing the computation.
-_RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_checkpoints", "device", "data_dir", "out_dir"}
+_RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_checkpoints", "probe_every", "device", "data_dir", "out_dir"}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -155,10 +157,12 @@ def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> DiT:
 
 
 def _check_resumable(saved: dict[str, Any], current: TrainConfig, path: Path) -> None:
+    defaults = {f.name: f.default for f in fields(type(current))}
+    # Options added after a checkpoint was written count as having had their default value.
     diffs = [
-        f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}"
+        f"{k}: checkpoint {saved.get(k, defaults.get(k))!r} vs now {v!r}"
         for k, v in current.to_dict().items()
-        if k not in _RESUMABLE_CHANGES and saved.get(k) != v
+        if k not in _RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v
     ]
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run's settings changed ({'; '.join(diffs)})")
@@ -172,22 +176,24 @@ def train(
     objective: Callable[..., dict[str, torch.Tensor]] | None = None,
     extra_meta: dict[str, Any] | None = None,
     progress: bool = True,
+    probe: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> Path:
     """Run (or continue) training; returns the output folder.
 
     ``until`` stops early at that step, keeping the schedule of the full ``config.steps``, so long runs
     can be done in chunks with ``resume=True``. ``model`` and ``objective`` let other stages (QAT) reuse
-    this loop with their own network and loss.
+    this loop with their own network and loss; ``probe(model)`` is called every ``config.probe_every``
+    steps on the main process and its numbers go into the log (e.g. QAT's error against the teacher).
     """
     device = resolve_device(config.device)
     info = init_distributed(device)
     try:
-        return _train(config, resume, until, model, objective, extra_meta or {}, progress, device, info)
+        return _train(config, resume, until, model, objective, extra_meta or {}, progress, probe, device, info)
     finally:
         shutdown(info)
 
 
-def _train(config, resume, until, model, objective, extra_meta, progress, device, info) -> Path:
+def _train(config, resume, until, model, objective, extra_meta, progress, probe, device, info) -> Path:
     config.validate(info.world_size)
     out_dir = Path(config.out_dir)
     dataset = build_dataset(config.data, config.input_size, config.data_dir, config.conditional, channels=config.channels)
@@ -231,30 +237,42 @@ def _train(config, resume, until, model, objective, extra_meta, progress, device
         losses = objective(net, x, y, generator)
         loss = losses["loss"].mean()
         if not torch.isfinite(loss):
-            raise TrainingDivergedError(f"non-finite loss ({loss.item()}) at step {step}; the last checkpoint is intact")
+            def rerun() -> object:
+                return objective(model, x, y, torch.Generator().manual_seed(step_seed(config.seed, step, info.rank)))
+
+            where = first_nonfinite_module(model, rerun)
+            origin = f", first in module {where!r}" if where else ""
+            raise TrainingDivergedError(
+                f"non-finite loss ({loss.item()}) at step {step}{origin}; the last checkpoint is intact"
+            )
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
         if not torch.isfinite(grad_norm):
-            raise TrainingDivergedError(f"non-finite gradient norm at step {step}; the last checkpoint is intact")
+            where = first_nonfinite_grad(model)
+            origin = f", first in the gradient of {where!r}" if where else ""
+            raise TrainingDivergedError(f"non-finite gradient norm at step {step}{origin}; the last checkpoint is intact")
         optimizer.step()
         decay = min(config.ema_decay, (1 + step) / (10 + step)) if config.ema_warmup else config.ema_decay
         update_ema(ema, model, decay)
 
         window_loss, window_n = window_loss + loss.item(), window_n + 1
         done = step + 1
-        if info.is_main and (done % config.log_every == 0 or done == stop):
+        probe_due = probe is not None and config.probe_every > 0 and (done % config.probe_every == 0 or done == stop)
+        if info.is_main and (done % config.log_every == 0 or done == stop or probe_due):
             elapsed = time.perf_counter() - window_t0
             record = {
                 "step": done, "loss": window_loss / window_n, "lr": learning_rate(config, step),
                 "grad_norm": float(grad_norm), "images_per_s": window_n * config.global_batch_size / elapsed,
                 "time": time.time(),
             }
-            for key in ("mse", "vb"):
+            for key in ("mse", "vb", "distill"):
                 if key in losses:
                     record[key] = float(losses[key].detach().mean())
+            if probe_due:
+                record.update(probe(model))
             with open(out_dir / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
