@@ -8,12 +8,12 @@ import sys
 from typing import Sequence
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    from robuq.train.trainer import TrainConfig
-
-    p = sub.add_parser("train", help="train a full-precision DiT (single process or under torchrun)")
-    defaults = TrainConfig()
-    for field in dataclasses.fields(TrainConfig):
+def _add_config_arguments(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field of a config dataclass, typed and defaulted from the dataclass."""
+    defaults = cls()
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
         if isinstance(default, bool):
@@ -21,18 +21,50 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         else:
             kind = type(default) if default is not None else str
             p.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
+
+
+def _add_run_control(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.add_argument("--until", type=int, default=None, help="stop at this step (the schedule still spans --steps)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _config_from(args: argparse.Namespace, cls: type):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from robuq.train.trainer import TrainConfig
+
+    p = sub.add_parser("train", help="train a full-precision DiT (single process or under torchrun)")
+    _add_config_arguments(p, TrainConfig)
+    _add_run_control(p)
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from robuq.train.trainer import TrainConfig, train
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    out = train(config, resume=args.resume, until=args.until, progress=not args.no_progress)
+    out = train(_config_from(args, TrainConfig), resume=args.resume, until=args.until, progress=not args.no_progress)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_qat(sub: argparse._SubParsersAction) -> None:
+    from robuq.train.qat import QATConfig
+
+    p = sub.add_parser("qat", help="quantize a full-precision DiT (default: the shipped teacher) and train it")
+    # The teacher fixes these; offering them as flags would only invite contradictions.
+    _add_config_arguments(p, QATConfig, skip=("model", "input_size", "conditional", "learn_sigma", "init_from"))
+    _add_run_control(p)
+    p.set_defaults(func=_run_qat)
+
+
+def _run_qat(args: argparse.Namespace) -> int:
+    from robuq.train.qat import QATConfig, qat
+
+    out = qat(_config_from(args, QATConfig), resume=args.resume, until=args.until, progress=not args.no_progress)
     print(f"wrote {out}")
     return 0
 
@@ -81,9 +113,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     from robuq.sampling import SampleConfig, sample_to_files
 
-    names = {f.name for f in dataclasses.fields(SampleConfig)}
-    config = SampleConfig(**{k: v for k, v in vars(args).items() if k in names})
-    paths = sample_to_files(config)
+    paths = sample_to_files(_config_from(args, SampleConfig))
     for label, path in paths.items():
         print(f"{label}: {path}")
     return 0
@@ -139,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_models(sub)
     _add_train(sub)
+    _add_qat(sub)
     _add_sample(sub)
     _add_quantize(sub)
     _add_summary(sub)

@@ -232,14 +232,20 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels (ignored when unconditional)."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels (ignored when unconditional).
+
+        ``force_drop_ids`` (N,) of 0/1 replaces the random label dropout, so that a student and its teacher
+        can be shown the same dropped labels during distillation.
+        """
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             if y is None:
                 raise ValueError("this DiT is class-conditional: pass labels y (use num_classes for the null class)")
-            c = c + self.y_embedder(y, self.training)
+            c = c + self.y_embedder(y, self.training, force_drop_ids)
         for block in self.blocks:
             x = block(x, c)
         x = self.final_layer(x, c)

@@ -124,7 +124,10 @@ class StepBatches:
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        if p.requires_grad:
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        else:  # frozen (pos_embed, frozen QAT parts): averaging would only add rounding noise
+            e.copy_(p.detach())
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 

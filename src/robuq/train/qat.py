@@ -1,0 +1,154 @@
+"""Quantization-aware training: a quantized copy of the teacher, trained by the same loop as the teacher.
+
+Losses (``QATConfig.loss``): the plain diffusion loss ("diffusion"), distillation to the frozen
+full-precision teacher — MSE between the two models' outputs on the same noised inputs, labels and
+label dropout ("distill") — or diffusion + ``distill_weight`` · distillation ("mix").
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from robuq.data import build_dataset
+from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
+from robuq.models.checkpoint import load_dit
+from robuq.models.dit import DiT
+from robuq.quant.linear import QuantLinear
+from robuq.quantize import QuantConfig, load_plan, preset, quantize_
+from robuq.quantized_io import quantized_meta
+from robuq.train.trainer import TrainConfig, train
+
+LOSSES = ("diffusion", "distill", "mix")
+
+
+@dataclass
+class QATConfig(TrainConfig):
+    """A QAT run. The architecture, input size and conditioning come from the teacher."""
+
+    teacher: str | None = None  # full-precision checkpoint (default: the shipped teacher)
+    preset: str = "robuq"
+    act_bits: int = 4
+    plan: str | None = None  # per-layer activation bits (JSON), e.g. from `robuq ampn allocate`
+    quant_config: str | None = None  # a policy file (YAML/JSON) instead of preset/act_bits
+    loss: str = "mix"
+    distill_weight: float = 1.0
+    freeze_fp: bool = False  # train only the quantized layers (and their low-rank branches)
+    probe_every: int = 100
+    probe_images: int = 64
+    steps: int = 1000
+    global_batch_size: int = 64
+    lr: float = 1e-4
+    warmup_steps: int = 50
+    ema_decay: float = 0.999
+    out_dir: str = "runs/qat"
+
+    def validate(self, world_size: int = 1) -> None:
+        super().validate(world_size)
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+
+    def quantization(self) -> QuantConfig:
+        config = QuantConfig.load(self.quant_config) if self.quant_config else preset(self.preset, self.act_bits)
+        if self.plan:
+            config.plan = load_plan(self.plan)
+        return config
+
+
+def _teacher_path(config: QATConfig) -> str:
+    if config.teacher:
+        return config.teacher
+    from robuq.sampling import default_teacher_path
+
+    return str(default_teacher_path())
+
+
+def qat_objective(diffusion: GaussianDiffusion, teacher: DiT, loss: str, distill_weight: float) -> Callable[..., dict]:
+    """Per-sample losses of a student on one batch; the teacher sees exactly the student's inputs."""
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator) -> dict:
+        n = x.shape[0]
+        t = torch.randint(0, diffusion.num_timesteps, (n,), generator=generator).to(x.device)
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        x_t = diffusion.q_sample(x, t, noise)
+        kwargs = {}
+        if y is not None:
+            drop = (torch.rand(n, generator=generator) < teacher.y_embedder.dropout_prob).long().to(x.device)
+            kwargs = {"y": y, "force_drop_ids": drop}
+        out = model(x_t, t, **kwargs)
+        terms: dict[str, torch.Tensor] = {}
+        if loss in ("diffusion", "mix"):
+            terms = diffusion.losses_from_output(out, x, x_t, t, noise)
+        if loss in ("distill", "mix"):
+            with torch.no_grad():
+                target = teacher.to(x.device)(x_t, t, **kwargs)
+            terms["distill"] = (out - target).pow(2).flatten(1).mean(dim=1)
+        if loss == "distill":
+            terms["loss"] = terms["distill"]
+        elif loss == "mix":
+            terms["loss"] = terms["loss"] + distill_weight * terms["distill"]
+        return terms
+
+    return objective
+
+
+def teacher_probe(teacher: DiT, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0) -> Callable[[nn.Module], dict]:
+    """``probe(model)`` → the model's output error against the teacher, relative to the teacher's output
+    variance, on fixed noised images spread evenly over the timesteps (the collapse detector)."""
+    diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, diffusion.num_timesteps - 1, len(images)).long()
+    x_t = diffusion.q_sample(images, t, torch.randn(images.shape, generator=g))
+
+    @torch.no_grad()
+    def probe(model: nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        kwargs = {} if labels is None else {"y": labels.to(device)}
+        was_training = model.training
+        model.eval()
+        out = model(x_t.to(device), t.to(device), **kwargs)
+        ref = teacher.to(device).eval()(x_t.to(device), t.to(device), **kwargs)
+        model.train(was_training)
+        return {"probe_rel_mse": float((out - ref).pow(2).mean() / ref.var())}
+
+    return probe
+
+
+def build_student(teacher: DiT, quantization: QuantConfig, freeze_fp: bool = False) -> DiT:
+    student = quantize_(copy.deepcopy(teacher), quantization)
+    if freeze_fp:
+        quantized = {id(p) for m in student.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
+        for p in student.parameters():
+            p.requires_grad_(id(p) in quantized and p.requires_grad)
+    return student
+
+
+def qat(config: QATConfig, resume: bool = False, until: int | None = None, progress: bool = True) -> Path:
+    """Quantize the teacher as ``config`` says and train it; returns the output folder (EMA weights in
+    ``model.safetensors``, loadable with ``robuq.load_quantized``)."""
+    teacher_path = _teacher_path(config)
+    teacher = load_dit(teacher_path).eval().requires_grad_(False)
+    size = teacher.x_embedder.grid_size * teacher.patch_size
+    # The teacher fixes the architecture; recording it here makes a resumed run check it too.
+    config = replace(
+        config, teacher=teacher_path, input_size=size, conditional=teacher.num_classes > 0, model=f"teacher:{Path(teacher_path).name}"
+    )
+    config.validate()
+    quantization = config.quantization()
+    torch.manual_seed(config.seed)
+    student = build_student(teacher, quantization, config.freeze_fp)
+    dataset = build_dataset(config.data, size, config.data_dir, config.conditional, channels=config.channels)
+    if dataset.in_channels != teacher.in_channels:
+        raise ValueError(f"the data has {dataset.in_channels} channels, the teacher {teacher.in_channels}")
+    pick = np.linspace(0, len(dataset) - 1, min(config.probe_images, len(dataset))).astype(int)
+    probe = teacher_probe(teacher, dataset.images[pick], dataset.labels[pick] if config.conditional else None, config.seed)
+    diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
+    objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight)
+    meta = quantized_meta(student, quantization)
+    return train(config, resume=resume, until=until, model=student, objective=objective, extra_meta=meta,
+                 progress=progress, probe=probe)

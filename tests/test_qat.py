@@ -1,0 +1,93 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from robuq.io import load_tensors, save_tensors
+from robuq.models.checkpoint import load_dit
+from robuq.quantize import current_plan
+from robuq.quantized_io import load_quantized
+from robuq.train.qat import QATConfig, build_student, qat
+from robuq.train.state import list_checkpoints
+from robuq.train.trainer import TrainingDivergedError
+
+
+@pytest.fixture
+def teacher_file(tmp_path, tiny_dit):
+    return str(save_tensors(tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}))
+
+
+def qat_config(out, teacher, data_dir, **overrides):
+    base = dict(
+        teacher=teacher, data_dir=str(data_dir), out_dir=str(out), steps=4, global_batch_size=8, log_every=1,
+        ckpt_every=2, probe_every=2, probe_images=8, act_bits=3, warmup_steps=1, device="cpu",
+    )
+    base.update(overrides)
+    return QATConfig(**base)
+
+
+@pytest.mark.parametrize("loss", ["diffusion", "distill", "mix"])
+def test_qat_trains_and_writes_a_loadable_quantized_model(tmp_path, teacher_file, fmnist_dir, loss):
+    out = qat(qat_config(tmp_path / loss, teacher_file, fmnist_dir, loss=loss), progress=False)
+    model, config = load_quantized(out / "model.safetensors")
+    assert config.name == "robuq-a3" and set(current_plan(model).values()) >= {3}
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all("probe_rel_mse" in r for r in log if r["step"] in (2, 4))
+    assert ("distill" in log[0]) == (loss != "diffusion")
+
+
+def test_qat_resume_is_exact(tmp_path, teacher_file, fmnist_dir):
+    straight = qat(qat_config(tmp_path / "straight", teacher_file, fmnist_dir), progress=False)
+    qat(qat_config(tmp_path / "split", teacher_file, fmnist_dir), until=2, progress=False)
+    split = qat(qat_config(tmp_path / "split", teacher_file, fmnist_dir), resume=True, progress=False)
+    a, _ = load_tensors(straight / "model.safetensors")
+    b, _ = load_tensors(split / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_qat_with_plan_and_frozen_fp_parts(tmp_path, teacher_file, fmnist_dir):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"bits": {"blocks.0.attn.qkv": 1, "blocks.1.mlp.fc2": 2}}))
+    config = qat_config(tmp_path / "plan", teacher_file, fmnist_dir, plan=str(plan), freeze_fp=True)
+    out = qat(config, progress=False)
+    model, _ = load_quantized(out / "model.safetensors")
+    assert current_plan(model)["blocks.0.attn.qkv"] == 1 and current_plan(model)["blocks.1.mlp.fc2"] == 2
+    teacher, _ = load_tensors(teacher_file)
+    trained, _ = load_tensors(out / "model.safetensors")
+    assert torch.equal(trained["x_embedder.proj.weight"], teacher["x_embedder.proj.weight"])  # frozen
+    torch.manual_seed(config.seed)
+    start = build_student(load_dit(teacher_file), config.quantization(), freeze_fp=True).state_dict()
+    assert not torch.equal(trained["blocks.0.mlp.fc1.weight"], start["blocks.0.mlp.fc1.weight"])  # trained
+    assert torch.equal(trained["final_layer.linear.weight"], start["final_layer.linear.weight"])  # frozen
+
+
+def test_non_finite_teacher_stops_qat_and_keeps_the_checkpoint(tmp_path, teacher_file, fmnist_dir, tiny_dit):
+    config = qat_config(tmp_path / "nan", teacher_file, fmnist_dir, loss="distill")
+    qat(config, until=2, progress=False)
+    poisoned = {k: v.clone() for k, v in tiny_dit.state_dict().items()}
+    poisoned["final_layer.linear.bias"][0] = float("nan")
+    save_tensors(teacher_file, poisoned, {"model_config": tiny_dit.config.to_dict()})
+    with pytest.raises(TrainingDivergedError, match="step 2"):
+        qat(config, resume=True, progress=False)
+    step, path = list_checkpoints(tmp_path / "nan")[-1]
+    assert step == 2 and load_quantized(path)[0] is not None
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_qat(tmp_path, teacher_file, fmnist_dir):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "robuq.cli", "qat",
+           "--teacher", teacher_file, "--data-dir", str(fmnist_dir), "--steps", "3", "--global-batch-size", "8",
+           "--ckpt-every", "3", "--log-every", "1", "--probe-every", "3", "--probe-images", "4", "--device", "cpu",
+           "--out-dir", str(out), "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, _ = load_quantized(out / "model.safetensors")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and "probe_rel_mse" in log[-1]
