@@ -8,9 +8,11 @@ import sys
 from typing import Sequence
 
 
-def _add_config_arguments(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per field of a config dataclass, typed and defaulted from the dataclass."""
-    defaults = cls()
+def _add_config_arguments(
+    p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), overrides: dict | None = None
+) -> None:
+    """One --flag per field of a config dataclass, typed and defaulted from the dataclass (or ``overrides``)."""
+    defaults = dataclasses.replace(cls(), **(overrides or {}))
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
@@ -19,7 +21,8 @@ def _add_config_arguments(p: argparse.ArgumentParser, cls: type, skip: tuple[str
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
-            kind = type(default) if default is not None else str
+            declared = str(field.type)  # "int | None" and the like, from the dataclass annotation
+            kind = type(default) if default is not None else int if declared.startswith("int") else float if declared.startswith("float") else str
             p.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
 
 
@@ -56,7 +59,7 @@ def _add_qat(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("qat", help="quantize a full-precision DiT (default: the shipped teacher) and train it")
     # The teacher fixes these; offering them as flags would only invite contradictions.
-    _add_config_arguments(p, QATConfig, skip=("model", "input_size", "conditional", "learn_sigma", "init_from"))
+    _add_config_arguments(p, QATConfig, skip=_QAT_FIXED_BY_TEACHER)
     _add_run_control(p)
     p.set_defaults(func=_run_qat)
 
@@ -92,6 +95,81 @@ def _run_models(args: argparse.Namespace) -> int:
             f"{r['tokens']:>6} {r['params']:>14,} {r['gflops']:>9.2f}"
         )
     print("GFLOPs are multiply-accumulates of one forward pass of one image, as in the DiT paper.")
+    return 0
+
+
+_QAT_FIXED_BY_TEACHER = ("model", "input_size", "conditional", "learn_sigma", "init_from")
+
+
+def _add_ampn(sub: argparse._SubParsersAction) -> None:
+    from robuq.ampn.pipeline import AMPNConfig
+    from robuq.train.qat import QATConfig
+
+    p = sub.add_parser("ampn", help="activation mixed precision: sensitivities, bit allocation, the whole pipeline")
+    steps = p.add_subparsers(dest="ampn_command", required=True)
+
+    s = steps.add_parser("sensitivity", help="per-layer sensitivity of a quantized model to its activation bits")
+    s.add_argument("--model", required=True, help="quantized model file (e.g. after ~1,000 QAT steps)")
+    s.add_argument("--teacher", default=None, help="full-precision teacher (default: the shipped teacher)")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--calibration-images", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="sensitivity.json")
+    s.set_defaults(func=_run_ampn_sensitivity)
+
+    a = steps.add_parser("allocate", help="exact DP allocation of per-layer bits under an average-bit budget")
+    a.add_argument("--sensitivity", required=True, help="JSON from `robuq ampn sensitivity`")
+    a.add_argument("--budget", type=float, default=3.0)
+    a.add_argument("--weighting", choices=("plain", "macs"), default="plain")
+    a.add_argument("--out", default="plan.json", help="plan JSON; the figure goes beside it as .png")
+    a.set_defaults(func=_run_ampn_allocate)
+
+    r = steps.add_parser("run", help="warm-up QAT, sensitivity, allocation, QAT with the plan")
+    _add_config_arguments(r, QATConfig, skip=_QAT_FIXED_BY_TEACHER + ("plan", "init_student", "act_bits"),
+                          overrides={"out_dir": "runs/ampn"})
+    _add_config_arguments(r, AMPNConfig, skip=("seed",))
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_run_ampn_run)
+
+
+def _run_ampn_sensitivity(args: argparse.Namespace) -> int:
+    from robuq.ampn.pipeline import AMPNConfig, sensitivity_of
+    from robuq.sampling import default_teacher_path
+    from robuq.train.qat import QATConfig
+
+    qat_config = QATConfig(data_dir=args.data_dir)
+    ampn = AMPNConfig(calibration_images=args.calibration_images, seed=args.seed)
+    result = sensitivity_of(args.model, args.teacher or default_teacher_path(), qat_config, ampn)
+    from robuq.io import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(result.to_dict(), indent=2) + "\n")
+    print(f"baseline relative error {result.baseline_error:.5f}; wrote {args.out}")
+    return 0
+
+
+def _run_ampn_allocate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from robuq.ampn.plan import format_plan, plan_from_sensitivity, write_plan
+    from robuq.ampn.sensitivity import Sensitivity
+
+    try:
+        sensitivity = Sensitivity.from_dict(json.loads(Path(args.sensitivity).read_text()))
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise ValueError(f"cannot read sensitivities from {args.sensitivity}: {exc}") from exc
+    plan = plan_from_sensitivity(sensitivity, args.budget, args.weighting)
+    path = write_plan(plan, args.out)
+    print(format_plan(plan))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def _run_ampn_run(args: argparse.Namespace) -> int:
+    from robuq.ampn.pipeline import AMPNConfig, ampn_run
+    from robuq.train.qat import QATConfig
+
+    out = ampn_run(_config_from(args, QATConfig), _config_from(args, AMPNConfig), progress=not args.no_progress)
+    print(f"wrote {out}")
     return 0
 
 
@@ -170,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_train(sub)
     _add_qat(sub)
+    _add_ampn(sub)
     _add_sample(sub)
     _add_quantize(sub)
     _add_summary(sub)

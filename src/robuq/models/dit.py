@@ -241,15 +241,23 @@ class DiT(nn.Module):
         can be shown the same dropped labels during distillation.
         """
         x = self.x_embedder(x) + self.pos_embed
+        c = self.condition(t, y, force_drop_ids)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.head(x, c)
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None = None, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The conditioning vector c that modulates every block: timestep (+ label) embedding."""
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             if y is None:
                 raise ValueError("this DiT is class-conditional: pass labels y (use num_classes for the null class)")
             c = c + self.y_embedder(y, self.training, force_drop_ids)
-        for block in self.blocks:
-            x = block(x, c)
-        x = self.final_layer(x, c)
-        return self.unpatchify(x)
+        return c
+
+    def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Final adaLN layer and unpatchify: tokens after the last block to the output image."""
+        return self.unpatchify(self.final_layer(x, c))
 
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float

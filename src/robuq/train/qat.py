@@ -15,9 +15,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from robuq.calibration import calibration_batch, relative_error
 from robuq.data import build_dataset
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
-from robuq.models.checkpoint import load_dit
+from robuq.models.checkpoint import check_compatible, load_dit, read_state_dict
 from robuq.models.dit import DiT
 from robuq.quant.linear import QuantLinear
 from robuq.quantize import QuantConfig, load_plan, preset, quantize_
@@ -36,6 +37,7 @@ class QATConfig(TrainConfig):
     act_bits: int = 4
     plan: str | None = None  # per-layer activation bits (JSON), e.g. from `robuq ampn allocate`
     quant_config: str | None = None  # a policy file (YAML/JSON) instead of preset/act_bits
+    init_student: str | None = None  # start from this quantized model's weights (e.g. AMPN's warm-up run)
     loss: str = "mix"
     distill_weight: float = 1.0
     freeze_fp: bool = False  # train only the quantized layers (and their low-rank branches)
@@ -98,25 +100,10 @@ def qat_objective(diffusion: GaussianDiffusion, teacher: DiT, loss: str, distill
 
 
 def teacher_probe(teacher: DiT, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0) -> Callable[[nn.Module], dict]:
-    """``probe(model)`` → the model's output error against the teacher, relative to the teacher's output
-    variance, on fixed noised images spread evenly over the timesteps (the collapse detector)."""
-    diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
-    g = torch.Generator().manual_seed(seed)
-    t = torch.linspace(0, diffusion.num_timesteps - 1, len(images)).long()
-    x_t = diffusion.q_sample(images, t, torch.randn(images.shape, generator=g))
-
-    @torch.no_grad()
-    def probe(model: nn.Module) -> dict[str, float]:
-        device = next(model.parameters()).device
-        kwargs = {} if labels is None else {"y": labels.to(device)}
-        was_training = model.training
-        model.eval()
-        out = model(x_t.to(device), t.to(device), **kwargs)
-        ref = teacher.to(device).eval()(x_t.to(device), t.to(device), **kwargs)
-        model.train(was_training)
-        return {"probe_rel_mse": float((out - ref).pow(2).mean() / ref.var())}
-
-    return probe
+    """``probe(model)`` → the model's output error against the teacher on a fixed calibration batch
+    (relative to the teacher's output variance): the collapse detector logged during QAT."""
+    batch = calibration_batch(teacher, images, labels, seed)
+    return lambda model: {"probe_rel_mse": relative_error(model, batch)}
 
 
 def build_student(teacher: DiT, quantization: QuantConfig, freeze_fp: bool = False) -> DiT:
@@ -126,6 +113,19 @@ def build_student(teacher: DiT, quantization: QuantConfig, freeze_fp: bool = Fal
         for p in student.parameters():
             p.requires_grad_(id(p) in quantized and p.requires_grad)
     return student
+
+
+def load_student_weights(student: DiT, path: str) -> None:
+    """Copy a quantized model's weights into ``student`` (same structure; bit-widths stay the student's)."""
+    state, _ = read_state_dict(path)
+    check_compatible(student, state, path)
+    student.load_state_dict(state)
+
+
+def calibration_images(dataset, count: int, conditional: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``count`` training images spread evenly over the dataset (so over classes), always the same ones."""
+    pick = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).astype(int)
+    return dataset.images[pick], (dataset.labels[pick] if conditional else None)
 
 
 def qat(config: QATConfig, resume: bool = False, until: int | None = None, progress: bool = True) -> Path:
@@ -142,11 +142,12 @@ def qat(config: QATConfig, resume: bool = False, until: int | None = None, progr
     quantization = config.quantization()
     torch.manual_seed(config.seed)
     student = build_student(teacher, quantization, config.freeze_fp)
+    if config.init_student:
+        load_student_weights(student, config.init_student)
     dataset = build_dataset(config.data, size, config.data_dir, config.conditional, channels=config.channels)
     if dataset.in_channels != teacher.in_channels:
         raise ValueError(f"the data has {dataset.in_channels} channels, the teacher {teacher.in_channels}")
-    pick = np.linspace(0, len(dataset) - 1, min(config.probe_images, len(dataset))).astype(int)
-    probe = teacher_probe(teacher, dataset.images[pick], dataset.labels[pick] if config.conditional else None, config.seed)
+    probe = teacher_probe(teacher, *calibration_images(dataset, config.probe_images, config.conditional), config.seed)
     diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
     objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight)
     meta = quantized_meta(student, quantization)

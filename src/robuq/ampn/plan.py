@@ -1,0 +1,86 @@
+"""Bit plans as files people read: the per-layer bits, both averages, a per-layer-type table, a figure."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from robuq.ampn.allocate import Allocation, allocate_bits
+from robuq.ampn.sensitivity import Sensitivity, layer_role
+from robuq.io import atomic_write_text
+from robuq.quantize import BLOCK_ROLES
+
+# METHOD.md §7: average bits per layer type of the paper's DiT-XL/2 allocation, for comparison.
+PAPER_ROLE_AVERAGES = {
+    2: {"proj": 2.75, "qkv": 2.21, "fc1": 2.00, "fc2": 1.64},
+    3: {"proj": 3.89, "qkv": 2.96, "fc1": 3.04, "fc2": 2.31},
+}
+
+
+def role_averages(bits: dict[str, int]) -> dict[str, float]:
+    """Average bits per layer type (qkv, proj, fc1, fc2)."""
+    out = {}
+    for role in BLOCK_ROLES:
+        chosen = [b for n, b in bits.items() if layer_role(n) == role]
+        if chosen:
+            out[role] = sum(chosen) / len(chosen)
+    return out
+
+
+def plan_from_sensitivity(sensitivity: Sensitivity, budget: float, weighting: str = "plain") -> dict:
+    """Allocate and return the plan document (``bits`` plus everything needed to judge it)."""
+    if weighting not in ("plain", "macs"):
+        raise ValueError(f"weighting must be 'plain' or 'macs', not {weighting!r}")
+    if weighting == "macs" and set(sensitivity.macs) != set(sensitivity.table):
+        raise ValueError("MAC-weighted allocation needs the MACs of every layer in the sensitivity file")
+    weights = sensitivity.macs if weighting == "macs" else None
+    allocation: Allocation = allocate_bits(sensitivity.table, budget, weights)
+    macs = sensitivity.macs or {n: 1 for n in allocation.bits}
+    mac_average = sum(allocation.bits[n] * macs[n] for n in allocation.bits) / sum(macs[n] for n in allocation.bits)
+    paper = PAPER_ROLE_AVERAGES.get(int(budget)) if float(budget).is_integer() else None
+    return {
+        "bits": allocation.bits, "budget": budget, "weighting": weighting, "objective": allocation.objective,
+        "average_plain": allocation.average_plain, "average_macs": mac_average,
+        "role_averages": role_averages(allocation.bits), "paper_role_averages_dit_xl2": paper,
+    }
+
+
+def write_plan(plan: dict, path: str | Path, figure: bool = True) -> Path:
+    path = Path(path)
+    atomic_write_text(path, json.dumps(plan, indent=2) + "\n")
+    if figure:
+        plot_plan(plan, path.with_suffix(".png"))
+    return path
+
+
+def format_plan(plan: dict) -> str:
+    lines = [
+        f"budget {plan['budget']} bits ({plan['weighting']} average): achieved {plan['average_plain']:.3f} plain, "
+        f"{plan['average_macs']:.3f} MAC-weighted; summed sensitivity {plan['objective']:.5f}",
+        f"{'layer type':<10} {'bits':>6}" + (f" {'paper (DiT-XL/2)':>17}" if plan.get("paper_role_averages_dit_xl2") else ""),
+    ]
+    for role, avg in plan["role_averages"].items():
+        paper = plan.get("paper_role_averages_dit_xl2")
+        lines.append(f"{role:<10} {avg:>6.2f}" + (f" {paper[role]:>17.2f}" if paper else ""))
+    return "\n".join(lines)
+
+
+def plot_plan(plan: dict, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    markers = {"qkv": "o", "proj": "s", "fc1": "^", "fc2": "v"}
+    for i, role in enumerate(BLOCK_ROLES):
+        points = sorted((int(n.split(".")[1]), b) for n, b in plan["bits"].items() if layer_role(n) == role)
+        if points:
+            depth, bits = zip(*points)
+            ax.plot([d + (i - 1.5) * 0.08 for d in depth], bits, marker=markers[role], linestyle="-", alpha=0.8, label=role)
+    ax.set(xlabel="block", ylabel="activation bits", yticks=[1, 2, 3, 4],
+           title=f"AMPN plan: budget {plan['budget']} ({plan['weighting']}), achieved {plan['average_plain']:.2f} plain / {plan['average_macs']:.2f} MAC-weighted")
+    ax.legend(ncol=4, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+
+from robuq.ampn.pipeline import AMPNConfig, ampn_run
+from robuq.ampn.plan import plan_from_sensitivity, role_averages, write_plan
+from robuq.ampn.sensitivity import Sensitivity, block_layers, measure_sensitivity
+from robuq.calibration import calibration_batch
+from robuq.cli import main
+from robuq.io import save_tensors
+from robuq.quantize import current_plan, load_plan, preset, quantize_
+from robuq.quantized_io import load_quantized
+from robuq.train.qat import QATConfig, build_student
+
+
+@pytest.fixture
+def student_and_batch(tiny_dit):
+    torch.manual_seed(0)
+    with torch.no_grad():  # open the adaLN-Zero gates wide, so quantization error is not lost in rounding
+        for p in tiny_dit.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    images = torch.rand(12, 1, 8, 8) * 2 - 1
+    labels = torch.arange(12) % 10
+    batch = calibration_batch(tiny_dit, images, labels, seed=0)
+    return build_student(tiny_dit, preset("robuq", act_bits=4)), batch
+
+
+def test_sensitivity_covers_block_linears_and_is_monotone(student_and_batch):
+    student, batch = student_and_batch
+    result = measure_sensitivity(student, batch, progress=False)
+    assert list(result.table) == block_layers(student) and len(result.table) == 8  # 2 blocks × 4 linears
+    for name, row in result.table.items():
+        assert row[1] > row[4], (name, row)
+        assert abs(row[4]) < 1e-9  # the model already runs at 4 bits
+    totals = [sum(row[b] for row in result.table.values()) for b in (1, 2, 3, 4)]
+    assert totals == sorted(totals, reverse=True), totals
+    assert set(current_plan(student).values()) == {4}  # measured without leaving changes behind
+
+
+def test_sensitivity_is_deterministic_and_matches_a_full_forward(student_and_batch):
+    student, batch = student_and_batch
+    first = measure_sensitivity(student, batch, progress=False)
+    assert first.table == measure_sensitivity(student, batch, progress=False).table
+    # The cached-prefix shortcut must equal a plain full forward with that one layer changed.
+    from robuq.calibration import relative_error
+
+    name = "blocks.1.attn.proj"
+    student.get_submodule(name).set_act_bits(2)
+    full = relative_error(student, batch)
+    student.get_submodule(name).set_act_bits(4)
+    assert first.table[name][2] == pytest.approx(full - first.baseline_error, rel=1e-5, abs=1e-9)
+
+
+def test_plan_round_trip_and_figure(tmp_path, student_and_batch, tiny_dit):
+    student, batch = student_and_batch
+    sensitivity = Sensitivity.from_dict(json.loads(json.dumps(measure_sensitivity(student, batch, progress=False).to_dict())))
+    for weighting in ("plain", "macs"):
+        plan = plan_from_sensitivity(sensitivity, 2.5, weighting)
+        assert (plan["average_plain"] if weighting == "plain" else plan["average_macs"]) <= 2.5 + 1e-9
+        path = write_plan(plan, tmp_path / f"plan-{weighting}.json")
+        assert path.with_suffix(".png").stat().st_size > 0
+        model = quantize_(tiny_dit.__class__(tiny_dit.config), preset("robuq", act_bits=4), plan=load_plan(path))
+        assert {n: b for n, b in current_plan(model).items() if n in plan["bits"]} == plan["bits"]
+        assert set(role_averages(plan["bits"])) == {"qkv", "proj", "fc1", "fc2"}
+
+
+def test_cli_allocate(tmp_path, student_and_batch, capsys):
+    student, batch = student_and_batch
+    sens = tmp_path / "sens.json"
+    sens.write_text(json.dumps(measure_sensitivity(student, batch, progress=False).to_dict()))
+    assert main(["ampn", "allocate", "--sensitivity", str(sens), "--budget", "2", "--weighting", "macs", "--out", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "MAC-weighted" in out and "fc2" in out
+    assert main(["ampn", "allocate", "--sensitivity", str(sens), "--budget", "0.5"]) == 2
+    assert "below the smallest choice" in capsys.readouterr().err
+
+
+def test_ampn_run_end_to_end(tmp_path, tiny_dit, fmnist_dir):
+    teacher = str(save_tensors(tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}))
+    config = QATConfig(teacher=teacher, data_dir=str(fmnist_dir), out_dir=str(tmp_path / "ampn"), steps=2, global_batch_size=8,
+                       log_every=1, ckpt_every=2, probe_every=2, probe_images=4, warmup_steps=1, device="cpu")
+    final = ampn_run(config, AMPNConfig(budget=2.0, warmup_qat_steps=2, calibration_images=8), progress=False)
+    plan = json.loads((tmp_path / "ampn" / "plan.json").read_text())
+    assert plan["average_plain"] <= 2.0 and (tmp_path / "ampn" / "plan.png").is_file()
+    model, _ = load_quantized(final / "model.safetensors")
+    assert {n: b for n, b in current_plan(model).items() if n in plan["bits"]} == plan["bits"]
+    assert json.loads((final / "config.json").read_text())["init_student"].endswith("warmup/model.safetensors")
+    # A second call finds every stage done and changes nothing.
+    before = (final / "model.safetensors").stat().st_mtime_ns
+    ampn_run(config, AMPNConfig(budget=2.0, warmup_qat_steps=2, calibration_images=8), progress=False)
+    assert (final / "model.safetensors").stat().st_mtime_ns == before
