@@ -242,9 +242,26 @@ def _run_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    from robuq.quickstart import QuickstartConfig
+
+    p = sub.add_parser("run", help="the main job: RobuQ + AMPN on the shipped teacher, short QAT, grids and a summary")
+    _add_config_arguments(p, QuickstartConfig)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from robuq.quickstart import QuickstartConfig, run_quickstart
+
+    run_quickstart(_config_from(args, QuickstartConfig), progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robuq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
     _add_models(sub)
     _add_train(sub)
     _add_qat(sub)
