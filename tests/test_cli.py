@@ -53,3 +53,15 @@ def test_errors_are_one_readable_line(tmp_path, capsys):
     bad_plan = tmp_path / "plan.json"
     bad_plan.write_text(json.dumps({"blocks.0.mlp.fc9": 2}))
     assert main(["quantize", "--ckpt", str(tmp_path / "nope"), "--plan", str(bad_plan)]) == 2
+
+
+def test_export_report_and_sample_from_the_export(tmp_path, tiny_ckpt, capsys):
+    q = tmp_path / "q.safetensors"
+    assert main(["quantize", "--ckpt", tiny_ckpt, "--out", str(q)]) == 0
+    exported = tmp_path / "m.robuq.safetensors"
+    assert main(["export", str(q), "--out", str(exported), "--packing", "ternary-trits", "--report"]) == 0
+    out = capsys.readouterr().out
+    assert "packed weights" in out and "smaller than the fp32 checkpoint" in out
+    assert main(["sample", "--ckpt", str(exported), "--out", str(tmp_path / "s"), "--per-class", "1", "--steps", "2",
+                 "--device", "cpu"]) == 0
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (10, 8, 8, 3)

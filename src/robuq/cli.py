@@ -234,7 +234,7 @@ def _add_summary(sub: argparse._SubParsersAction) -> None:
 
 def _run_summary(args: argparse.Namespace) -> int:
     from robuq.cost import cost_summary
-    from robuq.quantized_io import load_any
+    from robuq.model_files import load_any
     from robuq.sampling import default_teacher_path
 
     summary = cost_summary(load_any(args.path or default_teacher_path()))
@@ -258,6 +258,33 @@ def _run_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a quantized model as a compact file (packed weights) for inference")
+    p.add_argument("model", nargs="?", default=None, help="quantized model file (from qat, quantize or ampn run)")
+    p.add_argument("--out", default="model.robuq.safetensors")
+    p.add_argument("--packing", choices=("ternary-2bit", "ternary-trits"), default="ternary-2bit")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="full-precision parts (default fp16)")
+    p.add_argument("--report", action="store_true", help="print the file's size by kind of tensor and vs fp32/fp16")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from robuq.deploy.export import export_model, file_report
+    from robuq.quantized_io import load_quantized
+
+    if args.model is None:
+        raise ValueError("give the quantized model to export, e.g. runs/quickstart/ampn/final/model.safetensors")
+    model, config = load_quantized(args.model)
+    path = export_model(model, config, args.out, args.packing, args.dtype)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+    if args.report:
+        report = file_report(path)
+        for kind, size in report["groups"].items():
+            print(f"  {kind:<22} {size / 2**20:9.3f} MiB")
+        print(f"  {report['ratio_fp32']:.1f}× smaller than the fp32 checkpoint, {report['ratio_fp16']:.1f}× smaller than fp16")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robuq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_quantize(sub)
     _add_summary(sub)
+    _add_export(sub)
     return parser
 
 

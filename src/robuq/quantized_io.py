@@ -48,13 +48,6 @@ def is_quantized_file(path: str | os.PathLike) -> bool:
 
 
 
-def load_any(path: str | os.PathLike, map_location: str = "cpu") -> DiT:
-    """A full-precision or quantized DiT, whichever ``path`` holds."""
-    from robuq.models.checkpoint import load_dit
-
-    return load_quantized(path, map_location=map_location)[0] if is_quantized_file(path) else load_dit(path, map_location=map_location)
-
-
 def quantize_checkpoint(ckpt: str | os.PathLike, config: QuantConfig, out: str | os.PathLike) -> tuple[DiT, Path]:
     """Load a full-precision checkpoint, ``quantize_`` it (post-training initialisation), save it."""
     from robuq.models.checkpoint import load_dit
@@ -63,4 +56,4 @@ def quantize_checkpoint(ckpt: str | os.PathLike, config: QuantConfig, out: str |
     return model, save_quantized(model, out, config, {"source": str(ckpt)})
 
 
-__all__ = ["is_quantized_file", "load_any", "load_quantized", "quantize_checkpoint", "quantized_meta", "save_quantized"]
+__all__ = ["is_quantized_file", "load_quantized", "quantize_checkpoint", "quantized_meta", "save_quantized"]

@@ -11,7 +11,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from robuq.diffusion.gaussian import create_diffusion
-from robuq.quantized_io import load_any
+from robuq.model_files import load_any
 from robuq.models.dit import DiT
 from robuq.train.distributed import resolve_device
 

@@ -42,9 +42,22 @@ def quantize_weight(w: torch.Tensor, spec: str) -> QuantizedTensor | None:
     return ternarize_weight(w) if spec == "ternary" else quantize_weight_int(w, int(bits))
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward the quantized values exactly (``w + (q − w)`` would be off by a rounding error, and an
+    exported model must match its training model bit for bit); pass the gradient to ``w`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 def fake_quantize_weight(w: torch.Tensor, spec: str) -> torch.Tensor:
     """Quantized values forward, identity gradient to the latent full-precision weight (STE)."""
     q = quantize_weight(w.detach(), spec)
     if q is None:
         return w
-    return w + (q.dequantize() - w).detach()
+    return _StraightThrough.apply(w, q.dequantize())

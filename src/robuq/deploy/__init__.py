@@ -1,0 +1,1 @@
+"""Deployment: packed low-bit files and integer inference."""

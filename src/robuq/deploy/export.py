@@ -1,0 +1,143 @@
+"""The compact file: packed integer weights, half-precision everything else, config and plan in JSON.
+
+Layout (safetensors, no pickle): for every block linear with quantized weights and activations,
+``<name>.weight_packed`` (uint8), ``<name>.weight_scale``, and its bias / low-rank branch / sign flips /
+clip ratio; every other tensor of the model as it is, in ``dtype``. The header's JSON holds the DiT
+config, the quantization policy, the bit plan and, per packed layer, its format and shape.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robuq.deploy.integer_linear import IntegerLinear, convert_to_integer
+from robuq.deploy.packing import PACKERS
+from robuq.io import load_tensors, save_tensors
+from robuq.models.checkpoint import CheckpointError
+from robuq.models.dit import DiT, DiTConfig
+from robuq.quant.primitives import QuantizedTensor
+from robuq.quant.linear import QuantLinear
+from robuq.quantize import QuantConfig, current_plan, quantize_
+
+FORMAT_VERSION = 1
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_LAYER_EXTRAS = ("bias", "hadamard_signs", "lowrank_down", "lowrank_up", "act_quant.clip_ratio")
+
+
+def _packable(layer: QuantLinear) -> bool:
+    return layer.quantized_weight() is not None and layer.act_bits is not None
+
+
+def _weight_format(layer: QuantLinear, ternary_packing: str) -> str:
+    if layer.config.weight == "ternary":
+        return ternary_packing
+    if layer.config.weight in ("int2", "int3", "int4"):
+        return "int4"
+    raise ValueError(f"no packing for weight format {layer.config.weight!r} yet; export supports ternary and int2–int4")
+
+
+def export_model(model: DiT, config: QuantConfig, path: str | os.PathLike, ternary_packing: str = "ternary-2bit",
+                 dtype: str = "fp16") -> Path:
+    """Write ``model`` (quantized with ``config``) as a compact file; returns its path."""
+    if ternary_packing not in ("ternary-2bit", "ternary-trits"):
+        raise ValueError(f"ternary_packing must be 'ternary-2bit' or 'ternary-trits', not {ternary_packing!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    half = DTYPES[dtype]
+    tensors: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, Any]] = {}
+    covered: set[str] = set()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLinear) or not _packable(layer):
+            continue
+        fmt = _weight_format(layer, ternary_packing)
+        q = layer.quantized_weight()
+        tensors[f"{name}.weight_packed"] = PACKERS[fmt][0](q.levels.to(torch.int8))
+        tensors[f"{name}.weight_scale"] = q.scale.reshape(-1).to(half)
+        packed[name] = {"format": fmt, "shape": list(q.levels.shape)}
+        covered.add(f"{name}.weight")
+    for key, value in model.state_dict().items():
+        if key in covered:
+            continue
+        signs = key.endswith("hadamard_signs")
+        tensors[key] = value.to(torch.int8) if signs else value.to(half) if value.is_floating_point() else value
+    meta = {
+        "kind": "robuq-export", "format_version": FORMAT_VERSION, "dtype": dtype, "model_config": model.config.to_dict(),
+        "quant_config": config.to_dict(), "plan": {n: b for n, b in current_plan(model).items() if b is not None},
+        "packed": packed,
+    }
+    return save_tensors(path, tensors, meta)
+
+
+def _corrupt(path: Any, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a usable robuq export: {why}. Re-export it with `robuq export`.")
+
+
+def load_exported(path: str | os.PathLike, integer: bool = True) -> DiT:
+    """An inference model from an exported file: block linears run on integer levels (``integer=True``)
+    or as the fake-quantized float layers they were trained as."""
+    tensors, meta = load_tensors(path)
+    if meta.get("kind") != "robuq-export":
+        raise _corrupt(path, "its header does not describe a robuq export (is it a training checkpoint? use load_quantized)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise _corrupt(path, f"format version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    model = DiT(DiTConfig(**meta["model_config"]))
+    quantize_(model, QuantConfig.from_dict(meta["quant_config"]), plan=meta.get("plan") or None, initialize=False)
+    state, weights = {}, {}
+    for name, info in meta["packed"].items():
+        shape = info["shape"]
+        count = math.prod(shape)
+        data = tensors.pop(f"{name}.weight_packed", None)
+        scale = tensors.pop(f"{name}.weight_scale", None)
+        if data is None or scale is None:
+            raise _corrupt(path, f"the packed weights of {name} are missing")
+        bits = PACKERS[info["format"]][2]
+        if data.numel() != math.ceil(count * bits / 8 - 1e-9) and data.numel() != -(-count // int(round(8 / bits))):
+            raise _corrupt(path, f"{name} holds {data.numel()} packed bytes, its shape {shape} needs another size")
+        if scale.numel() != shape[0]:
+            raise _corrupt(path, f"{name} has {scale.numel()} scales for {shape[0]} output channels")
+        levels = PACKERS[info["format"]][1](data, count).reshape(shape)
+        weights[name] = QuantizedTensor(levels, scale.float().unsqueeze(1), 0.0)
+        state[f"{name}.weight"] = weights[name].dequantize()
+    expected = model.state_dict()
+    for key, value in tensors.items():
+        if key not in expected:
+            raise _corrupt(path, f"unexpected tensor {key!r}")
+        state[key] = value.to(expected[key].dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise _corrupt(path, f"missing tensors: {', '.join(missing[:6])}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise _corrupt(path, f"{key} has shape {tuple(value.shape)}, the config needs {tuple(expected[key].shape)}")
+    model.load_state_dict(state)
+    model.eval().requires_grad_(False)
+    if integer:
+        return convert_to_integer(model, weights)
+    for name in weights:  # the stored weights are already quantized: re-quantizing α·L would change α
+        layer = model.get_submodule(name)
+        layer.config = dataclasses.replace(layer.config, weight="fp")
+    return model
+
+
+def file_report(path: str | os.PathLike) -> dict[str, Any]:
+    """Bytes per kind of tensor in an exported file, and the ratio to fp32/fp16 checkpoints of the same model."""
+    tensors, meta = load_tensors(path)
+    model = DiT(DiTConfig(**meta["model_config"]))
+    params = sum(p.numel() for p in model.parameters())
+    groups: dict[str, int] = {}
+    for key, value in tensors.items():
+        kind = "packed weights" if key.endswith("weight_packed") else "scales" if key.endswith("weight_scale") else (
+            "low-rank branches" if "lowrank" in key else "full-precision parts")
+        groups[kind] = groups.get(kind, 0) + value.numel() * value.element_size()
+    size = os.path.getsize(path)
+    return {"file_bytes": size, "groups": groups, "fp32_bytes": params * 4, "fp16_bytes": params * 2,
+            "ratio_fp32": params * 4 / size, "ratio_fp16": params * 2 / size, "params": params}
+
+
+__all__ = ["IntegerLinear", "export_model", "file_report", "load_exported"]

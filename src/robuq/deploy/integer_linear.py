@@ -1,0 +1,91 @@
+"""Inference-only block linear computed in the integer domain.
+
+    x' = T x                                   (the layer's Hadamard transform)
+    x' ≈ s·q + o                               (per-token levels q, scale s, offset o)
+    W  = α·L                                   (int8 levels L ∈ {−1,0,1} or int4, scale α per output channel)
+    y  = s·(q Lᵀ)·α + o·(1·Lᵀ)·α + b + U(V x')
+
+q Lᵀ is an int8 × int8 product with int32 accumulation (torch._int_mm); everything else is a per-row
+or per-column rescale. It computes what the fake-quantized training layer computes, up to float rounding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from robuq.quant.activation import quantize_activation
+from robuq.quant.hadamard import hadamard_transform
+from robuq.quant.linear import QuantLinear
+from robuq.quant.primitives import QuantizedTensor
+
+
+def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 (m, k) × int8 (k, n) → int32, through PyTorch's integer GEMM where it applies."""
+    if a.device.type == "cuda" and (a.shape[0] <= 16 or a.shape[1] % 8 or b.shape[1] % 8):
+        # cuBLASLt's int8 GEMM wants m > 16 and k, n multiples of 8; products of small integers are
+        # exact in fp32 as long as |sum| < 2^24, which holds for k ≤ 4608 and 8-bit inputs.
+        return (a.float() @ b.float()).to(torch.int32)
+    return torch._int_mm(a, b)
+
+
+class IntegerLinear(nn.Module):
+    """Built from a trained QuantLinear, or from the levels and scales an export file stores
+    (``weight``: a QuantizedTensor; re-quantizing α·L would not give back α)."""
+
+    def __init__(self, layer: QuantLinear, weight: QuantizedTensor | None = None):
+        super().__init__()
+        q = weight if weight is not None else layer.quantized_weight()
+        if q is None or layer.act_bits is None:
+            raise ValueError("IntegerLinear needs quantized weights and quantized activations")
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.act_bits = layer.act_bits
+        self.act_granularity, self.act_rule = layer.config.act_granularity, layer.config.act_rule
+        self.hadamard = layer.config.hadamard
+        self.lowrank_input = layer.config.lowrank_input
+        levels = q.levels.to(torch.int8)
+        self.register_buffer("weight_levels_t", levels.t().contiguous())  # (in, out): _int_mm's layout
+        self.register_buffer("weight_scale", q.scale.reshape(-1).float())
+        self.register_buffer("weight_level_sums", levels.sum(dim=1, dtype=torch.int32).float())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
+        self.register_buffer("hadamard_signs", layer.hadamard_signs)
+        ratio = layer.act_quant.clip_ratio
+        self.register_buffer("clip_ratio", None if ratio is None else ratio.detach().clamp(0.05, 4.0).float())
+        self.rank = layer.rank
+        if self.rank:
+            self.register_buffer("lowrank_down", layer.lowrank_down.detach().float())
+            self.register_buffer("lowrank_up", layer.lowrank_up.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x_rot = hadamard_transform(x, self.hadamard_signs) if self.hadamard else x
+        fake, q = quantize_activation(x_rot, self.act_bits, self.act_granularity, self.act_rule, self.clip_ratio)
+        # 8-bit levels 0…255 do not fit int8: shift them to −128…127 and fold the shift into the offset.
+        shift = 128 if self.act_bits == 8 else 0
+        levels = (q.levels - shift).to(torch.int8).reshape(-1, self.in_features)
+        scale = q.scale.reshape(-1, 1) if q.scale.numel() > 1 else q.scale.reshape(1, 1)
+        offset = q.offset.reshape(-1, 1) if q.offset.numel() > 1 else q.offset.reshape(1, 1)
+        acc = _int8_matmul(levels, self.weight_levels_t).float()
+        y = (acc * scale + (offset + shift * scale) * self.weight_level_sums) * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.reshape(*lead, self.out_features)
+        if self.rank:
+            branch_in = x_rot if self.lowrank_input == "fp" else fake
+            y = y + F.linear(F.linear(branch_in, self.lowrank_down), self.lowrank_up)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}→{self.out_features}, int8 weights, a={self.act_bits}, lowrank={self.rank}"
+
+
+def convert_to_integer(model: nn.Module, weights: dict[str, QuantizedTensor] | None = None) -> nn.Module:
+    """Replace, in place, every QuantLinear with quantized weights and activations by an IntegerLinear
+    (with the given levels and scales where ``weights`` has them)."""
+    weights = weights or {}
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)
+               and m.quantized_weight() is not None and m.act_bits is not None]
+    for name, layer in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, IntegerLinear(layer, weights.get(name)))
+    return model

@@ -1,0 +1,19 @@
+"""Open any model file robuq reads: a full-precision checkpoint, a quantized model, or an export."""
+from __future__ import annotations
+
+import os
+
+from robuq.deploy.export import load_exported
+from robuq.models.checkpoint import load_dit, read_state_dict
+from robuq.models.dit import DiT
+from robuq.quantized_io import load_quantized
+
+
+def load_any(path: str | os.PathLike, map_location: str = "cpu") -> DiT:
+    """The model in ``path``, whichever of robuq's (or the reference's) formats it is in."""
+    _, meta = read_state_dict(path)
+    if meta.get("kind") == "robuq-export":
+        return load_exported(path).to(map_location)
+    if "quant_config" in meta:
+        return load_quantized(path, map_location=map_location)[0]
+    return load_dit(path, map_location=map_location)

@@ -1,0 +1,95 @@
+import copy
+
+import pytest
+import torch
+
+import robuq
+from robuq.deploy.export import export_model, file_report, load_exported
+from robuq.deploy.integer_linear import IntegerLinear
+from robuq.quant.linear import QuantLinear
+
+from conftest import tiny_config
+
+
+@pytest.fixture
+def quantized(tiny_dit):
+    with torch.no_grad():
+        for p in tiny_dit.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    config = robuq.preset("robuq", act_bits=3, hadamard_signs=True)
+    return robuq.quantize_(tiny_dit, config, plan={"blocks.0.mlp.fc2": 8, "blocks.1.attn.qkv": 1}).eval(), config
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 1, 8, 8, generator=g), torch.tensor([2, 400, 990]), torch.tensor([1, 5, 10])
+
+
+@pytest.mark.parametrize("packing", ["ternary-2bit", "ternary-trits"])
+def test_float_reload_is_bit_exact(tmp_path, quantized, packing):
+    model, config = quantized
+    path = export_model(model, config, tmp_path / "m.safetensors", packing, dtype="fp32")
+    reloaded = load_exported(path, integer=False)
+    with torch.no_grad():
+        assert torch.equal(reloaded(*_inputs()), model(*_inputs()))
+
+
+def test_integer_layers_match_fake_quant_layers_on_real_inputs(tmp_path, quantized):
+    model, config = quantized
+    integer_model = load_exported(export_model(model, config, tmp_path / "m.safetensors", dtype="fp32"))
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs.__setitem__(n, a[0]))
+             for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    with torch.no_grad():
+        model(*_inputs())
+    for h in hooks:
+        h.remove()
+    integer_layers = {n: m for n, m in integer_model.named_modules() if isinstance(m, IntegerLinear)}
+    assert set(integer_layers) == set(inputs)  # every block linear and adaLN linear runs on integers
+    for name, x in inputs.items():
+        with torch.no_grad():
+            expected, got = model.get_submodule(name)(x), integer_layers[name](x)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()), name
+    with torch.no_grad():  # end to end, rounding differences may flip a few low-bit levels downstream
+        a, b = model(*_inputs()), integer_model(*_inputs())
+    assert ((a - b).norm() / a.norm()) < 0.05
+
+
+def test_fp16_file_is_smaller_and_close(tmp_path, quantized):
+    model, config = quantized
+    full = export_model(model, config, tmp_path / "fp32.safetensors", dtype="fp32")
+    half = export_model(model, config, tmp_path / "fp16.safetensors", "ternary-trits", dtype="fp16")
+    assert half.stat().st_size < full.stat().st_size
+    with torch.no_grad():
+        a, b = model(*_inputs()), load_exported(half, integer=False)(*_inputs())
+    # fp16 scales and embedders move some activations across low-bit (here 1-bit) thresholds.
+    assert ((a - b).norm() / a.norm()) < 0.1
+
+
+def test_damaged_files_fail_clearly(tmp_path, quantized):
+    model, config = quantized
+    path = export_model(model, config, tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_exported(tmp_path / "cut.safetensors")
+    plain = robuq.io.save_tensors(tmp_path / "plain.safetensors", robuq.DiT(tiny_config()).state_dict(), {})
+    with pytest.raises(robuq.CheckpointError, match="not a usable robuq export"):
+        load_exported(plain)
+    tensors, meta = robuq.io.load_tensors(path)
+    tensors["blocks.0.mlp.fc1.weight_packed"] = tensors["blocks.0.mlp.fc1.weight_packed"][:-3]
+    robuq.io.save_tensors(tmp_path / "short.safetensors", tensors, meta)
+    with pytest.raises(robuq.CheckpointError, match="packed bytes"):
+        load_exported(tmp_path / "short.safetensors")
+
+
+def test_report_arithmetic(tmp_path, quantized):
+    model, config = quantized
+    path = export_model(model, config, tmp_path / "m.safetensors", "ternary-trits")
+    report = file_report(path)
+    params = sum(p.numel() for p in robuq.DiT(model.config).parameters())
+    assert report["params"] == params and report["fp32_bytes"] == 4 * params
+    assert report["ratio_fp32"] == pytest.approx(4 * params / path.stat().st_size)
+    assert sum(report["groups"].values()) < path.stat().st_size  # the header is the rest
+    assert report["groups"]["packed weights"] >= -(-model.get_submodule("blocks.0.mlp.fc1").weight.numel() // 5)
