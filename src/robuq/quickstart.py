@@ -9,7 +9,6 @@ precision, the error against the teacher, and the PSNR between the two models' s
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from robuq.ampn.pipeline import AMPNConfig, ampn_run
 from robuq.ampn.plan import format_plan
 from robuq.cost import cost_summary
+from robuq.eval.metrics import psnr
 from robuq.io import atomic_write_text
 from robuq.models.checkpoint import load_dit
 from robuq.quantized_io import load_quantized
@@ -43,12 +43,6 @@ class QuickstartConfig:
     data_dir: str | None = None
     device: str = "auto"
     seed: int = 0
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB between two uint8 image sets."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def run_quickstart(config: QuickstartConfig, progress: bool = True) -> dict:

@@ -1,0 +1,1 @@
+"""Evaluation: sample-quality metrics and the feature extractors they run on."""

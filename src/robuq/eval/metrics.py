@@ -1,0 +1,113 @@
+"""FID, sFID, Inception Score, precision/recall and PSNR — computed the way the standard suites do.
+
+The Fréchet distance follows pytorch-fid and the ADM evaluator: SciPy's ``sqrtm`` of Σ₁Σ₂; if the
+result is not finite, add ε·I to both covariances; drop an imaginary part only when it is numerically
+zero on the diagonal (|imag| ≤ 1e-3), else fail — a complex result means the statistics are broken.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import linalg
+
+
+@dataclass
+class FeatureStats:
+    """Mean and covariance of a feature set (what FID needs), cached as .npz (``mu``, ``sigma``)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> "FeatureStats":
+        features = np.asarray(features, dtype=np.float64)
+        if features.ndim != 2 or len(features) < 2:
+            raise ValueError(f"need at least 2 feature vectors as an (N, D) array, got shape {features.shape}")
+        return cls(features.mean(axis=0), np.cov(features, rowvar=False), len(features))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        np.savez(path, mu=self.mu, sigma=self.sigma, count=self.count)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureStats":
+        with np.load(path) as data:
+            if "mu" not in data or "sigma" not in data:
+                raise ValueError(f"{path} holds no 'mu'/'sigma' statistics")
+            return cls(data["mu"], data["sigma"], int(data["count"]) if "count" in data else -1)
+
+
+def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+    # SciPy < 1.16 returned (sqrtm, error) with disp=False; newer releases return the matrix alone.
+    result = linalg.sqrtm(matrix)
+    return result[0] if isinstance(result, tuple) else result
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½)."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different feature sizes: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"the matrix square root has a large imaginary part ({np.max(np.abs(covmean.imag)):.3g})")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid(real: FeatureStats, fake: FeatureStats) -> float:
+    return frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
+
+
+def inception_score(probabilities: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) ‖ p(y))), mean and standard deviation over ``splits`` chunks (as the IS paper)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    scores = []
+    for chunk in np.array_split(p, splits):
+        marginal = chunk.mean(axis=0, keepdims=True)
+        kl = (chunk * (np.log(chunk + 1e-12) - np.log(marginal + 1e-12))).sum(axis=1)
+        scores.append(math.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(sq, 0))
+
+
+def _radii(features: np.ndarray, k: int) -> np.ndarray:
+    d = _pairwise_distances(features, features)
+    return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): k-NN balls around each set's points.
+
+    Precision: the fraction of fake samples inside the real manifold; recall: the converse.
+    """
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
+    real_radii, fake_radii = _radii(real, k), _radii(fake, k)
+    precision = (_pairwise_distances(fake, real) <= real_radii[None, :]).any(axis=1).mean()
+    recall = (_pairwise_distances(real, fake) <= fake_radii[None, :]).any(axis=1).mean()
+    return float(precision), float(recall)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB between two uint8 image sets of the same shape."""
+    if a.shape != b.shape:
+        raise ValueError(f"PSNR needs images of one shape, got {a.shape} and {b.shape}")
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
