@@ -285,6 +285,42 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from robuq.eval.classifier import ClassifierTrainConfig
+    from robuq.eval.evaluate import EvalConfig
+
+    p = sub.add_parser("eval", help="sample-quality metrics, and the Fashion-MNIST feature classifier")
+    steps = p.add_subparsers(dest="eval_command", required=True)
+    m = steps.add_parser("metrics", help="FID, sFID, IS, precision/recall (and PSNR vs paired samples) of an .npz")
+    _add_config_arguments(m, EvalConfig)
+    m.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    m.set_defaults(func=_run_eval_metrics)
+    t = steps.add_parser("train-classifier", help="train the Fashion-MNIST CNN whose features the metrics use")
+    _add_config_arguments(t, ClassifierTrainConfig)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_run_train_classifier)
+
+
+def _run_eval_metrics(args: argparse.Namespace) -> int:
+    from robuq.eval.evaluate import EvalConfig, evaluate
+    from robuq.io import atomic_write_text
+
+    result = evaluate(_config_from(args, EvalConfig))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+    return 0
+
+
+def _run_train_classifier(args: argparse.Namespace) -> int:
+    from robuq.eval.classifier import ClassifierTrainConfig, train_classifier
+
+    result = train_classifier(_config_from(args, ClassifierTrainConfig), progress=not args.no_progress)
+    print(f"test accuracy {result['test_accuracy']:.4f} after {result['seconds']:.0f} s; wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robuq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_summary(sub)
     _add_export(sub)
+    _add_eval(sub)
     return parser
 
 
