@@ -1,0 +1,166 @@
+"""Exported (packed, integer-domain) DiTs against full precision: file size, CPU speed, peak memory.
+
+    python benchmarks/deploy.py            # → results/deploy.json and .md  (about 10 minutes on 2 cores)
+    python benchmarks/deploy.py --quick    # DiT-S/2 only, fewer repeats
+
+Random weights are fine here: sizes and speeds do not depend on the values. Each speed figure is a
+ratio of two timings taken alternately in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import time_ms, write_result
+import robuq
+from robuq.deploy.export import export_model, file_report, load_exported
+from robuq.deploy.integer_linear import IntegerLinear
+from robuq.deploy.packing import packed_bits_per_weight
+from robuq.quant.linear import LinearQuantConfig, QuantLinear
+
+
+def layouts(act_bits: int) -> dict[str, robuq.QuantConfig]:
+    """The paper's W1.58A2 layout (adaLN W4, rank-16 branch) and the same with ternary adaLN."""
+    return {
+        "paper (adaLN int4)": robuq.preset("robuq", act_bits=act_bits),
+        "ternary adaLN": robuq.preset("robuq", act_bits=act_bits, adaln="ternary"),
+    }
+
+
+def information_bytes(model: torch.nn.Module, packing: str, half_bytes: int = 2) -> float:
+    """What the plan says the file must hold: packed levels at the format's bits, everything else fp16."""
+    bits = 0.0
+    quantized = {id(m.weight): m for m in model.modules() if isinstance(m, QuantLinear) and m.quantized_weight() is not None}
+    for p in model.parameters():
+        layer = quantized.get(id(p))
+        if layer is None:
+            bits += p.numel() * 8 * half_bytes
+        else:
+            fmt = packing if layer.config.weight == "ternary" else "int4"
+            bits += p.numel() * packed_bits_per_weight(fmt) + p.shape[0] * 8 * half_bytes
+    return bits / 8
+
+
+def size_rows(names: list[str], packing: str, tmp: Path) -> list[dict]:
+    rows = []
+    for name in names:
+        for layout, config in layouts(2).items():
+            model = robuq.quantize_(robuq.create_dit(name, input_size=32), config, initialize=False)
+            path = export_model(model, config, tmp / "m.safetensors", packing, "fp16")
+            report = file_report(path)
+            info = information_bytes(model, packing)
+            rows.append({
+                "name": name, "layout": layout, "packing": packing, "file_bytes": report["file_bytes"],
+                "size_ratio_fp32": report["ratio_fp32"], "size_ratio_fp16": report["ratio_fp16"],
+                "information_bytes": info, "overhead_vs_information": report["file_bytes"] / info - 1,
+            })
+            path.unlink()
+            del model
+    return rows
+
+
+def linear_rows(repeats: int, tokens: int = 2048) -> list[dict]:
+    """Each block-linear shape of DiT-XL/2 (batch 8 × 256 tokens): fp32 nn.Linear vs IntegerLinear."""
+    rows = []
+    for name, (cin, cout) in {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}.items():
+        linear = torch.nn.Linear(cin, cout)
+        q = QuantLinear.from_linear(linear, LinearQuantConfig(act_bits=2, act_rule="gaussian", hadamard=True,
+                                                              hadamard_signs=True, lowrank_rank=16))
+        integer = IntegerLinear(q)
+        x = torch.randn(tokens, cin)
+        with torch.no_grad():
+            fp, it = [], []
+            for _ in range(3):
+                fp.append(time_ms(lambda: linear(x), repeats))
+                it.append(time_ms(lambda: integer(x), repeats))
+        rows.append({"layer": name, "shape": [tokens, cin, cout], "fp32_ms": statistics.median(fp),
+                     "integer_ms": statistics.median(it), "speedup": statistics.median(fp) / statistics.median(it)})
+    return rows
+
+
+def end_to_end(name: str, repeats: int, tmp: Path) -> dict:
+    torch.manual_seed(0)
+    fp = robuq.create_dit(name, input_size=32).eval()
+    config = robuq.preset("robuq", act_bits=2)
+    quant = robuq.quantize_(robuq.create_dit(name, input_size=32), config, initialize=False)
+    path = export_model(quant, config, tmp / f"{name.replace('/', '_')}.safetensors", "ternary-2bit", "fp16")
+    exported = load_exported(path)
+    x, t, y = torch.randn(8, 4, 32, 32), torch.randint(0, 1000, (8,)), torch.randint(0, 1000, (8,))
+    with torch.no_grad():
+        fp_ms, ex_ms = [], []
+        for _ in range(3):
+            fp_ms.append(time_ms(lambda: fp(x, t, y), repeats))
+            ex_ms.append(time_ms(lambda: exported(x, t, y), repeats))
+    return {"fp32_ms": statistics.median(fp_ms), "exported_ms": statistics.median(ex_ms),
+            "cpu_speedup": statistics.median(fp_ms) / statistics.median(ex_ms), "export_path": str(path)}
+
+
+PEAK_SCRIPT = """
+import resource, sys, torch, robuq
+from robuq.model_files import load_any
+kind, path, name = sys.argv[1:4]
+torch.set_num_threads(1)
+model = robuq.create_dit(name, input_size=32).eval() if kind == "fp32" else load_any(path)
+robuq.generate(model, torch.arange(4), 4, "ddim", 3, 1.5, 0, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_memory_ratio(name: str, export_path: str) -> dict:
+    """Peak resident memory of a short sampling run in a fresh process: fp32 model vs exported file."""
+    peaks = {}
+    for kind in ("fp32", "exported"):
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, export_path, name], capture_output=True, text=True, check=True)
+        peaks[kind] = int(out.stdout.strip().splitlines()[-1]) * 1024
+    return {"fp32_peak_bytes": peaks["fp32"], "exported_peak_bytes": peaks["exported"],
+            "peak_mem_ratio": peaks["fp32"] / peaks["exported"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else 5
+    speed_models = ["DiT-S/2"] if args.quick else ["DiT-S/2", "DiT-B/2"]
+    size_models = ["DiT-S/2"] if args.quick else ["DiT-XL/2", "DiT-B/2", "DiT-S/2"]
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        sizes = size_rows(size_models, "ternary-trits", tmp) + size_rows(size_models, "ternary-2bit", tmp)
+        linears = linear_rows(repeats)
+        models = []
+        for name in size_models:
+            entry = {"name": name, "sizes": [r for r in sizes if r["name"] == name]}
+            paper_trits = next(r for r in entry["sizes"] if r["layout"].startswith("paper") and r["packing"] == "ternary-trits")
+            entry.update({k: paper_trits[k] for k in ("size_ratio_fp32", "size_ratio_fp16", "overhead_vs_information")})
+            if name in speed_models:
+                speed = end_to_end(name, repeats, tmp)
+                entry.update({k: v for k, v in speed.items() if k != "export_path"})
+                entry.update(peak_memory_ratio(name, speed["export_path"]))
+            entry["linears"] = linears if name == "DiT-XL/2" or args.quick else []
+            models.append(entry)
+    lines = ["| model | layout | packing | MiB | ×fp32 | ×fp16 | over information |", "|---|---|---|---|---|---|---|"]
+    for r in sizes:
+        lines.append(f"| {r['name']} | {r['layout']} | {r['packing']} | {r['file_bytes'] / 2**20:.1f} | {r['size_ratio_fp32']:.1f} "
+                     f"| {r['size_ratio_fp16']:.1f} | {100 * r['overhead_vs_information']:.2f}% |")
+    lines += ["", "| model | fp32 forward ms | exported forward ms | speedup | peak memory ratio |", "|---|---|---|---|---|"]
+    for m in models:
+        if "cpu_speedup" in m:
+            lines.append(f"| {m['name']} (batch 8, 32×32) | {m['fp32_ms']:.0f} | {m['exported_ms']:.0f} | {m['cpu_speedup']:.2f}× | {m['peak_mem_ratio']:.2f}× |")
+    lines += ["", "| DiT-XL/2 linear | tokens×in×out | fp32 ms | integer ms | speedup |", "|---|---|---|---|---|"]
+    for r in linears:
+        lines.append(f"| {r['layer']} | {r['shape']} | {r['fp32_ms']:.1f} | {r['integer_ms']:.1f} | {r['speedup']:.2f}× |")
+    write_result("deploy", {"models": models, "quick": args.quick}, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
