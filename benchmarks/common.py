@@ -43,9 +43,9 @@ def time_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, device:
     return statistics.median(samples)
 
 
-def write_result(name: str, payload: dict, markdown: str) -> Path:
+def write_result(name: str, payload: dict, markdown: str, out: Path | None = None) -> Path:
     """results/<name>.json (payload + provenance) and results/<name>.md (the table a person reads)."""
-    out = ROOT / "results"
+    out = out or ROOT / "results"
     out.mkdir(exist_ok=True)
     provenance = {
         "machine": machine(),

@@ -1,0 +1,192 @@
+"""The paper's ablation table in miniature, on the shipped Fashion-MNIST teacher, measured on this machine.
+
+Every row starts from the same teacher, gets the same QAT budget (steps, batch, learning rate, loss),
+samples the same images (same noise, labels, sampler, guidance) and is scored against the
+Fashion-MNIST test split with robuq's classifier features. Settings were chosen on the training split
+(the QAT probe and the calibration batch are training images); test images are only ever scored.
+
+    python benchmarks/reproduce.py            # the full table (≈ 2 hours on a 2-core CPU)
+    python benchmarks/reproduce.py --quick    # a few steps and images per row (≈ 10 minutes)
+
+Writes results/reproduce.{json,md}, results/reproduce.png (IS and FID against BOPs) and one grid per row
+under results/reproduce_grids/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import ROOT, write_result
+import robuq
+from robuq.ampn.pipeline import AMPNConfig, ampn_run
+from robuq.cost import cost_summary
+from robuq.eval.evaluate import EvalConfig, evaluate
+from robuq.models.checkpoint import load_dit
+from robuq.quantized_io import load_quantized
+from robuq.sampling import default_teacher_path, generate, save_grid, to_uint8
+from robuq.train.qat import QATConfig, build_student, qat
+
+
+@dataclass
+class Row:
+    method: str
+    preset: str | None  # None: the full-precision teacher
+    a_bits: int | None = None
+    ampn: bool = False
+    train: bool = True
+    linear: dict = field(default_factory=dict)  # LinearQuantConfig fields changed on the block linears
+    guidance: tuple[float, ...] = (1.5,)
+    ampn_warmup: int | None = None  # AMPN sensitivity timing ablation
+
+
+def table_rows(final_guidance: tuple[float, ...]) -> list[Row]:
+    rows = [
+        Row("FP teacher", None, guidance=final_guidance),
+        Row("RTN W1.58A4 (no training)", "rtn", 4, train=False),
+        Row("BitNet v2 W1.58A4", "bitnet-v2", 4),
+        Row("BitNet v2 + low-rank W1.58A4", "bitnet-v2", 4, linear={"lowrank_rank": 16}),
+    ]
+    rows += [Row(f"strong baseline W1.58A{b}", "baseline", b) for b in (4, 3, 2)]
+    rows += [Row(f"RobuQ w/o AMPN W1.58A{b}", "robuq", b) for b in (4, 3, 2)]
+    rows += [Row(f"RobuQ + AMPN W1.58A{b}", "robuq", b, ampn=True, guidance=final_guidance) for b in (3, 2)]
+    # Ablations: the RobustQuantizer's scale rule at A2, and when AMPN measures sensitivities.
+    rows += [
+        Row("ablation: scale rule min–max (= strong baseline) A2", "baseline", 2),
+        Row("ablation: scale rule learnable clip (Gaussian init) A2", "robuq", 2, linear={"learn_clip": True}),
+        Row("ablation: AMPN sensitivity after 0 QAT steps A2", "robuq", 2, ampn=True, ampn_warmup=0),
+    ]
+    return rows
+
+
+def quant_config(row: Row) -> robuq.QuantConfig:
+    config = robuq.preset(row.preset, act_bits=row.a_bits)
+    for rule in config.rules:
+        if rule.role != "adaln":
+            rule.linear = replace(rule.linear, **row.linear)
+    return config
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--teacher", default=None)
+    parser.add_argument("--steps", type=int, default=None, help="QAT steps per row (default 600, quick 20)")
+    parser.add_argument("--samples-per-class", type=int, default=None, help="default 100 (1000 images), quick 10")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "reproduce"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", default=None, help="run only rows whose method contains this text")
+    parser.add_argument("--classifier", default=None, help="feature classifier (default: the one shipped with robuq)")
+    parser.add_argument("--results-dir", default=str(ROOT / "results"))
+    args = parser.parse_args(argv)
+    steps = args.steps or (20 if args.quick else 600)
+    per_class = args.samples_per_class or (10 if args.quick else 100)
+    work = Path(args.work_dir)
+    teacher_path = args.teacher or str(default_teacher_path())
+    teacher = load_dit(teacher_path)
+    labels = torch.arange(teacher.num_classes).repeat_interleave(per_class)
+    results_dir = Path(args.results_dir)
+    grids = results_dir / "reproduce_grids"
+    grids.mkdir(parents=True, exist_ok=True)
+    sampler = dict(sampler="ddim", steps=25 if args.quick else 50, seed=0, progress=False)
+    base = QATConfig(teacher=teacher_path, steps=steps, global_batch_size=32, lr=2e-4, warmup_steps=min(50, steps // 4),
+                     loss="mix", probe_every=max(10, steps // 6), log_every=10, ckpt_every=max(10, steps // 3),
+                     data_dir=args.data_dir, device=args.device)
+
+    results = []
+    rows = table_rows((1.5, 4.0))
+    if args.only:
+        rows = [r for r in rows if args.only in r.method]
+    for row in rows:
+        slug = "".join(c if c.isalnum() else "-" for c in row.method.lower()).strip("-")
+        t0 = time.perf_counter()
+        if row.preset is None:
+            model = teacher
+        elif not row.train:
+            model = build_student(teacher, quant_config(row))
+        elif row.ampn:
+            config = replace(base, preset=row.preset, out_dir=str(work / slug))
+            warmup = row.ampn_warmup if row.ampn_warmup is not None else (20 if args.quick else 300)
+            final = ampn_run(config, AMPNConfig(budget=float(row.a_bits), warmup_qat_steps=max(warmup, 1)), progress=False)
+            model, _ = load_quantized(final / "model.safetensors")
+        else:
+            policy = work / slug / "policy.yaml"
+            policy.parent.mkdir(parents=True, exist_ok=True)
+            quant_config(row).save(policy)
+            out = qat(replace(base, quant_config=str(policy), out_dir=str(work / slug / "qat")), progress=False,
+                      resume=(work / slug / "qat" / "checkpoints").is_dir())
+            model, _ = load_quantized(out / "model.safetensors")
+        qat_seconds = time.perf_counter() - t0 if row.train and row.preset else 0.0
+        cost = cost_summary(model)
+        for guidance in row.guidance:
+            pixels = to_uint8(generate(model, labels, len(labels), cfg_scale=guidance, **sampler))
+            npz = work / slug / f"samples-cfg{guidance}.npz"
+            npz.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(npz, arr_0=pixels)
+            paired = work / f"teacher-cfg{guidance}.npz"
+            if row.preset is None:
+                shutil.copy(npz, paired)
+            elif not paired.is_file():
+                raise RuntimeError(f"{paired} is missing: run the 'FP teacher' row first, it provides the paired samples for PSNR")
+            metrics = evaluate(EvalConfig(samples=str(npz), data_dir=args.data_dir, paired=str(paired), classifier=args.classifier))
+            save_grid(pixels[:: max(1, per_class // 8)][: 8 * teacher.num_classes], grids / f"{slug}-cfg{guidance}.png", 8)
+            results.append({
+                "method": row.method, "w_bits": 1.58 if row.preset and row.preset != "fp" else 32,
+                "a_bits": row.a_bits or 32, "ampn": row.ampn, "guidance": guidance, "fid": metrics["fid"],
+                "sfid": metrics["sfid"], "is": metrics["is"], "precision": metrics["precision"], "recall": metrics["recall"],
+                "psnr_vs_fp": metrics.get("psnr_vs_paired"), "bops_ratio": cost.bops / cost.fp_bops,
+                "weight_bits_total": cost.weight_storage_bits, "qat_seconds": qat_seconds, "row_seconds": time.perf_counter() - t0,
+            })
+            print(json.dumps(results[-1]))
+    payload = {"rows": results, "commit": git_commit(), "quick": args.quick, "qat": base.__dict__ | {"steps": steps},
+               "samples": len(labels), "sampler": sampler}
+    name = "reproduce_quick" if args.quick else "reproduce"
+    write_result(name, payload, markdown_table(results), results_dir)
+    plot(results, results_dir / f"{name}.png")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| method | cfg | FID ↓ | sFID ↓ | IS ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) | BOPs ÷ FP | QAT s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        psnr = "—" if r["psnr_vs_fp"] in (None, float("inf")) else f"{r['psnr_vs_fp']:.1f}"
+        lines.append(f"| {r['method']} | {r['guidance']} | {r['fid']:.2f} | {r['sfid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} "
+                     f"| {r['recall']:.3f} | {psnr} | {r['bops_ratio']:.4f} | {r['qat_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in (r for r in rows if r["guidance"] == 1.5):
+        for ax, key in zip(axes, ("is", "fid")):
+            ax.scatter(r["bops_ratio"], r[key])
+            ax.annotate(r["method"], (r["bops_ratio"], r[key]), fontsize=6)
+    for ax, key in zip(axes, ("Inception-style score (classifier) ↑", "FID (classifier features) ↓")):
+        ax.set(xscale="log", xlabel="bit-operations ÷ full precision", ylabel=key)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The benchmark scripts' code paths on tiny configurations, so they cannot rot (no timing asserted)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from robuq.eval.classifier import ClassifierTrainConfig, train_classifier
+from robuq.io import save_tensors
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_reproduce_quick_path_on_a_tiny_teacher(tmp_path, tiny_dit, fmnist_dir):
+    teacher = save_tensors(tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()})
+    classifier = tmp_path / "clf.safetensors"
+    train_classifier(ClassifierTrainConfig(epochs=1, batch_size=32, width=8, data_dir=str(fmnist_dir), out=str(classifier)), progress=False)
+    reproduce = _load("reproduce")
+    results = tmp_path / "results"
+    for only in ("FP teacher", "RobuQ + AMPN W1.58A2", "RTN"):
+        reproduce.main(["--quick", "--teacher", str(teacher), "--steps", "2", "--samples-per-class", "1", "--data-dir", str(fmnist_dir),
+                        "--work-dir", str(tmp_path / "work"), "--only", only, "--classifier", str(classifier),
+                        "--results-dir", str(results)])
+    rows = json.loads((results / "reproduce_quick.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"RTN W1.58A4 (no training)"}
+    required = {"method", "w_bits", "a_bits", "ampn", "guidance", "fid", "sfid", "is", "precision", "recall", "psnr_vs_fp",
+                "bops_ratio", "qat_seconds"}
+    assert required <= set(rows[0]) and rows[0]["bops_ratio"] < 1
+    assert (results / "reproduce_quick.md").read_text().count("|") > 10
+    assert (results / "reproduce_quick.png").stat().st_size > 0
