@@ -145,3 +145,17 @@ def test_cost_summary_counts_bits_and_bops():
             layer.set_act_bits(2)
     assert cost_summary(model).bops < a4.bops < fp.bops
     assert "fewer than the fp32 model" in a4.format(per_module=False)
+
+
+def test_every_preset_trains_on_the_shipped_teacher():
+    from robuq.sampling import DEFAULT_TEACHER
+
+    if not DEFAULT_TEACHER.is_file():
+        pytest.skip("the shipped teacher is not in this checkout")
+    x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([5, 250, 600, 990]), torch.tensor([0, 3, 7, 9])
+    for name in PRESETS:
+        model = quantize_(robuq.load_dit(DEFAULT_TEACHER), preset(name, act_bits=2))
+        out = model(x, t, y)
+        assert torch.isfinite(out).all(), name
+        out.square().mean().backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad), name
