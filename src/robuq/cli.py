@@ -282,6 +282,9 @@ def _run_export(args: argparse.Namespace) -> int:
         for kind, size in report["groups"].items():
             print(f"  {kind:<22} {size / 2**20:9.3f} MiB")
         print(f"  {report['ratio_fp32']:.1f}× smaller than the fp32 checkpoint, {report['ratio_fp16']:.1f}× smaller than fp16")
+        from robuq.cost import cost_summary
+
+        print(cost_summary(model).format(per_module=False))
     return 0
 
 
