@@ -91,3 +91,12 @@ def test_torchrun_two_process_qat(tmp_path, teacher_file, fmnist_dir):
     model, _ = load_quantized(out / "model.safetensors")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and "probe_rel_mse" in log[-1]
+
+
+def test_resume_refuses_a_changed_bit_plan(tmp_path, teacher_file, fmnist_dir):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"blocks.0.attn.qkv": 2}))
+    qat(qat_config(tmp_path / "p", teacher_file, fmnist_dir, plan=str(plan)), until=2, progress=False)
+    plan.write_text(json.dumps({"blocks.0.attn.qkv": 1}))  # same path, different content
+    with pytest.raises(ValueError, match="plan"):
+        qat(qat_config(tmp_path / "p", teacher_file, fmnist_dir, plan=str(plan)), resume=True, progress=False)

@@ -60,10 +60,21 @@ def test_each_token_has_at_most_2_to_the_b_levels(seed, bits, rule, tokens):
     assert torch.allclose(q.dequantize(), fake, atol=1e-5)
 
 
-def test_per_tensor_levels():
-    x = torch.randn(5, 40)
-    fake, q = quantize_activation(x, 2, "tensor", "minmax")
-    assert len(fake.unique()) <= 4 and q.scale.numel() == 1
+@pytest.mark.parametrize("rule", ["minmax", "gaussian"])
+def test_per_tensor_means_one_scale_per_sample(rule):
+    x = torch.randn(3, 5, 40)
+    fake, q = quantize_activation(x, 2, "tensor", rule)
+    assert q.scale.shape == (3, 1, 1)
+    assert all(len(sample.unique()) <= 4 for sample in fake)
+    alone, _ = quantize_activation(x[1:2], 2, "tensor", rule)
+    assert torch.equal(alone[0], fake[1])  # independent of the rest of the batch
+
+
+def test_half_precision_does_not_divide_by_zero():
+    zeros = torch.zeros(2, 16, dtype=torch.float16)
+    assert torch.isfinite(quantize_activation(zeros, 2)[0]).all()
+    assert torch.isfinite(fake_quantize_weight(zeros, "ternary")).all()
+    assert fake_quantize_weight(zeros, "ternary").dtype == torch.float16
 
 
 def test_one_bit_works_for_both_rules():

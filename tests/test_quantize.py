@@ -159,3 +159,10 @@ def test_every_preset_trains_on_the_shipped_teacher():
         assert torch.isfinite(out).all(), name
         out.square().mean().backward()
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad), name
+
+
+def test_full_precision_inputs_survive_save_and_load(tmp_path, tiny_dit):
+    config = preset("robuq", act_bits=3)
+    quantize_(tiny_dit, config, plan={"blocks.0.attn.qkv": None})
+    loaded, _ = load_quantized(save_quantized(tiny_dit, tmp_path / "q.safetensors", config))
+    assert current_plan(loaded)["blocks.0.attn.qkv"] is None and current_plan(loaded)["blocks.0.mlp.fc1"] == 3

@@ -98,6 +98,7 @@ def _weight_storage(model: nn.Module) -> tuple[int, float, float]:
 
 
 def example_inputs(model: DiT, batch: int = 1) -> tuple[torch.Tensor, ...]:
+    """(x, t, y) of ``batch`` images at the DiT's own size (y None when unconditional)."""
     device = next(model.parameters()).device
     size = model.x_embedder.grid_size * model.patch_size
     x = torch.zeros(batch, model.in_channels, size, size, device=device)
@@ -134,9 +135,12 @@ def cost_summary(model: nn.Module, inputs: tuple | None = None) -> CostSummary:
                 summary.modules.append(ModuleCost(name, "Conv2d", "fp", FP_BITS, FP_BITS, macs, macs * FP_BITS**2))
             elif isinstance(mod, (AttentionCore, QuantAttentionCore)):
                 q, k, v = args
-                macs = q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+                heads_tokens = q.shape[:-2].numel() * q.shape[-2] * k.shape[-2]
+                qk, pv = heads_tokens * q.shape[-1], heads_tokens * v.shape[-1]
                 bits = mod.bits if isinstance(mod, QuantAttentionCore) else FP_BITS
-                summary.modules.append(ModuleCost(name, type(mod).__name__, "-", bits, bits, macs, macs * bits * bits))
+                probs = mod.probs_bits if isinstance(mod, QuantAttentionCore) else FP_BITS
+                bops = qk * bits * bits + pv * probs * bits  # QKᵀ: Q̂·K̂; softmax·V: P̂·V̂
+                summary.modules.append(ModuleCost(name, type(mod).__name__, "-", bits, bits, qk + pv, bops))
 
         return hook
 

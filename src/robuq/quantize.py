@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -110,8 +111,9 @@ def load_plan(path: str | Path) -> dict[str, int]:
     return data
 
 
-def validate_plan(plan: Mapping[str, object], quantized_names: list[str]) -> dict[str, int]:
-    """Check every entry names a quantized linear and gives integer bits 1–8; return a clean copy."""
+def validate_plan(plan: Mapping[str, object], quantized_names: list[str]) -> dict[str, int | None]:
+    """Check every entry names a quantized linear and gives integer bits 1–8 (or None: full-precision
+    inputs); return a clean copy."""
     if not isinstance(plan, Mapping):
         raise PlanError(f"a bit plan must map module names to bits, got {type(plan).__name__}")
     known = set(quantized_names)
@@ -121,13 +123,15 @@ def validate_plan(plan: Mapping[str, object], quantized_names: list[str]) -> dic
             close = [n for n in quantized_names if n.split(".")[-1] == str(name).split(".")[-1]][:3]
             hint = f" (quantized layers look like {', '.join(close or quantized_names[:3])})"
             problems.append(f"{name!r} is not a quantized linear layer of this model{hint}")
+        elif bits is None:
+            continue
         elif isinstance(bits, bool) or not isinstance(bits, int):
             problems.append(f"{name!r}: bits must be an integer, got {bits!r} ({type(bits).__name__})")
         elif not 1 <= bits <= 8:
             problems.append(f"{name!r}: bits must be from 1 to 8, got {bits}")
     if problems:
         raise PlanError("invalid bit plan:\n  " + "\n  ".join(problems))
-    return {name: int(bits) for name, bits in plan.items()}
+    return {name: None if bits is None else int(bits) for name, bits in plan.items()}
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -146,7 +150,9 @@ def quantize_(
     targets: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and config.rule_for(name):
-            targets.append((name, QuantLinear.from_linear(module, config.rule_for(name).linear, seed=len(targets), initialize=initialize)))
+            # Seeded by name, so a layer's sign flips do not depend on which other modules a policy swaps.
+            seed = zlib.crc32(name.encode())
+            targets.append((name, QuantLinear.from_linear(module, config.rule_for(name).linear, seed=seed, initialize=initialize)))
         elif (
             isinstance(module, AttentionCore)
             and config.attention_bits is not None
@@ -162,10 +168,11 @@ def quantize_(
 
 
 def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    """The QuantLinear modules of ``model`` by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def apply_plan(model: nn.Module, plan: Mapping[str, object]) -> dict[str, int]:
+def apply_plan(model: nn.Module, plan: Mapping[str, object]) -> dict[str, int | None]:
     """Set the activation bits of the named QuantLinears (validated first: nothing changes on error)."""
     layers = quantized_linears(model)
     clean = validate_plan(plan, list(layers))
@@ -175,6 +182,7 @@ def apply_plan(model: nn.Module, plan: Mapping[str, object]) -> dict[str, int]:
 
 
 def current_plan(model: nn.Module) -> dict[str, int | None]:
+    """Activation bits of every QuantLinear (None: full-precision inputs), as a plan."""
     return {name: m.act_bits for name, m in quantized_linears(model).items()}
 
 

@@ -14,8 +14,10 @@ from robuq.quantize import QuantConfig, current_plan, quantize_
 
 def quantized_meta(model: DiT, config: QuantConfig) -> dict[str, Any]:
     """The JSON that rebuilds ``model``'s structure: DiT config, policy and the plan in force."""
-    plan = {name: bits for name, bits in current_plan(model).items() if bits is not None}
-    return {"kind": "quantized-model", "model_config": model.config.to_dict(), "quant_config": config.to_dict(), "plan": plan}
+    return {
+        "kind": "quantized-model", "model_config": model.config.to_dict(), "quant_config": config.to_dict(),
+        "plan": current_plan(model),
+    }
 
 
 def save_quantized(model: DiT, path: str | os.PathLike, config: QuantConfig, extra_meta: dict[str, Any] | None = None) -> Path:
@@ -40,6 +42,7 @@ def load_quantized(path: str | os.PathLike, prefer: str = "ema", map_location: s
 
 
 def is_quantized_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a quantized robuq model (rather than a full-precision checkpoint)."""
     try:
         return "quant_config" in read_state_dict(path)[1]
     except CheckpointError:

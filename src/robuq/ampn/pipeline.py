@@ -17,6 +17,7 @@ from robuq.data import build_dataset
 from robuq.io import atomic_write_text
 from robuq.models.checkpoint import load_dit
 from robuq.quantized_io import load_quantized
+from robuq.train.distributed import resolve_device
 from robuq.train.qat import QATConfig, calibration_images, qat
 from robuq.train.state import list_checkpoints
 
@@ -37,8 +38,9 @@ class AMPNConfig:
 def sensitivity_of(model_path: str | Path, teacher_path: str | Path, qat_config: QATConfig, ampn: AMPNConfig,
                    progress: bool = True) -> Sensitivity:
     """Sensitivities of a quantized model file against its teacher on a fixed calibration batch."""
-    model, _ = load_quantized(model_path)
-    teacher = load_dit(teacher_path).eval()
+    device = resolve_device(qat_config.device)
+    model, _ = load_quantized(model_path, map_location=str(device))
+    teacher = load_dit(teacher_path, map_location=str(device)).eval()
     size = teacher.x_embedder.grid_size * teacher.patch_size
     dataset = build_dataset(qat_config.data, size, qat_config.data_dir, teacher.num_classes > 0, channels=qat_config.channels)
     images, labels = calibration_images(dataset, ampn.calibration_images, teacher.num_classes > 0)
@@ -55,6 +57,8 @@ def _qat_stage(config: QATConfig, progress: bool) -> Path:
 
 def ampn_run(config: QATConfig, ampn: AMPNConfig, progress: bool = True) -> Path:
     """The whole AMPN pipeline under ``config.out_dir``; returns the folder of the final QAT run."""
+    if config.quant_config:
+        raise ValueError("AMPN starts from a preset (--preset); a --quant-config policy file fixes its own bits")
     root = Path(config.out_dir)
     bits = ampn.resolved_start_bits()
     warm = _qat_stage(replace(config, act_bits=bits, plan=None, steps=ampn.warmup_qat_steps, out_dir=str(root / "warmup")), progress)
@@ -66,7 +70,13 @@ def ampn_run(config: QATConfig, ampn: AMPNConfig, progress: bool = True) -> Path
         sensitivity = sensitivity_of(warm / "model.safetensors", warm_config["teacher"], config, ampn, progress)
         atomic_write_text(sens_path, json.dumps(sensitivity.to_dict(), indent=2) + "\n")
     plan = plan_from_sensitivity(sensitivity, ampn.budget, ampn.weighting)
-    plan_path = write_plan(plan, root / "plan.json")
+    plan_path = root / "plan.json"
+    if plan_path.is_file() and json.loads(plan_path.read_text())["bits"] != plan["bits"]:
+        raise ValueError(
+            f"{plan_path} holds a different plan than budget {ampn.budget} ({ampn.weighting}) gives now; "
+            "the final QAT was trained with it — use a new --out-dir for a new budget"
+        )
+    write_plan(plan, plan_path)
     print(format_plan(plan))
     final = replace(config, act_bits=bits, plan=str(plan_path), init_student=str(warm / "model.safetensors"),
                     out_dir=str(root / "final"))

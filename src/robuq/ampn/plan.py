@@ -33,7 +33,8 @@ def plan_from_sensitivity(sensitivity: Sensitivity, budget: float, weighting: st
     if weighting == "macs" and set(sensitivity.macs) != set(sensitivity.table):
         raise ValueError("MAC-weighted allocation needs the MACs of every layer in the sensitivity file")
     weights = sensitivity.macs if weighting == "macs" else None
-    allocation: Allocation = allocate_bits(sensitivity.table, budget, weights)
+    choices = sorted(set.intersection(*(set(row) for row in sensitivity.table.values())))
+    allocation: Allocation = allocate_bits(sensitivity.table, budget, weights, choices)
     macs = sensitivity.macs or {n: 1 for n in allocation.bits}
     mac_average = sum(allocation.bits[n] * macs[n] for n in allocation.bits) / sum(macs[n] for n in allocation.bits)
     paper = PAPER_ROLE_AVERAGES.get(int(budget)) if float(budget).is_integer() else None
@@ -45,6 +46,7 @@ def plan_from_sensitivity(sensitivity: Sensitivity, budget: float, weighting: st
 
 
 def write_plan(plan: dict, path: str | Path, figure: bool = True) -> Path:
+    """Write the plan JSON (and its figure beside it as .png)."""
     path = Path(path)
     atomic_write_text(path, json.dumps(plan, indent=2) + "\n")
     if figure:
@@ -53,6 +55,7 @@ def write_plan(plan: dict, path: str | Path, figure: bool = True) -> Path:
 
 
 def format_plan(plan: dict) -> str:
+    """A few lines a person reads: budget, achieved averages, bits per layer type beside the paper's."""
     lines = [
         f"budget {plan['budget']} bits ({plan['weighting']} average): achieved {plan['average_plain']:.3f} plain, "
         f"{plan['average_macs']:.3f} MAC-weighted; summed sensitivity {plan['objective']:.5f}",

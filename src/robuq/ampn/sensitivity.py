@@ -21,7 +21,11 @@ def block_layers(model: DiT, layout: str = "dit") -> list[str]:
 
 
 def layer_role(name: str) -> str:
-    return next(role for role in BLOCK_ROLES if name.endswith(role))
+    """"qkv", "proj", "fc1" or "fc2" for a DiT block linear's name."""
+    for role in BLOCK_ROLES:
+        if name.endswith(role):
+            return role
+    raise ValueError(f"{name!r} is not a DiT block linear (…attn.qkv, attn.proj, mlp.fc1 or mlp.fc2)")
 
 
 @dataclass
@@ -73,14 +77,18 @@ def measure_sensitivity(
     try:
         for name in tqdm(layers, desc="sensitivity", disable=not progress, dynamic_ncols=True):
             layer: QuantLinear = model.get_submodule(name)
-            start = int(name.split(".")[1])
+            parts = name.split(".")
+            if parts[0] != "blocks" or not parts[1].isdigit():
+                raise ValueError(f"{name!r} is not inside robuq's DiT blocks (blocks.N.…); pass a robuq DiT")
+            start = int(parts[1])
             original = layer.act_bits
-            row = {}
-            for bits in choices:
-                layer.set_act_bits(bits)
-                row[bits] = error_from(start) - baseline
-            layer.set_act_bits(original)
-            table[name] = row
+            try:
+                table[name] = {}
+                for bits in choices:
+                    layer.set_act_bits(bits)
+                    table[name][bits] = error_from(start) - baseline
+            finally:
+                layer.set_act_bits(original)
             macs[name] = tokens * layer.in_features * layer.out_features
     finally:
         model.train(was_training)

@@ -58,17 +58,21 @@ def export_model(model: DiT, config: QuantConfig, path: str | os.PathLike, terna
         fmt = _weight_format(layer, ternary_packing)
         q = layer.quantized_weight()
         tensors[f"{name}.weight_packed"] = PACKERS[fmt][0](q.levels.to(torch.int8))
-        tensors[f"{name}.weight_scale"] = q.scale.reshape(-1).to(half)
+        tensors[f"{name}.weight_scale"] = q.scale.reshape(-1).float()  # fp32: the model must come back exactly
         packed[name] = {"format": fmt, "shape": list(q.levels.shape)}
         covered.add(f"{name}.weight")
     for key, value in model.state_dict().items():
         if key in covered:
             continue
-        signs = key.endswith("hadamard_signs")
-        tensors[key] = value.to(torch.int8) if signs else value.to(half) if value.is_floating_point() else value
+        if key.endswith("hadamard_signs"):
+            tensors[key] = value.to(torch.int8)
+        elif key.endswith("clip_ratio") or not value.is_floating_point():
+            tensors[key] = value  # a learned clip ratio rounded to bf16 would move every scale of its layer
+        else:
+            tensors[key] = value.to(half)
     meta = {
         "kind": "robuq-export", "format_version": FORMAT_VERSION, "dtype": dtype, "model_config": model.config.to_dict(),
-        "quant_config": config.to_dict(), "plan": {n: b for n, b in current_plan(model).items() if b is not None},
+        "quant_config": config.to_dict(), "plan": current_plan(model),
         "packed": packed,
     }
     return save_tensors(path, tensors, meta)
@@ -90,6 +94,8 @@ def load_exported(path: str | os.PathLike, integer: bool = True) -> DiT:
     quantize_(model, QuantConfig.from_dict(meta["quant_config"]), plan=meta.get("plan") or None, initialize=False)
     state, weights = {}, {}
     for name, info in meta["packed"].items():
+        if info.get("format") not in PACKERS:
+            raise _corrupt(path, f"{name} uses an unknown packing {info.get('format')!r}")
         shape = info["shape"]
         count = math.prod(shape)
         data = tensors.pop(f"{name}.weight_packed", None)
@@ -128,6 +134,8 @@ def load_exported(path: str | os.PathLike, integer: bool = True) -> DiT:
 def file_report(path: str | os.PathLike) -> dict[str, Any]:
     """Bytes per kind of tensor in an exported file, and the ratio to fp32/fp16 checkpoints of the same model."""
     tensors, meta = load_tensors(path)
+    if meta.get("kind") != "robuq-export":
+        raise _corrupt(path, "its header does not describe a robuq export")
     model = DiT(DiTConfig(**meta["model_config"]))
     params = sum(p.numel() for p in model.parameters())
     groups: dict[str, int] = {}

@@ -23,9 +23,9 @@ from robuq.quant.primitives import QuantizedTensor
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 (m, k) × int8 (k, n) → int32, through PyTorch's integer GEMM where it applies."""
     if a.device.type == "cuda" and (a.shape[0] <= 16 or a.shape[1] % 8 or b.shape[1] % 8):
-        # cuBLASLt's int8 GEMM wants m > 16 and k, n multiples of 8; products of small integers are
-        # exact in fp32 as long as |sum| < 2^24, which holds for k ≤ 4608 and 8-bit inputs.
-        return (a.float() @ b.float()).to(torch.int32)
+        # cuBLASLt's int8 GEMM wants m > 16 and k, n multiples of 8. In float64 the integer sums are
+        # exact (|sum| ≤ 128·128·k < 2^53), which fp32 would not guarantee for 8-bit weights.
+        return (a.double() @ b.double()).to(torch.int32)
     return torch._int_mm(a, b)
 
 

@@ -54,6 +54,7 @@ def gaussian_optimal_step(bits: int) -> float:
 
 
 def check_bits(bits: object, what: str = "activation bits") -> int:
+    """``bits`` if it is an integer from 1 to 8, else a ValueError that says so."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"{what} must be an integer from 1 to 8, got {bits!r}")
     return bits
@@ -63,7 +64,9 @@ def _reduce_dims(x: torch.Tensor, granularity: str) -> tuple[int, ...]:
     if granularity == "token":
         return (-1,)
     if granularity == "tensor":
-        return tuple(range(x.dim()))
+        # One scale per sample, not per batch: a sample's output must not depend on its batch-mates
+        # (classifier-free guidance runs the conditional and unconditional halves in one batch).
+        return tuple(range(1, x.dim())) if x.dim() > 1 else (0,)
     raise ValueError(f"unknown granularity {granularity!r}; use one of {GRANULARITIES}")
 
 
@@ -75,11 +78,16 @@ def activation_scale_offset(
     Statistics of x are treated as constants for autograd; only ``clip_ratio`` receives a gradient.
     """
     dims = _reduce_dims(x, granularity)
-    stats = x.detach()
+    stats = x.detach().float()  # fp16 cannot hold EPS, and its sums lose the small statistics we need
     top = 2**bits - 1
     if rule == "minmax":
-        flat = stats if granularity == "token" else stats.reshape(*[1] * (stats.dim() - 1), -1)
-        lo, hi = torch.aminmax(flat, dim=-1, keepdim=True)
+        if granularity == "token" or stats.dim() == 1:
+            lo, hi = torch.aminmax(stats, dim=-1, keepdim=True)
+        else:
+            flat = stats.reshape(stats.shape[0], -1)
+            lo, hi = torch.aminmax(flat, dim=-1, keepdim=True)
+            shape = (stats.shape[0],) + (1,) * (stats.dim() - 1)
+            lo, hi = lo.reshape(shape), hi.reshape(shape)
         center, half = (lo + hi) / 2, (hi - lo) / 2
         if clip_ratio is not None:
             half = half * clip_ratio
@@ -100,8 +108,8 @@ def quantize_activation(
 ) -> tuple[torch.Tensor, QuantizedTensor]:
     """(fake-quantized x, its levels/scale/offset). Gradients pass straight through inside the range."""
     scale, offset = activation_scale_offset(x, bits, granularity, rule, clip_ratio)
-    fake, levels = affine_fake_quantize(x, scale, offset, 0, 2**bits - 1)
-    return fake, QuantizedTensor(levels.detach(), scale.detach(), offset.detach(), bits=bits)
+    fake, levels = affine_fake_quantize(x.float(), scale, offset, 0, 2**bits - 1)
+    return fake.to(x.dtype), QuantizedTensor(levels.detach(), scale.detach(), offset.detach(), bits=bits)
 
 
 class ActivationQuantizer(nn.Module):

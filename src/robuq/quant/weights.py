@@ -39,6 +39,7 @@ def quantize_weight(w: torch.Tensor, spec: str) -> QuantizedTensor | None:
     bits = parse_weight_format(spec)
     if bits is None:
         return None
+    w = w.float()  # scales below fp16's range would divide by zero
     return ternarize_weight(w) if spec == "ternary" else quantize_weight_int(w, int(bits))
 
 
@@ -60,4 +61,4 @@ def fake_quantize_weight(w: torch.Tensor, spec: str) -> torch.Tensor:
     q = quantize_weight(w.detach(), spec)
     if q is None:
         return w
-    return _StraightThrough.apply(w, q.dequantize())
+    return _StraightThrough.apply(w, q.dequantize().to(w.dtype))

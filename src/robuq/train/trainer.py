@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from robuq.data import build_dataset
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
-from robuq.io import atomic_write_text, save_tensors
+from robuq.io import atomic_write_text, read_meta, save_tensors
 from robuq.models.checkpoint import load_dit
 from robuq.models.dit import DiT, create_dit
 from robuq.train.guards import first_nonfinite_grad, first_nonfinite_module
@@ -171,6 +171,16 @@ def _check_resumable(saved: dict[str, Any], current: TrainConfig, path: Path) ->
         raise ValueError(f"cannot resume from {path}: the run's settings changed ({'; '.join(diffs)})")
 
 
+def _check_same_meta(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """What the caller says defines the network (QAT: policy and bit plan) must match the checkpoint's."""
+    changed = sorted(k for k, v in current.items() if k != "kind" and k in saved and saved[k] != v)
+    if changed:
+        raise ValueError(
+            f"cannot resume from {path}: the run's {', '.join(changed)} changed since it was written "
+            "(a different bit plan or quantization policy); start a new --out-dir"
+        )
+
+
 def train(
     config: TrainConfig,
     resume: bool = False,
@@ -217,8 +227,10 @@ def _train(config, resume, until, model, objective, extra_meta, progress, probe,
         if not found:
             raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
         start, path = found[-1]
-        saved = load_training_state(path, model, ema, optimizer)
-        _check_resumable(saved["train_config"], config, path)
+        header = read_meta(path)
+        _check_resumable(header.get("train_config", {}), config, path)
+        _check_same_meta(header, extra_meta, path)
+        load_training_state(path, model, ema, optimizer)
     stop = min(config.steps, until) if until is not None else config.steps
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
