@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--teacher", default=None)
-    parser.add_argument("--steps", type=int, default=None, help="QAT steps per row (default 600, quick 20)")
-    parser.add_argument("--samples-per-class", type=int, default=None, help="default 100 (1000 images), quick 10")
+    parser.add_argument("--steps", type=int, default=None, help="QAT steps per row (default 400, quick 20)")
+    parser.add_argument("--samples-per-class", type=int, default=None, help="default 50 (500 images), quick 10")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "reproduce"))
     parser.add_argument("--device", default="cpu")
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifier", default=None, help="feature classifier (default: the one shipped with robuq)")
     parser.add_argument("--results-dir", default=str(ROOT / "results"))
     args = parser.parse_args(argv)
-    steps = args.steps or (20 if args.quick else 600)
-    per_class = args.samples_per_class or (10 if args.quick else 100)
+    steps = args.steps or (20 if args.quick else 400)
+    per_class = args.samples_per_class or (10 if args.quick else 50)
     work = Path(args.work_dir)
     teacher_path = args.teacher or str(default_teacher_path())
     teacher = load_dit(teacher_path)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     results_dir = Path(args.results_dir)
     grids = results_dir / "reproduce_grids"
     grids.mkdir(parents=True, exist_ok=True)
-    sampler = dict(sampler="ddim", steps=25 if args.quick else 50, seed=0, progress=False)
+    sampler = dict(sampler="ddim", steps=25, seed=0, progress=False)
     base = QATConfig(teacher=teacher_path, steps=steps, global_batch_size=32, lr=2e-4, warmup_steps=min(50, steps // 4),
                      loss="mix", probe_every=max(10, steps // 6), log_every=10, ckpt_every=max(10, steps // 3),
                      data_dir=args.data_dir, device=args.device)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             model = build_student(teacher, quant_config(row))
         elif row.ampn:
             config = replace(base, preset=row.preset, out_dir=str(work / slug))
-            warmup = row.ampn_warmup if row.ampn_warmup is not None else (20 if args.quick else 300)
+            warmup = row.ampn_warmup if row.ampn_warmup is not None else (20 if args.quick else 200)
             final = ampn_run(config, AMPNConfig(budget=float(row.a_bits), warmup_qat_steps=max(warmup, 1)), progress=False)
             model, _ = load_quantized(final / "model.safetensors")
         else:
