@@ -93,3 +93,12 @@ def test_report_arithmetic(tmp_path, quantized):
     assert report["ratio_fp32"] == pytest.approx(4 * params / path.stat().st_size)
     assert sum(report["groups"].values()) < path.stat().st_size  # the header is the rest
     assert report["groups"]["packed weights"] >= -(-model.get_submodule("blocks.0.mlp.fc1").weight.numel() // 5)
+
+
+def test_cost_summary_of_an_exported_model_matches_its_training_model(tmp_path, quantized):
+    from robuq.cost import cost_summary
+
+    model, config = quantized
+    exported = load_exported(export_model(model, config, tmp_path / "m.safetensors"))
+    a, b = cost_summary(model), cost_summary(exported)
+    assert b.bops == pytest.approx(a.bops) and b.macs == a.macs

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from robuq.models.dit import AttentionCore, DiT
 from robuq.quant.attention import QuantAttentionCore
-from robuq.quant.linear import QuantLinear
+from robuq.quant.linear import LinearQuantConfig, QuantLinear
 from robuq.quant.weights import parse_weight_format
 
 FP_BITS = 32
@@ -97,6 +97,11 @@ def _weight_storage(model: nn.Module) -> tuple[int, float, float]:
     return params, bits, fp_bits
 
 
+def _is_quantized_linear(module: nn.Module) -> bool:
+    # QuantLinear, or any inference form of it (deploy's IntegerLinear) that carries its LinearQuantConfig.
+    return isinstance(module, QuantLinear) or isinstance(getattr(module, "config", None), LinearQuantConfig)
+
+
 def example_inputs(model: DiT, batch: int = 1) -> tuple[torch.Tensor, ...]:
     """(x, t, y) of ``batch`` images at the DiT's own size (y None when unconditional)."""
     device = next(model.parameters()).device
@@ -117,7 +122,7 @@ def cost_summary(model: nn.Module, inputs: tuple | None = None) -> CostSummary:
     def record(name: str, module: nn.Module):
         def hook(mod, args, out):
             x = args[0]
-            if isinstance(mod, QuantLinear):
+            if _is_quantized_linear(mod):
                 tokens = x.numel() // mod.in_features
                 w_bits = parse_weight_format(mod.config.weight) or FP_BITS
                 a_bits = mod.act_bits or FP_BITS
@@ -145,7 +150,7 @@ def cost_summary(model: nn.Module, inputs: tuple | None = None) -> CostSummary:
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (QuantLinear, nn.Linear, nn.Conv2d, AttentionCore, QuantAttentionCore)):
+        if _is_quantized_linear(module) or isinstance(module, (nn.Linear, nn.Conv2d, AttentionCore, QuantAttentionCore)):
             hooks.append(module.register_forward_hook(record(name, module)))
     was_training = model.training
     model.eval()

@@ -39,6 +39,7 @@ class IntegerLinear(nn.Module):
         if q is None or layer.act_bits is None:
             raise ValueError("IntegerLinear needs quantized weights and quantized activations")
         self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.config = layer.config  # what it was trained as: cost reports read it
         self.act_bits = layer.act_bits
         self.act_granularity, self.act_rule = layer.config.act_granularity, layer.config.act_rule
         self.hadamard = layer.config.hadamard
