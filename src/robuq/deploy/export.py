@@ -58,7 +58,9 @@ def export_model(model: DiT, config: QuantConfig, path: str | os.PathLike, terna
         fmt = _weight_format(layer, ternary_packing)
         q = layer.quantized_weight()
         tensors[f"{name}.weight_packed"] = PACKERS[fmt][0](q.levels.to(torch.int8))
-        tensors[f"{name}.weight_scale"] = q.scale.reshape(-1).float()  # fp32: the model must come back exactly
+        # In the file's dtype (fp16 by default, as the paper's layout counts it); dtype="fp32" exports
+        # reproduce the training model bit for bit.
+        tensors[f"{name}.weight_scale"] = q.scale.reshape(-1).to(half)
         packed[name] = {"format": fmt, "shape": list(q.levels.shape)}
         covered.add(f"{name}.weight")
     for key, value in model.state_dict().items():
