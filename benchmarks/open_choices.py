@@ -1,0 +1,77 @@
+"""METHOD.md's open choices, measured before any training: the output error against the teacher right
+after quantization (post-training initialisation), on the fixed calibration batch AMPN and the QAT probe use.
+
+Which choice trains best is the reproduction benchmark's job; this table says where each one starts.
+Rows: the RobustQuantizer's scale rule (also with full-precision weights, to isolate it) (min–max / Gaussian / Gaussian with the learnable ratio at
+its initial value), sign flips before the Hadamard transform, the low-rank rank (0/8/16/32), and whether
+the branch sees full-precision or quantized inputs — each at A4, A3 and A2.
+
+    python benchmarks/open_choices.py     # → results/open_choices.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import torch
+
+from common import write_result
+import robuq
+from robuq.calibration import calibration_batch, relative_error
+from robuq.data import build_dataset
+from robuq.sampling import default_teacher_path
+from robuq.train.qat import build_student, calibration_images
+
+VARIANTS = {
+    "baseline (min–max, rank 16, signs)": {},
+    "scale rule: Gaussian (robuq)": {"act_rule": "gaussian"},
+    "no sign flips, min–max": {"hadamard_signs": False},
+    "no sign flips, Gaussian": {"hadamard_signs": False, "act_rule": "gaussian"},
+    "Gaussian, rank 0": {"act_rule": "gaussian", "lowrank_rank": 0},
+    "Gaussian, rank 8": {"act_rule": "gaussian", "lowrank_rank": 8},
+    "Gaussian, rank 32": {"act_rule": "gaussian", "lowrank_rank": 32},
+    "Gaussian, branch on quantized x'": {"act_rule": "gaussian", "lowrank_input": "quantized"},
+    # Full-precision weights isolate the activation quantizer, which ternary weights otherwise drown out.
+    "fp weights, no Hadamard, min–max": {"weight": "fp", "hadamard": False, "lowrank_rank": 0},
+    "fp weights, Hadamard+signs, min–max": {"weight": "fp", "lowrank_rank": 0},
+    "fp weights, Hadamard+signs, Gaussian": {"weight": "fp", "lowrank_rank": 0, "act_rule": "gaussian"},
+    "fp weights, Hadamard, no signs, Gaussian": {"weight": "fp", "lowrank_rank": 0, "act_rule": "gaussian", "hadamard_signs": False},
+}
+
+
+def policy(bits: int, changes: dict) -> robuq.QuantConfig:
+    config = robuq.preset("baseline", act_bits=bits)
+    for rule in config.rules:
+        if rule.role != "adaln":
+            rule.linear = replace(rule.linear, **changes)
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+    teacher = robuq.load_dit(args.ckpt or default_teacher_path()).eval()
+    size = teacher.x_embedder.grid_size * teacher.patch_size
+    dataset = build_dataset("fashion-mnist", size, args.data_dir, teacher.num_classes > 0)
+    batch = calibration_batch(teacher, *calibration_images(dataset, args.images, teacher.num_classes > 0), seed=0)
+    rows = []
+    for name, changes in VARIANTS.items():
+        row = {"variant": name, "changes": changes}
+        for bits in (4, 3, 2):
+            torch.manual_seed(0)
+            row[f"a{bits}"] = relative_error(build_student(teacher, policy(bits, changes)), batch)
+        rows.append(row)
+        print(row)
+    lines = ["Relative output MSE against the teacher (÷ the teacher output's variance) right after quantization, "
+             f"{args.images} training images at timesteps spread over [0, 1000). Lower is better.", "",
+             "| variant | A4 | A3 | A2 |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['a4']:.4f} | {r['a3']:.4f} | {r['a2']:.4f} |" for r in rows]
+    write_result("open_choices", {"rows": rows, "images": args.images}, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
