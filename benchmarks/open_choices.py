@@ -36,14 +36,21 @@ VARIANTS = {
     "fp weights, Hadamard+signs, min–max": {"weight": "fp", "lowrank_rank": 0},
     "fp weights, Hadamard+signs, Gaussian": {"weight": "fp", "lowrank_rank": 0, "act_rule": "gaussian"},
     "fp weights, Hadamard, no signs, Gaussian": {"weight": "fp", "lowrank_rank": 0, "act_rule": "gaussian", "hadamard_signs": False},
+    # A first measurement showed the Gaussian rule hurting qkv/proj and helping fc1/fc2; these rows test it.
+    "fp weights, Gaussian on fc1/fc2 only": {"weight": "fp", "lowrank_rank": 0, "gaussian_roles": ("fc1", "fc2")},
+    "ternary, Gaussian on fc1/fc2 only": {"gaussian_roles": ("fc1", "fc2")},
 }
 
 
 def policy(bits: int, changes: dict) -> robuq.QuantConfig:
+    changes = dict(changes)
+    gaussian_roles = changes.pop("gaussian_roles", ())
     config = robuq.preset("baseline", act_bits=bits)
     for rule in config.rules:
         if rule.role != "adaln":
             rule.linear = replace(rule.linear, **changes)
+            if rule.role in gaussian_roles:
+                rule.linear = replace(rule.linear, act_rule="gaussian")
     return config
 
 
@@ -59,7 +66,7 @@ def main() -> None:
     batch = calibration_batch(teacher, *calibration_images(dataset, args.images, teacher.num_classes > 0), seed=0)
     rows = []
     for name, changes in VARIANTS.items():
-        row = {"variant": name, "changes": changes}
+        row = {"variant": name, "changes": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()}}
         for bits in (4, 3, 2):
             torch.manual_seed(0)
             row[f"a{bits}"] = relative_error(build_student(teacher, policy(bits, changes)), batch)
