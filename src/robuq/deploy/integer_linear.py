@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robuq.quant.activation import quantize_activation
+from robuq.quant.activation import activation_scale_offset, quantize_activation
 from robuq.quant.hadamard import hadamard_transform
 from robuq.quant.linear import QuantLinear
 from robuq.quant.primitives import QuantizedTensor
@@ -60,19 +60,23 @@ class IntegerLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x_rot = hadamard_transform(x, self.hadamard_signs) if self.hadamard else x
-        fake, q = quantize_activation(x_rot, self.act_bits, self.act_granularity, self.act_rule, self.clip_ratio)
+        scale, offset = activation_scale_offset(x_rot, self.act_bits, self.act_granularity, self.act_rule, self.clip_ratio)
         # 8-bit levels 0…255 do not fit int8: shift them to −128…127 and fold the shift into the offset.
         shift = 128 if self.act_bits == 8 else 0
-        levels = (q.levels - shift).to(torch.int8).reshape(-1, self.in_features)
-        scale = q.scale.reshape(-1, 1) if q.scale.numel() > 1 else q.scale.reshape(1, 1)
-        offset = q.offset.reshape(-1, 1) if q.offset.numel() > 1 else q.offset.reshape(1, 1)
+        top = 2**self.act_bits - 1
+        # The same rounding as the training quantizer, in place and without the fake-quantized copy.
+        u = (x_rot.float() - offset).div_(scale).round_().clamp_(0, top)
+        levels = (u.sub_(shift) if shift else u).to(torch.int8).reshape(-1, self.in_features)
+        scale = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(1, 1)
+        offset = offset.reshape(-1, 1) if offset.numel() > 1 else offset.reshape(1, 1)
         acc = _int8_matmul(levels, self.weight_levels_t).float()
         y = (acc * scale + (offset + shift * scale) * self.weight_level_sums) * self.weight_scale
         if self.bias is not None:
             y = y + self.bias
         y = y.reshape(*lead, self.out_features)
         if self.rank:
-            branch_in = x_rot if self.lowrank_input == "fp" else fake
+            branch_in = x_rot if self.lowrank_input == "fp" else quantize_activation(
+                x_rot, self.act_bits, self.act_granularity, self.act_rule, self.clip_ratio)[0]
             y = y + F.linear(F.linear(branch_in, self.lowrank_down), self.lowrank_up)
         return y
 
