@@ -82,7 +82,8 @@ def plot_plan(plan: dict, path: str | Path) -> Path:
             ax.plot([d + (i - 1.5) * 0.08 for d in depth], bits, marker=markers[role], linestyle="-", alpha=0.8, label=role)
     ax.set(xlabel="block", ylabel="activation bits", yticks=[1, 2, 3, 4],
            title=f"AMPN plan: budget {plan['budget']} ({plan['weighting']}), achieved {plan['average_plain']:.2f} plain / {plan['average_macs']:.2f} MAC-weighted")
-    ax.legend(ncol=4, fontsize=8, loc="lower right")
+    ax.set_ylim(0.5, 4.9)
+    ax.legend(ncol=4, fontsize=8, loc="upper center")  # the top band stays free: bits never exceed 4
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
