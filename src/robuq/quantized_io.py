@@ -41,16 +41,6 @@ def load_quantized(path: str | os.PathLike, prefer: str = "ema", map_location: s
     return model.to(map_location), config
 
 
-def is_quantized_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a quantized robuq model (rather than a full-precision checkpoint)."""
-    try:
-        return "quant_config" in read_state_dict(path)[1]
-    except CheckpointError:
-        return False
-
-
-
-
 def quantize_checkpoint(ckpt: str | os.PathLike, config: QuantConfig, out: str | os.PathLike) -> tuple[DiT, Path]:
     """Load a full-precision checkpoint, ``quantize_`` it (post-training initialisation), save it."""
     from robuq.models.checkpoint import load_dit
@@ -59,4 +49,4 @@ def quantize_checkpoint(ckpt: str | os.PathLike, config: QuantConfig, out: str |
     return model, save_quantized(model, out, config, {"source": str(ckpt)})
 
 
-__all__ = ["is_quantized_file", "load_quantized", "quantize_checkpoint", "quantized_meta", "save_quantized"]
+__all__ = ["load_quantized", "quantize_checkpoint", "quantized_meta", "save_quantized"]

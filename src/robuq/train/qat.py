@@ -152,4 +152,4 @@ def qat(config: QATConfig, resume: bool = False, until: int | None = None, progr
     objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight)
     meta = quantized_meta(student, quantization)
     return train(config, resume=resume, until=until, model=student, objective=objective, extra_meta=meta,
-                 progress=progress, probe=probe)
+                 progress=progress, probe=probe, dataset=dataset)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Dataset
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -190,6 +191,7 @@ def train(
     extra_meta: dict[str, Any] | None = None,
     progress: bool = True,
     probe: Callable[[nn.Module], dict[str, float]] | None = None,
+    dataset: Dataset | None = None,
 ) -> Path:
     """Run (or continue) training; returns the output folder.
 
@@ -197,19 +199,21 @@ def train(
     can be done in chunks with ``resume=True``. ``model`` and ``objective`` let other stages (QAT) reuse
     this loop with their own network and loss; ``probe(model)`` is called every ``config.probe_every``
     steps on the main process and its numbers go into the log (e.g. QAT's error against the teacher).
+    ``dataset`` spares a caller that already loaded ``config.data`` a second load.
     """
     device = resolve_device(config.device)
     info = init_distributed(device)
     try:
-        return _train(config, resume, until, model, objective, extra_meta or {}, progress, probe, device, info)
+        return _train(config, resume, until, model, objective, extra_meta or {}, progress, probe, dataset, device, info)
     finally:
         shutdown(info)
 
 
-def _train(config, resume, until, model, objective, extra_meta, progress, probe, device, info) -> Path:
+def _train(config, resume, until, model, objective, extra_meta, progress, probe, dataset, device, info) -> Path:
     config.validate(info.world_size)
     out_dir = Path(config.out_dir)
-    dataset = build_dataset(config.data, config.input_size, config.data_dir, config.conditional, channels=config.channels)
+    if dataset is None:
+        dataset = build_dataset(config.data, config.input_size, config.data_dir, config.conditional, channels=config.channels)
     num_classes = dataset.num_classes if config.conditional else 0
     if model is None:
         torch.manual_seed(config.seed)  # the initial weights are part of the run's reproducible state
