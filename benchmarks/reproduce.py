@@ -43,6 +43,7 @@ class Row:
     ampn: bool = False
     train: bool = True
     linear: dict = field(default_factory=dict)  # LinearQuantConfig fields changed on the block linears
+    roles: dict = field(default_factory=dict)  # role → LinearQuantConfig fields changed on that role only
     guidance: tuple[float, ...] = (1.5,)
     ampn_warmup: int | None = None  # AMPN sensitivity timing ablation
 
@@ -61,6 +62,9 @@ def table_rows(final_guidance: tuple[float, ...]) -> list[Row]:
     rows += [
         Row("ablation: scale rule min–max (= strong baseline) A2", "baseline", 2),
         Row("ablation: scale rule learnable clip (Gaussian init) A2", "robuq", 2, linear={"learn_clip": True}),
+        # Before training, the Gaussian rule helped fc1/fc2 and hurt qkv/proj (results/open_choices.md).
+        Row("ablation: scale rule Gaussian on fc1/fc2, min–max on qkv/proj A2", "baseline", 2,
+            roles={"fc1": {"act_rule": "gaussian"}, "fc2": {"act_rule": "gaussian"}}),
         Row("ablation: AMPN sensitivity after 0 QAT steps A2", "robuq", 2, ampn=True, ampn_warmup=0),
     ]
     return rows
@@ -70,7 +74,7 @@ def quant_config(row: Row) -> robuq.QuantConfig:
     config = robuq.preset(row.preset, act_bits=row.a_bits)
     for rule in config.rules:
         if rule.role != "adaln":
-            rule.linear = replace(rule.linear, **row.linear)
+            rule.linear = replace(rule.linear, **row.linear, **row.roles.get(rule.role, {}))
     return config
 
 
@@ -93,7 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default=None, help="run only rows whose method contains this text")
     parser.add_argument("--classifier", default=None, help="feature classifier (default: the one shipped with robuq)")
     parser.add_argument("--results-dir", default=str(ROOT / "results"))
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute every row's metrics from the samples a finished run left in --work-dir")
     args = parser.parse_args(argv)
+    if args.rescore:
+        return rescore(args)
     steps = args.steps or (20 if args.quick else 400)
     per_class = args.samples_per_class or (10 if args.quick else 50)
     work = Path(args.work_dir)
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         rows = [r for r in rows if args.only in r.method]
     for row in rows:
-        slug = "".join(c if c.isalnum() else "-" for c in row.method.lower()).strip("-")
+        slug = slug_of(row.method)
         t0 = time.perf_counter()
         if row.preset is None:
             model = teacher
@@ -144,16 +152,16 @@ def main(argv: list[str] | None = None) -> None:
                 shutil.copy(npz, paired)
             elif not paired.is_file():
                 raise RuntimeError(f"{paired} is missing: run the 'FP teacher' row first, it provides the paired samples for PSNR")
-            metrics = evaluate(EvalConfig(samples=str(npz), data_dir=args.data_dir, paired=str(paired), classifier=args.classifier))
+            metrics = score(npz, paired, args)
             save_grid(pixels[:: max(1, per_class // 8)][: 8 * teacher.num_classes], grids / f"{slug}-cfg{guidance}.png", 8)
             results.append({
                 "method": row.method, "w_bits": 1.58 if row.preset and row.preset != "fp" else 32,
-                "a_bits": row.a_bits or 32, "ampn": row.ampn, "guidance": guidance, "fid": metrics["fid"],
-                "sfid": metrics["sfid"], "is": metrics["is"], "precision": metrics["precision"], "recall": metrics["recall"],
-                "psnr_vs_fp": metrics.get("psnr_vs_paired"), "bops_ratio": cost.bops / cost.fp_bops,
+                "a_bits": row.a_bits or 32, "ampn": row.ampn, "guidance": guidance, **metrics,
+                "bops_ratio": cost.bops / cost.fp_bops,
                 "weight_bits_total": cost.weight_storage_bits, "qat_seconds": qat_seconds, "row_seconds": time.perf_counter() - t0,
             })
             print(json.dumps(results[-1]))
+    results.insert(0, real_images_row(per_class, work, args))
     payload = {"rows": results, "commit": git_commit(), "quick": args.quick, "qat": base.__dict__ | {"steps": steps},
                "samples": len(labels), "sampler": sampler}
     name = "reproduce_quick" if args.quick else "reproduce"
@@ -161,13 +169,57 @@ def main(argv: list[str] | None = None) -> None:
     plot(results, results_dir / f"{name}.png")
 
 
+def slug_of(method: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
+
+
+def score(samples: Path, paired: Path, args: argparse.Namespace) -> dict:
+    """The table's metric columns for one sample file."""
+    m = evaluate(EvalConfig(samples=str(samples), data_dir=args.data_dir, paired=str(paired), classifier=args.classifier))
+    return {"fid": m["fid"], "sfid": m["sfid"], "is": m["is"], "precision": m["precision"], "recall": m["recall"],
+            "psnr_vs_fp": m.get("psnr_vs_paired")}
+
+
+def real_images_row(per_class: int, work: Path, args: argparse.Namespace) -> dict:
+    """Real training images scored like samples: the best this sample count and feature set can show."""
+    from robuq.data.fashion_mnist import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("train", args.data_dir)
+    pick = np.concatenate([np.flatnonzero(labels == c)[-per_class:] for c in range(10)])  # the last ones: not probe/calibration
+    npz = work / "real-training-images.npz"
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(npz, arr_0=np.repeat(images[pick][..., None], 3, axis=-1))
+    metrics = score(npz, npz, args) | {"psnr_vs_fp": None}
+    return {"method": "real training images (reference)", "w_bits": 32, "a_bits": 32, "ampn": False, "guidance": 0.0,
+            **metrics, "bops_ratio": float("nan"), "qat_seconds": 0.0}
+
+
+def rescore(args: argparse.Namespace) -> None:
+    """Re-evaluate a finished table from its sample files (after a metric fix), keeping everything else."""
+    name = "reproduce_quick" if args.quick else "reproduce"
+    results_dir, work = Path(args.results_dir), Path(args.work_dir)
+    payload = json.loads((results_dir / f"{name}.json").read_text())
+    payload["rows"] = [r for r in payload["rows"] if not r["method"].startswith("real ")]
+    for r in payload["rows"]:
+        npz = work / slug_of(r["method"]) / f"samples-cfg{r['guidance']}.npz"
+        r.update(score(npz, work / f"teacher-cfg{r['guidance']}.npz", args))
+    payload["rows"].insert(0, real_images_row(payload["samples"] // 10, work, args))
+    # The rows keep the training run's provenance; write_result adds the rescoring's.
+    payload["table_run"] = {k: payload.pop(k) for k in ("machine", "command", "date") if k in payload}
+    payload["rescored_at_commit"] = git_commit()
+    write_result(name, payload, markdown_table(payload["rows"]), results_dir)
+    plot(payload["rows"], results_dir / f"{name}.png")
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| method | cfg | FID ↓ | sFID ↓ | IS ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) | BOPs ÷ FP | QAT s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         psnr = "—" if r["psnr_vs_fp"] in (None, float("inf")) else f"{r['psnr_vs_fp']:.1f}"
-        lines.append(f"| {r['method']} | {r['guidance']} | {r['fid']:.2f} | {r['sfid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} "
-                     f"| {r['recall']:.3f} | {psnr} | {r['bops_ratio']:.4f} | {r['qat_seconds']:.0f} |")
+        cfg = "—" if r["guidance"] == 0 else r["guidance"]
+        bops = "—" if r["bops_ratio"] != r["bops_ratio"] else f"{r['bops_ratio']:.4f}"
+        lines.append(f"| {r['method']} | {cfg} | {r['fid']:.2f} | {r['sfid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} "
+                     f"| {r['recall']:.3f} | {psnr} | {bops} | {r['qat_seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -178,7 +230,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in (r for r in rows if r["guidance"] == 1.5):
+    for r in (r for r in rows if r["guidance"] == 1.5 and r["bops_ratio"] == r["bops_ratio"]):
         for ax, key in zip(axes, ("is", "fid")):
             ax.scatter(r["bops_ratio"], r[key])
             ax.annotate(r["method"], (r["bops_ratio"], r[key]), fontsize=6)

@@ -35,9 +35,18 @@ def test_reproduce_quick_path_on_a_tiny_teacher(tmp_path, tiny_dit, fmnist_dir):
                         "--work-dir", str(tmp_path / "work"), "--only", only, "--classifier", str(classifier),
                         "--results-dir", str(results)])
     rows = json.loads((results / "reproduce_quick.json").read_text())["rows"]
-    assert {r["method"] for r in rows} == {"RTN W1.58A4 (no training)"}
+    assert [r["method"] for r in rows] == ["real training images (reference)", "RTN W1.58A4 (no training)"]
     required = {"method", "w_bits", "a_bits", "ampn", "guidance", "fid", "sfid", "is", "precision", "recall", "psnr_vs_fp",
                 "bops_ratio", "qat_seconds"}
-    assert required <= set(rows[0]) and rows[0]["bops_ratio"] < 1
+    assert required <= set(rows[1]) and rows[1]["bops_ratio"] < 1
     assert (results / "reproduce_quick.md").read_text().count("|") > 10
     assert (results / "reproduce_quick.png").stat().st_size > 0
+
+    # --rescore recomputes the metrics from the samples left in the work folder and keeps the rest.
+    before = rows[1]
+    reproduce.main(["--quick", "--rescore", "--data-dir", str(fmnist_dir), "--work-dir", str(tmp_path / "work"),
+                    "--classifier", str(classifier), "--results-dir", str(results)])
+    rescored = json.loads((results / "reproduce_quick.json").read_text())
+    assert [r["method"] for r in rescored["rows"]] == [r["method"] for r in rows]
+    assert rescored["rows"][1]["fid"] == before["fid"] and rescored["rows"][1]["qat_seconds"] == before["qat_seconds"]
+    assert "command" in rescored["table_run"]
