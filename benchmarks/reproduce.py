@@ -7,6 +7,8 @@ Fashion-MNIST test split with robuq's classifier features. Settings were chosen 
 
     python benchmarks/reproduce.py            # the full table (≈ 2 hours on a 2-core CPU)
     python benchmarks/reproduce.py --quick    # a few steps and images per row (≈ 10 minutes)
+    python benchmarks/reproduce.py --only A2  # (re-)run the rows whose name holds "A2", merged into the table
+    python benchmarks/reproduce.py --rescore  # recompute the metrics from the samples a run left behind
 
 Writes results/reproduce.{json,md}, results/reproduce.png (IS and FID against BOPs) and one grid per row
 under results/reproduce_grids/.
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "reproduce"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", default=None, help="run only rows whose method contains this text")
+    parser.add_argument("--only", default=None, help="run only rows whose method contains this text; they replace or join "
+                        "the rows of an existing table")
     parser.add_argument("--classifier", default=None, help="feature classifier (default: the one shipped with robuq)")
     parser.add_argument("--results-dir", default=str(ROOT / "results"))
     parser.add_argument("--rescore", action="store_true",
@@ -163,10 +166,24 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(results[-1]))
     results.insert(0, real_images_row(per_class, work, args))
     payload = {"rows": results, "commit": git_commit(), "quick": args.quick, "qat": base.__dict__ | {"steps": steps},
-               "samples": len(labels), "sampler": sampler}
+               "samples": len(labels), "sampler": sampler, "only": args.only}
     name = "reproduce_quick" if args.quick else "reproduce"
+    previous = results_dir / f"{name}.json"
+    if args.only and previous.is_file():
+        payload = merge_rows(json.loads(previous.read_text()), payload)
+        results = payload["rows"]
     write_result(name, payload, markdown_table(results), results_dir)
     plot(results, results_dir / f"{name}.png")
+
+
+def merge_rows(table: dict, update: dict) -> dict:
+    """``table`` with ``update``'s rows replacing or joining its own (an --only run adds to the table)."""
+    fresh = {r["method"] for r in update["rows"]}
+    rows = [r for r in table["rows"] if r["method"] not in fresh] + update["rows"]
+    order = {row.method: i for i, row in enumerate(table_rows((1.5, 4.0)))}
+    rows.sort(key=lambda r: (order.get(r["method"], -1), r["guidance"]))
+    runs = table.get("only_runs", []) + [{"only": update.get("only"), "commit": update["commit"]}]
+    return {**table, "rows": rows, "only_runs": runs}
 
 
 def slug_of(method: str) -> str:

@@ -35,18 +35,21 @@ def test_reproduce_quick_path_on_a_tiny_teacher(tmp_path, tiny_dit, fmnist_dir):
                         "--work-dir", str(tmp_path / "work"), "--only", only, "--classifier", str(classifier),
                         "--results-dir", str(results)])
     rows = json.loads((results / "reproduce_quick.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["real training images (reference)", "RTN W1.58A4 (no training)"]
+    # Each --only run joins the table, in the table's row order, guidance scales in order.
+    assert [(r["method"], r["guidance"]) for r in rows] == [
+        ("real training images (reference)", 0.0), ("FP teacher", 1.5), ("FP teacher", 4.0), ("RTN W1.58A4 (no training)", 1.5),
+        ("RobuQ + AMPN W1.58A2", 1.5), ("RobuQ + AMPN W1.58A2", 4.0)]
     required = {"method", "w_bits", "a_bits", "ampn", "guidance", "fid", "sfid", "is", "precision", "recall", "psnr_vs_fp",
                 "bops_ratio", "qat_seconds"}
-    assert required <= set(rows[1]) and rows[1]["bops_ratio"] < 1
+    assert required <= set(rows[3]) and rows[3]["bops_ratio"] < 1
     assert (results / "reproduce_quick.md").read_text().count("|") > 10
     assert (results / "reproduce_quick.png").stat().st_size > 0
 
     # --rescore recomputes the metrics from the samples left in the work folder and keeps the rest.
-    before = rows[1]
+    before = rows[3]
     reproduce.main(["--quick", "--rescore", "--data-dir", str(fmnist_dir), "--work-dir", str(tmp_path / "work"),
                     "--classifier", str(classifier), "--results-dir", str(results)])
     rescored = json.loads((results / "reproduce_quick.json").read_text())
     assert [r["method"] for r in rescored["rows"]] == [r["method"] for r in rows]
-    assert rescored["rows"][1]["fid"] == before["fid"] and rescored["rows"][1]["qat_seconds"] == before["qat_seconds"]
+    assert rescored["rows"][3]["fid"] == before["fid"] and rescored["rows"][3]["qat_seconds"] == before["qat_seconds"]
     assert "command" in rescored["table_run"]
