@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from robuq.deploy.integer_linear import IntegerLinear
+from robuq.quant.linear import LinearQuantConfig, QuantLinear
+
+
+@pytest.mark.parametrize("options", [
+    dict(act_bits=2, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=4),
+    dict(act_bits=8, act_rule="minmax", lowrank_rank=0),
+    dict(act_bits=1, act_rule="minmax", hadamard=True, learn_clip=True),
+    dict(act_bits=3, act_granularity="tensor", act_rule="gaussian", hadamard=True, lowrank_rank=2),
+    dict(act_bits=4, weight="int4", lowrank_rank=3, lowrank_input="quantized"),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_integer_linear_matches_the_fake_quant_layer(options, bias):
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(24, 20, bias=bias), LinearQuantConfig(**options)).eval()
+    if layer.act_quant.clip_ratio is not None:
+        layer.act_quant.clip_ratio.data.fill_(0.8)
+    integer = IntegerLinear(layer)
+    integer.block_rows = 4  # 3 × 7 tokens: several blocks and a short last one
+    x = torch.randn(3, 7, 24) * 2 + 0.5
+    with torch.no_grad():
+        expected, got = layer(x), integer(x)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
