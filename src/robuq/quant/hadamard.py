@@ -145,7 +145,8 @@ _device_cache: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, .
 def _factor_matrices(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
     key = (n, dtype, device)
     if key not in _device_cache:
-        _device_cache[key] = tuple(h.to(dtype=dtype, device=device) for h in _factor_matrices_cpu(n))
+        # Each factor carries its own 1/√r, so the product is normalised without a pass over x.
+        _device_cache[key] = tuple((h / math.sqrt(h.shape[0])).to(dtype=dtype, device=device) for h in _factor_matrices_cpu(n))
     return _device_cache[key]
 
 
@@ -157,8 +158,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (H / math.sqrt(n)).to(dtype)
 
 
-def _unnormalised_transform(x: torch.Tensor) -> torch.Tensor:
-    """x @ H (H symmetric, entries ±1) along the last axis, one small matmul per Kronecker factor."""
+def _normalised_transform(x: torch.Tensor) -> torch.Tensor:
+    """x @ H/√n (H symmetric, entries ±1) along the last axis, one small matmul per Kronecker factor."""
     n = x.shape[-1]
     factors = _factor_matrices(n, x.dtype, x.device)
     lead = x.shape[:-1]
@@ -177,10 +178,9 @@ def _unnormalised_transform(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool) -> torch.Tensor:
-    scale = 1.0 / math.sqrt(x.shape[-1])
     if signs is not None and not inverse:
         x = x * signs
-    y = _unnormalised_transform(x) * scale
+    y = _normalised_transform(x)
     if signs is not None and inverse:
         y = y * signs
     return y
