@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         slug = slug_of(row.method)
         t0 = time.perf_counter()
+        timing = work / slug / "qat_seconds.json"  # a restarted table reuses finished rows and their timings
+        resumed = bool(row.train and row.preset) and (work / slug).is_dir() and not timing.is_file()
         if row.preset is None:
             model = teacher
         elif not row.train:
@@ -143,13 +145,23 @@ def main(argv: list[str] | None = None) -> None:
             out = qat(replace(base, quant_config=str(policy), out_dir=str(work / slug / "qat")), progress=False,
                       resume=(work / slug / "qat" / "checkpoints").is_dir())
             model, _ = load_quantized(out / "model.safetensors")
-        qat_seconds = time.perf_counter() - t0 if row.train and row.preset else 0.0
+        if timing.is_file():
+            qat_seconds, resumed = (json.loads(timing.read_text())[k] for k in ("seconds", "resumed"))
+        else:
+            qat_seconds = time.perf_counter() - t0 if row.train and row.preset else 0.0
+            timing.parent.mkdir(parents=True, exist_ok=True)
+            # "resumed": the row continued from an interrupted run, so the seconds cover only its last part.
+            timing.write_text(json.dumps({"seconds": qat_seconds, "resumed": resumed}) + "\n")
         cost = cost_summary(model)
         for guidance in row.guidance:
-            pixels = to_uint8(generate(model, labels, len(labels), cfg_scale=guidance, **sampler))
             npz = work / slug / f"samples-cfg{guidance}.npz"
-            npz.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(npz, arr_0=pixels)
+            if npz.is_file():
+                with np.load(npz) as data:
+                    pixels = data["arr_0"]
+            else:
+                pixels = to_uint8(generate(model, labels, len(labels), cfg_scale=guidance, **sampler))
+                np.savez(npz.with_suffix(".tmp.npz"), arr_0=pixels)
+                npz.with_suffix(".tmp.npz").replace(npz)
             paired = work / f"teacher-cfg{guidance}.npz"
             if row.preset is None:
                 shutil.copy(npz, paired)
@@ -161,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                 "method": row.method, "w_bits": 1.58 if row.preset and row.preset != "fp" else 32,
                 "a_bits": row.a_bits or 32, "ampn": row.ampn, "guidance": guidance, **metrics,
                 "bops_ratio": cost.bops / cost.fp_bops,
-                "weight_bits_total": cost.weight_storage_bits, "qat_seconds": qat_seconds, "row_seconds": time.perf_counter() - t0,
+                "weight_bits_total": cost.weight_storage_bits, "qat_seconds": qat_seconds, "qat_resumed": resumed,
+                "row_seconds": time.perf_counter() - t0,
             })
             print(json.dumps(results[-1]))
     results.insert(0, real_images_row(per_class, work, args))

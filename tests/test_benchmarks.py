@@ -53,3 +53,11 @@ def test_reproduce_quick_path_on_a_tiny_teacher(tmp_path, tiny_dit, fmnist_dir):
     assert [r["method"] for r in rescored["rows"]] == [r["method"] for r in rows]
     assert rescored["rows"][3]["fid"] == before["fid"] and rescored["rows"][3]["qat_seconds"] == before["qat_seconds"]
     assert "command" in rescored["table_run"]
+
+    # A restarted table reuses a finished row's samples and its recorded QAT time.
+    (results / "reproduce_quick.json").unlink()
+    reproduce.main(["--quick", "--teacher", str(teacher), "--steps", "2", "--samples-per-class", "1", "--data-dir", str(fmnist_dir),
+                    "--work-dir", str(tmp_path / "work"), "--only", "RobuQ + AMPN W1.58A2", "--classifier", str(classifier),
+                    "--results-dir", str(results)])
+    again = json.loads((results / "reproduce_quick.json").read_text())["rows"]
+    assert [(r["fid"], r["qat_seconds"]) for r in again[1:]] == [(r["fid"], r["qat_seconds"]) for r in rows[4:]]

@@ -42,11 +42,11 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, offset, low, high):
         u = (x - offset).div_(scale)
-        inside = (u >= low - 0.5) & (u < high + 0.5)
+        if ctx.needs_input_grad[0]:  # sampling and evaluation need no mask
+            ctx.save_for_backward((u >= low - 0.5) & (u < high + 0.5))
         levels = u.round_().clamp_(low, high)
-        ctx.save_for_backward(inside)
         ctx.mark_non_differentiable(levels)
-        return levels * scale + offset, levels
+        return torch.addcmul(torch.as_tensor(offset, dtype=levels.dtype), levels, scale), levels
 
     @staticmethod
     def backward(ctx, grad, _grad_levels):
