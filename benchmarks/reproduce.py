@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         slug = slug_of(row.method)
         t0 = time.perf_counter()
         timing = work / slug / "qat_seconds.json"  # a restarted table reuses finished rows and their timings
-        resumed = bool(row.train and row.preset) and (work / slug).is_dir() and not timing.is_file()
+        resumed = bool(row.train and row.preset) and not timing.is_file() and any((work / slug).rglob("step-*"))
         if row.preset is None:
             model = teacher
         elif not row.train:
