@@ -61,3 +61,9 @@ def test_reproduce_quick_path_on_a_tiny_teacher(tmp_path, tiny_dit, fmnist_dir):
                     "--results-dir", str(results)])
     again = json.loads((results / "reproduce_quick.json").read_text())["rows"]
     assert [(r["fid"], r["qat_seconds"]) for r in again[1:]] == [(r["fid"], r["qat_seconds"]) for r in rows[4:]]
+
+    # The AMPN row's run folder is a complete `ampn run`: the collector reads it like scripts/ampn_teacher.sh's.
+    summary = _load("ampn_runs").summarize(tmp_path / "work" / "robuq---ampn-w1-58a2", tmp_path / "collected")
+    assert summary["budget"] == 2.0 and set(summary["role_averages"]) == {"qkv", "proj", "fc1", "fc2"}
+    assert summary["plan_probe"] and summary["warmup_seconds"] > 0
+    assert (tmp_path / "collected" / "robuq---ampn-w1-58a2" / "plan.png").stat().st_size > 0

@@ -1,0 +1,76 @@
+"""Collect finished `robuq ampn run` folders (scripts/ampn_teacher.sh) into results/ampn/ and one table.
+
+    python benchmarks/ampn_runs.py runs/ampn-b3 runs/ampn-b2     # → results/ampn.{json,md}, results/ampn/<run>/
+
+For each run: the plan (bits per layer type beside the paper's DiT-XL/2 averages), the achieved averages,
+the teacher probe (relative output MSE on a fixed training batch) through warm-up and final QAT, and the
+wall time of each QAT stage from its log. The plan, its figure, the sensitivity table and both logs are
+copied beside the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from common import ROOT, write_result
+from robuq.ampn.plan import format_plan
+
+
+def probes(log: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["probe_rel_mse"]) for r in records if "probe_rel_mse" in r]
+
+
+def stage_seconds(log: Path) -> float:
+    """Wall time from the log: the span of its records plus the first logging window."""
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    first = records[0]
+    window = first["step"] * json.loads((log.parent / "config.json").read_text())["global_batch_size"] / first["images_per_s"]
+    return records[-1]["time"] - first["time"] + window
+
+
+def summarize(run: Path, out: Path) -> dict:
+    plan = json.loads((run / "plan.json").read_text())
+    target = out / run.name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("plan.json", "plan.png", "sensitivity.json"):
+        shutil.copy(run / name, target / name)
+    for stage in ("warmup", "final"):
+        shutil.copy(run / stage / "log.jsonl", target / f"{stage}-log.jsonl")
+        shutil.copy(run / stage / "config.json", target / f"{stage}-config.json")
+    warm, final = probes(run / "warmup" / "log.jsonl"), probes(run / "final" / "log.jsonl")
+    return {
+        "run": run.name, "budget": plan["budget"], "weighting": plan["weighting"], "average_plain": plan["average_plain"],
+        "average_macs": plan["average_macs"], "role_averages": plan["role_averages"],
+        "paper_role_averages_dit_xl2": plan.get("paper_role_averages_dit_xl2"), "start_bits_probe": warm,
+        "plan_probe": final, "warmup_seconds": stage_seconds(run / "warmup" / "log.jsonl"),
+        "final_seconds": stage_seconds(run / "final" / "log.jsonl"), "summary": format_plan(plan),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--results-dir", default=str(ROOT / "results"))
+    args = parser.parse_args()
+    out = Path(args.results_dir)
+    rows = [summarize(Path(r), out / "ampn") for r in args.runs]
+    roles = ("qkv", "proj", "fc1", "fc2")
+    lines = ["| run | budget | achieved plain / MAC-weighted | " + " | ".join(roles) + " | probe after warm-up | probe after plan QAT | QAT minutes (warm-up + plan) |",
+             "|---|---|---|" + "---|" * len(roles) + "---|---|---|"]
+    for r in rows:
+        bits = " | ".join(f"{r['role_averages'][k]:.2f}" for k in roles)
+        lines.append(f"| [{r['run']}](ampn/{r['run']}/plan.png) | {r['budget']} | {r['average_plain']:.2f} / {r['average_macs']:.2f} | {bits} "
+                     f"| {r['start_bits_probe'][-1][1]:.4f} | {r['plan_probe'][-1][1]:.4f} "
+                     f"| {r['warmup_seconds'] / 60:.0f} + {r['final_seconds'] / 60:.0f} |")
+    paper = rows[0]["paper_role_averages_dit_xl2"] or {}
+    if paper:
+        lines.append("| paper, DiT-XL/2 (METHOD.md) | — | — | " + " | ".join(f"{paper[k]:.2f}" for k in roles) + " | — | — | — |")
+    write_result("ampn", {"runs": rows}, "\n".join(lines), out)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
