@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             elif not paired.is_file():
                 raise RuntimeError(f"{paired} is missing: run the 'FP teacher' row first, it provides the paired samples for PSNR")
             metrics = score(npz, paired, args)
-            save_grid(pixels[:: max(1, per_class // 8)][: 8 * teacher.num_classes], grids / f"{slug}-cfg{guidance}.png", 8)
+            class_grid(pixels, teacher.num_classes, grids / f"{slug}-cfg{guidance}.png")
             results.append({
                 "method": row.method, "w_bits": 1.58 if row.preset and row.preset != "fp" else 32,
                 "a_bits": row.a_bits or 32, "ampn": row.ampn, "guidance": guidance, **metrics,
@@ -187,6 +187,13 @@ def main(argv: list[str] | None = None) -> None:
         results = payload["rows"]
     write_result(name, payload, markdown_table(results), results_dir)
     plot(results, results_dir / f"{name}.png")
+
+
+def class_grid(pixels: np.ndarray, num_classes: int, path: Path) -> None:
+    """The first 8 samples of each class, a row per class (samples are stored class by class)."""
+    per_class = len(pixels) // num_classes
+    save_grid(pixels.reshape(num_classes, per_class, *pixels.shape[1:])[:, :8].reshape(-1, *pixels.shape[1:]), path,
+              min(8, per_class))
 
 
 def merge_rows(table: dict, update: dict) -> dict:
@@ -233,6 +240,8 @@ def rescore(args: argparse.Namespace) -> None:
     for r in payload["rows"]:
         npz = work / slug_of(r["method"]) / f"samples-cfg{r['guidance']}.npz"
         r.update(score(npz, work / f"teacher-cfg{r['guidance']}.npz", args))
+        with np.load(npz) as data:
+            class_grid(data["arr_0"], 10, results_dir / "reproduce_grids" / f"{slug_of(r['method'])}-cfg{r['guidance']}.png")
     payload["rows"].insert(0, real_images_row(payload["samples"] // 10, work, args))
     # The rows keep the training run's provenance; write_result adds the rescoring's.
     payload["table_run"] = {k: payload.pop(k) for k in ("machine", "command", "date") if k in payload}
