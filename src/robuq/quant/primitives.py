@@ -41,10 +41,13 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, offset, low, high):
-        u = (x - offset).div_(scale)
-        if ctx.needs_input_grad[0]:  # sampling and evaluation need no mask
-            ctx.save_for_backward((u >= low - 0.5) & (u < high + 0.5))
-        levels = u.round_().clamp_(low, high)
+        rounded = (x - offset).div_(scale).round_()
+        if ctx.needs_input_grad[0]:
+            # Inside the range ⇔ clamping changed nothing: two passes instead of three compares.
+            levels = rounded.clamp(low, high)
+            ctx.save_for_backward(levels == rounded)
+        else:  # sampling and evaluation need no mask
+            levels = rounded.clamp_(low, high)
         ctx.mark_non_differentiable(levels)
         return torch.addcmul(torch.as_tensor(offset, dtype=levels.dtype), levels, scale), levels
 
