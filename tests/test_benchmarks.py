@@ -67,3 +67,20 @@ def test_reproduce_quick_path_on_a_tiny_teacher(tmp_path, tiny_dit, fmnist_dir):
     assert summary["budget"] == 2.0 and set(summary["role_averages"]) == {"qkv", "proj", "fc1", "fc2"}
     assert summary["plan_probe"] and summary["warmup_seconds"] > 0
     assert (tmp_path / "collected" / "robuq---ampn-w1-58a2" / "plan.png").stat().st_size > 0
+
+
+def test_deploy_sizes_and_peak_memory_on_dit_s2(tmp_path):
+    deploy = _load("deploy")
+    rows = deploy.size_rows(["DiT-S/2"], "ternary-trits", tmp_path)
+    assert [r["layout"] for r in rows] == ["paper (adaLN int4)", "ternary adaLN"]
+    for r in rows:  # the file holds what the plan says, plus a small header
+        assert 0 <= r["overhead_vs_information"] < 0.02 and r["size_ratio_fp32"] == 2 * r["size_ratio_fp16"]
+    assert rows[1]["size_ratio_fp32"] > rows[0]["size_ratio_fp32"]
+    import robuq
+    from robuq.deploy.export import export_model
+
+    config = robuq.preset("robuq", act_bits=2)
+    model = robuq.quantize_(robuq.create_dit("DiT-S/2", input_size=32), config, initialize=False)
+    memory = deploy.peak_memory_ratio("DiT-S/2", str(export_model(model, config, tmp_path / "s2.safetensors")))
+    assert 0 < memory["exported_peak_above_import_bytes"] < memory["exported_peak_bytes"]
+    assert memory["peak_mem_ratio"] == memory["fp32_peak_bytes"] / memory["exported_peak_bytes"]

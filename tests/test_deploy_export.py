@@ -102,3 +102,16 @@ def test_cost_summary_of_an_exported_model_matches_its_training_model(tmp_path, 
     exported = load_exported(export_model(model, config, tmp_path / "m.safetensors"))
     a, b = cost_summary(model), cost_summary(exported)
     assert b.bops == pytest.approx(a.bops) and b.macs == a.macs
+
+
+def test_layers_with_full_precision_inputs_stay_float_in_an_integer_model(tmp_path, tiny_dit):
+    config = robuq.preset("robuq", act_bits=3)
+    model = robuq.quantize_(tiny_dit, config, plan={"blocks.0.mlp.fc1": None}).eval()
+    path = export_model(model, config, tmp_path / "m.safetensors", dtype="fp32")
+    integer_model = load_exported(path)
+    assert isinstance(integer_model.get_submodule("blocks.0.mlp.fc1"), QuantLinear)
+    assert isinstance(integer_model.get_submodule("blocks.0.mlp.fc2"), IntegerLinear)
+    assert not any(t.is_meta for t in [*integer_model.parameters(), *integer_model.buffers()])
+    with torch.no_grad():
+        a, b = load_exported(path, integer=False)(*_inputs()), integer_model(*_inputs())
+    assert ((a - b).norm() / a.norm()) < 0.05

@@ -4,14 +4,18 @@ from __future__ import annotations
 import os
 
 from robuq.deploy.export import load_exported
-from robuq.models.checkpoint import load_dit, read_state_dict
+from robuq.io import read_meta
+from robuq.models.checkpoint import load_dit
 from robuq.models.dit import DiT
 from robuq.quantized_io import load_quantized
 
 
 def load_any(path: str | os.PathLike, map_location: str = "cpu") -> DiT:
     """The model in ``path``, whichever of robuq's (or the reference's) formats it is in."""
-    _, meta = read_state_dict(path)
+    try:  # the header alone: loading every tensor just to learn the format doubled the peak memory
+        meta = read_meta(path)
+    except Exception:  # not a readable safetensors file: load_dit reads .pt files and explains what is wrong
+        meta = {}
     if meta.get("kind") == "robuq-export":
         return load_exported(path).to(map_location)
     if "quant_config" in meta:

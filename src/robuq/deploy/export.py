@@ -92,8 +92,11 @@ def load_exported(path: str | os.PathLike, integer: bool = True) -> DiT:
         raise _corrupt(path, "its header does not describe a robuq export (is it a training checkpoint? use load_quantized)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise _corrupt(path, f"format version {meta.get('format_version')} is not {FORMAT_VERSION}")
-    model = DiT(DiTConfig(**meta["model_config"]))
-    quantize_(model, QuantConfig.from_dict(meta["quant_config"]), plan=meta.get("plan") or None, initialize=False)
+    # The skeleton lives on the meta device: the file's tensors are assigned into it, so no random
+    # initialisation and (for integer inference) no float copy of the packed weights is ever allocated.
+    with torch.device("meta"):
+        model = DiT(DiTConfig(**meta["model_config"]))
+        quantize_(model, QuantConfig.from_dict(meta["quant_config"]), plan=meta.get("plan") or None, initialize=False)
     state, weights = {}, {}
     for name, info in meta["packed"].items():
         if info.get("format") not in PACKERS:
@@ -111,25 +114,37 @@ def load_exported(path: str | os.PathLike, integer: bool = True) -> DiT:
             raise _corrupt(path, f"{name} has {scale.numel()} scales for {shape[0]} output channels")
         levels = PACKERS[info["format"]][1](data, count).reshape(shape)
         weights[name] = QuantizedTensor(levels, scale.float().unsqueeze(1), 0.0)
+    modules = dict(model.named_modules())
+    for name, q in weights.items():
+        if not isinstance(modules.get(name), QuantLinear):
+            raise _corrupt(path, f"packed weights for {name!r}, which the config does not quantize")
+        if tuple(q.levels.shape) != tuple(modules[name].weight.shape):
+            raise _corrupt(path, f"{name}.weight has shape {tuple(q.levels.shape)}, the config needs {tuple(modules[name].weight.shape)}")
+    # Layers that run on integers take the levels; the others (float mode, or full-precision inputs) get α·L.
+    on_integers = {n for n in weights if integer and model.get_submodule(n).act_bits is not None}
+    for name in set(weights) - on_integers:
         state[f"{name}.weight"] = weights[name].dequantize()
     expected = model.state_dict()
     for key, value in tensors.items():
         if key not in expected:
             raise _corrupt(path, f"unexpected tensor {key!r}")
         state[key] = value.to(expected[key].dtype)
-    missing = sorted(set(expected) - set(state))
+    packed_weights = {f"{name}.weight" for name in on_integers}
+    missing = sorted(set(expected) - set(state) - packed_weights)
     if missing:
         raise _corrupt(path, f"missing tensors: {', '.join(missing[:6])}")
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise _corrupt(path, f"{key} has shape {tuple(value.shape)}, the config needs {tuple(expected[key].shape)}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False, assign=True)
     model.eval().requires_grad_(False)
-    if integer:
-        return convert_to_integer(model, weights)
-    for name in weights:  # the stored weights are already quantized: re-quantizing α·L would change α
+    for name in set(weights) - on_integers:  # the stored weights are already quantized: re-quantizing α·L would change α
         layer = model.get_submodule(name)
         layer.config = dataclasses.replace(layer.config, weight="fp")
+    convert_to_integer(model, {n: weights[n] for n in on_integers}, only_given=True)
+    unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unset:
+        raise _corrupt(path, f"no values for {', '.join(unset[:6])}")
     return model
 
 
