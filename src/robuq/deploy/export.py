@@ -141,7 +141,8 @@ def load_exported(path: str | os.PathLike, integer: bool = True) -> DiT:
     for name in set(weights) - on_integers:  # the stored weights are already quantized: re-quantizing α·L would change α
         layer = model.get_submodule(name)
         layer.config = dataclasses.replace(layer.config, weight="fp")
-    convert_to_integer(model, {n: weights[n] for n in on_integers}, only_given=True)
+        del weights[name]
+    convert_to_integer(model, weights, only_given=True)  # empties ``weights``: each layer's levels go as it is built
     unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unset:
         raise _corrupt(path, f"no values for {', '.join(unset[:6])}")

@@ -104,12 +104,13 @@ class IntegerLinear(nn.Module):
 def convert_to_integer(model: nn.Module, weights: dict[str, QuantizedTensor] | None = None,
                        only_given: bool = False) -> nn.Module:
     """Replace, in place, every QuantLinear with quantized weights and activations by an IntegerLinear
-    (with the given levels and scales where ``weights`` has them; ``only_given``: just those layers,
-    whose float weights need not exist)."""
+    (with the given levels and scales where ``weights`` has them, popped from it as they are used;
+    ``only_given``: just those layers, whose float weights need not exist)."""
     weights = weights or {}
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.act_bits is not None
                and (n in weights if only_given else m.quantized_weight() is not None)]
     for name, layer in targets:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, IntegerLinear(layer, weights.get(name)))
+        # pop: the caller's levels are freed layer by layer once the integer copy exists (peak memory).
+        setattr(model.get_submodule(parent) if parent else model, child, IntegerLinear(layer, weights.pop(name, None)))
     return model
