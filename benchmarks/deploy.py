@@ -85,12 +85,17 @@ def linear_rows(repeats: int, tokens: int = 2048) -> list[dict]:
     return rows
 
 
+def export_random(name: str, path: Path) -> Path:
+    """A randomly initialised ``name`` at the paper's W1.58A2 layout, exported with 2-bit packing."""
+    config = robuq.preset("robuq", act_bits=2)
+    model = robuq.quantize_(robuq.create_dit(name, input_size=32), config, initialize=False)
+    return export_model(model, config, path, "ternary-2bit", "fp16")
+
+
 def end_to_end(name: str, repeats: int, tmp: Path) -> dict:
     torch.manual_seed(0)
     fp = robuq.create_dit(name, input_size=32).eval()
-    config = robuq.preset("robuq", act_bits=2)
-    quant = robuq.quantize_(robuq.create_dit(name, input_size=32), config, initialize=False)
-    path = export_model(quant, config, tmp / f"{name.replace('/', '_')}.safetensors", "ternary-2bit", "fp16")
+    path = export_random(name, tmp / f"{name.replace('/', '_')}.safetensors")
     exported = load_exported(path)
     x, t, y = torch.randn(8, 4, 32, 32), torch.randint(0, 1000, (8,)), torch.randint(0, 1000, (8,))
     with torch.no_grad():
@@ -155,11 +160,7 @@ def main() -> None:
                 entry.update({k: v for k, v in speed.items() if k != "export_path"})
                 entry.update(peak_memory_ratio(name, speed["export_path"]))
             elif not args.quick:  # DiT-XL/2: memory only, where the weights outweigh the interpreter
-                config = robuq.preset("robuq", act_bits=2)
-                model = robuq.quantize_(robuq.create_dit(name, input_size=32), config, initialize=False)
-                path = export_model(model, config, tmp / "memory.safetensors", "ternary-2bit", "fp16")
-                del model
-                entry.update(peak_memory_ratio(name, str(path)))
+                entry.update(peak_memory_ratio(name, str(export_random(name, tmp / "memory.safetensors"))))
             entry["linears"] = linears if name == "DiT-XL/2" or args.quick else []
             models.append(entry)
     lines = ["| model | layout | packing | MiB | ×fp32 | ×fp16 | over information |", "|---|---|---|---|---|---|---|"]

@@ -210,9 +210,10 @@ def slug_of(method: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
 
 
-def score(samples: Path, paired: Path, args: argparse.Namespace) -> dict:
-    """The table's metric columns for one sample file."""
-    m = evaluate(EvalConfig(samples=str(samples), data_dir=args.data_dir, paired=str(paired), classifier=args.classifier))
+def score(samples: Path, paired: Path | None, args: argparse.Namespace) -> dict:
+    """The table's metric columns for one sample file (PSNR against ``paired``, when there is one)."""
+    m = evaluate(EvalConfig(samples=str(samples), data_dir=args.data_dir, paired=str(paired) if paired else None,
+                            classifier=args.classifier))
     return {"fid": m["fid"], "sfid": m["sfid"], "is": m["is"], "precision": m["precision"], "recall": m["recall"],
             "psnr_vs_fp": m.get("psnr_vs_paired")}
 
@@ -226,7 +227,7 @@ def real_images_row(per_class: int, work: Path, args: argparse.Namespace) -> dic
     npz = work / "real-training-images.npz"
     npz.parent.mkdir(parents=True, exist_ok=True)
     np.savez(npz, arr_0=np.repeat(images[pick][..., None], 3, axis=-1))
-    metrics = score(npz, npz, args) | {"psnr_vs_fp": None}
+    metrics = score(npz, None, args)
     return {"method": "real training images (reference)", "w_bits": 32, "a_bits": 32, "ampn": False, "guidance": 0.0,
             **metrics, "bops_ratio": float("nan"), "qat_seconds": 0.0}
 

@@ -121,7 +121,7 @@ def load_exported(path: str | os.PathLike, integer: bool = True) -> DiT:
         if tuple(q.levels.shape) != tuple(modules[name].weight.shape):
             raise _corrupt(path, f"{name}.weight has shape {tuple(q.levels.shape)}, the config needs {tuple(modules[name].weight.shape)}")
     # Layers that run on integers take the levels; the others (float mode, or full-precision inputs) get α·L.
-    on_integers = {n for n in weights if integer and model.get_submodule(n).act_bits is not None}
+    on_integers = {n for n in weights if integer and modules[n].act_bits is not None}
     for name in set(weights) - on_integers:
         state[f"{name}.weight"] = weights[name].dequantize()
     expected = model.state_dict()
@@ -139,8 +139,7 @@ def load_exported(path: str | os.PathLike, integer: bool = True) -> DiT:
     model.load_state_dict(state, strict=False, assign=True)
     model.eval().requires_grad_(False)
     for name in set(weights) - on_integers:  # the stored weights are already quantized: re-quantizing α·L would change α
-        layer = model.get_submodule(name)
-        layer.config = dataclasses.replace(layer.config, weight="fp")
+        modules[name].config = dataclasses.replace(modules[name].config, weight="fp")
         del weights[name]
     convert_to_integer(model, weights, only_given=True)  # empties ``weights``: each layer's levels go as it is built
     unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

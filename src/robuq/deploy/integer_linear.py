@@ -47,11 +47,11 @@ class IntegerLinear(nn.Module):
         levels = q.levels.to(torch.int8)
         self.register_buffer("weight_levels_t", levels.t().contiguous())  # (in, out): _int_mm's layout
         self.register_buffer("weight_scale", q.scale.reshape(-1).float())
-        self.register_buffer("weight_level_sums", levels.sum(dim=1, dtype=torch.int32).float())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
         # Rows of the rank-2 update that adds the offset term (o·ΣL·α) and the bias in one pass.
+        level_sums = levels.sum(dim=1, dtype=torch.int32).float()
         bias = self.bias if self.bias is not None else torch.zeros_like(self.weight_scale)
-        self.register_buffer("_offset_rows", torch.stack([self.weight_level_sums * self.weight_scale, bias]), persistent=False)
+        self.register_buffer("_offset_rows", torch.stack([level_sums * self.weight_scale, bias]), persistent=False)
         # Rows per block: ~16 MiB of fp32 temporaries, under glibc's 32 MiB mmap ceiling, few Python round trips.
         self.block_rows = max(64, 2**22 // max(self.in_features, self.out_features))
         self.register_buffer("hadamard_signs", layer.hadamard_signs)
