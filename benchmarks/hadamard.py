@@ -2,11 +2,14 @@
 
     python benchmarks/hadamard.py            # writes results/hadamard.json and .md
 
-All three are timed side by side in one run; compare the ratios, not the absolute times.
+``fast`` is what ``hadamard_transform`` runs by default (robuq's C kernel on the CPU, Triton on a GPU);
+``pytorch`` is its PyTorch fallback (a small matmul per Kronecker factor). All are timed side by side
+in one run; compare the ratios, not the absolute times.
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -18,12 +21,15 @@ def measure(shape: tuple[int, int], device: str, repeats: int) -> dict:
     x = torch.randn(*shape, device=device)
     H = hadamard_matrix(shape[1]).to(device)
     fast = time_ms(lambda: hadamard_transform(x), repeats, device=device)
+    os.environ["ROBUQ_NATIVE"] = "0"  # the PyTorch path (on a GPU the Triton kernel still runs)
+    pytorch = time_ms(lambda: hadamard_transform(x), repeats, device=device) if device == "cpu" else None
+    del os.environ["ROBUQ_NATIVE"]
     dense = time_ms(lambda: x @ H, repeats, device=device)
     copy = time_ms(lambda: x.clone(), repeats, device=device)
     error = (hadamard_transform(x) - x @ H).abs().max().item()
     return {
         "shape": list(shape), "device": device, "factors": list(hadamard_factors(shape[1])), "fast_ms": fast,
-        "dense_ms": dense, "copy_ms": copy, "dense_over_fast": dense / fast, "fast_over_copy": fast / copy,
+        "pytorch_ms": pytorch, "dense_ms": dense, "copy_ms": copy, "dense_over_fast": dense / fast, "fast_over_copy": fast / copy,
         "max_abs_diff": error,
     }
 
@@ -36,10 +42,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = [measure(shape, d, args.repeats) for d in devices for shape in ((4096, 1152), (4096, 4608))]
-    table = ["| shape | device | factors | fast ms | dense ms | copy ms | dense/fast | fast/copy |", "|---|---|---|---|---|---|---|---|"]
+    table = ["| shape | device | factors | fast ms | PyTorch path ms | dense ms | copy ms | dense/fast | fast/copy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        pytorch = "—" if r["pytorch_ms"] is None else f"{r['pytorch_ms']:.1f}"
         table.append(
-            f"| {r['shape']} | {r['device']} | {r['factors']} | {r['fast_ms']:.1f} | {r['dense_ms']:.1f} | {r['copy_ms']:.1f} "
+            f"| {r['shape']} | {r['device']} | {r['factors']} | {r['fast_ms']:.1f} | {pytorch} | {r['dense_ms']:.1f} | {r['copy_ms']:.1f} "
             f"| {r['dense_over_fast']:.1f}× | {r['fast_over_copy']:.1f}× |"
         )
     write_result("hadamard", {"rows": rows}, "\n".join(table))

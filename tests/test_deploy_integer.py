@@ -13,7 +13,9 @@ from robuq.quant.linear import LinearQuantConfig, QuantLinear
     dict(act_bits=4, weight="int4", lowrank_rank=3, lowrank_input="quantized"),
 ])
 @pytest.mark.parametrize("bias", [True, False])
-def test_integer_linear_matches_the_fake_quant_layer(options, bias):
+@pytest.mark.parametrize("kernels", ["native", "pytorch"])
+def test_integer_linear_matches_the_fake_quant_layer(options, bias, kernels, monkeypatch):
+    monkeypatch.setenv("ROBUQ_NATIVE", "1" if kernels == "native" else "0")
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(torch.nn.Linear(24, 20, bias=bias), LinearQuantConfig(**options)).eval()
     if layer.act_quant.clip_ratio is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from robuq.deploy.allocator import retain_freed_memory
 from robuq.deploy.integer_linear import IntegerLinear, convert_to_integer
 from robuq.deploy.packing import PACKERS
 from robuq.io import load_tensors, save_tensors
@@ -84,9 +85,15 @@ def _corrupt(path: Any, why: str) -> CheckpointError:
     return CheckpointError(f"{path} is not a usable robuq export: {why}. Re-export it with `robuq export`.")
 
 
-def load_exported(path: str | os.PathLike, integer: bool = True) -> DiT:
+def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: bool = True) -> DiT:
     """An inference model from an exported file: block linears run on integer levels (``integer=True``)
-    or as the fake-quantized float layers they were trained as."""
+    or as the fake-quantized float layers they were trained as.
+
+    ``retain_memory`` raises glibc's allocator thresholds for the process
+    (``robuq.deploy.allocator.retain_freed_memory``): inference on the CPU is up to 1.3× faster with it.
+    """
+    if retain_memory:
+        retain_freed_memory()
     tensors, meta = load_tensors(path)
     if meta.get("kind") != "robuq-export":
         raise _corrupt(path, "its header does not describe a robuq export (is it a training checkpoint? use load_quantized)")

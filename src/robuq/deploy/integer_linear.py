@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robuq.kernels import triton_ops
+from robuq.kernels import native, triton_ops
 from robuq.quant.activation import activation_scale_offset
 from robuq.quant.hadamard import hadamard_transform
 from robuq.quant.linear import QuantLinear
@@ -62,6 +62,11 @@ class IntegerLinear(nn.Module):
         if self.rank:
             self.register_buffer("lowrank_down", layer.lowrank_down.detach().float())
             self.register_buffer("lowrank_up", layer.lowrank_up.detach().float())
+            # V·(T x) = (V T) x: with the rotation folded into the branch, it reads the layer's input and no
+            # float copy of the rotated input has to be written.
+            down = self.lowrank_down
+            self.register_buffer("_lowrank_down_input", hadamard_transform(down, self.hadamard_signs, inverse=True)
+                                 if self.hadamard else down, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -93,30 +98,41 @@ class IntegerLinear(nn.Module):
         rows = levels.shape[0]
         return levels, scale.expand(*x_rot.shape[:-1], 1).reshape(rows, 1), offset.expand(*x_rot.shape[:-1], 1).reshape(rows, 1)
 
-    def _add_lowrank(self, y: torch.Tensor, x_rot: torch.Tensor | None, levels: torch.Tensor,
-                     scale: torch.Tensor, offset: torch.Tensor) -> None:
+    def _add_lowrank(self, y: torch.Tensor, x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor,
+                     offset: torch.Tensor) -> None:
+        """y += U·V·x' with x' the rotated input ("fp") or its fake-quantized levels ("quantized")."""
         if self.lowrank_input == "fp":
-            branch_in = x_rot
+            branch = F.linear(x, self._lowrank_down_input)
         else:  # what the training quantizer's fake-quantized output is: offset + level·scale
-            branch_in = torch.addcmul(offset, levels.float() + self._shift, scale)
-        y.addmm_(F.linear(branch_in, self.lowrank_down), self.lowrank_up.t())
+            branch = F.linear(torch.addcmul(offset, levels.float() + self._shift, scale), self.lowrank_down)
+        y.addmm_(branch, self.lowrank_up.t())
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x_rot = hadamard_transform(x, self.hadamard_signs) if self.hadamard else x
-        levels, scale, offset = self._quantize_rows(x_rot)
-        # y = (s·acc + (o + shift·s)·ΣL)·α + b, as two scalings and one rank-2 update, all in place.
-        torch.mul(_int8_matmul(levels, self.weight_levels_t), scale, out=y)
-        y.mul_(self.weight_scale)
-        y.addmm_(torch.cat([offset + self._shift * scale, torch.ones_like(offset)], dim=1), self._offset_rows)
+        if self.act_granularity == "token" and native.takes(x):
+            # One pass: Hadamard, per-token statistics and int8 levels, no float copy of the rotated rows.
+            _, levels, scale, offset = native.hadamard_quantize(
+                x, self.hadamard_signs, self.hadamard, self.act_bits, self.act_rule, self.clip_ratio,
+                keep_rotated=False, shift=self._shift)
+        else:
+            x_rot = hadamard_transform(x, self.hadamard_signs) if self.hadamard else x
+            levels, scale, offset = self._quantize_rows(x_rot)
+        acc = _int8_matmul(levels, self.weight_levels_t)
+        if native.takes(y) and y.is_contiguous():
+            native.rescale(acc, y, scale.contiguous(), (offset + self._shift * scale).contiguous(),
+                           self.weight_scale, self._offset_rows[0], self._offset_rows[1])
+        else:
+            # y = (s·acc + (o + shift·s)·ΣL)·α + b, as two scalings and one rank-2 update, all in place.
+            torch.mul(acc, scale, out=y)
+            y.mul_(self.weight_scale)
+            y.addmm_(torch.cat([offset + self._shift * scale, torch.ones_like(offset)], dim=1), self._offset_rows)
         if self.rank:
-            self._add_lowrank(y, x_rot.reshape(-1, self.in_features), levels, scale, offset)
+            self._add_lowrank(y, x.reshape(-1, self.in_features), levels, scale, offset)
 
     def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
         """The GPU path: one fused Hadamard + quantize pass, then the low-bit matmul with its rescale fused."""
-        keep_rotated = self.rank > 0 and self.lowrank_input == "fp"
         if self.hadamard and triton_ops.can_hadamard(x):
-            x_rot, levels, scale, offset = triton_ops.hadamard_quantize(
-                x, self.hadamard_signs, self.act_bits, self.act_rule, self.clip_ratio, store_rotated=keep_rotated)
+            _, levels, scale, offset = triton_ops.hadamard_quantize(
+                x, self.hadamard_signs, self.act_bits, self.act_rule, self.clip_ratio, store_rotated=False)
             scale, offset = scale[:, None], offset[:, None]
         else:
             x_rot = hadamard_transform(x, self.hadamard_signs) if self.hadamard else x
@@ -126,7 +142,7 @@ class IntegerLinear(nn.Module):
                                      (offset + self._shift * scale).reshape(-1).contiguous(), self.weight_scale,
                                      self._offset_rows[0].contiguous(), self.bias)
         if self.rank:
-            self._add_lowrank(y, x_rot, levels, scale, offset)
+            self._add_lowrank(y, x, levels, scale, offset)
         return y
 
     def _kernel_weight(self) -> tuple[torch.Tensor, bool]:

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
+from robuq.kernels import native
 from robuq.quant.activation import check_bits, quantize_activation
 from robuq.quant.primitives import affine_fake_quantize
 
@@ -30,11 +31,22 @@ class QuantAttentionCore(nn.Module):
         self.probs_bits = check_bits(probs_bits if probs_bits is not None else bits, "attention probability bits")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) and native.takes(q):
+            return self._forward_native(q, k, v)
         q, k = (quantize_activation(t, self.bits, "token", "minmax")[0] for t in (q, k))
         # probs·V sums over tokens, so V's scales must not vary along tokens: one scale per channel.
         v = quantize_activation(v.transpose(-2, -1), self.bits, "token", "minmax")[0].transpose(-2, -1)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
         probs = quantize_probabilities(scores.softmax(dim=-1), self.probs_bits)
+        return probs @ v
+
+    def _forward_native(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The same numbers for inference, each quantizer one pass over its operand (on fresh copies)."""
+        q = native.fake_quantize_rows_(q.contiguous().clone() if q.is_contiguous() else q.contiguous(), self.bits, "minmax")
+        k = native.fake_quantize_rows_(k.contiguous().clone() if k.is_contiguous() else k.contiguous(), self.bits, "minmax")
+        v = native.fake_quantize_rows_(v.transpose(-2, -1).contiguous(), self.bits, "minmax").transpose(-2, -1)
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1]))
+        probs = native.fake_quantize_rows_(scores.softmax(dim=-1), self.probs_bits, "max")
         return probs @ v
 
     def extra_repr(self) -> str:

@@ -178,10 +178,12 @@ def _normalised_transform(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool) -> torch.Tensor:
-    from robuq.kernels import triton_ops  # imported here: the kernels' module builds on this one
+    from robuq.kernels import native, triton_ops  # imported here: the kernels' modules build on this one
 
     if triton_ops.can_hadamard(x):  # one fused pass on the GPU instead of a matmul per Kronecker factor
         return triton_ops.hadamard(x, signs, inverse)
+    if native.takes(x):  # the same on the CPU: a butterfly per row instead of small batched matmuls
+        return native.hadamard(x, signs, inverse)
     if signs is not None and not inverse:
         x = x * signs
     y = _normalised_transform(x)

@@ -1,0 +1,138 @@
+"""robuq's C kernels (robuq/kernels/cpu_kernels.c) against the PyTorch code they replace."""
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from robuq.kernels import native
+from robuq.quant.activation import activation_scale_offset, quantize_activation
+from robuq.quant.attention import QuantAttentionCore, quantize_probabilities
+from robuq.quant.hadamard import hadamard_matrix, hadamard_transform, random_signs, small_hadamard_orders
+
+pytestmark = pytest.mark.skipif(not native.enabled(), reason="no C compiler: the kernels could not be built")
+
+SIZES = [20, 24, 192, 384, 768, 1152, 1536, 4096, 4608]
+
+
+def transform_matrix(n: int, signs: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """T = H·D/√n, or Tᵀ = D·H/√n, in float64."""
+    H, D = hadamard_matrix(n, torch.float64), torch.diag(signs.double())
+    return D @ H if inverse else H @ D
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_hadamard_equals_the_dense_matrix(n, inverse):
+    torch.manual_seed(n)
+    x = torch.randn(37, n)  # 37 rows: two full tiles of 16 and a ragged one
+    signs = random_signs(n, seed=4)
+    expected = x.double() @ transform_matrix(n, signs, inverse).t()
+    assert torch.allclose(native.hadamard(x, signs, inverse).double(), expected, atol=1e-5)
+    assert torch.allclose(native.hadamard(x, None, inverse).double(), x.double() @ hadamard_matrix(n, torch.float64), atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.sampled_from([1] + list(small_hadamard_orders())[:6]), k=st.integers(0, 7), rows=st.integers(1, 40))
+def test_hadamard_any_supported_size(m, k, rows):
+    n = m * 2**k
+    x = torch.randn(rows, n)
+    assert torch.allclose(native.hadamard(x, None, False).double(), x.double() @ hadamard_matrix(n, torch.float64), atol=1e-5)
+
+
+def test_hadamard_transform_takes_the_kernel_for_float32_and_keeps_its_gradient(monkeypatch):
+    n = 384
+    x = torch.randn(4, 5, n, requires_grad=True)
+    signs = random_signs(n, 2)
+    y = hadamard_transform(x, signs)
+    g = torch.randn_like(y)
+    y.backward(g)
+    monkeypatch.setenv("ROBUQ_NATIVE", "0")  # the PyTorch path, for reference
+    assert not native.enabled()
+    assert torch.allclose(y.detach(), hadamard_transform(x.detach(), signs), atol=1e-5)
+    assert torch.allclose(x.grad, hadamard_transform(g, signs, inverse=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["minmax", "gaussian"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("rotate", [True, False])
+def test_hadamard_quantize_matches_the_pytorch_quantizer(rule, bits, rotate):
+    torch.manual_seed(bits)
+    n = 1152
+    x = torch.randn(21, n) * torch.rand(21, 1) * 3 + torch.randn(21, 1)
+    signs = random_signs(n, 5)
+    shift = 128 if bits == 8 else 0
+    ratio = torch.tensor(0.8)
+    rotated, levels, scale, offset = native.hadamard_quantize(x, signs, rotate, bits, rule, ratio, True, shift)
+    reference = x.double() @ transform_matrix(n, signs, False).t() if rotate else x.double()
+    assert torch.allclose(rotated.double(), reference, atol=1e-5)
+    # Given the same rotated rows, statistics and levels are PyTorch's to the last bit (or rounding).
+    ref_scale, ref_offset = activation_scale_offset(rotated, bits, "token", rule, ratio)
+    assert torch.allclose(scale, ref_scale, rtol=1e-6) and torch.allclose(offset, ref_offset, rtol=1e-5, atol=1e-6)
+    ref_levels = ((rotated - offset) / scale).round().clamp(0, 2**bits - 1) - shift
+    assert levels.dtype == torch.int8 and torch.equal(levels.float(), ref_levels)
+    _, without_copy, _, _ = native.hadamard_quantize(x, signs, rotate, bits, rule, ratio, False, shift)
+    assert torch.equal(without_copy, levels)
+
+
+@pytest.mark.parametrize("rule", ["minmax", "gaussian"])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_fake_quantize_rows_matches_quantize_activation(rule, bits):
+    x = torch.randn(6, 37, 48) * 2 + 1
+    expected = quantize_activation(x, bits, "token", rule)[0]
+    got = native.fake_quantize_rows_(x.clone(), bits, rule)
+    assert torch.allclose(got, expected, atol=1e-5 * expected.abs().max().item())
+    with pytest.raises(ValueError, match="contiguous"):
+        native.fake_quantize_rows_(x.transpose(1, 2), bits, rule)
+
+
+def test_probability_grid_matches_quantize_probabilities():
+    p = torch.randn(3, 4, 50, 50).softmax(-1)
+    assert torch.allclose(native.fake_quantize_rows_(p.clone(), 8, "max"), quantize_probabilities(p, 8), atol=1e-7)
+
+
+def test_rescale_is_the_integer_linear_epilogue():
+    acc = torch.randint(-1000, 1000, (19, 33), dtype=torch.int32)
+    s, o = torch.rand(19, 1), torch.randn(19, 1)
+    alpha, w, b = torch.rand(33), torch.randn(33), torch.randn(33)
+    out = native.rescale(acc, torch.empty(19, 33), s, o, alpha, w, b)
+    assert torch.allclose(out, acc.float() * s * alpha + o * w + b, rtol=1e-6, atol=1e-5)
+
+
+def test_attention_core_native_inference_equals_its_autograd_path():
+    core = QuantAttentionCore(bits=8)
+    qkv = torch.randn(2, 40, 3, 4, 16).permute(2, 0, 3, 1, 4)  # the strided views Attention passes in
+    with torch.no_grad():
+        fast = core(qkv[0], qkv[1], qkv[2])
+    leaf = qkv.clone().requires_grad_(True)
+    slow = core(leaf[0], leaf[1], leaf[2])  # gradients wanted: the PyTorch quantizers
+    assert torch.allclose(fast, slow.detach(), atol=1e-5)
+
+
+def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("ROBUQ_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not native.enabled()
+        assert any("falling back to PyTorch" in str(w.message) for w in caught)
+        x = torch.randn(3, 192)
+        assert torch.allclose(hadamard_transform(hadamard_transform(x), inverse=True), x, atol=1e-5)
+    finally:
+        native._library.cache_clear()
+
+
+def test_build_is_cached_per_source_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("ROBUQ_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert native.enabled()
+        built = list((tmp_path / "kernels").glob("cpu_kernels-*.so"))
+        assert len(built) == 1
+        native._library.cache_clear()
+        assert native.enabled() and list((tmp_path / "kernels").glob("cpu_kernels-*.so")) == built
+    finally:
+        native._library.cache_clear()
