@@ -304,18 +304,6 @@ static void row_scale_offset(const float *restrict v, int64_t n, int bits, int r
     finish_scale_offset(lo, hi, mean, std, bits, rule, step_factor, 1.0f, scale, offset);
 }
 
-/* In place: each row becomes offset + level·scale (its fake-quantized values), per-row statistics. */
-void robuq_fake_quantize_rows(float *x, int64_t rows, int64_t n, int bits, int rule, float step_factor, int threads) {
-    const float top = (float)((1 << bits) - 1);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < rows; r++) {
-        float *restrict v = x + r * n;
-        float s, o;
-        row_scale_offset(v, n, bits, rule, step_factor, &s, &o);
-        for (int64_t i = 0; i < n; i++) v[i] = o + level_of(v[i], s, o, top) * s;
-    }
-}
-
 /* The integer linear's epilogue in one pass: y = acc·s_r·α_c + o_r·w_c + b_c, where acc is the int32
  * product of the levels and w_c = α_c·Σ_k L_kc carries the activation offset. */
 void robuq_rescale(const int32_t *acc, float *y, int64_t rows, int64_t cols, const float *s, const float *o,
@@ -326,5 +314,107 @@ void robuq_rescale(const int32_t *acc, float *y, int64_t rows, int64_t cols, con
         float *restrict out = y + r * cols;
         const float sr = s[r], orow = o[r];
         for (int64_t c = 0; c < cols; c++) out[c] = (float)a[c] * sr * alpha[c] + (orow * w[c] + bias[c]);
+    }
+}
+
+/* ---- Integer attention. A quantized value is s·(l + shift) + o = s·l + c with int8 levels l and
+ * c = o + shift·s; products of levels are exact int32 GEMMs, and the affine terms come back through
+ * the level sums. ---- */
+
+/* Per-row levels of `rows` contiguous rows of n (rule minmax or max), with scale, c and level sums. */
+void robuq_quantize_rows_int8(const float *x, int8_t *levels, float *scale, float *c, int32_t *sums, int64_t rows,
+                              int64_t n, int bits, int rule, int shift, int threads) {
+    const float top = (float)((1 << bits) - 1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict v = x + r * n;
+        int8_t *restrict l = levels + r * n;
+        float s, o;
+        row_scale_offset(v, n, bits, rule, 0.0f, &s, &o);
+        int32_t total = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const int32_t q = (int32_t)level_of(v[i], s, o, top) - shift;
+            l[i] = (int8_t)q;
+            total += q;
+        }
+        scale[r] = s;
+        c[r] = o + (float)shift * s;
+        sums[r] = total;
+    }
+}
+
+/* Per-column min–max levels of `mats` contiguous (rows × cols) matrices: V's scales run along channels,
+ * because probs·V sums over tokens. scale, c and sums are (mats × cols). */
+void robuq_quantize_columns_int8(const float *x, int8_t *levels, float *scale, float *c, int32_t *sums, int64_t mats,
+                                 int64_t rows, int64_t cols, int bits, int shift, int threads) {
+    const float top = (float)((1 << bits) - 1);
+#pragma omp parallel num_threads(threads)
+    {
+        float *lo = malloc((size_t)cols * sizeof(float)), *hi = malloc((size_t)cols * sizeof(float));
+        float *s = malloc((size_t)cols * sizeof(float)), *o = malloc((size_t)cols * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < mats; m++) {
+            const float *restrict v = x + m * rows * cols;
+            int8_t *restrict l = levels + m * rows * cols;
+            for (int64_t j = 0; j < cols; j++) lo[j] = hi[j] = v[j];
+            for (int64_t i = 1; i < rows; i++)
+                for (int64_t j = 0; j < cols; j++) {
+                    const float u = v[i * cols + j];
+                    lo[j] = u < lo[j] ? u : lo[j];
+                    hi[j] = u > hi[j] ? u : hi[j];
+                }
+            for (int64_t j = 0; j < cols; j++) {
+                finish_scale_offset(lo[j], hi[j], 0.0f, 0.0f, bits, RULE_MINMAX, 0.0f, 1.0f, &s[j], &o[j]);
+                scale[m * cols + j] = s[j];
+                c[m * cols + j] = o[j] + (float)shift * s[j];
+                sums[m * cols + j] = 0;
+            }
+            for (int64_t i = 0; i < rows; i++)
+                for (int64_t j = 0; j < cols; j++) {
+                    const int32_t q = (int32_t)level_of(v[i * cols + j], s[j], o[j], top) - shift;
+                    l[i * cols + j] = (int8_t)q;
+                    sums[m * cols + j] += q;
+                }
+        }
+        free(lo);
+        free(hi);
+        free(s);
+        free(o);
+    }
+}
+
+/* scores = (q·k)/√d from the int32 level products: q·k = s_q s_k acc + s_q A_q c_k + c_q s_k A_k + d c_q c_k. */
+void robuq_attention_scores(const int32_t *acc, float *out, int64_t mats, int64_t nq, int64_t nk, int64_t d,
+                            const float *sq, const float *cq, const int32_t *aq, const float *sk, const float *ck,
+                            const int32_t *ak, float inv_sqrt_d, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t row = 0; row < mats * nq; row++) {
+        const int64_t m = row / nq;
+        const float *restrict skm = sk + m * nk, *restrict ckm = ck + m * nk;
+        const int32_t *restrict akm = ak + m * nk;
+        const int32_t *restrict a = acc + row * nk;
+        float *restrict o = out + row * nk;
+        const float s = sq[row], sa = sq[row] * (float)aq[row], c = cq[row];
+        for (int64_t j = 0; j < nk; j++)
+            o[j] = (s * skm[j] * (float)a[j] + sa * ckm[j] + c * (skm[j] * (float)akm[j] + (float)d * ckm[j])) * inv_sqrt_d;
+    }
+}
+
+/* out = p·v from the int32 level products, written (batch, nq, heads, d) so that the caller's
+ * transpose(1, 2) is already contiguous: p·v = s_p [s_v (acc + shift_p B_v) + c_v (A_p + shift_p nk)],
+ * the probabilities having offset 0 (their c_p is shift_p·s_p). */
+void robuq_attention_output(const int32_t *acc, float *out, int64_t heads, int64_t mats, int64_t nq, int64_t d,
+                            int64_t nk, const float *sp, const int32_t *ap, const float *sv, const float *cv,
+                            const int32_t *bv, int shift_p, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t row = 0; row < mats * nq; row++) {
+        const int64_t m = row / nq, i = row % nq, b = m / heads, h = m % heads;
+        const float *restrict svm = sv + m * d, *restrict cvm = cv + m * d;
+        const int32_t *restrict bvm = bv + m * d;
+        const int32_t *restrict a = acc + row * d;
+        float *restrict o = out + ((b * nq + i) * heads + h) * d;
+        const float s = sp[row], count = (float)ap[row] + (float)shift_p * (float)nk;
+        for (int64_t c = 0; c < d; c++)
+            o[c] = s * (svm[c] * ((float)a[c] + (float)shift_p * (float)bvm[c]) + cvm[c] * count);
     }
 }

@@ -31,12 +31,16 @@ RULES = {"minmax": 0, "gaussian": 1, "max": 2}
 
 _f32, _i8, _i64, _int, _float = (ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int8),
                                  ctypes.c_int64, ctypes.c_int, ctypes.c_float)
+_i32p = ctypes.POINTER(ctypes.c_int32)
 _SIGNATURES = {
     "robuq_hadamard": [_f32, _f32, _i64, _i64, _i64, _f32, _f32, _int, _int],
     "robuq_hadamard_quantize": [_f32, _f32, _i8, _f32, _f32, _i64, _i64, _i64, _f32, _f32, _int, _int, _float,
                                 _float, _int, _int],
-    "robuq_rescale": [ctypes.POINTER(ctypes.c_int32), _f32, _i64, _i64, _f32, _f32, _f32, _f32, _f32, _int],
-    "robuq_fake_quantize_rows": [_f32, _i64, _i64, _int, _int, _float, _int],
+    "robuq_rescale": [_i32p, _f32, _i64, _i64, _f32, _f32, _f32, _f32, _f32, _int],
+    "robuq_quantize_rows_int8": [_f32, _i8, _f32, _f32, _i32p, _i64, _i64, _int, _int, _int, _int],
+    "robuq_quantize_columns_int8": [_f32, _i8, _f32, _f32, _i32p, _i64, _i64, _i64, _int, _int, _int],
+    "robuq_attention_scores": [_i32p, _f32, _i64, _i64, _i64, _i64, _f32, _f32, _i32p, _f32, _f32, _i32p, _float, _int],
+    "robuq_attention_output": [_i32p, _f32, _i64, _i64, _i64, _i64, _i64, _f32, _i32p, _f32, _f32, _i32p, _int, _int],
 }
 
 
@@ -44,10 +48,19 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("ROBUQ_CACHE", Path.home() / ".cache" / "robuq")) / "kernels"
 
 
+def _cpu_identity() -> str:
+    """What -march=native compiles for: a cache shared between different CPUs must not mix their builds."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return "\n".join(sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))}))
+
+
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, platform.machine(),
-                                    platform.processor()]).encode()).hexdigest()[:16]
+                                    _cpu_identity()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
@@ -131,21 +144,61 @@ def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool,
     return y, levels, scale, offset
 
 
-def fake_quantize_rows_(x: torch.Tensor, bits: int, rule: str) -> torch.Tensor:
-    """In place on a contiguous float32 tensor: each last-axis row → its fake-quantized values, with the
-    row's own scale (``rule``: "minmax", "gaussian", or "max" — a grid from 0 to the row's maximum)."""
-    if not x.is_contiguous():
-        raise ValueError("fake_quantize_rows_ needs a contiguous tensor")
-    _library().robuq_fake_quantize_rows(_ptr(x), x.numel() // x.shape[-1], x.shape[-1], bits, RULES[rule],
-                                        gaussian_optimal_step(bits), _threads())
-    return x
-
-
 def rescale(acc: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, alpha: torch.Tensor,
             offset_weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """out = acc·scale·α + offset·w + b in one pass (acc int32 (rows, cols); scale, offset per row;
     α, w, b per column; all contiguous)."""
     rows, cols = acc.shape
-    _library().robuq_rescale(_ptr(acc, ctypes.POINTER(ctypes.c_int32)), _ptr(out), rows, cols, _ptr(scale),
+    _library().robuq_rescale(_ptr(acc, _i32p), _ptr(out), rows, cols, _ptr(scale),
                              _ptr(offset), _ptr(alpha), _ptr(offset_weight), _ptr(bias), _threads())
     return out
+
+
+def _levels_shift(bits: int) -> int:
+    return 128 if bits == 8 else 0  # 8-bit levels 0…255 are stored as −128…127
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, probs_bits: int) -> torch.Tensor:
+    """softmax(Q̂K̂ᵀ/√d)̂ V̂ for (batch, heads, tokens, d) inputs, the two matmuls on int8 levels with int32
+    sums (Q, K per token, V per channel, probabilities per row from 0 to its maximum, as
+    ``QuantAttentionCore``). The result is a (batch, heads, tokens, d) view of a (batch, tokens, heads, d)
+    tensor, so the caller's transpose back to tokens is free."""
+    batch, heads, nq, d = q.shape
+    nk = k.shape[2]
+    mats = batch * heads
+    lib, threads, shift = _library(), _threads(), _levels_shift(bits)
+
+    def rows(x: torch.Tensor, n: int, row_bits: int, rule: str, row_shift: int):
+        x = x.contiguous()
+        count = x.numel() // n
+        levels = torch.empty(x.shape, dtype=torch.int8)
+        scale, c, sums = torch.empty(count), torch.empty(count), torch.empty(count, dtype=torch.int32)
+        lib.robuq_quantize_rows_int8(_ptr(x), _ptr(levels, _i8), _ptr(scale), _ptr(c), _ptr(sums, _i32p), count, n,
+                                     row_bits, RULES[rule], row_shift, threads)
+        return levels, scale, c, sums
+
+    ql, qs, qc, qa = rows(q, d, bits, "minmax", shift)
+    kl, ks, kc, ka = rows(k, d, bits, "minmax", shift)
+    vx = v.contiguous()
+    vl = torch.empty(vx.shape, dtype=torch.int8)
+    vs, vc, vb = torch.empty(mats * d), torch.empty(mats * d), torch.empty(mats * d, dtype=torch.int32)
+    lib.robuq_quantize_columns_int8(_ptr(vx), _ptr(vl, _i8), _ptr(vs), _ptr(vc), _ptr(vb, _i32p), mats, nk, d, bits,
+                                    shift, threads)
+    ql, kl, vl = ql.view(mats, nq, d), kl.view(mats, nk, d), vl.view(mats, nk, d)
+    acc = torch.empty(mats, nq, nk, dtype=torch.int32)
+    for m in range(mats):  # one int8 GEMM per head: torch._int_mm has no batched form
+        torch._int_mm(ql[m], kl[m].t(), out=acc[m])
+    scores = torch.empty(mats, nq, nk)
+    lib.robuq_attention_scores(_ptr(acc, _i32p), _ptr(scores), mats, nq, nk, d, _ptr(qs), _ptr(qc), _ptr(qa, _i32p),
+                               _ptr(ks), _ptr(kc), _ptr(ka, _i32p), 1.0 / math.sqrt(d), threads)
+    probs = scores.softmax(dim=-1)
+    p_shift = _levels_shift(probs_bits)
+    pl, ps, _, pa = rows(probs, nk, probs_bits, "max", p_shift)
+    pl = pl.view(mats, nq, nk)
+    acc = torch.empty(mats, nq, d, dtype=torch.int32)
+    for m in range(mats):
+        torch._int_mm(pl[m], vl[m], out=acc[m])
+    out = torch.empty(batch, nq, heads, d)
+    lib.robuq_attention_output(_ptr(acc, _i32p), _ptr(out), heads, mats, nq, d, nk, _ptr(ps), _ptr(pa, _i32p), _ptr(vs),
+                               _ptr(vc), _ptr(vb, _i32p), p_shift, threads)
+    return out.transpose(1, 2)

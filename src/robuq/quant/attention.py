@@ -32,21 +32,13 @@ class QuantAttentionCore(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) and native.takes(q):
-            return self._forward_native(q, k, v)
+            # Inference on the CPU: the same quantizers, the two matmuls on int8 levels (robuq's C kernels).
+            return native.attention(q, k, v, self.bits, self.probs_bits)
         q, k = (quantize_activation(t, self.bits, "token", "minmax")[0] for t in (q, k))
         # probs·V sums over tokens, so V's scales must not vary along tokens: one scale per channel.
         v = quantize_activation(v.transpose(-2, -1), self.bits, "token", "minmax")[0].transpose(-2, -1)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
         probs = quantize_probabilities(scores.softmax(dim=-1), self.probs_bits)
-        return probs @ v
-
-    def _forward_native(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The same numbers for inference, each quantizer one pass over its operand (on fresh copies)."""
-        q = native.fake_quantize_rows_(q.contiguous().clone() if q.is_contiguous() else q.contiguous(), self.bits, "minmax")
-        k = native.fake_quantize_rows_(k.contiguous().clone() if k.is_contiguous() else k.contiguous(), self.bits, "minmax")
-        v = native.fake_quantize_rows_(v.transpose(-2, -1).contiguous(), self.bits, "minmax").transpose(-2, -1)
-        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1]))
-        probs = native.fake_quantize_rows_(scores.softmax(dim=-1), self.probs_bits, "max")
         return probs @ v
 
     def extra_repr(self) -> str:
