@@ -109,3 +109,18 @@ def test_model_table_lists_every_config():
     xl2 = next(r for r in rows if r["name"] == "DiT-XL/2")
     assert xl2["params"] == 675_129_632 and xl2["tokens"] == 256
     assert set(DIT_SIZES) >= {"S", "B", "L", "XL", "T"}
+
+
+def test_meta_skeleton_builds_shapes_without_initialising_and_restores_init():
+    import robuq.models.skeleton as skeleton
+
+    before = torch.nn.init.normal_
+    with pytest.raises(RuntimeError, match="boom"):
+        with skeleton.meta_skeleton():
+            layer = torch.nn.Embedding(10, 4)
+            assert layer.weight.is_meta and torch.nn.init.normal_ is not before
+            raise RuntimeError("boom")
+    assert torch.nn.init.normal_ is before  # restored even when the body fails
+    x = torch.zeros(1000)
+    torch.nn.init.normal_(x)
+    assert x.std() > 0.5

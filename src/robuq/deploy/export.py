@@ -21,6 +21,7 @@ from robuq.deploy.packing import PACKERS
 from robuq.io import load_tensors, save_tensors
 from robuq.models.checkpoint import CheckpointError
 from robuq.models.dit import DiT, DiTConfig
+from robuq.models.skeleton import meta_skeleton
 from robuq.quant.primitives import QuantizedTensor
 from robuq.quant.linear import QuantLinear
 from robuq.quantize import QuantConfig, current_plan, quantize_
@@ -101,7 +102,7 @@ def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: 
         raise _corrupt(path, f"format version {meta.get('format_version')} is not {FORMAT_VERSION}")
     # The skeleton lives on the meta device: the file's tensors are assigned into it, so no random
     # initialisation and (for integer inference) no float copy of the packed weights is ever allocated.
-    with torch.device("meta"):
+    with meta_skeleton():
         model = DiT(DiTConfig(**meta["model_config"]))
         quantize_(model, QuantConfig.from_dict(meta["quant_config"]), plan=meta.get("plan") or None, initialize=False)
     state, weights = {}, {}

@@ -1,9 +1,8 @@
 """The table of DiT configurations users read before choosing one."""
 from __future__ import annotations
 
-import torch
-
 from robuq.models.dit import DIT_MODELS, DiT, count_parameters, dit_config, forward_macs
+from robuq.models.skeleton import meta_skeleton
 
 
 def model_table(input_size: int = 32, num_classes: int = 1000, in_channels: int = 4, learn_sigma: bool = True) -> list[dict]:
@@ -13,7 +12,7 @@ def model_table(input_size: int = 32, num_classes: int = 1000, in_channels: int 
         config = dit_config(name, input_size, num_classes, learn_sigma, in_channels)
         if input_size % config.patch_size:
             continue
-        with torch.device("meta"):  # count parameters without allocating 675M floats
+        with meta_skeleton():  # count parameters without allocating 675M floats
             params = count_parameters(DiT(config))
         rows.append({
             "name": name, "depth": config.depth, "hidden_size": config.hidden_size, "num_heads": config.num_heads,
