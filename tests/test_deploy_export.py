@@ -115,3 +115,14 @@ def test_layers_with_full_precision_inputs_stay_float_in_an_integer_model(tmp_pa
     with torch.no_grad():
         a, b = load_exported(path, integer=False)(*_inputs()), integer_model(*_inputs())
     assert ((a - b).norm() / a.norm()) < 0.05
+
+
+def test_retain_freed_memory_is_taken_by_glibc():
+    import platform
+
+    from robuq.deploy.allocator import retain_freed_memory
+
+    taken = retain_freed_memory()
+    assert isinstance(taken, bool)
+    if platform.libc_ver()[0] == "glibc":
+        assert taken
