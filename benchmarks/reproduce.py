@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="QAT steps per row (default 400, quick 20)")
     parser.add_argument("--samples-per-class", type=int, default=None, help="default 50 (500 images), quick 10")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "reproduce"))
+    parser.add_argument("--work-dir", default=None, help="default runs/reproduce (quick: runs/reproduce-quick)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", default=None, help="run only rows whose method contains this text; they replace or join "
                         "the rows of an existing table")
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rescore", action="store_true",
                         help="recompute every row's metrics from the samples a finished run left in --work-dir")
     args = parser.parse_args(argv)
+    # A quick table keeps its own runs and grids: it must neither reuse nor overwrite the full table's.
+    args.work_dir = args.work_dir or str(ROOT / "runs" / ("reproduce-quick" if args.quick else "reproduce"))
     if args.rescore:
         return rescore(args)
     steps = args.steps or (20 if args.quick else 400)
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher = load_dit(teacher_path)
     labels = torch.arange(teacher.num_classes).repeat_interleave(per_class)
     results_dir = Path(args.results_dir)
-    grids = results_dir / "reproduce_grids"
+    grids = grid_dir(results_dir, args.quick)
     grids.mkdir(parents=True, exist_ok=True)
     sampler = dict(sampler="ddim", steps=25, seed=0, progress=False)
     base = QATConfig(teacher=teacher_path, steps=steps, global_batch_size=32, lr=2e-4, warmup_steps=min(50, steps // 4),
@@ -189,6 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     plot(results, results_dir / f"{name}.png")
 
 
+def grid_dir(results_dir: Path, quick: bool) -> Path:
+    return results_dir / ("reproduce_quick_grids" if quick else "reproduce_grids")
+
+
 def class_grid(pixels: np.ndarray, num_classes: int, path: Path) -> None:
     """The first 8 samples of each class, a row per class (samples are stored class by class)."""
     per_class = len(pixels) // num_classes
@@ -242,7 +248,7 @@ def rescore(args: argparse.Namespace) -> None:
         npz = work / slug_of(r["method"]) / f"samples-cfg{r['guidance']}.npz"
         r.update(score(npz, work / f"teacher-cfg{r['guidance']}.npz", args))
         with np.load(npz) as data:
-            class_grid(data["arr_0"], 10, results_dir / "reproduce_grids" / f"{slug_of(r['method'])}-cfg{r['guidance']}.png")
+            class_grid(data["arr_0"], 10, grid_dir(results_dir, args.quick) / f"{slug_of(r['method'])}-cfg{r['guidance']}.png")
     payload["rows"].insert(0, real_images_row(payload["samples"] // 10, work, args))
     # The rows keep the training run's provenance; write_result adds the rescoring's.
     payload["table_run"] = {k: payload.pop(k) for k in ("machine", "command", "date") if k in payload}

@@ -44,6 +44,8 @@ def test_reproduce_quick_path_on_a_tiny_teacher(tmp_path, tiny_dit, fmnist_dir):
     assert required <= set(rows[3]) and rows[3]["bops_ratio"] < 1
     assert (results / "reproduce_quick.md").read_text().count("|") > 10
     assert (results / "reproduce_quick.png").stat().st_size > 0
+    assert any((results / "reproduce_quick_grids").glob("*.png"))  # a quick table never overwrites the full one's grids
+    assert not (results / "reproduce_grids").exists()
 
     # --rescore recomputes the metrics from the samples left in the work folder and keeps the rest.
     before = rows[3]
