@@ -81,3 +81,17 @@ def test_deploy_sizes_and_peak_memory_on_dit_s2(tmp_path):
     memory = deploy.peak_memory_ratio("DiT-S/2", str(deploy.export_random("DiT-S/2", tmp_path / "s2.safetensors")))
     assert 0 < memory["exported_peak_above_import_bytes"] < memory["exported_peak_bytes"]
     assert memory["peak_mem_ratio"] == memory["fp32_peak_bytes"] / memory["exported_peak_bytes"]
+
+
+def test_export_fidelity_compares_every_sampling_path(tmp_path, tiny_dit):
+    import robuq
+
+    config = robuq.preset("robuq", act_bits=3)
+    path = robuq.save_quantized(robuq.quantize_(tiny_dit, config), tmp_path / "q.safetensors", config)
+    results = tmp_path / "results"
+    _load("export_fidelity").main(["--model", str(path), "--per-class", "1", "--steps", "2", "--results-dir", str(results)])
+    row = json.loads((results / "export_fidelity.json").read_text())["rows"][0]
+    for way in ("training_model_c_kernels", "exported_fp32", "exported_fp16"):
+        assert row[way]["psnr_db"] > 10 and 0 <= row[way]["within_2_levels"] <= 1
+    assert (results / "export_fidelity_grids" / row["grid"]).stat().st_size > 0
+    assert "floor" in (results / "export_fidelity.md").read_text()
