@@ -95,3 +95,9 @@ def test_export_fidelity_compares_every_sampling_path(tmp_path, tiny_dit):
         assert row[way]["psnr_db"] > 10 and 0 <= row[way]["within_2_levels"] <= 1
     assert (results / "export_fidelity_grids" / row["grid"]).stat().st_size > 0
     assert "floor" in (results / "export_fidelity.md").read_text()
+
+
+def test_deploy_end_to_end_times_three_models(tmp_path):
+    speed = _load("deploy").end_to_end("DiT-S/2", 1, tmp_path)
+    assert speed["fp32_ms"] > 0 and speed["fp32_native_gelu_ms"] > 0 and speed["exported_ms"] > 0
+    assert speed["cpu_speedup"] == speed["fp32_ms"] / speed["exported_ms"]

@@ -130,3 +130,19 @@ def test_build_is_cached_per_source_and_flags(monkeypatch, tmp_path):
         assert native.enabled() and list((tmp_path / "kernels").glob("cpu_kernels-*.so")) == built
     finally:
         native._library.cache_clear()
+
+
+def test_gelu_matches_pytorch_and_swaps_into_a_model(tiny_dit):
+    import torch.nn.functional as F
+
+    from robuq.deploy.activations import NativeGELU, use_native_activations
+
+    x = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([0.0, -0.0, 1e-30, 88.0, -88.0])])
+    assert torch.allclose(native.gelu_tanh(x), F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-5)
+    assert torch.allclose(native.gelu_tanh(x[:7]), F.gelu(x[:7], approximate="tanh"), atol=1e-6)  # a ragged tail only
+    before = sum(isinstance(m, torch.nn.GELU) for m in tiny_dit.modules())
+    use_native_activations(tiny_dit)
+    assert sum(isinstance(m, NativeGELU) for m in tiny_dit.modules()) == before == len(tiny_dit.blocks)
+    leaf = torch.randn(3, 5, requires_grad=True)  # training keeps PyTorch's op, and its gradient
+    out = NativeGELU()(leaf)
+    assert torch.equal(out, F.gelu(leaf, approximate="tanh")) and out.requires_grad

@@ -37,6 +37,7 @@ _SIGNATURES = {
     "robuq_hadamard_quantize": [_f32, _f32, _i8, _f32, _f32, _i64, _i64, _i64, _f32, _f32, _int, _int, _float,
                                 _float, _int, _int],
     "robuq_rescale": [_i32p, _f32, _i64, _i64, _f32, _f32, _f32, _f32, _f32, _int],
+    "robuq_gelu_tanh": [_f32, _f32, _i64, _int],
     "robuq_quantize_rows_int8": [_f32, _i8, _f32, _f32, _i32p, _i64, _i64, _int, _int, _int, _int],
     "robuq_quantize_columns_int8": [_f32, _i8, _f32, _f32, _i32p, _i64, _i64, _i64, _int, _int, _int],
     "robuq_attention_scores": [_i32p, _f32, _i64, _i64, _i64, _i64, _f32, _f32, _i32p, _f32, _f32, _i32p, _float, _int],
@@ -152,6 +153,14 @@ def rescale(acc: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, offset: t
     _library().robuq_rescale(_ptr(acc, _i32p), _ptr(out), rows, cols, _ptr(scale),
                              _ptr(offset), _ptr(alpha), _ptr(offset_weight), _ptr(bias), _threads())
     return out
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(x, approximate="tanh")`` (no autograd), about 1e-7 relative from PyTorch's."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _library().robuq_gelu_tanh(_ptr(x), _ptr(y), x.numel(), _threads())
+    return y
 
 
 def _levels_shift(bits: int) -> int:
