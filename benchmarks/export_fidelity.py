@@ -13,8 +13,6 @@ closely than that. Writes results/export_fidelity.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import tempfile
 from pathlib import Path
 
@@ -24,18 +22,9 @@ import torch
 from common import write_result
 import robuq
 from robuq.deploy.export import export_model, load_exported
+from robuq.kernels import native
 from robuq.quantized_io import load_quantized
 from robuq.sampling import default_teacher_path, save_grid, to_uint8
-
-
-@contextlib.contextmanager
-def kernels(native: bool):
-    previous = os.environ.get("ROBUQ_NATIVE")
-    os.environ["ROBUQ_NATIVE"] = "1" if native else "0"
-    try:
-        yield
-    finally:
-        os.environ.pop("ROBUQ_NATIVE") if previous is None else os.environ.__setitem__("ROBUQ_NATIVE", previous)
 
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:
@@ -65,9 +54,9 @@ def measure(name: str, model: torch.nn.Module, config, per_class: int, steps: in
     model.eval()
     labels = torch.arange(model.num_classes).repeat_interleave(per_class)
     sample = lambda m: to_pixels(robuq.generate(m, labels, len(labels), "ddim", steps, 1.5, 0, progress=False))  # noqa: E731
-    with kernels(native=False):
+    with native.use(False):
         reference = sample(model)
-    with kernels(native=True):
+    with native.use(True):
         floor = sample(model)
         exported = {dtype: sample(load_exported(export_model(model, config, tmp / f"{dtype}.safetensors", "ternary-trits", dtype)))
                     for dtype in ("fp32", "fp16")}

@@ -9,11 +9,11 @@ in one run; compare the ratios, not the absolute times.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 from common import time_ms, write_result
+from robuq.kernels import native
 from robuq.quant.hadamard import hadamard_factors, hadamard_matrix, hadamard_transform
 
 
@@ -21,9 +21,8 @@ def measure(shape: tuple[int, int], device: str, repeats: int) -> dict:
     x = torch.randn(*shape, device=device)
     H = hadamard_matrix(shape[1]).to(device)
     fast = time_ms(lambda: hadamard_transform(x), repeats, device=device)
-    os.environ["ROBUQ_NATIVE"] = "0"  # the PyTorch path (on a GPU the Triton kernel still runs)
-    pytorch = time_ms(lambda: hadamard_transform(x), repeats, device=device) if device == "cpu" else None
-    del os.environ["ROBUQ_NATIVE"]
+    with native.use(False):  # the PyTorch path (on a GPU the Triton kernel runs either way)
+        pytorch = time_ms(lambda: hadamard_transform(x), repeats, device=device) if device == "cpu" else None
     dense = time_ms(lambda: x @ H, repeats, device=device)
     copy = time_ms(lambda: x.clone(), repeats, device=device)
     error = (hadamard_transform(x) - x @ H).abs().max().item()

@@ -27,3 +27,15 @@ def test_integer_linear_matches_the_fake_quant_layer(options, bias, kernels, mon
         expected, got = layer(x), integer(x)
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_loading_a_state_dict_refreshes_the_derived_tensors():
+    config = LinearQuantConfig(act_bits=4, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=3)
+    torch.manual_seed(0)
+    first = IntegerLinear(QuantLinear.from_linear(torch.nn.Linear(24, 20), config))
+    second = IntegerLinear(QuantLinear.from_linear(torch.nn.Linear(24, 20), config))
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        expected = second(x)
+        first.load_state_dict(second.state_dict())
+        assert torch.equal(first(x), expected)

@@ -111,16 +111,26 @@ def test_model_table_lists_every_config():
     assert set(DIT_SIZES) >= {"S", "B", "L", "XL", "T"}
 
 
-def test_meta_skeleton_builds_shapes_without_initialising_and_restores_init():
-    import robuq.models.skeleton as skeleton
+def test_meta_skeleton_builds_shapes_without_initialising_only_on_its_thread():
+    import threading
 
-    before = torch.nn.init.normal_
+    from robuq.models.skeleton import meta_skeleton
+
+    outside = {}
+
+    def build_elsewhere():
+        outside["layer"] = torch.nn.Linear(300, 300)  # real weights, initialised, while the skeleton is open
+
     with pytest.raises(RuntimeError, match="boom"):
-        with skeleton.meta_skeleton():
-            layer = torch.nn.Embedding(10, 4)
-            assert layer.weight.is_meta and torch.nn.init.normal_ is not before
+        with meta_skeleton():
+            with meta_skeleton():  # nests
+                layer = torch.nn.Embedding(10, 4)
+            assert layer.weight.is_meta
+            worker = threading.Thread(target=build_elsewhere)
+            worker.start()
+            worker.join()
             raise RuntimeError("boom")
-    assert torch.nn.init.normal_ is before  # restored even when the body fails
-    x = torch.zeros(1000)
+    assert outside["layer"].weight.abs().sum() > 0 and not outside["layer"].weight.is_meta
+    x = torch.zeros(1000)  # after the skeleton (left through an exception) initialisers work again
     torch.nn.init.normal_(x)
     assert x.std() > 0.5

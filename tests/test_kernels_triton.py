@@ -40,6 +40,7 @@ def test_split_covers_the_dit_sizes_and_rejects_what_the_kernel_cannot_take():
         assert a * b == n and b >= 16 and b & (b - 1) == 0
     assert triton_ops.hadamard_split(8) is None  # too small for tl.dot
     assert triton_ops.hadamard_split(7) is None  # no Hadamard matrix at all
+    assert triton_ops.hadamard_split(9216) is None  # 72 padded rows: beyond the shared memory budget
 
 
 @pytest.mark.parametrize("n", SIZES)

@@ -30,6 +30,10 @@ def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)
 
 
+def _derive_after_load(module: "IntegerLinear", _incompatible_keys) -> None:
+    module._derive()
+
+
 class IntegerLinear(nn.Module):
     """Built from a trained QuantLinear, or from the levels and scales an export file stores
     (``weight``: a QuantizedTensor; re-quantizing α·L would not give back α)."""
@@ -49,10 +53,6 @@ class IntegerLinear(nn.Module):
         self.register_buffer("weight_levels_t", levels.t().contiguous())  # (in, out): _int_mm's layout
         self.register_buffer("weight_scale", q.scale.reshape(-1).float())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
-        # Rows of the rank-2 update that adds the offset term (o·ΣL·α) and the bias in one pass.
-        level_sums = levels.sum(dim=1, dtype=torch.int32).float()
-        bias = self.bias if self.bias is not None else torch.zeros_like(self.weight_scale)
-        self.register_buffer("_offset_rows", torch.stack([level_sums * self.weight_scale, bias]), persistent=False)
         # Rows per block: ~16 MiB of fp32 temporaries, under glibc's 32 MiB mmap ceiling, few Python round trips.
         self.block_rows = max(64, 2**22 // max(self.in_features, self.out_features))
         self.register_buffer("hadamard_signs", layer.hadamard_signs)
@@ -62,11 +62,23 @@ class IntegerLinear(nn.Module):
         if self.rank:
             self.register_buffer("lowrank_down", layer.lowrank_down.detach().float())
             self.register_buffer("lowrank_up", layer.lowrank_up.detach().float())
+        self._derive()
+        # Derived tensors follow the stored ones when a state dict is loaded into this module.
+        self.register_load_state_dict_post_hook(_derive_after_load)
+
+    def _derive(self) -> None:
+        """Tensors computed from the stored ones (not saved): the offset/bias rows and the folded branch."""
+        # Rows of the rank-2 update that adds the offset term (o·ΣL·α) and the bias in one pass.
+        level_sums = self.weight_levels_t.sum(dim=0, dtype=torch.int32).float()
+        bias = self.bias if self.bias is not None else torch.zeros_like(self.weight_scale)
+        self.register_buffer("_offset_rows", torch.stack([level_sums * self.weight_scale, bias]), persistent=False)
+        if self.rank and self.lowrank_input == "fp":
             # V·(T x) = (V T) x: with the rotation folded into the branch, it reads the layer's input and no
             # float copy of the rotated input has to be written.
             down = self.lowrank_down
             self.register_buffer("_lowrank_down_input", hadamard_transform(down, self.hadamard_signs, inverse=True)
                                  if self.hadamard else down, persistent=False)
+        self._packed_weight = None  # the GPU kernel's packing of the levels, rebuilt on next use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -150,7 +162,7 @@ class IntegerLinear(nn.Module):
         per device; other widths stay int8."""
         if self.config.weight != "ternary" or self.in_features % 4:
             return self.weight_levels_t, False
-        cached = getattr(self, "_packed_weight", None)
+        cached = self._packed_weight
         if cached is None or cached.device != self.weight_levels_t.device:
             cached = self._packed_weight = triton_ops.pack_ternary_columns(self.weight_levels_t)
         return cached, True

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 # Which per-token scale rule the fused quantizer applies (activation.py's "minmax" and "gaussian").
-RULE_MINMAX: tl.constexpr = 0
-RULE_GAUSSIAN: tl.constexpr = 1
+RULE_MINMAX = tl.constexpr(0)
+RULE_GAUSSIAN = tl.constexpr(1)
 
 
 @triton.jit

@@ -34,7 +34,9 @@ static inline lanes_f lanes_min(lanes_f a, lanes_f b) {
 static inline lanes_f lanes_max(lanes_f a, lanes_f b) { return -lanes_min(-a, -b); }
 static inline lanes_f lanes_splat(float v) { return (lanes_f){0} + v; }
 
-static float *tile_buffer(int64_t n) { return aligned_alloc(64, (size_t)(n * LANES) * sizeof(float)); }
+/* aligned_alloc wants a size that is a multiple of the alignment. */
+static void *aligned_buffer(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+static float *tile_buffer(int64_t n) { return aligned_buffer((size_t)(n * LANES) * sizeof(float)); }
 
 /* Rows [0, count) of x (row length n) into the tile, times signs if given; unused lanes hold zeros. */
 static void load_tile(const float *restrict x, int64_t count, int64_t n, const float *restrict signs, float *restrict t) {
@@ -143,22 +145,31 @@ static void rotate_tile(float *restrict t, float *restrict out, int64_t n, int64
             for (int l = 0; l < LANES; l++) out[i * LANES + l] *= signs_after[i];
 }
 
-void robuq_hadamard(const float *x, float *y, int64_t rows, int64_t n, int64_t m, const float *hm,
-                    const float *signs, int inverse, int threads) {
+/* Functions that allocate return 0, or −1 when memory ran out (nothing is then written reliably). */
+int robuq_hadamard(const float *x, float *y, int64_t rows, int64_t n, int64_t m, const float *hm,
+                   const float *signs, int inverse, int threads) {
     const int64_t tiles = (rows + LANES - 1) / LANES;
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *t = tile_buffer(n), *out = tile_buffer(n);
+        const int ok = t && out;
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < tiles; g++) {
+            if (!ok) continue;
             const int64_t first = g * LANES, count = rows - first < LANES ? rows - first : LANES;
             load_tile(x + first * n, count, n, inverse ? NULL : signs, t);
             rotate_tile(t, out, n, m, hm, inverse ? signs : NULL);
             store_tile(out, count, n, y + first * n);
         }
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
         free(t);
         free(out);
     }
+    return failed ? -1 : 0;
 }
 
 /* Scale and offset from a row's statistics, in the order robuq.quant.activation computes them. */
@@ -228,17 +239,20 @@ static inline float level_of(float v, float scale, float offset, float top) {
 
 /* Rotate (if hm) and quantize each row to int8 levels 0 … 2^b − 1 minus `shift`, with per-row scale and
  * offset; y (optional) gets the rotated rows. */
-void robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *scale, float *offset, int64_t rows,
-                             int64_t n, int64_t m, const float *hm, const float *signs, int bits, int rule,
-                             float step_factor, float ratio, int shift, int threads) {
+int robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *scale, float *offset, int64_t rows,
+                            int64_t n, int64_t m, const float *hm, const float *signs, int bits, int rule,
+                            float step_factor, float ratio, int shift, int threads) {
     const float top = (float)((1 << bits) - 1);
     const int64_t tiles = (rows + LANES - 1) / LANES;
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *t = tile_buffer(n), *out = tile_buffer(n);
-        int8_t *q = aligned_alloc(64, (size_t)(n * LANES));
+        int8_t *q = aligned_buffer((size_t)(n * LANES));
+        const int ok = t && out && q;
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < tiles; g++) {
+            if (!ok) continue;
             const int64_t first = g * LANES, count = rows - first < LANES ? rows - first : LANES;
             load_tile(x + first * n, count, n, hm ? signs : NULL, t);
             float *rotated = t;
@@ -261,11 +275,33 @@ void robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *sc
                 offset[first + l] = o[l];
             }
         }
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
         free(t);
         free(out);
         free(q);
     }
+    return failed ? -1 : 0;
 }
+
+/* The integer linear's epilogue in one pass: y = acc·s_r·α_c + o_r·w_c + b_c, where acc is the int32
+ * product of the levels and w_c = α_c·Σ_k L_kc carries the activation offset. */
+void robuq_rescale(const int32_t *acc, float *y, int64_t rows, int64_t cols, const float *s, const float *o,
+                   const float *alpha, const float *w, const float *bias, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const int32_t *restrict a = acc + r * cols;
+        float *restrict out = y + r * cols;
+        const float sr = s[r], orow = o[r];
+        for (int64_t c = 0; c < cols; c++) out[c] = (float)a[c] * sr * alpha[c] + (orow * w[c] + bias[c]);
+    }
+}
+
+/* ---- Integer attention. A quantized value is s·(l + shift) + o = s·l + c with int8 levels l and
+ * c = o + shift·s; products of levels are exact int32 GEMMs, and the affine terms come back through
+ * the level sums. ---- */
 
 /* Statistics of one contiguous row, accumulated in LANES interleaved partial results so that they
  * vectorize along the row (the order of a float sum is no more fixed in PyTorch). */
@@ -304,23 +340,6 @@ static void row_scale_offset(const float *restrict v, int64_t n, int bits, int r
     finish_scale_offset(lo, hi, mean, std, bits, rule, step_factor, 1.0f, scale, offset);
 }
 
-/* The integer linear's epilogue in one pass: y = acc·s_r·α_c + o_r·w_c + b_c, where acc is the int32
- * product of the levels and w_c = α_c·Σ_k L_kc carries the activation offset. */
-void robuq_rescale(const int32_t *acc, float *y, int64_t rows, int64_t cols, const float *s, const float *o,
-                   const float *alpha, const float *w, const float *bias, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < rows; r++) {
-        const int32_t *restrict a = acc + r * cols;
-        float *restrict out = y + r * cols;
-        const float sr = s[r], orow = o[r];
-        for (int64_t c = 0; c < cols; c++) out[c] = (float)a[c] * sr * alpha[c] + (orow * w[c] + bias[c]);
-    }
-}
-
-/* ---- Integer attention. A quantized value is s·(l + shift) + o = s·l + c with int8 levels l and
- * c = o + shift·s; products of levels are exact int32 GEMMs, and the affine terms come back through
- * the level sums. ---- */
-
 /* Per-row levels of `rows` contiguous rows of n (rule minmax or max), with scale, c and level sums. */
 void robuq_quantize_rows_int8(const float *x, int8_t *levels, float *scale, float *c, int32_t *sums, int64_t rows,
                               int64_t n, int bits, int rule, int shift, int threads) {
@@ -345,15 +364,18 @@ void robuq_quantize_rows_int8(const float *x, int8_t *levels, float *scale, floa
 
 /* Per-column min–max levels of `mats` contiguous (rows × cols) matrices: V's scales run along channels,
  * because probs·V sums over tokens. scale, c and sums are (mats × cols). */
-void robuq_quantize_columns_int8(const float *x, int8_t *levels, float *scale, float *c, int32_t *sums, int64_t mats,
-                                 int64_t rows, int64_t cols, int bits, int shift, int threads) {
+int robuq_quantize_columns_int8(const float *x, int8_t *levels, float *scale, float *c, int32_t *sums, int64_t mats,
+                                int64_t rows, int64_t cols, int bits, int shift, int threads) {
     const float top = (float)((1 << bits) - 1);
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *lo = malloc((size_t)cols * sizeof(float)), *hi = malloc((size_t)cols * sizeof(float));
         float *s = malloc((size_t)cols * sizeof(float)), *o = malloc((size_t)cols * sizeof(float));
+        const int ok = lo && hi && s && o;
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < mats; m++) {
+            if (!ok) continue;
             const float *restrict v = x + m * rows * cols;
             int8_t *restrict l = levels + m * rows * cols;
             for (int64_t j = 0; j < cols; j++) lo[j] = hi[j] = v[j];
@@ -376,11 +398,16 @@ void robuq_quantize_columns_int8(const float *x, int8_t *levels, float *scale, f
                     sums[m * cols + j] += q;
                 }
         }
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
         free(lo);
         free(hi);
         free(s);
         free(o);
     }
+    return failed ? -1 : 0;
 }
 
 /* scores = (q·k)/√d from the int32 level products: q·k = s_q s_k acc + s_q A_q c_k + c_q s_k A_k + d c_q c_k. */
@@ -413,9 +440,11 @@ void robuq_attention_output(const int32_t *acc, float *out, int64_t heads, int64
         const int32_t *restrict bvm = bv + m * d;
         const int32_t *restrict a = acc + row * d;
         float *restrict o = out + ((b * nq + i) * heads + h) * d;
-        const float s = sp[row], count = (float)ap[row] + (float)shift_p * (float)nk;
+        /* The shifted sums in integers, converted once: |acc|, |shift·B_v| ≤ 2^15·nk would not stay exact
+         * as separate floats above 2^24, and the two nearly cancel. */
+        const float s = sp[row], count = (float)((int64_t)ap[row] + (int64_t)shift_p * nk);
         for (int64_t c = 0; c < d; c++)
-            o[c] = s * (svm[c] * ((float)a[c] + (float)shift_p * (float)bvm[c]) + cvm[c] * count);
+            o[c] = s * (svm[c] * (float)((int64_t)a[c] + (int64_t)shift_p * bvm[c]) + cvm[c] * count);
     }
 }
 

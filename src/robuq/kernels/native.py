@@ -1,11 +1,14 @@
 """robuq's CPU kernels (cpu_kernels.c): built with the system C compiler at first use, called via ctypes.
 
 The build is cached per source, compiler and machine under ``$ROBUQ_CACHE`` (default
-``~/.cache/robuq``); without a compiler, or with ``ROBUQ_NATIVE=0``, every caller keeps its PyTorch
-path, which computes the same numbers more slowly. Only contiguous float32 CPU tensors are taken.
+``~/.cache/robuq``); without a compiler, or with ``ROBUQ_NATIVE=0`` (see ``use``), every caller keeps
+its PyTorch path, which computes the same numbers more slowly. Callers route float32 CPU tensors here
+(``takes``); every function converts its inputs to contiguous float32 CPU tensors before handing
+pointers to C, and allocates its outputs as such, whatever PyTorch's default dtype and device.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -16,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,8 +30,10 @@ from robuq.quant.hadamard import hadamard_factors, hadamard_matrix
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -ffp-contract=off: no fused multiply-adds, so scales, offsets and levels round as PyTorch's do;
 # -fno-trapping-math lets rintf vectorize (no program here traps on floating-point exceptions).
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC",
+         "-std=c11", "-Wall", "-Werror=implicit-function-declaration"]
 RULES = {"minmax": 0, "gaussian": 1, "max": 2}
+_ALLOCATING = ("robuq_hadamard", "robuq_hadamard_quantize", "robuq_quantize_columns_int8")  # return 0, or −1: out of memory
 
 _f32, _i8, _i64, _int, _float = (ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int8),
                                  ctypes.c_int64, ctypes.c_int, ctypes.c_float)
@@ -87,7 +93,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         getattr(library, name).argtypes = argtypes
-        getattr(library, name).restype = None
+        getattr(library, name).restype = ctypes.c_int if name in _ALLOCATING else None
     return library
 
 
@@ -95,9 +101,23 @@ def enabled() -> bool:
     return os.environ.get("ROBUQ_NATIVE", "1") != "0" and _library() is not None
 
 
-def takes(x: torch.Tensor) -> bool:
-    """Whether the kernels take x: a float32 CPU tensor (made contiguous if it is not), kernels enabled."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and enabled()
+def takes(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these: float32 CPU tensors (any strides), kernels enabled."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and enabled()
+
+
+@contextlib.contextmanager
+def use(enabled: bool) -> Iterator[None]:
+    """Run the enclosed code with robuq's C kernels on or off (``ROBUQ_NATIVE``), restoring the setting after."""
+    previous = os.environ.get("ROBUQ_NATIVE")
+    os.environ["ROBUQ_NATIVE"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["ROBUQ_NATIVE"]
+        else:
+            os.environ["ROBUQ_NATIVE"] = previous
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,7 +125,7 @@ def _mix_matrix(n: int) -> tuple[int, torch.Tensor]:
     """(m, H_m/√n): the dense factor of the (m, p) layout; the FWHT leaves its 1/√p to this matrix."""
     factors = hadamard_factors(n)
     m = factors[0] if factors[0] & (factors[0] - 1) else 1
-    return m, (hadamard_matrix(m) * math.sqrt(m) / math.sqrt(n)).contiguous()
+    return m, (hadamard_matrix(m, torch.float64) * math.sqrt(m) / math.sqrt(n)).to(device="cpu", dtype=torch.float32).contiguous()
 
 
 def _ptr(t: torch.Tensor | None, kind=_f32):
@@ -116,14 +136,27 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _input(x: torch.Tensor) -> torch.Tensor:
+    return x.to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def _empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device="cpu")
+
+
+def _check(status: int) -> None:
+    if status:
+        raise MemoryError("robuq's CPU kernels could not allocate their working memory")
+
+
 def hadamard(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool) -> torch.Tensor:
     """The normalised transform of ``robuq.quant.hadamard`` on the last axis (no autograd)."""
     n = x.shape[-1]
     m, hm = _mix_matrix(n)
-    rows = x.reshape(-1, n).contiguous()
-    y = torch.empty_like(rows)
-    signs = None if signs is None else signs.to(torch.float32).contiguous()
-    _library().robuq_hadamard(_ptr(rows), _ptr(y), rows.shape[0], n, m, _ptr(hm), _ptr(signs), int(inverse), _threads())
+    rows = _input(x.reshape(-1, n))
+    y = _empty(*rows.shape)
+    signs = None if signs is None else _input(signs)
+    _check(_library().robuq_hadamard(_ptr(rows), _ptr(y), rows.shape[0], n, m, _ptr(hm), _ptr(signs), int(inverse), _threads()))
     return y.reshape(x.shape)
 
 
@@ -131,25 +164,29 @@ def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool,
                       clip_ratio: torch.Tensor | None, keep_rotated: bool, shift: int):
     """(rotated rows or None, int8 levels − shift, scale (rows, 1), offset (rows, 1)) of x's rows in one pass."""
     n = x.shape[-1]
-    rows = x.reshape(-1, n).contiguous()
+    rows = _input(x.reshape(-1, n))
     count = rows.shape[0]
     m, hm = _mix_matrix(n) if rotate else (1, None)
-    y = torch.empty_like(rows) if keep_rotated else None
-    levels = torch.empty(count, n, dtype=torch.int8)
-    scale, offset = torch.empty(count, 1), torch.empty(count, 1)
-    signs = None if signs is None or not rotate else signs.to(torch.float32).contiguous()
+    y = _empty(count, n) if keep_rotated else None
+    levels = _empty(count, n, dtype=torch.int8)
+    scale, offset = _empty(count, 1), _empty(count, 1)
+    signs = None if signs is None or not rotate else _input(signs)
     ratio = 1.0 if clip_ratio is None else float(clip_ratio)
-    _library().robuq_hadamard_quantize(
+    _check(_library().robuq_hadamard_quantize(
         _ptr(rows), _ptr(y), _ptr(levels, _i8), _ptr(scale), _ptr(offset), count, n, m, _ptr(hm), _ptr(signs),
-        bits, RULES[rule], gaussian_optimal_step(bits), ratio, shift, _threads())
+        bits, RULES[rule], gaussian_optimal_step(bits), ratio, shift, _threads()))
     return y, levels, scale, offset
 
 
 def rescale(acc: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, alpha: torch.Tensor,
             offset_weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """out = acc·scale·α + offset·w + b in one pass (acc int32 (rows, cols); scale, offset per row;
-    α, w, b per column; all contiguous)."""
+    α, w, b per column); ``out`` must be a contiguous float32 CPU tensor."""
+    if not (out.is_contiguous() and out.dtype == torch.float32 and out.device.type == "cpu"):
+        raise ValueError("rescale writes into a contiguous float32 CPU tensor")
     rows, cols = acc.shape
+    acc = acc.to(device="cpu", dtype=torch.int32).contiguous()
+    scale, offset, alpha, offset_weight, bias = (_input(t) for t in (scale, offset, alpha, offset_weight, bias))
     _library().robuq_rescale(_ptr(acc, _i32p), _ptr(out), rows, cols, _ptr(scale),
                              _ptr(offset), _ptr(alpha), _ptr(offset_weight), _ptr(bias), _threads())
     return out
@@ -157,8 +194,8 @@ def rescale(acc: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, offset: t
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """``F.gelu(x, approximate="tanh")`` (no autograd), about 1e-7 relative from PyTorch's."""
-    x = x.contiguous()
-    y = torch.empty_like(x)
+    x = _input(x)
+    y = _empty(*x.shape)
     _library().robuq_gelu_tanh(_ptr(x), _ptr(y), x.numel(), _threads())
     return y
 
@@ -178,36 +215,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, prob
     lib, threads, shift = _library(), _threads(), _levels_shift(bits)
 
     def rows(x: torch.Tensor, n: int, row_bits: int, rule: str, row_shift: int):
-        x = x.contiguous()
+        x = _input(x)
         count = x.numel() // n
-        levels = torch.empty(x.shape, dtype=torch.int8)
-        scale, c, sums = torch.empty(count), torch.empty(count), torch.empty(count, dtype=torch.int32)
+        levels = _empty(*x.shape, dtype=torch.int8)
+        scale, c, sums = _empty(count), _empty(count), _empty(count, dtype=torch.int32)
         lib.robuq_quantize_rows_int8(_ptr(x), _ptr(levels, _i8), _ptr(scale), _ptr(c), _ptr(sums, _i32p), count, n,
                                      row_bits, RULES[rule], row_shift, threads)
         return levels, scale, c, sums
 
     ql, qs, qc, qa = rows(q, d, bits, "minmax", shift)
     kl, ks, kc, ka = rows(k, d, bits, "minmax", shift)
-    vx = v.contiguous()
-    vl = torch.empty(vx.shape, dtype=torch.int8)
-    vs, vc, vb = torch.empty(mats * d), torch.empty(mats * d), torch.empty(mats * d, dtype=torch.int32)
-    lib.robuq_quantize_columns_int8(_ptr(vx), _ptr(vl, _i8), _ptr(vs), _ptr(vc), _ptr(vb, _i32p), mats, nk, d, bits,
-                                    shift, threads)
+    vx = _input(v)
+    vl = _empty(*vx.shape, dtype=torch.int8)
+    vs, vc, vb = _empty(mats * d), _empty(mats * d), _empty(mats * d, dtype=torch.int32)
+    _check(lib.robuq_quantize_columns_int8(_ptr(vx), _ptr(vl, _i8), _ptr(vs), _ptr(vc), _ptr(vb, _i32p), mats, nk, d,
+                                           bits, shift, threads))
     ql, kl, vl = ql.view(mats, nq, d), kl.view(mats, nk, d), vl.view(mats, nk, d)
-    acc = torch.empty(mats, nq, nk, dtype=torch.int32)
+    acc = _empty(mats, nq, nk, dtype=torch.int32)
     for m in range(mats):  # one int8 GEMM per head: torch._int_mm has no batched form
         torch._int_mm(ql[m], kl[m].t(), out=acc[m])
-    scores = torch.empty(mats, nq, nk)
+    scores = _empty(mats, nq, nk)
     lib.robuq_attention_scores(_ptr(acc, _i32p), _ptr(scores), mats, nq, nk, d, _ptr(qs), _ptr(qc), _ptr(qa, _i32p),
                                _ptr(ks), _ptr(kc), _ptr(ka, _i32p), 1.0 / math.sqrt(d), threads)
     probs = scores.softmax(dim=-1)
     p_shift = _levels_shift(probs_bits)
     pl, ps, _, pa = rows(probs, nk, probs_bits, "max", p_shift)
     pl = pl.view(mats, nq, nk)
-    acc = torch.empty(mats, nq, d, dtype=torch.int32)
+    acc = _empty(mats, nq, d, dtype=torch.int32)
     for m in range(mats):
         torch._int_mm(pl[m], vl[m], out=acc[m])
-    out = torch.empty(batch, nq, heads, d)
+    out = _empty(batch, nq, heads, d)
     lib.robuq_attention_output(_ptr(acc, _i32p), _ptr(out), heads, mats, nq, d, nk, _ptr(ps), _ptr(pa, _i32p), _ptr(vs),
                                _ptr(vc), _ptr(vb, _i32p), p_shift, threads)
     return out.transpose(1, 2)

@@ -18,7 +18,10 @@ from robuq.quant.activation import gaussian_optimal_step
 from robuq.quant.hadamard import hadamard_factors, hadamard_matrix
 
 _MAX_B = 128  # columns of the (A, B) view of a token: one dense B×B product per token
-_MAX_AP = 256  # padded rows; beyond this the per-token tile would not fit a GPU's registers and shared memory
+# Padded rows. At AP = 64, B = 128 the operands (H_A, H_B, one token) take ~112 KiB of shared memory,
+# which fits an A100 (164 KiB) and an H100 (228 KiB); AP = 128 would not fit an A100. Every DiT width
+# (up to 4608 = 36·128) stays within it; larger sizes take the PyTorch path.
+_MAX_AP = 64
 
 
 @functools.lru_cache(maxsize=None)
