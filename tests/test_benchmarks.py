@@ -101,3 +101,9 @@ def test_deploy_end_to_end_times_three_models(tmp_path):
     speed = _load("deploy").end_to_end("DiT-S/2", 1, tmp_path)
     assert speed["fp32_ms"] > 0 and speed["fp32_native_gelu_ms"] > 0 and speed["exported_ms"] > 0
     assert speed["cpu_speedup"] == speed["fp32_ms"] / speed["exported_ms"]
+
+
+def test_cpu_kernel_cases_run():
+    cpu_kernels = _load("cpu_kernels")
+    for _model, what, fn in cpu_kernels.cases(32, models=cpu_kernels.MODELS[:1]):
+        assert fn() is not None, what

@@ -119,15 +119,18 @@ class IntegerLinear(nn.Module):
             branch = F.linear(torch.addcmul(offset, levels.float() + self._shift, scale), self.lowrank_down)
         y.addmm_(branch, self.lowrank_up.t())
 
-    def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def input_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(int8 levels, scale, offset) of the rotated input rows: what the integer GEMM multiplies."""
         if self.act_granularity == "token" and native.takes(x):
             # One pass: Hadamard, per-token statistics and int8 levels, no float copy of the rotated rows.
             _, levels, scale, offset = native.hadamard_quantize(
                 x, self.hadamard_signs, self.hadamard, self.act_bits, self.act_rule, self.clip_ratio,
                 keep_rotated=False, shift=self._shift)
-        else:
-            x_rot = hadamard_transform(x, self.hadamard_signs) if self.hadamard else x
-            levels, scale, offset = self._quantize_rows(x_rot)
+            return levels, scale, offset
+        return self._quantize_rows(hadamard_transform(x, self.hadamard_signs) if self.hadamard else x)
+
+    def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        levels, scale, offset = self.input_levels(x)
         acc = _int8_matmul(levels, self.weight_levels_t)
         if native.takes(y) and y.is_contiguous():
             native.rescale(acc, y, scale.contiguous(), (offset + self._shift * scale).contiguous(),

@@ -1,0 +1,79 @@
+"""robuq's C kernels against the PyTorch code they replace, at DiT-S/2 and DiT-XL/2 shapes.
+
+    python benchmarks/cpu_kernels.py         # → results/cpu_kernels.json and .md
+
+Each row times the same call with the kernels on and off (``ROBUQ_NATIVE``), alternately, on the same
+inputs: the block linear's input pass (Hadamard + per-token quantization), a whole IntegerLinear, the
+8-bit attention core, and tanh-GELU.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from common import time_ms, write_result
+from robuq.deploy.activations import NativeGELU
+from robuq.deploy.allocator import retain_freed_memory
+from robuq.deploy.integer_linear import IntegerLinear
+from robuq.kernels import native
+from robuq.quant.attention import QuantAttentionCore
+from robuq.quant.linear import LinearQuantConfig, QuantLinear
+
+ROBUQ_LINEAR = LinearQuantConfig(act_bits=2, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=16)
+
+
+def side_by_side(fn, repeats: int) -> tuple[float, float]:
+    """(ms with the C kernels, ms with PyTorch's code), medians of alternating rounds."""
+    on, off = [], []
+    for _ in range(3):
+        with native.use(True):
+            on.append(time_ms(fn, repeats))
+        with native.use(False):
+            off.append(time_ms(fn, repeats))
+    return statistics.median(on), statistics.median(off)
+
+
+MODELS = (("DiT-S/2", 384, 6), ("DiT-XL/2", 1152, 16))  # (name, hidden size, heads)
+
+
+def cases(tokens: int, models=MODELS) -> list[tuple[str, str, object]]:
+    torch.manual_seed(0)
+    rows = []
+    for model, width, heads in models:
+        for name, n_in, n_out in (("qkv", width, 3 * width), ("fc2", 4 * width, width)):
+            layer = IntegerLinear(QuantLinear.from_linear(torch.nn.Linear(n_in, n_out), ROBUQ_LINEAR))
+            x = torch.randn(tokens, n_in)
+            rows.append((model, f"{name} input pass: Hadamard + A2 levels ({tokens}×{n_in})",
+                         lambda layer=layer, x=x: layer.input_levels(x)))
+            rows.append((model, f"{name} IntegerLinear, whole ({tokens}×{n_in}→{n_out})", lambda layer=layer, x=x: layer(x)))
+        qkv = torch.randn(8, tokens // 8, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        core = QuantAttentionCore(8)
+        rows.append((model, f"8-bit attention core (8×{heads} heads, {tokens // 8} tokens)", lambda core=core, qkv=qkv: core(qkv[0], qkv[1], qkv[2])))
+        hidden = torch.randn(tokens, 4 * width)
+        rows.append((model, f"tanh-GELU ({tokens}×{4 * width})", lambda h=hidden: NativeGELU()(h)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as load_exported does; both paths run under it
+    results = []
+    with torch.no_grad():
+        for model, what, fn in cases(args.tokens):
+            c_ms, torch_ms = side_by_side(fn, args.repeats)
+            results.append({"model": model, "what": what, "c_kernels_ms": c_ms, "pytorch_ms": torch_ms, "speedup": torch_ms / c_ms})
+    lines = ["| model | what | C kernels ms | PyTorch ms | speed-up |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['what']} | {r['c_kernels_ms']:.2f} | {r['pytorch_ms']:.2f} | {r['speedup']:.2f}× |" for r in results]
+    write_result("cpu_kernels", {"rows": results, "threads": args.threads}, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
