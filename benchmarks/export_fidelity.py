@@ -22,6 +22,7 @@ import torch
 from common import write_result
 import robuq
 from robuq.deploy.export import export_model, load_exported
+from robuq.eval.metrics import psnr
 from robuq.kernels import native
 from robuq.quantized_io import load_quantized
 from robuq.sampling import default_teacher_path, save_grid, to_uint8
@@ -33,8 +34,7 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 
 
 def compare(reference: np.ndarray, other: np.ndarray) -> dict:
-    mse = float(((reference - other) ** 2).mean())
-    return {"psnr_db": float("inf") if mse == 0 else 10 * np.log10(255**2 / mse),
+    return {"psnr_db": psnr(reference, other),
             "max_abs_diff": float(np.abs(reference - other).max()),
             "within_2_levels": float((np.abs(reference - other) <= 2).mean())}
 

@@ -134,11 +134,6 @@ def validate_plan(plan: Mapping[str, object], quantized_names: list[str]) -> dic
     return {name: None if bits is None else int(bits) for name, bits in plan.items()}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def quantize_(
     model: nn.Module, config: QuantConfig, plan: Mapping[str, object] | None = None, initialize: bool = True
 ) -> nn.Module:
@@ -160,7 +155,7 @@ def quantize_(
         ):
             targets.append((name, QuantAttentionCore(check_bits(config.attention_bits, "attention bits"))))
     for name, module in targets:
-        _set_submodule(model, name, module)
+        model.set_submodule(name, module)
     plan = plan if plan is not None else config.plan
     if plan is not None:
         apply_plan(model, plan)

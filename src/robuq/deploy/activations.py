@@ -25,6 +25,5 @@ def use_native_activations(model: nn.Module) -> nn.Module:
     targets = [name for name, m in model.named_modules()
                if type(m) is nn.GELU and m.approximate == "tanh"]
     for name in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, NativeGELU())
+        model.set_submodule(name, NativeGELU())
     return model

@@ -18,7 +18,7 @@ from robuq.kernels import native, triton_ops
 from robuq.quant.activation import activation_scale_offset
 from robuq.quant.hadamard import hadamard_transform
 from robuq.quant.linear import QuantLinear
-from robuq.quant.primitives import QuantizedTensor
+from robuq.quant.primitives import QuantizedTensor, int8_level_shift
 
 
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,7 @@ class IntegerLinear(nn.Module):
 
     @property
     def _shift(self) -> int:
-        # 8-bit levels 0…255 do not fit int8: they are shifted to −128…127 and the shift folded into the offset.
-        return 128 if self.act_bits == 8 else 0
+        return int8_level_shift(self.act_bits)
 
     def _quantize_rows(self, x_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(int8 levels, scale, offset) of the rotated input, rows × features and rows × 1."""
@@ -120,13 +119,20 @@ class IntegerLinear(nn.Module):
         y.addmm_(branch, self.lowrank_up.t())
 
     def input_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(int8 levels, scale, offset) of the rotated input rows: what the integer GEMM multiplies."""
-        if self.act_granularity == "token" and native.takes(x):
-            # One pass: Hadamard, per-token statistics and int8 levels, no float copy of the rotated rows.
-            _, levels, scale, offset = native.hadamard_quantize(
-                x, self.hadamard_signs, self.hadamard, self.act_bits, self.act_rule, self.clip_ratio,
-                keep_rotated=False, shift=self._shift)
-            return levels, scale, offset
+        """(int8 levels, scale, offset) of the rotated input rows: what the integer GEMM multiplies.
+
+        Per-token quantization takes one fused pass where a kernel can (Triton on the GPU, C on the CPU):
+        Hadamard, statistics and levels, with no float copy of the rotated rows."""
+        if self.act_granularity == "token":
+            if self.hadamard and triton_ops.can_hadamard(x):
+                _, levels, scale, offset = triton_ops.hadamard_quantize(
+                    x, self.hadamard_signs, self.act_bits, self.act_rule, self.clip_ratio, store_rotated=False)
+                return levels, scale[:, None], offset[:, None]
+            if native.takes(x):
+                _, levels, scale, offset = native.hadamard_quantize(
+                    x, self.hadamard_signs, self.hadamard, self.act_bits, self.act_rule, self.clip_ratio,
+                    keep_rotated=False, shift=self._shift)
+                return levels, scale, offset
         return self._quantize_rows(hadamard_transform(x, self.hadamard_signs) if self.hadamard else x)
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -144,14 +150,8 @@ class IntegerLinear(nn.Module):
             self._add_lowrank(y, x.reshape(-1, self.in_features), levels, scale, offset)
 
     def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
-        """The GPU path: one fused Hadamard + quantize pass, then the low-bit matmul with its rescale fused."""
-        if self.hadamard and triton_ops.can_hadamard(x):
-            _, levels, scale, offset = triton_ops.hadamard_quantize(
-                x, self.hadamard_signs, self.act_bits, self.act_rule, self.clip_ratio, store_rotated=False)
-            scale, offset = scale[:, None], offset[:, None]
-        else:
-            x_rot = hadamard_transform(x, self.hadamard_signs) if self.hadamard else x
-            levels, scale, offset = self._quantize_rows(x_rot)
+        """The GPU path: the input's levels, then the low-bit matmul with its rescale fused."""
+        levels, scale, offset = self.input_levels(x)
         weight, packed = self._kernel_weight()
         y = triton_ops.lowbit_matmul(levels, weight, packed, scale.reshape(-1).contiguous(),
                                      (offset + self._shift * scale).reshape(-1).contiguous(), self.weight_scale,
@@ -183,7 +183,6 @@ def convert_to_integer(model: nn.Module, weights: dict[str, QuantizedTensor] | N
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.act_bits is not None
                and (n in weights if only_given else m.quantized_weight() is not None)]
     for name, layer in targets:
-        parent, _, child = name.rpartition(".")
         # pop: the caller's levels are freed layer by layer once the integer copy exists (peak memory).
-        setattr(model.get_submodule(parent) if parent else model, child, IntegerLinear(layer, weights.pop(name, None)))
+        model.set_submodule(name, IntegerLinear(layer, weights.pop(name, None)))
     return model

@@ -146,6 +146,13 @@ static void rotate_tile(float *restrict t, float *restrict out, int64_t n, int64
 }
 
 /* Functions that allocate return 0, or −1 when memory ran out (nothing is then written reliably). */
+static void note_failure(int ok, int *failed) {
+    if (!ok) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+}
+
 int robuq_hadamard(const float *x, float *y, int64_t rows, int64_t n, int64_t m, const float *hm,
                    const float *signs, int inverse, int threads) {
     const int64_t tiles = (rows + LANES - 1) / LANES;
@@ -162,10 +169,7 @@ int robuq_hadamard(const float *x, float *y, int64_t rows, int64_t n, int64_t m,
             rotate_tile(t, out, n, m, hm, inverse ? signs : NULL);
             store_tile(out, count, n, y + first * n);
         }
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        note_failure(ok, &failed);
         free(t);
         free(out);
     }
@@ -275,10 +279,7 @@ int robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *sca
                 offset[first + l] = o[l];
             }
         }
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        note_failure(ok, &failed);
         free(t);
         free(out);
         free(q);
@@ -398,10 +399,7 @@ int robuq_quantize_columns_int8(const float *x, int8_t *levels, float *scale, fl
                     sums[m * cols + j] += q;
                 }
         }
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        note_failure(ok, &failed);
         free(lo);
         free(hi);
         free(s);

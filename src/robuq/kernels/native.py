@@ -26,6 +26,7 @@ import torch
 
 from robuq.quant.activation import gaussian_optimal_step
 from robuq.quant.hadamard import hadamard_factors, hadamard_matrix
+from robuq.quant.primitives import int8_level_shift
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -ffp-contract=off: no fused multiply-adds, so scales, offsets and levels round as PyTorch's do;
@@ -200,10 +201,6 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _levels_shift(bits: int) -> int:
-    return 128 if bits == 8 else 0  # 8-bit levels 0…255 are stored as −128…127
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, probs_bits: int) -> torch.Tensor:
     """softmax(Q̂K̂ᵀ/√d)̂ V̂ for (batch, heads, tokens, d) inputs, the two matmuls on int8 levels with int32
     sums (Q, K per token, V per channel, probabilities per row from 0 to its maximum, as
@@ -212,7 +209,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, prob
     batch, heads, nq, d = q.shape
     nk = k.shape[2]
     mats = batch * heads
-    lib, threads, shift = _library(), _threads(), _levels_shift(bits)
+    lib, threads, shift = _library(), _threads(), int8_level_shift(bits)
 
     def rows(x: torch.Tensor, n: int, row_bits: int, rule: str, row_shift: int):
         x = _input(x)
@@ -238,7 +235,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, prob
     lib.robuq_attention_scores(_ptr(acc, _i32p), _ptr(scores), mats, nq, nk, d, _ptr(qs), _ptr(qc), _ptr(qa, _i32p),
                                _ptr(ks), _ptr(kc), _ptr(ka, _i32p), 1.0 / math.sqrt(d), threads)
     probs = scores.softmax(dim=-1)
-    p_shift = _levels_shift(probs_bits)
+    p_shift = int8_level_shift(probs_bits)
     pl, ps, _, pa = rows(probs, nk, probs_bits, "max", p_shift)
     pl = pl.view(mats, nq, nk)
     acc = _empty(mats, nq, d, dtype=torch.int32)

@@ -16,6 +16,7 @@ import torch
 
 from robuq.quant.activation import gaussian_optimal_step
 from robuq.quant.hadamard import hadamard_factors, hadamard_matrix
+from robuq.quant.primitives import int8_level_shift
 
 _MAX_B = 128  # columns of the (A, B) view of a token: one dense B×B product per token
 # Padded rows. At AP = 64, B = 128 the operands (H_A, H_B, one token) take ~112 KiB of shared memory,
@@ -124,7 +125,7 @@ def _launch_hadamard(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool,
         kernels.hadamard_quantize_kernel[(count,)](
             rows, signs_arg, ha, hb_t, y, levels, scale, offset, ratio_arg,
             a, n, rows.stride(0), y.stride(0), levels.stride(0),
-            gaussian_optimal_step(bits), 2**bits - 1, 128 if bits == 8 else 0,
+            gaussian_optimal_step(bits), 2**bits - 1, int8_level_shift(bits),
             AP=ha.shape[0], B=b, SIGNS=0 if signs is None else (2 if inverse else 1),
             STORE_Y=store_y, QUANT=quant is not None,
             RULE=kernels.RULE_GAUSSIAN if rule == "gaussian" else kernels.RULE_MINMAX,

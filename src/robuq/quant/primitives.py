@@ -14,6 +14,12 @@ import torch
 EPS = 1e-8
 
 
+def int8_level_shift(bits: int) -> int:
+    """What integer kernels subtract from unsigned activation levels to store them as int8: 8-bit levels
+    0…255 become −128…127 (the shift is folded back into the offset); narrower ones fit as they are."""
+    return 128 if bits == 8 else 0
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward (the straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
