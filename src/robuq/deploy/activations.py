@@ -8,7 +8,7 @@ from robuq.kernels import native
 
 
 class NativeGELU(nn.GELU):
-    """tanh-GELU that runs on robuq's C kernel for float32 CPU inference (PyTorch's took 2.7× as long on a
+    """tanh-GELU that runs on robuq's C kernel for float32 CPU inference (PyTorch's took 2.3–2.7× as long on a
     2-core x86 CPU: results/cpu_kernels.md); the same values to ~4e-7 absolute, PyTorch's path otherwise."""
 
     def __init__(self) -> None:
