@@ -14,7 +14,7 @@ import statistics
 import torch
 
 from common import time_ms, write_result
-from robuq.deploy.activations import NativeGELU
+from robuq.deploy.elementwise import NativeGELU
 from robuq.deploy.allocator import retain_freed_memory
 from robuq.deploy.integer_linear import IntegerLinear
 from robuq.kernels import native

@@ -21,7 +21,7 @@ import torch
 
 from common import time_ms, write_result
 import robuq
-from robuq.deploy.activations import use_native_activations
+from robuq.deploy.elementwise import use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
 from robuq.deploy.export import export_model, file_report, load_exported
 from robuq.deploy.integer_linear import IntegerLinear
@@ -101,7 +101,7 @@ def end_to_end(name: str, repeats: int, tmp: Path) -> dict:
     model uses, so that the part of the speed-up that does not come from quantization shows."""
     torch.manual_seed(0)
     fp = robuq.create_dit(name, input_size=32).eval()
-    fp_native_gelu = use_native_activations(copy.deepcopy(fp))
+    fp_native_gelu = use_native_kernels(copy.deepcopy(fp))
     path = export_random(name, tmp / f"{name.replace('/', '_')}.safetensors")
     exported = load_exported(path)
     x, t, y = torch.randn(8, 4, 32, 32), torch.randint(0, 1000, (8,)), torch.randint(0, 1000, (8,))
@@ -121,7 +121,7 @@ def end_to_end(name: str, repeats: int, tmp: Path) -> dict:
 PEAK_SCRIPT = """
 import sys, torch, robuq
 from robuq.model_files import load_any
-from robuq.deploy.activations import use_native_activations
+from robuq.deploy.elementwise import use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
 def high_water():
     status = open("/proc/self/status").read()

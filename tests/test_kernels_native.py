@@ -87,12 +87,36 @@ def test_hadamard_quantize_matches_the_pytorch_quantizer(rule, bits, rotate):
     assert torch.equal(without_copy, levels)
 
 
-def test_rescale_is_the_integer_linear_epilogue():
-    acc = torch.randint(-1000, 1000, (19, 33), dtype=torch.int32)
-    s, o = torch.rand(19, 1), torch.randn(19, 1)
-    alpha, w, b = torch.rand(33), torch.randn(33), torch.randn(33)
-    out = native.rescale(acc, torch.empty(19, 33), s, o, alpha, w, b)
-    assert torch.allclose(out, acc.float() * s * alpha + o * w + b, rtol=1e-6, atol=1e-5)
+@pytest.mark.parametrize("cols", [33, 48])  # a ragged tail, and whole vectors only
+@pytest.mark.parametrize("rank, gelu", [(0, False), (5, False), (16, True)])
+def test_rescale_is_the_integer_linear_epilogue(cols, rank, gelu):
+    import torch.nn.functional as F
+
+    rows = 19  # not a multiple of the kernel's row block
+    acc = torch.randint(-1000, 1000, (rows, cols), dtype=torch.int32)
+    s, o = torch.rand(rows, 1), torch.randn(rows, 1)
+    alpha, w, b = torch.rand(cols), torch.randn(cols), torch.randn(cols)
+    branch, up = torch.randn(rows, rank), torch.randn(cols, rank)
+    expected = acc.float() * s * alpha + o * w + b + branch @ up.t()
+    if gelu:
+        expected = F.gelu(expected, approximate="tanh")
+    out = native.rescale(acc, torch.empty(rows, cols), s, o, alpha, w, b, branch if rank else None,
+                         up.t().contiguous() if rank else None, gelu)
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_layer_norm_modulate_and_gated_residual_match_the_block_code():
+    import torch.nn.functional as F
+
+    from robuq.models.dit import modulate
+
+    x, y = torch.randn(3, 10, 40) * 3 + 1, torch.randn(3, 10, 40)
+    shift, scale, gate = torch.randn(3, 40), torch.randn(3, 40), torch.randn(3, 40)
+    expected = modulate(F.layer_norm(x, (40,), eps=1e-6), shift, scale)
+    assert torch.allclose(native.layer_norm_modulate(x, shift, scale, 1e-6), expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(native.gated_residual(x, gate, y), x + gate.unsqueeze(1) * y, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.layer_norm_modulate(x, shift[:2], scale[:2], 1e-6)
 
 
 @pytest.mark.parametrize("bits, probs_bits", [(8, 8), (4, 8), (8, 4), (3, 2)])
@@ -113,6 +137,22 @@ def test_integer_attention_equals_the_fake_quantized_core(bits, probs_bits, shap
     diff = (fast - slow).abs()
     assert diff.max().item() <= 2 * step
     assert diff.mean().item() <= 1e-3 * step + 1e-6
+
+
+def test_portable_build_gives_the_same_attention(monkeypatch, tmp_path):
+    """The u8×s8 dot products without AVX-512 VNNI (plain C) sum the same integers: same output, bit for bit."""
+    qkv = torch.randn(2, 37, 3, 3, 20).permute(2, 0, 3, 1, 4)
+    with torch.no_grad():
+        fast = native.attention(qkv[0], qkv[1], qkv[2], 8, 8)
+    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-DROBUQ_PORTABLE"])
+    monkeypatch.setenv("ROBUQ_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        portable = native.attention(qkv[0], qkv[1], qkv[2], 8, 8)
+        assert list((tmp_path / "kernels").glob("cpu_kernels-*.so"))  # really a second build
+    finally:
+        native._library.cache_clear()
+    assert torch.equal(portable, fast)
 
 
 def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
@@ -143,17 +183,33 @@ def test_build_is_cached_per_source_and_flags(monkeypatch, tmp_path):
         native._library.cache_clear()
 
 
-def test_gelu_matches_pytorch_and_swaps_into_a_model(tiny_dit):
+def test_gelu_matches_pytorch(tiny_dit):
     import torch.nn.functional as F
 
-    from robuq.deploy.activations import NativeGELU, use_native_activations
+    from robuq.deploy.elementwise import NativeGELU
 
     x = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([0.0, -0.0, 1e-30, 88.0, -88.0])])
     assert torch.allclose(native.gelu_tanh(x), F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-5)
     assert torch.allclose(native.gelu_tanh(x[:7]), F.gelu(x[:7], approximate="tanh"), atol=1e-6)  # a ragged tail only
-    before = sum(isinstance(m, torch.nn.GELU) for m in tiny_dit.modules())
-    use_native_activations(tiny_dit)
-    assert sum(isinstance(m, NativeGELU) for m in tiny_dit.modules()) == before == len(tiny_dit.blocks)
     leaf = torch.randn(3, 5, requires_grad=True)  # training keeps PyTorch's op, and its gradient
     out = NativeGELU()(leaf)
     assert torch.equal(out, F.gelu(leaf, approximate="tanh")) and out.requires_grad
+
+
+def test_native_kernels_swap_into_a_float_dit_and_keep_its_outputs(tiny_dit):
+    import copy
+
+    from robuq.deploy.elementwise import NativeDiTBlock, NativeFinalLayer, NativeGELU, use_native_kernels
+
+    native_dit = use_native_kernels(copy.deepcopy(tiny_dit))
+    assert all(type(b) is NativeDiTBlock for b in native_dit.blocks) and type(native_dit.final_layer) is NativeFinalLayer
+    assert sum(isinstance(m, NativeGELU) for m in native_dit.modules()) == len(tiny_dit.blocks)  # float fc1: no fusion
+    assert native_dit.state_dict().keys() == tiny_dit.state_dict().keys()
+    x, t, y = torch.randn(2, tiny_dit.in_channels, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    with torch.no_grad():
+        expected, got = tiny_dit(x, t, y), native_dit(x, t, y)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # With gradients wanted, every swapped module takes the model's own PyTorch code.
+    loss = native_dit(x, t, y).square().mean()
+    loss.backward()
+    assert native_dit.blocks[0].attn.qkv.weight.grad is not None

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from robuq.deploy.activations import use_native_activations
+from robuq.deploy.elementwise import use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
 from robuq.deploy.integer_linear import IntegerLinear, convert_to_integer
 from robuq.deploy.packing import PACKERS
@@ -153,7 +153,7 @@ def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: 
         del weights[name]
     convert_to_integer(model, weights, only_given=True)  # empties ``weights``: each layer's levels go as it is built
     if integer:  # a float reload stays bit-exact with its training model
-        use_native_activations(model)
+        use_native_kernels(model)
     unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unset:
         raise _corrupt(path, f"no values for {', '.join(unset[:6])}")

@@ -59,6 +59,8 @@ class IntegerLinear(nn.Module):
         ratio = layer.act_quant.clip_ratio
         self.register_buffer("clip_ratio", None if ratio is None else ratio.detach().clamp(0.05, 4.0).float())
         self.rank = layer.rank
+        # tanh-GELU on the output, in the epilogue's pass (use_native_kernels sets it for an Mlp's fc1).
+        self.gelu = False
         if self.rank:
             self.register_buffer("lowrank_down", layer.lowrank_down.detach().float())
             self.register_buffer("lowrank_up", layer.lowrank_up.detach().float())
@@ -78,6 +80,8 @@ class IntegerLinear(nn.Module):
             down = self.lowrank_down
             self.register_buffer("_lowrank_down_input", hadamard_transform(down, self.hadamard_signs, inverse=True)
                                  if self.hadamard else down, persistent=False)
+        if self.rank:  # the epilogue kernel's layout of U: one row of output columns per rank
+            self.register_buffer("_lowrank_up_rows", self.lowrank_up.t().contiguous(), persistent=False)
         self._packed_weight = None  # the GPU kernel's packing of the levels, rebuilt on next use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,14 +113,20 @@ class IntegerLinear(nn.Module):
         rows = levels.shape[0]
         return levels, scale.expand(*x_rot.shape[:-1], 1).reshape(rows, 1), offset.expand(*x_rot.shape[:-1], 1).reshape(rows, 1)
 
-    def _add_lowrank(self, y: torch.Tensor, x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor,
-                     offset: torch.Tensor) -> None:
-        """y += U·V·x' with x' the rotated input ("fp") or its fake-quantized levels ("quantized")."""
+    def _lowrank_branch(self, x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor,
+                        offset: torch.Tensor) -> torch.Tensor:
+        """V·x' (rows × rank) with x' the rotated input ("fp") or its fake-quantized levels ("quantized")."""
         if self.lowrank_input == "fp":
-            branch = F.linear(x, self._lowrank_down_input)
-        else:  # what the training quantizer's fake-quantized output is: offset + level·scale
-            branch = F.linear(torch.addcmul(offset, levels.float() + self._shift, scale), self.lowrank_down)
-        y.addmm_(branch, self.lowrank_up.t())
+            return F.linear(x, self._lowrank_down_input)
+        # what the training quantizer's fake-quantized output is: offset + level·scale
+        return F.linear(torch.addcmul(offset, levels.float() + self._shift, scale), self.lowrank_down)
+
+    def _finish(self, y: torch.Tensor, branch: torch.Tensor | None) -> None:
+        """y += U·branch, then the GELU if fused, in place: the PyTorch twin of the epilogue kernel's tail."""
+        if branch is not None:
+            y.addmm_(branch, self.lowrank_up.t())
+        if self.gelu:
+            y.copy_(F.gelu(y, approximate="tanh"))
 
     def input_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(int8 levels, scale, offset) of the rotated input rows: what the integer GEMM multiplies.
@@ -138,16 +148,17 @@ class IntegerLinear(nn.Module):
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
         levels, scale, offset = self.input_levels(x)
         acc = _int8_matmul(levels, self.weight_levels_t)
+        branch = self._lowrank_branch(x.reshape(-1, self.in_features), levels, scale, offset) if self.rank else None
         if native.takes(y) and y.is_contiguous():
-            native.rescale(acc, y, scale.contiguous(), (offset + self._shift * scale).contiguous(),
-                           self.weight_scale, self._offset_rows[0], self._offset_rows[1])
-        else:
-            # y = (s·acc + (o + shift·s)·ΣL)·α + b, as two scalings and one rank-2 update, all in place.
-            torch.mul(acc, scale, out=y)
-            y.mul_(self.weight_scale)
-            y.addmm_(torch.cat([offset + self._shift * scale, torch.ones_like(offset)], dim=1), self._offset_rows)
-        if self.rank:
-            self._add_lowrank(y, x.reshape(-1, self.in_features), levels, scale, offset)
+            native.rescale(acc, y, scale.contiguous(), (offset + self._shift * scale).contiguous(), self.weight_scale,
+                           self._offset_rows[0], self._offset_rows[1], branch,
+                           self._lowrank_up_rows if self.rank else None, self.gelu)
+            return
+        # y = (s·acc + (o + shift·s)·ΣL)·α + b, as two scalings and one rank-2 update, all in place.
+        torch.mul(acc, scale, out=y)
+        y.mul_(self.weight_scale)
+        y.addmm_(torch.cat([offset + self._shift * scale, torch.ones_like(offset)], dim=1), self._offset_rows)
+        self._finish(y, branch)
 
     def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
         """The GPU path: the input's levels, then the low-bit matmul with its rescale fused."""
@@ -156,8 +167,7 @@ class IntegerLinear(nn.Module):
         y = triton_ops.lowbit_matmul(levels, weight, packed, scale.reshape(-1).contiguous(),
                                      (offset + self._shift * scale).reshape(-1).contiguous(), self.weight_scale,
                                      self._offset_rows[0].contiguous(), self.bias)
-        if self.rank:
-            self._add_lowrank(y, x, levels, scale, offset)
+        self._finish(y, self._lowrank_branch(x, levels, scale, offset) if self.rank else None)
         return y
 
     def _kernel_weight(self) -> tuple[torch.Tensor, bool]:
@@ -171,7 +181,8 @@ class IntegerLinear(nn.Module):
         return cached, True
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}→{self.out_features}, int8 weights, a={self.act_bits}, lowrank={self.rank}"
+        gelu = ", then tanh-GELU" if self.gelu else ""
+        return f"{self.in_features}→{self.out_features}, int8 weights, a={self.act_bits}, lowrank={self.rank}{gelu}"
 
 
 def convert_to_integer(model: nn.Module, weights: dict[str, QuantizedTensor] | None = None,

@@ -226,13 +226,21 @@ static void tile_scale_offset(const float *restrict t, int64_t n, int bits, int 
 /* Levels of one tile row: clamp(round_half_even((v − o)/s), 0, top) − shift. Rounding by adding and
  * subtracting 1.5·2^23 is exact and ties to even for |u| < 2^22, which the pre-clamp to [−1, top + 1]
  * guarantees without changing the clamped result. */
-static inline lanes_b lanes_levels(lanes_f v, lanes_f s, lanes_f o, float top, float shift) {
+static inline lanes_f lanes_level_values(lanes_f v, lanes_f s, lanes_f o, float top, float shift) {
     const lanes_f magic = lanes_splat(12582912.0f);
     lanes_f u = (v - o) / s;
     u = lanes_max(lanes_min(u, lanes_splat(top + 1)), lanes_splat(-1.0f));
     u = (u + magic) - magic;
-    u = lanes_max(lanes_min(u, lanes_splat(top)), lanes_splat(0.0f)) - shift;
-    return __builtin_convertvector(__builtin_convertvector(u, lanes_i), lanes_b);
+    return lanes_max(lanes_min(u, lanes_splat(top)), lanes_splat(0.0f)) - shift;
+}
+
+/* As bytes: signed levels, or unsigned ones up to 255 (the conversion keeps the low eight bits). */
+static inline lanes_b lanes_bytes(lanes_f levels) {
+    return __builtin_convertvector(__builtin_convertvector(levels, lanes_i), lanes_b);
+}
+
+static inline lanes_b lanes_levels(lanes_f v, lanes_f s, lanes_f o, float top, float shift) {
+    return lanes_bytes(lanes_level_values(v, s, o, top, shift));
 }
 
 static inline float level_of(float v, float scale, float offset, float top) {
@@ -287,168 +295,8 @@ int robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *sca
     return failed ? -1 : 0;
 }
 
-/* The integer linear's epilogue in one pass: y = acc·s_r·α_c + o_r·w_c + b_c, where acc is the int32
- * product of the levels and w_c = α_c·Σ_k L_kc carries the activation offset. */
-void robuq_rescale(const int32_t *acc, float *y, int64_t rows, int64_t cols, const float *s, const float *o,
-                   const float *alpha, const float *w, const float *bias, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < rows; r++) {
-        const int32_t *restrict a = acc + r * cols;
-        float *restrict out = y + r * cols;
-        const float sr = s[r], orow = o[r];
-        for (int64_t c = 0; c < cols; c++) out[c] = (float)a[c] * sr * alpha[c] + (orow * w[c] + bias[c]);
-    }
-}
-
-/* ---- Integer attention. A quantized value is s·(l + shift) + o = s·l + c with int8 levels l and
- * c = o + shift·s; products of levels are exact int32 GEMMs, and the affine terms come back through
- * the level sums. ---- */
-
-/* Statistics of one contiguous row, accumulated in LANES interleaved partial results so that they
- * vectorize along the row (the order of a float sum is no more fixed in PyTorch). */
-static void row_scale_offset(const float *restrict v, int64_t n, int bits, int rule, float step_factor, float *scale,
-                             float *offset) {
-    float lo = v[0], hi = v[0], mean = 0.0f, std = 0.0f;
-    if (rule == RULE_GAUSSIAN) {
-        double part[LANES] = {0}, total = 0.0;
-        int64_t i = 0;
-        for (; i + LANES <= n; i += LANES)
-            for (int l = 0; l < LANES; l++) part[l] += v[i + l];
-        for (; i < n; i++) total += v[i];
-        for (int l = 0; l < LANES; l++) total += part[l];
-        mean = (float)(total / (double)n);
-        double squares = 0.0;
-        for (i = 0; i < n; i++) squares += (double)(v[i] - mean) * (double)(v[i] - mean);
-        std = (float)sqrt(squares) / sqrtf((float)n);
-    } else {
-        float los[LANES], his[LANES];
-        for (int l = 0; l < LANES; l++) los[l] = his[l] = v[0];
-        int64_t i = 0;
-        for (; i + LANES <= n; i += LANES)
-            for (int l = 0; l < LANES; l++) {
-                los[l] = v[i + l] < los[l] ? v[i + l] : los[l];
-                his[l] = v[i + l] > his[l] ? v[i + l] : his[l];
-            }
-        for (; i < n; i++) {
-            lo = v[i] < lo ? v[i] : lo;
-            hi = v[i] > hi ? v[i] : hi;
-        }
-        for (int l = 0; l < LANES; l++) {
-            lo = los[l] < lo ? los[l] : lo;
-            hi = his[l] > hi ? his[l] : hi;
-        }
-    }
-    finish_scale_offset(lo, hi, mean, std, bits, rule, step_factor, 1.0f, scale, offset);
-}
-
-/* Per-row levels of `rows` contiguous rows of n (rule minmax or max), with scale, c and level sums. */
-void robuq_quantize_rows_int8(const float *x, int8_t *levels, float *scale, float *c, int32_t *sums, int64_t rows,
-                              int64_t n, int bits, int rule, int shift, int threads) {
-    const float top = (float)((1 << bits) - 1);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *restrict v = x + r * n;
-        int8_t *restrict l = levels + r * n;
-        float s, o;
-        row_scale_offset(v, n, bits, rule, 0.0f, &s, &o);
-        int32_t total = 0;
-        for (int64_t i = 0; i < n; i++) {
-            const int32_t q = (int32_t)level_of(v[i], s, o, top) - shift;
-            l[i] = (int8_t)q;
-            total += q;
-        }
-        scale[r] = s;
-        c[r] = o + (float)shift * s;
-        sums[r] = total;
-    }
-}
-
-/* Per-column min–max levels of `mats` contiguous (rows × cols) matrices: V's scales run along channels,
- * because probs·V sums over tokens. scale, c and sums are (mats × cols). */
-int robuq_quantize_columns_int8(const float *x, int8_t *levels, float *scale, float *c, int32_t *sums, int64_t mats,
-                                int64_t rows, int64_t cols, int bits, int shift, int threads) {
-    const float top = (float)((1 << bits) - 1);
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        float *lo = malloc((size_t)cols * sizeof(float)), *hi = malloc((size_t)cols * sizeof(float));
-        float *s = malloc((size_t)cols * sizeof(float)), *o = malloc((size_t)cols * sizeof(float));
-        const int ok = lo && hi && s && o;
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < mats; m++) {
-            if (!ok) continue;
-            const float *restrict v = x + m * rows * cols;
-            int8_t *restrict l = levels + m * rows * cols;
-            for (int64_t j = 0; j < cols; j++) lo[j] = hi[j] = v[j];
-            for (int64_t i = 1; i < rows; i++)
-                for (int64_t j = 0; j < cols; j++) {
-                    const float u = v[i * cols + j];
-                    lo[j] = u < lo[j] ? u : lo[j];
-                    hi[j] = u > hi[j] ? u : hi[j];
-                }
-            for (int64_t j = 0; j < cols; j++) {
-                finish_scale_offset(lo[j], hi[j], 0.0f, 0.0f, bits, RULE_MINMAX, 0.0f, 1.0f, &s[j], &o[j]);
-                scale[m * cols + j] = s[j];
-                c[m * cols + j] = o[j] + (float)shift * s[j];
-                sums[m * cols + j] = 0;
-            }
-            for (int64_t i = 0; i < rows; i++)
-                for (int64_t j = 0; j < cols; j++) {
-                    const int32_t q = (int32_t)level_of(v[i * cols + j], s[j], o[j], top) - shift;
-                    l[i * cols + j] = (int8_t)q;
-                    sums[m * cols + j] += q;
-                }
-        }
-        note_failure(ok, &failed);
-        free(lo);
-        free(hi);
-        free(s);
-        free(o);
-    }
-    return failed ? -1 : 0;
-}
-
-/* scores = (q·k)/√d from the int32 level products: q·k = s_q s_k acc + s_q A_q c_k + c_q s_k A_k + d c_q c_k. */
-void robuq_attention_scores(const int32_t *acc, float *out, int64_t mats, int64_t nq, int64_t nk, int64_t d,
-                            const float *sq, const float *cq, const int32_t *aq, const float *sk, const float *ck,
-                            const int32_t *ak, float inv_sqrt_d, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t row = 0; row < mats * nq; row++) {
-        const int64_t m = row / nq;
-        const float *restrict skm = sk + m * nk, *restrict ckm = ck + m * nk;
-        const int32_t *restrict akm = ak + m * nk;
-        const int32_t *restrict a = acc + row * nk;
-        float *restrict o = out + row * nk;
-        const float s = sq[row], sa = sq[row] * (float)aq[row], c = cq[row];
-        for (int64_t j = 0; j < nk; j++)
-            o[j] = (s * skm[j] * (float)a[j] + sa * ckm[j] + c * (skm[j] * (float)akm[j] + (float)d * ckm[j])) * inv_sqrt_d;
-    }
-}
-
-/* out = p·v from the int32 level products, written (batch, nq, heads, d) so that the caller's
- * transpose(1, 2) is already contiguous: p·v = s_p [s_v (acc + shift_p B_v) + c_v (A_p + shift_p nk)],
- * the probabilities having offset 0 (their c_p is shift_p·s_p). */
-void robuq_attention_output(const int32_t *acc, float *out, int64_t heads, int64_t mats, int64_t nq, int64_t d,
-                            int64_t nk, const float *sp, const int32_t *ap, const float *sv, const float *cv,
-                            const int32_t *bv, int shift_p, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t row = 0; row < mats * nq; row++) {
-        const int64_t m = row / nq, i = row % nq, b = m / heads, h = m % heads;
-        const float *restrict svm = sv + m * d, *restrict cvm = cv + m * d;
-        const int32_t *restrict bvm = bv + m * d;
-        const int32_t *restrict a = acc + row * d;
-        float *restrict o = out + ((b * nq + i) * heads + h) * d;
-        /* The shifted sums in integers, converted once: |acc|, |shift·B_v| ≤ 2^15·nk would not stay exact
-         * as separate floats above 2^24, and the two nearly cancel. */
-        const float s = sp[row], count = (float)((int64_t)ap[row] + (int64_t)shift_p * nk);
-        for (int64_t c = 0; c < d; c++)
-            o[c] = s * (svm[c] * (float)((int64_t)a[c] + (int64_t)shift_p * bvm[c]) + cvm[c] * count);
-    }
-}
-
-/* ---- tanh-GELU, 0.5·x·(1 + tanh(u)) with u = √(2/π)(x + 0.044715x³), = x·e^{2u}/(1 + e^{2u}). PyTorch's CPU tanh is
- * the slow part of its GELU; this exp has ~1 ulp error (Cody–Waite reduction, degree-6 Taylor on
- * |r| ≤ ln2/2), so the result matches PyTorch's to about 1e-7 relative. ---- */
+/* ---- e^x for float lanes with ~1 ulp error (Cody–Waite reduction, degree-6 Taylor on |r| ≤ ln2/2), for
+ * the attention softmax and the GELU. ---- */
 static inline lanes_f lanes_exp(lanes_f x) {
     x = lanes_max(lanes_min(x, lanes_splat(88.0f)), lanes_splat(-87.0f));
     const lanes_f magic = lanes_splat(12582912.0f);
@@ -465,6 +313,353 @@ static inline lanes_f lanes_exp(lanes_f x) {
     return p * (lanes_f)two_k;
 }
 
+
+/* ---- Integer attention, fused: one pass per (head, block of queries), scores and probabilities never
+ * leave a thread's buffers. A quantized value is s·u + o with unsigned levels u. K and V are stored as
+ * int8 l = u − shift (their c = o + shift·s), Q and the probabilities as their unsigned bytes, so both
+ * matmuls are u8 × s8 dot products with exact int32 sums (AVX-512 VNNI's vpdpbusd where the CPU has
+ * it), and the affine terms come back through level sums. ---- */
+
+#define QUERY_BLOCK 16
+
+/* A contiguous row's mean, returned through `mean`, and Σ(v − mean)², in double with LANES interleaved
+ * partial sums so that they vectorize along the row (the order of a float sum is no more fixed in PyTorch). */
+static double row_moments(const float *restrict v, int64_t n, float *mean) {
+    double part[LANES] = {0}, total = 0.0;
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) part[l] += v[i + l];
+    for (; i < n; i++) total += v[i];
+    for (int l = 0; l < LANES; l++) total += part[l];
+    const float m = (float)(total / (double)n);
+    double squares[LANES] = {0}, sum = 0.0;
+    for (i = 0; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) squares[l] += (double)(v[i + l] - m) * (double)(v[i + l] - m);
+    for (; i < n; i++) sum += (double)(v[i] - m) * (double)(v[i] - m);
+    for (int l = 0; l < LANES; l++) sum += squares[l];
+    *mean = m;
+    return sum;
+}
+
+/* Scale and offset of one contiguous row (min–max statistics as LANES interleaved partial results). */
+static void row_scale_offset(const float *restrict v, int64_t n, int bits, int rule, float step_factor, float *scale,
+                             float *offset) {
+    float lo = v[0], hi = v[0], mean = 0.0f, std = 0.0f;
+    if (rule == RULE_GAUSSIAN) {
+        const double squares = row_moments(v, n, &mean);
+        std = (float)sqrt(squares) / sqrtf((float)n);
+    } else {
+        lanes_f los = lanes_splat(v[0]), his = los;
+        int64_t i = 0;
+        for (; i + LANES <= n; i += LANES) {
+            lanes_f x;
+            memcpy(&x, v + i, sizeof x);
+            los = lanes_min(x, los);
+            his = lanes_max(x, his);
+        }
+        for (; i < n; i++) {
+            lo = v[i] < lo ? v[i] : lo;
+            hi = v[i] > hi ? v[i] : hi;
+        }
+        for (int l = 0; l < LANES; l++) {
+            lo = los[l] < lo ? los[l] : lo;
+            hi = his[l] > hi ? his[l] : hi;
+        }
+    }
+    finish_scale_offset(lo, hi, mean, std, bits, rule, step_factor, 1.0f, scale, offset);
+}
+
+/* u[i] = clamp(round((v[i] − o)/s), 0, top) − shift as bytes, for a span of n values with one scale and
+ * offset for the span (per_value 0) or one per value (per_value 1); returns Σ (u − shift). */
+static int32_t span_levels(const float *restrict v, int64_t n, const float *restrict s, const float *restrict o,
+                           int per_value, float top, int shift, uint8_t *restrict u) {
+    lanes_f sum = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        lanes_f x, sv, ov;
+        memcpy(&x, v + i, sizeof x);
+        if (per_value) {
+            memcpy(&sv, s + i, sizeof sv);
+            memcpy(&ov, o + i, sizeof ov);
+        } else {
+            sv = lanes_splat(*s);
+            ov = lanes_splat(*o);
+        }
+        const lanes_f levels = lanes_level_values(x, sv, ov, top, (float)shift);
+        sum += levels; /* exact: integers far below 2^24 */
+        const lanes_b bytes = lanes_bytes(levels);
+        memcpy(u + i, &bytes, LANES);
+    }
+    int32_t total = 0;
+    for (int l = 0; l < LANES; l++) total += (int32_t)sum[l];
+    for (; i < n; i++) {
+        const int32_t level = (int32_t)level_of(v[i], s[i * per_value], o[i * per_value], top) - shift;
+        u[i] = (uint8_t)level;
+        total += level;
+    }
+    return total;
+}
+
+/* out[r][j] = Σ_k a[r][k]·b[k][j] for RB rows of unsigned bytes a (stride astride, 4·k4 of them) and 16·CB
+ * columns of b, packed [k4][width][4] as signed bytes (width a multiple of 16: one 64-byte vector holds
+ * four k of 16 columns). Both versions give the same exact integer sums. */
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && !defined(ROBUQ_PORTABLE)
+#include <immintrin.h>
+#define DEFINE_DOT(RB, CB)                                                                                     \
+    static void dot_##RB##x##CB(const uint8_t *restrict a, int64_t astride, const int8_t *restrict b, int64_t k4, \
+                                int64_t width, int32_t *restrict out, int64_t ostride) {                        \
+        __m512i acc[RB][CB];                                                                                   \
+        for (int r = 0; r < RB; r++)                                                                           \
+            for (int c = 0; c < CB; c++) acc[r][c] = _mm512_setzero_si512();                                   \
+        for (int64_t k = 0; k < k4; k++) {                                                                     \
+            __m512i w[CB];                                                                                     \
+            for (int c = 0; c < CB; c++) w[c] = _mm512_loadu_si512(b + (k * width + 16 * c) * 4);             \
+            for (int r = 0; r < RB; r++) {                                                                     \
+                int32_t four;                                                                                  \
+                memcpy(&four, a + r * astride + 4 * k, sizeof four);                                           \
+                const __m512i x = _mm512_set1_epi32(four);                                                     \
+                for (int c = 0; c < CB; c++) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], x, w[c]);              \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int r = 0; r < RB; r++)                                                                           \
+            for (int c = 0; c < CB; c++) _mm512_storeu_si512(out + r * ostride + 16 * c, acc[r][c]);           \
+    }
+#else
+#define DEFINE_DOT(RB, CB)                                                                                     \
+    static void dot_##RB##x##CB(const uint8_t *restrict a, int64_t astride, const int8_t *restrict b, int64_t k4, \
+                                int64_t width, int32_t *restrict out, int64_t ostride) {                        \
+        for (int r = 0; r < RB; r++)                                                                           \
+            for (int64_t j = 0; j < 16 * CB; j++) {                                                            \
+                int32_t sum = 0;                                                                               \
+                for (int64_t k = 0; k < 4 * k4; k++)                                                           \
+                    sum += (int32_t)a[r * astride + k] * (int32_t)b[((k / 4) * width + j) * 4 + k % 4];        \
+                out[r * ostride + j] = sum;                                                                    \
+            }                                                                                                  \
+    }
+#endif
+DEFINE_DOT(4, 4)
+DEFINE_DOT(4, 1)
+DEFINE_DOT(1, 4)
+DEFINE_DOT(1, 1)
+
+static void dot_u8s8(const uint8_t *a, int64_t astride, int64_t rows, const int8_t *b, int64_t k4, int64_t width,
+                     int32_t *out, int64_t ostride) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        int64_t j = 0;
+        for (; j + 64 <= width; j += 64) dot_4x4(a + r * astride, astride, b + 4 * j, k4, width, out + r * ostride + j, ostride);
+        for (; j < width; j += 16) dot_4x1(a + r * astride, astride, b + 4 * j, k4, width, out + r * ostride + j, ostride);
+    }
+    for (; r < rows; r++) {
+        int64_t j = 0;
+        for (; j + 64 <= width; j += 64) dot_1x4(a + r * astride, astride, b + 4 * j, k4, width, out + r * ostride + j, ostride);
+        for (; j < width; j += 16) dot_1x1(a + r * astride, astride, b + 4 * j, k4, width, out + r * ostride + j, ostride);
+    }
+}
+
+/* Per key, what a score needs besides the level products: s_k, c_k = o + shift·s_k, shift·A_k and
+ * s_k·A_k + d·c_k (A_k = Σ levels); nk16 entries per head, zero past the keys. */
+typedef struct {
+    float *scale, *c, *term;
+    int32_t *shifted_sum;
+} key_terms_t;
+
+/* One query row, from its int32 level products with the keys (acc) to its probability levels:
+ * score_j = q̂·k̂_j/√d, e_j = exp(score_j − max) and levels round(e_j·top). Those are the levels p_j/s_p
+ * of the softmax p_j = e_j/Σe on the grid s_p = max_j p_j/top = 1/(top·Σe): the largest e is exactly 1
+ * (lanes_exp(0) = 1), so the division by Σe cancels. Writes nk16 levels (zero past nk), returns Σ levels
+ * and sets *scale = s_p. `e` is an aligned nk16-float scratch row. */
+static int32_t probability_levels(const int32_t *restrict acc, int64_t nk, int64_t nk16, key_terms_t keys, float s,
+                                  float sa, float c, float inv_sqrt_d, float top, float *restrict e,
+                                  uint8_t *restrict levels, float *scale) {
+    const int64_t vectors = nk16 / LANES;
+    lanes_i lane = {0}; /* which lanes of the last vector hold keys, as an all-ones mask (no lane indexing:
+                           that would keep the vectors in memory) */
+    for (int l = 0; l < LANES; l++) lane[l] = l;
+    const lanes_i real = lane < (lanes_i){0} + (int32_t)(nk - (vectors - 1) * LANES);
+    lanes_f *v = (lanes_f *)e, largest = lanes_splat(-INFINITY);
+    for (int64_t i = 0; i < vectors; i++) {
+        lanes_f ks, kc, kt;
+        lanes_i a, shifted;
+        memcpy(&a, acc + i * LANES, sizeof a);
+        memcpy(&shifted, keys.shifted_sum + i * LANES, sizeof shifted);
+        memcpy(&ks, keys.scale + i * LANES, sizeof ks);
+        memcpy(&kc, keys.c + i * LANES, sizeof kc);
+        memcpy(&kt, keys.term + i * LANES, sizeof kt);
+        /* q̂·k̂ = s_q s_k Σl_q l_k + s_q A_q c_k + c_q (s_k A_k + d c_k) with l_q = u_q − shift: the signed
+         * form keeps the float terms as small as the level products allow. */
+        v[i] = (s * ks * __builtin_convertvector(a - shifted, lanes_f) + sa * kc + c * kt) * inv_sqrt_d;
+        if (i == vectors - 1) /* padding keys have no scores */
+            v[i] = (lanes_f)(((lanes_i)v[i] & real) | ((lanes_i)lanes_splat(-INFINITY) & ~real));
+        largest = lanes_max(v[i], largest);
+    }
+    float top_score = largest[0];
+    for (int l = 1; l < LANES; l++) top_score = largest[l] > top_score ? largest[l] : top_score;
+    const lanes_f magic = lanes_splat(12582912.0f);
+    lanes_f sum = {0}, level_sum = {0};
+    for (int64_t i = 0; i < vectors; i++) {
+        lanes_f x = lanes_exp(v[i] - top_score);
+        if (i == vectors - 1)
+            x = (lanes_f)((lanes_i)x & real); /* e^−87 from the clamp, not e^−∞ */
+        sum += x;
+        const lanes_f u = (x * top + magic) - magic; /* round half to even; e ≤ 1 keeps it in [0, top] */
+        level_sum += u;
+        const lanes_b bytes = lanes_bytes(u);
+        memcpy(levels + i * LANES, &bytes, LANES);
+    }
+    float total = 0.0f, count = 0.0f;
+    for (int l = 0; l < LANES; l++) {
+        total += sum[l];
+        count += level_sum[l];
+    }
+    const float s_p = 1.0f / total / top;
+    *scale = s_p > 1e-12f ? s_p : 1e-12f;
+    return (int32_t)count;
+}
+
+/* Strides (in floats) of a (batch, heads, tokens, d) tensor whose channels are contiguous. */
+typedef struct {
+    int64_t batch, head, token;
+} strides_t;
+
+static const float *head_rows(const float *x, strides_t st, int64_t m, int64_t heads) {
+    return x + (m / heads) * st.batch + (m % heads) * st.head;
+}
+
+/* K of one head: per-token min–max levels − shift, packed [d4][nk16][4], and its key terms. */
+static void pack_keys(const float *k, strides_t st, int64_t nk, int64_t d, int64_t nk16, int bits, int shift,
+                      uint8_t *row, int8_t *restrict packed, key_terms_t terms) {
+    const float top = (float)((1 << bits) - 1);
+    for (int64_t j = 0; j < nk; j++) {
+        const float *v = k + j * st.token;
+        float s, o;
+        row_scale_offset(v, d, bits, RULE_MINMAX, 0.0f, &s, &o);
+        const int32_t sum = span_levels(v, d, &s, &o, 0, top, shift, row);
+        terms.scale[j] = s;
+        terms.c[j] = o + (float)shift * s;
+        terms.shifted_sum[j] = shift * sum;
+        terms.term[j] = s * (float)sum + (float)d * terms.c[j];
+        for (int64_t c = 0; c < d; c += 4) memcpy(packed + ((c / 4) * nk16 + j) * 4, row + c, d - c < 4 ? d - c : 4);
+    }
+}
+
+/* V of one head: per-channel min–max levels over the tokens (probs·V sums over tokens) − shift, packed
+ * [nk4][d16][4]; vs, vc = o + shift·s per channel. lo, hi, offset and row are d-long scratch. */
+static void pack_values(const float *x, strides_t st, int64_t nk, int64_t d, int64_t d16, int bits, int shift,
+                        float *lo, float *hi, float *offset, uint8_t *row, int8_t *restrict packed, float *vs, float *vc) {
+    const float top = (float)((1 << bits) - 1);
+    for (int64_t c = 0; c < d; c++) lo[c] = hi[c] = x[c];
+    for (int64_t j = 1; j < nk; j++) {
+        const float *v = x + j * st.token;
+        for (int64_t c = 0; c < d; c++) {
+            lo[c] = v[c] < lo[c] ? v[c] : lo[c];
+            hi[c] = v[c] > hi[c] ? v[c] : hi[c];
+        }
+    }
+    for (int64_t c = 0; c < d; c++) {
+        finish_scale_offset(lo[c], hi[c], 0.0f, 0.0f, bits, RULE_MINMAX, 0.0f, 1.0f, &vs[c], &offset[c]);
+        vc[c] = offset[c] + (float)shift * vs[c];
+    }
+    for (int64_t j = 0; j < nk; j++) {
+        span_levels(x + j * st.token, d, vs, offset, 1, top, shift, row);
+        for (int64_t c = 0; c < d; c++) packed[((j / 4) * d16 + c) * 4 + j % 4] = (int8_t)row[c];
+    }
+}
+
+/* out (batch, nq, heads, d) = softmax(Q̂K̂ᵀ/√d)̂·V̂ for (batch, heads, tokens, d) inputs with the strides
+ * given, as QuantAttentionCore: Q, K per token and V per channel at `bits` (min–max), probabilities per
+ * row from 0 to its maximum at `probs_bits`. Returns 0, or −1 when memory ran out. */
+int robuq_attention_int8(const float *q, strides_t qs, const float *k, strides_t kst, const float *v, strides_t vst,
+                         int64_t batch, int64_t heads, int64_t nq, int64_t nk, int64_t d, int bits, int probs_bits,
+                         int shift, float inv_sqrt_d, float *out, int threads) {
+    const int64_t mats = batch * heads, d4 = (d + 3) / 4, d16 = (d + 15) / 16 * 16;
+    const int64_t nk4 = (nk + 3) / 4, nk16 = (nk + 15) / 16 * 16;
+    const int64_t key_bytes = d4 * nk16 * 4, value_bytes = nk4 * d16 * 4;
+    const float top = (float)((1 << bits) - 1), ptop = (float)((1 << probs_bits) - 1);
+    int8_t *keys = calloc((size_t)(mats * key_bytes), 1), *values = calloc((size_t)(mats * value_bytes), 1);
+    const key_terms_t terms = {calloc((size_t)(mats * nk16), sizeof(float)), calloc((size_t)(mats * nk16), sizeof(float)),
+                               calloc((size_t)(mats * nk16), sizeof(float)), calloc((size_t)(mats * nk16), sizeof(int32_t))};
+    float *vscale = malloc((size_t)(mats * d) * sizeof(float)), *vc = malloc((size_t)(mats * d) * sizeof(float));
+    int failed = !(keys && values && terms.scale && terms.c && terms.term && terms.shifted_sum && vscale && vc);
+    if (!failed) {
+#pragma omp parallel num_threads(threads)
+        {
+            float *lo = malloc((size_t)d * sizeof(float)), *hi = malloc((size_t)d * sizeof(float));
+            float *offset = malloc((size_t)d * sizeof(float));
+            uint8_t *row = malloc((size_t)d);
+            uint8_t *qlevels = calloc((size_t)(QUERY_BLOCK * d4 * 4), 1), *plevels = malloc((size_t)(QUERY_BLOCK * nk16));
+            int32_t *scores_acc = aligned_buffer((size_t)(QUERY_BLOCK * nk16) * sizeof(int32_t));
+            int32_t *out_acc = aligned_buffer((size_t)(QUERY_BLOCK * d16) * sizeof(int32_t));
+            float *scratch = aligned_buffer((size_t)nk16 * sizeof(float));
+            const int ok = lo && hi && offset && row && qlevels && plevels && scores_acc && out_acc && scratch;
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < mats; m++) {
+                if (!ok) continue;
+                const key_terms_t head = {terms.scale + m * nk16, terms.c + m * nk16, terms.term + m * nk16,
+                                          terms.shifted_sum + m * nk16};
+                pack_keys(head_rows(k, kst, m, heads), kst, nk, d, nk16, bits, shift, row, keys + m * key_bytes, head);
+                pack_values(head_rows(v, vst, m, heads), vst, nk, d, d16, bits, shift, lo, hi, offset, row,
+                            values + m * value_bytes, vscale + m * d, vc + m * d);
+            }
+            const int64_t blocks = (nq + QUERY_BLOCK - 1) / QUERY_BLOCK;
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < mats * blocks; task++) {
+                if (!ok) continue;
+                const int64_t m = task / blocks, i0 = task % blocks * QUERY_BLOCK;
+                const int64_t rows = nq - i0 < QUERY_BLOCK ? nq - i0 : QUERY_BLOCK;
+                const float *qm = head_rows(q, qs, m, heads);
+                const key_terms_t head = {terms.scale + m * nk16, terms.c + m * nk16, terms.term + m * nk16,
+                                          terms.shifted_sum + m * nk16};
+                const float *svm = vscale + m * d, *cvm = vc + m * d;
+                float sq[QUERY_BLOCK], oq[QUERY_BLOCK];
+                int32_t uq[QUERY_BLOCK];
+                for (int64_t r = 0; r < rows; r++) {
+                    const float *x = qm + (i0 + r) * qs.token;
+                    row_scale_offset(x, d, bits, RULE_MINMAX, 0.0f, &sq[r], &oq[r]);
+                    uq[r] = span_levels(x, d, &sq[r], &oq[r], 0, top, 0, qlevels + r * d4 * 4);
+                }
+                dot_u8s8(qlevels, d4 * 4, rows, keys + m * key_bytes, d4, nk16, scores_acc, nk16);
+                float sp[QUERY_BLOCK];
+                int32_t up[QUERY_BLOCK];
+                for (int64_t r = 0; r < rows; r++) {
+                    const float sa = sq[r] * (float)(uq[r] - (int32_t)(shift * d)), c = oq[r] + (float)shift * sq[r];
+                    up[r] = probability_levels(scores_acc + r * nk16, nk, nk16, head, sq[r], sa, c, inv_sqrt_d, ptop,
+                                               scratch, plevels + r * nk16, &sp[r]);
+                }
+                dot_u8s8(plevels, nk16, rows, values + m * value_bytes, nk4, d16, out_acc, d16);
+                const int64_t b = m / heads, h = m % heads;
+                for (int64_t r = 0; r < rows; r++) {
+                    /* p̂·v̂ = s_p (s_v Σu_p l_v + c_v Σu_p): the probabilities' offset is 0. */
+                    const int32_t *a = out_acc + r * d16;
+                    float *o = out + ((b * nq + i0 + r) * heads + h) * d;
+                    for (int64_t c = 0; c < d; c++) o[c] = sp[r] * (svm[c] * (float)a[c] + cvm[c] * (float)up[r]);
+                }
+            }
+            note_failure(ok, &failed);
+            free(lo);
+            free(hi);
+            free(offset);
+            free(row);
+            free(qlevels);
+            free(plevels);
+            free(scores_acc);
+            free(out_acc);
+            free(scratch);
+        }
+    }
+    free(keys);
+    free(values);
+    free(terms.scale);
+    free(terms.c);
+    free(terms.term);
+    free(terms.shifted_sum);
+    free(vscale);
+    free(vc);
+    return failed ? -1 : 0;
+}
+
+/* ---- tanh-GELU, 0.5·x·(1 + tanh(u)) with u = √(2/π)(x + 0.044715x³), = x·e^{2u}/(1 + e^{2u}). PyTorch's CPU tanh is
+ * the slow part of its GELU; with lanes_exp the result matches PyTorch's to about 1e-7 relative. ---- */
 static inline lanes_f lanes_gelu_tanh(lanes_f x) {
     const lanes_f u = lanes_splat(0.7978845608028654f) * (x + lanes_splat(0.044715f) * x * x * x);
     const lanes_f e = lanes_exp(u + u);
@@ -481,5 +676,96 @@ void robuq_gelu_tanh(const float *x, float *y, int64_t n, int threads) {
         memcpy(&v, x + b * LANES, (size_t)count * sizeof(float));
         v = lanes_gelu_tanh(v);
         memcpy(y + b * LANES, &v, (size_t)count * sizeof(float));
+    }
+}
+
+/* ---- The integer linear's epilogue in one pass:
+ *   y = acc·s_r·α_c + o_r·w_c + b_c [+ Σ_k branch_rk·up_kc] [then tanh-GELU],
+ * where acc is the int32 product of the levels, w_c = α_c·Σ_k L_kc carries the activation offset, and
+ * branch·up is the low-rank branch's second matmul (up given as rank × cols). Rows go RESCALE_ROWS at a
+ * time, so each vector of `up` is loaded once per block of rows. Fused multiply-adds allowed: this
+ * rounds like PyTorch's matmul, not bit for bit like its elementwise code. ---- */
+#define RESCALE_ROWS 8
+
+static inline lanes_f lanes_load(const float *p) {
+    lanes_f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Columns [c, c + LANES) of rows row[0, count): full vectors only (the caller pads the tail). */
+__attribute__((optimize("fp-contract=fast"))) static inline void rescale_columns(
+    const int32_t *acc, float *y, int64_t cols, int64_t c, const int64_t *row, int count, const float *s,
+    const float *o, lanes_f alpha, lanes_f w, lanes_f bias, const float *branch, const float *up, int64_t rank,
+    int gelu) {
+    lanes_f low[RESCALE_ROWS] = {{0}};
+    for (int64_t k = 0; k < rank; k++) {
+        const lanes_f u = lanes_load(up + k * cols + c);
+        for (int r = 0; r < RESCALE_ROWS; r++) low[r] += branch[row[r] * rank + k] * u;
+    }
+    for (int r = 0; r < count; r++) {
+        lanes_i a;
+        memcpy(&a, acc + row[r] * cols + c, sizeof a);
+        lanes_f v = __builtin_convertvector(a, lanes_f) * s[row[r]] * alpha + (o[row[r]] * w + bias) + low[r];
+        if (gelu) v = lanes_gelu_tanh(v);
+        memcpy(y + row[r] * cols + c, &v, sizeof v);
+    }
+}
+
+/* The integer linear's epilogue in one pass:
+ *   y = acc·s_r·α_c + o_r·w_c + b_c [+ Σ_k branch_rk·up_kc] [then tanh-GELU],
+ * where acc is the int32 product of the levels, w_c = α_c·Σ_k L_kc carries the activation offset, and
+ * branch·up is the low-rank branch's second matmul (up given as rank × cols). Rows go RESCALE_ROWS at a
+ * time, so each vector of `up` is loaded once per block of rows. Fused multiply-adds allowed: this
+ * rounds like PyTorch's matmul, not bit for bit like its elementwise code. */
+void robuq_rescale(const int32_t *acc, float *y, int64_t rows, int64_t cols, const float *s, const float *o,
+                   const float *alpha, const float *w, const float *bias, const float *branch, const float *up,
+                   int64_t rank, int gelu, int threads) {
+    const int64_t blocks = (rows + RESCALE_ROWS - 1) / RESCALE_ROWS, full = cols / LANES * LANES;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t r0 = blk * RESCALE_ROWS;
+        const int count = rows - r0 < RESCALE_ROWS ? (int)(rows - r0) : RESCALE_ROWS;
+        int64_t row[RESCALE_ROWS]; /* rows past the end repeat the last one: computed, never stored */
+        for (int r = 0; r < RESCALE_ROWS; r++) row[r] = r0 + (r < count ? r : count - 1);
+        for (int64_t c = 0; c < full; c += LANES)
+            rescale_columns(acc, y, cols, c, row, count, s, o, lanes_load(alpha + c), lanes_load(w + c),
+                            lanes_load(bias + c), branch, up, rank, gelu);
+        for (int r = 0; r < count; r++) /* the ragged last columns, one at a time */
+            for (int64_t c = full; c < cols; c++) {
+                float v = (float)acc[row[r] * cols + c] * s[row[r]] * alpha[c] + (o[row[r]] * w[c] + bias[c]), low = 0.0f;
+                for (int64_t k = 0; k < rank; k++) low += branch[row[r] * rank + k] * up[k * cols + c];
+                v += low;
+                y[row[r] * cols + c] = gelu ? lanes_gelu_tanh(lanes_splat(v))[0] : v;
+            }
+    }
+}
+
+/* ---- The adaLN block's elementwise work, one pass each where PyTorch takes two or three. Rows belong to
+ * samples `tokens` at a time; shift, scale and gate hold one n-vector per sample. ---- */
+
+/* y = LayerNorm(x)·(1 + scale) + shift (no affine LayerNorm weights: DiT's norms have none), the order of
+ * operations of modulate(norm(x), shift, scale). */
+void robuq_layer_norm_modulate(const float *x, const float *shift, const float *scale, float *y, int64_t rows,
+                               int64_t tokens, int64_t n, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict v = x + r * n, *restrict sh = shift + (r / tokens) * n, *restrict sc = scale + (r / tokens) * n;
+        float *restrict out = y + r * n;
+        float mean;
+        const double squares = row_moments(v, n, &mean);
+        const float rstd = 1.0f / sqrtf((float)(squares / (double)n) + eps);
+        for (int64_t i = 0; i < n; i++) out[i] = ((v[i] - mean) * rstd) * (1.0f + sc[i]) + sh[i];
+    }
+}
+
+/* out = x + gate·y: the gated residual update. */
+void robuq_gated_residual(const float *x, const float *gate, const float *y, float *out, int64_t rows, int64_t tokens,
+                          int64_t n, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict a = x + r * n, *restrict b = y + r * n, *restrict g = gate + (r / tokens) * n;
+        float *restrict o = out + r * n;
+        for (int64_t i = 0; i < n; i++) o[i] = a[i] + g[i] * b[i];
     }
 }

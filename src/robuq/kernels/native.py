@@ -34,21 +34,28 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC",
          "-std=c11", "-Wall", "-Werror=implicit-function-declaration"]
 RULES = {"minmax": 0, "gaussian": 1, "max": 2}
-_ALLOCATING = ("robuq_hadamard", "robuq_hadamard_quantize", "robuq_quantize_columns_int8")  # return 0, or −1: out of memory
+_ALLOCATING = ("robuq_hadamard", "robuq_hadamard_quantize", "robuq_attention_int8")  # return 0, or −1: out of memory
 
 _f32, _i8, _i64, _int, _float = (ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int8),
                                  ctypes.c_int64, ctypes.c_int, ctypes.c_float)
 _i32p = ctypes.POINTER(ctypes.c_int32)
+
+
+class _Strides(ctypes.Structure):
+    """strides_t: where a (batch, heads, tokens, d) tensor's rows start, in floats."""
+    _fields_ = [("batch", ctypes.c_int64), ("head", ctypes.c_int64), ("token", ctypes.c_int64)]
+
+
 _SIGNATURES = {
     "robuq_hadamard": [_f32, _f32, _i64, _i64, _i64, _f32, _f32, _int, _int],
     "robuq_hadamard_quantize": [_f32, _f32, _i8, _f32, _f32, _i64, _i64, _i64, _f32, _f32, _int, _int, _float,
                                 _float, _int, _int],
-    "robuq_rescale": [_i32p, _f32, _i64, _i64, _f32, _f32, _f32, _f32, _f32, _int],
+    "robuq_rescale": [_i32p, _f32, _i64, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _i64, _int, _int],
     "robuq_gelu_tanh": [_f32, _f32, _i64, _int],
-    "robuq_quantize_rows_int8": [_f32, _i8, _f32, _f32, _i32p, _i64, _i64, _int, _int, _int, _int],
-    "robuq_quantize_columns_int8": [_f32, _i8, _f32, _f32, _i32p, _i64, _i64, _i64, _int, _int, _int],
-    "robuq_attention_scores": [_i32p, _f32, _i64, _i64, _i64, _i64, _f32, _f32, _i32p, _f32, _f32, _i32p, _float, _int],
-    "robuq_attention_output": [_i32p, _f32, _i64, _i64, _i64, _i64, _i64, _f32, _i32p, _f32, _f32, _i32p, _int, _int],
+    "robuq_layer_norm_modulate": [_f32, _f32, _f32, _f32, _i64, _i64, _i64, _float, _int],
+    "robuq_gated_residual": [_f32, _f32, _f32, _f32, _i64, _i64, _i64, _int],
+    "robuq_attention_int8": [_f32, _Strides, _f32, _Strides, _f32, _Strides, _i64, _i64, _i64, _i64, _i64, _int, _int,
+                             _int, _float, _f32, _int],
 }
 
 
@@ -180,16 +187,20 @@ def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool,
 
 
 def rescale(acc: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, alpha: torch.Tensor,
-            offset_weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """out = acc·scale·α + offset·w + b in one pass (acc int32 (rows, cols); scale, offset per row;
-    α, w, b per column); ``out`` must be a contiguous float32 CPU tensor."""
+            offset_weight: torch.Tensor, bias: torch.Tensor, branch: torch.Tensor | None = None,
+            up_rows: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+    """out = acc·scale·α + offset·w + b [+ branch·up_rows] [then tanh-GELU] in one pass (acc int32 (rows, cols);
+    scale, offset per row; α, w, b per column; branch (rows, rank), up_rows (rank, cols)); ``out`` must be a
+    contiguous float32 CPU tensor."""
     if not (out.is_contiguous() and out.dtype == torch.float32 and out.device.type == "cpu"):
         raise ValueError("rescale writes into a contiguous float32 CPU tensor")
     rows, cols = acc.shape
     acc = acc.to(device="cpu", dtype=torch.int32).contiguous()
     scale, offset, alpha, offset_weight, bias = (_input(t) for t in (scale, offset, alpha, offset_weight, bias))
-    _library().robuq_rescale(_ptr(acc, _i32p), _ptr(out), rows, cols, _ptr(scale),
-                             _ptr(offset), _ptr(alpha), _ptr(offset_weight), _ptr(bias), _threads())
+    rank = 0 if branch is None else branch.shape[1]
+    branch, up_rows = (None, None) if branch is None else (_input(branch), _input(up_rows))
+    _library().robuq_rescale(_ptr(acc, _i32p), _ptr(out), rows, cols, _ptr(scale), _ptr(offset), _ptr(alpha),
+                             _ptr(offset_weight), _ptr(bias), _ptr(branch), _ptr(up_rows), rank, int(gelu), _threads())
     return out
 
 
@@ -201,47 +212,54 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _per_sample(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as (batch, tokens, n) rows and v, one n-vector per sample, both contiguous float32 CPU."""
+    batch, n = v.shape
+    if x.dim() != 3 or x.shape[0] != batch or x.shape[2] != n:
+        raise ValueError(f"per-sample vectors of shape {tuple(v.shape)} do not fit tokens of shape {tuple(x.shape)}")
+    return _input(x), _input(v)
+
+
+def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """``modulate(F.layer_norm(x, (n,), eps=eps), shift, scale)`` in one pass, x (batch, tokens, n), shift and
+    scale (batch, n); no autograd."""
+    x, shift = _per_sample(x, shift)
+    scale = _input(scale)
+    y = _empty(*x.shape)
+    _library().robuq_layer_norm_modulate(_ptr(x), _ptr(shift), _ptr(scale), _ptr(y), x.shape[0] * x.shape[1], x.shape[1],
+                                         x.shape[2], eps, _threads())
+    return y
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + gate.unsqueeze(1) * y`` in one pass, x and y (batch, tokens, n), gate (batch, n); no autograd."""
+    x, gate = _per_sample(x, gate)
+    y = _input(y)
+    if y.shape != x.shape:
+        raise ValueError(f"residual branch of shape {tuple(y.shape)} does not match tokens of shape {tuple(x.shape)}")
+    out = _empty(*x.shape)
+    _library().robuq_gated_residual(_ptr(x), _ptr(gate), _ptr(y), _ptr(out), x.shape[0] * x.shape[1], x.shape[1],
+                                    x.shape[2], _threads())
+    return out
+
+
+def _head_rows(x: torch.Tensor) -> tuple[torch.Tensor, _Strides]:
+    """x as float32 CPU with contiguous channels (the strided q, k, v views of qkv stay uncopied)."""
+    x = x.to(device="cpu", dtype=torch.float32)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x, _Strides(*x.stride()[:3])
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, probs_bits: int) -> torch.Tensor:
-    """softmax(Q̂K̂ᵀ/√d)̂ V̂ for (batch, heads, tokens, d) inputs, the two matmuls on int8 levels with int32
-    sums (Q, K per token, V per channel, probabilities per row from 0 to its maximum, as
-    ``QuantAttentionCore``). The result is a (batch, heads, tokens, d) view of a (batch, tokens, heads, d)
-    tensor, so the caller's transpose back to tokens is free."""
+    """softmax(Q̂K̂ᵀ/√d)̂ V̂ for (batch, heads, tokens, d) inputs in one fused pass, the two matmuls on
+    integer levels with exact int32 sums (Q, K per token, V per channel, probabilities per row from 0 to
+    its maximum, as ``QuantAttentionCore``). The result is a (batch, heads, tokens, d) view of a
+    (batch, tokens, heads, d) tensor, so the caller's transpose back to tokens is free."""
     batch, heads, nq, d = q.shape
     nk = k.shape[2]
-    mats = batch * heads
-    lib, threads, shift = _library(), _threads(), int8_level_shift(bits)
-
-    def rows(x: torch.Tensor, n: int, row_bits: int, rule: str, row_shift: int):
-        x = _input(x)
-        count = x.numel() // n
-        levels = _empty(*x.shape, dtype=torch.int8)
-        scale, c, sums = _empty(count), _empty(count), _empty(count, dtype=torch.int32)
-        lib.robuq_quantize_rows_int8(_ptr(x), _ptr(levels, _i8), _ptr(scale), _ptr(c), _ptr(sums, _i32p), count, n,
-                                     row_bits, RULES[rule], row_shift, threads)
-        return levels, scale, c, sums
-
-    ql, qs, qc, qa = rows(q, d, bits, "minmax", shift)
-    kl, ks, kc, ka = rows(k, d, bits, "minmax", shift)
-    vx = _input(v)
-    vl = _empty(*vx.shape, dtype=torch.int8)
-    vs, vc, vb = _empty(mats * d), _empty(mats * d), _empty(mats * d, dtype=torch.int32)
-    _check(lib.robuq_quantize_columns_int8(_ptr(vx), _ptr(vl, _i8), _ptr(vs), _ptr(vc), _ptr(vb, _i32p), mats, nk, d,
-                                           bits, shift, threads))
-    ql, kl, vl = ql.view(mats, nq, d), kl.view(mats, nk, d), vl.view(mats, nk, d)
-    acc = _empty(mats, nq, nk, dtype=torch.int32)
-    for m in range(mats):  # one int8 GEMM per head: torch._int_mm has no batched form
-        torch._int_mm(ql[m], kl[m].t(), out=acc[m])
-    scores = _empty(mats, nq, nk)
-    lib.robuq_attention_scores(_ptr(acc, _i32p), _ptr(scores), mats, nq, nk, d, _ptr(qs), _ptr(qc), _ptr(qa, _i32p),
-                               _ptr(ks), _ptr(kc), _ptr(ka, _i32p), 1.0 / math.sqrt(d), threads)
-    probs = scores.softmax(dim=-1)
-    p_shift = int8_level_shift(probs_bits)
-    pl, ps, _, pa = rows(probs, nk, probs_bits, "max", p_shift)
-    pl = pl.view(mats, nq, nk)
-    acc = _empty(mats, nq, d, dtype=torch.int32)
-    for m in range(mats):
-        torch._int_mm(pl[m], vl[m], out=acc[m])
+    (q, qs), (k, ks), (v, vs) = (_head_rows(t) for t in (q, k, v))
     out = _empty(batch, nq, heads, d)
-    lib.robuq_attention_output(_ptr(acc, _i32p), _ptr(out), heads, mats, nq, d, nk, _ptr(ps), _ptr(pa, _i32p), _ptr(vs),
-                               _ptr(vc), _ptr(vb, _i32p), p_shift, threads)
+    _check(_library().robuq_attention_int8(_ptr(q), qs, _ptr(k), ks, _ptr(v), vs, batch, heads, nq, nk, d, bits,
+                                           probs_bits, int8_level_shift(bits), 1.0 / math.sqrt(d), _ptr(out), _threads()))
     return out.transpose(1, 2)
