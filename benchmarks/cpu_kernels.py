@@ -3,8 +3,9 @@
     python benchmarks/cpu_kernels.py         # → results/cpu_kernels.json and .md
 
 Each row times the same call with the kernels on and off (``ROBUQ_NATIVE``), alternately, on the same
-inputs: the block linear's input pass (Hadamard + per-token quantization), a whole IntegerLinear, the
-8-bit attention core, and tanh-GELU.
+inputs: the block linear's input pass (Hadamard + per-token quantization, and the low-rank branch's first
+matmul), a whole IntegerLinear (fc1's with its GELU in the epilogue), the 8-bit attention core, tanh-GELU,
+and a block's elementwise work (LayerNorm + modulate, gated residuals).
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import statistics
 import torch
 
 from common import time_ms, write_result
-from robuq.deploy.elementwise import NativeGELU
+from robuq.deploy.elementwise import NativeGELU, use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
 from robuq.deploy.integer_linear import IntegerLinear
 from robuq.kernels import native
+from robuq.models.dit import DiTBlock
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
 
@@ -42,17 +44,26 @@ def cases(tokens: int, models=MODELS) -> list[tuple[str, str, object]]:
     torch.manual_seed(0)
     rows = []
     for model, width, heads in models:
-        for name, n_in, n_out in (("qkv", width, 3 * width), ("fc2", 4 * width, width)):
+        for name, n_in, n_out in (("qkv", width, 3 * width), ("fc1", width, 4 * width), ("fc2", 4 * width, width)):
             layer = IntegerLinear(QuantLinear.from_linear(torch.nn.Linear(n_in, n_out), ROBUQ_LINEAR))
+            layer.gelu = name == "fc1"  # as use_native_kernels sets it
             x = torch.randn(tokens, n_in)
-            rows.append((model, f"{name} input pass: Hadamard + A2 levels ({tokens}×{n_in})",
-                         lambda layer=layer, x=x: layer.input_levels(x)))
-            rows.append((model, f"{name} IntegerLinear, whole ({tokens}×{n_in}→{n_out})", lambda layer=layer, x=x: layer(x)))
+            if name != "fc1":
+                rows.append((model, f"{name} input pass: Hadamard + A2 levels ({tokens}×{n_in})",
+                             lambda layer=layer, x=x: layer.input_levels(x)))
+            gelu = " + GELU" if layer.gelu else ""
+            rows.append((model, f"{name} IntegerLinear{gelu}, whole ({tokens}×{n_in}→{n_out})", lambda layer=layer, x=x: layer(x)))
         qkv = torch.randn(8, tokens // 8, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
         core = QuantAttentionCore(8)
         rows.append((model, f"8-bit attention core (8×{heads} heads, {tokens // 8} tokens)", lambda core=core, qkv=qkv: core(qkv[0], qkv[1], qkv[2])))
         hidden = torch.randn(tokens, 4 * width)
         rows.append((model, f"tanh-GELU ({tokens}×{4 * width})", lambda h=hidden: NativeGELU()(h)))
+        block = DiTBlock(width, heads)
+        block.attn, block.mlp = torch.nn.Identity(), torch.nn.Identity()  # the block's elementwise work alone
+        block = use_native_kernels(torch.nn.Sequential(block))[0]
+        tokens_x, c = torch.randn(8, tokens // 8, width), torch.randn(8, width)
+        rows.append((model, f"block elementwise: 2× LayerNorm+modulate, 2× gated residual (8×{tokens // 8}×{width})",
+                     lambda block=block, x=tokens_x, c=c: block(x, c)))
     return rows
 
 

@@ -75,7 +75,7 @@ def test_hadamard_quantize_matches_the_pytorch_quantizer(rule, bits, rotate):
     signs = random_signs(n, 5)
     shift = 128 if bits == 8 else 0
     ratio = torch.tensor(0.8)
-    rotated, levels, scale, offset = native.hadamard_quantize(x, signs, rotate, bits, rule, ratio, True, shift)
+    rotated, levels, scale, offset, _ = native.hadamard_quantize(x, signs, rotate, bits, rule, ratio, True, shift)
     reference = x.double() @ transform_matrix(n, signs, False).t() if rotate else x.double()
     assert torch.allclose(rotated.double(), reference, atol=1e-5)
     # Given the same rotated rows, statistics and levels are PyTorch's to the last bit (or rounding).
@@ -83,8 +83,10 @@ def test_hadamard_quantize_matches_the_pytorch_quantizer(rule, bits, rotate):
     assert torch.allclose(scale, ref_scale, rtol=1e-6) and torch.allclose(offset, ref_offset, rtol=1e-5, atol=1e-6)
     ref_levels = ((rotated - offset) / scale).round().clamp(0, 2**bits - 1) - shift
     assert levels.dtype == torch.int8 and torch.equal(levels.float(), ref_levels)
-    _, without_copy, _, _ = native.hadamard_quantize(x, signs, rotate, bits, rule, ratio, False, shift)
+    down = torch.randn(20, n)  # a low-rank branch's first matmul in the same pass: 16 outputs, then 4
+    _, without_copy, _, _, branch = native.hadamard_quantize(x, signs, rotate, bits, rule, ratio, False, shift, down)
     assert torch.equal(without_copy, levels)
+    assert torch.allclose(branch, rotated @ down.t(), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("cols", [33, 48])  # a ragged tail, and whole vectors only

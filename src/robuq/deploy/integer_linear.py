@@ -133,22 +133,29 @@ class IntegerLinear(nn.Module):
 
         Per-token quantization takes one fused pass where a kernel can (Triton on the GPU, C on the CPU):
         Hadamard, statistics and levels, with no float copy of the rotated rows."""
+        return self._input_pass(x, with_branch=False)[:3]
+
+    def _input_pass(self, x: torch.Tensor, with_branch: bool):
+        """input_levels, plus the low-rank branch V·x' (rows × rank) where the C pass computes it on the
+        rotated rows while they are in cache (else None)."""
         if self.act_granularity == "token":
             if self.hadamard and triton_ops.can_hadamard(x):
                 _, levels, scale, offset = triton_ops.hadamard_quantize(
                     x, self.hadamard_signs, self.act_bits, self.act_rule, self.clip_ratio, store_rotated=False)
-                return levels, scale[:, None], offset[:, None]
+                return levels, scale[:, None], offset[:, None], None
             if native.takes(x):
-                _, levels, scale, offset = native.hadamard_quantize(
+                down = self.lowrank_down if with_branch and self.rank and self.lowrank_input == "fp" else None
+                _, levels, scale, offset, branch = native.hadamard_quantize(
                     x, self.hadamard_signs, self.hadamard, self.act_bits, self.act_rule, self.clip_ratio,
-                    keep_rotated=False, shift=self._shift)
-                return levels, scale, offset
-        return self._quantize_rows(hadamard_transform(x, self.hadamard_signs) if self.hadamard else x)
+                    keep_rotated=False, shift=self._shift, down=down)
+                return levels, scale, offset, branch
+        return *self._quantize_rows(hadamard_transform(x, self.hadamard_signs) if self.hadamard else x), None
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        levels, scale, offset = self.input_levels(x)
+        levels, scale, offset, branch = self._input_pass(x, with_branch=True)
         acc = _int8_matmul(levels, self.weight_levels_t)
-        branch = self._lowrank_branch(x.reshape(-1, self.in_features), levels, scale, offset) if self.rank else None
+        if self.rank and branch is None:
+            branch = self._lowrank_branch(x.reshape(-1, self.in_features), levels, scale, offset)
         if native.takes(y) and y.is_contiguous():
             native.rescale(acc, y, scale.contiguous(), (offset + self._shift * scale).contiguous(), self.weight_scale,
                            self._offset_rows[0], self._offset_rows[1], branch,

@@ -91,15 +91,53 @@ static void store_tile_int8(const int8_t *restrict t, int64_t count, int64_t n, 
         for (int64_t l = 0; l < count; l++) y[l * n + i] = t[i * LANES + l];
 }
 
+/* The butterflies of `stages` consecutive FWHT stages (strides h, 2h, … ) on the 2^stages vectors
+ * v[k·h], held in registers: the same additions as stage-by-stage sweeps, with one load and one store per
+ * vector instead of one per stage (the sweeps were bound by stores). */
+static inline __attribute__((always_inline)) void butterfly_group(lanes_f *restrict v, int64_t h, const int stages) {
+    lanes_f x[16];
+    const int radix = 1 << stages;
+    /* Fully unrolled, so that x lives in registers. */
+#pragma GCC unroll 16
+    for (int k = 0; k < radix; k++) x[k] = v[k * h];
+#pragma GCC unroll 4
+    for (int s = 0; s < stages; s++)
+#pragma GCC unroll 16
+        for (int k = 0; k < radix; k++)
+            if (!(k & (1 << s))) {
+                const lanes_f a = x[k], b = x[k + (1 << s)];
+                x[k] = a + b;
+                x[k + (1 << s)] = a - b;
+            }
+#pragma GCC unroll 16
+    for (int k = 0; k < radix; k++) v[k * h] = x[k];
+}
+
+static inline __attribute__((always_inline)) void butterfly_groups(lanes_f *restrict v, int64_t p, int64_t h, const int stages) {
+    const int64_t span = h << stages;
+    for (int64_t base = 0; base < p; base += span)
+        for (int64_t j = base; j < base + h; j++) butterfly_group(v + j, h, stages);
+}
+
+/* Fast Walsh–Hadamard transform (Sylvester order, unnormalised) of each lane, p a power of two: stages
+ * four at a time. */
 static void fwht_tile(float *restrict t, int64_t p) {
     lanes_f *v = (lanes_f *)t;
-    for (int64_t h = 1; h < p; h *= 2)
-        for (int64_t i = 0; i < p; i += 2 * h)
-            for (int64_t j = i; j < i + h; j++) {
-                const lanes_f a = v[j], b = v[j + h];
-                v[j] = a + b;
-                v[j + h] = a - b;
-            }
+    for (int64_t h = 1; h < p;) {
+        int stages = 0;
+        int64_t span = h;
+        while (stages < 4 && span < p) {
+            span *= 2;
+            stages++;
+        }
+        switch (stages) {
+        case 4: butterfly_groups(v, p, h, 4); break;
+        case 3: butterfly_groups(v, p, h, 3); break;
+        case 2: butterfly_groups(v, p, h, 2); break;
+        default: butterfly_groups(v, p, h, 1); break;
+        }
+        h = span;
+    }
 }
 
 /* Rows [i0, i0 + IB) of out = H_m · t, column by column with the IB sums held in registers: each source
@@ -249,11 +287,32 @@ static inline float level_of(float v, float scale, float offset, float top) {
     return u < 0.0f ? 0.0f : (u > top ? top : u);
 }
 
+/* branch rows [0, count) = down · (the tile's rows), down being rank × n (a low-rank branch's first matmul,
+ * on values already in cache), 16 outputs at a time in registers. Fused multiply-adds allowed: a matmul. */
+__attribute__((optimize("fp-contract=fast")))
+static void tile_lowrank(const float *restrict t, int64_t count, int64_t n, const float *restrict down, int64_t rank,
+                         float *restrict branch) {
+    const lanes_f *v = (const lanes_f *)t;
+    for (int64_t k0 = 0; k0 < rank; k0 += 16) {
+        const int64_t width = rank - k0 < 16 ? rank - k0 : 16;
+        lanes_f acc[16] = {{0}};
+        for (int64_t i = 0; i < n; i++) {
+            const lanes_f x = v[i];
+#pragma GCC unroll 16
+            for (int k = 0; k < 16; k++)
+                if (k < width) acc[k] += down[(k0 + k) * n + i] * x;
+        }
+        for (int64_t k = 0; k < width; k++)
+            for (int64_t l = 0; l < count; l++) branch[l * rank + k0 + k] = acc[k][l];
+    }
+}
+
 /* Rotate (if hm) and quantize each row to int8 levels 0 … 2^b − 1 minus `shift`, with per-row scale and
- * offset; y (optional) gets the rotated rows. */
+ * offset; y (optional) gets the rotated rows, branch (if down) down · the rotated rows. */
 int robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *scale, float *offset, int64_t rows,
                             int64_t n, int64_t m, const float *hm, const float *signs, int bits, int rule,
-                            float step_factor, float ratio, int shift, int threads) {
+                            float step_factor, float ratio, int shift, const float *down, int64_t rank,
+                            float *branch, int threads) {
     const float top = (float)((1 << bits) - 1);
     const int64_t tiles = (rows + LANES - 1) / LANES;
     int failed = 0;
@@ -282,6 +341,7 @@ int robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *sca
             for (int64_t i = 0; i < n; i++) qv[i] = lanes_levels(rv[i], sv, ov, top, (float)shift);
             store_tile_int8(q, count, n, levels + first * n);
             if (y) store_tile(rotated, count, n, y + first * n);
+            if (down) tile_lowrank(rotated, count, n, down, rank, branch + first * rank);
             for (int64_t l = 0; l < count; l++) {
                 scale[first + l] = s[l];
                 offset[first + l] = o[l];

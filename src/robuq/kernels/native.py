@@ -49,7 +49,7 @@ class _Strides(ctypes.Structure):
 _SIGNATURES = {
     "robuq_hadamard": [_f32, _f32, _i64, _i64, _i64, _f32, _f32, _int, _int],
     "robuq_hadamard_quantize": [_f32, _f32, _i8, _f32, _f32, _i64, _i64, _i64, _f32, _f32, _int, _int, _float,
-                                _float, _int, _int],
+                                _float, _int, _f32, _i64, _f32, _int],
     "robuq_rescale": [_i32p, _f32, _i64, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _i64, _int, _int],
     "robuq_gelu_tanh": [_f32, _f32, _i64, _int],
     "robuq_layer_norm_modulate": [_f32, _f32, _f32, _f32, _i64, _i64, _i64, _float, _int],
@@ -169,8 +169,9 @@ def hadamard(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool) -> torc
 
 
 def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool, bits: int, rule: str,
-                      clip_ratio: torch.Tensor | None, keep_rotated: bool, shift: int):
-    """(rotated rows or None, int8 levels − shift, scale (rows, 1), offset (rows, 1)) of x's rows in one pass."""
+                      clip_ratio: torch.Tensor | None, keep_rotated: bool, shift: int, down: torch.Tensor | None = None):
+    """(rotated rows or None, int8 levels − shift, scale (rows, 1), offset (rows, 1), branch or None) of x's
+    rows in one pass; branch = (rotated rows)·downᵀ, (rows, rank), when ``down`` (rank, n) is given."""
     n = x.shape[-1]
     rows = _input(x.reshape(-1, n))
     count = rows.shape[0]
@@ -180,10 +181,13 @@ def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool,
     scale, offset = _empty(count, 1), _empty(count, 1)
     signs = None if signs is None or not rotate else _input(signs)
     ratio = 1.0 if clip_ratio is None else float(clip_ratio)
+    rank = 0 if down is None else down.shape[0]
+    down = None if down is None else _input(down)
+    branch = None if down is None else _empty(count, rank)
     _check(_library().robuq_hadamard_quantize(
         _ptr(rows), _ptr(y), _ptr(levels, _i8), _ptr(scale), _ptr(offset), count, n, m, _ptr(hm), _ptr(signs),
-        bits, RULES[rule], gaussian_optimal_step(bits), ratio, shift, _threads()))
-    return y, levels, scale, offset
+        bits, RULES[rule], gaussian_optimal_step(bits), ratio, shift, _ptr(down), rank, _ptr(branch), _threads()))
+    return y, levels, scale, offset, branch
 
 
 def rescale(acc: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, alpha: torch.Tensor,
