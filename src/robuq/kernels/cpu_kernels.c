@@ -605,8 +605,9 @@ static void pack_keys(const float *k, strides_t st, int64_t nk, int64_t d, int64
 
 /* V of one head: per-channel min–max levels over the tokens (probs·V sums over tokens) − shift, packed
  * [nk4][d16][4]; vs, vc = o + shift·s per channel. lo, hi, offset and row are d-long scratch. */
-static void pack_values(const float *x, strides_t st, int64_t nk, int64_t d, int64_t d16, int bits, int shift,
-                        float *lo, float *hi, float *offset, uint8_t *row, int8_t *restrict packed, float *vs, float *vc) {
+static void pack_values(const float *restrict x, strides_t st, int64_t nk, int64_t d, int64_t d16, int bits, int shift,
+                        float *restrict lo, float *restrict hi, float *restrict offset, uint8_t *restrict row,
+                        int8_t *restrict packed, float *restrict vs, float *restrict vc) {
     const float top = (float)((1 << bits) - 1);
     for (int64_t c = 0; c < d; c++) lo[c] = hi[c] = x[c];
     for (int64_t j = 1; j < nk; j++) {
@@ -670,7 +671,7 @@ int robuq_attention_int8(const float *q, strides_t qs, const float *k, strides_t
                 const float *qm = head_rows(q, qs, m, heads);
                 const key_terms_t head = {terms.scale + m * nk16, terms.c + m * nk16, terms.term + m * nk16,
                                           terms.shifted_sum + m * nk16};
-                const float *svm = vscale + m * d, *cvm = vc + m * d;
+                const float *restrict svm = vscale + m * d, *restrict cvm = vc + m * d;
                 float sq[QUERY_BLOCK], oq[QUERY_BLOCK];
                 int32_t uq[QUERY_BLOCK];
                 for (int64_t r = 0; r < rows; r++) {
@@ -690,9 +691,10 @@ int robuq_attention_int8(const float *q, strides_t qs, const float *k, strides_t
                 const int64_t b = m / heads, h = m % heads;
                 for (int64_t r = 0; r < rows; r++) {
                     /* p̂·v̂ = s_p (s_v Σu_p l_v + c_v Σu_p): the probabilities' offset is 0. */
-                    const int32_t *a = out_acc + r * d16;
-                    float *o = out + ((b * nq + i0 + r) * heads + h) * d;
-                    for (int64_t c = 0; c < d; c++) o[c] = sp[r] * (svm[c] * (float)a[c] + cvm[c] * (float)up[r]);
+                    const int32_t *restrict a = out_acc + r * d16;
+                    float *restrict o = out + ((b * nq + i0 + r) * heads + h) * d;
+                    const float s = sp[r], count = (float)up[r];
+                    for (int64_t c = 0; c < d; c++) o[c] = s * (svm[c] * (float)a[c] + cvm[c] * count);
                 }
             }
             note_failure(ok, &failed);
