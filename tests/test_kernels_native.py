@@ -119,6 +119,8 @@ def test_layer_norm_modulate_and_gated_residual_match_the_block_code():
     assert torch.allclose(native.gated_residual(x, gate, y), x + gate.unsqueeze(1) * y, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="do not fit"):
         native.layer_norm_modulate(x, shift[:2], scale[:2], 1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.layer_norm_modulate(x, shift, scale[:, :20], 1e-6)
 
 
 @pytest.mark.parametrize("bits, probs_bits", [(8, 8), (4, 8), (8, 4), (3, 2)])

@@ -227,8 +227,8 @@ def _per_sample(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """``modulate(F.layer_norm(x, (n,), eps=eps), shift, scale)`` in one pass, x (batch, tokens, n), shift and
     scale (batch, n); no autograd."""
+    _, scale = _per_sample(x, scale)
     x, shift = _per_sample(x, shift)
-    scale = _input(scale)
     y = _empty(*x.shape)
     _library().robuq_layer_norm_modulate(_ptr(x), _ptr(shift), _ptr(scale), _ptr(y), x.shape[0] * x.shape[1], x.shape[1],
                                          x.shape[2], eps, _threads())
