@@ -8,6 +8,8 @@ inference; anything else (gradients, other devices and dtypes) takes the model's
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 
@@ -18,8 +20,7 @@ from robuq.models.dit import DiTBlock, FinalLayer, Mlp
 
 def _native_inference(module: nn.Module, *inputs: torch.Tensor) -> bool:
     """Float32 CPU inputs, and no gradient wanted through the module (the C kernels have no backward)."""
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *module.parameters()))
-    return native.takes(*inputs) and not wants_grad
+    return native.takes(*inputs) and not native.wants_grad(itertools.chain(inputs, module.parameters()))
 
 
 class NativeGELU(nn.GELU):

@@ -33,6 +33,11 @@ static inline lanes_f lanes_min(lanes_f a, lanes_f b) {
 }
 static inline lanes_f lanes_max(lanes_f a, lanes_f b) { return -lanes_min(-a, -b); }
 static inline lanes_f lanes_splat(float v) { return (lanes_f){0} + v; }
+static inline lanes_f lanes_load(const float *p) { /* LANES floats from any address */
+    lanes_f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
 
 /* aligned_alloc wants a size that is a multiple of the alignment. */
 static void *aligned_buffer(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
@@ -333,9 +338,7 @@ int robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *sca
             }
             float s[LANES], o[LANES];
             tile_scale_offset(rotated, n, bits, rule, step_factor, ratio, s, o);
-            lanes_f sv, ov;
-            memcpy(&sv, s, sizeof sv);
-            memcpy(&ov, o, sizeof ov);
+            const lanes_f sv = lanes_load(s), ov = lanes_load(o);
             const lanes_f *rv = (const lanes_f *)rotated;
             lanes_b *qv = (lanes_b *)q;
             for (int64_t i = 0; i < n; i++) qv[i] = lanes_levels(rv[i], sv, ov, top, (float)shift);
@@ -382,51 +385,25 @@ static inline lanes_f lanes_exp(lanes_f x) {
 
 #define QUERY_BLOCK 16
 
-/* A contiguous row's mean, returned through `mean`, and Σ(v − mean)², in double with LANES interleaved
- * partial sums so that they vectorize along the row (the order of a float sum is no more fixed in PyTorch). */
-static double row_moments(const float *restrict v, int64_t n, float *mean) {
-    double part[LANES] = {0}, total = 0.0;
+/* Min–max scale and offset of one contiguous row (statistics as LANES interleaved partial results). */
+static void row_minmax_scale_offset(const float *restrict v, int64_t n, int bits, float *scale, float *offset) {
+    float lo = v[0], hi = v[0];
+    lanes_f los = lanes_splat(v[0]), his = los;
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) part[l] += v[i + l];
-    for (; i < n; i++) total += v[i];
-    for (int l = 0; l < LANES; l++) total += part[l];
-    const float m = (float)(total / (double)n);
-    double squares[LANES] = {0}, sum = 0.0;
-    for (i = 0; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) squares[l] += (double)(v[i + l] - m) * (double)(v[i + l] - m);
-    for (; i < n; i++) sum += (double)(v[i] - m) * (double)(v[i] - m);
-    for (int l = 0; l < LANES; l++) sum += squares[l];
-    *mean = m;
-    return sum;
-}
-
-/* Scale and offset of one contiguous row (min–max statistics as LANES interleaved partial results). */
-static void row_scale_offset(const float *restrict v, int64_t n, int bits, int rule, float step_factor, float *scale,
-                             float *offset) {
-    float lo = v[0], hi = v[0], mean = 0.0f, std = 0.0f;
-    if (rule == RULE_GAUSSIAN) {
-        const double squares = row_moments(v, n, &mean);
-        std = (float)sqrt(squares) / sqrtf((float)n);
-    } else {
-        lanes_f los = lanes_splat(v[0]), his = los;
-        int64_t i = 0;
-        for (; i + LANES <= n; i += LANES) {
-            lanes_f x;
-            memcpy(&x, v + i, sizeof x);
-            los = lanes_min(x, los);
-            his = lanes_max(x, his);
-        }
-        for (; i < n; i++) {
-            lo = v[i] < lo ? v[i] : lo;
-            hi = v[i] > hi ? v[i] : hi;
-        }
-        for (int l = 0; l < LANES; l++) {
-            lo = los[l] < lo ? los[l] : lo;
-            hi = his[l] > hi ? his[l] : hi;
-        }
+    for (; i + LANES <= n; i += LANES) {
+        const lanes_f x = lanes_load(v + i);
+        los = lanes_min(x, los);
+        his = lanes_max(x, his);
     }
-    finish_scale_offset(lo, hi, mean, std, bits, rule, step_factor, 1.0f, scale, offset);
+    for (; i < n; i++) {
+        lo = v[i] < lo ? v[i] : lo;
+        hi = v[i] > hi ? v[i] : hi;
+    }
+    for (int l = 0; l < LANES; l++) {
+        lo = los[l] < lo ? los[l] : lo;
+        hi = his[l] > hi ? his[l] : hi;
+    }
+    finish_scale_offset(lo, hi, 0.0f, 0.0f, bits, RULE_MINMAX, 0.0f, 1.0f, scale, offset);
 }
 
 /* u[i] = clamp(round((v[i] − o)/s), 0, top) − shift as bytes, for a span of n values with one scale and
@@ -436,16 +413,9 @@ static int32_t span_levels(const float *restrict v, int64_t n, const float *rest
     lanes_f sum = {0};
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
-        lanes_f x, sv, ov;
-        memcpy(&x, v + i, sizeof x);
-        if (per_value) {
-            memcpy(&sv, s + i, sizeof sv);
-            memcpy(&ov, o + i, sizeof ov);
-        } else {
-            sv = lanes_splat(*s);
-            ov = lanes_splat(*o);
-        }
-        const lanes_f levels = lanes_level_values(x, sv, ov, top, (float)shift);
+        const lanes_f sv = per_value ? lanes_load(s + i) : lanes_splat(*s);
+        const lanes_f ov = per_value ? lanes_load(o + i) : lanes_splat(*o);
+        const lanes_f levels = lanes_level_values(lanes_load(v + i), sv, ov, top, (float)shift);
         sum += levels; /* exact: integers far below 2^24 */
         const lanes_b bytes = lanes_bytes(levels);
         memcpy(u + i, &bytes, LANES);
@@ -524,6 +494,10 @@ typedef struct {
     int32_t *shifted_sum;
 } key_terms_t;
 
+static key_terms_t head_terms(key_terms_t all, int64_t m, int64_t nk16) {
+    return (key_terms_t){all.scale + m * nk16, all.c + m * nk16, all.term + m * nk16, all.shifted_sum + m * nk16};
+}
+
 /* One query row, from its int32 level products with the keys (acc) to its probability levels:
  * score_j = q̂·k̂_j/√d, e_j = exp(score_j − max) and levels round(e_j·top). Those are the levels p_j/s_p
  * of the softmax p_j = e_j/Σe on the grid s_p = max_j p_j/top = 1/(top·Σe): the largest e is exactly 1
@@ -539,13 +513,11 @@ static int32_t probability_levels(const int32_t *restrict acc, int64_t nk, int64
     const lanes_i real = lane < (lanes_i){0} + (int32_t)(nk - (vectors - 1) * LANES);
     lanes_f *v = (lanes_f *)e, largest = lanes_splat(-INFINITY);
     for (int64_t i = 0; i < vectors; i++) {
-        lanes_f ks, kc, kt;
+        const lanes_f ks = lanes_load(keys.scale + i * LANES), kc = lanes_load(keys.c + i * LANES);
+        const lanes_f kt = lanes_load(keys.term + i * LANES);
         lanes_i a, shifted;
         memcpy(&a, acc + i * LANES, sizeof a);
         memcpy(&shifted, keys.shifted_sum + i * LANES, sizeof shifted);
-        memcpy(&ks, keys.scale + i * LANES, sizeof ks);
-        memcpy(&kc, keys.c + i * LANES, sizeof kc);
-        memcpy(&kt, keys.term + i * LANES, sizeof kt);
         /* q̂·k̂ = s_q s_k Σl_q l_k + s_q A_q c_k + c_q (s_k A_k + d c_k) with l_q = u_q − shift: the signed
          * form keeps the float terms as small as the level products allow. */
         v[i] = (s * ks * __builtin_convertvector(a - shifted, lanes_f) + sa * kc + c * kt) * inv_sqrt_d;
@@ -593,7 +565,7 @@ static void pack_keys(const float *k, strides_t st, int64_t nk, int64_t d, int64
     for (int64_t j = 0; j < nk; j++) {
         const float *v = k + j * st.token;
         float s, o;
-        row_scale_offset(v, d, bits, RULE_MINMAX, 0.0f, &s, &o);
+        row_minmax_scale_offset(v, d, bits, &s, &o);
         const int32_t sum = span_levels(v, d, &s, &o, 0, top, shift, row);
         terms.scale[j] = s;
         terms.c[j] = o + (float)shift * s;
@@ -656,9 +628,8 @@ int robuq_attention_int8(const float *q, strides_t qs, const float *k, strides_t
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < mats; m++) {
                 if (!ok) continue;
-                const key_terms_t head = {terms.scale + m * nk16, terms.c + m * nk16, terms.term + m * nk16,
-                                          terms.shifted_sum + m * nk16};
-                pack_keys(head_rows(k, kst, m, heads), kst, nk, d, nk16, bits, shift, row, keys + m * key_bytes, head);
+                pack_keys(head_rows(k, kst, m, heads), kst, nk, d, nk16, bits, shift, row, keys + m * key_bytes,
+                          head_terms(terms, m, nk16));
                 pack_values(head_rows(v, vst, m, heads), vst, nk, d, d16, bits, shift, lo, hi, offset, row,
                             values + m * value_bytes, vscale + m * d, vc + m * d);
             }
@@ -669,14 +640,13 @@ int robuq_attention_int8(const float *q, strides_t qs, const float *k, strides_t
                 const int64_t m = task / blocks, i0 = task % blocks * QUERY_BLOCK;
                 const int64_t rows = nq - i0 < QUERY_BLOCK ? nq - i0 : QUERY_BLOCK;
                 const float *qm = head_rows(q, qs, m, heads);
-                const key_terms_t head = {terms.scale + m * nk16, terms.c + m * nk16, terms.term + m * nk16,
-                                          terms.shifted_sum + m * nk16};
+                const key_terms_t head = head_terms(terms, m, nk16);
                 const float *restrict svm = vscale + m * d, *restrict cvm = vc + m * d;
                 float sq[QUERY_BLOCK], oq[QUERY_BLOCK];
                 int32_t uq[QUERY_BLOCK];
                 for (int64_t r = 0; r < rows; r++) {
                     const float *x = qm + (i0 + r) * qs.token;
-                    row_scale_offset(x, d, bits, RULE_MINMAX, 0.0f, &sq[r], &oq[r]);
+                    row_minmax_scale_offset(x, d, bits, &sq[r], &oq[r]);
                     uq[r] = span_levels(x, d, &sq[r], &oq[r], 0, top, 0, qlevels + r * d4 * 4);
                 }
                 dot_u8s8(qlevels, d4 * 4, rows, keys + m * key_bytes, d4, nk16, scores_acc, nk16);
@@ -749,12 +719,6 @@ void robuq_gelu_tanh(const float *x, float *y, int64_t n, int threads) {
  * rounds like PyTorch's matmul, not bit for bit like its elementwise code. ---- */
 #define RESCALE_ROWS 8
 
-static inline lanes_f lanes_load(const float *p) {
-    lanes_f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
 /* Columns [c, c + LANES) of rows row[0, count): full vectors only (the caller pads the tail). */
 __attribute__((optimize("fp-contract=fast"))) static inline void rescale_columns(
     const int32_t *acc, float *y, int64_t cols, int64_t c, const int64_t *row, int count, const float *s,
@@ -805,6 +769,25 @@ void robuq_rescale(const int32_t *acc, float *y, int64_t rows, int64_t cols, con
 
 /* ---- The adaLN block's elementwise work, one pass each where PyTorch takes two or three. Rows belong to
  * samples `tokens` at a time; shift, scale and gate hold one n-vector per sample. ---- */
+
+/* A contiguous row's mean, returned through `mean`, and Σ(v − mean)², in double with LANES interleaved
+ * partial sums so that they vectorize along the row (the order of a float sum is no more fixed in PyTorch). */
+static double row_moments(const float *restrict v, int64_t n, float *mean) {
+    double part[LANES] = {0}, total = 0.0;
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) part[l] += v[i + l];
+    for (; i < n; i++) total += v[i];
+    for (int l = 0; l < LANES; l++) total += part[l];
+    const float m = (float)(total / (double)n);
+    double squares[LANES] = {0}, sum = 0.0;
+    for (i = 0; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) squares[l] += (double)(v[i + l] - m) * (double)(v[i + l] - m);
+    for (; i < n; i++) sum += (double)(v[i] - m) * (double)(v[i] - m);
+    for (int l = 0; l < LANES; l++) sum += squares[l];
+    *mean = m;
+    return sum;
+}
 
 /* y = LayerNorm(x)·(1 + scale) + shift (no affine LayerNorm weights: DiT's norms have none), the order of
  * operations of modulate(norm(x), shift, scale). */

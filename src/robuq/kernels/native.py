@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -112,6 +112,12 @@ def enabled() -> bool:
 def takes(*tensors: torch.Tensor) -> bool:
     """Whether the kernels take these: float32 CPU tensors (any strides), kernels enabled."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and enabled()
+
+
+def wants_grad(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether autograd would want a gradient through these (the kernels have no backward); the tensors
+    are not looked at while gradients are off."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ class QuantAttentionCore(nn.Module):
         self.probs_bits = check_bits(probs_bits if probs_bits is not None else bits, "attention probability bits")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) and native.takes(q, k, v):
+        if native.takes(q, k, v) and not native.wants_grad((q, k, v)):
             # Inference on the CPU: the same quantizers, the two matmuls on int8 levels (robuq's C kernels).
             return native.attention(q, k, v, self.bits, self.probs_bits)
         q, k = (quantize_activation(t, self.bits, "token", "minmax")[0] for t in (q, k))
