@@ -23,7 +23,7 @@ from robuq.diffusion.gaussian import create_diffusion
 from robuq.models.checkpoint import load_dit
 from robuq.quant.activation import quantize_activation
 from robuq.quant.hadamard import hadamard_transform, random_signs
-from robuq.sampling import default_teacher_path
+from robuq.core.runtime import default_teacher_path
 
 ROLES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 BASIS_LABELS = {"before": "x", "after": "H·x", "after_signs": "H·D·x (random signs D)"}

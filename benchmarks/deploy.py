@@ -122,7 +122,7 @@ def end_to_end(name: str, repeats: int, tmp: Path) -> dict:
 # parent across fork and exec (this benchmark has built DiT-XL/2 by then).
 PEAK_SCRIPT = """
 import sys, torch, robuq
-from robuq.model_files import load_any
+from robuq.io.model_files import load_any
 from robuq.deploy.elementwise import use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
 def high_water():

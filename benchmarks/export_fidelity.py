@@ -24,8 +24,9 @@ import robuq
 from robuq.deploy.export import export_model, load_exported
 from robuq.eval.metrics import psnr
 from robuq.kernels import native
-from robuq.quantized_io import load_quantized
-from robuq.sampling import default_teacher_path, save_grid, to_uint8
+from robuq.io.quantized import load_quantized
+from robuq.core.runtime import default_teacher_path
+from robuq.sample.generate import save_grid, to_uint8
 
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:

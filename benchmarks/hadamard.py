@@ -14,7 +14,8 @@ import torch
 
 from common import time_ms, write_result
 from robuq.kernels import native
-from robuq.quant.hadamard import hadamard_factors, hadamard_matrix, hadamard_transform
+from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
+from robuq.quant.hadamard import hadamard_transform
 
 
 def measure(shape: tuple[int, int], device: str, repeats: int) -> dict:

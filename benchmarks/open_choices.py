@@ -17,9 +17,9 @@ import torch
 
 from common import write_result
 import robuq
-from robuq.calibration import calibration_batch, relative_error
+from robuq.train.calibration import calibration_batch, relative_error
 from robuq.data import build_dataset
-from robuq.sampling import default_teacher_path
+from robuq.core.runtime import default_teacher_path
 from robuq.train.qat import build_student, calibration_images
 
 VARIANTS = {

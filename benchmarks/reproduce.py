@@ -29,11 +29,12 @@ import torch
 from common import ROOT, write_result
 import robuq
 from robuq.ampn.pipeline import AMPNConfig, ampn_run
-from robuq.cost import cost_summary
+from robuq.quantize.cost import cost_summary
 from robuq.eval.evaluate import EvalConfig, evaluate
 from robuq.models.checkpoint import load_dit
-from robuq.quantized_io import load_quantized
-from robuq.sampling import default_teacher_path, generate, save_grid, to_uint8
+from robuq.io.quantized import load_quantized
+from robuq.core.runtime import default_teacher_path
+from robuq.sample.generate import generate, save_grid, to_uint8
 from robuq.train.qat import QATConfig, build_student, qat
 
 

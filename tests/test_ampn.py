@@ -6,11 +6,11 @@ import torch
 from robuq.ampn.pipeline import AMPNConfig, ampn_run
 from robuq.ampn.plan import plan_from_sensitivity, role_averages, write_plan
 from robuq.ampn.sensitivity import Sensitivity, block_layers, measure_sensitivity
-from robuq.calibration import calibration_batch
+from robuq.train.calibration import calibration_batch
 from robuq.cli import main
-from robuq.io import save_tensors
+from robuq.core.files import save_tensors
 from robuq.quantize import current_plan, load_plan, preset, quantize_
-from robuq.quantized_io import load_quantized
+from robuq.io.quantized import load_quantized
 from robuq.train.qat import QATConfig, build_student
 
 
@@ -44,7 +44,7 @@ def test_sensitivity_is_deterministic_and_matches_a_full_forward(student_and_bat
     first = measure_sensitivity(student, batch, progress=False)
     assert first.table == measure_sensitivity(student, batch, progress=False).table
     # The cached-prefix shortcut must equal a plain full forward with that one layer changed.
-    from robuq.calibration import relative_error
+    from robuq.train.calibration import relative_error
 
     name = "blocks.1.attn.proj"
     student.get_submodule(name).set_act_bits(2)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from robuq.eval.classifier import ClassifierTrainConfig, train_classifier
-from robuq.io import save_tensors
+from robuq.core.files import save_tensors
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

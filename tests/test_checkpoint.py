@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from robuq.io import save_tensors
+from robuq.core.files import save_tensors
 from robuq.models.checkpoint import CheckpointError, infer_config, load_dit, read_state_dict
 from robuq.models.dit import DiT, create_dit
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from robuq.cli import main
-from robuq.io import save_tensors
+from robuq.core.files import save_tensors
 
 
 @pytest.fixture

@@ -76,12 +76,12 @@ def test_damaged_files_fail_clearly(tmp_path, quantized):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_exported(tmp_path / "cut.safetensors")
-    plain = robuq.io.save_tensors(tmp_path / "plain.safetensors", robuq.DiT(tiny_config()).state_dict(), {})
+    plain = robuq.core.files.save_tensors(tmp_path / "plain.safetensors", robuq.DiT(tiny_config()).state_dict(), {})
     with pytest.raises(robuq.CheckpointError, match="not a usable robuq export"):
         load_exported(plain)
-    tensors, meta = robuq.io.load_tensors(path)
+    tensors, meta = robuq.core.files.load_tensors(path)
     tensors["blocks.0.mlp.fc1.weight_packed"] = tensors["blocks.0.mlp.fc1.weight_packed"][:-3]
-    robuq.io.save_tensors(tmp_path / "short.safetensors", tensors, meta)
+    robuq.core.files.save_tensors(tmp_path / "short.safetensors", tensors, meta)
     with pytest.raises(robuq.CheckpointError, match="packed bytes"):
         load_exported(tmp_path / "short.safetensors")
 
@@ -98,7 +98,7 @@ def test_report_arithmetic(tmp_path, quantized):
 
 
 def test_cost_summary_of_an_exported_model_matches_its_training_model(tmp_path, quantized):
-    from robuq.cost import cost_summary
+    from robuq.quantize.cost import cost_summary
 
     model, config = quantized
     exported = load_exported(export_model(model, config, tmp_path / "m.safetensors"))

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from robuq.deploy.integer_linear import IntegerLinear
+from robuq.kernels import native
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
 
 
@@ -14,8 +15,12 @@ from robuq.quant.linear import LinearQuantConfig, QuantLinear
 ])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kernels", ["native", "pytorch"])
-def test_integer_linear_matches_the_fake_quant_layer(options, bias, kernels, monkeypatch):
-    monkeypatch.setenv("ROBUQ_NATIVE", "1" if kernels == "native" else "0")
+def test_integer_linear_matches_the_fake_quant_layer(options, bias, kernels):
+    with native.use(kernels == "native"):
+        _check_integer_linear_matches(options, bias)
+
+
+def _check_integer_linear_matches(options, bias):
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(torch.nn.Linear(24, 20, bias=bias), LinearQuantConfig(**options)).eval()
     if layer.act_quant.clip_ratio is not None:

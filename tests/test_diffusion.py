@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from robuq.diffusion.gaussian import create_diffusion, linear_betas, normal_kl, space_timesteps
-from robuq.sampling import generate
+from robuq.sample.generate import generate
 
 
 def test_linear_schedule_endpoints():

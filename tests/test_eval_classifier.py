@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from robuq.eval.classifier import ClassifierTrainConfig, FashionClassifier, extract, load_classifier, to_classifier_input, train_classifier
-from robuq.io import save_tensors
+from robuq.core.files import save_tensors
 
 
 def test_feature_shapes_and_input_conversion():

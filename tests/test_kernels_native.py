@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from robuq.kernels import native
 from robuq.quant.activation import activation_scale_offset
 from robuq.quant.attention import QuantAttentionCore
-from robuq.quant.hadamard import hadamard_matrix, hadamard_transform, random_signs, small_hadamard_orders
+from robuq.core.hadamard_matrices import hadamard_matrix, small_hadamard_orders
+from robuq.quant.hadamard import hadamard_transform, random_signs
 
 # Skipped only without a compiler: with one, a build that fails must fail these tests, not hide them.
 pytestmark = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
@@ -52,17 +53,18 @@ def test_hadamard_any_supported_size(m, k, rows):
     assert torch.allclose(native.hadamard(x, None, False).double(), x.double() @ hadamard_matrix(n, torch.float64), atol=1e-5)
 
 
-def test_hadamard_transform_takes_the_kernel_for_float32_and_keeps_its_gradient(monkeypatch):
+def test_hadamard_transform_takes_the_kernel_for_float32_and_keeps_its_gradient():
     n = 384
     x = torch.randn(4, 5, n, requires_grad=True)
     signs = random_signs(n, 2)
     y = hadamard_transform(x, signs)
     g = torch.randn_like(y)
     y.backward(g)
-    monkeypatch.setenv("ROBUQ_NATIVE", "0")  # the PyTorch path, for reference
-    assert not native.enabled()
-    assert torch.allclose(y.detach(), hadamard_transform(x.detach(), signs), atol=1e-5)
-    assert torch.allclose(x.grad, hadamard_transform(g, signs, inverse=True), atol=1e-5)
+    with native.use(False):  # the PyTorch path, for reference
+        assert not native.enabled()
+        assert torch.allclose(y.detach(), hadamard_transform(x.detach(), signs), atol=1e-5)
+        assert torch.allclose(x.grad, hadamard_transform(g, signs, inverse=True), atol=1e-5)
+    assert native.enabled()
 
 
 @pytest.mark.parametrize("rule", ["minmax", "gaussian"])
@@ -217,3 +219,19 @@ def test_native_kernels_swap_into_a_float_dit_and_keep_its_outputs(tiny_dit):
     loss = native_dit(x, t, y).square().mean()
     loss.backward()
     assert native_dit.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_use_switches_the_kernels_for_its_block_only_and_leaves_the_environment_alone():
+    import os
+    import threading
+
+    before = dict(os.environ)
+    seen_elsewhere = []
+    with native.use(False):
+        assert not native.enabled()
+        worker = threading.Thread(target=lambda: seen_elsewhere.append(native.enabled()))
+        worker.start()
+        worker.join()
+    assert native.enabled()
+    assert seen_elsewhere == [True]  # another thread is not switched off behind its back
+    assert dict(os.environ) == before

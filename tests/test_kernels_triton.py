@@ -14,10 +14,16 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA: run through tests/test_kernels_interpreter.py", allow_module_level=True)
 
 from robuq.deploy.integer_linear import IntegerLinear  # noqa: E402
+
 from robuq.kernels import triton_ops  # noqa: E402
+
 from robuq.quant.activation import activation_scale_offset  # noqa: E402
-from robuq.quant.hadamard import hadamard_matrix, hadamard_transform, random_signs  # noqa: E402
+
+from robuq.core.hadamard_matrices import hadamard_matrix  # noqa: E402
+
+from robuq.quant.hadamard import hadamard_transform, random_signs
 from robuq.quant.linear import LinearQuantConfig, QuantLinear  # noqa: E402
+
 
 SIZES = [192, 256, 384, 768, 1152, 1536]
 DEVICE = "cpu" if triton_ops.interpreting() else "cuda"

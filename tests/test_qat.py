@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from robuq.io import load_tensors, save_tensors
+from robuq.core.files import load_tensors, save_tensors
 from robuq.models.checkpoint import load_dit
 from robuq.quantize import current_plan
-from robuq.quantized_io import load_quantized
+from robuq.io.quantized import load_quantized
 from robuq.train.qat import QATConfig, build_student, qat
 from robuq.train.state import list_checkpoints
 from robuq.train.trainer import TrainingDivergedError

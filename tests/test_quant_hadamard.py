@@ -5,9 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from robuq.quant.hadamard import (
-    hadamard_factors, hadamard_matrix, hadamard_transform, is_supported_size, random_signs, small_hadamard_orders,
-)
+from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix, is_supported_size, small_hadamard_orders
+from robuq.quant.hadamard import hadamard_transform, random_signs
 
 DIT_SIZES = [192, 384, 768, 1024, 1152, 1536, 3072, 4096, 4608]
 SMALL_ORDERS = list(small_hadamard_orders())

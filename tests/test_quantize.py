@@ -5,12 +5,12 @@ import torch
 import torch.nn as nn
 
 import robuq
-from robuq.cost import cost_summary
+from robuq.quantize.cost import cost_summary
 from robuq.models.dit import AttentionCore
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import QuantLinear
 from robuq.quantize import PRESETS, PlanError, QuantConfig, current_plan, load_plan, preset, quantize_
-from robuq.quantized_io import load_quantized, save_quantized
+from robuq.io.quantized import load_quantized, save_quantized
 
 from conftest import tiny_config
 
@@ -125,7 +125,7 @@ def test_save_and_load_quantized_model(tmp_path, tiny_dit):
         robuq.load_dit(path)
     with pytest.raises(robuq.CheckpointError, match="not a quantized"):
         fp = robuq.DiT(tiny_config())
-        load_quantized(robuq.io.save_tensors(tmp_path / "fp.safetensors", fp.state_dict(), {"model_config": fp.config.to_dict()}))
+        load_quantized(robuq.core.files.save_tensors(tmp_path / "fp.safetensors", fp.state_dict(), {"model_config": fp.config.to_dict()}))
 
 
 def test_cost_summary_counts_bits_and_bops():
@@ -148,7 +148,7 @@ def test_cost_summary_counts_bits_and_bops():
 
 
 def test_every_preset_trains_on_the_shipped_teacher():
-    from robuq.sampling import DEFAULT_TEACHER
+    from robuq.core.runtime import DEFAULT_TEACHER
 
     if not DEFAULT_TEACHER.is_file():
         pytest.skip("the shipped teacher is not in this checkout")

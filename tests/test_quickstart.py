@@ -1,7 +1,7 @@
 import json
 
 from robuq.cli import main
-from robuq.io import save_tensors
+from robuq.core.files import save_tensors
 
 
 def test_main_job_runs_end_to_end_on_a_tiny_teacher(tmp_path, tiny_dit, fmnist_dir, capsys):

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from robuq.io import load_tensors
+from robuq.core.files import load_tensors
 from robuq.models.checkpoint import load_dit
 from robuq.models.dit import create_dit
 from robuq.train.state import list_checkpoints

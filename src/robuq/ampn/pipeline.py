@@ -12,12 +12,12 @@ from pathlib import Path
 
 from robuq.ampn.plan import format_plan, plan_from_sensitivity, write_plan
 from robuq.ampn.sensitivity import Sensitivity, measure_sensitivity
-from robuq.calibration import calibration_batch
+from robuq.train.calibration import calibration_batch
 from robuq.data import build_dataset
-from robuq.io import atomic_write_text
+from robuq.core.files import atomic_write_text
 from robuq.models.checkpoint import load_dit
-from robuq.quantized_io import load_quantized
-from robuq.train.distributed import resolve_device
+from robuq.io.quantized import load_quantized
+from robuq.core.runtime import resolve_device
 from robuq.train.qat import QATConfig, calibration_images, qat
 from robuq.train.state import list_checkpoints
 

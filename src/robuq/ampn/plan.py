@@ -6,8 +6,8 @@ from pathlib import Path
 
 from robuq.ampn.allocate import Allocation, allocate_bits
 from robuq.ampn.sensitivity import Sensitivity, layer_role
-from robuq.io import atomic_write_text
-from robuq.quantize import BLOCK_ROLES
+from robuq.core.files import atomic_write_text
+from robuq.quantize.policy import BLOCK_ROLES
 
 # METHOD.md §7: average bits per layer type of the paper's DiT-XL/2 allocation, for comparison.
 PAPER_ROLE_AVERAGES = {

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from robuq.calibration import CalibrationBatch
+from robuq.train.calibration import CalibrationBatch
 from robuq.models.dit import DiT
 from robuq.quant.linear import QuantLinear
-from robuq.quantize import BLOCK_ROLES, LAYOUTS
+from robuq.quantize.policy import BLOCK_ROLES, LAYOUTS
 
 
 def block_layers(model: DiT, layout: str = "dit") -> list[str]:

@@ -15,12 +15,13 @@ import torch.nn as nn
 
 from robuq.deploy.integer_linear import IntegerLinear
 from robuq.kernels import native
+from robuq.quant.backends import wants_grad
 from robuq.models.dit import DiTBlock, FinalLayer, Mlp
 
 
 def _native_inference(module: nn.Module, *inputs: torch.Tensor) -> bool:
     """Float32 CPU inputs, and no gradient wanted through the module (the C kernels have no backward)."""
-    return native.takes(*inputs) and not native.wants_grad(itertools.chain(inputs, module.parameters()))
+    return native.takes(*inputs) and not wants_grad(itertools.chain(inputs, module.parameters()))
 
 
 class NativeGELU(nn.GELU):

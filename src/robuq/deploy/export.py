@@ -19,13 +19,13 @@ from robuq.deploy.elementwise import use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
 from robuq.deploy.integer_linear import IntegerLinear, convert_to_integer
 from robuq.deploy.packing import PACKERS
-from robuq.io import load_tensors, save_tensors
+from robuq.core.files import load_tensors, save_tensors
 from robuq.models.checkpoint import CheckpointError
 from robuq.models.dit import DiT, DiTConfig
 from robuq.models.skeleton import meta_skeleton
 from robuq.quant.primitives import QuantizedTensor
 from robuq.quant.linear import QuantLinear
-from robuq.quantize import QuantConfig, current_plan, quantize_
+from robuq.quantize.policy import QuantConfig, current_plan, quantize_
 
 FORMAT_VERSION = 1
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

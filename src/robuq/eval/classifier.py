@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from robuq.data.fashion_mnist import FashionMNIST
-from robuq.io import load_tensors, save_tensors
+from robuq.core.files import load_tensors, save_tensors
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "fmnist-classifier.safetensors"
 INPUT_SIZE = 28

@@ -9,6 +9,7 @@ pointers to C, and allocates its outputs as such, whatever PyTorch's default dty
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -19,13 +20,13 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from robuq.quant.activation import gaussian_optimal_step
-from robuq.quant.hadamard import hadamard_factors, hadamard_matrix
+from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
 from robuq.quant.primitives import int8_level_shift
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -105,8 +106,16 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+# ROBUQ_NATIVE=0 in the environment turns the kernels off for the whole process (read once, at import);
+# ``use`` turns them on or off for a block of code, in the calling thread or task only.
+_ENV_ENABLED = os.environ.get("ROBUQ_NATIVE", "1") != "0"
+_enabled_here: contextvars.ContextVar[bool | None] = contextvars.ContextVar("robuq_native", default=None)
+
+
 def enabled() -> bool:
-    return os.environ.get("ROBUQ_NATIVE", "1") != "0" and _library() is not None
+    """Whether the kernels run: ``use``'s setting where one is in force, else ``ROBUQ_NATIVE``; and they built."""
+    wanted = _enabled_here.get()
+    return (_ENV_ENABLED if wanted is None else wanted) and _library() is not None
 
 
 def takes(*tensors: torch.Tensor) -> bool:
@@ -114,24 +123,14 @@ def takes(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and enabled()
 
 
-def wants_grad(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether autograd would want a gradient through these (the kernels have no backward); the tensors
-    are not looked at while gradients are off."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 @contextlib.contextmanager
 def use(enabled: bool) -> Iterator[None]:
-    """Run the enclosed code with robuq's C kernels on or off (``ROBUQ_NATIVE``), restoring the setting after."""
-    previous = os.environ.get("ROBUQ_NATIVE")
-    os.environ["ROBUQ_NATIVE"] = "1" if enabled else "0"
+    """Run the enclosed code with robuq's C kernels on or off, in this thread (or asyncio task) only."""
+    token = _enabled_here.set(enabled)
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ["ROBUQ_NATIVE"]
-        else:
-            os.environ["ROBUQ_NATIVE"] = previous
+        _enabled_here.reset(token)
 
 
 @functools.lru_cache(maxsize=None)

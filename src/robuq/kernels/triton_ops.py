@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 
 from robuq.quant.activation import gaussian_optimal_step
-from robuq.quant.hadamard import hadamard_factors, hadamard_matrix
+from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
 from robuq.quant.primitives import int8_level_shift
 
 _MAX_B = 128  # columns of the (A, B) view of a token: one dense B×B product per token

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from robuq.io import load_tensors
+from robuq.core.files import load_tensors
 from robuq.models.dit import DIT_SIZES, DiT, DiTConfig
 
 # Attention heads cannot be read off the weights; these are the registry's choices per width.

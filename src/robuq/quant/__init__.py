@@ -1,7 +1,8 @@
 """Quantization primitives and modules (no model-specific code lives here)."""
 from robuq.quant.activation import ActivationQuantizer, gaussian_optimal_step, quantize_activation
 from robuq.quant.attention import QuantAttentionCore
-from robuq.quant.hadamard import hadamard_factors, hadamard_matrix, hadamard_transform
+from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
+from robuq.quant.hadamard import hadamard_transform
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
 from robuq.quant.primitives import QuantizedTensor
 from robuq.quant.weights import fake_quantize_weight, quantize_weight_int, ternarize_weight

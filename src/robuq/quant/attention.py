@@ -6,8 +6,8 @@ import math
 import torch
 import torch.nn as nn
 
-from robuq.kernels import native
 from robuq.quant.activation import check_bits, quantize_activation
+from robuq.quant.backends import backend_for, wants_grad
 from robuq.quant.primitives import affine_fake_quantize
 
 
@@ -31,9 +31,10 @@ class QuantAttentionCore(nn.Module):
         self.probs_bits = check_bits(probs_bits if probs_bits is not None else bits, "attention probability bits")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if native.takes(q, k, v) and not native.wants_grad((q, k, v)):
-            # Inference on the CPU: the same quantizers, the two matmuls on int8 levels (robuq's C kernels).
-            return native.attention(q, k, v, self.bits, self.probs_bits)
+        backend = None if wants_grad((q, k, v)) else backend_for("attention", q, k, v)
+        if backend is not None:
+            # Inference: the same quantizers, the two matmuls on integer levels (robuq's C kernels on the CPU).
+            return backend.run(q, k, v, self.bits, self.probs_bits)
         q, k = (quantize_activation(t, self.bits, "token", "minmax")[0] for t in (q, k))
         # probs·V sums over tokens, so V's scales must not vary along tokens: one scale per channel.
         v = quantize_activation(v.transpose(-2, -1), self.bits, "token", "minmax")[0].transpose(-2, -1)

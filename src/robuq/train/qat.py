@@ -15,14 +15,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from robuq.calibration import calibration_batch, relative_error
+from robuq.train.calibration import calibration_batch, relative_error
 from robuq.data import build_dataset
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from robuq.models.checkpoint import check_compatible, load_dit, read_state_dict
 from robuq.models.dit import DiT
 from robuq.quant.linear import QuantLinear
-from robuq.quantize import QuantConfig, load_plan, preset, quantize_
-from robuq.quantized_io import quantized_meta
+from robuq.quantize.policy import QuantConfig, load_plan, quantize_
+from robuq.quantize.presets import preset
+from robuq.io.quantized import quantized_meta
 from robuq.train.trainer import TrainConfig, train
 
 LOSSES = ("diffusion", "distill", "mix")
@@ -65,7 +66,7 @@ class QATConfig(TrainConfig):
 def _teacher_path(config: QATConfig) -> str:
     if config.teacher:
         return config.teacher
-    from robuq.sampling import default_teacher_path
+    from robuq.core.runtime import default_teacher_path
 
     return str(default_teacher_path())
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from robuq.io import load_tensors, save_tensors
+from robuq.core.files import load_tensors, save_tensors
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)\.safetensors$")
 

@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 
 from robuq.data import build_dataset
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
-from robuq.io import atomic_write_text, read_meta, save_tensors
+from robuq.core.files import atomic_write_text, read_meta, save_tensors
 from robuq.models.checkpoint import load_dit
 from robuq.models.dit import DiT, create_dit
 from robuq.train.guards import first_nonfinite_grad, first_nonfinite_module
-from robuq.train.distributed import DistInfo, barrier, init_distributed, resolve_device, shutdown
+from robuq.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from robuq.core.runtime import resolve_device
 from robuq.train.state import checkpoint_path, list_checkpoints, load_training_state, save_training_state
 
 

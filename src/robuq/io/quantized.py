@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 
-from robuq.io import save_tensors
+from robuq.core.files import save_tensors
 from robuq.models.checkpoint import CheckpointError, check_compatible, read_state_dict
 from robuq.models.dit import DiT, DiTConfig
-from robuq.quantize import QuantConfig, current_plan, quantize_
+from robuq.quantize.policy import QuantConfig, current_plan, quantize_
 
 
 def quantized_meta(model: DiT, config: QuantConfig) -> dict[str, Any]:

@@ -134,13 +134,13 @@ def _add_ampn(sub: argparse._SubParsersAction) -> None:
 
 def _run_ampn_sensitivity(args: argparse.Namespace) -> int:
     from robuq.ampn.pipeline import AMPNConfig, sensitivity_of
-    from robuq.sampling import default_teacher_path
+    from robuq.core.runtime import default_teacher_path
     from robuq.train.qat import QATConfig
 
     qat_config = QATConfig(data_dir=args.data_dir)
     ampn = AMPNConfig(calibration_images=args.calibration_images, seed=args.seed)
     result = sensitivity_of(args.model, args.teacher or default_teacher_path(), qat_config, ampn)
-    from robuq.io import atomic_write_text
+    from robuq.core.files import atomic_write_text
 
     atomic_write_text(args.out, json.dumps(result.to_dict(), indent=2) + "\n")
     print(f"baseline relative error {result.baseline_error:.5f}; wrote {args.out}")
@@ -189,7 +189,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from robuq.sampling import SampleConfig, sample_to_files
+    from robuq.sample.to_files import SampleConfig, sample_to_files
 
     paths = sample_to_files(_config_from(args, SampleConfig))
     for label, path in paths.items():
@@ -198,7 +198,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
-    from robuq.quantize import PRESETS
+    from robuq.quantize.presets import PRESETS
 
     p = sub.add_parser("quantize", help="apply a preset (and optional bit plan) to a checkpoint and save it")
     p.add_argument("--ckpt", default=None, help="full-precision model (default: the shipped teacher)")
@@ -211,10 +211,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from robuq.cost import cost_summary
-    from robuq.quantize import QuantConfig, load_plan, preset
-    from robuq.quantized_io import quantize_checkpoint
-    from robuq.sampling import default_teacher_path
+    from robuq.quantize.cost import cost_summary
+    from robuq.quantize.policy import QuantConfig, load_plan
+    from robuq.quantize.presets import preset
+    from robuq.io.quantized import quantize_checkpoint
+    from robuq.core.runtime import default_teacher_path
 
     config = QuantConfig.load(args.config) if args.config else preset(args.preset, args.act_bits)
     if args.plan:
@@ -233,9 +234,9 @@ def _add_summary(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_summary(args: argparse.Namespace) -> int:
-    from robuq.cost import cost_summary
-    from robuq.model_files import load_any
-    from robuq.sampling import default_teacher_path
+    from robuq.quantize.cost import cost_summary
+    from robuq.io.model_files import load_any
+    from robuq.core.runtime import default_teacher_path
 
     summary = cost_summary(load_any(args.path or default_teacher_path()))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
@@ -243,7 +244,7 @@ def _run_summary(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    from robuq.quickstart import QuickstartConfig
+    from robuq.cli.quickstart import QuickstartConfig
 
     p = sub.add_parser("run", help="the main job: RobuQ + AMPN on the shipped teacher, short QAT, grids and a summary")
     _add_config_arguments(p, QuickstartConfig)
@@ -252,7 +253,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    from robuq.quickstart import QuickstartConfig, run_quickstart
+    from robuq.cli.quickstart import QuickstartConfig, run_quickstart
 
     run_quickstart(_config_from(args, QuickstartConfig), progress=not args.no_progress)
     return 0
@@ -270,7 +271,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from robuq.deploy.export import export_model, file_report
-    from robuq.quantized_io import load_quantized
+    from robuq.io.quantized import load_quantized
 
     if args.model is None:
         raise ValueError("give the quantized model to export, e.g. runs/quickstart/ampn/final/model.safetensors")
@@ -282,7 +283,7 @@ def _run_export(args: argparse.Namespace) -> int:
         for kind, size in report["groups"].items():
             print(f"  {kind:<22} {size / 2**20:9.3f} MiB")
         print(f"  {report['ratio_fp32']:.1f}× smaller than the fp32 checkpoint, {report['ratio_fp16']:.1f}× smaller than fp16")
-        from robuq.cost import cost_summary
+        from robuq.quantize.cost import cost_summary
 
         print(cost_summary(model).format(per_module=False))
     return 0
@@ -306,7 +307,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _run_eval_metrics(args: argparse.Namespace) -> int:
     from robuq.eval.evaluate import EvalConfig, evaluate
-    from robuq.io import atomic_write_text
+    from robuq.core.files import atomic_write_text
 
     result = evaluate(_config_from(args, EvalConfig))
     text = json.dumps(result, indent=2)

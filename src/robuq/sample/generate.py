@@ -1,8 +1,7 @@
-"""Generate images from a DiT and write them for people (PNG grid) and for evaluators (ADM-style .npz)."""
+"""Generate images from a DiT, and turn them into pixels and grids people look at."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +10,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from robuq.diffusion.gaussian import create_diffusion
-from robuq.model_files import load_any
 from robuq.models.dit import DiT
-from robuq.train.distributed import resolve_device
-
-ASSETS = Path(__file__).parent / "assets"
-DEFAULT_TEACHER = ASSETS / "teacher-fmnist-dit-t4.safetensors"
-
-
-def default_teacher_path() -> Path:
-    """The Fashion-MNIST DiT-T/4 shipped with robuq, which every quantization experiment starts from."""
-    if not DEFAULT_TEACHER.is_file():
-        raise FileNotFoundError(f"the shipped teacher {DEFAULT_TEACHER} is missing; reinstall robuq or pass --ckpt")
-    return DEFAULT_TEACHER
-
 
 def guided(model: DiT, cfg_scale: float):
     """A denoiser ``f(x, t, y)`` that applies classifier-free guidance through ``model.forward_with_cfg``."""
@@ -97,35 +83,3 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int, scale: int = 2
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
     return path
-
-
-@dataclass
-class SampleConfig:
-    ckpt: str | None = None
-    out: str = "samples"
-    per_class: int = 8
-    num_samples: int | None = None
-    sampler: str = "ddpm"
-    steps: int = 100
-    cfg_scale: float = 1.5
-    seed: int = 0
-    batch_size: int = 100
-    device: str = "auto"
-
-
-def sample_to_files(config: SampleConfig) -> dict[str, Path]:
-    """Sample a model file and write ``grid.png`` (one row per class) and ``samples.npz`` (``arr_0``: uint8 NHWC)."""
-    model = load_any(config.ckpt or default_teacher_path()).to(resolve_device(config.device))
-    if model.num_classes > 0:
-        labels = torch.arange(model.num_classes).repeat_interleave(config.per_class)
-        columns = config.per_class
-    else:
-        labels, columns = None, 8
-    n = len(labels) if labels is not None else (config.num_samples or 64)
-    images = generate(model, labels, n, config.sampler, config.steps, config.cfg_scale, config.seed, config.batch_size)
-    pixels = to_uint8(images)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    npz = out / "samples.npz"
-    np.savez(npz, arr_0=pixels, labels=(labels.numpy() if labels is not None else np.zeros(n, dtype=np.int64)))
-    return {"grid": save_grid(pixels, out / "grid.png", columns), "npz": npz}

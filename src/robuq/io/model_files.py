@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 
 from robuq.deploy.export import load_exported
-from robuq.io import read_meta
+from robuq.core.files import read_meta
 from robuq.models.checkpoint import load_dit
 from robuq.models.dit import DiT
-from robuq.quantized_io import load_quantized
+from robuq.io.quantized import load_quantized
 
 
 def load_any(path: str | os.PathLike, map_location: str = "cpu") -> DiT:

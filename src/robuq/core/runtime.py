@@ -1,0 +1,31 @@
+"""Where robuq's shipped files live, and which device "auto" means: the few facts every layer asks for."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_TEACHER = ASSETS / "teacher-fmnist-dit-t4.safetensors"
+
+
+def default_teacher_path() -> Path:
+    """The Fashion-MNIST DiT-T/4 shipped with robuq, which every quantization experiment starts from."""
+    if not DEFAULT_TEACHER.is_file():
+        raise FileNotFoundError(f"the shipped teacher {DEFAULT_TEACHER} is missing; reinstall robuq or pass --ckpt")
+    return DEFAULT_TEACHER
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" means this rank's GPU when CUDA is available (``LOCAL_RANK`` under torchrun), else the CPU.
+
+    The device is returned, not made current: callers that want ``torch.cuda.set_device`` say so
+    themselves (the trainer does, inside a ``torch.cuda.device`` context).
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
