@@ -107,3 +107,22 @@ def test_dict_without_weights(tmp_path):
     torch.save({"step": torch.tensor(3), "note": "hi"}, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="holds no state_dict"):
         read_state_dict(tmp_path / "x.pt")
+
+
+def test_atomic_write_makes_ordinary_files_without_touching_the_umask(tmp_path, monkeypatch):
+    import os
+
+    from robuq.core.files import atomic_write_text
+
+    calls = []
+    real_umask = os.umask
+    previous = real_umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real_umask(mask))
+        path = atomic_write_text(tmp_path / "out" / "a.json", "{}\n")
+    finally:
+        monkeypatch.undo()
+        real_umask(previous)
+    assert calls == []  # the umask was neither read nor changed
+    assert (path.stat().st_mode & 0o777) == 0o640  # 0666 under the process's umask 027, as open() makes files
+    assert path.read_text() == "{}\n" and [p.name for p in path.parent.iterdir()] == ["a.json"]

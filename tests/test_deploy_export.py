@@ -121,10 +121,25 @@ def test_layers_with_full_precision_inputs_stay_float_in_an_integer_model(tmp_pa
 
 def test_retain_freed_memory_is_taken_by_glibc():
     import platform
+    import subprocess
+    import sys
 
-    from robuq.deploy.allocator import retain_freed_memory
-
-    taken = retain_freed_memory()
-    assert isinstance(taken, bool)
+    # In a child process: the setting lasts for the life of the process that takes it.
+    code = "from robuq.deploy.allocator import retain_freed_memory; print(retain_freed_memory())"
+    taken = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert taken in ("True", "False")
     if platform.libc_ver()[0] == "glibc":
-        assert taken
+        assert taken == "True"
+
+
+def test_load_exported_changes_the_allocator_only_when_asked(tmp_path, quantized, monkeypatch):
+    import robuq.deploy.export as export
+
+    calls = []
+    monkeypatch.setattr(export, "retain_freed_memory", lambda: calls.append(1))
+    path = export_model(*quantized, tmp_path / "m.safetensors")
+    load_exported(path)
+    robuq.load_any(path)
+    assert calls == []
+    load_exported(path, retain_memory=True)
+    assert calls == [1]

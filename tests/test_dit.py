@@ -134,3 +134,23 @@ def test_meta_skeleton_builds_shapes_without_initialising_only_on_its_thread():
     x = torch.zeros(1000)  # after the skeleton (left through an exception) initialisers work again
     torch.nn.init.normal_(x)
     assert x.std() > 0.5
+
+
+def test_meta_skeleton_leaves_torch_nn_init_as_it_found_it_and_skips_the_costly_import():
+    import subprocess
+    import sys
+
+    from robuq.models.skeleton import meta_skeleton
+
+    before = {name: getattr(torch.nn.init, name) for name in dir(torch.nn.init)}
+    with meta_skeleton():
+        model = DiT(tiny_config())
+    assert all(p.is_meta for p in model.parameters())
+    assert {name: getattr(torch.nn.init, name) for name in dir(torch.nn.init)} == before
+    # In a fresh process: building a skeleton must not pull in torch._dynamo through the meta initialisers.
+    code = ("import sys, torch\nfrom robuq.models.skeleton import meta_skeleton\nfrom robuq.models.dit import DiT, DiTConfig\n"
+            "loaded = 'torch._dynamo' in sys.modules\n"
+            "with meta_skeleton():\n    DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=48, depth=2, num_heads=2))\n"
+            "print(loaded, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1] == out[0], f"torch._dynamo loaded by the skeleton: {out}"

@@ -68,12 +68,13 @@ def format_plan(plan: dict) -> str:
 
 
 def plot_plan(plan: dict, path: str | Path) -> Path:
-    import matplotlib
+    # A Figure of its own, drawn by the Agg canvas: pyplot's global backend and figure list stay untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig = Figure(figsize=(8, 3.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     markers = {"qkv": "o", "proj": "s", "fc1": "^", "fc2": "v"}
     for i, role in enumerate(BLOCK_ROLES):
         points = sorted((int(n.split(".")[1]), b) for n, b in plan["bits"].items() if layer_role(n) == role)
@@ -86,5 +87,4 @@ def plot_plan(plan: dict, path: str | Path) -> Path:
     ax.legend(ncol=4, fontsize=8, loc="upper center")  # the top band stays free: bits never exceed 4
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +14,18 @@ from safetensors.torch import load_file, save_file, safe_open
 META_KEY = "robuq"
 
 
+def _new_temporary(path: Path) -> str:
+    """An empty file beside ``path``, created with mode 0666 so the process's umask shapes it like any
+    ordinary output (mkstemp's 0600 would need a chmod, and reading the umask means changing it)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return str(tmp)
+        except FileExistsError:
+            continue
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result over ``path`` only once it is complete on disk.
 
@@ -21,11 +33,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; robuq's outputs are ordinary files
+    tmp = _new_temporary(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

@@ -87,13 +87,14 @@ def _corrupt(path: Any, why: str) -> CheckpointError:
     return CheckpointError(f"{path} is not a usable robuq export: {why}. Re-export it with `robuq export`.")
 
 
-def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: bool = True) -> DiT:
+def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: bool = False) -> DiT:
     """An inference model from an exported file: block linears run on integer levels (``integer=True``)
     or as the fake-quantized float layers they were trained as.
 
-    ``retain_memory`` raises glibc's allocator thresholds for the process
+    ``retain_memory=True`` also raises glibc's allocator thresholds for the whole process
     (``robuq.deploy.allocator.retain_freed_memory``, which says why), so that inference temporaries
-    reuse memory instead of fresh pages.
+    reuse memory instead of fresh pages. It is off unless asked for: it changes how every later
+    allocation of the process behaves (``robuq sample`` asks for it; ``--no-retain-memory`` declines).
     """
     if retain_memory:
         retain_freed_memory()

@@ -98,7 +98,12 @@ def accuracy(model: FashionClassifier, images: torch.Tensor, labels: torch.Tenso
 
 def train_classifier(config: ClassifierTrainConfig, progress: bool = True) -> dict:
     """Train on the Fashion-MNIST training split, report test accuracy, save weights + JSON."""
-    torch.manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[]):  # seeded for the run, and the caller's RNG left as it was
+        torch.manual_seed(config.seed)
+        return _train_classifier(config, progress)
+
+
+def _train_classifier(config: ClassifierTrainConfig, progress: bool) -> dict:
     train_set = FashionMNIST("train", INPUT_SIZE, config.data_dir)
     test_set = FashionMNIST("test", INPUT_SIZE, config.data_dir)
     model = FashionClassifier(config.width)

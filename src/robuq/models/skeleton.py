@@ -1,37 +1,30 @@
-"""Build modules as shapes only: on the meta device, with PyTorch's initialisers switched off."""
+"""Build modules as shapes only: on the meta device, with their initialisers skipped."""
 from __future__ import annotations
 
 import contextlib
-import functools
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-_state = threading.local()
-_install_lock = threading.Lock()
-_installed = False
-
-
-def _skippable(init: Callable) -> Callable:
-    @functools.wraps(init)
-    def wrapper(tensor, *args, **kwargs):
-        if getattr(_state, "depth", 0):
-            return tensor
-        return init(tensor, *args, **kwargs)
-
-    return wrapper
+# Everything a module's reset_parameters may call to fill a tensor: torch.nn.init's functions (each
+# dispatches through __torch_function__) and the in-place random and fill methods they use.
+_INITIALISERS = frozenset(getattr(torch.nn.init, n) for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_"))
+_FILL_METHODS = frozenset({"uniform_", "normal_", "zero_", "fill_", "erfinv_", "exponential_", "random_", "bernoulli_",
+                           "log_normal_", "cauchy_", "geometric_"})
 
 
-def _install() -> None:
-    """Wrap every public ``torch.nn.init`` function once: the wrappers skip only inside a skeleton on the
-    calling thread, so other threads building real modules meanwhile are initialised as usual."""
-    global _installed
-    with _install_lock:
-        if not _installed:
-            for name in [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]:
-                setattr(torch.nn.init, name, _skippable(getattr(torch.nn.init, name)))
-            _installed = True
+class _SkipInitialisers(TorchFunctionMode):
+    """Returns meta tensors unchanged instead of initialising them (other calls pass through)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes its tensor by keyword
+        if isinstance(target, torch.Tensor) and target.is_meta and (
+            func in _INITIALISERS or getattr(func, "__name__", None) in _FILL_METHODS
+        ):
+            return target
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -41,11 +34,8 @@ def meta_skeleton() -> Iterator[None]:
     Their values come from somewhere else (a file, or nowhere: counting parameters). Skipping the
     initialisers matters beyond time: on meta tensors ``normal_`` and friends go through ``torch._refs``,
     whose first call imports ``torch._dynamo`` — about 150 MB of resident memory for an inference process.
+    Torch-function modes are per thread and leave ``torch.nn.init`` itself untouched, so other threads,
+    and this one after the block, initialise as usual.
     """
-    _install()
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        _state.depth -= 1
+    with _SkipInitialisers(), torch.device("meta"):
+        yield

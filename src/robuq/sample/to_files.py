@@ -24,11 +24,13 @@ class SampleConfig:
     seed: int = 0
     batch_size: int = 100
     device: str = "auto"
+    retain_memory: bool = True  # exported models: keep freed memory in the process (see load_exported)
 
 
 def sample_to_files(config: SampleConfig) -> dict[str, Path]:
     """Sample a model file and write ``grid.png`` (one row per class) and ``samples.npz`` (``arr_0``: uint8 NHWC)."""
-    model = load_any(config.ckpt or default_teacher_path()).to(resolve_device(config.device))
+    model = load_any(config.ckpt or default_teacher_path(), retain_memory=config.retain_memory)
+    model = model.to(resolve_device(config.device))
     if model.num_classes > 0:
         labels = torch.arange(model.num_classes).repeat_interleave(config.per_class)
         columns = config.per_class

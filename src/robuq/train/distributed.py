@@ -13,6 +13,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # robuq created the process group, so robuq destroys it
 
     @property
     def is_main(self) -> bool:
@@ -24,13 +25,20 @@ class DistInfo:
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group torchrun describes in the environment; a no-op for a single process."""
+    """Join the process group torchrun describes in the environment; a no-op for a single process.
+
+    A group the caller already created is used as it is (and left to the caller to destroy)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    owns = not dist.is_initialized()
+    if owns:
+        if device.type == "cuda":  # binds NCCL's communicator to this rank's GPU
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
 
 
 def barrier(info: DistInfo) -> None:
@@ -39,17 +47,6 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """Destroy the process group if ``init_distributed`` created it."""
+    if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def resolve_device(name: str = "auto", info: DistInfo | None = None) -> torch.device:
-    """"auto" means the rank's GPU when CUDA is available, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device

@@ -24,7 +24,7 @@ from robuq.quant.linear import QuantLinear
 from robuq.quantize.policy import QuantConfig, load_plan, quantize_
 from robuq.quantize.presets import preset
 from robuq.io.quantized import quantized_meta
-from robuq.train.trainer import TrainConfig, train
+from robuq.train.trainer import TrainConfig, label_drops, train
 
 LOSSES = ("diffusion", "distill", "mix")
 
@@ -81,8 +81,7 @@ def qat_objective(diffusion: GaussianDiffusion, teacher: DiT, loss: str, distill
         x_t = diffusion.q_sample(x, t, noise)
         kwargs = {}
         if y is not None:
-            drop = (torch.rand(n, generator=generator) < teacher.y_embedder.dropout_prob).long().to(x.device)
-            kwargs = {"y": y, "force_drop_ids": drop}
+            kwargs = {"y": y, "force_drop_ids": label_drops(n, teacher.y_embedder.dropout_prob, generator, x.device)}
         out = model(x_t, t, **kwargs)
         terms: dict[str, torch.Tensor] = {}
         if loss in ("diffusion", "mix"):
@@ -141,8 +140,9 @@ def qat(config: QATConfig, resume: bool = False, until: int | None = None, progr
     )
     config.validate()
     quantization = config.quantization()
-    torch.manual_seed(config.seed)
-    student = build_student(teacher, quantization, config.freeze_fp)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # anything random in building the student is part of the run
+        student = build_student(teacher, quantization, config.freeze_fp)
     if config.init_student:
         load_student_weights(student, config.init_student)
     dataset = build_dataset(config.data, size, config.data_dir, config.conditional, channels=config.channels)

@@ -2,11 +2,13 @@
 
 Exactness comes from construction rather than from saving RNG streams: the data order of every epoch
 is a permutation seeded by (seed, epoch), and all randomness of step k (timesteps, noise, label
-dropout) is drawn after reseeding with (seed, k, rank). A run stopped at step k and resumed is therefore
-the same computation as one that never stopped.
+dropout) is drawn from a generator seeded with (seed, k, rank). A run stopped at step k and resumed is
+therefore the same computation as one that never stopped. Randomness a model draws from the global
+RNG is seeded the same way inside ``torch.random.fork_rng``, so the caller's RNG is left as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -134,13 +136,19 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-def diffusion_objective(diffusion: GaussianDiffusion) -> Callable[..., dict[str, torch.Tensor]]:
-    """The plain DiT loss: per-sample hybrid (or MSE) loss at random timesteps."""
+def label_drops(n: int, probability: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Which of n labels classifier-free-guidance training replaces by the null class (1) this step."""
+    return (torch.rand(n, generator=generator) < probability).long().to(device)
+
+
+def diffusion_objective(diffusion: GaussianDiffusion, label_dropout: float = 0.0) -> Callable[..., dict[str, torch.Tensor]]:
+    """The plain DiT loss: per-sample hybrid (or MSE) loss at random timesteps, labels dropped with
+    probability ``label_dropout`` (the model's own class_dropout_prob)."""
 
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator) -> dict:
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=generator).to(x.device)
         noise = torch.randn(x.shape, generator=generator).to(x.device)
-        kwargs = {} if y is None else {"y": y}
+        kwargs = {} if y is None else {"y": y, "force_drop_ids": label_drops(len(y), label_dropout, generator, x.device)}
         return diffusion.training_losses(model, x, t, noise, model_kwargs=kwargs)
 
     return objective
@@ -204,8 +212,11 @@ def train(
     """
     device = resolve_device(config.device)
     info = init_distributed(device)
+    # The rank's GPU is current only while the loop runs (NCCL and autocast use the current device).
+    current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        return _train(config, resume, until, model, objective, extra_meta or {}, progress, probe, dataset, device, info)
+        with current:
+            return _train(config, resume, until, model, objective, extra_meta or {}, progress, probe, dataset, device, info)
     finally:
         shutdown(info)
 
@@ -217,13 +228,16 @@ def _train(config, resume, until, model, objective, extra_meta, progress, probe,
         dataset = build_dataset(config.data, config.input_size, config.data_dir, config.conditional, channels=config.channels)
     num_classes = dataset.num_classes if config.conditional else 0
     if model is None:
-        torch.manual_seed(config.seed)  # the initial weights are part of the run's reproducible state
-        model = build_model(config, dataset.in_channels, num_classes)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # the initial weights are part of the run's reproducible state
+            model = build_model(config, dataset.in_channels, num_classes)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    objective = objective or diffusion_objective(create_diffusion(learn_sigma=config.learn_sigma))
+    if objective is None:
+        dropout = model.y_embedder.dropout_prob if getattr(model, "y_embedder", None) is not None else 0.0
+        objective = diffusion_objective(create_diffusion(learn_sigma=config.learn_sigma), dropout)
     meta = {"train_config": config.to_dict(), "model_config": model.config.to_dict(), **extra_meta}
 
     start = 0
@@ -247,18 +261,22 @@ def _train(config, resume, until, model, objective, extra_meta, progress, probe,
     model.train()
     bar = tqdm(range(start, stop), initial=start, total=stop, desc="train", disable=not (progress and info.is_main), dynamic_ncols=True)
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+    rng_devices = [device] if device.type == "cuda" else []
     for step in bar:
-        torch.manual_seed(step_seed(config.seed, step, info.rank))  # label dropout and any module randomness
         generator = torch.Generator().manual_seed(step_seed(config.seed, step, info.rank))
         idx = batches.indices(step)
         x = dataset.images[idx].to(device)
         y = dataset.labels[idx].to(device) if num_classes > 0 else None
 
-        losses = objective(net, x, y, generator)
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(step_seed(config.seed, step, info.rank))  # any randomness of the model's own
+            losses = objective(net, x, y, generator)
         loss = losses["loss"].mean()
         if not torch.isfinite(loss):
             def rerun() -> object:
-                return objective(model, x, y, torch.Generator().manual_seed(step_seed(config.seed, step, info.rank)))
+                with torch.random.fork_rng(devices=rng_devices):
+                    torch.manual_seed(step_seed(config.seed, step, info.rank))
+                    return objective(model, x, y, torch.Generator().manual_seed(step_seed(config.seed, step, info.rank)))
 
             where = first_nonfinite_module(model, rerun)
             origin = f", first in module {where!r}" if where else ""

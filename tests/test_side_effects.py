@@ -1,0 +1,53 @@
+"""robuq's library calls leave the process as they found it: global RNG, process groups, matplotlib,
+the environment (kernels, allocator, torch.nn.init and the umask have tests beside their modules)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from robuq.train.distributed import init_distributed, shutdown
+from robuq.train.trainer import train
+
+from test_train import small_config
+
+
+def test_training_leaves_the_global_rng_and_environment_as_it_found_them(tmp_path, fmnist_dir):
+    torch.manual_seed(1234)
+    state, environ = torch.get_rng_state(), dict(os.environ)
+    train(small_config(tmp_path / "run", fmnist_dir, steps=2, ckpt_every=2), progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    # PyTorch's own lazily imported parts may note their cache folders (TORCHINDUCTOR_CACHE_DIR); robuq sets nothing.
+    changed = {k for k in set(os.environ) ^ set(environ) | {k for k in environ if os.environ.get(k) != environ[k]}}
+    assert {k for k in changed if not k.startswith("TORCH")} == set()
+
+
+def test_a_process_group_the_caller_made_is_used_and_left_alone(tmp_path, monkeypatch):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: robuq must look for a group
+        info = init_distributed(torch.device("cpu"))
+        assert not info.owns_group
+        shutdown(info)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plan_figures_leave_pyplot_alone(tmp_path):
+    import sys
+
+    matplotlib = pytest.importorskip("matplotlib")
+    from robuq.ampn.plan import plot_plan
+
+    backend = matplotlib.rcParams["backend"]
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    plan = {"bits": {"blocks.0.attn.qkv": 2, "blocks.0.mlp.fc2": 3}, "budget": 2.5, "weighting": "plain",
+            "average_plain": 2.5, "average_macs": 2.5}
+    path = plot_plan(plan, tmp_path / "plan.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.rcParams["backend"] == backend
+    assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
