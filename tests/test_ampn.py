@@ -9,7 +9,7 @@ from robuq.ampn.sensitivity import Sensitivity, block_layers, measure_sensitivit
 from robuq.train.calibration import calibration_batch
 from robuq.cli import main
 from robuq.core.files import save_tensors
-from robuq.quantize import current_plan, load_plan, preset, quantize_
+from robuq.quantize import BitPlan, current_plan, load_plan, preset, quantize_
 from robuq.io.quantized import load_quantized
 from robuq.train.qat import QATConfig, build_student
 
@@ -58,12 +58,13 @@ def test_plan_round_trip_and_figure(tmp_path, student_and_batch, tiny_dit):
     sensitivity = Sensitivity.from_dict(json.loads(json.dumps(measure_sensitivity(student, batch, progress=False).to_dict())))
     for weighting in ("plain", "macs"):
         plan = plan_from_sensitivity(sensitivity, 2.5, weighting)
-        assert (plan["average_plain"] if weighting == "plain" else plan["average_macs"]) <= 2.5 + 1e-9
+        assert (plan.average_plain if weighting == "plain" else plan.average_macs) <= 2.5 + 1e-9
         path = write_plan(plan, tmp_path / f"plan-{weighting}.json")
         assert path.with_suffix(".png").stat().st_size > 0
+        assert BitPlan.load(path) == plan  # the typed plan survives its file
         model = quantize_(tiny_dit.__class__(tiny_dit.config), preset("robuq", act_bits=4), plan=load_plan(path))
-        assert {n: b for n, b in current_plan(model).items() if n in plan["bits"]} == plan["bits"]
-        assert set(role_averages(plan["bits"])) == {"qkv", "proj", "fc1", "fc2"}
+        assert {n: b for n, b in current_plan(model).items() if n in plan.bits} == plan.bits
+        assert set(role_averages(plan.bits)) == {"qkv", "proj", "fc1", "fc2"}
 
 
 def test_cli_allocate(tmp_path, student_and_batch, capsys):
@@ -81,7 +82,7 @@ def test_ampn_run_end_to_end(tmp_path, tiny_dit, fmnist_dir):
     teacher = str(save_tensors(tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}))
     config = QATConfig(teacher=teacher, data_dir=str(fmnist_dir), out_dir=str(tmp_path / "ampn"), steps=2, global_batch_size=8,
                        log_every=1, ckpt_every=2, probe_every=2, probe_images=4, warmup_steps=1, device="cpu")
-    final = ampn_run(config, AMPNConfig(budget=2.0, warmup_qat_steps=2, calibration_images=8), progress=False)
+    final = ampn_run(AMPNConfig(qat=config, budget=2.0, warmup_qat_steps=2, calibration_images=8), progress=False)
     plan = json.loads((tmp_path / "ampn" / "plan.json").read_text())
     assert plan["average_plain"] <= 2.0 and (tmp_path / "ampn" / "plan.png").is_file()
     model, _ = load_quantized(final / "model.safetensors")
@@ -89,5 +90,5 @@ def test_ampn_run_end_to_end(tmp_path, tiny_dit, fmnist_dir):
     assert json.loads((final / "config.json").read_text())["init_student"].endswith("warmup/model.safetensors")
     # A second call finds every stage done and changes nothing.
     before = (final / "model.safetensors").stat().st_mtime_ns
-    ampn_run(config, AMPNConfig(budget=2.0, warmup_qat_steps=2, calibration_images=8), progress=False)
+    ampn_run(AMPNConfig(qat=config, budget=2.0, warmup_qat_steps=2, calibration_images=8), progress=False)
     assert (final / "model.safetensors").stat().st_mtime_ns == before

@@ -101,9 +101,22 @@ def test_cost_summary_of_an_exported_model_matches_its_training_model(tmp_path, 
     from robuq.quantize.cost import cost_summary
 
     model, config = quantized
-    exported = load_exported(export_model(model, config, tmp_path / "m.safetensors"))
-    a, b = cost_summary(model), cost_summary(exported)
-    assert b.bops == pytest.approx(a.bops) and b.macs == a.macs
+    path = export_model(model, config, tmp_path / "m.safetensors")
+    a = cost_summary(model)
+    for integer in (True, False):
+        b = cost_summary(load_exported(path, integer=integer))
+        assert b.bops == pytest.approx(a.bops) and b.macs == a.macs
+        weights = {m.name: m.weight for m in b.modules if m.name.startswith("blocks.") and m.name.endswith(("qkv", "proj", "fc1", "fc2"))}
+        assert weights and set(weights.values()) == {"ternary"}, weights
+    assert cost_summary(load_exported(path, integer=False)).weight_storage_bits == pytest.approx(a.weight_storage_bits)
+
+
+def test_a_plan_updates_the_layer_configs_it_changes(quantized):
+    model, _ = quantized
+    layer = model.get_submodule("blocks.1.attn.qkv")
+    assert layer.act_bits == layer.config.act_bits == 1
+    robuq.quantize.apply_plan(model, {"blocks.1.attn.qkv": 3})
+    assert layer.act_bits == layer.config.act_bits == 3
 
 
 def test_layers_with_full_precision_inputs_stay_float_in_an_integer_model(tmp_path, tiny_dit):

@@ -1,12 +1,11 @@
 """Bit plans as files people read: the per-layer bits, both averages, a per-layer-type table, a figure."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from robuq.ampn.allocate import Allocation, allocate_bits
 from robuq.ampn.sensitivity import Sensitivity, layer_role
-from robuq.core.files import atomic_write_text
+from robuq.quantize.plan import BitPlan
 from robuq.quantize.policy import BLOCK_ROLES
 
 # METHOD.md §7: average bits per layer type of the paper's DiT-XL/2 allocation, for comparison.
@@ -26,8 +25,8 @@ def role_averages(bits: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def plan_from_sensitivity(sensitivity: Sensitivity, budget: float, weighting: str = "plain") -> dict:
-    """Allocate and return the plan document (``bits`` plus everything needed to judge it)."""
+def plan_from_sensitivity(sensitivity: Sensitivity, budget: float, weighting: str = "plain") -> BitPlan:
+    """Allocate, and return the plan with everything needed to judge it."""
     if weighting not in ("plain", "macs"):
         raise ValueError(f"weighting must be 'plain' or 'macs', not {weighting!r}")
     if weighting == "macs" and set(sensitivity.macs) != set(sensitivity.table):
@@ -38,36 +37,35 @@ def plan_from_sensitivity(sensitivity: Sensitivity, budget: float, weighting: st
     macs = sensitivity.macs or {n: 1 for n in allocation.bits}
     mac_average = sum(allocation.bits[n] * macs[n] for n in allocation.bits) / sum(macs[n] for n in allocation.bits)
     paper = PAPER_ROLE_AVERAGES.get(int(budget)) if float(budget).is_integer() else None
-    return {
-        "bits": allocation.bits, "budget": budget, "weighting": weighting, "objective": allocation.objective,
-        "average_plain": allocation.average_plain, "average_macs": mac_average,
-        "role_averages": role_averages(allocation.bits), "paper_role_averages_dit_xl2": paper,
-    }
+    return BitPlan(
+        bits=allocation.bits, budget=budget, weighting=weighting, objective=allocation.objective,
+        average_plain=allocation.average_plain, average_macs=mac_average, role_averages=role_averages(allocation.bits),
+        paper_role_averages_dit_xl2=paper,
+    )
 
 
-def write_plan(plan: dict, path: str | Path, figure: bool = True) -> Path:
+def write_plan(plan: BitPlan, path: str | Path, figure: bool = True) -> Path:
     """Write the plan JSON (and its figure beside it as .png)."""
-    path = Path(path)
-    atomic_write_text(path, json.dumps(plan, indent=2) + "\n")
+    path = plan.save(path)
     if figure:
         plot_plan(plan, path.with_suffix(".png"))
     return path
 
 
-def format_plan(plan: dict) -> str:
+def format_plan(plan: BitPlan) -> str:
     """A few lines a person reads: budget, achieved averages, bits per layer type beside the paper's."""
+    paper = plan.paper_role_averages_dit_xl2
     lines = [
-        f"budget {plan['budget']} bits ({plan['weighting']} average): achieved {plan['average_plain']:.3f} plain, "
-        f"{plan['average_macs']:.3f} MAC-weighted; summed sensitivity {plan['objective']:.5f}",
-        f"{'layer type':<10} {'bits':>6}" + (f" {'paper (DiT-XL/2)':>17}" if plan.get("paper_role_averages_dit_xl2") else ""),
+        f"budget {plan.budget} bits ({plan.weighting} average): achieved {plan.average_plain:.3f} plain, "
+        f"{plan.average_macs:.3f} MAC-weighted; summed sensitivity {plan.objective:.5f}",
+        f"{'layer type':<10} {'bits':>6}" + (f" {'paper (DiT-XL/2)':>17}" if paper else ""),
     ]
-    for role, avg in plan["role_averages"].items():
-        paper = plan.get("paper_role_averages_dit_xl2")
+    for role, avg in plan.role_averages.items():
         lines.append(f"{role:<10} {avg:>6.2f}" + (f" {paper[role]:>17.2f}" if paper else ""))
     return "\n".join(lines)
 
 
-def plot_plan(plan: dict, path: str | Path) -> Path:
+def plot_plan(plan: BitPlan, path: str | Path) -> Path:
     # A Figure of its own, drawn by the Agg canvas: pyplot's global backend and figure list stay untouched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -77,12 +75,12 @@ def plot_plan(plan: dict, path: str | Path) -> Path:
     ax = fig.subplots()
     markers = {"qkv": "o", "proj": "s", "fc1": "^", "fc2": "v"}
     for i, role in enumerate(BLOCK_ROLES):
-        points = sorted((int(n.split(".")[1]), b) for n, b in plan["bits"].items() if layer_role(n) == role)
+        points = sorted((int(n.split(".")[1]), b) for n, b in plan.bits.items() if layer_role(n) == role)
         if points:
             depth, bits = zip(*points)
             ax.plot([d + (i - 1.5) * 0.08 for d in depth], bits, marker=markers[role], linestyle="-", alpha=0.8, label=role)
     ax.set(xlabel="block", ylabel="activation bits", yticks=[1, 2, 3, 4],
-           title=f"AMPN plan: budget {plan['budget']} ({plan['weighting']}), achieved {plan['average_plain']:.2f} plain / {plan['average_macs']:.2f} MAC-weighted")
+           title=f"AMPN plan: budget {plan.budget} ({plan.weighting}), achieved {plan.average_plain:.2f} plain / {plan.average_macs:.2f} MAC-weighted")
     ax.set_ylim(0.5, 4.9)
     ax.legend(ncol=4, fontsize=8, loc="upper center")  # the top band stays free: bits never exceed 4
     fig.tight_layout()

@@ -1,85 +1,92 @@
-"""The ``robuq`` command: each subcommand parses its arguments and calls one library function."""
+"""The ``robuq`` command: each subcommand parses its arguments and calls one library function.
+
+Options come from the job's config dataclass (``robuq.cli.options``), so the library and the command
+line share one set of defaults and help texts. Errors robuq raises on purpose (bad input, a bad plan,
+a missing file) print as one line; anything else is a bug and keeps its traceback (``--debug`` shows
+the traceback of every error).
+"""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
+import traceback
+from pathlib import Path
 from typing import Sequence
 
+import robuq
+from robuq.cli.options import add_config_arguments, config_from_args
 
-def _add_config_arguments(
-    p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), overrides: dict | None = None
-) -> None:
-    """One --flag per field of a config dataclass, typed and defaulted from the dataclass (or ``overrides``)."""
-    defaults = dataclasses.replace(cls(), **(overrides or {}))
-    for field in dataclasses.fields(cls):
-        if field.name in skip:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            declared = str(field.type)  # "int | None" and the like, from the dataclass annotation
-            kind = type(default) if default is not None else int if declared.startswith("int") else float if declared.startswith("float") else str
-            p.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
+_PACKAGE = Path(robuq.__file__).resolve().parent
 
 
 def _add_run_control(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.add_argument("--until", type=int, default=None, help="stop at this step (the schedule still spans --steps)")
-    p.add_argument("--no-progress", action="store_true")
+    _add_no_progress(p)
 
 
-def _config_from(args: argparse.Namespace, cls: type):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+def _add_no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    from robuq.train.trainer import TrainConfig
+def _job(sub: argparse._SubParsersAction, name: str, help: str, config: type, run, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A subcommand whose options are ``config``'s fields; ``run(config, args)`` does the work."""
+    p = sub.add_parser(name, help=help, description=help)
+    add_config_arguments(p, config, skip)
+    p.set_defaults(func=lambda args: run(config_from_args(args, config), args))
+    return p
 
-    p = sub.add_parser("train", help="train a full-precision DiT (single process or under torchrun)")
-    _add_config_arguments(p, TrainConfig)
-    _add_run_control(p)
-    p.set_defaults(func=_run_train)
 
+# ---------------------------------------------------------------- training
 
-def _run_train(args: argparse.Namespace) -> int:
-    from robuq.train.trainer import TrainConfig, train
+def _run_train(config, args) -> int:
+    from robuq.train.trainer import train
 
-    out = train(_config_from(args, TrainConfig), resume=args.resume, until=args.until, progress=not args.no_progress)
-    print(f"wrote {out}")
+    print(f"wrote {train(config, resume=args.resume, until=args.until, progress=not args.no_progress)}")
     return 0
 
 
-def _add_qat(sub: argparse._SubParsersAction) -> None:
-    from robuq.train.qat import QATConfig
+def _run_qat(config, args) -> int:
+    from robuq.train.qat import qat
 
-    p = sub.add_parser("qat", help="quantize a full-precision DiT (default: the shipped teacher) and train it")
-    # The teacher fixes these; offering them as flags would only invite contradictions.
-    _add_config_arguments(p, QATConfig, skip=_QAT_FIXED_BY_TEACHER)
-    _add_run_control(p)
-    p.set_defaults(func=_run_qat)
-
-
-def _run_qat(args: argparse.Namespace) -> int:
-    from robuq.train.qat import QATConfig, qat
-
-    out = qat(_config_from(args, QATConfig), resume=args.resume, until=args.until, progress=not args.no_progress)
-    print(f"wrote {out}")
+    print(f"wrote {qat(config, resume=args.resume, until=args.until, progress=not args.no_progress)}")
     return 0
 
 
-def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the DiT configurations with parameters and GFLOPs")
-    p.add_argument("--input-size", type=int, default=32, help="latent (or image) side length (default: 32)")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--in-channels", type=int, default=4)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_run_models)
+def _run_ampn_sensitivity(config, args) -> int:
+    from robuq.ampn.pipeline import write_sensitivity
 
+    result = write_sensitivity(config, progress=not args.no_progress)
+    print(f"baseline relative error {result.baseline_error:.5f}; wrote {config.out}")
+    return 0
+
+
+def _run_ampn_allocate(config, args) -> int:
+    from robuq.ampn.pipeline import allocate_from_file
+    from robuq.ampn.plan import format_plan
+
+    plan, path = allocate_from_file(config)
+    print(format_plan(plan))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def _run_ampn_run(config, args) -> int:
+    from robuq.ampn.pipeline import ampn_run
+
+    print(f"wrote {ampn_run(config, progress=not args.no_progress)}")
+    return 0
+
+
+def _run_quickstart(config, args) -> int:
+    from robuq.cli.quickstart import run_quickstart
+
+    run_quickstart(config, progress=not args.no_progress)
+    return 0
+
+
+# ---------------------------------------------------------------- models and files
 
 def _run_models(args: argparse.Namespace) -> int:
     from robuq.models.summary import model_table
@@ -98,247 +105,130 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-_QAT_FIXED_BY_TEACHER = ("model", "input_size", "conditional", "learn_sigma", "init_from")
+def _run_sample(config, args) -> int:
+    from robuq.sample.to_files import sample_to_files
 
-
-def _add_ampn(sub: argparse._SubParsersAction) -> None:
-    from robuq.ampn.pipeline import AMPNConfig
-    from robuq.train.qat import QATConfig
-
-    p = sub.add_parser("ampn", help="activation mixed precision: sensitivities, bit allocation, the whole pipeline")
-    steps = p.add_subparsers(dest="ampn_command", required=True)
-
-    s = steps.add_parser("sensitivity", help="per-layer sensitivity of a quantized model to its activation bits")
-    s.add_argument("--model", required=True, help="quantized model file (e.g. after ~1,000 QAT steps)")
-    s.add_argument("--teacher", default=None, help="full-precision teacher (default: the shipped teacher)")
-    s.add_argument("--data-dir", default=None)
-    s.add_argument("--calibration-images", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="sensitivity.json")
-    s.set_defaults(func=_run_ampn_sensitivity)
-
-    a = steps.add_parser("allocate", help="exact DP allocation of per-layer bits under an average-bit budget")
-    a.add_argument("--sensitivity", required=True, help="JSON from `robuq ampn sensitivity`")
-    a.add_argument("--budget", type=float, default=3.0)
-    a.add_argument("--weighting", choices=("plain", "macs"), default="plain")
-    a.add_argument("--out", default="plan.json", help="plan JSON; the figure goes beside it as .png")
-    a.set_defaults(func=_run_ampn_allocate)
-
-    r = steps.add_parser("run", help="warm-up QAT, sensitivity, allocation, QAT with the plan")
-    _add_config_arguments(r, QATConfig, skip=_QAT_FIXED_BY_TEACHER + ("plan", "init_student", "act_bits"),
-                          overrides={"out_dir": "runs/ampn"})
-    _add_config_arguments(r, AMPNConfig, skip=("seed",))
-    r.add_argument("--no-progress", action="store_true")
-    r.set_defaults(func=_run_ampn_run)
-
-
-def _run_ampn_sensitivity(args: argparse.Namespace) -> int:
-    from robuq.ampn.pipeline import AMPNConfig, sensitivity_of
-    from robuq.core.runtime import default_teacher_path
-    from robuq.train.qat import QATConfig
-
-    qat_config = QATConfig(data_dir=args.data_dir)
-    ampn = AMPNConfig(calibration_images=args.calibration_images, seed=args.seed)
-    result = sensitivity_of(args.model, args.teacher or default_teacher_path(), qat_config, ampn)
-    from robuq.core.files import atomic_write_text
-
-    atomic_write_text(args.out, json.dumps(result.to_dict(), indent=2) + "\n")
-    print(f"baseline relative error {result.baseline_error:.5f}; wrote {args.out}")
-    return 0
-
-
-def _run_ampn_allocate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from robuq.ampn.plan import format_plan, plan_from_sensitivity, write_plan
-    from robuq.ampn.sensitivity import Sensitivity
-
-    try:
-        sensitivity = Sensitivity.from_dict(json.loads(Path(args.sensitivity).read_text()))
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
-        raise ValueError(f"cannot read sensitivities from {args.sensitivity}: {exc}") from exc
-    plan = plan_from_sensitivity(sensitivity, args.budget, args.weighting)
-    path = write_plan(plan, args.out)
-    print(format_plan(plan))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
-    return 0
-
-
-def _run_ampn_run(args: argparse.Namespace) -> int:
-    from robuq.ampn.pipeline import AMPNConfig, ampn_run
-    from robuq.train.qat import QATConfig
-
-    out = ampn_run(_config_from(args, QATConfig), _config_from(args, AMPNConfig), progress=not args.no_progress)
-    print(f"wrote {out}")
-    return 0
-
-
-def _add_sample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="generate images: a PNG grid (a row per class) and an ADM-style .npz")
-    p.add_argument("--ckpt", default=None, help="model file (default: the teacher shipped with robuq)")
-    p.add_argument("--out", default="samples", help="output folder (default: samples)")
-    p.add_argument("--per-class", type=int, default=8, help="images per class (default: 8)")
-    p.add_argument("--num-samples", type=int, default=None, help="unconditional models: how many images")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    p.add_argument("--steps", type=int, default=100, help="respaced sampling steps (default: 100)")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance (1 = none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_run_sample)
-
-
-def _run_sample(args: argparse.Namespace) -> int:
-    from robuq.sample.to_files import SampleConfig, sample_to_files
-
-    paths = sample_to_files(_config_from(args, SampleConfig))
-    for label, path in paths.items():
+    for label, path in sample_to_files(config).items():
         print(f"{label}: {path}")
     return 0
 
 
-def _add_quantize(sub: argparse._SubParsersAction) -> None:
-    from robuq.quantize.presets import PRESETS
-
-    p = sub.add_parser("quantize", help="apply a preset (and optional bit plan) to a checkpoint and save it")
-    p.add_argument("--ckpt", default=None, help="full-precision model (default: the shipped teacher)")
-    p.add_argument("--preset", choices=PRESETS, default="robuq")
-    p.add_argument("--act-bits", type=int, default=4, help="activation bits of the block linears (default: 4)")
-    p.add_argument("--plan", default=None, help="per-layer activation bits (JSON), e.g. from robuq ampn allocate")
-    p.add_argument("--config", default=None, help="a policy file (YAML/JSON) instead of --preset")
-    p.add_argument("--out", default="quantized.safetensors")
-    p.set_defaults(func=_run_quantize)
-
-
-def _run_quantize(args: argparse.Namespace) -> int:
-    from robuq.quantize.cost import cost_summary
-    from robuq.quantize.policy import QuantConfig, load_plan
-    from robuq.quantize.presets import preset
+def _run_quantize(config, args) -> int:
     from robuq.io.quantized import quantize_checkpoint
-    from robuq.core.runtime import default_teacher_path
 
-    config = QuantConfig.load(args.config) if args.config else preset(args.preset, args.act_bits)
-    if args.plan:
-        config.plan = load_plan(args.plan)
-    model, path = quantize_checkpoint(args.ckpt or default_teacher_path(), config, args.out)
-    print(cost_summary(model).format(per_module=False))
+    model, path = quantize_checkpoint(config)
+    print(robuq.cost_summary(model).format(per_module=False))
     print(f"wrote {path}")
     return 0
 
 
-def _add_summary(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("summary", help="per-module quantizers, bits, MACs and BOPs of a model file")
-    p.add_argument("path", nargs="?", default=None, help="model file (default: the shipped teacher)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_run_summary)
-
-
 def _run_summary(args: argparse.Namespace) -> int:
-    from robuq.quantize.cost import cost_summary
-    from robuq.io.model_files import load_any
     from robuq.core.runtime import default_teacher_path
 
-    summary = cost_summary(load_any(args.path or default_teacher_path()))
+    summary = robuq.cost_summary(robuq.load_any(args.path or default_teacher_path()))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
     return 0
 
 
-def _add_run(sub: argparse._SubParsersAction) -> None:
-    from robuq.cli.quickstart import QuickstartConfig
+def _run_export(config, args) -> int:
+    from robuq.deploy.export import file_report
+    from robuq.io.model_files import export_file
 
-    p = sub.add_parser("run", help="the main job: RobuQ + AMPN on the shipped teacher, short QAT, grids and a summary")
-    _add_config_arguments(p, QuickstartConfig)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run_run)
-
-
-def _run_run(args: argparse.Namespace) -> int:
-    from robuq.cli.quickstart import QuickstartConfig, run_quickstart
-
-    run_quickstart(_config_from(args, QuickstartConfig), progress=not args.no_progress)
-    return 0
-
-
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a quantized model as a compact file (packed weights) for inference")
-    p.add_argument("model", nargs="?", default=None, help="quantized model file (from qat, quantize or ampn run)")
-    p.add_argument("--out", default="model.robuq.safetensors")
-    p.add_argument("--packing", choices=("ternary-2bit", "ternary-trits"), default="ternary-2bit")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="full-precision parts (default fp16)")
-    p.add_argument("--report", action="store_true", help="print the file's size by kind of tensor and vs fp32/fp16")
-    p.set_defaults(func=_run_export)
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    from robuq.deploy.export import export_model, file_report
-    from robuq.io.quantized import load_quantized
-
-    if args.model is None:
-        raise ValueError("give the quantized model to export, e.g. runs/quickstart/ampn/final/model.safetensors")
-    model, config = load_quantized(args.model)
-    path = export_model(model, config, args.out, args.packing, args.dtype)
+    path, model = export_file(config)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
-    if args.report:
+    if config.report:
         report = file_report(path)
         for kind, size in report["groups"].items():
             print(f"  {kind:<22} {size / 2**20:9.3f} MiB")
         print(f"  {report['ratio_fp32']:.1f}× smaller than the fp32 checkpoint, {report['ratio_fp16']:.1f}× smaller than fp16")
-        from robuq.quantize.cost import cost_summary
-
-        print(cost_summary(model).format(per_module=False))
+        print(robuq.cost_summary(model).format(per_module=False))
     return 0
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    from robuq.eval.classifier import ClassifierTrainConfig
-    from robuq.eval.evaluate import EvalConfig
+# ---------------------------------------------------------------- evaluation
 
-    p = sub.add_parser("eval", help="sample-quality metrics, and the Fashion-MNIST feature classifier")
-    steps = p.add_subparsers(dest="eval_command", required=True)
-    m = steps.add_parser("metrics", help="FID, sFID, IS, precision/recall (and PSNR vs paired samples) of an .npz")
-    _add_config_arguments(m, EvalConfig)
-    m.add_argument("--out", default=None, help="also write the numbers as JSON here")
-    m.set_defaults(func=_run_eval_metrics)
-    t = steps.add_parser("train-classifier", help="train the Fashion-MNIST CNN whose features the metrics use")
-    _add_config_arguments(t, ClassifierTrainConfig)
-    t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=_run_train_classifier)
-
-
-def _run_eval_metrics(args: argparse.Namespace) -> int:
-    from robuq.eval.evaluate import EvalConfig, evaluate
+def _run_eval_metrics(config, args) -> int:
     from robuq.core.files import atomic_write_text
+    from robuq.eval.evaluate import evaluate
 
-    result = evaluate(_config_from(args, EvalConfig))
-    text = json.dumps(result, indent=2)
+    text = json.dumps(evaluate(config), indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")
     print(text)
     return 0
 
 
-def _run_train_classifier(args: argparse.Namespace) -> int:
-    from robuq.eval.classifier import ClassifierTrainConfig, train_classifier
+def _run_train_classifier(config, args) -> int:
+    from robuq.eval.classifier import train_classifier
 
-    result = train_classifier(_config_from(args, ClassifierTrainConfig), progress=not args.no_progress)
-    print(f"test accuracy {result['test_accuracy']:.4f} after {result['seconds']:.0f} s; wrote {args.out}")
+    result = train_classifier(config, progress=not args.no_progress)
+    print(f"test accuracy {result['test_accuracy']:.4f} after {result['seconds']:.0f} s; wrote {config.out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="robuq", description=__doc__)
+    from robuq.ampn.pipeline import SET_BY_AMPN, AllocateConfig, AMPNConfig, SensitivityConfig
+    from robuq.cli.quickstart import DERIVED, QuickstartConfig
+    from robuq.eval.classifier import ClassifierTrainConfig
+    from robuq.eval.evaluate import EvalConfig
+    from robuq.io.model_files import ExportConfig
+    from robuq.io.quantized import QuantizeConfig
+    from robuq.sample.to_files import SampleConfig
+    from robuq.train.qat import QATConfig
+    from robuq.train.trainer import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="robuq", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_run(sub)
-    _add_models(sub)
-    _add_train(sub)
-    _add_qat(sub)
-    _add_ampn(sub)
-    _add_sample(sub)
-    _add_quantize(sub)
-    _add_summary(sub)
-    _add_export(sub)
-    _add_eval(sub)
+
+    _add_no_progress(_job(sub, "run", "the main job: RobuQ + AMPN on the shipped teacher, short QAT, grids and a summary",
+                          QuickstartConfig, _run_quickstart, skip=DERIVED))
+    m = sub.add_parser("models", help="list the DiT configurations with parameters and GFLOPs")
+    m.add_argument("--input-size", type=int, default=32, help="latent (or image) side length (default: %(default)s)")
+    m.add_argument("--num-classes", type=int, default=1000, help="classes of a class-conditional model (default: %(default)s)")
+    m.add_argument("--in-channels", type=int, default=4, help="input channels: 4 for SD-VAE latents (default: %(default)s)")
+    m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    m.set_defaults(func=_run_models)
+    _add_run_control(_job(sub, "train", "train a full-precision DiT (single process or under torchrun)", TrainConfig, _run_train))
+    _add_run_control(_job(sub, "qat", "quantize a full-precision DiT (default: the shipped teacher) and train it",
+                          QATConfig, _run_qat))
+
+    ampn = sub.add_parser("ampn", help="activation mixed precision: sensitivities, bit allocation, the whole pipeline")
+    steps = ampn.add_subparsers(dest="ampn_command", required=True)
+    _add_no_progress(_job(steps, "sensitivity", "per-layer sensitivity of a quantized model to its activation bits",
+                          SensitivityConfig, _run_ampn_sensitivity))
+    _job(steps, "allocate", "exact DP allocation of per-layer bits under an average-bit budget", AllocateConfig, _run_ampn_allocate)
+    _add_no_progress(_job(steps, "run", "warm-up QAT, sensitivity, allocation, QAT with the plan", AMPNConfig, _run_ampn_run,
+                          skip=SET_BY_AMPN))
+
+    _job(sub, "sample", "generate images: a PNG grid (a row per class) and an ADM-style .npz", SampleConfig, _run_sample)
+    _job(sub, "quantize", "apply a preset (and optional bit plan) to a checkpoint and save it", QuantizeConfig, _run_quantize)
+    s = sub.add_parser("summary", help="per-module quantizers, bits, MACs and BOPs of a model file")
+    s.add_argument("path", nargs="?", default=None, help="model file (default: the shipped teacher)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=_run_summary)
+    _job(sub, "export", "write a quantized model as a compact file (packed weights) for inference", ExportConfig, _run_export)
+
+    ev = sub.add_parser("eval", help="sample-quality metrics, and the Fashion-MNIST feature classifier")
+    evs = ev.add_subparsers(dest="eval_command", required=True)
+    metrics = _job(evs, "metrics", "FID, sFID, IS, precision/recall (and PSNR vs paired samples) of an .npz",
+                   EvalConfig, _run_eval_metrics)
+    metrics.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    _add_no_progress(_job(evs, "train-classifier", "train the Fashion-MNIST CNN whose features the metrics use",
+                          ClassifierTrainConfig, _run_train_classifier))
     return parser
+
+
+def _raised_on_purpose(exc: BaseException) -> bool:
+    """An error robuq raised itself for a person to read (its message says what to do): a ValueError,
+    FileNotFoundError or PermissionError whose raising frame lies in robuq's own code. The same types
+    raised inside PyTorch or NumPy, and every other error, are bugs or crashes and keep their traceback."""
+    if not isinstance(exc, (ValueError, FileNotFoundError, PermissionError)):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -346,8 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Library errors are written to be read by people; a traceback would bury the message.
+    except Exception as exc:
+        if args.debug or not _raised_on_purpose(exc):
+            raise
         print(f"robuq {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

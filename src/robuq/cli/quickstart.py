@@ -9,53 +9,55 @@ precision, the error against the teacher, and the PSNR between the two models' s
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from robuq.ampn.pipeline import AMPNConfig, ampn_run
+from robuq.ampn.pipeline import SET_BY_AMPN, AMPNConfig, ampn_run
 from robuq.ampn.plan import format_plan
 from robuq.quantize.cost import cost_summary
 from robuq.eval.metrics import psnr
 from robuq.core.files import atomic_write_text
+from robuq.core.options import option
 from robuq.models.checkpoint import load_dit
 from robuq.io.quantized import load_quantized
 from robuq.core.runtime import default_teacher_path
 from robuq.sample.generate import generate, save_grid, to_uint8
+from robuq.quantize.plan import BitPlan
 from robuq.train.qat import QATConfig
+
+
+def _quickstart_ampn() -> AMPNConfig:
+    """AMPN at a 3-bit budget with short QAT runs: minutes on a laptop CPU."""
+    qat = QATConfig(steps=150, global_batch_size=32, lr=2e-4, warmup_steps=37, probe_every=50, log_every=10, ckpt_every=50)
+    return AMPNConfig(qat=qat, budget=3.0, warmup_qat_steps=150)
 
 
 @dataclass
 class QuickstartConfig:
-    teacher: str | None = None
-    out_dir: str = "runs/quickstart"
-    preset: str = "robuq"
-    budget: float = 3.0
-    warmup_qat_steps: int = 150
-    steps: int = 150
-    global_batch_size: int = 32
-    lr: float = 2e-4
-    per_class: int = 4
-    sample_steps: int = 50
-    sampler: str = "ddim"
-    cfg_scale: float = 1.5
-    data_dir: str | None = None
-    device: str = "auto"
-    seed: int = 0
+    """``robuq run``: AMPN on a teacher (QAT, sensitivities, allocation, QAT), then both models' samples."""
+
+    out_dir: str = option("runs/quickstart", "output folder: the AMPN run under ampn/, grids, summary.txt/json")
+    ampn: AMPNConfig = option(help="the AMPN run", factory=_quickstart_ampn)
+    per_class: int = option(4, "samples per class in each grid")
+    sample_steps: int = option(50, "sampling steps for the grids")
+    sampler: str = option("ddim", "sampler for the grids", choices=("ddpm", "ddim"))
+    cfg_scale: float = option(1.5, "classifier-free guidance scale for the grids (1: none)")
+
+
+# The AMPN run lives under the quickstart's own folder: its out_dir is derived, not an option.
+DERIVED = ("ampn.qat.out_dir", *(f"ampn.{name}" for name in SET_BY_AMPN))
 
 
 def run_quickstart(config: QuickstartConfig, progress: bool = True) -> dict:
+    """Run the main job and write its grids and summary under ``config.out_dir``; returns the summary."""
     out = Path(config.out_dir)
-    teacher_path = str(config.teacher or default_teacher_path())
-    qat_config = QATConfig(
-        teacher=teacher_path, preset=config.preset, steps=config.steps, global_batch_size=config.global_batch_size,
-        lr=config.lr, warmup_steps=min(50, config.steps // 4), probe_every=50, log_every=10, ckpt_every=50,
-        data_dir=config.data_dir, device=config.device, seed=config.seed, out_dir=str(out / "ampn"),
-    )
-    ampn = AMPNConfig(budget=config.budget, warmup_qat_steps=config.warmup_qat_steps, seed=config.seed)
-    final = ampn_run(qat_config, ampn, progress=progress)
+    qat = config.ampn.qat
+    teacher_path = str(qat.teacher or default_teacher_path())
+    ampn = replace(config.ampn, qat=replace(qat, teacher=teacher_path, out_dir=str(out / "ampn")))
+    final = ampn_run(ampn, progress=progress)
 
     teacher = load_dit(teacher_path)
     student, _ = load_quantized(final / "model.safetensors")
@@ -64,20 +66,20 @@ def run_quickstart(config: QuickstartConfig, progress: bool = True) -> dict:
     columns = config.per_class if labels is not None else 8
     grids, pixels = {}, {}
     for name, model in (("teacher", teacher), ("quantized", student)):
-        images = generate(model, labels, n, config.sampler, config.sample_steps, config.cfg_scale, config.seed, progress=progress)
+        images = generate(model, labels, n, config.sampler, config.sample_steps, config.cfg_scale, qat.seed, progress=progress)
         pixels[name] = to_uint8(images)
         grids[name] = save_grid(pixels[name], out / f"{name}_grid.png", columns)
     side_by_side = np.concatenate([pixels["teacher"], np.full_like(pixels["teacher"][:, :, :2], 255), pixels["quantized"]], axis=2)
     compare = save_grid(side_by_side, out / "compare.png", columns)
 
-    plan = json.loads((out / "ampn" / "plan.json").read_text())
+    plan = BitPlan.load(out / "ampn" / "plan.json")
     cost_q, cost_fp = cost_summary(student), cost_summary(teacher)
     log = [json.loads(line) for line in (final / "log.jsonl").read_text().splitlines()]
     probes = [r["probe_rel_mse"] for r in log if "probe_rel_mse" in r]
     summary = {
-        "teacher": teacher_path, "preset": config.preset, "budget": config.budget,
-        "plan_role_averages": plan["role_averages"], "average_bits_plain": plan["average_plain"],
-        "average_bits_macs": plan["average_macs"], "weight_mib": cost_q.weight_storage_bits / 8 / 2**20,
+        "teacher": teacher_path, "preset": qat.preset, "budget": ampn.budget,
+        "plan_role_averages": plan.role_averages, "average_bits_plain": plan.average_plain,
+        "average_bits_macs": plan.average_macs, "weight_mib": cost_q.weight_storage_bits / 8 / 2**20,
         "fp32_weight_mib": cost_fp.weight_storage_bits / 8 / 2**20, "bops_reduction": cost_q.to_dict()["bops_reduction"],
         "probe_rel_mse_first": probes[0] if probes else None, "probe_rel_mse_last": probes[-1] if probes else None,
         "psnr_vs_teacher_db": psnr(pixels["quantized"], pixels["teacher"]),
@@ -90,7 +92,7 @@ def run_quickstart(config: QuickstartConfig, progress: bool = True) -> dict:
     return summary
 
 
-def format_summary(summary: dict, plan: dict) -> str:
+def format_summary(summary: dict, plan: BitPlan) -> str:
     probe = (
         f"{summary['probe_rel_mse_first']:.4f} → {summary['probe_rel_mse_last']:.4f}"
         if summary["probe_rel_mse_first"] is not None else "n/a"

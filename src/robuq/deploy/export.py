@@ -7,7 +7,6 @@ config, the quantization policy, the bit plan and, per packed layer, its format 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
@@ -150,7 +149,7 @@ def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: 
     model.load_state_dict(state, strict=False, assign=True)
     model.eval().requires_grad_(False)
     for name in set(weights) - on_integers:  # the stored weights are already quantized: re-quantizing α·L would change α
-        modules[name].config = dataclasses.replace(modules[name].config, weight="fp")
+        modules[name].stores_quantized_weight = True
         del weights[name]
     convert_to_integer(model, weights, only_given=True)  # empties ``weights``: each layer's levels go as it is built
     if integer:  # a float reload stays bit-exact with its training model

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from robuq.core.options import option
 from robuq.data.fashion_mnist import load_fashion_mnist
 from robuq.eval.metrics import FeatureStats, fid, inception_score, precision_recall, psnr
 
@@ -21,15 +22,18 @@ EXTRACTORS = ("classifier", "inception")
 
 @dataclass
 class EvalConfig:
-    samples: str = "samples/samples.npz"
-    reference: str = "fashion-mnist-test"  # or an .npz of reference images (arr_0, uint8 NHWC)
-    extractor: str = "classifier"  # "classifier" (robuq's Fashion-MNIST CNN) or "inception" (needs weights)
-    inception_weights: str | None = None
-    classifier: str | None = None  # default: the classifier shipped with robuq
-    paired: str | None = None  # samples of the full-precision model from the same noise → PSNR
-    data_dir: str | None = None
-    cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "robuq")
-    max_reference: int = 10_000
+    """``robuq eval metrics``: sample-quality metrics of an ADM-style .npz."""
+
+    samples: str = option("samples/samples.npz", "the samples: an .npz with arr_0 uint8 N×H×W×C (as `robuq sample` writes)")
+    reference: str = option("fashion-mnist-test", "reference images: 'fashion-mnist-test' or an .npz (arr_0 uint8 NHWC)")
+    extractor: str = option("classifier", "features: robuq's Fashion-MNIST classifier, or the FID Inception (needs weights)",
+                            choices=EXTRACTORS)
+    inception_weights: str | None = option(None, "the Inception's weights (pytorch-fid's pt_inception .pth)")
+    classifier: str | None = option(None, "classifier weights (default: the classifier shipped with robuq)")
+    paired: str | None = option(None, "samples of the full-precision model from the same noise: adds their PSNR")
+    data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files (for the default reference)")
+    cache_dir: str = option(os.path.join(os.path.expanduser("~"), ".cache", "robuq"), "where reference statistics are cached")
+    max_reference: int = option(10_000, "reference images used at most")
 
 
 def load_images(path: str | os.PathLike) -> np.ndarray:

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 from safetensors import SafetensorError
 
-from robuq.deploy.export import load_exported
+from robuq.core.options import option
+from robuq.deploy.export import export_model, load_exported
 from robuq.core.files import read_meta
 from robuq.models.checkpoint import load_dit
 from robuq.models.dit import DiT
@@ -24,3 +27,23 @@ def load_any(path: str | os.PathLike, map_location: str = "cpu", retain_memory: 
     if "quant_config" in meta:
         return load_quantized(path, map_location=map_location)[0]
     return load_dit(path, map_location=map_location)
+
+
+@dataclass
+class ExportConfig:
+    """``robuq export``: a quantized model as a compact file of packed integer weights."""
+
+    model: str | None = option(None, "quantized model file (from qat, quantize or ampn run)", positional=True)
+    out: str = option("model.robuq.safetensors", "where to write the exported file")
+    packing: str = option("ternary-2bit", "ternary weights at 2 bits each, or 5 trits per byte (1.6 bits)",
+                          choices=("ternary-2bit", "ternary-trits"))
+    dtype: str = option("fp16", "precision of the full-precision parts", choices=("fp16", "bf16", "fp32"))
+    report: bool = option(False, "print the file's size by kind of tensor and against fp32/fp16")
+
+
+def export_file(config: ExportConfig) -> tuple[Path, DiT]:
+    """Export the quantized model file ``config.model``; returns the new file and the model it holds."""
+    if config.model is None:
+        raise ValueError("give the quantized model to export, e.g. runs/quickstart/ampn/final/model.safetensors")
+    model, policy = load_quantized(config.model)
+    return export_model(model, policy, config.out, config.packing, config.dtype), model

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
 from robuq.core.files import save_tensors
-from robuq.models.checkpoint import CheckpointError, check_compatible, read_state_dict
+from robuq.core.options import option
+from robuq.core.runtime import default_teacher_path
+from robuq.models.checkpoint import CheckpointError, check_compatible, load_dit, read_state_dict
 from robuq.models.dit import DiT, DiTConfig
 from robuq.quantize.policy import QuantConfig, current_plan, quantize_
+from robuq.quantize.presets import resolve_policy
 
 
 def quantized_meta(model: DiT, config: QuantConfig) -> dict[str, Any]:
@@ -41,12 +45,24 @@ def load_quantized(path: str | os.PathLike, prefer: str = "ema", map_location: s
     return model.to(map_location), config
 
 
-def quantize_checkpoint(ckpt: str | os.PathLike, config: QuantConfig, out: str | os.PathLike) -> tuple[DiT, Path]:
+@dataclass
+class QuantizeConfig:
+    """``robuq quantize``: a full-precision checkpoint, quantized by a preset or policy file (no training)."""
+
+    ckpt: str | None = option(None, "full-precision model (default: the shipped teacher)")
+    preset: str = option("robuq", "quantization method (see the README's preset table)")
+    act_bits: int = option(4, "activation bits of the four block linears")
+    plan: str | None = option(None, "per-layer activation bits (a plan JSON, e.g. from `robuq ampn allocate`)")
+    config: str | None = option(None, "a policy file (YAML/JSON) instead of --preset/--act-bits")
+    out: str = option("quantized.safetensors", "where to write the quantized model")
+
+
+def quantize_checkpoint(config: QuantizeConfig) -> tuple[DiT, Path]:
     """Load a full-precision checkpoint, ``quantize_`` it (post-training initialisation), save it."""
-    from robuq.models.checkpoint import load_dit
+    policy = resolve_policy(config.preset, config.act_bits, config.config, config.plan)
+    source = config.ckpt or default_teacher_path()
+    model = quantize_(load_dit(source), policy)
+    return model, save_quantized(model, config.out, policy, {"source": str(source)})
 
-    model = quantize_(load_dit(ckpt), config)
-    return model, save_quantized(model, out, config, {"source": str(ckpt)})
 
-
-__all__ = ["load_quantized", "quantize_checkpoint", "quantized_meta", "save_quantized"]
+__all__ = ["QuantizeConfig", "load_quantized", "quantize_checkpoint", "quantized_meta", "save_quantized"]

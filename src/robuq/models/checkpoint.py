@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (zipfile.BadZipFile, EOFError) as exc:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({exc}); download or copy it again") from exc
-    except Exception as exc:  # torch raises RuntimeError/UnpicklingError with long texts
+    except (RuntimeError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as exc:  # long texts from torch
         if _is_zip(path) and "zip archive" in str(exc):
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt (its zip archive is incomplete); "
                                   "download or copy it again") from exc

@@ -8,7 +8,7 @@ full precision the layer computes exactly W x + b.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -73,6 +73,9 @@ class QuantLinear(nn.Module):
             self.lowrank_down = nn.Parameter(torch.zeros(rank, in_features), requires_grad=config.lowrank_trainable)
             self.lowrank_up = nn.Parameter(torch.zeros(out_features, rank), requires_grad=config.lowrank_trainable)
         self.act_quant = ActivationQuantizer(config.act_bits, config.act_granularity, config.act_rule, config.learn_clip)
+        # True when ``weight`` already holds α·L (an exported file's levels): quantizing it again would
+        # change α, so the forward uses it as it is. The config still says what the layer is (ternary).
+        self.stores_quantized_weight = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: LinearQuantConfig, seed: int = 0, initialize: bool = True) -> "QuantLinear":
@@ -107,16 +110,22 @@ class QuantLinear(nn.Module):
         return self.act_quant.bits
 
     def set_act_bits(self, bits: int | None) -> None:
+        """Change the input bit-width (a bit plan does this); the layer's config follows, so it never
+        describes bits the layer no longer uses."""
         self.act_quant.bits = None if bits is None else check_bits(bits)
+        self.config = replace(self.config, act_bits=self.act_quant.bits)
 
     def quantized_weight(self):
         """Levels and per-channel scales of the residual weight (None when weights are full precision)."""
+        if self.stores_quantized_weight:
+            raise ValueError("this layer holds already-quantized weights (α·L from an export); its levels are in the file")
         return quantize_weight(self.weight.detach(), self.config.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_rot = self.rotate_input(x)
         x_q = self.act_quant(x_rot)
-        y = F.linear(x_q, fake_quantize_weight(self.weight, self.config.weight), self.bias)
+        weight = self.weight if self.stores_quantized_weight else fake_quantize_weight(self.weight, self.config.weight)
+        y = F.linear(x_q, weight, self.bias)
         if self.rank:
             branch_in = x_rot if self.config.lowrank_input == "fp" else x_q
             y = y + F.linear(F.linear(branch_in, self.lowrank_down), self.lowrank_up)

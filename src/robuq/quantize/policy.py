@@ -21,6 +21,7 @@ from robuq.models.dit import AttentionCore
 from robuq.quant.activation import check_bits
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
+from robuq.quantize.plan import BitPlan, PlanError, as_bits
 
 # The four block linears, the adaLN linear and the attention core of each supported model family.
 LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -94,23 +95,6 @@ class QuantConfig:
         return next((r for r in self.rules if fnmatch.fnmatchcase(name, r.pattern)), None)
 
 
-class PlanError(ValueError):
-    """A per-layer bit plan that does not fit the model."""
-
-
-def load_plan(path: str | Path) -> dict[str, int]:
-    """Read a plan file: a JSON object {module name: bits}, or {"bits": {...}, ...} as AMPN writes it."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PlanError(f"cannot read the bit plan {path}: {exc}") from exc
-    if isinstance(data, dict) and isinstance(data.get("bits"), dict):
-        data = data["bits"]
-    if not isinstance(data, dict):
-        raise PlanError(f"{path} must hold a JSON object mapping module names to bits, not {type(data).__name__}")
-    return data
-
-
 def validate_plan(plan: Mapping[str, object], quantized_names: list[str]) -> dict[str, int | None]:
     """Check every entry names a quantized linear and gives integer bits 1–8 (or None: full-precision
     inputs); return a clean copy."""
@@ -135,7 +119,7 @@ def validate_plan(plan: Mapping[str, object], quantized_names: list[str]) -> dic
 
 
 def quantize_(
-    model: nn.Module, config: QuantConfig, plan: Mapping[str, object] | None = None, initialize: bool = True
+    model: nn.Module, config: QuantConfig, plan: BitPlan | Mapping[str, object] | None = None, initialize: bool = True
 ) -> nn.Module:
     """Replace, in place, the linears and attention cores ``config`` names; returns ``model``.
 
@@ -167,10 +151,10 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def apply_plan(model: nn.Module, plan: Mapping[str, object]) -> dict[str, int | None]:
+def apply_plan(model: nn.Module, plan: BitPlan | Mapping[str, object]) -> dict[str, int | None]:
     """Set the activation bits of the named QuantLinears (validated first: nothing changes on error)."""
     layers = quantized_linears(model)
-    clean = validate_plan(plan, list(layers))
+    clean = validate_plan(as_bits(plan), list(layers))
     for name, bits in clean.items():
         layers[name].set_act_bits(bits)
     return clean

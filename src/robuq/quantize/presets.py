@@ -1,16 +1,82 @@
 """Named precision policies: the paper's method and its baselines as configurations of one code path."""
 from __future__ import annotations
 
-from dataclasses import replace
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
 from robuq.quant.activation import check_bits
 from robuq.quant.linear import LinearQuantConfig
-from robuq.quantize.policy import BLOCK_ROLES, LAYOUTS, QuantConfig, QuantRule, load_plan
+from robuq.quantize.plan import BitPlan, as_bits
+from robuq.quantize.policy import BLOCK_ROLES, LAYOUTS, QuantConfig, QuantRule
 
 
-PRESETS = ("fp", "rtn", "bitnet-v2", "baseline", "robuq")
+@dataclass(frozen=True)
+class PresetOptions:
+    """What every preset is built from (``preset``'s keyword arguments)."""
+
+    act_bits: int = 4
+    weight: str = "ternary"  # rtn's weight format; the other presets are ternary by definition
+    lowrank_rank: int = 16
+    hadamard_signs: bool = True
+
+
+# A recipe gives each block role ("qkv", "proj", "fc1", "fc2") its LinearQuantConfig; an empty dict means
+# "quantize nothing" (no adaLN or attention quantization either).
+Recipe = Callable[[PresetOptions], dict[str, LinearQuantConfig]]
+PRESETS: dict[str, Recipe] = {}
+
+
+def register_preset(name: str) -> Callable[[Recipe], Recipe]:
+    """Decorator: make ``recipe`` available as ``preset(name)`` and ``--preset name``.
+
+    >>> @register_preset("bitnet-v2-signless")
+    ... def _(o): return {r: LinearQuantConfig(act_bits=o.act_bits) for r in BLOCK_ROLES}
+    """
+    def add(recipe: Recipe) -> Recipe:
+        PRESETS[name] = recipe
+        return recipe
+
+    return add
+
+
+@register_preset("fp")
+def _full_precision(options: PresetOptions) -> dict[str, LinearQuantConfig]:
+    """The reference: nothing quantized."""
+    return {}
+
+
+@register_preset("rtn")
+def _round_to_nearest(options: PresetOptions) -> dict[str, LinearQuantConfig]:
+    """Round-to-nearest post-training quantization: ``weight`` weights, per-token min–max inputs."""
+    return {role: LinearQuantConfig(weight=options.weight, act_bits=options.act_bits) for role in BLOCK_ROLES}
+
+
+@register_preset("bitnet-v2")
+def _bitnet_v2(options: PresetOptions) -> dict[str, LinearQuantConfig]:
+    """Ternary weights, per-token min–max inputs, Hadamard only before proj and fc2."""
+    base = LinearQuantConfig(act_bits=options.act_bits)
+    rotated = replace(base, hadamard=True, hadamard_signs=options.hadamard_signs)
+    return {"qkv": base, "proj": rotated, "fc1": base, "fc2": rotated}
+
+
+def _strong(options: PresetOptions) -> LinearQuantConfig:
+    return LinearQuantConfig(act_bits=options.act_bits, hadamard=True, hadamard_signs=options.hadamard_signs,
+                             lowrank_rank=options.lowrank_rank)
+
+
+@register_preset("baseline")
+def _baseline(options: PresetOptions) -> dict[str, LinearQuantConfig]:
+    """bitnet-v2 + a full-precision low-rank branch + Hadamard on all four block linears."""
+    return {role: _strong(options) for role in BLOCK_ROLES}
+
+
+@register_preset("robuq")
+def _robuq(options: PresetOptions) -> dict[str, LinearQuantConfig]:
+    """baseline + RobustQuantizer (the Gaussian-optimal per-token step)."""
+    return {role: replace(_strong(options), act_rule="gaussian") for role in BLOCK_ROLES}
 
 
 def _rules(layout: dict[str, tuple[str, ...]], per_role: dict[str, LinearQuantConfig]) -> list[QuantRule]:
@@ -20,7 +86,7 @@ def _rules(layout: dict[str, tuple[str, ...]], per_role: dict[str, LinearQuantCo
 def preset(
     name: str,
     act_bits: int = 4,
-    plan: Mapping[str, int] | str | Path | None = None,
+    plan: BitPlan | Mapping[str, int] | str | Path | None = None,
     layout: str = "dit",
     weight: str = "ternary",
     lowrank_rank: int = 16,
@@ -29,15 +95,12 @@ def preset(
     adaln_act_bits: int | None = 4,
     hadamard_signs: bool = True,
 ) -> QuantConfig:
-    """The policy of a named method at ``act_bits`` (block linears), or with a per-layer ``plan``.
+    """The policy of a registered method (``PRESETS``) at ``act_bits`` (block linears), or with a per-layer ``plan``.
 
-    - ``fp``: nothing quantized (the reference);
-    - ``rtn``: round-to-nearest post-training quantization, ``weight`` weights, per-token min–max inputs;
-    - ``bitnet-v2``: ternary weights, per-token min–max inputs, Hadamard only before proj and fc2;
-    - ``baseline``: bitnet-v2 + rank-``lowrank_rank`` full-precision branch + Hadamard on all four linears;
-    - ``robuq``: baseline + RobustQuantizer (Gaussian-optimal per-token scale).
-    Every preset but ``fp`` puts attention matmuls at ``attention_bits`` and adaLN at W4A4 (``adaln``,
-    ``adaln_act_bits``); embedders and the final layer stay full precision.
+    Built in: ``fp`` (the reference), ``rtn``, ``bitnet-v2``, ``baseline`` and ``robuq`` (see their
+    recipes above; ``register_preset`` adds more). Every preset but ``fp`` puts attention matmuls at
+    ``attention_bits`` and adaLN at W4A4 (``adaln``, ``adaln_act_bits``); embedders and the final layer
+    stay full precision.
 
     ``hadamard_signs`` adds random sign flips before each Hadamard transform. They matter: fc2's input
     (GELU outputs) has a large per-token mean, which a plain Hadamard concentrates into one huge
@@ -49,25 +112,21 @@ def preset(
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     check_bits(act_bits)
     roles = LAYOUTS[layout]
-    if isinstance(plan, (str, Path)):
-        plan = load_plan(plan)
-    if name == "fp":
-        return QuantConfig(name="fp", rules=[], attention_bits=None, attention_patterns=roles["attention"])
-    base = LinearQuantConfig(weight=weight if name == "rtn" else "ternary", act_bits=act_bits)
-    if name == "rtn":
-        block = {role: base for role in BLOCK_ROLES}
-    elif name == "bitnet-v2":
-        rotated = replace(base, hadamard=True, hadamard_signs=hadamard_signs)
-        block = {"qkv": base, "proj": rotated, "fc1": base, "fc2": rotated}
-    else:
-        strong = replace(base, hadamard=True, hadamard_signs=hadamard_signs, lowrank_rank=lowrank_rank)
-        if name == "robuq":
-            strong = replace(strong, act_rule="gaussian")
-        block = {role: strong for role in BLOCK_ROLES}
-    adaln_config = LinearQuantConfig(weight=adaln, act_bits=adaln_act_bits)
-    rules = _rules(roles, {**block, "adaln": adaln_config})
-    tag = f"{name}-a{act_bits}" if plan is None else f"{name}-plan"
+    block = PRESETS[name](PresetOptions(act_bits, weight, lowrank_rank, hadamard_signs))
+    if not block:
+        return QuantConfig(name=name, rules=[], attention_bits=None, attention_patterns=roles["attention"])
+    rules = _rules(roles, {**block, "adaln": LinearQuantConfig(weight=adaln, act_bits=adaln_act_bits)})
     return QuantConfig(
-        name=tag, rules=rules, attention_bits=attention_bits, attention_patterns=roles["attention"],
-        plan=dict(plan) if plan is not None else None,
+        name=f"{name}-a{act_bits}" if plan is None else f"{name}-plan", rules=rules, attention_bits=attention_bits,
+        attention_patterns=roles["attention"], plan=as_bits(plan) if plan is not None else None,
     )
+
+
+def resolve_policy(preset_name: str = "robuq", act_bits: int = 4, config_file: str | os.PathLike | None = None,
+                   plan: BitPlan | Mapping[str, int] | str | os.PathLike | None = None) -> QuantConfig:
+    """A job's policy: the policy file ``config_file`` if given, else the preset at ``act_bits``; a bit
+    plan, if given, replaces the policy's own."""
+    config = QuantConfig.load(config_file) if config_file else preset(preset_name, act_bits)
+    if plan is not None:
+        config.plan = as_bits(plan)
+    return config

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robuq.core.options import option
 from robuq.core.runtime import default_teacher_path, resolve_device
 from robuq.io.model_files import load_any
 from robuq.sample.generate import generate, save_grid, to_uint8
@@ -14,17 +15,20 @@ from robuq.sample.generate import generate, save_grid, to_uint8
 
 @dataclass
 class SampleConfig:
-    ckpt: str | None = None
-    out: str = "samples"
-    per_class: int = 8
-    num_samples: int | None = None
-    sampler: str = "ddpm"
-    steps: int = 100
-    cfg_scale: float = 1.5
-    seed: int = 0
-    batch_size: int = 100
-    device: str = "auto"
-    retain_memory: bool = True  # exported models: keep freed memory in the process (see load_exported)
+    """``robuq sample``: a model file's samples as a PNG grid and an ADM-style .npz."""
+
+    ckpt: str | None = option(None, "model file: full-precision, quantized or exported (default: the shipped teacher)")
+    out: str = option("samples", "output folder for grid.png and samples.npz")
+    per_class: int = option(8, "images per class (class-conditional models; a row per class in the grid)")
+    num_samples: int | None = option(None, "how many images an unconditional model draws (default 64)")
+    sampler: str = option("ddpm", "respaced DDPM or deterministic DDIM", choices=("ddpm", "ddim"))
+    steps: int = option(100, "sampling steps (respaced from the 1,000 training steps)")
+    cfg_scale: float = option(1.5, "classifier-free guidance scale (1: none)")
+    seed: int = option(0, "seed of all sampling noise (the same seed gives the same images on any device)")
+    batch_size: int = option(100, "images per forward pass")
+    device: str = option("auto", "'auto' (a GPU when CUDA is available, else the CPU), 'cpu' or 'cuda[:N]'")
+    retain_memory: bool = option(True, "exported models: keep freed memory in the process instead of returning it "
+                                       "to the OS (faster integer inference; see load_exported)")
 
 
 def sample_to_files(config: SampleConfig) -> dict[str, Path]:

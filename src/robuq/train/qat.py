@@ -16,59 +16,54 @@ import torch
 import torch.nn as nn
 
 from robuq.train.calibration import calibration_batch, relative_error
+from robuq.core.options import check_choice, option, with_default
+from robuq.core.runtime import default_teacher_path
 from robuq.data import build_dataset
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from robuq.models.checkpoint import check_compatible, load_dit, read_state_dict
 from robuq.models.dit import DiT
 from robuq.quant.linear import QuantLinear
-from robuq.quantize.policy import QuantConfig, load_plan, quantize_
-from robuq.quantize.presets import preset
+from robuq.quantize.plan import BitPlan
+from robuq.quantize.policy import QuantConfig, quantize_
+from robuq.quantize.presets import resolve_policy
 from robuq.io.quantized import quantized_meta
-from robuq.train.trainer import TrainConfig, label_drops, train
-
-LOSSES = ("diffusion", "distill", "mix")
-
+from robuq.train.trainer import LoopConfig, label_drops, train_loop
 
 @dataclass
-class QATConfig(TrainConfig):
-    """A QAT run. The architecture, input size and conditioning come from the teacher."""
+class QATConfig(LoopConfig):
+    """``robuq qat``: quantize a full-precision teacher and train it. The architecture, input size,
+    channels and conditioning are the teacher's."""
 
-    teacher: str | None = None  # full-precision checkpoint (default: the shipped teacher)
-    preset: str = "robuq"
-    act_bits: int = 4
-    plan: str | None = None  # per-layer activation bits (JSON), e.g. from `robuq ampn allocate`
-    quant_config: str | None = None  # a policy file (YAML/JSON) instead of preset/act_bits
-    init_student: str | None = None  # start from this quantized model's weights (e.g. AMPN's warm-up run)
-    loss: str = "mix"
-    distill_weight: float = 1.0
-    freeze_fp: bool = False  # train only the quantized layers (and their low-rank branches)
-    probe_every: int = 100
-    probe_images: int = 64
-    steps: int = 1000
-    global_batch_size: int = 64
-    lr: float = 1e-4
-    warmup_steps: int = 50
-    ema_decay: float = 0.999
-    out_dir: str = "runs/qat"
+    teacher: str | None = option(None, "full-precision DiT checkpoint to quantize and distil from (default: the shipped teacher)")
+    preset: str = option("robuq", "quantization method (see the README's preset table; register_preset adds more)")
+    act_bits: int = option(4, "activation bits of the four block linears (a --plan overrides them per layer)")
+    plan: str | None = option(None, "per-layer activation bits: a plan JSON, e.g. from `robuq ampn allocate`")
+    quant_config: str | None = option(None, "a policy file (YAML/JSON, QuantConfig.save) instead of --preset/--act-bits")
+    init_student: str | None = option(None, "start from this quantized model's weights (AMPN: its warm-up run)")
+    loss: str = option("mix", "diffusion: the plain DiT loss; distill: MSE to the teacher's output; mix: both",
+                       choices=("diffusion", "distill", "mix"))
+    distill_weight: float = option(1.0, "weight of the distillation term in --loss mix")
+    freeze_fp: bool = option(False, "train only the quantized layers (and their low-rank branches)")
+    probe_images: int = option(64, "training images in the fixed batch of the probe (error against the teacher)")
+    probe_every: int = with_default(LoopConfig, "probe_every", 100)
+    steps: int = with_default(LoopConfig, "steps", 1000)
+    global_batch_size: int = with_default(LoopConfig, "global_batch_size", 64)
+    lr: float = with_default(LoopConfig, "lr", 1e-4)
+    warmup_steps: int = with_default(LoopConfig, "warmup_steps", 50)
+    ema_decay: float = with_default(LoopConfig, "ema_decay", 0.999)
+    out_dir: str = with_default(LoopConfig, "out_dir", "runs/qat")
 
     def validate(self, world_size: int = 1) -> None:
         super().validate(world_size)
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        check_choice(self, "loss")
 
-    def quantization(self) -> QuantConfig:
-        config = QuantConfig.load(self.quant_config) if self.quant_config else preset(self.preset, self.act_bits)
-        if self.plan:
-            config.plan = load_plan(self.plan)
-        return config
+    def quantization(self, plan: BitPlan | None = None) -> QuantConfig:
+        """The student's policy: --quant-config or --preset at --act-bits, with ``plan`` (or --plan) on top."""
+        return resolve_policy(self.preset, self.act_bits, self.quant_config, plan if plan is not None else self.plan)
 
 
 def _teacher_path(config: QATConfig) -> str:
-    if config.teacher:
-        return config.teacher
-    from robuq.core.runtime import default_teacher_path
-
-    return str(default_teacher_path())
+    return config.teacher or str(default_teacher_path())
 
 
 def qat_objective(diffusion: GaussianDiffusion, teacher: DiT, loss: str, distill_weight: float) -> Callable[..., dict]:
@@ -128,29 +123,37 @@ def calibration_images(dataset, count: int, conditional: bool) -> tuple[torch.Te
     return dataset.images[pick], (dataset.labels[pick] if conditional else None)
 
 
-def qat(config: QATConfig, resume: bool = False, until: int | None = None, progress: bool = True) -> Path:
-    """Quantize the teacher as ``config`` says and train it; returns the output folder (EMA weights in
-    ``model.safetensors``, loadable with ``robuq.load_quantized``)."""
+def qat(config: QATConfig, resume: bool = False, until: int | None = None, progress: bool = True,
+        plan: BitPlan | None = None) -> Path:
+    """Quantize the teacher as ``config`` says (``plan``, if given, sets per-layer bits instead of
+    ``config.plan``) and train it; returns the output folder (EMA weights in ``model.safetensors``,
+    loadable with ``robuq.load_quantized``)."""
     teacher_path = _teacher_path(config)
     teacher = load_dit(teacher_path).eval().requires_grad_(False)
-    size = teacher.x_embedder.grid_size * teacher.patch_size
-    # The teacher fixes the architecture; recording it here makes a resumed run check it too.
-    config = replace(
-        config, teacher=teacher_path, input_size=size, conditional=teacher.num_classes > 0, model=f"teacher:{Path(teacher_path).name}"
-    )
+    config = replace(config, teacher=teacher_path)  # recorded, so a resumed run checks it is the same teacher
     config.validate()
-    quantization = config.quantization()
+    quantization = config.quantization(plan)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # anything random in building the student is part of the run
         student = build_student(teacher, quantization, config.freeze_fp)
     if config.init_student:
         load_student_weights(student, config.init_student)
-    dataset = build_dataset(config.data, size, config.data_dir, config.conditional, channels=config.channels)
-    if dataset.in_channels != teacher.in_channels:
-        raise ValueError(f"the data has {dataset.in_channels} channels, the teacher {teacher.in_channels}")
-    probe = teacher_probe(teacher, *calibration_images(dataset, config.probe_images, config.conditional), config.seed)
+    dataset = teacher_dataset(config, teacher)
+    conditional = teacher.num_classes > 0
+    probe = teacher_probe(teacher, *calibration_images(dataset, config.probe_images, conditional), config.seed)
     diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
     objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight)
     meta = quantized_meta(student, quantization)
-    return train(config, resume=resume, until=until, model=student, objective=objective, extra_meta=meta,
-                 progress=progress, probe=probe, dataset=dataset)
+    return train_loop(config, student, objective, dataset, resume=resume, until=until, extra_meta=meta,
+                      progress=progress, probe=probe)
+
+
+def teacher_dataset(config: LoopConfig, teacher: DiT):
+    """``config.data`` at the teacher's input size and channels, labelled if the teacher is conditional."""
+    size = teacher.x_embedder.grid_size * teacher.patch_size
+    dataset = build_dataset(config.data, size, config.data_dir, teacher.num_classes > 0,
+                            channels=teacher.in_channels if teacher.in_channels in (1, 3) else 3)
+    if dataset.in_channels != teacher.in_channels:
+        raise ValueError(f"the data ({config.data}) has {dataset.in_channels} channels, the teacher {teacher.in_channels}: "
+                         "train on data of the teacher's kind")
+    return dataset

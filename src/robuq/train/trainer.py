@@ -30,49 +30,47 @@ from robuq.models.checkpoint import load_dit
 from robuq.models.dit import DiT, create_dit
 from robuq.train.guards import first_nonfinite_grad, first_nonfinite_module
 from robuq.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from robuq.core.options import check_choice, option
 from robuq.core.runtime import resolve_device
 from robuq.train.state import checkpoint_path, list_checkpoints, load_training_state, save_training_state
 
 
 @dataclass
-class TrainConfig:
-    """A training run; written to ``out_dir/config.json`` and into every checkpoint."""
+class LoopConfig:
+    """The training loop's options, shared by every job that trains (``train``, ``qat``); written to
+    ``out_dir/config.json`` and into every checkpoint with the job's own options."""
 
-    model: str = "DiT-T/4"
-    input_size: int = 32
-    data: str = "fashion-mnist"  # or the path of an image folder
-    data_dir: str | None = None
-    channels: int = 3  # for image folders; Fashion-MNIST is grayscale
-    conditional: bool = True
-    learn_sigma: bool = True
-    init_from: str | None = None  # start from these weights instead of a fresh initialisation
-    steps: int = 10_000
-    global_batch_size: int = 128
-    lr: float = 3e-4
-    lr_schedule: str = "cosine"  # "constant" or "cosine" (to min_lr_ratio · lr)
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True  # decay = min(ema_decay, (1 + k) / (10 + k)), useful for short runs
-    seed: int = 0
-    log_every: int = 25
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-    probe_every: int = 0  # log a quality probe (when the caller gives one) every N steps; 0: never
-    out_dir: str = "runs/train"
-    device: str = "auto"
+    data: str = option("fashion-mnist", "training data: 'fashion-mnist' or the path of an image folder (a sub-folder per class)")
+    data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files (default: $ROBUQ_DATA, then "
+                                        "/usr/share/datasets/fashion-mnist)")
+    steps: int = option(10_000, "optimizer steps of the whole run; the learning-rate schedule spans them")
+    global_batch_size: int = option(128, "images per step, summed over all processes")
+    lr: float = option(3e-4, "peak learning rate (AdamW)")
+    lr_schedule: str = option("cosine", "learning rate after warm-up: constant, or cosine down to --min-lr-ratio·lr",
+                              choices=("constant", "cosine"))
+    min_lr_ratio: float = option(0.1, "where the cosine schedule ends, as a fraction of --lr")
+    warmup_steps: int = option(200, "steps of linear learning-rate warm-up")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    ema_decay: float = option(0.9999, "decay of the exponential moving average of the weights (the saved model)")
+    ema_warmup: bool = option(True, "use decay min(ema_decay, (1+k)/(10+k)) at step k, which suits short runs")
+    seed: int = option(0, "seed of the initial weights, the data order, timesteps, noise and label dropout")
+    log_every: int = option(25, "write a line to log.jsonl every N steps")
+    ckpt_every: int = option(500, "write a resumable training checkpoint every N steps")
+    keep_checkpoints: int = option(2, "how many of the newest training checkpoints to keep")
+    probe_every: int = option(0, "log a quality probe every N steps (QAT: output error against the teacher); 0: never")
+    out_dir: str = option("runs/train", "output folder: config.json, log.jsonl, checkpoints/, model.safetensors")
+    device: str = option("auto", "'auto' (this rank's GPU when CUDA is available, else the CPU), 'cpu' or 'cuda[:N]'")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]):
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown training options: {', '.join(unknown)}")
+            raise ValueError(f"unknown options for {cls.__name__}: {', '.join(unknown)}")
         return cls(**data)
 
     def validate(self, world_size: int = 1) -> None:
@@ -80,8 +78,19 @@ class TrainConfig:
             raise ValueError("steps and global_batch_size must be positive")
         if self.global_batch_size % world_size:
             raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by {world_size} processes")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
+        check_choice(self, "lr_schedule")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """``robuq train``: a full-precision DiT, from scratch or from ``init_from``."""
+
+    model: str = option("DiT-T/4", "DiT configuration by registry name (see `robuq models`)")
+    input_size: int = option(32, "image (or latent) side length the model is built for")
+    channels: int = option(3, "channels of image-folder data: 1 (grayscale) or 3 (RGB); Fashion-MNIST is grayscale")
+    conditional: bool = option(True, "class-conditional (labels from the data) or unconditional")
+    learn_sigma: bool = option(True, "predict the variance too (DiT's hybrid loss) or only the noise")
+    init_from: str | None = option(None, "start from the weights of this checkpoint instead of a fresh initialisation")
 
 
 # Options that may differ between a run and its resumption without changing the computation.
@@ -92,7 +101,7 @@ class TrainingDivergedError(RuntimeError):
     """The loss or a gradient stopped being finite."""
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
+def learning_rate(config: LoopConfig, step: int) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if config.lr_schedule == "constant":
@@ -169,7 +178,7 @@ def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> DiT:
     )
 
 
-def _check_resumable(saved: dict[str, Any], current: TrainConfig, path: Path) -> None:
+def _check_resumable(saved: dict[str, Any], current: LoopConfig, path: Path) -> None:
     defaults = {f.name: f.default for f in fields(type(current))}
     # Options added after a checkpoint was written count as having had their default value.
     diffs = [
@@ -195,20 +204,43 @@ def train(
     config: TrainConfig,
     resume: bool = False,
     until: int | None = None,
+    progress: bool = True,
+    dataset: Dataset | None = None,
     model: nn.Module | None = None,
     objective: Callable[..., dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """``robuq train``: build the data, the DiT and the diffusion loss that ``config`` names (or take the
+    given ones) and run the training loop; returns the output folder."""
+    if dataset is None:
+        dataset = build_dataset(config.data, config.input_size, config.data_dir, config.conditional, channels=config.channels)
+    if model is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # the initial weights are part of the run's reproducible state
+            model = build_model(config, dataset.in_channels, dataset.num_classes if config.conditional else 0)
+    if objective is None:
+        dropout = model.y_embedder.dropout_prob if getattr(model, "y_embedder", None) is not None else 0.0
+        objective = diffusion_objective(create_diffusion(learn_sigma=config.learn_sigma), dropout)
+    return train_loop(config, model, objective, dataset, resume=resume, until=until, progress=progress)
+
+
+def train_loop(
+    config: LoopConfig,
+    model: nn.Module,
+    objective: Callable[..., dict[str, torch.Tensor]],
+    dataset: Dataset,
+    resume: bool = False,
+    until: int | None = None,
     extra_meta: dict[str, Any] | None = None,
     progress: bool = True,
     probe: Callable[[nn.Module], dict[str, float]] | None = None,
-    dataset: Dataset | None = None,
 ) -> Path:
-    """Run (or continue) training; returns the output folder.
+    """Run (or continue) the loop every robuq training job uses; returns the output folder.
 
     ``until`` stops early at that step, keeping the schedule of the full ``config.steps``, so long runs
-    can be done in chunks with ``resume=True``. ``model`` and ``objective`` let other stages (QAT) reuse
-    this loop with their own network and loss; ``probe(model)`` is called every ``config.probe_every``
-    steps on the main process and its numbers go into the log (e.g. QAT's error against the teacher).
-    ``dataset`` spares a caller that already loaded ``config.data`` a second load.
+    can be done in chunks with ``resume=True``. ``objective(model, x, y, generator)`` gives per-sample
+    losses; ``probe(model)`` is called every ``config.probe_every`` steps on the main process and its
+    numbers go into the log (e.g. QAT's error against the teacher). Labels are passed when the model is
+    class-conditional (``model.num_classes > 0``).
     """
     device = resolve_device(config.device)
     info = init_distributed(device)
@@ -216,28 +248,19 @@ def train(
     current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
         with current:
-            return _train(config, resume, until, model, objective, extra_meta or {}, progress, probe, dataset, device, info)
+            return _loop(config, model, objective, dataset, resume, until, extra_meta or {}, progress, probe, device, info)
     finally:
         shutdown(info)
 
 
-def _train(config, resume, until, model, objective, extra_meta, progress, probe, dataset, device, info) -> Path:
+def _loop(config, model, objective, dataset, resume, until, extra_meta, progress, probe, device, info) -> Path:
     config.validate(info.world_size)
     out_dir = Path(config.out_dir)
-    if dataset is None:
-        dataset = build_dataset(config.data, config.input_size, config.data_dir, config.conditional, channels=config.channels)
-    num_classes = dataset.num_classes if config.conditional else 0
-    if model is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)  # the initial weights are part of the run's reproducible state
-            model = build_model(config, dataset.in_channels, num_classes)
+    num_classes = getattr(model, "num_classes", 0)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    if objective is None:
-        dropout = model.y_embedder.dropout_prob if getattr(model, "y_embedder", None) is not None else 0.0
-        objective = diffusion_objective(create_diffusion(learn_sigma=config.learn_sigma), dropout)
     meta = {"train_config": config.to_dict(), "model_config": model.config.to_dict(), **extra_meta}
 
     start = 0

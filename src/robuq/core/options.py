@@ -1,0 +1,46 @@
+"""Options of a job, declared once on its config dataclass: default, help text and choices.
+
+The command line is generated from these declarations (``robuq.cli.options``), so a default or a help
+text exists in one place and cannot drift between the library and the CLI.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, help: str = "", *, choices: Sequence[Any] | None = None,
+           factory: Callable[[], Any] | None = None, positional: bool = False, cli: bool = True) -> Any:
+    """A dataclass field with what a person needs to set it: ``help`` (required), ``choices``; a
+    ``factory`` for mutable or nested-config defaults; ``positional`` for the CLI's bare argument;
+    ``cli=False`` for a field the command line must not offer (set by the program itself)."""
+    if not help:
+        raise ValueError("every option needs a help text")
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "positional": positional,
+                "cli": cli}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def option_help(field: dataclasses.Field) -> str:
+    return field.metadata.get("help", "")
+
+
+def check_choice(config: object, name: str) -> None:
+    """Raise ValueError if ``config.name`` is not one of the field's declared choices."""
+    field = next(f for f in dataclasses.fields(config) if f.name == name)
+    choices = field.metadata.get("choices")
+    value = getattr(config, name)
+    if choices and value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, not {value!r}")
+
+
+def with_default(base: type, name: str, default: Any) -> Any:
+    """``base``'s option ``name`` with another default, for a job whose sensible default differs (its help
+    and choices stay the ones declared on ``base``)."""
+    field = next(f for f in dataclasses.fields(base) if f.name == name)
+    return dataclasses.field(default=default, metadata=field.metadata)
