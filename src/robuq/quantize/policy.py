@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch.nn as nn
-import yaml
 
 from robuq.models.dit import AttentionCore
 from robuq.quant.activation import check_bits
@@ -44,6 +43,14 @@ LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 BLOCK_ROLES = ("qkv", "proj", "fc1", "fc2")
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError("YAML policy files need PyYAML: pip install 'robuq[yaml]', or use a .json file") from None
+    return yaml
 
 
 @dataclass
@@ -81,15 +88,21 @@ class QuantConfig:
         return cls(rules=rules, attention_patterns=patterns, **data)
 
     def save(self, path: str | Path) -> Path:
-        """Write as JSON (``.json``) or YAML (anything else)."""
+        """Write as JSON (``.json``) or YAML (anything else; needs PyYAML: ``pip install 'robuq[yaml]'``)."""
         path = Path(path)
-        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(self.to_dict(), sort_keys=False)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else _yaml().safe_dump(self.to_dict(), sort_keys=False)
         path.write_text(text)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantConfig":
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()))  # YAML is a superset of JSON
+        """Read a policy file written by ``save`` (JSON, or YAML with PyYAML installed)."""
+        text = Path(path).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = _yaml().safe_load(text)
+        return cls.from_dict(data)
 
     def rule_for(self, name: str) -> QuantRule | None:
         return next((r for r in self.rules if fnmatch.fnmatchcase(name, r.pattern)), None)
