@@ -17,8 +17,8 @@ from typing import Any, Mapping
 import torch.nn as nn
 import yaml
 
+from robuq.core.quantizer_spec import check_bits
 from robuq.models.dit import AttentionCore
-from robuq.quant.activation import check_bits
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
 
