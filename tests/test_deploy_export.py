@@ -58,6 +58,24 @@ def test_integer_layers_match_fake_quant_layers_on_real_inputs(tmp_path, quantiz
     assert ((a - b).norm() / a.norm()) < 0.05
 
 
+def test_an_exported_model_runs_the_model_code_with_kernels_in_its_seams(tmp_path, quantized, monkeypatch):
+    from robuq.deploy.elementwise import NativeGatedResidual, NativeModulatedLayerNorm
+    from robuq.models.dit import DiTBlock, FinalLayer
+
+    model, config = quantized
+    exported = load_exported(export_model(model, config, tmp_path / "m.safetensors", dtype="fp32"))
+    assert all(type(b) is DiTBlock for b in exported.blocks) and type(exported.final_layer) is FinalLayer
+    assert all(isinstance(b.norm1, NativeModulatedLayerNorm) and isinstance(b.residual, NativeGatedResidual)
+               for b in exported.blocks)
+    # An edit to the model's forward reaches the exported model: it has no copy of its own.
+    ran = []
+    original = DiTBlock.forward
+    monkeypatch.setattr(DiTBlock, "forward", lambda self, x, c: ran.append(self) or original(self, x, c))
+    with torch.no_grad():
+        exported(*_inputs())
+    assert ran == list(exported.blocks)
+
+
 def test_fp16_file_is_smaller_and_close(tmp_path, quantized):
     model, config = quantized
     full = export_model(model, config, tmp_path / "fp32.safetensors", dtype="fp32")

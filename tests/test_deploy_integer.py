@@ -1,8 +1,11 @@
 import pytest
 import torch
 
+from robuq.core import quantizer_spec as spec
 from robuq.deploy.integer_linear import IntegerLinear
 from robuq.kernels import native
+from robuq.quant.activation import activation_levels
+from robuq.quant.hadamard import hadamard_transform
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
 
 
@@ -44,3 +47,41 @@ def test_loading_a_state_dict_refreshes_the_derived_tensors():
         expected = second(x)
         first.load_state_dict(second.state_dict())
         assert torch.equal(first(x), expected)
+
+
+@pytest.mark.parametrize("rule", spec.RULES)
+@pytest.mark.parametrize("bits", range(spec.MIN_BITS, spec.MAX_BITS + 1))
+@pytest.mark.parametrize("kernels", ["native", "pytorch"])
+def test_integer_linear_quantizes_its_input_by_the_definition(rule, bits, kernels, monkeypatch):
+    monkeypatch.setenv("ROBUQ_NATIVE", "1" if kernels == "native" else "0")
+    torch.manual_seed(bits)
+    config = LinearQuantConfig(act_bits=bits, act_rule=rule, hadamard=True, hadamard_signs=True, learn_clip=True)
+    layer = QuantLinear.from_linear(torch.nn.Linear(48, 16), config).eval()
+    layer.act_quant.clip_ratio.data.fill_(0.9)
+    integer = IntegerLinear(layer)
+    x = torch.randn(2, 9, 48) * 2 + 0.5
+    with torch.no_grad():
+        levels, scale, offset = integer.input_levels(x)
+        expected, got = layer(x), integer(x)
+        ref = activation_levels(hadamard_transform(x, layer.hadamard_signs).reshape(-1, 48), bits, "token", rule,
+                                layer.act_quant.effective_clip_ratio())
+    assert levels.dtype == torch.int8
+    assert torch.allclose(scale, ref.scale, rtol=1e-5) and torch.allclose(offset, ref.offset, rtol=1e-5, atol=1e-5)
+    # The rotation's float rounding may move a value across a rounding boundary: by one level, rarely.
+    diff = (levels.float() + spec.int8_level_shift(bits) - ref.levels).abs()
+    assert diff.max() <= 1 and diff.mean() < 1e-2
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_a_rule_the_kernels_lack_takes_the_pytorch_path(monkeypatch):
+    from robuq.kernels import native
+
+    layer = QuantLinear.from_linear(torch.nn.Linear(48, 16), LinearQuantConfig(act_bits=3, act_rule="gaussian",
+                                                                               hadamard=True)).eval()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        expected = layer(x)
+        monkeypatch.setattr(native, "RULES", ("minmax",))  # as if cpu_kernels.c had no Gaussian branch
+        monkeypatch.setattr(native, "hadamard_quantize", lambda *a, **k: pytest.fail("the kernel was called"))
+        got = IntegerLinear(layer)(x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

@@ -1,6 +1,7 @@
 """robuq's C kernels (robuq/kernels/cpu_kernels.c) against the PyTorch code they replace."""
 import os
 import shutil
+import subprocess
 import warnings
 
 import pytest
@@ -8,11 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from robuq.core import quantizer_spec as spec
 from robuq.kernels import native
-from robuq.quant.activation import activation_scale_offset
+from robuq.quant.activation import activation_levels
 from robuq.quant.attention import QuantAttentionCore
 from robuq.core.hadamard_matrices import hadamard_matrix, small_hadamard_orders
 from robuq.quant.hadamard import hadamard_transform, random_signs
+from robuq.quant.primitives import affine_levels
 
 # Skipped only without a compiler: with one, a build that fails must fail these tests, not hide them.
 pytestmark = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
@@ -67,28 +70,73 @@ def test_hadamard_transform_takes_the_kernel_for_float32_and_keeps_its_gradient(
     assert native.enabled()
 
 
-@pytest.mark.parametrize("rule", ["minmax", "gaussian"])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("rule", spec.RULES)
+@pytest.mark.parametrize("bits", range(spec.MIN_BITS, spec.MAX_BITS + 1))
 @pytest.mark.parametrize("rotate", [True, False])
 def test_hadamard_quantize_matches_the_pytorch_quantizer(rule, bits, rotate):
     torch.manual_seed(bits)
     n = 1152
     x = torch.randn(21, n) * torch.rand(21, 1) * 3 + torch.randn(21, 1)
+    x[3] = 0.25  # a constant row: the smallest scale, SCALE_EPS, decides its levels
     signs = random_signs(n, 5)
-    shift = 128 if bits == 8 else 0
     ratio = torch.tensor(0.8)
-    rotated, levels, scale, offset, _ = native.hadamard_quantize(x, signs, rotate, bits, rule, ratio, True, shift)
+    rotated, levels, scale, offset, _ = native.hadamard_quantize(x, signs, rotate, bits, rule, ratio, True)
     reference = x.double() @ transform_matrix(n, signs, False).t() if rotate else x.double()
     assert torch.allclose(rotated.double(), reference, atol=1e-5)
-    # Given the same rotated rows, statistics and levels are PyTorch's to the last bit (or rounding).
-    ref_scale, ref_offset = activation_scale_offset(rotated, bits, "token", rule, ratio)
-    assert torch.allclose(scale, ref_scale, rtol=1e-6) and torch.allclose(offset, ref_offset, rtol=1e-5, atol=1e-6)
-    ref_levels = ((rotated - offset) / scale).round().clamp(0, 2**bits - 1) - shift
-    assert levels.dtype == torch.int8 and torch.equal(levels.float(), ref_levels)
+    # Given the same rotated rows, statistics are PyTorch's up to the order of float sums, and given the
+    # statistics, levels are the definition's to the last bit.
+    ref = activation_levels(rotated, bits, "token", rule, ratio)
+    assert torch.allclose(scale, ref.scale, rtol=1e-6) and torch.allclose(offset, ref.offset, rtol=1e-5, atol=1e-6)
+    if not rotate:
+        assert scale[3].item() == torch.tensor(spec.SCALE_EPS, dtype=torch.float32).item()
+    assert levels.dtype == torch.int8
+    own = affine_levels(rotated, scale, offset, *spec.level_range(bits))
+    assert torch.equal(levels.float(), own - spec.int8_level_shift(bits))
+    assert (levels.float() != ref.levels - spec.int8_level_shift(bits)).float().mean() < 1e-4
     down = torch.randn(20, n)  # a low-rank branch's first matmul in the same pass: 16 outputs, then 4
-    _, without_copy, _, _, branch = native.hadamard_quantize(x, signs, rotate, bits, rule, ratio, False, shift, down)
+    _, without_copy, _, _, branch = native.hadamard_quantize(x, signs, rotate, bits, rule, ratio, False, down)
     assert torch.equal(without_copy, levels)
     assert torch.allclose(branch, rotated @ down.t(), rtol=1e-4, atol=1e-3)
+
+
+def test_kernels_refuse_rules_and_bit_widths_they_do_not_implement(monkeypatch):
+    x = torch.randn(4, 192)
+    with pytest.raises(ValueError, match=r"unknown activation scale rule 'max'.*minmax.*gaussian"):
+        native.hadamard_quantize(x, None, True, 4, "max", None, False)
+    # A rule added to the definition but not to cpu_kernels.c is refused, not computed as another rule.
+    monkeypatch.setitem(spec.SCALE_RULES, "percentile", 2)
+    with pytest.raises(ValueError, match=r"C kernels.*no activation scale rule 'percentile'.*minmax.*gaussian"):
+        native.hadamard_quantize(x, None, True, 4, "percentile", None, False)
+    for bits in (0, 9):
+        with pytest.raises(ValueError, match="1 to 8"):
+            native.hadamard_quantize(x, None, True, bits, "minmax", None, False)
+        with pytest.raises(ValueError, match="1 to 8"):
+            native.attention(*torch.randn(3, 1, 2, 5, 8), bits, 8)
+
+
+def test_the_c_code_itself_refuses_an_unknown_rule_id():
+    """Past the Python checks, cpu_kernels.c answers an id it has no branch for with an error code."""
+    rows, n = 2, 16
+    x, levels, stats = torch.randn(rows, n), torch.empty(rows, n, dtype=torch.int8), torch.empty(2, rows)
+    unknown = max(spec.SCALE_RULES.values()) + 1
+    for rule, top in ((unknown, 15), (spec.SCALE_RULES["minmax"], 256)):
+        status = native._library().robuq_hadamard_quantize(
+            native._ptr(x), None, native._ptr(levels, native._i8), native._ptr(stats[0]), native._ptr(stats[1]),
+            rows, n, 1, None, None, top, rule, 1.0, 1.0, 0, None, 0, None, 1)
+        assert status == native._BAD_ARGUMENT
+
+
+def test_the_build_takes_the_quantizer_constants_from_its_definition(monkeypatch, tmp_path):
+    flags = native.definitions()
+    assert {f"-DRULE_{name.upper()}={rule_id}" for name, rule_id in spec.SCALE_RULES.items()} <= set(flags)
+    assert f"-DSCALE_EPS={spec.SCALE_EPS!r}f" in flags
+    # Without them the source does not compile: cpu_kernels.c keeps no constants of its own.
+    monkeypatch.setattr(native, "definitions", lambda: [])
+    monkeypatch.setenv("ROBUQ_CACHE", str(tmp_path))
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        native._build(compiler)
+    assert "quantizer_spec.py" in failure.value.stderr
 
 
 @pytest.mark.parametrize("cols", [33, 48])  # a ragged tail, and whole vectors only
@@ -202,23 +250,39 @@ def test_gelu_matches_pytorch(tiny_dit):
     assert torch.equal(out, F.gelu(leaf, approximate="tanh")) and out.requires_grad
 
 
-def test_native_kernels_swap_into_a_float_dit_and_keep_its_outputs(tiny_dit):
+def test_native_kernels_fill_the_dit_seams_and_keep_its_outputs_and_gradients(tiny_dit, monkeypatch):
     import copy
 
-    from robuq.deploy.elementwise import NativeDiTBlock, NativeFinalLayer, NativeGELU, use_native_kernels
+    from robuq.deploy.elementwise import NativeGatedResidual, NativeGELU, NativeModulatedLayerNorm, use_native_kernels
+    from robuq.models.dit import DiTBlock, FinalLayer
 
+    tiny_dit.eval()  # no random label dropout: both models must see the same labels
     native_dit = use_native_kernels(copy.deepcopy(tiny_dit))
-    assert all(type(b) is NativeDiTBlock for b in native_dit.blocks) and type(native_dit.final_layer) is NativeFinalLayer
-    assert sum(isinstance(m, NativeGELU) for m in native_dit.modules()) == len(tiny_dit.blocks)  # float fc1: no fusion
+    # The seams are filled with modules; the blocks stay the model's, so an edit to dit.py reaches them.
+    assert all(type(b) is DiTBlock and type(b).forward is DiTBlock.forward for b in native_dit.blocks)
+    assert type(native_dit.final_layer) is FinalLayer
+    kinds = [type(m) for m in native_dit.modules()]
+    depth = len(tiny_dit.blocks)
+    assert kinds.count(NativeModulatedLayerNorm) == 2 * depth + 1 and kinds.count(NativeGatedResidual) == depth
+    assert kinds.count(NativeGELU) == depth  # float fc1: no fusion
     assert native_dit.state_dict().keys() == tiny_dit.state_dict().keys()
+    calls = []
+    for name in ("layer_norm_modulate", "gated_residual", "gelu_tanh"):
+        original = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, name=name, original=original: calls.append(name) or original(*a))
     x, t, y = torch.randn(2, tiny_dit.in_channels, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
     with torch.no_grad():
         expected, got = tiny_dit(x, t, y), native_dit(x, t, y)
+    assert sorted(set(calls)) == ["gated_residual", "gelu_tanh", "layer_norm_modulate"]
+    assert len(calls) == (2 + 2 + 1) * depth + 1
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
-    # With gradients wanted, every swapped module takes the model's own PyTorch code.
-    loss = native_dit(x, t, y).square().mean()
-    loss.backward()
-    assert native_dit.blocks[0].attn.qkv.weight.grad is not None
+    # With gradients wanted, every seam takes the model's own PyTorch code: the same gradients, bit for bit.
+    calls.clear()
+    for model in (tiny_dit, native_dit):
+        model(x, t, y).square().mean().backward()
+    assert not calls
+    for (name, p), q in zip(tiny_dit.named_parameters(), native_dit.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
 
 
 def test_use_switches_the_kernels_for_its_block_only_and_leaves_the_environment_alone():

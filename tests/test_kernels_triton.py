@@ -13,16 +13,15 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA: run through tests/test_kernels_interpreter.py", allow_module_level=True)
 
+from robuq.core import quantizer_spec as spec  # noqa: E402
 from robuq.deploy.integer_linear import IntegerLinear  # noqa: E402
 
 from robuq.kernels import triton_ops  # noqa: E402
-
-from robuq.quant.activation import activation_scale_offset  # noqa: E402
-
 from robuq.core.hadamard_matrices import hadamard_matrix  # noqa: E402
-
-from robuq.quant.hadamard import hadamard_transform, random_signs
+from robuq.quant.activation import activation_levels  # noqa: E402
+from robuq.quant.hadamard import hadamard_transform, random_signs  # noqa: E402
 from robuq.quant.linear import LinearQuantConfig, QuantLinear  # noqa: E402
+from robuq.quant.primitives import affine_levels  # noqa: E402
 
 
 SIZES = [192, 256, 384, 768, 1152, 1536]
@@ -62,16 +61,22 @@ def test_hadamard_kernel_equals_the_dense_matrix(n, inverse):
     assert torch.allclose(got.double(), expected, atol=2e-5)
 
 
-def test_hadamard_transform_dispatches_to_the_kernel_with_gradients(monkeypatch, pytorch_path):
+def test_hadamard_transform_dispatches_to_the_kernel_with_gradients(pytorch_path):
+    from robuq.quant.backends import Backend, backends, register_backend
+
     n = 384
     x = torch.randn(2, 3, n, device=DEVICE, requires_grad=True)
     signs = random_signs(n, seed=1)
     calls = []
-    original = triton_ops.hadamard
-    monkeypatch.setattr(triton_ops, "hadamard", lambda *a: calls.append(a[2]) or original(*a))
-    y = hadamard_transform(x, signs)
-    weight = torch.randn_like(y)
-    (y * weight).sum().backward()
+    original = next(b for b in backends("hadamard") if b.name == "triton")
+    assert original.run is triton_ops.hadamard
+    register_backend("hadamard", Backend("triton", original.accepts, lambda *a: calls.append(a[2]) or original.run(*a)))
+    try:
+        y = hadamard_transform(x, signs)
+        weight = torch.randn_like(y)
+        (y * weight).sum().backward()
+    finally:
+        register_backend("hadamard", original)
     assert calls == [False, True]  # forward T, backward Tᵀ, both through the kernel
     pytorch_path()
     assert torch.allclose(y.detach().cpu(), hadamard_transform(x.detach().cpu(), signs), atol=1e-5)
@@ -84,8 +89,8 @@ def test_unsupported_sizes_and_dtypes_fall_back_to_pytorch():
         assert torch.allclose(hadamard_transform(hadamard_transform(x), inverse=True), x, atol=1e-5)
 
 
-@pytest.mark.parametrize("rule", ["minmax", "gaussian"])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("rule", spec.RULES)
+@pytest.mark.parametrize("bits", range(spec.MIN_BITS, spec.MAX_BITS + 1))
 @pytest.mark.parametrize("ratio", [None, 0.7])
 def test_fused_hadamard_quantize_matches_the_pytorch_quantizer(rule, bits, ratio):
     torch.manual_seed(bits)
@@ -96,14 +101,28 @@ def test_fused_hadamard_quantize_matches_the_pytorch_quantizer(rule, bits, ratio
     rotated, levels, scale, offset = (t.cpu() for t in triton_ops.hadamard_quantize(
         x.to(DEVICE), signs.to(DEVICE), bits, rule, None if clip is None else clip.to(DEVICE), store_rotated=True))
     assert torch.allclose(rotated, x @ (hadamard_matrix(n) @ torch.diag(signs)).t(), atol=2e-5)
-    ref_scale, ref_offset = activation_scale_offset(rotated, bits, "token", rule, clip)
-    assert torch.allclose(scale, ref_scale.squeeze(1), rtol=1e-6)
-    assert torch.allclose(offset, ref_offset.squeeze(1), rtol=1e-5, atol=1e-6)
-    shift = 128 if bits == 8 else 0
-    ref_levels = ((rotated - offset[:, None]) / scale[:, None]).round().clamp(0, 2**bits - 1) - shift
+    ref = activation_levels(rotated, bits, "token", rule, clip)
+    assert torch.allclose(scale, ref.scale.squeeze(1), rtol=1e-6)
+    assert torch.allclose(offset, ref.offset.squeeze(1), rtol=1e-5, atol=1e-6)
     assert levels.dtype == torch.int8
-    assert torch.equal(levels.float(), ref_levels)
+    # Given the kernel's own statistics (their float sums may differ in the last bit), its levels are the
+    # definition's, to the last bit.
+    own = affine_levels(rotated, scale[:, None], offset[:, None], *spec.level_range(bits))
+    assert torch.equal(levels.float(), own - spec.int8_level_shift(bits))
     assert max(row.unique().numel() for row in levels) <= 2**bits
+
+
+def test_fused_quantizer_refuses_rules_and_bit_widths_it_does_not_implement(monkeypatch):
+    x = torch.randn(3, 192, device=DEVICE)
+    with pytest.raises(ValueError, match=r"unknown activation scale rule 'max'.*minmax.*gaussian"):
+        triton_ops.hadamard_quantize(x, None, 4, "max", None)
+    # A rule added to the definition but not to the kernel is refused, not computed as another rule.
+    monkeypatch.setitem(spec.SCALE_RULES, "percentile", 2)
+    with pytest.raises(ValueError, match=r"Triton kernels.*no activation scale rule 'percentile'.*minmax.*gaussian"):
+        triton_ops.hadamard_quantize(x, None, 4, "percentile", None)
+    for bits in (0, 9):
+        with pytest.raises(ValueError, match="1 to 8"):
+            triton_ops.hadamard_quantize(x, None, bits, "minmax", None)
 
 
 def test_ternary_packing_keeps_each_quarter_of_k_in_one_bit_field():

@@ -5,7 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from robuq.quant.activation import ActivationQuantizer, gaussian_optimal_step, quantize_activation
+from robuq.core import quantizer_spec as spec
+from robuq.core.quantizer_spec import gaussian_optimal_step
+from robuq.quant.activation import ActivationQuantizer, activation_levels, quantize_activation
 from robuq.quant.weights import fake_quantize_weight, parse_weight_format, quantize_weight_int, ternarize_weight
 
 seeds = st.integers(0, 2**16)
@@ -91,6 +93,51 @@ def test_one_bit_works_for_both_rules():
 def test_gaussian_steps_match_the_published_table():
     for bits, step in ((1, 1.596), (2, 0.9957), (3, 0.5860), (4, 0.3352)):
         assert gaussian_optimal_step(bits) == pytest.approx(step, abs=6e-4)
+
+
+def _by_definition(x: torch.Tensor, bits: int, rule: str, ratio: float):
+    """(levels, scale, offset) per row in float64, written from quantizer_spec's docstring."""
+    low, top = spec.level_range(bits)
+    x = x.double()
+    if rule == "minmax":
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        half = ratio * (hi - lo) / 2
+        scale, offset = (2 * half / top).clamp_min(spec.SCALE_EPS), (lo + hi) / 2 - half
+    elif rule == "gaussian":
+        sigma = x.std(-1, unbiased=False, keepdim=True)
+        scale = (ratio * gaussian_optimal_step(bits) * sigma).clamp_min(spec.SCALE_EPS)
+        offset = x.mean(-1, keepdim=True) - scale * top / 2
+    else:
+        pytest.fail(f"no reference for scale rule {rule!r}: write its formula here and in quantizer_spec's docstring")
+    return ((x - offset) / scale).round().clamp(low, top), scale, offset
+
+
+@pytest.mark.parametrize("rule", spec.RULES)
+@pytest.mark.parametrize("bits", range(spec.MIN_BITS, spec.MAX_BITS + 1))
+def test_activation_quantizer_is_the_definition(rule, bits):
+    x = _randn(bits, 16, 384) * torch.rand(16, 1) * 3 + _randn(bits + 100, 16, 1)
+    x[5] = -1.5  # a constant token: the smallest scale decides
+    ratio = torch.tensor(0.7)
+    levels, scale, offset = _by_definition(x, bits, rule, 0.7)
+    fake, q = quantize_activation(x, bits, "token", rule, ratio)
+    assert torch.allclose(q.scale.double(), scale, rtol=1e-5)
+    assert torch.allclose(q.offset.double(), offset, rtol=1e-5, atol=1e-6)
+    assert q.scale[5].item() == pytest.approx(spec.SCALE_EPS) and q.levels[5].unique().numel() == 1
+    # float32 statistics may move a value across a rounding boundary, by one level, very rarely (the
+    # constant token aside: there float32 cannot hold offset ± a few SCALE_EPS, float64 can)
+    varied, reference = torch.cat([q.levels[:5], q.levels[6:]]).double(), torch.cat([levels[:5], levels[6:]])
+    assert (varied - reference).abs().max() <= 1 and (varied != reference).double().mean() < 1e-3
+    assert torch.allclose(fake, q.dequantize(), rtol=1e-6, atol=1e-6)
+    inference = activation_levels(x, bits, "token", rule, ratio)  # the integer path's levels: the same numbers
+    assert torch.equal(inference.levels, q.levels) and torch.equal(inference.scale, q.scale)
+
+
+def test_unknown_rules_are_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown activation scale rule 'max'; use one of \('minmax', 'gaussian'\)"):
+        ActivationQuantizer(4, rule="max")
+    with pytest.raises(ValueError, match="unknown activation scale rule"):
+        quantize_activation(torch.randn(2, 8), 4, "token", "max")
+    assert spec.int8_level_shift(8) == 128 and spec.int8_level_shift(7) == 0 and spec.level_range(3) == (0, 7)
 
 
 def test_gaussian_rule_beats_minmax_on_gaussian_tokens_at_low_bits():

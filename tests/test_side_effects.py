@@ -45,8 +45,10 @@ def test_plan_figures_leave_pyplot_alone(tmp_path):
 
     backend = matplotlib.rcParams["backend"]
     had_pyplot = "matplotlib.pyplot" in sys.modules
-    plan = {"bits": {"blocks.0.attn.qkv": 2, "blocks.0.mlp.fc2": 3}, "budget": 2.5, "weighting": "plain",
-            "average_plain": 2.5, "average_macs": 2.5}
+    from robuq.quantize import BitPlan
+
+    plan = BitPlan({"blocks.0.attn.qkv": 2, "blocks.0.mlp.fc2": 3}, budget=2.5, weighting="plain", average_plain=2.5,
+                   average_macs=2.5)
     path = plot_plan(plan, tmp_path / "plan.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.rcParams["backend"] == backend

@@ -14,10 +14,10 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-import robuq
 from robuq.cli.options import add_config_arguments, config_from_args
+from robuq.quantize.cost import cost_summary
 
-_PACKAGE = Path(robuq.__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent  # robuq's own code: where deliberate errors come from
 
 
 def _add_run_control(p: argparse.ArgumentParser) -> None:
@@ -117,15 +117,16 @@ def _run_quantize(config, args) -> int:
     from robuq.io.quantized import quantize_checkpoint
 
     model, path = quantize_checkpoint(config)
-    print(robuq.cost_summary(model).format(per_module=False))
+    print(cost_summary(model).format(per_module=False))
     print(f"wrote {path}")
     return 0
 
 
 def _run_summary(args: argparse.Namespace) -> int:
     from robuq.core.runtime import default_teacher_path
+    from robuq.io.model_files import load_any
 
-    summary = robuq.cost_summary(robuq.load_any(args.path or default_teacher_path()))
+    summary = cost_summary(load_any(args.path or default_teacher_path()))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
     return 0
 
@@ -141,7 +142,7 @@ def _run_export(config, args) -> int:
         for kind, size in report["groups"].items():
             print(f"  {kind:<22} {size / 2**20:9.3f} MiB")
         print(f"  {report['ratio_fp32']:.1f}× smaller than the fp32 checkpoint, {report['ratio_fp16']:.1f}× smaller than fp16")
-        print(robuq.cost_summary(model).format(per_module=False))
+        print(cost_summary(model).format(per_module=False))
     return 0
 
 

@@ -1,10 +1,12 @@
 """A DiT's elementwise inference work through robuq's C kernels: tanh-GELU (inside an integer fc1's
-epilogue where there is one), and each adaLN block's LayerNorm + modulation and gated residual updates
-fused into one pass each.
+epilogue where there is one), and each adaLN LayerNorm + modulation and gated residual update fused into
+one pass each.
 
 PyTorch spends two or three passes over the tokens on each of these (``modulate(norm(x), shift, scale)``
-is a LayerNorm, a multiply and an add). ``use_native_kernels`` swaps them into a model for float32 CPU
-inference; anything else (gradients, other devices and dtypes) takes the model's own PyTorch code.
+is a LayerNorm, a multiply and an add). The model gives each its own module (``ModulatedLayerNorm``,
+``GatedResidual``, the activation), and ``use_native_kernels`` fills those seams with the kernels; the
+blocks' own ``forward`` stays the model's. Anything but float32 CPU inference (gradients, other devices
+and dtypes) takes the PyTorch code of the module replaced.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import torch.nn as nn
 
 from robuq.deploy.integer_linear import IntegerLinear
 from robuq.kernels import native
+from robuq.models.dit import GatedResidual, Mlp, ModulatedLayerNorm
 from robuq.quant.backends import wants_grad
-from robuq.models.dit import DiTBlock, FinalLayer, Mlp
 
 
 def _native_inference(module: nn.Module, *inputs: torch.Tensor) -> bool:
@@ -35,44 +37,47 @@ class NativeGELU(nn.GELU):
         return native.gelu_tanh(x) if _native_inference(self, x) else super().forward(x)
 
 
-class NativeDiTBlock(DiTBlock):
-    """DiTBlock whose norm + modulation and gated residuals each take one C pass (same modules and names,
-    so it loads the same state dicts)."""
+class NativeModulatedLayerNorm(ModulatedLayerNorm):
+    """ModulatedLayerNorm in one C pass over the tokens."""
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if not _native_inference(self, x, c):
-            return super().forward(x, c)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = native.layer_norm_modulate(x, shift_msa, scale_msa, self.norm1.eps)
-        x = native.gated_residual(x, gate_msa, self.attn(h))
-        h = native.layer_norm_modulate(x, shift_mlp, scale_mlp, self.norm2.eps)
-        return native.gated_residual(x, gate_mlp, self.mlp(h))
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if _native_inference(self, x, shift, scale):
+            return native.layer_norm_modulate(x, shift, scale, self.eps)
+        return super().forward(x, shift, scale)
 
 
-class NativeFinalLayer(FinalLayer):
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if not _native_inference(self, x, c):
-            return super().forward(x, c)
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(native.layer_norm_modulate(x, shift, scale, self.norm_final.eps))
+class NativeGatedResidual(GatedResidual):
+    """GatedResidual in one C pass over the tokens."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if _native_inference(self, x, gate, y):
+            return native.gated_residual(x, gate, y)
+        return super().forward(x, gate, y)
 
 
-_NATIVE_CLASSES = {DiTBlock: NativeDiTBlock, FinalLayer: NativeFinalLayer}
+def _native_twin(module: nn.Module) -> nn.Module | None:
+    """The kernel-backed module that replaces ``module``, or None if there is none."""
+    if type(module) is ModulatedLayerNorm:
+        return NativeModulatedLayerNorm(module.normalized_shape[-1], eps=module.eps)
+    if type(module) is GatedResidual:
+        return NativeGatedResidual()
+    if _is_tanh_gelu(module) and not isinstance(module, NativeGELU):
+        return NativeGELU()
+    return None
 
 
 def use_native_kernels(model: nn.Module) -> nn.Module:
-    """Swap, in place, robuq's C kernels into a DiT's elementwise work (every tanh-GELU, every block and
-    final layer); returns the model. Parameters, buffers and module names are untouched."""
+    """Fill, in place, a DiT's elementwise seams with robuq's C kernels (every tanh-GELU, modulated
+    LayerNorm and gated residual); returns the model. The replaced modules hold no state, so parameters,
+    buffers and the state dict's keys are untouched."""
     for module in model.modules():
         if isinstance(module, Mlp) and isinstance(module.fc1, IntegerLinear) and _is_tanh_gelu(module.act):
             module.fc1.gelu = True  # the GELU runs in fc1's epilogue, on values still in cache
             module.act = nn.Identity()
     for name, module in list(model.named_modules()):
-        if _is_tanh_gelu(module) and not isinstance(module, NativeGELU):
-            model.set_submodule(name, NativeGELU())
-        elif type(module) in _NATIVE_CLASSES:
-            # Same state, only forward differs: a class change, not a copy of the block's weights.
-            module.__class__ = _NATIVE_CLASSES[type(module)]
+        twin = _native_twin(module)
+        if twin is not None:
+            model.set_submodule(name, twin)
     return model
 
 

@@ -14,11 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from robuq.core.quantizer_spec import int8_level_shift
 from robuq.kernels import native, triton_ops
-from robuq.quant.activation import activation_scale_offset
+from robuq.quant.activation import activation_levels
 from robuq.quant.hadamard import hadamard_transform
 from robuq.quant.linear import QuantLinear
-from robuq.quant.primitives import QuantizedTensor, int8_level_shift
+from robuq.quant.primitives import QuantizedTensor
 
 
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -56,8 +57,8 @@ class IntegerLinear(nn.Module):
         # Rows per block: ~16 MiB of fp32 temporaries, under glibc's 32 MiB mmap ceiling, few Python round trips.
         self.block_rows = max(64, 2**22 // max(self.in_features, self.out_features))
         self.register_buffer("hadamard_signs", layer.hadamard_signs)
-        ratio = layer.act_quant.clip_ratio
-        self.register_buffer("clip_ratio", None if ratio is None else ratio.detach().clamp(0.05, 4.0).float())
+        ratio = layer.act_quant.effective_clip_ratio()
+        self.register_buffer("clip_ratio", None if ratio is None else ratio.detach().float())
         self.rank = layer.rank
         # tanh-GELU on the output, in the epilogue's pass (use_native_kernels sets it for an Mlp's fc1).
         self.gelu = False
@@ -106,12 +107,11 @@ class IntegerLinear(nn.Module):
 
     def _quantize_rows(self, x_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(int8 levels, scale, offset) of the rotated input, rows × features and rows × 1."""
-        scale, offset = activation_scale_offset(x_rot, self.act_bits, self.act_granularity, self.act_rule, self.clip_ratio)
-        # The same rounding as the training quantizer, in place and without the fake-quantized copy.
-        u = (x_rot.float() - offset).div_(scale).round_().clamp_(0, 2**self.act_bits - 1)
-        levels = (u.sub_(self._shift) if self._shift else u).to(torch.int8).reshape(-1, self.in_features)
-        rows = levels.shape[0]
-        return levels, scale.expand(*x_rot.shape[:-1], 1).reshape(rows, 1), offset.expand(*x_rot.shape[:-1], 1).reshape(rows, 1)
+        q = activation_levels(x_rot, self.act_bits, self.act_granularity, self.act_rule, self.clip_ratio)
+        u = q.levels.sub_(self._shift) if self._shift else q.levels
+        levels = u.to(torch.int8).reshape(-1, self.in_features)
+        rows, lead = levels.shape[0], x_rot.shape[:-1]
+        return levels, q.scale.expand(*lead, 1).reshape(rows, 1), q.offset.expand(*lead, 1).reshape(rows, 1)
 
     def _lowrank_branch(self, x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor,
                         offset: torch.Tensor) -> torch.Tensor:
@@ -139,15 +139,15 @@ class IntegerLinear(nn.Module):
         """input_levels, plus the low-rank branch V·x' (rows × rank) where the C pass computes it on the
         rotated rows while they are in cache (else None)."""
         if self.act_granularity == "token":
-            if self.hadamard and triton_ops.can_hadamard(x):
+            if self.hadamard and triton_ops.can_hadamard(x) and self.act_rule in triton_ops.RULES:
                 _, levels, scale, offset = triton_ops.hadamard_quantize(
                     x, self.hadamard_signs, self.act_bits, self.act_rule, self.clip_ratio, store_rotated=False)
                 return levels, scale[:, None], offset[:, None], None
-            if native.takes(x):
+            if native.takes(x) and self.act_rule in native.RULES:
                 down = self.lowrank_down if with_branch and self.rank and self.lowrank_input == "fp" else None
                 _, levels, scale, offset, branch = native.hadamard_quantize(
                     x, self.hadamard_signs, self.hadamard, self.act_bits, self.act_rule, self.clip_ratio,
-                    keep_rotated=False, shift=self._shift, down=down)
+                    keep_rotated=False, down=down)
                 return levels, scale, offset, branch
         return *self._quantize_rows(hadamard_transform(x, self.hadamard_signs) if self.hadamard else x), None
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Which per-token scale rule the fused quantizer applies (activation.py's "minmax" and "gaussian").
-RULE_MINMAX = tl.constexpr(0)
-RULE_GAUSSIAN = tl.constexpr(1)
+from robuq.core import quantizer_spec
+
+# The quantizer's constants, from its one definition: the ids of the scale rules the fused quantizer has
+# a branch for (triton_ops.RULES), and the smallest scale.
+RULE_MINMAX = tl.constexpr(quantizer_spec.SCALE_RULES["minmax"])
+RULE_GAUSSIAN = tl.constexpr(quantizer_spec.SCALE_RULES["gaussian"])
+SCALE_EPS = tl.constexpr(quantizer_spec.SCALE_EPS)
 
 
 @triton.jit
@@ -56,13 +60,14 @@ def hadamard_quantize_kernel(
             lo = tl.min(tl.min(tl.where(valid, y, float("inf")), axis=1), axis=0)
             hi = tl.max(tl.max(tl.where(valid, y, float("-inf")), axis=1), axis=0)
             half = (hi - lo) / 2 * ratio
-            scale = tl.maximum(2 * half / top, 1e-8)
+            scale = tl.maximum(2 * half / top, SCALE_EPS)
             offset = (lo + hi) / 2 - half
         else:
+            tl.static_assert(RULE == RULE_GAUSSIAN, "hadamard_quantize_kernel has minmax and gaussian rules only")
             mean = tl.sum(tl.sum(tl.where(valid, y, 0.0), axis=1), axis=0) / n
             centred = tl.where(valid, y - mean, 0.0)
             std = tl.sqrt_rn(tl.sum(tl.sum(centred * centred, axis=1), axis=0)) / tl.sqrt_rn(n * 1.0)
-            scale = tl.maximum(step_factor * std * ratio, 1e-8)
+            scale = tl.maximum(step_factor * std * ratio, SCALE_EPS)
             offset = mean - scale * (top / 2)
         u = _round_half_even(tl.div_rn(y - offset, scale))
         u = tl.minimum(tl.maximum(u, 0.0), top * 1.0) - shift

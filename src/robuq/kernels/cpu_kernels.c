@@ -16,9 +16,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define RULE_MINMAX 0
-#define RULE_GAUSSIAN 1
-#define RULE_MAX_ONLY 2 /* softmax probabilities: the grid runs from 0 to the row's maximum */
+/* The quantizer's constants come from its one definition, robuq/core/quantizer_spec.py, as -D flags
+ * that robuq/kernels/native.py generates: scale rule ids and the smallest scales. Level ranges (top =
+ * 2^b − 1) and the int8 shift arrive as arguments. */
+#if !defined(RULE_MINMAX) || !defined(RULE_GAUSSIAN) || !defined(SCALE_EPS) || !defined(PROBABILITY_SCALE_EPS)
+#error "build through robuq/kernels/native.py: it defines the quantizer's constants from robuq/core/quantizer_spec.py"
+#endif
+#define BAD_ARGUMENT (-2) /* returned for a rule or level range this file does not implement */
 #define LANES 16
 
 /* One tile row: a value per lane. GCC's vector extensions make every lane loop one SIMD operation
@@ -219,29 +223,30 @@ int robuq_hadamard(const float *x, float *y, int64_t rows, int64_t n, int64_t m,
     return failed ? -1 : 0;
 }
 
-/* Scale and offset from a row's statistics, in the order robuq.quant.activation computes them. */
-static void finish_scale_offset(float lo, float hi, float mean, float std, int bits, int rule, float step_factor,
+/* Scale and offset from a row's statistics, in the order robuq.quant.activation computes them; levels
+ * run from 0 to top. */
+static void finish_scale_offset(float lo, float hi, float mean, float std, float top, int rule, float step_factor,
                                 float ratio, float *scale, float *offset) {
-    const float top = (float)((1 << bits) - 1);
     if (rule == RULE_GAUSSIAN) {
         float s = step_factor * std * ratio;
-        s = s > 1e-8f ? s : 1e-8f;
+        s = s > SCALE_EPS ? s : SCALE_EPS;
         *scale = s;
         *offset = mean - s * (top / 2);
-    } else if (rule == RULE_MAX_ONLY) {
-        const float s = hi / top;
-        *scale = s > 1e-12f ? s : 1e-12f;
-        *offset = 0.0f;
-    } else {
+    } else { /* RULE_MINMAX: the entry points accept no other rule */
         const float center = (lo + hi) / 2, half = (hi - lo) / 2 * ratio;
         const float s = 2 * half / top;
-        *scale = s > 1e-8f ? s : 1e-8f;
+        *scale = s > SCALE_EPS ? s : SCALE_EPS;
         *offset = center - half;
     }
 }
 
+/* Whether the entry points implement this rule and level range (levels 0 … top must fit a byte). */
+static int supported(int rule, int top) {
+    return (rule == RULE_MINMAX || rule == RULE_GAUSSIAN) && top >= 1 && top <= 255;
+}
+
 /* Per-lane scale and offset of a tile whose n entries per lane are one row each. */
-static void tile_scale_offset(const float *restrict t, int64_t n, int bits, int rule, float step_factor, float ratio,
+static void tile_scale_offset(const float *restrict t, int64_t n, float top, int rule, float step_factor, float ratio,
                               float *restrict scale, float *restrict offset) {
     const lanes_f *v = (const lanes_f *)t;
     lanes_f lo = v[0], hi = v[0], mean = {0}, std = {0};
@@ -263,7 +268,7 @@ static void tile_scale_offset(const float *restrict t, int64_t n, int bits, int 
         }
     }
     for (int l = 0; l < LANES; l++)
-        finish_scale_offset(lo[l], hi[l], mean[l], std[l], bits, rule, step_factor, ratio, &scale[l], &offset[l]);
+        finish_scale_offset(lo[l], hi[l], mean[l], std[l], top, rule, step_factor, ratio, &scale[l], &offset[l]);
 }
 
 /* Levels of one tile row: clamp(round_half_even((v − o)/s), 0, top) − shift. Rounding by adding and
@@ -312,13 +317,15 @@ static void tile_lowrank(const float *restrict t, int64_t count, int64_t n, cons
     }
 }
 
-/* Rotate (if hm) and quantize each row to int8 levels 0 … 2^b − 1 minus `shift`, with per-row scale and
- * offset; y (optional) gets the rotated rows, branch (if down) down · the rotated rows. */
+/* Rotate (if hm) and quantize each row to int8 levels 0 … levels_top minus `shift`, with per-row scale
+ * and offset; y (optional) gets the rotated rows, branch (if down) down · the rotated rows. Returns 0, −1
+ * when memory ran out, BAD_ARGUMENT for a rule or level range it does not implement. */
 int robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *scale, float *offset, int64_t rows,
-                            int64_t n, int64_t m, const float *hm, const float *signs, int bits, int rule,
+                            int64_t n, int64_t m, const float *hm, const float *signs, int levels_top, int rule,
                             float step_factor, float ratio, int shift, const float *down, int64_t rank,
                             float *branch, int threads) {
-    const float top = (float)((1 << bits) - 1);
+    if (!supported(rule, levels_top)) return BAD_ARGUMENT;
+    const float top = (float)levels_top;
     const int64_t tiles = (rows + LANES - 1) / LANES;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -337,7 +344,7 @@ int robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *sca
                 rotated = out;
             }
             float s[LANES], o[LANES];
-            tile_scale_offset(rotated, n, bits, rule, step_factor, ratio, s, o);
+            tile_scale_offset(rotated, n, top, rule, step_factor, ratio, s, o);
             const lanes_f sv = lanes_load(s), ov = lanes_load(o);
             const lanes_f *rv = (const lanes_f *)rotated;
             lanes_b *qv = (lanes_b *)q;
@@ -386,7 +393,7 @@ static inline lanes_f lanes_exp(lanes_f x) {
 #define QUERY_BLOCK 16
 
 /* Min–max scale and offset of one contiguous row (statistics as LANES interleaved partial results). */
-static void row_minmax_scale_offset(const float *restrict v, int64_t n, int bits, float *scale, float *offset) {
+static void row_minmax_scale_offset(const float *restrict v, int64_t n, float top, float *scale, float *offset) {
     float lo = v[0], hi = v[0];
     lanes_f los = lanes_splat(v[0]), his = los;
     int64_t i = 0;
@@ -403,7 +410,7 @@ static void row_minmax_scale_offset(const float *restrict v, int64_t n, int bits
         lo = los[l] < lo ? los[l] : lo;
         hi = his[l] > hi ? his[l] : hi;
     }
-    finish_scale_offset(lo, hi, 0.0f, 0.0f, bits, RULE_MINMAX, 0.0f, 1.0f, scale, offset);
+    finish_scale_offset(lo, hi, 0.0f, 0.0f, top, RULE_MINMAX, 0.0f, 1.0f, scale, offset);
 }
 
 /* u[i] = clamp(round((v[i] − o)/s), 0, top) − shift as bytes, for a span of n values with one scale and
@@ -545,7 +552,7 @@ static int32_t probability_levels(const int32_t *restrict acc, int64_t nk, int64
         count += level_sum[l];
     }
     const float s_p = 1.0f / total / top;
-    *scale = s_p > 1e-12f ? s_p : 1e-12f;
+    *scale = s_p > PROBABILITY_SCALE_EPS ? s_p : PROBABILITY_SCALE_EPS;
     return (int32_t)count;
 }
 
@@ -559,13 +566,12 @@ static const float *head_rows(const float *x, strides_t st, int64_t m, int64_t h
 }
 
 /* K of one head: per-token min–max levels − shift, packed [d4][nk16][4], and its key terms. */
-static void pack_keys(const float *k, strides_t st, int64_t nk, int64_t d, int64_t nk16, int bits, int shift,
+static void pack_keys(const float *k, strides_t st, int64_t nk, int64_t d, int64_t nk16, float top, int shift,
                       uint8_t *row, int8_t *restrict packed, key_terms_t terms) {
-    const float top = (float)((1 << bits) - 1);
     for (int64_t j = 0; j < nk; j++) {
         const float *v = k + j * st.token;
         float s, o;
-        row_minmax_scale_offset(v, d, bits, &s, &o);
+        row_minmax_scale_offset(v, d, top, &s, &o);
         const int32_t sum = span_levels(v, d, &s, &o, 0, top, shift, row);
         terms.scale[j] = s;
         terms.c[j] = o + (float)shift * s;
@@ -577,10 +583,9 @@ static void pack_keys(const float *k, strides_t st, int64_t nk, int64_t d, int64
 
 /* V of one head: per-channel min–max levels over the tokens (probs·V sums over tokens) − shift, packed
  * [nk4][d16][4]; vs, vc = o + shift·s per channel. lo, hi, offset and row are d-long scratch. */
-static void pack_values(const float *restrict x, strides_t st, int64_t nk, int64_t d, int64_t d16, int bits, int shift,
+static void pack_values(const float *restrict x, strides_t st, int64_t nk, int64_t d, int64_t d16, float top, int shift,
                         float *restrict lo, float *restrict hi, float *restrict offset, uint8_t *restrict row,
                         int8_t *restrict packed, float *restrict vs, float *restrict vc) {
-    const float top = (float)((1 << bits) - 1);
     for (int64_t c = 0; c < d; c++) lo[c] = hi[c] = x[c];
     for (int64_t j = 1; j < nk; j++) {
         const float *v = x + j * st.token;
@@ -590,7 +595,7 @@ static void pack_values(const float *restrict x, strides_t st, int64_t nk, int64
         }
     }
     for (int64_t c = 0; c < d; c++) {
-        finish_scale_offset(lo[c], hi[c], 0.0f, 0.0f, bits, RULE_MINMAX, 0.0f, 1.0f, &vs[c], &offset[c]);
+        finish_scale_offset(lo[c], hi[c], 0.0f, 0.0f, top, RULE_MINMAX, 0.0f, 1.0f, &vs[c], &offset[c]);
         vc[c] = offset[c] + (float)shift * vs[c];
     }
     for (int64_t j = 0; j < nk; j++) {
@@ -600,15 +605,17 @@ static void pack_values(const float *restrict x, strides_t st, int64_t nk, int64
 }
 
 /* out (batch, nq, heads, d) = softmax(Q̂K̂ᵀ/√d)̂·V̂ for (batch, heads, tokens, d) inputs with the strides
- * given, as QuantAttentionCore: Q, K per token and V per channel at `bits` (min–max), probabilities per
- * row from 0 to its maximum at `probs_bits`. Returns 0, or −1 when memory ran out. */
+ * given, as QuantAttentionCore: Q, K per token and V per channel on levels 0 … levels_top (min–max),
+ * probabilities per row from 0 to its maximum on levels 0 … probs_top. Returns 0, −1 when memory ran out,
+ * BAD_ARGUMENT for a level range that does not fit a byte. */
 int robuq_attention_int8(const float *q, strides_t qs, const float *k, strides_t kst, const float *v, strides_t vst,
-                         int64_t batch, int64_t heads, int64_t nq, int64_t nk, int64_t d, int bits, int probs_bits,
+                         int64_t batch, int64_t heads, int64_t nq, int64_t nk, int64_t d, int levels_top, int probs_top,
                          int shift, float inv_sqrt_d, float *out, int threads) {
+    if (!supported(RULE_MINMAX, levels_top) || !supported(RULE_MINMAX, probs_top)) return BAD_ARGUMENT;
     const int64_t mats = batch * heads, d4 = (d + 3) / 4, d16 = (d + 15) / 16 * 16;
     const int64_t nk4 = (nk + 3) / 4, nk16 = (nk + 15) / 16 * 16;
     const int64_t key_bytes = d4 * nk16 * 4, value_bytes = nk4 * d16 * 4;
-    const float top = (float)((1 << bits) - 1), ptop = (float)((1 << probs_bits) - 1);
+    const float top = (float)levels_top, ptop = (float)probs_top;
     int8_t *keys = calloc((size_t)(mats * key_bytes), 1), *values = calloc((size_t)(mats * value_bytes), 1);
     const key_terms_t terms = {calloc((size_t)(mats * nk16), sizeof(float)), calloc((size_t)(mats * nk16), sizeof(float)),
                                calloc((size_t)(mats * nk16), sizeof(float)), calloc((size_t)(mats * nk16), sizeof(int32_t))};
@@ -628,9 +635,9 @@ int robuq_attention_int8(const float *q, strides_t qs, const float *k, strides_t
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < mats; m++) {
                 if (!ok) continue;
-                pack_keys(head_rows(k, kst, m, heads), kst, nk, d, nk16, bits, shift, row, keys + m * key_bytes,
+                pack_keys(head_rows(k, kst, m, heads), kst, nk, d, nk16, top, shift, row, keys + m * key_bytes,
                           head_terms(terms, m, nk16));
-                pack_values(head_rows(v, vst, m, heads), vst, nk, d, d16, bits, shift, lo, hi, offset, row,
+                pack_values(head_rows(v, vst, m, heads), vst, nk, d, d16, top, shift, lo, hi, offset, row,
                             values + m * value_bytes, vscale + m * d, vc + m * d);
             }
             const int64_t blocks = (nq + QUERY_BLOCK - 1) / QUERY_BLOCK;
@@ -646,7 +653,7 @@ int robuq_attention_int8(const float *q, strides_t qs, const float *k, strides_t
                 int32_t uq[QUERY_BLOCK];
                 for (int64_t r = 0; r < rows; r++) {
                     const float *x = qm + (i0 + r) * qs.token;
-                    row_minmax_scale_offset(x, d, bits, &sq[r], &oq[r]);
+                    row_minmax_scale_offset(x, d, top, &sq[r], &oq[r]);
                     uq[r] = span_levels(x, d, &sq[r], &oq[r], 0, top, 0, qlevels + r * d4 * 4);
                 }
                 dot_u8s8(qlevels, d4 * 4, rows, keys + m * key_bytes, d4, nk16, scores_acc, nk16);

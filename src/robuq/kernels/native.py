@@ -25,17 +25,25 @@ from pathlib import Path
 
 import torch
 
-from robuq.quant.activation import gaussian_optimal_step
+from robuq.core import quantizer_spec as spec
 from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
-from robuq.quant.primitives import int8_level_shift
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -ffp-contract=off: no fused multiply-adds, so scales, offsets and levels round as PyTorch's do;
 # -fno-trapping-math lets rintf vectorize (no program here traps on floating-point exceptions).
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC",
          "-std=c11", "-Wall", "-Werror=implicit-function-declaration"]
-RULES = {"minmax": 0, "gaussian": 1, "max": 2}
+RULES = ("minmax", "gaussian")  # the scale rules cpu_kernels.c has a branch for
 _ALLOCATING = ("robuq_hadamard", "robuq_hadamard_quantize", "robuq_attention_int8")  # return 0, or −1: out of memory
+_BAD_ARGUMENT = -2  # cpu_kernels.c's answer to a rule or level range it does not implement
+
+
+def definitions() -> list[str]:
+    """The quantizer's constants as the C compiler's -D flags: cpu_kernels.c keeps no copy of its own."""
+    rules = [f"-DRULE_{name.upper()}={rule_id}" for name, rule_id in spec.SCALE_RULES.items()]
+    # repr: the shortest decimal that reads back as the same double; the f suffix rounds it to float as
+    # PyTorch rounds the Python scalar when it clamps a float32 tensor.
+    return [*rules, f"-DSCALE_EPS={spec.SCALE_EPS!r}f", f"-DPROBABILITY_SCALE_EPS={spec.PROBABILITY_SCALE_EPS!r}f"]
 
 _f32, _i8, _i64, _int, _float = (ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int8),
                                  ctypes.c_int64, ctypes.c_int, ctypes.c_float)
@@ -75,7 +83,8 @@ def _cpu_identity() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, platform.machine(),
+    flags = [*FLAGS, *definitions()]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, platform.machine(),
                                     _cpu_identity()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
@@ -83,7 +92,7 @@ def _build(compiler: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
         os.replace(built, target)  # atomic: a concurrent process sees the whole library or none
     return target
 
@@ -157,9 +166,16 @@ def _empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="cpu")
 
 
-def _check(status: int) -> None:
+def _check(status: int, what: str = "") -> None:
+    if status == _BAD_ARGUMENT:
+        raise ValueError(f"robuq's CPU kernels refused {what}: a rule or level range cpu_kernels.c does not implement")
     if status:
         raise MemoryError("robuq's CPU kernels could not allocate their working memory")
+
+
+def _levels_top(bits: int, what: str) -> int:
+    """The largest level of ``bits``-bit activations, after checking the bit width."""
+    return spec.level_range(spec.check_bits(bits, what))[1]
 
 
 def hadamard(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool) -> torch.Tensor:
@@ -174,9 +190,13 @@ def hadamard(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool) -> torc
 
 
 def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool, bits: int, rule: str,
-                      clip_ratio: torch.Tensor | None, keep_rotated: bool, shift: int, down: torch.Tensor | None = None):
+                      clip_ratio: torch.Tensor | None, keep_rotated: bool, down: torch.Tensor | None = None):
     """(rotated rows or None, int8 levels − shift, scale (rows, 1), offset (rows, 1), branch or None) of x's
-    rows in one pass; branch = (rotated rows)·downᵀ, (rows, rank), when ``down`` (rank, n) is given."""
+    rows in one pass (shift: ``int8_level_shift(bits)``); branch = (rotated rows)·downᵀ, (rows, rank), when
+    ``down`` (rank, n) is given. A rule outside ``RULES`` or bits outside 1…8 are a ValueError, never
+    another rule's numbers."""
+    rule_id = spec.check_rule(rule, RULES, "robuq's C kernels (robuq/kernels/cpu_kernels.c)")
+    top = _levels_top(bits, "activation bits")
     n = x.shape[-1]
     rows = _input(x.reshape(-1, n))
     count = rows.shape[0]
@@ -191,7 +211,8 @@ def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool,
     branch = None if down is None else _empty(count, rank)
     _check(_library().robuq_hadamard_quantize(
         _ptr(rows), _ptr(y), _ptr(levels, _i8), _ptr(scale), _ptr(offset), count, n, m, _ptr(hm), _ptr(signs),
-        bits, RULES[rule], gaussian_optimal_step(bits), ratio, shift, _ptr(down), rank, _ptr(branch), _threads()))
+        top, rule_id, spec.gaussian_optimal_step(bits), ratio, spec.int8_level_shift(bits), _ptr(down), rank,
+        _ptr(branch), _threads()), f"rule {rule!r} at {bits} bits")
     return y, levels, scale, offset, branch
 
 
@@ -265,10 +286,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, prob
     integer levels with exact int32 sums (Q, K per token, V per channel, probabilities per row from 0 to
     its maximum, as ``QuantAttentionCore``). The result is a (batch, heads, tokens, d) view of a
     (batch, tokens, heads, d) tensor, so the caller's transpose back to tokens is free."""
+    top, probs_top = _levels_top(bits, "attention bits"), _levels_top(probs_bits, "attention probability bits")
     batch, heads, nq, d = q.shape
     nk = k.shape[2]
     (q, qs), (k, ks), (v, vs) = (_head_rows(t) for t in (q, k, v))
     out = _empty(batch, nq, heads, d)
-    _check(_library().robuq_attention_int8(_ptr(q), qs, _ptr(k), ks, _ptr(v), vs, batch, heads, nq, nk, d, bits,
-                                           probs_bits, int8_level_shift(bits), 1.0 / math.sqrt(d), _ptr(out), _threads()))
+    _check(_library().robuq_attention_int8(_ptr(q), qs, _ptr(k), ks, _ptr(v), vs, batch, heads, nq, nk, d, top,
+                                           probs_top, spec.int8_level_shift(bits), 1.0 / math.sqrt(d), _ptr(out),
+                                           _threads()), f"{bits}-bit attention with {probs_bits}-bit probabilities")
     return out.transpose(1, 2)

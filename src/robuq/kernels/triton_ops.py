@@ -14,15 +14,15 @@ from types import ModuleType
 
 import torch
 
-from robuq.quant.activation import gaussian_optimal_step
+from robuq.core import quantizer_spec as spec
 from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
-from robuq.quant.primitives import int8_level_shift
 
 _MAX_B = 128  # columns of the (A, B) view of a token: one dense B×B product per token
 # Padded rows. At AP = 64, B = 128 the operands (H_A, H_B, one token) take ~112 KiB of shared memory,
 # which fits an A100 (164 KiB) and an H100 (228 KiB); AP = 128 would not fit an A100. Every DiT width
 # (up to 4608 = 36·128) stays within it; larger sizes take the PyTorch path.
 _MAX_AP = 64
+RULES = ("minmax", "gaussian")  # the scale rules hadamard_quantize_kernel has a branch for
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,7 +114,9 @@ def _launch_hadamard(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool,
         rows = rows.contiguous()
     count = rows.shape[0]
     y = torch.empty_like(rows) if store_y else rows  # rows: a placeholder pointer, never written
-    bits, rule, ratio = quant if quant is not None else (8, "minmax", None)
+    bits, rule, ratio = quant if quant is not None else (8, "minmax", None)  # placeholders when not quantizing
+    rule_id = spec.check_rule(rule, RULES, "robuq's Triton kernels (robuq/kernels/_triton_kernels.py)")
+    top = spec.level_range(spec.check_bits(bits))[1]
     levels = torch.empty(count, n, dtype=torch.int8, device=x.device) if quant else rows
     scale = torch.empty(count, dtype=torch.float32, device=x.device)
     offset = torch.empty(count, dtype=torch.float32, device=x.device)
@@ -125,10 +127,10 @@ def _launch_hadamard(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool,
         kernels.hadamard_quantize_kernel[(count,)](
             rows, signs_arg, ha, hb_t, y, levels, scale, offset, ratio_arg,
             a, n, rows.stride(0), y.stride(0), levels.stride(0),
-            gaussian_optimal_step(bits), 2**bits - 1, int8_level_shift(bits),
+            spec.gaussian_optimal_step(bits), top, spec.int8_level_shift(bits),
             AP=ha.shape[0], B=b, SIGNS=0 if signs is None else (2 if inverse else 1),
             STORE_Y=store_y, QUANT=quant is not None,
-            RULE=kernels.RULE_GAUSSIAN if rule == "gaussian" else kernels.RULE_MINMAX,
+            RULE=rule_id,
             HAS_RATIO=ratio is not None,
         )
     return y, levels, scale, offset
@@ -145,6 +147,7 @@ def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, bits: int, ru
     """(rotated x or None, int8 levels (tokens, n), scale (tokens,), offset (tokens,)) in one pass.
 
     Levels follow the integer path's convention: 0 … 2^b − 1, shifted down by 128 at 8 bits to fit int8.
+    A rule outside ``RULES`` or bits outside 1…8 are a ValueError, never another rule's numbers.
     """
     y, levels, scale, offset = _launch_hadamard(x, signs, False, store_rotated, (bits, rule, clip_ratio))
     return (y if store_rotated else None), levels, scale, offset

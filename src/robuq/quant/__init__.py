@@ -1,5 +1,6 @@
 """Quantization primitives and modules (no model-specific code lives here)."""
-from robuq.quant.activation import ActivationQuantizer, gaussian_optimal_step, quantize_activation
+from robuq.core.quantizer_spec import gaussian_optimal_step
+from robuq.quant.activation import ActivationQuantizer, quantize_activation
 from robuq.quant.attention import QuantAttentionCore
 from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
 from robuq.quant.hadamard import hadamard_transform

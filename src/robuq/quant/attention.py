@@ -6,7 +6,8 @@ import math
 import torch
 import torch.nn as nn
 
-from robuq.quant.activation import check_bits, quantize_activation
+from robuq.core.quantizer_spec import PROBABILITY_SCALE_EPS, check_bits, level_range
+from robuq.quant.activation import quantize_activation
 from robuq.quant.backends import backend_for, wants_grad
 from robuq.quant.primitives import affine_fake_quantize
 
@@ -17,9 +18,9 @@ def quantize_probabilities(p: torch.Tensor, bits: int) -> torch.Tensor:
     A fixed [0, 1] grid wastes most levels: with N tokens typical probabilities are ≈ 1/N. One scale per
     query row is still integer-kernel friendly, because probs·V sums along the row.
     """
-    top = 2**bits - 1
-    scale = (p.detach().amax(dim=-1, keepdim=True) / top).clamp_min(1e-12)
-    return affine_fake_quantize(p, scale, 0.0, 0, top)[0]
+    low, top = level_range(bits)
+    scale = (p.detach().amax(dim=-1, keepdim=True) / top).clamp_min(PROBABILITY_SCALE_EPS)
+    return affine_fake_quantize(p, scale, 0.0, low, top)[0]
 
 
 class QuantAttentionCore(nn.Module):

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robuq.quant.activation import ActivationQuantizer, check_bits
+from robuq.core.quantizer_spec import check_bits
+from robuq.quant.activation import ActivationQuantizer
 from robuq.quant.hadamard import hadamard_transform, random_signs
 from robuq.quant.weights import fake_quantize_weight, parse_weight_format, quantize_weight
 

@@ -11,14 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-EPS = 1e-8
-
-
-def int8_level_shift(bits: int) -> int:
-    """What integer kernels subtract from unsigned activation levels to store them as int8: 8-bit levels
-    0…255 become −128…127 (the shift is folded back into the offset); narrower ones fit as they are."""
-    return 128 if bits == 8 else 0
-
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward (the straight-through estimator)."""
@@ -38,6 +30,18 @@ class QuantizedTensor:
         return self.levels.to(self.scale.dtype) * self.scale + self.offset
 
 
+def _rounded(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | float) -> torch.Tensor:
+    """round((x − offset)/scale), half to even, in a new tensor: a true division, as the kernels do."""
+    return (x - offset).div_(scale).round_()
+
+
+def affine_levels(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | float, low: int,
+                  high: int) -> torch.Tensor:
+    """clamp(round((x − offset)/scale), low, high) as floats, without autograd: the levels alone, for inference."""
+    with torch.no_grad():
+        return _rounded(x, scale, offset).clamp_(low, high)
+
+
 class _FakeQuantize(torch.autograd.Function):
     """The same maths as the autograd path below, in a few in-place passes and one mask for backward.
 
@@ -47,7 +51,7 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, offset, low, high):
-        rounded = (x - offset).div_(scale).round_()
+        rounded = _rounded(x, scale, offset)
         if ctx.needs_input_grad[0]:
             # Inside the range ⇔ clamping changed nothing: two passes instead of three compares.
             levels = rounded.clamp(low, high)

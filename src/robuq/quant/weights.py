@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from robuq.quant.primitives import EPS, QuantizedTensor
+from robuq.core.quantizer_spec import SCALE_EPS
+from robuq.quant.primitives import QuantizedTensor
 
 
 def parse_weight_format(spec: str) -> float | None:
@@ -21,7 +22,7 @@ def parse_weight_format(spec: str) -> float | None:
 
 def ternarize_weight(w: torch.Tensor) -> QuantizedTensor:
     """Per output channel c: α_c = mean|W_c|, levels = clip(round(W / α_c), −1, 1)."""
-    scale = w.abs().mean(dim=-1, keepdim=True).clamp_min(EPS)
+    scale = w.abs().mean(dim=-1, keepdim=True).clamp_min(SCALE_EPS)
     levels = torch.clamp(torch.round(w / scale), -1, 1)
     return QuantizedTensor(levels, scale, 0.0, bits=math.log2(3))
 
@@ -29,7 +30,7 @@ def ternarize_weight(w: torch.Tensor) -> QuantizedTensor:
 def quantize_weight_int(w: torch.Tensor, bits: int) -> QuantizedTensor:
     """Symmetric per-output-channel k-bit: levels in [−(2^(k−1) − 1), 2^(k−1) − 1], scale from max|W_c|."""
     qmax = 2 ** (bits - 1) - 1
-    scale = (w.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(EPS)
+    scale = (w.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(SCALE_EPS)
     levels = torch.clamp(torch.round(w / scale), -qmax, qmax)
     return QuantizedTensor(levels, scale, 0.0, bits=bits)
 

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import torch.nn as nn
 
+from robuq.core.quantizer_spec import check_bits
 from robuq.models.dit import AttentionCore
-from robuq.quant.activation import check_bits
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
 from robuq.quantize.plan import BitPlan, PlanError, as_bits
