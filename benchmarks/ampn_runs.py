@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common import ROOT, write_result
 from robuq.ampn.plan import format_plan
+from robuq.quantize.plan import BitPlan
 
 
 def probes(log: Path) -> list[tuple[int, float]]:
@@ -46,7 +47,7 @@ def summarize(run: Path, out: Path) -> dict:
         "average_macs": plan["average_macs"], "role_averages": plan["role_averages"],
         "paper_role_averages_dit_xl2": plan.get("paper_role_averages_dit_xl2"), "start_bits_probe": warm,
         "plan_probe": final, "warmup_seconds": stage_seconds(run / "warmup" / "log.jsonl"),
-        "final_seconds": stage_seconds(run / "final" / "log.jsonl"), "summary": format_plan(plan),
+        "final_seconds": stage_seconds(run / "final" / "log.jsonl"), "summary": format_plan(BitPlan.from_dict(plan)),
     }
 
 

@@ -139,10 +139,10 @@ def main(argv: list[str] | None = None) -> None:
             warmup = max(1, row.ampn_warmup if row.ampn_warmup is not None else (steps // 4 if args.quick else 200))
             # Warm-up and final QAT share the row's step budget, so AMPN gets no more training than the others.
             config = replace(base, preset=row.preset, steps=max(1, steps - warmup), out_dir=str(work / slug))
-            final = ampn_run(config, AMPNConfig(budget=float(row.a_bits), warmup_qat_steps=warmup), progress=False)
+            final = ampn_run(AMPNConfig(qat=config, budget=float(row.a_bits), warmup_qat_steps=warmup), progress=False)
             model, _ = load_quantized(final / "model.safetensors")
         else:
-            policy = work / slug / "policy.yaml"
+            policy = work / slug / "policy.json"
             policy.parent.mkdir(parents=True, exist_ok=True)
             quant_config(row).save(policy)
             out = qat(replace(base, quant_config=str(policy), out_dir=str(work / slug / "qat")), progress=False,

@@ -11,15 +11,17 @@ from robuq.io.quantized import load_quantized, save_quantized
 from robuq.models.checkpoint import CheckpointError, load_dit
 from robuq.models.dit import DIT_MODELS, DiT, DiTConfig, create_dit
 from robuq.quant.linear import LinearQuantConfig
-from robuq.quantize import PlanError, QuantConfig, QuantRule, cost_summary, preset, quantize_
+from robuq.quantize import (
+    BitPlan, PlanError, QuantConfig, QuantRule, cost_summary, preset, quantize_, register_preset, resolve_policy,
+)
 from robuq.sample.generate import generate
 from robuq.train.trainer import TrainConfig, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DIT_MODELS", "CheckpointError", "DiT", "DiTConfig", "GaussianDiffusion", "LinearQuantConfig", "PlanError",
+    "DIT_MODELS", "BitPlan", "CheckpointError", "DiT", "DiTConfig", "GaussianDiffusion", "LinearQuantConfig", "PlanError",
     "QuantConfig", "QuantRule", "TrainConfig", "cost_summary", "create_diffusion", "create_dit", "export_model",
-    "generate", "load_any", "load_dit", "load_exported", "load_quantized", "preset", "quantize_", "save_quantized",
-    "train",
+    "generate", "load_any", "load_dit", "load_exported", "load_quantized", "preset", "quantize_", "register_preset",
+    "resolve_policy", "save_quantized", "train",
 ]
