@@ -45,6 +45,7 @@ def definitions() -> list[str]:
     # PyTorch rounds the Python scalar when it clamps a float32 tensor.
     return [*rules, f"-DSCALE_EPS={spec.SCALE_EPS!r}f", f"-DPROBABILITY_SCALE_EPS={spec.PROBABILITY_SCALE_EPS!r}f"]
 
+
 _f32, _i8, _i64, _int, _float = (ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int8),
                                  ctypes.c_int64, ctypes.c_int, ctypes.c_float)
 _i32p = ctypes.POINTER(ctypes.c_int32)
