@@ -8,16 +8,18 @@ Because H is orthogonal, the error measured in the rotated basis equals the erro
 "after" is H·x; "after_signs" is H·D·x with random signs D, as robuq's presets use by default.
 
     python benchmarks/activation_stats.py   # → results/activation_stats.{json,md,png}
+    python benchmarks/activation_stats.py --ckpt tiny.safetensors --images 4 --timesteps 100,900 --data-dir DIR   # a check
 """
 from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import ROOT, write_result
+from common import ROOT, invocation, write_result
 from robuq.data.fashion_mnist import FashionMNIST
 from robuq.diffusion.gaussian import create_diffusion
 from robuq.models.checkpoint import load_dit
@@ -65,14 +67,15 @@ def collect(model, images, labels, timesteps, seed: int) -> dict[str, torch.Tens
     return {k: torch.cat(v) for k, v in captured.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default=None, help="model file (default: the shipped teacher)")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--timesteps", default="50,250,500,750,950")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--results-dir", default=str(ROOT / "results"))
+    args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     model = load_dit(args.ckpt or default_teacher_path()).eval()
     size = model.x_embedder.grid_size * model.patch_size
@@ -116,13 +119,14 @@ def main() -> None:
     for role, r in by_role.items():
         quant_cells = [cell(r, f"mse_a{b}_{rule}", ".4f") for b in (2, 3, 4) for rule in ("minmax", "gaussian")]
         lines.append(f"| {role} | {cell(r, 'kurtosis', '.2f')} | {cell(r, 'max_over_std', '.1f')} | " + " | ".join(quant_cells) + " |")
-    figure = ROOT / "results" / "activation_stats.png"
+    figure = Path(args.results_dir) / "activation_stats.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
     plot(pooled, acts, figure)
     write_result(
         "activation_stats",
         {"ckpt": str(args.ckpt or default_teacher_path().name), "images": args.images, "timesteps": timesteps,
          "by_role": by_role, "per_layer": per_layer, "figure": figure.name},
-        "\n".join(lines) + f"\n\n![histograms]({figure.name})",
+        "\n".join(lines) + f"\n\n![histograms]({figure.name})", figure.parent, invocation(__file__, argv),
     )
     print("\n".join(lines))
 

@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common import ROOT, write_result
+from common import ROOT, invocation, write_result
 from robuq.ampn.plan import format_plan
 from robuq.quantize.plan import BitPlan
 
@@ -51,11 +51,11 @@ def summarize(run: Path, out: Path) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--results-dir", default=str(ROOT / "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.results_dir)
     rows = [summarize(Path(r), out / "ampn") for r in args.runs]
     roles = ("qkv", "proj", "fc1", "fc2")
@@ -70,7 +70,7 @@ def main() -> None:
     lines += ["", "Bits per layer type are averages over the six blocks; in brackets the paper's DiT-XL/2 allocation at the "
               "same budget (METHOD.md §7). The probe is the relative output MSE against the teacher on a fixed batch of "
               "training images, at the end of each stage."]
-    write_result("ampn", {"runs": rows}, "\n".join(lines), out)
+    write_result("ampn", {"runs": rows}, "\n".join(lines), out, invocation(__file__, argv))
     print("\n".join(lines))
 
 

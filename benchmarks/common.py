@@ -14,7 +14,25 @@ from typing import Callable
 
 import torch
 
+from robuq.models.dit import DiT, DiTConfig, dit_config
+
 ROOT = Path(__file__).resolve().parents[1]
+
+# Not a model anyone measures: two 48-wide blocks on 8×8 latents, so that a test runs a benchmark script
+# end to end in seconds (tests/test_benchmarks.py) while the real sizes stay the scripts' defaults.
+TOY = "toy"
+
+
+def model_config(name: str, input_size: int = 32) -> DiTConfig:
+    """The DiTConfig of a registry name ("DiT-S/2", …) at ``input_size`` latent pixels, or the ``TOY`` one."""
+    if name == TOY:
+        return DiTConfig(input_size=8, hidden_size=48, depth=2, num_heads=2)
+    return dit_config(name, input_size)
+
+
+def create_model(name: str, input_size: int = 32) -> DiT:
+    """A randomly initialised DiT of ``model_config(name, input_size)``."""
+    return DiT(model_config(name, input_size))
 
 
 def machine() -> dict:
@@ -43,13 +61,24 @@ def time_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, device:
     return statistics.median(samples)
 
 
-def write_result(name: str, payload: dict, markdown: str, out: Path | None = None) -> Path:
-    """results/<name>.json (payload + provenance) and results/<name>.md (the table a person reads)."""
+def invocation(script: str, argv: list[str] | None) -> list[str]:
+    """The command line that ran a benchmark: the process's own, or ``script`` with ``argv`` when its
+    ``main(argv)`` was called from other Python code (a test), whose own command line says nothing."""
+    if argv is None:
+        return list(sys.argv)
+    script_path = Path(script).resolve()
+    shown = script_path.relative_to(ROOT) if script_path.is_relative_to(ROOT) else script_path
+    return [str(shown), *argv]
+
+
+def write_result(name: str, payload: dict, markdown: str, out: Path | None = None, argv: list[str] | None = None) -> Path:
+    """results/<name>.json (payload + provenance) and results/<name>.md (the table a person reads);
+    ``argv`` is the command that ran it (``invocation``), by default the process's."""
     out = out or ROOT / "results"
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     provenance = {
         "machine": machine(),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *(sys.argv if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     data = {**payload, **provenance}

@@ -1,6 +1,7 @@
 """robuq's C kernels against the PyTorch code they replace, at DiT-S/2 and DiT-XL/2 shapes.
 
     python benchmarks/cpu_kernels.py         # → results/cpu_kernels.json and .md
+    python benchmarks/cpu_kernels.py --models toy --tokens 16 --repeats 1   # a check of the script, not a measurement
 
 Each row times the same call with the kernels on and off (``ROBUQ_NATIVE``), alternately, on the same
 inputs: the block linear's input pass (Hadamard + per-token quantization, and the low-rank branch's first
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import torch
 
-from common import time_ms, write_result
+from common import invocation, model_config, time_ms, write_result
 from robuq.deploy.elementwise import NativeGELU, use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
 from robuq.deploy.integer_linear import IntegerLinear
@@ -37,13 +39,15 @@ def side_by_side(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(on), statistics.median(off)
 
 
-MODELS = (("DiT-S/2", 384, 6), ("DiT-XL/2", 1152, 16))  # (name, hidden size, heads)
+MODELS = ("DiT-S/2", "DiT-XL/2")
 
 
-def cases(tokens: int, models=MODELS) -> list[tuple[str, str, object]]:
+def cases(tokens: int, models: tuple[str, ...] = MODELS) -> list[tuple[str, str, object]]:
+    """(model, what, call) for each kernel at the shapes of each model, ``tokens`` tokens in batches of 8."""
     torch.manual_seed(0)
     rows = []
-    for model, width, heads in models:
+    for model in models:
+        width, heads = model_config(model).hidden_size, model_config(model).num_heads
         for name, n_in, n_out in (("qkv", width, 3 * width), ("fc1", width, 4 * width), ("fc2", 4 * width, width)):
             layer = IntegerLinear(QuantLinear.from_linear(torch.nn.Linear(n_in, n_out), ROBUQ_LINEAR))
             layer.gelu = name == "fc1"  # as use_native_kernels sets it
@@ -67,22 +71,25 @@ def cases(tokens: int, models=MODELS) -> list[tuple[str, str, object]]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated; 'toy' checks the script in seconds")
+    parser.add_argument("--tokens", type=int, default=2048, help="a multiple of 8 (batches of 8 for the attention and block rows)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--results-dir", default=None)
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     retain_freed_memory()  # as load_exported does; both paths run under it
     results = []
     with torch.no_grad():
-        for model, what, fn in cases(args.tokens):
+        for model, what, fn in cases(args.tokens, tuple(args.models.split(","))):
             c_ms, torch_ms = side_by_side(fn, args.repeats)
             results.append({"model": model, "what": what, "c_kernels_ms": c_ms, "pytorch_ms": torch_ms, "speedup": torch_ms / c_ms})
     lines = ["| model | what | C kernels ms | PyTorch ms | speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['what']} | {r['c_kernels_ms']:.2f} | {r['pytorch_ms']:.2f} | {r['speedup']:.2f}× |" for r in results]
-    write_result("cpu_kernels", {"rows": results, "threads": args.threads}, "\n".join(lines))
+    write_result("cpu_kernels", {"rows": results, "threads": args.threads, "tokens": args.tokens, "repeats": args.repeats},
+                 "\n".join(lines), Path(args.results_dir) if args.results_dir else None, invocation(__file__, argv))
     print("\n".join(lines))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import write_result
+from common import invocation, write_result
 import robuq
 from robuq.deploy.export import export_model, load_exported
 from robuq.eval.metrics import psnr
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"| {r['exported_fp16']['psnr_db']:.1f} | {r['exported_fp32']['max_abs_diff']:.0f} "
                      f"| [grid](export_fidelity_grids/{r['grid']}) |")
     lines += ["", "Grids: the reference samples, the exported model's (fp32 parts), and 4× their absolute difference."]
-    write_result("export_fidelity", {"rows": rows}, "\n".join(lines), results_dir)
+    write_result("export_fidelity", {"rows": rows}, "\n".join(lines), results_dir, invocation(__file__, argv))
     print("\n".join(lines))
 
 

@@ -1,6 +1,7 @@
 """Fast Hadamard transform vs a dense matmul with H vs a plain memory copy (the floor).
 
-    python benchmarks/hadamard.py            # writes results/hadamard.json and .md
+    python benchmarks/hadamard.py                          # writes results/hadamard.json and .md
+    python benchmarks/hadamard.py --shapes 64x48 --repeats 1   # a check of the script, not a measurement
 
 ``fast`` is what ``hadamard_transform`` runs by default (robuq's C kernel on the CPU, Triton on a GPU);
 ``pytorch`` is its PyTorch fallback (a small matmul per Kronecker factor). All are timed side by side
@@ -9,10 +10,11 @@ in one run; compare the ratios, not the absolute times.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
-from common import time_ms, write_result
+from common import invocation, time_ms, write_result
 from robuq.kernels import native
 from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
 from robuq.quant.hadamard import hadamard_transform
@@ -34,14 +36,17 @@ def measure(shape: tuple[int, int], device: str, repeats: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="4096x1152,4096x4608", help="tokens×width, comma-separated (DiT-XL/2's by default)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--results-dir", default=None)
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = [measure(shape, d, args.repeats) for d in devices for shape in ((4096, 1152), (4096, 4608))]
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    rows = [measure(shape, d, args.repeats) for d in devices for shape in shapes]
     table = ["| shape | device | factors | fast ms | PyTorch path ms | dense ms | copy ms | dense/fast | fast/copy |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -50,7 +55,8 @@ def main() -> None:
             f"| {r['shape']} | {r['device']} | {r['factors']} | {r['fast_ms']:.1f} | {pytorch} | {r['dense_ms']:.1f} | {r['copy_ms']:.1f} "
             f"| {r['dense_over_fast']:.1f}× | {r['fast_over_copy']:.1f}× |"
         )
-    write_result("hadamard", {"rows": rows}, "\n".join(table))
+    write_result("hadamard", {"rows": rows, "repeats": args.repeats}, "\n".join(table),
+                 Path(args.results_dir) if args.results_dir else None, invocation(__file__, argv))
     print("\n".join(table))
 
 

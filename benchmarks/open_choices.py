@@ -7,15 +7,17 @@ its initial value), sign flips before the Hadamard transform, the low-rank rank 
 the branch sees full-precision or quantized inputs — each at A4, A3 and A2.
 
     python benchmarks/open_choices.py     # → results/open_choices.{json,md}
+    python benchmarks/open_choices.py --ckpt tiny.safetensors --images 8 --data-dir DIR   # a check of the script
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from common import write_result
+from common import invocation, write_result
 import robuq
 from robuq.train.calibration import calibration_batch, relative_error
 from robuq.data import build_dataset
@@ -54,12 +56,13 @@ def policy(bits: int, changes: dict) -> robuq.QuantConfig:
     return config
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--ckpt", default=None, help="the teacher (default: the shipped one)")
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--data-dir", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--results-dir", default=None)
+    args = parser.parse_args(argv)
     teacher = robuq.load_dit(args.ckpt or default_teacher_path()).eval()
     size = teacher.x_embedder.grid_size * teacher.patch_size
     dataset = build_dataset("fashion-mnist", size, args.data_dir, teacher.num_classes > 0)
@@ -76,7 +79,8 @@ def main() -> None:
              f"{args.images} training images at timesteps spread over [0, 1000). Lower is better.", "",
              "| variant | A4 | A3 | A2 |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['a4']:.4f} | {r['a3']:.4f} | {r['a2']:.4f} |" for r in rows]
-    write_result("open_choices", {"rows": rows, "images": args.images}, "\n".join(lines))
+    write_result("open_choices", {"rows": rows, "images": args.images, "ckpt": str(args.ckpt or default_teacher_path().name)},
+                 "\n".join(lines), Path(args.results_dir) if args.results_dir else None, invocation(__file__, argv))
     print("\n".join(lines))
 
 

@@ -1,6 +1,7 @@
 """Forward+backward time of the quantized DiT (a preset) against the full-precision one, same shapes.
 
     python benchmarks/qat_overhead.py        # DiT-S/2, latent 32×32, batch 8 → results/qat_overhead.json
+    python benchmarks/qat_overhead.py --model toy --batch 2 --rounds 1   # a check of the script, not a measurement
 
 The two models are timed alternately in one run, so machine noise hits both alike.
 """
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import torch
 
-from common import time_ms, write_result
+from common import create_model, invocation, time_ms, write_result
 import robuq
 
 
@@ -20,9 +22,9 @@ def step(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tens
     model(x, t, y).square().mean().backward()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="DiT-S/2")
+    parser.add_argument("--model", default="DiT-S/2", help="a registry name, or 'toy' to check the script in seconds")
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--preset", default="robuq")
@@ -30,14 +32,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    parser.add_argument("--results-dir", default=None)
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    fp = robuq.create_dit(args.model, input_size=args.input_size).to(args.device)
-    quant = robuq.create_dit(args.model, input_size=args.input_size).to(args.device)
+    fp = create_model(args.model, args.input_size).to(args.device)
+    quant = create_model(args.model, args.input_size).to(args.device)
     quant.load_state_dict(fp.state_dict())
     robuq.quantize_(quant, robuq.preset(args.preset, act_bits=args.act_bits))
-    x = torch.randn(args.batch, fp.in_channels, args.input_size, args.input_size, device=args.device)
+    size = fp.config.input_size
+    x = torch.randn(args.batch, fp.in_channels, size, size, device=args.device)
     t = torch.randint(0, 1000, (args.batch,), device=args.device)
     y = torch.randint(0, fp.num_classes, (args.batch,), device=args.device)
     fp_ms, q_ms = [], []
@@ -46,7 +50,7 @@ def main() -> None:
         q_ms.append(time_ms(lambda: step(quant, x, t, y), repeats=3, warmup=1, device=args.device))
     fp_med, q_med = statistics.median(fp_ms), statistics.median(q_ms)
     result = {
-        "model": args.model, "input_size": args.input_size, "batch": args.batch, "preset": args.preset,
+        "model": args.model, "input_size": size, "batch": args.batch, "preset": args.preset,
         "act_bits": args.act_bits, "device": args.device, "fp_ms": fp_med, "quantized_ms": q_med,
         "ratio": q_med / fp_med, "target_ratio": 1.5, "fp_ms_rounds": fp_ms, "quantized_ms_rounds": q_ms,
     }
@@ -54,7 +58,7 @@ def main() -> None:
         "| model | preset | batch | device | fp fwd+bwd ms | quantized fwd+bwd ms | ratio (target ≤ 1.5) |\n|---|---|---|---|---|---|---|\n"
         f"| {args.model} | {args.preset} A{args.act_bits} | {args.batch} | {args.device} | {fp_med:.0f} | {q_med:.0f} | {q_med / fp_med:.2f} |"
     )
-    write_result("qat_overhead", result, table)
+    write_result("qat_overhead", result, table, Path(args.results_dir) if args.results_dir else None, invocation(__file__, argv))
     print(table)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, write_result
+from common import ROOT, invocation, write_result
 import robuq
 from robuq.ampn.pipeline import AMPNConfig, ampn_run
 from robuq.quantize.cost import cost_summary
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     # A quick table keeps its own runs and grids: it must neither reuse nor overwrite the full table's.
     args.work_dir = args.work_dir or str(ROOT / "runs" / ("reproduce-quick" if args.quick else "reproduce"))
     if args.rescore:
-        return rescore(args)
+        return rescore(args, invocation(__file__, argv))
     steps = args.steps or (20 if args.quick else 400)
     per_class = args.samples_per_class or (10 if args.quick else 50)
     work = Path(args.work_dir)
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only and previous.is_file():
         payload = merge_rows(json.loads(previous.read_text()), payload)
         results = payload["rows"]
-    write_result(name, payload, markdown_table(results), results_dir)
+    write_result(name, payload, markdown_table(results), results_dir, invocation(__file__, argv))
     plot(results, results_dir / f"{name}.png")
 
 
@@ -239,7 +239,7 @@ def real_images_row(per_class: int, work: Path, args: argparse.Namespace) -> dic
             **metrics, "bops_ratio": float("nan"), "qat_seconds": 0.0}
 
 
-def rescore(args: argparse.Namespace) -> None:
+def rescore(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     """Re-evaluate a finished table from its sample files (after a metric fix), keeping everything else."""
     name = "reproduce_quick" if args.quick else "reproduce"
     results_dir, work = Path(args.results_dir), Path(args.work_dir)
@@ -254,7 +254,7 @@ def rescore(args: argparse.Namespace) -> None:
     # The rows keep the training run's provenance; write_result adds the rescoring's.
     payload["table_run"] = {k: payload.pop(k) for k in ("machine", "command", "date") if k in payload}
     payload["rescored_at_commit"] = git_commit()
-    write_result(name, payload, markdown_table(payload["rows"]), results_dir)
+    write_result(name, payload, markdown_table(payload["rows"]), results_dir, argv)
     plot(payload["rows"], results_dir / f"{name}.png")
 
 

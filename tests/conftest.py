@@ -1,14 +1,24 @@
 """Shared fixtures: tiny data written by the tests themselves, so nothing depends on a download."""
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
+import os
 
-from robuq.data.fashion_mnist import write_idx
-from robuq.models.dit import DiT, DiTConfig
+# Before numpy and scipy load OpenBLAS, which reads this once: with two OpenBLAS threads on the shared 2-core
+# machine, scipy's sqrtm of a 256×256 matrix (every FID) took 4.1 s against 0.07 s with one, measured side by side.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from robuq.data.fashion_mnist import write_idx  # noqa: E402
+from robuq.models.dit import DiT, DiTConfig  # noqa: E402
+
+# One thread: the tests' tensors are tiny, and on a shared 2-core machine a second OpenMP worker that waits
+# for a descheduled partner made tests up to ten times slower (tests/test_benchmarks.py, 2 threads against 1,
+# measured side by side). The threaded kernels' work split is tested where it is asked for
+# (test_deploy_export.py::test_exported_blocks_give_the_same_bits_at_any_thread_count).
+torch.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> DiTConfig:

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,16 +28,39 @@ def student_and_batch(tiny_dit):
     return build_student(tiny_dit, preset("robuq", act_bits=4)), batch
 
 
-def test_sensitivity_covers_block_linears_and_is_monotone(student_and_batch):
+def test_sensitivity_covers_block_linears_and_leaves_no_change(student_and_batch):
     student, batch = student_and_batch
     result = measure_sensitivity(student, batch, progress=False)
     assert list(result.table) == block_layers(student) and len(result.table) == 8  # 2 blocks × 4 linears
     for name, row in result.table.items():
-        assert row[1] > row[4], (name, row)
+        assert sorted(row) == [1, 2, 3, 4], (name, row)
         assert abs(row[4]) < 1e-9  # the model already runs at 4 bits
-    totals = [sum(row[b] for row in result.table.values()) for b in (1, 2, 3, 4)]
-    assert totals == sorted(totals, reverse=True), totals
     assert set(current_plan(student).values()) == {4}  # measured without leaving changes behind
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fewer_bits_cost_more_when_activations_are_the_only_error(tiny_dit, seed):
+    """With full-precision weights, adaLN and attention, a block linear's input bits are the model's only
+    error, so every layer's sensitivity falls with its bits: s(1) > s(2) > s(4) = 0. This holds whatever
+    weights and sign flips are drawn (20 draws when written, s(1)/s(2) ≥ 1.39). With ternary weights the
+    tiny model's sensitivities lie within the noise of its weight error and their order is the draw's."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in tiny_dit.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    config = preset("robuq", act_bits=4, attention_bits=None, adaln="fp", adaln_act_bits=None)
+    for rule in config.rules:
+        if rule.role != "adaln":
+            rule.linear = replace(rule.linear, weight="fp", lowrank_rank=0)
+    student = build_student(tiny_dit, config)
+    batch = calibration_batch(tiny_dit, torch.rand(12, 1, 8, 8) * 2 - 1, torch.arange(12) % 10, seed=seed)
+    result = measure_sensitivity(student, batch, progress=False)
+    assert result.baseline_error > 0
+    for name, row in result.table.items():
+        assert row[1] > row[2] > 0 and abs(row[4]) < 1e-9, (name, row)
+    totals = [sum(row[b] for row in result.table.values()) for b in (1, 2, 3, 4)]
+    assert totals[0] > totals[1] > totals[2] > totals[3], totals
 
 
 def test_sensitivity_is_deterministic_and_matches_a_full_forward(student_and_batch):

@@ -50,9 +50,20 @@ def test_errors_are_one_readable_line(tmp_path, capsys):
     assert main(["sample", "--ckpt", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_a_bad_plan_names_each_wrong_entry_and_writes_nothing(tmp_path, tiny_ckpt, capsys):
     bad_plan = tmp_path / "plan.json"
-    bad_plan.write_text(json.dumps({"blocks.0.mlp.fc9": 2}))
-    assert main(["quantize", "--ckpt", str(tmp_path / "nope"), "--plan", str(bad_plan)]) == 2
+    bad_plan.write_text(json.dumps({"blocks.0.mlp.fc9": 2, "blocks.1.attn.proj": 12, "blocks.0.mlp.fc2": 3}))
+    out = tmp_path / "q.safetensors"
+    assert main(["quantize", "--ckpt", tiny_ckpt, "--plan", str(bad_plan), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    # The checkpoint loaded, so the error is the plan's: both bad entries named, the good one not, real names suggested.
+    assert "invalid bit plan" in err and "Traceback" not in err
+    assert "'blocks.0.mlp.fc9' is not a quantized linear layer" in err and "blocks.0.attn.qkv" in err
+    assert "'blocks.1.attn.proj': bits must be from 1 to 8, got 12" in err
+    assert "blocks.0.mlp.fc2" not in err
+    assert not out.exists()
 
 
 def test_export_report_and_sample_from_the_export(tmp_path, tiny_ckpt, capsys):

@@ -1,7 +1,8 @@
-import copy
+import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import robuq
 from robuq.deploy.export import export_model, file_report, load_exported
@@ -76,6 +77,32 @@ def test_an_exported_model_runs_the_model_code_with_kernels_in_its_seams(tmp_pat
     assert ran == list(exported.blocks)
 
 
+def test_exported_blocks_give_the_same_bits_at_any_thread_count(tmp_path, quantized):
+    """robuq's kernels split rows between threads, never a row's sums, so the thread count cannot change a bit
+    of a block's output (PyTorch's own embedders and final layer may differ in the last place)."""
+    model, config = quantized
+    exported = load_exported(export_model(model, config, tmp_path / "m.safetensors", dtype="fp32"))
+    calls = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: calls.setdefault(n, (mod, args)) and None)
+             for n, m in exported.named_modules() if n.startswith("blocks.")]
+    with torch.no_grad():
+        exported(*_inputs())
+    for h in hooks:
+        h.remove()
+    assert {"blocks.0", "blocks.1.attn.core", "blocks.1.mlp.fc2"} <= set(calls)
+    threads = torch.get_num_threads()
+    try:
+        for name, (module, args) in calls.items():
+            outputs = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                with torch.no_grad():
+                    outputs.append(module(*args))
+            assert all(torch.equal(outputs[0], o) for o in outputs[1:]), name
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fp16_file_is_smaller_and_close(tmp_path, quantized):
     model, config = quantized
     full = export_model(model, config, tmp_path / "fp32.safetensors", dtype="fp32")
@@ -104,15 +131,32 @@ def test_damaged_files_fail_clearly(tmp_path, quantized):
         load_exported(tmp_path / "short.safetensors")
 
 
-def test_report_arithmetic(tmp_path, quantized):
+def _safetensors_data_bytes(path) -> int:
+    """Bytes of tensor data in a safetensors file: the file less its 8-byte length prefix and JSON header."""
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return os.path.getsize(path) - 8 - header
+
+
+def test_report_matches_the_files_and_the_layer_shapes(tmp_path, quantized):
     model, config = quantized
     path = export_model(model, config, tmp_path / "m.safetensors", "ternary-trits")
     report = file_report(path)
-    params = sum(p.numel() for p in robuq.DiT(model.config).parameters())
-    assert report["params"] == params and report["fp32_bytes"] == 4 * params
-    assert report["ratio_fp32"] == pytest.approx(4 * params / path.stat().st_size)
-    assert sum(report["groups"].values()) < path.stat().st_size  # the header is the rest
-    assert report["groups"]["packed weights"] >= -(-model.get_submodule("blocks.0.mlp.fc1").weight.numel() // 5)
+    # The fp32 and fp16 checkpoints the ratios refer to, written for real.
+    plain = robuq.DiT(model.config).state_dict()
+    save_file({k: v.contiguous() for k, v in plain.items()}, tmp_path / "fp32.safetensors")
+    save_file({k: v.half().contiguous() for k, v in plain.items()}, tmp_path / "fp16.safetensors")
+    assert report["fp32_bytes"] == _safetensors_data_bytes(tmp_path / "fp32.safetensors")
+    assert report["fp16_bytes"] == _safetensors_data_bytes(tmp_path / "fp16.safetensors")
+    assert report["ratio_fp32"] == pytest.approx(report["fp32_bytes"] / path.stat().st_size)
+    assert report["file_bytes"] == path.stat().st_size
+    assert sum(report["groups"].values()) == _safetensors_data_bytes(path)
+    # Per block of the tiny DiT (width 48, MLP 192): ternary qkv 48→144, proj 48→48, fc1 48→192, fc2 192→48 at five
+    # trits a byte, adaLN 48→288 at two int4 levels a byte; rank-16 branches and one scale per output, in fp16.
+    ternary = (48 * 144, 48 * 48, 48 * 192, 192 * 48)
+    assert report["groups"]["packed weights"] == 2 * (sum(-(-n // 5) for n in ternary) + 48 * 288 // 2)
+    assert report["groups"]["low-rank branches"] == 2 * 2 * 16 * (144 + 48 + 48 + 48 + 192 + 48 + 48 + 192)
+    assert report["groups"]["scales"] == 2 * 2 * (144 + 48 + 192 + 48 + 288)
 
 
 def test_cost_summary_of_an_exported_model_matches_its_training_model(tmp_path, quantized):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # Triton's compiler takes seconds per kernel
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 
+@pytest.mark.slow  # a second pytest process, and every kernel interpreted in Python
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the kernel tests run compiled, in this process")
 def test_triton_kernels_under_the_interpreter():
     tests = Path(__file__).with_name("test_kernels_triton.py")

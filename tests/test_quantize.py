@@ -34,6 +34,36 @@ def test_quantize_replaces_exactly_the_policy_modules_on_dit_s2():
         assert type(model.get_submodule(name)) in (nn.Linear, nn.Conv2d), name
 
 
+def _hadamard_signs(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.hadamard_signs.clone() for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.hadamard_signs is not None}
+
+
+def test_hadamard_signs_follow_the_layer_name():
+    """Each layer draws its sign flips from its name: equal-sized layers differ, the same layer of another
+    model (other weights, depth and global RNG state) gets the same flips, and a policy that swaps fewer
+    modules leaves the flips of the ones it swaps unchanged — so a plan or a partial policy never reshuffles them."""
+    config = preset("robuq", act_bits=4)
+    torch.manual_seed(0)
+    full = _hadamard_signs(quantize_(robuq.DiT(tiny_config()), config, initialize=False))
+    assert len(full) == 8  # the four block linears of two blocks
+    square = [s for s in full.values() if s.numel() == 48]  # qkv, proj and fc1 all take the 48-wide tokens
+    assert len(square) == 6
+    assert all(set(s.tolist()) == {-1.0, 1.0} for s in full.values())
+    for i, a in enumerate(square):
+        for b in square[i + 1:]:
+            assert not torch.equal(a, b)
+
+    torch.manual_seed(1)
+    deeper = _hadamard_signs(quantize_(robuq.DiT(tiny_config(depth=3)), config, initialize=False))
+    assert len(deeper) == 12 and all(torch.equal(deeper[n], s) for n, s in full.items())
+
+    only_fc2 = preset("robuq", act_bits=4)
+    only_fc2.rules = [r for r in only_fc2.rules if r.role == "fc2"]
+    partial = _hadamard_signs(quantize_(robuq.DiT(tiny_config()), only_fc2, initialize=False))
+    assert sorted(partial) == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
+    assert all(torch.equal(partial[n], full[n]) for n in partial)
+
+
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("bits", [4, 2])
 def test_every_preset_runs_forward_and_backward(tiny_dit, name, bits):
