@@ -190,7 +190,7 @@ def is_diffusers_folder(path: str | os.PathLike) -> bool:
 
 def load_diffusers_dit(path: str | os.PathLike) -> DiT:
     """robuq's DiT from a local ``save_pretrained`` folder of a ``DiTTransformer2DModel`` (no download)."""
-    transformer = _diffusers().DiTTransformer2DModel.from_pretrained(str(path), local_files_only=True)
+    transformer = _diffusers().DiTTransformer2DModel.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
     return diffusers_to_dit(transformer)
 
 
