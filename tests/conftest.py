@@ -51,3 +51,28 @@ def fmnist_dir(tmp_path):
         write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels)
     return tmp_path
+
+
+def tiny_diffusers_dit(seed: int = 0, shared_embedders: bool = False, **overrides):
+    """A small random diffusers DiTTransformer2DModel (skips the test without diffusers). ``shared_embedders``
+    gives every block block 0's timestep/class embedder, as converted checkpoints have."""
+    diffusers = pytest.importorskip("diffusers")
+    base = dict(num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=8, num_layers=2,
+                sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    base.update(overrides)
+    torch.manual_seed(seed)
+    model = diffusers.DiTTransformer2DModel(**base)
+    if shared_embedders:
+        for block in model.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
+    return model.eval()
+
+
+def run_diffusers(model, seed: int = 1, batch: int = 2):
+    """The output of a diffusers DiT on fixed random latents, timesteps and labels."""
+    size, channels = model.config.sample_size, model.config.in_channels
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, size, size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    y = torch.randint(0, model.config.num_embeds_ada_norm, (batch,), generator=g)
+    return model(x, timestep=t, class_labels=y).sample

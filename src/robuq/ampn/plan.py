@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from robuq.ampn.allocate import Allocation, allocate_bits
-from robuq.ampn.sensitivity import Sensitivity, layer_role
+from robuq.ampn.sensitivity import Sensitivity, block_index, layer_role
 from robuq.quantize.plan import BitPlan
 from robuq.quantize.policy import BLOCK_ROLES
 
@@ -75,7 +75,7 @@ def plot_plan(plan: BitPlan, path: str | Path) -> Path:
     ax = fig.subplots()
     markers = {"qkv": "o", "proj": "s", "fc1": "^", "fc2": "v"}
     for i, role in enumerate(BLOCK_ROLES):
-        points = sorted((int(n.split(".")[1]), b) for n, b in plan.bits.items() if layer_role(n) == role)
+        points = sorted((block_index(n), b) for n, b in plan.bits.items() if layer_role(n) == role)
         if points:
             depth, bits = zip(*points)
             ax.plot([d + (i - 1.5) * 0.08 for d in depth], bits, marker=markers[role], linestyle="-", alpha=0.8, label=role)

@@ -3,29 +3,34 @@ when only that layer drops to b bits (METHOD.md §7, the default metric)."""
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from robuq.train.calibration import CalibrationBatch
-from robuq.models.dit import DiT
+from robuq.models.families import DIT, model_family, model_output
 from robuq.quant.linear import QuantLinear
-from robuq.quantize.policy import BLOCK_ROLES, LAYOUTS
+from robuq.quantize.policy import AUTO, layer_role, layout_patterns
+
+__all__ = ["Sensitivity", "block_index", "block_layers", "layer_role", "measure_sensitivity"]
 
 
-def block_layers(model: DiT, layout: str = "dit") -> list[str]:
-    """The QuantLinears AMPN allocates bits to: the four block linears of every block, in depth order."""
-    patterns = [p for role in BLOCK_ROLES for p in LAYOUTS[layout][role]]
+def block_layers(model: nn.Module, layout: str = AUTO) -> list[str]:
+    """The QuantLinears AMPN allocates bits to: the block linears of every block (q, k and v apart in
+    diffusers' layout), in depth order."""
+    patterns = layout_patterns(layout)
     return [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-def layer_role(name: str) -> str:
-    """"qkv", "proj", "fc1" or "fc2" for a DiT block linear's name."""
-    for role in BLOCK_ROLES:
-        if name.endswith(role):
-            return role
-    raise ValueError(f"{name!r} is not a DiT block linear (…attn.qkv, attn.proj, mlp.fc1 or mlp.fc2)")
+def block_index(name: str) -> int:
+    """The block a layer belongs to, from its name (``blocks.N.…`` or diffusers' ``transformer_blocks.N.…``)."""
+    match = re.match(r"(?:transformer_)?blocks\.(\d+)\.", name)
+    if match is None:
+        raise ValueError(f"{name!r} is not inside a DiT block (blocks.N.… or transformer_blocks.N.…)")
+    return int(match.group(1))
 
 
 @dataclass
@@ -46,12 +51,15 @@ class Sensitivity:
 
 @torch.no_grad()
 def measure_sensitivity(
-    model: DiT, batch: CalibrationBatch, choices: tuple[int, ...] = (1, 2, 3, 4), layers: list[str] | None = None,
+    model: nn.Module, batch: CalibrationBatch, choices: tuple[int, ...] = (1, 2, 3, 4), layers: list[str] | None = None,
     progress: bool = True,
 ) -> Sensitivity:
     """For every layer and every b in ``choices``: error(layer at b bits, the rest as they are) − error(as is).
 
-    Block inputs are computed once and cached, so changing a layer in block i re-runs only blocks i…N.
+    ``model`` is robuq's DiT or a diffusers DiTTransformer2DModel. For robuq's DiT, block inputs are
+    computed once and cached, so changing a layer in block i re-runs only blocks i…N; a diffusers model
+    runs its own forward for each measurement (its blocks take the raw timestep and label, and its
+    output head is part of that forward, not a module of its own).
     """
     device = next(model.parameters()).device
     b = batch.to(device)
@@ -59,28 +67,35 @@ def measure_sensitivity(
     was_training = model.training
     model.eval()
     scale = b.target.var()
-    c = model.condition(b.t, b.y)
-    hidden = [model.x_embedder(b.x_t) + model.pos_embed]
-    for block in model.blocks:
-        hidden.append(block(hidden[-1], c))
+    if model_family(model) == DIT:
+        c = model.condition(b.t, b.y)
+        hidden = [model.x_embedder(b.x_t) + model.pos_embed]
+        for block in model.blocks:
+            hidden.append(block(hidden[-1], c))
+
+        def output_from(start: int) -> torch.Tensor:
+            h = hidden[start]
+            for block in model.blocks[start:]:
+                h = block(h, c)
+            return model.head(h, c)
+
+        depth, tokens = len(model.blocks), hidden[0].shape[1]
+    else:
+        def output_from(start: int) -> torch.Tensor:
+            return model_output(model, b.x_t, b.t, b.y)
+
+        depth, tokens = len(model.transformer_blocks), (b.x_t.shape[-1] // model.config.patch_size) ** 2
 
     def error_from(start: int) -> float:
-        h = hidden[start]
-        for block in model.blocks[start:]:
-            h = block(h, c)
-        return float((model.head(h, c) - b.target).pow(2).mean() / scale)
+        return float((output_from(start) - b.target).pow(2).mean() / scale)
 
-    baseline = error_from(len(model.blocks))
+    baseline = error_from(depth)
     table: dict[str, dict[int, float]] = {}
     macs: dict[str, int] = {}
-    tokens = hidden[0].shape[1]
     try:
         for name in tqdm(layers, desc="sensitivity", disable=not progress, dynamic_ncols=True):
             layer: QuantLinear = model.get_submodule(name)
-            parts = name.split(".")
-            if parts[0] != "blocks" or not parts[1].isdigit():
-                raise ValueError(f"{name!r} is not inside robuq's DiT blocks (blocks.N.…); pass a robuq DiT")
-            start = int(parts[1])
+            start = block_index(name)
             original = layer.act_bits
             try:
                 table[name] = {}

@@ -2,17 +2,19 @@
 
 Layout (safetensors, no pickle): for every block linear with quantized weights and activations,
 ``<name>.weight_packed`` (uint8), ``<name>.weight_scale``, and its bias / low-rank branch / sign flips /
-clip ratio; every other tensor of the model as it is, in ``dtype``. The header's JSON holds the DiT
+clip ratio; every other tensor of the model as it is, in ``dtype``. The header's JSON holds the model
 config, the quantization policy, the bit plan and, per packed layer, its format and shape.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from robuq.deploy.elementwise import use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
@@ -20,7 +22,7 @@ from robuq.deploy.integer_linear import IntegerLinear, convert_to_integer
 from robuq.deploy.packing import PACKERS
 from robuq.core.files import load_tensors, save_tensors
 from robuq.models.checkpoint import CheckpointError
-from robuq.models.dit import DiT, DiTConfig
+from robuq.models.families import DIT, build_model, model_record
 from robuq.models.skeleton import meta_skeleton
 from robuq.quant.primitives import QuantizedTensor
 from robuq.quant.linear import QuantLinear
@@ -43,9 +45,10 @@ def _weight_format(layer: QuantLinear, ternary_packing: str) -> str:
     raise ValueError(f"no packing for weight format {layer.config.weight!r} yet; export supports ternary and int2–int4")
 
 
-def export_model(model: DiT, config: QuantConfig, path: str | os.PathLike, ternary_packing: str = "ternary-2bit",
+def export_model(model: nn.Module, config: QuantConfig, path: str | os.PathLike, ternary_packing: str = "ternary-2bit",
                  dtype: str = "fp16") -> Path:
-    """Write ``model`` (quantized with ``config``) as a compact file; returns its path."""
+    """Write ``model`` (robuq's DiT or a diffusers DiTTransformer2DModel, quantized with ``config``) as a
+    compact file; returns its path."""
     if ternary_packing not in ("ternary-2bit", "ternary-trits"):
         raise ValueError(f"ternary_packing must be 'ternary-2bit' or 'ternary-trits', not {ternary_packing!r}")
     if dtype not in DTYPES:
@@ -75,7 +78,7 @@ def export_model(model: DiT, config: QuantConfig, path: str | os.PathLike, terna
         else:
             tensors[key] = value.to(half)
     meta = {
-        "kind": "robuq-export", "format_version": FORMAT_VERSION, "dtype": dtype, "model_config": model.config.to_dict(),
+        "kind": "robuq-export", "format_version": FORMAT_VERSION, "dtype": dtype, **model_record(model),
         "quant_config": config.to_dict(), "plan": current_plan(model),
         "packed": packed,
     }
@@ -86,7 +89,7 @@ def _corrupt(path: Any, why: str) -> CheckpointError:
     return CheckpointError(f"{path} is not a usable robuq export: {why}. Re-export it with `robuq export`.")
 
 
-def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: bool = False) -> DiT:
+def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: bool = False) -> nn.Module:
     """An inference model from an exported file: block linears run on integer levels (``integer=True``)
     or as the fake-quantized float layers they were trained as.
 
@@ -104,8 +107,9 @@ def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: 
         raise _corrupt(path, f"format version {meta.get('format_version')} is not {FORMAT_VERSION}")
     # The skeleton lives on the meta device: the file's tensors are assigned into it, so no random
     # initialisation and (for integer inference) no float copy of the packed weights is ever allocated.
-    with meta_skeleton():
-        model = DiT(DiTConfig(**meta["model_config"]))
+    # Not for diffusers' model, whose positional table is a buffer computed at construction and not saved.
+    with meta_skeleton() if meta.get("model_family", DIT) == DIT else contextlib.nullcontext():
+        model = build_model(meta)
         quantize_(model, QuantConfig.from_dict(meta["quant_config"]), plan=meta.get("plan") or None, initialize=False)
     state, weights = {}, {}
     for name, info in meta["packed"].items():
@@ -165,7 +169,8 @@ def file_report(path: str | os.PathLike) -> dict[str, Any]:
     tensors, meta = load_tensors(path)
     if meta.get("kind") != "robuq-export":
         raise _corrupt(path, "its header does not describe a robuq export")
-    model = DiT(DiTConfig(**meta["model_config"]))
+    with meta_skeleton():
+        model = build_model(meta)
     params = sum(p.numel() for p in model.parameters())
     groups: dict[str, int] = {}
     for key, value in tensors.items():

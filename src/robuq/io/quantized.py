@@ -1,4 +1,5 @@
-"""Save and load quantized DiTs: one safetensors file holding the state, the policy and the bit plan."""
+"""Save and load quantized DiTs (robuq's or diffusers'): one safetensors file holding the state, the policy
+and the bit plan."""
 from __future__ import annotations
 
 import os
@@ -6,38 +7,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.nn as nn
 
 from robuq.core.files import save_tensors
 from robuq.core.options import option
 from robuq.core.runtime import default_teacher_path
 from robuq.models.checkpoint import CheckpointError, check_compatible, load_dit, read_state_dict
-from robuq.models.dit import DiT, DiTConfig
+from robuq.models.dit import DiT
+from robuq.models.families import build_model, model_record
 from robuq.quantize.policy import QuantConfig, current_plan, quantize_
 from robuq.quantize.presets import resolve_policy
 
 
-def quantized_meta(model: DiT, config: QuantConfig) -> dict[str, Any]:
-    """The JSON that rebuilds ``model``'s structure: DiT config, policy and the plan in force."""
-    return {
-        "kind": "quantized-model", "model_config": model.config.to_dict(), "quant_config": config.to_dict(),
-        "plan": current_plan(model),
-    }
+def quantized_meta(model: nn.Module, config: QuantConfig) -> dict[str, Any]:
+    """The JSON that rebuilds ``model``'s structure: model family and config, policy and the plan in force."""
+    return {"kind": "quantized-model", **model_record(model), "quant_config": config.to_dict(), "plan": current_plan(model)}
 
 
-def save_quantized(model: DiT, path: str | os.PathLike, config: QuantConfig, extra_meta: dict[str, Any] | None = None) -> Path:
+def save_quantized(model: nn.Module, path: str | os.PathLike, config: QuantConfig, extra_meta: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (already ``quantize_``d with ``config``) atomically as safetensors + JSON header."""
     return save_tensors(path, model.state_dict(), {**quantized_meta(model, config), **(extra_meta or {})})
 
 
-def load_quantized(path: str | os.PathLike, prefer: str = "ema", map_location: str = "cpu") -> tuple[DiT, QuantConfig]:
-    """The quantized DiT stored in ``path`` (a ``save_quantized`` file or a QAT training checkpoint)."""
+def load_quantized(path: str | os.PathLike, prefer: str = "ema", map_location: str = "cpu") -> tuple[nn.Module, QuantConfig]:
+    """The quantized model stored in ``path`` (a ``save_quantized`` file or a QAT training checkpoint):
+    robuq's DiT, or a diffusers DiTTransformer2DModel if one was saved."""
     state, meta = read_state_dict(path, prefer=prefer)
     if "quant_config" not in meta or "model_config" not in meta:
         raise CheckpointError(
             f"{path} is not a quantized robuq model (no quantization config in its header); "
             "load full-precision checkpoints with robuq.load_dit"
         )
-    model = DiT(DiTConfig(**meta["model_config"]))
+    model = build_model(meta)
     config = QuantConfig.from_dict(meta["quant_config"])
     quantize_(model, config, plan=meta.get("plan") or None, initialize=False)
     check_compatible(model, state, str(path))

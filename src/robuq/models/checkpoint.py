@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from robuq.core.files import load_tensors
+from robuq.models.convert_diffusers import is_diffusers_folder, load_diffusers_dit
 from robuq.models.dit import DIT_SIZES, DiT, DiTConfig
 
 # Attention heads cannot be read off the weights; these are the registry's choices per width.
@@ -150,7 +151,12 @@ def load_dit(
     path: str | os.PathLike, config: DiTConfig | None = None, prefer: str = "ema", map_location: str = "cpu"
 ) -> DiT:
     """A DiT with the weights of ``path``; the config comes from robuq's metadata or the tensor shapes
-    unless given."""
+    unless given. A diffusers ``DiTTransformer2DModel.save_pretrained`` folder is converted exactly
+    (robuq.models.convert_diffusers)."""
+    if is_diffusers_folder(path):
+        if config is not None:
+            raise CheckpointError(f"{path} is a diffusers model folder: its config.json gives the configuration")
+        return load_diffusers_dit(path).to(map_location)
     state, meta = read_state_dict(path, prefer=prefer)
     if "quant_config" in meta:
         raise CheckpointError(f"{path} is a quantized model; load it with robuq.load_quantized")

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from robuq.core.options import option
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -37,8 +39,9 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Sinusoidal timestep features followed by a two-layer MLP."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, frequency_shift: float = 0.0):
         super().__init__()
+        self.frequency_shift = frequency_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
@@ -47,9 +50,11 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: float = 0.0) -> torch.Tensor:
+        """cos/sin features of ``t`` at frequencies max_period^(−i/(dim/2 − shift)); the reference uses
+        shift 0, diffusers' DiT ports shift 1."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -57,7 +62,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size, shift=self.frequency_shift))
 
 
 class LabelEmbedder(nn.Module):
@@ -141,11 +146,11 @@ class GatedResidual(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block whose LayerNorms are modulated by the conditioning (adaLN-Zero)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = ModulatedLayerNorm(hidden_size, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = ModulatedLayerNorm(hidden_size, eps=1e-6)
+        self.norm2 = ModulatedLayerNorm(hidden_size, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.residual = GatedResidual()
@@ -183,6 +188,10 @@ class DiTConfig:
     class_dropout_prob: float = 0.1
     num_classes: int = 1000
     learn_sigma: bool = True
+    # Two details in which diffusers' DiTTransformer2DModel differs from the reference; the defaults
+    # are the reference's, robuq.models.convert_diffusers sets them for models converted from diffusers.
+    timestep_freq_shift: float = option(0.0, "timestep features at frequencies 10000^(-i/(128 - shift)): 0 reference, 1 diffusers")
+    mlp_norm_eps: float = option(1e-6, "epsilon of the LayerNorm before each block's MLP (diffusers: its norm_eps)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,14 +211,15 @@ class DiT(nn.Module):
         hidden = config.hidden_size
 
         self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, hidden)
-        self.t_embedder = TimestepEmbedder(hidden)
+        self.t_embedder = TimestepEmbedder(hidden, frequency_shift=config.timestep_freq_shift)
         self.y_embedder = (
             LabelEmbedder(config.num_classes, hidden, config.class_dropout_prob) if config.num_classes > 0 else None
         )
         # Fixed sin-cos embedding, stored as a frozen parameter because reference checkpoints carry it.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden, config.num_heads, mlp_ratio=config.mlp_ratio) for _ in range(config.depth)]
+            [DiTBlock(hidden, config.num_heads, mlp_ratio=config.mlp_ratio, mlp_norm_eps=config.mlp_norm_eps)
+             for _ in range(config.depth)]
         )
         self.final_layer = FinalLayer(hidden, config.patch_size, self.out_channels)
         self.initialize_weights()

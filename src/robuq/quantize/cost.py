@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from robuq.models.dit import AttentionCore, DiT
+from robuq.models.diffusers_attention import RobuqAttnProcessor, is_diffusers_attention
+from robuq.models.dit import AttentionCore
+from robuq.models.families import example_inputs, model_output
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
 from robuq.quant.weights import parse_weight_format
@@ -102,19 +104,10 @@ def _is_quantized_linear(module: nn.Module) -> bool:
     return isinstance(module, QuantLinear) or isinstance(getattr(module, "config", None), LinearQuantConfig)
 
 
-def example_inputs(model: DiT, batch: int = 1) -> tuple[torch.Tensor, ...]:
-    """(x, t, y) of ``batch`` images at the DiT's own size (y None when unconditional)."""
-    device = next(model.parameters()).device
-    size = model.x_embedder.grid_size * model.patch_size
-    x = torch.zeros(batch, model.in_channels, size, size, device=device)
-    t = torch.full((batch,), 500, device=device)
-    y = torch.zeros(batch, dtype=torch.long, device=device)
-    return (x, t, y) if model.num_classes else (x, t, None)
-
-
 @torch.no_grad()
 def cost_summary(model: nn.Module, inputs: tuple | None = None) -> CostSummary:
-    """Cost of one forward pass on ``inputs`` (default: one image at the DiT's own size)."""
+    """Cost of one forward pass on ``inputs`` ((x, t, y); default: one image at the model's own size), for
+    robuq's DiT or a diffusers DiTTransformer2DModel."""
     inputs = inputs if inputs is not None else example_inputs(model)
     summary = CostSummary()
     hooks = []
@@ -138,6 +131,10 @@ def cost_summary(model: nn.Module, inputs: tuple | None = None) -> CostSummary:
             elif isinstance(mod, nn.Conv2d):
                 macs = out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size)
                 summary.modules.append(ModuleCost(name, "Conv2d", "fp", FP_BITS, FP_BITS, macs, macs * FP_BITS**2))
+            elif is_diffusers_attention(mod):  # diffusers' own processor: full-precision matmuls
+                batch, tokens, channels = x.shape
+                qk = pv = batch * tokens * tokens * channels
+                summary.modules.append(ModuleCost(name, "Attention", "-", FP_BITS, FP_BITS, qk + pv, (qk + pv) * FP_BITS**2))
             elif isinstance(mod, (AttentionCore, QuantAttentionCore)):
                 q, k, v = args
                 heads_tokens = q.shape[:-2].numel() * q.shape[-2] * k.shape[-2]
@@ -150,12 +147,15 @@ def cost_summary(model: nn.Module, inputs: tuple | None = None) -> CostSummary:
         return hook
 
     for name, module in model.named_modules():
-        if _is_quantized_linear(module) or isinstance(module, (nn.Linear, nn.Conv2d, AttentionCore, QuantAttentionCore)):
+        # An attention running robuq's processor is counted by the processor's core.
+        own_processor = is_diffusers_attention(module) and isinstance(getattr(module, "processor", None), RobuqAttnProcessor)
+        if _is_quantized_linear(module) or isinstance(module, (nn.Linear, nn.Conv2d, AttentionCore, QuantAttentionCore)) or (
+                is_diffusers_attention(module) and not own_processor):
             hooks.append(module.register_forward_hook(record(name, module)))
     was_training = model.training
     model.eval()
     try:
-        model(*inputs)
+        model_output(model, *inputs)
     finally:
         for h in hooks:
             h.remove()

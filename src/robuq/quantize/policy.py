@@ -16,7 +16,9 @@ from typing import Any, Mapping
 
 import torch.nn as nn
 
+from robuq.core.options import option
 from robuq.core.quantizer_spec import check_bits
+from robuq.models.diffusers_attention import install_attention_core, is_diffusers_attention
 from robuq.models.dit import AttentionCore
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
@@ -32,17 +34,54 @@ LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
         "adaln": ("blocks.*.adaLN_modulation.1",),
         "attention": ("blocks.*.attn.core",),
     },
-    # diffusers' DiTTransformer2DModel: attention matmuls live in its processor and are not swapped.
+    # diffusers' DiTTransformer2DModel: the attention matmuls run in robuq's attention processor
+    # (robuq.models.diffusers_attention), whose core quantize_ swaps like a DiT block's.
     "diffusers": {
         "qkv": ("transformer_blocks.*.attn1.to_q", "transformer_blocks.*.attn1.to_k", "transformer_blocks.*.attn1.to_v"),
         "proj": ("transformer_blocks.*.attn1.to_out.0",),
         "fc1": ("transformer_blocks.*.ff.net.0.proj",),
         "fc2": ("transformer_blocks.*.ff.net.2",),
         "adaln": ("transformer_blocks.*.norm1.linear",),
-        "attention": (),
+        "attention": ("transformer_blocks.*.attn1",),
     },
 }
 BLOCK_ROLES = ("qkv", "proj", "fc1", "fc2")
+AUTO = "auto"  # a policy for every layout: quantize_ finds out which one the model has
+
+
+def layout_patterns(layout: str, roles: tuple[str, ...] = BLOCK_ROLES) -> list[str]:
+    """The name patterns of ``roles`` in ``layout`` ("auto": in every layout)."""
+    layouts = LAYOUTS.values() if layout == AUTO else [LAYOUTS[check_layout(layout)]]
+    return [p for patterns in layouts for role in roles for p in patterns[role]]
+
+
+def check_layout(layout: str) -> str:
+    """``layout`` if it is "auto" or a key of LAYOUTS, else a ValueError listing them."""
+    if layout != AUTO and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {AUTO}, {', '.join(LAYOUTS)}")
+    return layout
+
+
+def detect_layout(model: nn.Module) -> str | None:
+    """The layout whose block linears ``model`` has (by module names and types), or None."""
+    names = [name for name, _ in model.named_modules()]
+    for layout, roles in LAYOUTS.items():
+        if any(fnmatch.fnmatchcase(n, p) for p in roles["qkv"] for n in names):
+            return layout
+    return None
+
+
+def _role_of(name: str, layout: str) -> str | None:
+    return next((role for role, patterns in LAYOUTS[layout].items() for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+def layer_role(name: str) -> str:
+    """The role ("qkv", "proj", "fc1", "fc2", "adaln") of a block linear's qualified name, in any layout."""
+    for layout in LAYOUTS:
+        role = _role_of(name, layout)
+        if role is not None and role != "attention":
+            return role
+    raise ValueError(f"{name!r} is not a block linear of any known layout ({', '.join(layout_patterns(AUTO))})")
 
 
 def _yaml():
@@ -69,6 +108,8 @@ class QuantConfig:
     attention_bits: int | None = 8  # None leaves attention matmuls in full precision
     attention_patterns: tuple[str, ...] = ()
     plan: dict[str, int] | None = None  # module name → activation bits, applied after the rules
+    layout: str = option(AUTO, "the model layout the rules are written for; auto: every layout, the model's found by quantize_",
+                         choices=(AUTO, *LAYOUTS))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -78,7 +119,7 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
         data = dict(data)
-        unknown = sorted(set(data) - {"name", "rules", "attention_bits", "attention_patterns", "plan"})
+        unknown = sorted(set(data) - {"name", "rules", "attention_bits", "attention_patterns", "plan", "layout"})
         if unknown:
             raise ValueError(f"unknown quantization config fields: {', '.join(unknown)}")
         rules = [
@@ -139,20 +180,30 @@ def quantize_(
     ``plan`` (or ``config.plan``) then sets per-layer activation bits. ``initialize=False`` skips the
     SVD of the low-rank branches, for when a saved state_dict is loaded right after.
     """
+    layout = detect_layout(model)
+    if config.layout != AUTO and layout is not None and layout != config.layout:
+        raise ValueError(f"policy {config.name!r} is written for layout {config.layout!r}, but this "
+                         f"{type(model).__name__} has the {layout!r} layout; use layout={layout!r} or 'auto'")
     targets: list[tuple[str, nn.Module]] = []
+    cores: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and config.rule_for(name):
             # Seeded by name, so a layer's sign flips do not depend on which other modules a policy swaps.
             seed = zlib.crc32(name.encode())
             targets.append((name, QuantLinear.from_linear(module, config.rule_for(name).linear, seed=seed, initialize=initialize)))
-        elif (
-            isinstance(module, AttentionCore)
-            and config.attention_bits is not None
-            and any(fnmatch.fnmatchcase(name, p) for p in config.attention_patterns)
-        ):
-            targets.append((name, QuantAttentionCore(check_bits(config.attention_bits, "attention bits"))))
+        elif config.attention_bits is not None and any(fnmatch.fnmatchcase(name, p) for p in config.attention_patterns):
+            if isinstance(module, AttentionCore):
+                targets.append((name, QuantAttentionCore(check_bits(config.attention_bits, "attention bits"))))
+            elif is_diffusers_attention(module):
+                cores.append(name)
+    if config.rules and not targets:
+        found = f"; it looks like the {layout!r} layout" if layout else "; robuq knows the layouts " + ", ".join(LAYOUTS)
+        raise ValueError(f"policy {config.name!r} (layout {config.layout!r}) matches no linear layer of "
+                         f"{type(model).__name__}{found}: pass layout='auto' or the model's layout to preset()")
     for name, module in targets:
         model.set_submodule(name, module)
+    for name in cores:
+        install_attention_core(model.get_submodule(name), QuantAttentionCore(check_bits(config.attention_bits, "attention bits")))
     plan = plan if plan is not None else config.plan
     if plan is not None:
         apply_plan(model, plan)

@@ -10,7 +10,7 @@ from typing import Mapping
 from robuq.quant.activation import check_bits
 from robuq.quant.linear import LinearQuantConfig
 from robuq.quantize.plan import BitPlan, as_bits
-from robuq.quantize.policy import BLOCK_ROLES, LAYOUTS, QuantConfig, QuantRule
+from robuq.quantize.policy import AUTO, BLOCK_ROLES, LAYOUTS, QuantConfig, QuantRule, check_layout
 
 
 @dataclass(frozen=True)
@@ -79,15 +79,15 @@ def _robuq(options: PresetOptions) -> dict[str, LinearQuantConfig]:
     return {role: replace(_strong(options), act_rule="gaussian") for role in BLOCK_ROLES}
 
 
-def _rules(layout: dict[str, tuple[str, ...]], per_role: dict[str, LinearQuantConfig]) -> list[QuantRule]:
-    return [QuantRule(p, cfg, role) for role, cfg in per_role.items() for p in layout[role]]
+def _rules(layouts: list[dict[str, tuple[str, ...]]], per_role: dict[str, LinearQuantConfig]) -> list[QuantRule]:
+    return [QuantRule(p, cfg, role) for layout in layouts for role, cfg in per_role.items() for p in layout[role]]
 
 
 def preset(
     name: str,
     act_bits: int = 4,
     plan: BitPlan | Mapping[str, int] | str | Path | None = None,
-    layout: str = "dit",
+    layout: str = AUTO,
     weight: str = "ternary",
     lowrank_rank: int = 16,
     attention_bits: int | None = 8,
@@ -102,23 +102,27 @@ def preset(
     ``attention_bits`` and adaLN at W4A4 (``adaln``, ``adaln_act_bits``); embedders and the final layer
     stay full precision.
 
+    ``layout`` names the model family the rules are written for ("dit": robuq's and the reference DiT,
+    "diffusers": ``DiTTransformer2DModel``); the default "auto" writes them for both, and ``quantize_``
+    finds the model's by its structure.
+
     ``hadamard_signs`` adds random sign flips before each Hadamard transform. They matter: fc2's input
     (GELU outputs) has a large per-token mean, which a plain Hadamard concentrates into one huge
     coordinate; with the flips the token becomes Gaussian (results/activation_stats.md).
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    check_layout(layout)
     check_bits(act_bits)
-    roles = LAYOUTS[layout]
+    layouts = list(LAYOUTS.values()) if layout == AUTO else [LAYOUTS[layout]]
+    attention = tuple(p for roles in layouts for p in roles["attention"])
     block = PRESETS[name](PresetOptions(act_bits, weight, lowrank_rank, hadamard_signs))
     if not block:
-        return QuantConfig(name=name, rules=[], attention_bits=None, attention_patterns=roles["attention"])
-    rules = _rules(roles, {**block, "adaln": LinearQuantConfig(weight=adaln, act_bits=adaln_act_bits)})
+        return QuantConfig(name=name, rules=[], attention_bits=None, attention_patterns=attention, layout=layout)
+    rules = _rules(layouts, {**block, "adaln": LinearQuantConfig(weight=adaln, act_bits=adaln_act_bits)})
     return QuantConfig(
         name=f"{name}-a{act_bits}" if plan is None else f"{name}-plan", rules=rules, attention_bits=attention_bits,
-        attention_patterns=roles["attention"], plan=as_bits(plan) if plan is not None else None,
+        attention_patterns=attention, plan=as_bits(plan) if plan is not None else None, layout=layout,
     )
 
 

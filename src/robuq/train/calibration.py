@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from robuq.diffusion.gaussian import create_diffusion
 from robuq.models.dit import DiT
+from robuq.models.families import model_family, model_output
 
 
 @dataclass
@@ -33,15 +34,16 @@ class CalibrationBatch:
 @torch.no_grad()
 def calibration_batch(teacher: DiT, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0) -> CalibrationBatch:
     """Clean ``images`` noised at timesteps spaced evenly over [0, T), with noise drawn from ``seed``."""
-    diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
+    channels = (teacher.in_channels, teacher.out_channels) if model_family(teacher) == "dit" else (
+        teacher.config.in_channels, teacher.out_channels)  # a diffusers teacher
+    diffusion = create_diffusion(learn_sigma=channels[0] != channels[1])
     g = torch.Generator().manual_seed(seed)
     t = torch.linspace(0, diffusion.num_timesteps - 1, len(images)).long()
     x_t = diffusion.q_sample(images, t, torch.randn(images.shape, generator=g))
     device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
-    kwargs = {} if labels is None else {"y": labels.to(device)}
-    target = teacher(x_t.to(device), t.to(device), **kwargs).cpu()
+    target = model_output(teacher, x_t.to(device), t.to(device), None if labels is None else labels.to(device)).cpu()
     teacher.train(was_training)
     return CalibrationBatch(x_t, t, labels, target)
 
@@ -53,6 +55,6 @@ def relative_error(model: nn.Module, batch: CalibrationBatch) -> float:
     b = batch.to(device)
     was_training = model.training
     model.eval()
-    out = model(b.x_t, b.t, **b.kwargs)
+    out = model_output(model, b.x_t, b.t, b.y)
     model.train(was_training)
     return float((out - b.target).pow(2).mean() / b.target.var())
