@@ -54,6 +54,13 @@ def _run_qat(config, args) -> int:
     return 0
 
 
+def _run_latents(config, args) -> int:
+    from robuq.train.latents import encode_latents
+
+    print(f"wrote {encode_latents(config, progress=not args.no_progress)}")
+    return 0
+
+
 def _run_ampn_sensitivity(config, args) -> int:
     from robuq.ampn.pipeline import write_sensitivity
 
@@ -175,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     from robuq.io.model_files import ExportConfig
     from robuq.io.quantized import QuantizeConfig
     from robuq.sample.to_files import SampleConfig
+    from robuq.train.latents import LatentsConfig
     from robuq.train.qat import QATConfig
     from robuq.train.trainer import TrainConfig
 
@@ -190,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--in-channels", type=int, default=4, help="input channels: 4 for SD-VAE latents (default: %(default)s)")
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     m.set_defaults(func=_run_models)
+    _add_no_progress(_job(sub, "latents", "encode an image folder (a sub-folder per class) through a VAE into a "
+                          "latent cache for --latents (resumable; split over torchrun's processes)", LatentsConfig, _run_latents))
     _add_run_control(_job(sub, "train", "train a full-precision DiT (single process or under torchrun)", TrainConfig, _run_train))
     _add_run_control(_job(sub, "qat", "quantize a full-precision DiT (default: the shipped teacher) and train it",
                           QATConfig, _run_qat))
