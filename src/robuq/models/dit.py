@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 
@@ -212,6 +213,7 @@ class DiT(nn.Module):
             [DiTBlock(hidden, config.num_heads, mlp_ratio=config.mlp_ratio) for _ in range(config.depth)]
         )
         self.final_layer = FinalLayer(hidden, config.patch_size, self.out_channels)
+        self.grad_checkpoint = False  # training: recompute each block in the backward pass (memory for time)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -261,8 +263,9 @@ class DiT(nn.Module):
         """
         x = self.x_embedder(x) + self.pos_embed
         c = self.condition(t, y, force_drop_ids)
+        checkpointed = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, c)
+            x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False) if checkpointed else block(x, c)
         return self.head(x, c)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None = None, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
