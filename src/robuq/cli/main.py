@@ -115,7 +115,7 @@ def _run_models(args: argparse.Namespace) -> int:
 def _run_sample(config, args) -> int:
     from robuq.sample.to_files import sample_to_files
 
-    for label, path in sample_to_files(config).items():
+    for label, path in sample_to_files(config, progress=not args.no_progress).items():
         print(f"{label}: {path}")
     return 0
 
@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_no_progress(_job(steps, "run", "warm-up QAT, sensitivity, allocation, QAT with the plan", AMPNConfig, _run_ampn_run,
                           skip=SET_BY_AMPN))
 
-    _job(sub, "sample", "generate images: a PNG grid (a row per class) and an ADM-style .npz", SampleConfig, _run_sample)
+    _add_no_progress(_job(sub, "sample", "generate images: a PNG grid and an ADM-style .npz (--num-samples: at scale, "
+                          "resumable, split over torchrun's processes)", SampleConfig, _run_sample))
     _job(sub, "quantize", "apply a preset (and optional bit plan) to a checkpoint and save it", QuantizeConfig, _run_quantize)
     s = sub.add_parser("summary", help="per-module quantizers, bits, MACs and BOPs of a model file")
     s.add_argument("path", nargs="?", default=None, help="model file (default: the shipped teacher)")

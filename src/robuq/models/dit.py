@@ -282,17 +282,21 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(x, c))
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, channels: int | None = None
     ) -> torch.Tensor:
         """Classifier-free guidance: the batch holds the conditional half, then the null-class half.
 
-        Unlike the reference, which guides only the first three channels, every noise channel is guided;
-        the variance channels come from the conditional prediction.
+        ``channels=None`` guides every noise channel; ``channels=3`` is the reference's behaviour (it guides
+        only the first three of the four latent channels, which its published FIDs were measured with).
+        The other channels and the variance come from the conditional prediction.
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         out = self.forward(combined, t, y)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
+        guide = self.in_channels if channels is None else channels
+        if not 0 < guide <= self.in_channels:
+            raise ValueError(f"cannot guide {guide} channels of a {self.in_channels}-channel DiT")
+        eps, rest = out[:, :guide], out[:, guide:]
         cond_eps, uncond_eps = eps.chunk(2, dim=0)
         guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([guided, guided], dim=0)

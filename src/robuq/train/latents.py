@@ -43,7 +43,7 @@ class LatentsConfig:
 def _shard_latents(vae, dataset: StreamingImageFolder, rows: range, config: LatentsConfig, seed: int,
                    device: torch.device, bar) -> tuple[torch.Tensor, torch.Tensor]:
     loader = DataLoader(Subset(dataset, rows), batch_size=config.batch_size, num_workers=config.num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))  # not the global RNG
     generator = torch.Generator().manual_seed(seed)
     latents, labels = [], []
     for x, y in loader:

@@ -353,7 +353,7 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
     batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info)
     loader = iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatchSampler(batches, start, stop), num_workers=config.num_workers,
-        pin_memory=device.type == "cuda"))
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed)))  # not the global RNG
     model.train()
     bar = tqdm(range(start, stop), initial=start, total=stop, desc="train", disable=not (progress and info.is_main), dynamic_ncols=True)
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
