@@ -14,7 +14,7 @@ from robuq.models.dit import DiT
 from robuq.sample.at_scale import shard_labels
 from robuq.sample.to_files import SampleConfig, sample_to_files
 
-from conftest import tiny_config
+from conftest import perturbed, tiny_config
 from test_latents import make_vae
 
 pytest.importorskip("diffusers")
@@ -24,11 +24,7 @@ pytest.importorskip("diffusers")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample-parts")
     torch.manual_seed(0)
-    model = DiT(tiny_config(in_channels=4, num_classes=3))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(DiT(tiny_config(in_channels=4, num_classes=3)), 0.05)
     ckpt = save_tensors(root / "dit.safetensors", model.state_dict(), {"model_config": model.config.to_dict()})
     return str(ckpt), str(make_vae(root / "vae"))
 
