@@ -107,3 +107,11 @@ def test_cpu_kernel_cases_run():
     cpu_kernels = _load("cpu_kernels")
     for _model, what, fn in cpu_kernels.cases(32, models=cpu_kernels.MODELS[:1]):
         assert fn() is not None, what
+
+
+def test_gpu_check_skips_cleanly_without_cuda(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _load("gpu_check").main([]) == 0
+    assert "skipped" in capsys.readouterr().out
