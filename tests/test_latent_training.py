@@ -198,3 +198,17 @@ def test_one_bf16_qat_step_of_a_reduced_depth_xl():
     assert torch.isfinite(loss)
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in student.parameters())
     assert student.blocks[1].mlp.fc2.weight.grad.abs().sum() > 0
+
+
+def test_train_takes_any_dataset(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g))
+    config = TrainConfig(model="DiT-T/4", input_size=8, steps=1, global_batch_size=4, warmup_steps=1, device="cpu",
+                         out_dir=str(tmp_path / "t"))
+    with pytest.raises(ValueError, match="num_classes"):
+        train(config, dataset=data, progress=False)
+    data.num_classes = 3
+    out = train(config, dataset=data, progress=False)
+    assert load_tensors(out / "model.safetensors")[1]["model_config"]["in_channels"] == 4
+    with pytest.raises(ValueError, match="--input-size 8"):
+        train(replace(config, input_size=16), dataset=data, progress=False)

@@ -279,8 +279,13 @@ def train(
                              f"pass --input-size {side}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # the initial weights are part of the run's reproducible state
-            model = build_model(config, channels, dataset.num_classes if config.conditional else 0)
-    check_data_fits(dataset, model, config.latents or config.data)
+            num_classes = getattr(dataset, "num_classes", None) if config.conditional else 0
+            if num_classes is None:
+                raise ValueError(f"a class-conditional model needs the class count: give the {type(dataset).__name__} "
+                                 "a num_classes attribute, pass a model, or train with conditional=False")
+            model = build_model(config, channels, num_classes)
+    if isinstance(model, DiT):  # another nn.Module from the Python API states its own input shape
+        check_data_fits(dataset, model, config.latents or config.data)
     if objective is None:
         dropout = model.y_embedder.dropout_prob if getattr(model, "y_embedder", None) is not None else 0.0
         objective = diffusion_objective(create_diffusion(learn_sigma=config.learn_sigma), dropout)
