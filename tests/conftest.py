@@ -27,6 +27,15 @@ def tiny_config(**overrides) -> DiTConfig:
     return DiTConfig(**base)
 
 
+def perturbed(model: DiT, std: float = 0.02) -> DiT:
+    """``model`` with noise added to its trainable weights: adaLN-Zero starts with a zero output."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(std * torch.randn_like(p))
+    return model
+
+
 @pytest.fixture
 def tiny_dit() -> DiT:
     torch.manual_seed(0)

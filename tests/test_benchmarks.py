@@ -317,3 +317,11 @@ def test_reproduce_quick_path_with_ampn_rescore_and_restart(tmp_path, teacher_fi
     assert summary["budget"] == 2.0 and set(summary["role_averages"]) == {"qkv", "proj", "fc1", "fc2"}
     assert summary["plan_probe"] and summary["warmup_seconds"] > 0
     assert (tmp_path / "collected" / "robuq---ampn-w1-58a2" / "plan.png").stat().st_size > 0
+
+
+def test_gpu_check_skips_cleanly_without_cuda(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _load("gpu_check").main([]) == 0
+    assert "skipped" in capsys.readouterr().out

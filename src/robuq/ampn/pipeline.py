@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from torch.utils.data import Dataset
+
 from robuq.ampn.plan import format_plan, plan_from_sensitivity, write_plan
 from robuq.ampn.sensitivity import Sensitivity, measure_sensitivity
 from robuq.core.files import atomic_write_text
@@ -52,6 +54,7 @@ class SensitivityConfig:
     teacher: str | None = option(None, "full-precision teacher (default: the shipped teacher)")
     data: str = with_default(QATConfig, "data", "fashion-mnist")
     data_dir: str | None = with_default(QATConfig, "data_dir", None)
+    latents: str | None = with_default(QATConfig, "latents", None)
     calibration_images: int = with_default(AMPNConfig, "calibration_images", 64)
     seed: int = option(0, "seed of the calibration batch's noise")
     device: str = with_default(QATConfig, "device", "auto")
@@ -68,22 +71,24 @@ class AllocateConfig:
     out: str = option("plan.json", "plan JSON; its figure goes beside it as .png")
 
 
-def sensitivity_of(config: SensitivityConfig, progress: bool = True) -> Sensitivity:
-    """Sensitivities of a quantized model file against its teacher on a fixed calibration batch."""
+def sensitivity_of(config: SensitivityConfig, progress: bool = True, dataset: Dataset | None = None) -> Sensitivity:
+    """Sensitivities of a quantized model file against its teacher on a fixed calibration batch drawn from
+    ``dataset`` (default: --latents or --data)."""
     if not config.model:
         raise ValueError("give the quantized model whose sensitivities to measure: --model FILE")
     device = resolve_device(config.device)
     model, _ = load_quantized(config.model, map_location=str(device))
     teacher = load_dit(config.teacher or default_teacher_path(), map_location=str(device)).eval()
-    dataset = teacher_dataset(QATConfig(data=config.data, data_dir=config.data_dir), teacher)
+    dataset = teacher_dataset(QATConfig(data=config.data, data_dir=config.data_dir, latents=config.latents,
+                                        teacher=config.teacher), teacher, dataset)
     images, labels = calibration_images(dataset, config.calibration_images, teacher.num_classes > 0)
     batch = calibration_batch(teacher, images, labels, config.seed)
     return measure_sensitivity(model, batch, progress=progress)
 
 
-def write_sensitivity(config: SensitivityConfig, progress: bool = True) -> Sensitivity:
+def write_sensitivity(config: SensitivityConfig, progress: bool = True, dataset: Dataset | None = None) -> Sensitivity:
     """``sensitivity_of``, written to ``config.out``."""
-    result = sensitivity_of(config, progress)
+    result = sensitivity_of(config, progress, dataset)
     atomic_write_text(config.out, json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
@@ -101,15 +106,16 @@ def allocate_from_file(config: AllocateConfig) -> tuple[BitPlan, Path]:
     return plan, write_plan(plan, config.out)
 
 
-def _qat_stage(config: QATConfig, progress: bool, plan: BitPlan | None = None) -> Path:
+def _qat_stage(config: QATConfig, progress: bool, plan: BitPlan | None = None, dataset: Dataset | None = None) -> Path:
     out = Path(config.out_dir)
     if (out / "model.safetensors").is_file():
         return out
-    return qat(config, resume=bool(list_checkpoints(out)), progress=progress, plan=plan)
+    return qat(config, resume=bool(list_checkpoints(out)), progress=progress, plan=plan, dataset=dataset)
 
 
-def ampn_run(config: AMPNConfig, progress: bool = True) -> Path:
-    """The whole AMPN pipeline under ``config.qat.out_dir``; returns the folder of the final QAT run."""
+def ampn_run(config: AMPNConfig, progress: bool = True, dataset: Dataset | None = None) -> Path:
+    """The whole AMPN pipeline under ``config.qat.out_dir``, on ``dataset`` (any Dataset of (x, y); default:
+    --latents or --data) for both QAT runs and the calibration batch; returns the final QAT run's folder."""
     check_choice(config, "weighting")
     base = config.qat
     if base.quant_config:
@@ -117,15 +123,16 @@ def ampn_run(config: AMPNConfig, progress: bool = True) -> Path:
     root = Path(base.out_dir)
     bits = config.resolved_start_bits()
     warm = _qat_stage(replace(base, act_bits=bits, plan=None, steps=config.warmup_qat_steps, out_dir=str(root / "warmup")),
-                      progress)
+                      progress, dataset=dataset)
     teacher = json.loads((warm / "config.json").read_text())["teacher"]
     sens_path = root / "sensitivity.json"
     if sens_path.is_file():
         sensitivity = Sensitivity.from_dict(json.loads(sens_path.read_text()))
     else:
         sensitivity = write_sensitivity(SensitivityConfig(
-            model=str(warm / "model.safetensors"), teacher=teacher, data=base.data, data_dir=base.data_dir,
-            calibration_images=config.calibration_images, seed=base.seed, device=base.device, out=str(sens_path)), progress)
+            model=str(warm / "model.safetensors"), teacher=teacher, data=base.data, data_dir=base.data_dir, latents=base.latents,
+            calibration_images=config.calibration_images, seed=base.seed, device=base.device, out=str(sens_path)), progress,
+            dataset)
     plan = plan_from_sensitivity(sensitivity, config.budget, config.weighting)
     plan_path = root / "plan.json"
     if plan_path.is_file() and BitPlan.load(plan_path).bits != plan.bits:
@@ -136,4 +143,4 @@ def ampn_run(config: AMPNConfig, progress: bool = True) -> Path:
     write_plan(plan, plan_path)
     print(format_plan(plan))
     final = replace(base, act_bits=bits, plan=None, init_student=str(warm / "model.safetensors"), out_dir=str(root / "final"))
-    return _qat_stage(final, progress, plan=plan)
+    return _qat_stage(final, progress, plan=plan, dataset=dataset)

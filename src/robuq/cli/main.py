@@ -54,6 +54,13 @@ def _run_qat(config, args) -> int:
     return 0
 
 
+def _run_latents(config, args) -> int:
+    from robuq.train.latents import encode_latents
+
+    print(f"wrote {encode_latents(config, progress=not args.no_progress)}")
+    return 0
+
+
 def _run_ampn_sensitivity(config, args) -> int:
     from robuq.ampn.pipeline import write_sensitivity
 
@@ -108,7 +115,7 @@ def _run_models(args: argparse.Namespace) -> int:
 def _run_sample(config, args) -> int:
     from robuq.sample.to_files import sample_to_files
 
-    for label, path in sample_to_files(config).items():
+    for label, path in sample_to_files(config, progress=not args.no_progress).items():
         print(f"{label}: {path}")
     return 0
 
@@ -175,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     from robuq.io.model_files import ExportConfig
     from robuq.io.quantized import QuantizeConfig
     from robuq.sample.to_files import SampleConfig
+    from robuq.train.latents import LatentsConfig
     from robuq.train.qat import QATConfig
     from robuq.train.trainer import TrainConfig
 
@@ -190,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--in-channels", type=int, default=4, help="input channels: 4 for SD-VAE latents (default: %(default)s)")
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     m.set_defaults(func=_run_models)
+    _add_no_progress(_job(sub, "latents", "encode an image folder (a sub-folder per class) through a VAE into a "
+                          "latent cache for --latents (resumable; split over torchrun's processes)", LatentsConfig, _run_latents))
     _add_run_control(_job(sub, "train", "train a full-precision DiT (single process or under torchrun)", TrainConfig, _run_train))
     _add_run_control(_job(sub, "qat", "quantize a full-precision DiT (default: the shipped teacher) and train it",
                           QATConfig, _run_qat))
@@ -202,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_no_progress(_job(steps, "run", "warm-up QAT, sensitivity, allocation, QAT with the plan", AMPNConfig, _run_ampn_run,
                           skip=SET_BY_AMPN))
 
-    _job(sub, "sample", "generate images: a PNG grid (a row per class) and an ADM-style .npz", SampleConfig, _run_sample)
+    _add_no_progress(_job(sub, "sample", "generate images: a PNG grid and an ADM-style .npz (--num-samples: at scale, "
+                          "resumable, split over torchrun's processes)", SampleConfig, _run_sample))
     _job(sub, "quantize", "apply a preset (and optional bit plan) to a checkpoint and save it", QuantizeConfig, _run_quantize)
     s = sub.add_parser("summary", help="per-module quantizers, bits, MACs and BOPs of a model file")
     s.add_argument("path", nargs="?", default=None, help="model file (default: the shipped teacher)")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from robuq.data.fashion_mnist import CLASS_NAMES, DataNotFoundError, FashionMNIST, load_fashion_mnist, read_idx
 from robuq.data.image_folder import ImageFolder
+from robuq.data.image_stream import CorruptImageError, StreamingImageFolder, center_crop_arr
+from robuq.data.latents import LatentDataset, read_index
 
 
 def build_dataset(
@@ -14,4 +16,5 @@ def build_dataset(
     return ImageFolder(name, input_size, channels=channels, conditional=conditional)
 
 
-__all__ = ["CLASS_NAMES", "DataNotFoundError", "FashionMNIST", "ImageFolder", "build_dataset", "load_fashion_mnist", "read_idx"]
+__all__ = ["CLASS_NAMES", "CorruptImageError", "DataNotFoundError", "FashionMNIST", "ImageFolder", "LatentDataset",
+           "StreamingImageFolder", "build_dataset", "center_crop_arr", "load_fashion_mnist", "read_idx", "read_index"]

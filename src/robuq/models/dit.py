@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from robuq.core.options import option
@@ -222,6 +223,7 @@ class DiT(nn.Module):
              for _ in range(config.depth)]
         )
         self.final_layer = FinalLayer(hidden, config.patch_size, self.out_channels)
+        self.grad_checkpoint = False  # training: recompute each block in the backward pass (memory for time)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -271,8 +273,9 @@ class DiT(nn.Module):
         """
         x = self.x_embedder(x) + self.pos_embed
         c = self.condition(t, y, force_drop_ids)
+        checkpointed = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, c)
+            x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False) if checkpointed else block(x, c)
         return self.head(x, c)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None = None, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -289,17 +292,21 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(x, c))
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, channels: int | None = None
     ) -> torch.Tensor:
         """Classifier-free guidance: the batch holds the conditional half, then the null-class half.
 
-        Unlike the reference, which guides only the first three channels, every noise channel is guided;
-        the variance channels come from the conditional prediction.
+        ``channels=None`` guides every noise channel; ``channels=3`` is the reference's behaviour (it guides
+        only the first three of the four latent channels, which its published FIDs were measured with).
+        The other channels and the variance come from the conditional prediction.
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         out = self.forward(combined, t, y)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
+        guide = self.in_channels if channels is None else channels
+        if not 0 < guide <= self.in_channels:
+            raise ValueError(f"cannot guide {guide} channels of a {self.in_channels}-channel DiT")
+        eps, rest = out[:, :guide], out[:, guide:]
         cond_eps, uncond_eps = eps.chunk(2, dim=0)
         guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([guided, guided], dim=0)

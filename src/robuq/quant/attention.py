@@ -9,7 +9,7 @@ import torch.nn as nn
 from robuq.core.quantizer_spec import PROBABILITY_SCALE_EPS, check_bits, level_range
 from robuq.quant.activation import quantize_activation
 from robuq.quant.backends import backend_for, wants_grad
-from robuq.quant.primitives import affine_fake_quantize
+from robuq.quant.primitives import affine_fake_quantize, in_fp32
 
 
 def quantize_probabilities(p: torch.Tensor, bits: int) -> torch.Tensor:
@@ -31,16 +31,20 @@ class QuantAttentionCore(nn.Module):
         self.bits = check_bits(bits, "attention bits")
         self.probs_bits = check_bits(probs_bits if probs_bits is not None else bits, "attention probability bits")
 
+    def _quantized_operands(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k = (quantize_activation(t, self.bits, "token", "minmax")[0] for t in (q, k))
+        # probs·V sums over tokens, so V's scales must not vary along tokens: one scale per channel.
+        v = quantize_activation(v.transpose(-2, -1), self.bits, "token", "minmax")[0].transpose(-2, -1)
+        return q, k, v
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         backend = None if wants_grad((q, k, v)) else backend_for("attention", q, k, v)
         if backend is not None:
             # Inference: the same quantizers, the two matmuls on integer levels (robuq's C kernels on the CPU).
             return backend.run(q, k, v, self.bits, self.probs_bits)
-        q, k = (quantize_activation(t, self.bits, "token", "minmax")[0] for t in (q, k))
-        # probs·V sums over tokens, so V's scales must not vary along tokens: one scale per channel.
-        v = quantize_activation(v.transpose(-2, -1), self.bits, "token", "minmax")[0].transpose(-2, -1)
+        q, k, v = in_fp32(self._quantized_operands, q, k, v)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-        probs = quantize_probabilities(scores.softmax(dim=-1), self.probs_bits)
+        probs = in_fp32(lambda s: quantize_probabilities(s.softmax(dim=-1), self.probs_bits), scores)
         return probs @ v
 
     def extra_repr(self) -> str:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from robuq.core.quantizer_spec import check_bits
 from robuq.quant.activation import ActivationQuantizer
 from robuq.quant.hadamard import hadamard_transform, random_signs
+from robuq.quant.primitives import in_fp32
 from robuq.quant.weights import fake_quantize_weight, parse_weight_format, quantize_weight
 
 
@@ -122,10 +123,13 @@ class QuantLinear(nn.Module):
             raise ValueError("this layer holds already-quantized weights (α·L from an export); its levels are in the file")
         return quantize_weight(self.weight.detach(), self.config.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _quantized_operands(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x_rot = self.rotate_input(x)
-        x_q = self.act_quant(x_rot)
-        weight = self.weight if self.stores_quantized_weight else fake_quantize_weight(self.weight, self.config.weight)
+        weight = weight if self.stores_quantized_weight else fake_quantize_weight(weight, self.config.weight)
+        return x_rot, self.act_quant(x_rot), weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_rot, x_q, weight = in_fp32(self._quantized_operands, x, self.weight)
         y = F.linear(x_q, weight, self.bias)
         if self.rank:
             branch_in = x_rot if self.config.lowrank_input == "fp" else x_q

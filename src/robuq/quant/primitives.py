@@ -12,6 +12,20 @@ from dataclasses import dataclass
 import torch
 
 
+def in_fp32(fn, *tensors: torch.Tensor):
+    """``fn(*tensors)`` in fp32 with autocast off, when autocast is on for the tensors' device; else as is.
+
+    Under bf16 autocast, the quantizers' statistics (per-token min/max or σ, mean|W|), scales, the
+    Hadamard transform and the rounding to levels would run on 8-bit mantissas and pick other levels
+    than fp32 does; only the matmul that consumes the quantized values is left to autocast.
+    """
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return fn(*tensors)
+    with torch.autocast(device, enabled=False):
+        return fn(*(t.float() for t in tensors))
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward (the straight-through estimator)."""
     return x + (torch.round(x) - x).detach()

@@ -12,14 +12,15 @@ from tqdm.auto import tqdm
 from robuq.diffusion.gaussian import create_diffusion
 from robuq.models.dit import DiT
 
-def guided(model: DiT, cfg_scale: float):
-    """A denoiser ``f(x, t, y)`` that applies classifier-free guidance through ``model.forward_with_cfg``."""
+def guided(model: DiT, cfg_scale: float, cfg_channels: int | None = None):
+    """A denoiser ``f(x, t, y)`` that applies classifier-free guidance through ``model.forward_with_cfg``
+    (to the first ``cfg_channels`` noise channels; None: all)."""
     if cfg_scale == 1.0 or model.num_classes == 0:
         return lambda x, t, y=None: model(x, t, y)
 
     def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         null = torch.full_like(y, model.num_classes)
-        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), cfg_scale)
+        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), cfg_scale, cfg_channels)
         return out[: len(x)]
 
     return denoise
@@ -36,11 +37,14 @@ def generate(
     seed: int = 0,
     batch_size: int = 100,
     progress: bool = True,
+    cfg_channels: int | None = None,
+    clip_denoised: bool = True,
 ) -> torch.Tensor:
     """Images in [-1, 1], shape (num_samples, C, H, W); identical for the same seed, whatever the device.
 
     All noise is drawn from one CPU generator, so a quantized model and its teacher sampled with the same
-    seed start from, and are perturbed by, the same noise.
+    seed start from, and are perturbed by, the same noise. Latent models (decoded by a VAE afterwards) are
+    sampled with ``clip_denoised=False``, as DiT does: latents do not live in [-1, 1].
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampler {sampler!r}; use 'ddpm' or 'ddim'")
@@ -49,7 +53,7 @@ def generate(
     model.eval()
     device = next(model.parameters()).device
     diffusion = create_diffusion(str(steps) if sampler == "ddpm" else f"ddim{steps}", learn_sigma=model.out_channels != model.in_channels)
-    denoise = guided(model, cfg_scale)
+    denoise = guided(model, cfg_scale, cfg_channels)
     size = model.x_embedder.grid_size * model.patch_size
     generator = torch.Generator().manual_seed(seed)
     chunks = []
@@ -59,7 +63,8 @@ def generate(
         noise = torch.randn(n, model.in_channels, size, size, generator=generator).to(device)
         kwargs = {} if labels is None else {"y": labels[start : start + n].to(device)}
         run = diffusion.ddpm_sample if sampler == "ddpm" else diffusion.ddim_sample
-        chunks.append(run(denoise, noise, generator=generator, model_kwargs=kwargs, progress=progress and len(starts) < 2).cpu())
+        chunks.append(run(denoise, noise, generator=generator, model_kwargs=kwargs, progress=progress and len(starts) < 2,
+                          clip_denoised=clip_denoised).cpu())
     return torch.cat(chunks)
 
 

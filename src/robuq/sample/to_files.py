@@ -1,15 +1,19 @@
 """``robuq sample``: sample any model file into a PNG grid (a row per class) and an ADM-style ``.npz``."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from robuq.core.options import option
+from robuq.core.distributed import init_distributed, shutdown
+from robuq.core.options import check_choice, option
 from robuq.core.runtime import default_teacher_path, resolve_device
 from robuq.io.model_files import load_any
+from robuq.models.vae import decode, load_vae
+from robuq.sample.at_scale import sample_shards
 from robuq.sample.generate import generate, save_grid, to_uint8
 
 
@@ -20,7 +24,16 @@ class SampleConfig:
     ckpt: str | None = option(None, "model file: full-precision, quantized or exported (default: the shipped teacher)")
     out: str = option("samples", "output folder for grid.png and samples.npz")
     per_class: int = option(8, "images per class (class-conditional models; a row per class in the grid)")
-    num_samples: int | None = option(None, "how many images an unconditional model draws (default 64)")
+    num_samples: int | None = option(None, "draw this many images for evaluation (e.g. 50000): labels at random "
+                                           "(--labels), per-process shards under torchrun, resumable, merged into "
+                                           "samples.npz; without it: --per-class images per class (unconditional: 64)")
+    labels: str = option("uniform", "labels with --num-samples: uniform at random (as DiT's sample_ddp.py) or "
+                                    "class-balanced", choices=("uniform", "balanced"))
+    shard_size: int = option(1000, "images per shard file with --num-samples (the unit of resumption)")
+    vae: str | None = option(None, "decode latents through this local AutoencoderKL (folder, or file with --vae-config)")
+    vae_config: str | None = option(None, "folder holding the config.json of a single-file --vae")
+    cfg_channels: int | None = option(None, "guide only the first N noise channels (3: the reference DiT's behaviour, "
+                                            "for its published numbers); default: all")
     sampler: str = option("ddpm", "respaced DDPM or deterministic DDIM", choices=("ddpm", "ddim"))
     steps: int = option(100, "sampling steps (respaced from the 1,000 training steps)")
     cfg_scale: float = option(1.5, "classifier-free guidance scale (1: none)")
@@ -31,17 +44,34 @@ class SampleConfig:
                                        "to the OS (faster integer inference; see load_exported)")
 
 
-def sample_to_files(config: SampleConfig) -> dict[str, Path]:
-    """Sample a model file and write ``grid.png`` (one row per class) and ``samples.npz`` (``arr_0``: uint8 NHWC)."""
-    model = load_any(config.ckpt or default_teacher_path(), retain_memory=config.retain_memory)
-    model = model.to(resolve_device(config.device))
+def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Path]:
+    """Sample a model file and write ``grid.png`` and ``samples.npz`` (``arr_0``: uint8 NHWC, ``labels``):
+    at scale with ``num_samples`` (see robuq.sample.at_scale), else one row per class."""
+    check_choice(config, "labels")
+    device = resolve_device(config.device)
+    model = load_any(config.ckpt or default_teacher_path(), retain_memory=config.retain_memory).to(device)
+    vae = load_vae(config.vae, config.vae_config, device) if config.vae else None
+    if config.num_samples is not None:
+        info = init_distributed(device)
+        current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        try:
+            with current:
+                return sample_shards(model, config.out, config.num_samples, info, vae=vae, shard_size=config.shard_size,
+                                     balanced=config.labels == "balanced", sampler=config.sampler, steps=config.steps,
+                                     cfg_scale=config.cfg_scale, cfg_channels=config.cfg_channels, seed=config.seed,
+                                     batch_size=config.batch_size, progress=progress)
+        finally:
+            shutdown(info)
     if model.num_classes > 0:
         labels = torch.arange(model.num_classes).repeat_interleave(config.per_class)
         columns = config.per_class
     else:
         labels, columns = None, 8
-    n = len(labels) if labels is not None else (config.num_samples or 64)
-    images = generate(model, labels, n, config.sampler, config.steps, config.cfg_scale, config.seed, config.batch_size)
+    n = len(labels) if labels is not None else 64
+    images = generate(model, labels, n, config.sampler, config.steps, config.cfg_scale, config.seed, config.batch_size,
+                      progress=progress, cfg_channels=config.cfg_channels, clip_denoised=vae is None)
+    if vae is not None:
+        images = decode(vae, images.to(device)).cpu()
     pixels = to_uint8(images)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

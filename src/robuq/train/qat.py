@@ -18,7 +18,7 @@ import torch.nn as nn
 from robuq.train.calibration import calibration_batch, relative_error
 from robuq.core.options import check_choice, option, with_default
 from robuq.core.runtime import default_teacher_path
-from robuq.data import build_dataset
+from torch.utils.data import Dataset
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from robuq.models.checkpoint import check_compatible, load_dit, read_state_dict
 from robuq.models.dit import DiT
@@ -27,7 +27,7 @@ from robuq.quantize.plan import BitPlan
 from robuq.quantize.policy import QuantConfig, quantize_
 from robuq.quantize.presets import resolve_policy
 from robuq.io.quantized import quantized_meta
-from robuq.train.trainer import LoopConfig, label_drops, train_loop
+from robuq.train.trainer import LoopConfig, check_data_fits, label_drops, loop_dataset, train_loop
 
 @dataclass
 class QATConfig(LoopConfig):
@@ -117,17 +117,19 @@ def load_student_weights(student: DiT, path: str) -> None:
     student.load_state_dict(state)
 
 
-def calibration_images(dataset, count: int, conditional: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``count`` training images spread evenly over the dataset (so over classes), always the same ones."""
+def calibration_images(dataset: Dataset, count: int, conditional: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``count`` training samples spread evenly over the dataset (so over classes), always the same ones."""
     pick = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).astype(int)
-    return dataset.images[pick], (dataset.labels[pick] if conditional else None)
+    samples = [dataset[int(i)] for i in pick]
+    images = torch.stack([x for x, _ in samples]).float()
+    return images, (torch.stack([torch.as_tensor(y) for _, y in samples]).long() if conditional else None)
 
 
 def qat(config: QATConfig, resume: bool = False, until: int | None = None, progress: bool = True,
-        plan: BitPlan | None = None) -> Path:
+        plan: BitPlan | None = None, dataset: Dataset | None = None) -> Path:
     """Quantize the teacher as ``config`` says (``plan``, if given, sets per-layer bits instead of
-    ``config.plan``) and train it; returns the output folder (EMA weights in ``model.safetensors``,
-    loadable with ``robuq.load_quantized``)."""
+    ``config.plan``) and train it on ``dataset`` (any Dataset of (x, y); default: --latents or --data);
+    returns the output folder (EMA weights in ``model.safetensors``, loadable with ``robuq.load_quantized``)."""
     teacher_path = _teacher_path(config)
     teacher = load_dit(teacher_path).eval().requires_grad_(False)
     config = replace(config, teacher=teacher_path)  # recorded, so a resumed run checks it is the same teacher
@@ -138,7 +140,7 @@ def qat(config: QATConfig, resume: bool = False, until: int | None = None, progr
         student = build_student(teacher, quantization, config.freeze_fp)
     if config.init_student:
         load_student_weights(student, config.init_student)
-    dataset = teacher_dataset(config, teacher)
+    dataset = teacher_dataset(config, teacher, dataset)
     conditional = teacher.num_classes > 0
     probe = teacher_probe(teacher, *calibration_images(dataset, config.probe_images, conditional), config.seed)
     diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
@@ -148,12 +150,12 @@ def qat(config: QATConfig, resume: bool = False, until: int | None = None, progr
                       progress=progress, probe=probe)
 
 
-def teacher_dataset(config: LoopConfig, teacher: DiT):
-    """``config.data`` at the teacher's input size and channels, labelled if the teacher is conditional."""
-    size = teacher.x_embedder.grid_size * teacher.patch_size
-    dataset = build_dataset(config.data, size, config.data_dir, teacher.num_classes > 0,
-                            channels=teacher.in_channels if teacher.in_channels in (1, 3) else 3)
-    if dataset.in_channels != teacher.in_channels:
-        raise ValueError(f"the data ({config.data}) has {dataset.in_channels} channels, the teacher {teacher.in_channels}: "
-                         "train on data of the teacher's kind")
+def teacher_dataset(config: LoopConfig, teacher: DiT, dataset: Dataset | None = None) -> Dataset:
+    """``dataset``, or ``config.latents`` / ``config.data`` at the teacher's input size and channels (labelled
+    if the teacher is conditional); a ValueError naming both when data and teacher do not fit."""
+    what = f"a {type(dataset).__name__}" if dataset is not None else (config.latents or config.data)
+    if dataset is None:
+        size = teacher.x_embedder.grid_size * teacher.patch_size
+        dataset = loop_dataset(config, size, teacher.num_classes > 0, teacher.in_channels if teacher.in_channels in (1, 3) else 3)
+    check_data_fits(dataset, teacher, f"{what}, for the teacher {getattr(config, 'teacher', None) or ''}".rstrip())
     return dataset

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from robuq.data import build_dataset
+from robuq.data.latents import LatentDataset
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from robuq.core.files import atomic_write_text, read_meta, save_tensors
 from robuq.models.checkpoint import load_dit
@@ -43,6 +44,12 @@ class LoopConfig:
     data: str = option("fashion-mnist", "training data: 'fashion-mnist' or the path of an image folder (a sub-folder per class)")
     data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files (default: $ROBUQ_DATA, then "
                                         "/usr/share/datasets/fashion-mnist)")
+    latents: str | None = option(None, "train on a latent cache written by `robuq latents` instead of --data")
+    num_workers: int = option(0, "DataLoader worker processes feeding the loop (0: read batches in the loop's process)")
+    precision: str = option("fp32", "fp32; tf32 (CUDA matmuls in TF32); bf16 (autocast; quantizer statistics, scales "
+                                    "and rounding stay fp32)", choices=("fp32", "tf32", "bf16"))
+    grad_checkpoint: bool = option(False, "recompute each DiT block in the backward pass instead of storing its activations")
+    compile: bool = option(False, "torch.compile the model for the loop (the first steps are slow while it compiles)")
     steps: int = option(10_000, "optimizer steps of the whole run; the learning-rate schedule spans them")
     global_batch_size: int = option(128, "images per step, summed over all processes")
     lr: float = option(3e-4, "peak learning rate (AdamW)")
@@ -79,6 +86,7 @@ class LoopConfig:
         if self.global_batch_size % world_size:
             raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by {world_size} processes")
         check_choice(self, "lr_schedule")
+        check_choice(self, "precision")
 
 
 @dataclass
@@ -94,7 +102,8 @@ class TrainConfig(LoopConfig):
 
 
 # Options that may differ between a run and its resumption without changing the computation.
-_RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_checkpoints", "probe_every", "device", "data_dir", "out_dir"}
+_RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_checkpoints", "probe_every", "device", "data_dir", "out_dir",
+                      "num_workers", "grad_checkpoint", "compile"}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -132,6 +141,56 @@ class StepBatches:
             self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=g)
         batch = self._perm[within * self.global_batch : (within + 1) * self.global_batch]
         return batch[self.info.rank :: self.info.world_size]
+
+
+class StepBatchSampler:
+    """``StepBatches`` for steps [start, stop), as a DataLoader batch sampler: workers prefetch, order stays exact."""
+
+    def __init__(self, batches: StepBatches, start: int, stop: int):
+        self.batches, self.start, self.stop = batches, start, stop
+
+    def __iter__(self):
+        return (self.batches.indices(step).tolist() for step in range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def loop_dataset(config: LoopConfig, input_size: int, conditional: bool, channels: int = 3) -> Dataset:
+    """The loop's data: the latent cache ``config.latents`` if given, else ``config.data`` at ``input_size``."""
+    if config.latents:
+        return LatentDataset(config.latents)
+    return build_dataset(config.data, input_size, config.data_dir, conditional, channels=channels)
+
+
+def data_shape(dataset: Dataset) -> tuple[int, int]:
+    """(channels, side) of the dataset's samples: its ``in_channels``/``input_size`` or its first sample's shape."""
+    x = dataset[0][0]
+    return int(getattr(dataset, "in_channels", x.shape[0])), int(getattr(dataset, "input_size", x.shape[-1]))
+
+
+def check_data_fits(dataset: Dataset, model: nn.Module, what: str) -> None:
+    """Raise a ValueError naming both when the data's channels or size differ from the model's."""
+    channels, side = data_shape(dataset)
+    size = model.x_embedder.grid_size * model.patch_size
+    if (channels, side) != (model.in_channels, size):
+        raise ValueError(f"the data ({what}) holds {channels}×{side}×{side} samples but the model takes "
+                         f"{model.in_channels}×{size}×{size}; use data of the model's kind (latents for a latent DiT: --latents)")
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device):
+    """Autocast for bf16 (CUDA, and the CPU for tests); TF32 matmuls for tf32 and bf16 on CUDA, restored afterwards."""
+    tf32 = device.type == "cuda" and precision in ("tf32", "bf16")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        if tf32:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @torch.no_grad()
@@ -212,11 +271,21 @@ def train(
     """``robuq train``: build the data, the DiT and the diffusion loss that ``config`` names (or take the
     given ones) and run the training loop; returns the output folder."""
     if dataset is None:
-        dataset = build_dataset(config.data, config.input_size, config.data_dir, config.conditional, channels=config.channels)
+        dataset = loop_dataset(config, config.input_size, config.conditional, config.channels)
     if model is None:
+        channels, side = data_shape(dataset)
+        if side != config.input_size and not config.init_from:
+            raise ValueError(f"the data holds {side}×{side} samples but --input-size is {config.input_size}; "
+                             f"pass --input-size {side}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # the initial weights are part of the run's reproducible state
-            model = build_model(config, dataset.in_channels, dataset.num_classes if config.conditional else 0)
+            num_classes = getattr(dataset, "num_classes", None) if config.conditional else 0
+            if num_classes is None:
+                raise ValueError(f"a class-conditional model needs the class count: give the {type(dataset).__name__} "
+                                 "a num_classes attribute, pass a model, or train with conditional=False")
+            model = build_model(config, channels, num_classes)
+    if isinstance(model, DiT):  # another nn.Module from the Python API states its own input shape
+        check_data_fits(dataset, model, config.latents or config.data)
     if objective is None:
         dropout = model.y_embedder.dropout_prob if getattr(model, "y_embedder", None) is not None else 0.0
         objective = diffusion_objective(create_diffusion(learn_sigma=config.learn_sigma), dropout)
@@ -279,22 +348,31 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
         atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
         _truncate_log(out_dir / "log.jsonl", start)
 
+    if config.grad_checkpoint:
+        if not hasattr(model, "grad_checkpoint"):
+            raise ValueError(f"--grad-checkpoint needs a robuq DiT; {type(model).__name__} has no grad_checkpoint switch")
+        model.grad_checkpoint = True
     net = DistributedDataParallel(model) if info.enabled else model
+    if config.compile:
+        net = torch.compile(net)
     batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info)
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatchSampler(batches, start, stop), num_workers=config.num_workers,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed)))  # not the global RNG
     model.train()
     bar = tqdm(range(start, stop), initial=start, total=stop, desc="train", disable=not (progress and info.is_main), dynamic_ncols=True)
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
     rng_devices = [device] if device.type == "cuda" else []
     for step in bar:
         generator = torch.Generator().manual_seed(step_seed(config.seed, step, info.rank))
-        idx = batches.indices(step)
-        x = dataset.images[idx].to(device)
-        y = dataset.labels[idx].to(device) if num_classes > 0 else None
+        x, y = next(loader)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True) if num_classes > 0 else None
 
-        with torch.random.fork_rng(devices=rng_devices):
+        with torch.random.fork_rng(devices=rng_devices), precision_context(config.precision, device):
             torch.manual_seed(step_seed(config.seed, step, info.rank))  # any randomness of the model's own
             losses = objective(net, x, y, generator)
-        loss = losses["loss"].mean()
+        loss = losses["loss"].float().mean()
         if not torch.isfinite(loss):
             def rerun() -> object:
                 with torch.random.fork_rng(devices=rng_devices):

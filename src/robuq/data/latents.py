@@ -1,0 +1,140 @@
+"""A latent cache on disk: VAE latents of an image folder in safetensors shards, and a JSON index.
+
+Layout of a cache folder::
+
+    index.json                 what the cache holds (see ``LatentIndex``); written first, checked on resume
+    shard-00000.safetensors    "latents" (n, C, h, w) float32, already × scale (0.18215, as DiT trains),
+                               "labels" (n,) int64, and "latents_flip" when the mirrored copy was encoded
+    ...
+
+Shard k holds images [k·shard_size, (k+1)·shard_size) of the folder's sorted listing. A shard file
+exists only once complete (written atomically), so a killed encoding run resumes by skipping the shards
+already there.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import Dataset
+
+from robuq.core.files import atomic_write_text
+
+FORMAT = "robuq-latent-cache"
+INDEX = "index.json"
+
+
+@dataclass(frozen=True)
+class LatentIndex:
+    """The cache's description; two runs may share a cache folder only if they agree on all of it."""
+
+    num_images: int
+    shard_size: int
+    latent_shape: tuple[int, int, int]
+    scale: float
+    flip: bool
+    image_size: int
+    class_names: tuple[str, ...]
+    vae: str
+    format: str = FORMAT
+    version: int = 1
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def shard_range(self, shard: int) -> range:
+        return range(shard * self.shard_size, min(self.num_images, (shard + 1) * self.shard_size))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "num_shards": self.num_shards}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LatentIndex":
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not a robuq latent cache index (format {data.get('format')!r})")
+        data = {k: v for k, v in data.items() if k != "num_shards"}
+        return cls(**{**data, "latent_shape": tuple(data["latent_shape"]), "class_names": tuple(data["class_names"])})
+
+
+def shard_path(cache: str | os.PathLike, shard: int) -> Path:
+    return Path(cache) / f"shard-{shard:05d}.safetensors"
+
+
+def read_index(cache: str | os.PathLike) -> LatentIndex:
+    """The index of a cache folder; a clear error when the folder is not (yet) a cache."""
+    path = Path(cache) / INDEX
+    if not path.is_file():
+        raise FileNotFoundError(f"{cache} is not a latent cache (no {INDEX}); make one with `robuq latents`")
+    return LatentIndex.from_dict(json.loads(path.read_text()))
+
+
+def write_index(cache: str | os.PathLike, index: LatentIndex) -> None:
+    """Write the index, or check that the one already there describes the same cache."""
+    path = Path(cache) / INDEX
+    if path.is_file():
+        old = read_index(cache)
+        if old != index:
+            diffs = [f"{k}: cache {v!r} vs now {getattr(index, k)!r}" for k, v in asdict(old).items() if getattr(index, k) != v]
+            raise ValueError(f"{cache} already holds a different latent cache ({'; '.join(diffs)}); use another folder")
+        return
+    atomic_write_text(path, json.dumps(index.to_dict(), indent=2) + "\n")
+
+
+def missing_shards(cache: str | os.PathLike, index: LatentIndex) -> list[int]:
+    return [k for k in range(index.num_shards) if not shard_path(cache, k).is_file()]
+
+
+class LatentDataset(Dataset):
+    """(latent, label) pairs of a finished cache, read from memory-mapped shards one sample at a time.
+
+    With ``use_flips`` (default: whenever the cache holds them) the mirrored copies are further samples:
+    index i < N is image i, index N + i its mirror — a fixed augmentation, so the data order stays a pure
+    function of the seed.
+    """
+
+    def __init__(self, cache: str | os.PathLike, use_flips: bool | None = None):
+        self.cache = Path(cache)
+        self.index = read_index(cache)
+        missing = missing_shards(cache, self.index)
+        if missing:
+            raise ValueError(f"latent cache {cache} is incomplete: {len(missing)} of {self.index.num_shards} shards missing "
+                             f"(first: {shard_path(cache, missing[0]).name}); finish it with the same `robuq latents` command")
+        self.use_flips = self.index.flip if use_flips is None else use_flips
+        if self.use_flips and not self.index.flip:
+            raise ValueError(f"latent cache {cache} was encoded without the mirrored copy (--flip)")
+        self.in_channels, self.input_size = self.index.latent_shape[0], self.index.latent_shape[-1]
+        self.num_classes = self.index.num_classes
+        self.class_names = self.index.class_names
+        labels = []
+        for k in range(self.index.num_shards):
+            with safe_open(str(shard_path(cache, k)), framework="pt") as f:
+                labels.append(f.get_tensor("labels"))
+        self.labels = torch.cat(labels)
+        if self.use_flips:
+            self.labels = torch.cat([self.labels, self.labels])
+        self._handles: dict[int, object] = {}  # opened lazily in each DataLoader worker, never pickled
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = int(i)
+        n = self.index.num_images
+        key, j = ("latents_flip", i - n) if i >= n else ("latents", i)
+        shard, row = divmod(j, self.index.shard_size)
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(shard_path(self.cache, shard)), framework="pt")
+        x = self._handles[shard].get_slice(key)[row : row + 1][0]
+        return x, self.labels[i]

@@ -1,0 +1,63 @@
+"""The Stable-Diffusion VAE DiT works in: diffusers' ``AutoencoderKL`` from the user's own files.
+
+diffusers is an optional dependency (``pip install robuq[vae]``), imported only when a VAE is loaded.
+Nothing is fetched from a hub: a folder (``save_pretrained`` layout, e.g. stabilityai/sd-vae-ft-ema
+downloaded beforehand) or a single checkpoint file with ``config`` pointing at such a folder's config.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+# DiT's latent scale: latents are multiplied by it after encoding and divided by it before decoding, so
+# that they have roughly unit variance (the SD VAE's own ``scaling_factor``).
+LATENT_SCALE = 0.18215
+
+
+def _autoencoder_class():
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as exc:
+        raise ImportError("the VAE needs diffusers: pip install 'robuq[vae]' (or pip install diffusers)") from exc
+    return AutoencoderKL
+
+
+def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An ``AutoencoderKL`` in eval mode without gradients, from a folder or a single file (local only)."""
+    AutoencoderKL = _autoencoder_class()
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: give a folder written by AutoencoderKL.save_pretrained "
+                                    "(e.g. a local copy of stabilityai/sd-vae-ft-ema)")
+        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+    elif path.is_file():
+        if config is None:
+            raise ValueError(f"{path} is a single file: also give the folder of its config.json (--vae-config), "
+                             "robuq never fetches a configuration from a hub")
+        vae = AutoencoderKL.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype)
+    else:
+        raise FileNotFoundError(f"VAE {path} does not exist; give a local folder or file")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode(vae: nn.Module, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images in [-1, 1] → latents × ``LATENT_SCALE``, sampled from the posterior with ``generator`` as DiT does
+    (its extract_features takes ``latent_dist.sample()``)."""
+    posterior = vae.encode(images.to(vae.dtype)).latent_dist
+    if generator is None:
+        return posterior.mode().float() * LATENT_SCALE
+    # DiagonalGaussianDistribution.sample draws on the generator's device; draw on the CPU for device-independent runs.
+    noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device, posterior.mean.dtype)
+    return (posterior.mean + posterior.std * noise).float() * LATENT_SCALE
+
+
+@torch.no_grad()
+def decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Latents × ``LATENT_SCALE`` → images in [-1, 1] (clamped)."""
+    return vae.decode((latents / LATENT_SCALE).to(vae.dtype)).sample.float().clamp(-1, 1)

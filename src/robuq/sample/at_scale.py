@@ -1,0 +1,81 @@
+"""Sampling for evaluation at scale (e.g. 50,000 images): shards per process, one ADM-style .npz at the end.
+
+As in DiT's sample_ddp.py, labels are drawn uniformly at random (or class-balanced). Unlike it, shard k's
+labels and noise come from a generator seeded by (seed, k) alone, so the merged samples are the same for
+any number of processes, and a killed run resumes by skipping the shards already written (each is
+written atomically) — nothing finished is drawn again.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from robuq.core.distributed import DistInfo, barrier
+from robuq.core.files import atomic_write
+from robuq.models.vae import decode
+from robuq.sample.generate import generate, save_grid, to_uint8
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    return (seed * 1_000_003 + shard * 7919 + 17) % (2**63 - 1)
+
+
+def shard_labels(num_classes: int, num_samples: int, shard: int, shard_size: int, seed: int, balanced: bool) -> torch.Tensor | None:
+    """Labels of shard ``shard``: uniform draws from its own generator, or a slice of one seeded permutation
+    of ⌈N/C⌉ copies of every class (class-balanced); None for an unconditional model."""
+    if num_classes == 0:
+        return None
+    rows = range(shard * shard_size, min(num_samples, (shard + 1) * shard_size))
+    if balanced:
+        g = torch.Generator().manual_seed(seed)
+        everything = torch.arange(num_classes).repeat(math.ceil(num_samples / num_classes))
+        return everything[torch.randperm(len(everything), generator=g)][rows.start : rows.stop]
+    g = torch.Generator().manual_seed(shard_seed(seed, shard) ^ 0x5EED)
+    return torch.randint(0, num_classes, (len(rows),), generator=g)
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append .npz to the temporary name
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
+
+
+def sample_shards(model: nn.Module, out: str | Path, num_samples: int, info: DistInfo, *, vae: nn.Module | None = None,
+                  shard_size: int = 1000, balanced: bool = False, sampler: str = "ddpm", steps: int = 250,
+                  cfg_scale: float = 1.5, cfg_channels: int | None = None, seed: int = 0, batch_size: int = 100,
+                  progress: bool = True) -> dict[str, Path]:
+    """Write ``out/shards/shard-*.npz`` (this rank's share of those missing), then rank 0 merges them into
+    ``out/samples.npz`` (``arr_0``: uint8 NHWC, ``labels``) and ``out/grid.png`` (the first 64)."""
+    out = Path(out)
+    num_shards = math.ceil(num_samples / shard_size)
+    path = lambda k: out / "shards" / f"shard-{k:05d}.npz"  # noqa: E731
+    todo = [k for k in range(num_shards) if k % info.world_size == info.rank and not path(k).is_file()]
+    total = sum(min(shard_size, num_samples - k * shard_size) for k in todo)
+    with tqdm(total=total, desc=f"sample (rank {info.rank})", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for k in todo:
+            n = min(shard_size, num_samples - k * shard_size)
+            labels = shard_labels(model.num_classes, num_samples, k, shard_size, seed, balanced)
+            images = generate(model, labels, n, sampler, steps, cfg_scale, shard_seed(seed, k), batch_size, progress=False,
+                              cfg_channels=cfg_channels, clip_denoised=vae is None)
+            if vae is not None:
+                device = next(vae.parameters()).device
+                images = torch.cat([decode(vae, images[i : i + batch_size].to(device)).cpu() for i in range(0, n, batch_size)])
+            ys = labels.numpy() if labels is not None else np.zeros(n, dtype=np.int64)
+            _write_npz(path(k), arr_0=to_uint8(images), labels=ys)
+            bar.update(n)
+    barrier(info)
+    result = {"npz": out / "samples.npz", "grid": out / "grid.png"}
+    if info.is_main:
+        parts = [np.load(path(k)) for k in range(num_shards)]
+        pixels = np.concatenate([p["arr_0"] for p in parts])
+        _write_npz(result["npz"], arr_0=pixels, labels=np.concatenate([p["labels"] for p in parts]))
+        save_grid(pixels[:64], result["grid"], columns=8)
+    barrier(info)
+    return result

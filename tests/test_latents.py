@@ -1,0 +1,163 @@
+"""The latent data path with real parts: an RGB class folder made here, a randomly initialised diffusers
+AutoencoderKL written by ``save_pretrained`` and read back through robuq's loader, the streaming folder,
+the sharded cache (resume, torchrun split) and the dataset reading it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from robuq.data.image_stream import CorruptImageError, StreamingImageFolder, center_crop_arr
+from robuq.data.latents import LatentDataset, read_index, shard_path
+from robuq.models.vae import LATENT_SCALE, decode, encode, load_vae
+from robuq.train.latents import LatentsConfig, encode_latents
+
+diffusers = pytest.importorskip("diffusers")
+
+CLASSES = ("n001_circle", "n002_bar", "n003_noise")
+
+
+def make_image_folder(root, per_class: int = 4, seed: int = 0):
+    """Three classes of RGB images of assorted sizes (larger and smaller than the crop, not square)."""
+    rng = np.random.default_rng(seed)
+    sizes = [(80, 64), (64, 96), (150, 140), (50, 70)]
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            w, h = sizes[i % len(sizes)]
+            arr = rng.integers(0, 80, (h, w, 3)).astype(np.uint8)
+            arr[h // 3 : 2 * h // 3, :, c] = 220  # a class-coloured band
+            suffix = ".png" if i % 2 else ".jpg"
+            Image.fromarray(arr).save(root / name / f"img{i}{suffix}")
+    return root
+
+
+def make_vae(path, latent_channels: int = 4):
+    """A small AutoencoderKL of the SD-VAE class (8× downsampling, 4 latent channels), saved locally."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, norm_num_groups=8,
+                        block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("imagenet") / "train")
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    return make_vae(tmp_path_factory.mktemp("vae") / "sd-vae-tiny")
+
+
+def test_center_crop_matches_adm_rule():
+    image = Image.fromarray(np.arange(300 * 200 * 3, dtype=np.uint32).reshape(200, 300, 3).astype(np.uint8))
+    out = center_crop_arr(image, 64)
+    assert out.shape == (64, 64, 3)
+    # By hand: 200 ≥ 128 → BOX halve to (150, 100); 100 < 128 → BICUBIC to short side 64: (96, 64); crop 16 px each side.
+    step = image.resize((150, 100), Image.BOX).resize((96, 64), Image.BICUBIC)
+    assert np.array_equal(out, np.asarray(step)[:, 16:80])
+
+
+def test_streaming_folder_sorted_classes_flips_and_no_upfront_decode(image_dir):
+    ds = StreamingImageFolder(image_dir, image_size=32)
+    assert ds.class_names == CLASSES and len(ds) == 12 and ds.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert not hasattr(ds, "images")  # only paths are held
+    x, y = ds[5]
+    assert x.shape == (3, 32, 32) and int(y) == 1 and -1 <= x.min() and x.max() <= 1
+    mirrored = StreamingImageFolder(image_dir, image_size=32, mirror=True)
+    assert torch.equal(mirrored[5][0], ds[5][0].flip(-1))
+    flipping = StreamingImageFolder(image_dir, image_size=32, flip=True, seed=3)
+    flipped = [not torch.equal(flipping[i][0], ds[i][0]) for i in range(len(ds))]
+    assert 0 < sum(flipped) < len(ds)  # some mirrored, some not
+    assert [not torch.equal(flipping[i][0], ds[i][0]) for i in range(len(ds))] == flipped  # same draw again
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2)
+    xs = torch.cat([x for x, _ in loader])
+    assert torch.equal(xs[5], x)
+
+
+def test_corrupt_image_names_its_path(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", per_class=1)
+    bad = root / CLASSES[1] / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    ds = StreamingImageFolder(root, image_size=16)
+    index = [p for p, _ in ds.files].index(str(bad))
+    with pytest.raises(CorruptImageError, match="broken.jpg"):
+        ds[index]
+
+
+def test_vae_loads_from_folder_and_round_trips_shapes(vae_dir):
+    vae = load_vae(vae_dir)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = encode(vae, x, torch.Generator().manual_seed(0))
+    assert z.shape == (2, 4, 4, 4) and torch.isfinite(z).all()
+    assert torch.equal(z, encode(vae, x, torch.Generator().manual_seed(0)))
+    mode = vae.encode(x).latent_dist.mode()
+    assert torch.allclose(encode(vae, x), mode * LATENT_SCALE)
+    assert decode(vae, z).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="--vae-config"):
+        load_vae(vae_dir / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_vae(vae_dir.parent)
+
+
+def test_latent_cache_resumes_and_reads_back(tmp_path, image_dir, vae_dir):
+    config = LatentsConfig(images=str(image_dir), vae=str(vae_dir), out=str(tmp_path / "cache"), image_size=32,
+                           shard_size=5, batch_size=4, num_workers=0, flip=True, device="cpu")
+    out = encode_latents(config, progress=False)
+    index = read_index(out)
+    assert index.num_shards == 3 and index.latent_shape == (4, 4, 4) and index.class_names == CLASSES
+    first = {k: shard_path(out, k).read_bytes() for k in range(3)}
+    # A killed run: shard 1 never written. The rerun writes only it, and identically.
+    shard_path(out, 1).unlink()
+    stamp = shard_path(out, 0).stat().st_mtime_ns
+    encode_latents(config, progress=False)
+    assert shard_path(out, 0).stat().st_mtime_ns == stamp
+    assert {k: shard_path(out, k).read_bytes() for k in range(3)} == first
+
+    ds = LatentDataset(out)
+    assert len(ds) == 24 and ds.in_channels == 4 and ds.input_size == 4 and ds.num_classes == 3
+    vae = load_vae(vae_dir)
+    images = StreamingImageFolder(image_dir, 32)
+    x, y = ds[7]
+    g = torch.Generator().manual_seed(config.seed * 1_000_003 + 2 * 1)  # shard 1's stream; image 7 is its 3rd
+    z = encode(vae, torch.stack([images[i][0] for i in range(5, 9)]), g)
+    assert int(y) == 1 and torch.allclose(x, z[2], atol=1e-5)
+    xf, yf = ds[12 + 7]
+    assert int(yf) == 1 and not torch.allclose(xf, x)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)
+    assert sum(len(b[1]) for b in loader) == 24
+
+    with pytest.raises(ValueError, match="shard_size"):
+        encode_latents(LatentsConfig(**{**config.__dict__, "shard_size": 4}), progress=False)
+    shard_path(out, 2).unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        LatentDataset(out)
+
+
+@pytest.mark.slow
+def test_latent_cache_under_torchrun_equals_one_process(tmp_path, image_dir, vae_dir):
+    args = ["latents", str(image_dir), "--vae", str(vae_dir), "--image-size", "32", "--shard-size", "3",
+            "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "robuq.cli", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "robuq.cli", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    index = json.loads((tmp_path / "one" / "index.json").read_text())
+    assert index == json.loads((tmp_path / "two" / "index.json").read_text()) and index["num_shards"] == 4
+    a, b = LatentDataset(tmp_path / "one"), LatentDataset(tmp_path / "two")
+    assert torch.equal(a.labels, b.labels) and all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
