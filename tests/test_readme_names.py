@@ -13,7 +13,7 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def test_every_api_name_in_the_readme_is_public():
-    names = set(re.findall(r"\brobuq\.([A-Za-z_][A-Za-z0-9_]*)\b(?!/)", README))
+    names = set(re.findall(r"(?<![\w./-])robuq\.([A-Za-z_][A-Za-z0-9_]*)\b(?![/.])", README))  # not file names
     modules = {"quantize", "kernels", "deploy", "quant", "core", "io", "sample", "train", "ampn", "eval", "cli", "models",
                "diffusion", "data"}
     missing = sorted(n for n in names - modules if not hasattr(robuq, n) or n not in robuq.__all__)
