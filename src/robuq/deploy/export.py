@@ -17,6 +17,7 @@ import torch
 
 from robuq.deploy.elementwise import use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
+from robuq.deploy.gemm import resolve as resolve_gemm
 from robuq.deploy.integer_linear import IntegerLinear, convert_to_integer
 from robuq.deploy.packing import PACKERS
 from robuq.io import load_tensors, save_tensors
@@ -87,14 +88,18 @@ def _corrupt(path: Any, why: str) -> CheckpointError:
     return CheckpointError(f"{path} is not a usable robuq export: {why}. Re-export it with `robuq export`.")
 
 
-def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: bool = True) -> DiT:
+def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: bool = True,
+                  gemm: str | None = None) -> DiT:
     """An inference model from an exported file: block linears run on integer levels (``integer=True``)
     or as the fake-quantized float layers they were trained as.
 
     ``retain_memory`` raises glibc's allocator thresholds for the process
     (``robuq.deploy.allocator.retain_freed_memory``, which says why), so that inference temporaries
-    reuse memory instead of fresh pages.
+    reuse memory instead of fresh pages. ``gemm`` picks the integer linears' CPU GEMM
+    (``robuq.deploy.gemm``: ``auto``, ``int_mm``, ``avx2`` or ``fp32``); None reads ``$ROBUQ_GEMM`` now,
+    and ``auto`` where that is unset.
     """
+    gemm = resolve_gemm(gemm)
     if retain_memory:
         retain_freed_memory()
     tensors, meta = load_tensors(path)
@@ -151,7 +156,7 @@ def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: 
     for name in set(weights) - on_integers:  # the stored weights are already quantized: re-quantizing α·L would change α
         modules[name].config = dataclasses.replace(modules[name].config, weight="fp")
         del weights[name]
-    convert_to_integer(model, weights, only_given=True)  # empties ``weights``: each layer's levels go as it is built
+    convert_to_integer(model, weights, only_given=True, gemm=gemm)  # empties ``weights``: each layer's levels go as it is built
     if integer:  # a float reload stays bit-exact with its training model
         use_native_kernels(model)
     unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
