@@ -17,9 +17,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Environment variables that hold PyTorch, oneDNN, MKL, fbgemm or robuq below what the CPU can do: a run
+# that sets them measured a forced, not a native, setting.
+FORCING = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS",
+           "ROBUQ_MARCH", "ROBUQ_GEMM", "ROBUQ_NATIVE")
+
+
 def machine() -> dict:
+    """The machine a result was measured on: CPU model and the instruction sets that decide integer speed,
+    PyTorch's CPU capability, robuq's GEMM path, and any setting that forced them below the CPU's own."""
+    from robuq.deploy import gemm
+
     info = {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_model": gemm.cpu_model(), "cpu_isa": sorted(gemm.cpu_flags()),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "robuq_gemm": {**gemm.cpu_capability().to_dict(), "chosen": gemm.auto_path()},
+        "forced": {k: os.environ[k] for k in FORCING if k in os.environ},
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__,
     }
