@@ -121,8 +121,8 @@ def test_pytorch_held_to_avx2_is_below_vnni_and_never_takes_int_mm():
 
 @pytest.mark.slow
 def test_an_avx2_build_gives_the_same_attention_and_gemm(monkeypatch, tmp_path):
-    """Built for AVX2 alone (ROBUQ_MARCH=haswell): the attention's vpmaddwd dot products and the GEMM sum the
-    same integers as the native build."""
+    """Built for AVX2 alone (ROBUQ_MARCH=haswell: 8-lane tiles, vpmaddwd dot products): the attention equals
+    the native build's up to the order of its float sums, and the GEMM is exact."""
     qkv = torch.randn(2, 37, 3, 3, 20).permute(2, 0, 3, 1, 4)
     a = torch.randint(-128, 128, (29, 77), dtype=torch.int8)
     b = torch.randint(-1, 2, (77, 100), dtype=torch.int8)
@@ -137,5 +137,5 @@ def test_an_avx2_build_gives_the_same_attention_and_gemm(monkeypatch, tmp_path):
         product = native.gemm_s8(a, b, b.sum(dim=0, dtype=torch.int32), gemm.avx2_flush(1))
     finally:
         native._library.cache_clear()
-    assert torch.equal(avx2, fast)
+    assert torch.allclose(avx2, fast, rtol=1e-5, atol=1e-6)
     assert torch.equal(product, (a.double() @ b.double()).to(torch.int32))

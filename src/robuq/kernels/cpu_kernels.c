@@ -22,7 +22,13 @@
 #define LANES 16
 
 /* One tile row: a value per lane. GCC's vector extensions make every lane loop one SIMD operation
- * (AVX-512: one register) instead of leaving it to the auto-vectorizer. Tiles are 64-byte aligned. */
+ * (one register) instead of leaving it to the auto-vectorizer. Tiles are 64-byte aligned. Without
+ * AVX-512 a tile is 8 lanes (one AVX2 register): 16 there split every value in two and spilled the
+ * register-blocked loops, 2.2–2.6× slower (hadamard_quantize, rescale, attention, measured here). */
+#ifndef __AVX512F__
+#undef LANES
+#define LANES 8
+#endif
 typedef float lanes_f __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t lanes_i __attribute__((vector_size(LANES * sizeof(int32_t))));
 typedef int8_t lanes_b __attribute__((vector_size(LANES)));
@@ -89,7 +95,7 @@ static void transpose_16x16_int8(const int8_t *in, int8_t *out, int64_t n) {
 static void store_tile_int8(const int8_t *restrict t, int64_t count, int64_t n, int8_t *restrict y) {
     int64_t i = 0;
 #ifdef __SSE2__
-    if (count == LANES)
+    if (count == LANES && LANES == 16)
         for (; i + 16 <= n; i += 16) transpose_16x16_int8(t + i * LANES, y + i, n);
 #endif
     for (; i < n; i++)
@@ -554,10 +560,10 @@ static int32_t probability_levels(const int32_t *restrict acc, int64_t nk, int64
                                   float sa, float c, float inv_sqrt_d, float top, float *restrict e,
                                   uint8_t *restrict levels, float *scale) {
     const int64_t vectors = nk16 / LANES;
-    lanes_i lane = {0}; /* which lanes of the last vector hold keys, as an all-ones mask (no lane indexing:
+    lanes_i lane = {0}; /* lane indices, for the masks of keys past nk (no lane indexing of v:
                            that would keep the vectors in memory) */
     for (int l = 0; l < LANES; l++) lane[l] = l;
-    const lanes_i real = lane < (lanes_i){0} + (int32_t)(nk - (vectors - 1) * LANES);
+    const int64_t first_padded = nk / LANES; /* vectors from here on hold padding (nk16 − nk may exceed LANES) */
     lanes_f *v = (lanes_f *)e, largest = lanes_splat(-INFINITY);
     for (int64_t i = 0; i < vectors; i++) {
         const lanes_f ks = lanes_load(keys.scale + i * LANES), kc = lanes_load(keys.c + i * LANES);
@@ -568,8 +574,10 @@ static int32_t probability_levels(const int32_t *restrict acc, int64_t nk, int64
         /* q̂·k̂ = s_q s_k Σl_q l_k + s_q A_q c_k + c_q (s_k A_k + d c_k) with l_q = u_q − shift: the signed
          * form keeps the float terms as small as the level products allow. */
         v[i] = (s * ks * __builtin_convertvector(a - shifted, lanes_f) + sa * kc + c * kt) * inv_sqrt_d;
-        if (i == vectors - 1) /* padding keys have no scores */
+        if (i >= first_padded) { /* padding keys have no scores */
+            const lanes_i real = lane + (int32_t)(i * LANES) < (lanes_i){0} + (int32_t)nk;
             v[i] = (lanes_f)(((lanes_i)v[i] & real) | ((lanes_i)lanes_splat(-INFINITY) & ~real));
+        }
         largest = lanes_max(v[i], largest);
     }
     float top_score = largest[0];
@@ -578,8 +586,8 @@ static int32_t probability_levels(const int32_t *restrict acc, int64_t nk, int64
     lanes_f sum = {0}, level_sum = {0};
     for (int64_t i = 0; i < vectors; i++) {
         lanes_f x = lanes_exp(v[i] - top_score);
-        if (i == vectors - 1)
-            x = (lanes_f)((lanes_i)x & real); /* e^−87 from the clamp, not e^−∞ */
+        if (i >= first_padded)
+            x = (lanes_f)((lanes_i)x & (lane + (int32_t)(i * LANES) < (lanes_i){0} + (int32_t)nk)); /* e^−87 from the clamp, not e^−∞ */
         sum += x;
         const lanes_f u = (x * top + magic) - magic; /* round half to even; e ≤ 1 keeps it in [0, top] */
         level_sum += u;
