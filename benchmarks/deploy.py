@@ -125,7 +125,7 @@ def export_random(name: str, path: Path, act_bits: int = 2) -> Path:
     return export_model(model, config, path, "ternary-2bit", "fp16")
 
 
-def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2) -> dict:
+def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str = "wall") -> dict:
     """fp32 forward vs PyTorch's dynamic int8 model vs the exported forward, alternately; also fp32 with
     robuq's elementwise C kernels (GELU, LayerNorm+modulate, gated residuals), which the exported model
     uses, so that the part of the speed-up that does not come from quantization shows."""
@@ -139,7 +139,7 @@ def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2) -> dict:
     with torch.no_grad():
         for _ in range(3):
             for kind, model in models.items():
-                times[kind].append(time_ms(lambda: model(x, t, y), repeats))
+                times[kind].append(time_ms(lambda: model(x, t, y), repeats, clock=clock))
     ms = {kind: statistics.median(v) for kind, v in times.items()}
     paths = {m.gemm for m in models["exported"].modules() if isinstance(m, IntegerLinear)}
     return {**{f"{kind}_ms": v for kind, v in ms.items()}, "act_bits": act_bits, "gemm_path": ",".join(sorted(paths)),
@@ -153,11 +153,11 @@ def available_paths() -> list[str]:
     return [p for p in gemm.PATHS if p != "avx2" or native.integer_isa() in ("avx2", "avx512_vnni")]
 
 
-def path_rows(repeats: int, tokens: int = 2048) -> list[dict]:
+def path_rows(repeats: int, tokens: int = 2048, models: tuple[str, ...] = tuple(PATH_SHAPES), clock: str = "wall") -> list[dict]:
     """Every available GEMM path on the block linears' shapes (int8 levels 0…7, ternary weights), beside an
     fp32 matmul of the same shape and PyTorch's dynamic int8 linear (which also quantizes its input)."""
     rows = []
-    for model, shapes in PATH_SHAPES.items():
+    for model, shapes in ((m, PATH_SHAPES[m]) for m in models):
         for layer, (cin, cout) in shapes.items():
             torch.manual_seed(0)
             a, b = torch.randint(0, 8, (tokens, cin), dtype=torch.int8), torch.randint(-1, 2, (cin, cout), dtype=torch.int8)
@@ -170,7 +170,7 @@ def path_rows(repeats: int, tokens: int = 2048) -> list[dict]:
             with torch.no_grad():
                 for _ in range(3):
                     for kind, fn in runs.items():
-                        times[kind].append(time_ms(fn, repeats))
+                        times[kind].append(time_ms(fn, repeats, clock=clock))
             rows.append({"model": model, "layer": layer, "shape": [tokens, cin, cout],
                          **{f"{kind}_ms": statistics.median(v) for kind, v in times.items()}})
     return rows
@@ -223,7 +223,7 @@ def measure_setting(args: argparse.Namespace, tmp: Path) -> dict:
     for name in args.models:
         entry = {}
         if "speed" in args.parts:
-            speed = end_to_end(name, args.repeats, tmp, args.act_bits)
+            speed = end_to_end(name, args.repeats, tmp, args.act_bits, args.clock)
             entry.update(speed)
         if "memory" in args.parts and name in args.memory_models:
             path = entry.get("export_path") or str(export_random(name, tmp / "memory.safetensors", args.act_bits))
@@ -234,7 +234,7 @@ def measure_setting(args: argparse.Namespace, tmp: Path) -> dict:
         result["models"][name] = peak_memory_ratio(name, str(export_random(name, tmp / "memory.safetensors", args.act_bits)),
                                                    args.memory_runs)
     if "paths" in args.parts:
-        result["paths"] = path_rows(args.repeats)
+        result["paths"] = path_rows(args.repeats, clock=args.clock)
     return result
 
 
@@ -243,7 +243,7 @@ def run_setting(setting: str, args: argparse.Namespace, tmp: Path) -> dict:
     capability once, at import)."""
     out = tmp / f"{setting}.json"
     worker = [sys.executable, __file__, "--worker", str(out), "--threads", str(args.threads), "--repeats",
-              str(args.repeats), "--act-bits", str(args.act_bits), "--memory-runs", str(args.memory_runs),
+              str(args.repeats), "--act-bits", str(args.act_bits), "--clock", args.clock, "--memory-runs", str(args.memory_runs),
               "--parts", ",".join(args.parts), "--models", *args.models, "--memory-models", *args.memory_models]
     env = {**{k: v for k, v in os.environ.items() if k not in SETTINGS["avx2-forced"]}, **SETTINGS[setting]}
     subprocess.run(worker, env=env, check=True)
@@ -268,7 +268,8 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
                          f"| {r['size_ratio_fp16']:.1f} | {100 * r['overhead_vs_information']:.2f}% |")
     speed = [(s, name, e) for s in settings for name, e in s["models"].items() if "cpu_speedup" in e]
     if speed:
-        lines += ["", f"Forward of batch 8 at 32×32 latents, `robuq` preset at A{args.act_bits}, {args.threads} threads:", "",
+        clock = "CPU time of the process" if args.clock == "cpu" else "wall time"
+        lines += ["", f"Forward of batch 8 at 32×32 latents, `robuq` preset at A{args.act_bits}, {args.threads} threads, {clock} (ms):", "",
                   "| setting | model | fp32 eager ms | dynamic int8 ms | exported ms | GEMM path | × fp32 | × dynamic int8 "
                   "| × fp32 with robuq's elementwise kernels |", "|---|---|---|---|---|---|---|---|---|"]
         for s, name, e in speed:
@@ -319,6 +320,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--memory-runs", type=int, default=None)
     parser.add_argument("--act-bits", type=int, default=3)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: time by the process's CPU time (with --threads 1, immune to a crowded machine)")
+    parser.add_argument("--name", default="deploy", help="results/<name>.json and .md")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if unknown := set(args.parts) - set(PARTS) or set(args.settings) - set(SETTINGS):
@@ -343,7 +347,7 @@ def main() -> None:
         worker_parts = set(args.parts) & {"speed", "paths", "memory"}
         settings = [run_setting(s, args, tmp) for s in args.settings] if worker_parts else []
     text = markdown(sizes, linears, settings, args)
-    write_result("deploy", {"sizes": sizes, "linears": linears, "settings": settings, "quick": args.quick,
+    write_result(args.name, {"clock": args.clock, "sizes": sizes, "linears": linears, "settings": settings, "quick": args.quick,
                             "threads": args.threads, "act_bits": args.act_bits, "parts": args.parts,
                             "cpu_kernels": native.enabled()}, text)
     print(text)

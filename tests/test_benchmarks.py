@@ -103,6 +103,23 @@ def test_deploy_end_to_end_times_three_models(tmp_path):
     assert speed["cpu_speedup"] == speed["fp32_ms"] / speed["exported_ms"]
 
 
+def test_deploy_times_every_gemm_path_and_tabulates_them():
+    import argparse
+
+    deploy = _load("deploy")
+    rows = deploy.path_rows(1, tokens=12, models=("DiT-S/2",))
+    assert [r["layer"] for r in rows] == ["qkv", "proj", "fc1", "fc2"]
+    for r in rows:
+        assert {f"{p}_gemm_ms" for p in deploy.available_paths()} | {"fp32_matmul_ms", "dynamic_int8_linear_ms"} <= set(r)
+    setting = {"setting": "native", "machine": deploy.machine(), "paths": rows,
+               "models": {"DiT-S/2": {"fp32_ms": 2.0, "fp32_native_elementwise_ms": 2.0, "dynamic_int8_ms": 1.5,
+                                      "exported_ms": 1.0, "gemm_path": "avx2", "cpu_speedup": 2.0,
+                                      "speedup_vs_dynamic_int8": 1.5, "cpu_speedup_vs_fp32_native_elementwise": 2.0}}}
+    text = deploy.markdown([], [], [setting], argparse.Namespace(act_bits=3, threads=2, clock="wall"))
+    assert "| native | DiT-S/2 | 2 | 2 | 1 | avx2 | **2.00×** | **1.50×** |" in text
+    assert setting["machine"]["cpu_model"] in text and "int mm gemm" in text
+
+
 def test_cpu_kernel_cases_run():
     cpu_kernels = _load("cpu_kernels")
     for _model, what, fn in cpu_kernels.cases(32, models=cpu_kernels.MODELS[:1]):
