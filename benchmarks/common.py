@@ -60,6 +60,11 @@ def time_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, device:
     return statistics.median(samples)
 
 
+def header(name: str, provenance: dict) -> str:
+    """The top of results/<name>.md: the command, the date and the machine."""
+    return f"# {name}\n\n`{provenance['command']}` on {provenance['date']}\n\nmachine: {json.dumps(provenance['machine'])}\n\n"
+
+
 def write_result(name: str, payload: dict, markdown: str, out: Path | None = None) -> Path:
     """results/<name>.json (payload + provenance) and results/<name>.md (the table a person reads)."""
     out = out or ROOT / "results"
@@ -71,6 +76,5 @@ def write_result(name: str, payload: dict, markdown: str, out: Path | None = Non
     }
     data = {**payload, **provenance}
     (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    header = f"# {name}\n\n`{provenance['command']}` on {provenance['date']}\n\nmachine: {json.dumps(provenance['machine'])}\n\n"
-    (out / f"{name}.md").write_text(header + markdown + "\n")
+    (out / f"{name}.md").write_text(header(name, provenance) + markdown + "\n")
     return out / f"{name}.json"

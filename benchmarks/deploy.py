@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, time_ms, write_result
+from common import header, machine, time_ms, write_result
 import robuq
 from robuq.deploy import gemm
 from robuq.deploy.elementwise import use_native_kernels
@@ -261,6 +261,11 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
         lines.append(f"- **{s['setting']}**: {m['cpu_model']}, CPU flags {', '.join(m['cpu_isa'])}; PyTorch capability "
                      f"{m['torch_cpu_capability']}, robuq's C kernels {m['robuq_gemm']['robuq_kernels']}, GEMM path chosen "
                      f"`{m['robuq_gemm']['chosen']}`" + (f"; forced by {m['forced']}" if m["forced"] else "") + ".")
+    if any(s["setting"] == "avx2-forced" for s in settings):
+        lines += ["", "The avx2-forced figures are forced, not native: this CPU's PyTorch, oneDNN, MKL and fbgemm held "
+                  "to AVX2 by their environment variables and robuq's C kernels built with -march=haswell, on cores that "
+                  "have AVX-512. Held so, oneDNN still runs `torch._int_mm` at about an fp32 matmul's speed, so its "
+                  "column does not show the 33× slow-down issue 17 measured on a native AVX2-only CPU."]
     if sizes:
         lines += ["", "| model | layout | packing | MiB | ×fp32 | ×fp16 | over information |", "|---|---|---|---|---|---|---|"]
         for r in sizes:
@@ -308,6 +313,14 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
     return "\n".join(lines)
 
 
+def render(path: Path) -> None:
+    """results/<name>.md again from results/<name>.json (its own command, date and machine kept)."""
+    data = json.loads(path.read_text())
+    args = argparse.Namespace(act_bits=data["act_bits"], threads=data["threads"], clock=data.get("clock", "wall"))
+    text = markdown(data["sizes"], data["linears"], data["settings"], args)
+    path.with_suffix(".md").write_text(header(path.stem, data) + text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="DiT-S/2 only, 3 repeats, one memory process")
@@ -324,7 +337,11 @@ def main() -> None:
                         help="cpu: time by the process's CPU time (with --threads 1, immune to a crowded machine)")
     parser.add_argument("--name", default="deploy", help="results/<name>.json and .md")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--render", type=Path, default=None, help="rewrite the .md of a results JSON from its numbers")
     args = parser.parse_args()
+    if args.render:
+        render(args.render)
+        return
     if unknown := set(args.parts) - set(PARTS) or set(args.settings) - set(SETTINGS):
         parser.error(f"unknown parts or settings: {', '.join(sorted(unknown))}")
     args.repeats = args.repeats or (3 if args.quick else 5)

@@ -103,7 +103,7 @@ def test_deploy_end_to_end_times_three_models(tmp_path):
     assert speed["cpu_speedup"] == speed["fp32_ms"] / speed["exported_ms"]
 
 
-def test_deploy_times_every_gemm_path_and_tabulates_them():
+def test_deploy_times_every_gemm_path_and_tabulates_them(tmp_path):
     import argparse
 
     deploy = _load("deploy")
@@ -118,6 +118,11 @@ def test_deploy_times_every_gemm_path_and_tabulates_them():
     text = deploy.markdown([], [], [setting], argparse.Namespace(act_bits=3, threads=2, clock="wall"))
     assert "| native | DiT-S/2 | 2 | 2 | 1 | avx2 | **2.00×** | **1.50×** |" in text
     assert setting["machine"]["cpu_model"] in text and "int mm gemm" in text
+    result = tmp_path / "deploy.json"  # --render rebuilds the table from the numbers a run wrote
+    result.write_text(json.dumps({"sizes": [], "linears": [], "settings": [setting], "act_bits": 3, "threads": 2,
+                                  "command": "python deploy.py", "date": "today", "machine": setting["machine"]}))
+    deploy.render(result)
+    assert text in result.with_suffix(".md").read_text()
 
 
 def test_cpu_kernel_cases_run():
