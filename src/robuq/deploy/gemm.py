@@ -1,7 +1,7 @@
 """Which integer GEMM an exported model's linears run on this CPU, chosen once per process.
 
-PyTorch's int8 GEMM (``torch._int_mm``) is fast where the CPU has VNNI (AVX-512 VNNI, AMX): 4× an fp32
-matmul on this project's AMD EPYC. On a CPU with AVX2 alone it took 33× an fp32 matmul's time
+PyTorch's int8 GEMM (``torch._int_mm``) is fast where the CPU has VNNI (AVX-512 VNNI, AMX): 4–9× an fp32
+matmul on this project's AMD EPYC (results/deploy_cputime.md). On a CPU with AVX2 alone it took 33× an fp32 matmul's time
 (512×384 by 384×1536: 252 ms against 7.6 ms, issue 17), so there robuq multiplies with its own AVX2
 kernel (``robuq_gemm_s8`` in cpu_kernels.c), and without its C kernels with an fp32 matmul on the
 integer levels, the floor that is never slower than the float model.
@@ -159,10 +159,10 @@ def avx2_flush(max_weight: int) -> int:
     return 32767 // (2 * 255 * max(1, max_weight))
 
 
-def float_matmul(a: torch.Tensor, b_float: torch.Tensor) -> torch.Tensor:
-    """a (m, k) int8 · b (k, n) given as float levels → int32, exact: fp32 while 128·max|b|·k < 2^24."""
-    bound = 128 * float(b_float.abs().max()) * a.shape[1] if b_float.numel() else 0.0
-    if bound < 2**24:
+def float_matmul(a: torch.Tensor, b_float: torch.Tensor, max_weight: int) -> torch.Tensor:
+    """a (m, k) int8 · b (k, n) given as float levels (|b| ≤ max_weight) → int32, exact: fp32 while
+    128·max|b|·k < 2^24, float64 beyond."""
+    if 128 * max_weight * a.shape[1] < 2**24:
         return torch.mm(a.float(), b_float).to(torch.int32)
     return torch.mm(a.double(), b_float.double()).to(torch.int32)
 
@@ -176,7 +176,7 @@ def matmul(path: str, a: torch.Tensor, b: torch.Tensor, col_sums: torch.Tensor, 
         return native.gemm_s8(a, b, col_sums, avx2_flush(max_weight))
     if path == "int_mm":
         return torch._int_mm(a, b)
-    return float_matmul(a, b.float() if b_float is None else b_float)
+    return float_matmul(a, b.float() if b_float is None else b_float, max_weight)
 
 
 __all__ = ["PATHS", "CpuCapability", "auto_path", "choose_path", "cpu_capability", "cpu_model", "matmul", "resolve"]
