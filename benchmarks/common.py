@@ -35,9 +35,23 @@ def create_model(name: str, input_size: int = 32) -> DiT:
     return DiT(model_config(name, input_size))
 
 
+# Environment variables that hold PyTorch, oneDNN, MKL, fbgemm or robuq below what the CPU can do: a run
+# that sets them measured a forced, not a native, setting.
+FORCING = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS",
+           "ROBUQ_MARCH", "ROBUQ_GEMM", "ROBUQ_NATIVE")
+
+
 def machine() -> dict:
+    """The machine a result was measured on: CPU model and the instruction sets that decide integer speed,
+    PyTorch's CPU capability, robuq's GEMM path, and any setting that forced them below the CPU's own."""
+    from robuq.deploy import gemm
+
     info = {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_model": gemm.cpu_model(), "cpu_isa": sorted(gemm.cpu_flags()),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "robuq_gemm": {**gemm.cpu_capability().to_dict(), "chosen": gemm.auto_path()},
+        "forced": {k: os.environ[k] for k in FORCING if k in os.environ},
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__,
     }
@@ -46,18 +60,21 @@ def machine() -> dict:
     return info
 
 
-def time_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, device: str = "cpu") -> float:
-    """Median wall time of ``fn`` in milliseconds (median: the machine is shared and noisy)."""
+def time_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, device: str = "cpu", clock: str = "wall") -> float:
+    """Median time of ``fn`` in milliseconds (median: the machine is shared and noisy): wall time, or with
+    ``clock="cpu"`` the process's CPU time, which other processes on a crowded machine do not inflate (at
+    one thread it is the latency the machine alone would give)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    now = time.process_time if clock == "cpu" else time.perf_counter
     for _ in range(warmup):
         fn()
     sync()
     samples = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
         sync()
-        samples.append((time.perf_counter() - t0) * 1e3)
+        samples.append((now() - t0) * 1e3)
     return statistics.median(samples)
 
 
@@ -69,6 +86,11 @@ def invocation(script: str, argv: list[str] | None) -> list[str]:
     script_path = Path(script).resolve()
     shown = script_path.relative_to(ROOT) if script_path.is_relative_to(ROOT) else script_path
     return [str(shown), *argv]
+
+
+def header(name: str, provenance: dict) -> str:
+    """The top of results/<name>.md: the command, the date and the machine."""
+    return f"# {name}\n\n`{provenance['command']}` on {provenance['date']}\n\nmachine: {json.dumps(provenance['machine'])}\n\n"
 
 
 def write_result(name: str, payload: dict, markdown: str, out: Path | None = None, argv: list[str] | None = None) -> Path:
@@ -83,6 +105,5 @@ def write_result(name: str, payload: dict, markdown: str, out: Path | None = Non
     }
     data = {**payload, **provenance}
     (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    header = f"# {name}\n\n`{provenance['command']}` on {provenance['date']}\n\nmachine: {json.dumps(provenance['machine'])}\n\n"
-    (out / f"{name}.md").write_text(header + markdown + "\n")
+    (out / f"{name}.md").write_text(header(name, provenance) + markdown + "\n")
     return out / f"{name}.json"

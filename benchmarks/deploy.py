@@ -1,9 +1,17 @@
 """Exported (packed, integer-domain) DiTs against full precision: file size, CPU speed, peak memory.
 
-    python benchmarks/deploy.py            # → results/deploy.json and .md  (about 10 minutes on 2 cores)
+    python benchmarks/deploy.py            # → results/deploy.json and .md  (about 25 minutes on 2 cores)
     python benchmarks/deploy.py --quick    # DiT-S/2 only, fewer repeats
-    python benchmarks/deploy.py --models toy --linear-width 48 --linear-tokens 16 --repeats 1 --memory-runs 1
-                                           # a 2-block toy DiT: checks the script in seconds, measures nothing
+    python benchmarks/deploy.py --parts speed,paths --settings avx2-forced --models DiT-S/2
+    python benchmarks/deploy.py --parts sizes,linears,speed --settings native --models toy --size-models toy \
+        --linear-width 48 --linear-tokens 16 --repeats 1   # a 2-block toy DiT: checks the script, measures nothing
+
+Speed and memory are measured per CPU setting, each in a subprocess: ``native`` (the CPU as it is) and
+``avx2-forced`` (PyTorch, oneDNN, MKL and fbgemm held to AVX2 by their environment variables, robuq's C
+kernels built with -march=haswell: what an AVX2-only CPU runs, on this CPU's cores). Beside fp32 eager,
+each exported model is timed against PyTorch's dynamic int8 model of the same DiT (``quantize_dynamic``
+on every nn.Linear, fbgemm), the peer a CPU user would pick instead; the per-path table times every
+integer GEMM path robuq has on the block linears' shapes.
 
 Random weights are fine here: sizes and speeds do not depend on the values. Each speed figure is a
 ratio of two timings taken alternately in one run.
@@ -13,16 +21,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-from common import create_model, invocation, model_config, time_ms, write_result
+from common import create_model, header, invocation, machine, model_config, time_ms, write_result
 import robuq
+from robuq.deploy import gemm
 from robuq.deploy.elementwise import use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
 from robuq.deploy.export import export_model, file_report, load_exported
@@ -73,8 +84,8 @@ def size_rows(names: list[str], packing: str, tmp: Path) -> list[dict]:
 
 
 def linear_rows(repeats: int, tokens: int = 2048, width: int = 1152) -> list[dict]:
-    """Each block-linear shape of a DiT of ``width`` (DiT-XL/2's by default, batch 8 × 256 tokens):
-    fp32 nn.Linear vs IntegerLinear."""
+    """Each block-linear shape of a DiT of ``width`` (DiT-XL/2's by default, batch 8 × 256 tokens): fp32
+    nn.Linear vs IntegerLinear."""
     rows = []
     shapes = {"qkv": (width, 3 * width), "proj": (width, width), "fc1": (width, 4 * width), "fc2": (4 * width, width)}
     for name, (cin, cout) in shapes.items():
@@ -93,53 +104,99 @@ def linear_rows(repeats: int, tokens: int = 2048, width: int = 1152) -> list[dic
     return rows
 
 
-def export_random(name: str, path: Path) -> Path:
-    """A randomly initialised ``name`` at the paper's W1.58A2 layout, exported with 2-bit packing."""
-    config = robuq.preset("robuq", act_bits=2)
+SETTINGS = {
+    "native": {},
+    "avx2-forced": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ROBUQ_MARCH": "haswell"},
+}
+PARTS = ("sizes", "linears", "speed", "paths", "memory")
+# The block linears of DiT-S/2 and DiT-B/2 (in, out), at batch 8 × 256 tokens.
+PATH_SHAPES = {"DiT-S/2": {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)},
+               "DiT-B/2": {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}}
+
+
+def dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """PyTorch's dynamic int8 model of ``model`` (a copy): every nn.Linear through fbgemm's int8 GEMM."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def export_random(name: str, path: Path, act_bits: int = 2) -> Path:
+    """A randomly initialised ``name`` at the paper's layout (W1.58, ``act_bits``), exported with 2-bit packing."""
+    config = robuq.preset("robuq", act_bits=act_bits)
     model = robuq.quantize_(create_model(name), config, initialize=False)
     return export_model(model, config, path, "ternary-2bit", "fp16")
 
 
-def end_to_end(name: str, repeats: int, tmp: Path, batch: int = 8) -> dict:
-    """fp32 forward vs exported forward, alternately; also fp32 with robuq's elementwise C kernels (GELU,
-    LayerNorm+modulate, gated residuals), which the exported model uses, so that the part of the speed-up
-    that does not come from quantization shows."""
+def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str = "wall") -> dict:
+    """fp32 forward vs PyTorch's dynamic int8 model vs the exported forward, alternately; also fp32 with
+    robuq's elementwise C kernels (GELU, LayerNorm+modulate, gated residuals), which the exported model
+    uses, so that the part of the speed-up that does not come from quantization shows."""
     torch.manual_seed(0)
     fp = create_model(name).eval()
-    fp_native = use_native_kernels(copy.deepcopy(fp))
-    path = export_random(name, tmp / f"{name.replace('/', '_')}.safetensors")
-    exported = load_exported(path)
+    models = {"fp32": fp, "fp32_native_elementwise": use_native_kernels(copy.deepcopy(fp)), "dynamic_int8": dynamic_int8(fp)}
+    path = export_random(name, tmp / f"{name.replace('/', '_')}.safetensors", act_bits)
+    models["exported"] = load_exported(path)
     c = fp.config
-    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size)
-    t, y = torch.randint(0, 1000, (batch,)), torch.randint(0, c.num_classes, (batch,))
+    x = torch.randn(8, c.in_channels, c.input_size, c.input_size)
+    t, y = torch.randint(0, 1000, (8,)), torch.randint(0, c.num_classes, (8,))
+    times = {kind: [] for kind in models}
     with torch.no_grad():
-        fp_ms, native_ms, ex_ms = [], [], []
         for _ in range(3):
-            fp_ms.append(time_ms(lambda: fp(x, t, y), repeats))
-            native_ms.append(time_ms(lambda: fp_native(x, t, y), repeats))
-            ex_ms.append(time_ms(lambda: exported(x, t, y), repeats))
-    fp_med, native_med, ex_med = (statistics.median(v) for v in (fp_ms, native_ms, ex_ms))
-    return {"fp32_ms": fp_med, "fp32_native_elementwise_ms": native_med, "exported_ms": ex_med,
-            "cpu_speedup": fp_med / ex_med, "cpu_speedup_vs_fp32_native_elementwise": native_med / ex_med,
+            for kind, model in models.items():
+                times[kind].append(time_ms(lambda: model(x, t, y), repeats, clock=clock))
+    ms = {kind: statistics.median(v) for kind, v in times.items()}
+    paths = {m.gemm for m in models["exported"].modules() if isinstance(m, IntegerLinear)}
+    return {**{f"{kind}_ms": v for kind, v in ms.items()}, "act_bits": act_bits, "gemm_path": ",".join(sorted(paths)),
+            "cpu_speedup": ms["fp32"] / ms["exported"], "speedup_vs_dynamic_int8": ms["dynamic_int8"] / ms["exported"],
+            "cpu_speedup_vs_fp32_native_elementwise": ms["fp32_native_elementwise"] / ms["exported"],
             "export_path": str(path)}
+
+
+def available_paths() -> list[str]:
+    """The GEMM paths this process can run (avx2 needs robuq's C kernels built with AVX2)."""
+    return [p for p in gemm.PATHS if p != "avx2" or native.integer_isa() in ("avx2", "avx512_vnni")]
+
+
+def path_rows(repeats: int, tokens: int = 2048, models: tuple[str, ...] = tuple(PATH_SHAPES), clock: str = "wall") -> list[dict]:
+    """Every available GEMM path on the block linears' shapes (int8 levels 0…7, ternary weights), beside an
+    fp32 matmul of the same shape and PyTorch's dynamic int8 linear (which also quantizes its input)."""
+    rows = []
+    for model, shapes in ((m, PATH_SHAPES[m]) for m in models):
+        for layer, (cin, cout) in shapes.items():
+            torch.manual_seed(0)
+            a, b = torch.randint(0, 8, (tokens, cin), dtype=torch.int8), torch.randint(-1, 2, (cin, cout), dtype=torch.int8)
+            sums = b.sum(dim=0, dtype=torch.int32)
+            x, w = torch.randn(tokens, cin), torch.randn(cin, cout)
+            peer = dynamic_int8(torch.nn.Sequential(torch.nn.Linear(cin, cout)))
+            runs = {"fp32_matmul": lambda: x @ w, "dynamic_int8_linear": lambda: peer(x)}
+            runs.update({f"{p}_gemm": (lambda p=p: gemm.matmul(p, a, b, sums, 1)) for p in available_paths()})
+            times = {kind: [] for kind in runs}
+            with torch.no_grad():
+                for _ in range(3):
+                    for kind, fn in runs.items():
+                        times[kind].append(time_ms(fn, repeats, clock=clock))
+            rows.append({"model": model, "layer": layer, "shape": [tokens, cin, cout],
+                         **{f"{kind}_ms": statistics.median(v) for kind, v in times.items()}})
+    return rows
 
 
 # Peak resident memory from VmHWM: ru_maxrss would be wrong here, because Linux carries it over from the
 # parent across fork and exec (this benchmark has built DiT-XL/2 by then).
 PEAK_SCRIPT = """
-import json, sys, torch, robuq
-from robuq.models.dit import DiT, DiTConfig
-from robuq.io.model_files import load_any
+import sys, torch, robuq
+from robuq.model_files import load_any
 from robuq.deploy.elementwise import use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
 def high_water():
     status = open("/proc/self/status").read()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
-kind, path, config = sys.argv[1:4]
+kind, path, name = sys.argv[1:4]
 torch.set_num_threads(1)
-retain_freed_memory()  # both models under the allocator setting robuq sample applies to exported models
+retain_freed_memory()  # both models under the allocator setting that load_exported applies
 baseline = high_water()
-model = DiT(DiTConfig(**json.loads(config))).eval() if kind == "fp32" else load_any(path)
+model = robuq.create_dit(name, input_size=32).eval() if kind == "fp32" else load_any(path)
 robuq.generate(model, torch.arange(4), 4, "ddim", 3, 1.5, 0, progress=False)
 print(baseline, high_water())
 """
@@ -154,8 +211,7 @@ def peak_memory_ratio(name: str, export_path: str, runs: int = 3) -> dict:
     for kind in ("fp32", "exported"):
         baselines, peaks = [], []
         for _ in range(runs):
-            config = json.dumps(model_config(name).to_dict())
-            out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, export_path, config], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, export_path, name], capture_output=True, text=True, check=True)
             baseline, peak = map(int, out.stdout.strip().splitlines()[-1].split())
             baselines.append(baseline)
             peaks.append(peak)
@@ -167,73 +223,161 @@ def peak_memory_ratio(name: str, export_path: str, runs: int = 3) -> dict:
     return result
 
 
+def measure_setting(args: argparse.Namespace, tmp: Path) -> dict:
+    """Speed, per-path and memory figures of this process's CPU setting (run as a worker subprocess)."""
+    result = {"machine": machine(), "models": {}, "paths": []}
+    for name in args.models:
+        entry = {}
+        if "speed" in args.parts:
+            speed = end_to_end(name, args.repeats, tmp, args.act_bits, args.clock)
+            entry.update(speed)
+        if "memory" in args.parts and name in args.memory_models:
+            path = entry.get("export_path") or str(export_random(name, tmp / "memory.safetensors", args.act_bits))
+            entry.update(peak_memory_ratio(name, path, args.memory_runs))
+        entry.pop("export_path", None)
+        result["models"][name] = entry
+    for name in set(args.memory_models) - set(args.models) if "memory" in args.parts else ():
+        result["models"][name] = peak_memory_ratio(name, str(export_random(name, tmp / "memory.safetensors", args.act_bits)),
+                                                   args.memory_runs)
+    if "paths" in args.parts:
+        result["paths"] = path_rows(args.repeats, clock=args.clock)
+    return result
+
+
+def run_setting(setting: str, args: argparse.Namespace, tmp: Path) -> dict:
+    """``measure_setting`` in a fresh process under ``setting``'s environment (PyTorch reads its
+    capability once, at import)."""
+    out = tmp / f"{setting}.json"
+    worker = [sys.executable, __file__, "--worker", str(out), "--threads", str(args.threads), "--repeats",
+              str(args.repeats), "--act-bits", str(args.act_bits), "--clock", args.clock, "--memory-runs", str(args.memory_runs),
+              "--parts", ",".join(args.parts), "--models", *args.models, "--memory-models", *args.memory_models]
+    env = {**{k: v for k, v in os.environ.items() if k not in SETTINGS["avx2-forced"]}, **SETTINGS[setting]}
+    subprocess.run(worker, env=env, check=True)
+    return {"setting": setting, "environment": SETTINGS[setting], **json.loads(out.read_text())}
+
+
+def _mib(v: float) -> str:
+    return f"{v / 2**20:.0f}"
+
+
+def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args: argparse.Namespace) -> str:
+    lines = []
+    for s in settings:
+        m = s["machine"]
+        lines.append(f"- **{s['setting']}**: {m['cpu_model']}, CPU flags {', '.join(m['cpu_isa'])}; PyTorch capability "
+                     f"{m['torch_cpu_capability']}, robuq's C kernels {m['robuq_gemm']['robuq_kernels']}, GEMM path chosen "
+                     f"`{m['robuq_gemm']['chosen']}`" + (f"; forced by {m['forced']}" if m["forced"] else "") + ".")
+    if any(s["setting"] == "avx2-forced" for s in settings):
+        lines += ["", "The avx2-forced figures are forced, not native: this CPU's PyTorch, oneDNN, MKL and fbgemm held "
+                  "to AVX2 by their environment variables and robuq's C kernels built with -march=haswell, on cores that "
+                  "have AVX-512. Held so, oneDNN still runs `torch._int_mm` at about an fp32 matmul's speed, so its "
+                  "column does not show the 33× slow-down issue 17 measured on a native AVX2-only CPU."]
+    if sizes:
+        lines += ["", "| model | layout | packing | MiB | ×fp32 | ×fp16 | over information |", "|---|---|---|---|---|---|---|"]
+        for r in sizes:
+            lines.append(f"| {r['name']} | {r['layout']} | {r['packing']} | {r['file_bytes'] / 2**20:.1f} | {r['size_ratio_fp32']:.1f} "
+                         f"| {r['size_ratio_fp16']:.1f} | {100 * r['overhead_vs_information']:.2f}% |")
+    speed = [(s, name, e) for s in settings for name, e in s["models"].items() if "cpu_speedup" in e]
+    if speed:
+        clock = "CPU time of the process" if args.clock == "cpu" else "wall time"
+        lines += ["", f"Forward of batch 8 at 32×32 latents, `robuq` preset at A{args.act_bits}, {args.threads} threads, {clock} (ms):", "",
+                  "| setting | model | fp32 eager ms | dynamic int8 ms | exported ms | GEMM path | × fp32 | × dynamic int8 "
+                  "| × fp32 with robuq's elementwise kernels |", "|---|---|---|---|---|---|---|---|---|"]
+        for s, name, e in speed:
+            lines.append(f"| {s['setting']} | {name} | {e['fp32_ms']:.0f} | {e['dynamic_int8_ms']:.0f} | {e['exported_ms']:.0f} "
+                         f"| {e['gemm_path']} | **{e['cpu_speedup']:.2f}×** | **{e['speedup_vs_dynamic_int8']:.2f}×** "
+                         f"| {e['cpu_speedup_vs_fp32_native_elementwise']:.2f}× |")
+    memory = [(s, name, e) for s in settings for name, e in s["models"].items() if "peak_mem_ratio" in e]
+    if memory:
+        lines += ["", "Peak resident memory of a short sampling run (medians of processes; exported peaks per process):", "",
+                  "| setting | model | fp32 MiB | exported MiB | fp32 ÷ exported | same, above the import footprint | exported runs |",
+                  "|---|---|---|---|---|---|---|"]
+        for s, name, e in memory:
+            lines.append(f"| {s['setting']} | {name} | {_mib(e['fp32_peak_bytes'])} | {_mib(e['exported_peak_bytes'])} "
+                         f"| {e['peak_mem_ratio']:.2f}× | {e['peak_mem_ratio_above_import']:.2f}× "
+                         f"({_mib(e['fp32_peak_above_import_bytes'])} / {_mib(e['exported_peak_above_import_bytes'])}) "
+                         f"| {', '.join(_mib(b) for b in e['exported_peak_bytes_runs'])} |")
+    kinds = ["fp32_matmul", "dynamic_int8_linear", *[f"{p}_gemm" for p in gemm.PATHS]]
+    for s in settings:
+        if not s["paths"]:
+            continue
+        present = [k for k in kinds if f"{k}_ms" in s["paths"][0]]
+        lines += ["", f"Each GEMM path on the block linears' shapes, **{s['setting']}** (ms; × fp32 matmul in brackets; "
+                  "the dynamic int8 linear also quantizes its float input):", "",
+                  "| model | layer | tokens×in×out | " + " | ".join(k.replace("_", " ") for k in present) + " |",
+                  "|---|---|---|" + "---|" * len(present)]
+        for r in s["paths"]:
+            cells = [f"{r[f'{k}_ms']:.1f}" + ("" if k == "fp32_matmul" else f" ({r['fp32_matmul_ms'] / r[f'{k}_ms']:.2f}×)")
+                     for k in present]
+            lines.append(f"| {r['model']} | {r['layer']} | {r['shape']} | " + " | ".join(cells) + " |")
+    if linears:
+        lines += ["", "| DiT-XL/2 linear | tokens×in×out | fp32 ms | integer ms | speedup |", "|---|---|---|---|---|"]
+        for r in linears:
+            lines.append(f"| {r['layer']} | {r['shape']} | {r['fp32_ms']:.1f} | {r['integer_ms']:.1f} | {r['speedup']:.2f}× |")
+    lines += ["", f"Models ran with glibc's allocator thresholds raised (robuq.deploy.allocator); threads: {args.threads}; "
+              f"timings are medians, taken alternately in one process per setting."]
+    return "\n".join(lines)
+
+
+def render(path: Path) -> None:
+    """results/<name>.md again from results/<name>.json (its own command, date and machine kept)."""
+    data = json.loads(path.read_text())
+    args = argparse.Namespace(act_bits=data["act_bits"], threads=data["threads"], clock=data.get("clock", "wall"))
+    text = markdown(data["sizes"], data["linears"], data["settings"], args)
+    path.with_suffix(".md").write_text(header(path.stem, data) + text + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="DiT-S/2 only, 3 repeats")
-    parser.add_argument("--models", default=None, help="comma-separated models to size and measure, 'toy' for a 2-block "
-                        "check of the script (default DiT-XL/2,DiT-B/2,DiT-S/2)")
-    parser.add_argument("--speed-models", default=None, help="which of --models to time end to end; the others get peak "
-                        "memory only (default: all of --models when given, else DiT-S/2,DiT-B/2)")
-    parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 5, quick 3)")
-    parser.add_argument("--memory-runs", type=int, default=3, help="processes per peak-memory median (0: skip peak memory)")
-    parser.add_argument("--linear-width", type=int, default=1152, help="block-linear rows at this model width (DiT-XL/2's)")
-    parser.add_argument("--linear-tokens", type=int, default=2048)
+    parser.add_argument("--quick", action="store_true", help="DiT-S/2 only, 3 repeats, one memory process")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results-dir", default=None)
+    parser.add_argument("--parts", type=lambda v: v.split(","), default=list(PARTS), help=f"comma-separated: {','.join(PARTS)}")
+    parser.add_argument("--settings", type=lambda v: v.split(","), default=list(SETTINGS), help=f"comma-separated: {','.join(SETTINGS)}")
+    parser.add_argument("--models", nargs="+", default=None, help="models timed end to end (default DiT-S/2 DiT-B/2)")
+    parser.add_argument("--memory-models", nargs="+", default=None, help="default: DiT-XL/2 DiT-B/2 DiT-S/2")
+    parser.add_argument("--size-models", nargs="+", default=None, help="default: DiT-XL/2 DiT-B/2 DiT-S/2")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--memory-runs", type=int, default=None)
+    parser.add_argument("--act-bits", type=int, default=3)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: time by the process's CPU time (with --threads 1, immune to a crowded machine)")
+    parser.add_argument("--name", default="deploy", help="results/<name>.json and .md")
+    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--render", type=Path, default=None, help="rewrite the .md of a results JSON from its numbers")
+    parser.add_argument("--linear-width", type=int, default=1152, help="block-linear rows at this model width (DiT-XL/2's)")
+    parser.add_argument("--linear-tokens", type=int, default=2048, help="tokens of the block-linear rows (batch 8 × 256)")
+    parser.add_argument("--results-dir", default=None, help="where results/<name>.json and .md go (default results/)")
     args = parser.parse_args(argv)
+    if args.render:
+        render(args.render)
+        return
+    if unknown := set(args.parts) - set(PARTS) or set(args.settings) - set(SETTINGS):
+        parser.error(f"unknown parts or settings: {', '.join(sorted(unknown))}")
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.memory_runs = args.memory_runs or (1 if args.quick else 3)
+    args.models = args.models or (["DiT-S/2"] if args.quick else ["DiT-S/2", "DiT-B/2"])
+    args.memory_models = args.memory_models or (["DiT-S/2"] if args.quick else ["DiT-XL/2", "DiT-B/2", "DiT-S/2"])
     torch.set_num_threads(args.threads)
     # load_exported raises glibc's allocator thresholds for the process; doing it first puts the fp32
     # model under the same setting, so the ratios compare the models and not the allocator.
-    allocator_tuned = retain_freed_memory()
-    repeats = args.repeats or (3 if args.quick else 5)
-    size_models = args.models.split(",") if args.models else ["DiT-S/2"] if args.quick else ["DiT-XL/2", "DiT-B/2", "DiT-S/2"]
-    speed_models = (args.speed_models.split(",") if args.speed_models else
-                    size_models if args.models else ["DiT-S/2"] if args.quick else ["DiT-S/2", "DiT-B/2"])
+    retain_freed_memory()
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        sizes = size_rows(size_models, "ternary-trits", tmp) + size_rows(size_models, "ternary-2bit", tmp)
-        linears = linear_rows(repeats, args.linear_tokens, args.linear_width)
-        models = []
-        for name in size_models:
-            entry = {"name": name, "sizes": [r for r in sizes if r["name"] == name]}
-            paper_trits = next(r for r in entry["sizes"] if r["layout"].startswith("paper") and r["packing"] == "ternary-trits")
-            entry.update({k: paper_trits[k] for k in ("size_ratio_fp32", "size_ratio_fp16", "overhead_vs_information")})
-            if name in speed_models:
-                speed = end_to_end(name, repeats, tmp)
-                entry.update({k: v for k, v in speed.items() if k != "export_path"})
-                if args.memory_runs:
-                    entry.update(peak_memory_ratio(name, speed["export_path"], args.memory_runs))
-            elif args.memory_runs:  # DiT-XL/2: memory only, where the weights outweigh the interpreter
-                entry.update(peak_memory_ratio(name, str(export_random(name, tmp / "memory.safetensors")), args.memory_runs))
-            entry["linears"] = linears if name == "DiT-XL/2" or args.quick or model_config(name).hidden_size == args.linear_width else []
-            models.append(entry)
-    lines = ["| model | layout | packing | MiB | ×fp32 | ×fp16 | over information |", "|---|---|---|---|---|---|---|"]
-    for r in sizes:
-        lines.append(f"| {r['name']} | {r['layout']} | {r['packing']} | {r['file_bytes'] / 2**20:.1f} | {r['size_ratio_fp32']:.1f} "
-                     f"| {r['size_ratio_fp16']:.1f} | {100 * r['overhead_vs_information']:.2f}% |")
-    lines += ["", "| model | fp32 forward ms | exported forward ms | speedup | speedup over fp32 with robuq's elementwise kernels | peak memory fp32 ÷ exported (MiB) | same, above the import footprint |",
-              "|---|---|---|---|---|---|---|"]
-    for m in models:
-        if "peak_mem_ratio" in m or "cpu_speedup" in m:
-            mib = lambda key: m[key] / 2**20  # noqa: E731
-            speed = (f"{m['fp32_ms']:.0f} | {m['exported_ms']:.0f} | {m['cpu_speedup']:.2f}× | {m['cpu_speedup_vs_fp32_native_elementwise']:.2f}×"
-                     if "cpu_speedup" in m else "— | — | — | —")
-            memory = (f"{m['peak_mem_ratio']:.2f}× ({mib('fp32_peak_bytes'):.0f} / {mib('exported_peak_bytes'):.0f}) "
-                      f"| {m['peak_mem_ratio_above_import']:.2f}× ({mib('fp32_peak_above_import_bytes'):.0f} / {mib('exported_peak_above_import_bytes'):.0f})"
-                      if "peak_mem_ratio" in m else "— | —")
-            lines.append(f"| {m['name']} (batch 8, {model_config(m['name']).input_size}×{model_config(m['name']).input_size}) | {speed} | {memory} |")
-    lines += ["", f"| width-{args.linear_width} linear | tokens×in×out | fp32 ms | integer ms | speedup |", "|---|---|---|---|---|"]
-    for r in linears:
-        lines.append(f"| {r['layer']} | {r['shape']} | {r['fp32_ms']:.1f} | {r['integer_ms']:.1f} | {r['speedup']:.2f}× |")
-    lines += ["", f"Peak memory: medians of {args.memory_runs} processes each; exported peaks per process (MiB): "
-              + "; ".join(f"{m['name']} " + ", ".join(f"{b / 2**20:.0f}" for b in m["exported_peak_bytes_runs"])
-                          for m in models if "exported_peak_bytes_runs" in m) + "."]
-    lines += ["", f"Both models ran with glibc's allocator thresholds raised (robuq.deploy.allocator): {allocator_tuned}; "
-              f"robuq's CPU kernels (robuq/kernels/cpu_kernels.c) in use: {native.enabled()}; threads: {args.threads}."]
-    write_result("deploy", {"models": models, "quick": args.quick, "threads": args.threads, "repeats": repeats,
-                            "memory_runs": args.memory_runs, "allocator_tuned": allocator_tuned, "cpu_kernels": native.enabled()},
-                 "\n".join(lines), Path(args.results_dir) if args.results_dir else None, invocation(__file__, argv))
-    print("\n".join(lines))
+        if args.worker:
+            args.worker.write_text(json.dumps(measure_setting(args, tmp)))
+            return
+        size_models = args.size_models or (["DiT-S/2"] if args.quick else ["DiT-XL/2", "DiT-B/2", "DiT-S/2"])
+        sizes = (size_rows(size_models, "ternary-trits", tmp) + size_rows(size_models, "ternary-2bit", tmp)
+                 if "sizes" in args.parts else [])
+        linears = linear_rows(args.repeats, args.linear_tokens, args.linear_width) if "linears" in args.parts else []
+        worker_parts = set(args.parts) & {"speed", "paths", "memory"}
+        settings = [run_setting(s, args, tmp) for s in args.settings] if worker_parts else []
+    text = markdown(sizes, linears, settings, args)
+    write_result(args.name, {"clock": args.clock, "sizes": sizes, "linears": linears, "settings": settings, "quick": args.quick,
+                            "threads": args.threads, "act_bits": args.act_bits, "parts": args.parts,
+                            "repeats": args.repeats, "cpu_kernels": native.enabled()}, text,
+                 Path(args.results_dir) if args.results_dir else None, invocation(__file__, argv))
+    print(text)
 
 
 if __name__ == "__main__":

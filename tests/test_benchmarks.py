@@ -126,48 +126,31 @@ def test_cpu_kernels(tmp_path):
         assert f"| toy | {r['what']} | {r['c_kernels_ms']:.2f} | {r['pytorch_ms']:.2f} | {r['speedup']:.2f}× |" in markdown
 
 
-def _check_deploy(tmp_path: Path, memory_runs: int) -> dict:
+def test_deploy(tmp_path):
     deploy = _load("deploy")
     results = tmp_path / "results"
-    argv = ["--models", "toy", "--linear-width", "48", "--linear-tokens", "16", "--repeats", "1",
-            "--memory-runs", str(memory_runs), "--threads", "1", "--results-dir", str(results)]
+    argv = ["--parts", "sizes,linears,speed", "--settings", "native", "--models", "toy", "--size-models", "toy",
+            "--linear-width", "48", "--linear-tokens", "16", "--repeats", "1", "--threads", "1", "--results-dir", str(results)]
     deploy.main(argv)
     data, markdown = _record(results, "deploy", "deploy", argv)
     _finite(data, "machine")
-    (toy,) = data["models"]
-    sizes = {(r["layout"], r["packing"]): r for r in toy["sizes"]}
-    assert len(sizes) == 4
+    sizes = {(r["layout"], r["packing"]): r for r in data["sizes"]}
+    assert len(sizes) == 4 and {r["name"] for r in data["sizes"]} == {"toy"}
     fp32_bytes = _fp32_bytes(_load("common").create_model("toy"), tmp_path)
-    for (layout, packing), r in sizes.items():
+    for r in sizes.values():
         assert r["size_ratio_fp32"] * r["file_bytes"] == pytest.approx(fp32_bytes)
         assert r["file_bytes"] > r["information_bytes"]  # the plan's bits and a header
-        # The table's row shows the JSON's figures.
-        assert (f"| toy | {layout} | {packing} | {r['file_bytes'] / 2**20:.1f} | {r['size_ratio_fp32']:.1f} "
-                f"| {r['size_ratio_fp16']:.1f} | {100 * r['overhead_vs_information']:.2f}% |") in markdown
     for packing in ("ternary-trits", "ternary-2bit"):  # ternary adaLN (1.6 or 2 bits) is smaller than int4 adaLN
         assert sizes[("ternary adaLN", packing)]["file_bytes"] < sizes[("paper (adaLN int4)", packing)]["file_bytes"]
     for layout in ("paper (adaLN int4)", "ternary adaLN"):  # 5 trits a byte beat 4 codes a byte
         assert sizes[(layout, "ternary-trits")]["file_bytes"] < sizes[(layout, "ternary-2bit")]["file_bytes"]
-    assert min(toy["fp32_ms"], toy["fp32_native_elementwise_ms"], toy["exported_ms"]) > 0
-    assert f"| {toy['fp32_ms']:.0f} | {toy['exported_ms']:.0f} | {toy['cpu_speedup']:.2f}× |" in markdown
-    assert [(r["layer"], r["shape"]) for r in toy["linears"]] == [
+    assert [(r["layer"], r["shape"]) for r in data["linears"]] == [
         ("qkv", [16, 48, 144]), ("proj", [16, 48, 48]), ("fc1", [16, 48, 192]), ("fc2", [16, 192, 48])]
-    assert data["memory_runs"] == memory_runs and data["repeats"] == 1
-    return toy
-
-
-def test_deploy_without_peak_memory(tmp_path):
-    toy = _check_deploy(tmp_path, memory_runs=0)
-    assert "peak_mem_ratio" not in toy
-
-
-@pytest.mark.slow
-def test_deploy_with_peak_memory(tmp_path):
-    # Peak memory runs two fresh processes (fp32 and exported), each importing torch and robuq.
-    toy = _check_deploy(tmp_path, memory_runs=1)
-    for kind in ("fp32", "exported"):
-        assert 0 < toy[f"{kind}_peak_above_import_bytes"] < toy[f"{kind}_peak_bytes"]
-        assert toy[f"{kind}_peak_bytes_runs"] == [toy[f"{kind}_peak_bytes"]]
+    (setting,) = data["settings"]
+    toy = setting["models"]["toy"]
+    assert setting["setting"] == "native" and min(toy["fp32_ms"], toy["dynamic_int8_ms"], toy["exported_ms"]) > 0
+    assert toy["cpu_speedup"] == pytest.approx(toy["fp32_ms"] / toy["exported_ms"])
+    assert toy["gemm_path"] in ("int_mm", "avx2", "fp32") and data["repeats"] == 1
 
 
 def test_qat_overhead(tmp_path):
@@ -325,3 +308,25 @@ def test_gpu_check_skips_cleanly_without_cuda(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _load("gpu_check").main([]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_deploy_times_every_gemm_path_and_tabulates_them(tmp_path):
+    import argparse
+
+    deploy = _load("deploy")
+    rows = deploy.path_rows(1, tokens=12, models=("DiT-S/2",))
+    assert [r["layer"] for r in rows] == ["qkv", "proj", "fc1", "fc2"]
+    for r in rows:
+        assert {f"{p}_gemm_ms" for p in deploy.available_paths()} | {"fp32_matmul_ms", "dynamic_int8_linear_ms"} <= set(r)
+    setting = {"setting": "native", "machine": deploy.machine(), "paths": rows,
+               "models": {"DiT-S/2": {"fp32_ms": 2.0, "fp32_native_elementwise_ms": 2.0, "dynamic_int8_ms": 1.5,
+                                      "exported_ms": 1.0, "gemm_path": "avx2", "cpu_speedup": 2.0,
+                                      "speedup_vs_dynamic_int8": 1.5, "cpu_speedup_vs_fp32_native_elementwise": 2.0}}}
+    text = deploy.markdown([], [], [setting], argparse.Namespace(act_bits=3, threads=2, clock="wall"))
+    assert "| native | DiT-S/2 | 2 | 2 | 1 | avx2 | **2.00×** | **1.50×** |" in text
+    assert setting["machine"]["cpu_model"] in text and "int mm gemm" in text
+    result = tmp_path / "deploy.json"  # --render rebuilds the table from the numbers a run wrote
+    result.write_text(json.dumps({"sizes": [], "linears": [], "settings": [setting], "act_bits": 3, "threads": 2,
+                                  "command": "python deploy.py", "date": "today", "machine": setting["machine"]}))
+    deploy.render(result)
+    assert text in result.with_suffix(".md").read_text()

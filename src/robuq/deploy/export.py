@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from robuq.deploy.elementwise import use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
+from robuq.deploy.gemm import resolve as resolve_gemm
 from robuq.deploy.integer_linear import IntegerLinear, convert_to_integer
 from robuq.deploy.packing import PACKERS
 from robuq.core.files import load_tensors, save_tensors
@@ -89,7 +90,8 @@ def _corrupt(path: Any, why: str) -> CheckpointError:
     return CheckpointError(f"{path} is not a usable robuq export: {why}. Re-export it with `robuq export`.")
 
 
-def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: bool = False) -> nn.Module:
+def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: bool = False,
+                  gemm: str | None = None) -> nn.Module:
     """An inference model from an exported file: block linears run on integer levels (``integer=True``)
     or as the fake-quantized float layers they were trained as.
 
@@ -97,7 +99,10 @@ def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: 
     (``robuq.deploy.allocator.retain_freed_memory``, which says why), so that inference temporaries
     reuse memory instead of fresh pages. It is off unless asked for: it changes how every later
     allocation of the process behaves (``robuq sample`` asks for it; ``--no-retain-memory`` declines).
+    ``gemm`` picks the integer linears' CPU GEMM (``robuq.deploy.gemm``: ``auto``, ``int_mm``, ``avx2`` or
+    ``fp32``); None reads ``$ROBUQ_GEMM`` now, and ``auto`` where that is unset.
     """
+    gemm = resolve_gemm(gemm)
     if retain_memory:
         retain_freed_memory()
     tensors, meta = load_tensors(path)
@@ -155,7 +160,7 @@ def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: 
     for name in set(weights) - on_integers:  # the stored weights are already quantized: re-quantizing α·L would change α
         modules[name].stores_quantized_weight = True
         del weights[name]
-    convert_to_integer(model, weights, only_given=True)  # empties ``weights``: each layer's levels go as it is built
+    convert_to_integer(model, weights, only_given=True, gemm=gemm)  # empties ``weights``: each layer's levels go as it is built
     if integer:  # a float reload stays bit-exact with its training model
         use_native_kernels(model)
     unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -5,8 +5,9 @@
     W  = α·L                                   (int8 levels L ∈ {−1,0,1} or int4, scale α per output channel)
     y  = s·(q Lᵀ)·α + o·(1·Lᵀ)·α + b + U(V x')
 
-q Lᵀ is an int8 × int8 product with int32 accumulation (torch._int_mm); everything else is a per-row
-or per-column rescale. It computes what the fake-quantized training layer computes, up to float rounding.
+q Lᵀ is an int8 × int8 product with int32 accumulation, by the GEMM path robuq.deploy.gemm chose for this
+CPU (torch._int_mm with VNNI, robuq's AVX2 kernel below it); everything else is a per-row or per-column
+rescale. It computes what the fake-quantized training layer computes, up to float rounding.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from robuq.core.quantizer_spec import int8_level_shift
+from robuq.deploy import gemm as gemm_paths
 from robuq.kernels import native, triton_ops
 from robuq.quant.activation import activation_levels
 from robuq.quant.hadamard import hadamard_transform
@@ -37,9 +39,10 @@ def _derive_after_load(module: "IntegerLinear", _incompatible_keys) -> None:
 
 class IntegerLinear(nn.Module):
     """Built from a trained QuantLinear, or from the levels and scales an export file stores
-    (``weight``: a QuantizedTensor; re-quantizing α·L would not give back α)."""
+    (``weight``: a QuantizedTensor; re-quantizing α·L would not give back α). ``gemm`` names the CPU's
+    integer GEMM path (``robuq.deploy.gemm``; default ``"auto"``, chosen by the CPU's capability)."""
 
-    def __init__(self, layer: QuantLinear, weight: QuantizedTensor | None = None):
+    def __init__(self, layer: QuantLinear, weight: QuantizedTensor | None = None, gemm: str = "auto"):
         super().__init__()
         q = weight if weight is not None else layer.quantized_weight()
         if q is None or layer.act_bits is None:
@@ -47,6 +50,7 @@ class IntegerLinear(nn.Module):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.config = layer.config  # what it was trained as: cost reports read it
         self.act_bits = layer.act_bits
+        self.gemm = gemm_paths.resolve(gemm)
         self.act_granularity, self.act_rule = layer.config.act_granularity, layer.config.act_rule
         self.hadamard = layer.config.hadamard
         self.lowrank_input = layer.config.lowrank_input
@@ -72,7 +76,11 @@ class IntegerLinear(nn.Module):
     def _derive(self) -> None:
         """Tensors computed from the stored ones (not saved): the offset/bias rows and the folded branch."""
         # Rows of the rank-2 update that adds the offset term (o·ΣL·α) and the bias in one pass.
-        level_sums = self.weight_levels_t.sum(dim=0, dtype=torch.int32).float()
+        level_sums = self.weight_levels_t.sum(dim=0, dtype=torch.int32)
+        self.register_buffer("_level_sums", level_sums, persistent=False)  # the AVX2 GEMM's correction
+        levels = self.weight_levels_t
+        self._max_weight = max(-int(levels.min()), int(levels.max())) if levels.numel() else 0  # −128 has no int8 abs
+        level_sums = level_sums.float()
         bias = self.bias if self.bias is not None else torch.zeros_like(self.weight_scale)
         self.register_buffer("_offset_rows", torch.stack([level_sums * self.weight_scale, bias]), persistent=False)
         if self.rank and self.lowrank_input == "fp":
@@ -153,7 +161,8 @@ class IntegerLinear(nn.Module):
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
         levels, scale, offset, branch = self._input_pass(x, with_branch=True)
-        acc = _int8_matmul(levels, self.weight_levels_t)
+        acc = (_int8_matmul(levels, self.weight_levels_t) if levels.device.type != "cpu" else
+               gemm_paths.matmul(self.gemm, levels, self.weight_levels_t, self._level_sums, self._max_weight))
         if self.rank and branch is None:
             branch = self._lowrank_branch(x.reshape(-1, self.in_features), levels, scale, offset)
         if native.takes(y) and y.is_contiguous():
@@ -189,18 +198,19 @@ class IntegerLinear(nn.Module):
 
     def extra_repr(self) -> str:
         gelu = ", then tanh-GELU" if self.gelu else ""
-        return f"{self.in_features}→{self.out_features}, int8 weights, a={self.act_bits}, lowrank={self.rank}{gelu}"
+        return (f"{self.in_features}→{self.out_features}, int8 weights, a={self.act_bits}, lowrank={self.rank}{gelu}, "
+                f"cpu gemm={self.gemm}")
 
 
 def convert_to_integer(model: nn.Module, weights: dict[str, QuantizedTensor] | None = None,
-                       only_given: bool = False) -> nn.Module:
+                       only_given: bool = False, gemm: str = "auto") -> nn.Module:
     """Replace, in place, every QuantLinear with quantized weights and activations by an IntegerLinear
     (with the given levels and scales where ``weights`` has them, popped from it as they are used;
-    ``only_given``: just those layers, whose float weights need not exist)."""
+    ``only_given``: just those layers, whose float weights need not exist; ``gemm``: their CPU GEMM path)."""
     weights = weights or {}
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.act_bits is not None
                and (n in weights if only_given else m.quantized_weight() is not None)]
     for name, layer in targets:
         # pop: the caller's levels are freed layer by layer once the integer copy exists (peak memory).
-        model.set_submodule(name, IntegerLinear(layer, weights.pop(name, None)))
+        model.set_submodule(name, IntegerLinear(layer, weights.pop(name, None), gemm))
     return model

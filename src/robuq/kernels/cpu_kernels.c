@@ -26,7 +26,13 @@
 #define LANES 16
 
 /* One tile row: a value per lane. GCC's vector extensions make every lane loop one SIMD operation
- * (AVX-512: one register) instead of leaving it to the auto-vectorizer. Tiles are 64-byte aligned. */
+ * (one register) instead of leaving it to the auto-vectorizer. Tiles are 64-byte aligned. Without
+ * AVX-512 a tile is 8 lanes (one AVX2 register): 16 there split every value in two and spilled the
+ * register-blocked loops, 2.2–2.6× slower (hadamard_quantize, rescale, attention, measured here). */
+#ifndef __AVX512F__
+#undef LANES
+#define LANES 8
+#endif
 typedef float lanes_f __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t lanes_i __attribute__((vector_size(LANES * sizeof(int32_t))));
 typedef int8_t lanes_b __attribute__((vector_size(LANES)));
@@ -93,7 +99,7 @@ static void transpose_16x16_int8(const int8_t *in, int8_t *out, int64_t n) {
 static void store_tile_int8(const int8_t *restrict t, int64_t count, int64_t n, int8_t *restrict y) {
     int64_t i = 0;
 #ifdef __SSE2__
-    if (count == LANES)
+    if (count == LANES && LANES == 16)
         for (; i + 16 <= n; i += 16) transpose_16x16_int8(t + i * LANES, y + i, n);
 #endif
     for (; i < n; i++)
@@ -387,8 +393,9 @@ static inline lanes_f lanes_exp(lanes_f x) {
 /* ---- Integer attention, fused: one pass per (head, block of queries), scores and probabilities never
  * leave a thread's buffers. A quantized value is s·u + o with unsigned levels u. K and V are stored as
  * int8 l = u − shift (their c = o + shift·s), Q and the probabilities as their unsigned bytes, so both
- * matmuls are u8 × s8 dot products with exact int32 sums (AVX-512 VNNI's vpdpbusd where the CPU has
- * it), and the affine terms come back through level sums. ---- */
+ * matmuls are u8 × s8 dot products with exact int32 sums (AVX-512 VNNI's vpdpbusd where the build has
+ * it, else AVX2's vpmaddwd on widened bytes, else plain C), and the affine terms come back through level
+ * sums. ---- */
 
 #define QUERY_BLOCK 16
 
@@ -461,6 +468,52 @@ static int32_t span_levels(const float *restrict v, int64_t n, const float *rest
         for (int r = 0; r < RB; r++)                                                                           \
             for (int c = 0; c < CB; c++) _mm512_storeu_si512(out + r * ostride + 16 * c, acc[r][c]);           \
     }
+#elif defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+#include <immintrin.h>
+/* AVX2 has no u8 × s8 dot product into int32 that cannot saturate (vpmaddubsw's 16-bit pair sums overflow
+ * at 8-bit levels), so the bytes are widened to 16 bits and multiplied with vpmaddwd: exact, a quarter of
+ * vpdpbusd's work per instruction. One 32-byte vector of b holds 8 columns × 4 k; widened, each half
+ * (4 columns) gives per column two partial sums, added pairwise at the end. Two rows at a time: with 8
+ * columns that is 8 accumulators, 4 widened weights and the row's broadcast in 16 registers. */
+static inline __m256i dot_avx2_bytes16(const uint8_t *a) { /* 4 bytes as 4 int16, broadcast */
+    int32_t four;
+    memcpy(&four, a, sizeof four);
+    return _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(four)));
+}
+static inline __m256i dot_avx2_finish(__m256i lo, __m256i hi) { /* column partial pairs → 8 columns in order */
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xD8);
+}
+static void dot_avx2_strip(const uint8_t *restrict a, int64_t astride, int rows, const int8_t *restrict b, int64_t k4,
+                           int64_t width, int32_t *restrict out, int64_t ostride) {
+    __m256i acc[2][4];
+    for (int r = 0; r < 2; r++)
+        for (int h = 0; h < 4; h++) acc[r][h] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < k4; k++) {
+        __m256i w[4];
+        for (int half = 0; half < 2; half++) {
+            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(b + k * width * 4 + 32 * half));
+            w[2 * half] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
+            w[2 * half + 1] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
+        }
+        for (int r = 0; r < 2; r++) {
+            if (r >= rows) break;
+            const __m256i x = dot_avx2_bytes16(a + r * astride + 4 * k);
+            for (int h = 0; h < 4; h++) acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(x, w[h]));
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int half = 0; half < 2; half++)
+            _mm256_storeu_si256((__m256i *)(out + r * ostride + 8 * half),
+                                dot_avx2_finish(acc[r][2 * half], acc[r][2 * half + 1]));
+}
+#define DEFINE_DOT(RB, CB)                                                                                     \
+    static void dot_##RB##x##CB(const uint8_t *restrict a, int64_t astride, const int8_t *restrict b, int64_t k4, \
+                                int64_t width, int32_t *restrict out, int64_t ostride) {                        \
+        for (int c = 0; c < CB; c++)                                                                           \
+            for (int r = 0; r < RB; r += 2)                                                                    \
+                dot_avx2_strip(a + r * astride, astride, RB - r < 2 ? RB - r : 2, b + 64 * c, k4, width,       \
+                               out + r * ostride + 16 * c, ostride);                                           \
+    }
 #else
 #define DEFINE_DOT(RB, CB)                                                                                     \
     static void dot_##RB##x##CB(const uint8_t *restrict a, int64_t astride, const int8_t *restrict b, int64_t k4, \
@@ -514,10 +567,10 @@ static int32_t probability_levels(const int32_t *restrict acc, int64_t nk, int64
                                   float sa, float c, float inv_sqrt_d, float top, float *restrict e,
                                   uint8_t *restrict levels, float *scale) {
     const int64_t vectors = nk16 / LANES;
-    lanes_i lane = {0}; /* which lanes of the last vector hold keys, as an all-ones mask (no lane indexing:
+    lanes_i lane = {0}; /* lane indices, for the masks of keys past nk (no lane indexing of v:
                            that would keep the vectors in memory) */
     for (int l = 0; l < LANES; l++) lane[l] = l;
-    const lanes_i real = lane < (lanes_i){0} + (int32_t)(nk - (vectors - 1) * LANES);
+    const int64_t first_padded = nk / LANES; /* vectors from here on hold padding (nk16 − nk may exceed LANES) */
     lanes_f *v = (lanes_f *)e, largest = lanes_splat(-INFINITY);
     for (int64_t i = 0; i < vectors; i++) {
         const lanes_f ks = lanes_load(keys.scale + i * LANES), kc = lanes_load(keys.c + i * LANES);
@@ -528,8 +581,10 @@ static int32_t probability_levels(const int32_t *restrict acc, int64_t nk, int64
         /* q̂·k̂ = s_q s_k Σl_q l_k + s_q A_q c_k + c_q (s_k A_k + d c_k) with l_q = u_q − shift: the signed
          * form keeps the float terms as small as the level products allow. */
         v[i] = (s * ks * __builtin_convertvector(a - shifted, lanes_f) + sa * kc + c * kt) * inv_sqrt_d;
-        if (i == vectors - 1) /* padding keys have no scores */
+        if (i >= first_padded) { /* padding keys have no scores */
+            const lanes_i real = lane + (int32_t)(i * LANES) < (lanes_i){0} + (int32_t)nk;
             v[i] = (lanes_f)(((lanes_i)v[i] & real) | ((lanes_i)lanes_splat(-INFINITY) & ~real));
+        }
         largest = lanes_max(v[i], largest);
     }
     float top_score = largest[0];
@@ -538,8 +593,8 @@ static int32_t probability_levels(const int32_t *restrict acc, int64_t nk, int64
     lanes_f sum = {0}, level_sum = {0};
     for (int64_t i = 0; i < vectors; i++) {
         lanes_f x = lanes_exp(v[i] - top_score);
-        if (i == vectors - 1)
-            x = (lanes_f)((lanes_i)x & real); /* e^−87 from the clamp, not e^−∞ */
+        if (i >= first_padded)
+            x = (lanes_f)((lanes_i)x & (lane + (int32_t)(i * LANES) < (lanes_i){0} + (int32_t)nk)); /* e^−87 from the clamp, not e^−∞ */
         sum += x;
         const lanes_f u = (x * top + magic) - magic; /* round half to even; e ≤ 1 keeps it in [0, top] */
         level_sum += u;
@@ -820,4 +875,132 @@ void robuq_gated_residual(const float *x, const float *gate, const float *y, flo
         float *restrict o = out + r * n;
         for (int64_t i = 0; i < n; i++) o[i] = a[i] + g[i] * b[i];
     }
+}
+
+/* ---- Integer GEMM for CPUs without VNNI: out = a·b with a (m, k) and b (k, n) int8, int32 sums, exactly
+ * torch._int_mm's result. PyTorch's own int8 GEMM is fast only with VNNI (on an AVX2-only CPU it took 33×
+ * an fp32 matmul's time), so robuq.deploy.gemm routes such CPUs here.
+ *
+ * AVX2's vpmaddubsw multiplies unsigned by signed bytes and adds pairs into saturating int16. a is made
+ * unsigned as u = a + 128 (its int8 range maps onto 0…255) and the 128·Σ_k b[k][j] that adds is taken off
+ * at the end; each pair then sums to at most 2·255·max|b| < 2^15 when max|b| ≤ 64 (ternary and int2–int4
+ * weights), and `flush` pairs of such sums (the caller's bound: 32767 // (2·255·max|b|)) are added in int16
+ * before they are widened into int32. b is read in its (k, n) layout, two rows at a time, interleaved by
+ * byte unpacks into the pairs vpmaddubsw wants: no packed copy of the weights is kept. ---- */
+#define GEMM_TILE_ROWS 6   /* rows per register tile: 12 int16 accumulators, 2 weight vectors and 1 broadcast */
+#define GEMM_CHUNK_ROWS 48 /* rows a task makes unsigned once and runs over its columns */
+#define GEMM_PANEL 256     /* columns per task */
+
+/* What this build's integer kernels use: 2 AVX-512 VNNI (the attention's dot products; the GEMM below is
+ * AVX2), 1 AVX2 (both), 0 plain C. */
+int robuq_integer_isa(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && !defined(ROBUQ_PORTABLE)
+    return 2;
+#elif defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+/* acc (GEMM_TILE_ROWS × 32, columns in order) += a tile's int16 sums of 32 columns. vpunpck{l,h}bw work
+ * within 128-bit lanes, so `lo` holds columns 0–7 and 16–23, `hi` columns 8–15 and 24–31. */
+static inline void gemm_widen(const __m256i (*sums)[2], int32_t *restrict acc) {
+    for (int r = 0; r < GEMM_TILE_ROWS; r++) {
+        const __m256i parts[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sums[r][0])),
+                                  _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sums[r][1])),
+                                  _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sums[r][0], 1)),
+                                  _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sums[r][1], 1))};
+        for (int q = 0; q < 4; q++) {
+            __m256i *dst = (__m256i *)(acc + r * 32 + 8 * q);
+            _mm256_storeu_si256(dst, _mm256_add_epi32(_mm256_loadu_si256(dst), parts[q]));
+        }
+    }
+}
+
+/* One k pair of a tile: rows r0, r1 of b (32 columns each) against the tile's unsigned byte pairs. */
+static inline __attribute__((always_inline)) void gemm_pair(__m256i (*sums)[2], const uint8_t *restrict u,
+                                                            int64_t ustride, int64_t k, __m256i r0, __m256i r1) {
+    const __m256i lo = _mm256_unpacklo_epi8(r0, r1), hi = _mm256_unpackhi_epi8(r0, r1);
+#pragma GCC unroll 6
+    for (int r = 0; r < GEMM_TILE_ROWS; r++) {
+        int16_t pair;
+        memcpy(&pair, u + r * ustride + k, sizeof pair);
+        const __m256i x = _mm256_set1_epi16(pair);
+        sums[r][0] = _mm256_add_epi16(sums[r][0], _mm256_maddubs_epi16(x, lo));
+        sums[r][1] = _mm256_add_epi16(sums[r][1], _mm256_maddubs_epi16(x, hi));
+    }
+}
+
+/* acc (GEMM_TILE_ROWS × 32) = Σ_k u[r][k]·b[k][c0 + c] for 32 columns; u rows are zero-padded to even k. */
+static void gemm_tile(const uint8_t *restrict u, int64_t ustride, const int8_t *restrict b, int64_t k, int64_t n,
+                      int64_t flush, int32_t *restrict acc) {
+    memset(acc, 0, GEMM_TILE_ROWS * 32 * sizeof(int32_t));
+    const int64_t full = k / 2, total = (k + 1) / 2;
+    for (int64_t p0 = 0; p0 < total; p0 += flush) {
+        __m256i sums[GEMM_TILE_ROWS][2];
+        for (int r = 0; r < GEMM_TILE_ROWS; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+        const int64_t end = total < p0 + flush ? total : p0 + flush, whole = end < full ? end : full;
+        for (int64_t p = p0; p < whole; p++)
+            gemm_pair(sums, u, ustride, 2 * p, _mm256_loadu_si256((const __m256i *)(b + 2 * p * n)),
+                      _mm256_loadu_si256((const __m256i *)(b + (2 * p + 1) * n)));
+        if (end > full) /* the odd last k, paired with zeros */
+            gemm_pair(sums, u, ustride, 2 * full, _mm256_loadu_si256((const __m256i *)(b + 2 * full * n)),
+                      _mm256_setzero_si256());
+        gemm_widen((const __m256i(*)[2])sums, acc);
+    }
+}
+#endif
+
+/* Columns [c0, c1) of rows [0, rows) of the chunk, one sum at a time (the columns past the last full 32,
+ * or every column where the AVX2 tile is not built). */
+static void gemm_columns(const uint8_t *restrict u, int64_t ustride, int64_t rows, const int8_t *restrict b, int64_t k,
+                         int64_t n, int64_t c0, int64_t c1, const int32_t *restrict col_sums, int32_t *restrict out) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = c0; c < c1; c++) {
+            int32_t sum = 0;
+            for (int64_t i = 0; i < k; i++) sum += (int32_t)u[r * ustride + i] * (int32_t)b[i * n + c];
+            out[r * n + c] = sum - 128 * col_sums[c];
+        }
+}
+
+/* out (m, n) = a (m, k) · b (k, n), int8 in, exact int32 out; col_sums[j] = Σ_k b[k][j]; flush as above.
+ * Returns 0, or −1 when memory ran out. */
+int robuq_gemm_s8(const int8_t *a, const int8_t *b, int32_t *out, int64_t m, int64_t k, int64_t n,
+                  const int32_t *col_sums, int64_t flush, int threads) {
+    const int64_t chunks = (m + GEMM_CHUNK_ROWS - 1) / GEMM_CHUNK_ROWS, panels = (n + GEMM_PANEL - 1) / GEMM_PANEL;
+    const int64_t ustride = (k + 1) / 2 * 2;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        uint8_t *u = aligned_buffer((size_t)(GEMM_CHUNK_ROWS * ustride));
+        int32_t *acc = aligned_buffer(GEMM_TILE_ROWS * 32 * sizeof(int32_t));
+        const int ok = u && acc;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < chunks * panels; task++) {
+            if (!ok) continue;
+            const int64_t r0 = task / panels * GEMM_CHUNK_ROWS, c0 = task % panels * GEMM_PANEL;
+            const int64_t rows = m - r0 < GEMM_CHUNK_ROWS ? m - r0 : GEMM_CHUNK_ROWS;
+            const int64_t c1 = n - c0 < GEMM_PANEL ? n : c0 + GEMM_PANEL;
+            memset(u, 0, (size_t)(GEMM_CHUNK_ROWS * ustride)); /* padding rows and the odd k: zeros */
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t i = 0; i < k; i++) u[r * ustride + i] = (uint8_t)(a[(r0 + r) * k + i] + 128);
+            int64_t c = c0;
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+            for (; c + 32 <= c1; c += 32)
+                for (int64_t t = 0; t < rows; t += GEMM_TILE_ROWS) {
+                    gemm_tile(u + t * ustride, ustride, b + c, k, n, flush, acc);
+                    for (int64_t r = t; r < rows && r < t + GEMM_TILE_ROWS; r++)
+                        for (int j = 0; j < 32; j++)
+                            out[(r0 + r) * n + c + j] = acc[(r - t) * 32 + j] - 128 * col_sums[c + j];
+                }
+#endif
+            gemm_columns(u, ustride, rows, b, k, n, c, c1, col_sums, out + r0 * n);
+        }
+        note_failure(ok, &failed);
+        free(u);
+        free(acc);
+    }
+    return failed ? -1 : 0;
 }

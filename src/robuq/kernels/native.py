@@ -1,8 +1,9 @@
 """robuq's CPU kernels (cpu_kernels.c): built with the system C compiler at first use, called via ctypes.
 
-The build is cached per source, compiler and machine under ``$ROBUQ_CACHE`` (default
+The build is cached per source, compiler, flags and machine under ``$ROBUQ_CACHE`` (default
 ``~/.cache/robuq``); without a compiler, or with ``ROBUQ_NATIVE=0`` (see ``use``), every caller keeps
-its PyTorch path, which computes the same numbers more slowly. Callers route float32 CPU tensors here
+its PyTorch path, which computes the same numbers more slowly. ``ROBUQ_MARCH`` (read once, at the first
+build) replaces ``-march=native``: ``ROBUQ_MARCH=haswell`` builds for AVX2 alone, as an AVX2-only CPU would. Callers route float32 CPU tensors here
 (``takes``); every function converts its inputs to contiguous float32 CPU tensors before handing
 pointers to C, and allocates its outputs as such, whatever PyTorch's default dtype and device.
 """
@@ -34,7 +35,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC",
          "-std=c11", "-Wall", "-Werror=implicit-function-declaration"]
 RULES = ("minmax", "gaussian")  # the scale rules cpu_kernels.c has a branch for
-_ALLOCATING = ("robuq_hadamard", "robuq_hadamard_quantize", "robuq_attention_int8")  # return 0, or −1: out of memory
+# These return 0, or −1: out of memory.
+_ALLOCATING = ("robuq_hadamard", "robuq_hadamard_quantize", "robuq_attention_int8", "robuq_gemm_s8")
 _BAD_ARGUMENT = -2  # cpu_kernels.c's answer to a rule or level range it does not implement
 
 
@@ -66,6 +68,8 @@ _SIGNATURES = {
     "robuq_gated_residual": [_f32, _f32, _f32, _f32, _i64, _i64, _i64, _int],
     "robuq_attention_int8": [_f32, _Strides, _f32, _Strides, _f32, _Strides, _i64, _i64, _i64, _i64, _i64, _int, _int,
                              _int, _float, _f32, _int],
+    "robuq_gemm_s8": [_i8, _i8, _i32p, _i64, _i64, _i64, _i32p, _i64, _int],
+    "robuq_integer_isa": [],
 }
 
 
@@ -82,9 +86,9 @@ def _cpu_identity() -> str:
     return "\n".join(sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))}))
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: list[str] | None = None) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    flags = [*FLAGS, *definitions()]
+    flags = [*(FLAGS if flags is None else flags), *definitions()]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, platform.machine(),
                                     _cpu_identity()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels-{key}.so"
@@ -98,6 +102,15 @@ def _build(compiler: str) -> Path:
     return target
 
 
+def _flags_for(march: str) -> list[str]:
+    """FLAGS for another target than this CPU (``-march=haswell``: AVX2 and FMA, no AVX-512)."""
+    if not march.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"ROBUQ_MARCH={march!r} is not a -march value; use e.g. native or haswell")
+    # AVX2 builds pass 64-byte lane vectors between inlined helpers; GCC's note about their ABI is moot.
+    extra = [] if march == "native" else ["-Wno-psabi"]
+    return [f"-march={march}" if flag == "-march=native" else flag for flag in FLAGS] + extra
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -105,14 +118,14 @@ def _library() -> ctypes.CDLL | None:
         warnings.warn("robuq: no C compiler found, so the CPU kernels fall back to slower PyTorch code")
         return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        library = ctypes.CDLL(str(_build(compiler, _flags_for(os.environ.get("ROBUQ_MARCH", "native")))))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or error
         warnings.warn(f"robuq: building the CPU kernels failed, falling back to PyTorch code: {detail}")
         return None
     for name, argtypes in _SIGNATURES.items():
         getattr(library, name).argtypes = argtypes
-        getattr(library, name).restype = ctypes.c_int if name in _ALLOCATING else None
+        getattr(library, name).restype = ctypes.c_int if name in _ALLOCATING or name == "robuq_integer_isa" else None
     return library
 
 
@@ -296,3 +309,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, prob
                                            probs_top, spec.int8_level_shift(bits), 1.0 / math.sqrt(d), _ptr(out),
                                            _threads()), f"{bits}-bit attention with {probs_bits}-bit probabilities")
     return out.transpose(1, 2)
+
+
+INTEGER_ISAS = ("plain", "avx2", "avx512_vnni")
+
+
+def integer_isa() -> str:
+    """What the built integer kernels use: "avx512_vnni" (the attention's dot products; the GEMM is AVX2),
+    "avx2", "plain" C, or "none" when the kernels are off or unbuilt."""
+    return INTEGER_ISAS[_library().robuq_integer_isa()] if enabled() else "none"
+
+
+def gemm_s8(a: torch.Tensor, b: torch.Tensor, col_sums: torch.Tensor, flush: int) -> torch.Tensor:
+    """a (m, k) int8 · b (k, n) int8 → int32, exactly ``torch._int_mm(a, b)``, by robuq's AVX2 kernel.
+
+    ``col_sums`` is b's int32 column sums; ``flush`` how many int16 pair sums may add up before they are
+    widened, 32767 // (2·255·max|b|), at least 1 (so max|b| ≤ 64)."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.shape[1] != b.shape[0] or flush < 1:
+        raise ValueError("gemm_s8 multiplies int8 (m, k) by int8 (k, n) with max|b| ≤ 64")
+    a, b = a.contiguous(), b.contiguous()
+    col_sums = col_sums.to(torch.int32).contiguous()
+    out = _empty(a.shape[0], b.shape[1], dtype=torch.int32)
+    _check(_library().robuq_gemm_s8(_ptr(a, _i8), _ptr(b, _i8), _ptr(out, _i32p), a.shape[0], a.shape[1], b.shape[1],
+                                    _ptr(col_sums, _i32p), flush, _threads()))
+    return out

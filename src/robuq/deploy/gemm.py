@@ -1,0 +1,182 @@
+"""Which integer GEMM an exported model's linears run on this CPU, chosen once per process.
+
+PyTorch's int8 GEMM (``torch._int_mm``) is fast where the CPU has VNNI (AVX-512 VNNI, AMX): 4–9× an fp32
+matmul on this project's AMD EPYC (results/deploy_cputime.md). On a CPU with AVX2 alone it took 33× an fp32 matmul's time
+(512×384 by 384×1536: 252 ms against 7.6 ms, issue 17), so there robuq multiplies with its own AVX2
+kernel (``robuq_gemm_s8`` in cpu_kernels.c), and without its C kernels with an fp32 matmul on the
+integer levels, the floor that is never slower than the float model.
+
+Paths, all giving ``torch._int_mm``'s exact int32 result:
+
+| path | what multiplies |
+|---|---|
+| ``int_mm`` | ``torch._int_mm`` (oneDNN; VNNI or AMX) |
+| ``avx2`` | robuq's AVX2 kernel: vpmaddubsw on the weights' own (in, out) layout, int16 sums widened in time |
+| ``fp32`` | an fp32 matmul of the levels, exact while |sum| < 2^24 (float64 beyond) |
+
+``ROBUQ_GEMM`` (``auto`` or a path) is read by ``robuq.load_exported`` when it loads a model, and its
+``gemm=`` argument overrides it; the choice is then handed down to each layer explicitly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from robuq.kernels import native
+
+PATHS = ("int_mm", "avx2", "fp32")
+ENVIRONMENT = "ROBUQ_GEMM"
+# The instruction sets that decide the path, as /proc/cpuinfo names them.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+# oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA) → the flags above it that PyTorch's int8 GEMM may still use.
+_ONEDNN_CAPS = {"SSE41": (), "AVX": (), "AVX2": ("avx2",), "AVX2_VNNI": ("avx2", "avx_vnni"),
+                "AVX2_VNNI_2": ("avx2", "avx_vnni"), "AVX512_CORE": ("avx2", "avx_vnni", "avx512f"),
+                "AVX512_CORE_VNNI": ("avx2", "avx_vnni", "avx512f", "avx512_vnni"),
+                "AVX512_CORE_BF16": ("avx2", "avx_vnni", "avx512f", "avx512_vnni")}
+# A weight level beyond this lets vpmaddubsw's int16 pair sums saturate (2·255·64 < 2^15).
+AVX2_MAX_WEIGHT = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuCapability:
+    """What the GEMM choice depends on: PyTorch's CPU capability (``torch.backends.cpu.get_cpu_capability``:
+    DEFAULT, AVX2, AVX512, …), the CPU's instruction sets among ``ISA_FLAGS`` that PyTorch may use, and
+    what robuq's built C kernels use (``native.integer_isa``: none, plain, avx2, avx512_vnni)."""
+    torch_capability: str
+    flags: frozenset[str]
+    kernels: str
+
+    @property
+    def vnni(self) -> bool:
+        """Whether PyTorch's int8 GEMM may use VNNI (AVX-512 VNNI or AMX at PyTorch's AVX-512 level, or AVX-VNNI)."""
+        return self.wide_vnni or "avx_vnni" in self.flags
+
+    @property
+    def wide_vnni(self) -> bool:
+        """AVX-512 VNNI or AMX, with PyTorch at its AVX-512 level: where ``torch._int_mm`` is known fast."""
+        return bool(self.flags & {"avx512_vnni", "amx_int8"}) and self.torch_capability.startswith("AVX512")
+
+    def to_dict(self) -> dict:
+        return {"torch_capability": self.torch_capability, "isa": sorted(self.flags), "robuq_kernels": self.kernels}
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction sets among ``ISA_FLAGS`` (from /proc/cpuinfo; empty where there is none)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return frozenset(f for f in ISA_FLAGS if f in flags)
+
+
+def cpu_model() -> str:
+    """The CPU's model name, family and model as /proc/cpuinfo gives them (the platform's name elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine()
+    fields = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return f"{fields.get('model name', '?')} (vendor {fields.get('vendor_id', '?')}, family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_capability() -> CpuCapability:
+    """This process's capability, read once: the CPU's flags, capped where ``ONEDNN_MAX_CPU_ISA`` caps
+    oneDNN (which runs ``torch._int_mm``) and dropped above PyTorch's own capability level."""
+    flags = cpu_flags()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap in _ONEDNN_CAPS:
+        flags = flags & frozenset(_ONEDNN_CAPS[cap])
+    return CpuCapability(torch.backends.cpu.get_cpu_capability(), flags, native.integer_isa())
+
+
+def choose_path(capability: CpuCapability, measure=None) -> str:
+    """The GEMM path for ``capability``: ``int_mm`` with AVX-512 VNNI or AMX; below VNNI robuq's ``avx2``
+    kernel where it is built, else ``fp32``. With AVX-VNNI alone (client CPUs, where PyTorch's int8 speed
+    was not measured here) ``measure(fallback)``, if given, times ``int_mm`` against that fallback once and
+    names the faster; without it the fallback is taken."""
+    if capability.wide_vnni:
+        return "int_mm"
+    fallback = "avx2" if capability.kernels in ("avx2", "avx512_vnni") else "fp32"
+    if capability.vnni and measure is not None:
+        return measure(fallback)
+    return fallback
+
+
+def _faster_than(fallback: str, repeats: int = 5) -> str:
+    """``int_mm`` or ``fallback``, timed once on a DiT-S/2-like fc1 of 256 rows; int_mm must win by 20%
+    (the machine may be noisy, and the fallback's speed is known)."""
+    torch.manual_seed(0)
+    a = torch.randint(0, 8, (256, 384), dtype=torch.int8)
+    b = torch.randint(-1, 2, (384, 1536), dtype=torch.int8)
+    sums, b_float = b.sum(dim=0, dtype=torch.int32), b.float()
+    times = {}
+    for name in ("int_mm", fallback):
+        run = lambda: matmul(name, a, b, sums, 1, b_float)  # noqa: E731
+        run()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            samples.append(time.perf_counter() - start)
+        times[name] = sorted(samples)[repeats // 2]
+    return "int_mm" if times["int_mm"] * 1.2 < times[fallback] else fallback
+
+
+@functools.lru_cache(maxsize=None)
+def auto_path() -> str:
+    """The path ``choose_path`` picks for this process (measuring once if it must), cached."""
+    return choose_path(cpu_capability(), _faster_than)
+
+
+def resolve(path: str | None) -> str:
+    """A concrete path from ``path`` (None: ``$ROBUQ_GEMM``, read now; ``"auto"``: ``auto_path()``), checked
+    against what this machine can run."""
+    path = (os.environ.get(ENVIRONMENT) or "auto") if path is None else path
+    if path == "auto":
+        return auto_path()
+    if path not in PATHS:
+        raise ValueError(f"unknown GEMM path {path!r} (from gemm= or ${ENVIRONMENT}); use auto or one of {', '.join(PATHS)}")
+    if path == "avx2" and native.integer_isa() not in ("avx2", "avx512_vnni"):
+        raise ValueError("the avx2 GEMM path needs robuq's C kernels built for AVX2 (a C compiler, ROBUQ_NATIVE "
+                         "unset or 1, an x86-64 CPU with AVX2); use gemm='fp32' or 'int_mm' instead")
+    return path
+
+
+def avx2_flush(max_weight: int) -> int:
+    """How many int16 pair sums the AVX2 kernel may add before widening them, for weights up to
+    ``max_weight`` in magnitude (0 where vpmaddubsw itself could saturate)."""
+    return 32767 // (2 * 255 * max(1, max_weight))
+
+
+def float_matmul(a: torch.Tensor, b_float: torch.Tensor, max_weight: int) -> torch.Tensor:
+    """a (m, k) int8 · b (k, n) given as float levels (|b| ≤ max_weight) → int32, exact: fp32 while
+    128·max|b|·k < 2^24, float64 beyond."""
+    if 128 * max_weight * a.shape[1] < 2**24:
+        return torch.mm(a.float(), b_float).to(torch.int32)
+    return torch.mm(a.double(), b_float.double()).to(torch.int32)
+
+
+def matmul(path: str, a: torch.Tensor, b: torch.Tensor, col_sums: torch.Tensor, max_weight: int,
+           b_float: torch.Tensor | None = None) -> torch.Tensor:
+    """a (m, k) int8 · b (k, n) int8 → int32 by ``path`` (a concrete one of PATHS). ``col_sums`` and
+    ``max_weight`` describe b (the AVX2 kernel needs them; weights beyond AVX2_MAX_WEIGHT go to fp32);
+    ``b_float`` is b as float32 if the caller keeps it."""
+    if path == "avx2" and max_weight <= AVX2_MAX_WEIGHT:
+        return native.gemm_s8(a, b, col_sums, avx2_flush(max_weight))
+    if path == "int_mm":
+        return torch._int_mm(a, b)
+    return float_matmul(a, b.float() if b_float is None else b_float, max_weight)
+
+
+__all__ = ["PATHS", "CpuCapability", "auto_path", "choose_path", "cpu_capability", "cpu_model", "matmul", "resolve"]

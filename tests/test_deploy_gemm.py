@@ -1,0 +1,141 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import robuq
+from robuq.deploy import gemm
+from robuq.deploy.export import export_model, load_exported
+from robuq.deploy.integer_linear import IntegerLinear
+from robuq.kernels import native
+from robuq.quant.linear import LinearQuantConfig, QuantLinear
+
+PATHS = [p for p in gemm.PATHS if p != "avx2" or native.integer_isa() in ("avx2", "avx512_vnni")]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("m, k, n, largest", [(7, 5, 3, 1), (13, 33, 70, 1), (50, 64, 96, 8), (100, 385, 200, 64),
+                                               (9, 40, 64, 127)])
+def test_every_path_gives_int_mm_exact_sums(path, m, k, n, largest):
+    torch.manual_seed(m + k + n)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)  # the whole int8 range, 8-bit levels' worst case
+    b = torch.randint(-largest, largest + 1, (k, n), dtype=torch.int8)
+    expected = (a.double() @ b.double()).to(torch.int32)
+    got = gemm.matmul(path, a, b, b.sum(dim=0, dtype=torch.int32), largest)
+    assert got.dtype == torch.int32 and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("options", [
+    dict(act_bits=3, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=4),
+    dict(act_bits=8, act_rule="minmax", lowrank_rank=0),
+    dict(act_bits=4, weight="int4", lowrank_rank=3, lowrank_input="quantized"),
+])
+def test_integer_linear_on_every_path_matches_the_fake_quant_layer(path, options):
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(40, 72), LinearQuantConfig(**options)).eval()
+    integer = IntegerLinear(layer, gemm=path)
+    assert integer.gemm == path
+    x = torch.randn(3, 13, 40) * 2 + 0.5
+    with torch.no_grad():
+        expected, got = layer(x), integer(x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_exported_model_runs_every_path_forced_by_the_switch_with_the_same_output(tmp_path, tiny_dit, monkeypatch):
+    config = robuq.preset("robuq", act_bits=3)
+    model = robuq.quantize_(tiny_dit, config, plan={"blocks.0.mlp.fc2": 8}).eval()
+    path = export_model(model, config, tmp_path / "m.safetensors", dtype="fp32")
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([2, 400, 990]), torch.tensor([1, 5, 10])
+    outputs = {}
+    for name in PATHS:
+        monkeypatch.setenv("ROBUQ_GEMM", name)
+        loaded = load_exported(path)
+        monkeypatch.delenv("ROBUQ_GEMM")
+        layers = [m for m in loaded.modules() if isinstance(m, IntegerLinear)]
+        assert layers and all(m.gemm == name for m in layers)
+        with torch.no_grad():
+            outputs[name] = loaded(x, t, y)
+    with torch.no_grad():
+        reference = model(x, t, y)
+    for name, out in outputs.items():
+        assert torch.equal(out, outputs[PATHS[0]]), name  # exact integer sums: the same model, bit for bit
+    assert ((outputs[PATHS[0]] - reference).norm() / reference.norm()) < 0.05
+    other = "fp32" if PATHS[0] != "fp32" else "int_mm"
+    monkeypatch.setenv("ROBUQ_GEMM", PATHS[0])  # the argument wins over the switch
+    assert all(m.gemm == other for m in load_exported(path, gemm=other).modules() if isinstance(m, IntegerLinear))
+
+
+def test_unknown_paths_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="unknown GEMM path 'vnni'"):
+        gemm.resolve("vnni")
+    monkeypatch.setenv("ROBUQ_GEMM", "fast")
+    with pytest.raises(ValueError, match="ROBUQ_GEMM"):
+        gemm.resolve(None)
+
+
+def _capability(torch_capability, flags, kernels="avx2"):
+    return gemm.CpuCapability(torch_capability, frozenset(flags), kernels)
+
+
+def test_the_chooser_takes_int_mm_only_with_vnni():
+    never = lambda fallback: pytest.fail("no measurement expected")  # noqa: E731
+    assert gemm.choose_path(_capability("AVX512", {"avx2", "avx512f", "avx512_vnni"}, "avx512_vnni"), never) == "int_mm"
+    assert gemm.choose_path(_capability("AVX512", {"avx2", "avx512f", "amx_int8"}), never) == "int_mm"
+    # the issue's CPU: AVX2 and FMA only
+    assert gemm.choose_path(_capability("AVX2", {"avx2"}), never) == "avx2"
+    assert gemm.choose_path(_capability("AVX2", {"avx2"}, kernels="none"), never) == "fp32"
+    assert gemm.choose_path(_capability("DEFAULT", set(), kernels="plain"), never) == "fp32"
+    # AVX-512 without VNNI, or PyTorch held to AVX2 on a VNNI CPU: below VNNI
+    assert gemm.choose_path(_capability("AVX512", {"avx2", "avx512f"}), never) == "avx2"
+    assert gemm.choose_path(_capability("AVX2", {"avx2", "avx512f", "avx512_vnni"}), never) == "avx2"
+    # AVX-VNNI alone: measured once against the fallback
+    asked = []
+    assert gemm.choose_path(_capability("AVX2", {"avx2", "avx_vnni"}), lambda f: asked.append(f) or "int_mm") == "int_mm"
+    assert asked == ["avx2"]
+    assert gemm.choose_path(_capability("AVX2", {"avx2", "avx_vnni"})) == "avx2"
+
+
+def test_the_running_cpu_does_not_take_int_mm_below_vnni():
+    capability = gemm.cpu_capability()
+    if not capability.vnni:
+        assert gemm.auto_path() != "int_mm", capability
+
+
+CHOICE = "from robuq.deploy import gemm; import json; print(json.dumps([gemm.auto_path(), gemm.cpu_capability().to_dict()]))"
+
+
+def test_pytorch_held_to_avx2_is_below_vnni_and_never_takes_int_mm():
+    """This CPU may have VNNI; with PyTorch and oneDNN held to AVX2 it is an AVX2-only CPU to them."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(robuq.__file__)), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", CHOICE], env=env, capture_output=True, text=True, check=True)
+    path, capability = json.loads(out.stdout.strip().splitlines()[-1])
+    assert capability["torch_capability"] == "AVX2"
+    assert not set(capability["isa"]) & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    assert path in ("avx2", "fp32")
+
+
+@pytest.mark.slow
+def test_an_avx2_build_gives_the_same_attention_and_gemm(monkeypatch, tmp_path):
+    """Built for AVX2 alone (ROBUQ_MARCH=haswell: 8-lane tiles, vpmaddwd dot products): the attention equals
+    the native build's up to the order of its float sums, and the GEMM is exact."""
+    qkv = torch.randn(2, 37, 3, 3, 20).permute(2, 0, 3, 1, 4)
+    a = torch.randint(-128, 128, (29, 77), dtype=torch.int8)
+    b = torch.randint(-1, 2, (77, 100), dtype=torch.int8)
+    with torch.no_grad():
+        fast = native.attention(qkv[0], qkv[1], qkv[2], 8, 8)
+    monkeypatch.setenv("ROBUQ_MARCH", "haswell")
+    monkeypatch.setenv("ROBUQ_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert native.integer_isa() == "avx2"
+        avx2 = native.attention(qkv[0], qkv[1], qkv[2], 8, 8)
+        product = native.gemm_s8(a, b, b.sum(dim=0, dtype=torch.int32), gemm.avx2_flush(1))
+    finally:
+        native._library.cache_clear()
+    assert torch.allclose(avx2, fast, rtol=1e-5, atol=1e-6)
+    assert torch.equal(product, (a.double() @ b.double()).to(torch.int32))
