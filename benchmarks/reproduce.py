@@ -273,13 +273,22 @@ def real_images_row(per_class: int, work: Path, args: argparse.Namespace) -> dic
 
 
 def rescore(args: argparse.Namespace) -> None:
-    """Re-evaluate a finished table from its sample files (after a metric fix), keeping everything else."""
+    """Re-evaluate a finished table from its sample files (after a metric fix), keeping everything else.
+
+    A row whose sample file is not in --work-dir keeps its recorded numbers and is listed as not re-scored.
+    """
     name = "reproduce_quick" if args.quick else "reproduce"
     results_dir, work = Path(args.results_dir), Path(args.work_dir)
     payload = json.loads((results_dir / f"{name}.json").read_text())
     payload["rows"] = [r for r in payload["rows"] if not r["method"].startswith("real ")]
+    payload["not_rescored"] = []
     for r in payload["rows"]:
         npz = work / slug_of(r["method"]) / f"samples-cfg{r['guidance']}.npz"
+        if not npz.is_file():
+            payload["not_rescored"].append(f"{r['method']} (cfg {r['guidance']})")
+            for key in ("fid_inception", "sfid_inception", "inception", "inception_reference"):
+                r.pop(key, None)
+            continue
         r.update(score(npz, work / f"teacher-cfg{r['guidance']}.npz", args))
         with np.load(npz) as data:
             class_grid(data["arr_0"], 10, grid_dir(results_dir, args.quick) / f"{slug_of(r['method'])}-cfg{r['guidance']}.png")
@@ -287,11 +296,11 @@ def rescore(args: argparse.Namespace) -> None:
     # The rows keep the training run's provenance; write_result adds the rescoring's.
     payload["table_run"] = {k: payload.pop(k) for k in ("machine", "command", "date") if k in payload}
     payload["rescored_at_commit"] = git_commit()
-    write_result(name, payload, markdown_table(payload["rows"]), results_dir)
+    write_result(name, payload, markdown_table(payload["rows"], payload["not_rescored"]), results_dir)
     plot(payload["rows"], results_dir / f"{name}.png")
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], not_rescored: list[str] = ()) -> str:
     lines = ["| method | cfg | FID ↓ | Inception-FID ↓ | sFID ↓ | IS ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) | BOPs ÷ FP | QAT s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -306,6 +315,9 @@ def markdown_table(rows: list[dict]) -> str:
         lines += ["", f"FID: robuq's Fashion-MNIST classifier features against the 10,000 test images. Inception-FID: the "
                   f"`adm` protocol (TF1 resize to 299, (x − 128)/128, pool_3, float64 statistics), weights "
                   f"`{inception_rows[0]['inception']}` (sha256 prefix), against the first {inception_rows[0]['inception_reference']} test images."]
+    if not_rescored:
+        lines += ["", f"Not re-scored (no sample file in the work folder; numbers as first recorded, no Inception-FID): "
+                  f"{'; '.join(not_rescored)}."]
     agreement = rank_agreement(rows)
     if agreement:
         flips = "; ".join(f"{a} vs {b}" for a, b in agreement["flipped"]) or "none"

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+import pytest
+import torch
+
 from robuq.eval.classifier import ClassifierTrainConfig, train_classifier
+from robuq.eval.inception import FIDInceptionV3
 from robuq.io import save_tensors
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -24,6 +28,7 @@ def _load(name):
         sys.path.remove(str(BENCHMARKS))
 
 
+@pytest.mark.slow
 def test_reproduce_quick_path_on_a_tiny_teacher(tmp_path, tiny_dit, fmnist_dir):
     teacher = save_tensors(tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()})
     classifier = tmp_path / "clf.safetensors"
@@ -33,7 +38,7 @@ def test_reproduce_quick_path_on_a_tiny_teacher(tmp_path, tiny_dit, fmnist_dir):
     for only in ("FP teacher", "RobuQ + AMPN W1.58A2", "RTN"):
         reproduce.main(["--quick", "--teacher", str(teacher), "--steps", "2", "--samples-per-class", "1", "--data-dir", str(fmnist_dir),
                         "--work-dir", str(tmp_path / "work"), "--only", only, "--classifier", str(classifier),
-                        "--results-dir", str(results)])
+                        "--results-dir", str(results), "--no-inception"])
     rows = json.loads((results / "reproduce_quick.json").read_text())["rows"]
     # Each --only run joins the table, in the table's row order, guidance scales in order.
     assert [(r["method"], r["guidance"]) for r in rows] == [
@@ -47,14 +52,24 @@ def test_reproduce_quick_path_on_a_tiny_teacher(tmp_path, tiny_dit, fmnist_dir):
     assert any((results / "reproduce_quick_grids").glob("*.png"))  # a quick table never overwrites the full one's grids
     assert not (results / "reproduce_grids").exists()
 
-    # --rescore recomputes the metrics from the samples left in the work folder and keeps the rest.
+    # --rescore recomputes the metrics from the samples left in the work folder and keeps the rest; with
+    # Inception weights (here a random network in pytorch-fid's layout) it adds the Inception-FID column.
     before = rows[3]
+    torch.manual_seed(0)
+    torch.save(FIDInceptionV3().state_dict(), tmp_path / "inception.pth")
+    (tmp_path / "work" / "fp-teacher" / "samples-cfg4.0.npz").rename(tmp_path / "moved.npz")
     reproduce.main(["--quick", "--rescore", "--data-dir", str(fmnist_dir), "--work-dir", str(tmp_path / "work"),
-                    "--classifier", str(classifier), "--results-dir", str(results)])
+                    "--classifier", str(classifier), "--results-dir", str(results),
+                    "--inception-weights", str(tmp_path / "inception.pth"), "--inception-reference", "4"])
+    (tmp_path / "moved.npz").rename(tmp_path / "work" / "fp-teacher" / "samples-cfg4.0.npz")
     rescored = json.loads((results / "reproduce_quick.json").read_text())
     assert [r["method"] for r in rescored["rows"]] == [r["method"] for r in rows]
     assert rescored["rows"][3]["fid"] == before["fid"] and rescored["rows"][3]["qat_seconds"] == before["qat_seconds"]
     assert "command" in rescored["table_run"]
+    assert rescored["rows"][3]["fid_inception"] > 0 and rescored["rows"][3]["inception_reference"] == 4
+    assert rescored["not_rescored"] == ["FP teacher (cfg 4.0)"] and "fid_inception" not in rescored["rows"][2]
+    table = (results / "reproduce_quick.md").read_text()
+    assert "Inception-FID" in table and "Spearman" in table and "Not re-scored" in table
 
     # A restarted table reuses a finished row's samples and its recorded QAT time.
     (results / "reproduce_quick.json").unlink()
@@ -107,3 +122,12 @@ def test_cpu_kernel_cases_run():
     cpu_kernels = _load("cpu_kernels")
     for _model, what, fn in cpu_kernels.cases(32, models=cpu_kernels.MODELS[:1]):
         assert fn() is not None, what
+
+
+def test_rank_agreement_counts_the_pairs_ordered_apart():
+    reproduce = _load("reproduce")
+    rows = [{"method": m, "guidance": 1.5, "fid": f, "fid_inception": i} for m, f, i in
+            [("a", 10.0, 1.0), ("b", 20.0, 3.0), ("c", 30.0, 2.0), ("d", 40.0, 4.0)]]
+    agreement = reproduce.rank_agreement(rows + [{"method": "e", "guidance": 1.5, "fid": 50.0}])
+    assert agreement["rows"] == 4 and agreement["pairs"] == 6
+    assert agreement["flipped"] == [("b (cfg 1.5)", "c (cfg 1.5)")] and agreement["spearman"] == pytest.approx(0.8)
