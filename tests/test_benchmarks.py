@@ -18,8 +18,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import pytest
+import torch
+
 from robuq.eval.classifier import ClassifierTrainConfig, train_classifier
 from robuq.core.files import save_tensors
+from robuq.eval.inception import FIDInceptionV3
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -238,7 +242,7 @@ def test_export_fidelity(tmp_path, tiny_dit):
 def _reproduce(reproduce, tmp_path, teacher, fmnist_dir, classifier, only, *extra):
     argv = ["--quick", "--teacher", teacher, "--steps", "2", "--samples-per-class", "1", "--data-dir", str(fmnist_dir),
             "--work-dir", str(tmp_path / "work"), "--only", only, "--classifier", classifier, "--results-dir",
-            str(tmp_path / "results"), *extra]
+            str(tmp_path / "results"), "--no-inception", *extra]
     reproduce.main(argv)
     return argv
 
@@ -260,7 +264,7 @@ def test_reproduce_rows_without_training(tmp_path, teacher_file, fmnist_dir, cla
     assert rows[1]["psnr_vs_fp"] == float("inf")  # the teacher's samples are the paired reference
     rtn = rows[3]
     assert (rtn["w_bits"], rtn["a_bits"]) == (1.58, 4) and 0 < rtn["bops_ratio"] < 1 and math.isfinite(rtn["psnr_vs_fp"])
-    assert f"| {rtn['method']} | 1.5 | {rtn['fid']:.2f} | {rtn['sfid']:.2f} |" in markdown
+    assert f"| {rtn['method']} | 1.5 | {rtn['fid']:.2f} | — | {rtn['sfid']:.2f} |" in markdown  # no Inception-FID asked for
     assert (results / "reproduce_quick.png").stat().st_size > 0
     assert any((results / "reproduce_quick_grids").glob("*.png"))  # a quick table never overwrites the full one's grids
     assert not (results / "reproduce_grids").exists()
@@ -280,14 +284,23 @@ def test_reproduce_quick_path_with_ampn_rescore_and_restart(tmp_path, teacher_fi
                 "bops_ratio", "qat_seconds"}
     assert required <= set(rows[4]) and rows[4]["ampn"] and rows[4]["qat_seconds"] > 0 and 0 < rows[4]["bops_ratio"] < 1
 
-    # --rescore recomputes the metrics from the samples left in the work folder and keeps the rest.
+    # --rescore recomputes the metrics from the samples left in the work folder and keeps the rest; with
+    # Inception weights (here a random network in pytorch-fid's layout) it adds the Inception-FID column.
+    torch.manual_seed(0)
+    torch.save(FIDInceptionV3().state_dict(), tmp_path / "inception.pth")
+    (tmp_path / "work" / "fp-teacher" / "samples-cfg4.0.npz").rename(tmp_path / "moved.npz")
     argv = ["--quick", "--rescore", "--data-dir", str(fmnist_dir), "--work-dir", str(tmp_path / "work"),
-            "--classifier", classifier_file, "--results-dir", str(results)]
+            "--classifier", classifier_file, "--results-dir", str(results),
+            "--inception-weights", str(tmp_path / "inception.pth"), "--inception-reference", "4"]
     reproduce.main(argv)
-    rescored, _ = _record(results, "reproduce_quick", "reproduce", argv)
+    (tmp_path / "moved.npz").rename(tmp_path / "work" / "fp-teacher" / "samples-cfg4.0.npz")
+    rescored, table = _record(results, "reproduce_quick", "reproduce", argv)
     assert [r["method"] for r in rescored["rows"]] == [r["method"] for r in rows]
     assert rescored["rows"][4]["fid"] == rows[4]["fid"] and rescored["rows"][4]["qat_seconds"] == rows[4]["qat_seconds"]
     assert rescored["table_run"]["command"].split(" ", 1)[1].startswith("benchmarks/reproduce.py --quick --teacher")
+    assert rescored["rows"][3]["fid_inception"] > 0 and rescored["rows"][3]["inception_reference"] == 4
+    assert rescored["not_rescored"] == ["FP teacher (cfg 4.0)"] and "fid_inception" not in rescored["rows"][2]
+    assert "Inception-FID" in table and "Spearman" in table and "Not re-scored" in table
 
     # A restarted table reuses a finished row's samples and its recorded QAT time.
     (results / "reproduce_quick.json").unlink()
@@ -330,3 +343,12 @@ def test_deploy_times_every_gemm_path_and_tabulates_them(tmp_path):
                                   "command": "python deploy.py", "date": "today", "machine": setting["machine"]}))
     deploy.render(result)
     assert text in result.with_suffix(".md").read_text()
+
+
+def test_rank_agreement_counts_the_pairs_ordered_apart():
+    reproduce = _load("reproduce")
+    rows = [{"method": m, "guidance": 1.5, "fid": f, "fid_inception": i} for m, f, i in
+            [("a", 10.0, 1.0), ("b", 20.0, 3.0), ("c", 30.0, 2.0), ("d", 40.0, 4.0)]]
+    agreement = reproduce.rank_agreement(rows + [{"method": "e", "guidance": 1.5, "fid": 50.0}])
+    assert agreement["rows"] == 4 and agreement["pairs"] == 6
+    assert agreement["flipped"] == [("b (cfg 1.5)", "c (cfg 1.5)")] and agreement["spearman"] == pytest.approx(0.8)

@@ -46,5 +46,8 @@ def test_cli_and_clear_errors(tmp_path, fmnist_dir, classifier, capsys):
     np.savez(tmp_path / "bad.npz", x=np.zeros(3))
     assert main(["eval", "metrics", "--samples", str(tmp_path / "bad.npz"), "--classifier", classifier]) == 2
     assert "not an ADM-style sample file" in capsys.readouterr().err
-    assert main(["eval", "metrics", "--samples", str(samples), "--extractor", "inception"]) == 2
-    assert "--inception-weights" in capsys.readouterr().err
+    assert main(["eval", "metrics", "--samples", str(samples), "--extractor", "inception", "--inception-weights",
+                 str(tmp_path / "absent.pth")]) == 2
+    assert "absent.pth not found" in capsys.readouterr().err
+    assert main(["eval", "metrics", "--samples", str(samples), "--protocol", "adm"]) == 2
+    assert "--extractor inception" in capsys.readouterr().err

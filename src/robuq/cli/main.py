@@ -166,6 +166,13 @@ def _run_eval_metrics(config, args) -> int:
     return 0
 
 
+def _run_eval_ref_stats(config, args) -> int:
+    from robuq.eval.adm import write_reference_batch_from
+
+    print(f"wrote {write_reference_batch_from(config, progress=not args.no_progress)}")
+    return 0
+
+
 def _run_train_classifier(config, args) -> int:
     from robuq.eval.classifier import train_classifier
 
@@ -177,6 +184,7 @@ def _run_train_classifier(config, args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from robuq.ampn.pipeline import SET_BY_AMPN, AllocateConfig, AMPNConfig, SensitivityConfig
     from robuq.cli.quickstart import DERIVED, QuickstartConfig
+    from robuq.eval.adm import RefStatsConfig
     from robuq.eval.classifier import ClassifierTrainConfig
     from robuq.eval.evaluate import EvalConfig
     from robuq.io.model_files import ExportConfig
@@ -226,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     metrics = _job(evs, "metrics", "FID, sFID, IS, precision/recall (and PSNR vs paired samples) of an .npz",
                    EvalConfig, _run_eval_metrics)
     metrics.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    _add_no_progress(_job(evs, "ref-stats", "an ADM-style reference batch (mu, sigma, mu_s, sigma_s and up to 10,000 images)",
+                          RefStatsConfig, _run_eval_ref_stats))
     _add_no_progress(_job(evs, "train-classifier", "train the Fashion-MNIST CNN whose features the metrics use",
                           ClassifierTrainConfig, _run_train_classifier))
     return parser

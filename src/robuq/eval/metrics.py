@@ -42,6 +42,33 @@ class FeatureStats:
             return cls(data["mu"], data["sigma"], int(data["count"]) if "count" in data else -1)
 
 
+class StatsAccumulator:
+    """Mean and covariance of features that arrive in batches, in float64, without keeping them all.
+
+    Sums are taken around the first batch's mean, so that Σxxᵀ − nμμᵀ does not cancel catastrophically.
+    """
+
+    def __init__(self) -> None:
+        self.count, self.shift, self.total, self.outer = 0, None, None, None
+
+    def add(self, features: np.ndarray) -> None:
+        x = np.asarray(features, dtype=np.float64)
+        if self.shift is None:
+            self.shift = x.mean(axis=0)
+            self.total, self.outer = np.zeros_like(self.shift), np.zeros((x.shape[1], x.shape[1]))
+        x = x - self.shift
+        self.count += len(x)
+        self.total += x.sum(axis=0)
+        self.outer += x.T @ x
+
+    def result(self) -> FeatureStats:
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature vectors, got {self.count}")
+        mean = self.total / self.count
+        sigma = (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
+        return FeatureStats(mean + self.shift, sigma, self.count)
+
+
 def _sqrtm(matrix: np.ndarray) -> np.ndarray:
     # SciPy < 1.16 returned (sqrtm, error) with disp=False; newer releases return the matrix alone.
     result = linalg.sqrtm(matrix)
@@ -70,6 +97,12 @@ def fid(real: FeatureStats, fake: FeatureStats) -> float:
     return frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
 
 
+def _split_score(p: np.ndarray, log_p: np.ndarray, eps: float) -> float:
+    """exp(E_x KL(p(y|x) ‖ p(y))) of one split, p(y) its mean prediction."""
+    log_marginal = np.log(p.mean(axis=0, keepdims=True) + eps)
+    return math.exp((p * (log_p - log_marginal)).sum(axis=1).mean())
+
+
 def inception_score(probabilities: np.ndarray, splits: int = 10) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) ‖ p(y))), mean and standard deviation over ``splits`` chunks (as the IS paper).
 
@@ -79,11 +112,19 @@ def inception_score(probabilities: np.ndarray, splits: int = 10) -> tuple[float,
     """
     p = np.asarray(probabilities, dtype=np.float64)
     p = p[np.random.default_rng(0).permutation(len(p))]
-    scores = []
-    for chunk in np.array_split(p, splits):
-        marginal = chunk.mean(axis=0, keepdims=True)
-        kl = (chunk * (np.log(chunk + 1e-12) - np.log(marginal + 1e-12))).sum(axis=1)
-        scores.append(math.exp(kl.mean()))
+    scores = [_split_score(chunk, np.log(chunk + 1e-12), 1e-12) for chunk in np.array_split(p, splits)]
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def inception_score_consecutive(logits: np.ndarray, split_size: int = 5000) -> tuple[float, float]:
+    """The ADM evaluator's IS: softmax of ``logits``, consecutive splits of ``split_size`` samples (the last one
+    may be shorter), the mean (and standard deviation) of the splits' scores. log p comes from log-softmax, so
+    it stays finite where ADM's float32 softmax would underflow to 0 (and its log to −inf)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    log_p = logits - logits.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)
+    scores = [_split_score(p[i : i + split_size], log_p[i : i + split_size], 0.0) for i in range(0, len(p), split_size)]
     return float(np.mean(scores)), float(np.std(scores))
 
 
