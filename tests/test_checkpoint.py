@@ -1,6 +1,7 @@
 import argparse
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,9 +69,11 @@ def test_shape_mismatch_with_config_is_named(tmp_path, tiny_dit):
 
 def test_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.pt"
-    path.write_bytes(os.urandom(256))
-    with pytest.raises(CheckpointError, match="not a PyTorch or safetensors checkpoint"):
-        load_dit(path)
+    rng = np.random.default_rng(0)
+    for size in [256] * 40 + [1, 7, 4096]:  # garbage makes the unpickler fail in many ways; each is bad input
+        path.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        with pytest.raises(CheckpointError, match="not a PyTorch or safetensors checkpoint|empty|truncated"):
+            load_dit(path)
 
 
 def test_truncated_checkpoint(tmp_path, tiny_dit):

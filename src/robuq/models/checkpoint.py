@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,12 @@ from robuq.models.dit import DIT_SIZES, DiT, DiTConfig
 # Attention heads cannot be read off the weights; these are the registry's choices per width.
 _HEADS_BY_WIDTH = {hidden: heads for _, hidden, heads in DIT_SIZES.values()}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# What torch's weights-only unpickler raises on bytes that are not a pickle it accepts (garbage hits any
+# of these, depending on the bytes); anything else — MemoryError, an interrupt — is not about the file.
+_NOT_A_PICKLE = (RuntimeError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                 struct.error, OverflowError)
 
 
 class CheckpointError(ValueError):
@@ -65,7 +72,7 @@ def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (zipfile.BadZipFile, EOFError) as exc:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({exc}); download or copy it again") from exc
-    except (RuntimeError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as exc:  # long texts from torch
+    except _NOT_A_PICKLE as exc:  # long texts from torch
         if _is_zip(path) and "zip archive" in str(exc):
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt (its zip archive is incomplete); "
                                   "download or copy it again") from exc
