@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from robuq.train.distributed import init_distributed, shutdown
+from robuq.core.distributed import init_distributed, shutdown
 from robuq.train.trainer import train
 
 from test_train import small_config

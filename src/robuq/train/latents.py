@@ -20,7 +20,7 @@ from robuq.core.runtime import resolve_device
 from robuq.data.image_stream import StreamingImageFolder
 from robuq.data.latents import LatentIndex, missing_shards, shard_path, write_index
 from robuq.models.vae import LATENT_SCALE, encode, load_vae
-from robuq.train.distributed import barrier, init_distributed, shutdown
+from robuq.core.distributed import barrier, init_distributed, shutdown
 
 
 @dataclass

@@ -30,7 +30,7 @@ from robuq.core.files import atomic_write_text, read_meta, save_tensors
 from robuq.models.checkpoint import load_dit
 from robuq.models.dit import DiT, create_dit
 from robuq.train.guards import first_nonfinite_grad, first_nonfinite_module
-from robuq.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from robuq.core.distributed import DistInfo, barrier, init_distributed, shutdown
 from robuq.core.options import check_choice, option
 from robuq.core.runtime import resolve_device
 from robuq.train.state import checkpoint_path, list_checkpoints, load_training_state, save_training_state
