@@ -15,11 +15,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from robuq.core.files import save_tensors
-from robuq.core.options import option
+from robuq.core.options import option, with_default
 from robuq.core.runtime import resolve_device
 from robuq.data.image_stream import StreamingImageFolder
 from robuq.data.latents import LatentIndex, missing_shards, shard_path, write_index
 from robuq.models.vae import LATENT_SCALE, encode, load_vae
+from robuq.train.trainer import LoopConfig
 from robuq.core.distributed import barrier, init_distributed, shutdown
 
 
@@ -37,7 +38,7 @@ class LatentsConfig:
     batch_size: int = option(32, "images per VAE forward pass")
     num_workers: int = option(4, "DataLoader worker processes decoding images")
     seed: int = option(0, "seed of the posterior samples (each shard draws from (seed, shard))")
-    device: str = option("auto", "'auto' (this rank's GPU when CUDA is available, else the CPU), 'cpu' or 'cuda[:N]'")
+    device: str = with_default(LoopConfig, "device", "auto")
 
 
 def _shard_latents(vae, dataset: StreamingImageFolder, rows: range, config: LatentsConfig, seed: int,
