@@ -39,13 +39,7 @@ def perturbed(model: DiT, std: float = 0.02) -> DiT:
 @pytest.fixture
 def tiny_dit() -> DiT:
     torch.manual_seed(0)
-    model = DiT(tiny_config())
-    # adaLN-Zero starts with a zero output; perturb so tests see a non-trivial function.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn_like(p))
-    return model
+    return perturbed(DiT(tiny_config()))  # adaLN-Zero starts with a zero output: give tests a non-trivial function
 
 
 @pytest.fixture

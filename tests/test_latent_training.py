@@ -101,11 +101,7 @@ def test_any_dataset_flows_through_qat_and_ampn(tmp_path):
 
 def test_bf16_qat_matches_fp32_closely(tmp_path, fmnist_dir):
     torch.manual_seed(0)
-    teacher = DiT(tiny_config())
-    with torch.no_grad():
-        for p in teacher.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    teacher = perturbed(DiT(tiny_config()), 0.05)
     path = str(save_tensors(tmp_path / "t.safetensors", teacher.state_dict(), {"model_config": teacher.config.to_dict()}))
     losses = {}
     for precision in ("fp32", "bf16"):
