@@ -28,6 +28,35 @@ def test_every_path_gives_int_mm_exact_sums(path, m, k, n, largest):
     assert got.dtype == torch.int32 and torch.equal(got, expected)
 
 
+@pytest.mark.skipif(native.integer_isa() == "none", reason="robuq's C kernels are not built here")
+@pytest.mark.parametrize("top", [1, 7, 15, 127, 255])
+@pytest.mark.parametrize("m, k, n", [(1, 4, 8), (3, 12, 9), (5, 384, 40), (50, 130, 17), (9, 1540, 24)])
+def test_the_avx2_kernel_is_exact_for_unsigned_low_bit_levels(top, m, k, n):
+    """Levels 0…top read in place (shift 0; copied where k is not whole quads), the int16 sums kept for as
+    many quads as top allows: tails of rows (tiles of 4), of columns (blocks of 8) and of k (quads of 4)."""
+    torch.manual_seed(top + m + k + n)
+    a = torch.randint(0, top + 1, (m, k), dtype=torch.int8 if top < 128 else torch.uint8)
+    a = a.to(torch.int8) if top < 128 else (a.int() - 128).to(torch.int8)
+    shift = 0 if top < 128 else 128
+    b = torch.randint(-1, 2, (k, n), dtype=torch.int8)
+    b[0] = 1  # the largest sums: every level at its top meets +1
+    a[0] = top - shift
+    packed = native.pack_gemm_weights(b)
+    assert packed.shape == (-(-n // 8), -(-k // 4), 8, 4)
+    got = gemm.matmul("avx2", a, b, b.sum(dim=0, dtype=torch.int32), 1, packed=packed, act_shift=shift, act_top=top)
+    assert torch.equal(got, (a.double() @ b.double()).to(torch.int32))
+
+
+def test_the_packing_puts_each_weight_where_the_kernel_reads_it():
+    """Column c's k-th weight sits at block c // 8, quad k // 4, lane c % 8, byte k % 4; padding is zero."""
+    b = torch.arange(-60, 45, dtype=torch.int8).reshape(7, 15)
+    packed = native.pack_gemm_weights(b)
+    for k in range(7):
+        for c in range(15):
+            assert packed[c // 8, k // 4, c % 8, k % 4] == b[k, c]
+    assert packed[1, :, 7].eq(0).all() and packed[:, 1, :, 3].eq(0).all()
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("options", [
     dict(act_bits=3, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=4),
@@ -120,22 +149,27 @@ def test_pytorch_held_to_avx2_is_below_vnni_and_never_takes_int_mm():
 
 
 @pytest.mark.slow
-def test_an_avx2_build_gives_the_same_attention_and_gemm(monkeypatch, tmp_path):
-    """Built for AVX2 alone (ROBUQ_MARCH=haswell: 8-lane tiles, vpmaddwd dot products): the attention equals
-    the native build's up to the order of its float sums, and the GEMM is exact."""
+@pytest.mark.parametrize("march, isa", [("haswell", "avx2"), ("x86-64", "plain")])
+def test_an_avx2_or_plain_build_gives_the_same_attention_and_gemm(monkeypatch, tmp_path, march, isa):
+    """Built for AVX2 alone (ROBUQ_MARCH=haswell: 8-lane tiles, vpmaddwd dot products) or for no SIMD
+    extension: the attention equals the native build's up to the order of its float sums, and the GEMM,
+    for 8-bit and low-bit activations, is exact."""
     qkv = torch.randn(2, 37, 3, 3, 20).permute(2, 0, 3, 1, 4)
     a = torch.randint(-128, 128, (29, 77), dtype=torch.int8)
+    low = torch.randint(0, 8, (29, 76), dtype=torch.int8)
     b = torch.randint(-1, 2, (77, 100), dtype=torch.int8)
     with torch.no_grad():
         fast = native.attention(qkv[0], qkv[1], qkv[2], 8, 8)
-    monkeypatch.setenv("ROBUQ_MARCH", "haswell")
+    monkeypatch.setenv("ROBUQ_MARCH", march)
     monkeypatch.setenv("ROBUQ_CACHE", str(tmp_path))
     native._library.cache_clear()
     try:
-        assert native.integer_isa() == "avx2"
-        avx2 = native.attention(qkv[0], qkv[1], qkv[2], 8, 8)
-        product = native.gemm_s8(a, b, b.sum(dim=0, dtype=torch.int32), gemm.avx2_flush(1))
+        assert native.integer_isa() == isa
+        other = native.attention(qkv[0], qkv[1], qkv[2], 8, 8)
+        product = gemm.matmul("avx2", a, b, b.sum(dim=0, dtype=torch.int32), 1)
+        low_product = gemm.matmul("avx2", low, b[:76], b[:76].sum(dim=0, dtype=torch.int32), 1, act_shift=0, act_top=7)
     finally:
         native._library.cache_clear()
-    assert torch.allclose(avx2, fast, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(other, fast, rtol=1e-5, atol=1e-6)
     assert torch.equal(product, (a.double() @ b.double()).to(torch.int32))
+    assert torch.equal(low_product, (low.double() @ b[:76].double()).to(torch.int32))

@@ -11,7 +11,7 @@ Paths, all giving ``torch._int_mm``'s exact int32 result:
 | path | what multiplies |
 |---|---|
 | ``int_mm`` | ``torch._int_mm`` (oneDNN; VNNI or AMX) |
-| ``avx2`` | robuq's AVX2 kernel: vpmaddubsw on the weights' own (in, out) layout, int16 sums widened in time |
+| ``avx2`` | robuq's AVX2 kernel: vpmaddubsw on weights packed once per layer, low-bit sums kept in int16 |
 | ``fp32`` | an fp32 matmul of the levels, exact while |sum| < 2^24 (float64 beyond) |
 
 ``ROBUQ_GEMM`` (``auto`` or a path) is read by ``robuq.load_exported`` when it loads a model, and its
@@ -153,10 +153,11 @@ def resolve(path: str | None) -> str:
     return path
 
 
-def avx2_flush(max_weight: int) -> int:
-    """How many int16 pair sums the AVX2 kernel may add before widening them, for weights up to
-    ``max_weight`` in magnitude (0 where vpmaddubsw itself could saturate)."""
-    return 32767 // (2 * 255 * max(1, max_weight))
+def avx2_flush(max_weight: int, act_top: int = 255) -> int:
+    """How many quads of int16 pair sums the AVX2 kernel may add before widening them, for weights up to
+    ``max_weight`` in magnitude and unsigned activation levels up to ``act_top`` (0 where vpmaddubsw itself
+    could saturate)."""
+    return 32767 // (2 * act_top * max(1, max_weight))
 
 
 def float_matmul(a: torch.Tensor, b_float: torch.Tensor, max_weight: int) -> torch.Tensor:
@@ -168,12 +169,16 @@ def float_matmul(a: torch.Tensor, b_float: torch.Tensor, max_weight: int) -> tor
 
 
 def matmul(path: str, a: torch.Tensor, b: torch.Tensor, col_sums: torch.Tensor, max_weight: int,
-           b_float: torch.Tensor | None = None) -> torch.Tensor:
+           b_float: torch.Tensor | None = None, packed: torch.Tensor | None = None, act_shift: int = 128,
+           act_top: int = 255) -> torch.Tensor:
     """a (m, k) int8 · b (k, n) int8 → int32 by ``path`` (a concrete one of PATHS). ``col_sums`` and
     ``max_weight`` describe b (the AVX2 kernel needs them; weights beyond AVX2_MAX_WEIGHT go to fp32);
-    ``b_float`` is b as float32 if the caller keeps it."""
+    ``b_float`` is b as float32 and ``packed`` b in the AVX2 kernel's layout, if the caller keeps them.
+    a's levels are u − ``act_shift`` with u in 0…``act_top``: low-bit activations (shift 0, top 2^bits − 1)
+    let the AVX2 kernel read them in place and keep its sums in int16 for longer."""
     if path == "avx2" and max_weight <= AVX2_MAX_WEIGHT:
-        return native.gemm_s8(a, b, col_sums, avx2_flush(max_weight))
+        packed = native.pack_gemm_weights(b) if packed is None else packed
+        return native.gemm_s8(a, packed, b.shape[1], col_sums, act_shift, avx2_flush(max_weight, act_top))
     if path == "int_mm":
         return torch._int_mm(a, b)
     return float_matmul(a, b.float() if b_float is None else b_float, max_weight)

@@ -92,6 +92,9 @@ class IntegerLinear(nn.Module):
         if self.rank:  # the epilogue kernel's layout of U: one row of output columns per rank
             self.register_buffer("_lowrank_up_rows", self.lowrank_up.t().contiguous(), persistent=False)
         self._packed_weight = None  # the GPU kernel's packing of the levels, rebuilt on next use
+        # The AVX2 kernel's packing, made once here rather than on every call.
+        self.register_buffer("_avx2_weight", native.pack_gemm_weights(levels) if self.gemm == "avx2" and
+                             levels.device.type == "cpu" and self._max_weight <= gemm_paths.AVX2_MAX_WEIGHT else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -162,7 +165,8 @@ class IntegerLinear(nn.Module):
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
         levels, scale, offset, branch = self._input_pass(x, with_branch=True)
         acc = (_int8_matmul(levels, self.weight_levels_t) if levels.device.type != "cpu" else
-               gemm_paths.matmul(self.gemm, levels, self.weight_levels_t, self._level_sums, self._max_weight))
+               gemm_paths.matmul(self.gemm, levels, self.weight_levels_t, self._level_sums, self._max_weight,
+                                 packed=self._avx2_weight, act_shift=self._shift, act_top=2**self.act_bits - 1))
         if self.rank and branch is None:
             branch = self._lowrank_branch(x.reshape(-1, self.in_features), levels, scale, offset)
         if native.takes(y) and y.is_contiguous():

@@ -15,6 +15,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <immintrin.h> /* the x86 paths below: AVX2 transposes and packs, AVX2/AVX-512 dot products */
+#endif
 
 /* The quantizer's constants come from its one definition, robuq/core/quantizer_spec.py, as -D flags
  * that robuq/kernels/native.py generates: scale rule ids and the smallest scales. Level ranges (top =
@@ -37,9 +40,13 @@ typedef float lanes_f __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t lanes_i __attribute__((vector_size(LANES * sizeof(int32_t))));
 typedef int8_t lanes_b __attribute__((vector_size(LANES)));
 
-static inline lanes_f lanes_min(lanes_f a, lanes_f b) {
+static inline lanes_f lanes_min(lanes_f a, lanes_f b) { /* a < b ? a : b, as vminps is defined (NaN, ±0) */
+#if LANES == 8 && defined(__AVX__)
+    return (lanes_f)__builtin_ia32_minps256((__v8sf)a, (__v8sf)b);
+#else
     const lanes_i less = a < b;
     return (lanes_f)(((lanes_i)a & less) | ((lanes_i)b & ~less));
+#endif
 }
 static inline lanes_f lanes_max(lanes_f a, lanes_f b) { return -lanes_min(-a, -b); }
 static inline lanes_f lanes_splat(float v) { return (lanes_f){0} + v; }
@@ -53,9 +60,38 @@ static inline lanes_f lanes_load(const float *p) { /* LANES floats from any addr
 static void *aligned_buffer(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 static float *tile_buffer(int64_t n) { return aligned_buffer((size_t)(n * LANES) * sizeof(float)); }
 
+#if LANES == 8 && defined(__AVX2__)
+/* 8 rows of 8 floats (stride n) times 8 signs, transposed into 8 tile rows: 24 shuffles where lane-by-lane
+ * loads took 64 scalar loads and inserts (with AVX2's 8 lanes the tile loads were a third of the fused
+ * Hadamard–quantize pass). */
+static inline void load_8x8(const float *restrict x, int64_t n, __m256 sign, float *restrict t) {
+    __m256 r[8], a[8], b[8];
+    for (int l = 0; l < 8; l++) r[l] = _mm256_mul_ps(_mm256_loadu_ps(x + l * n), sign);
+    for (int l = 0; l < 8; l += 2) {
+        a[l] = _mm256_unpacklo_ps(r[l], r[l + 1]);
+        a[l + 1] = _mm256_unpackhi_ps(r[l], r[l + 1]);
+    }
+    for (int l = 0; l < 8; l += 4) {
+        b[l] = _mm256_shuffle_ps(a[l], a[l + 2], 0x44);
+        b[l + 1] = _mm256_shuffle_ps(a[l], a[l + 2], 0xEE);
+        b[l + 2] = _mm256_shuffle_ps(a[l + 1], a[l + 3], 0x44);
+        b[l + 3] = _mm256_shuffle_ps(a[l + 1], a[l + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_store_ps(t + i * 8, _mm256_permute2f128_ps(b[i], b[i + 4], 0x20));
+        _mm256_store_ps(t + (i + 4) * 8, _mm256_permute2f128_ps(b[i], b[i + 4], 0x31));
+    }
+}
+#endif
+
 /* Rows [0, count) of x (row length n) into the tile, times signs if given; unused lanes hold zeros. */
 static void load_tile(const float *restrict x, int64_t count, int64_t n, const float *restrict signs, float *restrict t) {
-    for (int64_t i = 0; i < n; i++) {
+    int64_t i = 0;
+#if LANES == 8 && defined(__AVX2__)
+    if (count == LANES)
+        for (; i + 8 <= n; i += 8) load_8x8(x + i, n, signs ? _mm256_loadu_ps(signs + i) : _mm256_set1_ps(1.0f), t + i * 8);
+#endif
+    for (; i < n; i++) {
         const float sign = signs ? signs[i] : 1.0f;
         for (int l = 0; l < LANES; l++) t[i * LANES + l] = l < count ? x[l * n + i] * sign : 0.0f;
     }
@@ -96,11 +132,32 @@ static void transpose_16x16_int8(const int8_t *in, int8_t *out, int64_t n) {
 }
 #endif
 
+#if LANES == 8 && defined(__AVX2__)
+/* 8 tile rows of 8 bytes (one per lane) → 8 bytes of each of the 8 output rows (stride n), by unpacks. */
+static inline void store_8x8_int8(const int8_t *restrict t, int8_t *restrict y, int64_t n) {
+    __m128i a[8], b[4], c[4];
+    for (int i = 0; i < 8; i++) a[i] = _mm_loadl_epi64((const __m128i *)(t + i * 8));
+    for (int i = 0; i < 4; i++) b[i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+    c[0] = _mm_unpacklo_epi16(b[0], b[1]), c[1] = _mm_unpackhi_epi16(b[0], b[1]);
+    c[2] = _mm_unpacklo_epi16(b[2], b[3]), c[3] = _mm_unpackhi_epi16(b[2], b[3]);
+    const __m128i d[4] = {_mm_unpacklo_epi32(c[0], c[2]), _mm_unpackhi_epi32(c[0], c[2]), _mm_unpacklo_epi32(c[1], c[3]),
+                          _mm_unpackhi_epi32(c[1], c[3])};
+    for (int l = 0; l < 4; l++) {
+        _mm_storel_epi64((__m128i *)(y + 2 * l * n), d[l]);
+        _mm_storel_epi64((__m128i *)(y + (2 * l + 1) * n), _mm_unpackhi_epi64(d[l], d[l]));
+    }
+}
+#endif
+
 static void store_tile_int8(const int8_t *restrict t, int64_t count, int64_t n, int8_t *restrict y) {
     int64_t i = 0;
 #ifdef __SSE2__
     if (count == LANES && LANES == 16)
         for (; i + 16 <= n; i += 16) transpose_16x16_int8(t + i * LANES, y + i, n);
+#endif
+#if LANES == 8 && defined(__AVX2__)
+    if (count == LANES)
+        for (; i + 8 <= n; i += 8) store_8x8_int8(t + i * LANES, y + i, n);
 #endif
     for (; i < n; i++)
         for (int64_t l = 0; l < count; l++) y[l * n + i] = t[i * LANES + l];
@@ -290,7 +347,17 @@ static inline lanes_f lanes_level_values(lanes_f v, lanes_f s, lanes_f o, float 
 
 /* As bytes: signed levels, or unsigned ones up to 255 (the conversion keeps the low eight bits). */
 static inline lanes_b lanes_bytes(lanes_f levels) {
+#if LANES == 8 && defined(__AVX2__)
+    /* GCC packs 8 lanes with 8 extracts; two packs and a byte shuffle instead (levels fit int16). */
+    const __m256i words = _mm256_cvttps_epi32((__m256)levels);
+    const __m128i halves = _mm_packs_epi32(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+    const __m128i low = _mm_shuffle_epi8(halves, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1));
+    lanes_b bytes;
+    memcpy(&bytes, &low, sizeof bytes);
+    return bytes;
+#else
     return __builtin_convertvector(__builtin_convertvector(levels, lanes_i), lanes_b);
+#endif
 }
 
 static inline lanes_b lanes_levels(lanes_f v, lanes_f s, lanes_f o, float top, float shift) {
@@ -448,7 +515,6 @@ static int32_t span_levels(const float *restrict v, int64_t n, const float *rest
  * columns of b, packed [k4][width][4] as signed bytes (width a multiple of 16: one 64-byte vector holds
  * four k of 16 columns). Both versions give the same exact integer sums. */
 #if defined(__AVX512VNNI__) && defined(__AVX512F__) && !defined(ROBUQ_PORTABLE)
-#include <immintrin.h>
 #define DEFINE_DOT(RB, CB)                                                                                     \
     static void dot_##RB##x##CB(const uint8_t *restrict a, int64_t astride, const int8_t *restrict b, int64_t k4, \
                                 int64_t width, int32_t *restrict out, int64_t ostride) {                        \
@@ -469,7 +535,6 @@ static int32_t span_levels(const float *restrict v, int64_t n, const float *rest
             for (int c = 0; c < CB; c++) _mm512_storeu_si512(out + r * ostride + 16 * c, acc[r][c]);           \
     }
 #elif defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
-#include <immintrin.h>
 /* AVX2 has no u8 × s8 dot product into int32 that cannot saturate (vpmaddubsw's 16-bit pair sums overflow
  * at 8-bit levels), so the bytes are widened to 16 bits and multiplied with vpmaddwd: exact, a quarter of
  * vpdpbusd's work per instruction. One 32-byte vector of b holds 8 columns × 4 k; widened, each half
@@ -881,15 +946,28 @@ void robuq_gated_residual(const float *x, const float *gate, const float *y, flo
  * torch._int_mm's result. PyTorch's own int8 GEMM is fast only with VNNI (on an AVX2-only CPU it took 33×
  * an fp32 matmul's time), so robuq.deploy.gemm routes such CPUs here.
  *
- * AVX2's vpmaddubsw multiplies unsigned by signed bytes and adds pairs into saturating int16. a is made
- * unsigned as u = a + 128 (its int8 range maps onto 0…255) and the 128·Σ_k b[k][j] that adds is taken off
- * at the end; each pair then sums to at most 2·255·max|b| < 2^15 when max|b| ≤ 64 (ternary and int2–int4
- * weights), and `flush` pairs of such sums (the caller's bound: 32767 // (2·255·max|b|)) are added in int16
- * before they are widened into int32. b is read in its (k, n) layout, two rows at a time, interleaved by
- * byte unpacks into the pairs vpmaddubsw wants: no packed copy of the weights is kept. ---- */
-#define GEMM_TILE_ROWS 6   /* rows per register tile: 12 int16 accumulators, 2 weight vectors and 1 broadcast */
-#define GEMM_CHUNK_ROWS 48 /* rows a task makes unsigned once and runs over its columns */
-#define GEMM_PANEL 256     /* columns per task */
+ * AVX2's vpmaddubsw multiplies unsigned by signed bytes and adds pairs into saturating int16. The caller
+ * says a's levels are u − shift with u in 0…top: shift 0 for activations of up to 7 bits (their levels are
+ * already unsigned, and read in place), 128 for 8-bit ones or any int8 (the rows are copied as u = a + 128
+ * and shift·Σ_k b[k][j] is taken off at the end). b is packed once per layer (native.pack_gemm_weights):
+ * blocks of GEMM_PACK_COLUMNS columns, within a block GEMM_PACK_DEPTH consecutive k of one column side by
+ * side, zero-padded to whole blocks. A row's GEMM_PACK_DEPTH bytes are broadcast as one int32 (a load, no
+ * shuffle), vpmaddubsw against a block gives each column two pair sums, and those add up in int16 — one
+ * multiply and one add per 32 products, where a general int8 GEMM (fbgemm) must widen every product
+ * pair with a second multiply, vpmaddwd. Low-bit levels keep the int16 sums small: `flush` quads of pair
+ * sums (the caller's bound, 32767 // (2·top·max|b|), at least 1, so max|b| ≤ 64) add up before vpmaddwd
+ * against ones widens them and adds each column's two sums. ---- */
+#if GEMM_PACK_COLUMNS != 8 || GEMM_PACK_DEPTH != 4
+#error "the AVX2 GEMM tile is one register of 8 columns × 4 bytes: native.py's packing must match"
+#endif
+/* A register tile: 4 rows × 2 blocks of 8 columns, 8 int16 accumulators beside 2 weight vectors, a broadcast
+ * and vpmaddubsw's result; 4 × 3 left GCC too few of AVX2's 16 registers and it spilled the accumulators
+ * (1.7× slower), and so did 6 × 2 and 5 × 2. Tasks are 48 rows × 24 blocks: the rows and a block pair's
+ * weights stay in L1/L2 while the tile walks them (24 or 96 rows were slower, measured here). */
+#define GEMM_ROWS 4
+#define GEMM_BLOCKS 2
+#define GEMM_CHUNK_ROWS 48
+#define GEMM_PANEL 24
 
 /* What this build's integer kernels use: 2 AVX-512 VNNI (the attention's dot products; the GEMM below is
  * AVX2), 1 AVX2 (both), 0 plain C. */
@@ -904,103 +982,131 @@ int robuq_integer_isa(void) {
 }
 
 #if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
-/* acc (GEMM_TILE_ROWS × 32, columns in order) += a tile's int16 sums of 32 columns. vpunpck{l,h}bw work
- * within 128-bit lanes, so `lo` holds columns 0–7 and 16–23, `hi` columns 8–15 and 24–31. */
-static inline void gemm_widen(const __m256i (*sums)[2], int32_t *restrict acc) {
-    for (int r = 0; r < GEMM_TILE_ROWS; r++) {
-        const __m256i parts[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sums[r][0])),
-                                  _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sums[r][1])),
-                                  _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sums[r][0], 1)),
-                                  _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sums[r][1], 1))};
-        for (int q = 0; q < 4; q++) {
-            __m256i *dst = (__m256i *)(acc + r * 32 + 8 * q);
-            _mm256_storeu_si256(dst, _mm256_add_epi32(_mm256_loadu_si256(dst), parts[q]));
+/* out rows [0, rows) × blocks·8 columns from c0 = Σ_k u·b − shift·col_sums, for ROWS ≤ GEMM_ROWS and
+ * BLOCKS ≤ GEMM_BLOCKS known when inlined, so that the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *restrict u, int64_t ustride,
+                                                            const int8_t *restrict w, int64_t wstride, int64_t k4,
+                                                            int64_t flush, int32_t shift, const int32_t *restrict col_sums,
+                                                            int32_t *restrict out, int64_t n, int64_t c0,
+                                                            const int ROWS, const int BLOCKS) {
+    __m256i wide[GEMM_ROWS][GEMM_BLOCKS];
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < BLOCKS; b++) wide[r][b] = _mm256_setzero_si256();
+    for (int64_t q0 = 0; q0 < k4; q0 += flush) {
+        const int64_t q1 = k4 < q0 + flush ? k4 : q0 + flush;
+        __m256i sums[GEMM_ROWS][GEMM_BLOCKS];
+        for (int r = 0; r < ROWS; r++)
+            for (int b = 0; b < BLOCKS; b++) sums[r][b] = _mm256_setzero_si256();
+        for (int64_t q = q0; q < q1; q++) {
+            __m256i wv[GEMM_BLOCKS];
+            for (int b = 0; b < BLOCKS; b++) wv[b] = _mm256_loadu_si256((const __m256i *)(w + b * wstride + 32 * q));
+            for (int r = 0; r < ROWS; r++) {
+                int32_t quad;
+                memcpy(&quad, u + r * ustride + 4 * q, sizeof quad);
+                const __m256i x = _mm256_set1_epi32(quad);
+                for (int b = 0; b < BLOCKS; b++) sums[r][b] = _mm256_add_epi16(sums[r][b], _mm256_maddubs_epi16(x, wv[b]));
+            }
+        }
+        for (int r = 0; r < ROWS; r++)
+            for (int b = 0; b < BLOCKS; b++) wide[r][b] = _mm256_add_epi32(wide[r][b], _mm256_madd_epi16(sums[r][b], ones));
+    }
+    for (int b = 0; b < BLOCKS; b++) {
+        const int64_t c = c0 + 8 * b, width = n - c < 8 ? n - c : 8;
+        int32_t correction[8] = {0};
+        for (int j = 0; j < width; j++) correction[j] = shift * col_sums[c + j];
+        const __m256i fix = _mm256_loadu_si256((const __m256i *)correction);
+        for (int r = 0; r < ROWS; r++) {
+            const __m256i v = _mm256_sub_epi32(wide[r][b], fix);
+            if (width == 8) {
+                _mm256_storeu_si256((__m256i *)(out + r * n + c), v);
+            } else {
+                int32_t lanes[8];
+                _mm256_storeu_si256((__m256i *)lanes, v);
+                memcpy(out + r * n + c, lanes, (size_t)width * sizeof(int32_t));
+            }
         }
     }
 }
 
-/* One k pair of a tile: rows r0, r1 of b (32 columns each) against the tile's unsigned byte pairs. */
-static inline __attribute__((always_inline)) void gemm_pair(__m256i (*sums)[2], const uint8_t *restrict u,
-                                                            int64_t ustride, int64_t k, __m256i r0, __m256i r1) {
-    const __m256i lo = _mm256_unpacklo_epi8(r0, r1), hi = _mm256_unpackhi_epi8(r0, r1);
-#pragma GCC unroll 6
-    for (int r = 0; r < GEMM_TILE_ROWS; r++) {
-        int16_t pair;
-        memcpy(&pair, u + r * ustride + k, sizeof pair);
-        const __m256i x = _mm256_set1_epi16(pair);
-        sums[r][0] = _mm256_add_epi16(sums[r][0], _mm256_maddubs_epi16(x, lo));
-        sums[r][1] = _mm256_add_epi16(sums[r][1], _mm256_maddubs_epi16(x, hi));
+#define GEMM_TILE(R, B)                                                                                                 \
+    static void gemm_tile_##R##_##B(const uint8_t *u, int64_t ustride, const int8_t *w, int64_t wstride, int64_t k4,    \
+                                    int64_t flush, int32_t shift, const int32_t *col_sums, int32_t *out, int64_t n,     \
+                                    int64_t c0) {                                                                       \
+        gemm_tile(u, ustride, w, wstride, k4, flush, shift, col_sums, out, n, c0, R, B);                                \
     }
-}
+#define GEMM_TILES_OF(R) GEMM_TILE(R, 1) GEMM_TILE(R, 2)
+GEMM_TILES_OF(1) GEMM_TILES_OF(2) GEMM_TILES_OF(3) GEMM_TILES_OF(4)
+typedef void (*gemm_tile_fn)(const uint8_t *, int64_t, const int8_t *, int64_t, int64_t, int64_t, int32_t, const int32_t *,
+                             int32_t *, int64_t, int64_t);
+static const gemm_tile_fn GEMM_TILES[GEMM_ROWS][GEMM_BLOCKS] = {
+    {gemm_tile_1_1, gemm_tile_1_2}, {gemm_tile_2_1, gemm_tile_2_2}, {gemm_tile_3_1, gemm_tile_3_2}, {gemm_tile_4_1, gemm_tile_4_2}};
+#endif
 
-/* acc (GEMM_TILE_ROWS × 32) = Σ_k u[r][k]·b[k][c0 + c] for 32 columns; u rows are zero-padded to even k. */
-static void gemm_tile(const uint8_t *restrict u, int64_t ustride, const int8_t *restrict b, int64_t k, int64_t n,
-                      int64_t flush, int32_t *restrict acc) {
-    memset(acc, 0, GEMM_TILE_ROWS * 32 * sizeof(int32_t));
-    const int64_t full = k / 2, total = (k + 1) / 2;
-    for (int64_t p0 = 0; p0 < total; p0 += flush) {
-        __m256i sums[GEMM_TILE_ROWS][2];
-        for (int r = 0; r < GEMM_TILE_ROWS; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
-        const int64_t end = total < p0 + flush ? total : p0 + flush, whole = end < full ? end : full;
-        for (int64_t p = p0; p < whole; p++)
-            gemm_pair(sums, u, ustride, 2 * p, _mm256_loadu_si256((const __m256i *)(b + 2 * p * n)),
-                      _mm256_loadu_si256((const __m256i *)(b + (2 * p + 1) * n)));
-        if (end > full) /* the odd last k, paired with zeros */
-            gemm_pair(sums, u, ustride, 2 * full, _mm256_loadu_si256((const __m256i *)(b + 2 * full * n)),
-                      _mm256_setzero_si256());
-        gemm_widen((const __m256i(*)[2])sums, acc);
-    }
+#if !defined(__AVX2__) || defined(ROBUQ_PORTABLE)
+/* The same sums one at a time, for a build without AVX2: column c's k-th weight is at block c / 8,
+ * quad k / 4, lane c % 8, byte k % 4 of the packing. */
+static void gemm_plain(const uint8_t *restrict u, int64_t ustride, int64_t rows, const int8_t *restrict w, int64_t k4,
+                       int32_t shift, const int32_t *restrict col_sums, int32_t *restrict out, int64_t n, int64_t c0,
+                       int64_t c1) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = c0; c < c1; c++) {
+            const int8_t *col = w + (c / 8) * k4 * 32 + (c % 8) * 4;
+            int32_t sum = 0;
+            for (int64_t q = 0; q < k4; q++)
+                for (int i = 0; i < 4; i++) sum += (int32_t)u[r * ustride + 4 * q + i] * (int32_t)col[32 * q + i];
+            out[r * n + c] = sum - shift * col_sums[c];
+        }
 }
 #endif
 
-/* Columns [c0, c1) of rows [0, rows) of the chunk, one sum at a time (the columns past the last full 32,
- * or every column where the AVX2 tile is not built). */
-static void gemm_columns(const uint8_t *restrict u, int64_t ustride, int64_t rows, const int8_t *restrict b, int64_t k,
-                         int64_t n, int64_t c0, int64_t c1, const int32_t *restrict col_sums, int32_t *restrict out) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = c0; c < c1; c++) {
-            int32_t sum = 0;
-            for (int64_t i = 0; i < k; i++) sum += (int32_t)u[r * ustride + i] * (int32_t)b[i * n + c];
-            out[r * n + c] = sum - 128 * col_sums[c];
-        }
-}
-
-/* out (m, n) = a (m, k) · b (k, n), int8 in, exact int32 out; col_sums[j] = Σ_k b[k][j]; flush as above.
- * Returns 0, or −1 when memory ran out. */
-int robuq_gemm_s8(const int8_t *a, const int8_t *b, int32_t *out, int64_t m, int64_t k, int64_t n,
+/* out (m, n) = a (m, k) · b (k, n), exact int32, with b packed by native.pack_gemm_weights; shift, top and
+ * flush as above. Returns 0, or −1 when memory ran out. */
+int robuq_gemm_s8(const int8_t *a, int32_t shift, const int8_t *packed, int32_t *out, int64_t m, int64_t k, int64_t n,
                   const int32_t *col_sums, int64_t flush, int threads) {
-    const int64_t chunks = (m + GEMM_CHUNK_ROWS - 1) / GEMM_CHUNK_ROWS, panels = (n + GEMM_PANEL - 1) / GEMM_PANEL;
-    const int64_t ustride = (k + 1) / 2 * 2;
+    const int64_t k4 = (k + 3) / 4, blocks = (n + 7) / 8, wstride = k4 * 32;
+    const int64_t chunks = (m + GEMM_CHUNK_ROWS - 1) / GEMM_CHUNK_ROWS, panels = (blocks + GEMM_PANEL - 1) / GEMM_PANEL;
+    /* Rows are read in place when they need no shift and whole quads end them; else copied, zero-padded. */
+    const int in_place = shift == 0 && k % 4 == 0;
+    const int64_t ustride = in_place ? k : 4 * k4;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        uint8_t *u = aligned_buffer((size_t)(GEMM_CHUNK_ROWS * ustride));
-        int32_t *acc = aligned_buffer(GEMM_TILE_ROWS * 32 * sizeof(int32_t));
-        const int ok = u && acc;
+        uint8_t *copy = in_place ? NULL : aligned_buffer((size_t)(GEMM_CHUNK_ROWS * ustride));
+        const int ok = in_place || copy;
+        int64_t copied = -1; /* the chunk the buffer holds */
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < chunks * panels; task++) {
             if (!ok) continue;
-            const int64_t r0 = task / panels * GEMM_CHUNK_ROWS, c0 = task % panels * GEMM_PANEL;
+            const int64_t chunk = task / panels, r0 = chunk * GEMM_CHUNK_ROWS;
             const int64_t rows = m - r0 < GEMM_CHUNK_ROWS ? m - r0 : GEMM_CHUNK_ROWS;
-            const int64_t c1 = n - c0 < GEMM_PANEL ? n : c0 + GEMM_PANEL;
-            memset(u, 0, (size_t)(GEMM_CHUNK_ROWS * ustride)); /* padding rows and the odd k: zeros */
-            for (int64_t r = 0; r < rows; r++)
-                for (int64_t i = 0; i < k; i++) u[r * ustride + i] = (uint8_t)(a[(r0 + r) * k + i] + 128);
-            int64_t c = c0;
-#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
-            for (; c + 32 <= c1; c += 32)
-                for (int64_t t = 0; t < rows; t += GEMM_TILE_ROWS) {
-                    gemm_tile(u + t * ustride, ustride, b + c, k, n, flush, acc);
-                    for (int64_t r = t; r < rows && r < t + GEMM_TILE_ROWS; r++)
-                        for (int j = 0; j < 32; j++)
-                            out[(r0 + r) * n + c + j] = acc[(r - t) * 32 + j] - 128 * col_sums[c + j];
+            const int64_t b0 = task % panels * GEMM_PANEL, b1 = blocks < b0 + GEMM_PANEL ? blocks : b0 + GEMM_PANEL;
+            const uint8_t *u = (const uint8_t *)a + r0 * k;
+            if (!in_place) {
+                if (copied != chunk) {
+                    memset(copy, 0, (size_t)(GEMM_CHUNK_ROWS * ustride));
+                    for (int64_t r = 0; r < rows; r++)
+                        for (int64_t i = 0; i < k; i++) copy[r * ustride + i] = (uint8_t)(a[(r0 + r) * k + i] + shift);
+                    copied = chunk;
                 }
+                u = copy;
+            }
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+            for (int64_t b = b0; b < b1; b += GEMM_BLOCKS) {
+                const int width = b1 - b < GEMM_BLOCKS ? (int)(b1 - b) : GEMM_BLOCKS;
+                for (int64_t t = 0; t < rows; t += GEMM_ROWS) {
+                    const int height = rows - t < GEMM_ROWS ? (int)(rows - t) : GEMM_ROWS;
+                    GEMM_TILES[height - 1][width - 1](u + t * ustride, ustride, packed + b * wstride, wstride, k4, flush,
+                                                      shift, col_sums, out + (r0 + t) * n, n, 8 * b);
+                }
+            }
+#else
+            gemm_plain(u, ustride, rows, packed, k4, shift, col_sums, out + r0 * n, n, 8 * b0, n < 8 * b1 ? n : 8 * b1);
 #endif
-            gemm_columns(u, ustride, rows, b, k, n, c, c1, col_sums, out + r0 * n);
         }
         note_failure(ok, &failed);
-        free(u);
-        free(acc);
+        free(copy);
     }
     return failed ? -1 : 0;
 }
+

@@ -38,6 +38,9 @@ RULES = ("minmax", "gaussian")  # the scale rules cpu_kernels.c has a branch for
 # These return 0, or −1: out of memory.
 _ALLOCATING = ("robuq_hadamard", "robuq_hadamard_quantize", "robuq_attention_int8", "robuq_gemm_s8")
 _BAD_ARGUMENT = -2  # cpu_kernels.c's answer to a rule or level range it does not implement
+# The AVX2 GEMM's weight packing: blocks of GEMM_PACK_COLUMNS columns (one register of int32 lanes), each
+# column's GEMM_PACK_DEPTH consecutive k side by side (the bytes one vpmaddubsw lane pair multiplies).
+GEMM_PACK_COLUMNS, GEMM_PACK_DEPTH = 8, 4
 
 
 def definitions() -> list[str]:
@@ -45,7 +48,8 @@ def definitions() -> list[str]:
     rules = [f"-DRULE_{name.upper()}={rule_id}" for name, rule_id in spec.SCALE_RULES.items()]
     # repr: the shortest decimal that reads back as the same double; the f suffix rounds it to float as
     # PyTorch rounds the Python scalar when it clamps a float32 tensor.
-    return [*rules, f"-DSCALE_EPS={spec.SCALE_EPS!r}f", f"-DPROBABILITY_SCALE_EPS={spec.PROBABILITY_SCALE_EPS!r}f"]
+    return [*rules, f"-DSCALE_EPS={spec.SCALE_EPS!r}f", f"-DPROBABILITY_SCALE_EPS={spec.PROBABILITY_SCALE_EPS!r}f",
+            f"-DGEMM_PACK_COLUMNS={GEMM_PACK_COLUMNS}", f"-DGEMM_PACK_DEPTH={GEMM_PACK_DEPTH}"]
 
 
 _f32, _i8, _i64, _int, _float = (ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int8),
@@ -68,7 +72,7 @@ _SIGNATURES = {
     "robuq_gated_residual": [_f32, _f32, _f32, _f32, _i64, _i64, _i64, _int],
     "robuq_attention_int8": [_f32, _Strides, _f32, _Strides, _f32, _Strides, _i64, _i64, _i64, _i64, _i64, _int, _int,
                              _int, _float, _f32, _int],
-    "robuq_gemm_s8": [_i8, _i8, _i32p, _i64, _i64, _i64, _i32p, _i64, _int],
+    "robuq_gemm_s8": [_i8, ctypes.c_int32, _i8, _i32p, _i64, _i64, _i64, _i32p, _i64, _int],
     "robuq_integer_isa": [],
 }
 
@@ -320,16 +324,31 @@ def integer_isa() -> str:
     return INTEGER_ISAS[_library().robuq_integer_isa()] if enabled() else "none"
 
 
-def gemm_s8(a: torch.Tensor, b: torch.Tensor, col_sums: torch.Tensor, flush: int) -> torch.Tensor:
-    """a (m, k) int8 · b (k, n) int8 → int32, exactly ``torch._int_mm(a, b)``, by robuq's AVX2 kernel.
+def pack_gemm_weights(b: torch.Tensor) -> torch.Tensor:
+    """b (k, n) int8 in the AVX2 GEMM's layout: (⌈n/8⌉, ⌈k/4⌉, 8, 4), zero-padded (see GEMM_PACK_COLUMNS)."""
+    k, n = b.shape
+    depth, columns = GEMM_PACK_DEPTH, GEMM_PACK_COLUMNS
+    padded = torch.zeros(-(-k // depth) * depth, -(-n // columns) * columns, dtype=torch.int8)
+    padded[:k, :n] = b
+    blocks = padded.reshape(padded.shape[0] // depth, depth, padded.shape[1] // columns, columns)
+    return blocks.permute(2, 0, 3, 1).contiguous()
 
-    ``col_sums`` is b's int32 column sums; ``flush`` how many int16 pair sums may add up before they are
-    widened, 32767 // (2·255·max|b|), at least 1 (so max|b| ≤ 64)."""
-    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.shape[1] != b.shape[0] or flush < 1:
-        raise ValueError("gemm_s8 multiplies int8 (m, k) by int8 (k, n) with max|b| ≤ 64")
-    a, b = a.contiguous(), b.contiguous()
+
+def gemm_s8(a: torch.Tensor, packed: torch.Tensor, n: int, col_sums: torch.Tensor, shift: int, flush: int) -> torch.Tensor:
+    """a (m, k) int8 · b (k, n) int8 → int32, exactly ``torch._int_mm(a, b)``, by robuq's AVX2 kernel, with
+    b given as ``pack_gemm_weights(b)`` and its int32 column sums.
+
+    a's levels must be u − ``shift`` with u in 0…top: ``shift`` 0 (a ≥ 0, read in place) or 128 (any int8);
+    ``flush``: how many quads of int16 pair sums may add up before they are widened, 32767 // (2·top·max|b|),
+    at least 1 (so max|b| ≤ 64)."""
+    m, k = a.shape
+    if (a.dtype != torch.int8 or packed.dtype != torch.int8 or flush < 1 or shift not in (0, 128)
+            or packed.shape != (-(-n // GEMM_PACK_COLUMNS), -(-k // GEMM_PACK_DEPTH), GEMM_PACK_COLUMNS, GEMM_PACK_DEPTH)):
+        raise ValueError("gemm_s8 multiplies int8 (m, k) by pack_gemm_weights of an int8 (k, n) with max|b| ≤ 64, "
+                         "shift 0 or 128")
+    a, packed = a.contiguous(), packed.contiguous()
     col_sums = col_sums.to(torch.int32).contiguous()
-    out = _empty(a.shape[0], b.shape[1], dtype=torch.int32)
-    _check(_library().robuq_gemm_s8(_ptr(a, _i8), _ptr(b, _i8), _ptr(out, _i32p), a.shape[0], a.shape[1], b.shape[1],
+    out = _empty(m, n, dtype=torch.int32)
+    _check(_library().robuq_gemm_s8(_ptr(a, _i8), shift, _ptr(packed, _i8), _ptr(out, _i32p), m, k, n,
                                     _ptr(col_sums, _i32p), flush, _threads()))
     return out
