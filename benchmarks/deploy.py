@@ -186,7 +186,9 @@ def path_rows(repeats: int, tokens: int = 2048, models: tuple[str, ...] = tuple(
 # parent across fork and exec (this benchmark has built DiT-XL/2 by then).
 PEAK_SCRIPT = """
 import sys, torch, robuq
-from robuq.model_files import load_any
+sys.path.insert(0, sys.argv[4])  # benchmarks/, for common.create_model
+from common import create_model
+from robuq.io.model_files import load_any
 from robuq.deploy.elementwise import use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
 def high_water():
@@ -196,8 +198,8 @@ kind, path, name = sys.argv[1:4]
 torch.set_num_threads(1)
 retain_freed_memory()  # both models under the allocator setting that load_exported applies
 baseline = high_water()
-model = robuq.create_dit(name, input_size=32).eval() if kind == "fp32" else load_any(path)
-robuq.generate(model, torch.arange(4), 4, "ddim", 3, 1.5, 0, progress=False)
+model = create_model(name).eval() if kind == "fp32" else load_any(path)
+robuq.generate(model, torch.arange(4) % model.config.num_classes, 4, "ddim", 3, 1.5, 0, progress=False)
 print(baseline, high_water())
 """
 
@@ -211,7 +213,8 @@ def peak_memory_ratio(name: str, export_path: str, runs: int = 3) -> dict:
     for kind in ("fp32", "exported"):
         baselines, peaks = [], []
         for _ in range(runs):
-            out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, export_path, name], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, export_path, name, str(Path(__file__).parent)],
+                                 capture_output=True, text=True, check=True)
             baseline, peak = map(int, out.stdout.strip().splitlines()[-1].split())
             baselines.append(baseline)
             peaks.append(peak)

@@ -133,8 +133,9 @@ def test_cpu_kernels(tmp_path):
 def test_deploy(tmp_path):
     deploy = _load("deploy")
     results = tmp_path / "results"
-    argv = ["--parts", "sizes,linears,speed", "--settings", "native", "--models", "toy", "--size-models", "toy",
-            "--linear-width", "48", "--linear-tokens", "16", "--repeats", "1", "--threads", "1", "--results-dir", str(results)]
+    argv = ["--parts", "sizes,linears,speed,memory", "--settings", "native", "--models", "toy", "--size-models", "toy",
+            "--memory-models", "toy", "--memory-runs", "1", "--linear-width", "48", "--linear-tokens", "16", "--repeats", "1",
+            "--threads", "1", "--results-dir", str(results)]
     deploy.main(argv)
     data, markdown = _record(results, "deploy", "deploy", argv)
     _finite(data, "machine")
@@ -155,6 +156,10 @@ def test_deploy(tmp_path):
     assert setting["setting"] == "native" and min(toy["fp32_ms"], toy["dynamic_int8_ms"], toy["exported_ms"]) > 0
     assert toy["cpu_speedup"] == pytest.approx(toy["fp32_ms"] / toy["exported_ms"])
     assert toy["gemm_path"] in ("int_mm", "avx2", "fp32") and data["repeats"] == 1
+    # peak memory of a short sampling run, each model in a fresh process, above what importing robuq takes
+    for kind in ("fp32", "exported"):
+        assert toy[f"{kind}_peak_bytes"] > toy[f"{kind}_peak_above_import_bytes"] > 0
+    assert toy["peak_mem_ratio"] == pytest.approx(toy["fp32_peak_bytes"] / toy["exported_peak_bytes"])
 
 
 def test_qat_overhead(tmp_path):
