@@ -173,3 +173,24 @@ def test_an_avx2_or_plain_build_gives_the_same_attention_and_gemm(monkeypatch, t
     assert torch.allclose(other, fast, rtol=1e-5, atol=1e-6)
     assert torch.equal(product, (a.double() @ b.double()).to(torch.int32))
     assert torch.equal(low_product, (low.double() @ b[:76].double()).to(torch.int32))
+
+
+@pytest.mark.skipif("avx2" not in PATHS, reason="robuq's C kernels are not built for AVX2 here")
+def test_the_avx2_path_keeps_one_int8_copy_of_the_weights_and_state_dicts_keep_their_layout():
+    """Packed for the kernel, the levels are not also kept as (in, out): the memory of one int8 copy.
+    State dicts still carry weight_levels_t, so they move between paths."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(40, 72), LinearQuantConfig(act_bits=3, lowrank_rank=4)).eval()
+    packed, plain = IntegerLinear(layer, gemm="avx2"), IntegerLinear(layer, gemm="fp32")
+    int8_bytes = lambda m: sum(b.numel() for b in m.buffers() if b.dtype == torch.int8)  # noqa: E731
+    assert packed.weight_levels_t is None and int8_bytes(packed) == int8_bytes(plain) == 40 * 72
+    assert torch.equal(packed.levels_t(), plain.weight_levels_t)
+    assert torch.equal(packed.state_dict()["weight_levels_t"], plain.weight_levels_t)
+    x = torch.randn(6, 40)
+    with torch.no_grad():
+        expected = plain(x)
+        other = QuantLinear.from_linear(torch.nn.Linear(40, 72), LinearQuantConfig(act_bits=3, lowrank_rank=4)).eval()
+        into_avx2, into_fp32 = IntegerLinear(other, gemm="avx2"), IntegerLinear(other, gemm="fp32")
+        into_avx2.load_state_dict(plain.state_dict())
+        into_fp32.load_state_dict(packed.state_dict())
+        assert torch.allclose(into_avx2(x), expected, rtol=1e-5, atol=1e-5) and torch.equal(into_fp32(x), expected)

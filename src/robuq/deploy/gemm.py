@@ -168,17 +168,18 @@ def float_matmul(a: torch.Tensor, b_float: torch.Tensor, max_weight: int) -> tor
     return torch.mm(a.double(), b_float.double()).to(torch.int32)
 
 
-def matmul(path: str, a: torch.Tensor, b: torch.Tensor, col_sums: torch.Tensor, max_weight: int,
+def matmul(path: str, a: torch.Tensor, b: torch.Tensor | None, col_sums: torch.Tensor, max_weight: int,
            b_float: torch.Tensor | None = None, packed: torch.Tensor | None = None, act_shift: int = 128,
            act_top: int = 255) -> torch.Tensor:
     """a (m, k) int8 · b (k, n) int8 → int32 by ``path`` (a concrete one of PATHS). ``col_sums`` and
     ``max_weight`` describe b (the AVX2 kernel needs them; weights beyond AVX2_MAX_WEIGHT go to fp32);
-    ``b_float`` is b as float32 and ``packed`` b in the AVX2 kernel's layout, if the caller keeps them.
+    ``b_float`` is b as float32 and ``packed`` b in the AVX2 kernel's layout, if the caller keeps them (b may
+    then be None on the AVX2 path).
     a's levels are u − ``act_shift`` with u in 0…``act_top``: low-bit activations (shift 0, top 2^bits − 1)
     let the AVX2 kernel read them in place and keep its sums in int16 for longer."""
     if path == "avx2" and max_weight <= AVX2_MAX_WEIGHT:
         packed = native.pack_gemm_weights(b) if packed is None else packed
-        return native.gemm_s8(a, packed, b.shape[1], col_sums, act_shift, avx2_flush(max_weight, act_top))
+        return native.gemm_s8(a, packed, col_sums.numel(), col_sums, act_shift, avx2_flush(max_weight, act_top))
     if path == "int_mm":
         return torch._int_mm(a, b)
     return float_matmul(a, b.float() if b_float is None else b_float, max_weight)

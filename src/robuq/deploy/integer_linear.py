@@ -37,6 +37,18 @@ def _derive_after_load(module: "IntegerLinear", _incompatible_keys) -> None:
     module._derive()
 
 
+# On the AVX2 path the levels live only in that kernel's packing (one int8 copy of the weights, not two);
+# state dicts carry them as weight_levels_t, whichever path wrote or reads them.
+def _levels_into_state_dict(module: "IntegerLinear", state: dict, prefix: str, _metadata) -> None:
+    if module.weight_levels_t is None:
+        state[prefix + "weight_levels_t"] = module.levels_t()
+
+
+def _levels_from_state_dict(module: "IntegerLinear", state: dict, prefix: str, *_args) -> None:
+    if module.weight_levels_t is None and prefix + "weight_levels_t" in state:
+        module._avx2_weight = native.pack_gemm_weights(state.pop(prefix + "weight_levels_t").to(torch.int8))
+
+
 class IntegerLinear(nn.Module):
     """Built from a trained QuantLinear, or from the levels and scales an export file stores
     (``weight``: a QuantizedTensor; re-quantizing α·L would not give back α). ``gemm`` names the CPU's
@@ -54,8 +66,11 @@ class IntegerLinear(nn.Module):
         self.act_granularity, self.act_rule = layer.config.act_granularity, layer.config.act_rule
         self.hadamard = layer.config.hadamard
         self.lowrank_input = layer.config.lowrank_input
-        levels = q.levels.to(torch.int8)
-        self.register_buffer("weight_levels_t", levels.t().contiguous())  # (in, out): _int_mm's layout
+        levels = q.levels.to(torch.int8).t().contiguous()  # (in, out): _int_mm's layout
+        packs = (self.gemm == "avx2" and levels.device.type == "cpu"
+                 and max(-int(levels.min()), int(levels.max()), 0) <= gemm_paths.AVX2_MAX_WEIGHT)
+        self.register_buffer("weight_levels_t", None if packs else levels)
+        self.register_buffer("_avx2_weight", native.pack_gemm_weights(levels) if packs else None, persistent=False)
         self.register_buffer("weight_scale", q.scale.reshape(-1).float())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
         # Rows per block: ~16 MiB of fp32 temporaries, under glibc's 32 MiB mmap ceiling, few Python round trips.
@@ -72,13 +87,21 @@ class IntegerLinear(nn.Module):
         self._derive()
         # Derived tensors follow the stored ones when a state dict is loaded into this module.
         self.register_load_state_dict_post_hook(_derive_after_load)
+        self.register_state_dict_post_hook(_levels_into_state_dict)
+        self.register_load_state_dict_pre_hook(_levels_from_state_dict)
+
+    def levels_t(self) -> torch.Tensor:
+        """The weight levels as an int8 (in, out) tensor, unpacked from the AVX2 packing where that holds them."""
+        if self.weight_levels_t is not None:
+            return self.weight_levels_t
+        return native.unpack_gemm_weights(self._avx2_weight, self.in_features, self.out_features)
 
     def _derive(self) -> None:
         """Tensors computed from the stored ones (not saved): the offset/bias rows and the folded branch."""
         # Rows of the rank-2 update that adds the offset term (o·ΣL·α) and the bias in one pass.
-        level_sums = self.weight_levels_t.sum(dim=0, dtype=torch.int32)
+        levels = self.levels_t()
+        level_sums = levels.sum(dim=0, dtype=torch.int32)
         self.register_buffer("_level_sums", level_sums, persistent=False)  # the AVX2 GEMM's correction
-        levels = self.weight_levels_t
         self._max_weight = max(-int(levels.min()), int(levels.max())) if levels.numel() else 0  # −128 has no int8 abs
         level_sums = level_sums.float()
         bias = self.bias if self.bias is not None else torch.zeros_like(self.weight_scale)
@@ -92,9 +115,6 @@ class IntegerLinear(nn.Module):
         if self.rank:  # the epilogue kernel's layout of U: one row of output columns per rank
             self.register_buffer("_lowrank_up_rows", self.lowrank_up.t().contiguous(), persistent=False)
         self._packed_weight = None  # the GPU kernel's packing of the levels, rebuilt on next use
-        # The AVX2 kernel's packing, made once here rather than on every call.
-        self.register_buffer("_avx2_weight", native.pack_gemm_weights(levels) if self.gemm == "avx2" and
-                             levels.device.type == "cpu" and self._max_weight <= gemm_paths.AVX2_MAX_WEIGHT else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -164,7 +184,7 @@ class IntegerLinear(nn.Module):
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
         levels, scale, offset, branch = self._input_pass(x, with_branch=True)
-        acc = (_int8_matmul(levels, self.weight_levels_t) if levels.device.type != "cpu" else
+        acc = (_int8_matmul(levels, self.levels_t()) if levels.device.type != "cpu" else
                gemm_paths.matmul(self.gemm, levels, self.weight_levels_t, self._level_sums, self._max_weight,
                                  packed=self._avx2_weight, act_shift=self._shift, act_top=2**self.act_bits - 1))
         if self.rank and branch is None:
@@ -194,10 +214,10 @@ class IntegerLinear(nn.Module):
         """Ternary weights go to the kernel at 2 bits each (a quarter of int8's memory traffic), built once
         per device; other widths stay int8."""
         if self.config.weight != "ternary" or self.in_features % 4:
-            return self.weight_levels_t, False
+            return self.levels_t(), False
         cached = self._packed_weight
-        if cached is None or cached.device != self.weight_levels_t.device:
-            cached = self._packed_weight = triton_ops.pack_ternary_columns(self.weight_levels_t)
+        if cached is None or cached.device != self._level_sums.device:
+            cached = self._packed_weight = triton_ops.pack_ternary_columns(self.levels_t())
         return cached, True
 
     def extra_repr(self) -> str:

@@ -328,10 +328,16 @@ def pack_gemm_weights(b: torch.Tensor) -> torch.Tensor:
     """b (k, n) int8 in the AVX2 GEMM's layout: (⌈n/8⌉, ⌈k/4⌉, 8, 4), zero-padded (see GEMM_PACK_COLUMNS)."""
     k, n = b.shape
     depth, columns = GEMM_PACK_DEPTH, GEMM_PACK_COLUMNS
-    padded = torch.zeros(-(-k // depth) * depth, -(-n // columns) * columns, dtype=torch.int8)
+    padded = torch.zeros(-(-k // depth) * depth, -(-n // columns) * columns, dtype=torch.int8, device=b.device)
     padded[:k, :n] = b
     blocks = padded.reshape(padded.shape[0] // depth, depth, padded.shape[1] // columns, columns)
     return blocks.permute(2, 0, 3, 1).contiguous()
+
+
+def unpack_gemm_weights(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """The int8 (k, n) matrix that ``pack_gemm_weights`` packed."""
+    blocks, quads = packed.shape[:2]
+    return packed.permute(1, 3, 0, 2).reshape(quads * GEMM_PACK_DEPTH, blocks * GEMM_PACK_COLUMNS)[:k, :n].contiguous()
 
 
 def gemm_s8(a: torch.Tensor, packed: torch.Tensor, n: int, col_sums: torch.Tensor, shift: int, flush: int) -> torch.Tensor:
