@@ -11,7 +11,9 @@ Speed and memory are measured per CPU setting, each in a subprocess: ``native`` 
 kernels built with -march=haswell: what an AVX2-only CPU runs, on this CPU's cores). Beside fp32 eager,
 each exported model is timed against PyTorch's dynamic int8 model of the same DiT (``quantize_dynamic``
 on every nn.Linear, fbgemm), the peer a CPU user would pick instead; the per-path table times every
-integer GEMM path robuq has on the block linears' shapes.
+integer GEMM path robuq has on the block linears' shapes; the breakdown part times each role in a block
+(linears, attention core, adaLN, elementwise) in the fp32 and the exported forward, so that what bounds the
+speed-up shows.
 
 Random weights are fine here: sizes and speeds do not depend on the values. Each speed figure is a
 ratio of two timings taken alternately in one run.
@@ -26,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -109,7 +112,7 @@ SETTINGS = {
     "avx2-forced": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                     "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ROBUQ_MARCH": "haswell"},
 }
-PARTS = ("sizes", "linears", "speed", "paths", "memory")
+PARTS = ("sizes", "linears", "speed", "paths", "memory", "breakdown")
 # The block linears of DiT-S/2 and DiT-B/2 (in, out), at batch 8 × 256 tokens.
 PATH_SHAPES = {"DiT-S/2": {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)},
                "DiT-B/2": {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}}
@@ -152,6 +155,54 @@ def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str
             "cpu_speedup": ms["fp32"] / ms["exported"], "speedup_vs_dynamic_int8": ms["dynamic_int8"] / ms["exported"],
             "cpu_speedup_vs_fp32_native_elementwise": ms["fp32_native_elementwise"] / ms["exported"],
             "export_path": str(path)}
+
+
+# Where a forward's time goes: each DiT block's modules by role (suffixes of their names in a block).
+BREAKDOWN = {"block linears (+ GELU)": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.act", "mlp.fc2"),
+             "attention core (QKᵀ, softmax, ·V)": ("attn.core",), "adaLN modulation": ("adaLN_modulation",),
+             "LayerNorm+modulate, gated residuals": ("norm1", "norm2", "residual")}
+
+
+def time_parts(model: torch.nn.Module, x, t, y, repeats: int) -> dict:
+    """ms per forward spent in each BREAKDOWN role (forward hooks on the blocks' modules), the whole forward,
+    and the rest (embedders, final layer, Python between modules)."""
+    spent = {role: 0.0 for role in BREAKDOWN}
+    started = {}
+    handles = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if parts[0] != "blocks" or len(parts) < 3:
+            continue
+        role = next((r for r, suffixes in BREAKDOWN.items() if ".".join(parts[2:]) in suffixes), None)
+        if role is None:
+            continue
+        handles.append(module.register_forward_pre_hook(lambda m, _i: started.__setitem__(id(m), time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda m, _i, _o, role=role: spent.__setitem__(role, spent[role] + time.perf_counter() - started[id(m)])))
+    try:
+        with torch.no_grad():
+            model(x, t, y)  # warm-up
+            spent.update({role: 0.0 for role in BREAKDOWN})
+            begin = time.perf_counter()
+            for _ in range(repeats):
+                model(x, t, y)
+            total = time.perf_counter() - begin
+    finally:
+        for h in handles:
+            h.remove()
+    ms = {role: 1000 * v / repeats for role, v in spent.items()}
+    return {**ms, "rest": 1000 * total / repeats - sum(ms.values()), "forward": 1000 * total / repeats}
+
+
+def breakdown(name: str, repeats: int, tmp: Path, act_bits: int) -> dict:
+    """``time_parts`` of the fp32 model and of its export, at the speed part's batch and latents."""
+    torch.manual_seed(0)
+    fp = create_model(name).eval()
+    exported = load_exported(export_random(name, tmp / f"{name.replace('/', '_')}_parts.safetensors", act_bits))
+    c = fp.config
+    x = torch.randn(8, c.in_channels, c.input_size, c.input_size)
+    t, y = torch.randint(0, 1000, (8,)), torch.randint(0, c.num_classes, (8,))
+    return {"fp32": time_parts(fp, x, t, y, repeats), "exported": time_parts(exported, x, t, y, repeats)}
 
 
 def available_paths() -> list[str]:
@@ -234,6 +285,8 @@ def measure_setting(args: argparse.Namespace, tmp: Path) -> dict:
         if "speed" in args.parts:
             speed = end_to_end(name, args.repeats, tmp, args.act_bits, args.clock)
             entry.update(speed)
+        if "breakdown" in args.parts:
+            entry["breakdown"] = breakdown(name, args.repeats, tmp, args.act_bits)
         if "memory" in args.parts and name in args.memory_models:
             path = entry.get("export_path") or str(export_random(name, tmp / "memory.safetensors", args.act_bits))
             entry.update(peak_memory_ratio(name, path, args.memory_runs))
@@ -300,6 +353,15 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
                          f"| {e['peak_mem_ratio']:.2f}× | {e['peak_mem_ratio_above_import']:.2f}× "
                          f"({_mib(e['fp32_peak_above_import_bytes'])} / {_mib(e['exported_peak_above_import_bytes'])}) "
                          f"| {', '.join(_mib(b) for b in e['exported_peak_bytes_runs'])} |")
+    parts = [(s, name, e["breakdown"]) for s in settings for name, e in s["models"].items() if "breakdown" in e]
+    if parts:
+        lines += ["", "Where a forward's time goes (ms per forward, one timed loop with forward hooks on the blocks' "
+                  "modules; the rest is embedders, final layer and Python between modules):", "",
+                  "| setting | model | part | fp32 ms | exported ms | share of the exported forward |", "|---|---|---|---|---|---|"]
+        for s, name, b in parts:
+            for role in [*BREAKDOWN, "rest", "forward"]:
+                lines.append(f"| {s['setting']} | {name} | {role} | {b['fp32'][role]:.0f} | {b['exported'][role]:.0f} "
+                             f"| {100 * b['exported'][role] / b['exported']['forward']:.0f}% |")
     kinds = ["fp32_matmul", "dynamic_int8_linear", *[f"{p}_gemm" for p in gemm.PATHS]]
     for s in settings:
         if not s["paths"]:
@@ -373,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes = (size_rows(size_models, "ternary-trits", tmp) + size_rows(size_models, "ternary-2bit", tmp)
                  if "sizes" in args.parts else [])
         linears = linear_rows(args.repeats, args.linear_tokens, args.linear_width) if "linears" in args.parts else []
-        worker_parts = set(args.parts) & {"speed", "paths", "memory"}
+        worker_parts = set(args.parts) & {"speed", "paths", "memory", "breakdown"}
         settings = [run_setting(s, args, tmp) for s in args.settings] if worker_parts else []
     text = markdown(sizes, linears, settings, args)
     write_result(args.name, {"clock": args.clock, "sizes": sizes, "linears": linears, "settings": settings, "quick": args.quick,

@@ -133,7 +133,7 @@ def test_cpu_kernels(tmp_path):
 def test_deploy(tmp_path):
     deploy = _load("deploy")
     results = tmp_path / "results"
-    argv = ["--parts", "sizes,linears,speed,memory", "--settings", "native", "--models", "toy", "--size-models", "toy",
+    argv = ["--parts", "sizes,linears,speed,memory,breakdown", "--settings", "native", "--models", "toy", "--size-models", "toy",
             "--memory-models", "toy", "--memory-runs", "1", "--linear-width", "48", "--linear-tokens", "16", "--repeats", "1",
             "--threads", "1", "--results-dir", str(results)]
     deploy.main(argv)
@@ -160,6 +160,12 @@ def test_deploy(tmp_path):
     for kind in ("fp32", "exported"):
         assert toy[f"{kind}_peak_bytes"] > toy[f"{kind}_peak_above_import_bytes"] > 0
     assert toy["peak_mem_ratio"] == pytest.approx(toy["fp32_peak_bytes"] / toy["exported_peak_bytes"])
+    # the time of a forward by part: every role timed in both models, the parts adding up to the forward
+    for kind in ("fp32", "exported"):
+        parts = toy["breakdown"][kind]
+        assert all(parts[role] > 0 for role in deploy.BREAKDOWN)
+        assert sum(parts[role] for role in [*deploy.BREAKDOWN, "rest"]) == pytest.approx(parts["forward"])
+    assert "| native | toy | attention core (QKᵀ, softmax, ·V) |" in markdown
 
 
 def test_qat_overhead(tmp_path):
