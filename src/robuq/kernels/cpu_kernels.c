@@ -512,8 +512,15 @@ static int32_t span_levels(const float *restrict v, int64_t n, const float *rest
 }
 
 /* out[r][j] = Σ_k a[r][k]·b[k][j] for RB rows of unsigned bytes a (stride astride, 4·k4 of them) and 16·CB
- * columns of b, packed [k4][width][4] as signed bytes (width a multiple of 16: one 64-byte vector holds
- * four k of 16 columns). Both versions give the same exact integer sums. */
+ * columns of b, packed [k4][width][4] as signed levels (width a multiple of 16: with VNNI one 64-byte
+ * vector holds four k of 16 columns). Every version gives the same exact integer sums. b's levels are
+ * stored as dot_weight_t: bytes, or on AVX2 already widened to int16 when K and V are packed, once per
+ * head, rather than in the inner loop of every query block. */
+#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512F__)) && !defined(ROBUQ_PORTABLE)
+typedef int16_t dot_weight_t;
+#else
+typedef int8_t dot_weight_t;
+#endif
 #if defined(__AVX512VNNI__) && defined(__AVX512F__) && !defined(ROBUQ_PORTABLE)
 #define DEFINE_DOT(RB, CB)                                                                                     \
     static void dot_##RB##x##CB(const uint8_t *restrict a, int64_t astride, const int8_t *restrict b, int64_t k4, \
@@ -536,33 +543,27 @@ static int32_t span_levels(const float *restrict v, int64_t n, const float *rest
     }
 #elif defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
 /* AVX2 has no u8 × s8 dot product into int32 that cannot saturate (vpmaddubsw's 16-bit pair sums overflow
- * at 8-bit levels), so the bytes are widened to 16 bits and multiplied with vpmaddwd: exact, a quarter of
- * vpdpbusd's work per instruction. One 32-byte vector of b holds 8 columns × 4 k; widened, each half
- * (4 columns) gives per column two partial sums, added pairwise at the end. Two rows at a time: with 8
- * columns that is 8 accumulators, 4 widened weights and the row's broadcast in 16 registers. */
-static inline __m256i dot_avx2_bytes16(const uint8_t *a) { /* 4 bytes as 4 int16, broadcast */
-    int32_t four;
-    memcpy(&four, a, sizeof four);
-    return _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(four)));
-}
+ * at 8-bit levels), so both sides are int16 and vpmaddwd multiplies them: exact, a quarter of vpdpbusd's
+ * work per instruction. b comes widened (dot_weight_t); a's rows are widened once per call (dot_u8s8),
+ * so the inner loop is loads, vpmaddwd and adds — widening there made it shuffle-bound, half as fast.
+ * 16 int16 of b hold 4 columns × 4 k; against a row's 4 k broadcast each column gets two partial sums,
+ * added pairwise at the end. Two rows × 16 columns: 8 accumulators, 4 weight vectors and a broadcast. */
 static inline __m256i dot_avx2_finish(__m256i lo, __m256i hi) { /* column partial pairs → 8 columns in order */
     return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xD8);
 }
-static void dot_avx2_strip(const uint8_t *restrict a, int64_t astride, int rows, const int8_t *restrict b, int64_t k4,
+static void dot_avx2_strip(const int16_t *restrict a, int64_t astride, int rows, const int16_t *restrict b, int64_t k4,
                            int64_t width, int32_t *restrict out, int64_t ostride) {
     __m256i acc[2][4];
     for (int r = 0; r < 2; r++)
         for (int h = 0; h < 4; h++) acc[r][h] = _mm256_setzero_si256();
     for (int64_t k = 0; k < k4; k++) {
         __m256i w[4];
-        for (int half = 0; half < 2; half++) {
-            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(b + k * width * 4 + 32 * half));
-            w[2 * half] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
-            w[2 * half + 1] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
-        }
+        for (int h = 0; h < 4; h++) w[h] = _mm256_loadu_si256((const __m256i *)(b + k * width * 4 + 16 * h));
         for (int r = 0; r < 2; r++) {
             if (r >= rows) break;
-            const __m256i x = dot_avx2_bytes16(a + r * astride + 4 * k);
+            int64_t four;
+            memcpy(&four, a + r * astride + 4 * k, sizeof four);
+            const __m256i x = _mm256_set1_epi64x(four);
             for (int h = 0; h < 4; h++) acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(x, w[h]));
         }
     }
@@ -572,13 +573,14 @@ static void dot_avx2_strip(const uint8_t *restrict a, int64_t astride, int rows,
                                 dot_avx2_finish(acc[r][2 * half], acc[r][2 * half + 1]));
 }
 #define DEFINE_DOT(RB, CB)                                                                                     \
-    static void dot_##RB##x##CB(const uint8_t *restrict a, int64_t astride, const int8_t *restrict b, int64_t k4, \
+    static void dot_##RB##x##CB(const int16_t *restrict a, int64_t astride, const int16_t *restrict b, int64_t k4, \
                                 int64_t width, int32_t *restrict out, int64_t ostride) {                        \
         for (int c = 0; c < CB; c++)                                                                           \
             for (int r = 0; r < RB; r += 2)                                                                    \
                 dot_avx2_strip(a + r * astride, astride, RB - r < 2 ? RB - r : 2, b + 64 * c, k4, width,       \
                                out + r * ostride + 16 * c, ostride);                                           \
     }
+#define DOT_WIDE_ROWS 1 /* dot_u8s8 widens a's rows to int16 before the tiles */
 #else
 #define DEFINE_DOT(RB, CB)                                                                                     \
     static void dot_##RB##x##CB(const uint8_t *restrict a, int64_t astride, const int8_t *restrict b, int64_t k4, \
@@ -592,13 +594,18 @@ static void dot_avx2_strip(const uint8_t *restrict a, int64_t astride, int rows,
             }                                                                                                  \
     }
 #endif
+#ifdef DOT_WIDE_ROWS
+typedef int16_t dot_row_t;
+#else
+typedef uint8_t dot_row_t;
+#endif
 DEFINE_DOT(4, 4)
 DEFINE_DOT(4, 1)
 DEFINE_DOT(1, 4)
 DEFINE_DOT(1, 1)
 
-static void dot_u8s8(const uint8_t *a, int64_t astride, int64_t rows, const int8_t *b, int64_t k4, int64_t width,
-                     int32_t *out, int64_t ostride) {
+static void dot_tiles(const dot_row_t *a, int64_t astride, int64_t rows, const dot_weight_t *b, int64_t k4, int64_t width,
+                      int32_t *out, int64_t ostride) {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
         int64_t j = 0;
@@ -610,6 +617,22 @@ static void dot_u8s8(const uint8_t *a, int64_t astride, int64_t rows, const int8
         for (; j + 64 <= width; j += 64) dot_1x4(a + r * astride, astride, b + 4 * j, k4, width, out + r * ostride + j, ostride);
         for (; j < width; j += 16) dot_1x1(a + r * astride, astride, b + 4 * j, k4, width, out + r * ostride + j, ostride);
     }
+}
+
+/* dot_tiles on rows of unsigned bytes; returns 0, or −1 when the widened rows found no memory. */
+static int dot_u8s8(const uint8_t *a, int64_t astride, int64_t rows, const dot_weight_t *b, int64_t k4, int64_t width,
+                    int32_t *out, int64_t ostride) {
+#ifdef DOT_WIDE_ROWS
+    int16_t *wide = malloc((size_t)(rows * 4 * k4) * sizeof(int16_t));
+    if (!wide) return -1;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < 4 * k4; i++) wide[r * 4 * k4 + i] = a[r * astride + i];
+    dot_tiles(wide, 4 * k4, rows, b, k4, width, out, ostride);
+    free(wide);
+#else
+    dot_tiles(a, astride, rows, b, k4, width, out, ostride);
+#endif
+    return 0;
 }
 
 /* Per key, what a score needs besides the level products: s_k, c_k = o + shift·s_k, shift·A_k and
@@ -687,7 +710,7 @@ static const float *head_rows(const float *x, strides_t st, int64_t m, int64_t h
 
 /* K of one head: per-token min–max levels − shift, packed [d4][nk16][4], and its key terms. */
 static void pack_keys(const float *k, strides_t st, int64_t nk, int64_t d, int64_t nk16, float top, int shift,
-                      uint8_t *row, int8_t *restrict packed, key_terms_t terms) {
+                      uint8_t *row, dot_weight_t *restrict packed, key_terms_t terms) {
     for (int64_t j = 0; j < nk; j++) {
         const float *v = k + j * st.token;
         float s, o;
@@ -697,7 +720,7 @@ static void pack_keys(const float *k, strides_t st, int64_t nk, int64_t d, int64
         terms.c[j] = o + (float)shift * s;
         terms.shifted_sum[j] = shift * sum;
         terms.term[j] = s * (float)sum + (float)d * terms.c[j];
-        for (int64_t c = 0; c < d; c += 4) memcpy(packed + ((c / 4) * nk16 + j) * 4, row + c, d - c < 4 ? d - c : 4);
+        for (int64_t c = 0; c < d; c++) packed[((c / 4) * nk16 + j) * 4 + c % 4] = (int8_t)row[c];
     }
 }
 
@@ -705,7 +728,7 @@ static void pack_keys(const float *k, strides_t st, int64_t nk, int64_t d, int64
  * [nk4][d16][4]; vs, vc = o + shift·s per channel. lo, hi, offset and row are d-long scratch. */
 static void pack_values(const float *restrict x, strides_t st, int64_t nk, int64_t d, int64_t d16, float top, int shift,
                         float *restrict lo, float *restrict hi, float *restrict offset, uint8_t *restrict row,
-                        int8_t *restrict packed, float *restrict vs, float *restrict vc) {
+                        dot_weight_t *restrict packed, float *restrict vs, float *restrict vc) {
     for (int64_t c = 0; c < d; c++) lo[c] = hi[c] = x[c];
     for (int64_t j = 1; j < nk; j++) {
         const float *v = x + j * st.token;
@@ -734,9 +757,10 @@ int robuq_attention_int8(const float *q, strides_t qs, const float *k, strides_t
     if (!supported(RULE_MINMAX, levels_top) || !supported(RULE_MINMAX, probs_top)) return BAD_ARGUMENT;
     const int64_t mats = batch * heads, d4 = (d + 3) / 4, d16 = (d + 15) / 16 * 16;
     const int64_t nk4 = (nk + 3) / 4, nk16 = (nk + 15) / 16 * 16;
-    const int64_t key_bytes = d4 * nk16 * 4, value_bytes = nk4 * d16 * 4;
+    const int64_t key_levels = d4 * nk16 * 4, value_levels = nk4 * d16 * 4;
     const float top = (float)levels_top, ptop = (float)probs_top;
-    int8_t *keys = calloc((size_t)(mats * key_bytes), 1), *values = calloc((size_t)(mats * value_bytes), 1);
+    dot_weight_t *keys = calloc((size_t)(mats * key_levels), sizeof(dot_weight_t));
+    dot_weight_t *values = calloc((size_t)(mats * value_levels), sizeof(dot_weight_t));
     const key_terms_t terms = {calloc((size_t)(mats * nk16), sizeof(float)), calloc((size_t)(mats * nk16), sizeof(float)),
                                calloc((size_t)(mats * nk16), sizeof(float)), calloc((size_t)(mats * nk16), sizeof(int32_t))};
     float *vscale = malloc((size_t)(mats * d) * sizeof(float)), *vc = malloc((size_t)(mats * d) * sizeof(float));
@@ -755,10 +779,10 @@ int robuq_attention_int8(const float *q, strides_t qs, const float *k, strides_t
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < mats; m++) {
                 if (!ok) continue;
-                pack_keys(head_rows(k, kst, m, heads), kst, nk, d, nk16, top, shift, row, keys + m * key_bytes,
+                pack_keys(head_rows(k, kst, m, heads), kst, nk, d, nk16, top, shift, row, keys + m * key_levels,
                           head_terms(terms, m, nk16));
                 pack_values(head_rows(v, vst, m, heads), vst, nk, d, d16, top, shift, lo, hi, offset, row,
-                            values + m * value_bytes, vscale + m * d, vc + m * d);
+                            values + m * value_levels, vscale + m * d, vc + m * d);
             }
             const int64_t blocks = (nq + QUERY_BLOCK - 1) / QUERY_BLOCK;
 #pragma omp for schedule(static)
@@ -776,7 +800,10 @@ int robuq_attention_int8(const float *q, strides_t qs, const float *k, strides_t
                     row_minmax_scale_offset(x, d, top, &sq[r], &oq[r]);
                     uq[r] = span_levels(x, d, &sq[r], &oq[r], 0, top, 0, qlevels + r * d4 * 4);
                 }
-                dot_u8s8(qlevels, d4 * 4, rows, keys + m * key_bytes, d4, nk16, scores_acc, nk16);
+                if (dot_u8s8(qlevels, d4 * 4, rows, keys + m * key_levels, d4, nk16, scores_acc, nk16)) {
+                    note_failure(0, &failed);
+                    continue;
+                }
                 float sp[QUERY_BLOCK];
                 int32_t up[QUERY_BLOCK];
                 for (int64_t r = 0; r < rows; r++) {
@@ -784,7 +811,10 @@ int robuq_attention_int8(const float *q, strides_t qs, const float *k, strides_t
                     up[r] = probability_levels(scores_acc + r * nk16, nk, nk16, head, sq[r], sa, c, inv_sqrt_d, ptop,
                                                scratch, plevels + r * nk16, &sp[r]);
                 }
-                dot_u8s8(plevels, nk16, rows, values + m * value_bytes, nk4, d16, out_acc, d16);
+                if (dot_u8s8(plevels, nk16, rows, values + m * value_levels, nk4, d16, out_acc, d16)) {
+                    note_failure(0, &failed);
+                    continue;
+                }
                 const int64_t b = m / heads, h = m % heads;
                 for (int64_t r = 0; r < rows; r++) {
                     /* p̂·v̂ = s_p (s_v Σu_p l_v + c_v Σu_p): the probabilities' offset is 0. */
