@@ -371,18 +371,21 @@ static inline float level_of(float v, float scale, float offset, float top) {
 }
 
 /* branch rows [0, count) = down · (the tile's rows), down being rank × n (a low-rank branch's first matmul,
- * on values already in cache), 16 outputs at a time in registers. Fused multiply-adds allowed: a matmul. */
+ * on values already in cache), LOWRANK_OUTPUTS outputs at a time in registers: 16 with AVX-512's 32
+ * registers, 8 with AVX2's 16 (16 spilled there, and ran at half the FMA rate). Fused multiply-adds
+ * allowed: a matmul. */
+#define LOWRANK_OUTPUTS (LANES == 8 ? 8 : 16)
 __attribute__((optimize("fp-contract=fast")))
 static void tile_lowrank(const float *restrict t, int64_t count, int64_t n, const float *restrict down, int64_t rank,
                          float *restrict branch) {
     const lanes_f *v = (const lanes_f *)t;
-    for (int64_t k0 = 0; k0 < rank; k0 += 16) {
-        const int64_t width = rank - k0 < 16 ? rank - k0 : 16;
-        lanes_f acc[16] = {{0}};
+    for (int64_t k0 = 0; k0 < rank; k0 += LOWRANK_OUTPUTS) {
+        const int64_t width = rank - k0 < LOWRANK_OUTPUTS ? rank - k0 : LOWRANK_OUTPUTS;
+        lanes_f acc[LOWRANK_OUTPUTS] = {{0}};
         for (int64_t i = 0; i < n; i++) {
             const lanes_f x = v[i];
 #pragma GCC unroll 16
-            for (int k = 0; k < 16; k++)
+            for (int k = 0; k < LOWRANK_OUTPUTS; k++)
                 if (k < width) acc[k] += down[(k0 + k) * n + i] * x;
         }
         for (int64_t k = 0; k < width; k++)
@@ -877,16 +880,23 @@ void robuq_gelu_tanh(const float *x, float *y, int64_t n, int threads) {
 #define RESCALE_ROWS 8
 
 /* Columns [c, c + LANES) of rows row[0, count): full vectors only (the caller pads the tail). */
-__attribute__((optimize("fp-contract=fast"))) static inline void rescale_columns(
+__attribute__((optimize("fp-contract=fast"), always_inline)) static inline void rescale_columns(
     const int32_t *acc, float *y, int64_t cols, int64_t c, const int64_t *row, int count, const float *s,
     const float *o, lanes_f alpha, lanes_f w, lanes_f bias, const float *branch, const float *up, int64_t rank,
     int gelu) {
-    lanes_f low[RESCALE_ROWS] = {{0}};
+    /* Loops of constant trip count, unrolled: low stays in registers (with a count-long loop GCC kept it
+     * on the stack and cleared it with rep stos on every call, the pass's largest cost). */
+    lanes_f low[RESCALE_ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < RESCALE_ROWS; r++) low[r] = lanes_splat(0.0f);
     for (int64_t k = 0; k < rank; k++) {
         const lanes_f u = lanes_load(up + k * cols + c);
+#pragma GCC unroll 8
         for (int r = 0; r < RESCALE_ROWS; r++) low[r] += branch[row[r] * rank + k] * u;
     }
-    for (int r = 0; r < count; r++) {
+#pragma GCC unroll 8
+    for (int r = 0; r < RESCALE_ROWS; r++) {
+        if (r >= count) break;
         lanes_i a;
         memcpy(&a, acc + row[r] * cols + c, sizeof a);
         lanes_f v = __builtin_convertvector(a, lanes_f) * s[row[r]] * alpha + (o[row[r]] * w + bias) + low[r];
