@@ -48,7 +48,13 @@ static inline lanes_f lanes_min(lanes_f a, lanes_f b) { /* a < b ? a : b, as vmi
     return (lanes_f)(((lanes_i)a & less) | ((lanes_i)b & ~less));
 #endif
 }
-static inline lanes_f lanes_max(lanes_f a, lanes_f b) { return -lanes_min(-a, -b); }
+static inline lanes_f lanes_max(lanes_f a, lanes_f b) { /* a > b ? a : b, as vmaxps is defined */
+#if LANES == 8 && defined(__AVX__)
+    return (lanes_f)__builtin_ia32_maxps256((__v8sf)a, (__v8sf)b);
+#else
+    return -lanes_min(-a, -b);
+#endif
+}
 static inline lanes_f lanes_splat(float v) { return (lanes_f){0} + v; }
 static inline lanes_f lanes_load(const float *p) { /* LANES floats from any address */
     lanes_f v;
