@@ -917,6 +917,8 @@ __attribute__((optimize("fp-contract=fast"), always_inline)) static inline void 
  * branch·up is the low-rank branch's second matmul (up given as rank × cols). Rows go RESCALE_ROWS at a
  * time, so each vector of `up` is loaded once per block of rows. Fused multiply-adds allowed: this
  * rounds like PyTorch's matmul, not bit for bit like its elementwise code. */
+/* The attribute here too: an inlined function is compiled with its caller's fp-contract setting. */
+__attribute__((optimize("fp-contract=fast")))
 void robuq_rescale(const int32_t *acc, float *y, int64_t rows, int64_t cols, const float *s, const float *o,
                    const float *alpha, const float *w, const float *bias, const float *branch, const float *up,
                    int64_t rank, int gelu, int threads) {
