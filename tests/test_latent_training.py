@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 
 from robuq.ampn.pipeline import AMPNConfig, ampn_run
 from robuq.core.files import load_tensors, save_tensors
+from robuq.data.latents import LatentDataset
 from robuq.io.quantized import load_quantized
 from robuq.models.dit import DiT, create_dit, dit_config
 from robuq.quantize.presets import resolve_policy
@@ -19,15 +20,16 @@ from robuq.train.qat import QATConfig, build_student, qat, qat_objective
 from robuq.train.trainer import TrainConfig, train
 from robuq.diffusion.gaussian import create_diffusion
 
-from conftest import perturbed, tiny_config
-from test_latents import make_image_folder, make_vae
+from conftest import make_image_folder, perturbed, tiny_config
+from test_image_training import assert_mirrors_redrawn_each_epoch, seen_samples, which_samples
+from test_latents import make_vae
 
 pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """12 images of 3 classes at 64 px → 8×8×4 latents, with mirrored copies (24 samples)."""
+    """12 images of 3 classes at 64 px → 8×8×4 latents, with their mirrored copies."""
     root = tmp_path_factory.mktemp("latent-data")
     images, vae = make_image_folder(root / "train"), make_vae(root / "vae")
     return encode_latents(LatentsConfig(images=str(images), vae=str(vae), out=str(root / "cache"), image_size=64,
@@ -58,6 +60,13 @@ def test_train_and_qat_on_a_latent_cache(tmp_path, cache):
     assert "probe_rel_mse" in log[-1]
     model, _ = load_quantized(out / "model.safetensors")
     assert model.in_channels == 4
+
+
+def test_the_loop_picks_the_cached_mirror_per_sample_and_epoch(tmp_path, cache):
+    dataset = LatentDataset(cache)
+    config = TrainConfig(latents=str(cache), model="DiT-T/4", input_size=8, steps=4, global_batch_size=6, ckpt_every=4,
+                         warmup_steps=1, device="cpu", out_dir=str(tmp_path / "fp"))
+    assert_mirrors_redrawn_each_epoch([which_samples(b, dataset) for b in seen_samples(config, dataset)], 12)
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The training loop every robuq run uses: AdamW, EMA, clipping, logging, atomic checkpoints, exact resume.
 
-Exactness comes from construction rather than from saving RNG streams: the data order of every epoch
+Exactness comes from construction rather than from saving RNG streams: the data order (and flips) of every epoch
 is a permutation seeded by (seed, epoch), and all randomness of step k (timesteps, noise, label
 dropout) is drawn from a generator seeded with (seed, k, rank). A run stopped at step k and resumed is
 therefore the same computation as one that never stopped. Randomness a model draws from the global
@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from robuq.data import build_dataset
+from robuq.data import StreamingImageFolder, build_dataset
 from robuq.data.latents import LatentDataset
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from robuq.core.files import atomic_write_text, read_meta, save_tensors
@@ -41,11 +42,15 @@ class LoopConfig:
     """The training loop's options, shared by every job that trains (``train``, ``qat``); written to
     ``out_dir/config.json`` and into every checkpoint with the job's own options."""
 
-    data: str = option("fashion-mnist", "training data: 'fashion-mnist' or the path of an image folder (a sub-folder per class)")
+    data: str = option("fashion-mnist", "training data: 'fashion-mnist' or the path of an image folder (a sub-folder per class, "
+                                        "read from disk as it is used)")
     data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files (default: $ROBUQ_DATA, then "
                                         "/usr/share/datasets/fashion-mnist)")
     latents: str | None = option(None, "train on a latent cache written by `robuq latents` instead of --data")
-    num_workers: int = option(0, "DataLoader worker processes feeding the loop (0: read batches in the loop's process)")
+    num_workers: int | None = option(None, "DataLoader worker processes feeding the loop (default: up to 8 for an image "
+                                           "folder, which decodes images, else 0; 0: read batches in the loop's process)")
+    flip: bool = option(True, "random horizontal flips, drawn per sample and epoch from --seed: image folders, and latent "
+                              "caches encoded with --flip (Fashion-MNIST is never flipped)")
     precision: str = option("fp32", "fp32; tf32 (CUDA matmuls in TF32); bf16 (autocast; quantizer statistics, scales "
                                     "and rounding stay fp32)", choices=("fp32", "tf32", "bf16"))
     grad_checkpoint: bool = option(False, "recompute each DiT block in the backward pass instead of storing its activations")
@@ -125,12 +130,17 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 class StepBatches:
-    """The samples each rank sees at each step, a pure function of (seed, step, rank)."""
+    """The samples each rank sees at each step, a pure function of (seed, step, rank).
 
-    def __init__(self, num_samples: int, global_batch: int, seed: int, info: DistInfo):
+    With ``mirrors`` each epoch also draws, per sample, whether to use its mirrored copy — index
+    ``num_samples + i`` of a dataset with ``has_mirrors`` — so flips too are exact on resume and do not
+    depend on which worker reads a sample.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, info: DistInfo, mirrors: bool = False):
         if num_samples < global_batch:
             raise ValueError(f"the dataset has {num_samples} samples, fewer than one batch of {global_batch}")
-        self.num_samples, self.global_batch, self.seed, self.info = num_samples, global_batch, seed, info
+        self.num_samples, self.global_batch, self.seed, self.info, self.mirrors = num_samples, global_batch, seed, info, mirrors
         self.steps_per_epoch = num_samples // global_batch
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
@@ -138,7 +148,11 @@ class StepBatches:
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 65_537 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=g)
+            perm = torch.randperm(self.num_samples, generator=g)
+            if self.mirrors:  # drawn after the permutation, which thus stays what it is without flips
+                flipped = torch.rand(self.num_samples, generator=g) < 0.5
+                perm = perm + self.num_samples * flipped[perm].long()
+            self._epoch, self._perm = epoch, perm
         batch = self._perm[within * self.global_batch : (within + 1) * self.global_batch]
         return batch[self.info.rank :: self.info.world_size]
 
@@ -161,6 +175,16 @@ def loop_dataset(config: LoopConfig, input_size: int, conditional: bool, channel
     if config.latents:
         return LatentDataset(config.latents)
     return build_dataset(config.data, input_size, config.data_dir, conditional, channels=channels)
+
+
+def loader_workers(config: LoopConfig, dataset: Dataset, info: DistInfo) -> int:
+    """``config.num_workers``, or by default a share of this machine's CPUs (at most 8) for a folder of images
+    to decode and 0 for data already in memory, where worker processes only cost start-up time."""
+    if config.num_workers is not None:
+        return config.num_workers
+    if not isinstance(dataset, StreamingImageFolder):
+        return 0
+    return max(1, min(8, len(os.sched_getaffinity(0)) // info.world_size - 1))
 
 
 def data_shape(dataset: Dataset) -> tuple[int, int]:
@@ -355,9 +379,10 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
     net = DistributedDataParallel(model) if info.enabled else model
     if config.compile:
         net = torch.compile(net)
-    batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info)
+    mirrors = config.flip and bool(getattr(dataset, "has_mirrors", False))
+    batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info, mirrors)
     loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatchSampler(batches, start, stop), num_workers=config.num_workers,
+        dataset, batch_sampler=StepBatchSampler(batches, start, stop), num_workers=loader_workers(config, dataset, info),
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed)))  # not the global RNG
     model.train()
     bar = tqdm(range(start, stop), initial=start, total=stop, desc="train", disable=not (progress and info.is_main), dynamic_ncols=True)
