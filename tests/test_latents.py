@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -92,6 +93,55 @@ def test_vae_loads_from_folder_and_round_trips_shapes(vae_dir):
         load_vae(vae_dir / "diffusion_pytorch_model.safetensors")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_vae(vae_dir.parent)
+
+
+def ldm_layout(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL state_dict in the original LDM layout, the one single-file SD VAEs ship in
+    (vae-ft-ema-560000-ema-pruned.safetensors): numbered down/up blocks, up blocks in reverse order, and
+    the mid-block attention as 1×1 convolutions."""
+    out = {}
+    for name, value in state.items():
+        name = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", name)
+        name = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", name)
+        name = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.", name)
+        name = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.", name)
+        name = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", name)
+        name = name.replace("mid_block.attentions.0.", "mid.attn_1.").replace("conv_shortcut", "nin_shortcut")
+        name = name.replace("conv_norm_out", "norm_out")
+        if ".attn_1." in name:
+            for new, old in (("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")):
+                name = name.replace(old, new)
+            if value.ndim == 2:
+                value = value[:, :, None, None]
+        out[name] = value.contiguous()
+    return out
+
+
+def test_vae_loads_from_a_single_file_with_its_config(tmp_path, vae_dir, image_dir):
+    from safetensors.torch import save_file
+
+    reference = load_vae(vae_dir)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "config.json").write_text((vae_dir / "config.json").read_text())  # the config alone, no weights
+    state = reference.state_dict()
+    save_file(ldm_layout(state, len(reference.config.block_out_channels)), tmp_path / "vae-ldm.safetensors")
+    save_file(state, tmp_path / "vae-diffusers.safetensors")
+    for file, given in (("vae-ldm.safetensors", config), ("vae-diffusers.safetensors", config / "config.json")):
+        loaded = load_vae(tmp_path / file, given)
+        assert not loaded.training and loaded.state_dict().keys() == state.keys()
+        assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state), file
+    # Through `robuq latents`: the same cache as from the folder.
+    common = dict(images=str(image_dir), image_size=32, shard_size=12, num_workers=0, device="cpu")
+    one = encode_latents(LatentsConfig(vae=str(vae_dir), out=str(tmp_path / "a"), **common), progress=False)
+    two = encode_latents(LatentsConfig(vae=str(tmp_path / "vae-ldm.safetensors"), vae_config=str(config),
+                                       out=str(tmp_path / "b"), **common), progress=False)
+    assert torch.equal(LatentDataset(one)[11][0], LatentDataset(two)[11][0])
+    with pytest.raises(ValueError, match="--vae-config"):
+        load_vae(tmp_path / "vae-ldm.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty holds no config.json"):
+        load_vae(tmp_path / "vae-ldm.safetensors", tmp_path / "empty")
 
 
 def test_latent_cache_resumes_and_reads_back(tmp_path, image_dir, vae_dir):

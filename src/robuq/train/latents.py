@@ -30,7 +30,7 @@ class LatentsConfig:
 
     images: str | None = option(None, "image folder with one sub-folder per class (ImageNet's train/ layout)", positional=True)
     vae: str | None = option(None, "local AutoencoderKL: a save_pretrained folder, or a single file with --vae-config")
-    vae_config: str | None = option(None, "folder holding the config.json of a single-file --vae")
+    vae_config: str | None = option(None, "the config.json (or its folder) of a single-file --vae")
     out: str = option("latents", "cache folder: index.json and shard-*.safetensors")
     image_size: int = option(256, "side of the centre crop (ADM's) fed to the VAE; latents are 8× smaller")
     flip: bool = option(False, "also encode every image mirrored (stored as latents_flip; training picks one of the two per sample and epoch)")
