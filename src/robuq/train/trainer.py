@@ -351,9 +351,7 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
     out_dir = Path(config.out_dir)
     num_classes = getattr(model, "num_classes", 0)
     model = model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    ema, optimizer = ema_and_optimizer(model, config)
     meta = {"train_config": config.to_dict(), "model_config": model.config.to_dict(), **extra_meta}
 
     start = 0
@@ -387,40 +385,12 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
     model.train()
     bar = tqdm(range(start, stop), initial=start, total=stop, desc="train", disable=not (progress and info.is_main), dynamic_ncols=True)
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
-    rng_devices = [device] if device.type == "cuda" else []
     for step in bar:
-        generator = torch.Generator().manual_seed(step_seed(config.seed, step, info.rank))
         x, y = next(loader)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True) if num_classes > 0 else None
 
-        with torch.random.fork_rng(devices=rng_devices), precision_context(config.precision, device):
-            torch.manual_seed(step_seed(config.seed, step, info.rank))  # any randomness of the model's own
-            losses = objective(net, x, y, generator)
-        loss = losses["loss"].float().mean()
-        if not torch.isfinite(loss):
-            def rerun() -> object:
-                with torch.random.fork_rng(devices=rng_devices):
-                    torch.manual_seed(step_seed(config.seed, step, info.rank))
-                    return objective(model, x, y, torch.Generator().manual_seed(step_seed(config.seed, step, info.rank)))
-
-            where = first_nonfinite_module(model, rerun)
-            origin = f", first in module {where!r}" if where else ""
-            raise TrainingDivergedError(
-                f"non-finite loss ({loss.item()}) at step {step}{origin}; the last checkpoint is intact"
-            )
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):
-            where = first_nonfinite_grad(model)
-            origin = f", first in the gradient of {where!r}" if where else ""
-            raise TrainingDivergedError(f"non-finite gradient norm at step {step}{origin}; the last checkpoint is intact")
-        optimizer.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step)) if config.ema_warmup else config.ema_decay
-        update_ema(ema, model, decay)
+        loss, grad_norm, losses = train_step(net, model, ema, optimizer, objective, x, y, step, config, info.rank, device)
 
         window_loss, window_n = window_loss + loss.item(), window_n + 1
         done = step + 1
@@ -452,6 +422,52 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
         save_tensors(out_dir / "model.safetensors", ema.state_dict(), {**meta, "kind": "model", "step": stop, "weights": "ema"})
     barrier(info)
     return out_dir
+
+
+def ema_and_optimizer(model: nn.Module, config: LoopConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The loop's frozen EMA copy of ``model`` and its AdamW over the trainable parameters."""
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return ema, torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_step(net: nn.Module, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+               objective: Callable[..., dict[str, torch.Tensor]], x: torch.Tensor, y: torch.Tensor | None, step: int,
+               config: LoopConfig, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Step ``step`` of the loop on the batch (x, y): the objective through ``net`` (``model`` itself, or its DDP
+    or compiled wrapper) under ``config.precision``, its randomness drawn from (seed, step, rank); backward,
+    clipping, AdamW at the scheduled learning rate, the EMA update. Returns (mean loss, gradient norm, losses)."""
+    rng_devices = [device] if device.type == "cuda" else []
+    generator = torch.Generator().manual_seed(step_seed(config.seed, step, rank))
+    with torch.random.fork_rng(devices=rng_devices), precision_context(config.precision, device):
+        torch.manual_seed(step_seed(config.seed, step, rank))  # any randomness of the model's own
+        losses = objective(net, x, y, generator)
+    loss = losses["loss"].float().mean()
+    if not torch.isfinite(loss):
+        def rerun() -> object:
+            with torch.random.fork_rng(devices=rng_devices):
+                torch.manual_seed(step_seed(config.seed, step, rank))
+                return objective(model, x, y, torch.Generator().manual_seed(step_seed(config.seed, step, rank)))
+
+        where = first_nonfinite_module(model, rerun)
+        origin = f", first in module {where!r}" if where else ""
+        raise TrainingDivergedError(
+            f"non-finite loss ({loss.item()}) at step {step}{origin}; the last checkpoint is intact"
+        )
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):
+        where = first_nonfinite_grad(model)
+        origin = f", first in the gradient of {where!r}" if where else ""
+        raise TrainingDivergedError(f"non-finite gradient norm at step {step}{origin}; the last checkpoint is intact")
+    optimizer.step()
+    decay = min(config.ema_decay, (1 + step) / (10 + step)) if config.ema_warmup else config.ema_decay
+    update_ema(ema, model, decay)
+    return loss, grad_norm, losses
 
 
 def _truncate_log(path: Path, step: int) -> None:
