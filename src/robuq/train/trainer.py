@@ -456,7 +456,7 @@ def train_step(net: nn.Module, model: nn.Module, ema: nn.Module, optimizer: torc
         )
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(config, step)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # a no-op but for gradients a caller left on the model
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
@@ -465,6 +465,9 @@ def train_step(net: nn.Module, model: nn.Module, ema: nn.Module, optimizer: torc
         origin = f", first in the gradient of {where!r}" if where else ""
         raise TrainingDivergedError(f"non-finite gradient norm at step {step}{origin}; the last checkpoint is intact")
     optimizer.step()
+    # Gradients live from the backward pass to the optimizer step only: kept until the next step's forward
+    # pass, they would add a whole gradient copy to its peak memory (and to checkpointing's).
+    optimizer.zero_grad(set_to_none=True)
     decay = min(config.ema_decay, (1 + step) / (10 + step)) if config.ema_warmup else config.ema_decay
     update_ema(ema, model, decay)
     return loss, grad_norm, losses
