@@ -12,7 +12,8 @@ as they are) — and runs the loop's own step once (``robuq.train.trainer.train_
 diffusion objective under ``--precision``, backward, clipping, AdamW, EMA). On CUDA the figure is
 ``torch.cuda.max_memory_allocated`` during that step; on the CPU it is the process's peak resident memory
 (``VmHWM`` of /proc/self/status, reset to the current use through /proc/self/clear_refs just before the
-step), which also counts the interpreter, PyTorch's libraries and allocator slack. peak = fixed +
+step), which also counts the interpreter and PyTorch's libraries; the processes run with glibc's mmap
+threshold fixed at 64 KiB (``MALLOC_ENV``) so that freed tensors leave the resident memory. peak = fixed +
 per_sample · batch is fitted by least squares over the batches.
 
 A configuration whose predicted peak exceeds the memory available (with ``--margin-gib`` to spare) is not
@@ -33,6 +34,15 @@ from pathlib import Path
 import torch
 
 from common import TOY, invocation, model_config, write_result
+
+
+PREPARED = "prepared.json"
+
+# glibc's malloc serves blocks under its mmap threshold from its heap and keeps them when freed; the
+# threshold starts at 128 KiB and grows to 32 MiB once such a block is freed, so after loading DiT-XL/2
+# (weights of 21 MiB) it kept 2.8 GiB of freed memory that later tensors reused, and the resident memory no
+# longer followed the tensors alive. A fixed threshold returns every freed block of 64 KiB or more at once.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
 
 
 def _status_kib(field: str) -> int:
@@ -69,6 +79,17 @@ def prepare(spec: dict) -> None:
     save_tensors(Path(spec["work"]) / "teacher.safetensors", teacher.state_dict(), {"model_config": teacher.config.to_dict()})
     quantization = resolve_policy(spec["preset"], spec["act_bits"], None, None)
     save_quantized(build_student(teacher, quantization), Path(spec["work"]) / "student.safetensors", quantization)
+    (Path(spec["work"]) / PREPARED).write_text(json.dumps(_model_spec(spec)) + "\n")
+
+
+def _model_spec(spec: dict) -> dict:
+    return {k: spec[k] for k in ("model", "input_size", "preset", "act_bits")}
+
+
+def is_prepared(spec: dict) -> bool:
+    """Whether ``spec["work"]`` already holds the teacher and student that ``spec`` asks for."""
+    marker = Path(spec["work"]) / PREPARED
+    return marker.is_file() and json.loads(marker.read_text()) == _model_spec(spec)
 
 
 def measure(spec: dict) -> dict:
@@ -102,6 +123,9 @@ def measure(spec: dict) -> dict:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(spec["batch"], teacher.in_channels, side, side, generator=g).to(device)
     y = torch.randint(0, teacher.num_classes, (spec["batch"],), generator=g).to(device)
+    state = [t for m in (teacher, student, ema) for t in (*m.parameters(), *m.buffers())]
+    state += [t for per_param in optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]
+    tensors = sum(t.numel() * t.element_size() for t in state)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -116,6 +140,7 @@ def measure(spec: dict) -> dict:
     step_s = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
     return {**{k: v for k, v in spec.items() if k != "work"}, "peak_gib": peak / 2**30, "held_before_step_gib": held / 2**30,
+            "tensors_gib": tensors / 2**30,
             "baseline_gib": baseline / 2**30, "student_params": sum(p.numel() for p in student.parameters()),
             "loss": float(loss.detach()), "step_s": step_s,
             "measure": "torch.cuda.max_memory_allocated" if cuda else "VmHWM (peak resident memory of the process)"}
@@ -123,7 +148,7 @@ def measure(spec: dict) -> dict:
 
 def _subprocess(flag: str, spec: dict, timeout_s: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, __file__, flag, json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout_s, env=os.environ.copy())
+                          timeout=timeout_s, env={**os.environ, **MALLOC_ENV})
 
 
 def run_isolated(spec: dict, timeout_s: float) -> dict:
@@ -145,13 +170,24 @@ def fit(rows: list[dict]) -> dict | None:
     return {"fixed_gib": mp - slope * mb, "per_sample_gib": slope, "batches": sorted(b for b, _ in pts)}
 
 
+def bound(rows: list[dict]) -> dict | None:
+    """With one batch measured, what it bounds: fixed ≥ what was held before the step, and per sample ≤
+    what the step added (its gradients and temporaries counted as per-sample)."""
+    measured = [r for r in rows if "peak_gib" in r]
+    if len(measured) != 1:
+        return None
+    r = measured[0]
+    return {"fixed_gib": r["held_before_step_gib"], "per_sample_gib": (r["peak_gib"] - r["held_before_step_gib"]) / r["batch"],
+            "batches": [r["batch"]], "bound": True}
+
+
 def predicted_gib(rows: list[dict], batch: int) -> float | None:
     """What the fit of the rows measured so far predicts for ``batch`` (None when there is no fit yet)."""
     f = fit(rows)
     if f is not None:
         return f["fixed_gib"] + f["per_sample_gib"] * batch
-    measured = [r for r in rows if "peak_gib" in r]
-    return max(r["peak_gib"] for r in measured) * batch / min(r["batch"] for r in measured) if measured else None
+    f = bound(rows)
+    return None if f is None else f["fixed_gib"] + f["per_sample_gib"] * batch  # an upper bound
 
 
 def rough_fixed_gib(model: str, input_size: int) -> float:
@@ -177,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--margin-gib", type=float, default=2.0, help="memory to leave free when deciding what to start")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="limit of one configuration's process")
+    parser.add_argument("--work-dir", default=None, help="build the teacher and student here, or reuse the ones an "
+                        "earlier run built here for the same --model/--preset/--act-bits (default: a temporary folder)")
     parser.add_argument("--results-dir", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
@@ -190,12 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     batches = args.batches or ([1, 2] if device == "cpu" else [4, 8, 16])
     t0 = time.perf_counter()
-    work = tempfile.TemporaryDirectory(prefix="qat_memory-")
-    common = {"model": args.model, "input_size": model_config(args.model, args.input_size).input_size, "preset": args.preset, "act_bits": args.act_bits,
-              "threads": args.threads, "work": work.name}
-    made = _subprocess("--prepare", common, args.timeout_s)
-    if made.returncode != 0:
-        raise RuntimeError(f"building the teacher and student failed:\n{made.stderr[-3000:]}")
+    work = tempfile.TemporaryDirectory(prefix="qat_memory-") if args.work_dir is None else None
+    common = {"model": args.model, "input_size": model_config(args.model, args.input_size).input_size, "preset": args.preset,
+              "act_bits": args.act_bits, "threads": args.threads, "work": work.name if work else args.work_dir}
+    Path(common["work"]).mkdir(parents=True, exist_ok=True)
+    if not is_prepared(common):
+        made = _subprocess("--prepare", common, args.timeout_s)
+        if made.returncode != 0:
+            raise RuntimeError(f"building the teacher and student failed:\n{made.stderr[-3000:]}")
     rows, fits = [], []
     for precision in args.precisions:
         for checkpointing in args.checkpointing:
@@ -214,12 +254,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
                 group.append(row)
             rows += group
-            f = fit(group)
+            f = fit(group) or bound(group)
             if f is not None:
                 fits.append({"precision": precision, "grad_checkpoint": checkpointing == "on", **f})
     result = {"model": args.model, "input_size": common["input_size"], "preset": args.preset, "act_bits": args.act_bits,
               "device": device, "rows": rows, "fits": fits, "seconds": time.perf_counter() - t0}
-    work.cleanup()
+    if work is not None:
+        work.cleanup()
     write_result("qat_memory", result, table(result), Path(args.results_dir) if args.results_dir else None,
                  invocation(__file__, argv))
     print(table(result))
@@ -232,17 +273,28 @@ def table(result: dict) -> str:
     what = "peak resident memory (GiB, VmHWM)" if cpu else "peak allocated (GiB)"
     lines = [f"{result['model']} QAT step ({result['preset']} A{result['act_bits']}, latents {result['input_size']}², "
              f"teacher + student + EMA + AdamW) on {result['device']}:", "",
-             f"| precision | grad ckpt | batch | {what} | held before the step | step s |", "|---|---|---|---|---|---|"]
+             f"| precision | grad ckpt | batch | {what} | held before the step | tensors held (weights, EMA, AdamW) | step s |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         head = f"| {r['precision']} | {'on' if r['grad_checkpoint'] else 'off'} | {r['batch']} |"
         if "peak_gib" in r:
-            lines.append(f"{head} {r['peak_gib']:.2f} | {r['held_before_step_gib']:.2f} | {r['step_s']:.1f} |")
+            lines.append(f"{head} {r['peak_gib']:.2f} | {r['held_before_step_gib']:.2f} | {r['tensors_gib']:.2f} | {r['step_s']:.1f} |")
         else:
-            lines.append(f"{head} {r.get('skipped') or r.get('failed')} | | |")
+            lines.append(f"{head} {r.get('skipped') or r.get('failed')} | | | |")
     lines += ["", "| precision | grad ckpt | fixed GiB | GiB per sample | from batches |", "|---|---|---|---|---|"]
-    lines += [f"| {f['precision']} | {'on' if f['grad_checkpoint'] else 'off'} | {f['fixed_gib']:.2f} | {f['per_sample_gib']:.3f} | "
-              f"{', '.join(map(str, f['batches']))} |" for f in result["fits"]]
+    lines += [f"| {f['precision']} | {'on' if f['grad_checkpoint'] else 'off'} | {'≥ ' if f.get('bound') else ''}{f['fixed_gib']:.2f} | "
+              f"{'≤ ' if f.get('bound') else ''}{f['per_sample_gib']:.3f} | {', '.join(map(str, f['batches']))} |"
+              for f in result["fits"]]
+    if any(f.get("bound") for f in result["fits"]):
+        lines += ["", "≥ / ≤: only one batch fitted, so the fixed part is at least what the process held before the step "
+                  "and the per-sample part at most all that the step added (its gradients and temporaries included)."]
+    if any("skipped" in r for r in result["rows"]):
+        lines += ["", "A row marked 'predicted … > … available' was not started: by the figures measured before it, it "
+                  "would not have fitted in the memory this machine had free (with the margin), and the script does not "
+                  "push a shared machine into swapping or the OOM killer."]
     if cpu:
+        lines += ["", "Step times are not a speed measurement: every tensor of 64 KiB or more is a fresh mmap here, so "
+                  "the page faults make a step several times slower than a normal run's."]
         lines += ["", "**These are host-memory figures of a CPU run, not GPU figures.** On a GPU the script reports "
                   "`torch.cuda.max_memory_allocated` instead, which differs: it counts tensors only (no interpreter, "
                   "libraries or allocator slack, which VmHWM includes), while the GPU process also needs what it "
