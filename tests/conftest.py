@@ -10,6 +10,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from robuq.data.fashion_mnist import write_idx  # noqa: E402
 from robuq.models.dit import DiT, DiTConfig  # noqa: E402
@@ -79,3 +80,21 @@ def run_diffusers(model, seed: int = 1, batch: int = 2):
     t = torch.randint(0, 1000, (batch,), generator=g)
     y = torch.randint(0, model.config.num_embeds_ada_norm, (batch,), generator=g)
     return model(x, timestep=t, class_labels=y).sample
+
+
+CLASSES = ("n001_circle", "n002_bar", "n003_noise")
+
+
+def make_image_folder(root, per_class: int = 4, seed: int = 0):
+    """Three classes of RGB images of assorted sizes (larger and smaller than the crop, not square)."""
+    rng = np.random.default_rng(seed)
+    sizes = [(80, 64), (64, 96), (150, 140), (50, 70)]
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            w, h = sizes[i % len(sizes)]
+            arr = rng.integers(0, 80, (h, w, 3)).astype(np.uint8)
+            arr[h // 3 : 2 * h // 3, :, c] = 220  # a class-coloured band
+            suffix = ".png" if i % 2 else ".jpg"
+            Image.fromarray(arr).save(root / name / f"img{i}{suffix}")
+    return root

@@ -179,6 +179,42 @@ def test_qat_overhead(tmp_path):
     assert f"| {data['fp_ms']:.0f} | {data['quantized_ms']:.0f} | {data['ratio']:.2f} |" in markdown
 
 
+@pytest.mark.slow  # six fresh interpreters that import torch: about fifteen seconds
+def test_qat_memory(tmp_path):
+    argv = ["--model", "toy", "--batches", "1", "3", "--precisions", "fp32", "bf16", "--checkpointing", "on", "--threads", "1",
+            "--results-dir", str(tmp_path)]
+    _load("qat_memory").main(argv)
+    data, markdown = _record(tmp_path, "qat_memory", "qat_memory", argv)
+    _finite(data, "machine")
+    assert data["model"] == "toy" and data["input_size"] == 8 and data["device"] == "cpu"
+    rows = data["rows"]
+    assert [(r["precision"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 3), ("bf16", 1), ("bf16", 3)]
+    assert all(r["grad_checkpoint"] and r["peak_gib"] >= r["held_before_step_gib"] > r["baseline_gib"] > 0 for r in rows)
+    assert len({r["student_params"] for r in rows}) == 1 and "work" not in rows[0]
+    for f, pair in zip(data["fits"], (rows[:2], rows[2:])):  # two batches: the line through both points
+        assert [f["fixed_gib"] + f["per_sample_gib"] * r["batch"] for r in pair] == pytest.approx([r["peak_gib"] for r in pair])
+        assert f"| {f['precision']} | on | {f['fixed_gib']:.2f} | {f['per_sample_gib']:.3f} | 1, 3 |" in markdown
+    assert f"| fp32 | on | 1 | {rows[0]['peak_gib']:.2f} |" in markdown and "not GPU figures" in markdown
+    skip = ["--model", "toy", "--batches", "1", "--precisions", "fp32", "--checkpointing", "off", "--margin-gib", "1e6",
+            "--results-dir", str(tmp_path / "skip")]
+    _load("qat_memory").main(skip)
+    data, markdown = _record(tmp_path / "skip", "qat_memory", "qat_memory", skip)
+    assert "GiB available" in data["rows"][0]["skipped"] and data["fits"] == []
+    assert "| fp32 | off | 1 | predicted" in markdown and "was not started" in markdown
+
+
+def test_qat_memory_fit_and_bound():
+    qat_memory = _load("qat_memory")
+    rows = [{"batch": b, "peak_gib": 3.0 + 0.5 * b + noise, "held_before_step_gib": 2.5} for b, noise in ((1, 0.01), (2, -0.02), (4, 0.01))]
+    f = qat_memory.fit(rows)
+    assert f["batches"] == [1, 2, 4] and f["fixed_gib"] == pytest.approx(3.0, abs=0.05) and f["per_sample_gib"] == pytest.approx(0.5, abs=0.02)
+    assert qat_memory.fit(rows[:1]) is None and qat_memory.bound(rows) is None
+    one = qat_memory.bound(rows[:1])  # the step's whole addition counted per sample: fixed 2.5, 1.01 per sample
+    assert one["bound"] and one["fixed_gib"] == 2.5 and one["per_sample_gib"] == pytest.approx(1.01)
+    assert qat_memory.predicted_gib(rows[:1], 2) == pytest.approx(2.5 + 2 * 1.01)
+    assert qat_memory.predicted_gib(rows, 8) == pytest.approx(f["fixed_gib"] + 8 * f["per_sample_gib"])
+
+
 def test_open_choices(tmp_path, teacher_file, fmnist_dir):
     open_choices = _load("open_choices")
     argv = ["--ckpt", teacher_file, "--images", "8", "--data-dir", str(fmnist_dir), "--results-dir", str(tmp_path / "results")]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from robuq.data import DataNotFoundError, FashionMNIST, ImageFolder, build_dataset
+from robuq.data import DataNotFoundError, FashionMNIST, StreamingImageFolder, build_dataset
 from robuq.data.fashion_mnist import find_fashion_mnist, read_idx, to_model_range, write_idx
 
 
@@ -66,16 +66,29 @@ def test_resize_when_padding_does_not_fit():
 
 
 def test_image_folder(tmp_path):
-    for cls, color in (("cats", 30), ("dogs", 220)):
+    for cls, color in (("dogs", 220), ("cats", 30)):  # made out of order: labels follow the sorted names
         (tmp_path / cls).mkdir()
         for i in range(3):
             Image.fromarray(np.full((20, 30, 3), color, dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
     ds = build_dataset(str(tmp_path), input_size=16, channels=3)
-    assert isinstance(ds, ImageFolder) and len(ds) == 6 and ds.num_classes == 2
-    assert ds.images.shape == (6, 3, 16, 16) and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    assert ds.images[0].mean() < 0 < ds.images[-1].mean()
+    assert isinstance(ds, StreamingImageFolder) and not hasattr(ds, "images")  # paths only, decoded when read
+    assert len(ds) == 6 and ds.class_names == ("cats", "dogs") and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    images = torch.stack([ds[i][0] for i in range(6)])
+    assert images.shape == (6, 3, 16, 16) and images[0].mean() < 0 < images[-1].mean()
+    gray = build_dataset(str(tmp_path), input_size=16, channels=1, conditional=False)
+    assert gray[4][0].shape == (1, 16, 16) and gray.labels.tolist() == [0] * 6
+    assert torch.allclose(gray[4][0], images[4].mean(0, keepdim=True), atol=0.01)
     with pytest.raises(FileNotFoundError, match="no images"):
-        ImageFolder(_empty(tmp_path), 16)
+        StreamingImageFolder(_empty(tmp_path), 16, conditional=False)
+    with pytest.raises(ValueError, match="sub-folder"):
+        StreamingImageFolder(_empty(tmp_path), 16)
+
+
+def test_unconditional_flat_folder(tmp_path):
+    for i, color in enumerate((10, 240)):
+        Image.fromarray(np.full((12, 12, 3), color, dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+    ds = build_dataset(str(tmp_path), input_size=8, conditional=False)
+    assert len(ds) == 2 and ds.class_names == ("all",) and ds[1][0].shape == (3, 8, 8) and int(ds[1][1]) == 0
 
 
 def _empty(tmp_path):

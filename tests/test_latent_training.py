@@ -3,6 +3,8 @@ DiT-XL/2 layout. Real parts throughout: a latent cache encoded by a random Autoe
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -11,6 +13,7 @@ from torch.utils.data import TensorDataset
 
 from robuq.ampn.pipeline import AMPNConfig, ampn_run
 from robuq.core.files import load_tensors, save_tensors
+from robuq.data.latents import LatentDataset
 from robuq.io.quantized import load_quantized
 from robuq.models.dit import DiT, create_dit, dit_config
 from robuq.quantize.presets import resolve_policy
@@ -19,15 +22,16 @@ from robuq.train.qat import QATConfig, build_student, qat, qat_objective
 from robuq.train.trainer import TrainConfig, train
 from robuq.diffusion.gaussian import create_diffusion
 
-from conftest import perturbed, tiny_config
-from test_latents import make_image_folder, make_vae
+from conftest import make_image_folder, perturbed, tiny_config
+from test_image_training import assert_mirrors_redrawn_each_epoch, seen_samples, which_samples
+from test_latents import make_vae
 
 pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """12 images of 3 classes at 64 px → 8×8×4 latents, with mirrored copies (24 samples)."""
+    """12 images of 3 classes at 64 px → 8×8×4 latents, with their mirrored copies."""
     root = tmp_path_factory.mktemp("latent-data")
     images, vae = make_image_folder(root / "train"), make_vae(root / "vae")
     return encode_latents(LatentsConfig(images=str(images), vae=str(vae), out=str(root / "cache"), image_size=64,
@@ -58,6 +62,13 @@ def test_train_and_qat_on_a_latent_cache(tmp_path, cache):
     assert "probe_rel_mse" in log[-1]
     model, _ = load_quantized(out / "model.safetensors")
     assert model.in_channels == 4
+
+
+def test_the_loop_picks_the_cached_mirror_per_sample_and_epoch(tmp_path, cache):
+    dataset = LatentDataset(cache)
+    config = TrainConfig(latents=str(cache), model="DiT-T/4", input_size=8, steps=4, global_batch_size=6, ckpt_every=4,
+                         warmup_steps=1, device="cpu", out_dir=str(tmp_path / "fp"))
+    assert_mirrors_redrawn_each_epoch([which_samples(b, dataset) for b in seen_samples(config, dataset)], 12)
 
 
 @pytest.mark.slow
@@ -99,18 +110,52 @@ def test_any_dataset_flows_through_qat_and_ampn(tmp_path):
         qat(small_qat(tmp_path, teacher, out_dir=str(tmp_path / "w")), dataset=wrong, progress=False)
 
 
-def test_bf16_qat_matches_fp32_closely(tmp_path, fmnist_dir):
+def fmnist_teacher(tmp_path) -> str:
     torch.manual_seed(0)
     teacher = perturbed(DiT(tiny_config()), 0.05)
-    path = str(save_tensors(tmp_path / "t.safetensors", teacher.state_dict(), {"model_config": teacher.config.to_dict()}))
+    return str(save_tensors(tmp_path / "t.safetensors", teacher.state_dict(), {"model_config": teacher.config.to_dict()}))
+
+
+def logged_losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_bf16_qat_matches_fp32_closely(tmp_path, fmnist_dir):
+    path = fmnist_teacher(tmp_path)
     losses = {}
     for precision in ("fp32", "bf16"):
         out = qat(small_qat(tmp_path / precision, path, data_dir=str(fmnist_dir), steps=4, ckpt_every=4, probe_every=0,
                             global_batch_size=8, precision=precision, loss="mix"), progress=False)
-        losses[precision] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+        losses[precision] = logged_losses(out)
     for a, b in zip(losses["fp32"], losses["bf16"]):
         assert b == pytest.approx(a, rel=0.05)
     assert losses["fp32"] != losses["bf16"]  # bf16 did run in bf16
+
+
+@pytest.mark.slow  # inductor compiles C++ for the CPU: about 20 s with a warm cache, a minute without
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="torch.compile's inductor back-end needs a C++ compiler on the CPU, and this machine has none")
+def test_compiled_qat_step_matches_eager(tmp_path, fmnist_dir):
+    from torch._dynamo.utils import counters
+
+    path = fmnist_teacher(tmp_path)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        losses = {}
+        for compile in (False, True):
+            out = qat(small_qat(tmp_path / str(compile), path, data_dir=str(fmnist_dir), steps=1, ckpt_every=1, probe_every=0,
+                                global_batch_size=4, compile=compile), progress=False)
+            losses[compile] = logged_losses(out)
+            if not compile:
+                assert counters["stats"]["unique_graphs"] == 0
+        assert counters["stats"]["unique_graphs"] > 0  # the student did go through dynamo and inductor
+        assert losses[True] == pytest.approx(losses[False], rel=1e-4) and all(map(math.isfinite, losses[True]))
+        compiled, _ = load_tensors(out / "model.safetensors")
+        eager, _ = load_tensors(tmp_path / "False" / "qat" / "model.safetensors")
+        assert all(torch.allclose(compiled[k], eager[k], atol=1e-5) for k in eager)
+    finally:
+        torch._dynamo.reset()  # the compiled graphs hold the student; later tests should not inherit them
 
 
 def test_quantizer_levels_are_decided_in_fp32_under_autocast():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,29 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from robuq.data.image_stream import CorruptImageError, StreamingImageFolder, center_crop_arr
+from robuq.data.image_folder import adm_center_crop
+from robuq.data.image_stream import CorruptImageError, StreamingImageFolder
 from robuq.data.latents import LatentDataset, read_index, shard_path
 from robuq.models.vae import LATENT_SCALE, decode, encode, load_vae
 from robuq.train.latents import LatentsConfig, encode_latents
 
+from conftest import CLASSES, make_image_folder
+
 diffusers = pytest.importorskip("diffusers")
-
-CLASSES = ("n001_circle", "n002_bar", "n003_noise")
-
-
-def make_image_folder(root, per_class: int = 4, seed: int = 0):
-    """Three classes of RGB images of assorted sizes (larger and smaller than the crop, not square)."""
-    rng = np.random.default_rng(seed)
-    sizes = [(80, 64), (64, 96), (150, 140), (50, 70)]
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            w, h = sizes[i % len(sizes)]
-            arr = rng.integers(0, 80, (h, w, 3)).astype(np.uint8)
-            arr[h // 3 : 2 * h // 3, :, c] = 220  # a class-coloured band
-            suffix = ".png" if i % 2 else ".jpg"
-            Image.fromarray(arr).save(root / name / f"img{i}{suffix}")
-    return root
 
 
 def make_vae(path, latent_channels: int = 4):
@@ -62,7 +49,7 @@ def vae_dir(tmp_path_factory):
 
 def test_center_crop_matches_adm_rule():
     image = Image.fromarray(np.arange(300 * 200 * 3, dtype=np.uint32).reshape(200, 300, 3).astype(np.uint8))
-    out = center_crop_arr(image, 64)
+    out = adm_center_crop(image, 64)
     assert out.shape == (64, 64, 3)
     # By hand: 200 ≥ 128 → BOX halve to (150, 100); 100 < 128 → BICUBIC to short side 64: (96, 64); crop 16 px each side.
     step = image.resize((150, 100), Image.BOX).resize((96, 64), Image.BICUBIC)
@@ -75,12 +62,9 @@ def test_streaming_folder_sorted_classes_flips_and_no_upfront_decode(image_dir):
     assert not hasattr(ds, "images")  # only paths are held
     x, y = ds[5]
     assert x.shape == (3, 32, 32) and int(y) == 1 and -1 <= x.min() and x.max() <= 1
-    mirrored = StreamingImageFolder(image_dir, image_size=32, mirror=True)
-    assert torch.equal(mirrored[5][0], ds[5][0].flip(-1))
-    flipping = StreamingImageFolder(image_dir, image_size=32, flip=True, seed=3)
-    flipped = [not torch.equal(flipping[i][0], ds[i][0]) for i in range(len(ds))]
-    assert 0 < sum(flipped) < len(ds)  # some mirrored, some not
-    assert [not torch.equal(flipping[i][0], ds[i][0]) for i in range(len(ds))] == flipped  # same draw again
+    assert ds.has_mirrors and torch.equal(ds[12 + 5][0], x.flip(-1)) and int(ds[12 + 5][1]) == 1
+    with pytest.raises(IndexError):
+        ds[24]
     loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2)
     xs = torch.cat([x for x, _ in loader])
     assert torch.equal(xs[5], x)
@@ -111,6 +95,55 @@ def test_vae_loads_from_folder_and_round_trips_shapes(vae_dir):
         load_vae(vae_dir.parent)
 
 
+def ldm_layout(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL state_dict in the original LDM layout, the one single-file SD VAEs ship in
+    (vae-ft-ema-560000-ema-pruned.safetensors): numbered down/up blocks, up blocks in reverse order, and
+    the mid-block attention as 1×1 convolutions."""
+    out = {}
+    for name, value in state.items():
+        name = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", name)
+        name = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", name)
+        name = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.", name)
+        name = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.", name)
+        name = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", name)
+        name = name.replace("mid_block.attentions.0.", "mid.attn_1.").replace("conv_shortcut", "nin_shortcut")
+        name = name.replace("conv_norm_out", "norm_out")
+        if ".attn_1." in name:
+            for new, old in (("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")):
+                name = name.replace(old, new)
+            if value.ndim == 2:
+                value = value[:, :, None, None]
+        out[name] = value.contiguous()
+    return out
+
+
+def test_vae_loads_from_a_single_file_with_its_config(tmp_path, vae_dir, image_dir):
+    from safetensors.torch import save_file
+
+    reference = load_vae(vae_dir)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "config.json").write_text((vae_dir / "config.json").read_text())  # the config alone, no weights
+    state = reference.state_dict()
+    save_file(ldm_layout(state, len(reference.config.block_out_channels)), tmp_path / "vae-ldm.safetensors")
+    save_file(state, tmp_path / "vae-diffusers.safetensors")
+    for file, given in (("vae-ldm.safetensors", config), ("vae-diffusers.safetensors", config / "config.json")):
+        loaded = load_vae(tmp_path / file, given)
+        assert not loaded.training and loaded.state_dict().keys() == state.keys()
+        assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state), file
+    # Through `robuq latents`: the same cache as from the folder.
+    common = dict(images=str(image_dir), image_size=32, shard_size=12, num_workers=0, device="cpu")
+    one = encode_latents(LatentsConfig(vae=str(vae_dir), out=str(tmp_path / "a"), **common), progress=False)
+    two = encode_latents(LatentsConfig(vae=str(tmp_path / "vae-ldm.safetensors"), vae_config=str(config),
+                                       out=str(tmp_path / "b"), **common), progress=False)
+    assert torch.equal(LatentDataset(one)[11][0], LatentDataset(two)[11][0])
+    with pytest.raises(ValueError, match="--vae-config"):
+        load_vae(tmp_path / "vae-ldm.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty holds no config.json"):
+        load_vae(tmp_path / "vae-ldm.safetensors", tmp_path / "empty")
+
+
 def test_latent_cache_resumes_and_reads_back(tmp_path, image_dir, vae_dir):
     config = LatentsConfig(images=str(image_dir), vae=str(vae_dir), out=str(tmp_path / "cache"), image_size=32,
                            shard_size=5, batch_size=4, num_workers=0, flip=True, device="cpu")
@@ -126,7 +159,7 @@ def test_latent_cache_resumes_and_reads_back(tmp_path, image_dir, vae_dir):
     assert {k: shard_path(out, k).read_bytes() for k in range(3)} == first
 
     ds = LatentDataset(out)
-    assert len(ds) == 24 and ds.in_channels == 4 and ds.input_size == 4 and ds.num_classes == 3
+    assert len(ds) == 12 and ds.has_mirrors and ds.in_channels == 4 and ds.input_size == 4 and ds.num_classes == 3
     vae = load_vae(vae_dir)
     images = StreamingImageFolder(image_dir, 32)
     x, y = ds[7]
@@ -136,7 +169,7 @@ def test_latent_cache_resumes_and_reads_back(tmp_path, image_dir, vae_dir):
     xf, yf = ds[12 + 7]
     assert int(yf) == 1 and not torch.allclose(xf, x)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)
-    assert sum(len(b[1]) for b in loader) == 24
+    assert sum(len(b[1]) for b in loader) == 12
 
     with pytest.raises(ValueError, match="shard_size"):
         encode_latents(LatentsConfig(**{**config.__dict__, "shard_size": 4}), progress=False)

@@ -96,21 +96,18 @@ def missing_shards(cache: str | os.PathLike, index: LatentIndex) -> list[int]:
 class LatentDataset(Dataset):
     """(latent, label) pairs of a finished cache, read from memory-mapped shards one sample at a time.
 
-    With ``use_flips`` (default: whenever the cache holds them) the mirrored copies are further samples:
-    index i < N is image i, index N + i its mirror — a fixed augmentation, so the data order stays a pure
-    function of the seed.
+    When the cache holds the mirrored copies (``has_mirrors``), index ``len(self) + i`` is image i's mirror,
+    as in ``StreamingImageFolder``: the training loop picks one of the two per sample and epoch.
     """
 
-    def __init__(self, cache: str | os.PathLike, use_flips: bool | None = None):
+    def __init__(self, cache: str | os.PathLike):
         self.cache = Path(cache)
         self.index = read_index(cache)
         missing = missing_shards(cache, self.index)
         if missing:
             raise ValueError(f"latent cache {cache} is incomplete: {len(missing)} of {self.index.num_shards} shards missing "
                              f"(first: {shard_path(cache, missing[0]).name}); finish it with the same `robuq latents` command")
-        self.use_flips = self.index.flip if use_flips is None else use_flips
-        if self.use_flips and not self.index.flip:
-            raise ValueError(f"latent cache {cache} was encoded without the mirrored copy (--flip)")
+        self.has_mirrors = self.index.flip
         self.in_channels, self.input_size = self.index.latent_shape[0], self.index.latent_shape[-1]
         self.num_classes = self.index.num_classes
         self.class_names = self.index.class_names
@@ -119,8 +116,6 @@ class LatentDataset(Dataset):
             with safe_open(str(shard_path(cache, k)), framework="pt") as f:
                 labels.append(f.get_tensor("labels"))
         self.labels = torch.cat(labels)
-        if self.use_flips:
-            self.labels = torch.cat([self.labels, self.labels])
         self._handles: dict[int, object] = {}  # opened lazily in each DataLoader worker, never pickled
 
     def __getstate__(self) -> dict:
@@ -132,9 +127,11 @@ class LatentDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = int(i)
         n = self.index.num_images
+        if not 0 <= i < (2 * n if self.has_mirrors else n):
+            raise IndexError(f"index {i} out of range for a cache of {n} images" + (" and their mirrors" if self.has_mirrors else ""))
         key, j = ("latents_flip", i - n) if i >= n else ("latents", i)
         shard, row = divmod(j, self.index.shard_size)
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(shard_path(self.cache, shard)), framework="pt")
         x = self._handles[shard].get_slice(key)[row : row + 1][0]
-        return x, self.labels[i]
+        return x, self.labels[j]

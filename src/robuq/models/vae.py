@@ -2,7 +2,8 @@
 
 diffusers is an optional dependency (``pip install robuq[vae]``), imported only when a VAE is loaded.
 Nothing is fetched from a hub: a folder (``save_pretrained`` layout, e.g. stabilityai/sd-vae-ft-ema
-downloaded beforehand) or a single checkpoint file with ``config`` pointing at such a folder's config.
+downloaded beforehand) or a single checkpoint file (the original LDM layout, e.g. vae-ft-ema-560000-ema-pruned,
+or diffusers' own) with ``config`` pointing at such a folder's config.json.
 """
 from __future__ import annotations
 
@@ -39,7 +40,12 @@ def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None, d
         if config is None:
             raise ValueError(f"{path} is a single file: also give the folder of its config.json (--vae-config), "
                              "robuq never fetches a configuration from a hub")
-        vae = AutoencoderKL.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype)
+        config = Path(config)
+        folder = config.parent if config.name == "config.json" and config.is_file() else config
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"--vae-config {config} holds no config.json: give the folder of the VAE's config.json "
+                                    "(e.g. a local copy of stabilityai/sd-vae-ft-ema) or that file itself")
+        vae = AutoencoderKL.from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=dtype)
     else:
         raise FileNotFoundError(f"VAE {path} does not exist; give a local folder or file")
     return vae.to(device).eval().requires_grad_(False)

@@ -31,7 +31,7 @@ class SampleConfig:
                                     "class-balanced", choices=("uniform", "balanced"))
     shard_size: int = option(1000, "images per shard file with --num-samples (the unit of resumption)")
     vae: str | None = option(None, "decode latents through this local AutoencoderKL (folder, or file with --vae-config)")
-    vae_config: str | None = option(None, "folder holding the config.json of a single-file --vae")
+    vae_config: str | None = option(None, "the config.json (or its folder) of a single-file --vae")
     cfg_channels: int | None = option(None, "guide only the first N noise channels (3: the reference DiT's behaviour, "
                                             "for its published numbers); default: all")
     sampler: str = option("ddpm", "respaced DDPM or deterministic DDIM", choices=("ddpm", "ddim"))

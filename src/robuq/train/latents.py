@@ -30,10 +30,10 @@ class LatentsConfig:
 
     images: str | None = option(None, "image folder with one sub-folder per class (ImageNet's train/ layout)", positional=True)
     vae: str | None = option(None, "local AutoencoderKL: a save_pretrained folder, or a single file with --vae-config")
-    vae_config: str | None = option(None, "folder holding the config.json of a single-file --vae")
+    vae_config: str | None = option(None, "the config.json (or its folder) of a single-file --vae")
     out: str = option("latents", "cache folder: index.json and shard-*.safetensors")
     image_size: int = option(256, "side of the centre crop (ADM's) fed to the VAE; latents are 8× smaller")
-    flip: bool = option(False, "also encode every image mirrored (stored as latents_flip, used as further samples)")
+    flip: bool = option(False, "also encode every image mirrored (stored as latents_flip; training picks one of the two per sample and epoch)")
     shard_size: int = option(1024, "images per shard file; a shard is the unit of resumption and of work per process")
     batch_size: int = option(32, "images per VAE forward pass")
     num_workers: int = option(4, "DataLoader worker processes decoding images")
@@ -72,7 +72,6 @@ def encode_latents(config: LatentsConfig, progress: bool = True) -> Path:
 
 def _encode(config: LatentsConfig, progress: bool, device: torch.device, info) -> Path:
     dataset = StreamingImageFolder(config.images, config.image_size)
-    mirrored = StreamingImageFolder(config.images, config.image_size, mirror=True)
     vae = load_vae(config.vae, config.vae_config, device)
     side = config.image_size // 8
     index = LatentIndex(num_images=len(dataset), shard_size=config.shard_size,
@@ -93,7 +92,8 @@ def _encode(config: LatentsConfig, progress: bool, device: torch.device, info) -
             latents, labels = _shard_latents(vae, dataset, rows, config, config.seed * 1_000_003 + 2 * k, device, bar)
             tensors = {"latents": latents, "labels": labels}
             if config.flip:
-                tensors["latents_flip"], _ = _shard_latents(vae, mirrored, rows, config, config.seed * 1_000_003 + 2 * k + 1,
+                mirrored = range(len(dataset) + rows.start, len(dataset) + rows.stop)  # the folder's mirrored indices
+                tensors["latents_flip"], _ = _shard_latents(vae, dataset, mirrored, config, config.seed * 1_000_003 + 2 * k + 1,
                                                             device, bar)
             save_tensors(shard_path(out, k), tensors, {"kind": "latent-shard", "shard": k, "first": rows.start})
     barrier(info)

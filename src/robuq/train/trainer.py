@@ -1,6 +1,6 @@
 """The training loop every robuq run uses: AdamW, EMA, clipping, logging, atomic checkpoints, exact resume.
 
-Exactness comes from construction rather than from saving RNG streams: the data order of every epoch
+Exactness comes from construction rather than from saving RNG streams: the data order (and flips) of every epoch
 is a permutation seeded by (seed, epoch), and all randomness of step k (timesteps, noise, label
 dropout) is drawn from a generator seeded with (seed, k, rank). A run stopped at step k and resumed is
 therefore the same computation as one that never stopped. Randomness a model draws from the global
@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from robuq.data import build_dataset
+from robuq.data import StreamingImageFolder, build_dataset
 from robuq.data.latents import LatentDataset
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from robuq.core.files import atomic_write_text, read_meta, save_tensors
@@ -41,11 +42,15 @@ class LoopConfig:
     """The training loop's options, shared by every job that trains (``train``, ``qat``); written to
     ``out_dir/config.json`` and into every checkpoint with the job's own options."""
 
-    data: str = option("fashion-mnist", "training data: 'fashion-mnist' or the path of an image folder (a sub-folder per class)")
+    data: str = option("fashion-mnist", "training data: 'fashion-mnist' or the path of an image folder (a sub-folder per class, "
+                                        "read from disk as it is used)")
     data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files (default: $ROBUQ_DATA, then "
                                         "/usr/share/datasets/fashion-mnist)")
     latents: str | None = option(None, "train on a latent cache written by `robuq latents` instead of --data")
-    num_workers: int = option(0, "DataLoader worker processes feeding the loop (0: read batches in the loop's process)")
+    num_workers: int | None = option(None, "DataLoader worker processes feeding the loop (default: up to 8 for an image "
+                                           "folder, which decodes images, else 0; 0: read batches in the loop's process)")
+    flip: bool = option(True, "random horizontal flips, drawn per sample and epoch from --seed: image folders, and latent "
+                              "caches encoded with --flip (Fashion-MNIST is never flipped)")
     precision: str = option("fp32", "fp32; tf32 (CUDA matmuls in TF32); bf16 (autocast; quantizer statistics, scales "
                                     "and rounding stay fp32)", choices=("fp32", "tf32", "bf16"))
     grad_checkpoint: bool = option(False, "recompute each DiT block in the backward pass instead of storing its activations")
@@ -125,12 +130,17 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 class StepBatches:
-    """The samples each rank sees at each step, a pure function of (seed, step, rank)."""
+    """The samples each rank sees at each step, a pure function of (seed, step, rank).
 
-    def __init__(self, num_samples: int, global_batch: int, seed: int, info: DistInfo):
+    With ``mirrors`` each epoch also draws, per sample, whether to use its mirrored copy — index
+    ``num_samples + i`` of a dataset with ``has_mirrors`` — so flips too are exact on resume and do not
+    depend on which worker reads a sample.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, info: DistInfo, mirrors: bool = False):
         if num_samples < global_batch:
             raise ValueError(f"the dataset has {num_samples} samples, fewer than one batch of {global_batch}")
-        self.num_samples, self.global_batch, self.seed, self.info = num_samples, global_batch, seed, info
+        self.num_samples, self.global_batch, self.seed, self.info, self.mirrors = num_samples, global_batch, seed, info, mirrors
         self.steps_per_epoch = num_samples // global_batch
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
@@ -138,7 +148,11 @@ class StepBatches:
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 65_537 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=g)
+            perm = torch.randperm(self.num_samples, generator=g)
+            if self.mirrors:  # drawn after the permutation, which thus stays what it is without flips
+                flipped = torch.rand(self.num_samples, generator=g) < 0.5
+                perm = perm + self.num_samples * flipped[perm].long()
+            self._epoch, self._perm = epoch, perm
         batch = self._perm[within * self.global_batch : (within + 1) * self.global_batch]
         return batch[self.info.rank :: self.info.world_size]
 
@@ -161,6 +175,16 @@ def loop_dataset(config: LoopConfig, input_size: int, conditional: bool, channel
     if config.latents:
         return LatentDataset(config.latents)
     return build_dataset(config.data, input_size, config.data_dir, conditional, channels=channels)
+
+
+def loader_workers(config: LoopConfig, dataset: Dataset, info: DistInfo) -> int:
+    """``config.num_workers``, or by default a share of this machine's CPUs (at most 8) for a folder of images
+    to decode and 0 for data already in memory, where worker processes only cost start-up time."""
+    if config.num_workers is not None:
+        return config.num_workers
+    if not isinstance(dataset, StreamingImageFolder):
+        return 0
+    return max(1, min(8, len(os.sched_getaffinity(0)) // info.world_size - 1))
 
 
 def data_shape(dataset: Dataset) -> tuple[int, int]:
@@ -327,9 +351,7 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
     out_dir = Path(config.out_dir)
     num_classes = getattr(model, "num_classes", 0)
     model = model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    ema, optimizer = ema_and_optimizer(model, config)
     meta = {"train_config": config.to_dict(), "model_config": model.config.to_dict(), **extra_meta}
 
     start = 0
@@ -355,47 +377,20 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
     net = DistributedDataParallel(model) if info.enabled else model
     if config.compile:
         net = torch.compile(net)
-    batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info)
+    mirrors = config.flip and bool(getattr(dataset, "has_mirrors", False))
+    batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info, mirrors)
     loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatchSampler(batches, start, stop), num_workers=config.num_workers,
+        dataset, batch_sampler=StepBatchSampler(batches, start, stop), num_workers=loader_workers(config, dataset, info),
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed)))  # not the global RNG
     model.train()
     bar = tqdm(range(start, stop), initial=start, total=stop, desc="train", disable=not (progress and info.is_main), dynamic_ncols=True)
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
-    rng_devices = [device] if device.type == "cuda" else []
     for step in bar:
-        generator = torch.Generator().manual_seed(step_seed(config.seed, step, info.rank))
         x, y = next(loader)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True) if num_classes > 0 else None
 
-        with torch.random.fork_rng(devices=rng_devices), precision_context(config.precision, device):
-            torch.manual_seed(step_seed(config.seed, step, info.rank))  # any randomness of the model's own
-            losses = objective(net, x, y, generator)
-        loss = losses["loss"].float().mean()
-        if not torch.isfinite(loss):
-            def rerun() -> object:
-                with torch.random.fork_rng(devices=rng_devices):
-                    torch.manual_seed(step_seed(config.seed, step, info.rank))
-                    return objective(model, x, y, torch.Generator().manual_seed(step_seed(config.seed, step, info.rank)))
-
-            where = first_nonfinite_module(model, rerun)
-            origin = f", first in module {where!r}" if where else ""
-            raise TrainingDivergedError(
-                f"non-finite loss ({loss.item()}) at step {step}{origin}; the last checkpoint is intact"
-            )
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):
-            where = first_nonfinite_grad(model)
-            origin = f", first in the gradient of {where!r}" if where else ""
-            raise TrainingDivergedError(f"non-finite gradient norm at step {step}{origin}; the last checkpoint is intact")
-        optimizer.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step)) if config.ema_warmup else config.ema_decay
-        update_ema(ema, model, decay)
+        loss, grad_norm, losses = train_step(net, model, ema, optimizer, objective, x, y, step, config, info.rank, device)
 
         window_loss, window_n = window_loss + loss.item(), window_n + 1
         done = step + 1
@@ -427,6 +422,55 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
         save_tensors(out_dir / "model.safetensors", ema.state_dict(), {**meta, "kind": "model", "step": stop, "weights": "ema"})
     barrier(info)
     return out_dir
+
+
+def ema_and_optimizer(model: nn.Module, config: LoopConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The loop's frozen EMA copy of ``model`` and its AdamW over the trainable parameters."""
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return ema, torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_step(net: nn.Module, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+               objective: Callable[..., dict[str, torch.Tensor]], x: torch.Tensor, y: torch.Tensor | None, step: int,
+               config: LoopConfig, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Step ``step`` of the loop on the batch (x, y): the objective through ``net`` (``model`` itself, or its DDP
+    or compiled wrapper) under ``config.precision``, its randomness drawn from (seed, step, rank); backward,
+    clipping, AdamW at the scheduled learning rate, the EMA update. Returns (mean loss, gradient norm, losses)."""
+    rng_devices = [device] if device.type == "cuda" else []
+    generator = torch.Generator().manual_seed(step_seed(config.seed, step, rank))
+    with torch.random.fork_rng(devices=rng_devices), precision_context(config.precision, device):
+        torch.manual_seed(step_seed(config.seed, step, rank))  # any randomness of the model's own
+        losses = objective(net, x, y, generator)
+    loss = losses["loss"].float().mean()
+    if not torch.isfinite(loss):
+        def rerun() -> object:
+            with torch.random.fork_rng(devices=rng_devices):
+                torch.manual_seed(step_seed(config.seed, step, rank))
+                return objective(model, x, y, torch.Generator().manual_seed(step_seed(config.seed, step, rank)))
+
+        where = first_nonfinite_module(model, rerun)
+        origin = f", first in module {where!r}" if where else ""
+        raise TrainingDivergedError(
+            f"non-finite loss ({loss.item()}) at step {step}{origin}; the last checkpoint is intact"
+        )
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    optimizer.zero_grad(set_to_none=True)  # a no-op but for gradients a caller left on the model
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):
+        where = first_nonfinite_grad(model)
+        origin = f", first in the gradient of {where!r}" if where else ""
+        raise TrainingDivergedError(f"non-finite gradient norm at step {step}{origin}; the last checkpoint is intact")
+    optimizer.step()
+    # Gradients live from the backward pass to the optimizer step only: kept until the next step's forward
+    # pass, they would add a whole gradient copy to its peak memory (and to checkpointing's).
+    optimizer.zero_grad(set_to_none=True)
+    decay = min(config.ema_decay, (1 + step) / (10 + step)) if config.ema_warmup else config.ema_decay
+    update_ema(ema, model, decay)
+    return loss, grad_norm, losses
 
 
 def _truncate_log(path: Path, step: int) -> None:
