@@ -222,7 +222,10 @@ def path_rows(repeats: int, tokens: int = 2048, models: tuple[str, ...] = tuple(
             x, w = torch.randn(tokens, cin), torch.randn(cin, cout)
             peer = dynamic_int8(torch.nn.Sequential(torch.nn.Linear(cin, cout)))
             runs = {"fp32_matmul": lambda: x @ w, "dynamic_int8_linear": lambda: peer(x)}
-            runs.update({f"{p}_gemm": (lambda p=p: gemm.matmul(p, a, b, sums, 1)) for p in available_paths()})
+            # as an exported layer calls it: AVX2 weights packed once, 3-bit levels known to be unsigned
+            packed = native.pack_gemm_weights(b) if "avx2" in available_paths() else None
+            runs.update({f"{p}_gemm": (lambda p=p: gemm.matmul(p, a, b, sums, 1, packed=packed, act_shift=0, act_top=7))
+                         for p in available_paths()})
             times = {kind: [] for kind in runs}
             with torch.no_grad():
                 for _ in range(3):
