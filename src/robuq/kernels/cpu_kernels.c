@@ -877,7 +877,21 @@ void robuq_gelu_tanh(const float *x, float *y, int64_t n, int threads) {
     }
 }
 
-/* ---- The integer linear's epilogue in one pass:
+/* tanh-GELU in place over n contiguous values: the epilogue's second pass over the rows it has just written,
+ * still in cache. Inside its column loop, beside the branch sums, the GELU's constants did not fit AVX2's
+ * 16 registers (spilled: the fused epilogue of fc1 1.37× slower on one Intel core, 1.18× with AVX-512).
+ * Compiled as the epilogue is, with fused multiply-adds, whether inlined or not. */
+__attribute__((optimize("fp-contract=fast"))) static void gelu_span(float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        lanes_f v = lanes_load(y + i);
+        v = lanes_gelu_tanh(v);
+        memcpy(y + i, &v, sizeof v);
+    }
+    for (; i < n; i++) y[i] = lanes_gelu_tanh(lanes_splat(y[i]))[0];
+}
+
+/* ---- The integer linear's epilogue, one pass per block of rows (and a second one for the GELU):
  *   y = acc·s_r·α_c + o_r·w_c + b_c [+ Σ_k branch_rk·up_kc] [then tanh-GELU],
  * where acc is the int32 product of the levels, w_c = α_c·Σ_k L_kc carries the activation offset, and
  * branch·up is the low-rank branch's second matmul (up given as rank × cols). Rows go RESCALE_ROWS at a
@@ -888,8 +902,7 @@ void robuq_gelu_tanh(const float *x, float *y, int64_t n, int threads) {
 /* Columns [c, c + LANES) of rows row[0, count): full vectors only (the caller pads the tail). */
 __attribute__((optimize("fp-contract=fast"), always_inline)) static inline void rescale_columns(
     const int32_t *acc, float *y, int64_t cols, int64_t c, const int64_t *row, int count, const float *s,
-    const float *o, lanes_f alpha, lanes_f w, lanes_f bias, const float *branch, const float *up, int64_t rank,
-    int gelu) {
+    const float *o, lanes_f alpha, lanes_f w, lanes_f bias, const float *branch, const float *up, int64_t rank) {
     /* Loops of constant trip count, unrolled: low stays in registers (with a count-long loop GCC kept it
      * on the stack and cleared it with rep stos on every call, the pass's largest cost). */
     lanes_f low[RESCALE_ROWS];
@@ -905,13 +918,12 @@ __attribute__((optimize("fp-contract=fast"), always_inline)) static inline void 
         if (r >= count) break;
         lanes_i a;
         memcpy(&a, acc + row[r] * cols + c, sizeof a);
-        lanes_f v = __builtin_convertvector(a, lanes_f) * s[row[r]] * alpha + (o[row[r]] * w + bias) + low[r];
-        if (gelu) v = lanes_gelu_tanh(v);
+        const lanes_f v = __builtin_convertvector(a, lanes_f) * s[row[r]] * alpha + (o[row[r]] * w + bias) + low[r];
         memcpy(y + row[r] * cols + c, &v, sizeof v);
     }
 }
 
-/* The integer linear's epilogue in one pass:
+/* The integer linear's epilogue, RESCALE_ROWS rows at a time (the GELU over them right after):
  *   y = acc·s_r·α_c + o_r·w_c + b_c [+ Σ_k branch_rk·up_kc] [then tanh-GELU],
  * where acc is the int32 product of the levels, w_c = α_c·Σ_k L_kc carries the activation offset, and
  * branch·up is the low-rank branch's second matmul (up given as rank × cols). Rows go RESCALE_ROWS at a
@@ -931,14 +943,16 @@ void robuq_rescale(const int32_t *acc, float *y, int64_t rows, int64_t cols, con
         for (int r = 0; r < RESCALE_ROWS; r++) row[r] = r0 + (r < count ? r : count - 1);
         for (int64_t c = 0; c < full; c += LANES)
             rescale_columns(acc, y, cols, c, row, count, s, o, lanes_load(alpha + c), lanes_load(w + c),
-                            lanes_load(bias + c), branch, up, rank, gelu);
+                            lanes_load(bias + c), branch, up, rank);
         for (int r = 0; r < count; r++) /* the ragged last columns, one at a time */
             for (int64_t c = full; c < cols; c++) {
                 float v = (float)acc[row[r] * cols + c] * s[row[r]] * alpha[c] + (o[row[r]] * w[c] + bias[c]), low = 0.0f;
                 for (int64_t k = 0; k < rank; k++) low += branch[row[r] * rank + k] * up[k * cols + c];
                 v += low;
-                y[row[r] * cols + c] = gelu ? lanes_gelu_tanh(lanes_splat(v))[0] : v;
+                y[row[r] * cols + c] = v;
             }
+        if (gelu)
+            for (int r = 0; r < count; r++) gelu_span(y + (r0 + r) * cols, cols);
     }
 }
 
@@ -1030,6 +1044,17 @@ int robuq_integer_isa(void) {
 }
 
 #if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+/* acc + vpmaddubsw(x, w) in int16, the sum written into acc's own register. From intrinsics GCC 12 added
+ * into the product's register and copied it back, one vmovdqa per multiply: a third more vector ALU work,
+ * and the whole GEMM 1.22× slower on an Intel core (three vector ALU ports), measured here. */
+static inline __attribute__((always_inline)) __m256i maddubs_into(__m256i acc, __m256i x, __m256i w) {
+    __m256i product;
+    __asm__("vpmaddubsw %[w], %[x], %[product]\n\tvpaddw %[product], %[acc], %[acc]"
+            : [acc] "+x"(acc), [product] "=&x"(product)
+            : [x] "x"(x), [w] "x"(w));
+    return acc;
+}
+
 /* out rows [0, rows) × blocks·8 columns from c0 = Σ_k u·b − shift·col_sums, for ROWS ≤ GEMM_ROWS and
  * BLOCKS ≤ GEMM_BLOCKS known when inlined, so that the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *restrict u, int64_t ustride,
@@ -1053,7 +1078,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *restr
                 int32_t quad;
                 memcpy(&quad, u + r * ustride + 4 * q, sizeof quad);
                 const __m256i x = _mm256_set1_epi32(quad);
-                for (int b = 0; b < BLOCKS; b++) sums[r][b] = _mm256_add_epi16(sums[r][b], _mm256_maddubs_epi16(x, wv[b]));
+                for (int b = 0; b < BLOCKS; b++) sums[r][b] = maddubs_into(sums[r][b], x, wv[b]);
             }
         }
         for (int r = 0; r < ROWS; r++)
