@@ -520,6 +520,22 @@ static int32_t span_levels(const float *restrict v, int64_t n, const float *rest
     return total;
 }
 
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+/* acc + MULTIPLY(x, w), the sum written into acc's own register. From intrinsics GCC 12 added into the
+ * product's register and copied it back, one vmovdqa per multiply: a third more vector ALU work (the AVX2
+ * GEMM 1.26–1.28× slower on an Intel core, with three vector ALU ports; measured here). */
+#define ACCUMULATE_INTO(NAME, MULTIPLY, ADD)                                                                   \
+    static inline __attribute__((always_inline)) __m256i NAME(__m256i acc, __m256i x, __m256i w) {            \
+        __m256i product;                                                                                       \
+        __asm__(MULTIPLY " %[w], %[x], %[product]\n\t" ADD " %[product], %[acc], %[acc]"                      \
+                : [acc] "+x"(acc), [product] "=&x"(product)                                                    \
+                : [x] "x"(x), [w] "x"(w));                                                                     \
+        return acc;                                                                                            \
+    }
+ACCUMULATE_INTO(maddubs_into, "vpmaddubsw", "vpaddw") /* u8 × s8 pair sums, added in int16 */
+ACCUMULATE_INTO(madd_into, "vpmaddwd", "vpaddd")      /* s16 × s16 pair sums, added in int32 */
+#endif
+
 /* out[r][j] = Σ_k a[r][k]·b[k][j] for RB rows of unsigned bytes a (stride astride, 4·k4 of them) and 16·CB
  * columns of b, packed [k4][width][4] as signed levels (width a multiple of 16: with VNNI one 64-byte
  * vector holds four k of 16 columns). Every version gives the same exact integer sums. b's levels are
@@ -573,7 +589,7 @@ static void dot_avx2_strip(const int16_t *restrict a, int64_t astride, int rows,
             int64_t four;
             memcpy(&four, a + r * astride + 4 * k, sizeof four);
             const __m256i x = _mm256_set1_epi64x(four);
-            for (int h = 0; h < 4; h++) acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(x, w[h]));
+            for (int h = 0; h < 4; h++) acc[r][h] = madd_into(acc[r][h], x, w[h]);
         }
     }
     for (int r = 0; r < rows; r++)
@@ -1044,17 +1060,6 @@ int robuq_integer_isa(void) {
 }
 
 #if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
-/* acc + vpmaddubsw(x, w) in int16, the sum written into acc's own register. From intrinsics GCC 12 added
- * into the product's register and copied it back, one vmovdqa per multiply: a third more vector ALU work,
- * and the whole GEMM 1.22× slower on an Intel core (three vector ALU ports), measured here. */
-static inline __attribute__((always_inline)) __m256i maddubs_into(__m256i acc, __m256i x, __m256i w) {
-    __m256i product;
-    __asm__("vpmaddubsw %[w], %[x], %[product]\n\tvpaddw %[product], %[acc], %[acc]"
-            : [acc] "+x"(acc), [product] "=&x"(product)
-            : [x] "x"(x), [w] "x"(w));
-    return acc;
-}
-
 /* out rows [0, rows) × blocks·8 columns from c0 = Σ_k u·b − shift·col_sums, for ROWS ≤ GEMM_ROWS and
  * BLOCKS ≤ GEMM_BLOCKS known when inlined, so that the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *restrict u, int64_t ustride,
@@ -1137,7 +1142,7 @@ static void gemm_plain(const uint8_t *restrict u, int64_t ustride, int64_t rows,
  * flush as above. Returns 0, or −1 when memory ran out. */
 int robuq_gemm_s8(const int8_t *a, int32_t shift, const int8_t *packed, int32_t *out, int64_t m, int64_t k, int64_t n,
                   const int32_t *col_sums, int64_t flush, int threads) {
-    const int64_t k4 = (k + 3) / 4, blocks = (n + 7) / 8, wstride = k4 * 32;
+    const int64_t k4 = (k + 3) / 4, blocks = (n + 7) / 8;
     const int64_t chunks = (m + GEMM_CHUNK_ROWS - 1) / GEMM_CHUNK_ROWS, panels = (blocks + GEMM_PANEL - 1) / GEMM_PANEL;
     /* Rows are read in place when they need no shift and whole quads end them; else copied, zero-padded. */
     const int in_place = shift == 0 && k % 4 == 0;
@@ -1165,6 +1170,7 @@ int robuq_gemm_s8(const int8_t *a, int32_t shift, const int8_t *packed, int32_t 
                 u = copy;
             }
 #if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+            const int64_t wstride = k4 * 32; /* bytes from one packed block to the next */
             for (int64_t b = b0; b < b1; b += GEMM_BLOCKS) {
                 const int width = b1 - b < GEMM_BLOCKS ? (int)(b1 - b) : GEMM_BLOCKS;
                 for (int64_t t = 0; t < rows; t += GEMM_ROWS) {
