@@ -132,10 +132,14 @@ def export_random(name: str, path: Path, act_bits: int = 2) -> Path:
     return export_model(model, config, path, "ternary-2bit", "fp16")
 
 
-def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str = "wall") -> dict:
+def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str = "wall", rounds: int = 5) -> dict:
     """fp32 forward vs PyTorch's dynamic int8 model vs the exported forward, alternately; also fp32 with
     robuq's elementwise C kernels (GELU, LayerNorm+modulate, gated residuals), which the exported model
-    uses, so that the part of the speed-up that does not come from quantization shows."""
+    uses, so that the part of the speed-up that does not come from quantization shows.
+
+    Each round times every model once, in reversed order every other round; a speed-up is the median over
+    rounds of that round's ratio, so that a machine that slows down for a while (shared, noisy) slows both
+    sides of a ratio, and its spread over rounds is kept."""
     torch.manual_seed(0)
     fp = create_model(name).eval()
     models = {"fp32": fp, "fp32_native_elementwise": use_native_kernels(copy.deepcopy(fp)), "dynamic_int8": dynamic_int8(fp)}
@@ -146,15 +150,21 @@ def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str
     t, y = torch.randint(0, 1000, (8,)), torch.randint(0, c.num_classes, (8,))
     times = {kind: [] for kind in models}
     with torch.no_grad():
-        for _ in range(3):
-            for kind, model in models.items():
+        for r in range(rounds):
+            for kind, model in (models.items() if r % 2 == 0 else reversed(models.items())):
                 times[kind].append(time_ms(lambda: model(x, t, y), repeats, clock=clock))
     ms = {kind: statistics.median(v) for kind, v in times.items()}
     paths = {m.gemm for m in models["exported"].modules() if isinstance(m, IntegerLinear)}
+
+    def ratio(kind: str) -> tuple[float, list[float]]:
+        per_round = [a / b for a, b in zip(times[kind], times["exported"])]
+        return statistics.median(per_round), per_round
+
+    (fp32, fp32_rounds), (dyn, dyn_rounds), (elementwise, _) = (ratio(k) for k in ("fp32", "dynamic_int8", "fp32_native_elementwise"))
     return {**{f"{kind}_ms": v for kind, v in ms.items()}, "act_bits": act_bits, "gemm_path": ",".join(sorted(paths)),
-            "cpu_speedup": ms["fp32"] / ms["exported"], "speedup_vs_dynamic_int8": ms["dynamic_int8"] / ms["exported"],
-            "cpu_speedup_vs_fp32_native_elementwise": ms["fp32_native_elementwise"] / ms["exported"],
-            "export_path": str(path)}
+            "rounds_ms": times, "cpu_speedup": fp32, "speedup_vs_dynamic_int8": dyn,
+            "cpu_speedup_rounds": fp32_rounds, "speedup_vs_dynamic_int8_rounds": dyn_rounds,
+            "cpu_speedup_vs_fp32_native_elementwise": elementwise, "export_path": str(path)}
 
 
 # Where a forward's time goes: each DiT block's modules by role (suffixes of their names in a block).
@@ -286,7 +296,7 @@ def measure_setting(args: argparse.Namespace, tmp: Path) -> dict:
     for name in args.models:
         entry = {}
         if "speed" in args.parts:
-            speed = end_to_end(name, args.repeats, tmp, args.act_bits, args.clock)
+            speed = end_to_end(name, args.repeats, tmp, args.act_bits, args.clock, args.rounds)
             entry.update(speed)
         if "breakdown" in args.parts:
             entry["breakdown"] = breakdown(name, args.repeats, tmp, args.act_bits)
@@ -308,11 +318,18 @@ def run_setting(setting: str, args: argparse.Namespace, tmp: Path) -> dict:
     capability once, at import)."""
     out = tmp / f"{setting}.json"
     worker = [sys.executable, __file__, "--worker", str(out), "--threads", str(args.threads), "--repeats",
-              str(args.repeats), "--act-bits", str(args.act_bits), "--clock", args.clock, "--memory-runs", str(args.memory_runs),
+              str(args.repeats), "--rounds", str(args.rounds), "--act-bits", str(args.act_bits), "--clock", args.clock,
+              "--memory-runs", str(args.memory_runs),
               "--parts", ",".join(args.parts), "--models", *args.models, "--memory-models", *args.memory_models]
     env = {**{k: v for k, v in os.environ.items() if k not in SETTINGS["avx2-forced"]}, **SETTINGS[setting]}
     subprocess.run(worker, env=env, check=True)
     return {"setting": setting, "environment": SETTINGS[setting], **json.loads(out.read_text())}
+
+
+def _spread(entry: dict, key: str) -> str:
+    """ (lowest–highest round), where the result has its rounds (older results do not)."""
+    rounds = entry.get(key)
+    return f" ({min(rounds):.2f}–{max(rounds):.2f})" if rounds else ""
 
 
 def _mib(v: float) -> str:
@@ -339,12 +356,15 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
     speed = [(s, name, e) for s in settings for name, e in s["models"].items() if "cpu_speedup" in e]
     if speed:
         clock = "CPU time of the process" if args.clock == "cpu" else "wall time"
-        lines += ["", f"Forward of batch 8 at 32×32 latents, `robuq` preset at A{args.act_bits}, {args.threads} threads, {clock} (ms):", "",
+        lines += ["", f"Forward of batch 8 at 32×32 latents, `robuq` preset at A{args.act_bits}, {args.threads} threads, {clock} (ms: "
+                  "medians over alternating rounds; a speed-up is the median of the rounds' ratios, lowest–highest round "
+                  "in brackets):", "",
                   "| setting | model | fp32 eager ms | dynamic int8 ms | exported ms | GEMM path | × fp32 | × dynamic int8 "
                   "| × fp32 with robuq's elementwise kernels |", "|---|---|---|---|---|---|---|---|---|"]
         for s, name, e in speed:
             lines.append(f"| {s['setting']} | {name} | {e['fp32_ms']:.0f} | {e['dynamic_int8_ms']:.0f} | {e['exported_ms']:.0f} "
-                         f"| {e['gemm_path']} | **{e['cpu_speedup']:.2f}×** | **{e['speedup_vs_dynamic_int8']:.2f}×** "
+                         f"| {e['gemm_path']} | **{e['cpu_speedup']:.2f}×**{_spread(e, 'cpu_speedup_rounds')} "
+                         f"| **{e['speedup_vs_dynamic_int8']:.2f}×**{_spread(e, 'speedup_vs_dynamic_int8_rounds')} "
                          f"| {e['cpu_speedup_vs_fp32_native_elementwise']:.2f}× |")
     memory = [(s, name, e) for s in settings for name, e in s["models"].items() if "peak_mem_ratio" in e]
     if memory:
@@ -406,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size-models", nargs="+", default=None, help="default: DiT-XL/2 DiT-B/2 DiT-S/2")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--memory-runs", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds of the end-to-end timing (default 5, quick 3)")
     parser.add_argument("--act-bits", type=int, default=3)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: time by the process's CPU time (with --threads 1, immune to a crowded machine)")
@@ -423,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown parts or settings: {', '.join(sorted(unknown))}")
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.memory_runs = args.memory_runs or (1 if args.quick else 3)
+    args.rounds = args.rounds or (3 if args.quick else 5)
     args.models = args.models or (["DiT-S/2"] if args.quick else ["DiT-S/2", "DiT-B/2"])
     args.memory_models = args.memory_models or (["DiT-S/2"] if args.quick else ["DiT-XL/2", "DiT-B/2", "DiT-S/2"])
     torch.set_num_threads(args.threads)

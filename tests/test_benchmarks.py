@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def test_deploy(tmp_path):
     results = tmp_path / "results"
     argv = ["--parts", "sizes,linears,speed,memory,breakdown", "--settings", "native", "--models", "toy", "--size-models", "toy",
             "--memory-models", "toy", "--memory-runs", "1", "--linear-width", "48", "--linear-tokens", "16", "--repeats", "1",
-            "--threads", "1", "--results-dir", str(results)]
+            "--rounds", "3", "--threads", "1", "--results-dir", str(results)]
     deploy.main(argv)
     data, markdown = _record(results, "deploy", "deploy", argv)
     _finite(data, "machine")
@@ -154,7 +155,15 @@ def test_deploy(tmp_path):
     (setting,) = data["settings"]
     toy = setting["models"]["toy"]
     assert setting["setting"] == "native" and min(toy["fp32_ms"], toy["dynamic_int8_ms"], toy["exported_ms"]) > 0
-    assert toy["cpu_speedup"] == pytest.approx(toy["fp32_ms"] / toy["exported_ms"])
+    # speed-ups: the median over rounds of each round's ratio (a machine slowing down for a while slows both sides)
+    rounds = toy["rounds_ms"]
+    assert {len(v) for v in rounds.values()} == {3}
+    ratios = [a / b for a, b in zip(rounds["fp32"], rounds["exported"])]
+    assert toy["cpu_speedup_rounds"] == pytest.approx(ratios) and toy["cpu_speedup"] == pytest.approx(statistics.median(ratios))
+    assert toy["speedup_vs_dynamic_int8"] == pytest.approx(
+        statistics.median([a / b for a, b in zip(rounds["dynamic_int8"], rounds["exported"])]))
+    assert toy["fp32_ms"] == pytest.approx(statistics.median(rounds["fp32"]))
+    assert f"**{toy['cpu_speedup']:.2f}×** ({min(ratios):.2f}–{max(ratios):.2f})" in markdown
     assert toy["gemm_path"] in ("int_mm", "avx2", "fp32") and data["repeats"] == 1
     # peak memory of a short sampling run, each model in a fresh process, above what importing robuq takes
     for kind in ("fp32", "exported"):
