@@ -356,9 +356,10 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
     speed = [(s, name, e) for s in settings for name, e in s["models"].items() if "cpu_speedup" in e]
     if speed:
         clock = "CPU time of the process" if args.clock == "cpu" else "wall time"
-        lines += ["", f"Forward of batch 8 at 32×32 latents, `robuq` preset at A{args.act_bits}, {args.threads} threads, {clock} (ms: "
-                  "medians over alternating rounds; a speed-up is the median of the rounds' ratios, lowest–highest round "
-                  "in brackets):", "",
+        # Results written before the rounds were kept hold ratios of medians.
+        method = ("ms: medians over alternating rounds; a speed-up is the median of the rounds' ratios, lowest–highest "
+                  "round in brackets" if all("cpu_speedup_rounds" in e for _, _, e in speed) else "ms")
+        lines += ["", f"Forward of batch 8 at 32×32 latents, `robuq` preset at A{args.act_bits}, {args.threads} threads, {clock} ({method}):", "",
                   "| setting | model | fp32 eager ms | dynamic int8 ms | exported ms | GEMM path | × fp32 | × dynamic int8 "
                   "| × fp32 with robuq's elementwise kernels |", "|---|---|---|---|---|---|---|---|---|"]
         for s, name, e in speed:
