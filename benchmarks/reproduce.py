@@ -294,8 +294,10 @@ def rescore(args: argparse.Namespace, argv: list[str] | None = None) -> None:
         with np.load(npz) as data:
             class_grid(data["arr_0"], 10, grid_dir(results_dir, args.quick) / f"{slug_of(r['method'])}-cfg{r['guidance']}.png")
     payload["rows"].insert(0, real_images_row(payload["samples"] // 10, work, args))
-    # The rows keep the training run's provenance; write_result adds the rescoring's.
-    payload["table_run"] = {k: payload.pop(k) for k in ("machine", "command", "date") if k in payload}
+    # The rows keep the training run's provenance (from the first rescoring on, in table_run, which later
+    # rescorings leave alone); write_result adds this rescoring's.
+    last_run = {k: payload.pop(k) for k in ("machine", "command", "date") if k in payload}
+    payload["table_run"] = payload.get("table_run") or last_run
     payload["rescored_at_commit"] = git_commit()
     write_result(name, payload, markdown_table(payload["rows"], payload["not_rescored"]), results_dir, argv)
     plot(payload["rows"], results_dir / f"{name}.png")

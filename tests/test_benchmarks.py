@@ -357,6 +357,9 @@ def test_reproduce_quick_path_with_ampn_rescore_and_restart(tmp_path, teacher_fi
     assert rescored["rows"][3]["fid_inception"] > 0 and rescored["rows"][3]["inception_reference"] == 4
     assert rescored["not_rescored"] == ["FP teacher (cfg 4.0)"] and "fid_inception" not in rescored["rows"][2]
     assert "Inception-FID" in table and "Spearman" in table and "Not re-scored" in table
+    # A second rescoring keeps the training run's provenance, not the first rescoring's.
+    reproduce.main(argv)
+    assert json.loads((results / "reproduce_quick.json").read_text())["table_run"] == rescored["table_run"]
 
     # A restarted table reuses a finished row's samples and its recorded QAT time.
     (results / "reproduce_quick.json").unlink()
