@@ -12,8 +12,8 @@ kernels built with -march=haswell: what an AVX2-only CPU runs, on this CPU's cor
 each exported model is timed against PyTorch's dynamic int8 model of the same DiT (``quantize_dynamic``
 on every nn.Linear, fbgemm), the peer a CPU user would pick instead; the per-path table times every
 integer GEMM path robuq has on the block linears' shapes; the breakdown part times each role in a block
-(linears, attention core, adaLN, elementwise) in the fp32 and the exported forward, so that what bounds the
-speed-up shows.
+(linears, attention core, adaLN, elementwise) in the fp32 and the exported forward, and the exported forward
+by kernel (input pass, integer GEMM, epilogue, attention, elementwise), so that what bounds the speed-up shows.
 
 Random weights are fine here: sizes and speeds do not depend on the values. Each speed figure is a
 ratio of two timings taken alternately in one run.
@@ -204,15 +204,47 @@ def time_parts(model: torch.nn.Module, x, t, y, repeats: int) -> dict:
     return {**ms, "rest": 1000 * total / repeats - sum(ms.values()), "forward": 1000 * total / repeats}
 
 
+# The exported forward's kernels by what they do in the model: robuq.kernels.native's entry points, and
+# the integer GEMM by whichever path robuq.deploy.gemm.matmul takes.
+KERNELS = {"input pass (Hadamard, quantize, V·x)": (native.hadamard_quantize, native.hadamard),
+           "integer GEMM": (gemm.matmul,), "epilogue (rescale, U·branch, GELU)": (native.rescale, native.gelu_tanh),
+           "attention (8-bit, fused)": (native.attention,),
+           "LayerNorm+modulate, gated residuals": (native.layer_norm_modulate, native.gated_residual)}
+
+
+def time_kernels(model: torch.nn.Module, x, t, y, repeats: int) -> dict:
+    """ms per forward inside each KERNELS group (the functions' cumulative time under cProfile, which
+    ctypes calls do not leave), the whole forward, and the rest (PyTorch ops, Python, embedders)."""
+    import cProfile
+    import pstats
+
+    with torch.no_grad():
+        model(x, t, y)  # warm-up
+        profile = cProfile.Profile()
+        begin = time.perf_counter()
+        profile.enable()
+        for _ in range(repeats):
+            model(x, t, y)
+        profile.disable()
+        total = time.perf_counter() - begin
+    stats = pstats.Stats(profile).stats  # (file, first line, name) → (calls, …, cumulative seconds, callers)
+    spent = {group: sum(stats.get((f.__code__.co_filename, f.__code__.co_firstlineno, f.__name__), (0, 0, 0, 0.0))[3]
+                        for f in functions) for group, functions in KERNELS.items()}
+    ms = {group: 1000 * v / repeats for group, v in spent.items()}
+    return {**ms, "rest": 1000 * total / repeats - sum(ms.values()), "forward": 1000 * total / repeats}
+
+
 def breakdown(name: str, repeats: int, tmp: Path, act_bits: int) -> dict:
-    """``time_parts`` of the fp32 model and of its export, at the speed part's batch and latents."""
+    """``time_parts`` of the fp32 model and of its export, at the speed part's batch and latents, and the
+    export's ``time_kernels``."""
     torch.manual_seed(0)
     fp = create_model(name).eval()
     exported = load_exported(export_random(name, tmp / f"{name.replace('/', '_')}_parts.safetensors", act_bits))
     c = fp.config
     x = torch.randn(8, c.in_channels, c.input_size, c.input_size)
     t, y = torch.randint(0, 1000, (8,)), torch.randint(0, c.num_classes, (8,))
-    return {"fp32": time_parts(fp, x, t, y, repeats), "exported": time_parts(exported, x, t, y, repeats)}
+    return {"fp32": time_parts(fp, x, t, y, repeats), "exported": time_parts(exported, x, t, y, repeats),
+            "exported_kernels": time_kernels(exported, x, t, y, repeats)}
 
 
 def available_paths() -> list[str]:
@@ -386,6 +418,15 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
             for role in [*BREAKDOWN, "rest", "forward"]:
                 lines.append(f"| {s['setting']} | {name} | {role} | {b['fp32'][role]:.0f} | {b['exported'][role]:.0f} "
                              f"| {100 * b['exported'][role] / b['exported']['forward']:.0f}% |")
+    kernels = [(s, name, b["exported_kernels"]) for s, name, b in parts if "exported_kernels" in b]
+    if kernels:
+        lines += ["", "The exported forward by kernel (ms per forward, a loop under cProfile: each kernel's wrapper in "
+                  "robuq.kernels.native, the C call included, and the integer GEMM by whichever path it takes; the rest "
+                  "is PyTorch ops, Python and the embedders):", "",
+                  "| setting | model | kernel | ms | share of the forward |", "|---|---|---|---|---|"]
+        for s, name, k in kernels:
+            for group in [*KERNELS, "rest", "forward"]:
+                lines.append(f"| {s['setting']} | {name} | {group} | {k[group]:.0f} | {100 * k[group] / k['forward']:.0f}% |")
     kinds = ["fp32_matmul", "dynamic_int8_linear", *[f"{p}_gemm" for p in gemm.PATHS]]
     for s in settings:
         if not s["paths"]:

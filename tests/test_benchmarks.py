@@ -175,6 +175,15 @@ def test_deploy(tmp_path):
         assert all(parts[role] > 0 for role in deploy.BREAKDOWN)
         assert sum(parts[role] for role in [*deploy.BREAKDOWN, "rest"]) == pytest.approx(parts["forward"])
     assert "| native | toy | attention core (QKᵀ, softmax, ·V) |" in markdown
+    # the exported forward by kernel: groups and rest add up to the forward; every block linear runs an
+    # integer GEMM, and with the C kernels built its input pass and epilogue and the attention run in them
+    kernels = toy["breakdown"]["exported_kernels"]
+    assert sum(kernels[group] for group in [*deploy.KERNELS, "rest"]) == pytest.approx(kernels["forward"])
+    assert 0 < kernels["integer GEMM"] < kernels["forward"]
+    if deploy.native.enabled():
+        assert all(kernels[group] > 0 for group in ("input pass (Hadamard, quantize, V·x)", "attention (8-bit, fused)",
+                                                     "epilogue (rescale, U·branch, GELU)"))
+    assert f"| native | toy | integer GEMM | {kernels['integer GEMM']:.0f} |" in markdown
 
 
 def test_qat_overhead(tmp_path):
