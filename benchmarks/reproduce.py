@@ -336,20 +336,39 @@ def markdown_table(rows: list[dict], not_rescored: list[str] = ()) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Each cfg-1.5 row's FID in both feature spaces as bars, best first (the row names on the axis, where
+    they cannot overlap), and beside it one space against the other, the points numbered as the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in (r for r in rows if r["guidance"] == 1.5 and r["bops_ratio"] == r["bops_ratio"]):
-        for ax, key in zip(axes, ("is", "fid")):
-            ax.scatter(r["bops_ratio"], r[key])
-            ax.annotate(r["method"], (r["bops_ratio"], r[key]), fontsize=6)
-    for ax, key in zip(axes, ("Inception-style score (classifier) ↑", "FID (classifier features) ↓")):
-        ax.set(xscale="log", xlabel="bit-operations ÷ full precision", ylabel=key)
+    shown = sorted((r for r in rows if r["guidance"] in (0.0, 1.5)), key=lambda r: r["fid"])
+    inception = [r.get("fid_inception") for r in shown]
+    both = any(v is not None for v in inception)
+    fig, (bars, scatter) = plt.subplots(1, 2, figsize=(14, 1.5 + 0.3 * len(shown)), gridspec_kw={"width_ratios": [3, 2]})
+    y, height = np.arange(len(shown)), (0.4 if both else 0.8)
+    bars.barh(y - height / 2 * both, [r["fid"] for r in shown], height=height, label="FID (classifier features)")
+    if both:
+        bars.barh(y + height / 2, [v or 0.0 for v in inception], height=height, label="Inception-FID (adm protocol)")
+    bars.set_yticks(y, [f"{i + 1}. {r['method']}" for i, r in enumerate(shown)], fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xlabel("FID ↓ (cfg 1.5; reference row: real training images)")
+    bars.legend(fontsize=7, loc="lower right")
+    agreement = rank_agreement(rows)
+    if both:
+        for i, (r, v) in enumerate(zip(shown, inception)):
+            if v is not None:
+                scatter.scatter(r["fid"], v, color="C0", s=14)
+                scatter.annotate(str(i + 1), (r["fid"], v), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        scatter.set(xlabel="FID (classifier features) ↓", ylabel="Inception-FID ↓")
+        if agreement:
+            scatter.set_title(f"Spearman ρ = {agreement['spearman']:.3f} over {agreement['rows']} rows (all cfg)", fontsize=9)
+    else:
+        scatter.axis("off")
+        scatter.text(0.5, 0.5, "no Inception-FID column in this table", ha="center", va="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the longest row names would be cut off
     plt.close(fig)
 
 
