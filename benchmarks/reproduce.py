@@ -350,7 +350,9 @@ def plot(rows: list[dict], path: Path) -> None:
     y, height = np.arange(len(shown)), (0.4 if both else 0.8)
     bars.barh(y - height / 2 * both, [r["fid"] for r in shown], height=height, label="FID (classifier features)")
     if both:
-        bars.barh(y + height / 2, [v or 0.0 for v in inception], height=height, label="Inception-FID (adm protocol)")
+        # a row without an Inception-FID (not re-scored) gets no bar, not a bar of 0
+        bars.barh(y + height / 2, [float("nan") if v is None else v for v in inception], height=height,
+                  label="Inception-FID (adm protocol)")
     bars.set_yticks(y, [f"{i + 1}. {r['method']}" for i, r in enumerate(shown)], fontsize=7)
     bars.invert_yaxis()
     bars.set_xlabel("FID ↓ (cfg 1.5; reference row: real training images)")
