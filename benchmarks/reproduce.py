@@ -136,12 +136,12 @@ def main(argv: list[str] | None = None) -> None:
                      data_dir=args.data_dir, device=args.device)
 
     results = []
-    rows = table_rows((1.5, 4.0))
+    rows = every_row = table_rows((1.5, 4.0))
     if args.only:
-        rows = [r for r in rows if any(text in r.method for text in args.only)]
+        rows = [r for r in every_row if any(text in r.method for text in args.only)]
         if not rows:
             raise SystemExit(f"--only {' '.join(args.only)}: no row's method contains any of these; the rows are: "
-                             + "; ".join(r.method for r in table_rows((1.5, 4.0))))
+                             + "; ".join(r.method for r in every_row))
     for row in rows:
         slug = slug_of(row.method)
         t0 = time.perf_counter()
