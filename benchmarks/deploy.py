@@ -264,10 +264,15 @@ def path_rows(repeats: int, tokens: int = 2048, models: tuple[str, ...] = tuple(
             x, w = torch.randn(tokens, cin), torch.randn(cin, cout)
             peer = dynamic_int8(torch.nn.Sequential(torch.nn.Linear(cin, cout)))
             runs = {"fp32_matmul": lambda: x @ w, "dynamic_int8_linear": lambda: peer(x)}
-            # as an exported layer calls it: AVX2 weights packed once, 3-bit levels known to be unsigned
-            packed = native.pack_gemm_weights(b) if "avx2" in available_paths() else None
+            # as an exported layer calls it: AVX2 weights packed once, 3-bit levels known to be unsigned (the
+            # avx2 path's ternary lookup kernel), and beside it the multiply-add kernel it takes for other weights
+            avx2 = "avx2" in available_paths()
+            packed = gemm.pack_avx2(b, act_shift=0, act_top=7) if avx2 else None
             runs.update({f"{p}_gemm": (lambda p=p: gemm.matmul(p, a, b, sums, 1, packed=packed, act_shift=0, act_top=7))
                          for p in available_paths()})
+            if avx2:
+                madd = native.pack_gemm_weights(b)
+                runs["avx2_multiply_add_gemm"] = lambda: native.gemm_s8(a, madd, cout, sums, 0, gemm.avx2_flush(1, 7))
             times = {kind: [] for kind in runs}
             with torch.no_grad():
                 for _ in range(3):
@@ -427,13 +432,15 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
         for s, name, k in kernels:
             for group in [*KERNELS, "rest", "forward"]:
                 lines.append(f"| {s['setting']} | {name} | {group} | {k[group]:.0f} | {100 * k[group] / k['forward']:.0f}% |")
-    kinds = ["fp32_matmul", "dynamic_int8_linear", *[f"{p}_gemm" for p in gemm.PATHS]]
+    kinds = ["fp32_matmul", "dynamic_int8_linear", *[f"{p}_gemm" for p in gemm.PATHS], "avx2_multiply_add_gemm"]
     for s in settings:
         if not s["paths"]:
             continue
         present = [k for k in kinds if f"{k}_ms" in s["paths"][0]]
         lines += ["", f"Each GEMM path on the block linears' shapes, **{s['setting']}** (ms; × fp32 matmul in brackets; "
-                  "the dynamic int8 linear also quantizes its float input):", "",
+                  "the dynamic int8 linear also quantizes its float input; avx2 gemm is the path as a ternary 3-bit layer takes "
+                  "it, the table-lookup kernel, and avx2 multiply add gemm the vpmaddubsw kernel it uses for other weights; "
+                  "where a column is missing, that run did not time it):", "",
                   "| model | layer | tokens×in×out | " + " | ".join(k.replace("_", " ") for k in present) + " |",
                   "|---|---|---|" + "---|" * len(present)]
         for r in s["paths"]:

@@ -31,9 +31,11 @@ def test_every_path_gives_int_mm_exact_sums(path, m, k, n, largest):
 @pytest.mark.skipif(native.integer_isa() == "none", reason="robuq's C kernels are not built here")
 @pytest.mark.parametrize("top", [1, 7, 15, 127, 255])
 @pytest.mark.parametrize("m, k, n", [(1, 4, 8), (3, 12, 9), (5, 384, 40), (50, 130, 17), (9, 1540, 24)])
-def test_the_avx2_kernel_is_exact_for_unsigned_low_bit_levels(top, m, k, n):
+def test_the_multiply_add_kernel_is_exact_for_unsigned_low_bit_levels(top, m, k, n):
     """Levels 0…top read in place (shift 0; copied where k is not whole quads), the int16 sums kept for as
-    many quads as top allows: tails of rows (tiles of 4), of columns (blocks of 8) and of k (quads of 4)."""
+    many quads as top allows: tails of rows (tiles of 4), of columns (blocks of 8) and of k (quads of 4).
+    (The AVX2 path gives ternary weights with levels up to 15 to the lookup kernel; this one is called
+    directly.)"""
     torch.manual_seed(top + m + k + n)
     a = torch.randint(0, top + 1, (m, k), dtype=torch.int8 if top < 128 else torch.uint8)
     a = a.to(torch.int8) if top < 128 else (a.int() - 128).to(torch.int8)
@@ -43,8 +45,63 @@ def test_the_avx2_kernel_is_exact_for_unsigned_low_bit_levels(top, m, k, n):
     a[0] = top - shift
     packed = native.pack_gemm_weights(b)
     assert packed.shape == (-(-n // 8), -(-k // 4), 8, 4)
-    got = gemm.matmul("avx2", a, b, b.sum(dim=0, dtype=torch.int32), 1, packed=packed, act_shift=shift, act_top=top)
+    got = native.gemm_s8(a, packed, n, b.sum(dim=0, dtype=torch.int32), shift, gemm.avx2_flush(1, top))
     assert torch.equal(got, (a.double() @ b.double()).to(torch.int32))
+
+
+@pytest.mark.skipif(native.integer_isa() == "none", reason="robuq's C kernels are not built here")
+@pytest.mark.parametrize("top", [1, 2, 3, 7, 15])
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (4, 3, 32), (37, 385, 33), (73, 130, 100), (5, 4610, 40)])
+def test_the_ternary_lookup_kernel_is_exact(top, m, k, n):
+    """Levels 0…top against ternary weights, through the AVX2 path as an exported layer calls it: tails of
+    rows (tiles of 3, tasks of 36), of columns (blocks of 32) and of k (groups of 3), every level at its
+    top against +1 and against −1 (the int8 sums' extremes), and k = 4610 past one int16 span at 4 bits."""
+    torch.manual_seed(top + m + k + n)
+    a = torch.randint(0, top + 1, (m, k), dtype=torch.int8)
+    b = torch.randint(-1, 2, (k, n), dtype=torch.int8)
+    a[0] = top
+    b[:, 0] = 1
+    b[:, -1] = -1
+    assert gemm.uses_ternary_lookup(1, 0, top)
+    packed = gemm.pack_avx2(b, act_shift=0, act_top=top)
+    assert packed.shape == (-(-n // 32), -(-k // 3), 2, 32)
+    assert torch.equal(gemm.unpack_avx2(packed, k, n), b)
+    got = gemm.matmul("avx2", a, b, b.sum(dim=0, dtype=torch.int32), 1, packed=packed, act_shift=0, act_top=top)
+    assert torch.equal(got, (a.double() @ b.double()).to(torch.int32))
+
+
+def test_the_avx2_path_packs_for_the_lookup_kernel_only_ternary_weights_at_4_bits_or_fewer():
+    ternary, int4 = torch.randint(-1, 2, (12, 40), dtype=torch.int8), torch.randint(-8, 8, (12, 40), dtype=torch.int8)
+    ternary[0, 0], int4[0, 0] = 1, 7
+    assert gemm.pack_avx2(ternary, act_shift=0, act_top=15).shape[2:] == (2, 32)
+    assert gemm.pack_avx2(ternary, act_shift=0, act_top=31).shape[2:] == (8, 4)  # 5-bit levels: vpmaddubsw
+    assert gemm.pack_avx2(ternary, act_shift=128, act_top=255).shape[2:] == (8, 4)
+    assert gemm.pack_avx2(int4, act_shift=0, act_top=7).shape[2:] == (8, 4)
+    for b in (ternary, int4):
+        assert torch.equal(gemm.unpack_avx2(gemm.pack_avx2(b, 0, 7), 12, 40), b)
+    with pytest.raises(ValueError, match="levels in"):
+        native.pack_ternary_weights(int4)
+    if native.integer_isa() != "none":
+        with pytest.raises(ValueError, match="top"):
+            native.gemm_ternary(torch.zeros(2, 12, dtype=torch.int8), native.pack_ternary_weights(ternary), 40,
+                                ternary.sum(dim=0, dtype=torch.int32), 16)
+
+
+def test_the_ternary_packing_puts_each_weight_where_the_kernel_reads_it():
+    """Column c's weights k = 3g…3g + 2 sit at block c // 32, group g, lane c % 32 as the slot of their
+    pattern up to sign (first nonzero made +1) and that sign; padding is zero."""
+    torch.manual_seed(0)
+    b = torch.randint(-1, 2, (7, 40), dtype=torch.int8)
+    packed = native.pack_ternary_weights(b)
+    padded = torch.zeros(9, 64, dtype=torch.int8)
+    padded[:7, :40] = b
+    for g in range(3):
+        for c in range(64):
+            triple = padded[3 * g : 3 * g + 3, c].tolist()
+            sign = next((v for v in triple if v), 0)
+            slot, stored_sign = packed[c // 32, g, :, c % 32].tolist()
+            assert stored_sign == sign and native.TERNARY_PATTERNS[slot] == tuple(sign * v for v in triple)
+            assert (slot == 0) == (sign == 0)
 
 
 def test_the_packing_puts_each_weight_where_the_kernel_reads_it():
@@ -183,7 +240,8 @@ def test_the_avx2_path_keeps_one_int8_copy_of_the_weights_and_state_dicts_keep_t
     layer = QuantLinear.from_linear(torch.nn.Linear(40, 72), LinearQuantConfig(act_bits=3, lowrank_rank=4)).eval()
     packed, plain = IntegerLinear(layer, gemm="avx2"), IntegerLinear(layer, gemm="fp32")
     int8_bytes = lambda m: sum(b.numel() for b in m.buffers() if b.dtype == torch.int8)  # noqa: E731
-    assert packed.weight_levels_t is None and int8_bytes(packed) == int8_bytes(plain) == 40 * 72
+    # ternary weights at 3 bits: the lookup kernel's slots and signs, two bytes per three weights (padded)
+    assert packed.weight_levels_t is None and int8_bytes(packed) <= int8_bytes(plain) == 40 * 72
     assert torch.equal(packed.levels_t(), plain.weight_levels_t)
     assert torch.equal(packed.state_dict()["weight_levels_t"], plain.weight_levels_t)
     x = torch.randn(6, 40)

@@ -11,7 +11,7 @@ Paths, all giving ``torch._int_mm``'s exact int32 result:
 | path | what multiplies |
 |---|---|
 | ``int_mm`` | ``torch._int_mm`` (oneDNN; VNNI or AMX) |
-| ``avx2`` | robuq's AVX2 kernel: vpmaddubsw on weights packed once per layer, low-bit sums kept in int16 |
+| ``avx2`` | robuq's AVX2 kernels on weights packed once per layer: ternary weights with activations of 4 bits or fewer by table lookups (vpshufb, three weights at a time), other weights by vpmaddubsw, low-bit sums kept in int16 |
 | ``fp32`` | an fp32 matmul of the levels, exact while |sum| < 2^24 (float64 beyond) |
 
 ``ROBUQ_GEMM`` (``auto`` or a path) is read by ``robuq.load_exported`` when it loads a model, and its
@@ -160,6 +160,27 @@ def avx2_flush(max_weight: int, act_top: int = 255) -> int:
     return 32767 // (2 * act_top * max(1, max_weight))
 
 
+def uses_ternary_lookup(max_weight: int, act_shift: int, act_top: int) -> bool:
+    """Whether the AVX2 path multiplies by the ternary lookup kernel (``native.gemm_ternary``): weights in
+    {−1, 0, 1} and unsigned activation levels of at most 4 bits; else by vpmaddubsw (``native.gemm_s8``)."""
+    return max_weight <= 1 and act_shift == 0 and act_top <= native.TERNARY_MAX_TOP
+
+
+def pack_avx2(b: torch.Tensor, act_shift: int, act_top: int) -> torch.Tensor:
+    """b (k, n) int8 packed for whichever AVX2 kernel ``matmul`` will give it (see ``uses_ternary_lookup``)."""
+    largest = max(-int(b.min()), int(b.max())) if b.numel() else 0
+    if uses_ternary_lookup(largest, act_shift, act_top):
+        return native.pack_ternary_weights(b)
+    return native.pack_gemm_weights(b)
+
+
+def unpack_avx2(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """The int8 (k, n) matrix that ``pack_avx2`` packed (each kernel's packing ends in its own block shape)."""
+    if packed.shape[2:] == (2, native.TERNARY_COLUMNS):
+        return native.unpack_ternary_weights(packed, k, n)
+    return native.unpack_gemm_weights(packed, k, n)
+
+
 def float_matmul(a: torch.Tensor, b_float: torch.Tensor, max_weight: int) -> torch.Tensor:
     """a (m, k) int8 · b (k, n) given as float levels (|b| ≤ max_weight) → int32, exact: fp32 while
     128·max|b|·k < 2^24, float64 beyond."""
@@ -172,11 +193,15 @@ def matmul(path: str, a: torch.Tensor, b: torch.Tensor | None, col_sums: torch.T
            b_float: torch.Tensor | None = None, packed: torch.Tensor | None = None, act_shift: int = 128,
            act_top: int = 255) -> torch.Tensor:
     """a (m, k) int8 · b (k, n) int8 → int32 by ``path`` (a concrete one of PATHS). ``col_sums`` and
-    ``max_weight`` describe b (the AVX2 kernel needs them; weights beyond AVX2_MAX_WEIGHT go to fp32);
-    ``b_float`` is b as float32 and ``packed`` b in the AVX2 kernel's layout, if the caller keeps them (b may
+    ``max_weight`` describe b (the AVX2 kernels need them; weights beyond AVX2_MAX_WEIGHT go to fp32);
+    ``b_float`` is b as float32 and ``packed`` b as ``pack_avx2`` packs it, if the caller keeps them (b may
     then be None on the AVX2 path).
     a's levels are u − ``act_shift`` with u in 0…``act_top``: low-bit activations (shift 0, top 2^bits − 1)
-    let the AVX2 kernel read them in place and keep its sums in int16 for longer."""
+    let the AVX2 kernels read them in place and keep their sums in int8 or int16 for longer, and with
+    ternary weights up to 4 bits take the lookup kernel."""
+    if path == "avx2" and uses_ternary_lookup(max_weight, act_shift, act_top):
+        packed = native.pack_ternary_weights(b) if packed is None else packed
+        return native.gemm_ternary(a, packed, col_sums.numel(), col_sums, act_top)
     if path == "avx2" and max_weight <= AVX2_MAX_WEIGHT:
         packed = native.pack_gemm_weights(b) if packed is None else packed
         return native.gemm_s8(a, packed, col_sums.numel(), col_sums, act_shift, avx2_flush(max_weight, act_top))
@@ -185,4 +210,5 @@ def matmul(path: str, a: torch.Tensor, b: torch.Tensor | None, col_sums: torch.T
     return float_matmul(a, b.float() if b_float is None else b_float, max_weight)
 
 
-__all__ = ["PATHS", "CpuCapability", "auto_path", "choose_path", "cpu_capability", "cpu_model", "matmul", "resolve"]
+__all__ = ["PATHS", "CpuCapability", "auto_path", "choose_path", "cpu_capability", "cpu_model", "matmul", "pack_avx2",
+           "resolve", "unpack_avx2", "uses_ternary_lookup"]

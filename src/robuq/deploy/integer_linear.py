@@ -46,7 +46,8 @@ def _levels_into_state_dict(module: "IntegerLinear", state: dict, prefix: str, _
 
 def _levels_from_state_dict(module: "IntegerLinear", state: dict, prefix: str, *_args) -> None:
     if module.weight_levels_t is None and prefix + "weight_levels_t" in state:
-        module._avx2_weight = native.pack_gemm_weights(state.pop(prefix + "weight_levels_t").to(torch.int8))
+        module._avx2_weight = gemm_paths.pack_avx2(state.pop(prefix + "weight_levels_t").to(torch.int8), module._shift,
+                                                   module._act_top)
 
 
 def _largest_level(levels: torch.Tensor) -> int:
@@ -74,7 +75,8 @@ class IntegerLinear(nn.Module):
         levels = q.levels.to(torch.int8).t().contiguous()  # (in, out): _int_mm's layout
         packs = self.gemm == "avx2" and levels.device.type == "cpu" and _largest_level(levels) <= gemm_paths.AVX2_MAX_WEIGHT
         self.register_buffer("weight_levels_t", None if packs else levels)
-        self.register_buffer("_avx2_weight", native.pack_gemm_weights(levels) if packs else None, persistent=False)
+        self.register_buffer("_avx2_weight", gemm_paths.pack_avx2(levels, self._shift, self._act_top) if packs else None,
+                             persistent=False)
         self.register_buffer("weight_scale", q.scale.reshape(-1).float())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
         # Rows per block: ~16 MiB of fp32 temporaries, under glibc's 32 MiB mmap ceiling, few Python round trips.
@@ -98,7 +100,7 @@ class IntegerLinear(nn.Module):
         """The weight levels as an int8 (in, out) tensor, unpacked from the AVX2 packing where that holds them."""
         if self.weight_levels_t is not None:
             return self.weight_levels_t
-        return native.unpack_gemm_weights(self._avx2_weight, self.in_features, self.out_features)
+        return gemm_paths.unpack_avx2(self._avx2_weight, self.in_features, self.out_features)
 
     def _derive(self) -> None:
         """Tensors computed from the stored ones (not saved): the offset/bias rows and the folded branch."""
@@ -139,6 +141,10 @@ class IntegerLinear(nn.Module):
     @property
     def _shift(self) -> int:
         return int8_level_shift(self.act_bits)
+
+    @property
+    def _act_top(self) -> int:
+        return 2**self.act_bits - 1
 
     def _quantize_rows(self, x_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(int8 levels, scale, offset) of the rotated input, rows × features and rows × 1."""
@@ -190,7 +196,7 @@ class IntegerLinear(nn.Module):
         levels, scale, offset, branch = self._input_pass(x, with_branch=True)
         acc = (_int8_matmul(levels, self.levels_t()) if levels.device.type != "cpu" else
                gemm_paths.matmul(self.gemm, levels, self.weight_levels_t, self._level_sums, self._max_weight,
-                                 packed=self._avx2_weight, act_shift=self._shift, act_top=2**self.act_bits - 1))
+                                 packed=self._avx2_weight, act_shift=self._shift, act_top=self._act_top))
         if self.rank and branch is None:
             branch = self._lowrank_branch(x.reshape(-1, self.in_features), levels, scale, offset)
         if native.takes(y) and y.is_contiguous():

@@ -1203,3 +1203,211 @@ int robuq_gemm_s8(const int8_t *a, int32_t shift, const int8_t *packed, int32_t 
     return failed ? -1 : 0;
 }
 
+
+/* ---- Ternary lookup GEMM for CPUs without VNNI: out = a·w, exact int32, for weights in {−1, 0, 1} and
+ * activation levels u in 0…top with top ≤ TERNARY_MAX_TOP (4-bit and narrower; shift 0).
+ *
+ * With ternary weights a product needs no multiply: three consecutive k (a group) of one column hold one
+ * of 27 weight patterns, 14 up to sign. Each row's centered levels c = u − zero, zero = ⌈top/2⌉, give
+ * per group a 16-entry table T[slot] = c·pattern(slot) (TERNARY_PATTERN_* from native.py: slot 0 is
+ * all-zero, every other pattern's first nonzero weight is +1). A column's group is stored as its slot and
+ * the sign that makes its pattern canonical (0 for all-zero weights), so 32 columns of one group are one
+ * vpshufb of the row's table, one vpsignb and one vpaddb into int8 sums: 96 products per three
+ * instructions where vpmaddubsw needs four (one multiply and one add per 32), measured 1.1–1.4× the
+ * multiply-add kernel above on DiT-S/2's shapes. |T| ≤ 3·max|c|, so 127 / that many groups add up in int8
+ * before their even and odd bytes are widened into int16 sums (shifts, no cross-lane shuffle), and
+ * 32767 / that many groups before those are added into the int32 output; zero·Σ_k w_kj, from the
+ * caller's column sums, puts the centering back. Packing (native.pack_ternary_weights): blocks of
+ * TERNARY_COLUMNS columns, per group the 32 slots then the 32 signs. ---- */
+#if !defined(TERNARY_GROUP) || !defined(TERNARY_COLUMNS) || !defined(TERNARY_MAX_TOP) || !defined(TERNARY_PATTERN_FIRST)
+#error "build through robuq/kernels/native.py: it defines the ternary GEMM's patterns and packing"
+#endif
+#if TERNARY_GROUP != 3 || TERNARY_COLUMNS != 32
+#error "the ternary GEMM's tables are three weights wide and its vectors 32 columns: native.py's packing must match"
+#endif
+static const int8_t TERNARY_PATTERNS[TERNARY_GROUP][16] = {TERNARY_PATTERN_FIRST, TERNARY_PATTERN_SECOND,
+                                                           TERNARY_PATTERN_THIRD};
+/* Rows per register tile (three int8 sums, six int16 ones, the slots, signs, a table and a lookup fill
+ * AVX2's 16 registers; 4–6 rows were 3–12% slower, measured here) and per task (a multiple of the tile:
+ * the chunk's tables stay in L2 while every column block walks them). */
+#define TERNARY_ROWS 3
+#define TERNARY_CHUNK_ROWS 36
+
+static int ternary_zero(int top) { return (top + 1) / 2; }
+
+/* Centered levels of rows [0, rows) of a (row stride k) into c (row stride cstride, zero past k: a
+ * partial group's missing weights meet a zero level). */
+static void ternary_center(const int8_t *restrict a, int64_t k, int64_t rows, int zero, int8_t *restrict c,
+                           int64_t cstride) {
+    memset(c, 0, (size_t)(rows * cstride));
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < k; i++) c[r * cstride + i] = (int8_t)(a[r * k + i] - zero);
+}
+
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+/* acc + sign(table[slots], signs) in acc's own register (as ACCUMULATE_INTO: GCC otherwise copies every sum). */
+static inline __attribute__((always_inline)) __m256i lookup_into(__m256i acc, __m256i table, __m256i slots,
+                                                                 __m256i signs) {
+    __m256i entry;
+    __asm__("vpshufb %[slots], %[table], %[entry]\n\t"
+            "vpsignb %[signs], %[entry], %[entry]\n\t"
+            "vpaddb %[entry], %[acc], %[acc]"
+            : [acc] "+x"(acc), [entry] "=&x"(entry)
+            : [table] "x"(table), [slots] "x"(slots), [signs] "x"(signs));
+    return acc;
+}
+
+/* Each row's tables, two groups per vector: both lanes hold the same 16 levels from the group's first, and
+ * a shuffle spreads each of the three (lane 0: group g, lane 1: group g + 1) across the lane. c needs 16
+ * readable bytes past its last group. */
+static void ternary_tables(const int8_t *restrict c, int64_t cstride, int64_t rows, int64_t groups,
+                           int8_t *restrict tables) {
+    __m256i pattern[TERNARY_GROUP], spread[TERNARY_GROUP];
+    for (int i = 0; i < TERNARY_GROUP; i++) {
+        pattern[i] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)TERNARY_PATTERNS[i]));
+        spread[i] = _mm256_setr_m128i(_mm_set1_epi8((char)i), _mm_set1_epi8((char)(TERNARY_GROUP + i)));
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const int8_t *row = c + r * cstride;
+        int8_t *t = tables + r * groups * 16;
+        for (int64_t g = 0; g < groups; g += 2) {
+            const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + TERNARY_GROUP * g)));
+            __m256i entry = _mm256_setzero_si256();
+            for (int i = 0; i < TERNARY_GROUP; i++)
+                entry = _mm256_add_epi8(entry, _mm256_sign_epi8(_mm256_shuffle_epi8(levels, spread[i]), pattern[i]));
+            if (g + 1 < groups)
+                _mm256_storeu_si256((__m256i *)(t + 16 * g), entry);
+            else
+                _mm_storeu_si128((__m128i *)(t + 16 * g), _mm256_castsi256_si128(entry));
+        }
+    }
+}
+
+/* out rows [0, ROWS) × 32 columns from c0 (+= where `add`, for groups past the first int16 span):
+ * groups [g0, g1) of the rows' tables against one column block's slots and signs, plus `fix`. */
+static inline __attribute__((always_inline)) void ternary_tile(const int8_t *restrict tables, int64_t groups,
+                                                               const int8_t *restrict code, int64_t g0, int64_t g1,
+                                                               int64_t flush, const int32_t *restrict fix, int add,
+                                                               int32_t *restrict out, int64_t n, int64_t c0,
+                                                               const int ROWS) {
+    __m256i even[TERNARY_ROWS], odd[TERNARY_ROWS];
+    for (int r = 0; r < ROWS; r++) even[r] = odd[r] = _mm256_setzero_si256();
+    for (int64_t q0 = g0; q0 < g1; q0 += flush) {
+        const int64_t q1 = g1 < q0 + flush ? g1 : q0 + flush;
+        __m256i sums[TERNARY_ROWS];
+        for (int r = 0; r < ROWS; r++) sums[r] = _mm256_setzero_si256();
+        for (int64_t g = q0; g < q1; g++) {
+            const __m256i slots = _mm256_loadu_si256((const __m256i *)(code + 2 * TERNARY_COLUMNS * g));
+            const __m256i signs = _mm256_loadu_si256((const __m256i *)(code + 2 * TERNARY_COLUMNS * g + TERNARY_COLUMNS));
+            for (int r = 0; r < ROWS; r++) {
+                const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(tables + (r * groups + g) * 16)));
+                sums[r] = lookup_into(sums[r], table, slots, signs);
+            }
+        }
+        for (int r = 0; r < ROWS; r++) { /* the int16 words' high bytes are the odd columns, their low bytes the even */
+            odd[r] = _mm256_add_epi16(odd[r], _mm256_srai_epi16(sums[r], 8));
+            even[r] = _mm256_add_epi16(even[r], _mm256_srai_epi16(_mm256_slli_epi16(sums[r], 8), 8));
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        const __m256i lo = _mm256_unpacklo_epi16(even[r], odd[r]); /* columns 0–7 | 16–23 */
+        const __m256i hi = _mm256_unpackhi_epi16(even[r], odd[r]); /* columns 8–15 | 24–31 */
+        const __m256i eight[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo)),
+                                  _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi)),
+                                  _mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo, 1)),
+                                  _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi, 1))};
+        for (int e = 0; e < 4; e++) {
+            const int64_t c = c0 + 8 * e;
+            if (c >= n) break;
+            int32_t lanes[8];
+            _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi32(eight[e], _mm256_loadu_si256((const __m256i *)(fix + 8 * e))));
+            int32_t *o = out + r * n + c;
+            const int width = n - c < 8 ? (int)(n - c) : 8;
+            for (int j = 0; j < width; j++) o[j] = add ? o[j] + lanes[j] : lanes[j];
+        }
+    }
+}
+
+#define TERNARY_TILE(R)                                                                                              \
+    static void ternary_tile_##R(const int8_t *tables, int64_t groups, const int8_t *code, int64_t g0, int64_t g1,     \
+                                 int64_t flush, const int32_t *fix, int add, int32_t *out, int64_t n, int64_t c0) {    \
+        ternary_tile(tables, groups, code, g0, g1, flush, fix, add, out, n, c0, R);                                    \
+    }
+TERNARY_TILE(1) TERNARY_TILE(2) TERNARY_TILE(3)
+typedef void (*ternary_tile_fn)(const int8_t *, int64_t, const int8_t *, int64_t, int64_t, int64_t, const int32_t *, int,
+                                int32_t *, int64_t, int64_t);
+static const ternary_tile_fn TERNARY_TILES[TERNARY_ROWS] = {ternary_tile_1, ternary_tile_2, ternary_tile_3};
+#else
+/* The same sums one at a time, for a build without AVX2: the weight of column j, k = 3g + i is
+ * sign·pattern_i(slot) (the sums are exact whatever their order). */
+static void ternary_plain(const int8_t *restrict c, int64_t cstride, int64_t rows, int64_t groups,
+                          const int8_t *restrict code, const int32_t *restrict fix, int32_t *restrict out, int64_t n,
+                          int64_t c0) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = c0; j < n && j < c0 + TERNARY_COLUMNS; j++) {
+            int32_t sum = fix[j - c0];
+            for (int64_t g = 0; g < groups; g++) {
+                const int8_t *group = code + 2 * TERNARY_COLUMNS * g;
+                const int slot = group[j - c0], sign = group[TERNARY_COLUMNS + j - c0];
+                for (int i = 0; i < TERNARY_GROUP; i++)
+                    sum += sign * TERNARY_PATTERNS[i][slot] * c[r * cstride + TERNARY_GROUP * g + i];
+            }
+            out[r * n + j] = sum;
+        }
+}
+#endif
+
+/* out (m, n) = a (m, k) · w (k, n), exact int32, with w ternary and packed by native.pack_ternary_weights,
+ * a's levels in 0…top (top ≤ TERNARY_MAX_TOP), col_sums = Σ_k w. Returns 0, −1 when memory ran out,
+ * BAD_ARGUMENT for a level range above TERNARY_MAX_TOP. */
+int robuq_gemm_ternary(const int8_t *a, int32_t top, const int8_t *code, int32_t *out, int64_t m, int64_t k, int64_t n,
+                       const int32_t *col_sums, int threads) {
+    if (top < 1 || top > TERNARY_MAX_TOP) return BAD_ARGUMENT;
+    const int zero = ternary_zero(top), largest = TERNARY_GROUP * (zero > top - zero ? zero : top - zero);
+    const int64_t groups = (k + TERNARY_GROUP - 1) / TERNARY_GROUP, blocks = (n + TERNARY_COLUMNS - 1) / TERNARY_COLUMNS;
+    const int64_t flush = 127 / largest, span = 32767 / largest / flush * flush; /* groups per int8 / int16 sum */
+    const int64_t cstride = (TERNARY_GROUP * groups + 16 + 63) / 64 * 64; /* 16 bytes past the last group: see ternary_tables */
+    const int64_t chunks = (m + TERNARY_CHUNK_ROWS - 1) / TERNARY_CHUNK_ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int8_t *c = aligned_buffer((size_t)(TERNARY_CHUNK_ROWS * cstride));
+        int8_t *tables = aligned_buffer((size_t)(TERNARY_CHUNK_ROWS * groups * 16));
+        const int ok = c && tables;
+        int32_t fix[TERNARY_COLUMNS], none[TERNARY_COLUMNS] = {0};
+#pragma omp for schedule(static)
+        for (int64_t chunk = 0; chunk < chunks; chunk++) {
+            if (!ok) continue;
+            const int64_t r0 = chunk * TERNARY_CHUNK_ROWS;
+            const int64_t rows = m - r0 < TERNARY_CHUNK_ROWS ? m - r0 : TERNARY_CHUNK_ROWS;
+            ternary_center(a + r0 * k, k, rows, zero, c, cstride);
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+            ternary_tables(c, cstride, rows, groups, tables);
+#endif
+            for (int64_t b = 0; b < blocks; b++) {
+                for (int j = 0; j < TERNARY_COLUMNS; j++) {
+                    const int64_t column = b * TERNARY_COLUMNS + j;
+                    fix[j] = column < n ? zero * col_sums[column] : 0;
+                }
+                const int8_t *block = code + b * groups * 2 * TERNARY_COLUMNS;
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+                for (int64_t g0 = 0; g0 < groups; g0 += span) {
+                    const int64_t g1 = groups < g0 + span ? groups : g0 + span;
+                    for (int64_t t = 0; t < rows; t += TERNARY_ROWS) {
+                        const int height = rows - t < TERNARY_ROWS ? (int)(rows - t) : TERNARY_ROWS;
+                        TERNARY_TILES[height - 1](tables + t * groups * 16, groups, block, g0, g1, flush, g0 ? none : fix,
+                                                  g0 > 0, out + (r0 + t) * n, n, b * TERNARY_COLUMNS);
+                    }
+                }
+#else
+                (void)none;
+                ternary_plain(c, cstride, rows, groups, block, fix, out + r0 * n, n, b * TERNARY_COLUMNS);
+#endif
+            }
+        }
+        note_failure(ok, &failed);
+        free(c);
+        free(tables);
+    }
+    return failed ? -1 : 0;
+}

@@ -36,11 +36,18 @@ FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fn
          "-std=c11", "-Wall", "-Werror=implicit-function-declaration"]
 RULES = ("minmax", "gaussian")  # the scale rules cpu_kernels.c has a branch for
 # These return 0, or −1: out of memory.
-_ALLOCATING = ("robuq_hadamard", "robuq_hadamard_quantize", "robuq_attention_int8", "robuq_gemm_s8")
+_ALLOCATING = ("robuq_hadamard", "robuq_hadamard_quantize", "robuq_attention_int8", "robuq_gemm_s8",
+               "robuq_gemm_ternary")
 _BAD_ARGUMENT = -2  # cpu_kernels.c's answer to a rule or level range it does not implement
 # The AVX2 GEMM's weight packing: blocks of GEMM_PACK_COLUMNS columns (one register of int32 lanes), each
 # column's GEMM_PACK_DEPTH consecutive k side by side (the bytes one vpmaddubsw lane pair multiplies).
 GEMM_PACK_COLUMNS, GEMM_PACK_DEPTH = 8, 4
+# The ternary lookup GEMM (robuq_gemm_ternary): groups of TERNARY_GROUP consecutive k, whose weight pattern
+# up to sign is one of TERNARY_PATTERNS (slot 0 all-zero; every other pattern's first nonzero is +1), in
+# blocks of TERNARY_COLUMNS columns (one register of bytes); activation levels up to TERNARY_MAX_TOP (4 bits).
+TERNARY_GROUP, TERNARY_COLUMNS, TERNARY_MAX_TOP = 3, 32, 15
+TERNARY_PATTERNS = ((0, 0, 0), *((1, b, c) for b in (-1, 0, 1) for c in (-1, 0, 1)), *((0, 1, c) for c in (-1, 0, 1)),
+                    (0, 0, 1))
 
 
 def definitions() -> list[str]:
@@ -49,7 +56,10 @@ def definitions() -> list[str]:
     # repr: the shortest decimal that reads back as the same double; the f suffix rounds it to float as
     # PyTorch rounds the Python scalar when it clamps a float32 tensor.
     return [*rules, f"-DSCALE_EPS={spec.SCALE_EPS!r}f", f"-DPROBABILITY_SCALE_EPS={spec.PROBABILITY_SCALE_EPS!r}f",
-            f"-DGEMM_PACK_COLUMNS={GEMM_PACK_COLUMNS}", f"-DGEMM_PACK_DEPTH={GEMM_PACK_DEPTH}"]
+            f"-DGEMM_PACK_COLUMNS={GEMM_PACK_COLUMNS}", f"-DGEMM_PACK_DEPTH={GEMM_PACK_DEPTH}",
+            f"-DTERNARY_GROUP={TERNARY_GROUP}", f"-DTERNARY_COLUMNS={TERNARY_COLUMNS}", f"-DTERNARY_MAX_TOP={TERNARY_MAX_TOP}",
+            *(f"-DTERNARY_PATTERN_{name}={{{','.join(str(p[i]) for p in TERNARY_PATTERNS)}}}"
+              for i, name in enumerate(("FIRST", "SECOND", "THIRD")))]
 
 
 _f32, _i8, _i64, _int, _float = (ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int8),
@@ -73,6 +83,7 @@ _SIGNATURES = {
     "robuq_attention_int8": [_f32, _Strides, _f32, _Strides, _f32, _Strides, _i64, _i64, _i64, _i64, _i64, _int, _int,
                              _int, _float, _f32, _int],
     "robuq_gemm_s8": [_i8, ctypes.c_int32, _i8, _i32p, _i64, _i64, _i64, _i32p, _i64, _int],
+    "robuq_gemm_ternary": [_i8, ctypes.c_int32, _i8, _i32p, _i64, _i64, _i64, _i32p, _int],
     "robuq_integer_isa": [],
 }
 
@@ -357,4 +368,55 @@ def gemm_s8(a: torch.Tensor, packed: torch.Tensor, n: int, col_sums: torch.Tenso
     out = _empty(m, n, dtype=torch.int32)
     _check(_library().robuq_gemm_s8(_ptr(a, _i8), shift, _ptr(packed, _i8), _ptr(out, _i32p), m, k, n,
                                     _ptr(col_sums, _i32p), flush, _threads()))
+    return out
+
+
+def _ternary_slots(patterns: torch.Tensor) -> torch.Tensor:
+    """The TERNARY_PATTERNS slot of each canonical (…, 3) pattern."""
+    table = torch.tensor(TERNARY_PATTERNS, dtype=torch.long, device=patterns.device)
+    codes = (patterns.long() + 1) @ torch.tensor([9, 3, 1], device=patterns.device)  # base-3 number of a pattern
+    slot_of = torch.zeros(27, dtype=torch.long, device=patterns.device)
+    slot_of[(table + 1) @ torch.tensor([9, 3, 1], device=patterns.device)] = torch.arange(len(TERNARY_PATTERNS), device=patterns.device)
+    return slot_of[codes]
+
+
+def pack_ternary_weights(b: torch.Tensor) -> torch.Tensor:
+    """b (k, n) with levels in {−1, 0, 1} in the ternary lookup GEMM's layout: (⌈n/32⌉, ⌈k/3⌉, 2, 32) int8,
+    per column block and group of TERNARY_GROUP k the columns' TERNARY_PATTERNS slots, then the signs that
+    make their patterns canonical (0 for an all-zero group), zero-padded."""
+    if b.numel() and (b.min() < -1 or b.max() > 1):
+        raise ValueError("pack_ternary_weights takes levels in {-1, 0, 1}")
+    k, n = b.shape
+    groups, blocks = -(-k // TERNARY_GROUP), -(-n // TERNARY_COLUMNS)
+    padded = torch.zeros(groups * TERNARY_GROUP, blocks * TERNARY_COLUMNS, dtype=torch.long, device=b.device)
+    padded[:k, :n] = b
+    patterns = padded.reshape(groups, TERNARY_GROUP, -1).transpose(1, 2)  # (groups, columns, 3)
+    first = patterns.gather(2, (patterns != 0).long().argmax(dim=2, keepdim=True)).squeeze(2)  # first nonzero, or 0
+    code = torch.stack([_ternary_slots(patterns * first[..., None]), first], dim=1).to(torch.int8)
+    return code.reshape(groups, 2, blocks, TERNARY_COLUMNS).permute(2, 0, 1, 3).contiguous()
+
+
+def unpack_ternary_weights(code: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """The int8 (k, n) matrix that ``pack_ternary_weights`` packed."""
+    table = torch.tensor(TERNARY_PATTERNS, dtype=torch.int8, device=code.device)
+    slots, signs = code[:, :, 0].long(), code[:, :, 1]  # (blocks, groups, 32)
+    weights = table[slots] * signs[..., None]  # (blocks, groups, 32, 3)
+    return weights.permute(1, 3, 0, 2).reshape(code.shape[1] * TERNARY_GROUP, -1)[:k, :n].contiguous()
+
+
+def gemm_ternary(a: torch.Tensor, code: torch.Tensor, n: int, col_sums: torch.Tensor, top: int) -> torch.Tensor:
+    """a (m, k) int8 levels in 0…``top`` (``top`` ≤ TERNARY_MAX_TOP) · b (k, n) ternary → int32, exactly
+    ``torch._int_mm(a, b)``, by the lookup kernel, with b given as ``pack_ternary_weights(b)`` and its int32
+    column sums."""
+    m, k = a.shape
+    groups, blocks = -(-k // TERNARY_GROUP), -(-n // TERNARY_COLUMNS)
+    if (a.dtype != torch.int8 or code.dtype != torch.int8 or not 1 <= top <= TERNARY_MAX_TOP
+            or code.shape != (blocks, groups, 2, TERNARY_COLUMNS)):
+        raise ValueError(f"gemm_ternary multiplies int8 (m, k) levels in 0…top (1 ≤ top ≤ {TERNARY_MAX_TOP}) by "
+                         "pack_ternary_weights of a ternary (k, n)")
+    a, code = a.contiguous(), code.contiguous()
+    col_sums = col_sums.to(torch.int32).contiguous()
+    out = _empty(m, n, dtype=torch.int32)
+    _check(_library().robuq_gemm_ternary(_ptr(a, _i8), top, _ptr(code, _i8), _ptr(out, _i32p), m, k, n,
+                                         _ptr(col_sums, _i32p), _threads()), f"ternary GEMM with levels up to {top}")
     return out
