@@ -3,8 +3,9 @@
 PyTorch's int8 GEMM (``torch._int_mm``) is fast where the CPU has VNNI (AVX-512 VNNI, AMX): 4–9× an fp32
 matmul on this project's AMD EPYC (results/deploy_cputime.md). On a CPU with AVX2 alone it took 33× an fp32 matmul's time
 (512×384 by 384×1536: 252 ms against 7.6 ms, issue 17), so there robuq multiplies with its own AVX2
-kernel (``robuq_gemm_s8`` in cpu_kernels.c), and without its C kernels with an fp32 matmul on the
-integer levels, the floor that is never slower than the float model.
+kernels (cpu_kernels.c: ``robuq_gemm_ternary``, table lookups, for ternary weights against activations of
+at most 4 bits; ``robuq_gemm_s8``, vpmaddubsw, for the rest), and without its C kernels with an fp32
+matmul on the integer levels, the floor that is never slower than the float model.
 
 Paths, all giving ``torch._int_mm``'s exact int32 result:
 
@@ -154,7 +155,7 @@ def resolve(path: str | None) -> str:
 
 
 def avx2_flush(max_weight: int, act_top: int = 255) -> int:
-    """How many quads of int16 pair sums the AVX2 kernel may add before widening them, for weights up to
+    """How many quads of int16 pair sums the AVX2 multiply-add kernel may add before widening them, for weights up to
     ``max_weight`` in magnitude and unsigned activation levels up to ``act_top`` (0 where vpmaddubsw itself
     could saturate)."""
     return 32767 // (2 * act_top * max(1, max_weight))

@@ -6,7 +6,7 @@
     y  = s·(q Lᵀ)·α + o·(1·Lᵀ)·α + b + U(V x')
 
 q Lᵀ is an int8 × int8 product with int32 accumulation, by the GEMM path robuq.deploy.gemm chose for this
-CPU (torch._int_mm with VNNI, robuq's AVX2 kernel below it); everything else is a per-row or per-column
+CPU (torch._int_mm with VNNI, robuq's AVX2 kernels below it); everything else is a per-row or per-column
 rescale. It computes what the fake-quantized training layer computes, up to float rounding.
 """
 from __future__ import annotations
