@@ -241,6 +241,7 @@ def test_the_avx2_path_keeps_one_int8_copy_of_the_weights_and_state_dicts_keep_t
     packed, plain = IntegerLinear(layer, gemm="avx2"), IntegerLinear(layer, gemm="fp32")
     int8_bytes = lambda m: sum(b.numel() for b in m.buffers() if b.dtype == torch.int8)  # noqa: E731
     # ternary weights at 3 bits: the lookup kernel's slots and signs, two bytes per three weights (padded)
+    assert packed._avx2_weight.shape == (3, 14, 2, 32)
     assert packed.weight_levels_t is None and int8_bytes(packed) <= int8_bytes(plain) == 40 * 72
     assert torch.equal(packed.levels_t(), plain.weight_levels_t)
     assert torch.equal(packed.state_dict()["weight_levels_t"], plain.weight_levels_t)
