@@ -837,6 +837,17 @@ static void channel_minmax(const float *restrict x, strides_t st, int64_t nk, in
     }
 }
 
+/* V's per-channel min–max scale vs, offset and vc = offset + shift·vs (lo, hi: d-long scratch). */
+static void value_scales(const float *restrict x, strides_t st, int64_t nk, int64_t d, float top, int shift,
+                         float *restrict lo, float *restrict hi, float *restrict offset, float *restrict vs,
+                         float *restrict vc) {
+    channel_minmax(x, st, nk, d, lo, hi);
+    for (int64_t c = 0; c < d; c++) {
+        finish_scale_offset(lo[c], hi[c], 0.0f, 0.0f, top, RULE_MINMAX, 0.0f, 1.0f, &vs[c], &offset[c]);
+        vc[c] = offset[c] + (float)shift * vs[c];
+    }
+}
+
 /* One key row's levels − shift into row, and its key terms. */
 static void key_row(const float *v, int64_t j, int64_t d, float top, int shift, dot_row_t *row, key_terms_t terms) {
     float s, o;
@@ -897,11 +908,7 @@ static void pack_keys(const float *k, strides_t st, int64_t nk, int64_t d, int64
 static void pack_values(const float *restrict x, strides_t st, int64_t nk, int64_t d, int64_t d16, float top, int shift,
                         float *restrict lo, float *restrict hi, float *restrict offset, int16_t *restrict rows,
                         int16_t *restrict packed, float *restrict vs, float *restrict vc) {
-    channel_minmax(x, st, nk, d, lo, hi);
-    for (int64_t c = 0; c < d; c++) {
-        finish_scale_offset(lo[c], hi[c], 0.0f, 0.0f, top, RULE_MINMAX, 0.0f, 1.0f, &vs[c], &offset[c]);
-        vc[c] = offset[c] + (float)shift * vs[c];
-    }
+    value_scales(x, st, nk, d, top, shift, lo, hi, offset, vs, vc);
     for (int64_t j = 0; j < nk; j += 2) {
         span_levels(x + j * st.token, d, vs, offset, 1, top, shift, rows);
         if (j + 1 < nk)
@@ -934,11 +941,7 @@ static void pack_keys(const float *k, strides_t st, int64_t nk, int64_t d, int64
 static void pack_values(const float *restrict x, strides_t st, int64_t nk, int64_t d, int64_t d16, float top, int shift,
                         float *restrict lo, float *restrict hi, float *restrict offset, uint8_t *restrict row,
                         int8_t *restrict packed, float *restrict vs, float *restrict vc) {
-    channel_minmax(x, st, nk, d, lo, hi);
-    for (int64_t c = 0; c < d; c++) {
-        finish_scale_offset(lo[c], hi[c], 0.0f, 0.0f, top, RULE_MINMAX, 0.0f, 1.0f, &vs[c], &offset[c]);
-        vc[c] = offset[c] + (float)shift * vs[c];
-    }
+    value_scales(x, st, nk, d, top, shift, lo, hi, offset, vs, vc);
     for (int64_t j = 0; j < nk; j++) {
         span_levels(x + j * st.token, d, vs, offset, 1, top, shift, row);
         for (int64_t c = 0; c < d; c++) packed[((j / 4) * d16 + c) * 4 + j % 4] = (int8_t)row[c];
