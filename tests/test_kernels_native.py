@@ -194,6 +194,22 @@ def test_integer_attention_equals_the_fake_quantized_core(bits, probs_bits, shap
     assert diff.mean().item() <= 1e-3 * step + 1e-6
 
 
+def test_attention_packs_heads_per_thread_or_shared_with_the_same_output():
+    """Heads that share out evenly among threads are packed by each thread before its query blocks; three
+    heads on two threads are packed first and their blocks shared. Either way the same sums, bit for bit."""
+    qkv = torch.randn(1, 37, 3, 3, 20).permute(2, 0, 3, 1, 4)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                outputs.append(native.attention(qkv[0], qkv[1], qkv[2], 8, 8))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(out, outputs[0]) for out in outputs[1:])
+
+
 def test_portable_build_gives_the_same_attention(monkeypatch, tmp_path):
     """The u8×s8 dot products without AVX-512 VNNI (plain C) sum the same integers: same output, bit for bit."""
     qkv = torch.randn(2, 37, 3, 3, 20).permute(2, 0, 3, 1, 4)
