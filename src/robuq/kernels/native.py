@@ -371,28 +371,29 @@ def gemm_s8(a: torch.Tensor, packed: torch.Tensor, n: int, col_sums: torch.Tenso
     return out
 
 
-def _ternary_slots(patterns: torch.Tensor) -> torch.Tensor:
-    """The TERNARY_PATTERNS slot of each canonical (…, 3) pattern."""
-    table = torch.tensor(TERNARY_PATTERNS, dtype=torch.long, device=patterns.device)
-    codes = (patterns.long() + 1) @ torch.tensor([9, 3, 1], device=patterns.device)  # base-3 number of a pattern
-    slot_of = torch.zeros(27, dtype=torch.long, device=patterns.device)
-    slot_of[(table + 1) @ torch.tensor([9, 3, 1], device=patterns.device)] = torch.arange(len(TERNARY_PATTERNS), device=patterns.device)
-    return slot_of[codes]
+def _slot_table(device: torch.device) -> torch.Tensor:
+    """Slot of each canonical pattern by its base-3 number Σ (w_i + 1)·3^(2−i) (0 for the others), int8."""
+    slots = torch.zeros(27, dtype=torch.int8, device=device)
+    for slot, pattern in enumerate(TERNARY_PATTERNS):
+        slots[sum((w + 1) * 3 ** (2 - i) for i, w in enumerate(pattern))] = slot
+    return slots
 
 
 def pack_ternary_weights(b: torch.Tensor) -> torch.Tensor:
     """b (k, n) with levels in {−1, 0, 1} in the ternary lookup GEMM's layout: (⌈n/32⌉, ⌈k/3⌉, 2, 32) int8,
     per column block and group of TERNARY_GROUP k the columns' TERNARY_PATTERNS slots, then the signs that
-    make their patterns canonical (0 for an all-zero group), zero-padded."""
+    make their patterns canonical (0 for an all-zero group), zero-padded. Computed in int8 (a model's peak
+    memory while it loads includes these temporaries)."""
     if b.numel() and (b.min() < -1 or b.max() > 1):
         raise ValueError("pack_ternary_weights takes levels in {-1, 0, 1}")
     k, n = b.shape
     groups, blocks = -(-k // TERNARY_GROUP), -(-n // TERNARY_COLUMNS)
-    padded = torch.zeros(groups * TERNARY_GROUP, blocks * TERNARY_COLUMNS, dtype=torch.long, device=b.device)
+    padded = torch.zeros(groups * TERNARY_GROUP, blocks * TERNARY_COLUMNS, dtype=torch.int8, device=b.device)
     padded[:k, :n] = b
-    patterns = padded.reshape(groups, TERNARY_GROUP, -1).transpose(1, 2)  # (groups, columns, 3)
-    first = patterns.gather(2, (patterns != 0).long().argmax(dim=2, keepdim=True)).squeeze(2)  # first nonzero, or 0
-    code = torch.stack([_ternary_slots(patterns * first[..., None]), first], dim=1).to(torch.int8)
+    w = padded.reshape(groups, TERNARY_GROUP, -1).unbind(1)  # each (groups, columns)
+    sign = torch.where(w[0] != 0, w[0], torch.where(w[1] != 0, w[1], w[2]))  # the first nonzero, or 0
+    number = (w[0] * sign + 1) * 9 + (w[1] * sign + 1) * 3 + (w[2] * sign + 1)  # of the canonical pattern
+    code = torch.stack([_slot_table(b.device)[number.long()], sign], dim=1)  # (groups, 2, columns)
     return code.reshape(groups, 2, blocks, TERNARY_COLUMNS).permute(2, 0, 1, 3).contiguous()
 
 
