@@ -161,6 +161,11 @@ def avx2_flush(max_weight: int, act_top: int = 255) -> int:
     return 32767 // (2 * act_top * max(1, max_weight))
 
 
+def largest_level(levels: torch.Tensor) -> int:
+    """max |level| of int8 levels (−128 has no int8 abs), 0 for none: the ``max_weight`` of ``matmul``."""
+    return max(-int(levels.min()), int(levels.max())) if levels.numel() else 0
+
+
 def uses_ternary_lookup(max_weight: int, act_shift: int, act_top: int) -> bool:
     """Whether the AVX2 path multiplies by the ternary lookup kernel (``native.gemm_ternary``): weights in
     {−1, 0, 1} and unsigned activation levels of at most 4 bits; else by vpmaddubsw (``native.gemm_s8``)."""
@@ -169,8 +174,7 @@ def uses_ternary_lookup(max_weight: int, act_shift: int, act_top: int) -> bool:
 
 def pack_avx2(b: torch.Tensor, act_shift: int, act_top: int) -> torch.Tensor:
     """b (k, n) int8 packed for whichever AVX2 kernel ``matmul`` will give it (see ``uses_ternary_lookup``)."""
-    largest = max(-int(b.min()), int(b.max())) if b.numel() else 0
-    if uses_ternary_lookup(largest, act_shift, act_top):
+    if uses_ternary_lookup(largest_level(b), act_shift, act_top):
         return native.pack_ternary_weights(b)
     return native.pack_gemm_weights(b)
 
@@ -211,5 +215,5 @@ def matmul(path: str, a: torch.Tensor, b: torch.Tensor | None, col_sums: torch.T
     return float_matmul(a, b.float() if b_float is None else b_float, max_weight)
 
 
-__all__ = ["PATHS", "CpuCapability", "auto_path", "choose_path", "cpu_capability", "cpu_model", "matmul", "pack_avx2",
-           "resolve", "unpack_avx2", "uses_ternary_lookup"]
+__all__ = ["PATHS", "CpuCapability", "auto_path", "choose_path", "cpu_capability", "cpu_model", "largest_level", "matmul",
+           "pack_avx2", "resolve", "unpack_avx2", "uses_ternary_lookup"]

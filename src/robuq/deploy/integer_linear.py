@@ -50,11 +50,6 @@ def _levels_from_state_dict(module: "IntegerLinear", state: dict, prefix: str, *
                                                    module._act_top)
 
 
-def _largest_level(levels: torch.Tensor) -> int:
-    """max |level| of int8 levels (−128 has no int8 abs), 0 for none."""
-    return max(-int(levels.min()), int(levels.max())) if levels.numel() else 0
-
-
 class IntegerLinear(nn.Module):
     """Built from a trained QuantLinear, or from the levels and scales an export file stores
     (``weight``: a QuantizedTensor; re-quantizing α·L would not give back α). ``gemm`` names the CPU's
@@ -73,7 +68,8 @@ class IntegerLinear(nn.Module):
         self.hadamard = layer.config.hadamard
         self.lowrank_input = layer.config.lowrank_input
         levels = q.levels.to(torch.int8).t().contiguous()  # (in, out): _int_mm's layout
-        packs = self.gemm == "avx2" and levels.device.type == "cpu" and _largest_level(levels) <= gemm_paths.AVX2_MAX_WEIGHT
+        packs = (self.gemm == "avx2" and levels.device.type == "cpu"
+                 and gemm_paths.largest_level(levels) <= gemm_paths.AVX2_MAX_WEIGHT)
         self.register_buffer("weight_levels_t", None if packs else levels)
         self.register_buffer("_avx2_weight", gemm_paths.pack_avx2(levels, self._shift, self._act_top) if packs else None,
                              persistent=False)
@@ -108,7 +104,7 @@ class IntegerLinear(nn.Module):
         levels = self.levels_t()
         level_sums = levels.sum(dim=0, dtype=torch.int32)
         self.register_buffer("_level_sums", level_sums, persistent=False)  # the AVX2 GEMM's correction
-        self._max_weight = _largest_level(levels)
+        self._max_weight = gemm_paths.largest_level(levels)
         level_sums = level_sums.float()
         bias = self.bias if self.bias is not None else torch.zeros_like(self.weight_scale)
         self.register_buffer("_offset_rows", torch.stack([level_sums * self.weight_scale, bias]), persistent=False)
