@@ -1511,11 +1511,11 @@ static void ternary_tables(const int8_t *restrict c, int64_t cstride, int64_t ro
     }
 }
 
-/* out rows [0, ROWS) × 32 columns from c0 (+= where `add`, for groups past the first int16 span):
- * groups [g0, g1) of the rows' tables against one column block's slots and signs, plus `fix`. */
+/* out rows [0, ROWS) × 32 columns from c0: groups [g0, g1) of the rows' tables against one column block's
+ * slots and signs, plus `fix` (the first int16 span), or added into out where fix is NULL (the later ones). */
 static inline __attribute__((always_inline)) void ternary_tile(const int8_t *restrict tables, int64_t groups,
                                                                const int8_t *restrict code, int64_t g0, int64_t g1,
-                                                               int64_t flush, const int32_t *restrict fix, int add,
+                                                               int64_t flush, const int32_t *restrict fix,
                                                                int32_t *restrict out, int64_t n, int64_t c0,
                                                                const int ROWS) {
     __m256i even[TERNARY_ROWS], odd[TERNARY_ROWS];
@@ -1548,25 +1548,25 @@ static inline __attribute__((always_inline)) void ternary_tile(const int8_t *res
             const int64_t c = c0 + 8 * e;
             if (c >= n) break;
             int32_t *o = out + r * n + c;
-            const __m256i v = _mm256_add_epi32(eight[e], _mm256_loadu_si256((const __m256i *)(fix + 8 * e)));
+            const __m256i v = fix ? _mm256_add_epi32(eight[e], _mm256_loadu_si256((const __m256i *)(fix + 8 * e))) : eight[e];
             if (c + 8 <= n) { /* whole vectors stored as such: element by element cost a tenth of the kernel */
-                _mm256_storeu_si256((__m256i *)o, add ? _mm256_add_epi32(v, _mm256_loadu_si256((const __m256i *)o)) : v);
+                _mm256_storeu_si256((__m256i *)o, fix ? v : _mm256_add_epi32(v, _mm256_loadu_si256((const __m256i *)o)));
                 continue;
             }
             int32_t lanes[8];
             _mm256_storeu_si256((__m256i *)lanes, v);
-            for (int j = 0; j < n - c; j++) o[j] = add ? o[j] + lanes[j] : lanes[j];
+            for (int j = 0; j < n - c; j++) o[j] = fix ? lanes[j] : o[j] + lanes[j];
         }
     }
 }
 
 #define TERNARY_TILE(R)                                                                                              \
     static void ternary_tile_##R(const int8_t *tables, int64_t groups, const int8_t *code, int64_t g0, int64_t g1,     \
-                                 int64_t flush, const int32_t *fix, int add, int32_t *out, int64_t n, int64_t c0) {    \
-        ternary_tile(tables, groups, code, g0, g1, flush, fix, add, out, n, c0, R);                                    \
+                                 int64_t flush, const int32_t *fix, int32_t *out, int64_t n, int64_t c0) {             \
+        ternary_tile(tables, groups, code, g0, g1, flush, fix, out, n, c0, R);                                         \
     }
 TERNARY_TILE(1) TERNARY_TILE(2) TERNARY_TILE(3)
-typedef void (*ternary_tile_fn)(const int8_t *, int64_t, const int8_t *, int64_t, int64_t, int64_t, const int32_t *, int,
+typedef void (*ternary_tile_fn)(const int8_t *, int64_t, const int8_t *, int64_t, int64_t, int64_t, const int32_t *,
                                 int32_t *, int64_t, int64_t);
 static const ternary_tile_fn TERNARY_TILES[TERNARY_ROWS] = {ternary_tile_1, ternary_tile_2, ternary_tile_3};
 #else
@@ -1595,18 +1595,26 @@ static void ternary_plain(const int8_t *restrict c, int64_t cstride, int64_t row
 int robuq_gemm_ternary(const int8_t *a, int32_t top, const int8_t *code, int32_t *out, int64_t m, int64_t k, int64_t n,
                        const int32_t *col_sums, int threads) {
     if (top < 1 || top > TERNARY_MAX_TOP) return BAD_ARGUMENT;
-    const int zero = ternary_zero(top), largest = TERNARY_GROUP * (zero > top - zero ? zero : top - zero);
+    const int zero = ternary_zero(top);
     const int64_t groups = (k + TERNARY_GROUP - 1) / TERNARY_GROUP, blocks = (n + TERNARY_COLUMNS - 1) / TERNARY_COLUMNS;
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+    const int largest = TERNARY_GROUP * (zero > top - zero ? zero : top - zero); /* max |table entry| */
     const int64_t flush = 127 / largest, span = 32767 / largest / flush * flush; /* groups per int8 / int16 sum */
+#endif
     const int64_t cstride = (TERNARY_GROUP * groups + 16 + 63) / 64 * 64; /* 16 bytes past the last group: see ternary_tables */
     const int64_t chunks = (m + TERNARY_CHUNK_ROWS - 1) / TERNARY_CHUNK_ROWS;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         int8_t *c = aligned_buffer((size_t)(TERNARY_CHUNK_ROWS * cstride));
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
         int8_t *tables = aligned_buffer((size_t)(TERNARY_CHUNK_ROWS * groups * 16));
         const int ok = c && tables;
-        int32_t fix[TERNARY_COLUMNS], none[TERNARY_COLUMNS] = {0};
+#else
+        int8_t *tables = NULL; /* the plain sums read the centered levels themselves */
+        const int ok = c != NULL;
+#endif
+        int32_t fix[TERNARY_COLUMNS];
 #pragma omp for schedule(static)
         for (int64_t chunk = 0; chunk < chunks; chunk++) {
             if (!ok) continue;
@@ -1627,12 +1635,11 @@ int robuq_gemm_ternary(const int8_t *a, int32_t top, const int8_t *code, int32_t
                     const int64_t g1 = groups < g0 + span ? groups : g0 + span;
                     for (int64_t t = 0; t < rows; t += TERNARY_ROWS) {
                         const int height = rows - t < TERNARY_ROWS ? (int)(rows - t) : TERNARY_ROWS;
-                        TERNARY_TILES[height - 1](tables + t * groups * 16, groups, block, g0, g1, flush, g0 ? none : fix,
-                                                  g0 > 0, out + (r0 + t) * n, n, b * TERNARY_COLUMNS);
+                        TERNARY_TILES[height - 1](tables + t * groups * 16, groups, block, g0, g1, flush, g0 ? NULL : fix,
+                                                  out + (r0 + t) * n, n, b * TERNARY_COLUMNS);
                     }
                 }
 #else
-                (void)none;
                 ternary_plain(c, cstride, rows, groups, block, fix, out + r0 * n, n, b * TERNARY_COLUMNS);
 #endif
             }
