@@ -49,6 +49,18 @@ def test_hadamard_equals_the_dense_matrix(n, inverse):
     assert torch.allclose(native.hadamard(x, None, inverse).double(), x.double() @ hadamard_matrix(n, torch.float64), atol=1e-5)
 
 
+
+def test_mix12_plan_spells_out_the_order_12_hadamard_matrix():
+    """cpu_kernels.c adds H_12 up from this plan (widths 12·2^k, DiT-S/2's and B/2's); it must be H_12's signs."""
+    rows = []
+    for i in range(12):
+        row = []
+        for code in native._mix12_plan()[4 * i : 4 * i + 4]:
+            first = -1 if code & 4 else 1
+            row += [first, first * (-1 if code & 2 else 1), first * (-1 if code & 1 else 1)]
+        rows.append(row)
+    assert torch.equal(torch.tensor(rows, dtype=torch.float64), hadamard_matrix(12, torch.float64).sign())
+
 @settings(max_examples=20, deadline=None)
 @given(m=st.sampled_from([1] + list(small_hadamard_orders())[:6]), k=st.integers(0, 7), rows=st.integers(1, 40))
 def test_hadamard_any_supported_size(m, k, rows):

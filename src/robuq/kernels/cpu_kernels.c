@@ -240,10 +240,64 @@ DEFINE_MIX_ROWS(12)
 DEFINE_MIX_ROWS(4)
 DEFINE_MIX_ROWS(1)
 
-/* out = H_m · t over the (m, p) layout of each lane; hm is row-major m×m. */
-static void mix_tile(const float *restrict t, float *restrict out, int64_t m, int64_t p, const float *restrict hm) {
+/* H_12, whose entries are ±1 (times 1/√n in hm): each output adds, per triple of inputs (a, b, c), one of
+ * a+b+c, a+b−c, a−b+c, a−b−c with a sign. MIX12_PLAN (native.py, from the same hadamard_matrix) gives
+ * per output and triple the pattern (bits 0–1: b's, c's sign relative to a's) and a's sign (bit 2). 6 adds
+ * per triple and 3 per output: 60 additions and 12 multiplies for 12 outputs where the dense mix takes 144
+ * fused multiply-adds. */
+#if !defined(MIX12_PLAN)
+#error "build through robuq/kernels/native.py: it defines the order-12 Hadamard mix's plan"
+#endif
+static const unsigned char MIX12[12 * 4] = MIX12_PLAN;
+
+/* c when hm (m × m) is c times the matrix MIX12 describes, else 0 (the dense mix then). */
+static float mix12_scale(const float *hm, int64_t m) {
+    if (m != 12 || !(hm[0] > 0.0f)) return 0.0f;
+    const float c = hm[0];
+    for (int i = 0; i < 12; i++)
+        for (int g = 0; g < 4; g++) {
+            const int code = MIX12[4 * i + g], pattern[3] = {1, code & 2 ? -1 : 1, code & 1 ? -1 : 1};
+            for (int t = 0; t < 3; t++)
+                if (hm[i * 12 + 3 * g + t] != (code & 4 ? -c : c) * (float)pattern[t]) return 0.0f;
+        }
+    return c;
+}
+
+static void mix12_tile(const lanes_f *restrict src, lanes_f *restrict dst, int64_t p, float c) {
+    const lanes_f scale = lanes_splat(c);
+    for (int64_t j = 0; j < p; j++) {
+        lanes_f sums[4][4];
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; g++) {
+            const lanes_f a = src[3 * g * p + j], b = src[(3 * g + 1) * p + j], e = src[(3 * g + 2) * p + j];
+            const lanes_f plus = a + b, minus = a - b;
+            sums[g][0] = plus + e, sums[g][1] = plus - e, sums[g][2] = minus + e, sums[g][3] = minus - e;
+        }
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) {
+            const unsigned char *plan = MIX12 + 4 * i; /* constants once unrolled */
+            lanes_f acc = sums[0][plan[0] & 3];
+#pragma GCC unroll 3
+            for (int g = 1; g < 4; g++) {
+                if ((plan[g] ^ plan[0]) & 4)
+                    acc -= sums[g][plan[g] & 3];
+                else
+                    acc += sums[g][plan[g] & 3];
+            }
+            dst[i * p + j] = acc * (plan[0] & 4 ? -scale : scale);
+        }
+    }
+}
+
+/* out = H_m · t over the (m, p) layout of each lane; hm is row-major m×m, mix12 its mix12_scale. */
+static void mix_tile(const float *restrict t, float *restrict out, int64_t m, int64_t p, const float *restrict hm,
+                     float mix12) {
     const lanes_f *src = (const lanes_f *)t;
     lanes_f *dst = (lanes_f *)out;
+    if (mix12 != 0.0f) {
+        mix12_tile(src, dst, p, mix12);
+        return;
+    }
     int64_t i = 0;
     for (; i + 12 <= m; i += 12) mix_rows_12(src, dst, m, p, hm, i);
     for (; i + 4 <= m; i += 4) mix_rows_4(src, dst, m, p, hm, i);
@@ -252,10 +306,10 @@ static void mix_tile(const float *restrict t, float *restrict out, int64_t m, in
 
 /* The tile `t` (signs already applied for the forward transform) rotated into `out`. */
 static void rotate_tile(float *restrict t, float *restrict out, int64_t n, int64_t m, const float *restrict hm,
-                        const float *restrict signs_after) {
+                        float mix12, const float *restrict signs_after) {
     const int64_t p = n / m;
     for (int64_t k = 0; k < m; k++) fwht_tile(t + k * p * LANES, p);
-    mix_tile(t, out, m, p, hm);
+    mix_tile(t, out, m, p, hm, mix12);
     if (signs_after)
         for (int64_t i = 0; i < n; i++)
             for (int l = 0; l < LANES; l++) out[i * LANES + l] *= signs_after[i];
@@ -272,6 +326,7 @@ static void note_failure(int ok, int *failed) {
 int robuq_hadamard(const float *x, float *y, int64_t rows, int64_t n, int64_t m, const float *hm,
                    const float *signs, int inverse, int threads) {
     const int64_t tiles = (rows + LANES - 1) / LANES;
+    const float mix12 = mix12_scale(hm, m);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -282,7 +337,7 @@ int robuq_hadamard(const float *x, float *y, int64_t rows, int64_t n, int64_t m,
             if (!ok) continue;
             const int64_t first = g * LANES, count = rows - first < LANES ? rows - first : LANES;
             load_tile(x + first * n, count, n, inverse ? NULL : signs, t);
-            rotate_tile(t, out, n, m, hm, inverse ? signs : NULL);
+            rotate_tile(t, out, n, m, hm, mix12, inverse ? signs : NULL);
             store_tile(out, count, n, y + first * n);
         }
         note_failure(ok, &failed);
@@ -416,6 +471,7 @@ int robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *sca
     if (!supported(rule, levels_top)) return BAD_ARGUMENT;
     const float top = (float)levels_top;
     const int64_t tiles = (rows + LANES - 1) / LANES;
+    const float mix12 = hm ? mix12_scale(hm, m) : 0.0f;
     float *down_t = NULL; /* down transposed, n × rank: tile_lowrank's layout */
     if (down) {
         if (!(down_t = malloc((size_t)(n * rank) * sizeof(float)))) return -1;
@@ -435,7 +491,7 @@ int robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *sca
             load_tile(x + first * n, count, n, hm ? signs : NULL, t);
             float *rotated = t;
             if (hm) {
-                rotate_tile(t, out, n, m, hm, NULL);
+                rotate_tile(t, out, n, m, hm, mix12, NULL);
                 rotated = out;
             }
             float s[LANES], o[LANES];

@@ -59,7 +59,21 @@ def definitions() -> list[str]:
             f"-DGEMM_PACK_COLUMNS={GEMM_PACK_COLUMNS}", f"-DGEMM_PACK_DEPTH={GEMM_PACK_DEPTH}",
             f"-DTERNARY_GROUP={TERNARY_GROUP}", f"-DTERNARY_COLUMNS={TERNARY_COLUMNS}", f"-DTERNARY_MAX_TOP={TERNARY_MAX_TOP}",
             *(f"-DTERNARY_PATTERN_{name}={{{','.join(str(p[i]) for p in TERNARY_PATTERNS)}}}"
-              for i, name in enumerate(("FIRST", "SECOND", "THIRD")))]
+              for i, name in enumerate(("FIRST", "SECOND", "THIRD"))),
+            f"-DMIX12_PLAN={{{','.join(str(code) for code in _mix12_plan())}}}"]
+
+
+def _mix12_plan() -> list[int]:
+    """H_12 as cpu_kernels.c's mix12_tile adds it up: per output row and triple of columns, the sign of the
+    triple's first entry (4 if negative) plus the signs of the other two relative to it (2: the second's
+    flipped, 1: the third's), row by row."""
+    h = hadamard_matrix(12, torch.float64)
+    plan = []
+    for row in h.sign().to(torch.int64).tolist():
+        for g in range(4):
+            a, b, c = row[3 * g : 3 * g + 3]
+            plan.append(4 * (a < 0) + 2 * (b * a < 0) + (c * a < 0))
+    return plan
 
 
 _f32, _i8, _i64, _int, _float = (ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int8),
