@@ -6,7 +6,7 @@
  *
  * Hadamard layout: a row of n = m·p values is an (m, p) matrix X with p a power of two; the normalised
  * transform is H_m·X·H_p / √n, H_p applied as a fast Walsh–Hadamard transform (Sylvester order) and
- * H_m, pre-scaled by the caller to H_m/√n, as a dense m×m mix.
+ * H_m, pre-scaled by the caller to H_m/√n, as a dense m×m mix (H_12: as sums of sign patterns, mix12_tile).
  *
  * Rows are processed LANES at a time, transposed into a tile t[i][lane]: every butterfly, multiply-add
  * and statistic then runs across lanes, one full vector register, whatever its stride within the row.
