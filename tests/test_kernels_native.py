@@ -49,7 +49,6 @@ def test_hadamard_equals_the_dense_matrix(n, inverse):
     assert torch.allclose(native.hadamard(x, None, inverse).double(), x.double() @ hadamard_matrix(n, torch.float64), atol=1e-5)
 
 
-
 def test_mix12_plan_spells_out_the_order_12_hadamard_matrix():
     """cpu_kernels.c adds H_12 up from this plan (widths 12·2^k, DiT-S/2's and B/2's); it must be H_12's signs."""
     rows = []
@@ -60,6 +59,7 @@ def test_mix12_plan_spells_out_the_order_12_hadamard_matrix():
             row += [first, first * (-1 if code & 2 else 1), first * (-1 if code & 1 else 1)]
         rows.append(row)
     assert torch.equal(torch.tensor(rows, dtype=torch.float64), hadamard_matrix(12, torch.float64).sign())
+
 
 @settings(max_examples=20, deadline=None)
 @given(m=st.sampled_from([1] + list(small_hadamard_orders())[:6]), k=st.integers(0, 7), rows=st.integers(1, 40))
@@ -134,7 +134,7 @@ def test_the_c_code_itself_refuses_an_unknown_rule_id():
     unknown = max(spec.SCALE_RULES.values()) + 1
     for rule, top in ((unknown, 15), (spec.SCALE_RULES["minmax"], 256)):
         status = native._library().robuq_hadamard_quantize(
-            native._ptr(x), None, native._ptr(levels, native._i8), native._ptr(stats[0]), native._ptr(stats[1]),
+            native._ptr(x), None, native._ptr(levels), native._ptr(stats[0]), native._ptr(stats[1]),
             rows, n, 1, None, None, top, rule, 1.0, 1.0, 0, None, 0, None, 1)
         assert status == native._BAD_ARGUMENT
 

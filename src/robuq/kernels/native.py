@@ -195,8 +195,8 @@ def _mix_matrix(n: int) -> tuple[int, torch.Tensor]:
     return m, (hadamard_matrix(m, torch.float64) * math.sqrt(m) / math.sqrt(n)).to(device="cpu", dtype=torch.float32).contiguous()
 
 
-def _ptr(t: torch.Tensor | None, kind=_f32) -> int | None:
-    """t's address for a pointer argument (``kind``, the C element type, only documents the call)."""
+def _ptr(t: torch.Tensor | None) -> int | None:
+    """t's address for a pointer argument (_SIGNATURES says what element type the C side reads there)."""
     return None if t is None else t.data_ptr()
 
 
@@ -256,7 +256,7 @@ def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool,
     down = None if down is None else _input(down)
     branch = None if down is None else _empty(count, rank)
     _check(_library().robuq_hadamard_quantize(
-        _ptr(rows), _ptr(y), _ptr(levels, _i8), _ptr(scale), _ptr(offset), count, n, m, _ptr(hm), _ptr(signs),
+        _ptr(rows), _ptr(y), _ptr(levels), _ptr(scale), _ptr(offset), count, n, m, _ptr(hm), _ptr(signs),
         top, rule_id, spec.gaussian_optimal_step(bits), ratio, spec.int8_level_shift(bits), _ptr(down), rank,
         _ptr(branch), _threads()), f"rule {rule!r} at {bits} bits")
     return y, levels, scale, offset, branch
@@ -275,7 +275,7 @@ def rescale(acc: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, offset: t
     scale, offset, alpha, offset_weight, bias = (_input(t) for t in (scale, offset, alpha, offset_weight, bias))
     rank = 0 if branch is None else branch.shape[1]
     branch, up_rows = (None, None) if branch is None else (_input(branch), _input(up_rows))
-    _library().robuq_rescale(_ptr(acc, _i32p), _ptr(out), rows, cols, _ptr(scale), _ptr(offset), _ptr(alpha),
+    _library().robuq_rescale(_ptr(acc), _ptr(out), rows, cols, _ptr(scale), _ptr(offset), _ptr(alpha),
                              _ptr(offset_weight), _ptr(bias), _ptr(branch), _ptr(up_rows), rank, int(gelu), _threads())
     return out
 
@@ -383,8 +383,8 @@ def gemm_s8(a: torch.Tensor, packed: torch.Tensor, n: int, col_sums: torch.Tenso
     a, packed = a.contiguous(), packed.contiguous()
     col_sums = col_sums.to(torch.int32).contiguous()
     out = _empty(m, n, dtype=torch.int32)
-    _check(_library().robuq_gemm_s8(_ptr(a, _i8), shift, _ptr(packed, _i8), _ptr(out, _i32p), m, k, n,
-                                    _ptr(col_sums, _i32p), flush, _threads()))
+    _check(_library().robuq_gemm_s8(_ptr(a), shift, _ptr(packed), _ptr(out), m, k, n,
+                                    _ptr(col_sums), flush, _threads()))
     return out
 
 
@@ -435,6 +435,6 @@ def gemm_ternary(a: torch.Tensor, code: torch.Tensor, n: int, col_sums: torch.Te
     a, code = a.contiguous(), code.contiguous()
     col_sums = col_sums.to(torch.int32).contiguous()
     out = _empty(m, n, dtype=torch.int32)
-    _check(_library().robuq_gemm_ternary(_ptr(a, _i8), top, _ptr(code, _i8), _ptr(out, _i32p), m, k, n,
-                                         _ptr(col_sums, _i32p), _threads()), f"ternary GEMM with levels up to {top}")
+    _check(_library().robuq_gemm_ternary(_ptr(a), top, _ptr(code), _ptr(out), m, k, n,
+                                         _ptr(col_sums), _threads()), f"ternary GEMM with levels up to {top}")
     return out
