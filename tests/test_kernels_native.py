@@ -170,6 +170,40 @@ def test_rescale_is_the_integer_linear_epilogue(cols, rank, gelu):
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows, k, n", [(7, 40, 72), (100, 96, 33), (130, 384, 64)])  # partial chunks, groups, columns
+@pytest.mark.parametrize("rule, bits, rotate, rank, gelu", [("gaussian", 3, True, 4, True), ("minmax", 4, False, 0, False),
+                                                            ("gaussian", 2, True, 16, False)])
+def test_the_fused_ternary_linear_is_the_three_kernels_bit_for_bit(rows, k, n, rule, bits, rotate, rank, gelu):
+    """linear_ternary runs hadamard_quantize, gemm_ternary and rescale per block of rows in one pass: the same
+    float operations in the same order, so the same bits, whatever the chunking."""
+    torch.manual_seed(rows + k + n + bits)
+    x = torch.randn(rows, k) * 2 + 0.5
+    signs = random_signs(k, seed=1)
+    weights = torch.randint(-1, 2, (k, n), dtype=torch.int8)
+    code, sums = native.pack_ternary_weights(weights), weights.sum(dim=0, dtype=torch.int32)
+    alpha, w, b = torch.rand(n), torch.randn(n), torch.randn(n)
+    down, up = (torch.randn(rank, k), torch.randn(rank, n)) if rank else (None, None)
+    ratio = torch.tensor(0.9)
+    _, levels, scale, offset, branch = native.hadamard_quantize(x, signs, rotate, bits, rule, ratio, keep_rotated=False,
+                                                                down=down)
+    acc = native.gemm_ternary(levels, code, n, sums, 2**bits - 1)
+    expected = native.rescale(acc, torch.empty(rows, n), scale, offset, alpha, w, b, branch, up, gelu)
+    got = native.linear_ternary(x, signs, rotate, bits, rule, ratio, down, code, n, sums, alpha, w, b, up, gelu,
+                                torch.empty(rows, n))
+    assert torch.equal(got, expected)
+
+
+def test_the_fused_ternary_linear_refuses_what_the_lookup_gemm_cannot_take():
+    weights = torch.randint(-1, 2, (12, 40), dtype=torch.int8)
+    code, sums, ones = native.pack_ternary_weights(weights), weights.sum(dim=0, dtype=torch.int32), torch.ones(40)
+    with pytest.raises(ValueError, match="at most 4 bits"):  # 8-bit levels are shifted into int8
+        native.linear_ternary(torch.randn(5, 12), None, False, 8, "minmax", None, None, code, 40, sums, ones, ones, ones,
+                              None, False, torch.empty(5, 40))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        native.linear_ternary(torch.randn(5, 12), None, False, 3, "minmax", None, None, code, 40, sums, ones, ones, ones,
+                              None, False, torch.empty(40, 5).t())
+
+
 def test_layer_norm_modulate_and_gated_residual_match_the_block_code():
     import torch.nn.functional as F
 

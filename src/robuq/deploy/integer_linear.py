@@ -188,7 +188,20 @@ class IntegerLinear(nn.Module):
                 return levels, scale, offset, branch
         return *self._quantize_rows(hadamard_transform(x, self.hadamard_signs) if self.hadamard else x), None
 
+    def _fuses(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether the C kernels take the whole layer in one pass (native.linear_ternary): per-token
+        low-bit activations on the ternary lookup GEMM."""
+        return (self._avx2_weight is not None and self.act_granularity == "token" and self.act_rule in native.RULES
+                and (not self.rank or self.lowrank_input == "fp") and native.takes(x, y) and y.is_contiguous()
+                and gemm_paths.uses_ternary_lookup(self._max_weight, self._shift, self._act_top))
+
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self._fuses(x, y):
+            native.linear_ternary(x, self.hadamard_signs, self.hadamard, self.act_bits, self.act_rule, self.clip_ratio,
+                                  self.lowrank_down if self.rank else None, self._avx2_weight, self.out_features,
+                                  self._level_sums, self.weight_scale, self._offset_rows[0], self._offset_rows[1],
+                                  self._lowrank_up_rows if self.rank else None, self.gelu, y)
+            return
         levels, scale, offset, branch = self._input_pass(x, with_branch=True)
         acc = (_int8_matmul(levels, self.levels_t()) if levels.device.type != "cpu" else
                gemm_paths.matmul(self.gemm, levels, self.weight_levels_t, self._level_sums, self._max_weight,

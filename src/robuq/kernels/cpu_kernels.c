@@ -466,6 +466,50 @@ static void tile_lowrank(const float *restrict t, int64_t count, int64_t n, cons
     }
 }
 
+/* What one hadamard_quantize call does to every tile of rows: the rotation (if hm), the scale rule and
+ * level range, and the low-rank branch (if down_t: down transposed, n × rank, tile_lowrank's layout). */
+typedef struct {
+    int64_t n, m, rank;
+    const float *hm, *signs, *down_t;
+    float mix12, top, step_factor, ratio;
+    int rule, shift;
+} quantize_t;
+
+/* down (rank × n) transposed into a new n × rank buffer (tile_lowrank's layout); NULL when memory ran out. */
+static float *transposed_down(const float *down, int64_t rank, int64_t n) {
+    float *down_t = malloc((size_t)(n * rank) * sizeof(float));
+    if (down_t)
+        for (int64_t k = 0; k < rank; k++)
+            for (int64_t i = 0; i < n; i++) down_t[i * rank + k] = down[k * n + i];
+    return down_t;
+}
+
+/* Rows [0, count) of x (count ≤ LANES, row stride n): their levels (row stride n), scales and offsets, and
+ * the rotated rows (if y) and branch rows (if qz->down_t). t and out are tile buffers, q n·LANES bytes. */
+static void quantize_tile(const quantize_t *qz, const float *x, int64_t count, float *t, float *out, int8_t *q,
+                          int8_t *levels, float *y, float *scale, float *offset, float *branch) {
+    const int64_t n = qz->n;
+    load_tile(x, count, n, qz->hm ? qz->signs : NULL, t);
+    float *rotated = t;
+    if (qz->hm) {
+        rotate_tile(t, out, n, qz->m, qz->hm, qz->mix12, NULL);
+        rotated = out;
+    }
+    float s[LANES], o[LANES];
+    tile_scale_offset(rotated, n, qz->top, qz->rule, qz->step_factor, qz->ratio, s, o);
+    const lanes_f sv = lanes_load(s), ov = lanes_load(o);
+    const lanes_f *rv = (const lanes_f *)rotated;
+    lanes_b *qv = (lanes_b *)q;
+    for (int64_t i = 0; i < n; i++) qv[i] = lanes_levels(rv[i], sv, ov, qz->top, (float)qz->shift);
+    store_tile_int8(q, count, n, levels);
+    if (y) store_tile(rotated, count, n, y);
+    if (qz->down_t) tile_lowrank(rotated, count, n, qz->down_t, qz->rank, branch);
+    for (int64_t l = 0; l < count; l++) {
+        scale[l] = s[l];
+        offset[l] = o[l];
+    }
+}
+
 /* Rotate (if hm) and quantize each row to int8 levels 0 … levels_top minus `shift`, with per-row scale
  * and offset; y (optional) gets the rotated rows, branch (if down) down · the rotated rows. Returns 0, −1
  * when memory ran out, BAD_ARGUMENT for a rule or level range it does not implement. */
@@ -474,15 +518,11 @@ int robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *sca
                             float step_factor, float ratio, int shift, const float *down, int64_t rank,
                             float *branch, int threads) {
     if (!supported(rule, levels_top)) return BAD_ARGUMENT;
-    const float top = (float)levels_top;
     const int64_t tiles = (rows + LANES - 1) / LANES;
-    const float mix12 = hm ? mix12_scale(hm, m) : 0.0f;
-    float *down_t = NULL; /* down transposed, n × rank: tile_lowrank's layout */
-    if (down) {
-        if (!(down_t = malloc((size_t)(n * rank) * sizeof(float)))) return -1;
-        for (int64_t k = 0; k < rank; k++)
-            for (int64_t i = 0; i < n; i++) down_t[i * rank + k] = down[k * n + i];
-    }
+    float *down_t = NULL;
+    if (down && !(down_t = transposed_down(down, rank, n))) return -1;
+    const quantize_t qz = {n, m, rank, hm, signs, down_t, hm ? mix12_scale(hm, m) : 0.0f, (float)levels_top,
+                           step_factor, ratio, rule, shift};
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -493,25 +533,8 @@ int robuq_hadamard_quantize(const float *x, float *y, int8_t *levels, float *sca
         for (int64_t g = 0; g < tiles; g++) {
             if (!ok) continue;
             const int64_t first = g * LANES, count = rows - first < LANES ? rows - first : LANES;
-            load_tile(x + first * n, count, n, hm ? signs : NULL, t);
-            float *rotated = t;
-            if (hm) {
-                rotate_tile(t, out, n, m, hm, mix12, NULL);
-                rotated = out;
-            }
-            float s[LANES], o[LANES];
-            tile_scale_offset(rotated, n, top, rule, step_factor, ratio, s, o);
-            const lanes_f sv = lanes_load(s), ov = lanes_load(o);
-            const lanes_f *rv = (const lanes_f *)rotated;
-            lanes_b *qv = (lanes_b *)q;
-            for (int64_t i = 0; i < n; i++) qv[i] = lanes_levels(rv[i], sv, ov, top, (float)shift);
-            store_tile_int8(q, count, n, levels + first * n);
-            if (y) store_tile(rotated, count, n, y + first * n);
-            if (down_t) tile_lowrank(rotated, count, n, down_t, rank, branch + first * rank);
-            for (int64_t l = 0; l < count; l++) {
-                scale[first + l] = s[l];
-                offset[first + l] = o[l];
-            }
+            quantize_tile(&qz, x + first * n, count, t, out, q, levels + first * n, y ? y + first * n : NULL,
+                          scale + first, offset + first, down_t ? branch + first * rank : NULL);
         }
         note_failure(ok, &failed);
         free(t);
@@ -1242,36 +1265,41 @@ __attribute__((optimize("fp-contract=fast"), always_inline)) static inline void 
     }
 }
 
-/* The integer linear's epilogue, RESCALE_ROWS rows at a time (the GELU over them right after):
- *   y = acc·s_r·α_c + o_r·w_c + b_c [+ Σ_k branch_rk·up_kc] [then tanh-GELU],
- * where acc is the int32 product of the levels, w_c = α_c·Σ_k L_kc carries the activation offset, and
- * branch·up is the low-rank branch's second matmul (up given as rank × cols). Rows go RESCALE_ROWS at a
- * time, so each vector of `up` is loaded once per block of rows. Fused multiply-adds allowed: this
- * rounds like PyTorch's matmul, not bit for bit like its elementwise code. */
-/* The attribute here too: an inlined function is compiled with its caller's fp-contract setting. */
-__attribute__((optimize("fp-contract=fast")))
+/* The epilogue (above) of `count` ≤ RESCALE_ROWS rows, the GELU over them right after; acc, y, s, o and
+ * branch start at the block's first row. Not inlined: an inlined function is compiled with its caller's
+ * fp-contract setting, and this one rounds with fused multiply-adds wherever it is called from. */
+__attribute__((optimize("fp-contract=fast"), noinline))
+static void rescale_block(const int32_t *acc, float *y, int count, int64_t cols, const float *s, const float *o,
+                          const float *alpha, const float *w, const float *bias, const float *branch, const float *up,
+                          int64_t rank, int gelu) {
+    const int64_t full = cols / LANES * LANES;
+    int64_t row[RESCALE_ROWS]; /* rows past the end repeat the last one: computed, never stored */
+    for (int r = 0; r < RESCALE_ROWS; r++) row[r] = r < count ? r : count - 1;
+    for (int64_t c = 0; c < full; c += LANES)
+        rescale_columns(acc, y, cols, c, row, count, s, o, lanes_load(alpha + c), lanes_load(w + c),
+                        lanes_load(bias + c), branch, up, rank);
+    for (int r = 0; r < count; r++) /* the ragged last columns, one at a time */
+        for (int64_t c = full; c < cols; c++) {
+            float v = (float)acc[r * cols + c] * s[r] * alpha[c] + (o[r] * w[c] + bias[c]), low = 0.0f;
+            for (int64_t k = 0; k < rank; k++) low += branch[r * rank + k] * up[k * cols + c];
+            v += low;
+            y[r * cols + c] = v;
+        }
+    if (gelu)
+        for (int r = 0; r < count; r++) gelu_span(y + r * cols, cols);
+}
+
+/* The epilogue over all rows, RESCALE_ROWS at a time (rescale_block). */
 void robuq_rescale(const int32_t *acc, float *y, int64_t rows, int64_t cols, const float *s, const float *o,
                    const float *alpha, const float *w, const float *bias, const float *branch, const float *up,
                    int64_t rank, int gelu, int threads) {
-    const int64_t blocks = (rows + RESCALE_ROWS - 1) / RESCALE_ROWS, full = cols / LANES * LANES;
+    const int64_t blocks = (rows + RESCALE_ROWS - 1) / RESCALE_ROWS;
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t r0 = blk * RESCALE_ROWS;
         const int count = rows - r0 < RESCALE_ROWS ? (int)(rows - r0) : RESCALE_ROWS;
-        int64_t row[RESCALE_ROWS]; /* rows past the end repeat the last one: computed, never stored */
-        for (int r = 0; r < RESCALE_ROWS; r++) row[r] = r0 + (r < count ? r : count - 1);
-        for (int64_t c = 0; c < full; c += LANES)
-            rescale_columns(acc, y, cols, c, row, count, s, o, lanes_load(alpha + c), lanes_load(w + c),
-                            lanes_load(bias + c), branch, up, rank);
-        for (int r = 0; r < count; r++) /* the ragged last columns, one at a time */
-            for (int64_t c = full; c < cols; c++) {
-                float v = (float)acc[row[r] * cols + c] * s[row[r]] * alpha[c] + (o[row[r]] * w[c] + bias[c]), low = 0.0f;
-                for (int64_t k = 0; k < rank; k++) low += branch[row[r] * rank + k] * up[k * cols + c];
-                v += low;
-                y[row[r] * cols + c] = v;
-            }
-        if (gelu)
-            for (int r = 0; r < count; r++) gelu_span(y + (r0 + r) * cols, cols);
+        rescale_block(acc + r0 * cols, y + r0 * cols, count, cols, s + r0, o + r0, alpha, w, bias,
+                      branch ? branch + r0 * rank : NULL, up, rank, gelu);
     }
 }
 
@@ -1653,64 +1681,157 @@ static void ternary_plain(const int8_t *restrict c, int64_t cstride, int64_t row
 }
 #endif
 
+/* The shapes of one ternary GEMM: k = TERNARY_GROUP·groups (padded), n columns in `blocks` packed blocks,
+ * and (AVX2) how many groups add up in int8 (flush) and in int16 (span) before their sums are widened. */
+typedef struct {
+    const int8_t *code;
+    const int32_t *col_sums;
+    int64_t k, n, groups, blocks, cstride, flush, span;
+    int zero;
+} ternary_t;
+
+static ternary_t ternary_shapes(const int8_t *code, const int32_t *col_sums, int64_t k, int64_t n, int top) {
+    ternary_t tg = {code, col_sums, k, n, (k + TERNARY_GROUP - 1) / TERNARY_GROUP, (n + TERNARY_COLUMNS - 1) / TERNARY_COLUMNS,
+                    0, 1, 1, ternary_zero(top)};
+    tg.cstride = (TERNARY_GROUP * tg.groups + 16 + 63) / 64 * 64; /* 16 bytes past the last group: see ternary_tables */
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+    const int largest = TERNARY_GROUP * (tg.zero > top - tg.zero ? tg.zero : top - tg.zero); /* max |table entry| */
+    tg.flush = 127 / largest;
+    tg.span = 32767 / largest / tg.flush * tg.flush;
+#endif
+    return tg;
+}
+
+/* A chunk's scratch: its centered levels and (AVX2) tables, for up to `rows` rows; NULL members when
+ * memory ran out. */
+typedef struct {
+    int8_t *c, *tables;
+} ternary_scratch_t;
+
+static ternary_scratch_t ternary_scratch(const ternary_t *tg, int64_t rows) {
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+    return (ternary_scratch_t){aligned_buffer((size_t)(rows * tg->cstride)), aligned_buffer((size_t)(rows * tg->groups * 16))};
+#else
+    /* the plain sums read the centered levels themselves; tables is c again, so that the checks hold */
+    int8_t *c = aligned_buffer((size_t)(rows * tg->cstride));
+    return (ternary_scratch_t){c, c};
+#endif
+}
+
+static void free_ternary_scratch(ternary_scratch_t t) {
+    if (t.tables != t.c) free(t.tables);
+    free(t.c);
+}
+
+/* out (rows, n) = a (rows, k) · w, for one chunk of rows that fits the scratch. */
+static void ternary_chunk(const ternary_t *tg, const int8_t *a, int64_t rows, ternary_scratch_t scratch, int32_t *out) {
+    const int64_t groups = tg->groups, n = tg->n;
+    int32_t fix[TERNARY_COLUMNS];
+    ternary_center(a, tg->k, rows, tg->zero, scratch.c, tg->cstride);
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+    ternary_tables(scratch.c, tg->cstride, rows, groups, scratch.tables);
+#endif
+    for (int64_t b = 0; b < tg->blocks; b++) {
+        for (int j = 0; j < TERNARY_COLUMNS; j++) {
+            const int64_t column = b * TERNARY_COLUMNS + j;
+            fix[j] = column < n ? tg->zero * tg->col_sums[column] : 0;
+        }
+        const int8_t *block = tg->code + b * groups * 2 * TERNARY_COLUMNS;
+#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+        for (int64_t g0 = 0; g0 < groups; g0 += tg->span) {
+            const int64_t g1 = groups < g0 + tg->span ? groups : g0 + tg->span;
+            for (int64_t t = 0; t < rows; t += TERNARY_ROWS) {
+                const int height = rows - t < TERNARY_ROWS ? (int)(rows - t) : TERNARY_ROWS;
+                TERNARY_TILES[height - 1](scratch.tables + t * groups * 16, groups, block, g0, g1, tg->flush,
+                                          g0 ? NULL : fix, out + t * n, n, b * TERNARY_COLUMNS);
+            }
+        }
+#else
+        ternary_plain(scratch.c, tg->cstride, rows, groups, block, fix, out, n, b * TERNARY_COLUMNS);
+#endif
+    }
+}
+
 /* out (m, n) = a (m, k) · w (k, n), exact int32, with w ternary and packed by native.pack_ternary_weights,
  * a's levels in 0…top (top ≤ TERNARY_MAX_TOP), col_sums = Σ_k w. Returns 0, −1 when memory ran out,
  * BAD_ARGUMENT for a level range above TERNARY_MAX_TOP. */
 int robuq_gemm_ternary(const int8_t *a, int32_t top, const int8_t *code, int32_t *out, int64_t m, int64_t k, int64_t n,
                        const int32_t *col_sums, int threads) {
     if (top < 1 || top > TERNARY_MAX_TOP) return BAD_ARGUMENT;
-    const int zero = ternary_zero(top);
-    const int64_t groups = (k + TERNARY_GROUP - 1) / TERNARY_GROUP, blocks = (n + TERNARY_COLUMNS - 1) / TERNARY_COLUMNS;
-#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
-    const int largest = TERNARY_GROUP * (zero > top - zero ? zero : top - zero); /* max |table entry| */
-    const int64_t flush = 127 / largest, span = 32767 / largest / flush * flush; /* groups per int8 / int16 sum */
-#endif
-    const int64_t cstride = (TERNARY_GROUP * groups + 16 + 63) / 64 * 64; /* 16 bytes past the last group: see ternary_tables */
+    const ternary_t tg = ternary_shapes(code, col_sums, k, n, top);
     const int64_t chunks = (m + TERNARY_CHUNK_ROWS - 1) / TERNARY_CHUNK_ROWS;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        int8_t *c = aligned_buffer((size_t)(TERNARY_CHUNK_ROWS * cstride));
-#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
-        int8_t *tables = aligned_buffer((size_t)(TERNARY_CHUNK_ROWS * groups * 16));
-        const int ok = c && tables;
-#else
-        int8_t *tables = NULL; /* the plain sums read the centered levels themselves */
-        const int ok = c != NULL;
-#endif
-        int32_t fix[TERNARY_COLUMNS];
+        const ternary_scratch_t scratch = ternary_scratch(&tg, TERNARY_CHUNK_ROWS);
+        const int ok = scratch.c && scratch.tables;
 #pragma omp for schedule(dynamic)
         for (int64_t chunk = 0; chunk < chunks; chunk++) {
             if (!ok) continue;
             const int64_t r0 = chunk * TERNARY_CHUNK_ROWS;
             const int64_t rows = m - r0 < TERNARY_CHUNK_ROWS ? m - r0 : TERNARY_CHUNK_ROWS;
-            ternary_center(a + r0 * k, k, rows, zero, c, cstride);
-#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
-            ternary_tables(c, cstride, rows, groups, tables);
-#endif
-            for (int64_t b = 0; b < blocks; b++) {
-                for (int j = 0; j < TERNARY_COLUMNS; j++) {
-                    const int64_t column = b * TERNARY_COLUMNS + j;
-                    fix[j] = column < n ? zero * col_sums[column] : 0;
-                }
-                const int8_t *block = code + b * groups * 2 * TERNARY_COLUMNS;
-#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
-                for (int64_t g0 = 0; g0 < groups; g0 += span) {
-                    const int64_t g1 = groups < g0 + span ? groups : g0 + span;
-                    for (int64_t t = 0; t < rows; t += TERNARY_ROWS) {
-                        const int height = rows - t < TERNARY_ROWS ? (int)(rows - t) : TERNARY_ROWS;
-                        TERNARY_TILES[height - 1](tables + t * groups * 16, groups, block, g0, g1, flush, g0 ? NULL : fix,
-                                                  out + (r0 + t) * n, n, b * TERNARY_COLUMNS);
-                    }
-                }
-#else
-                ternary_plain(c, cstride, rows, groups, block, fix, out + r0 * n, n, b * TERNARY_COLUMNS);
-#endif
-            }
+            ternary_chunk(&tg, a + r0 * k, rows, scratch, out + r0 * n);
         }
         note_failure(ok, &failed);
-        free(c);
-        free(tables);
+        free_ternary_scratch(scratch);
     }
+    return failed ? -1 : 0;
+}
+
+/* ---- A whole ternary integer linear in one parallel pass over chunks of rows: each chunk's input pass
+ * (robuq_hadamard_quantize), its lookup GEMM (robuq_gemm_ternary) and its epilogue (robuq_rescale) run
+ * back to back on one thread, so the chunk's levels and int32 sums stay in that core's cache instead of
+ * going out to memory between three kernels (DiT-S/2's qkv: 9 MiB of sums per call), and one parallel
+ * region replaces three: the exported DiT-S/2 forward 1.07–1.11× faster (AVX2 build, one and two threads,
+ * A/B in one process), bit for bit the same. Activation levels are unsigned (shift 0), as the lookup GEMM
+ * takes them. 24 rows per chunk were 2% slower, 96 no faster. ---- */
+#define LINEAR_CHUNK_ROWS 48 /* whole tiles of LANES rows and of TERNARY_ROWS */
+
+int robuq_linear_ternary(const float *x, int64_t rows, int64_t k, int64_t m, const float *hm, const float *signs,
+                         int levels_top, int rule, float step_factor, float ratio, const float *down, int64_t rank,
+                         const int8_t *code, int64_t n, const int32_t *col_sums, const float *alpha, const float *w,
+                         const float *bias, const float *up, int gelu, float *y, int threads) {
+    if (!supported(rule, levels_top) || levels_top > TERNARY_MAX_TOP) return BAD_ARGUMENT;
+    float *down_t = NULL;
+    if (down && !(down_t = transposed_down(down, rank, k))) return -1;
+    const quantize_t qz = {k, m, rank, hm, signs, down_t, hm ? mix12_scale(hm, m) : 0.0f, (float)levels_top,
+                           step_factor, ratio, rule, 0};
+    const ternary_t tg = ternary_shapes(code, col_sums, k, n, levels_top);
+    const int64_t chunks = (rows + LINEAR_CHUNK_ROWS - 1) / LINEAR_CHUNK_ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *t = tile_buffer(k), *out = tile_buffer(k), *scale = malloc(LINEAR_CHUNK_ROWS * sizeof(float));
+        float *offset = malloc(LINEAR_CHUNK_ROWS * sizeof(float));
+        float *branch = rank ? malloc((size_t)(LINEAR_CHUNK_ROWS * rank) * sizeof(float)) : NULL;
+        int8_t *q = aligned_buffer((size_t)(k * LANES)), *levels = aligned_buffer((size_t)(LINEAR_CHUNK_ROWS * k));
+        int32_t *acc = aligned_buffer((size_t)(LINEAR_CHUNK_ROWS * n) * sizeof(int32_t));
+        const ternary_scratch_t scratch = ternary_scratch(&tg, LINEAR_CHUNK_ROWS);
+        const int ok = t && out && scale && offset && (branch || !rank) && q && levels && acc && scratch.c && scratch.tables;
+#pragma omp for schedule(dynamic)
+        for (int64_t chunk = 0; chunk < chunks; chunk++) {
+            if (!ok) continue;
+            const int64_t r0 = chunk * LINEAR_CHUNK_ROWS;
+            const int64_t count = rows - r0 < LINEAR_CHUNK_ROWS ? rows - r0 : LINEAR_CHUNK_ROWS;
+            for (int64_t i = 0; i < count; i += LANES)
+                quantize_tile(&qz, x + (r0 + i) * k, count - i < LANES ? count - i : LANES, t, out, q, levels + i * k, NULL,
+                              scale + i, offset + i, down_t ? branch + i * rank : NULL);
+            ternary_chunk(&tg, levels, count, scratch, acc);
+            for (int64_t i = 0; i < count; i += RESCALE_ROWS)
+                rescale_block(acc + i * n, y + (r0 + i) * n, count - i < RESCALE_ROWS ? (int)(count - i) : RESCALE_ROWS, n,
+                              scale + i, offset + i, alpha, w, bias, branch ? branch + i * rank : NULL, up, rank, gelu);
+        }
+        note_failure(ok, &failed);
+        free(t);
+        free(out);
+        free(scale);
+        free(offset);
+        free(branch);
+        free(q);
+        free(levels);
+        free(acc);
+        free_ternary_scratch(scratch);
+    }
+    free(down_t);
     return failed ? -1 : 0;
 }

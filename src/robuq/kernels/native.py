@@ -37,7 +37,7 @@ FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fn
 RULES = ("minmax", "gaussian")  # the scale rules cpu_kernels.c has a branch for
 # These return 0, or −1: out of memory.
 _ALLOCATING = ("robuq_hadamard", "robuq_hadamard_quantize", "robuq_attention_int8", "robuq_gemm_s8",
-               "robuq_gemm_ternary")
+               "robuq_gemm_ternary", "robuq_linear_ternary")
 _BAD_ARGUMENT = -2  # cpu_kernels.c's answer to a rule or level range it does not implement
 # The AVX2 GEMM's weight packing: blocks of GEMM_PACK_COLUMNS columns (one register of int32 lanes), each
 # column's GEMM_PACK_DEPTH consecutive k side by side (the bytes one vpmaddubsw lane pair multiplies).
@@ -100,6 +100,8 @@ _SIGNATURES = {
                              _int, _float, _f32, _int],
     "robuq_gemm_s8": [_i8, ctypes.c_int32, _i8, _i32p, _i64, _i64, _i64, _i32p, _i64, _int],
     "robuq_gemm_ternary": [_i8, ctypes.c_int32, _i8, _i32p, _i64, _i64, _i64, _i32p, _int],
+    "robuq_linear_ternary": [_f32, _i64, _i64, _i64, _f32, _f32, _int, _int, _float, _float, _f32, _i64, _i8, _i64,
+                             _i32p, _f32, _f32, _f32, _f32, _int, _f32, _int],
     "robuq_integer_isa": [],
 }
 
@@ -437,4 +439,37 @@ def gemm_ternary(a: torch.Tensor, code: torch.Tensor, n: int, col_sums: torch.Te
     out = _empty(m, n, dtype=torch.int32)
     _check(_library().robuq_gemm_ternary(_ptr(a), top, _ptr(code), _ptr(out), m, k, n,
                                          _ptr(col_sums), _threads()), f"ternary GEMM with levels up to {top}")
+    return out
+
+
+def linear_ternary(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool, bits: int, rule: str,
+                   clip_ratio: torch.Tensor | None, down: torch.Tensor | None, code: torch.Tensor, n: int,
+                   col_sums: torch.Tensor, alpha: torch.Tensor, offset_weight: torch.Tensor, bias: torch.Tensor,
+                   up_rows: torch.Tensor | None, gelu: bool, out: torch.Tensor) -> torch.Tensor:
+    """A whole ternary integer linear in one pass over blocks of rows: ``hadamard_quantize`` of x's rows (with
+    the branch if ``down``), ``gemm_ternary`` of their levels by ``code`` (``pack_ternary_weights``) and
+    ``rescale`` into ``out`` (rows, n), a contiguous float32 CPU tensor: the same numbers as the three calls.
+    The activations must be low-bit (``int8_level_shift(bits)`` 0, top ≤ TERNARY_MAX_TOP)."""
+    rule_id = spec.check_rule(rule, RULES, "robuq's C kernels (robuq/kernels/cpu_kernels.c)")
+    top = _levels_top(bits, "activation bits")
+    k = x.shape[-1]
+    groups, blocks = -(-k // TERNARY_GROUP), -(-n // TERNARY_COLUMNS)
+    if (spec.int8_level_shift(bits) or top > TERNARY_MAX_TOP or code.dtype != torch.int8
+            or code.shape != (blocks, groups, 2, TERNARY_COLUMNS)):
+        raise ValueError(f"linear_ternary takes activations of at most {TERNARY_MAX_TOP.bit_length()} bits and "
+                         "pack_ternary_weights of a ternary (k, n)")
+    if not (out.is_contiguous() and out.dtype == torch.float32 and out.device.type == "cpu"):
+        raise ValueError("linear_ternary writes into a contiguous float32 CPU tensor")
+    rows = _input(x.reshape(-1, k))
+    m, hm = _mix_matrix(k) if rotate else (1, None)
+    signs = None if signs is None or not rotate else _input(signs)
+    ratio = 1.0 if clip_ratio is None else float(clip_ratio)
+    rank = 0 if down is None else down.shape[0]
+    down, up_rows = (None, None) if down is None else (_input(down), _input(up_rows))
+    alpha, offset_weight, bias = (_input(t) for t in (alpha, offset_weight, bias))
+    _check(_library().robuq_linear_ternary(
+        _ptr(rows), rows.shape[0], k, m, _ptr(hm), _ptr(signs), top, rule_id, spec.gaussian_optimal_step(bits), ratio,
+        _ptr(down), rank, _ptr(code.contiguous()), n, _ptr(col_sums.to(torch.int32).contiguous()), _ptr(alpha),
+        _ptr(offset_weight), _ptr(bias), _ptr(up_rows), int(gelu), _ptr(out), _threads()),
+        f"rule {rule!r} at {bits} bits")
     return out
