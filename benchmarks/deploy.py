@@ -205,8 +205,10 @@ def time_parts(model: torch.nn.Module, x, t, y, repeats: int) -> dict:
 
 
 # The exported forward's kernels by what they do in the model: robuq.kernels.native's entry points, and
-# the integer GEMM by whichever path robuq.deploy.gemm.matmul takes.
-KERNELS = {"input pass (Hadamard, quantize, V·x)": (native.hadamard_quantize, native.hadamard),
+# the integer GEMM by whichever path robuq.deploy.gemm.matmul takes (on the AVX2 path, ternary layers at 4
+# bits or fewer run input pass, GEMM and epilogue as one kernel, native.linear_ternary).
+KERNELS = {"ternary linear, fused (input pass, lookup GEMM, epilogue)": (native.linear_ternary,),
+           "input pass (Hadamard, quantize, V·x)": (native.hadamard_quantize, native.hadamard),
            "integer GEMM": (gemm.matmul,), "epilogue (rescale, U·branch, GELU)": (native.rescale, native.gelu_tanh),
            "attention (8-bit, fused)": (native.attention,),
            "LayerNorm+modulate, gated residuals": (native.layer_norm_modulate, native.gated_residual)}
@@ -430,7 +432,7 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
                   "is PyTorch ops, Python and the embedders):", "",
                   "| setting | model | kernel | ms | share of the forward |", "|---|---|---|---|---|"]
         for s, name, k in kernels:
-            for group in [*KERNELS, "rest", "forward"]:
+            for group in [*(g for g in KERNELS if g in k), "rest", "forward"]:  # older runs lack newer kernels
                 lines.append(f"| {s['setting']} | {name} | {group} | {k[group]:.0f} | {100 * k[group] / k['forward']:.0f}% |")
     kinds = ["fp32_matmul", "dynamic_int8_linear", *[f"{p}_gemm" for p in gemm.PATHS], "avx2_multiply_add_gemm"]
     for s in settings:
