@@ -253,3 +253,26 @@ def test_the_avx2_path_keeps_one_int8_copy_of_the_weights_and_state_dicts_keep_t
         into_avx2.load_state_dict(plain.state_dict())
         into_fp32.load_state_dict(packed.state_dict())
         assert torch.allclose(into_avx2(x), expected, rtol=1e-5, atol=1e-5) and torch.equal(into_fp32(x), expected)
+
+
+@pytest.mark.skipif("avx2" not in PATHS, reason="robuq's C kernels are not built for AVX2 here")
+def test_the_fused_avx2_layer_follows_its_gelu_and_reloaded_weights():
+    """A ternary layer at 3 bits runs in one C pass (native.linear_ternary) with its arguments converted once;
+    turning the GELU on or loading other weights must not leave it computing with the old ones."""
+    torch.manual_seed(0)
+    config = LinearQuantConfig(act_bits=3, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=4)
+    layer = QuantLinear.from_linear(torch.nn.Linear(40, 72), config).eval()
+    fused, reference = IntegerLinear(layer, gemm="avx2"), IntegerLinear(layer, gemm="fp32")
+    x = torch.randn(2, 9, 40)
+    assert fused._fused_args(x.reshape(-1, 40), torch.empty(18, 72)) is not None
+    assert reference._fused_args(x.reshape(-1, 40), torch.empty(18, 72)) is None
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)  # noqa: E731
+    with torch.no_grad():
+        assert close(fused(x), reference(x))
+        fused.gelu = reference.gelu = True
+        assert close(fused(x), reference(x)) and (reference(x) != IntegerLinear(layer, gemm="fp32")(x)).any()
+        other = QuantLinear.from_linear(torch.nn.Linear(40, 72), config).eval()
+        state = IntegerLinear(other, gemm="fp32").state_dict()
+        fused.load_state_dict(state)
+        reference.load_state_dict(state)
+        assert close(fused(x), reference(x))

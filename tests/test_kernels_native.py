@@ -188,8 +188,8 @@ def test_the_fused_ternary_linear_is_the_three_kernels_bit_for_bit(rows, k, n, r
                                                                 down=down)
     acc = native.gemm_ternary(levels, code, n, sums, 2**bits - 1)
     expected = native.rescale(acc, torch.empty(rows, n), scale, offset, alpha, w, b, branch, up, gelu)
-    got = native.linear_ternary(x, signs, rotate, bits, rule, ratio, down, code, n, sums, alpha, w, b, up, gelu,
-                                torch.empty(rows, n))
+    layer = native.ternary_linear_args(k, n, signs, rotate, bits, rule, ratio, down, code, sums, alpha, w, b, up, gelu)
+    got = native.linear_ternary(x, layer, torch.empty(rows, n))
     assert torch.equal(got, expected)
 
 
@@ -197,11 +197,15 @@ def test_the_fused_ternary_linear_refuses_what_the_lookup_gemm_cannot_take():
     weights = torch.randint(-1, 2, (12, 40), dtype=torch.int8)
     code, sums, ones = native.pack_ternary_weights(weights), weights.sum(dim=0, dtype=torch.int32), torch.ones(40)
     with pytest.raises(ValueError, match="at most 4 bits"):  # 8-bit levels are shifted into int8
-        native.linear_ternary(torch.randn(5, 12), None, False, 8, "minmax", None, None, code, 40, sums, ones, ones, ones,
-                              None, False, torch.empty(5, 40))
-    with pytest.raises(ValueError, match="contiguous float32"):
-        native.linear_ternary(torch.randn(5, 12), None, False, 3, "minmax", None, None, code, 40, sums, ones, ones, ones,
-                              None, False, torch.empty(40, 5).t())
+        native.ternary_linear_args(12, 40, None, False, 8, "minmax", None, None, code, sums, ones, ones, ones, None, False)
+    with pytest.raises(ValueError, match="at most 4 bits"):  # weights packed for another shape
+        native.ternary_linear_args(15, 40, None, False, 3, "minmax", None, None, code, sums, ones, ones, ones, None, False)
+    layer = native.ternary_linear_args(12, 40, None, False, 3, "minmax", None, None, code, sums, ones, ones, ones, None,
+                                       False)
+    with pytest.raises(ValueError, match=r"contiguous float32 CPU tensor of shape \(5, 40\)"):
+        native.linear_ternary(torch.randn(5, 12), layer, torch.empty(40, 5).t())
+    with pytest.raises(ValueError, match=r"of shape \(5, 40\)"):
+        native.linear_ternary(torch.randn(5, 12), layer, torch.empty(4, 40))
 
 
 def test_layer_norm_modulate_and_gated_residual_match_the_block_code():

@@ -117,6 +117,7 @@ class IntegerLinear(nn.Module):
         if self.rank:  # the epilogue kernel's layout of U: one row of output columns per rank
             self.register_buffer("_lowrank_up_rows", self.lowrank_up.t().contiguous(), persistent=False)
         self._packed_weight = None  # the GPU kernel's packing of the levels, rebuilt on next use
+        self._fused = None  # (key, native.TernaryLinearArgs): see _fused_args
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -124,6 +125,9 @@ class IntegerLinear(nn.Module):
         if self.act_granularity == "token" and triton_ops.enabled_for(x):
             return self._forward_triton(flat).reshape(*lead, self.out_features)
         out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        fused = self._fused_args(flat, out)
+        if fused is not None:  # all rows in one call: it keeps no temporaries beyond a block of rows per thread
+            return native.linear_ternary(flat, fused, out).reshape(*lead, self.out_features)
         # Per-token work runs in blocks of rows: the temporaries stay under glibc's mmap threshold, so they
         # are not page-faulted in afresh on every call (measured 1.5–1.8× on DiT-XL/2's fc1/fc2). A
         # per-sample scale spans all of a sample's tokens, so it takes one block.
@@ -133,6 +137,27 @@ class IntegerLinear(nn.Module):
         else:
             self._forward_rows(x, out)
         return out.reshape(*lead, self.out_features)
+
+    def _fused_args(self, x: torch.Tensor, y: torch.Tensor) -> native.TernaryLinearArgs | None:
+        """The arguments of native.linear_ternary, which runs the whole layer in one pass, where it takes the
+        layer (per-token low-bit activations on the ternary lookup GEMM) and x; else None. Built once and
+        rebuilt when a tensor it reads is replaced (a load, a move) or the GELU or clip ratio changes."""
+        if (self._avx2_weight is None or self.act_granularity != "token" or self.act_rule not in native.RULES
+                or (self.rank and self.lowrank_input != "fp") or not native.takes(x, y)
+                or not gemm_paths.uses_ternary_lookup(self._max_weight, self._shift, self._act_top)):
+            return None
+        sources = (self._avx2_weight, self._level_sums, self.weight_scale, self._offset_rows, self.hadamard_signs,
+                   self.lowrank_down if self.rank else None, self._lowrank_up_rows if self.rank else None)
+        key = (self.gelu, None if self.clip_ratio is None else float(self.clip_ratio),
+               *(None if t is None else t.data_ptr() for t in sources))
+        if self._fused is None or self._fused[0] != key:
+            args = native.ternary_linear_args(
+                self.in_features, self.out_features, self.hadamard_signs, self.hadamard, self.act_bits, self.act_rule,
+                self.clip_ratio, self.lowrank_down if self.rank else None, self._avx2_weight, self._level_sums,
+                self.weight_scale, self._offset_rows[0], self._offset_rows[1],
+                self._lowrank_up_rows if self.rank else None, self.gelu)
+            self._fused = (key, args)
+        return self._fused[1]
 
     @property
     def _shift(self) -> int:
@@ -188,20 +213,7 @@ class IntegerLinear(nn.Module):
                 return levels, scale, offset, branch
         return *self._quantize_rows(hadamard_transform(x, self.hadamard_signs) if self.hadamard else x), None
 
-    def _fuses(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """Whether the C kernels take the whole layer in one pass (native.linear_ternary): per-token
-        low-bit activations on the ternary lookup GEMM."""
-        return (self._avx2_weight is not None and self.act_granularity == "token" and self.act_rule in native.RULES
-                and (not self.rank or self.lowrank_input == "fp") and native.takes(x, y) and y.is_contiguous()
-                and gemm_paths.uses_ternary_lookup(self._max_weight, self._shift, self._act_top))
-
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self._fuses(x, y):
-            native.linear_ternary(x, self.hadamard_signs, self.hadamard, self.act_bits, self.act_rule, self.clip_ratio,
-                                  self.lowrank_down if self.rank else None, self._avx2_weight, self.out_features,
-                                  self._level_sums, self.weight_scale, self._offset_rows[0], self._offset_rows[1],
-                                  self._lowrank_up_rows if self.rank else None, self.gelu, y)
-            return
         levels, scale, offset, branch = self._input_pass(x, with_branch=True)
         acc = (_int8_matmul(levels, self.levels_t()) if levels.device.type != "cpu" else
                gemm_paths.matmul(self.gemm, levels, self.weight_levels_t, self._level_sums, self._max_weight,

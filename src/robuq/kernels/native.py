@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import math
@@ -442,34 +443,56 @@ def gemm_ternary(a: torch.Tensor, code: torch.Tensor, n: int, col_sums: torch.Te
     return out
 
 
-def linear_ternary(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool, bits: int, rule: str,
-                   clip_ratio: torch.Tensor | None, down: torch.Tensor | None, code: torch.Tensor, n: int,
-                   col_sums: torch.Tensor, alpha: torch.Tensor, offset_weight: torch.Tensor, bias: torch.Tensor,
-                   up_rows: torch.Tensor | None, gelu: bool, out: torch.Tensor) -> torch.Tensor:
-    """A whole ternary integer linear in one pass over blocks of rows: ``hadamard_quantize`` of x's rows (with
-    the branch if ``down``), ``gemm_ternary`` of their levels by ``code`` (``pack_ternary_weights``) and
-    ``rescale`` into ``out`` (rows, n), a contiguous float32 CPU tensor: the same numbers as the three calls.
-    The activations must be low-bit (``int8_level_shift(bits)`` 0, top ≤ TERNARY_MAX_TOP)."""
+
+@dataclasses.dataclass(frozen=True)
+class TernaryLinearArgs:
+    """A ternary integer linear's arguments to ``linear_ternary`` besides its input, converted and checked once
+    (``ternary_linear_args``): a layer runs it some 60 times per DiT-S/2 forward, and converting its ten
+    tensors on every call cost more Python time than the call itself. ``tensors`` keeps alive what the
+    addresses in ``args`` point into."""
+    in_features: int
+    out_features: int
+    tensors: tuple[torch.Tensor | None, ...]
+    args: tuple
+    what: str
+
+
+def ternary_linear_args(k: int, n: int, signs: torch.Tensor | None, rotate: bool, bits: int, rule: str,
+                        clip_ratio: torch.Tensor | None, down: torch.Tensor | None, code: torch.Tensor,
+                        col_sums: torch.Tensor, alpha: torch.Tensor, offset_weight: torch.Tensor, bias: torch.Tensor,
+                        up_rows: torch.Tensor | None, gelu: bool) -> TernaryLinearArgs:
+    """``linear_ternary``'s layer of k inputs and n outputs: ``hadamard_quantize``'s rotation (signs, rotate),
+    bits, rule, clip ratio and low-rank ``down`` (rank, k) or None; ``gemm_ternary``'s weights
+    (``pack_ternary_weights`` of a ternary (k, n)) and column sums; ``rescale``'s α, w, b (per output
+    column), ``up_rows`` (rank, n) and GELU. The activations must be low-bit (``int8_level_shift(bits)`` 0,
+    top ≤ TERNARY_MAX_TOP)."""
     rule_id = spec.check_rule(rule, RULES, "robuq's C kernels (robuq/kernels/cpu_kernels.c)")
     top = _levels_top(bits, "activation bits")
-    k = x.shape[-1]
-    groups, blocks = -(-k // TERNARY_GROUP), -(-n // TERNARY_COLUMNS)
     if (spec.int8_level_shift(bits) or top > TERNARY_MAX_TOP or code.dtype != torch.int8
-            or code.shape != (blocks, groups, 2, TERNARY_COLUMNS)):
+            or code.shape != (-(-n // TERNARY_COLUMNS), -(-k // TERNARY_GROUP), 2, TERNARY_COLUMNS)):
         raise ValueError(f"linear_ternary takes activations of at most {TERNARY_MAX_TOP.bit_length()} bits and "
                          "pack_ternary_weights of a ternary (k, n)")
-    if not (out.is_contiguous() and out.dtype == torch.float32 and out.device.type == "cpu"):
-        raise ValueError("linear_ternary writes into a contiguous float32 CPU tensor")
-    rows = _input(x.reshape(-1, k))
     m, hm = _mix_matrix(k) if rotate else (1, None)
     signs = None if signs is None or not rotate else _input(signs)
-    ratio = 1.0 if clip_ratio is None else float(clip_ratio)
     rank = 0 if down is None else down.shape[0]
     down, up_rows = (None, None) if down is None else (_input(down), _input(up_rows))
+    code, col_sums = code.contiguous(), col_sums.to(device="cpu", dtype=torch.int32).contiguous()
     alpha, offset_weight, bias = (_input(t) for t in (alpha, offset_weight, bias))
-    _check(_library().robuq_linear_ternary(
-        _ptr(rows), rows.shape[0], k, m, _ptr(hm), _ptr(signs), top, rule_id, spec.gaussian_optimal_step(bits), ratio,
-        _ptr(down), rank, _ptr(code.contiguous()), n, _ptr(col_sums.to(torch.int32).contiguous()), _ptr(alpha),
-        _ptr(offset_weight), _ptr(bias), _ptr(up_rows), int(gelu), _ptr(out), _threads()),
-        f"rule {rule!r} at {bits} bits")
+    ratio = 1.0 if clip_ratio is None else float(clip_ratio)
+    tensors = (hm, signs, down, code, col_sums, alpha, offset_weight, bias, up_rows)
+    args = (k, m, _ptr(hm), _ptr(signs), top, rule_id, spec.gaussian_optimal_step(bits), ratio, _ptr(down), rank,
+            _ptr(code), n, _ptr(col_sums), _ptr(alpha), _ptr(offset_weight), _ptr(bias), _ptr(up_rows), int(gelu))
+    return TernaryLinearArgs(k, n, tensors, args, f"rule {rule!r} at {bits} bits")
+
+
+def linear_ternary(x: torch.Tensor, layer: TernaryLinearArgs, out: torch.Tensor) -> torch.Tensor:
+    """A whole ternary integer linear in one pass over blocks of rows: ``hadamard_quantize`` of x's rows (with
+    the branch if the layer has one), ``gemm_ternary`` of their levels and ``rescale`` into ``out`` (rows,
+    n), a contiguous float32 CPU tensor: the same numbers as those three calls."""
+    rows = _input(x.reshape(-1, layer.in_features))
+    if not (out.is_contiguous() and out.dtype == torch.float32 and out.device.type == "cpu"
+            and out.shape == (rows.shape[0], layer.out_features)):
+        raise ValueError(f"linear_ternary writes into a contiguous float32 CPU tensor of shape ({rows.shape[0]}, "
+                         f"{layer.out_features})")
+    _check(_library().robuq_linear_ternary(_ptr(rows), rows.shape[0], *layer.args, _ptr(out), _threads()), layer.what)
     return out
