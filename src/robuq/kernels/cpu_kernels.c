@@ -820,6 +820,8 @@ static float row_scores(const int32_t *restrict acc, int64_t nk, int64_t nk16, k
     for (int l = 0; l < LANES; l++) lane[l] = l;
     const int64_t first_padded = nk / LANES; /* vectors from here on hold padding (nk16 − nk may exceed LANES) */
     lanes_f *v = (lanes_f *)e, largest = lanes_splat(-INFINITY);
+    const lanes_f s_scaled = lanes_splat(s * inv_sqrt_d), sa_scaled = lanes_splat(sa * inv_sqrt_d);
+    const lanes_f c_scaled = lanes_splat(c * inv_sqrt_d);
     for (int64_t i = 0; i < vectors; i++) {
         const lanes_f ks = lanes_load(keys.scale + i * LANES), kc = lanes_load(keys.c + i * LANES);
         const lanes_f kt = lanes_load(keys.term + i * LANES);
@@ -827,8 +829,9 @@ static float row_scores(const int32_t *restrict acc, int64_t nk, int64_t nk16, k
         memcpy(&a, acc + i * LANES, sizeof a);
         memcpy(&shifted, keys.shifted_sum + i * LANES, sizeof shifted);
         /* q̂·k̂ = s_q s_k Σl_q l_k + s_q A_q c_k + c_q (s_k A_k + d c_k) with l_q = u_q − shift: the signed
-         * form keeps the float terms as small as the level products allow. */
-        v[i] = (s * ks * __builtin_convertvector(a - shifted, lanes_f) + sa * kc + c * kt) * inv_sqrt_d;
+         * form keeps the float terms as small as the level products allow. 1/√d goes into the row's
+         * constants, and the sum into fused multiply-adds: 6 vector operations where there were 9. */
+        v[i] = lanes_fma(ks * s_scaled, __builtin_convertvector(a - shifted, lanes_f), lanes_fma(kc, sa_scaled, kt * c_scaled));
         if (i >= first_padded) { /* padding keys have no scores */
             const lanes_i real = lane + (int32_t)(i * LANES) < (lanes_i){0} + (int32_t)nk;
             v[i] = (lanes_f)(((lanes_i)v[i] & real) | ((lanes_i)lanes_splat(-INFINITY) & ~real));
