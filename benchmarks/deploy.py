@@ -432,7 +432,7 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
                   "is PyTorch ops, Python and the embedders):", "",
                   "| setting | model | kernel | ms | share of the forward |", "|---|---|---|---|---|"]
         for s, name, k in kernels:
-            for group in [*(g for g in KERNELS if g in k), "rest", "forward"]:  # older runs lack newer kernels
+            for group in [*(g for g in KERNELS if k.get(g)), "rest", "forward"]:  # the kernels this setting ran
                 lines.append(f"| {s['setting']} | {name} | {group} | {k[group]:.0f} | {100 * k[group] / k['forward']:.0f}% |")
     kinds = ["fp32_matmul", "dynamic_int8_linear", *[f"{p}_gemm" for p in gemm.PATHS], "avx2_multiply_add_gemm"]
     for s in settings:
