@@ -399,6 +399,11 @@ def _slot_table(device: torch.device) -> torch.Tensor:
     return slots
 
 
+def _ternary_code_shape(k: int, n: int) -> tuple[int, int, int, int]:
+    """The shape of ``pack_ternary_weights`` of a (k, n) matrix: (column blocks, groups, 2, TERNARY_COLUMNS)."""
+    return -(-n // TERNARY_COLUMNS), -(-k // TERNARY_GROUP), 2, TERNARY_COLUMNS
+
+
 def pack_ternary_weights(b: torch.Tensor) -> torch.Tensor:
     """b (k, n) with levels in {−1, 0, 1} in the ternary lookup GEMM's layout: (⌈n/32⌉, ⌈k/3⌉, 2, 32) int8,
     per column block and group of TERNARY_GROUP k the columns' TERNARY_PATTERNS slots, then the signs that
@@ -407,7 +412,7 @@ def pack_ternary_weights(b: torch.Tensor) -> torch.Tensor:
     if b.numel() and (b.min() < -1 or b.max() > 1):
         raise ValueError("pack_ternary_weights takes levels in {-1, 0, 1}")
     k, n = b.shape
-    groups, blocks = -(-k // TERNARY_GROUP), -(-n // TERNARY_COLUMNS)
+    blocks, groups = _ternary_code_shape(k, n)[:2]
     padded = torch.zeros(groups * TERNARY_GROUP, blocks * TERNARY_COLUMNS, dtype=torch.int8, device=b.device)
     padded[:k, :n] = b
     w = padded.reshape(groups, TERNARY_GROUP, -1).unbind(1)  # each (groups, columns)
@@ -430,9 +435,8 @@ def gemm_ternary(a: torch.Tensor, code: torch.Tensor, n: int, col_sums: torch.Te
     ``torch._int_mm(a, b)``, by the lookup kernel, with b given as ``pack_ternary_weights(b)`` and its int32
     column sums."""
     m, k = a.shape
-    groups, blocks = -(-k // TERNARY_GROUP), -(-n // TERNARY_COLUMNS)
     if (a.dtype != torch.int8 or code.dtype != torch.int8 or not 1 <= top <= TERNARY_MAX_TOP
-            or code.shape != (blocks, groups, 2, TERNARY_COLUMNS)):
+            or code.shape != _ternary_code_shape(k, n)):
         raise ValueError(f"gemm_ternary multiplies int8 (m, k) levels in 0…top (1 ≤ top ≤ {TERNARY_MAX_TOP}) by "
                          "pack_ternary_weights of a ternary (k, n)")
     a, code = a.contiguous(), code.contiguous()
@@ -468,7 +472,7 @@ def ternary_linear_args(k: int, n: int, signs: torch.Tensor | None, rotate: bool
     rule_id = spec.check_rule(rule, RULES, "robuq's C kernels (robuq/kernels/cpu_kernels.c)")
     top = _levels_top(bits, "activation bits")
     if (spec.int8_level_shift(bits) or top > TERNARY_MAX_TOP or code.dtype != torch.int8
-            or code.shape != (-(-n // TERNARY_COLUMNS), -(-k // TERNARY_GROUP), 2, TERNARY_COLUMNS)):
+            or code.shape != _ternary_code_shape(k, n)):
         raise ValueError(f"linear_ternary takes activations of at most {TERNARY_MAX_TOP.bit_length()} bits and "
                          "pack_ternary_weights of a ternary (k, n)")
     m, hm = _mix_matrix(k) if rotate else (1, None)
