@@ -100,3 +100,75 @@ def test_resume_refuses_a_changed_bit_plan(tmp_path, teacher_file, fmnist_dir):
     plan.write_text(json.dumps({"blocks.0.attn.qkv": 1}))  # same path, different content
     with pytest.raises(ValueError, match="plan"):
         qat(qat_config(tmp_path / "p", teacher_file, fmnist_dir, plan=str(plan)), resume=True, progress=False)
+
+
+def test_every_full_precision_parameter_but_the_positional_embedding_trains_unless_frozen(tiny_dit):
+    teacher = tiny_dit.eval().requires_grad_(False)  # as qat() holds its teacher
+    config = QATConfig(act_bits=3)
+    student = build_student(teacher, config.quantization())
+    frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
+    assert frozen == {"pos_embed"}
+    assert {"x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight",
+            "final_layer.linear.weight"} <= {n for n, p in student.named_parameters() if p.requires_grad}
+    kept = build_student(teacher, config.quantization(), freeze_fp=True)
+    trainable = {n for n, p in kept.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("blocks.") for n in trainable)
+
+
+def test_qat_trains_the_full_precision_layers(tmp_path, teacher_file, fmnist_dir):
+    out = qat(qat_config(tmp_path / "fp", teacher_file, fmnist_dir, lr=1e-2), progress=False)
+    teacher, _ = load_tensors(teacher_file)
+    trained, _ = load_tensors(out / "model.safetensors")
+    for name in ("x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight"):
+        assert not torch.equal(trained[name], teacher[name]), name
+    assert torch.equal(trained["pos_embed"], teacher["pos_embed"])
+
+
+def test_ternary_latent_weights_get_their_own_learning_rate(tmp_path, teacher_file, fmnist_dir):
+    from robuq.core.files import read_meta
+    from robuq.train.trainer import learning_rate
+
+    config = qat_config(tmp_path / "lr", teacher_file, fmnist_dir, ternary_lr_scale=5.0, lr_schedule="constant")
+    out = qat(config, progress=False)
+    groups = read_meta(list_checkpoints(out)[-1][1])["optimizer"]["param_groups"]
+    by_scale = {g["lr_scale"]: g for g in groups}
+    assert set(by_scale) == {1.0, 5.0}
+    assert by_scale[5.0]["lr"] == pytest.approx(5 * learning_rate(config, config.steps - 1))
+    assert by_scale[1.0]["lr"] == pytest.approx(learning_rate(config, config.steps - 1))
+    student = build_student(load_dit(teacher_file), config.quantization())
+    ternary = sum(1 for n, _ in student.named_parameters() if n.endswith(("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight"))
+                  and n.startswith("blocks."))
+    assert len(by_scale[5.0]["params"]) == ternary
+
+
+def test_continuing_another_run_is_the_same_schedule(tmp_path, teacher_file, fmnist_dir):
+    straight = qat(qat_config(tmp_path / "straight", teacher_file, fmnist_dir), progress=False)
+    first = qat(qat_config(tmp_path / "first", teacher_file, fmnist_dir), until=2, progress=False)
+    ckpt = list_checkpoints(first)[-1][1]
+    second = qat(qat_config(tmp_path / "second", teacher_file, fmnist_dir, continue_from=str(ckpt)), progress=False)
+    a, _ = load_tensors(straight / "model.safetensors")
+    b, _ = load_tensors(second / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = [json.loads(line)["step"] for line in (second / "log.jsonl").read_text().splitlines()]
+    assert log == [3, 4]
+
+
+def test_continuing_with_other_bits_works_and_another_schedule_is_refused(tmp_path, teacher_file, fmnist_dir):
+    first = qat(qat_config(tmp_path / "first", teacher_file, fmnist_dir, act_bits=4), until=2, progress=False)
+    ckpt = str(list_checkpoints(first)[-1][1])
+    out = qat(qat_config(tmp_path / "a2", teacher_file, fmnist_dir, act_bits=2, continue_from=ckpt), progress=False)
+    model, _ = load_quantized(out / "model.safetensors")
+    assert {b for n, b in current_plan(model).items() if "adaLN" not in n} == {2}
+    with pytest.raises(ValueError, match="cannot continue.*lr"):
+        qat(qat_config(tmp_path / "lr", teacher_file, fmnist_dir, continue_from=ckpt, lr=1e-3), progress=False)
+
+
+def test_the_probe_scores_the_ema_on_held_out_images_and_both_branches(tmp_path, teacher_file, fmnist_dir):
+    from robuq.core.files import read_meta
+
+    out = qat(qat_config(tmp_path / "probe", teacher_file, fmnist_dir), progress=False)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    last = log[-1]
+    assert last["probe_rel_mse"] > 0 and last["probe_guided_rel_mse"] > 0
+    assert read_meta(out / "model.safetensors")["probe_images_from"] == "fashion-mnist test split"

@@ -131,7 +131,7 @@ class FashionMNIST(Dataset):
             images, labels = images[indices], labels[indices]
         self.images = to_model_range(images, input_size)
         self.labels = torch.from_numpy(labels) if conditional else torch.zeros(len(labels), dtype=torch.long)
-        self.conditional = conditional
+        self.conditional, self.split, self.input_size = conditional, split, input_size
 
     def __len__(self) -> int:
         return len(self.labels)

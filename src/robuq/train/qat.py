@@ -2,7 +2,13 @@
 
 Losses (``QATConfig.loss``): the plain diffusion loss ("diffusion"), distillation to the frozen
 full-precision teacher — MSE between the two models' outputs on the same noised inputs, labels and
-label dropout ("distill") — or diffusion + ``distill_weight`` · distillation ("mix").
+label dropout ("distill") — or diffusion + ``distill_weight`` · distillation ("mix"). The diffusion loss
+is mostly the irreducible noise of predicting ε from one draw, which swamps the gradient toward the
+teacher; distillation has no such floor.
+
+The probe logged during training is the EMA model's error against the teacher on images the run does not
+train on (Fashion-MNIST's test split), each noised image once with its label and once with the null
+class, and the error of the guided prediction at ``probe_guidance``.
 """
 from __future__ import annotations
 
@@ -15,10 +21,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from robuq.train.calibration import calibration_batch, relative_error
+from robuq.train.calibration import batch_output, calibration_batch, output_errors
 from robuq.core.options import check_choice, option, with_default
 from robuq.core.runtime import default_teacher_path
 from torch.utils.data import Dataset
+from robuq.data import FashionMNIST
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from robuq.models.checkpoint import check_compatible, load_dit, read_state_dict
 from robuq.models.dit import DiT
@@ -43,8 +50,15 @@ class QATConfig(LoopConfig):
     loss: str = option("mix", "diffusion: the plain DiT loss; distill: MSE to the teacher's output; mix: both",
                        choices=("diffusion", "distill", "mix"))
     distill_weight: float = option(1.0, "weight of the distillation term in --loss mix")
-    freeze_fp: bool = option(False, "train only the quantized layers (and their low-rank branches)")
-    probe_images: int = option(64, "training images in the fixed batch of the probe (error against the teacher)")
+    null_fraction: float | None = option(None, "fraction of samples given the null class, which guided sampling's "
+                                               "unconditional branch sees (default: the teacher's class dropout)")
+    ternary_lr_scale: float = option(1.0, "learning rate of the ternary layers' latent weights as a multiple of --lr: "
+                                          "a latent weight must move about half its channel's scale to change level")
+    freeze_fp: bool = option(False, "train only the quantized layers (and their low-rank branches); otherwise the "
+                                    "full-precision embedders and final layer train too")
+    probe_images: int = option(128, "held-out images in the fixed batch of the probe (error against the teacher; each "
+                                    "with its label and with the null class)")
+    probe_guidance: float = option(1.5, "guidance scale of the probe's guided error")
     probe_every: int = with_default(LoopConfig, "probe_every", 100)
     steps: int = with_default(LoopConfig, "steps", 1000)
     global_batch_size: int = with_default(LoopConfig, "global_batch_size", 64)
@@ -56,6 +70,10 @@ class QATConfig(LoopConfig):
     def validate(self, world_size: int = 1) -> None:
         super().validate(world_size)
         check_choice(self, "loss")
+        if self.null_fraction is not None and not 0 <= self.null_fraction <= 1:
+            raise ValueError(f"null_fraction must lie in [0, 1], got {self.null_fraction}")
+        if self.ternary_lr_scale <= 0:
+            raise ValueError(f"ternary_lr_scale must be positive, got {self.ternary_lr_scale}")
 
     def quantization(self, plan: BitPlan | None = None) -> QuantConfig:
         """The student's policy: --quant-config or --preset at --act-bits, with ``plan`` (or --plan) on top."""
@@ -66,8 +84,12 @@ def _teacher_path(config: QATConfig) -> str:
     return config.teacher or str(default_teacher_path())
 
 
-def qat_objective(diffusion: GaussianDiffusion, teacher: DiT, loss: str, distill_weight: float) -> Callable[..., dict]:
-    """Per-sample losses of a student on one batch; the teacher sees exactly the student's inputs."""
+def qat_objective(diffusion: GaussianDiffusion, teacher: DiT, loss: str, distill_weight: float,
+                  null_fraction: float | None = None) -> Callable[..., dict]:
+    """Per-sample losses of a student on one batch; the teacher sees exactly the student's inputs. A sample
+    gets the null class with probability ``null_fraction`` (default: the teacher's class dropout)."""
+    if null_fraction is None:
+        null_fraction = teacher.y_embedder.dropout_prob if teacher.y_embedder is not None else 0.0
 
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator) -> dict:
         n = x.shape[0]
@@ -76,7 +98,7 @@ def qat_objective(diffusion: GaussianDiffusion, teacher: DiT, loss: str, distill
         x_t = diffusion.q_sample(x, t, noise)
         kwargs = {}
         if y is not None:
-            kwargs = {"y": y, "force_drop_ids": label_drops(n, teacher.y_embedder.dropout_prob, generator, x.device)}
+            kwargs = {"y": y, "force_drop_ids": label_drops(n, null_fraction, generator, x.device)}
         out = model(x_t, t, **kwargs)
         terms: dict[str, torch.Tensor] = {}
         if loss in ("diffusion", "mix"):
@@ -94,20 +116,45 @@ def qat_objective(diffusion: GaussianDiffusion, teacher: DiT, loss: str, distill
     return objective
 
 
-def teacher_probe(teacher: DiT, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0) -> Callable[[nn.Module], dict]:
-    """``probe(model)`` → the model's output error against the teacher on a fixed calibration batch
-    (relative to the teacher's output variance): the collapse detector logged during QAT."""
-    batch = calibration_batch(teacher, images, labels, seed)
-    return lambda model: {"probe_rel_mse": relative_error(model, batch)}
+def teacher_probe(teacher: DiT, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0,
+                  guidance: float = 1.5) -> Callable[[nn.Module], dict]:
+    """``probe(model)`` → the model's output error against the teacher on a fixed batch of ``images``, each
+    with its label and with the null class (relative to the teacher's output variance), and the error of
+    the guided prediction at ``guidance``: what QAT logs to show how close the student is."""
+    batch = calibration_batch(teacher, images, labels, seed, with_null=True)
+
+    def probe(model: nn.Module) -> dict:
+        return {f"probe_{k}": v for k, v in output_errors(batch_output(model, batch), batch, guidance).items()}
+
+    return probe
+
+
+# Parameters that are fixed by construction, not learned (DiT's sin-cos positional embedding).
+FIXED_PARAMETERS = ("pos_embed",)
 
 
 def build_student(teacher: DiT, quantization: QuantConfig, freeze_fp: bool = False) -> DiT:
+    """A quantized copy of ``teacher``: its quantized layers train; the rest (embedders, final layer) train
+    too unless ``freeze_fp``, whatever the teacher's own ``requires_grad`` was."""
     student = quantize_(copy.deepcopy(teacher), quantization)
-    if freeze_fp:
-        quantized = {id(p) for m in student.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
-        for p in student.parameters():
-            p.requires_grad_(id(p) in quantized and p.requires_grad)
+    quantized = {id(p) for m in student.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
+    for name, p in student.named_parameters():
+        if id(p) not in quantized:
+            p.requires_grad_(not freeze_fp and name not in FIXED_PARAMETERS)
     return student
+
+
+def qat_param_groups(ternary_lr_scale: float) -> Callable[[nn.Module], list[dict]]:
+    """AdamW groups for the loop: the ternary layers' latent weights at ``ternary_lr_scale``·lr, the rest at lr."""
+
+    def groups(model: nn.Module) -> list[dict]:
+        ternary = [m.weight for m in model.modules()
+                   if isinstance(m, QuantLinear) and m.config.weight == "ternary" and m.weight.requires_grad]
+        chosen = {id(p) for p in ternary}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+        return [{"params": rest}, {"params": ternary, "lr_scale": ternary_lr_scale}]
+
+    return groups
 
 
 def load_student_weights(student: DiT, path: str) -> None:
@@ -142,12 +189,23 @@ def qat(config: QATConfig, resume: bool = False, until: int | None = None, progr
         load_student_weights(student, config.init_student)
     dataset = teacher_dataset(config, teacher, dataset)
     conditional = teacher.num_classes > 0
-    probe = teacher_probe(teacher, *calibration_images(dataset, config.probe_images, conditional), config.seed)
+    probe_set, probe_source = probe_dataset(config, dataset)
+    probe = teacher_probe(teacher, *calibration_images(probe_set, config.probe_images, conditional), config.seed,
+                          config.probe_guidance)
     diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
-    objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight)
-    meta = quantized_meta(student, quantization)
+    objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight, config.null_fraction)
+    meta = {**quantized_meta(student, quantization), "probe_images_from": probe_source}
     return train_loop(config, student, objective, dataset, resume=resume, until=until, extra_meta=meta,
-                      progress=progress, probe=probe)
+                      progress=progress, probe=probe, param_groups=qat_param_groups(config.ternary_lr_scale))
+
+
+def probe_dataset(config: LoopConfig, dataset: Dataset) -> tuple[Dataset, str]:
+    """Images the probe may use without scoring the student on what it trained on: Fashion-MNIST's test
+    split when the run trains on Fashion-MNIST's training split; otherwise (image folders, latent caches,
+    a caller's dataset) the training data itself, which the returned description says."""
+    if not config.latents and config.data == "fashion-mnist" and isinstance(dataset, FashionMNIST) and dataset.split == "train":
+        return FashionMNIST("test", dataset.input_size, config.data_dir, dataset.conditional), "fashion-mnist test split"
+    return dataset, "training data (no held-out split)"
 
 
 def teacher_dataset(config: LoopConfig, teacher: DiT, dataset: Dataset | None = None) -> Dataset:

@@ -70,7 +70,11 @@ class LoopConfig:
     log_every: int = option(25, "write a line to log.jsonl every N steps")
     ckpt_every: int = option(500, "write a resumable training checkpoint every N steps")
     keep_checkpoints: int = option(2, "how many of the newest training checkpoints to keep")
-    probe_every: int = option(0, "log a quality probe every N steps (QAT: output error against the teacher); 0: never")
+    probe_every: int = option(0, "log a quality probe of the EMA weights every N steps (QAT: output error against the "
+                                 "teacher on held-out images); 0: never")
+    continue_from: str | None = option(None, "a training checkpoint of another run to carry on from: its step, weights, "
+                                             "EMA and optimizer state, under the same schedule (AMPN's final run "
+                                             "continues its warm-up this way)")
     out_dir: str = option("runs/train", "output folder: config.json, log.jsonl, checkpoints/, model.safetensors")
     device: str = option("auto", "'auto' (this rank's GPU when CUDA is available, else the CPU), 'cpu' or 'cuda[:N]'")
 
@@ -109,6 +113,9 @@ class TrainConfig(LoopConfig):
 # Options that may differ between a run and its resumption without changing the computation.
 _RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_checkpoints", "probe_every", "device", "data_dir", "out_dir",
                       "num_workers", "grad_checkpoint", "compile"}
+# What a run continued from another (``continue_from``) may set differently from it: the network it trains
+# (bits, plan) is the caller's business; the loop's schedule, data and randomness must be the same.
+_LOOP_FIELDS = {f.name for f in fields(LoopConfig)} - _RESUMABLE_CHANGES - {"continue_from"}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -116,6 +123,7 @@ class TrainingDivergedError(RuntimeError):
 
 
 def learning_rate(config: LoopConfig, step: int) -> float:
+    """The scheduled peak-relative learning rate of step ``step`` (a parameter group scales it by its ``lr_scale``)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if config.lr_schedule == "constant":
@@ -261,16 +269,19 @@ def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> DiT:
     )
 
 
-def _check_resumable(saved: dict[str, Any], current: LoopConfig, path: Path) -> None:
+def _check_resumable(saved: dict[str, Any], current: LoopConfig, path: Path, only: set[str] | None = None) -> None:
+    """Raise if ``current`` differs from the checkpoint's settings in anything but what may change on resume
+    (or, with ``only``, in any of those options)."""
     defaults = {f.name: f.default for f in fields(type(current))}
     # Options added after a checkpoint was written count as having had their default value.
     diffs = [
         f"{k}: checkpoint {saved.get(k, defaults.get(k))!r} vs now {v!r}"
         for k, v in current.to_dict().items()
-        if k not in _RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v
+        if (k in only if only is not None else k not in _RESUMABLE_CHANGES) and saved.get(k, defaults.get(k)) != v
     ]
     if diffs:
-        raise ValueError(f"cannot resume from {path}: the run's settings changed ({'; '.join(diffs)})")
+        verb = "continue" if only is not None else "resume"
+        raise ValueError(f"cannot {verb} from {path}: the run's settings changed ({'; '.join(diffs)})")
 
 
 def _check_same_meta(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -326,14 +337,16 @@ def train_loop(
     extra_meta: dict[str, Any] | None = None,
     progress: bool = True,
     probe: Callable[[nn.Module], dict[str, float]] | None = None,
+    param_groups: Callable[[nn.Module], list[dict]] | None = None,
 ) -> Path:
     """Run (or continue) the loop every robuq training job uses; returns the output folder.
 
     ``until`` stops early at that step, keeping the schedule of the full ``config.steps``, so long runs
     can be done in chunks with ``resume=True``. ``objective(model, x, y, generator)`` gives per-sample
-    losses; ``probe(model)`` is called every ``config.probe_every`` steps on the main process and its
-    numbers go into the log (e.g. QAT's error against the teacher). Labels are passed when the model is
-    class-conditional (``model.num_classes > 0``).
+    losses; ``probe(ema)`` is called with the EMA weights every ``config.probe_every`` steps on the main
+    process and its numbers go into the log (e.g. QAT's error against the teacher). Labels are passed when
+    the model is class-conditional (``model.num_classes > 0``). ``param_groups(model)`` splits the trainable
+    parameters into AdamW groups, each with an ``lr_scale`` on the schedule (default: one group).
     """
     device = resolve_device(config.device)
     info = init_distributed(device)
@@ -341,29 +354,35 @@ def train_loop(
     current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
         with current:
-            return _loop(config, model, objective, dataset, resume, until, extra_meta or {}, progress, probe, device, info)
+            return _loop(config, model, objective, dataset, resume, until, extra_meta or {}, progress, probe, param_groups,
+                         device, info)
     finally:
         shutdown(info)
 
 
-def _loop(config, model, objective, dataset, resume, until, extra_meta, progress, probe, device, info) -> Path:
+def _loop(config, model, objective, dataset, resume, until, extra_meta, progress, probe, param_groups, device, info) -> Path:
     config.validate(info.world_size)
     out_dir = Path(config.out_dir)
     num_classes = getattr(model, "num_classes", 0)
     model = model.to(device)
-    ema, optimizer = ema_and_optimizer(model, config)
+    ema, optimizer = ema_and_optimizer(model, config, param_groups)
     meta = {"train_config": config.to_dict(), "model_config": model.config.to_dict(), **extra_meta}
 
     start = 0
-    if resume:
-        found = list_checkpoints(out_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
+    found = list_checkpoints(out_dir) if resume else []
+    if resume and not found:
+        raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
+    if found:
         start, path = found[-1]
         header = read_meta(path)
         _check_resumable(header.get("train_config", {}), config, path)
         _check_same_meta(header, extra_meta, path)
         load_training_state(path, model, ema, optimizer)
+    elif config.continue_from:
+        path = Path(config.continue_from)
+        header = read_meta(path)
+        _check_resumable(header.get("train_config", {}), config, path, only=_LOOP_FIELDS)
+        start = int(load_training_state(path, model, ema, optimizer)["step"])
     stop = min(config.steps, until) if until is not None else config.steps
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -406,7 +425,7 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
                 if key in losses:
                     record[key] = float(losses[key].detach().mean())
             if probe_due:
-                record.update(probe(model))
+                record.update(probe(ema))
             with open(out_dir / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
@@ -424,11 +443,15 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
     return out_dir
 
 
-def ema_and_optimizer(model: nn.Module, config: LoopConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The loop's frozen EMA copy of ``model`` and its AdamW over the trainable parameters."""
+def ema_and_optimizer(model: nn.Module, config: LoopConfig, param_groups: Callable[[nn.Module], list[dict]] | None = None
+                      ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The loop's frozen EMA copy of ``model`` and its AdamW over the trainable parameters (in the groups
+    ``param_groups(model)`` gives, each with an ``lr_scale``; default one group at scale 1)."""
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    return ema, torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = param_groups(model) if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups = [{"lr_scale": 1.0, **g, "params": list(g["params"])} for g in groups]
+    groups = [g for g in groups if g["params"]]
+    return ema, torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def train_step(net: nn.Module, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
@@ -455,7 +478,7 @@ def train_step(net: nn.Module, model: nn.Module, ema: nn.Module, optimizer: torc
             f"non-finite loss ({loss.item()}) at step {step}{origin}; the last checkpoint is intact"
         )
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(config, step)
+        group["lr"] = learning_rate(config, step) * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)  # a no-op but for gradients a caller left on the model
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
