@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
             model = build_student(teacher, quant_config(row))
         elif row.ampn:
             warmup = max(1, row.ampn_warmup if row.ampn_warmup is not None else (steps // 4 if args.quick else 200))
-            # Warm-up and final QAT share the row's step budget, so AMPN gets no more training than the others.
-            config = replace(base, preset=row.preset, steps=max(1, steps - warmup), out_dir=str(work / slug))
+            # Warm-up and final QAT are one schedule of the row's steps, so AMPN gets no more training than the others.
+            config = replace(base, preset=row.preset, out_dir=str(work / slug))
             final = ampn_run(AMPNConfig(qat=config, budget=float(row.a_bits), warmup_qat_steps=warmup), progress=False)
             model, _ = load_quantized(final / "model.safetensors")
         else:

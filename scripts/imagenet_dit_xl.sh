@@ -29,7 +29,7 @@ run() { "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_no
 # 1. Latents of ImageNet (× 0.18215, with mirrored copies), sharded, resumable.
 run latents "$images" --vae "$vae" --out "$out/latents" --image-size 256 --flip --batch-size 64 --num-workers 8
 
-# 2-4. AMPN: warm-up QAT at uniform bits, sensitivities, exact allocation at 2 bits, QAT with the plan.
+# 2-4. AMPN in one schedule of $steps: warm-up QAT at 4 bits, sensitivities, exact allocation at 2 bits, QAT with the plan.
 run ampn run --teacher "$teacher" --latents "$out/latents" --preset robuq --budget 2 --warmup-qat-steps 1000 \
   --steps "$steps" --global-batch-size "$batch" --lr 1e-4 --warmup-steps 1000 --loss mix --ema-decay 0.9999 \
   --precision bf16 --grad-checkpoint --num-workers 8 --probe-every 1000 --ckpt-every 5000 --log-every 100 \

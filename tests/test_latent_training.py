@@ -100,7 +100,7 @@ def test_any_dataset_flows_through_qat_and_ampn(tmp_path):
     teacher = latent_teacher(tmp_path)
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(12, 4, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g))
-    final = ampn_run(AMPNConfig(qat=small_qat(tmp_path, teacher, steps=2, ckpt_every=2, probe_every=2,
+    final = ampn_run(AMPNConfig(qat=small_qat(tmp_path, teacher, steps=4, ckpt_every=2, probe_every=2,
                                               out_dir=str(tmp_path / "ampn")),
                                 budget=2.0, warmup_qat_steps=2, calibration_images=6), progress=False, dataset=data)
     model, _ = load_quantized(final / "model.safetensors")

@@ -1,19 +1,27 @@
 """`robuq ampn run`: warm-up QAT at uniform bits → sensitivities → exact allocation → QAT with the plan.
 
-Each stage writes its result into the run folder and is skipped when that result already exists, so
-an interrupted run picks up where it stopped (QAT stages also resume from their own checkpoints).
+Warm-up and final QAT are one schedule of ``qat.steps``: the warm-up is its first ``warmup_qat_steps``
+(learning-rate schedule, data order, EMA and AdamW state all carry on), the final run continues from the
+warm-up's checkpoint with the plan's bits. The warm-up trains at 4 bits, the most AMPN allocates, so every
+candidate width is a step down from what the model was trained at and a sensitivity is an increase of
+error (trained at 2 bits, a layer given 3 can score worse than at 2, and the plan's objective says
+nothing). Each stage writes its result into the run folder and is skipped when that result already
+exists, so an interrupted run picks up where it stopped (QAT stages resume from their own checkpoints).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from robuq.ampn.plan import format_plan, plan_from_sensitivity, write_plan
-from robuq.ampn.sensitivity import Sensitivity, measure_sensitivity
+from robuq.ampn.sensitivity import METRICS, Sensitivity, measure_sensitivity
+from robuq.core.distributed import DistInfo, barrier, init_distributed, shutdown
 from robuq.core.files import atomic_write_text
 from robuq.core.options import check_choice, option, with_default
 from robuq.core.runtime import default_teacher_path, resolve_device
@@ -22,7 +30,7 @@ from robuq.models.checkpoint import load_dit
 from robuq.quantize.plan import BitPlan
 from robuq.train.calibration import calibration_batch
 from robuq.train.qat import QATConfig, calibration_images, qat, teacher_dataset
-from robuq.train.state import list_checkpoints
+from robuq.train.state import checkpoint_path, list_checkpoints
 
 
 @dataclass
@@ -30,20 +38,33 @@ class AMPNConfig:
     """``robuq ampn run``: the QAT runs' options (``qat``; the warm-up takes its bits from here, the
     final run its plan) and how bits are allocated."""
 
-    qat: QATConfig = option(help="the two QAT runs' options", factory=lambda: QATConfig(out_dir="runs/ampn"))
+    qat: QATConfig = option(help="the QAT schedule's options (--steps spans warm-up and final run together)",
+                            factory=lambda: QATConfig(out_dir="runs/ampn", steps=2000))
     budget: float = option(3.0, "average activation bits the plan may spend (the paper: 2 or 3)")
     weighting: str = option("plain", "average over layers (plain) or weighted by each layer's MACs (macs)",
                             choices=("plain", "macs"))
-    warmup_qat_steps: int = option(1000, "QAT steps at uniform bits before sensitivities are measured")
-    start_bits: int | None = option(None, "uniform activation bits of the warm-up run (default: the budget rounded up)")
-    calibration_images: int = option(64, "training images in the fixed batch sensitivities are measured on")
+    warmup_qat_steps: int = option(1000, "the first N of --steps run at uniform --start-bits before sensitivities are "
+                                         "measured; the rest continue with the plan")
+    start_bits: int = option(4, "uniform activation bits of the warm-up (4: every candidate is a step down from it)")
+    calibration_images: int = option(128, "training images sensitivities are measured on (each with its label and "
+                                          "the null class, at timesteps spread over the schedule)")
+    sensitivity_metric: str = option("perturbation", "perturbation: how far a layer's lower bits move the output; "
+                                                     "error-increase: how much they raise the error against the teacher "
+                                                     "(noisier: it can fall as bits fall)", choices=METRICS)
 
-    def resolved_start_bits(self) -> int:
-        return self.start_bits if self.start_bits is not None else min(4, math.ceil(self.budget))
+    def validate(self) -> None:
+        check_choice(self, "weighting")
+        check_choice(self, "sensitivity_metric")
+        if not 0 < self.warmup_qat_steps < self.qat.steps:
+            raise ValueError(f"--warmup-qat-steps {self.warmup_qat_steps} must lie inside the schedule's --steps "
+                             f"{self.qat.steps} (the warm-up is its first part)")
+        if self.start_bits < math.ceil(self.budget):
+            raise ValueError(f"--start-bits {self.start_bits} is below the budget {self.budget}: the warm-up must train "
+                             "at least the bits the plan may give")
 
 
-# The QAT options AMPN sets itself (the warm-up's uniform bits, the final run's plan and initial weights).
-SET_BY_AMPN = ("qat.plan", "qat.init_student", "qat.act_bits", "qat.quant_config")
+# The QAT options AMPN sets itself (the warm-up's uniform bits, the final run's plan and where it continues from).
+SET_BY_AMPN = ("qat.plan", "qat.init_student", "qat.act_bits", "qat.quant_config", "qat.continue_from")
 
 
 @dataclass
@@ -55,7 +76,9 @@ class SensitivityConfig:
     data: str = with_default(QATConfig, "data", "fashion-mnist")
     data_dir: str | None = with_default(QATConfig, "data_dir", None)
     latents: str | None = with_default(QATConfig, "latents", None)
-    calibration_images: int = with_default(AMPNConfig, "calibration_images", 64)
+    calibration_images: int = with_default(AMPNConfig, "calibration_images", 128)
+    metric: str = option("perturbation", "perturbation (output change) or error-increase (error against the teacher)",
+                         choices=METRICS)
     seed: int = option(0, "seed of the calibration batch's noise")
     device: str = with_default(QATConfig, "device", "auto")
     out: str = option("sensitivity.json", "where to write the sensitivities (JSON)")
@@ -82,8 +105,8 @@ def sensitivity_of(config: SensitivityConfig, progress: bool = True, dataset: Da
     dataset = teacher_dataset(QATConfig(data=config.data, data_dir=config.data_dir, latents=config.latents,
                                         teacher=config.teacher), teacher, dataset)
     images, labels = calibration_images(dataset, config.calibration_images, teacher.num_classes > 0)
-    batch = calibration_batch(teacher, images, labels, config.seed)
-    return measure_sensitivity(model, batch, progress=progress)
+    batch = calibration_batch(teacher, images, labels, config.seed, with_null=True)
+    return measure_sensitivity(model, batch, progress=progress, metric=config.metric)
 
 
 def write_sensitivity(config: SensitivityConfig, progress: bool = True, dataset: Dataset | None = None) -> Sensitivity:
@@ -106,33 +129,51 @@ def allocate_from_file(config: AllocateConfig) -> tuple[BitPlan, Path]:
     return plan, write_plan(plan, config.out)
 
 
-def _qat_stage(config: QATConfig, progress: bool, plan: BitPlan | None = None, dataset: Dataset | None = None) -> Path:
+def _qat_stage(config: QATConfig, progress: bool, plan: BitPlan | None = None, dataset: Dataset | None = None,
+               until: int | None = None) -> Path:
     out = Path(config.out_dir)
-    if (out / "model.safetensors").is_file():
+    stop = config.steps if until is None else min(until, config.steps)
+    if checkpoint_path(out, stop).is_file():
         return out
-    return qat(config, resume=bool(list_checkpoints(out)), progress=progress, plan=plan, dataset=dataset)
+    return qat(config, resume=bool(list_checkpoints(out)), until=until, progress=progress, plan=plan, dataset=dataset)
 
 
-def ampn_run(config: AMPNConfig, progress: bool = True, dataset: Dataset | None = None) -> Path:
+def ampn_run(config: AMPNConfig, progress: bool = True, dataset: Dataset | None = None, until: int | None = None) -> Path:
     """The whole AMPN pipeline under ``config.qat.out_dir``, on ``dataset`` (any Dataset of (x, y); default:
-    --latents or --data) for both QAT runs and the calibration batch; returns the final QAT run's folder."""
-    check_choice(config, "weighting")
-    base = config.qat
-    if base.quant_config:
+    --latents or --data) for both QAT stages and the calibration batch; returns the final QAT run's folder.
+    ``until`` stops the final stage at that step (the schedule still spans ``qat.steps``).
+
+    Under torchrun the process group is created here, once, and every stage runs in it (a group destroyed and
+    created again in the same processes hangs); sensitivities are measured on rank 0 only, in its device's
+    context, and the other ranks read them from the file after a barrier."""
+    config.validate()
+    if config.qat.quant_config:
         raise ValueError("AMPN starts from a preset (--preset); a --quant-config policy file fixes its own bits")
+    device = resolve_device(config.qat.device)
+    info = init_distributed(device)
+    current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with current:
+            return _ampn_stages(config, progress, dataset, until, info)
+    finally:
+        shutdown(info)
+
+
+def _ampn_stages(config: AMPNConfig, progress: bool, dataset: Dataset | None, until: int | None, info: DistInfo) -> Path:
+    base = config.qat
     root = Path(base.out_dir)
-    bits = config.resolved_start_bits()
-    warm = _qat_stage(replace(base, act_bits=bits, plan=None, steps=config.warmup_qat_steps, out_dir=str(root / "warmup")),
-                      progress, dataset=dataset)
+    uniform = replace(base, act_bits=config.start_bits, plan=None, init_student=None, continue_from=None)
+    warm = _qat_stage(replace(uniform, out_dir=str(root / "warmup")), progress, dataset=dataset, until=config.warmup_qat_steps)
+    warm_checkpoint = checkpoint_path(warm, config.warmup_qat_steps)
     teacher = json.loads((warm / "config.json").read_text())["teacher"]
     sens_path = root / "sensitivity.json"
-    if sens_path.is_file():
-        sensitivity = Sensitivity.from_dict(json.loads(sens_path.read_text()))
-    else:
-        sensitivity = write_sensitivity(SensitivityConfig(
-            model=str(warm / "model.safetensors"), teacher=teacher, data=base.data, data_dir=base.data_dir, latents=base.latents,
-            calibration_images=config.calibration_images, seed=base.seed, device=base.device, out=str(sens_path)), progress,
-            dataset)
+    if info.is_main and not sens_path.is_file():
+        write_sensitivity(SensitivityConfig(
+            model=str(warm_checkpoint), teacher=teacher, data=base.data, data_dir=base.data_dir, latents=base.latents,
+            calibration_images=config.calibration_images, metric=config.sensitivity_metric, seed=base.seed, device=base.device,
+            out=str(sens_path)), progress, dataset)
+    barrier(info)
+    sensitivity = Sensitivity.from_dict(json.loads(sens_path.read_text()))
     plan = plan_from_sensitivity(sensitivity, config.budget, config.weighting)
     plan_path = root / "plan.json"
     if plan_path.is_file() and BitPlan.load(plan_path).bits != plan.bits:
@@ -140,7 +181,9 @@ def ampn_run(config: AMPNConfig, progress: bool = True, dataset: Dataset | None 
             f"{plan_path} holds a different plan than budget {config.budget} ({config.weighting}) gives now; "
             "the final QAT was trained with it — use a new --out-dir for a new budget"
         )
-    write_plan(plan, plan_path)
-    print(format_plan(plan))
-    final = replace(base, act_bits=bits, plan=None, init_student=str(warm / "model.safetensors"), out_dir=str(root / "final"))
-    return _qat_stage(final, progress, plan=plan, dataset=dataset)
+    barrier(info)  # every rank has compared the plan with the file before rank 0 writes it
+    if info.is_main:
+        write_plan(plan, plan_path)
+        print(format_plan(plan))
+    final = replace(uniform, continue_from=str(warm_checkpoint), out_dir=str(root / "final"))
+    return _qat_stage(final, progress, plan=plan, dataset=dataset, until=until)

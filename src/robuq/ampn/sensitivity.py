@@ -1,8 +1,20 @@
-"""Per-layer sensitivity to activation bit-width: how much the output error against the teacher grows
-when only that layer drops to b bits (METHOD.md §7, the default metric)."""
+"""Per-layer sensitivity to activation bit-width: how much the denoiser's output moves when only that
+layer drops to b bits.
+
+Two metrics, both relative to the teacher's output variance on a fixed calibration batch:
+
+- ``perturbation`` (the default): mean ‖f(layer at b) − f(as is)‖². The model is measured at the bits it
+  was trained at (AMPN's warm-up: 4), so this is the extra output noise each candidate adds. It is never
+  negative and grows as bits fall, and two calibration draws rank layers alike.
+- ``error-increase``: mean ‖f(layer at b) − teacher‖² − mean ‖f(as is) − teacher‖². Its expectation is the
+  same quantity (the cross term vanishes when the new noise is independent of the existing error), but on a
+  finite batch the cross term with the ternary weights' own error dominates: a layer can score better at 1
+  bit than at 4, and the plan follows that noise.
+"""
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -15,7 +27,9 @@ from robuq.models.families import DIT, model_family, model_output
 from robuq.quant.linear import QuantLinear
 from robuq.quantize.policy import AUTO, layer_role, layout_patterns
 
-__all__ = ["Sensitivity", "block_index", "block_layers", "layer_role", "measure_sensitivity"]
+__all__ = ["METRICS", "Sensitivity", "block_index", "block_layers", "layer_role", "measure_sensitivity"]
+
+METRICS = ("perturbation", "error-increase")
 
 
 def block_layers(model: nn.Module, layout: str = AUTO) -> list[str]:
@@ -35,76 +49,97 @@ def block_index(name: str) -> int:
 
 @dataclass
 class Sensitivity:
-    table: dict[str, dict[int, float]]  # layer → bits → increase of the relative output error
+    table: dict[str, dict[int, float]]  # layer → bits → relative output change (``metric``)
     baseline_error: float  # relative output error of the model as it stands
     macs: dict[str, int] = field(default_factory=dict)  # per layer, one forward of one calibration image
+    metric: str = "error-increase"  # files written before the metric was recorded measured this
 
     def to_dict(self) -> dict:
-        return {"baseline_error": self.baseline_error, "macs": self.macs,
+        return {"metric": self.metric, "baseline_error": self.baseline_error, "macs": self.macs,
                 "layers": {n: {str(b): v for b, v in row.items()} for n, row in self.table.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Sensitivity":
         table = {n: {int(b): float(v) for b, v in row.items()} for n, row in data["layers"].items()}
-        return cls(table, float(data["baseline_error"]), {k: int(v) for k, v in data.get("macs", {}).items()})
+        return cls(table, float(data["baseline_error"]), {k: int(v) for k, v in data.get("macs", {}).items()},
+                   data.get("metric", "error-increase"))
 
 
 @torch.no_grad()
 def measure_sensitivity(
     model: nn.Module, batch: CalibrationBatch, choices: tuple[int, ...] = (1, 2, 3, 4), layers: list[str] | None = None,
-    progress: bool = True,
+    progress: bool = True, chunk: int = 64, metric: str = "perturbation",
 ) -> Sensitivity:
-    """For every layer and every b in ``choices``: error(layer at b bits, the rest as they are) − error(as is).
+    """For every layer and every b in ``choices``, the relative output change (``metric``, see the module
+    docstring) when that layer alone runs at b bits; a layer's own bits score 0 without a forward pass.
 
-    ``model`` is robuq's DiT or a diffusers DiTTransformer2DModel. For robuq's DiT, block inputs are
-    computed once and cached, so changing a layer in block i re-runs only blocks i…N; a diffusers model
-    runs its own forward for each measurement (its blocks take the raw timestep and label, and its
-    output head is part of that forward, not a module of its own).
+    ``model`` is robuq's DiT or a diffusers DiTTransformer2DModel. The batch is processed ``chunk`` rows at
+    a time (memory stays that of one chunk's activations at any batch size) and the squared errors summed.
+    For robuq's DiT, a chunk's block inputs are computed once and cached, so changing a layer in block i
+    re-runs only blocks i…N; a diffusers model runs its own forward for each measurement (its blocks take
+    the raw timestep and label, and its output head is part of that forward, not a module of its own).
     """
+    if metric not in METRICS:
+        raise ValueError(f"unknown sensitivity metric {metric!r}; use one of {', '.join(METRICS)}")
     device = next(model.parameters()).device
-    b = batch.to(device)
     layers = layers if layers is not None else block_layers(model)
     was_training = model.training
     model.eval()
-    scale = b.target.var()
-    if model_family(model) == DIT:
-        c = model.condition(b.t, b.y)
-        hidden = [model.x_embedder(b.x_t) + model.pos_embed]
-        for block in model.blocks:
-            hidden.append(block(hidden[-1], c))
-
-        def output_from(start: int) -> torch.Tensor:
-            h = hidden[start]
-            for block in model.blocks[start:]:
-                h = block(h, c)
-            return model.head(h, c)
-
-        depth, tokens = len(model.blocks), hidden[0].shape[1]
-    else:
-        def output_from(start: int) -> torch.Tensor:
-            return model_output(model, b.x_t, b.t, b.y)
-
-        depth, tokens = len(model.transformer_blocks), (b.x_t.shape[-1] // model.config.patch_size) ** 2
-
-    def error_from(start: int) -> float:
-        return float((output_from(start) - b.target).pow(2).mean() / scale)
-
-    baseline = error_from(depth)
-    table: dict[str, dict[int, float]] = {}
-    macs: dict[str, int] = {}
+    scale = batch.target.var().item() * batch.target.numel()
+    squared: dict[str, dict[int, float]] = {name: {bits: 0.0 for bits in choices} for name in layers}
+    baseline = 0.0
+    bar = tqdm(total=len(layers) * math.ceil(len(batch.t) / chunk), desc="sensitivity", disable=not progress,
+               dynamic_ncols=True)
     try:
-        for name in tqdm(layers, desc="sensitivity", disable=not progress, dynamic_ncols=True):
-            layer: QuantLinear = model.get_submodule(name)
-            start = block_index(name)
-            original = layer.act_bits
-            try:
-                table[name] = {}
-                for bits in choices:
-                    layer.set_act_bits(bits)
-                    table[name][bits] = error_from(start) - baseline
-            finally:
-                layer.set_act_bits(original)
-            macs[name] = tokens * layer.in_features * layer.out_features
+        for i in range(0, len(batch.t), chunk):
+            part = CalibrationBatch(batch.x_t[i:i + chunk], batch.t[i:i + chunk],
+                                    None if batch.y is None else batch.y[i:i + chunk], batch.target[i:i + chunk]).to(device)
+            output_from, depth = _partial_forward(model, part)
+            as_is = output_from(depth)
+            baseline += float((as_is - part.target).pow(2).sum())
+            reference = as_is if metric == "perturbation" else part.target
+            for name in layers:
+                layer: QuantLinear = model.get_submodule(name)
+                start, original = block_index(name), layer.act_bits
+                try:
+                    for bits in choices:
+                        if bits == original:
+                            squared[name][bits] += 0.0 if metric == "perturbation" else float((as_is - reference).pow(2).sum())
+                            continue
+                        layer.set_act_bits(bits)
+                        squared[name][bits] += float((output_from(start) - reference).pow(2).sum())
+                finally:
+                    layer.set_act_bits(original)
+                bar.update()
     finally:
+        bar.close()
         model.train(was_training)
-    return Sensitivity(table, baseline, macs)
+    offset = baseline if metric == "error-increase" else 0.0
+    table = {name: {bits: (squared[name][bits] - offset) / scale for bits in choices} for name in layers}
+    tokens = _tokens(model, batch)
+    macs = {name: tokens * model.get_submodule(name).in_features * model.get_submodule(name).out_features for name in layers}
+    return Sensitivity(table, baseline / scale, macs, metric)
+
+
+def _tokens(model: nn.Module, batch: CalibrationBatch) -> int:
+    if model_family(model) == DIT:
+        return model.x_embedder.num_patches
+    return (batch.x_t.shape[-1] // model.config.patch_size) ** 2
+
+
+def _partial_forward(model: nn.Module, b: CalibrationBatch):
+    """(output_from(start), depth): the model's output on ``b`` recomputed from block ``start`` on."""
+    if model_family(model) != DIT:
+        return (lambda start: model_output(model, b.x_t, b.t, b.y)), len(model.transformer_blocks)
+    c = model.condition(b.t, b.y)
+    hidden = [model.x_embedder(b.x_t) + model.pos_embed]
+    for block in model.blocks:
+        hidden.append(block(hidden[-1], c))
+
+    def output_from(start: int) -> torch.Tensor:
+        h = hidden[start]
+        for block in model.blocks[start:]:
+            h = block(h, c)
+        return model.head(h, c)
+
+    return output_from, len(model.blocks)

@@ -82,7 +82,7 @@ def _run_ampn_allocate(config, args) -> int:
 def _run_ampn_run(config, args) -> int:
     from robuq.ampn.pipeline import ampn_run
 
-    print(f"wrote {ampn_run(config, progress=not args.no_progress)}")
+    print(f"wrote {ampn_run(config, progress=not args.no_progress, until=args.until)}")
     return 0
 
 
@@ -217,8 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_no_progress(_job(steps, "sensitivity", "per-layer sensitivity of a quantized model to its activation bits",
                           SensitivityConfig, _run_ampn_sensitivity))
     _job(steps, "allocate", "exact DP allocation of per-layer bits under an average-bit budget", AllocateConfig, _run_ampn_allocate)
-    _add_no_progress(_job(steps, "run", "warm-up QAT, sensitivity, allocation, QAT with the plan", AMPNConfig, _run_ampn_run,
-                          skip=SET_BY_AMPN))
+    ampn_run_parser = _job(steps, "run", "warm-up QAT, sensitivity, allocation, QAT with the plan (one schedule)", AMPNConfig,
+                           _run_ampn_run, skip=SET_BY_AMPN)
+    ampn_run_parser.add_argument("--until", type=int, default=None,
+                                 help="stop the final stage at this step (the schedule still spans --steps; run again to go on)")
+    _add_no_progress(ampn_run_parser)
 
     _add_no_progress(_job(sub, "sample", "generate images: a PNG grid and an ADM-style .npz (--num-samples: at scale, "
                           "resumable, split over torchrun's processes)", SampleConfig, _run_sample))
