@@ -99,6 +99,7 @@ def measure(spec: dict) -> dict:
     from robuq.io.quantized import load_quantized
     from robuq.models.checkpoint import load_dit
     from robuq.train.qat import QATConfig, qat_objective
+    from robuq.core.distributed import DistInfo
     from robuq.train.trainer import ema_and_optimizer, train_step
 
     torch.set_num_threads(spec["threads"])
@@ -134,7 +135,7 @@ def measure(spec: dict) -> dict:
         held = _status_kib("VmRSS") * 1024
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, so the peak below is the step's own
     t0 = time.perf_counter()
-    loss, _, _ = train_step(student, student, ema, optimizer, objective, x, y, 1, config, 0, device)
+    loss, _, _ = train_step(student, student, ema, optimizer, objective, x, y, 1, config, DistInfo(), device)
     if cuda:
         torch.cuda.synchronize()
     step_s = time.perf_counter() - t0

@@ -172,3 +172,16 @@ def test_the_probe_scores_the_ema_on_held_out_images_and_both_branches(tmp_path,
     last = log[-1]
     assert last["probe_rel_mse"] > 0 and last["probe_guided_rel_mse"] > 0
     assert read_meta(out / "model.safetensors")["probe_images_from"] == "fashion-mnist test split"
+
+
+def test_a_student_whose_weights_are_replaced_skips_the_svd(tmp_path, teacher_file, fmnist_dir, monkeypatch):
+    first = qat(qat_config(tmp_path / "first", teacher_file, fmnist_dir), until=2, progress=False)
+    calls = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or svd(*a, **k))
+    qat(qat_config(tmp_path / "first", teacher_file, fmnist_dir), resume=True, progress=False)
+    ckpt = str(list_checkpoints(first)[0][1])
+    qat(qat_config(tmp_path / "second", teacher_file, fmnist_dir, continue_from=ckpt), progress=False)
+    assert calls == []
+    qat(qat_config(tmp_path / "fresh", teacher_file, fmnist_dir), until=1, progress=False)
+    assert len(calls) == 8  # 2 blocks × 4 linears with a low-rank branch

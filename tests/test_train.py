@@ -101,3 +101,39 @@ def test_torchrun_two_process_gloo(tmp_path, fmnist_dir):
     assert model.config.hidden_size == 192
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]  # only rank 0 writes
+
+
+NAN_ON_RANK_1 = '''
+import sys
+import torch
+from torch.utils.data import TensorDataset
+from robuq.models.dit import DiT, DiTConfig
+from robuq.train.trainer import LoopConfig, TrainingDivergedError, train_loop
+
+def objective(model, x, y, generator):
+    loss = model(x, torch.zeros(len(x), dtype=torch.long), y).pow(2).flatten(1).mean(dim=1)
+    rank = torch.distributed.get_rank()
+    return {"loss": loss * (float("nan") if rank == 1 else 1.0)}
+
+model = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=48, depth=1, num_heads=2, num_classes=4))
+data = TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
+config = LoopConfig(steps=2, global_batch_size=4, out_dir=sys.argv[1], device="cpu", dist_timeout_hours=0.05)
+try:
+    train_loop(config, model, objective, data, progress=False)
+except TrainingDivergedError as exc:
+    print(f"rank {torch.distributed.get_rank() if torch.distributed.is_initialized() else '?'}: {exc}", flush=True)
+    sys.exit(3)
+'''
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1's loss is NaN: both ranks stop at step 0 with a message (rank 0 used to wait in the backward
+    all-reduce until the watchdog)."""
+    script = tmp_path / "nan_rank.py"
+    script.write_text(NAN_ON_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "non-finite loss (nan) at step 0 on rank 1" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "non-finite loss on another rank at step 0" in result.stdout, result.stdout + result.stderr[-2000:]

@@ -1,8 +1,12 @@
 """torchrun awareness: one process per rank, DDP over gloo (CPU) or NCCL (GPU)."""
 from __future__ import annotations
 
+import datetime
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -24,7 +28,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> DistInfo:
+# A collective that waits longer than this fails (NCCL's own default is 10 minutes: shorter than one rank's share
+# of uneven work, such as the last sample shards of 50,000 images).
+DEFAULT_TIMEOUT_HOURS = 6.0
+TIMEOUT_HELP = "how long a process waits for the others at a collective before failing (hours; torchrun only)"
+
+
+def init_distributed(device: torch.device, timeout_hours: float = DEFAULT_TIMEOUT_HOURS) -> DistInfo:
     """Join the process group torchrun describes in the environment; a no-op for a single process.
 
     A group the caller already created is used as it is (and left to the caller to destroy)."""
@@ -33,10 +43,11 @@ def init_distributed(device: torch.device) -> DistInfo:
         return DistInfo()
     owns = not dist.is_initialized()
     if owns:
+        timeout = datetime.timedelta(hours=timeout_hours)
         if device.type == "cuda":  # binds NCCL's communicator to this rank's GPU
-            dist.init_process_group(backend="nccl", device_id=device)
+            dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", timeout=timeout)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
 
@@ -44,6 +55,27 @@ def init_distributed(device: torch.device) -> DistInfo:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def any_rank(info: DistInfo, flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (one all-reduce), so that all ranks stop together."""
+    if not info.enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def wait_for_files(paths: Iterable[Path], timeout_hours: float = DEFAULT_TIMEOUT_HOURS, poll_seconds: float = 2.0) -> None:
+    """Wait until every path exists (the files other ranks write as they finish uneven shares of work):
+    polling, unlike a barrier, does not fail after the collective timeout of a process group."""
+    waiting = [Path(p) for p in paths]
+    deadline = time.monotonic() + timeout_hours * 3600
+    while waiting := [p for p in waiting if not p.is_file()]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_hours} h for {len(waiting)} files the other ranks write, first "
+                               f"{waiting[0]}; a rank may have died (see its log), then run the same command again")
+        time.sleep(poll_seconds)
 
 
 def shutdown(info: DistInfo) -> None:

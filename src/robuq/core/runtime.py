@@ -1,11 +1,14 @@
-"""Where robuq's shipped files live, and which device "auto" means: the few facts every layer asks for."""
+"""Where robuq's shipped files live, which device "auto" means and how a precision is set up: the few facts
+every layer asks for."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 
+PRECISIONS = ("fp32", "tf32", "bf16")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_TEACHER = ASSETS / "teacher-fmnist-dit-t4.safetensors"
 
@@ -29,3 +32,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device):
+    """Autocast for bf16 (CUDA, and the CPU for tests); TF32 matmuls for tf32 and bf16 on CUDA, restored afterwards."""
+    tf32 = device.type == "cuda" and precision in ("tf32", "bf16")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        if tf32:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

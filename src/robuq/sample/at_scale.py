@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from robuq.core.distributed import DistInfo, barrier
+from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, DistInfo, wait_for_files
 from robuq.core.files import atomic_write
 from robuq.models.vae import decode
 from robuq.sample.generate import generate, save_grid, to_uint8
@@ -50,7 +50,8 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> Path:
 def sample_shards(model: nn.Module, out: str | Path, num_samples: int, info: DistInfo, *, vae: nn.Module | None = None,
                   shard_size: int = 1000, balanced: bool = False, sampler: str = "ddpm", steps: int = 250,
                   cfg_scale: float = 1.5, cfg_channels: int | None = None, seed: int = 0, batch_size: int = 100,
-                  progress: bool = True) -> dict[str, Path]:
+                  progress: bool = True, precision: str = "fp32",
+                  timeout_hours: float = DEFAULT_TIMEOUT_HOURS) -> dict[str, Path]:
     """Write ``out/shards/shard-*.npz`` (this rank's share of those missing), then rank 0 merges them into
     ``out/samples.npz`` (``arr_0``: uint8 NHWC, ``labels``) and ``out/grid.png`` (the first 64)."""
     out = Path(out)
@@ -63,19 +64,20 @@ def sample_shards(model: nn.Module, out: str | Path, num_samples: int, info: Dis
             n = min(shard_size, num_samples - k * shard_size)
             labels = shard_labels(model.num_classes, num_samples, k, shard_size, seed, balanced)
             images = generate(model, labels, n, sampler, steps, cfg_scale, shard_seed(seed, k), batch_size, progress=False,
-                              cfg_channels=cfg_channels, clip_denoised=vae is None)
+                              cfg_channels=cfg_channels, clip_denoised=vae is None, precision=precision)
             if vae is not None:
                 device = next(vae.parameters()).device
                 images = torch.cat([decode(vae, images[i : i + batch_size].to(device)).cpu() for i in range(0, n, batch_size)])
             ys = labels.numpy() if labels is not None else np.zeros(n, dtype=np.int64)
             _write_npz(path(k), arr_0=to_uint8(images), labels=ys)
             bar.update(n)
-    barrier(info)
     result = {"npz": out / "samples.npz", "grid": out / "grid.png"}
     if info.is_main:
+        # Shards are uneven work (50 over 8 ranks: some ranks draw one more); rank 0 polls for the others' files
+        # instead of waiting in a barrier, which a process group's collective timeout would end.
+        wait_for_files([path(k) for k in range(num_shards)], timeout_hours)
         parts = [np.load(path(k)) for k in range(num_shards)]
         pixels = np.concatenate([p["arr_0"] for p in parts])
         _write_npz(result["npz"], arr_0=pixels, labels=np.concatenate([p["labels"] for p in parts]))
         save_grid(pixels[:64], result["grid"], columns=8)
-    barrier(info)
     return result

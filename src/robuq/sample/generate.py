@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from robuq.core.runtime import PRECISIONS, precision_context
 from robuq.diffusion.gaussian import create_diffusion
 from robuq.models.dit import DiT
+
 
 def guided(model: DiT, cfg_scale: float, cfg_channels: int | None = None):
     """A denoiser ``f(x, t, y)`` that applies classifier-free guidance through ``model.forward_with_cfg``
@@ -39,8 +41,12 @@ def generate(
     progress: bool = True,
     cfg_channels: int | None = None,
     clip_denoised: bool = True,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Images in [-1, 1], shape (num_samples, C, H, W); identical for the same seed, whatever the device.
+
+    ``precision`` runs the model in fp32, with TF32 matmuls (CUDA) or under bf16 autocast, as training can;
+    quantizer statistics, scales and rounding stay fp32 either way, and the sampler's own arithmetic is fp32.
 
     All noise is drawn from one CPU generator, so a quantized model and its teacher sampled with the same
     seed start from, and are perturbed by, the same noise. Latent models (decoded by a VAE afterwards) are
@@ -53,7 +59,14 @@ def generate(
     model.eval()
     device = next(model.parameters()).device
     diffusion = create_diffusion(str(steps) if sampler == "ddpm" else f"ddim{steps}", learn_sigma=model.out_channels != model.in_channels)
-    denoise = guided(model, cfg_scale, cfg_channels)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    model_call = guided(model, cfg_scale, cfg_channels)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        with precision_context(precision, x.device):
+            return model_call(x, t, y).float()
+
     size = model.x_embedder.grid_size * model.patch_size
     generator = torch.Generator().manual_seed(seed)
     chunks = []

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robuq.core.distributed import init_distributed, shutdown
+from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP, init_distributed, shutdown
 from robuq.core.options import check_choice, option
-from robuq.core.runtime import default_teacher_path, resolve_device
+from robuq.core.runtime import PRECISIONS, default_teacher_path, resolve_device
 from robuq.io.model_files import load_any
 from robuq.models.vae import decode, load_vae
 from robuq.sample.at_scale import sample_shards
@@ -39,6 +39,9 @@ class SampleConfig:
     cfg_scale: float = option(1.5, "classifier-free guidance scale (1: none)")
     seed: int = option(0, "seed of all sampling noise (the same seed gives the same images on any device)")
     batch_size: int = option(100, "images per forward pass")
+    dist_timeout_hours: float = option(DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP)
+    precision: str = option("fp32", "fp32; tf32 (CUDA matmuls in TF32); bf16 (autocast; quantizer statistics, scales and "
+                                    "rounding stay fp32, as in training)", choices=PRECISIONS)
     device: str = option("auto", "'auto' (a GPU when CUDA is available, else the CPU), 'cpu' or 'cuda[:N]'")
     retain_memory: bool = option(True, "exported models: keep freed memory in the process instead of returning it "
                                        "to the OS (faster integer inference; see load_exported)")
@@ -48,18 +51,20 @@ def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Pa
     """Sample a model file and write ``grid.png`` and ``samples.npz`` (``arr_0``: uint8 NHWC, ``labels``):
     at scale with ``num_samples`` (see robuq.sample.at_scale), else one row per class."""
     check_choice(config, "labels")
+    check_choice(config, "precision")
     device = resolve_device(config.device)
     model = load_any(config.ckpt or default_teacher_path(), retain_memory=config.retain_memory).to(device)
     vae = load_vae(config.vae, config.vae_config, device) if config.vae else None
     if config.num_samples is not None:
-        info = init_distributed(device)
+        info = init_distributed(device, config.dist_timeout_hours)
         current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
         try:
             with current:
                 return sample_shards(model, config.out, config.num_samples, info, vae=vae, shard_size=config.shard_size,
                                      balanced=config.labels == "balanced", sampler=config.sampler, steps=config.steps,
                                      cfg_scale=config.cfg_scale, cfg_channels=config.cfg_channels, seed=config.seed,
-                                     batch_size=config.batch_size, progress=progress)
+                                     batch_size=config.batch_size, progress=progress, precision=config.precision,
+                                     timeout_hours=config.dist_timeout_hours)
         finally:
             shutdown(info)
     if model.num_classes > 0:
@@ -69,7 +74,8 @@ def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Pa
         labels, columns = None, 8
     n = len(labels) if labels is not None else 64
     images = generate(model, labels, n, config.sampler, config.steps, config.cfg_scale, config.seed, config.batch_size,
-                      progress=progress, cfg_channels=config.cfg_channels, clip_denoised=vae is None)
+                      progress=progress, cfg_channels=config.cfg_channels, clip_denoised=vae is None,
+                      precision=config.precision)
     if vae is not None:
         images = decode(vae, images.to(device)).cpu()
     pixels = to_uint8(images)

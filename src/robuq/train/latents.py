@@ -21,7 +21,7 @@ from robuq.data.image_stream import StreamingImageFolder
 from robuq.data.latents import LatentIndex, missing_shards, shard_path, write_index
 from robuq.models.vae import LATENT_SCALE, encode, load_vae
 from robuq.train.trainer import LoopConfig
-from robuq.core.distributed import barrier, init_distributed, shutdown
+from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, barrier, init_distributed, shutdown, wait_for_files
 
 
 @dataclass
@@ -39,6 +39,7 @@ class LatentsConfig:
     num_workers: int = option(4, "DataLoader worker processes decoding images")
     seed: int = option(0, "seed of the posterior samples (each shard draws from (seed, shard))")
     device: str = with_default(LoopConfig, "device", "auto")
+    dist_timeout_hours: float = with_default(LoopConfig, "dist_timeout_hours", DEFAULT_TIMEOUT_HOURS)
 
 
 def _shard_latents(vae, dataset: StreamingImageFolder, rows: range, config: LatentsConfig, seed: int,
@@ -61,7 +62,7 @@ def encode_latents(config: LatentsConfig, progress: bool = True) -> Path:
     if config.image_size % 8:
         raise ValueError(f"--image-size {config.image_size} is not a multiple of 8 (the VAE downsamples 8×)")
     device = resolve_device(config.device)
-    info = init_distributed(device)
+    info = init_distributed(device, config.dist_timeout_hours)
     current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
         with current:
@@ -96,5 +97,6 @@ def _encode(config: LatentsConfig, progress: bool, device: torch.device, info) -
                 tensors["latents_flip"], _ = _shard_latents(vae, dataset, mirrored, config, config.seed * 1_000_003 + 2 * k + 1,
                                                             device, bar)
             save_tensors(shard_path(out, k), tensors, {"kind": "latent-shard", "shard": k, "first": rows.start})
-    barrier(info)
+    if info.is_main:  # uneven shares of shards: poll for the others' files rather than wait in a barrier
+        wait_for_files([shard_path(out, k) for k in range(index.num_shards)], config.dist_timeout_hours)
     return out

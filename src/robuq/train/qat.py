@@ -13,6 +13,9 @@ class, and the error of the guided prediction at ``probe_guidance``.
 from __future__ import annotations
 
 import copy
+import os
+import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -23,7 +26,7 @@ import torch.nn as nn
 
 from robuq.train.calibration import batch_output, calibration_batch, output_errors
 from robuq.core.options import check_choice, option, with_default
-from robuq.core.runtime import default_teacher_path
+from robuq.core.runtime import default_teacher_path, resolve_device
 from torch.utils.data import Dataset
 from robuq.data import FashionMNIST
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
@@ -34,6 +37,7 @@ from robuq.quantize.plan import BitPlan
 from robuq.quantize.policy import QuantConfig, quantize_
 from robuq.quantize.presets import resolve_policy
 from robuq.io.quantized import quantized_meta
+from robuq.train.state import list_checkpoints
 from robuq.train.trainer import LoopConfig, check_data_fits, label_drops, loop_dataset, train_loop
 
 @dataclass
@@ -133,10 +137,11 @@ def teacher_probe(teacher: DiT, images: torch.Tensor, labels: torch.Tensor | Non
 FIXED_PARAMETERS = ("pos_embed",)
 
 
-def build_student(teacher: DiT, quantization: QuantConfig, freeze_fp: bool = False) -> DiT:
+def build_student(teacher: DiT, quantization: QuantConfig, freeze_fp: bool = False, initialize: bool = True) -> DiT:
     """A quantized copy of ``teacher``: its quantized layers train; the rest (embedders, final layer) train
-    too unless ``freeze_fp``, whatever the teacher's own ``requires_grad`` was."""
-    student = quantize_(copy.deepcopy(teacher), quantization)
+    too unless ``freeze_fp``, whatever the teacher's own ``requires_grad`` was. ``initialize=False`` skips the
+    low-rank branches' SVDs, for a student whose weights are loaded afterwards."""
+    student = quantize_(copy.deepcopy(teacher), quantization, initialize=initialize)
     quantized = {id(p) for m in student.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
     for name, p in student.named_parameters():
         if id(p) not in quantized:
@@ -177,16 +182,30 @@ def qat(config: QATConfig, resume: bool = False, until: int | None = None, progr
     """Quantize the teacher as ``config`` says (``plan``, if given, sets per-layer bits instead of
     ``config.plan``) and train it on ``dataset`` (any Dataset of (x, y); default: --latents or --data);
     returns the output folder (EMA weights in ``model.safetensors``, loadable with ``robuq.load_quantized``)."""
+    clock = time.perf_counter()
+    setup: dict[str, float] = {}
+
+    def lap(what: str) -> None:
+        nonlocal clock
+        setup[what] = round(time.perf_counter() - clock, 3)
+        clock = time.perf_counter()
+
     teacher_path = _teacher_path(config)
-    teacher = load_dit(teacher_path).eval().requires_grad_(False)
+    # The teacher, and so the student's SVDs, on this rank's device: on the CPU they take minutes per rank for XL/2.
+    device = resolve_device(config.device)
+    teacher = load_dit(teacher_path, map_location=str(device)).eval().requires_grad_(False)
     config = replace(config, teacher=teacher_path)  # recorded, so a resumed run checks it is the same teacher
     config.validate()
     quantization = config.quantization(plan)
+    lap("teacher")
+    # Weights that a checkpoint or another model will replace need no initial SVD split.
+    replaced = bool(config.init_student or config.continue_from or (resume and list_checkpoints(config.out_dir)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # anything random in building the student is part of the run
-        student = build_student(teacher, quantization, config.freeze_fp)
+        student = build_student(teacher, quantization, config.freeze_fp, initialize=not replaced)
     if config.init_student:
         load_student_weights(student, config.init_student)
+    lap("student")
     dataset = teacher_dataset(config, teacher, dataset)
     conditional = teacher.num_classes > 0
     probe_set, probe_source = probe_dataset(config, dataset)
@@ -194,6 +213,10 @@ def qat(config: QATConfig, resume: bool = False, until: int | None = None, progr
                           config.probe_guidance)
     diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
     objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight, config.null_fraction)
+    lap("data and probe")
+    rank = os.environ.get("RANK", "0")
+    print(f"set-up of rank {rank} in {config.out_dir} (s): " + ", ".join(f"{k} {v:.1f}" for k, v in setup.items()),
+          file=sys.stderr, flush=True)
     meta = {**quantized_meta(student, quantization), "probe_images_from": probe_source}
     return train_loop(config, student, objective, dataset, resume=resume, until=until, extra_meta=meta,
                       progress=progress, probe=probe, param_groups=qat_param_groups(config.ternary_lr_scale))

@@ -31,9 +31,10 @@ from robuq.core.files import atomic_write_text, read_meta, save_tensors
 from robuq.models.checkpoint import load_dit
 from robuq.models.dit import DiT, create_dit
 from robuq.train.guards import first_nonfinite_grad, first_nonfinite_module
-from robuq.core.distributed import DistInfo, barrier, init_distributed, shutdown
+from robuq.core.distributed import (DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP, DistInfo, any_rank, barrier, init_distributed,
+                                    shutdown)
 from robuq.core.options import check_choice, option
-from robuq.core.runtime import resolve_device
+from robuq.core.runtime import precision_context, resolve_device
 from robuq.train.state import checkpoint_path, list_checkpoints, load_training_state, save_training_state
 
 
@@ -77,6 +78,7 @@ class LoopConfig:
                                              "continues its warm-up this way)")
     out_dir: str = option("runs/train", "output folder: config.json, log.jsonl, checkpoints/, model.safetensors")
     device: str = option("auto", "'auto' (this rank's GPU when CUDA is available, else the CPU), 'cpu' or 'cuda[:N]'")
+    dist_timeout_hours: float = option(DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,7 +114,7 @@ class TrainConfig(LoopConfig):
 
 # Options that may differ between a run and its resumption without changing the computation.
 _RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_checkpoints", "probe_every", "device", "data_dir", "out_dir",
-                      "num_workers", "grad_checkpoint", "compile"}
+                      "num_workers", "grad_checkpoint", "compile", "dist_timeout_hours"}
 # What a run continued from another (``continue_from``) may set differently from it: the network it trains
 # (bits, plan) is the caller's business; the loop's schedule, data and randomness must be the same.
 _LOOP_FIELDS = {f.name for f in fields(LoopConfig)} - _RESUMABLE_CHANGES - {"continue_from"}
@@ -208,21 +210,6 @@ def check_data_fits(dataset: Dataset, model: nn.Module, what: str) -> None:
     if (channels, side) != (model.in_channels, size):
         raise ValueError(f"the data ({what}) holds {channels}×{side}×{side} samples but the model takes "
                          f"{model.in_channels}×{size}×{size}; use data of the model's kind (latents for a latent DiT: --latents)")
-
-
-@contextlib.contextmanager
-def precision_context(precision: str, device: torch.device):
-    """Autocast for bf16 (CUDA, and the CPU for tests); TF32 matmuls for tf32 and bf16 on CUDA, restored afterwards."""
-    tf32 = device.type == "cuda" and precision in ("tf32", "bf16")
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            yield
-    finally:
-        if tf32:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @torch.no_grad()
@@ -349,7 +336,7 @@ def train_loop(
     parameters into AdamW groups, each with an ``lr_scale`` on the schedule (default: one group).
     """
     device = resolve_device(config.device)
-    info = init_distributed(device)
+    info = init_distributed(device, config.dist_timeout_hours)
     # The rank's GPU is current only while the loop runs (NCCL and autocast use the current device).
     current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
@@ -409,7 +396,7 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True) if num_classes > 0 else None
 
-        loss, grad_norm, losses = train_step(net, model, ema, optimizer, objective, x, y, step, config, info.rank, device)
+        loss, grad_norm, losses = train_step(net, model, ema, optimizer, objective, x, y, step, config, info, device)
 
         window_loss, window_n = window_loss + loss.item(), window_n + 1
         done = step + 1
@@ -456,17 +443,24 @@ def ema_and_optimizer(model: nn.Module, config: LoopConfig, param_groups: Callab
 
 def train_step(net: nn.Module, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
                objective: Callable[..., dict[str, torch.Tensor]], x: torch.Tensor, y: torch.Tensor | None, step: int,
-               config: LoopConfig, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               config: LoopConfig, info: DistInfo, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Step ``step`` of the loop on the batch (x, y): the objective through ``net`` (``model`` itself, or its DDP
     or compiled wrapper) under ``config.precision``, its randomness drawn from (seed, step, rank); backward,
-    clipping, AdamW at the scheduled learning rate, the EMA update. Returns (mean loss, gradient norm, losses)."""
+    clipping, AdamW at the scheduled learning rate, the EMA update. Returns (mean loss, gradient norm, losses).
+
+    A non-finite loss on any rank stops every rank at this step, before the backward pass: a rank that raised
+    alone would leave the others waiting in the gradient all-reduce until the group's timeout."""
+    rank = info.rank
     rng_devices = [device] if device.type == "cuda" else []
     generator = torch.Generator().manual_seed(step_seed(config.seed, step, rank))
     with torch.random.fork_rng(devices=rng_devices), precision_context(config.precision, device):
         torch.manual_seed(step_seed(config.seed, step, rank))  # any randomness of the model's own
         losses = objective(net, x, y, generator)
     loss = losses["loss"].float().mean()
-    if not torch.isfinite(loss):
+    finite = bool(torch.isfinite(loss))
+    if any_rank(info, not finite, device) and finite:
+        raise TrainingDivergedError(f"non-finite loss on another rank at step {step}; the last checkpoint is intact")
+    if not finite:
         def rerun() -> object:
             with torch.random.fork_rng(devices=rng_devices):
                 torch.manual_seed(step_seed(config.seed, step, rank))
@@ -474,8 +468,9 @@ def train_step(net: nn.Module, model: nn.Module, ema: nn.Module, optimizer: torc
 
         where = first_nonfinite_module(model, rerun)
         origin = f", first in module {where!r}" if where else ""
+        where_rank = f" on rank {rank}" if info.enabled else ""
         raise TrainingDivergedError(
-            f"non-finite loss ({loss.item()}) at step {step}{origin}; the last checkpoint is intact"
+            f"non-finite loss ({loss.item()}) at step {step}{where_rank}{origin}; the last checkpoint is intact"
         )
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(config, step) * group.get("lr_scale", 1.0)
