@@ -15,6 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -268,7 +269,7 @@ def test_ampn_runs(tmp_path, teacher_file, fmnist_dir):
     from robuq.train.qat import QATConfig
 
     run = tmp_path / "runs" / "ampn-b2"
-    config = QATConfig(teacher=teacher_file, data_dir=str(fmnist_dir), out_dir=str(run), steps=2, global_batch_size=8,
+    config = QATConfig(teacher=teacher_file, data_dir=str(fmnist_dir), out_dir=str(run), steps=4, global_batch_size=8,
                        log_every=1, ckpt_every=2, probe_every=1, probe_images=4, warmup_steps=1, device="cpu")
     ampn_run(AMPNConfig(qat=config, budget=2.0, warmup_qat_steps=2, calibration_images=8), progress=False)
     argv = [str(run), "--results-dir", str(tmp_path / "results")]
@@ -278,7 +279,7 @@ def test_ampn_runs(tmp_path, teacher_file, fmnist_dir):
     (summary,) = data["runs"]
     assert summary["run"] == "ampn-b2" and summary["budget"] == 2.0 and summary["average_plain"] <= 2.0
     assert set(summary["role_averages"]) == {"qkv", "proj", "fc1", "fc2"}
-    assert [step for step, _ in summary["start_bits_probe"]] == [1, 2] and [step for step, _ in summary["plan_probe"]] == [1, 2]
+    assert [step for step, _ in summary["start_bits_probe"]] == [1, 2] and [step for step, _ in summary["plan_probe"]] == [3, 4]
     assert summary["warmup_seconds"] > 0 and summary["final_seconds"] > 0
     copied = tmp_path / "results" / "ampn" / "ampn-b2"
     for name in ("plan.json", "plan.png", "sensitivity.json", "warmup-log.jsonl", "final-log.jsonl", "final-config.json"):
@@ -424,3 +425,108 @@ def test_rank_agreement_counts_the_pairs_ordered_apart():
     agreement = reproduce.rank_agreement(rows + [{"method": "e", "guidance": 1.5, "fid": 50.0}])
     assert agreement["rows"] == 4 and agreement["pairs"] == 6
     assert agreement["flipped"] == [("b (cfg 1.5)", "c (cfg 1.5)")] and agreement["spearman"] == pytest.approx(0.8)
+
+
+def test_convergence_fid_for_the_bootstrap_is_robuqs_fid():
+    from robuq.eval.metrics import FeatureStats, fid
+
+    convergence = _load("convergence")
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(400, 24, generator=g).double().numpy()
+    for n in (10, 300):  # fewer samples than dimensions, and more
+        samples = (1.3 * torch.randn(n, 24, generator=g) + 0.2).double().numpy()
+        expected = fid(FeatureStats.of(reference), FeatureStats.of(samples))
+        assert convergence.FixedReferenceFID(reference)(samples) == pytest.approx(expected, rel=1e-6)
+
+
+def test_convergence_shuffled_plans_keep_the_budget_and_intervals_read_ties(tmp_path):
+    convergence = _load("convergence")
+    config = convergence.ConvergenceConfig(work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"))
+    work = Path(config.work_dir)
+    plan = {f"blocks.{i}.{r}": b for i, (r, b) in enumerate(zip(["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"] * 3,
+                                                                   [1, 2, 3, 4, 2, 2, 1, 3, 2, 2, 4, 1]))}
+    folder = convergence.run_dir(work, convergence.AMPN_A2)
+    folder.mkdir(parents=True)
+    (folder / "plan.json").write_text(json.dumps({"bits": plan}))
+    for name in (convergence.AMPN_A2, "control: AMPN seed 1"):  # as if the warm-ups had run
+        checkpoint = convergence.warmup_checkpoint(config, work, name)
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"")
+    convergence.prepare_controls(config, work)
+    shuffles = [json.loads((work / "plans" / f"shuffled-{k}.json").read_text())["bits"] for k in (1, 2)]
+    for shuffled in shuffles:
+        assert set(shuffled) == set(plan) and sorted(shuffled.values()) == sorted(plan.values()) and shuffled != plan
+    assert shuffles[0] != shuffles[1]
+    scores = {"a": {"fid": 10.0, "replicates": [9.0, 10.0, 11.0, 10.5] * 10, "rounds": 40},
+              "b": {"fid": 10.2, "replicates": [9.2, 10.1, 11.1, 10.4] * 10, "rounds": 40},
+              "c": {"fid": 20.0, "replicates": [19.0, 20.0, 21.0, 20.5] * 10, "rounds": 40}}
+    tie = convergence.interval_summary(scores, "a", "b", ratio=False)
+    assert tie["difference_low"] <= 0 <= tie["difference_high"]
+    ahead = convergence.interval_summary(scores, "a", "c", ratio=False)
+    assert ahead["difference_high"] < 0
+    ratio = convergence.interval_summary(scores, "c", "a")
+    assert ratio["ratio"] == pytest.approx(2.0) and ratio["ratio_low"] <= 2.0 <= ratio["ratio_high"]
+
+
+def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir):
+    """The pilot, one headline row and the scoring, end to end through the `robuq` commands the benchmark
+    runs: logs, kept samples (the same labels for every row), the exported model and the report's JSON."""
+    convergence = _load("convergence")
+    results, work = tmp_path / "results", tmp_path / "work"
+    common = ["--toy", "--installed", "--no-inception", "--teacher", teacher_file, "--data-dir", str(fmnist_dir),
+              "--work-dir", str(work), "--results-dir", str(results)]
+    convergence.main(["--stage", "pilot", "--only", "pilot: new recipe", *common])
+    convergence.main(["--stage", "headline", "--only", "RobuQ + AMPN W1.58A2", *common])
+    argv = ["--stage", "score", *common]
+    convergence.main(argv)
+    data, markdown = _record(results, "convergence", "convergence", argv)
+    (pilot,) = data["pilot"]
+    assert pilot["name"] == "pilot: new recipe" and pilot["finished"] and pilot["probe_guided_rel_mse"] > 0
+    assert data["teacher"]["classifier"]["fid"] > 0 and "inception" not in data["teacher"]
+    (row,) = [e for e in data["final"] if e["steps"] == 12]
+    assert row["name"] == "RobuQ + AMPN W1.58A2" and row["ampn"] is True and row["samples"] == 20
+    c = row["classifier"]
+    assert c["low"] <= c["fid"] <= c["high"] and c["ratio_low"] <= c["ratio"] <= c["ratio_high"]
+    assert row["model"] == "convergence/models/robuq---ampn-w1-58a2.robuq.safetensors"
+    assert (results / row["model"]).stat().st_size > 0
+    kept = results / "convergence"
+    log = [json.loads(line) for line in (kept / "logs" / "robuq---ampn-w1-58a2.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log} == {"warm-up", "with plan"} and log[-1]["step"] == 12
+    assert (kept / "logs" / "robuq---ampn-w1-58a2-plan.json").is_file()
+    teacher = np.load(kept / "samples" / "full-precision-teacher-n20.npz")
+    student = np.load(kept / "samples" / "robuq---ampn-w1-58a2-step12-n20.npz")
+    assert torch.equal(torch.as_tensor(teacher["labels"]), torch.as_tensor(student["labels"]))
+    assert student["images"].shape == (20, 8, 8) and student["images"].dtype == np.uint8
+    assert "| RobuQ + AMPN W1.58A2 | True | 12 | 20 |" in markdown
+    assert (results / "convergence.png").stat().st_size > 0
+
+
+def test_gpu_check_references_never_enter_a_kernel(monkeypatch):
+    """gpu_check compares each Triton kernel with a reference: the references must not reach a robuq kernel or a
+    registered back-end (it compared the Hadamard kernel with itself), and must compute robuq's numbers."""
+    from robuq.kernels import triton_ops
+    from robuq.quant import backends
+    from robuq.quant.activation import activation_levels
+    from robuq.quant.hadamard import hadamard_transform, random_signs
+
+    gpu_check = _load("gpu_check")
+    x, signs = torch.randn(6, 384), random_signs(384)
+    expected = hadamard_transform(x, signs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reference entered a kernel")
+
+    for name in ("hadamard", "hadamard_quantize", "lowbit_matmul", "_launch_hadamard"):
+        monkeypatch.setattr(triton_ops, name, refuse)
+    monkeypatch.setattr(backends, "backend_for", refuse)
+    rotated = gpu_check.hadamard_reference(x, signs)
+    assert torch.allclose(rotated, expected, atol=1e-5)
+    assert torch.equal(gpu_check.quantize_reference(rotated, 2, "gaussian").levels,
+                       activation_levels(rotated, 2, "token", "gaussian").levels)
+    levels = torch.randint(0, 4, (5, 8), dtype=torch.int8)
+    weight = torch.randint(-1, 2, (8, 3), dtype=torch.int8)
+    scale, offset, alpha, bias = torch.rand(5), torch.randn(5), torch.rand(3), torch.randn(3)
+    sums = weight.float().sum(0) * alpha
+    out = gpu_check.lowbit_reference(levels, weight, scale, offset, alpha, sums, bias)
+    by_hand = scale[:, None] * (levels.float() @ weight.float()) * alpha + offset[:, None] * sums + bias
+    assert torch.allclose(out, by_hand, atol=1e-5)
