@@ -30,9 +30,9 @@ from robuq.train.qat import QATConfig
 
 
 def _quickstart_ampn() -> AMPNConfig:
-    """AMPN at a 3-bit budget with short QAT runs: minutes on a laptop CPU."""
+    """AMPN at a 3-bit budget in one short QAT schedule: minutes on a laptop CPU."""
     qat = QATConfig(steps=300, global_batch_size=32, lr=2e-4, warmup_steps=37, probe_every=50, log_every=10, ckpt_every=50)
-    return AMPNConfig(qat=qat, budget=3.0, warmup_qat_steps=150)
+    return AMPNConfig(qat=qat, budget=3.0, warmup_qat_steps=150, calibration_images=64)
 
 
 @dataclass
