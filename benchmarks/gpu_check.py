@@ -47,19 +47,26 @@ def _qat_step_stats(student, teacher, objective, optimizer, batch: int, checkpoi
             "step_ms": ms, "images_per_s": batch / ms * 1e3, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def qat_steps(batches: tuple[int, int], device: torch.device) -> list[dict]:
-    from robuq.diffusion.gaussian import create_diffusion
+def qat_pair(name: str, device: torch.device, input_size: int = 32):
+    """(frozen teacher, RobuQ A2 student in training mode) of a random ``name`` DiT on ``device``."""
     from robuq.models.dit import create_dit
     from robuq.quantize.presets import resolve_policy
-    from robuq.train.qat import build_student, qat_objective
+    from robuq.train.qat import build_student
 
     torch.manual_seed(0)
-    teacher = create_dit("DiT-XL/2", input_size=32).to(device).eval().requires_grad_(False)
+    teacher = create_dit(name, input_size=input_size).to(device).eval().requires_grad_(False)
     with torch.no_grad():  # open adaLN-Zero's gates so gradients reach every block, as in a trained checkpoint
         for p in teacher.parameters():
             p.add_(0.02 * torch.randn_like(p))
     # The student is a copy of the eval-mode teacher: without .train() DiT.forward would never checkpoint.
-    student = build_student(teacher, resolve_policy("robuq", 2, None, None)).train()
+    return teacher, build_student(teacher, resolve_policy("robuq", 2, None, None)).train()
+
+
+def qat_steps(batches: tuple[int, int], device: torch.device) -> list[dict]:
+    from robuq.diffusion.gaussian import create_diffusion
+    from robuq.train.qat import qat_objective
+
+    teacher, student = qat_pair("DiT-XL/2", device)
     objective = qat_objective(create_diffusion(learn_sigma=True), teacher, "distill", 1.0)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
     rows = []

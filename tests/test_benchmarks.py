@@ -530,3 +530,19 @@ def test_gpu_check_references_never_enter_a_kernel(monkeypatch):
     out = gpu_check.lowbit_reference(levels, weight, scale, offset, alpha, sums, bias)
     by_hand = scale[:, None] * (levels.float() @ weight.float()) * alpha + offset[:, None] * sums + bias
     assert torch.allclose(out, by_hand, atol=1e-5)
+
+
+def test_gpu_check_trains_a_student_that_really_checkpoints(monkeypatch):
+    """The student gpu_check times is in training mode, so its 'with gradient checkpointing' rows recompute blocks."""
+    import torch.utils.checkpoint as checkpointing
+
+    gpu_check = _load("gpu_check")
+    _, student = gpu_check.qat_pair("DiT-S/8", torch.device("cpu"), input_size=16)
+    assert student.training
+    calls = []
+    real = checkpointing.checkpoint
+    monkeypatch.setattr(checkpointing, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    student.grad_checkpoint = True
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([1, 500]), torch.tensor([0, 3])
+    student(x, t, y).pow(2).mean().backward()
+    assert len(calls) == len(student.blocks)
