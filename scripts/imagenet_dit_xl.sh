@@ -15,8 +15,9 @@
 # RobuQ preset, AMPN at an average of 2 activation bits after ~1,000 warm-up QAT steps, AdamW, 350k QAT
 # iterations, 250-step DDPM sampling, 50,000 samples, cfg up to 4.0 (FID reported beside IS/Precision).
 # GUESSED (the paper does not state them): learning rate 1e-4 with 1,000 warm-up steps and a cosine
-# schedule, global batch 256, loss "mix" (diffusion + distillation, weight 1), EMA 0.9999, the
-# per-token scale rule of the preset, cfg 1.5 for the headline FID, AMPN's 64 calibration images,
+# schedule, global batch 256, robuq qat's default recipe (loss "mix" = diffusion + distillation, ternary latent
+# weights at 5x the learning rate, full-precision layers trained; results/convergence.md), EMA 0.9999, the
+# per-token scale rule of the preset, cfg 1.5 for the headline FID, AMPN's 128 calibration images,
 # horizontal flips in the latent cache, --cfg-channels 3 (the reference sampler's behaviour).
 set -euo pipefail
 images=${1:?usage: $0 IMAGENET_TRAIN_DIR VAE_DIR DIT_XL_2_256_PT OUT_DIR [GPUS]}

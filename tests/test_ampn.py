@@ -98,7 +98,7 @@ def test_sensitivities_of_the_shipped_teacher_rank_alike_and_fall_with_bits():
 
     teacher = load_dit(default_teacher_path()).eval()
     student = build_student(teacher, preset("robuq", act_bits=4))
-    images, labels = calibration_images(FashionMNIST("train", 28), 48, True)
+    images, labels = calibration_images(FashionMNIST("train", 28), 32, True)
     runs = [measure_sensitivity(student, calibration_batch(teacher, images, labels, seed, with_null=True), progress=False)
             for seed in (0, 1)]
     names = list(runs[0].table)

@@ -546,3 +546,13 @@ def test_gpu_check_trains_a_student_that_really_checkpoints(monkeypatch):
     x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([1, 500]), torch.tensor([0, 3])
     student(x, t, y).pow(2).mean().backward()
     assert len(calls) == len(student.blocks)
+
+
+def test_the_commands_default_to_the_recipe_the_pilot_froze():
+    from robuq.ampn.pipeline import AMPNConfig
+    from robuq.cli.quickstart import QuickstartConfig
+    from robuq.train.qat import QATConfig
+
+    frozen = _load("convergence").FROZEN
+    for qat in (QATConfig(), AMPNConfig().qat, QuickstartConfig().ampn.qat):
+        assert {k: getattr(qat, k) for k in frozen} == frozen

