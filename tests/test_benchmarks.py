@@ -177,14 +177,18 @@ def test_deploy(tmp_path):
         assert sum(parts[role] for role in [*deploy.BREAKDOWN, "rest"]) == pytest.approx(parts["forward"])
     assert "| native | toy | attention core (QKᵀ, softmax, ·V) |" in markdown
     # the exported forward by kernel: groups and rest add up to the forward; every block linear runs an
-    # integer GEMM, and with the C kernels built its input pass and epilogue and the attention run in them
+    # integer GEMM or (AVX2 path) the fused ternary linear, and with the C kernels built the attention runs in
+    # them, as do the unfused linears' input pass and epilogue
     kernels = toy["breakdown"]["exported_kernels"]
+    fused = "ternary linear, fused (input pass, lookup GEMM, epilogue)"
     assert sum(kernels[group] for group in [*deploy.KERNELS, "rest"]) == pytest.approx(kernels["forward"])
-    assert 0 < kernels["integer GEMM"] < kernels["forward"]
+    assert 0 < kernels["integer GEMM"] + kernels[fused] < kernels["forward"]
     if deploy.native.enabled():
-        assert all(kernels[group] > 0 for group in ("input pass (Hadamard, quantize, V·x)", "attention (8-bit, fused)",
-                                                     "epilogue (rescale, U·branch, GELU)"))
-    assert f"| native | toy | integer GEMM | {kernels['integer GEMM']:.0f} |" in markdown
+        assert kernels["attention (8-bit, fused)"] > 0
+        if kernels["integer GEMM"] > 0:
+            assert kernels["input pass (Hadamard, quantize, V·x)"] > 0 and kernels["epilogue (rescale, U·branch, GELU)"] > 0
+    shown = "integer GEMM" if kernels["integer GEMM"] > 0 else fused
+    assert f"| native | toy | {shown} | {kernels[shown]:.0f} |" in markdown
 
 
 def test_qat_overhead(tmp_path):
