@@ -631,6 +631,8 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
     """results/convergence.{json,md,png} from whatever the work directory holds now (partial runs included,
     with their step counts), the runs' logs and plans under results/convergence/, the headline models exported."""
     results = Path(config.results_dir)
+    for run in pilot_runs(config) + headline_runs(config) + control_runs(config, work):
+        keep_run_files(config, work, run)  # runs trained before their files were kept, or stopped early
     points = score_points(config, work)
     scores = {space: bootstrap_scores(config, work, points, space) for space in ("classifier", "inception")}
     final, curves, comparisons = [], {}, []
@@ -761,9 +763,12 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
                   "FID with a 95% paired-bootstrap interval over the samples; × teacher = the ratio to the full-precision "
                   "teacher's FID on the same labels and noise, with its interval. "
                   + ", ".join(f"Teacher ({config.samples_headline} samples): {space} FID {v['fid']:.2f}"
-                              for space, v in teacher.items()) + ".", "",
-                  "| row | AMPN | steps | samples | classifier FID | × teacher | Inception FID | × teacher | target |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                              for space, v in teacher.items()) + ".", ""]
+        if payload["final"]:
+            lines += ["| row | AMPN | steps | samples | classifier FID | × teacher | Inception FID | × teacher | target |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+        else:
+            lines.append("No quantized row has been scored yet.")
         for e in payload["final"]:
             cells = []
             for space in ("classifier", "inception"):
