@@ -10,13 +10,11 @@ exists, so an interrupted run picks up where it stopped (QAT stages resume from 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 
 from robuq.ampn.plan import format_plan, plan_from_sensitivity, write_plan
@@ -24,7 +22,7 @@ from robuq.ampn.sensitivity import METRICS, Sensitivity, measure_sensitivity
 from robuq.core.distributed import DistInfo, barrier, init_distributed, shutdown
 from robuq.core.files import atomic_write_text
 from robuq.core.options import check_choice, option, with_default
-from robuq.core.runtime import default_teacher_path, resolve_device
+from robuq.core.runtime import default_teacher_path, device_context, resolve_device
 from robuq.io.quantized import load_quantized
 from robuq.models.checkpoint import load_dit
 from robuq.quantize.plan import BitPlan
@@ -151,7 +149,7 @@ def ampn_run(config: AMPNConfig, progress: bool = True, dataset: Dataset | None 
         raise ValueError("AMPN starts from a preset (--preset); a --quant-config policy file fixes its own bits")
     device = resolve_device(config.qat.device)
     info = init_distributed(device)
-    current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    current = device_context(device)
     try:
         with current:
             return _ampn_stages(config, progress, dataset, until, info)

@@ -98,13 +98,14 @@ def measure_sensitivity(
             as_is = output_from(depth)
             baseline += float((as_is - part.target).pow(2).sum())
             reference = as_is if metric == "perturbation" else part.target
+            unchanged = float((as_is - reference).pow(2).sum())  # a layer at its own bits: the model as it is
             for name in layers:
                 layer: QuantLinear = model.get_submodule(name)
                 start, original = block_index(name), layer.act_bits
                 try:
                     for bits in choices:
                         if bits == original:
-                            squared[name][bits] += 0.0 if metric == "perturbation" else float((as_is - reference).pow(2).sum())
+                            squared[name][bits] += unchanged
                             continue
                         layer.set_act_bits(bits)
                         squared[name][bits] += float((output_from(start) - reference).pow(2).sum())

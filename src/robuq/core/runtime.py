@@ -34,6 +34,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def device_context(device: torch.device):
+    """``device`` made the current CUDA device for the ``with`` block (a no-op off CUDA): NCCL, autocast and
+    Triton launches use the current device, not the one a tensor lives on."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def precision_context(precision: str, device: torch.device):
     """Autocast for bf16 (CUDA, and the CPU for tests); TF32 matmuls for tf32 and bf16 on CUDA, restored afterwards."""

@@ -10,7 +10,6 @@ level boundary can then round to the neighbouring level.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import math
@@ -21,6 +20,7 @@ import torch
 
 from robuq.core import quantizer_spec as spec
 from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
+from robuq.core.runtime import device_context
 
 _MAX_B = 128  # columns of the (A, B) view of a token: one dense B×B product per token
 # Padded rows. At AP = 64, B = 128 the operands (H_A, H_B, one token) take 112 KiB of shared memory, which fits
@@ -64,7 +64,7 @@ def _kernels() -> ModuleType:
 def on_device(x: torch.Tensor):
     """The context every launch runs in: Triton launches on the *current* CUDA device, so with x on another GPU
     (rank 1's, say, while device 0 is current) the kernel would run on the wrong GPU with x's pointers."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    return device_context(x.device)
 
 
 def _next_power_of_two(v: int) -> int:

@@ -1,7 +1,6 @@
 """``robuq sample``: sample any model file into a PNG grid (a row per class) and an ADM-style ``.npz``."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP, init_distributed, shutdown
 from robuq.core.options import check_choice, option
-from robuq.core.runtime import PRECISIONS, default_teacher_path, resolve_device
+from robuq.core.runtime import PRECISIONS, default_teacher_path, device_context, resolve_device
 from robuq.io.model_files import load_any
 from robuq.models.vae import decode, load_vae
 from robuq.sample.at_scale import sample_shards
@@ -57,7 +56,7 @@ def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Pa
     vae = load_vae(config.vae, config.vae_config, device) if config.vae else None
     if config.num_samples is not None:
         info = init_distributed(device, config.dist_timeout_hours)
-        current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        current = device_context(device)
         try:
             with current:
                 return sample_shards(model, config.out, config.num_samples, info, vae=vae, shard_size=config.shard_size,

@@ -6,7 +6,6 @@ processes and however often the run was interrupted.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 
 from robuq.core.files import save_tensors
 from robuq.core.options import option, with_default
-from robuq.core.runtime import resolve_device
+from robuq.core.runtime import device_context, resolve_device
 from robuq.data.image_stream import StreamingImageFolder
 from robuq.data.latents import LatentIndex, missing_shards, shard_path, write_index
 from robuq.models.vae import LATENT_SCALE, encode, load_vae
@@ -63,7 +62,7 @@ def encode_latents(config: LatentsConfig, progress: bool = True) -> Path:
         raise ValueError(f"--image-size {config.image_size} is not a multiple of 8 (the VAE downsamples 8×)")
     device = resolve_device(config.device)
     info = init_distributed(device, config.dist_timeout_hours)
-    current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    current = device_context(device)
     try:
         with current:
             return _encode(config, progress, device, info)

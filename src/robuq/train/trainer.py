@@ -8,7 +8,6 @@ RNG is seeded the same way inside ``torch.random.fork_rng``, so the caller's RNG
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -34,7 +33,7 @@ from robuq.train.guards import first_nonfinite_grad, first_nonfinite_module
 from robuq.core.distributed import (DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP, DistInfo, any_rank, barrier, init_distributed,
                                     shutdown)
 from robuq.core.options import check_choice, option
-from robuq.core.runtime import precision_context, resolve_device
+from robuq.core.runtime import device_context, precision_context, resolve_device
 from robuq.train.state import checkpoint_path, list_checkpoints, load_training_state, save_training_state
 
 
@@ -338,7 +337,7 @@ def train_loop(
     device = resolve_device(config.device)
     info = init_distributed(device, config.dist_timeout_hours)
     # The rank's GPU is current only while the loop runs (NCCL and autocast use the current device).
-    current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    current = device_context(device)
     try:
         with current:
             return _loop(config, model, objective, dataset, resume, until, extra_meta or {}, progress, probe, param_groups,
