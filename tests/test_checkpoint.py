@@ -72,7 +72,7 @@ def test_not_a_checkpoint(tmp_path):
     rng = np.random.default_rng(0)
     for size in [256] * 40 + [1, 7, 4096]:  # garbage makes the unpickler fail in many ways; each is bad input
         path.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
-        with pytest.raises(CheckpointError, match="not a PyTorch or safetensors checkpoint|empty|truncated"):
+        with pytest.raises(CheckpointError, match="not a model file|cannot be loaded safely|empty|truncated"):
             load_dit(path)
 
 
@@ -94,7 +94,16 @@ def test_arbitrary_pickles_are_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"model": Evil()}, path)
-    with pytest.raises(CheckpointError, match="loaded safely"):
+    with pytest.raises(CheckpointError, match="cannot be loaded safely") as info:
+        read_state_dict(path)
+    message = str(info.value)  # names what was refused, and never passes on advice to load the file unsafely
+    assert "system" in message and "weights_only" not in message and "allowlist" not in message
+
+
+def test_a_text_file_is_named_as_not_a_model_file(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("hello\n")
+    with pytest.raises(CheckpointError, match=r"notes.pt is not a model file: .*starts with b'hello"):
         read_state_dict(path)
 
 
@@ -115,7 +124,7 @@ def test_dict_without_weights(tmp_path):
 def test_atomic_write_makes_ordinary_files_without_touching_the_umask(tmp_path, monkeypatch):
     import os
 
-    from robuq.core.files import atomic_write_text
+    from robuq.core.files import atomic_write_text, save_tensors
 
     calls = []
     real_umask = os.umask
@@ -123,9 +132,45 @@ def test_atomic_write_makes_ordinary_files_without_touching_the_umask(tmp_path, 
     try:
         monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real_umask(mask))
         path = atomic_write_text(tmp_path / "out" / "a.json", "{}\n")
+        # safetensors writes through a 0600 file of its own, renamed over robuq's temporary file
+        tensors = save_tensors(tmp_path / "out" / "b.safetensors", {"w": torch.zeros(3)})
     finally:
         monkeypatch.undo()
         real_umask(previous)
     assert calls == []  # the umask was neither read nor changed
-    assert (path.stat().st_mode & 0o777) == 0o640  # 0666 under the process's umask 027, as open() makes files
-    assert path.read_text() == "{}\n" and [p.name for p in path.parent.iterdir()] == ["a.json"]
+    for written in (path, tensors):
+        assert (written.stat().st_mode & 0o777) == 0o640  # 0666 under the process's umask 027, as open() makes files
+    assert path.read_text() == "{}\n" and sorted(p.name for p in path.parent.iterdir()) == ["a.json", "b.safetensors"]
+
+
+def test_a_writer_killed_mid_write_leaves_no_temporary_file_once_the_next_write_starts(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from robuq.core.files import atomic_write_text, save_tensors
+
+    folder = tmp_path / "checkpoints"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from robuq.core.files import atomic_write\n"
+        "def write(tmp):\n"
+        "    open(tmp, 'wb').write(b'partial')\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(600)\n"
+        f"atomic_write({str(folder / 'step-0000250.safetensors')!r}, write)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        live_leftover = [p.name for p in folder.iterdir()]
+        # A live writer's temporary file is not touched by another write in the folder.
+        atomic_write_text(folder / "notes.txt", "x")
+        assert set(live_leftover) <= {p.name for p in folder.iterdir()}
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+    time.sleep(0.05)
+    assert len(live_leftover) == 1 and live_leftover[0].endswith(".tmp")
+    save_tensors(folder / "step-0000275.safetensors", {"w": torch.zeros(2)})  # the resumed run's next checkpoint
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "step-0000275.safetensors"]

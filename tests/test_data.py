@@ -45,10 +45,20 @@ def test_fashion_mnist_from_data_dir(fmnist_dir):
     assert torch.all(FashionMNIST("train", 28, fmnist_dir, conditional=False).labels == 0)
 
 
-def test_search_order_env_then_debian(fmnist_dir, monkeypatch, tmp_path):
+def test_search_order_env_then_debian(fmnist_dir, monkeypatch):
     monkeypatch.setenv("ROBUQ_DATA", str(fmnist_dir))
-    images, _ = find_fashion_mnist("train", data_dir=tmp_path / "empty")
+    images, _ = find_fashion_mnist("train")
     assert images.parent == fmnist_dir
+
+
+def test_a_given_data_dir_is_the_only_place_searched(fmnist_dir, monkeypatch, tmp_path):
+    """A run records its --data-dir: training on data found elsewhere would make that record false."""
+    monkeypatch.setenv("ROBUQ_DATA", str(fmnist_dir))
+    with pytest.raises(DataNotFoundError, match="is not a folder"):
+        find_fashion_mnist("train", data_dir=tmp_path / "nonexistent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataNotFoundError, match="not found in: .*empty"):
+        find_fashion_mnist("train", data_dir=tmp_path / "empty")
 
 
 def test_missing_data_names_both_fixes(tmp_path, monkeypatch):

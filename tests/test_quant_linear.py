@@ -78,7 +78,7 @@ def test_bad_linear_configs_fail_clearly():
         LinearQuantConfig(weight="int9")
     with pytest.raises(ValueError, match="lowrank_input"):
         LinearQuantConfig(lowrank_input="bf16")
-    with pytest.raises(ValueError, match="unknown linear quantization options"):
+    with pytest.raises(ValueError, match="unknown linear quantization fields"):
         LinearQuantConfig.from_dict({"wieght": "fp"})
 
 

@@ -134,7 +134,7 @@ def test_config_serialises(tmp_path, suffix):
     config = preset("baseline", act_bits=3, plan={"blocks.0.mlp.fc1": 2})
     loaded = QuantConfig.load(config.save(tmp_path / f"policy{suffix}"))
     assert loaded == config
-    with pytest.raises(ValueError, match="unknown quantization config fields"):
+    with pytest.raises(ValueError, match="unknown quantization policy fields"):
         QuantConfig.from_dict({**config.to_dict(), "bogus": 1})
 
 

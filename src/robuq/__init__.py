@@ -4,6 +4,7 @@ Importing robuq also registers its C and Triton kernels as back-ends of the quan
 (``robuq.kernels``); nothing else happens at import.
 """
 import robuq.kernels  # noqa: F401  (registers the kernels' back-ends)
+from robuq.core.version import __version__  # noqa: F401
 from robuq.data.image_stream import StreamingImageFolder
 from robuq.data.latents import LatentDataset
 from robuq.deploy.export import export_model, load_exported
@@ -21,7 +22,6 @@ from robuq.sample.generate import generate
 from robuq.train.latents import LatentsConfig, encode_latents
 from robuq.train.trainer import TrainConfig, train
 
-__version__ = "0.1.0"
 
 __all__ = [
     "DIT_MODELS", "BitPlan", "CheckpointError", "DiT", "DiTConfig", "GaussianDiffusion", "LatentDataset", "LatentsConfig",

@@ -136,10 +136,12 @@ def _qat_stage(config: QATConfig, progress: bool, plan: BitPlan | None = None, d
     return qat(config, resume=bool(list_checkpoints(out)), until=until, progress=progress, plan=plan, dataset=dataset)
 
 
-def ampn_run(config: AMPNConfig, progress: bool = True, dataset: Dataset | None = None, until: int | None = None) -> Path:
+def ampn_run(config: AMPNConfig, progress: bool = True, dataset: Dataset | None = None, until: int | None = None,
+             announce_plan: bool = True) -> Path:
     """The whole AMPN pipeline under ``config.qat.out_dir``, on ``dataset`` (any Dataset of (x, y); default:
     --latents or --data) for both QAT stages and the calibration batch; returns the final QAT run's folder.
-    ``until`` stops the final stage at that step (the schedule still spans ``qat.steps``).
+    ``until`` stops the final stage at that step (the schedule still spans ``qat.steps``); ``announce_plan``
+    prints the plan once chosen.
 
     Under torchrun the process group is created here, once, and every stage runs in it (a group destroyed and
     created again in the same processes hangs); sensitivities are measured on rank 0 only, in its device's
@@ -152,12 +154,13 @@ def ampn_run(config: AMPNConfig, progress: bool = True, dataset: Dataset | None 
     current = device_context(device)
     try:
         with current:
-            return _ampn_stages(config, progress, dataset, until, info)
+            return _ampn_stages(config, progress, dataset, until, info, announce_plan)
     finally:
         shutdown(info)
 
 
-def _ampn_stages(config: AMPNConfig, progress: bool, dataset: Dataset | None, until: int | None, info: DistInfo) -> Path:
+def _ampn_stages(config: AMPNConfig, progress: bool, dataset: Dataset | None, until: int | None, info: DistInfo,
+                 announce_plan: bool) -> Path:
     base = config.qat
     root = Path(base.out_dir)
     uniform = replace(base, act_bits=config.start_bits, plan=None, init_student=None, continue_from=None)
@@ -182,6 +185,7 @@ def _ampn_stages(config: AMPNConfig, progress: bool, dataset: Dataset | None, un
     barrier(info)  # every rank has compared the plan with the file before rank 0 writes it
     if info.is_main:
         write_plan(plan, plan_path)
-        print(format_plan(plan))
+        if announce_plan:
+            print(format_plan(plan))
     final = replace(uniform, continue_from=str(warm_checkpoint), out_dir=str(root / "final"))
     return _qat_stage(final, progress, plan=plan, dataset=dataset, until=until)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -131,10 +130,15 @@ def _run_quantize(config, args) -> int:
 
 def _run_summary(args: argparse.Namespace) -> int:
     from robuq.core.runtime import default_teacher_path
-    from robuq.io.model_files import load_any
+    from robuq.io.model_files import KIND_TEXT, file_kind, load_any
 
-    summary = cost_summary(load_any(args.path or default_teacher_path()))
-    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
+    path = args.path or default_teacher_path()
+    summary = cost_summary(load_any(path))
+    kind = file_kind(path)
+    if args.json:
+        print(json.dumps({"file": str(path), "kind": kind, **summary.to_dict()}, indent=2))
+    else:
+        print(f"{path}: {KIND_TEXT[kind]}\n{summary.format()}")
     return 0
 
 
@@ -181,6 +185,16 @@ def _run_train_classifier(config, args) -> int:
     return 0
 
 
+def _version() -> str:
+    import platform
+
+    import torch
+
+    from robuq.core.version import __version__
+
+    return f"robuq {__version__} (PyTorch {torch.__version__}, Python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from robuq.ampn.pipeline import SET_BY_AMPN, AllocateConfig, AMPNConfig, SensitivityConfig
     from robuq.cli.quickstart import DERIVED, QuickstartConfig
@@ -196,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="robuq", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="print the full traceback of any error")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     _add_no_progress(_job(sub, "run", "the main job: RobuQ + AMPN on the shipped teacher, short QAT, grids and a summary",

@@ -12,7 +12,6 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from robuq.ampn.pipeline import SET_BY_AMPN, AMPNConfig, ampn_run
@@ -24,7 +23,7 @@ from robuq.core.options import option
 from robuq.models.checkpoint import load_dit
 from robuq.io.quantized import load_quantized
 from robuq.core.runtime import default_teacher_path
-from robuq.sample.generate import generate, save_grid, to_uint8
+from robuq.sample.generate import generate, save_comparison, save_grid, to_uint8
 from robuq.quantize.plan import BitPlan
 from robuq.train.qat import QATConfig
 
@@ -57,7 +56,7 @@ def run_quickstart(config: QuickstartConfig, progress: bool = True) -> dict:
     qat = config.ampn.qat
     teacher_path = str(qat.teacher or default_teacher_path())
     ampn = replace(config.ampn, qat=replace(qat, teacher=teacher_path, out_dir=str(out / "ampn")))
-    final = ampn_run(ampn, progress=progress)
+    final = ampn_run(ampn, progress=progress, announce_plan=False)  # the summary below shows the plan
 
     teacher = load_dit(teacher_path)
     student, _ = load_quantized(final / "model.safetensors")
@@ -69,8 +68,10 @@ def run_quickstart(config: QuickstartConfig, progress: bool = True) -> dict:
         images = generate(model, labels, n, config.sampler, config.sample_steps, config.cfg_scale, qat.seed, progress=progress)
         pixels[name] = to_uint8(images)
         grids[name] = save_grid(pixels[name], out / f"{name}_grid.png", columns)
-    side_by_side = np.concatenate([pixels["teacher"], np.full_like(pixels["teacher"][:, :, :2], 255), pixels["quantized"]], axis=2)
-    compare = save_grid(side_by_side, out / "compare.png", columns)
+    compare = save_comparison({"teacher (full precision)": pixels["teacher"], "W1.58, AMPN activation bits": pixels["quantized"]},
+                              out / "compare.png", columns,
+                              f"{qat.preset} W1.58, AMPN at a {ampn.budget:g}-bit budget, {qat.steps} QAT steps: "
+                              f"same noise and labels, a row per class")
 
     plan = BitPlan.load(out / "ampn" / "plan.json")
     cost_q, cost_fp = cost_summary(student), cost_summary(teacher)

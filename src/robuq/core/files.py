@@ -14,11 +14,46 @@ from safetensors.torch import load_file, save_file, safe_open
 META_KEY = "robuq"
 
 
+def _writer_is_gone(tmp: Path, host: str) -> bool:
+    """Whether the process that made temporary file ``tmp`` (its host and pid are in the name) has ended."""
+    try:
+        writer_host, pid = tmp.name[: -len(".tmp")].rsplit(".", 1)[1].split("-")[:2]
+        pid = int(pid)
+    except ValueError:
+        return False
+    if writer_host != host:
+        return False  # another machine's writer on a shared folder: not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files robuq's writers left in ``folder`` when killed mid-write (a checkpoint's
+    leftover among them, though the resumed run writes other names); a live writer's file stays. Returns
+    what was removed."""
+    host = _host()
+    stale = [t for t in Path(folder).iterdir() if t.name.startswith(".") and t.name.endswith(".tmp")
+             and _writer_is_gone(t, host)]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+def _host() -> str:
+    return "".join(c for c in os.uname().nodename if c.isalnum()) or "host"
+
+
 def _new_temporary(path: Path) -> str:
     """An empty file beside ``path``, created with mode 0666 so the process's umask shapes it like any
-    ordinary output (mkstemp's 0600 would need a chmod, and reading the umask means changing it)."""
+    ordinary output (mkstemp's 0600 would need a chmod, and reading the umask means changing it). Its name
+    carries this host and pid, so that a later writer can tell a dead writer's leftover from a live one's."""
     while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.{_host()}-{os.getpid()}.tmp"
         try:
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             return str(tmp)
@@ -33,9 +68,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
     tmp = _new_temporary(path)
+    mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask: what `write` must leave, as some writers replace the file
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # safetensors writes a 0600 file of its own and renames it over ours
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -6,7 +6,7 @@ text exists in one place and cannot drift between the library and the CLI.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 _MISSING = dataclasses.MISSING
@@ -26,8 +26,16 @@ def option(default: Any = _MISSING, help: str = "", *, choices: Sequence[Any] | 
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def option_help(field: dataclasses.Field) -> str:
-    return field.metadata.get("help", "")
+def check_known_fields(data: Any, known: type | Sequence[str], what: str) -> dict[str, Any]:
+    """``data`` as a dict, if it is a mapping whose keys are all ``known`` (a dataclass's fields, or names);
+    else a ValueError naming ``what`` and the unknown keys (a file's typo must not be dropped silently)."""
+    names = {f.name for f in dataclasses.fields(known)} if isinstance(known, type) else set(known)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what} must be an object of named fields, not {type(data).__name__}")
+    unknown = sorted(map(str, set(data) - names))
+    if unknown:
+        raise ValueError(f"unknown {what} fields: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    return dict(data)
 
 
 def check_choice(config: object, name: str) -> None:

@@ -57,10 +57,11 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def candidate_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Where robuq looks, in order: the given folder, $ROBUQ_DATA, the Debian package's folder."""
-    dirs = [Path(data_dir)] if data_dir else []
-    if os.environ.get("ROBUQ_DATA"):
-        dirs.append(Path(os.environ["ROBUQ_DATA"]))
+    """Where robuq looks: the given folder alone (falling back elsewhere would train on other data than the
+    run records); without one, $ROBUQ_DATA, then the Debian package's folder."""
+    if data_dir:
+        return [Path(data_dir)]
+    dirs = [Path(os.environ["ROBUQ_DATA"])] if os.environ.get("ROBUQ_DATA") else []
     dirs.append(DEBIAN_DIR)
     return dirs
 
@@ -77,6 +78,9 @@ def find_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None 
     if split not in _FILES:
         raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
     searched = candidate_dirs(data_dir)
+    if data_dir and not Path(data_dir).is_dir():
+        raise DataNotFoundError(f"--data-dir {data_dir} is not a folder; give the folder that holds the Fashion-MNIST "
+                                "IDX files (or leave --data-dir out to use $ROBUQ_DATA or the Debian package)")
     for directory in searched:
         images, labels = (_find(directory, stem) for stem in _FILES[split])
         if images and labels:

@@ -15,16 +15,33 @@ from robuq.models.dit import DiT
 from robuq.io.quantized import load_quantized
 
 
-def load_any(path: str | os.PathLike, map_location: str = "cpu", retain_memory: bool = False) -> DiT:
-    """The model in ``path``, whichever of robuq's (or the reference's) formats it is in
-    (``retain_memory``: see ``load_exported``)."""
+EXPORTED, QUANTIZED, FULL_PRECISION = "exported", "quantized", "full-precision"
+KIND_TEXT = {
+    EXPORTED: "an exported model (packed integer weights, for inference)",
+    QUANTIZED: "a quantized model (fake-quantized: samples, trains further, exports)",
+    FULL_PRECISION: "a full-precision checkpoint",
+}
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """EXPORTED, QUANTIZED or FULL_PRECISION, from the file's header alone (a .pt file or a diffusers folder
+    is full precision; whether it loads is ``load_any``'s to say)."""
     try:  # the header alone: loading every tensor just to learn the format doubled the peak memory
         meta = read_meta(path)
     except (SafetensorError, OSError, ValueError):  # not a safetensors file: load_dit reads .pt files and explains what is wrong
         meta = {}
     if meta.get("kind") == "robuq-export":
+        return EXPORTED
+    return QUANTIZED if "quant_config" in meta else FULL_PRECISION
+
+
+def load_any(path: str | os.PathLike, map_location: str = "cpu", retain_memory: bool = False) -> DiT:
+    """The model in ``path``, whichever of robuq's (or the reference's) formats it is in
+    (``retain_memory``: see ``load_exported``)."""
+    kind = file_kind(path)
+    if kind == EXPORTED:
         return load_exported(path, retain_memory=retain_memory).to(map_location)
-    if "quant_config" in meta:
+    if kind == QUANTIZED:
         return load_quantized(path, map_location=map_location)[0]
     return load_dit(path, map_location=map_location)
 

@@ -10,6 +10,7 @@ import argparse
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,21 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
+def _is_pickle(path: Path) -> bool:
+    """Starts with a pickle's PROTO opcode (protocol 2 and later, what torch.save's legacy format writes)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """What torch's weights-only unpickler objected to, without its advice to load the file unsafely."""
+    text = str(exc).split("WeightsUnpickler error:")[-1]
+    advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    kept = [" ".join(part.split()) for part in text.split("\n\n") if part.strip() and not part.strip().startswith(advice)]
+    return kept[0].split(". ", 1)[0].rstrip(".") if kept else type(exc).__name__  # its first sentence: the rest is advice
+
+
 def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The weights in ``path`` and robuq's metadata ({} for foreign files).
 
@@ -68,7 +84,8 @@ def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
     try:
         # The reference trainer stores its argparse.Namespace beside the weights; that one class is
         # allowed, every other non-tensor object is refused by the weights-only unpickler.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's notes on pickle protocols mean nothing to a user
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (zipfile.BadZipFile, EOFError) as exc:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({exc}); download or copy it again") from exc
@@ -76,9 +93,15 @@ def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
         if _is_zip(path) and "zip archive" in str(exc):
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt (its zip archive is incomplete); "
                                   "download or copy it again") from exc
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not (_is_zip(path) or _is_pickle(path)):
+            with open(path, "rb") as f:
+                head = f.read(16)
+            raise CheckpointError(f"{path} is not a model file: neither safetensors nor a PyTorch checkpoint "
+                                  f"(it starts with {head!r})") from exc
         raise CheckpointError(
-            f"{path} is not a PyTorch or safetensors checkpoint that can be loaded safely: {first_line}"
+            f"{path} cannot be loaded safely: it holds more than tensors and plain containers "
+            f"({_unpickler_reason(exc)}). robuq never runs code from a checkpoint; save the weights alone, "
+            "e.g. as safetensors or torch.save(model.state_dict())"
         ) from exc
     if isinstance(obj, dict) and prefer in obj and isinstance(obj[prefer], dict):
         obj = obj[prefer]

@@ -8,13 +8,14 @@ full precision the layer computes exactly W x + b.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from robuq.core.options import check_known_fields
 from robuq.core.quantizer_spec import check_bits
 from robuq.quant.activation import ActivationQuantizer
 from robuq.quant.hadamard import hadamard_transform, random_signs
@@ -51,10 +52,7 @@ class LinearQuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LinearQuantConfig":
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown linear quantization options: {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**check_known_fields(data, cls, "linear quantization"))
 
 
 class QuantLinear(nn.Module):

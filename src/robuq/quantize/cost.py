@@ -82,20 +82,27 @@ class CostSummary:
 
 
 def _weight_storage(model: nn.Module) -> tuple[int, float, float]:
-    """Parameters, bits to store them (quantized weights at their width, the rest at 32), and the bits
-    of the unquantized network in fp32."""
+    """Parameters, bits to store them (quantized weights at their width plus an fp32 scale per channel, the
+    rest at 32), and the bits of the unquantized network in fp32. A quantized linear is counted by its
+    shapes, not its tensors: an exported model holds its weights packed in buffers, not as parameters."""
     params, bits, fp_bits = 0, 0.0, 0.0
-    quantized = {id(m.weight): m for m in model.modules() if isinstance(m, QuantLinear)}
-    for name, p in model.named_parameters():
-        params += p.numel()
-        if not name.rsplit(".", 1)[-1].startswith("lowrank_"):
-            fp_bits += p.numel() * FP_BITS
-        layer = quantized.get(id(p))
-        width = parse_weight_format(layer.config.weight) if layer is not None else None
-        if width is None:
+    inside = set()
+    for module in model.modules():
+        if not _is_quantized_linear(module):
+            continue
+        inside.update(id(p) for p in module.parameters())
+        weights = module.in_features * module.out_features
+        bias = module.out_features if getattr(module, "bias", None) is not None else 0
+        lowrank = module.rank * (module.in_features + module.out_features)  # exists only after quantization
+        width = parse_weight_format(module.config.weight)
+        params += weights + bias + lowrank
+        bits += (weights * width + module.out_features * FP_BITS if width else weights * FP_BITS) + (bias + lowrank) * FP_BITS
+        fp_bits += (weights + bias) * FP_BITS
+    for p in model.parameters():
+        if id(p) not in inside:
+            params += p.numel()
             bits += p.numel() * FP_BITS
-        else:
-            bits += p.numel() * width + p.shape[0] * FP_BITS  # levels plus one fp32 scale per channel
+            fp_bits += p.numel() * FP_BITS
     return params, bits, fp_bits
 
 

@@ -51,7 +51,7 @@ class BitPlan:
     def load(cls, path: str | os.PathLike) -> "BitPlan":
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"cannot read the bit plan {path}: {exc}") from exc
         return cls.from_dict(data, str(path))
 

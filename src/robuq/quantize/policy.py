@@ -10,13 +10,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch.nn as nn
 
-from robuq.core.options import option
+from robuq.core.files import atomic_write_text
+from robuq.core.options import check_known_fields, option
 from robuq.core.quantizer_spec import check_bits
 from robuq.models.diffusers_attention import install_attention_core, is_diffusers_attention
 from robuq.models.dit import AttentionCore
@@ -118,13 +119,15 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
-        data = dict(data)
-        unknown = sorted(set(data) - {"name", "rules", "attention_bits", "attention_patterns", "plan", "layout"})
-        if unknown:
-            raise ValueError(f"unknown quantization config fields: {', '.join(unknown)}")
-        rules = [
-            QuantRule(r["pattern"], LinearQuantConfig.from_dict(r["linear"]), r.get("role", "")) for r in data.pop("rules", [])
-        ]
+        data = check_known_fields(data, cls, "quantization policy")
+        if not isinstance(data.get("rules", []), list):
+            raise ValueError("a policy's rules must be a list of {pattern, linear, role} objects")
+        rules = []
+        for rule in data.pop("rules", []):
+            rule = check_known_fields(rule, QuantRule, "policy rule")
+            if not isinstance(rule.get("pattern"), str) or "linear" not in rule:
+                raise ValueError(f"a policy rule needs a name pattern and its linear settings, got {rule}")
+            rules.append(QuantRule(rule["pattern"], LinearQuantConfig.from_dict(rule["linear"]), rule.get("role", "")))
         patterns = tuple(data.pop("attention_patterns", ()))
         return cls(rules=rules, attention_patterns=patterns, **data)
 
@@ -132,18 +135,31 @@ class QuantConfig:
         """Write as JSON (``.json``) or YAML (anything else; needs PyYAML: ``pip install 'robuq[yaml]'``)."""
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else _yaml().safe_dump(self.to_dict(), sort_keys=False)
-        path.write_text(text)
-        return path
+        return atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantConfig":
         """Read a policy file written by ``save`` (JSON, or YAML with PyYAML installed)."""
-        text = Path(path).read_text()
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"policy file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"policy file {path} is not text; a policy is JSON or YAML") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            data = _yaml().safe_load(text)
-        return cls.from_dict(data)
+            yaml = _yaml()
+            try:
+                data = yaml.safe_load(text)  # safe_load: a tag such as !!python/object is refused, never built
+            except yaml.YAMLError as exc:
+                reason = " ".join(str(exc).split())
+                raise ValueError(f"policy file {path} is neither JSON nor plain YAML ({reason})") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"policy file {path}: {exc}") from None
 
     def rule_for(self, name: str) -> QuantRule | None:
         return next((r for r in self.rules if fnmatch.fnmatchcase(name, r.pattern)), None)

@@ -87,17 +87,59 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
-def save_grid(images: np.ndarray, path: str | Path, columns: int, scale: int = 2, pad: int = 2) -> Path:
-    """Tile uint8 NHWC images into one PNG, ``columns`` per row, each enlarged ``scale`` times."""
+def tile(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+    """uint8 NHWC images tiled ``columns`` per row on a white canvas, ``pad`` pixels apart."""
     n, h, w, c = images.shape
     rows = math.ceil(n / columns)
     canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i, image in enumerate(images):
         r, col = divmod(i, columns)
         canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = image
-    picture = Image.fromarray(canvas)
-    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    return canvas
+
+
+def _picture(canvas: np.ndarray) -> Image.Image:
+    return Image.fromarray(canvas[..., 0] if canvas.shape[-1] == 1 else canvas)  # grey images as PIL's "L" mode
+
+
+def _save(picture: Image.Image, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
     return path
+
+
+def save_grid(images: np.ndarray, path: str | Path, columns: int, scale: int = 2, pad: int = 2) -> Path:
+    """Tile uint8 NHWC images into one PNG, ``columns`` per row, each enlarged ``scale`` times."""
+    picture = _picture(tile(images, columns, pad))
+    return _save(picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST), path)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow ≥ 10.1 with FreeType)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def save_comparison(panels: dict[str, np.ndarray], path: str | Path, columns: int, title: str, scale: int = 2) -> Path:
+    """Grids of the same noise and labels side by side, each headed by its name, under a title: one PNG a
+    reader can tell the models apart in."""
+    from PIL import ImageDraw
+
+    grids = [_picture(tile(images, columns)) for images in panels.values()]
+    grids = [g.resize((g.width * scale, g.height * scale), Image.NEAREST) for g in grids]
+    font, gap, line = _font(14), 12, 22
+    width = max(sum(g.width for g in grids) + gap * (len(grids) - 1), int(font.getlength(title)) + 8)
+    canvas = Image.new(grids[0].mode, (width, 2 * line + max(g.height for g in grids)), "white")
+    draw = ImageDraw.Draw(canvas)
+    ink = 0 if canvas.mode == "L" else (0, 0, 0)
+    draw.text((4, 3), title, fill=ink, font=font)
+    x = 0
+    for name, grid in zip(panels, grids):
+        draw.text((x + 4, line + 3), name, fill=ink, font=font)
+        canvas.paste(grid, (x, 2 * line))
+        x += grid.width + gap
+    return _save(canvas, path)

@@ -200,14 +200,7 @@ def qat(config: QATConfig, resume: bool = False, until: int | None = None, progr
     config.validate()
     quantization = config.quantization(plan)
     lap("teacher")
-    # Weights that a checkpoint or another model will replace need no initial SVD split.
-    replaced = bool(config.init_student or config.continue_from or (resume and list_checkpoints(config.out_dir)))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # anything random in building the student is part of the run
-        student = build_student(teacher, quantization, config.freeze_fp, initialize=not replaced)
-    if config.init_student:
-        load_student_weights(student, config.init_student)
-    lap("student")
+    # The data before the student: a bad --data-dir should fail at once, not after minutes of SVDs.
     dataset = teacher_dataset(config, teacher, dataset)
     conditional = teacher.num_classes > 0
     probe_set, probe_source = probe_dataset(config, dataset)
@@ -216,6 +209,14 @@ def qat(config: QATConfig, resume: bool = False, until: int | None = None, progr
     diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
     objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight, config.null_fraction)
     lap("data and probe")
+    # Weights that a checkpoint or another model will replace need no initial SVD split.
+    replaced = bool(config.init_student or config.continue_from or (resume and list_checkpoints(config.out_dir)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # anything random in building the student is part of the run
+        student = build_student(teacher, quantization, config.freeze_fp, initialize=not replaced)
+    if config.init_student:
+        load_student_weights(student, config.init_student)
+    lap("student")
     rank = os.environ.get("RANK", "0")
     print(f"set-up of rank {rank} in {config.out_dir} (s): " + ", ".join(f"{k} {v:.1f}" for k, v in setup.items()),
           file=sys.stderr, flush=True)

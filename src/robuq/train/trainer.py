@@ -32,7 +32,7 @@ from robuq.models.dit import DiT, create_dit
 from robuq.train.guards import first_nonfinite_grad, first_nonfinite_module
 from robuq.core.distributed import (DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP, DistInfo, any_rank, barrier, init_distributed,
                                     shutdown)
-from robuq.core.options import check_choice, option
+from robuq.core.options import check_choice, check_known_fields, option
 from robuq.core.runtime import device_context, precision_context, resolve_device
 from robuq.train.state import checkpoint_path, list_checkpoints, load_training_state, save_training_state
 
@@ -84,11 +84,7 @@ class LoopConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown options for {cls.__name__}: {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**check_known_fields(data, cls, cls.__name__))
 
     def validate(self, world_size: int = 1) -> None:
         if self.steps <= 0 or self.global_batch_size <= 0:
