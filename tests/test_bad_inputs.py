@@ -107,3 +107,25 @@ def test_summary_counts_an_exports_packed_weights_and_names_the_kind(tmp_path, t
     assert e["weight_storage_bits"] == q["weight_storage_bits"] and e["compression"] > 1.5
     assert main(["summary", str(exported)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"{exported}: an exported model (packed integer weights, for inference)"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_image_in_the_training_folder_is_named_and_no_run_is_left(tmp_path, capsys, workers, damage):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "images" / cls / f"{i}.png")
+    bad = tmp_path / "images" / "b" / "2.png"
+    # Cut into the image data's checksum only: PIL decodes every pixel of this file without complaint.
+    bad.write_bytes(bad.read_bytes()[:-16] if damage == "truncated" else b"not an image\n")
+    out = tmp_path / "run"
+    line = refused(capsys, ["train", "--data", str(tmp_path / "images"), "--model", "DiT-S/8", "--input-size", "16",
+                            "--steps", "2", "--global-batch-size", "6", "--num-workers", str(workers), "--out-dir", str(out),
+                            "--no-progress"])
+    assert f"cannot read image {bad}" in line and "remove or replace it" in line
+    assert not out.exists()

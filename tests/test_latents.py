@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from robuq.data.image_folder import adm_center_crop
-from robuq.data.image_stream import CorruptImageError, StreamingImageFolder
+from robuq.data import CorruptImageError, StreamingImageFolder
 from robuq.data.latents import LatentDataset, read_index, shard_path
 from robuq.models.vae import LATENT_SCALE, decode, encode, load_vae
 from robuq.train.latents import LatentsConfig, encode_latents
@@ -25,14 +25,17 @@ from conftest import CLASSES, make_image_folder
 diffusers = pytest.importorskip("diffusers")
 
 
-def make_vae(path, latent_channels: int = 4):
-    """A small AutoencoderKL of the SD-VAE class (8× downsampling, 4 latent channels), saved locally."""
+def make_vae(path, latent_channels: int = 4, blocks: int = 4, **scaling):
+    """A small AutoencoderKL of the SD-VAE class (by default 8× downsampling, 4 latent channels, the SD
+    scaling factor), saved locally; ``blocks`` sets the downsampling (2^(blocks-1)), ``scaling`` the
+    config's scaling_factor and shift_factor."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, norm_num_groups=8,
-                        block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+                        block_out_channels=(8, 8, 16, 16)[:blocks], layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                        **scaling)
     vae.save_pretrained(path)
     return path
 
@@ -93,6 +96,30 @@ def test_vae_loads_from_folder_and_round_trips_shapes(vae_dir):
         load_vae(vae_dir / "diffusion_pytorch_model.safetensors")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_vae(vae_dir.parent)
+
+
+@pytest.mark.parametrize("blocks, scaling", [(3, {"scaling_factor": 0.5, "shift_factor": 0.1}), (4, {"scaling_factor": 0.3})])
+def test_the_cache_takes_its_geometry_from_the_vae(tmp_path, image_dir, blocks, scaling):
+    """A VAE of another downsampling factor or scaling: the index records what the shards hold, the latents
+    are shifted and scaled as its config says, decoding undoes exactly that, and training accepts the cache."""
+    vae_dir = make_vae(tmp_path / "vae", blocks=blocks, **scaling)
+    vae, factor = load_vae(vae_dir), 2 ** (blocks - 1)
+    size = 6 * factor  # a multiple of the factor only: 24 for a 4× VAE, which the old 8× assumption refused
+    out = encode_latents(LatentsConfig(images=str(image_dir), vae=str(vae_dir), out=str(tmp_path / "cache"),
+                                       image_size=size, shard_size=6, num_workers=0, device="cpu"), progress=False)
+    index = read_index(out)
+    scale, shift = scaling["scaling_factor"], scaling.get("shift_factor", 0.0)
+    assert (index.downsample, index.latent_shape, index.scale, index.shift) == (factor, (4, 6, 6), scale, shift)
+    ds = LatentDataset(out)
+    assert ds[0][0].shape == (4, 6, 6) and ds.input_size == 6
+    x = StreamingImageFolder(image_dir, size)[0][0][None]
+    mode = vae.encode(x).latent_dist.mode()
+    assert torch.allclose(encode(vae, x), (mode - shift) * scale)
+    z = encode(vae, x)
+    assert torch.allclose(decode(vae, z), vae.decode(z / scale + shift).sample.clamp(-1, 1), atol=1e-6)
+    from robuq.cli import main
+    assert main(["train", "--latents", str(out), "--model", "DiT-S/2", "--input-size", "6", "--steps", "1", "--global-batch-size", "4",
+                 "--out-dir", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]) == 0
 
 
 def ldm_layout(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
@@ -194,3 +221,16 @@ def test_latent_cache_under_torchrun_equals_one_process(tmp_path, image_dir, vae
     assert index == json.loads((tmp_path / "two" / "index.json").read_text()) and index["num_shards"] == 4
     a, b = LatentDataset(tmp_path / "one"), LatentDataset(tmp_path / "two")
     assert torch.equal(a.labels, b.labels) and all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
+
+
+def test_sampling_through_a_vae_of_other_latent_channels_is_refused(tmp_path, tiny_dit, vae_dir, capsys):
+    from robuq.cli import main
+    from robuq.core.files import save_tensors
+
+    ckpt = save_tensors(tmp_path / "m.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()})
+    out = tmp_path / "samples"
+    assert main(["sample", "--ckpt", str(ckpt), "--vae", str(vae_dir), "--out", str(out), "--per-class", "1",
+                 "--steps", "2", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "makes 4-channel latents but the model denoises 1 channels" in err and "Traceback" not in err
+    assert not out.exists()

@@ -92,6 +92,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, write)
 
 
+def save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
+    """NumPy arrays in an .npz at ``path``, atomically (numpy adds ".npz" to a name without it: a file object
+    keeps the temporary name as given)."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> Path:
     """Write tensors (made contiguous, on the CPU) and a JSON-serialisable ``meta`` dict, atomically."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

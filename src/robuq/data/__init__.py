@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from robuq.data.fashion_mnist import CLASS_NAMES, DataNotFoundError, FashionMNIST, load_fashion_mnist, read_idx
-from robuq.data.image_folder import adm_center_crop
-from robuq.data.image_stream import CorruptImageError, StreamingImageFolder
+from robuq.data.image_folder import CorruptImageError, adm_center_crop
+from robuq.data.image_stream import StreamingImageFolder
 from robuq.data.latents import LatentDataset, read_index
 
 

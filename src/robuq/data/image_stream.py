@@ -20,14 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from robuq.data.image_folder import IMAGE_SUFFIXES, adm_center_crop, image_files
-
-
-class CorruptImageError(ValueError):
-    """An image of the folder could not be decoded; the message names its path."""
+from robuq.data.image_folder import IMAGE_SUFFIXES, adm_center_crop, image_files, read_image
 
 
 def list_class_folder(root: str | os.PathLike) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
@@ -81,12 +76,7 @@ class StreamingImageFolder(Dataset):
         n = len(self.files)
         if not 0 <= index < 2 * n:
             raise IndexError(f"index {index} out of range for {n} images and their {n} mirrored copies")
-        path = self.files[index % n][0]
-        try:
-            with Image.open(path) as image:
-                arr = adm_center_crop(image.convert("L" if self.in_channels == 1 else "RGB"), self.image_size)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise CorruptImageError(f"cannot read image {path} ({exc}); remove or replace it and run again") from exc
+        arr = adm_center_crop(read_image(self.files[index % n][0], "L" if self.in_channels == 1 else "RGB"), self.image_size)
         arr = arr.reshape(self.image_size, self.image_size, self.in_channels)
         return arr[:, ::-1] if index >= n else arr
 

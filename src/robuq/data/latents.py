@@ -3,7 +3,7 @@
 Layout of a cache folder::
 
     index.json                 what the cache holds (see ``LatentIndex``); written first, checked on resume
-    shard-00000.safetensors    "latents" (n, C, h, w) float32, already × scale (0.18215, as DiT trains),
+    shard-00000.safetensors    "latents" (n, C, h, w) float32, already shifted and scaled as the VAE's config says,
                                "labels" (n,) int64, and "latents_flip" when the mirrored copy was encoded
     ...
 
@@ -40,6 +40,8 @@ class LatentIndex:
     image_size: int
     class_names: tuple[str, ...]
     vae: str
+    downsample: int = 8  # the VAE's; caches written before these two were recorded came from the SD VAE
+    shift: float = 0.0
     format: str = FORMAT
     version: int = 1
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from robuq.core.files import save_npz
 from robuq.core.options import option
 from robuq.eval.inception import FIDInceptionV3
 from robuq.eval.metrics import FeatureStats, StatsAccumulator
@@ -107,9 +108,7 @@ def reference_statistics(path: str | os.PathLike) -> tuple[FeatureStats, Feature
 
 def _source_batches(source: Path, image_size: int, batch_size: int) -> tuple[Iterator[np.ndarray], int]:
     if source.is_dir():
-        from PIL import Image
-
-        from robuq.data.image_folder import adm_center_crop, image_files
+        from robuq.data.image_folder import adm_center_crop, image_files, read_image
 
         files = image_files(source)
         if not files:
@@ -119,8 +118,7 @@ def _source_batches(source: Path, image_size: int, batch_size: int) -> tuple[Ite
             for start in range(0, len(files), batch_size):
                 crops = []
                 for f in files[start : start + batch_size]:
-                    with Image.open(f) as image:
-                        crops.append(adm_center_crop(image.convert("RGB"), image_size))
+                    crops.append(adm_center_crop(read_image(f), image_size))
                 yield np.stack(crops)
 
         return read(), len(files)
@@ -156,11 +154,7 @@ def write_reference_batch(source: str | os.PathLike, out: str | os.PathLike, wei
         pool.add(features["pool"])
         spatial.add(features["spatial"])
     ref, ref_s = pool.result(), spatial.result()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, arr_0=np.concatenate(kept), mu=ref.mu, sigma=ref.sigma, mu_s=ref_s.mu, sigma_s=ref_s.sigma)
-    os.replace(tmp, out)
-    return out
+    return save_npz(out, arr_0=np.concatenate(kept), mu=ref.mu, sigma=ref.sigma, mu_s=ref_s.mu, sigma_s=ref_s.sigma)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from robuq.core.files import save_npz
 from robuq.core.options import option
 from robuq.data.fashion_mnist import load_fashion_mnist
 from robuq.eval.adm import load_images, reference_statistics
@@ -110,10 +111,7 @@ def reference_features(config: EvalConfig, extract: Callable, extractor_id: str)
         with np.load(cache) as data:
             return {k: data[k] for k in data.files}
     features = extract(images)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, **features)
-    os.replace(tmp, cache)
+    save_npz(cache, **features)
     return features
 
 

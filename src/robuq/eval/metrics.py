@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from scipy import linalg
 
+from robuq.core.files import save_npz
+
 
 @dataclass
 class FeatureStats:
@@ -31,8 +33,7 @@ class FeatureStats:
         return cls(features.mean(axis=0), np.cov(features, rowvar=False), len(features))
 
     def save(self, path: str | os.PathLike) -> Path:
-        np.savez(path, mu=self.mu, sigma=self.sigma, count=self.count)
-        return Path(path)
+        return save_npz(path, mu=self.mu, sigma=self.sigma, count=self.count)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":

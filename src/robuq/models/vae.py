@@ -8,14 +8,35 @@ or diffusers' own) with ``config`` pointing at such a folder's config.json.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-# DiT's latent scale: latents are multiplied by it after encoding and divided by it before decoding, so
-# that they have roughly unit variance (the SD VAE's own ``scaling_factor``).
+# The SD VAE's ``scaling_factor``, which DiT's checkpoints were trained with; a VAE whose config lacks one gets it.
 LATENT_SCALE = 0.18215
+
+
+@dataclass(frozen=True)
+class VAEGeometry:
+    """How a VAE's latents relate to its images, read off its config: ``downsample``× smaller sides,
+    ``channels`` channels, and latent = (posterior sample − ``shift``) × ``scale``, so that DiT sees
+    roughly unit variance."""
+
+    downsample: int
+    channels: int
+    scale: float
+    shift: float = 0.0
+
+
+def vae_geometry(vae: nn.Module) -> VAEGeometry:
+    """The geometry of a diffusers ``AutoencoderKL``: each encoder block but the last halves the sides."""
+    config = vae.config
+    scale = getattr(config, "scaling_factor", None)
+    shift = getattr(config, "shift_factor", None)
+    return VAEGeometry(downsample=2 ** (len(config.block_out_channels) - 1), channels=int(config.latent_channels),
+                       scale=float(LATENT_SCALE if scale is None else scale), shift=float(shift or 0.0))
 
 
 def _autoencoder_class():
@@ -53,17 +74,20 @@ def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None, d
 
 @torch.no_grad()
 def encode(vae: nn.Module, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images in [-1, 1] → latents × ``LATENT_SCALE``, sampled from the posterior with ``generator`` as DiT does
-    (its extract_features takes ``latent_dist.sample()``)."""
+    """Images in [-1, 1] → latents, shifted and scaled by the VAE's geometry, sampled from the posterior with
+    ``generator`` as DiT does (its extract_features takes ``latent_dist.sample()``; None: the posterior's mode)."""
+    geometry = vae_geometry(vae)
     posterior = vae.encode(images.to(vae.dtype)).latent_dist
     if generator is None:
-        return posterior.mode().float() * LATENT_SCALE
-    # DiagonalGaussianDistribution.sample draws on the generator's device; draw on the CPU for device-independent runs.
-    noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device, posterior.mean.dtype)
-    return (posterior.mean + posterior.std * noise).float() * LATENT_SCALE
+        sample = posterior.mode()
+    else:  # DiagonalGaussianDistribution.sample draws on the generator's device; the CPU's draws are device-independent
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device, posterior.mean.dtype)
+        sample = posterior.mean + posterior.std * noise
+    return (sample.float() - geometry.shift) * geometry.scale
 
 
 @torch.no_grad()
 def decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Latents × ``LATENT_SCALE`` → images in [-1, 1] (clamped)."""
-    return vae.decode((latents / LATENT_SCALE).to(vae.dtype)).sample.float().clamp(-1, 1)
+    """Latents (as ``encode`` makes them) → images in [-1, 1] (clamped)."""
+    geometry = vae_geometry(vae)
+    return vae.decode((latents / geometry.scale + geometry.shift).to(vae.dtype)).sample.float().clamp(-1, 1)

@@ -16,7 +16,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, DistInfo, wait_for_files
-from robuq.core.files import atomic_write
+from robuq.core.files import save_npz
 from robuq.models.vae import decode
 from robuq.sample.generate import generate, save_grid, to_uint8
 
@@ -37,14 +37,6 @@ def shard_labels(num_classes: int, num_samples: int, shard: int, shard_size: int
         return everything[torch.randperm(len(everything), generator=g)][rows.start : rows.stop]
     g = torch.Generator().manual_seed(shard_seed(seed, shard) ^ 0x5EED)
     return torch.randint(0, num_classes, (len(rows),), generator=g)
-
-
-def _write_npz(path: Path, **arrays: np.ndarray) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append .npz to the temporary name
-            np.savez(f, **arrays)
-
-    return atomic_write(path, write)
 
 
 def sample_shards(model: nn.Module, out: str | Path, num_samples: int, info: DistInfo, *, vae: nn.Module | None = None,
@@ -69,7 +61,7 @@ def sample_shards(model: nn.Module, out: str | Path, num_samples: int, info: Dis
                 device = next(vae.parameters()).device
                 images = torch.cat([decode(vae, images[i : i + batch_size].to(device)).cpu() for i in range(0, n, batch_size)])
             ys = labels.numpy() if labels is not None else np.zeros(n, dtype=np.int64)
-            _write_npz(path(k), arr_0=to_uint8(images), labels=ys)
+            save_npz(path(k), arr_0=to_uint8(images), labels=ys)
             bar.update(n)
     result = {"npz": out / "samples.npz", "grid": out / "grid.png"}
     if info.is_main:
@@ -78,6 +70,6 @@ def sample_shards(model: nn.Module, out: str | Path, num_samples: int, info: Dis
         wait_for_files([path(k) for k in range(num_shards)], timeout_hours)
         parts = [np.load(path(k)) for k in range(num_shards)]
         pixels = np.concatenate([p["arr_0"] for p in parts])
-        _write_npz(result["npz"], arr_0=pixels, labels=np.concatenate([p["labels"] for p in parts]))
+        save_npz(result["npz"], arr_0=pixels, labels=np.concatenate([p["labels"] for p in parts]))
         save_grid(pixels[:64], result["grid"], columns=8)
     return result

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from robuq.core.files import atomic_write
 from robuq.core.runtime import PRECISIONS, precision_context
 from robuq.diffusion.gaussian import create_diffusion
 from robuq.models.dit import DiT
@@ -103,10 +104,7 @@ def _picture(canvas: np.ndarray) -> Image.Image:
 
 
 def _save(picture: Image.Image, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
-    return path
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def save_grid(images: np.ndarray, path: str | Path, columns: int, scale: int = 2, pad: int = 2) -> Path:

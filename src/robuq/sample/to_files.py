@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robuq.core.files import save_npz
 from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP, init_distributed, shutdown
 from robuq.core.options import check_choice, option
 from robuq.core.runtime import PRECISIONS, default_teacher_path, device_context, resolve_device
 from robuq.io.model_files import load_any
-from robuq.models.vae import decode, load_vae
+from robuq.models.vae import decode, load_vae, vae_geometry
 from robuq.sample.at_scale import sample_shards
 from robuq.sample.generate import generate, save_grid, to_uint8
 
@@ -54,6 +55,9 @@ def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Pa
     device = resolve_device(config.device)
     model = load_any(config.ckpt or default_teacher_path(), retain_memory=config.retain_memory).to(device)
     vae = load_vae(config.vae, config.vae_config, device) if config.vae else None
+    if vae is not None and vae_geometry(vae).channels != model.in_channels:
+        raise ValueError(f"--vae {config.vae} makes {vae_geometry(vae).channels}-channel latents but the model denoises "
+                         f"{model.in_channels} channels; give the VAE whose latents it was trained on")
     if config.num_samples is not None:
         info = init_distributed(device, config.dist_timeout_hours)
         current = device_context(device)
@@ -81,5 +85,5 @@ def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Pa
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     npz = out / "samples.npz"
-    np.savez(npz, arr_0=pixels, labels=(labels.numpy() if labels is not None else np.zeros(n, dtype=np.int64)))
+    save_npz(npz, arr_0=pixels, labels=labels.numpy() if labels is not None else np.zeros(n, dtype=np.int64))
     return {"grid": save_grid(pixels, out / "grid.png", columns), "npz": npz}

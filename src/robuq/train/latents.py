@@ -18,7 +18,7 @@ from robuq.core.options import option, with_default
 from robuq.core.runtime import device_context, resolve_device
 from robuq.data.image_stream import StreamingImageFolder
 from robuq.data.latents import LatentIndex, missing_shards, shard_path, write_index
-from robuq.models.vae import LATENT_SCALE, encode, load_vae
+from robuq.models.vae import encode, load_vae, vae_geometry
 from robuq.train.trainer import LoopConfig
 from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, barrier, init_distributed, shutdown, wait_for_files
 
@@ -31,7 +31,8 @@ class LatentsConfig:
     vae: str | None = option(None, "local AutoencoderKL: a save_pretrained folder, or a single file with --vae-config")
     vae_config: str | None = option(None, "the config.json (or its folder) of a single-file --vae")
     out: str = option("latents", "cache folder: index.json and shard-*.safetensors")
-    image_size: int = option(256, "side of the centre crop (ADM's) fed to the VAE; latents are 8× smaller")
+    image_size: int = option(256, "side of the centre crop (ADM's) fed to the VAE; latents are smaller by the VAE's "
+                             "downsampling factor (8 for the SD VAE)")
     flip: bool = option(False, "also encode every image mirrored (stored as latents_flip; training picks one of the two per sample and epoch)")
     shard_size: int = option(1024, "images per shard file; a shard is the unit of resumption and of work per process")
     batch_size: int = option(32, "images per VAE forward pass")
@@ -58,8 +59,6 @@ def encode_latents(config: LatentsConfig, progress: bool = True) -> Path:
     """Encode ``config.images`` into the cache ``config.out`` (skipping finished shards); returns the folder."""
     if not config.images or not config.vae:
         raise ValueError("give the image folder and the VAE: robuq latents IMAGES --vae VAE_DIR")
-    if config.image_size % 8:
-        raise ValueError(f"--image-size {config.image_size} is not a multiple of 8 (the VAE downsamples 8×)")
     device = resolve_device(config.device)
     info = init_distributed(device, config.dist_timeout_hours)
     current = device_context(device)
@@ -73,10 +72,15 @@ def encode_latents(config: LatentsConfig, progress: bool = True) -> Path:
 def _encode(config: LatentsConfig, progress: bool, device: torch.device, info) -> Path:
     dataset = StreamingImageFolder(config.images, config.image_size)
     vae = load_vae(config.vae, config.vae_config, device)
-    side = config.image_size // 8
+    geometry = vae_geometry(vae)
+    if config.image_size % geometry.downsample:
+        raise ValueError(f"--image-size {config.image_size} is not a multiple of {geometry.downsample}, the factor "
+                         f"{config.vae} downsamples by")
+    side = config.image_size // geometry.downsample
     index = LatentIndex(num_images=len(dataset), shard_size=config.shard_size,
-                        latent_shape=(int(vae.config.latent_channels), side, side), scale=LATENT_SCALE, flip=config.flip,
-                        image_size=config.image_size, class_names=dataset.class_names, vae=str(config.vae))
+                        latent_shape=(geometry.channels, side, side), scale=geometry.scale, flip=config.flip,
+                        image_size=config.image_size, class_names=dataset.class_names, vae=str(config.vae),
+                        downsample=geometry.downsample, shift=geometry.shift)
     out = Path(config.out)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from robuq.data import StreamingImageFolder, build_dataset
+from robuq.data import CorruptImageError, StreamingImageFolder, build_dataset
 from robuq.data.latents import LatentDataset
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from robuq.core.files import atomic_write_text, read_meta, save_tensors
@@ -342,6 +342,15 @@ def train_loop(
         shutdown(info)
 
 
+def _next_batch(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loader's next batch. A DataLoader worker's CorruptImageError arrives re-raised with the worker's
+    traceback as its text; the user needs only the original line (which image, what to do)."""
+    try:
+        return next(loader)
+    except CorruptImageError as exc:
+        raise CorruptImageError(str(exc).strip().splitlines()[-1].split("CorruptImageError: ", 1)[-1]) from None
+
+
 def _loop(config, model, objective, dataset, resume, until, extra_meta, progress, probe, param_groups, device, info) -> Path:
     config.validate(info.world_size)
     out_dir = Path(config.out_dir)
@@ -366,6 +375,12 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
         _check_resumable(header.get("train_config", {}), config, path, only=_LOOP_FIELDS)
         start = int(load_training_state(path, model, ema, optimizer)["step"])
     stop = min(config.steps, until) if until is not None else config.steps
+    mirrors = config.flip and bool(getattr(dataset, "has_mirrors", False))
+    batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info, mirrors)
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatchSampler(batches, start, stop), num_workers=loader_workers(config, dataset, info),
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed)))  # not the global RNG
+    first = _next_batch(loader) if start < stop else None  # a first batch that cannot be read leaves no run folder behind
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
@@ -378,16 +393,11 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
     net = DistributedDataParallel(model) if info.enabled else model
     if config.compile:
         net = torch.compile(net)
-    mirrors = config.flip and bool(getattr(dataset, "has_mirrors", False))
-    batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info, mirrors)
-    loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatchSampler(batches, start, stop), num_workers=loader_workers(config, dataset, info),
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed)))  # not the global RNG
     model.train()
     bar = tqdm(range(start, stop), initial=start, total=stop, desc="train", disable=not (progress and info.is_main), dynamic_ncols=True)
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
     for step in bar:
-        x, y = next(loader)
+        x, y = first if step == start else _next_batch(loader)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True) if num_classes > 0 else None
 
