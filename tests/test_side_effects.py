@@ -53,3 +53,30 @@ def test_plan_figures_leave_pyplot_alone(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.rcParams["backend"] == backend
     assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
+
+
+def test_the_suite_leaves_no_temporary_files_of_passing_tests(tmp_path):
+    """A default run wrote gigabytes of checkpoints and samples under the system's temp folder, which pytest
+    keeps for three runs; the project's settings drop a passing test's folders, module-scoped ones included."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    project = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    (tmp_path / "case").mkdir()
+    (tmp_path / "case" / "test_case.py").write_text(
+        "import pytest\n"
+        "@pytest.fixture(scope='module')\n"
+        "def shared(tmp_path_factory):\n"
+        "    folder = tmp_path_factory.mktemp('shared')\n"
+        "    (folder / 'cache.bin').write_bytes(bytes(1000))\n"
+        "    return folder\n"
+        "def test_writes(tmp_path, shared):\n"
+        "    (tmp_path / 'checkpoint.bin').write_bytes(bytes(1000))\n")
+    root = tmp_path / "temproot"
+    root.mkdir()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", str(project), "--rootdir", str(tmp_path / "case"),
+                             "-p", "no:cacheprovider", str(tmp_path / "case" / "test_case.py")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTEST_DEBUG_TEMPROOT": str(root)})
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert [p for p in root.rglob("*") if p.is_file()] == []

@@ -42,14 +42,15 @@ def device_context(device: torch.device):
 
 @contextlib.contextmanager
 def precision_context(precision: str, device: torch.device):
-    """Autocast for bf16 (CUDA, and the CPU for tests); TF32 matmuls for tf32 and bf16 on CUDA, restored afterwards."""
-    tf32 = device.type == "cuda" and precision in ("tf32", "bf16")
+    """Autocast for bf16 (CUDA, and the CPU for tests); on CUDA, TF32 matmuls and convolutions for tf32 and bf16
+    and neither for fp32 (PyTorch's default runs convolutions in TF32), the settings restored afterwards."""
+    cuda = device.type == "cuda"
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             yield
     finally:
-        if tf32:
+        if cuda:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -9,8 +9,9 @@ Step by step, as ADM's TensorFlow graph and NumPy code do it:
    reference batches hold whole-training-set statistics), otherwise they come from its images;
 4. IS over consecutive splits of 5,000 samples; improved precision/recall with k = 3 against the
    reference images' features.
-One known difference: ADM computes the k-NN distances in float16 (float32 only if float16 overflows), robuq
-in float64; a sample that sits on a ball's boundary to within float16 rounding can count differently.
+ADM computes the k-NN distances in float16 (float32 only if float16 overflows); robuq does so with
+``--pr-dtype float16`` and in float64 by default, where a sample on a ball's boundary to within float16
+rounding can count differently. On CUDA the Inception runs in true float32 (TF32 off, as in TensorFlow).
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from tqdm.auto import tqdm
 
 from robuq.core.files import save_npz
 from robuq.core.options import option
+from robuq.core.runtime import precision_context
 from robuq.eval.inception import FIDInceptionV3
 from robuq.eval.metrics import FeatureStats, StatsAccumulator
+from robuq.eval.npz_images import NpzImages
 from robuq.eval.tf_resize import resize_bilinear_tf1
 
 INPUT_SIZE = 299
@@ -53,18 +56,6 @@ def adm_inputs(images: np.ndarray, device: torch.device | str = "cpu") -> torch.
     return (resize_bilinear_tf1(x, (INPUT_SIZE, INPUT_SIZE)) - 128.0) / 128.0
 
 
-def load_images(path: str | os.PathLike) -> np.ndarray:
-    """``arr_0`` of an ADM-style sample or reference file: uint8 N×H×W×C."""
-    try:
-        with np.load(path) as data:
-            images = data["arr_0"]
-    except (OSError, KeyError, ValueError) as exc:
-        raise ValueError(f"{path} is not an ADM-style sample file (an .npz with arr_0: uint8 N×H×W×C): {exc}") from exc
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{path}: arr_0 must be uint8 N×H×W×C, got {images.dtype} {images.shape}")
-    return images
-
-
 def _batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(images), batch_size):
         yield images[start : start + batch_size]
@@ -78,7 +69,8 @@ def adm_activations_of_batches(model: FIDInceptionV3, batches: Iterable[np.ndarr
     model = model.to(dev)
     with tqdm(total=total, disable=not progress, unit="img", desc="Inception features") as bar:
         for batch in batches:
-            features = model.adm_features(adm_inputs(batch, dev))
+            with precision_context("fp32", dev):
+                features = model.adm_features(adm_inputs(batch, dev))
             bar.update(len(batch))
             yield {k: v.float().cpu().numpy() for k, v in features.items()}
 
@@ -122,8 +114,8 @@ def _source_batches(source: Path, image_size: int, batch_size: int) -> tuple[Ite
                 yield np.stack(crops)
 
         return read(), len(files)
-    images = load_images(source)
-    return _batches(images, batch_size), len(images)
+    images = NpzImages(source)
+    return images.batches(batch_size), len(images)
 
 
 def write_reference_batch(source: str | os.PathLike, out: str | os.PathLike, weights: str | os.PathLike | None = None,

@@ -66,16 +66,19 @@ def to_classifier_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def batch_features(model: FashionClassifier, images) -> dict[str, np.ndarray]:
+    """``pool``, ``spatial`` and ``probs`` of one batch of images (as ``to_classifier_input`` takes them)."""
+    model.eval()
+    f = model.features(to_classifier_input(images))
+    return {"pool": f["pool"].numpy(), "spatial": f["spatial"].numpy(), "probs": f["logits"].softmax(dim=1).numpy()}
+
+
 def extract(model: FashionClassifier, images, batch_size: int = 500) -> dict[str, np.ndarray]:
     """Features of a whole image set, in batches."""
-    model.eval()
-    x = to_classifier_input(images)
-    parts: dict[str, list[np.ndarray]] = {"pool": [], "spatial": [], "probs": []}
-    for start in range(0, len(x), batch_size):
-        f = model.features(x[start : start + batch_size])
-        parts["pool"].append(f["pool"].numpy())
-        parts["spatial"].append(f["spatial"].numpy())
-        parts["probs"].append(f["logits"].softmax(dim=1).numpy())
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(images), batch_size):
+        for key, value in batch_features(model, images[start : start + batch_size]).items():
+            parts.setdefault(key, []).append(value)
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 

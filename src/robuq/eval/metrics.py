@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from scipy import linalg
@@ -129,38 +130,75 @@ def inception_score_consecutive(logits: np.ndarray, split_size: int = 5000) -> t
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+PR_DTYPES = ("float64", "float16")
+
+
+def _pairwise_sq_distances(a: np.ndarray, b: np.ndarray, dtype: str) -> np.ndarray:
+    """Squared distances between the rows of ``a`` and ``b``. "float16" is the ADM evaluator's arithmetic:
+    features rounded to half precision, ‖u‖² − 2u·v + ‖v‖² with every step rounded to half (its GPU sums the
+    products in float32), and float32 instead for a block where half overflows."""
+    if dtype == "float16":
+        half = np.float16
+        a16, b16 = a.astype(half).astype(np.float32), b.astype(half).astype(np.float32)
+        norm_a, norm_b = (a16 * a16).sum(1).astype(half), (b16 * b16).sum(1).astype(half)
+        twice = (2 * (a16 @ b16.T)).astype(half)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sq = ((norm_a[:, None] - twice).astype(half) + norm_b[None, :]).astype(half)
+        if np.isfinite(sq).all():
+            return np.maximum(sq, 0).astype(np.float32)
+        a32, b32 = a.astype(np.float32), b.astype(np.float32)
+        return np.maximum((a32 * a32).sum(1)[:, None] + (b32 * b32).sum(1)[None, :] - 2 * a32 @ b32.T, 0)
+    a, b = a.astype(np.float64), b.astype(np.float64)
     sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.maximum(sq, 0))
+    return np.maximum(sq, 0)
 
 
-def _kth_neighbour_radii(features: np.ndarray, k: int, chunk: int) -> np.ndarray:
+def _blocks(count: int, size: int) -> Iterator[slice]:
+    for start in range(0, count, size):
+        yield slice(start, min(count, start + size))
+
+
+def _kth_neighbour_radii(features: np.ndarray, k: int, chunk: int, dtype: str) -> np.ndarray:
+    """Squared distance of each point to its k-th nearest neighbour in ``features`` (itself excluded), over
+    blocks of ``chunk`` × ``chunk`` pairs: memory stays bounded however many points there are."""
     radii = np.empty(len(features))
-    for start in range(0, len(features), chunk):
-        d = _pairwise_distances(features[start : start + chunk], features)
-        radii[start : start + chunk] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself
+    for rows in _blocks(len(features), chunk):
+        nearest = None  # the k + 1 smallest distances of each row so far (the point itself among them)
+        for cols in _blocks(len(features), chunk):
+            d = _pairwise_sq_distances(features[rows], features[cols], dtype)
+            d = d if nearest is None else np.concatenate([nearest, d], axis=1)
+            nearest = np.partition(d, k, axis=1)[:, : k + 1] if d.shape[1] > k + 1 else d
+        radii[rows] = np.sort(nearest, axis=1)[:, k]
     return radii
 
 
-def _covered(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int) -> np.ndarray:
-    inside = np.empty(len(points), dtype=bool)
-    for start in range(0, len(points), chunk):
-        inside[start : start + chunk] = (_pairwise_distances(points[start : start + chunk], centres) <= radii[None, :]).any(axis=1)
+def _covered(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int, dtype: str) -> np.ndarray:
+    """Whether each point lies in some centre's ball (squared ``radii``), over blocks of pairs."""
+    inside = np.zeros(len(points), dtype=bool)
+    for rows in _blocks(len(points), chunk):
+        for cols in _blocks(len(centres), chunk):
+            d = _pairwise_sq_distances(points[rows], centres[cols], dtype)
+            inside[rows] |= (d <= radii[None, cols]).any(axis=1)
     return inside
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1000) -> tuple[float, float]:
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1000,
+                     dtype: str = "float64") -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019): k-NN balls around each set's points.
 
-    Precision: the fraction of fake samples inside the real manifold; recall: the converse. Distances
-    are computed ``chunk`` rows at a time, so 10,000 × 10,000 sets fit in a few hundred MB.
+    Precision: the fraction of fake samples inside the real manifold; recall: the converse. Distances are
+    computed ``chunk`` × ``chunk`` at a time from the features as given (float32 features stay float32 until a
+    block is computed), so the memory beyond the features is bounded at any number of samples. ``dtype``
+    "float16" computes them as the ADM evaluator does, whose rounding puts more boundary ties inside a ball.
     """
-    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    if dtype not in PR_DTYPES:
+        raise ValueError(f"precision/recall dtype must be one of {', '.join(PR_DTYPES)}, not {dtype!r}")
+    real, fake = np.asarray(real), np.asarray(fake)
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
-    real_radii, fake_radii = _kth_neighbour_radii(real, k, chunk), _kth_neighbour_radii(fake, k, chunk)
-    precision = _covered(fake, real, real_radii, chunk).mean()
-    recall = _covered(real, fake, fake_radii, chunk).mean()
+    real_radii, fake_radii = _kth_neighbour_radii(real, k, chunk, dtype), _kth_neighbour_radii(fake, k, chunk, dtype)
+    precision = _covered(fake, real, real_radii, chunk, dtype).mean()
+    recall = _covered(real, fake, fake_radii, chunk, dtype).mean()
     return float(precision), float(recall)
 
 
