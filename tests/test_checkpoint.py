@@ -174,3 +174,25 @@ def test_a_writer_killed_mid_write_leaves_no_temporary_file_once_the_next_write_
     assert len(live_leftover) == 1 and live_leftover[0].endswith(".tmp")
     save_tensors(folder / "step-0000275.safetensors", {"w": torch.zeros(2)})  # the resumed run's next checkpoint
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "step-0000275.safetensors"]
+
+
+def test_a_changed_byte_inside_a_pytorch_checkpoint_fails_its_checksum(tmp_path, tiny_dit):
+    path = tmp_path / "m.pt"
+    torch.save(tiny_dit.state_dict(), path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"data/0") + 64  # inside the first tensor's bytes, which torch.load would take as they are
+    data[start] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_dit(path)
+
+
+def test_a_model_config_from_a_file_is_checked():
+    from robuq.models.dit import DiTConfig
+
+    with pytest.raises(ValueError, match="unknown model config fields: lean_sigma"):
+        DiTConfig.from_dict({**tiny_config().to_dict(), "lean_sigma": True})
+    with pytest.raises(ValueError, match="depth must be int"):
+        DiTConfig.from_dict({**tiny_config().to_dict(), "depth": "2"})
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        DiTConfig.from_dict({**tiny_config().to_dict(), "num_heads": 5})

@@ -41,3 +41,15 @@ def test_out_of_range_levels_are_refused():
 def test_corrupt_trits_are_detected():
     with pytest.raises(ValueError, match="corrupt"):
         unpack_ternary_trits(torch.tensor([250], dtype=torch.uint8), 5)
+
+
+def test_unpacking_refuses_codes_that_stand_for_no_ternary_level():
+    import pytest
+
+    from robuq.deploy.packing import unpack_ternary_2bit, unpack_ternary_trits
+
+    with pytest.raises(ValueError, match="code 3"):
+        unpack_ternary_2bit(torch.tensor([0b11_01_00_10], dtype=torch.uint8), 4)  # a damaged byte: −1, 0, 1, then "2"
+    assert unpack_ternary_2bit(torch.tensor([0b11_01_00_10], dtype=torch.uint8), 3).tolist() == [1, -1, 0]
+    with pytest.raises(ValueError, match="exceeds 242"):
+        unpack_ternary_trits(torch.tensor([243], dtype=torch.uint8), 5)

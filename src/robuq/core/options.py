@@ -52,3 +52,21 @@ def with_default(base: type, name: str, default: Any) -> Any:
     and choices stay the ones declared on ``base``)."""
     field = next(f for f in dataclasses.fields(base) if f.name == name)
     return dataclasses.field(default=default, metadata=field.metadata)
+
+
+_SIMPLE_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
+
+
+def check_field_types(instance: object, what: str) -> None:
+    """A ValueError naming ``what`` and the field if a dataclass field annotated with simple types (str, int,
+    float, bool, None and unions of them) holds another type: values read from a file are checked here, not
+    by a TypeError deep inside the code that uses them. Fields of other annotations are left alone."""
+    for field in dataclasses.fields(instance):
+        names = [n.strip() for n in str(field.type).split("|")]
+        if not all(n in _SIMPLE_TYPES for n in names):
+            continue
+        value = getattr(instance, field.name)
+        allowed = tuple(t for n in names for t in _SIMPLE_TYPES[n])
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if wrong_bool or not isinstance(value, allowed):
+            raise ValueError(f"{what}: {field.name} must be {' or '.join(names)}, not {value!r}")

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from robuq.core.files import atomic_write_text
+from robuq.core.options import check_field_types, check_known_fields
 
 FORMAT = "robuq-latent-cache"
 INDEX = "index.json"
@@ -59,11 +60,24 @@ class LatentIndex:
     def to_dict(self) -> dict:
         return {**asdict(self), "num_shards": self.num_shards}
 
+    def __post_init__(self) -> None:
+        check_field_types(self, "latent cache index")
+        sizes = (self.num_images, self.shard_size, self.image_size, self.downsample, *self.latent_shape)
+        if not all(isinstance(name, str) for name in self.class_names):
+            raise ValueError(f"latent cache index: class_names must be strings, got {self.class_names!r}")
+        if len(self.latent_shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) for n in self.latent_shape) \
+                or min(sizes) < 1:
+            raise ValueError(f"latent cache index: sizes must be positive integers and latent_shape (C, h, w), got "
+                             f"{self.num_images} images, shards of {self.shard_size}, latent_shape {self.latent_shape}")
+
     @classmethod
     def from_dict(cls, data: dict) -> "LatentIndex":
-        if data.get("format") != FORMAT:
-            raise ValueError(f"not a robuq latent cache index (format {data.get('format')!r})")
-        data = {k: v for k, v in data.items() if k != "num_shards"}
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"not a robuq latent cache index (format {data.get('format') if isinstance(data, dict) else data!r})")
+        data = check_known_fields({k: v for k, v in data.items() if k != "num_shards"}, cls, "latent cache index")
+        for key in ("latent_shape", "class_names"):
+            if not isinstance(data.get(key), list):
+                raise ValueError(f"latent cache index: {key} must be a list, not {data.get(key)!r}")
         return cls(**{**data, "latent_shape": tuple(data["latent_shape"]), "class_names": tuple(data["class_names"])})
 
 
@@ -76,7 +90,14 @@ def read_index(cache: str | os.PathLike) -> LatentIndex:
     path = Path(cache) / INDEX
     if not path.is_file():
         raise FileNotFoundError(f"{cache} is not a latent cache (no {INDEX}); make one with `robuq latents`")
-    return LatentIndex.from_dict(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable latent cache index ({exc}); encode the cache again") from None
+    try:
+        return LatentIndex.from_dict(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def write_index(cache: str | os.PathLike, index: LatentIndex) -> None:

@@ -32,8 +32,10 @@ def pack_ternary_2bit(levels: torch.Tensor) -> torch.Tensor:
 
 def unpack_ternary_2bit(packed: torch.Tensor, count: int) -> torch.Tensor:
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(1) >> shifts) & 3
-    return codes.reshape(-1)[:count].to(torch.int8) - 1
+    codes = ((packed.unsqueeze(1) >> shifts) & 3).reshape(-1)[:count]
+    if codes.numel() and int(codes.max()) > 2:
+        raise ValueError("corrupt 2-bit ternary data: code 3 stands for no level (−1, 0, 1 are 0, 1, 2)")
+    return codes.to(torch.int8) - 1
 
 
 def pack_ternary_trits(levels: torch.Tensor) -> torch.Tensor:

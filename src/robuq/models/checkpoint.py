@@ -12,6 +12,7 @@ import pickle
 import struct
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,18 @@ def _is_safetensors(path: Path) -> bool:
 def _is_zip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
+
+
+def _check_zip_checksums(path: Path) -> None:
+    """torch.load reads a zip checkpoint without checking its members' CRCs: a damaged byte would load as
+    another weight. One pass over the file checks them all."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({exc}); download or copy it again") from None
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {damaged} fails its checksum; download or copy it again")
 
 
 def _is_pickle(path: Path) -> bool:
@@ -81,13 +94,15 @@ def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
             prefix = f"{prefer}."
             tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         return _strip_wrappers(tensors), meta
+    if _is_zip(path):
+        _check_zip_checksums(path)
     try:
         # The reference trainer stores its argparse.Namespace beside the weights; that one class is
         # allowed, every other non-tensor object is refused by the weights-only unpickler.
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's notes on pickle protocols mean nothing to a user
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (zipfile.BadZipFile, EOFError) as exc:
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:  # OSError: torch's zip reader on a corrupt archive
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({exc}); download or copy it again") from exc
     except _NOT_A_PICKLE as exc:  # long texts from torch
         if _is_zip(path) and "zip archive" in str(exc):
@@ -191,7 +206,7 @@ def load_dit(
     if "quant_config" in meta:
         raise CheckpointError(f"{path} is a quantized model; load it with robuq.load_quantized")
     if config is None:
-        config = DiTConfig(**meta["model_config"]) if "model_config" in meta else infer_config(state)
+        config = DiTConfig.from_dict(meta["model_config"]) if "model_config" in meta else infer_config(state)
     model = DiT(config)
     check_compatible(model, state, str(path))
     model.load_state_dict(state)

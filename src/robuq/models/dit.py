@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 import torch.nn.functional as F
 
-from robuq.core.options import option
+from robuq.core.options import check_field_types, check_known_fields, option
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -194,8 +194,20 @@ class DiTConfig:
     timestep_freq_shift: float = option(0.0, "timestep features at frequencies 10000^(-i/(128 - shift)): 0 reference, 1 diffusers")
     mlp_norm_eps: float = option(1e-6, "epsilon of the LayerNorm before each block's MLP (diffusers: its norm_eps)")
 
+    def __post_init__(self) -> None:
+        check_field_types(self, "model config")
+        sizes = (self.input_size, self.patch_size, self.in_channels, self.hidden_size, self.depth, self.num_heads)
+        if min(sizes) < 1 or self.num_classes < 0 or self.hidden_size % self.num_heads or self.input_size % self.patch_size:
+            raise ValueError(f"model config: sizes must be positive, hidden_size a multiple of num_heads and input_size of "
+                             f"patch_size; got {self.to_dict()}")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DiTConfig":
+        """The config a file's header records; a ValueError for unknown fields or wrong types."""
+        return cls(**check_known_fields(data, cls, "model config"))
 
 
 class DiT(nn.Module):

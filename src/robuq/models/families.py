@@ -34,7 +34,7 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
     """A model with random weights of the structure ``model_record`` described (files without a family are DiTs)."""
     family = meta.get("model_family", DIT)
     if family == DIT:
-        return DiT(DiTConfig(**meta["model_config"]))
+        return DiT(DiTConfig.from_dict(meta["model_config"]))
     if family == DIFFUSERS:
         return diffusers_model_from_config(meta["model_config"])
     raise ValueError(f"unknown model family {family!r} in the file's header; robuq knows {DIT} and {DIFFUSERS}")

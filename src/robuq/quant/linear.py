@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robuq.core.options import check_known_fields
+from robuq.core.options import check_field_types, check_known_fields
 from robuq.core.quantizer_spec import check_bits
 from robuq.quant.activation import ActivationQuantizer
 from robuq.quant.hadamard import hadamard_transform, random_signs
@@ -39,6 +39,7 @@ class LinearQuantConfig:
     lowrank_input: str = "fp"  # the branch sees the full-precision ("fp") or the quantized ("quantized") x'
 
     def __post_init__(self) -> None:
+        check_field_types(self, "linear quantization")
         parse_weight_format(self.weight)
         if self.act_bits is not None:
             check_bits(self.act_bits)
