@@ -112,6 +112,19 @@ def test_fused_hadamard_quantize_matches_the_pytorch_quantizer(rule, bits, ratio
     assert max(row.unique().numel() for row in levels) <= 2**bits
 
 
+@pytest.mark.parametrize("rule", spec.RULES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_fused_hadamard_quantize_gives_a_non_finite_row_a_nan_scale(rule, value):
+    torch.manual_seed(0)
+    x = torch.randn(5, 256)
+    clean = [t.cpu() for t in triton_ops.hadamard_quantize(x.to(DEVICE), None, 3, rule, None)[1:]]
+    x[2, 17] = value
+    levels, scale, offset = (t.cpu() for t in triton_ops.hadamard_quantize(x.to(DEVICE), None, 3, rule, None)[1:])
+    assert scale[2].isnan() and offset[2].isnan()
+    others = torch.tensor([0, 1, 3, 4])
+    assert torch.equal(scale[others], clean[1][others]) and torch.equal(levels[others], clean[0][others])
+
+
 def test_fused_quantizer_refuses_rules_and_bit_widths_it_does_not_implement(monkeypatch):
     x = torch.randn(3, 192, device=DEVICE)
     with pytest.raises(ValueError, match=r"unknown activation scale rule 'max'.*minmax.*gaussian"):

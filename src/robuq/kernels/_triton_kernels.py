@@ -69,6 +69,11 @@ def hadamard_quantize_kernel(
             std = tl.sqrt_rn(tl.sum(tl.sum(centred * centred, axis=1), axis=0)) / tl.sqrt_rn(n * 1.0)
             scale = tl.maximum(step_factor * std * ratio, SCALE_EPS)
             offset = mean - scale * (top / 2)
+        # A NaN or infinity in the row: NaN scale and offset, so its outputs are NaN as on PyTorch's path
+        # (min, max and the clamps to the levels would hide it).
+        bad = tl.sum(tl.sum(tl.where(valid, y - y, 0.0), axis=1), axis=0)
+        scale = tl.where(bad == 0.0, scale, float("nan"))
+        offset = tl.where(bad == 0.0, offset, float("nan"))
         u = _round_half_even(tl.div_rn(y - offset, scale))
         u = tl.minimum(tl.maximum(u, 0.0), top * 1.0) - shift
         tl.store(levels_ptr + row * stride_levels + index, u.to(tl.int8), mask=valid)

@@ -356,6 +356,13 @@ int robuq_hadamard(const float *x, float *y, int64_t rows, int64_t n, int64_t m,
  * run from 0 to top. */
 static void finish_scale_offset(float lo, float hi, float mean, float std, float top, int rule, float step_factor,
                                 float ratio, float *scale, float *offset) {
+    /* A NaN or infinity among the row's values: its scale is NaN, so the row's outputs are NaN, as PyTorch's
+     * path makes them (the clamp to the levels would otherwise hide it; the callers' statistics make lo, hi,
+     * mean and std non-finite for such a row). */
+    if (!isfinite(lo) || !isfinite(hi) || !isfinite(mean) || !isfinite(std)) {
+        *scale = *offset = NAN;
+        return;
+    }
     if (rule == RULE_GAUSSIAN) {
         float s = step_factor * std * ratio;
         s = s > SCALE_EPS ? s : SCALE_EPS;
@@ -391,10 +398,13 @@ static void tile_scale_offset(const float *restrict t, int64_t n, float top, int
             }
         for (int l = 0; l < LANES; l++) std[l] = (float)sqrt(squares[l]) / sqrtf((float)n);
     } else {
+        lanes_f bad = v[0] - v[0]; /* 0, or NaN once a NaN or infinity came by (min and max would skip a NaN) */
         for (int64_t i = 1; i < n; i++) {
             lo = lanes_min(v[i], lo);
             hi = lanes_max(v[i], hi);
+            bad += v[i] - v[i];
         }
+        lo += bad;
     }
     for (int l = 0; l < LANES; l++)
         finish_scale_offset(lo[l], hi[l], mean[l], std[l], top, rule, step_factor, ratio, &scale[l], &offset[l]);
@@ -625,23 +635,26 @@ static inline void prefetch_row(const float *v, int64_t n) {
 
 /* Min–max scale and offset of one contiguous row (statistics as LANES interleaved partial results). */
 static void row_minmax_scale_offset(const float *restrict v, int64_t n, float top, float *scale, float *offset) {
-    float lo = v[0], hi = v[0];
-    lanes_f los = lanes_splat(v[0]), his = los;
+    float lo = v[0], hi = v[0], bad = v[0] - v[0]; /* bad: NaN once a NaN or infinity came by */
+    lanes_f los = lanes_splat(v[0]), his = los, bads = {0};
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
         const lanes_f x = lanes_load(v + i);
         los = lanes_min(x, los);
         his = lanes_max(x, his);
+        bads += x - x;
     }
     for (; i < n; i++) {
         lo = v[i] < lo ? v[i] : lo;
         hi = v[i] > hi ? v[i] : hi;
+        bad += v[i] - v[i];
     }
     for (int l = 0; l < LANES; l++) {
         lo = los[l] < lo ? los[l] : lo;
         hi = his[l] > hi ? his[l] : hi;
+        bad += bads[l];
     }
-    finish_scale_offset(lo, hi, 0.0f, 0.0f, top, RULE_MINMAX, 0.0f, 1.0f, scale, offset);
+    finish_scale_offset(lo + bad, hi, 0.0f, 0.0f, top, RULE_MINMAX, 0.0f, 1.0f, scale, offset);
 }
 
 /* u[i] = clamp(round((v[i] − o)/s), 0, top) − shift as dot_row_t, for a span of n values with one scale
@@ -855,7 +868,9 @@ static inline void store_probability_levels(dot_row_t *p, lanes_f u) {
 }
 
 /* e_j = exp(score_j − max) for key j (zero past nk: e^−87 from the clamp, not e^−∞), its sum and level. */
-static inline lanes_f key_weights(const lanes_f *v, int64_t i, float top_score, int64_t nk, lanes_f *sum) {
+static inline lanes_f key_weights(const lanes_f *v, int64_t i, float top_score, int64_t nk, lanes_f *sum,
+                                  lanes_i *nan) {
+    *nan |= (lanes_i)(v[i] != v[i]); /* lanes_exp clamps its input: a NaN score would come out a finite weight */
     lanes_f x = lanes_exp(v[i] - top_score);
     if (i >= nk / LANES) {
         lanes_i lane = {0};
@@ -878,10 +893,11 @@ static int32_t probability_levels(const float *restrict e, float top_score, int6
     const lanes_f *v = (const lanes_f *)e;
     const lanes_f magic = lanes_splat(12582912.0f);
     lanes_f sum = {0}, level_sum = {0};
+    lanes_i nan = {0};
     int64_t i = 0;
 #if defined(DOT_WIDE) && LANES == 8
     for (; i + 2 <= vectors; i += 2) {
-        const lanes_f x0 = key_weights(v, i, top_score, nk, &sum), x1 = key_weights(v, i + 1, top_score, nk, &sum);
+        const lanes_f x0 = key_weights(v, i, top_score, nk, &sum, &nan), x1 = key_weights(v, i + 1, top_score, nk, &sum, &nan);
         const lanes_f u0 = (x0 * top + magic) - magic, u1 = (x1 * top + magic) - magic; /* round half to even; e ≤ 1 keeps it in [0, top] */
         level_sum += u0;
         level_sum += u1;
@@ -891,18 +907,22 @@ static int32_t probability_levels(const float *restrict e, float top_score, int6
     }
 #endif
     for (; i < vectors; i++) {
-        const lanes_f x = key_weights(v, i, top_score, nk, &sum);
+        const lanes_f x = key_weights(v, i, top_score, nk, &sum, &nan);
         const lanes_f u = (x * top + magic) - magic; /* round half to even; e ≤ 1 keeps it in [0, top] */
         level_sum += u;
         store_probability_levels(levels + i * LANES, u);
     }
     float total = 0.0f, count = 0.0f;
+    int any_nan = 0;
     for (int l = 0; l < LANES; l++) {
         total += sum[l];
         count += level_sum[l];
+        any_nan |= nan[l];
     }
     const float s_p = 1.0f / total / top;
-    *scale = s_p > PROBABILITY_SCALE_EPS ? s_p : PROBABILITY_SCALE_EPS;
+    /* A row whose scores hold a NaN (from a non-finite query or key: their scales are NaN) gets a NaN scale, so
+     * its outputs are NaN, as PyTorch's softmax makes them. */
+    *scale = any_nan ? NAN : (s_p > PROBABILITY_SCALE_EPS ? s_p : PROBABILITY_SCALE_EPS);
     return (int32_t)count;
 }
 
@@ -915,23 +935,29 @@ static const float *head_rows(const float *x, strides_t st, int64_t m, int64_t h
     return x + (m / heads) * st.batch + (m % heads) * st.head;
 }
 
-/* Per-channel minimum and maximum of nk rows of d floats (the scalar comparisons' order and ties). */
+/* Per-channel minimum and maximum of nk rows of d floats (the scalar comparisons' order and ties); bad[c]
+ * becomes NaN where a NaN or infinity came by in channel c (min and max would skip a NaN), else 0. */
 static void channel_minmax(const float *restrict x, strides_t st, int64_t nk, int64_t d, float *restrict lo,
-                           float *restrict hi) {
-    for (int64_t c = 0; c < d; c++) lo[c] = hi[c] = x[c];
+                           float *restrict hi, float *restrict bad) {
+    for (int64_t c = 0; c < d; c++) {
+        lo[c] = hi[c] = x[c];
+        bad[c] = x[c] - x[c];
+    }
     for (int64_t j = 1; j < nk; j++) {
         const float *v = x + j * st.token;
         if (j + 8 < nk) prefetch_row(v + 8 * st.token, d);
         int64_t c = 0;
         for (; c + LANES <= d; c += LANES) {
             const lanes_f value = lanes_load(v + c), l = lanes_min(value, lanes_load(lo + c));
-            const lanes_f h = lanes_max(value, lanes_load(hi + c));
+            const lanes_f h = lanes_max(value, lanes_load(hi + c)), b = lanes_load(bad + c) + (value - value);
             memcpy(lo + c, &l, sizeof l);
             memcpy(hi + c, &h, sizeof h);
+            memcpy(bad + c, &b, sizeof b);
         }
         for (; c < d; c++) {
             lo[c] = v[c] < lo[c] ? v[c] : lo[c];
             hi[c] = v[c] > hi[c] ? v[c] : hi[c];
+            bad[c] += v[c] - v[c];
         }
     }
 }
@@ -940,9 +966,9 @@ static void channel_minmax(const float *restrict x, strides_t st, int64_t nk, in
 static void value_scales(const float *restrict x, strides_t st, int64_t nk, int64_t d, float top, int shift,
                          float *restrict lo, float *restrict hi, float *restrict offset, float *restrict vs,
                          float *restrict vc) {
-    channel_minmax(x, st, nk, d, lo, hi);
+    channel_minmax(x, st, nk, d, lo, hi, offset); /* offset holds the channels' NaN marks until it is computed */
     for (int64_t c = 0; c < d; c++) {
-        finish_scale_offset(lo[c], hi[c], 0.0f, 0.0f, top, RULE_MINMAX, 0.0f, 1.0f, &vs[c], &offset[c]);
+        finish_scale_offset(lo[c] + offset[c], hi[c], 0.0f, 0.0f, top, RULE_MINMAX, 0.0f, 1.0f, &vs[c], &offset[c]);
         vc[c] = offset[c] + (float)shift * vs[c];
     }
 }
