@@ -129,3 +129,22 @@ def test_a_damaged_image_in_the_training_folder_is_named_and_no_run_is_left(tmp_
                             "--no-progress"])
     assert f"cannot read image {bad}" in line and "remove or replace it" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("layout, message", [("empty", "has no sub-folders"), ("empty classes", "no images")])
+def test_an_empty_image_folder_is_refused(tmp_path, capsys, layout, message):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    if layout == "empty classes":
+        (folder / "cats").mkdir()
+    line = refused(capsys, ["train", "--data", str(folder), "--out-dir", str(tmp_path / "run"), "--no-progress"])
+    assert str(folder) in line and message in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sample_file_of_the_wrong_dtype_is_refused(tmp_path, capsys):
+    import numpy as np
+
+    np.savez(tmp_path / "floats.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
+    line = refused(capsys, ["eval", "metrics", "--samples", str(tmp_path / "floats.npz")])
+    assert "floats.npz: arr_0 must be uint8 N×H×W×C" in line

@@ -234,3 +234,33 @@ def test_sampling_through_a_vae_of_other_latent_channels_is_refused(tmp_path, ti
     err = capsys.readouterr().err
     assert "makes 4-channel latents but the model denoises 1 channels" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_broken_vae_folder_or_cache_shard_is_one_line_naming_the_file(tmp_path, image_dir, vae_dir, capsys):
+    from robuq.cli import main
+
+    broken = tmp_path / "vae"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert main(["latents", str(image_dir), "--vae", str(broken), "--out", str(tmp_path / "none"), "--image-size", "32",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--vae {broken} cannot be loaded as an AutoencoderKL" in err and "Traceback" not in err
+    assert not (tmp_path / "none").exists()
+
+    cache = encode_latents(LatentsConfig(images=str(image_dir), vae=str(vae_dir), out=str(tmp_path / "cache"), image_size=32,
+                                         shard_size=5, num_workers=0, device="cpu"), progress=False)
+    train = ["train", "--latents", str(cache), "--model", "DiT-S/2", "--input-size", "4", "--steps", "1",
+             "--global-batch-size", "4", "--out-dir", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]
+    shard = shard_path(cache, 1)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    assert main(train) == 2
+    err = capsys.readouterr().err
+    assert "shard-00001.safetensors is unreadable" in err and "encode it again" in err and "Traceback" not in err
+    from robuq.core.files import save_tensors
+
+    save_tensors(shard, {"latents": torch.zeros(5, 4, 8, 8), "labels": torch.zeros(5, dtype=torch.long)})
+    assert main(train) == 2
+    assert "holds latents of shape (5, 4, 8, 8), its index promises (5, 4, 4, 4)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from robuq.core.files import atomic_write_text
@@ -116,6 +116,30 @@ def missing_shards(cache: str | os.PathLike, index: LatentIndex) -> list[int]:
     return [k for k in range(index.num_shards) if not shard_path(cache, k).is_file()]
 
 
+def _shard_labels(cache: Path, index: LatentIndex, shard: int) -> torch.Tensor:
+    """Shard ``shard``'s labels, once its header shows the rows and latent shape the index promises."""
+    path = shard_path(cache, shard)
+    redo = f"delete {path.name} and run the same `robuq latents` command to encode it again"
+    rows = len(index.shard_range(shard))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            wanted = {"latents", "labels"} | ({"latents_flip"} if index.flip else set())
+            if not wanted <= keys:
+                raise ValueError(f"latent cache {cache}: {path.name} lacks {', '.join(sorted(wanted - keys))}; {redo}")
+            for key in wanted - {"labels"}:
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != (rows, *index.latent_shape):
+                    raise ValueError(f"latent cache {cache}: {path.name} holds {key} of shape {shape}, its index "
+                                     f"promises {(rows, *index.latent_shape)}; {redo}")
+            labels = f.get_tensor("labels")
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"latent cache {cache}: {path.name} is unreadable ({exc}); {redo}") from None
+    if labels.shape != (rows,):
+        raise ValueError(f"latent cache {cache}: {path.name} holds {tuple(labels.shape)} labels for {rows} images; {redo}")
+    return labels.long()
+
+
 class LatentDataset(Dataset):
     """(latent, label) pairs of a finished cache, read from memory-mapped shards one sample at a time.
 
@@ -134,11 +158,7 @@ class LatentDataset(Dataset):
         self.in_channels, self.input_size = self.index.latent_shape[0], self.index.latent_shape[-1]
         self.num_classes = self.index.num_classes
         self.class_names = self.index.class_names
-        labels = []
-        for k in range(self.index.num_shards):
-            with safe_open(str(shard_path(cache, k)), framework="pt") as f:
-                labels.append(f.get_tensor("labels"))
-        self.labels = torch.cat(labels)
+        self.labels = torch.cat([_shard_labels(self.cache, self.index, k) for k in range(self.index.num_shards)])
         self._handles: dict[int, object] = {}  # opened lazily in each DataLoader worker, never pickled
 
     def __getstate__(self) -> dict:

@@ -47,6 +47,16 @@ def _autoencoder_class():
     return AutoencoderKL
 
 
+def _load(build, path: Path) -> nn.Module:
+    """``build()``, with diffusers' errors for files it cannot read (OSError for a bad config or weights file,
+    ValueError and RuntimeError for contents that do not fit an AutoencoderKL) as one line naming ``path``."""
+    try:
+        return build()
+    except (OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--vae {path} cannot be loaded as an AutoencoderKL: {reason}") from None
+
+
 def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> nn.Module:
     """An ``AutoencoderKL`` in eval mode without gradients, from a folder or a single file (local only)."""
@@ -56,7 +66,7 @@ def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None, d
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: give a folder written by AutoencoderKL.save_pretrained "
                                     "(e.g. a local copy of stabilityai/sd-vae-ft-ema)")
-        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+        vae = _load(lambda: AutoencoderKL.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype), path)
     elif path.is_file():
         if config is None:
             raise ValueError(f"{path} is a single file: also give the folder of its config.json (--vae-config), "
@@ -66,7 +76,8 @@ def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None, d
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"--vae-config {config} holds no config.json: give the folder of the VAE's config.json "
                                     "(e.g. a local copy of stabilityai/sd-vae-ft-ema) or that file itself")
-        vae = AutoencoderKL.from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=dtype)
+        vae = _load(lambda: AutoencoderKL.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                           torch_dtype=dtype), path)
     else:
         raise FileNotFoundError(f"VAE {path} does not exist; give a local folder or file")
     return vae.to(device).eval().requires_grad_(False)
