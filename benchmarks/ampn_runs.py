@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"| {r['start_bits_probe'][-1][1]:.4f} | {r['plan_probe'][-1][1]:.4f} "
                      f"| {r['warmup_seconds'] / 60:.0f} + {r['final_seconds'] / 60:.0f} |")
     lines += ["", "Bits per layer type are averages over the six blocks; in brackets the paper's DiT-XL/2 allocation at the "
-              "same budget (METHOD.md §7). The probe is the relative output MSE against the teacher on a fixed batch of "
+              "same budget (docs/method.md §7). The probe is the relative output MSE against the teacher on a fixed batch of "
               "training images, at the end of each stage."]
     write_result("ampn", {"runs": rows}, "\n".join(lines), out, invocation(__file__, argv))
     print("\n".join(lines))

@@ -386,7 +386,7 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
         lines += ["", "The avx2-forced figures are forced, not native: this CPU's PyTorch, oneDNN, MKL and fbgemm held "
                   "to AVX2 by their environment variables and robuq's C kernels built with -march=haswell, on cores that "
                   "have AVX-512. Held so, oneDNN still runs `torch._int_mm` at about an fp32 matmul's speed, so its "
-                  "column does not show the 33× slow-down issue 17 measured on a native AVX2-only CPU."]
+                  "column does not show the 33× slow-down measured once on a native AVX2-only CPU."]
     if sizes:
         lines += ["", "| model | layout | packing | MiB | ×fp32 | ×fp16 | over information |", "|---|---|---|---|---|---|---|"]
         for r in sizes:

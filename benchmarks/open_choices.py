@@ -1,4 +1,4 @@
-"""METHOD.md's open choices, measured before any training: the output error against the teacher right
+"""The method's open choices (docs/method.md), measured before any training: the output error against the teacher right
 after quantization (post-training initialisation), on the fixed calibration batch AMPN and the QAT probe use.
 
 Which choice trains best is the reproduction benchmark's job; this table says where each one starts.

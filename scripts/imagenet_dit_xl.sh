@@ -11,7 +11,7 @@
 # STEPS, BATCH, SAMPLES, IMAGE_SIZE, WARMUP_QAT, LR_WARMUP, CKPT_EVERY, PROBE_EVERY, SAMPLE_STEPS, PRECISION,
 # NUM_WORKERS, CALIBRATION, SHARD_SIZE, LATENT_SHARD_SIZE.
 #
-# Hyper-parameters. From the paper (METHOD.md §2, §7, §8): DiT-XL/2 at 256 px, ternary weights and the
+# Hyper-parameters. From the paper (docs/method.md §2, §7, §8): DiT-XL/2 at 256 px, ternary weights and the
 # RobuQ preset, AMPN at an average of 2 activation bits after ~1,000 warm-up QAT steps, AdamW, 350k QAT
 # iterations, 250-step DDPM sampling, 50,000 samples, cfg up to 4.0 (FID reported beside IS/Precision).
 # GUESSED (the paper does not state them): learning rate 1e-4 with 1,000 warm-up steps and a cosine

@@ -8,7 +8,7 @@ from robuq.ampn.sensitivity import Sensitivity, block_index, layer_role
 from robuq.quantize.plan import BitPlan
 from robuq.quantize.policy import BLOCK_ROLES
 
-# METHOD.md §7: average bits per layer type of the paper's DiT-XL/2 allocation, for comparison.
+# docs/method.md §7: average bits per layer type of the paper's DiT-XL/2 allocation, for comparison.
 PAPER_ROLE_AVERAGES = {
     2: {"proj": 2.75, "qkv": 2.21, "fc1": 2.00, "fc2": 1.64},
     3: {"proj": 3.89, "qkv": 2.96, "fc1": 3.04, "fc2": 2.31},

@@ -2,7 +2,7 @@
 
 PyTorch's int8 GEMM (``torch._int_mm``) is fast where the CPU has VNNI (AVX-512 VNNI, AMX): 4–9× an fp32
 matmul on this project's AMD EPYC (results/deploy_cputime.md). On a CPU with AVX2 alone it took 33× an fp32 matmul's time
-(512×384 by 384×1536: 252 ms against 7.6 ms, issue 17), so there robuq multiplies with its own AVX2
+(512×384 by 384×1536, measured on such a CPU), so there robuq multiplies with its own AVX2
 kernels (cpu_kernels.c: ``robuq_gemm_ternary``, table lookups, for ternary weights against activations of
 at most 4 bits; ``robuq_gemm_s8``, vpmaddubsw, for the rest), and without its C kernels with an fp32
 matmul on the integer levels, the floor that is never slower than the float model.

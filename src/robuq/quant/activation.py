@@ -1,6 +1,6 @@
 """Activation quantizers: uniform, 1–8 bits, per token or per tensor, with a choice of scale rule.
 
-Scale rules (METHOD.md §6):
+Scale rules (docs/method.md §6):
 - ``minmax``: the range [min, max] of the token, as BitNet v2 does;
 - ``gaussian``: RobustQuantizer's rule — after a Hadamard transform a token is close to N(μ, σ²), so
   the MSE-optimal uniform step for a Gaussian, Δ = c_L · σ, is used around μ;

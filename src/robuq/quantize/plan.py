@@ -29,7 +29,7 @@ class BitPlan:
     average_plain: float | None = None
     average_macs: float | None = None
     role_averages: dict[str, float] = field(default_factory=dict)  # average bits per layer type
-    paper_role_averages_dit_xl2: dict[str, float] | None = None  # METHOD.md §7, for comparison
+    paper_role_averages_dit_xl2: dict[str, float] | None = None  # docs/method.md §7, for comparison
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
