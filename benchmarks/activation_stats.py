@@ -12,14 +12,15 @@ Because H is orthogonal, the error measured in the rotated basis equals the erro
 """
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import ROOT, invocation, write_result
+from common import ROOT, invocation, parse_config, write_result
+from robuq.core.options import option
 from robuq.data.fashion_mnist import FashionMNIST
 from robuq.diffusion.gaussian import create_diffusion
 from robuq.models.checkpoint import load_dit
@@ -67,26 +68,31 @@ def collect(model, images, labels, timesteps, seed: int) -> dict[str, torch.Tens
     return {k: torch.cat(v) for k, v in captured.items()}
 
 
+@dataclass
+class ActivationStatsConfig:
+    """Options of this benchmark."""
+
+    ckpt: str | None = option(None, "model file (default: the shipped teacher)")
+    images: int = option(32, "test images")
+    timesteps: str = option("50,250,500,750,950", "diffusion timesteps, comma-separated")
+    data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files")
+    seed: int = option(0, "seed of the noise and the sign flips")
+    results_dir: str = option(str(ROOT / "results"), "where the JSON, Markdown and figure go")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", default=None, help="model file (default: the shipped teacher)")
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--timesteps", default="50,250,500,750,950")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results-dir", default=str(ROOT / "results"))
-    args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    model = load_dit(args.ckpt or default_teacher_path()).eval()
+    config = parse_config(ActivationStatsConfig, argv, __doc__)
+    torch.manual_seed(config.seed)
+    model = load_dit(config.ckpt or default_teacher_path()).eval()
     size = model.x_embedder.grid_size * model.patch_size
-    data = FashionMNIST("test", size, args.data_dir, indices=np.arange(args.images))
-    timesteps = [int(t) for t in args.timesteps.split(",")]
-    acts = collect(model, data.images, data.labels, timesteps, args.seed)
+    data = FashionMNIST("test", size, config.data_dir, indices=np.arange(config.images))
+    timesteps = [int(t) for t in config.timesteps.split(",")]
+    acts = collect(model, data.images, data.labels, timesteps, config.seed)
 
     per_layer, pooled = {}, defaultdict(lambda: defaultdict(list))
     for name, x in acts.items():
         rotated = hadamard_transform(x)
-        flipped = hadamard_transform(x, random_signs(x.shape[1], args.seed))
+        flipped = hadamard_transform(x, random_signs(x.shape[1], config.seed))
         row = {"tokens": x.shape[0], "channels": x.shape[1]}
         for basis, tensor in (("before", x), ("after", rotated), ("after_signs", flipped)):
             stats = token_stats(tensor)
@@ -119,12 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     for role, r in by_role.items():
         quant_cells = [cell(r, f"mse_a{b}_{rule}", ".4f") for b in (2, 3, 4) for rule in ("minmax", "gaussian")]
         lines.append(f"| {role} | {cell(r, 'kurtosis', '.2f')} | {cell(r, 'max_over_std', '.1f')} | " + " | ".join(quant_cells) + " |")
-    figure = Path(args.results_dir) / "activation_stats.png"
+    figure = Path(config.results_dir) / "activation_stats.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
     plot(pooled, acts, figure)
     write_result(
         "activation_stats",
-        {"ckpt": str(args.ckpt or default_teacher_path().name), "images": args.images, "timesteps": timesteps,
+        {"ckpt": str(config.ckpt or default_teacher_path().name), "images": config.images, "timesteps": timesteps,
          "by_role": by_role, "per_layer": per_layer, "figure": figure.name},
         "\n".join(lines) + f"\n\n![histograms]({figure.name})", figure.parent, invocation(__file__, argv),
     )

@@ -9,12 +9,13 @@ copied beside the table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, invocation, write_result
+from common import ROOT, invocation, parse_config, write_result
+from robuq.core.options import option
 from robuq.ampn.plan import format_plan
 from robuq.quantize.plan import BitPlan
 
@@ -51,13 +52,18 @@ def summarize(run: Path, out: Path) -> dict:
     }
 
 
+@dataclass
+class AMPNRunsConfig:
+    """Options of this benchmark."""
+
+    runs: str | None = option(None, "`robuq ampn run` output folders, comma-separated", positional=True)
+    results_dir: str = option(str(ROOT / "results"), "where ampn.{json,md} and the runs' files go")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+")
-    parser.add_argument("--results-dir", default=str(ROOT / "results"))
-    args = parser.parse_args(argv)
-    out = Path(args.results_dir)
-    rows = [summarize(Path(r), out / "ampn") for r in args.runs]
+    config = parse_config(AMPNRunsConfig, argv, __doc__)
+    out = Path(config.results_dir)
+    rows = [summarize(Path(r), out / "ampn") for r in (config.runs or "").split(",") if r]
     roles = ("qkv", "proj", "fc1", "fc2")
     lines = ["| run | budget | achieved plain / MAC-weighted | " + " | ".join(roles) + " | probe after warm-up | probe after plan QAT | QAT minutes (warm-up + plan) |",
              "|---|---|---|" + "---|" * len(roles) + "---|---|---|"]

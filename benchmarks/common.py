@@ -107,3 +107,21 @@ def write_result(name: str, payload: dict, markdown: str, out: Path | None = Non
     (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / f"{name}.md").write_text(header(name, provenance) + markdown + "\n")
     return out / f"{name}.json"
+
+
+def parse_config(cls: type, argv: list[str] | None, doc: str | None):
+    """A benchmark's config dataclass (options declared with robuq's ``option()``, as the library declares
+    its jobs') from the command line ``argv``: the same flags, defaults, help and choices as ``robuq``'s."""
+    import argparse
+    import dataclasses
+
+    from robuq.cli.options import add_config_arguments, config_from_args
+    from robuq.core.options import check_choice
+
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    add_config_arguments(parser, cls)
+    config = config_from_args(parser.parse_args(argv), cls)
+    for field in dataclasses.fields(cls):
+        if field.metadata.get("choices"):
+            check_choice(config, field.name)
+    return config

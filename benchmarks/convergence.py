@@ -35,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, invocation, write_result
-from robuq.cli.options import add_config_arguments, config_from_args
-from robuq.core.options import check_choice, option
+from common import ROOT, invocation, parse_config, write_result
+from robuq.core.options import option
 
 STAGES = ("pilot", "headline", "controls", "score", "report", "all")
 
@@ -899,12 +898,7 @@ def toy_sizes(config: ConvergenceConfig) -> ConvergenceConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser, ConvergenceConfig)
-    config = config_from_args(parser.parse_args(argv), ConvergenceConfig)
-    check_choice(config, "stage")
+    config = parse_config(ConvergenceConfig, argv, __doc__)
     if config.toy:
         config = toy_sizes(config)
     work = Path(config.work_dir)

@@ -10,13 +10,14 @@ and a block's elementwise work (LayerNorm + modulate, gated residuals).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common import invocation, model_config, time_ms, write_result
+from common import invocation, model_config, parse_config, time_ms, write_result
+from robuq.core.options import option
 from robuq.deploy.elementwise import NativeGELU, use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
 from robuq.deploy.integer_linear import IntegerLinear
@@ -71,25 +72,30 @@ def cases(tokens: int, models: tuple[str, ...] = MODELS) -> list[tuple[str, str,
     return rows
 
 
+@dataclass
+class CPUKernelsConfig:
+    """Options of this benchmark."""
+
+    models: str = option(",".join(MODELS), "comma-separated; 'toy' checks the script in seconds")
+    tokens: int = option(2048, "a multiple of 8 (batches of 8 for the attention and block rows)")
+    repeats: int = option(5, "timed repeats per measurement")
+    threads: int = option(2, "CPU threads")
+    results_dir: str | None = option(None, "where the JSON and Markdown go (default: results/)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated; 'toy' checks the script in seconds")
-    parser.add_argument("--tokens", type=int, default=2048, help="a multiple of 8 (batches of 8 for the attention and block rows)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results-dir", default=None)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    config = parse_config(CPUKernelsConfig, argv, __doc__)
+    torch.set_num_threads(config.threads)
     retain_freed_memory()  # as load_exported does; both paths run under it
     results = []
     with torch.no_grad():
-        for model, what, fn in cases(args.tokens, tuple(args.models.split(","))):
-            c_ms, torch_ms = side_by_side(fn, args.repeats)
+        for model, what, fn in cases(config.tokens, tuple(config.models.split(","))):
+            c_ms, torch_ms = side_by_side(fn, config.repeats)
             results.append({"model": model, "what": what, "c_kernels_ms": c_ms, "pytorch_ms": torch_ms, "speedup": torch_ms / c_ms})
     lines = ["| model | what | C kernels ms | PyTorch ms | speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['what']} | {r['c_kernels_ms']:.2f} | {r['pytorch_ms']:.2f} | {r['speedup']:.2f}× |" for r in results]
-    write_result("cpu_kernels", {"rows": results, "threads": args.threads, "tokens": args.tokens, "repeats": args.repeats},
-                 "\n".join(lines), Path(args.results_dir) if args.results_dir else None, invocation(__file__, argv))
+    write_result("cpu_kernels", {"rows": results, "threads": config.threads, "tokens": config.tokens, "repeats": config.repeats},
+                 "\n".join(lines), Path(config.results_dir) if config.results_dir else None, invocation(__file__, argv))
     print("\n".join(lines))
 
 

@@ -12,14 +12,15 @@ closely than that. Writes results/export_fidelity.{json,md,png}.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import invocation, write_result
+from common import invocation, parse_config, write_result
+from robuq.core.options import option
 import robuq
 from robuq.deploy.export import export_model, load_exported
 from robuq.eval.metrics import psnr
@@ -71,22 +72,27 @@ def measure(name: str, model: torch.nn.Module, config, per_class: int, steps: in
             "grid": grid.name}
 
 
+@dataclass
+class ExportFidelityConfig:
+    """Options of this benchmark."""
+
+    model: str = option("", "quantized model files, comma-separated")
+    per_class: int = option(4, "samples per class")
+    steps: int = option(25, "DDIM steps")
+    threads: int = option(2, "CPU threads")
+    results_dir: str = option(str(Path(__file__).resolve().parents[1] / "results"), "where the JSON and Markdown go")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", default=[], help="a quantized model file (repeatable)")
-    parser.add_argument("--per-class", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results-dir", default=str(Path(__file__).resolve().parents[1] / "results"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    results_dir = Path(args.results_dir)
+    options = parse_config(ExportFidelityConfig, argv, __doc__)
+    torch.set_num_threads(options.threads)
+    results_dir = Path(options.results_dir)
     grids = results_dir / "export_fidelity_grids"
     grids.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for i, (name, model, config) in enumerate(quantized_models(args.model)):
-            rows.append(measure(name, model, config, args.per_class, args.steps, Path(folder), grids / f"model-{i}.png"))
+        for i, (name, model, config) in enumerate(quantized_models([m for m in options.model.split(",") if m])):
+            rows.append(measure(name, model, config, options.per_class, options.steps, Path(folder), grids / f"model-{i}.png"))
     lines = ["PSNR (dB) of each way of sampling against the training model on PyTorch's kernels; same labels and noise.", "",
              "| model | training model, C kernels (floor) | exported, fp32 parts | exported, fp16 parts | max pixel diff (fp32 parts) | grid |",
              "|---|---|---|---|---|---|"]

@@ -18,12 +18,13 @@ on its own GPU and writes results/gpu_check-rank<R>.json (rank 0: results/gpu_ch
 """
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 
 import torch
 
-from common import time_ms, write_result
+from common import parse_config, time_ms, write_result
+from robuq.core.options import option
 
 
 def _qat_step_stats(student, teacher, objective, optimizer, batch: int, checkpoint: bool) -> dict:
@@ -178,12 +179,17 @@ def sampling(batch: int, device: torch.device) -> dict:
             "images_per_s_250_steps": batch / (ms * 250) * 1e3}
 
 
+@dataclass
+class GPUCheckConfig:
+    """Options of this benchmark."""
+
+    batches: str = option("8,32", "two QAT batch sizes, comma-separated (for the memory fit)")
+    sample_batch: int = option(64, "images per sampling forward")
+    tests: bool = option(True, "run tests/test_kernels_triton.py on the device (--no-tests skips it)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs=2, default=(8, 32), help="two QAT batch sizes (for the memory fit)")
-    parser.add_argument("--sample-batch", type=int, default=64)
-    parser.add_argument("--no-tests", action="store_true", help="skip running tests/test_kernels_triton.py on the device")
-    args = parser.parse_args(argv)
+    config = parse_config(GPUCheckConfig, argv, __doc__)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; skipped (nothing written)")
         return 0
@@ -193,11 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     t0 = time.perf_counter()
     with torch.cuda.device(device):
-        result = {"device": torch.cuda.get_device_name(device), "rank": rank, "qat": qat_steps(tuple(args.batches), device)}
+        batches = tuple(int(b) for b in config.batches.split(","))
+        result = {"device": torch.cuda.get_device_name(device), "rank": rank, "qat": qat_steps(batches, device)}
         torch.cuda.empty_cache()
         result["kernels"] = kernels(device)
-        result["sampling"] = sampling(args.sample_batch, device)
-        if rank == 0 and not args.no_tests:
+        result["sampling"] = sampling(config.sample_batch, device)
+        if rank == 0 and config.tests:
             result["triton_tests"] = triton_tests()
     result["seconds"] = time.perf_counter() - t0
     lines = ["| batch | grad ckpt | step ms | img/s | peak GiB | fixed GiB | GiB/sample |", "|---|---|---|---|---|---|---|"]

@@ -9,12 +9,13 @@ in one run; compare the ratios, not the absolute times.
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common import invocation, time_ms, write_result
+from common import invocation, parse_config, time_ms, write_result
+from robuq.core.options import option
 from robuq.kernels import native
 from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
 from robuq.quant.hadamard import hadamard_transform
@@ -36,17 +37,22 @@ def measure(shape: tuple[int, int], device: str, repeats: int) -> dict:
     }
 
 
+@dataclass
+class HadamardBenchConfig:
+    """Options of this benchmark."""
+
+    shapes: str = option("4096x1152,4096x4608", "tokens×width, comma-separated (DiT-XL/2's by default)")
+    repeats: int = option(7, "timed repeats per measurement")
+    threads: int = option(2, "CPU threads")
+    results_dir: str | None = option(None, "where the JSON and Markdown go (default: results/)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="4096x1152,4096x4608", help="tokens×width, comma-separated (DiT-XL/2's by default)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results-dir", default=None)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    config = parse_config(HadamardBenchConfig, argv, __doc__)
+    torch.set_num_threads(config.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
-    rows = [measure(shape, d, args.repeats) for d in devices for shape in shapes]
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in config.shapes.split(",")]
+    rows = [measure(shape, d, config.repeats) for d in devices for shape in shapes]
     table = ["| shape | device | factors | fast ms | PyTorch path ms | dense ms | copy ms | dense/fast | fast/copy |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -55,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['shape']} | {r['device']} | {r['factors']} | {r['fast_ms']:.1f} | {pytorch} | {r['dense_ms']:.1f} | {r['copy_ms']:.1f} "
             f"| {r['dense_over_fast']:.1f}× | {r['fast_over_copy']:.1f}× |"
         )
-    write_result("hadamard", {"rows": rows, "repeats": args.repeats}, "\n".join(table),
-                 Path(args.results_dir) if args.results_dir else None, invocation(__file__, argv))
+    write_result("hadamard", {"rows": rows, "repeats": config.repeats}, "\n".join(table),
+                 Path(config.results_dir) if config.results_dir else None, invocation(__file__, argv))
     print("\n".join(table))
 
 

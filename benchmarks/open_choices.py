@@ -11,13 +11,13 @@ the branch sees full-precision or quantized inputs — each at A4, A3 and A2.
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from common import invocation, write_result
+from common import invocation, parse_config, write_result
+from robuq.core.options import option
 import robuq
 from robuq.train.calibration import calibration_batch, relative_error
 from robuq.data import build_dataset
@@ -56,17 +56,22 @@ def policy(bits: int, changes: dict) -> robuq.QuantConfig:
     return config
 
 
+@dataclass
+class OpenChoicesConfig:
+    """Options of this benchmark."""
+
+    ckpt: str | None = option(None, "the teacher (default: the shipped one)")
+    images: int = option(128, "calibration images (training split)")
+    data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files")
+    results_dir: str | None = option(None, "where the JSON and Markdown go (default: results/)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", default=None, help="the teacher (default: the shipped one)")
-    parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--results-dir", default=None)
-    args = parser.parse_args(argv)
-    teacher = robuq.load_dit(args.ckpt or default_teacher_path()).eval()
+    config = parse_config(OpenChoicesConfig, argv, __doc__)
+    teacher = robuq.load_dit(config.ckpt or default_teacher_path()).eval()
     size = teacher.x_embedder.grid_size * teacher.patch_size
-    dataset = build_dataset("fashion-mnist", size, args.data_dir, teacher.num_classes > 0)
-    batch = calibration_batch(teacher, *calibration_images(dataset, args.images, teacher.num_classes > 0), seed=0)
+    dataset = build_dataset("fashion-mnist", size, config.data_dir, teacher.num_classes > 0)
+    batch = calibration_batch(teacher, *calibration_images(dataset, config.images, teacher.num_classes > 0), seed=0)
     rows = []
     for name, changes in VARIANTS.items():
         row = {"variant": name, "changes": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()}}
@@ -76,11 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(row)
     lines = ["Relative output MSE against the teacher (÷ the teacher output's variance) right after quantization, "
-             f"{args.images} training images at timesteps spread over [0, 1000). Lower is better.", "",
+             f"{config.images} training images at timesteps spread over [0, 1000). Lower is better.", "",
              "| variant | A4 | A3 | A2 |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['a4']:.4f} | {r['a3']:.4f} | {r['a2']:.4f} |" for r in rows]
-    write_result("open_choices", {"rows": rows, "images": args.images, "ckpt": str(args.ckpt or default_teacher_path().name)},
-                 "\n".join(lines), Path(args.results_dir) if args.results_dir else None, invocation(__file__, argv))
+    write_result("open_choices", {"rows": rows, "images": config.images, "ckpt": str(config.ckpt or default_teacher_path().name)},
+                 "\n".join(lines), Path(config.results_dir) if config.results_dir else None, invocation(__file__, argv))
     print("\n".join(lines))
 
 
