@@ -76,7 +76,7 @@ def test_a_binary_plan_or_policy_is_refused(tmp_path, tiny_ckpt, capsys):
     blob = tmp_path / "blob.json"
     blob.write_bytes(bytes(range(128, 256)))
     out = tmp_path / "q.safetensors"
-    assert "cannot read the bit plan" in refused(capsys, ["quantize", "--ckpt", tiny_ckpt, "--plan", str(blob), "--out", str(out)])
+    assert "is not text; a plan is a JSON file" in refused(capsys, ["quantize", "--ckpt", tiny_ckpt, "--plan", str(blob), "--out", str(out)])
     assert "is not text" in refused(capsys, ["quantize", "--ckpt", tiny_ckpt, "--config", str(blob), "--out", str(out)])
     assert not out.exists()
 

@@ -50,11 +50,17 @@ def _autoencoder_class():
 def _load(build, path: Path) -> nn.Module:
     """``build()``, with diffusers' errors for files it cannot read (OSError for a bad config or weights file,
     ValueError and RuntimeError for contents that do not fit an AutoencoderKL) as one line naming ``path``."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its notes on optional packages say nothing about the user's files
     try:
         return build()
     except (OSError, ValueError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"--vae {path} cannot be loaded as an AutoencoderKL: {reason}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None, device: torch.device | str = "cpu",

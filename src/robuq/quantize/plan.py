@@ -50,8 +50,10 @@ class BitPlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BitPlan":
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise PlanError(f"bit plan {path} is not text; a plan is a JSON file (as `robuq ampn allocate` writes)") from None
+        except (OSError, json.JSONDecodeError) as exc:
             raise PlanError(f"cannot read the bit plan {path}: {exc}") from exc
         return cls.from_dict(data, str(path))
 
