@@ -1,4 +1,5 @@
-"""Activation quantizers: uniform, 1–8 bits, per token or per tensor, with a choice of scale rule.
+"""Activation quantizers: uniform, MIN_BITS–MAX_BITS bits (``core.quantizer_spec``), per token or per tensor,
+with a choice of scale rule.
 
 Scale rules (docs/method.md §6):
 - ``minmax``: the range [min, max] of the token, as BitNet v2 does;

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from robuq.core.files import atomic_write_text
 from robuq.core.options import check_known_fields, option
-from robuq.core.quantizer_spec import check_bits
+from robuq.core.quantizer_spec import MAX_BITS, MIN_BITS, check_bits
 from robuq.models.diffusers_attention import install_attention_core, is_diffusers_attention
 from robuq.models.dit import AttentionCore
 from robuq.quant.attention import QuantAttentionCore
@@ -166,8 +166,8 @@ class QuantConfig:
 
 
 def validate_plan(plan: Mapping[str, object], quantized_names: list[str]) -> dict[str, int | None]:
-    """Check every entry names a quantized linear and gives integer bits 1–8 (or None: full-precision
-    inputs); return a clean copy."""
+    """Check every entry names a quantized linear and gives integer bits MIN_BITS–MAX_BITS (None:
+    full-precision inputs); return a clean copy."""
     if not isinstance(plan, Mapping):
         raise PlanError(f"a bit plan must map module names to bits, got {type(plan).__name__}")
     known = set(quantized_names)
@@ -181,8 +181,8 @@ def validate_plan(plan: Mapping[str, object], quantized_names: list[str]) -> dic
             continue
         elif isinstance(bits, bool) or not isinstance(bits, int):
             problems.append(f"{name!r}: bits must be an integer, got {bits!r} ({type(bits).__name__})")
-        elif not 1 <= bits <= 8:
-            problems.append(f"{name!r}: bits must be from 1 to 8, got {bits}")
+        elif not MIN_BITS <= bits <= MAX_BITS:
+            problems.append(f"{name!r}: bits must be from {MIN_BITS} to {MAX_BITS}, got {bits}")
     if problems:
         raise PlanError("invalid bit plan:\n  " + "\n  ".join(problems))
     return {name: None if bits is None else int(bits) for name, bits in plan.items()}
