@@ -100,7 +100,7 @@ def measure(spec: dict) -> dict:
     from robuq.models.checkpoint import load_dit
     from robuq.train.qat import QATConfig, qat_objective
     from robuq.core.distributed import DistInfo
-    from robuq.train.trainer import ema_and_optimizer, train_step
+    from robuq.train.trainer import StepState, ema_and_optimizer, train_step
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -135,7 +135,7 @@ def measure(spec: dict) -> dict:
         held = _status_kib("VmRSS") * 1024
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, so the peak below is the step's own
     t0 = time.perf_counter()
-    loss, _, _ = train_step(student, student, ema, optimizer, objective, x, y, 1, config, DistInfo(), device)
+    loss, _, _ = train_step(StepState(student, student, ema, optimizer, objective, config, DistInfo(), device), x, y, 1)
     if cuda:
         torch.cuda.synchronize()
     step_s = time.perf_counter() - t0

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -336,8 +336,8 @@ def train_loop(
     current = device_context(device)
     try:
         with current:
-            return _loop(config, model, objective, dataset, resume, until, extra_meta or {}, progress, probe, param_groups,
-                         device, info)
+            run = LoopRun(resume, until, extra_meta or {}, progress, probe, param_groups)
+            return _loop(config, model, objective, dataset, run, device, info)
     finally:
         shutdown(info)
 
@@ -351,12 +351,14 @@ def _next_batch(loader) -> tuple[torch.Tensor, torch.Tensor]:
         raise CorruptImageError(str(exc).strip().splitlines()[-1].split("CorruptImageError: ", 1)[-1]) from None
 
 
-def _loop(config, model, objective, dataset, resume, until, extra_meta, progress, probe, param_groups, device, info) -> Path:
+def _loop(config: LoopConfig, model: nn.Module, objective: Callable[..., dict[str, torch.Tensor]], dataset: Dataset,
+          run: LoopRun, device: torch.device, info: DistInfo) -> Path:
+    resume, until, extra_meta, progress, probe = run.resume, run.until, run.extra_meta, run.progress, run.probe
     config.validate(info.world_size)
     out_dir = Path(config.out_dir)
     num_classes = getattr(model, "num_classes", 0)
     model = model.to(device)
-    ema, optimizer = ema_and_optimizer(model, config, param_groups)
+    ema, optimizer = ema_and_optimizer(model, config, run.param_groups)
     meta = {"train_config": config.to_dict(), "model_config": model.config.to_dict(), **extra_meta}
 
     start = 0
@@ -393,6 +395,7 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
     net = DistributedDataParallel(model) if info.enabled else model
     if config.compile:
         net = torch.compile(net)
+    state = StepState(net, model, ema, optimizer, objective, config, info, device)
     model.train()
     bar = tqdm(range(start, stop), initial=start, total=stop, desc="train", disable=not (progress and info.is_main), dynamic_ncols=True)
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
@@ -401,7 +404,7 @@ def _loop(config, model, objective, dataset, resume, until, extra_meta, progress
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True) if num_classes > 0 else None
 
-        loss, grad_norm, losses = train_step(net, model, ema, optimizer, objective, x, y, step, config, info, device)
+        loss, grad_norm, losses = train_step(state, x, y, step)
 
         window_loss, window_n = window_loss + loss.item(), window_n + 1
         done = step + 1
@@ -446,15 +449,42 @@ def ema_and_optimizer(model: nn.Module, config: LoopConfig, param_groups: Callab
     return ema, torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def train_step(net: nn.Module, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
-               objective: Callable[..., dict[str, torch.Tensor]], x: torch.Tensor, y: torch.Tensor | None, step: int,
-               config: LoopConfig, info: DistInfo, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Step ``step`` of the loop on the batch (x, y): the objective through ``net`` (``model`` itself, or its DDP
-    or compiled wrapper) under ``config.precision``, its randomness drawn from (seed, step, rank); backward,
-    clipping, AdamW at the scheduled learning rate, the EMA update. Returns (mean loss, gradient norm, losses).
+@dataclass
+class StepState:
+    """What every step of the loop works on: the model and ``net`` (the model itself, or its DDP or compiled
+    wrapper), its EMA, the optimizer, the objective, the run's config and where it runs."""
+
+    net: nn.Module
+    model: nn.Module
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: Callable[..., dict[str, torch.Tensor]]
+    config: LoopConfig
+    info: DistInfo
+    device: torch.device
+
+
+@dataclass
+class LoopRun:
+    """How one call runs the loop (``train_loop``'s keyword arguments)."""
+
+    resume: bool = False
+    until: int | None = None
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+    probe: Callable[[nn.Module], dict[str, float]] | None = None
+    param_groups: Callable[[nn.Module], list[dict]] | None = None
+
+
+def train_step(state: StepState, x: torch.Tensor, y: torch.Tensor | None, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Step ``step`` of the loop on the batch (x, y): the objective through ``state.net`` under the config's
+    precision, its randomness drawn from (seed, step, rank); backward, clipping, AdamW at the scheduled
+    learning rate, the EMA update. Returns (mean loss, gradient norm, losses).
 
     A non-finite loss on any rank stops every rank at this step, before the backward pass: a rank that raised
     alone would leave the others waiting in the gradient all-reduce until the group's timeout."""
+    net, model, ema, optimizer, objective = state.net, state.model, state.ema, state.optimizer, state.objective
+    config, info, device = state.config, state.info, state.device
     rank = info.rank
     rng_devices = [device] if device.type == "cuda" else []
     generator = torch.Generator().manual_seed(step_seed(config.seed, step, rank))
