@@ -304,6 +304,24 @@ def test_build_is_cached_per_source_and_flags(monkeypatch, tmp_path):
         native._library.cache_clear()
 
 
+@pytest.mark.slow  # two builds of the library
+def test_a_change_to_any_kernel_family_file_builds_anew(monkeypatch, tmp_path):
+    """cpu_kernels.c includes the families in c/: the build's cache key must cover them all."""
+    import shutil
+
+    source = tmp_path / "src"
+    shutil.copytree(native.SOURCE.parent, source, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    monkeypatch.setattr(native, "SOURCE", source / "cpu_kernels.c")
+    monkeypatch.setattr(native, "FAMILIES", source / "c")
+    monkeypatch.setenv("ROBUQ_CACHE", str(tmp_path / "cache"))
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    first = native._build(compiler)
+    with open(source / "c" / "elementwise.c", "a") as f:
+        f.write("\n/* an edit */\n")
+    second = native._build(compiler)
+    assert first != second and first.exists() and second.exists()
+
+
 def test_gelu_matches_pytorch(tiny_dit):
     import torch.nn.functional as F
 

@@ -30,7 +30,8 @@ import torch
 from robuq.core import quantizer_spec as spec
 from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")  # includes the kernel families in c/: one translation unit
+FAMILIES = Path(__file__).with_name("c")
 # -ffp-contract=off: no fused multiply-adds, so scales, offsets and levels round as PyTorch's do;
 # -fno-trapping-math lets rintf vectorize (no program here traps on floating-point exceptions).
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC",
@@ -123,7 +124,8 @@ def _cpu_identity() -> str:
 def _build(compiler: str, flags: list[str] | None = None) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     flags = [*(FLAGS if flags is None else flags), *definitions()]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, platform.machine(),
+    sources = [SOURCE.read_text(), *(f.read_text() for f in sorted(FAMILIES.iterdir()) if f.suffix in (".c", ".h"))]
+    key = hashlib.sha256("\0".join([*sources, " ".join(flags), version, platform.machine(),
                                     _cpu_identity()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
