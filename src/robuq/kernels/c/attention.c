@@ -97,8 +97,8 @@ static int32_t span_levels(const float *restrict v, int64_t n, const float *rest
 
 #if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
 /* acc + MULTIPLY(x, w), the sum written into acc's own register. From intrinsics GCC 12 added into the
- * product's register and copied it back, one vmovdqa per multiply: a third more vector ALU work (the AVX2
- * GEMM 1.26–1.28× slower on an Intel core, with three vector ALU ports; measured here). */
+ * product's register and copied it back, one vmovdqa per multiply: a third more vector ALU work on a core
+ * with three vector ALU ports. */
 #define ACCUMULATE_INTO(NAME, MULTIPLY, ADD)                                                                   \
     static inline __attribute__((always_inline)) __m256i NAME(__m256i acc, __m256i x, __m256i w) {            \
         __m256i product;                                                                                       \
@@ -141,8 +141,8 @@ ACCUMULATE_INTO(madd_into, "vpmaddwd", "vpaddd")      /* s16 × s16 pair sums, a
  * sums in lane order: no horizontal finish, and twice the loop trips of 4 k per lane (d = 64 left only 16,
  * each strip then ending in hadds and permutes). 4 rows × 16 columns: 8 accumulators, 2 weight vectors,
  * a broadcast and a product (4 × 3 would need 17 of AVX2's 16 registers). One asm statement per k: with
- * madd_into per product GCC 12 copied accumulators through a spare register, 7 vmovdqa per 8 multiplies
- * (measured no slower on the Intel core here, whose renamer drops such copies; not all cores do). */
+ * madd_into per product GCC 12 copied accumulators through a spare register, 7 vmovdqa per 8 multiplies,
+ * which only some cores' renamers drop. */
 typedef int32_t __attribute__((may_alias)) pair_t; /* two int16 levels, read as one broadcast */
 #define MADD_ROW(R) "vpbroadcastd %[a" #R "], %[x]\n\t"                                                      \
                     "vpmaddwd %[w0], %[x], %[t]\n\t"                                                          \

@@ -20,7 +20,7 @@
 /* One tile row: a value per lane. GCC's vector extensions make every lane loop one SIMD operation
  * (one register) instead of leaving it to the auto-vectorizer. Tiles are 64-byte aligned. Without
  * AVX-512 a tile is 8 lanes (one AVX2 register): 16 there split every value in two and spilled the
- * register-blocked loops, 2.2–2.6× slower (hadamard_quantize, rescale, attention, measured here). */
+ * register-blocked loops (hadamard_quantize, rescale, attention). */
 #ifndef __AVX512F__
 #undef LANES
 #define LANES 8

@@ -24,7 +24,7 @@ void robuq_gelu_tanh(const float *x, float *y, int64_t n, int threads) {
 
 /* tanh-GELU in place over n contiguous values: the epilogue's second pass over the rows it has just written,
  * still in cache. Inside its column loop, beside the branch sums, the GELU's constants did not fit AVX2's
- * 16 registers (spilled: the fused epilogue of fc1 1.37× slower on one Intel core, 1.18× with AVX-512).
+ * 16 registers and spilled, slowing the fused epilogue of fc1.
  * Compiled as the epilogue is, with fused multiply-adds, whether inlined or not. */
 __attribute__((optimize("fp-contract=fast"))) static void gelu_span(float *y, int64_t n) {
     int64_t i = 0;

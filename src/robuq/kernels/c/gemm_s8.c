@@ -2,8 +2,8 @@
  * Part of cpu_kernels.c's single translation unit: it sees what the files before it define. */
 
 /* ---- Integer GEMM for CPUs without VNNI: out = a·b with a (m, k) and b (k, n) int8, int32 sums, exactly
- * torch._int_mm's result. PyTorch's own int8 GEMM is fast only with VNNI (on an AVX2-only CPU it took 33×
- * an fp32 matmul's time), so robuq.deploy.gemm routes such CPUs here.
+ * torch._int_mm's result. PyTorch's own int8 GEMM is fast only with VNNI (on an AVX2-only CPU it is far
+ * slower than an fp32 matmul), so robuq.deploy.gemm routes such CPUs here.
  *
  * AVX2's vpmaddubsw multiplies unsigned by signed bytes and adds pairs into saturating int16. The caller
  * says a's levels are u − shift with u in 0…top: shift 0 for activations of up to 7 bits (their levels are
@@ -20,9 +20,9 @@
 #error "the AVX2 GEMM tile is one register of 8 columns × 4 bytes: native.py's packing must match"
 #endif
 /* A register tile: 4 rows × 2 blocks of 8 columns, 8 int16 accumulators beside 2 weight vectors, a broadcast
- * and vpmaddubsw's result; 4 × 3 left GCC too few of AVX2's 16 registers and it spilled the accumulators
- * (1.7× slower), and so did 6 × 2 and 5 × 2. Tasks are 48 rows × 24 blocks: the rows and a block pair's
- * weights stay in L1/L2 while the tile walks them (24 or 96 rows were slower, measured here). */
+ * and vpmaddubsw's result; 4 × 3 left GCC too few of AVX2's 16 registers and it spilled the accumulators,
+ * and so did 6 × 2 and 5 × 2. Tasks are 48 rows × 24 blocks: the rows and a block pair's weights stay in
+ * L1/L2 while the tile walks them. */
 #define GEMM_ROWS 4
 #define GEMM_BLOCKS 2
 #define GEMM_CHUNK_ROWS 48

@@ -10,8 +10,7 @@
  * all-zero, every other pattern's first nonzero weight is +1). A column's group is stored as its slot and
  * the sign that makes its pattern canonical (0 for all-zero weights), so 32 columns of one group are one
  * vpshufb of the row's table, one vpsignb and one vpaddb into int8 sums: 96 products per three
- * instructions where vpmaddubsw needs four (one multiply and one add per 32), measured 1.1–1.4× the
- * multiply-add kernel above on DiT-S/2's shapes. |T| ≤ 3·max|c|, so 127 / that many groups add up in int8
+ * instructions where vpmaddubsw needs four (one multiply and one add per 32). |T| ≤ 3·max|c|, so 127 / that many groups add up in int8
  * before their even and odd bytes are widened into int16 sums (vpmaddubsw by byte masks, no cross-lane shuffle), and
  * 32767 / that many groups before those are added into the int32 output; zero·Σ_k w_kj, from the
  * caller's column sums, puts the centering back. Packing (native.pack_ternary_weights): blocks of
@@ -25,7 +24,7 @@
 static const int8_t TERNARY_PATTERNS[TERNARY_GROUP][16] = {TERNARY_PATTERN_FIRST, TERNARY_PATTERN_SECOND,
                                                            TERNARY_PATTERN_THIRD};
 /* Rows per register tile (three int8 sums, six int16 ones, the slots, signs, a table and a lookup fill
- * AVX2's 16 registers; 4–6 rows were 3–12% slower, measured here) and per task (a multiple of the tile:
+ * AVX2's 16 registers; more rows spill) and per task (a multiple of the tile:
  * the chunk's tables stay in L2 while every column block walks them). */
 #define TERNARY_ROWS 3
 #define TERNARY_CHUNK_ROWS 36

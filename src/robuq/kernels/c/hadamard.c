@@ -44,7 +44,7 @@ static void load_tile(const float *restrict x, int64_t count, int64_t n, const f
     }
 }
 
-/* Scalar on purpose: vectorized, GCC emits scatters, which are several times slower here. */
+/* Scalar on purpose: vectorized, GCC emits scatters, which are slower. */
 __attribute__((optimize("no-tree-vectorize")))
 static void store_tile(const float *restrict t, int64_t count, int64_t n, float *restrict y) {
     for (int64_t i = 0; i < n; i++)

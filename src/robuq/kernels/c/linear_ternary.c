@@ -4,10 +4,9 @@
 /* ---- A whole ternary integer linear in one parallel pass over chunks of rows: each chunk's input pass
  * (robuq_hadamard_quantize), its lookup GEMM (robuq_gemm_ternary) and its epilogue (robuq_rescale) run
  * back to back on one thread, so the chunk's levels and int32 sums stay in that core's cache instead of
- * going out to memory between three kernels (DiT-S/2's qkv: 9 MiB of sums per call), and one parallel
- * region replaces three: the exported DiT-S/2 forward 1.07–1.11× faster (AVX2 build, one and two threads,
- * A/B in one process), bit for bit the same. Activation levels are unsigned (shift 0), as the lookup GEMM
- * takes them. 24 rows per chunk were 2% slower, 96 no faster. ---- */
+ * going out to memory between three kernels, and one parallel region replaces three; the result is bit
+ * for bit the three kernels'. Activation levels are unsigned (shift 0), as the lookup GEMM takes them.
+ * ---- */
 #define LINEAR_CHUNK_ROWS 48 /* whole tiles of LANES rows and of TERNARY_ROWS */
 
 int robuq_linear_ternary(const float *x, int64_t rows, int64_t k, int64_t m, const float *hm, const float *signs,
