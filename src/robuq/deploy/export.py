@@ -63,7 +63,7 @@ def export_model(model: nn.Module, config: QuantConfig, path: str | os.PathLike,
             continue
         fmt = _weight_format(layer, ternary_packing)
         q = layer.quantized_weight()
-        tensors[f"{name}.weight_packed"] = PACKERS[fmt][0](q.levels.to(torch.int8))
+        tensors[f"{name}.weight_packed"] = PACKERS[fmt].pack(q.levels.to(torch.int8))
         # In the file's dtype (fp16 by default, as the paper's layout counts it); dtype="fp32" exports
         # reproduce the training model bit for bit.
         tensors[f"{name}.weight_scale"] = q.scale.reshape(-1).to(half)
@@ -105,20 +105,42 @@ def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: 
     gemm = resolve_gemm(gemm)
     if retain_memory:
         retain_freed_memory()
+    tensors, meta = _read_export(path)
+    model = _skeleton(meta)
+    weights = _unpack_weights(path, tensors, meta, model)
+    return _assemble(path, model, tensors, weights, integer, gemm)
+
+
+def _read_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The file's tensors and header, once the header says it is an export of this format."""
     tensors, meta = load_tensors(path)
     if meta.get("kind") != "robuq-export":
         raise _corrupt(path, "its header does not describe a robuq export (is it a training checkpoint? use load_quantized)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise _corrupt(path, f"format version {meta.get('format_version')} is not {FORMAT_VERSION}")
-    # The skeleton lives on the meta device: the file's tensors are assigned into it, so no random
-    # initialisation and (for integer inference) no float copy of the packed weights is ever allocated.
-    # Not for diffusers' model, whose positional table is a buffer computed at construction and not saved.
+    return tensors, meta
+
+
+def _skeleton(meta: dict[str, Any]) -> nn.Module:
+    """The quantized model the header describes, without values. On the meta device for robuq's DiT: the
+    file's tensors are assigned into it, so no random initialisation and (for integer inference) no float
+    copy of the packed weights is ever allocated. Not for diffusers' model, whose positional table is a
+    buffer computed at construction and not saved."""
     with meta_skeleton() if meta.get("model_family", DIT) == DIT else contextlib.nullcontext():
         model = build_model(meta)
         quantize_(model, QuantConfig.from_dict(meta["quant_config"]), plan=meta.get("plan") or None, initialize=False)
-    state, weights = {}, {}
+    return model
+
+
+def _unpack_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    model: nn.Module) -> dict[str, QuantizedTensor]:
+    """Each packed layer's levels and scales (popped from ``tensors``), checked against the header and the
+    model: format, byte count, scale count, and a quantized linear of that shape to receive them."""
+    weights = {}
+    modules = dict(model.named_modules())
     for name, info in meta["packed"].items():
-        if info.get("format") not in PACKERS:
+        packer = PACKERS.get(info.get("format"))
+        if packer is None:
             raise _corrupt(path, f"{name} uses an unknown packing {info.get('format')!r}")
         shape = info["shape"]
         count = math.prod(shape)
@@ -126,23 +148,25 @@ def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: 
         scale = tensors.pop(f"{name}.weight_scale", None)
         if data is None or scale is None:
             raise _corrupt(path, f"the packed weights of {name} are missing")
-        bits = PACKERS[info["format"]][2]
-        if data.numel() != math.ceil(count * bits / 8 - 1e-9) and data.numel() != -(-count // int(round(8 / bits))):
+        if data.numel() != packer.packed_bytes(count):
             raise _corrupt(path, f"{name} holds {data.numel()} packed bytes, its shape {shape} needs another size")
         if scale.numel() != shape[0]:
             raise _corrupt(path, f"{name} has {scale.numel()} scales for {shape[0]} output channels")
-        levels = PACKERS[info["format"]][1](data, count).reshape(shape)
-        weights[name] = QuantizedTensor(levels, scale.float().unsqueeze(1), 0.0)
-    modules = dict(model.named_modules())
-    for name, q in weights.items():
         if not isinstance(modules.get(name), QuantLinear):
             raise _corrupt(path, f"packed weights for {name!r}, which the config does not quantize")
-        if tuple(q.levels.shape) != tuple(modules[name].weight.shape):
-            raise _corrupt(path, f"{name}.weight has shape {tuple(q.levels.shape)}, the config needs {tuple(modules[name].weight.shape)}")
-    # Layers that run on integers take the levels; the others (float mode, or full-precision inputs) get α·L.
+        if tuple(shape) != tuple(modules[name].weight.shape):
+            raise _corrupt(path, f"{name}.weight has shape {tuple(shape)}, the config needs {tuple(modules[name].weight.shape)}")
+        weights[name] = QuantizedTensor(packer.unpack(data, count).reshape(shape), scale.float().unsqueeze(1), 0.0)
+    return weights
+
+
+def _assemble(path: str | os.PathLike, model: nn.Module, tensors: dict[str, torch.Tensor],
+              weights: dict[str, QuantizedTensor], integer: bool, gemm: str) -> nn.Module:
+    """``model`` with the file's values: layers that run on integers become IntegerLinears built from their
+    levels, the others (float mode, or full-precision inputs) get α·L as their weight."""
+    modules = dict(model.named_modules())
     on_integers = {n for n in weights if integer and modules[n].act_bits is not None}
-    for name in set(weights) - on_integers:
-        state[f"{name}.weight"] = weights[name].dequantize()
+    state = {f"{name}.weight": weights[name].dequantize() for name in set(weights) - on_integers}
     expected = model.state_dict()
     for key, value in tensors.items():
         if key not in expected:

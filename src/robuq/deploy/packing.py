@@ -6,6 +6,8 @@ back, which the export file stores beside the bytes.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -73,12 +75,26 @@ def unpack_int4(packed: torch.Tensor, count: int) -> torch.Tensor:
     return nibbles.reshape(-1)[:count].to(torch.int8) - 8
 
 
+@dataclass(frozen=True)
+class Packer:
+    """One packing: levels → bytes, bytes (and the element count) → levels, and its bits per weight."""
+
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    unpack: Callable[[torch.Tensor, int], torch.Tensor]
+    bits: float
+
+    def packed_bytes(self, count: int) -> int:
+        """Bytes that ``count`` levels take (whole groups: a trailing partial byte or group is padded)."""
+        per_byte = round(8 / self.bits)
+        return -(-count // per_byte)
+
+
 PACKERS = {
-    "ternary-2bit": (pack_ternary_2bit, unpack_ternary_2bit, 2.0),
-    "ternary-trits": (pack_ternary_trits, unpack_ternary_trits, 8 / TRITS_PER_BYTE),
-    "int4": (pack_int4, unpack_int4, 4.0),
+    "ternary-2bit": Packer(pack_ternary_2bit, unpack_ternary_2bit, 2.0),
+    "ternary-trits": Packer(pack_ternary_trits, unpack_ternary_trits, 8 / TRITS_PER_BYTE),
+    "int4": Packer(pack_int4, unpack_int4, 4.0),
 }
 
 
 def packed_bits_per_weight(fmt: str) -> float:
-    return PACKERS[fmt][2]
+    return PACKERS[fmt].bits
