@@ -115,7 +115,7 @@ def parse_config(cls: type, argv: list[str] | None, doc: str | None):
     import argparse
     import dataclasses
 
-    from robuq.cli.options import add_config_arguments, config_from_args
+    from robuq.cli.flags import add_config_arguments, config_from_args
     from robuq.core.options import check_choice
 
     parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)

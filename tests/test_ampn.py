@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from robuq.ampn.pipeline import AMPNConfig, ampn_run
-from robuq.ampn.plan import plan_from_sensitivity, role_averages, write_plan
+from robuq.ampn.plan_files import plan_from_sensitivity, role_averages, write_plan
 from robuq.ampn.sensitivity import Sensitivity, block_layers, measure_sensitivity
 from robuq.train.calibration import calibration_batch
 from robuq.cli import main

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from robuq.cli import build_parser, main
-from robuq.cli.options import config_from_args
+from robuq.cli.flags import config_from_args
 
 
 def _subparsers(parser: argparse.ArgumentParser, prefix=()):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_diffusers, tiny_diffusers_dit
-from robuq.ampn.plan import plan_from_sensitivity, role_averages
+from robuq.ampn.plan_files import plan_from_sensitivity, role_averages
 from robuq.ampn.sensitivity import block_index, block_layers, layer_role, measure_sensitivity
 from robuq.cli.main import main
 from robuq.deploy.export import export_model, file_report, load_exported

@@ -17,8 +17,8 @@ from PIL import Image
 from robuq.data.image_folder import adm_center_crop
 from robuq.data import CorruptImageError, StreamingImageFolder
 from robuq.data.latents import LatentDataset, read_index, shard_path
-from robuq.models.vae import LATENT_SCALE, decode, encode, load_vae
-from robuq.train.latents import LatentsConfig, encode_latents
+from robuq.data.vae import LATENT_SCALE, decode, encode, load_vae
+from robuq.data.encode_latents import LatentsConfig, encode_latents
 
 from conftest import CLASSES, make_image_folder
 

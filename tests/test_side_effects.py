@@ -41,7 +41,7 @@ def test_plan_figures_leave_pyplot_alone(tmp_path):
     import sys
 
     matplotlib = pytest.importorskip("matplotlib")
-    from robuq.ampn.plan import plot_plan
+    from robuq.ampn.plan_files import plot_plan
 
     backend = matplotlib.rcParams["backend"]
     had_pyplot = "matplotlib.pyplot" in sys.modules

@@ -13,13 +13,13 @@ from robuq.io.model_files import load_any
 from robuq.io.quantized import load_quantized, save_quantized
 from robuq.models.checkpoint import CheckpointError, load_dit
 from robuq.models.dit import DIT_MODELS, DiT, DiTConfig, create_dit
-from robuq.models.vae import load_vae
+from robuq.data.vae import load_vae
 from robuq.quant.linear import LinearQuantConfig
 from robuq.quantize import (
     BitPlan, PlanError, QuantConfig, QuantRule, cost_summary, preset, quantize_, register_preset, resolve_policy,
 )
 from robuq.sample.generate import generate
-from robuq.train.latents import LatentsConfig, encode_latents
+from robuq.data.encode_latents import LatentsConfig, encode_latents
 from robuq.train.trainer import TrainConfig, train
 
 

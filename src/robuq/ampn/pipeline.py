@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from robuq.ampn.plan import format_plan, plan_from_sensitivity, write_plan
+from robuq.ampn.plan_files import format_plan, plan_from_sensitivity, write_plan
 from robuq.ampn.sensitivity import METRICS, Sensitivity, measure_sensitivity
 from robuq.core.distributed import DistInfo, barrier, init_distributed, shutdown
 from robuq.core.files import atomic_write_text

@@ -1,6 +1,6 @@
 """The ``robuq`` command: each subcommand parses its arguments and calls one library function.
 
-Options come from the job's config dataclass (``robuq.cli.options``), so the library and the command
+Options come from the job's config dataclass (``robuq.cli.flags``), so the library and the command
 line share one set of defaults and help texts. Errors robuq raises on purpose (bad input, a bad plan,
 a missing file) print as one line; anything else is a bug and keeps its traceback (``--debug`` shows
 the traceback of every error).
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from robuq.cli.options import add_config_arguments, config_from_args
+from robuq.cli.flags import add_config_arguments, config_from_args
 from robuq.quantize.cost import cost_summary
 
 _PACKAGE = Path(__file__).resolve().parent.parent  # robuq's own code: where deliberate errors come from
@@ -54,7 +54,7 @@ def _run_qat(config, args) -> int:
 
 
 def _run_latents(config, args) -> int:
-    from robuq.train.latents import encode_latents
+    from robuq.data.encode_latents import encode_latents
 
     print(f"wrote {encode_latents(config, progress=not args.no_progress)}")
     return 0
@@ -70,7 +70,7 @@ def _run_ampn_sensitivity(config, args) -> int:
 
 def _run_ampn_allocate(config, args) -> int:
     from robuq.ampn.pipeline import allocate_from_file
-    from robuq.ampn.plan import format_plan
+    from robuq.ampn.plan_files import format_plan
 
     plan, path = allocate_from_file(config)
     print(format_plan(plan))
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     from robuq.io.model_files import ExportConfig
     from robuq.io.quantized import QuantizeConfig
     from robuq.sample.to_files import SampleConfig
-    from robuq.train.latents import LatentsConfig
+    from robuq.data.encode_latents import LatentsConfig
     from robuq.train.qat import QATConfig
     from robuq.train.trainer import TrainConfig
 

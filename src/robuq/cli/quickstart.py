@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from robuq.ampn.pipeline import SET_BY_AMPN, AMPNConfig, ampn_run
-from robuq.ampn.plan import format_plan
+from robuq.ampn.plan_files import format_plan
 from robuq.quantize.cost import cost_summary
 from robuq.eval.metrics import psnr
 from robuq.core.files import atomic_write_text

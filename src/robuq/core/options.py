@@ -1,6 +1,6 @@
 """Options of a job, declared once on its config dataclass: default, help text and choices.
 
-The command line is generated from these declarations (``robuq.cli.options``), so a default or a help
+The command line is generated from these declarations (``robuq.cli.flags``), so a default or a help
 text exists in one place and cannot drift between the library and the CLI.
 """
 from __future__ import annotations

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+DEVICE_HELP = "'auto' (this rank's GPU when CUDA is available, else the CPU), 'cpu' or 'cuda[:N]'"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_TEACHER = ASSETS / "teacher-fmnist-dit-t4.safetensors"
 

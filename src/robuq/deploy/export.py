@@ -23,7 +23,7 @@ from robuq.deploy.integer_linear import IntegerLinear, convert_to_integer
 from robuq.deploy.packing import PACKERS
 from robuq.core.files import load_tensors, save_tensors
 from robuq.models.checkpoint import CheckpointError
-from robuq.models.families import DIT, build_model, model_record
+from robuq.models.families import DIT, model_from_record, model_record
 from robuq.models.skeleton import meta_skeleton
 from robuq.quant.primitives import QuantizedTensor
 from robuq.quant.linear import QuantLinear
@@ -127,7 +127,7 @@ def _skeleton(meta: dict[str, Any]) -> nn.Module:
     copy of the packed weights is ever allocated. Not for diffusers' model, whose positional table is a
     buffer computed at construction and not saved."""
     with meta_skeleton() if meta.get("model_family", DIT) == DIT else contextlib.nullcontext():
-        model = build_model(meta)
+        model = model_from_record(meta)
         quantize_(model, QuantConfig.from_dict(meta["quant_config"]), plan=meta.get("plan") or None, initialize=False)
     return model
 
@@ -199,7 +199,7 @@ def file_report(path: str | os.PathLike) -> dict[str, Any]:
     if meta.get("kind") != "robuq-export":
         raise _corrupt(path, "its header does not describe a robuq export")
     with meta_skeleton():
-        model = build_model(meta)
+        model = model_from_record(meta)
     params = sum(p.numel() for p in model.parameters())
     groups: dict[str, int] = {}
     for key, value in tensors.items():

@@ -14,7 +14,7 @@ from robuq.core.options import option
 from robuq.core.runtime import default_teacher_path
 from robuq.models.checkpoint import CheckpointError, check_compatible, load_dit, read_state_dict
 from robuq.models.dit import DiT
-from robuq.models.families import build_model, model_record
+from robuq.models.families import model_from_record, model_record
 from robuq.quantize.policy import QuantConfig, current_plan, quantize_
 from robuq.quantize.presets import resolve_policy
 
@@ -38,7 +38,7 @@ def load_quantized(path: str | os.PathLike, prefer: str = "ema", map_location: s
             f"{path} is not a quantized robuq model (no quantization config in its header); "
             "load full-precision checkpoints with robuq.load_dit"
         )
-    model = build_model(meta)
+    model = model_from_record(meta)
     config = QuantConfig.from_dict(meta["quant_config"])
     quantize_(model, config, plan=meta.get("plan") or None, initialize=False)
     check_compatible(model, state, str(path))

@@ -30,7 +30,7 @@ def model_record(model: nn.Module) -> dict[str, Any]:
     return {"model_family": DIFFUSERS, "model_config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")}}
 
 
-def build_model(meta: dict[str, Any]) -> nn.Module:
+def model_from_record(meta: dict[str, Any]) -> nn.Module:
     """A model with random weights of the structure ``model_record`` described (files without a family are DiTs)."""
     family = meta.get("model_family", DIT)
     if family == DIT:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, DistInfo, wait_for_files
 from robuq.core.files import save_npz
-from robuq.models.vae import decode
+from robuq.data.vae import decode
 from robuq.sample.generate import generate, save_grid, to_uint8
 
 

@@ -10,9 +10,9 @@ import torch
 from robuq.core.files import save_npz
 from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP, init_distributed, shutdown
 from robuq.core.options import check_choice, option
-from robuq.core.runtime import PRECISIONS, default_teacher_path, device_context, resolve_device
+from robuq.core.runtime import DEVICE_HELP, PRECISIONS, default_teacher_path, device_context, resolve_device
 from robuq.io.model_files import load_any
-from robuq.models.vae import decode, load_vae, vae_geometry
+from robuq.data.vae import decode, load_vae, vae_geometry
 from robuq.sample.at_scale import sample_shards
 from robuq.sample.generate import generate, save_grid, to_uint8
 
@@ -42,7 +42,7 @@ class SampleConfig:
     dist_timeout_hours: float = option(DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP)
     precision: str = option("fp32", "fp32; tf32 (CUDA matmuls in TF32); bf16 (autocast; quantizer statistics, scales and "
                                     "rounding stay fp32, as in training)", choices=PRECISIONS)
-    device: str = option("auto", "'auto' (a GPU when CUDA is available, else the CPU), 'cpu' or 'cuda[:N]'")
+    device: str = option("auto", DEVICE_HELP)
     retain_memory: bool = option(True, "exported models: keep freed memory in the process instead of returning it "
                                        "to the OS (faster integer inference; see load_exported)")
 

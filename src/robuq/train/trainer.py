@@ -33,7 +33,7 @@ from robuq.train.guards import first_nonfinite_grad, first_nonfinite_module
 from robuq.core.distributed import (DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP, DistInfo, any_rank, barrier, init_distributed,
                                     shutdown)
 from robuq.core.options import check_choice, check_known_fields, option
-from robuq.core.runtime import device_context, precision_context, resolve_device
+from robuq.core.runtime import DEVICE_HELP, device_context, precision_context, resolve_device
 from robuq.train.state import checkpoint_path, list_checkpoints, load_training_state, save_training_state
 
 
@@ -76,7 +76,7 @@ class LoopConfig:
                                              "EMA and optimizer state, under the same schedule (AMPN's final run "
                                              "continues its warm-up this way)")
     out_dir: str = option("runs/train", "output folder: config.json, log.jsonl, checkpoints/, model.safetensors")
-    device: str = option("auto", "'auto' (this rank's GPU when CUDA is available, else the CPU), 'cpu' or 'cuda[:N]'")
+    device: str = option("auto", DEVICE_HELP)
     dist_timeout_hours: float = option(DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP)
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,7 +236,7 @@ def diffusion_objective(diffusion: GaussianDiffusion, label_dropout: float = 0.0
     return objective
 
 
-def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> DiT:
+def initial_model(config: TrainConfig, in_channels: int, num_classes: int) -> DiT:
     if config.init_from:
         model = load_dit(config.init_from)
         if model.in_channels != in_channels or model.num_classes != num_classes:
@@ -300,7 +300,7 @@ def train(
             if num_classes is None:
                 raise ValueError(f"a class-conditional model needs the class count: give the {type(dataset).__name__} "
                                  "a num_classes attribute, pass a model, or train with conditional=False")
-            model = build_model(config, channels, num_classes)
+            model = initial_model(config, channels, num_classes)
     if isinstance(model, DiT):  # another nn.Module from the Python API states its own input shape
         check_data_fits(dataset, model, config.latents or config.data)
     if objective is None:

@@ -14,13 +14,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from robuq.core.files import save_tensors
-from robuq.core.options import option, with_default
-from robuq.core.runtime import device_context, resolve_device
+from robuq.core.options import option
+from robuq.core.runtime import DEVICE_HELP, device_context, resolve_device
 from robuq.data.image_stream import StreamingImageFolder
 from robuq.data.latents import LatentIndex, missing_shards, shard_path, write_index
-from robuq.models.vae import encode, load_vae, vae_geometry
-from robuq.train.trainer import LoopConfig
-from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, barrier, init_distributed, shutdown, wait_for_files
+from robuq.data.vae import encode, load_vae, vae_geometry
+from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP, barrier, init_distributed, shutdown, wait_for_files
 
 
 @dataclass
@@ -38,8 +37,8 @@ class LatentsConfig:
     batch_size: int = option(32, "images per VAE forward pass")
     num_workers: int = option(4, "DataLoader worker processes decoding images")
     seed: int = option(0, "seed of the posterior samples (each shard draws from (seed, shard))")
-    device: str = with_default(LoopConfig, "device", "auto")
-    dist_timeout_hours: float = with_default(LoopConfig, "dist_timeout_hours", DEFAULT_TIMEOUT_HOURS)
+    device: str = option("auto", DEVICE_HELP)
+    dist_timeout_hours: float = option(DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP)
 
 
 def _shard_latents(vae, dataset: StreamingImageFolder, rows: range, config: LatentsConfig, seed: int,
