@@ -17,7 +17,7 @@ from pathlib import Path
 from common import ROOT, invocation, parse_config, write_result
 from robuq.core.options import option
 from robuq.ampn.plan_files import format_plan
-from robuq.quantize.plan import BitPlan
+from robuq.precision.plan import BitPlan
 
 
 def probes(log: Path) -> list[tuple[int, float]]:

@@ -51,7 +51,7 @@ def _qat_step_stats(student, teacher, objective, optimizer, batch: int, checkpoi
 def qat_pair(name: str, device: torch.device, input_size: int = 32):
     """(frozen teacher, RobuQ A2 student in training mode) of a random ``name`` DiT on ``device``."""
     from robuq.models.dit import create_dit
-    from robuq.quantize.presets import resolve_policy
+    from robuq.precision.presets import resolve_policy
     from robuq.train.qat import build_student
 
     torch.manual_seed(0)
@@ -162,8 +162,8 @@ def triton_tests() -> dict:
 
 def sampling(batch: int, device: torch.device) -> dict:
     from robuq.models.dit import create_dit
-    from robuq.quantize.presets import resolve_policy
-    from robuq.quantize.policy import quantize_
+    from robuq.precision.presets import resolve_policy
+    from robuq.precision.policy import quantize_
     from robuq.core.runtime import precision_context
     from robuq.sample.generate import guided
 

@@ -66,7 +66,7 @@ def prepare(spec: dict) -> None:
     from robuq.core.files import save_tensors
     from robuq.io.quantized import save_quantized
     from robuq.models.dit import DiT
-    from robuq.quantize.presets import resolve_policy
+    from robuq.precision.presets import resolve_policy
     from robuq.train.qat import build_student
 
     torch.set_num_threads(spec["threads"])

@@ -36,7 +36,7 @@ import torch
 from common import ROOT, invocation, write_result
 import robuq
 from robuq.ampn.pipeline import AMPNConfig, ampn_run
-from robuq.quantize.cost import cost_summary
+from robuq.precision.cost import cost_summary
 from robuq.eval.evaluate import EvalConfig, evaluate
 from robuq.models.checkpoint import load_dit
 from robuq.io.quantized import load_quantized

@@ -10,7 +10,7 @@ from robuq.ampn.sensitivity import Sensitivity, block_layers, measure_sensitivit
 from robuq.train.calibration import calibration_batch
 from robuq.cli import main
 from robuq.core.files import save_tensors
-from robuq.quantize import BitPlan, current_plan, load_plan, preset, quantize_
+from robuq.precision import BitPlan, current_plan, load_plan, preset, quantize_
 from robuq.io.quantized import load_quantized
 from robuq.train.qat import QATConfig, build_student
 

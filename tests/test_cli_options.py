@@ -90,7 +90,7 @@ def test_robuqs_own_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, 
 
 def test_a_registered_preset_is_a_policy_like_the_built_in_ones():
     from robuq.quant.linear import LinearQuantConfig
-    from robuq.quantize import BLOCK_ROLES, PRESETS, preset, register_preset
+    from robuq.precision import BLOCK_ROLES, PRESETS, preset, register_preset
 
     @register_preset("test-a8w8")
     def _(options):

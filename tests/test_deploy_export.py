@@ -160,7 +160,7 @@ def test_report_matches_the_files_and_the_layer_shapes(tmp_path, quantized):
 
 
 def test_cost_summary_of_an_exported_model_matches_its_training_model(tmp_path, quantized):
-    from robuq.quantize.cost import cost_summary
+    from robuq.precision.cost import cost_summary
 
     model, config = quantized
     path = export_model(model, config, tmp_path / "m.safetensors")
@@ -177,7 +177,7 @@ def test_a_plan_updates_the_layer_configs_it_changes(quantized):
     model, _ = quantized
     layer = model.get_submodule("blocks.1.attn.qkv")
     assert layer.act_bits == layer.config.act_bits == 1
-    robuq.quantize.apply_plan(model, {"blocks.1.attn.qkv": 3})
+    robuq.precision.apply_plan(model, {"blocks.1.attn.qkv": 3})
     assert layer.act_bits == layer.config.act_bits == 3
 
 

@@ -9,8 +9,8 @@ from robuq.models.diffusers_attention import RobuqAttnProcessor
 from robuq.models.dit import DiT
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import QuantLinear
-from robuq.quantize import LAYOUTS, QuantConfig, preset, quantize_
-from robuq.quantize.policy import detect_layout
+from robuq.precision import LAYOUTS, QuantConfig, preset, quantize_
+from robuq.precision.policy import detect_layout
 
 pytest.importorskip("diffusers")
 

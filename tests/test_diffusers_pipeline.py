@@ -7,7 +7,7 @@ from conftest import tiny_diffusers_dit
 from robuq.deploy.export import export_model, load_exported
 from robuq.deploy.integer_linear import IntegerLinear
 from robuq.quant.attention import QuantAttentionCore
-from robuq.quantize import preset, quantize_
+from robuq.precision import preset, quantize_
 
 diffusers = pytest.importorskip("diffusers")
 

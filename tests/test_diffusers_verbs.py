@@ -13,7 +13,7 @@ from robuq.deploy.export import export_model, file_report, load_exported
 from robuq.deploy.integer_linear import IntegerLinear
 from robuq.io.quantized import load_quantized, save_quantized
 from robuq.models.checkpoint import load_dit
-from robuq.quantize import cost_summary, current_plan, preset, quantize_
+from robuq.precision import cost_summary, current_plan, preset, quantize_
 from robuq.train.calibration import calibration_batch
 
 pytest.importorskip("diffusers")

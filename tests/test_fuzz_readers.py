@@ -17,7 +17,7 @@ from robuq.deploy.export import export_model, load_exported
 from robuq.io.quantized import load_quantized, save_quantized
 from robuq.models.checkpoint import load_dit
 from robuq.models.dit import DiT
-from robuq.quantize import BitPlan, QuantConfig, preset, quantize_
+from robuq.precision import BitPlan, QuantConfig, preset, quantize_
 
 from conftest import perturbed, tiny_config
 

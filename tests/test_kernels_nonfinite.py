@@ -100,7 +100,7 @@ def test_an_exported_model_gives_a_nan_only_to_the_sample_with_a_nan(tmp_path):
 
     from robuq.deploy.export import export_model, load_exported
     from robuq.models.dit import DiT
-    from robuq.quantize import preset, quantize_
+    from robuq.precision import preset, quantize_
 
     torch.manual_seed(4)
     policy = preset("robuq", 4)

@@ -16,7 +16,7 @@ from robuq.core.files import load_tensors, save_tensors
 from robuq.data.latents import LatentDataset
 from robuq.io.quantized import load_quantized
 from robuq.models.dit import DiT, create_dit, dit_config
-from robuq.quantize.presets import resolve_policy
+from robuq.precision.presets import resolve_policy
 from robuq.data.encode_latents import LatentsConfig, encode_latents
 from robuq.train.qat import QATConfig, build_student, qat, qat_objective
 from robuq.train.trainer import TrainConfig, train

@@ -15,7 +15,7 @@ FLOORS = {
     "robuq.core": 0,
     "robuq.quant": 1, "robuq.models": 1, "robuq.diffusion": 1, "robuq.data": 1,
     "robuq.kernels": 2,
-    "robuq.quantize": 3,
+    "robuq.precision": 3,
     "robuq.deploy": 4,
     "robuq.io": 5,
     "robuq.sample": 6, "robuq.train": 6, "robuq.eval": 6,

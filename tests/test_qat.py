@@ -8,7 +8,7 @@ import torch
 
 from robuq.core.files import load_tensors, save_tensors
 from robuq.models.checkpoint import load_dit
-from robuq.quantize import current_plan
+from robuq.precision import current_plan
 from robuq.io.quantized import load_quantized
 from robuq.train.qat import QATConfig, build_student, qat
 from robuq.train.state import list_checkpoints

@@ -87,7 +87,7 @@ def test_bf16_sampling_stays_close_to_fp32():
     (student) on average — 0.005 and 0.025 when written — and the difference is real, not zero."""
     from robuq.core.runtime import default_teacher_path
     from robuq.models.checkpoint import load_dit
-    from robuq.quantize import preset
+    from robuq.precision import preset
     from robuq.sample.generate import generate
     from robuq.train.qat import build_student
 

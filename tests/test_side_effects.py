@@ -45,7 +45,7 @@ def test_plan_figures_leave_pyplot_alone(tmp_path):
 
     backend = matplotlib.rcParams["backend"]
     had_pyplot = "matplotlib.pyplot" in sys.modules
-    from robuq.quantize import BitPlan
+    from robuq.precision import BitPlan
 
     plan = BitPlan({"blocks.0.attn.qkv": 2, "blocks.0.mlp.fc2": 3}, budget=2.5, weighting="plain", average_plain=2.5,
                    average_macs=2.5)

@@ -15,7 +15,7 @@ from robuq.models.checkpoint import CheckpointError, load_dit
 from robuq.models.dit import DIT_MODELS, DiT, DiTConfig, create_dit
 from robuq.data.vae import load_vae
 from robuq.quant.linear import LinearQuantConfig
-from robuq.quantize import (
+from robuq.precision import (
     BitPlan, PlanError, QuantConfig, QuantRule, cost_summary, preset, quantize_, register_preset, resolve_policy,
 )
 from robuq.sample.generate import generate

@@ -25,7 +25,7 @@ from robuq.core.options import check_choice, option, with_default
 from robuq.core.runtime import default_teacher_path, device_context, resolve_device
 from robuq.io.quantized import load_quantized
 from robuq.models.checkpoint import load_dit
-from robuq.quantize.plan import BitPlan
+from robuq.precision.plan import BitPlan
 from robuq.train.calibration import calibration_batch
 from robuq.train.qat import QATConfig, calibration_images, qat, teacher_dataset
 from robuq.train.state import checkpoint_path, list_checkpoints

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from robuq.ampn.allocate import Allocation, allocate_bits
 from robuq.ampn.sensitivity import Sensitivity, block_index, layer_role
-from robuq.quantize.plan import BitPlan
-from robuq.quantize.policy import BLOCK_ROLES
+from robuq.precision.plan import BitPlan
+from robuq.precision.policy import BLOCK_ROLES
 
 # docs/method.md §7: average bits per layer type of the paper's DiT-XL/2 allocation, for comparison.
 PAPER_ROLE_AVERAGES = {

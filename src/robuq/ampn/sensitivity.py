@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from robuq.train.calibration import CalibrationBatch
 from robuq.models.families import DIT, model_family, model_output
 from robuq.quant.linear import QuantLinear
-from robuq.quantize.policy import AUTO, layer_role, layout_patterns
+from robuq.precision.policy import AUTO, layer_role, layout_patterns
 
 __all__ = ["METRICS", "Sensitivity", "block_index", "block_layers", "layer_role", "measure_sensitivity"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from robuq.cli.flags import add_config_arguments, config_from_args
-from robuq.quantize.cost import cost_summary
+from robuq.precision.cost import cost_summary
 
 _PACKAGE = Path(__file__).resolve().parent.parent  # robuq's own code: where deliberate errors come from
 

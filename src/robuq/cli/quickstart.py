@@ -16,7 +16,7 @@ import torch
 
 from robuq.ampn.pipeline import SET_BY_AMPN, AMPNConfig, ampn_run
 from robuq.ampn.plan_files import format_plan
-from robuq.quantize.cost import cost_summary
+from robuq.precision.cost import cost_summary
 from robuq.eval.metrics import psnr
 from robuq.core.files import atomic_write_text
 from robuq.core.options import option
@@ -24,7 +24,7 @@ from robuq.models.checkpoint import load_dit
 from robuq.io.quantized import load_quantized
 from robuq.core.runtime import default_teacher_path
 from robuq.sample.generate import generate, save_comparison, save_grid, to_uint8
-from robuq.quantize.plan import BitPlan
+from robuq.precision.plan import BitPlan
 from robuq.train.qat import QATConfig
 
 

@@ -27,7 +27,7 @@ from robuq.models.families import DIT, model_from_record, model_record
 from robuq.models.skeleton import meta_skeleton
 from robuq.quant.primitives import QuantizedTensor
 from robuq.quant.linear import QuantLinear
-from robuq.quantize.policy import QuantConfig, current_plan, quantize_
+from robuq.precision.policy import QuantConfig, current_plan, quantize_
 
 FORMAT_VERSION = 1
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

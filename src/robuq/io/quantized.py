@@ -15,8 +15,8 @@ from robuq.core.runtime import default_teacher_path
 from robuq.models.checkpoint import CheckpointError, check_compatible, load_dit, read_state_dict
 from robuq.models.dit import DiT
 from robuq.models.families import model_from_record, model_record
-from robuq.quantize.policy import QuantConfig, current_plan, quantize_
-from robuq.quantize.presets import resolve_policy
+from robuq.precision.policy import QuantConfig, current_plan, quantize_
+from robuq.precision.presets import resolve_policy
 
 
 def quantized_meta(model: nn.Module, config: QuantConfig) -> dict[str, Any]:

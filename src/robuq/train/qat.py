@@ -35,9 +35,9 @@ from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from robuq.models.checkpoint import check_compatible, load_dit, read_state_dict
 from robuq.models.dit import DiT
 from robuq.quant.linear import QuantLinear
-from robuq.quantize.plan import BitPlan
-from robuq.quantize.policy import QuantConfig, quantize_
-from robuq.quantize.presets import resolve_policy
+from robuq.precision.plan import BitPlan
+from robuq.precision.policy import QuantConfig, quantize_
+from robuq.precision.presets import resolve_policy
 from robuq.io.quantized import quantized_meta
 from robuq.train.state import list_checkpoints
 from robuq.train.trainer import LoopConfig, check_data_fits, label_drops, loop_dataset, train_loop

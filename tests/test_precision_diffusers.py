@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from robuq.quant.linear import QuantLinear
-from robuq.quantize import PRESETS, preset, quantize_
+from robuq.precision import PRESETS, preset, quantize_
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -9,8 +9,8 @@ from typing import Mapping
 
 from robuq.quant.activation import check_bits
 from robuq.quant.linear import LinearQuantConfig
-from robuq.quantize.plan import BitPlan, as_bits
-from robuq.quantize.policy import AUTO, BLOCK_ROLES, LAYOUTS, QuantConfig, QuantRule, check_layout
+from robuq.precision.plan import BitPlan, as_bits
+from robuq.precision.policy import AUTO, BLOCK_ROLES, LAYOUTS, QuantConfig, QuantRule, check_layout
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from robuq.models.diffusers_attention import install_attention_core, is_diffuser
 from robuq.models.dit import AttentionCore
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
-from robuq.quantize.plan import BitPlan, PlanError, as_bits
+from robuq.precision.plan import BitPlan, PlanError, as_bits
 
 # The four block linears, the adaLN linear and the attention core of each supported model family.
 LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {

@@ -5,11 +5,11 @@ import torch
 import torch.nn as nn
 
 import robuq
-from robuq.quantize.cost import cost_summary
+from robuq.precision.cost import cost_summary
 from robuq.models.dit import AttentionCore
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import QuantLinear
-from robuq.quantize import PRESETS, PlanError, QuantConfig, current_plan, load_plan, preset, quantize_
+from robuq.precision import PRESETS, PlanError, QuantConfig, current_plan, load_plan, preset, quantize_
 from robuq.io.quantized import load_quantized, save_quantized
 
 from conftest import tiny_config
