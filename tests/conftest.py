@@ -98,3 +98,17 @@ def make_image_folder(root, per_class: int = 4, seed: int = 0):
             suffix = ".png" if i % 2 else ".jpg"
             Image.fromarray(arr).save(root / name / f"img{i}{suffix}")
     return root
+
+
+def tensor_byte_offset(path) -> int:
+    """The file offset of the first byte of a PyTorch zip checkpoint's first tensor (data/0)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length

@@ -148,3 +148,42 @@ def test_a_sample_file_of_the_wrong_dtype_is_refused(tmp_path, capsys):
     np.savez(tmp_path / "floats.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     line = refused(capsys, ["eval", "metrics", "--samples", str(tmp_path / "floats.npz")])
     assert "floats.npz: arr_0 must be uint8 N×H×W×C" in line
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("text", "is not a model file"),
+    ("truncated", "is not a readable safetensors file"),
+    ("changed byte", "fails its checksum"),
+    ("wrong shapes", "does not fit this model configuration"),
+])
+def test_a_damaged_checkpoint_is_refused_and_nothing_is_sampled(tmp_path, tiny_dit, capsys, damage, message):
+    import torch
+
+    from conftest import tensor_byte_offset, tiny_config
+    from robuq.models.dit import DiT
+
+    path = tmp_path / ("model.pt" if damage in ("text", "changed byte") else "model.safetensors")
+    if damage == "text":
+        path.write_text("not a model\n")
+    elif damage == "truncated":
+        save_tensors(path, tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()})
+        path.write_bytes(path.read_bytes()[:5000])
+    elif damage == "changed byte":
+        torch.save(tiny_dit.state_dict(), path)
+        data = bytearray(path.read_bytes())
+        data[tensor_byte_offset(path)] ^= 0x40
+        path.write_bytes(bytes(data))
+    else:  # a deeper model's tensors under a header that promises the tiny one
+        save_tensors(path, DiT(tiny_config(depth=3)).state_dict(), {"model_config": tiny_dit.config.to_dict()})
+    out = tmp_path / "samples"
+    line = refused(capsys, ["sample", "--ckpt", str(path), "--out", str(out), "--per-class", "1", "--steps", "2",
+                            "--device", "cpu", "--no-progress"])
+    assert path.name in line and message in line
+    assert not out.exists()
+
+
+def test_a_sample_file_of_the_wrong_shape_is_refused(tmp_path, capsys):
+    import numpy as np
+
+    np.savez(tmp_path / "flat.npz", arr_0=np.zeros((4, 192), np.uint8))
+    assert "flat.npz: arr_0 must be uint8 N×H×W×C" in refused(capsys, ["eval", "metrics", "--samples", str(tmp_path / "flat.npz")])

@@ -9,7 +9,7 @@ from robuq.core.files import save_tensors
 from robuq.models.checkpoint import CheckpointError, infer_config, load_dit, read_state_dict
 from robuq.models.dit import DiT, create_dit
 
-from conftest import tiny_config
+from conftest import tensor_byte_offset, tiny_config
 
 
 def _same_weights(a, b):
@@ -180,8 +180,7 @@ def test_a_changed_byte_inside_a_pytorch_checkpoint_fails_its_checksum(tmp_path,
     path = tmp_path / "m.pt"
     torch.save(tiny_dit.state_dict(), path)
     data = bytearray(path.read_bytes())
-    start = data.index(b"data/0") + 64  # inside the first tensor's bytes, which torch.load would take as they are
-    data[start] ^= 0x40
+    data[tensor_byte_offset(path)] ^= 0x40  # the first tensor's first byte, which torch.load would take as it is
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="fails its checksum"):
         load_dit(path)
