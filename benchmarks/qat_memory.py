@@ -1,7 +1,7 @@
 """Memory of one DiT-XL/2 QAT step, as fixed + per-sample, so a user can choose a batch per device.
 
     python benchmarks/qat_memory.py                  # DiT-XL/2, 32×32×4 latents → results/qat_memory.json and .md
-    python benchmarks/qat_memory.py --model toy --batches 1 2 --precisions fp32   # a check of the script
+    python benchmarks/qat_memory.py --model toy --batches 1,2 --precisions fp32   # a check of the script
 
 One process first builds the teacher (random DiT weights with adaLN-Zero's gates opened) and its student
 (``build_student``: ``--preset`` at ``--act-bits``, SVD-initialised branches, minutes for DiT-XL/2 on a CPU)
@@ -22,18 +22,20 @@ OOM killer.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common import TOY, invocation, model_config, write_result
+from common import TOY, invocation, model_config, parse_config, write_result
+from robuq.core.options import option
 
 
 PREPARED = "prepared.json"
@@ -200,32 +202,44 @@ def rough_fixed_gib(model: str, input_size: int) -> float:
     return 6 * params * 4 / 2**30
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class QATMemoryConfig:
+    """Options of this benchmark."""
+
+    model: str = option("DiT-XL/2", f"a registry name, or '{TOY}' to check the script in seconds")
+    input_size: int = option(32, "latent side (32: 256-px images through the SD VAE)")
+    batches: str | None = option(None, "per-device batches, comma-separated (default: 1,2 on the CPU, 4,8,16 on CUDA)")
+    precisions: str = option(",".join(PRECISIONS), "precisions to measure, comma-separated")
+    checkpointing: str = option("off,on", "per-block gradient checkpointing settings to measure, comma-separated")
+    preset: str = option("robuq", "quantization preset of the student")
+    act_bits: int = option(2, "activation bits of the student")
+    device: str = option("auto", "'auto' (CUDA when there is one), 'cpu' or 'cuda'")
+    threads: int = option(2, "CPU threads")
+    margin_gib: float = option(2.0, "memory to leave free when deciding what to start")
+    timeout_s: float = option(900.0, "limit of one configuration's process")
+    work_dir: str | None = option(None, "build the teacher and student here, or reuse the ones an earlier run built here "
+                                        "for the same --model/--preset/--act-bits (default: a temporary folder)")
+    results_dir: str | None = option(None, "where the JSON and Markdown go (default: results/)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="DiT-XL/2", help=f"a registry name, or '{TOY}' to check the script in seconds")
-    parser.add_argument("--input-size", type=int, default=32, help="latent side (32: 256-px images through the SD VAE)")
-    parser.add_argument("--batches", type=int, nargs="+", default=None, help="per-device batches (default: 1 2 on the CPU, 4 8 16 on CUDA)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"],
-                        help="per-block gradient checkpointing settings to measure")
-    parser.add_argument("--preset", default="robuq")
-    parser.add_argument("--act-bits", type=int, default=2)
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA when there is one), 'cpu' or 'cuda'")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--margin-gib", type=float, default=2.0, help="memory to leave free when deciding what to start")
-    parser.add_argument("--timeout-s", type=float, default=900.0, help="limit of one configuration's process")
-    parser.add_argument("--work-dir", default=None, help="build the teacher and student here, or reuse the ones an "
-                        "earlier run built here for the same --model/--preset/--act-bits (default: a temporary folder)")
-    parser.add_argument("--results-dir", default=None)
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker is not None:
-        print(json.dumps(measure(json.loads(args.worker))))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:  # this script's own child processes (run_isolated): one configuration each
+        print(json.dumps(measure(json.loads(argv[1]))))
         return 0
-    if args.prepare is not None:
-        prepare(json.loads(args.prepare))
+    if argv[:1] == ["--prepare"]:
+        prepare(json.loads(argv[1]))
         return 0
+    args = parse_config(QATMemoryConfig, argv, __doc__)
+    lists = {name: [v for v in getattr(args, name).split(",") if v] for name in ("precisions", "checkpointing")}
+    for name, allowed in (("precisions", PRECISIONS), ("checkpointing", ("off", "on"))):
+        if not lists[name] or set(lists[name]) - set(allowed):
+            raise SystemExit(f"--{name} {getattr(args, name)}: give some of {','.join(allowed)}, comma-separated")
+    args = dataclasses.replace(args, precisions=lists["precisions"], checkpointing=lists["checkpointing"],
+                               batches=[int(b) for b in args.batches.split(",")] if args.batches else None)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     batches = args.batches or ([1, 2] if device == "cpu" else [4, 8, 16])
     t0 = time.perf_counter()

@@ -204,7 +204,7 @@ def test_qat_overhead(tmp_path):
 
 @pytest.mark.slow  # six fresh interpreters that import torch: about fifteen seconds
 def test_qat_memory(tmp_path):
-    argv = ["--model", "toy", "--batches", "1", "3", "--precisions", "fp32", "bf16", "--checkpointing", "on", "--threads", "1",
+    argv = ["--model", "toy", "--batches", "1,3", "--precisions", "fp32,bf16", "--checkpointing", "on", "--threads", "1",
             "--results-dir", str(tmp_path)]
     _load("qat_memory").main(argv)
     data, markdown = _record(tmp_path, "qat_memory", "qat_memory", argv)
