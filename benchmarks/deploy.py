@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -30,11 +31,13 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common import create_model, header, invocation, machine, model_config, time_ms, write_result
+from common import create_model, header, invocation, machine, parse_config, time_ms, write_result
+from robuq.core.options import option
 import robuq
 from robuq.deploy import gemm
 from robuq.deploy.elementwise import use_native_kernels
@@ -359,7 +362,7 @@ def run_setting(setting: str, args: argparse.Namespace, tmp: Path) -> dict:
     worker = [sys.executable, __file__, "--worker", str(out), "--threads", str(args.threads), "--repeats",
               str(args.repeats), "--rounds", str(args.rounds), "--act-bits", str(args.act_bits), "--clock", args.clock,
               "--memory-runs", str(args.memory_runs),
-              "--parts", ",".join(args.parts), "--models", *args.models, "--memory-models", *args.memory_models]
+              "--parts", ",".join(args.parts), "--models", ",".join(args.models), "--memory-models", ",".join(args.memory_models)]
     env = {**{k: v for k, v in os.environ.items() if k not in SETTINGS["avx2-forced"]}, **SETTINGS[setting]}
     subprocess.run(worker, env=env, check=True)
     return {"setting": setting, "environment": SETTINGS[setting], **json.loads(out.read_text())}
@@ -466,33 +469,45 @@ def render(path: Path) -> None:
     path.with_suffix(".md").write_text(header(path.stem, data) + text + "\n")
 
 
+@dataclass
+class DeployConfig:
+    """Options of this benchmark."""
+
+    quick: bool = option(False, "DiT-S/2 only, 3 repeats, one memory process")
+    threads: int = option(2, "CPU threads")
+    parts: str = option(",".join(PARTS), f"what to measure, comma-separated: {','.join(PARTS)}")
+    settings: str = option(",".join(SETTINGS), f"CPU settings, comma-separated: {','.join(SETTINGS)}")
+    models: str | None = option(None, "models timed end to end, comma-separated (default DiT-S/2,DiT-B/2)")
+    memory_models: str | None = option(None, "models whose peak memory is measured (default DiT-XL/2,DiT-B/2,DiT-S/2)")
+    size_models: str | None = option(None, "models whose export sizes are reported (default DiT-XL/2,DiT-B/2,DiT-S/2)")
+    repeats: int | None = option(None, "timed repeats per measurement (default 5, quick 3)")
+    memory_runs: int | None = option(None, "processes per peak-memory measurement (default 3, quick 1)")
+    rounds: int | None = option(None, "alternating rounds of the end-to-end timing (default 5, quick 3)")
+    act_bits: int = option(3, "activation bits of the exported models")
+    clock: str = option("wall", "wall, or cpu: time by the process's CPU time (with --threads 1, immune to a crowded "
+                                "machine)", choices=("wall", "cpu"))
+    name: str = option("deploy", "results/<name>.json and .md")
+    render: str | None = option(None, "rewrite the .md of a results JSON from its numbers")
+    linear_width: int = option(1152, "block-linear rows at this model width (DiT-XL/2's)")
+    linear_tokens: int = option(2048, "tokens of the block-linear rows (batch 8 × 256)")
+    results_dir: str | None = option(None, "where results/<name>.json and .md go (default results/)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="DiT-S/2 only, 3 repeats, one memory process")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--parts", type=lambda v: v.split(","), default=list(PARTS), help=f"comma-separated: {','.join(PARTS)}")
-    parser.add_argument("--settings", type=lambda v: v.split(","), default=list(SETTINGS), help=f"comma-separated: {','.join(SETTINGS)}")
-    parser.add_argument("--models", nargs="+", default=None, help="models timed end to end (default DiT-S/2 DiT-B/2)")
-    parser.add_argument("--memory-models", nargs="+", default=None, help="default: DiT-XL/2 DiT-B/2 DiT-S/2")
-    parser.add_argument("--size-models", nargs="+", default=None, help="default: DiT-XL/2 DiT-B/2 DiT-S/2")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--memory-runs", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds of the end-to-end timing (default 5, quick 3)")
-    parser.add_argument("--act-bits", type=int, default=3)
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="cpu: time by the process's CPU time (with --threads 1, immune to a crowded machine)")
-    parser.add_argument("--name", default="deploy", help="results/<name>.json and .md")
-    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--render", type=Path, default=None, help="rewrite the .md of a results JSON from its numbers")
-    parser.add_argument("--linear-width", type=int, default=1152, help="block-linear rows at this model width (DiT-XL/2's)")
-    parser.add_argument("--linear-tokens", type=int, default=2048, help="tokens of the block-linear rows (batch 8 × 256)")
-    parser.add_argument("--results-dir", default=None, help="where results/<name>.json and .md go (default results/)")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    worker = None
+    if argv[:1] == ["--worker"]:  # this script's own child process for one setting (run_setting): its output file
+        worker, argv = Path(argv[1]), argv[2:]
+    config = parse_config(DeployConfig, argv, __doc__)
+    lists = ("parts", "settings", "models", "memory_models", "size_models")
+    args = argparse.Namespace(**{**dataclasses.asdict(config), "worker": worker,
+                                 **{k: [v for v in getattr(config, k).split(",") if v] if getattr(config, k) else None
+                                    for k in lists}})
     if args.render:
-        render(args.render)
+        render(Path(args.render))
         return
     if unknown := set(args.parts) - set(PARTS) or set(args.settings) - set(SETTINGS):
-        parser.error(f"unknown parts or settings: {', '.join(sorted(unknown))}")
+        raise SystemExit(f"unknown parts or settings: {', '.join(sorted(unknown))}")
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.memory_runs = args.memory_runs or (1 if args.quick else 3)
     args.rounds = args.rounds or (3 if args.quick else 5)
