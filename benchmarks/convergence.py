@@ -38,6 +38,14 @@ import numpy as np
 from common import ROOT, invocation, parse_config, write_result
 from robuq.core.options import option
 
+# What the report says of its intervals until they are bias-centred.
+INTERVAL_CAVEAT = (
+    'Caveat on the FID intervals: they are percentiles of a bootstrap with replacement, whose resampled '
+    'sets hold duplicates and so score higher FIDs than the samples themselves; an interval shows the '
+    "spread but sits above its estimate (for the Inception FID entirely). The paired ratios' intervals "
+    "are much less affected, because the teacher's resamples carry the same shift. A bias-centred "
+    'interval (or subsampling without replacement) replaces it next.'
+)
 STAGES = ("pilot", "headline", "controls", "score", "report", "all")
 
 
@@ -762,7 +770,7 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
                   "FID with a 95% paired-bootstrap interval over the samples; × teacher = the ratio to the full-precision "
                   "teacher's FID on the same labels and noise, with its interval. "
                   + ", ".join(f"Teacher ({config.samples_headline} samples): {space} FID {v['fid']:.2f}"
-                              for space, v in teacher.items()) + ".", ""]
+                              for space, v in teacher.items()) + ".", "", INTERVAL_CAVEAT, ""]
         if payload["final"]:
             lines += ["| row | AMPN | steps | samples | classifier FID | × teacher | Inception FID | × teacher | target |",
                       "|---|---|---|---|---|---|---|---|---|"]
