@@ -10,7 +10,6 @@ writes (``arr_0``: uint8 NHWC).
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from robuq.core.options import check_choice, option
 from robuq.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
 from robuq.eval.adm import reference_statistics
 from robuq.eval.metrics import (PR_DTYPES, FeatureStats, StatsAccumulator, fid, inception_score, inception_score_consecutive,
-                                precision_recall)
+                                precision_recall, psnr_of_mse)
 from robuq.eval.npz_images import NpzImages, file_fingerprint
 
 EXTRACTORS = ("auto", "classifier", "inception")
@@ -155,8 +154,7 @@ def paired_psnr(a: NpzImages, b: NpzImages, batch_size: int) -> float:
         x, y = a[start : start + batch_size], b[start : start + batch_size]
         squared += float(((x.astype(np.float64) - y.astype(np.float64)) ** 2).sum())
         count += x.size
-    mse = squared / count
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return psnr_of_mse(squared / count)
 
 
 def evaluate(config: EvalConfig) -> dict:

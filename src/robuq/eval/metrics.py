@@ -206,5 +206,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB between two uint8 image sets of the same shape."""
     if a.shape != b.shape:
         raise ValueError(f"PSNR needs images of one shape, got {a.shape} and {b.shape}")
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return psnr_of_mse(float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+
+
+def psnr_of_mse(mse: float) -> float:
+    """PSNR in dB of 8-bit images whose mean squared difference is ``mse`` (infinite when they are equal)."""
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
