@@ -41,6 +41,22 @@ FORCING = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS
            "ROBUQ_MARCH", "ROBUQ_GEMM", "ROBUQ_NATIVE")
 
 
+# The CPU settings the speed benchmarks measure under, as environment variables of a fresh process (PyTorch
+# reads its capability once, at import): the CPU as it is, and everything held to AVX2 with robuq's C kernels
+# built for Haswell, which is what an AVX2-only CPU runs, on this CPU's cores.
+CPU_SETTINGS = {
+    "native": {},
+    "avx2-forced": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ROBUQ_MARCH": "haswell"},
+}
+
+
+def setting_environment(setting: str) -> dict[str, str]:
+    """This process's environment with ``setting``'s variables in place of any forcing ones it had."""
+    forcing = set(CPU_SETTINGS["avx2-forced"])
+    return {**{k: v for k, v in os.environ.items() if k not in forcing}, **CPU_SETTINGS[setting]}
+
+
 def machine() -> dict:
     """The machine a result was measured on: CPU model and the instruction sets that decide integer speed,
     PyTorch's CPU capability, robuq's GEMM path, and any setting that forced them below the CPU's own."""

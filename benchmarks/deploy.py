@@ -24,7 +24,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from common import create_model, header, invocation, machine, parse_config, time_ms, write_result
+from common import (CPU_SETTINGS, create_model, header, invocation, machine, parse_config, setting_environment,
+                    time_ms, write_result)
 from robuq.core.options import option
 import robuq
 from robuq.deploy import gemm
@@ -110,11 +110,6 @@ def linear_rows(repeats: int, tokens: int = 2048, width: int = 1152) -> list[dic
     return rows
 
 
-SETTINGS = {
-    "native": {},
-    "avx2-forced": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-                    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ROBUQ_MARCH": "haswell"},
-}
 PARTS = ("sizes", "linears", "speed", "paths", "memory", "breakdown")
 # The block linears of DiT-S/2 and DiT-B/2 (in, out), at batch 8 × 256 tokens.
 PATH_SHAPES = {"DiT-S/2": {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)},
@@ -363,9 +358,8 @@ def run_setting(setting: str, args: argparse.Namespace, tmp: Path) -> dict:
               str(args.repeats), "--rounds", str(args.rounds), "--act-bits", str(args.act_bits), "--clock", args.clock,
               "--memory-runs", str(args.memory_runs),
               "--parts", ",".join(args.parts), "--models", ",".join(args.models), "--memory-models", ",".join(args.memory_models)]
-    env = {**{k: v for k, v in os.environ.items() if k not in SETTINGS["avx2-forced"]}, **SETTINGS[setting]}
-    subprocess.run(worker, env=env, check=True)
-    return {"setting": setting, "environment": SETTINGS[setting], **json.loads(out.read_text())}
+    subprocess.run(worker, env=setting_environment(setting), check=True)
+    return {"setting": setting, "environment": CPU_SETTINGS[setting], **json.loads(out.read_text())}
 
 
 def _spread(entry: dict, key: str) -> str:
@@ -476,7 +470,7 @@ class DeployConfig:
     quick: bool = option(False, "DiT-S/2 only, 3 repeats, one memory process")
     threads: int = option(2, "CPU threads")
     parts: str = option(",".join(PARTS), f"what to measure, comma-separated: {','.join(PARTS)}")
-    settings: str = option(",".join(SETTINGS), f"CPU settings, comma-separated: {','.join(SETTINGS)}")
+    settings: str = option(",".join(CPU_SETTINGS), f"CPU settings, comma-separated: {','.join(CPU_SETTINGS)}")
     models: str | None = option(None, "models timed end to end, comma-separated (default DiT-S/2,DiT-B/2)")
     memory_models: str | None = option(None, "models whose peak memory is measured (default DiT-XL/2,DiT-B/2,DiT-S/2)")
     size_models: str | None = option(None, "models whose export sizes are reported (default DiT-XL/2,DiT-B/2,DiT-S/2)")
@@ -506,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.render:
         render(Path(args.render))
         return
-    if unknown := set(args.parts) - set(PARTS) or set(args.settings) - set(SETTINGS):
+    if unknown := set(args.parts) - set(PARTS) or set(args.settings) - set(CPU_SETTINGS):
         raise SystemExit(f"unknown parts or settings: {', '.join(sorted(unknown))}")
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.memory_runs = args.memory_runs or (1 if args.quick else 3)

@@ -593,3 +593,23 @@ def test_the_commands_default_to_the_recipe_the_pilot_froze():
     frozen = _load("convergence").FROZEN
     for qat in (QATConfig(), AMPNConfig().qat, QuickstartConfig().ampn.qat):
         assert {k: getattr(qat, k) for k in frozen} == frozen
+
+
+def test_code_ab_times_two_versions_on_one_export_at_toy_size(tmp_path):
+    """HEAD against this checkout: both load the export the base wrote and give the same output bits; the
+    worktree it checked out is gone afterwards."""
+    import subprocess
+
+    root = BENCHMARKS.parent
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    code_ab = _load("code_ab")
+    before = subprocess.run(["git", "worktree", "list"], cwd=root, capture_output=True, text=True).stdout
+    code_ab.main(["--base", "HEAD", "--model", "toy", "--rounds", "2", "--repeats", "1", "--threads", "1",
+                  "--settings", "native", "--results-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "code_ab.json").read_text())
+    (row,) = result["rows"]
+    assert row["rounds"] == 2 and len(row["ratio_rounds"]) == 2 and all(r > 0 for r in row["ratio_rounds"])
+    assert row["same_output"]  # HEAD's model code is this checkout's, but for uncommitted changes
+    assert "new ÷ old" in (tmp_path / "code_ab.md").read_text()
+    assert subprocess.run(["git", "worktree", "list"], cwd=root, capture_output=True, text=True).stdout == before

@@ -85,3 +85,74 @@ def test_a_rule_the_kernels_lack_takes_the_pytorch_path(monkeypatch):
         monkeypatch.setattr(native, "hadamard_quantize", lambda *a, **k: pytest.fail("the kernel was called"))
         got = IntegerLinear(layer)(x)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def _ternary_layer(act_bits=3, **options):
+    torch.manual_seed(0)
+    config = LinearQuantConfig(act_bits=act_bits, act_rule="gaussian", hadamard=True, hadamard_signs=True,
+                               lowrank_rank=4, **options)
+    return QuantLinear.from_linear(torch.nn.Linear(48, 40), config).eval()
+
+
+def test_the_path_is_chosen_when_the_layer_is_built_and_again_when_its_tensors_move():
+    from robuq.deploy.gemm import PATHS
+
+    layer = _ternary_layer()
+    with native.use(False):
+        plain = IntegerLinear(layer, gemm="fp32")
+    assert plain.path.name == "pytorch"
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        expected = plain(x)
+        # the kernels' switch is read when the path is chosen, not per call
+        assert IntegerLinear(layer, gemm="fp32").path.name == ("c" if native.enabled() else "pytorch")
+        moved = plain.to("cpu")  # .to() builds the path again from what the layer holds and what is on now
+        assert moved is plain and plain.path.name == ("c" if native.enabled() else "pytorch")
+        assert torch.allclose(plain(x), expected, rtol=1e-5, atol=1e-5)
+    assert "path=" in repr(plain)
+    if "avx2" in PATHS:
+        assert IntegerLinear(layer, gemm="avx2").path.name == "c-ternary"
+        assert IntegerLinear(_ternary_layer(act_bits=5), gemm="avx2").path.name == "c"  # beyond the lookup GEMM
+
+
+def test_a_copied_layer_runs_on_its_own_tensors():
+    """A path may hold addresses of its layer's tensors: a deep copy must build its own, and outlive the original."""
+    import copy
+    import gc
+
+    layer = IntegerLinear(_ternary_layer())
+    layer.gelu = True
+    x = torch.randn(7, 48)
+    with torch.no_grad():
+        expected = layer(x)
+        twin = copy.deepcopy(layer)
+        assert twin.path is not layer.path and twin.path.layer is twin
+        del layer
+        gc.collect()
+        assert torch.equal(twin(x), expected)
+
+
+def test_a_registered_path_is_taken_when_it_accepts_the_layer():
+    from robuq.deploy import integer_linear
+    from robuq.deploy.linear_pytorch import PyTorchLinear
+    from robuq.quant import backends
+
+    class Recorded(PyTorchLinear):
+        name = "recorded"
+        calls = 0
+
+        def __call__(self, x):
+            Recorded.calls += 1
+            return super().__call__(x)
+
+    before = backends.backends("integer_linear")
+    try:
+        backends._registry["integer_linear"].insert(0, backends.Backend("recorded", lambda m: m.act_bits == 3, Recorded))
+        taken, passed = IntegerLinear(_ternary_layer()), IntegerLinear(_ternary_layer(act_bits=4))
+        assert taken.path.name == "recorded" and passed.path.name != "recorded"
+        with torch.no_grad():
+            taken(torch.randn(3, 48))
+        assert Recorded.calls == 1
+        assert integer_linear.choose_path(passed).name == passed.path.name
+    finally:
+        backends._registry["integer_linear"][:] = before

@@ -4,6 +4,10 @@ The primitives define what is computed, in PyTorch; a back-end (robuq's C kernel
 or a user's own) computes the same numbers faster for the inputs it accepts. Back-ends register
 themselves here, so this layer never imports them: ``robuq.kernels`` registers robuq's own when it is
 imported (``import robuq`` does that).
+
+``integer_linear`` is the exported model's linear (``robuq.deploy.integer_linear``, which registers its
+paths): there ``accepts(layer)`` is asked when a layer is built, loaded or moved, not on every call, and
+``run(layer)`` builds the path the layer then calls.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-OPS = ("hadamard", "attention")
+OPS = ("hadamard", "attention", "integer_linear")
 
 
 @dataclass(frozen=True)
