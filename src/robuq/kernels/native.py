@@ -126,12 +126,16 @@ def _call(name: str, **arguments):
     """Call an exported function with its arguments by name (``threads`` defaults to PyTorch's thread count);
     a name missing or unknown is a TypeError here, not a wrong pointer in C."""
     order = _order(name)
-    if "threads" in order:
-        arguments.setdefault("threads", _threads())
-    if len(arguments) != len(order) or not arguments.keys() <= set(order):
+    if "threads" not in arguments and "threads" in order:
+        arguments["threads"] = _threads()
+    try:
+        values = [arguments[parameter] for parameter in order]
+    except KeyError:
+        values = None
+    if values is None or len(arguments) != len(order):
         missing, unknown = set(order) - arguments.keys(), arguments.keys() - set(order)
         raise TypeError(f"{name}: missing {sorted(missing)}, unknown {sorted(unknown)}")
-    return getattr(_library(), name)(*(arguments[parameter] for parameter in order))
+    return getattr(_library(), name)(*values)
 
 
 def _cache_dir() -> Path:
