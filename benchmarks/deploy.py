@@ -3,14 +3,16 @@
     python benchmarks/deploy.py            # → results/deploy.json and .md  (about 25 minutes on 2 cores)
     python benchmarks/deploy.py --quick    # DiT-S/2 only, fewer repeats
     python benchmarks/deploy.py --parts speed,paths --settings avx2-forced --models DiT-S/2
+    python benchmarks/deploy.py --parts speed --models DiT-XL/2 --resume-dir ~/robuq-deploy   # hours; rerun to resume
     python benchmarks/deploy.py --parts sizes,linears,speed --settings native --models toy --size-models toy \
         --linear-width 48 --linear-tokens 16 --repeats 1   # a 2-block toy DiT: checks the script, measures nothing
 
 Speed and memory are measured per CPU setting, each in a subprocess: ``native`` (the CPU as it is) and
 ``avx2-forced`` (PyTorch, oneDNN, MKL and fbgemm held to AVX2 by their environment variables, robuq's C
 kernels built with -march=haswell: what an AVX2-only CPU runs, on this CPU's cores). Beside fp32 eager,
-each exported model is timed against PyTorch's dynamic int8 model of the same DiT (``quantize_dynamic``
-on every nn.Linear, fbgemm), the peer a CPU user would pick instead; the per-path table times every
+each exported model is timed against the peers a CPU user would pick instead (``PEERS``: PyTorch's dynamic
+int8 model, ``quantize_dynamic`` on every nn.Linear; the fp32 model under ``torch.compile``; torchao's int8
+dynamic-activation ``quantize_`` under ``torch.compile``); the per-path table times every
 integer GEMM path robuq has on the block linears' shapes; the breakdown part times each role in a block
 (linears, attention core, adaLN, elementwise) in the fp32 and the exported forward, and the exported forward
 by kernel (input pass, integer GEMM, epilogue, attention, elementwise), so that what bounds the speed-up shows.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import statistics
 import subprocess
@@ -123,6 +126,40 @@ def dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
 
 
+# Peers a CPU user would try today besides PyTorch's (deprecated) dynamic int8 model: the fp32 model under
+# torch.compile, and torchao's int8 dynamic-activation quantization (every nn.Linear) under torch.compile.
+PEERS = ("dynamic_int8", "fp32_compiled", "torchao_int8_compiled")
+
+
+def peer_model(peer: str, fp: torch.nn.Module) -> torch.nn.Module:
+    """``peer`` of the fp32 model ``fp`` (a copy); ImportError where torchao is not installed."""
+    if peer == "dynamic_int8":
+        return dynamic_int8(fp)
+    model = copy.deepcopy(fp)
+    if peer == "torchao_int8_compiled":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    return torch.compile(model)
+
+
+def build_peers(peers: list[str], fp: torch.nn.Module, inputs: tuple) -> tuple[dict, dict, dict]:
+    """(name → model, name → seconds of its first call (compilation included), name → why it is missing):
+    a peer that cannot be built or compiled here is reported, not timed."""
+    models, first_call, missing = {}, {}, {}
+    for peer in peers:
+        try:
+            model = peer_model(peer, fp)
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(*inputs)
+            first_call[peer] = time.perf_counter() - start
+            models[peer] = model
+        except Exception as error:  # noqa: BLE001 - any failure of a peer is a row of the report, not a crash
+            missing[peer] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    return models, first_call, missing
+
+
 def export_random(name: str, path: Path, act_bits: int = 2) -> Path:
     """A randomly initialised ``name`` at the paper's layout (W1.58, ``act_bits``), exported with 2-bit packing."""
     config = robuq.preset("robuq", act_bits=act_bits)
@@ -130,22 +167,24 @@ def export_random(name: str, path: Path, act_bits: int = 2) -> Path:
     return export_model(model, config, path, "ternary-2bit", "fp16")
 
 
-def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str = "wall", rounds: int = 5) -> dict:
-    """fp32 forward vs PyTorch's dynamic int8 model vs the exported forward, alternately; also fp32 with
-    robuq's elementwise C kernels (GELU, LayerNorm+modulate, gated residuals), which the exported model
-    uses, so that the part of the speed-up that does not come from quantization shows.
+def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str = "wall", rounds: int = 5,
+               peers: list[str] = list(PEERS)) -> dict:
+    """fp32 forward vs its peers (``PEERS``) vs the exported forward, alternately; also fp32 with robuq's
+    elementwise C kernels (GELU, LayerNorm+modulate, gated residuals), which the exported model uses, so that
+    the part of the speed-up that does not come from quantization shows.
 
     Each round times every model once, in reversed order every other round; a speed-up is the median over
     rounds of that round's ratio, so that a machine that slows down for a while (shared, noisy) slows both
     sides of a ratio, and its spread over rounds is kept."""
     torch.manual_seed(0)
     fp = create_model(name).eval()
-    models = {"fp32": fp, "fp32_native_elementwise": use_native_kernels(copy.deepcopy(fp)), "dynamic_int8": dynamic_int8(fp)}
-    path = export_random(name, tmp / f"{name.replace('/', '_')}.safetensors", act_bits)
-    models["exported"] = load_exported(path)
     c = fp.config
     x = torch.randn(8, c.in_channels, c.input_size, c.input_size)
     t, y = torch.randint(0, 1000, (8,)), torch.randint(0, c.num_classes, (8,))
+    peer_models, first_call, missing = build_peers(peers, fp, (x, t, y))
+    models = {"fp32": fp, "fp32_native_elementwise": use_native_kernels(copy.deepcopy(fp)), **peer_models}
+    path = export_random(name, tmp / f"{name.replace('/', '_')}.safetensors", act_bits)
+    models["exported"] = load_exported(path)
     times = {kind: [] for kind in models}
     with torch.no_grad():
         for r in range(rounds):
@@ -153,16 +192,22 @@ def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str
                 times[kind].append(time_ms(lambda: model(x, t, y), repeats, clock=clock))
     ms = {kind: statistics.median(v) for kind, v in times.items()}
     paths = {m.gemm for m in models["exported"].modules() if isinstance(m, IntegerLinear)}
+    layer_paths = sorted({m.path.name for m in models["exported"].modules() if isinstance(m, IntegerLinear)})
 
     def ratio(kind: str) -> tuple[float, list[float]]:
         per_round = [a / b for a, b in zip(times[kind], times["exported"])]
         return statistics.median(per_round), per_round
 
-    (fp32, fp32_rounds), (dyn, dyn_rounds), (elementwise, _) = (ratio(k) for k in ("fp32", "dynamic_int8", "fp32_native_elementwise"))
-    return {**{f"{kind}_ms": v for kind, v in ms.items()}, "act_bits": act_bits, "gemm_path": ",".join(sorted(paths)),
-            "rounds_ms": times, "cpu_speedup": fp32, "speedup_vs_dynamic_int8": dyn,
-            "cpu_speedup_rounds": fp32_rounds, "speedup_vs_dynamic_int8_rounds": dyn_rounds,
-            "cpu_speedup_vs_fp32_native_elementwise": elementwise, "export_path": str(path)}
+    (fp32, fp32_rounds), (elementwise, _) = (ratio(k) for k in ("fp32", "fp32_native_elementwise"))
+    result = {**{f"{kind}_ms": v for kind, v in ms.items()}, "act_bits": act_bits, "gemm_path": ",".join(sorted(paths)),
+              "layer_paths": layer_paths, "rounds_ms": times, "cpu_speedup": fp32, "cpu_speedup_rounds": fp32_rounds,
+              "cpu_speedup_vs_fp32_native_elementwise": elementwise, "export_path": str(path),
+              "peers": {peer: {"speedup": ratio(peer)[0], "rounds": ratio(peer)[1], "first_call_s": first_call[peer]}
+                        for peer in peer_models},
+              "peers_missing": missing}
+    if "dynamic_int8" in peer_models:  # the keys results written before the other peers carry
+        result["speedup_vs_dynamic_int8"], result["speedup_vs_dynamic_int8_rounds"] = ratio("dynamic_int8")
+    return result
 
 
 # Where a forward's time goes: each DiT block's modules by role (suffixes of their names in a block).
@@ -328,26 +373,51 @@ def peak_memory_ratio(name: str, export_path: str, runs: int = 3) -> dict:
 
 
 def measure_setting(args: argparse.Namespace, tmp: Path) -> dict:
-    """Speed, per-path and memory figures of this process's CPU setting (run as a worker subprocess)."""
+    """Speed, per-path and memory figures of this process's CPU setting (run as a worker subprocess). With
+    ``--resume-dir``, each model's figures are kept there as they finish and taken from there on a rerun
+    with the same options: DiT-XL/2 takes hours on 2 cores."""
     result = {"machine": machine(), "models": {}, "paths": []}
     for name in args.models:
-        entry = {}
-        if "speed" in args.parts:
-            speed = end_to_end(name, args.repeats, tmp, args.act_bits, args.clock, args.rounds)
-            entry.update(speed)
-        if "breakdown" in args.parts:
-            entry["breakdown"] = breakdown(name, args.repeats, tmp, args.act_bits)
-        if "memory" in args.parts and name in args.memory_models:
-            path = entry.get("export_path") or str(export_random(name, tmp / "memory.safetensors", args.act_bits))
-            entry.update(peak_memory_ratio(name, path, args.memory_runs))
-        entry.pop("export_path", None)
-        result["models"][name] = entry
+        result["models"][name] = resumable(args, name, lambda name=name: model_entry(args, name, tmp))
     for name in set(args.memory_models) - set(args.models) if "memory" in args.parts else ():
-        result["models"][name] = peak_memory_ratio(name, str(export_random(name, tmp / "memory.safetensors", args.act_bits)),
-                                                   args.memory_runs)
+        result["models"][name] = resumable(args, f"{name}-memory", lambda name=name: peak_memory_ratio(
+            name, str(export_random(name, tmp / "memory.safetensors", args.act_bits)), args.memory_runs))
     if "paths" in args.parts:
         result["paths"] = path_rows(args.repeats, clock=args.clock)
     return result
+
+
+def model_entry(args: argparse.Namespace, name: str, tmp: Path) -> dict:
+    entry = {}
+    if "speed" in args.parts:
+        entry.update(end_to_end(name, args.repeats, tmp, args.act_bits, args.clock, args.rounds, args.peers))
+    if "breakdown" in args.parts:
+        entry["breakdown"] = breakdown(name, args.repeats, tmp, args.act_bits)
+    if "memory" in args.parts and name in args.memory_models:
+        path = entry.get("export_path") or str(export_random(name, tmp / "memory.safetensors", args.act_bits))
+        entry.update(peak_memory_ratio(name, path, args.memory_runs))
+    entry.pop("export_path", None)
+    return entry
+
+
+def resumable(args: argparse.Namespace, what: str, measure) -> dict:
+    """``measure()``, or what an earlier run with the same options and setting kept in ``--resume-dir``."""
+    if not args.resume_dir:
+        return measure()
+    options = {k: getattr(args, k) for k in ("parts", "repeats", "rounds", "act_bits", "clock", "threads", "peers",
+                                             "memory_runs", "memory_models")}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True).stdout
+    key = hashlib.sha256(json.dumps([options, commit.strip()], sort_keys=True).encode()).hexdigest()[:12]
+    kept = Path(args.resume_dir) / f"{args.worker.stem}-{what.replace('/', '_')}-{key}.json"
+    if kept.is_file():
+        print(f"[deploy] {what} under {args.worker.stem}: kept from {kept}", flush=True)
+        return json.loads(kept.read_text())
+    entry = measure()
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    partial = kept.with_suffix(".partial")
+    partial.write_text(json.dumps(entry))
+    partial.replace(kept)
+    return entry
 
 
 def run_setting(setting: str, args: argparse.Namespace, tmp: Path) -> dict:
@@ -356,8 +426,8 @@ def run_setting(setting: str, args: argparse.Namespace, tmp: Path) -> dict:
     out = tmp / f"{setting}.json"
     worker = [sys.executable, __file__, "--worker", str(out), "--threads", str(args.threads), "--repeats",
               str(args.repeats), "--rounds", str(args.rounds), "--act-bits", str(args.act_bits), "--clock", args.clock,
-              "--memory-runs", str(args.memory_runs),
-              "--parts", ",".join(args.parts), "--models", ",".join(args.models), "--memory-models", ",".join(args.memory_models)]
+              "--memory-runs", str(args.memory_runs), "--peers", ",".join(args.peers),
+              *(["--resume-dir", args.resume_dir] if args.resume_dir else []), "--parts", ",".join(args.parts), "--models", ",".join(args.models), "--memory-models", ",".join(args.memory_models)]
     subprocess.run(worker, env=setting_environment(setting), check=True)
     return {"setting": setting, "environment": CPU_SETTINGS[setting], **json.loads(out.read_text())}
 
@@ -370,6 +440,18 @@ def _spread(entry: dict, key: str) -> str:
 
 def _mib(v: float) -> str:
     return f"{v / 2**20:.0f}"
+
+
+PEER_NAMES = {"dynamic_int8": "PyTorch dynamic int8 (torch.ao, eager)", "fp32_compiled": "fp32, torch.compile",
+              "torchao_int8_compiled": "torchao int8 dynamic activations + int8 weights, torch.compile"}
+
+
+def peers_of(entry: dict) -> dict:
+    """A speed entry's peers; results written before the compiled peers had the dynamic int8 model alone."""
+    if "peers" in entry:
+        return entry["peers"]
+    return {"dynamic_int8": {"speedup": entry["speedup_vs_dynamic_int8"],
+                             "rounds": entry.get("speedup_vs_dynamic_int8_rounds"), "first_call_s": None}}
 
 
 def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args: argparse.Namespace) -> str:
@@ -396,13 +478,23 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
         method = ("ms: medians over alternating rounds; a speed-up is the median of the rounds' ratios, lowest–highest "
                   "round in brackets" if all("cpu_speedup_rounds" in e for _, _, e in speed) else "ms")
         lines += ["", f"Forward of batch 8 at 32×32 latents, `robuq` preset at A{args.act_bits}, {args.threads} threads, {clock} ({method}):", "",
-                  "| setting | model | fp32 eager ms | dynamic int8 ms | exported ms | GEMM path | × fp32 | × dynamic int8 "
-                  "| × fp32 with robuq's elementwise kernels |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| setting | model | fp32 eager ms | exported ms | GEMM path | layer paths | × fp32 "
+                  "| × fp32 with robuq's elementwise kernels |", "|---|---|---|---|---|---|---|---|"]
         for s, name, e in speed:
-            lines.append(f"| {s['setting']} | {name} | {e['fp32_ms']:.0f} | {e['dynamic_int8_ms']:.0f} | {e['exported_ms']:.0f} "
-                         f"| {e['gemm_path']} | **{e['cpu_speedup']:.2f}×**{_spread(e, 'cpu_speedup_rounds')} "
-                         f"| **{e['speedup_vs_dynamic_int8']:.2f}×**{_spread(e, 'speedup_vs_dynamic_int8_rounds')} "
+            lines.append(f"| {s['setting']} | {name} | {e['fp32_ms']:.0f} | {e['exported_ms']:.0f} | {e['gemm_path']} "
+                         f"| {', '.join(e.get('layer_paths', [])) or '—'} | **{e['cpu_speedup']:.2f}×**{_spread(e, 'cpu_speedup_rounds')} "
                          f"| {e['cpu_speedup_vs_fp32_native_elementwise']:.2f}× |")
+        lines += ["", "The exported model against the peers a CPU user would try instead, timed in the same rounds "
+                  "(× = the peer's time ÷ the exported model's: above 1 robuq is faster, below 1 the peer is; first call = "
+                  "its compilation, where it has one):", "",
+                  "| setting | model | peer | peer ms | exported ms | exported × peer | first call s |", "|---|---|---|---|---|---|---|"]
+        for s, name, e in speed:
+            for peer, p in peers_of(e).items():
+                first = "—" if p.get("first_call_s") is None else f"{p['first_call_s']:.0f}"
+                lines.append(f"| {s['setting']} | {name} | {PEER_NAMES.get(peer, peer)} | {e[f'{peer}_ms']:.0f} "
+                             f"| {e['exported_ms']:.0f} | **{p['speedup']:.2f}×**{_spread(p, 'rounds')} | {first} |")
+            for peer, why in e.get("peers_missing", {}).items():
+                lines.append(f"| {s['setting']} | {name} | {PEER_NAMES.get(peer, peer)} | not run: {why} | | | |")
     memory = [(s, name, e) for s in settings for name, e in s["models"].items() if "peak_mem_ratio" in e]
     if memory:
         lines += ["", "Peak resident memory of a short sampling run (medians of processes; exported peaks per process):", "",
@@ -478,6 +570,10 @@ class DeployConfig:
     memory_runs: int | None = option(None, "processes per peak-memory measurement (default 3, quick 1)")
     rounds: int | None = option(None, "alternating rounds of the end-to-end timing (default 5, quick 3)")
     act_bits: int = option(3, "activation bits of the exported models")
+    peers: str = option(",".join(PEERS), f"models the export is timed against, comma-separated: {','.join(PEERS)} "
+                                         "(torchao_int8_compiled needs the bench extra: pip install 'robuq[bench]')")
+    resume_dir: str | None = option(None, "keep each model's figures here as they finish; a rerun with the same options "
+                                          "takes them from here (for DiT-XL/2, hours on 2 cores)")
     clock: str = option("wall", "wall, or cpu: time by the process's CPU time (with --threads 1, immune to a crowded "
                                 "machine)", choices=("wall", "cpu"))
     name: str = option("deploy", "results/<name>.json and .md")
@@ -493,20 +589,21 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--worker"]:  # this script's own child process for one setting (run_setting): its output file
         worker, argv = Path(argv[1]), argv[2:]
     config = parse_config(DeployConfig, argv, __doc__)
-    lists = ("parts", "settings", "models", "memory_models", "size_models")
+    lists = ("parts", "settings", "models", "memory_models", "size_models", "peers")
     args = argparse.Namespace(**{**dataclasses.asdict(config), "worker": worker,
                                  **{k: [v for v in getattr(config, k).split(",") if v] if getattr(config, k) else None
                                     for k in lists}})
     if args.render:
         render(Path(args.render))
         return
-    if unknown := set(args.parts) - set(PARTS) or set(args.settings) - set(CPU_SETTINGS):
+    if unknown := set(args.parts) - set(PARTS) or set(args.settings) - set(CPU_SETTINGS) or set(args.peers or []) - set(PEERS):
         raise SystemExit(f"unknown parts or settings: {', '.join(sorted(unknown))}")
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.memory_runs = args.memory_runs or (1 if args.quick else 3)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.models = args.models or (["DiT-S/2"] if args.quick else ["DiT-S/2", "DiT-B/2"])
     args.memory_models = args.memory_models or (["DiT-S/2"] if args.quick else ["DiT-XL/2", "DiT-B/2", "DiT-S/2"])
+    args.peers = args.peers or []
     torch.set_num_threads(args.threads)
     # load_exported raises glibc's allocator thresholds for the process; doing it first puts the fp32
     # model under the same setting, so the ratios compare the models and not the allocator.

@@ -137,7 +137,8 @@ def test_deploy(tmp_path):
     results = tmp_path / "results"
     argv = ["--parts", "sizes,linears,speed,memory,breakdown", "--settings", "native", "--models", "toy", "--size-models", "toy",
             "--memory-models", "toy", "--memory-runs", "1", "--linear-width", "48", "--linear-tokens", "16", "--repeats", "1",
-            "--rounds", "3", "--threads", "1", "--results-dir", str(results)]
+            "--rounds", "3", "--threads", "1", "--peers", "dynamic_int8,fp32_compiled,torchao_int8_compiled",
+            "--results-dir", str(results)]
     deploy.main(argv)
     data, markdown = _record(results, "deploy", "deploy", argv)
     _finite(data, "machine")
@@ -164,6 +165,15 @@ def test_deploy(tmp_path):
     assert toy["speedup_vs_dynamic_int8"] == pytest.approx(
         statistics.median([a / b for a, b in zip(rounds["dynamic_int8"], rounds["exported"])]))
     assert toy["fp32_ms"] == pytest.approx(statistics.median(rounds["fp32"]))
+    # every peer either timed in the same rounds (its compilation apart) or reported with the reason it was not
+    assert "fp32_compiled" in toy["peers"] and toy["peers"]["fp32_compiled"]["first_call_s"] > 0
+    assert set(toy["peers"]) | set(toy["peers_missing"]) == {"dynamic_int8", "fp32_compiled", "torchao_int8_compiled"}
+    for peer, entry in toy["peers"].items():
+        assert len(rounds[peer]) == 3 and entry["speedup"] == pytest.approx(
+            statistics.median([a / b for a, b in zip(rounds[peer], rounds["exported"])]))
+        assert f"| {deploy.PEER_NAMES[peer]} | {toy[f'{peer}_ms']:.0f} |" in markdown
+    for peer, why in toy["peers_missing"].items():
+        assert f"| {deploy.PEER_NAMES[peer]} | not run: {why} |" in markdown
     assert f"**{toy['cpu_speedup']:.2f}×** ({min(ratios):.2f}–{max(ratios):.2f})" in markdown
     assert toy["gemm_path"] in ("int_mm", "avx2", "fp32") and data["repeats"] == 1
     # peak memory of a short sampling run, each model in a fresh process, above what importing robuq takes
@@ -413,7 +423,9 @@ def test_deploy_times_every_gemm_path_and_tabulates_them(tmp_path):
                                       "exported_ms": 1.0, "gemm_path": "avx2", "cpu_speedup": 2.0,
                                       "speedup_vs_dynamic_int8": 1.5, "cpu_speedup_vs_fp32_native_elementwise": 2.0}}}
     text = deploy.markdown([], [], [setting], argparse.Namespace(act_bits=3, threads=2, clock="wall"))
-    assert "| native | DiT-S/2 | 2 | 2 | 1 | avx2 | **2.00×** | **1.50×** |" in text
+    assert "| native | DiT-S/2 | 2 | 1 | avx2 | — | **2.00×** | 2.00× |" in text
+    # a result written before the compiled peers: its dynamic int8 model is still a row of the peers' table
+    assert "| native | DiT-S/2 | PyTorch dynamic int8 (torch.ao, eager) | 2 | 1 | **1.50×** | — |" in text
     assert setting["machine"]["cpu_model"] in text and "int mm gemm" in text
     result = tmp_path / "deploy.json"  # --render rebuilds the table from the numbers a run wrote
     result.write_text(json.dumps({"sizes": [], "linears": [], "settings": [setting], "act_bits": 3, "threads": 2,
