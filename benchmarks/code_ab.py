@@ -2,6 +2,7 @@
 
     python benchmarks/code_ab.py --base 7ab5d20                    # this checkout against that commit
     python benchmarks/code_ab.py --base 7ab5d20 --rounds 9 --threads 1,2 --settings native,avx2-forced
+    python benchmarks/code_ab.py --base 7ab5d20 --export results/convergence/models/robuq-w1-58a4.robuq.safetensors
 
 A refactor must not change what an exported model computes or how fast. One export is written by the base
 commit's code; then, for each CPU setting and thread count, processes alternate between the base code and
@@ -59,6 +60,7 @@ class CodeABConfig:
 
     base: str = option("HEAD~1", "the commit to compare this checkout against")
     model: str = option("DiT-S/2", "the DiT timed (random weights, the robuq preset)")
+    export: str | None = option(None, "an exported file to load instead of writing one (a shipped model, say)")
     act_bits: int = option(2, "activation bits of the export")
     rounds: int = option(9, "rounds per setting and thread count (one process of each version per round)")
     repeats: int = option(5, "timed forwards per process (their median is the process's time)")
@@ -108,8 +110,9 @@ def compare(config: CodeABConfig, base_src: Path, new_src: Path, path: Path) -> 
 
 
 def markdown(rows: list[dict], config: CodeABConfig, base: str, head: str) -> str:
-    lines = [f"Exported {config.model} (robuq preset, A{config.act_bits}), forward of batch 8; the export written by "
-             f"the base's code and loaded by both. old = `{base[:12]}`, new = `{head[:12]}` (uncommitted changes "
+    what = (f"`{config.export}`" if config.export else
+            f"Exported {config.model} (robuq preset, A{config.act_bits}), written by the base's code")
+    lines = [f"{what}, loaded by both versions; forward of batch 8. old = `{base[:12]}`, new = `{head[:12]}` (uncommitted changes "
              f"included where there were any). Per process: median of {config.repeats} forwards; ratio: new ÷ old per "
              "round, median (lowest–highest round).", "",
              "| setting | threads | old ms (median) | new ms (median) | new ÷ old | same output bits |", "|---|---|---|---|---|---|"]
@@ -131,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         tree = Path(tmp) / "base"
         git("worktree", "add", "--detach", str(tree), base)
         try:
-            path = Path(tmp) / "model.robuq.safetensors"
-            run_worker(tree / "src", "export", path, config, 2, "native")
+            path = Path(config.export).resolve() if config.export else Path(tmp) / "model.robuq.safetensors"
+            if not config.export:
+                run_worker(tree / "src", "export", path, config, 2, "native")
             rows = compare(config, tree / "src", ROOT / "src", path)
         finally:
             git("worktree", "remove", "--force", str(tree))
