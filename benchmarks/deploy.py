@@ -1,6 +1,6 @@
 """Exported (packed, integer-domain) DiTs against full precision: file size, CPU speed, peak memory.
 
-    python benchmarks/deploy.py            # → results/deploy.json and .md  (about 25 minutes on 2 cores)
+    python benchmarks/deploy.py            # → results/deploy.json and .md  (hours on 2 cores without VNNI, see below)
     python benchmarks/deploy.py --quick    # DiT-S/2 only, fewer repeats
     python benchmarks/deploy.py --parts speed,paths --settings avx2-forced --models DiT-S/2
     python benchmarks/deploy.py --parts speed --models DiT-XL/2 --resume-dir ~/robuq-deploy   # hours; rerun to resume
@@ -16,6 +16,11 @@ dynamic-activation ``quantize_`` under ``torch.compile``); the per-path table ti
 integer GEMM path robuq has on the block linears' shapes; the breakdown part times each role in a block
 (linears, attention core, adaLN, elementwise) in the fp32 and the exported forward, and the exported forward
 by kernel (input pass, integer GEMM, epilogue, attention, elementwise), so that what bounds the speed-up shows.
+
+Time: about 25 minutes on 2 cores without the compiled peers; each compiled peer adds a minute of
+compilation per model and setting, and on a CPU without VNNI torchao's peer runs at a fraction of fp32's
+speed (15 s a DiT-S/2 forward on a 2-core EPYC), which takes hours on DiT-B/2: ``--peers
+dynamic_int8,fp32_compiled`` leaves it out.
 
 Random weights are fine here: sizes and speeds do not depend on the values. Each speed figure is a
 ratio of two timings taken alternately in one run.
