@@ -625,3 +625,21 @@ def test_code_ab_times_two_versions_on_one_export_at_toy_size(tmp_path):
     assert row["same_output"]  # HEAD's model code is this checkout's, but for uncommitted changes
     assert "new ÷ old" in (tmp_path / "code_ab.md").read_text()
     assert subprocess.run(["git", "worktree", "list"], cwd=root, capture_output=True, text=True).stdout == before
+
+
+def test_deploy_resumes_a_model_from_what_an_earlier_run_kept(tmp_path, capfd):
+    """--resume-dir: a model's figures are kept when it finishes and a rerun with the same options takes them
+    instead of measuring again (DiT-XL/2 takes hours on 2 cores); other options measure afresh."""
+    deploy = _load("deploy")
+    kept = tmp_path / "kept"
+    argv = ["--parts", "speed", "--settings", "native", "--models", "toy", "--repeats", "1", "--rounds", "1",
+            "--threads", "1", "--peers", "dynamic_int8", "--resume-dir", str(kept), "--results-dir", str(tmp_path)]
+    deploy.main(argv)
+    first = json.loads((tmp_path / "deploy.json").read_text())["settings"][0]["models"]["toy"]
+    assert len(list(kept.glob("native-toy-*.json"))) == 1
+    capfd.readouterr()
+    deploy.main(argv)
+    again = json.loads((tmp_path / "deploy.json").read_text())["settings"][0]["models"]["toy"]
+    assert "kept from" in capfd.readouterr().out and again == first
+    deploy.main([*argv[:-2], "--act-bits", "2", "--results-dir", str(tmp_path)])
+    assert len(list(kept.glob("native-toy-*.json"))) == 2
