@@ -207,7 +207,7 @@ def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str
     result = {**{f"{kind}_ms": v for kind, v in ms.items()}, "act_bits": act_bits, "gemm_path": ",".join(sorted(paths)),
               "layer_paths": layer_paths, "rounds_ms": times, "cpu_speedup": fp32, "cpu_speedup_rounds": fp32_rounds,
               "cpu_speedup_vs_fp32_native_elementwise": elementwise, "export_path": str(path),
-              "peers": {peer: {"speedup": ratio(peer)[0], "rounds": ratio(peer)[1], "first_call_s": first_call[peer]}
+              "peers": {peer: dict(zip(("speedup", "rounds"), ratio(peer)), first_call_s=first_call[peer])
                         for peer in peer_models},
               "peers_missing": missing}
     if "dynamic_int8" in peer_models:  # the keys results written before the other peers carry

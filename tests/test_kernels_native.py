@@ -384,4 +384,3 @@ def test_use_switches_the_kernels_for_its_block_only_and_leaves_the_environment_
     assert native.enabled()
     assert seen_elsewhere == [True]  # another thread is not switched off behind its back
     assert dict(os.environ) == before
-
