@@ -384,3 +384,53 @@ def test_use_switches_the_kernels_for_its_block_only_and_leaves_the_environment_
     assert native.enabled()
     assert seen_elsewhere == [True]  # another thread is not switched off behind its back
     assert dict(os.environ) == before
+
+def test_the_declared_signatures_are_the_c_prototypes():
+    """native._SIGNATURES is where ctypes learns each argument's position and type: it must say what the C
+    functions take, parameter by parameter, names included (calls pass their arguments by these names)."""
+    import re
+
+    c_types = {"const float *": "f32*", "float *": "f32*", "const int8_t *": "i8*", "int8_t *": "i8*",
+               "const int32_t *": "i32*", "int32_t *": "i32*", "int64_t": "i64", "int32_t": "i32", "int": "int",
+               "float": "float", "strides_t": "strides"}
+    sources = "\n".join(f.read_text() for f in sorted(native.FAMILIES.glob("*.c")))
+    prototypes = {m.group(1): m.group(2) for m in re.finditer(r"^(?:int|void) (robuq_\w+)\(([^)]*)\)\s*\{", sources, re.M)}
+    assert set(prototypes) == set(native._SIGNATURES)
+    for name, text in prototypes.items():
+        parameters = [] if text.strip() == "void" else [" ".join(p.split()) for p in text.split(",")]
+        declared = []
+        for parameter in parameters:
+            kind, parameter_name = re.match(r"(.*?\*?)\s*(\w+)$", parameter).groups()
+            declared.append((parameter_name, c_types[kind.strip()]))
+        assert native._parameters(name) == declared, name
+
+
+def test_a_kernel_call_with_a_wrong_argument_name_fails_before_c():
+    if native._library() is None:
+        pytest.skip("robuq's C kernels are not built here")
+    with pytest.raises(TypeError, match=r"missing \['n'\], unknown \['count'\]"):
+        native._call("robuq_gelu_tanh", x=0, y=0, count=4)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="torch.compile's inductor back-end needs a C++ compiler on the CPU")
+def test_compiled_code_calls_the_kernels_with_real_tensors(tiny_dit):
+    """Under torch.compile a kernel call must run outside the traced graph, on the real tensors: traced, it
+    would be handed fake tensors' addresses (this once gave NaN losses in compiled QAT)."""
+    if native._library() is None:
+        pytest.skip("robuq's C kernels are not built here")
+    torch.manual_seed(0)
+    x, signs = torch.randn(6, 48, requires_grad=True), torch.randint(0, 2, (48,)).float() * 2 - 1
+    from robuq.quant.hadamard import hadamard_transform
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda v: hadamard_transform(v, signs).square().sum())
+        loss = compiled(x)
+        loss.backward()
+        grad, x.grad = x.grad.clone(), None
+        hadamard_transform(x, signs).square().sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert torch.isfinite(loss) and torch.allclose(loss, x.detach().square().sum(), rtol=1e-5)  # orthogonal
+    assert torch.allclose(grad, x.grad, atol=1e-5)

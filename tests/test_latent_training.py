@@ -135,25 +135,34 @@ def test_bf16_qat_matches_fp32_closely(tmp_path, fmnist_dir):
 @pytest.mark.slow  # inductor compiles C++ for the CPU: about 20 s with a warm cache, a minute without
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
                     reason="torch.compile's inductor back-end needs a C++ compiler on the CPU, and this machine has none")
-def test_compiled_qat_step_matches_eager(tmp_path, fmnist_dir):
+@pytest.mark.parametrize("kernels", [True, False], ids=["c-kernels", "pytorch-ops"])
+def test_compiled_qat_step_matches_eager(tmp_path, fmnist_dir, kernels):
     from torch._dynamo.utils import counters
+
+    from robuq.kernels import native
 
     path = fmnist_teacher(tmp_path)
     torch._dynamo.reset()
     counters.clear()
     try:
         losses = {}
-        for compile in (False, True):
-            out = qat(small_qat(tmp_path / str(compile), path, data_dir=str(fmnist_dir), steps=1, ckpt_every=1, probe_every=0,
-                                global_batch_size=4, compile=compile), progress=False)
-            losses[compile] = logged_losses(out)
-            if not compile:
-                assert counters["stats"]["unique_graphs"] == 0
+        with native.use(kernels):  # off: the PyTorch ops dynamo traces into, as on a machine without a compiler
+            for compile in (False, True):
+                out = qat(small_qat(tmp_path / str(compile), path, data_dir=str(fmnist_dir), steps=1, ckpt_every=1,
+                                    probe_every=0, global_batch_size=4, compile=compile), progress=False)
+                losses[compile] = logged_losses(out)
+                if not compile:
+                    assert counters["stats"]["unique_graphs"] == 0
         assert counters["stats"]["unique_graphs"] > 0  # the student did go through dynamo and inductor
         assert losses[True] == pytest.approx(losses[False], rel=1e-4) and all(map(math.isfinite, losses[True]))
         compiled, _ = load_tensors(out / "model.safetensors")
         eager, _ = load_tensors(tmp_path / "False" / "qat" / "model.safetensors")
-        assert all(torch.allclose(compiled[k], eager[k], atol=1e-5) for k in eager)
+        # Inductor fuses and reorders float sums, and Adam's first step is lr·g/(|g|+ε): a weight whose gradient
+        # is ~1e-8 can move by a whole step on rounding alone. So a few weights may differ; a wrong gradient
+        # path would move most of them.
+        for k in eager:
+            off = (compiled[k] - eager[k]).abs().gt(1e-5)
+            assert off.float().mean() <= 1e-3, (k, off.sum().item())
     finally:
         torch._dynamo.reset()  # the compiled graphs hold the student; later tests should not inherit them
 

@@ -80,32 +80,62 @@ def _mix12_plan() -> list[int]:
 
 # Pointer arguments go to C as plain addresses (c_void_p takes the int of data_ptr() as it is): a typed
 # pointer cost a ctypes.cast per argument, some 1,400 per exported DiT-S/2 forward (a few ms of Python).
-# The names still say what the C side reads there.
-_f32 = _i8 = _i32p = ctypes.c_void_p
-_i64, _int, _float = ctypes.c_int64, ctypes.c_int, ctypes.c_float
-
-
+# The type names still say what the C side reads there.
 class _Strides(ctypes.Structure):
     """strides_t: where a (batch, heads, tokens, d) tensor's rows start, in floats."""
     _fields_ = [("batch", ctypes.c_int64), ("head", ctypes.c_int64), ("token", ctypes.c_int64)]
 
 
+_TYPES = {"f32*": ctypes.c_void_p, "i8*": ctypes.c_void_p, "i32*": ctypes.c_void_p, "i64": ctypes.c_int64,
+          "i32": ctypes.c_int32, "int": ctypes.c_int, "float": ctypes.c_float, "strides": _Strides}
+
+# Each exported function's parameters, named and typed as in its C prototype (a test compares the two):
+# the one place the ctypes layer learns an argument's position. Calls name their arguments (``_call``).
 _SIGNATURES = {
-    "robuq_hadamard": [_f32, _f32, _i64, _i64, _i64, _f32, _f32, _int, _int],
-    "robuq_hadamard_quantize": [_f32, _f32, _i8, _f32, _f32, _i64, _i64, _i64, _f32, _f32, _int, _int, _float,
-                                _float, _int, _f32, _i64, _f32, _int],
-    "robuq_rescale": [_i32p, _f32, _i64, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _i64, _int, _int],
-    "robuq_gelu_tanh": [_f32, _f32, _i64, _int],
-    "robuq_layer_norm_modulate": [_f32, _f32, _f32, _f32, _i64, _i64, _i64, _float, _int],
-    "robuq_gated_residual": [_f32, _f32, _f32, _f32, _i64, _i64, _i64, _int],
-    "robuq_attention_int8": [_f32, _Strides, _f32, _Strides, _f32, _Strides, _i64, _i64, _i64, _i64, _i64, _int, _int,
-                             _int, _float, _f32, _int],
-    "robuq_gemm_s8": [_i8, ctypes.c_int32, _i8, _i32p, _i64, _i64, _i64, _i32p, _i64, _int],
-    "robuq_gemm_ternary": [_i8, ctypes.c_int32, _i8, _i32p, _i64, _i64, _i64, _i32p, _int],
-    "robuq_linear_ternary": [_f32, _i64, _i64, _i64, _f32, _f32, _int, _int, _float, _float, _f32, _i64, _i8, _i64,
-                             _i32p, _f32, _f32, _f32, _f32, _int, _f32, _int],
-    "robuq_integer_isa": [],
+    "robuq_hadamard": "x:f32* y:f32* rows:i64 n:i64 m:i64 hm:f32* signs:f32* inverse:int threads:int",
+    "robuq_hadamard_quantize": "x:f32* y:f32* levels:i8* scale:f32* offset:f32* rows:i64 n:i64 m:i64 hm:f32* "
+                               "signs:f32* levels_top:int rule:int step_factor:float ratio:float shift:int down:f32* "
+                               "rank:i64 branch:f32* threads:int",
+    "robuq_rescale": "acc:i32* y:f32* rows:i64 cols:i64 s:f32* o:f32* alpha:f32* w:f32* bias:f32* branch:f32* "
+                     "up:f32* rank:i64 gelu:int threads:int",
+    "robuq_gelu_tanh": "x:f32* y:f32* n:i64 threads:int",
+    "robuq_layer_norm_modulate": "x:f32* shift:f32* scale:f32* y:f32* rows:i64 tokens:i64 n:i64 eps:float threads:int",
+    "robuq_gated_residual": "x:f32* gate:f32* y:f32* out:f32* rows:i64 tokens:i64 n:i64 threads:int",
+    "robuq_attention_int8": "q:f32* qs:strides k:f32* kst:strides v:f32* vst:strides batch:i64 heads:i64 nq:i64 "
+                            "nk:i64 d:i64 levels_top:int probs_top:int shift:int inv_sqrt_d:float out:f32* threads:int",
+    "robuq_gemm_s8": "a:i8* shift:i32 packed:i8* out:i32* m:i64 k:i64 n:i64 col_sums:i32* flush:i64 threads:int",
+    "robuq_gemm_ternary": "a:i8* top:i32 code:i8* out:i32* m:i64 k:i64 n:i64 col_sums:i32* threads:int",
+    "robuq_linear_ternary": "x:f32* rows:i64 k:i64 m:i64 hm:f32* signs:f32* levels_top:int rule:int step_factor:float "
+                            "ratio:float down:f32* rank:i64 code:i8* n:i64 col_sums:i32* alpha:f32* w:f32* bias:f32* "
+                            "up:f32* gelu:int y:f32* threads:int",
+    "robuq_integer_isa": "",
 }
+
+
+def _parameters(name: str) -> list[tuple[str, str]]:
+    """(parameter, type) pairs of an exported function, in order."""
+    return [tuple(item.split(":")) for item in _SIGNATURES[name].split()]
+
+
+@functools.lru_cache(maxsize=None)
+def _order(name: str) -> tuple[str, ...]:
+    return tuple(parameter for parameter, _ in _parameters(name))
+
+
+def _call(name: str, **arguments):
+    """Call an exported function with its arguments by name (``threads`` defaults to PyTorch's thread count);
+    a name missing or unknown is a TypeError here, not a wrong pointer in C."""
+    order = _order(name)
+    if "threads" not in arguments and "threads" in order:
+        arguments["threads"] = _threads()
+    try:
+        values = [arguments[parameter] for parameter in order]
+    except KeyError:
+        values = None
+    if values is None or len(arguments) != len(order):
+        missing, unknown = set(order) - arguments.keys(), arguments.keys() - set(order)
+        raise TypeError(f"{name}: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    return getattr(_library(), name)(*values)
 
 
 def _cache_dir() -> Path:
@@ -159,8 +189,8 @@ def _library() -> ctypes.CDLL | None:
         detail = getattr(error, "stderr", "") or error
         warnings.warn(f"robuq: building the CPU kernels failed, falling back to PyTorch code: {detail}")
         return None
-    for name, argtypes in _SIGNATURES.items():
-        getattr(library, name).argtypes = argtypes
+    for name in _SIGNATURES:
+        getattr(library, name).argtypes = [_TYPES[kind] for _, kind in _parameters(name)]
         getattr(library, name).restype = ctypes.c_int if name in _ALLOCATING or name == "robuq_integer_isa" else None
     return library
 
@@ -200,6 +230,12 @@ def _mix_matrix(n: int) -> tuple[int, torch.Tensor]:
     return m, (hadamard_matrix(m, torch.float64) * math.sqrt(m) / math.sqrt(n)).to(device="cpu", dtype=torch.float32).contiguous()
 
 
+# torch.compile must not trace into a call of the library: it would hand C the addresses of the fake tensors it
+# traces with, and the kernels have no backward for it to differentiate. Every function below that calls C
+# runs as it is, between compiled graphs (about half a microsecond a call in eager code).
+_outside_compiled_graphs = torch.compiler.disable
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     """t's address for a pointer argument (_SIGNATURES says what element type the C side reads there)."""
     return None if t is None else t.data_ptr()
@@ -229,6 +265,7 @@ def _levels_top(bits: int, what: str) -> int:
     return spec.level_range(spec.check_bits(bits, what))[1]
 
 
+@_outside_compiled_graphs
 def hadamard(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool) -> torch.Tensor:
     """The normalised transform of ``robuq.quant.hadamard`` on the last axis (no autograd)."""
     n = x.shape[-1]
@@ -236,10 +273,12 @@ def hadamard(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool) -> torc
     rows = _input(x.reshape(-1, n))
     y = _empty(*rows.shape)
     signs = None if signs is None else _input(signs)
-    _check(_library().robuq_hadamard(_ptr(rows), _ptr(y), rows.shape[0], n, m, _ptr(hm), _ptr(signs), int(inverse), _threads()))
+    _check(_call("robuq_hadamard", x=_ptr(rows), y=_ptr(y), rows=rows.shape[0], n=n, m=m, hm=_ptr(hm), signs=_ptr(signs),
+                 inverse=int(inverse)))
     return y.reshape(x.shape)
 
 
+@_outside_compiled_graphs
 def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool, bits: int, rule: str,
                       clip_ratio: torch.Tensor | None, keep_rotated: bool, down: torch.Tensor | None = None):
     """(rotated rows or None, int8 levels − shift, scale (rows, 1), offset (rows, 1), branch or None) of x's
@@ -260,13 +299,14 @@ def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool,
     rank = 0 if down is None else down.shape[0]
     down = None if down is None else _input(down)
     branch = None if down is None else _empty(count, rank)
-    _check(_library().robuq_hadamard_quantize(
-        _ptr(rows), _ptr(y), _ptr(levels), _ptr(scale), _ptr(offset), count, n, m, _ptr(hm), _ptr(signs),
-        top, rule_id, spec.gaussian_optimal_step(bits), ratio, spec.int8_level_shift(bits), _ptr(down), rank,
-        _ptr(branch), _threads()), f"rule {rule!r} at {bits} bits")
+    _check(_call("robuq_hadamard_quantize", x=_ptr(rows), y=_ptr(y), levels=_ptr(levels), scale=_ptr(scale),
+                 offset=_ptr(offset), rows=count, n=n, m=m, hm=_ptr(hm), signs=_ptr(signs), levels_top=top, rule=rule_id,
+                 step_factor=spec.gaussian_optimal_step(bits), ratio=ratio, shift=spec.int8_level_shift(bits),
+                 down=_ptr(down), rank=rank, branch=_ptr(branch)), f"rule {rule!r} at {bits} bits")
     return y, levels, scale, offset, branch
 
 
+@_outside_compiled_graphs
 def rescale(acc: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, alpha: torch.Tensor,
             offset_weight: torch.Tensor, bias: torch.Tensor, branch: torch.Tensor | None = None,
             up_rows: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
@@ -280,16 +320,18 @@ def rescale(acc: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, offset: t
     scale, offset, alpha, offset_weight, bias = (_input(t) for t in (scale, offset, alpha, offset_weight, bias))
     rank = 0 if branch is None else branch.shape[1]
     branch, up_rows = (None, None) if branch is None else (_input(branch), _input(up_rows))
-    _library().robuq_rescale(_ptr(acc), _ptr(out), rows, cols, _ptr(scale), _ptr(offset), _ptr(alpha),
-                             _ptr(offset_weight), _ptr(bias), _ptr(branch), _ptr(up_rows), rank, int(gelu), _threads())
+    _call("robuq_rescale", acc=_ptr(acc), y=_ptr(out), rows=rows, cols=cols, s=_ptr(scale), o=_ptr(offset),
+          alpha=_ptr(alpha), w=_ptr(offset_weight), bias=_ptr(bias), branch=_ptr(branch), up=_ptr(up_rows), rank=rank,
+          gelu=int(gelu))
     return out
 
 
+@_outside_compiled_graphs
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """``F.gelu(x, approximate="tanh")`` (no autograd), about 1e-7 relative from PyTorch's."""
     x = _input(x)
     y = _empty(*x.shape)
-    _library().robuq_gelu_tanh(_ptr(x), _ptr(y), x.numel(), _threads())
+    _call("robuq_gelu_tanh", x=_ptr(x), y=_ptr(y), n=x.numel())
     return y
 
 
@@ -301,17 +343,19 @@ def _per_sample(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return _input(x), _input(v)
 
 
+@_outside_compiled_graphs
 def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """``modulate(F.layer_norm(x, (n,), eps=eps), shift, scale)`` in one pass, x (batch, tokens, n), shift and
     scale (batch, n); no autograd."""
     _, scale = _per_sample(x, scale)
     x, shift = _per_sample(x, shift)
     y = _empty(*x.shape)
-    _library().robuq_layer_norm_modulate(_ptr(x), _ptr(shift), _ptr(scale), _ptr(y), x.shape[0] * x.shape[1], x.shape[1],
-                                         x.shape[2], eps, _threads())
+    _call("robuq_layer_norm_modulate", x=_ptr(x), shift=_ptr(shift), scale=_ptr(scale), y=_ptr(y),
+          rows=x.shape[0] * x.shape[1], tokens=x.shape[1], n=x.shape[2], eps=eps)
     return y
 
 
+@_outside_compiled_graphs
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x + gate.unsqueeze(1) * y`` in one pass, x and y (batch, tokens, n), gate (batch, n); no autograd."""
     x, gate = _per_sample(x, gate)
@@ -319,8 +363,8 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     if y.shape != x.shape:
         raise ValueError(f"residual branch of shape {tuple(y.shape)} does not match tokens of shape {tuple(x.shape)}")
     out = _empty(*x.shape)
-    _library().robuq_gated_residual(_ptr(x), _ptr(gate), _ptr(y), _ptr(out), x.shape[0] * x.shape[1], x.shape[1],
-                                    x.shape[2], _threads())
+    _call("robuq_gated_residual", x=_ptr(x), gate=_ptr(gate), y=_ptr(y), out=_ptr(out), rows=x.shape[0] * x.shape[1],
+          tokens=x.shape[1], n=x.shape[2])
     return out
 
 
@@ -332,6 +376,7 @@ def _head_rows(x: torch.Tensor) -> tuple[torch.Tensor, _Strides]:
     return x, _Strides(*x.stride()[:3])
 
 
+@_outside_compiled_graphs
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, probs_bits: int) -> torch.Tensor:
     """softmax(Q̂K̂ᵀ/√d)̂ V̂ for (batch, heads, tokens, d) inputs in one fused pass, the two matmuls on
     integer levels with exact int32 sums (Q, K per token, V per channel, probabilities per row from 0 to
@@ -342,9 +387,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, prob
     nk = k.shape[2]
     (q, qs), (k, ks), (v, vs) = (_head_rows(t) for t in (q, k, v))
     out = _empty(batch, nq, heads, d)
-    _check(_library().robuq_attention_int8(_ptr(q), qs, _ptr(k), ks, _ptr(v), vs, batch, heads, nq, nk, d, top,
-                                           probs_top, spec.int8_level_shift(bits), 1.0 / math.sqrt(d), _ptr(out),
-                                           _threads()), f"{bits}-bit attention with {probs_bits}-bit probabilities")
+    _check(_call("robuq_attention_int8", q=_ptr(q), qs=qs, k=_ptr(k), kst=ks, v=_ptr(v), vst=vs, batch=batch,
+                 heads=heads, nq=nq, nk=nk, d=d, levels_top=top, probs_top=probs_top, shift=spec.int8_level_shift(bits),
+                 inv_sqrt_d=1.0 / math.sqrt(d), out=_ptr(out)), f"{bits}-bit attention with {probs_bits}-bit probabilities")
     return out.transpose(1, 2)
 
 
@@ -354,7 +399,7 @@ INTEGER_ISAS = ("plain", "avx2", "avx512_vnni")
 def integer_isa() -> str:
     """What the built integer kernels use: "avx512_vnni" (the attention's dot products; the GEMM is AVX2),
     "avx2", "plain" C, or "none" when the kernels are off or unbuilt."""
-    return INTEGER_ISAS[_library().robuq_integer_isa()] if enabled() else "none"
+    return INTEGER_ISAS[_call("robuq_integer_isa")] if enabled() else "none"
 
 
 def pack_gemm_weights(b: torch.Tensor) -> torch.Tensor:
@@ -373,6 +418,7 @@ def unpack_gemm_weights(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
     return packed.permute(1, 3, 0, 2).reshape(quads * GEMM_PACK_DEPTH, blocks * GEMM_PACK_COLUMNS)[:k, :n].contiguous()
 
 
+@_outside_compiled_graphs
 def gemm_s8(a: torch.Tensor, packed: torch.Tensor, n: int, col_sums: torch.Tensor, shift: int, flush: int) -> torch.Tensor:
     """a (m, k) int8 · b (k, n) int8 → int32, exactly ``torch._int_mm(a, b)``, by robuq's AVX2 kernel, with
     b given as ``pack_gemm_weights(b)`` and its int32 column sums.
@@ -388,8 +434,8 @@ def gemm_s8(a: torch.Tensor, packed: torch.Tensor, n: int, col_sums: torch.Tenso
     a, packed = a.contiguous(), packed.contiguous()
     col_sums = col_sums.to(torch.int32).contiguous()
     out = _empty(m, n, dtype=torch.int32)
-    _check(_library().robuq_gemm_s8(_ptr(a), shift, _ptr(packed), _ptr(out), m, k, n,
-                                    _ptr(col_sums), flush, _threads()))
+    _check(_call("robuq_gemm_s8", a=_ptr(a), shift=shift, packed=_ptr(packed), out=_ptr(out), m=m, k=k, n=n,
+                 col_sums=_ptr(col_sums), flush=flush))
     return out
 
 
@@ -432,6 +478,7 @@ def unpack_ternary_weights(code: torch.Tensor, k: int, n: int) -> torch.Tensor:
     return weights.permute(1, 3, 0, 2).reshape(code.shape[1] * TERNARY_GROUP, -1)[:k, :n].contiguous()
 
 
+@_outside_compiled_graphs
 def gemm_ternary(a: torch.Tensor, code: torch.Tensor, n: int, col_sums: torch.Tensor, top: int) -> torch.Tensor:
     """a (m, k) int8 levels in 0…``top`` (``top`` ≤ TERNARY_MAX_TOP) · b (k, n) ternary → int32, exactly
     ``torch._int_mm(a, b)``, by the lookup kernel, with b given as ``pack_ternary_weights(b)`` and its int32
@@ -444,8 +491,8 @@ def gemm_ternary(a: torch.Tensor, code: torch.Tensor, n: int, col_sums: torch.Te
     a, code = a.contiguous(), code.contiguous()
     col_sums = col_sums.to(torch.int32).contiguous()
     out = _empty(m, n, dtype=torch.int32)
-    _check(_library().robuq_gemm_ternary(_ptr(a), top, _ptr(code), _ptr(out), m, k, n,
-                                         _ptr(col_sums), _threads()), f"ternary GEMM with levels up to {top}")
+    _check(_call("robuq_gemm_ternary", a=_ptr(a), top=top, code=_ptr(code), out=_ptr(out), m=m, k=k, n=n,
+                 col_sums=_ptr(col_sums)), f"ternary GEMM with levels up to {top}")
     return out
 
 
@@ -453,12 +500,12 @@ def gemm_ternary(a: torch.Tensor, code: torch.Tensor, n: int, col_sums: torch.Te
 class TernaryLinearArgs:
     """A ternary integer linear's arguments to ``linear_ternary`` besides its input, converted and checked once
     (``ternary_linear_args``): converting and checking its ten tensors on each of a DiT-S/2 forward's 60
-    calls cost about 1 ms of Python per forward. ``tensors`` keeps alive what the addresses in ``args``
-    point into."""
+    calls cost about 1 ms of Python per forward. ``arguments`` are ``robuq_linear_ternary``'s by name, all
+    but the input's, the output's and the thread count; ``tensors`` keeps alive what their addresses point into."""
     in_features: int
     out_features: int
     tensors: tuple[torch.Tensor | None, ...]
-    args: tuple
+    arguments: dict
     what: str
 
 
@@ -485,11 +532,14 @@ def ternary_linear_args(k: int, n: int, signs: torch.Tensor | None, rotate: bool
     alpha, offset_weight, bias = (_input(t) for t in (alpha, offset_weight, bias))
     ratio = 1.0 if clip_ratio is None else float(clip_ratio)
     tensors = (hm, signs, down, code, col_sums, alpha, offset_weight, bias, up_rows)
-    args = (k, m, _ptr(hm), _ptr(signs), top, rule_id, spec.gaussian_optimal_step(bits), ratio, _ptr(down), rank,
-            _ptr(code), n, _ptr(col_sums), _ptr(alpha), _ptr(offset_weight), _ptr(bias), _ptr(up_rows), int(gelu))
-    return TernaryLinearArgs(k, n, tensors, args, f"rule {rule!r} at {bits} bits")
+    arguments = dict(k=k, m=m, hm=_ptr(hm), signs=_ptr(signs), levels_top=top, rule=rule_id,
+                     step_factor=spec.gaussian_optimal_step(bits), ratio=ratio, down=_ptr(down), rank=rank,
+                     code=_ptr(code), n=n, col_sums=_ptr(col_sums), alpha=_ptr(alpha), w=_ptr(offset_weight),
+                     bias=_ptr(bias), up=_ptr(up_rows), gelu=int(gelu))
+    return TernaryLinearArgs(k, n, tensors, arguments, f"rule {rule!r} at {bits} bits")
 
 
+@_outside_compiled_graphs
 def linear_ternary(x: torch.Tensor, layer: TernaryLinearArgs, out: torch.Tensor) -> torch.Tensor:
     """A whole ternary integer linear in one pass over blocks of rows: ``hadamard_quantize`` of x's rows (with
     the branch if the layer has one), ``gemm_ternary`` of their levels and ``rescale`` into ``out`` (rows,
@@ -499,5 +549,5 @@ def linear_ternary(x: torch.Tensor, layer: TernaryLinearArgs, out: torch.Tensor)
             and out.shape == (rows.shape[0], layer.out_features)):
         raise ValueError(f"linear_ternary writes into a contiguous float32 CPU tensor of shape ({rows.shape[0]}, "
                          f"{layer.out_features})")
-    _check(_library().robuq_linear_ternary(_ptr(rows), rows.shape[0], *layer.args, _ptr(out), _threads()), layer.what)
+    _check(_call("robuq_linear_ternary", x=_ptr(rows), rows=rows.shape[0], y=_ptr(out), **layer.arguments), layer.what)
     return out
