@@ -66,6 +66,7 @@ class CodeABConfig:
     repeats: int = option(5, "timed forwards per process (their median is the process's time)")
     threads: str = option("1,2", "thread counts, comma-separated")
     settings: str = option("native,avx2-forced", "CPU settings, comma-separated: native, avx2-forced")
+    name: str = option("code_ab", "results/<name>.json and .md")
     results_dir: str | None = option(None, "where the JSON and Markdown go (default: results/)")
 
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             git("worktree", "remove", "--force", str(tree))
     payload = {"base": base, "head": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "src")),
                "rows": rows, "settings": {k: getattr(config, k) for k in config.__dataclass_fields__}}
-    write_result("code_ab", payload, markdown(rows, config, base, payload["head"]),
+    write_result(config.name, payload, markdown(rows, config, base, payload["head"]),
                  Path(config.results_dir) if config.results_dir else None, invocation(__file__, argv))
 
 
