@@ -256,6 +256,10 @@ def train(config: ConvergenceConfig, work: Path, run: Run, until: int | None = N
     if until is not None:
         command += ["--until", str(until)]
     (folder / "command.json").write_text(json.dumps(command[1:]) + "\n")
+    # Runs may share the machine two at a time at one thread each (OMP_NUM_THREADS=1): the thread count
+    # changes float summation order, so each launch records it.
+    with open(folder / "launches.jsonl", "a") as launches:
+        launches.write(json.dumps({"until": until, "omp_num_threads": env.get("OMP_NUM_THREADS")}) + "\n")
     print(f"[convergence] {run.name}: {' '.join(command[1:])}", flush=True)
     t0 = time.perf_counter()
     with open(folder / "stdout.txt", "a") as out:
@@ -670,7 +674,8 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
             final.append({"name": p.name, "act_bits": row_bits(p.name) if not p.name.startswith("control") else 2,
                           "ampn": row_ampn(p.name), "steps": p.step, "samples": p.samples, "seeds": seeds,
                           "interval_method": interval_method(scores, config),
-                          "commit": library_commit(p.library_folder), **entry_spaces})
+                          "commit": library_commit(p.library_folder), "threads": training_threads(p.library_folder),
+                          **entry_spaces})
         if p.name in HEADLINE:
             curves.setdefault(p.name, []).append({"step": p.step, "samples": p.samples, **entry_spaces})
     for name, (a, b) in comparisons_wanted(config, points).items():
@@ -702,6 +707,13 @@ def interval_method(scores: dict, config: ConvergenceConfig) -> str:
             "for every row and the teacher at that sample count; reference images held fixed), centred on the "
             f"full-sample FID, 95% percentile interval; halves: {rounds}; training noise from the two-seed controls, "
             "not in these intervals")
+
+
+def training_threads(folder: Path) -> list[str] | None:
+    """OMP_NUM_THREADS of each launch of the run's training ("unset": PyTorch's default, all cores), where
+    recorded; None for runs trained before launches were recorded (they ran with the default)."""
+    launches = read_log(folder / "launches.jsonl")
+    return sorted({r["omp_num_threads"] or "unset" for r in launches}) or None
 
 
 def library_commit(folder: Path) -> str:
@@ -802,6 +814,11 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
                 met = [e[s]["ratio"] <= target for s in ("classifier", "inception") if s in e]
                 verdict = f"≤ {target}×: " + ("met" if met and all(met) else "missed")
             lines.append(f"| {e['name']} | {e['ampn']} | {e['steps']} | {e['samples']} | {' | '.join(cells)} | {verdict} |")
+        threads = {e["name"]: e.get("threads") for e in payload["final"]}
+        if any(threads.values()):
+            lines += ["", "Training threads (OMP_NUM_THREADS per launch; \"unset\" and rows without a record: PyTorch's "
+                      "default, every core): " + "; ".join(f"{n}: {', '.join(t) if t else 'unset'}" for n, t in threads.items())
+                      + ". The thread count changes only the order of float sums."]
         lines.append("")
     if payload["comparisons"]:
         lines += ["## Differences a claim rests on", "",

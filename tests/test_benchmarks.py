@@ -517,7 +517,7 @@ def test_convergence_shuffled_plans_keep_the_budget_and_intervals_read_ties(tmp_
     assert ratio["ratio"] == pytest.approx(2.0) and ratio["ratio_low"] <= 2.0 <= ratio["ratio_high"]
 
 
-def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir):
+def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch):
     """The pilot, one headline row and the scoring, end to end through the `robuq` commands the benchmark
     runs: logs, kept samples (the same labels for every row), the exported model and the report's JSON."""
     convergence = _load("convergence")
@@ -525,7 +525,9 @@ def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir):
     common = ["--toy", "--installed", "--no-inception", "--teacher", teacher_file, "--data-dir", str(fmnist_dir),
               "--work-dir", str(work), "--results-dir", str(results)]
     convergence.main(["--stage", "pilot", "--only", "pilot: new recipe", *common])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as when two runs share the machine; the report says so
     convergence.main(["--stage", "headline", "--only", "RobuQ + AMPN W1.58A2", *common])
+    monkeypatch.delenv("OMP_NUM_THREADS")
     argv = ["--stage", "score", *common]
     convergence.main(argv)
     data, markdown = _record(results, "convergence", "convergence", argv)
@@ -547,6 +549,7 @@ def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir):
     assert torch.equal(torch.as_tensor(teacher["labels"]), torch.as_tensor(student["labels"]))
     assert student["images"].shape == (20, 8, 8) and student["images"].dtype == np.uint8
     assert "| RobuQ + AMPN W1.58A2 | True | 12 | 20 |" in markdown
+    assert row["threads"] == ["1"] and "RobuQ + AMPN W1.58A2: 1" in markdown
     assert (results / "convergence.png").stat().st_size > 0
 
 
