@@ -9,6 +9,13 @@ resumes from its last checkpoint):
     python benchmarks/convergence.py --stage score      # samples, features, half-sample intervals (≈ 2 h)
     python benchmarks/convergence.py --stage report     # results/convergence.{json,md,png} from what exists
 
+On a small machine two lanes at one thread each train more images a second than one at every thread
+(the tiny DiT does not fill two cores); ``--only`` splits the runs so that no run is in two lanes, and a
+run that continues another's warm-up stays in that run's lane:
+
+    OMP_NUM_THREADS=1 python benchmarks/convergence.py --stage headline --only "RobuQ + AMPN W1.58A2"
+    OMP_NUM_THREADS=1 python benchmarks/convergence.py --stage headline --only "strong baseline W1.58A2"
+
 Every training run is a `robuq` command in a subprocess whose library is one git commit, checked out as a
 worktree under the work directory and recorded per run: later changes to the checkout cannot alter a run
 midway. The work directory lives outside the checkout (checkpoints are large); each run's log is copied
