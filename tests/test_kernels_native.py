@@ -414,7 +414,7 @@ def test_a_kernel_call_with_a_wrong_argument_name_fails_before_c():
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
                     reason="torch.compile's inductor back-end needs a C++ compiler on the CPU")
-def test_compiled_code_calls_the_kernels_with_real_tensors(tiny_dit):
+def test_compiled_code_calls_the_kernels_with_real_tensors():
     """Under torch.compile a kernel call must run outside the traced graph, on the real tensors: traced, it
     would be handed fake tensors' addresses (this once gave NaN losses in compiled QAT)."""
     if native._library() is None:
