@@ -685,11 +685,11 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
                           **entry_spaces})
         if p.name in HEADLINE:
             curves.setdefault(p.name, []).append({"step": p.step, "samples": p.samples, **entry_spaces})
-    for name, (a, b) in comparisons_wanted(config, points).items():
+    for name, (a, b, kind) in comparisons_wanted(config, points).items():
         for space in ("classifier", "inception"):
             summary = interval_summary(scores[space], a, b, ratio=False)
             if summary:
-                comparisons.append({"comparison": name, "space": space, **summary})
+                comparisons.append({"comparison": name, "kind": kind, "space": space, **summary})
     teacher = {space: {"fid": scores[space][teacher_key(points, config.samples_headline)]["fid"]}
                for space in ("classifier", "inception") if teacher_key(points, config.samples_headline) in scores[space]}
     for run in headline_runs(config):
@@ -702,7 +702,8 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
                     for run in headline_runs(config) + control_runs(config, work)}
     payload = {"pilot": pilot_summary(config, work), "recipe": {"today": TODAY, "new": NEW, "frozen": FROZEN},
                "teacher": teacher, "final": final, "curves": curves, "probe_curves": probe_curves,
-               "comparisons": comparisons, "progress": progress_of(config, work),
+               "comparisons": comparisons, "claims": read_claims(final, comparisons, teacher, config.steps),
+               "progress": progress_of(config, work),
                "settings": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("stage", "only")}}
     write_result("convergence", payload, markdown(payload, config), results, argv)
     plot(payload, config, results / "convergence.png")
@@ -728,19 +729,82 @@ def library_commit(folder: Path) -> str:
     return record.read_text().strip() if record.is_file() else "installed"
 
 
-def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> dict[str, tuple[str, str]]:
-    """Differences a claim rests on: (a, b) point keys, read as FID(a) − FID(b)."""
+def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> dict[str, tuple[str, str, str]]:
+    """Differences a claim rests on: (a, b, kind) with a and b point keys, read as FID(a) − FID(b); kind is
+    "baseline" (AMPN against the strong baseline), "chance" (AMPN against a uniform or shuffled plan) or
+    "training noise" (the same pipeline with two seeds)."""
     key = {(p.name, p.step, p.samples): p.key for p in points}
     end, ctl = config.steps, config.control_steps
     wanted = {"AMPN A2 − strong baseline A2 (final)": (key[(AMPN_A2, end, config.samples_headline)],
-                                                       key[("strong baseline W1.58A2", end, config.samples_headline)])}
+                                                       key[("strong baseline W1.58A2", end, config.samples_headline)],
+                                                       "baseline")}
     own = key[(AMPN_A2, ctl, config.samples_control)]
     for run in control_runs(config, Path(config.work_dir)):
-        wanted[f"AMPN A2 − {run.name.removeprefix('control: ')} (step {ctl})"] = (own, key[(run.name, ctl, config.samples_control)])
+        if run.name != "control: AMPN seed 1":
+            wanted[f"AMPN A2 − {run.name.removeprefix('control: ')} (step {ctl})"] = (
+                own, key[(run.name, ctl, config.samples_control)], "chance")
     wanted[f"uniform A2 seed 0 − seed 1 (step {ctl}; training noise)"] = (
-        key[("control: uniform A2 seed 0", ctl, config.samples_control)], key[("control: uniform A2 seed 1", ctl, config.samples_control)])
-    wanted[f"AMPN A2 seed 0 − seed 1 (step {ctl}; training noise)"] = (own, key[("control: AMPN seed 1", ctl, config.samples_control)])
+        key[("control: uniform A2 seed 0", ctl, config.samples_control)],
+        key[("control: uniform A2 seed 1", ctl, config.samples_control)], "training noise")
+    wanted[f"AMPN A2 seed 0 − seed 1 (step {ctl}; training noise)"] = (
+        own, key[("control: AMPN seed 1", ctl, config.samples_control)], "training noise")
     return wanted
+
+
+def training_noise(comparisons: list[dict]) -> dict[str, float]:
+    """Per feature space, the larger |FID difference| between two seeds of one pipeline: how far apart
+    training alone puts two runs. Two seed pairs make it a coarse gauge, not an interval."""
+    noise: dict[str, float] = {}
+    for c in comparisons:
+        if c["kind"] == "training noise":
+            noise[c["space"]] = max(noise.get(c["space"], 0.0), abs(c["difference"]))
+    return noise
+
+
+def read_difference(c: dict, noise: dict[str, float]) -> str:
+    """"a ahead" or "b ahead" only when the difference is outside the sample interval and larger than the
+    training noise; otherwise a tie, saying which noise it is inside. Lower FID is better."""
+    if c["difference_low"] <= 0 <= c["difference_high"]:
+        return "tie (inside the sample noise)"
+    if c["kind"] != "training noise":
+        if c["space"] not in noise:
+            return "tie until the training noise is measured"
+        if abs(c["difference"]) <= noise[c["space"]]:
+            return f"tie (inside the training noise, {noise[c['space']]:.2f})"
+    return "a ahead" if c["difference_high"] < 0 else "b ahead"
+
+
+def read_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps: int) -> list[dict]:
+    """The issue's done-when criteria, each read from what was measured: "met", "missed", "tie" (the two are
+    inside the noise) or "not measured yet", with the figures it rests on."""
+    spaces = sorted(teacher)
+    rows = {e["name"]: e for e in final if e["steps"] == steps}
+    claims = []
+    for name, (bits, preset, _) in HEADLINE.items():
+        if preset == "baseline":
+            continue
+        claim = f"{name} within {TARGETS[bits]}× the teacher's FID in every feature space at {steps} steps"
+        row = rows.get(name)
+        if row is None or not spaces or any(s not in row for s in spaces):
+            claims.append({"claim": claim, "verdict": "not measured yet", "evidence": ""})
+            continue
+        met = all(row[s]["ratio"] <= TARGETS[bits] for s in spaces)
+        claims.append({"claim": claim, "verdict": "met" if met else "missed",
+                       "evidence": "; ".join(f"{s} {fmt_interval(row[s], 'ratio')}×" for s in spaces)})
+    noise = training_noise(comparisons)
+    for kind, claim in (("baseline", "RobuQ + AMPN ahead of the strong baseline at A2"),
+                        ("chance", "AMPN's plan ahead of the uniform plans and the shuffles of its own plan at A2, "
+                                   "outside the sample and the training noise")):
+        ours = [c for c in comparisons if c["kind"] == kind]
+        if not ours or any(s not in {c["space"] for c in ours} for s in spaces):
+            claims.append({"claim": claim, "verdict": "not measured yet", "evidence": ""})
+            continue
+        readings = [read_difference(c, noise) for c in ours]
+        verdict = ("met" if all(r == "a ahead" for r in readings)
+                   else "missed" if any(r == "b ahead" for r in readings) else "tie")
+        evidence = "; ".join(f"{c['comparison']}, {c['space']}: {c['difference']:+.2f} ({r})" for c, r in zip(ours, readings))
+        claims.append({"claim": claim, "verdict": verdict, "evidence": evidence})
+    return claims
 
 
 def progress_of(config: ConvergenceConfig, work: Path) -> dict:
@@ -791,7 +855,12 @@ TARGETS = {4: 1.2, 3: 1.5, 2: 2.0}
 
 
 def markdown(payload: dict, config: ConvergenceConfig) -> str:
-    lines = [pilot_markdown(payload["pilot"]), ""]
+    lines = ["## Claims, read from the measurements", "",
+             "Each criterion of the benchmark against what was measured; \"tie\" means the difference is inside the "
+             "noise (the sample interval, or the largest FID gap between two seeds of one pipeline).", "",
+             "| claim | verdict | evidence |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | **{c['verdict']}** | {c['evidence'] or '—'} |" for c in payload["claims"]]
+    lines += ["", pilot_markdown(payload["pilot"]), ""]
     running = {n: p for n, p in payload["progress"].items() if p["step"] < p["stop"] and not n.startswith("pilot")}
     if running:
         lines += ["## Runs not finished yet", "", "| run | step | of |", "|---|---|---|"]
@@ -828,13 +897,15 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
                       + ". The thread count changes only the order of float sums."]
         lines.append("")
     if payload["comparisons"]:
+        noise = training_noise(payload["comparisons"])
         lines += ["## Differences a claim rests on", "",
-                  "FID(a) − FID(b) with a 95% paired half-sampling interval; an interval that contains 0 is a tie.", "",
+                  "FID(a) − FID(b) with a 95% paired half-sampling interval (lower FID is better). A difference is a "
+                  "tie when its interval contains 0, or when it is no larger than the training noise: the largest gap "
+                  "between two seeds of one pipeline in that feature space ("
+                  + (", ".join(f"{s} {v:.2f}" for s, v in sorted(noise.items())) or "not measured yet") + ").", "",
                   "| comparison | space | difference | reading |", "|---|---|---|---|"]
         for c in payload["comparisons"]:
-            reading = ("tie (inside the noise)" if c["difference_low"] <= 0 <= c["difference_high"]
-                       else ("a better (lower FID)" if c["difference_high"] < 0 else "b better (lower FID)"))
-            lines.append(f"| {c['comparison']} | {c['space']} | {fmt_interval(c, 'difference')} | {reading} |")
+            lines.append(f"| {c['comparison']} | {c['space']} | {fmt_interval(c, 'difference')} | {read_difference(c, noise)} |")
         lines.append("")
     if payload["curves"]:
         lines += ["## Curves: classifier FID of the EMA by step (× teacher at the same sample count)", "",

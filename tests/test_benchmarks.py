@@ -517,6 +517,36 @@ def test_convergence_shuffled_plans_keep_the_budget_and_intervals_read_ties(tmp_
     assert ratio["ratio"] == pytest.approx(2.0) and ratio["ratio_low"] <= 2.0 <= ratio["ratio_high"]
 
 
+def test_convergence_claims_read_targets_and_both_noises():
+    """A claim is met only by the measurements: a ratio over its target misses, and AMPN counts as ahead of a
+    control only when the gap is outside the sample interval and larger than the gap between two seeds."""
+    convergence = _load("convergence")
+
+    def row(name, ratio):
+        return {"name": name, "steps": 3000, "classifier": {"ratio": ratio, "ratio_low": ratio - 0.01, "ratio_high": ratio + 0.01}}
+
+    def gap(name, kind, difference, half_width=0.5):
+        return {"comparison": name, "kind": kind, "space": "classifier", "difference": difference,
+                "difference_low": difference - half_width, "difference_high": difference + half_width}
+
+    teacher = {"classifier": {"fid": 80.0}}
+    final = [row("RobuQ W1.58A4", 1.05), row("RobuQ + AMPN W1.58A3", 1.6), row("strong baseline W1.58A2", 2.5)]
+    noise = [gap("uniform seeds", "training noise", 1.5), gap("AMPN seeds", "training noise", -3.0)]
+    chance = [gap("vs uniform", "chance", -4.0), gap("vs shuffle", "chance", -2.0)]
+    claims = {c["claim"].split(" within")[0].split(" ahead")[0]: c
+              for c in convergence.read_claims(final, [gap("vs baseline", "baseline", -6.0), *chance, *noise], teacher, 3000)}
+    assert claims["RobuQ W1.58A4"]["verdict"] == "met" and "1.05" in claims["RobuQ W1.58A4"]["evidence"]
+    assert claims["RobuQ + AMPN W1.58A3"]["verdict"] == "missed"
+    assert claims["RobuQ + AMPN W1.58A2"]["verdict"] == "not measured yet"
+    assert claims["RobuQ + AMPN"]["verdict"] == "met"
+    # −2.0 is outside its sample interval but inside the 3.0 two seeds put apart: a tie, so not met.
+    assert claims["AMPN's plan"]["verdict"] == "tie" and "inside the training noise, 3.00" in claims["AMPN's plan"]["evidence"]
+    behind = convergence.read_claims(final, [gap("vs baseline", "baseline", 5.0), *noise], teacher, 3000)
+    assert [c["verdict"] for c in behind if "baseline" in c["claim"]] == ["missed"]
+    assert convergence.read_difference(gap("x", "chance", -4.0), {}) == "tie until the training noise is measured"
+    assert convergence.read_difference(gap("x", "chance", 0.2), {"classifier": 0.1}) == "tie (inside the sample noise)"
+
+
 def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch):
     """The pilot, one headline row and the scoring, end to end through the `robuq` commands the benchmark
     runs: logs, kept samples (the same labels for every row), the exported model and the report's JSON."""
@@ -549,6 +579,9 @@ def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch
     assert torch.equal(torch.as_tensor(teacher["labels"]), torch.as_tensor(student["labels"]))
     assert student["images"].shape == (20, 8, 8) and student["images"].dtype == np.uint8
     assert "| RobuQ + AMPN W1.58A2 | True | 12 | 20 |" in markdown
+    verdicts = {c["claim"].split(" within")[0]: c["verdict"] for c in data["claims"]}
+    assert verdicts["RobuQ + AMPN W1.58A2"] in ("met", "missed") and verdicts["RobuQ W1.58A4"] == "not measured yet"
+    assert "## Claims, read from the measurements" in markdown
     assert row["threads"] == ["1"] and "RobuQ + AMPN W1.58A2: 1" in markdown
     assert (results / "convergence.png").stat().st_size > 0
 
