@@ -5,7 +5,7 @@ resumes from its last checkpoint):
 
     python benchmarks/convergence.py --stage pilot      # recipe changes judged on a held-out probe (≈ 45 min)
     python benchmarks/convergence.py --stage headline   # four rows, 3,000 QAT steps each (≈ 3 h)
-    python benchmarks/convergence.py --stage controls   # AMPN against uniform and shuffled plans (≈ 1 h)
+    python benchmarks/convergence.py --stage controls   # AMPN against uniform and shuffled plans (≈ 3.5 h)
     python benchmarks/convergence.py --stage score      # samples, features, half-sample intervals (≈ 2 h)
     python benchmarks/convergence.py --stage report     # results/convergence.{json,md,png} from what exists
 
@@ -69,7 +69,8 @@ class ConvergenceConfig:
     pilot_steps: int = option(600, "QAT steps of each pilot run")
     steps: int = option(3000, "QAT steps of the headline schedule")
     ampn_warmup: int = option(500, "AMPN warm-up steps (at 4 bits) within the schedule")
-    control_steps: int = option(1000, "where the AMPN-against-chance controls stop within the schedule")
+    control_steps: str = option("1000,3000", "steps of the schedule where the AMPN-against-chance controls are "
+                                "scored (comma-separated; they train to the last)")
     curve_points: str = option("750,1500", "intermediate steps the EMA is scored at (classifier only)")
     batch: int = option(32, "images per QAT step")
     lr: float = option(2e-4, "peak learning rate")
@@ -175,12 +176,12 @@ AMPN_A2 = "RobuQ + AMPN W1.58A2"
 
 
 def control_runs(config: ConvergenceConfig, work: Path) -> list[Run]:
-    """At A2, stopped at ``control_steps`` of the same schedule: AMPN with a second seed, a uniform plan (two
-    seeds) and two shuffles of AMPN's own plan, each continuing from the warm-up of its seed."""
+    """At A2, in the same schedule up to the last of ``control_steps``: AMPN with a second seed, a uniform plan
+    (two seeds) and two shuffles of AMPN's own plan, each continuing from the warm-up of its seed."""
     flags = ["--preset", "robuq", *common_flags(config, config.steps), *recipe_flags(FROZEN)]
     warm0 = warmup_checkpoint(config, work, AMPN_A2)
     warm1 = warmup_checkpoint(config, work, "control: AMPN seed 1")
-    until = config.control_steps
+    until = max(control_steps(config))
     runs = [Run("control: AMPN seed 1", ["ampn", "run", "--budget", "2", "--warmup-qat-steps", str(config.ampn_warmup),
                                          "--calibration-images", str(config.calibration_images), *flags, "--seed", "1"],
                 until=until)]
@@ -424,17 +425,19 @@ def score_points(config: ConvergenceConfig, work: Path) -> list[Point]:
                             run_dir(work, name)))
         for step in curve_steps(config):
             points.append(Point(name, step, config.samples_curve, False, checkpoint_at(work, run, step), run_dir(work, name)))
-    run = by_name[AMPN_A2]
-    points.append(Point(AMPN_A2, config.control_steps, config.samples_control, config.inception,
-                        checkpoint_at(work, run, config.control_steps), run_dir(work, AMPN_A2)))
-    for run in control_runs(config, work):
-        points.append(Point(run.name, config.control_steps, config.samples_control, config.inception,
-                            checkpoint_at(work, run, config.control_steps), run_dir(work, run.name)))
+    for step in control_steps(config):
+        for run in [by_name[AMPN_A2], *control_runs(config, work)]:
+            points.append(Point(run.name, step, config.samples_control, config.inception, checkpoint_at(work, run, step),
+                                run_dir(work, run.name)))
     return points
 
 
 def curve_steps(config: ConvergenceConfig) -> list[int]:
     return [int(s) for s in config.curve_points.split(",") if s.strip()]
+
+
+def control_steps(config: ConvergenceConfig) -> list[int]:
+    return sorted(int(s) for s in config.control_steps.split(",") if s.strip())
 
 
 def kept_samples(config: ConvergenceConfig, point: Point) -> Path:
@@ -670,7 +673,7 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
         if p.name == TEACHER or p.key not in scores["classifier"]:
             continue
         headline_final = p.name in HEADLINE and p.step == config.steps
-        control = p.samples == config.samples_control and p.step == config.control_steps
+        control = p.samples == config.samples_control and p.step in control_steps(config)
         entry_spaces = {}
         for space in ("classifier", "inception"):
             summary = interval_summary(scores[space], p.key, teacher_key(points, p.samples) if p.key in scores[space] else None)
@@ -685,11 +688,11 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
                           **entry_spaces})
         if p.name in HEADLINE:
             curves.setdefault(p.name, []).append({"step": p.step, "samples": p.samples, **entry_spaces})
-    for name, (a, b, kind) in comparisons_wanted(config, points).items():
+    for name, (a, b, kind, step) in comparisons_wanted(config, points).items():
         for space in ("classifier", "inception"):
             summary = interval_summary(scores[space], a, b, ratio=False)
             if summary:
-                comparisons.append({"comparison": name, "kind": kind, "space": space, **summary})
+                comparisons.append({"comparison": name, "kind": kind, "step": step, "space": space, **summary})
     teacher = {space: {"fid": scores[space][teacher_key(points, config.samples_headline)]["fid"]}
                for space in ("classifier", "inception") if teacher_key(points, config.samples_headline) in scores[space]}
     for run in headline_runs(config):
@@ -729,48 +732,59 @@ def library_commit(folder: Path) -> str:
     return record.read_text().strip() if record.is_file() else "installed"
 
 
-def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> dict[str, tuple[str, str, str]]:
-    """Differences a claim rests on: (a, b, kind) with a and b point keys, read as FID(a) − FID(b); kind is
-    "baseline" (AMPN against the strong baseline), "chance" (AMPN against a uniform or shuffled plan) or
+def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> dict[str, tuple[str, str, str, int]]:
+    """Differences a claim rests on: (a, b, kind, step) with a and b point keys, read as FID(a) − FID(b); kind
+    is "baseline" (AMPN against the strong baseline), "chance" (AMPN against a uniform or shuffled plan) or
     "training noise" (the same pipeline with two seeds)."""
     key = {(p.name, p.step, p.samples): p.key for p in points}
-    end, ctl = config.steps, config.control_steps
+    end = config.steps
     wanted = {"AMPN A2 − strong baseline A2 (final)": (key[(AMPN_A2, end, config.samples_headline)],
                                                        key[("strong baseline W1.58A2", end, config.samples_headline)],
-                                                       "baseline")}
-    own = key[(AMPN_A2, ctl, config.samples_control)]
-    for run in control_runs(config, Path(config.work_dir)):
-        if run.name != "control: AMPN seed 1":
-            wanted[f"AMPN A2 − {run.name.removeprefix('control: ')} (step {ctl})"] = (
-                own, key[(run.name, ctl, config.samples_control)], "chance")
-    wanted[f"uniform A2 seed 0 − seed 1 (step {ctl}; training noise)"] = (
-        key[("control: uniform A2 seed 0", ctl, config.samples_control)],
-        key[("control: uniform A2 seed 1", ctl, config.samples_control)], "training noise")
-    wanted[f"AMPN A2 seed 0 − seed 1 (step {ctl}; training noise)"] = (
-        own, key[("control: AMPN seed 1", ctl, config.samples_control)], "training noise")
+                                                       "baseline", end)}
+    for ctl in control_steps(config):
+        at = {name: key[(name, ctl, config.samples_control)] for name in
+              [AMPN_A2, *(r.name for r in control_runs(config, Path(config.work_dir)))]}
+        for name in at:
+            if name.startswith("control: ") and name != "control: AMPN seed 1":
+                wanted[f"AMPN A2 − {name.removeprefix('control: ')} (step {ctl})"] = (at[AMPN_A2], at[name], "chance", ctl)
+        wanted[f"uniform A2 seed 0 − seed 1 (step {ctl}; training noise)"] = (
+            at["control: uniform A2 seed 0"], at["control: uniform A2 seed 1"], "training noise", ctl)
+        wanted[f"AMPN A2 seed 0 − seed 1 (step {ctl}; training noise)"] = (
+            at[AMPN_A2], at["control: AMPN seed 1"], "training noise", ctl)
     return wanted
 
 
-def training_noise(comparisons: list[dict]) -> dict[str, float]:
-    """Per feature space, the larger |FID difference| between two seeds of one pipeline: how far apart
-    training alone puts two runs. Two seed pairs make it a coarse gauge, not an interval."""
-    noise: dict[str, float] = {}
+def training_noise(comparisons: list[dict]) -> dict[tuple[int, str], float]:
+    """Per (step, feature space), the larger |FID difference| between two seeds of one pipeline: how far
+    apart training alone puts two runs. Two seed pairs make it a coarse gauge, not an interval."""
+    noise: dict[tuple[int, str], float] = {}
     for c in comparisons:
         if c["kind"] == "training noise":
-            noise[c["space"]] = max(noise.get(c["space"], 0.0), abs(c["difference"]))
+            at = (c["step"], c["space"])
+            noise[at] = max(noise.get(at, 0.0), abs(c["difference"]))
     return noise
 
 
-def read_difference(c: dict, noise: dict[str, float]) -> str:
+def noise_for(c: dict, noise: dict[tuple[int, str], float]) -> float | None:
+    """The training noise a difference is read against: at its own step, else at the nearest step measured
+    (the baseline comparison's step has no seed pairs of its own)."""
+    steps = [step for step, space in noise if space == c["space"]]
+    if not steps:
+        return None
+    return noise[(min(steps, key=lambda step: (abs(step - c["step"]), -step)), c["space"])]
+
+
+def read_difference(c: dict, noise: dict[tuple[int, str], float]) -> str:
     """"a ahead" or "b ahead" only when the difference is outside the sample interval and larger than the
     training noise; otherwise a tie, saying which noise it is inside. Lower FID is better."""
     if c["difference_low"] <= 0 <= c["difference_high"]:
         return "tie (inside the sample noise)"
     if c["kind"] != "training noise":
-        if c["space"] not in noise:
+        gauge = noise_for(c, noise)
+        if gauge is None:
             return "tie until the training noise is measured"
-        if abs(c["difference"]) <= noise[c["space"]]:
-            return f"tie (inside the training noise, {noise[c['space']]:.2f})"
+        if abs(c["difference"]) <= gauge:
+            return f"tie (inside the training noise, {gauge:.2f})"
     return "a ahead" if c["difference_high"] < 0 else "b ahead"
 
 
@@ -795,7 +809,12 @@ def read_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps
     for kind, claim in (("baseline", "RobuQ + AMPN ahead of the strong baseline at A2"),
                         ("chance", "AMPN's plan ahead of the uniform plans and the shuffles of its own plan at A2, "
                                    "outside the sample and the training noise")):
-        ours = [c for c in comparisons if c["kind"] == kind]
+        # Read at the last step where every comparison of the kind is measured in every space.
+        wanted = {(c["comparison"].split(" (step")[0], c["space"]) for c in comparisons if c["kind"] == kind}
+        complete = [step for step in sorted({c["step"] for c in comparisons if c["kind"] == kind}, reverse=True)
+                    if {(c["comparison"].split(" (step")[0], c["space"]) for c in comparisons
+                        if c["kind"] == kind and c["step"] == step} == wanted]
+        ours = [c for c in comparisons if c["kind"] == kind and complete and c["step"] == complete[0]]
         if not ours or any(s not in {c["space"] for c in ours} for s in spaces):
             claims.append({"claim": claim, "verdict": "not measured yet", "evidence": ""})
             continue
@@ -901,8 +920,9 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
         lines += ["## Differences a claim rests on", "",
                   "FID(a) − FID(b) with a 95% paired half-sampling interval (lower FID is better). A difference is a "
                   "tie when its interval contains 0, or when it is no larger than the training noise: the largest gap "
-                  "between two seeds of one pipeline in that feature space ("
-                  + (", ".join(f"{s} {v:.2f}" for s, v in sorted(noise.items())) or "not measured yet") + ").", "",
+                  "between two seeds of one pipeline in that feature space at that step, or the nearest step measured ("
+                  + (", ".join(f"step {step} {space} {v:.2f}" for (step, space), v in sorted(noise.items()))
+                     or "not measured yet") + ").", "",
                   "| comparison | space | difference | reading |", "|---|---|---|---|"]
         for c in payload["comparisons"]:
             lines.append(f"| {c['comparison']} | {c['space']} | {fmt_interval(c, 'difference')} | {read_difference(c, noise)} |")
@@ -1008,7 +1028,7 @@ def plot(payload: dict, config: ConvergenceConfig, path: Path) -> None:
 
 
 def toy_sizes(config: ConvergenceConfig) -> ConvergenceConfig:
-    return dataclasses.replace(config, pilot_steps=6, steps=12, ampn_warmup=4, control_steps=8, curve_points="6",
+    return dataclasses.replace(config, pilot_steps=6, steps=12, ampn_warmup=4, control_steps="8", curve_points="6",
                                batch=8, probe_every=3, probe_images=8, calibration_images=8, ckpt_every=2, samples_headline=20, samples_control=20,
                                samples_curve=10, shard_size=10, sample_steps=2, reference_images=200, resamples=20)
 

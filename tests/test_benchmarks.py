@@ -525,9 +525,9 @@ def test_convergence_claims_read_targets_and_both_noises():
     def row(name, ratio):
         return {"name": name, "steps": 3000, "classifier": {"ratio": ratio, "ratio_low": ratio - 0.01, "ratio_high": ratio + 0.01}}
 
-    def gap(name, kind, difference, half_width=0.5):
-        return {"comparison": name, "kind": kind, "space": "classifier", "difference": difference,
-                "difference_low": difference - half_width, "difference_high": difference + half_width}
+    def gap(name, kind, difference, step=1000, half_width=0.5):
+        return {"comparison": f"{name} (step {step})", "kind": kind, "step": step, "space": "classifier",
+                "difference": difference, "difference_low": difference - half_width, "difference_high": difference + half_width}
 
     teacher = {"classifier": {"fid": 80.0}}
     final = [row("RobuQ W1.58A4", 1.05), row("RobuQ + AMPN W1.58A3", 1.6), row("strong baseline W1.58A2", 2.5)]
@@ -544,6 +544,15 @@ def test_convergence_claims_read_targets_and_both_noises():
     behind = convergence.read_claims(final, [gap("vs baseline", "baseline", 5.0), *noise], teacher, 3000)
     assert [c["verdict"] for c in behind if "baseline" in c["claim"]] == ["missed"]
     assert convergence.read_difference(gap("x", "chance", -4.0), {}) == "tie until the training noise is measured"
+    # With the controls scored again later, the claim is read at the last step where all of them are measured,
+    # against that step's training noise.
+    later = [gap("vs uniform", "chance", -4.0, 3000), gap("vs shuffle", "chance", -5.0, 3000),
+             gap("AMPN seeds", "training noise", 1.0, 3000), gap("uniform seeds", "training noise", 0.5, 3000)]
+    (read,) = [c for c in convergence.read_claims(final, [*chance, *noise, *later], teacher, 3000) if "plan" in c["claim"]]
+    assert read["verdict"] == "met" and "(step 3000)" in read["evidence"] and "(step 1000)" not in read["evidence"]
+    partial = [c for c in convergence.read_claims(final, [*chance, *noise, *later[:1], *later[2:]], teacher, 3000)
+               if "plan" in c["claim"]]
+    assert "(step 1000)" in partial[0]["evidence"]
     assert convergence.read_difference(gap("x", "chance", 0.2), {"classifier": 0.1}) == "tie (inside the sample noise)"
 
 
