@@ -983,14 +983,14 @@ def pilot_verdicts(rows: list[dict]) -> dict | None:
 
 
 def plot(payload: dict, config: ConvergenceConfig, path: Path) -> None:
-    """Left: every pilot and headline run's guided probe error by step. Right: the classifier FID ratio to
-    the teacher by step, with intervals."""
+    """Left: every pilot and headline run's guided probe error by step. Middle: the classifier FID ratio to
+    the teacher by step, with intervals. Right: AMPN's plan against the chance controls, both feature spaces."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 4.5))
+    fig = Figure(figsize=(19, 4.5))
     FigureCanvasAgg(fig)
-    probe_ax, fid_ax = fig.subplots(1, 2)
+    probe_ax, fid_ax, chance_ax = fig.subplots(1, 3)
     for row in payload["pilot"]:
         curve = [c for c in row["curve"] if c["probe_guided_rel_mse"] is not None]
         probe_ax.plot([c["step"] for c in curve], [c["probe_guided_rel_mse"] for c in curve], "--", lw=1,
@@ -1020,8 +1020,39 @@ def plot(payload: dict, config: ConvergenceConfig, path: Path) -> None:
         fid_ax.legend(fontsize=7)
     else:
         fid_ax.text(0.5, 0.5, "no headline row scored yet", ha="center", va="center", transform=fid_ax.transAxes)
+    plot_chance(payload, chance_ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_chance(payload: dict, ax) -> None:
+    """Each A2 model scored at a control step: its FID in both spaces (intervals over the samples), one group
+    per step, so that AMPN's two seeds sit beside the uniform and shuffled plans."""
+    wanted = {int(s) for s in payload["settings"]["control_steps"].split(",") if s.strip()}
+    rows = [e for e in payload["final"] if e["samples"] == payload["settings"]["samples_control"] and e["steps"] in wanted
+            and (e["name"] == AMPN_A2 or e["name"].startswith("control: "))]
+    if not rows:
+        ax.text(0.5, 0.5, "no control scored yet", ha="center", va="center", transform=ax.transAxes)
+        return
+    names = list(dict.fromkeys(e["name"] for e in rows))
+    steps = sorted({e["steps"] for e in rows})
+    colours = {True: "tab:green", "uniform": "tab:blue", "random": "tab:red"}
+    for space, marker in (("classifier", "o"), ("inception", "s")):
+        for i, name in enumerate(names):
+            for j, step in enumerate(steps):
+                e = next((e for e in rows if e["name"] == name and e["steps"] == step and space in e), None)
+                if e is None:
+                    continue
+                x = j * (len(names) + 1) + i
+                fid = e[space]
+                ax.errorbar([x], [fid["fid"]], yerr=[[fid["fid"] - fid["low"]], [fid["high"] - fid["fid"]]],
+                            marker=marker, color=colours[e["ampn"]], capsize=2, ls="none",
+                            mfc="white" if space == "inception" else colours[e["ampn"]])
+    ax.set_xticks([j * (len(names) + 1) + i for j in range(len(steps)) for i in range(len(names))],
+                  [f"{n.removeprefix('control: ').replace('RobuQ + AMPN W1.58A2', 'AMPN seed 0')}\n@{s}"
+                   for s in steps for n in names], rotation=60, ha="right", fontsize=6)
+    ax.set(ylabel="FID (● classifier, ○ Inception; 95% interval)",
+           title="A2: AMPN (green) against uniform (blue) and shuffled plans (red)")
 
 
 # ------------------------------------------------------------------------------------------------ main
