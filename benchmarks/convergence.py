@@ -432,12 +432,17 @@ def score_points(config: ConvergenceConfig, work: Path) -> list[Point]:
     return points
 
 
+def step_list(text: str) -> list[int]:
+    """Steps given as a comma-separated option ("1000,3000"), in increasing order."""
+    return sorted(int(s) for s in text.split(",") if s.strip())
+
+
 def curve_steps(config: ConvergenceConfig) -> list[int]:
-    return [int(s) for s in config.curve_points.split(",") if s.strip()]
+    return step_list(config.curve_points)
 
 
 def control_steps(config: ConvergenceConfig) -> list[int]:
-    return sorted(int(s) for s in config.control_steps.split(",") if s.strip())
+    return step_list(config.control_steps)
 
 
 def kept_samples(config: ConvergenceConfig, point: Point) -> Path:
@@ -688,11 +693,12 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
                           **entry_spaces})
         if p.name in HEADLINE:
             curves.setdefault(p.name, []).append({"step": p.step, "samples": p.samples, **entry_spaces})
-    for name, (a, b, kind, step) in comparisons_wanted(config, points).items():
+    for label, a, b, kind, step in comparisons_wanted(config, points):
         for space in ("classifier", "inception"):
             summary = interval_summary(scores[space], a, b, ratio=False)
             if summary:
-                comparisons.append({"comparison": name, "kind": kind, "step": step, "space": space, **summary})
+                comparisons.append({"comparison": f"{label} (step {step})", "label": label, "kind": kind, "step": step,
+                                    "space": space, **summary})
     teacher = {space: {"fid": scores[space][teacher_key(points, config.samples_headline)]["fid"]}
                for space in ("classifier", "inception") if teacher_key(points, config.samples_headline) in scores[space]}
     for run in headline_runs(config):
@@ -732,25 +738,23 @@ def library_commit(folder: Path) -> str:
     return record.read_text().strip() if record.is_file() else "installed"
 
 
-def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> dict[str, tuple[str, str, str, int]]:
-    """Differences a claim rests on: (a, b, kind, step) with a and b point keys, read as FID(a) − FID(b); kind
-    is "baseline" (AMPN against the strong baseline), "chance" (AMPN against a uniform or shuffled plan) or
-    "training noise" (the same pipeline with two seeds)."""
+def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> list[tuple[str, str, str, str, int]]:
+    """Differences a claim rests on: (label, a, b, kind, step) with a and b point keys, read as FID(a) − FID(b);
+    the label names the pair whatever the step; kind is "baseline" (AMPN against the strong baseline), "chance"
+    (AMPN against a uniform or shuffled plan) or "training noise" (the same pipeline with two seeds)."""
     key = {(p.name, p.step, p.samples): p.key for p in points}
     end = config.steps
-    wanted = {"AMPN A2 − strong baseline A2 (final)": (key[(AMPN_A2, end, config.samples_headline)],
-                                                       key[("strong baseline W1.58A2", end, config.samples_headline)],
-                                                       "baseline", end)}
+    wanted = [("AMPN A2 − strong baseline A2", key[(AMPN_A2, end, config.samples_headline)],
+               key[("strong baseline W1.58A2", end, config.samples_headline)], "baseline", end)]
     for ctl in control_steps(config):
         at = {name: key[(name, ctl, config.samples_control)] for name in
               [AMPN_A2, *(r.name for r in control_runs(config, Path(config.work_dir)))]}
         for name in at:
             if name.startswith("control: ") and name != "control: AMPN seed 1":
-                wanted[f"AMPN A2 − {name.removeprefix('control: ')} (step {ctl})"] = (at[AMPN_A2], at[name], "chance", ctl)
-        wanted[f"uniform A2 seed 0 − seed 1 (step {ctl}; training noise)"] = (
-            at["control: uniform A2 seed 0"], at["control: uniform A2 seed 1"], "training noise", ctl)
-        wanted[f"AMPN A2 seed 0 − seed 1 (step {ctl}; training noise)"] = (
-            at[AMPN_A2], at["control: AMPN seed 1"], "training noise", ctl)
+                wanted.append((f"AMPN A2 − {name.removeprefix('control: ')}", at[AMPN_A2], at[name], "chance", ctl))
+        wanted.append(("uniform A2 seed 0 − seed 1", at["control: uniform A2 seed 0"], at["control: uniform A2 seed 1"],
+                       "training noise", ctl))
+        wanted.append(("AMPN A2 seed 0 − seed 1", at[AMPN_A2], at["control: AMPN seed 1"], "training noise", ctl))
     return wanted
 
 
@@ -810,10 +814,9 @@ def read_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps
                         ("chance", "AMPN's plan ahead of the uniform plans and the shuffles of its own plan at A2, "
                                    "outside the sample and the training noise")):
         # Read at the last step where every comparison of the kind is measured in every space.
-        wanted = {(c["comparison"].split(" (step")[0], c["space"]) for c in comparisons if c["kind"] == kind}
+        wanted = {(c["label"], c["space"]) for c in comparisons if c["kind"] == kind}
         complete = [step for step in sorted({c["step"] for c in comparisons if c["kind"] == kind}, reverse=True)
-                    if {(c["comparison"].split(" (step")[0], c["space"]) for c in comparisons
-                        if c["kind"] == kind and c["step"] == step} == wanted]
+                    if {(c["label"], c["space"]) for c in comparisons if c["kind"] == kind and c["step"] == step} == wanted]
         ours = [c for c in comparisons if c["kind"] == kind and complete and c["step"] == complete[0]]
         if not ours or any(s not in {c["space"] for c in ours} for s in spaces):
             claims.append({"claim": claim, "verdict": "not measured yet", "evidence": ""})
@@ -1028,7 +1031,7 @@ def plot(payload: dict, config: ConvergenceConfig, path: Path) -> None:
 def plot_chance(payload: dict, ax) -> None:
     """Each A2 model scored at a control step: its FID in both spaces (intervals over the samples), one group
     per step, so that AMPN's two seeds sit beside the uniform and shuffled plans."""
-    wanted = {int(s) for s in payload["settings"]["control_steps"].split(",") if s.strip()}
+    wanted = set(step_list(payload["settings"]["control_steps"]))
     rows = [e for e in payload["final"] if e["samples"] == payload["settings"]["samples_control"] and e["steps"] in wanted
             and (e["name"] == AMPN_A2 or e["name"].startswith("control: "))]
     if not rows:

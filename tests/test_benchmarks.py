@@ -526,7 +526,7 @@ def test_convergence_claims_read_targets_and_both_noises():
         return {"name": name, "steps": 3000, "classifier": {"ratio": ratio, "ratio_low": ratio - 0.01, "ratio_high": ratio + 0.01}}
 
     def gap(name, kind, difference, step=1000, half_width=0.5):
-        return {"comparison": f"{name} (step {step})", "kind": kind, "step": step, "space": "classifier",
+        return {"comparison": f"{name} (step {step})", "label": name, "kind": kind, "step": step, "space": "classifier",
                 "difference": difference, "difference_low": difference - half_width, "difference_high": difference + half_width}
 
     teacher = {"classifier": {"fid": 80.0}}
