@@ -26,7 +26,9 @@ teacher included. FID in two feature spaces (robuq's Fashion-MNIST classifier; t
 ADM's protocol) against all 10,000 test images. Sample noise is measured by paired half-sampling of the
 cached features (the same random halves, drawn without replacement, for every row; each point's half-sample
 FIDs centred on its full-sample FID), giving an interval on each FID, each ratio to the teacher and each
-difference between rows; training noise by the two-seed controls.
+difference between rows; training noise by the controls' seeds. AMPN against chance is read on the mean FID
+of its runs against the means of the uniform-plan and shuffled-plan runs (``--control-seeds`` of each), with
+a Welch t-interval over runs.
 """
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ class ConvergenceConfig:
     ampn_warmup: int = option(500, "AMPN warm-up steps (at 4 bits) within the schedule")
     control_steps: str = option("1000,3000", "steps of the schedule where the AMPN-against-chance controls are "
                                 "scored (comma-separated; they train to the last)")
+    control_seeds: int = option(2, "runs on each side of the AMPN-against-chance comparison: AMPN and uniform-plan "
+                                "seeds, and shuffles of AMPN's plan (at least 2; more narrow the interval over runs)")
     curve_points: str = option("750,1500", "intermediate steps the EMA is scored at (classifier only)")
     batch: int = option(32, "images per QAT step")
     lr: float = option(2e-4, "peak learning rate")
@@ -176,24 +180,37 @@ AMPN_A2 = "RobuQ + AMPN W1.58A2"
 
 
 def control_runs(config: ConvergenceConfig, work: Path) -> list[Run]:
-    """At A2, in the same schedule up to the last of ``control_steps``: AMPN with a second seed, a uniform plan
-    (two seeds) and two shuffles of AMPN's own plan, each continuing from the warm-up of its seed."""
+    """At A2, in the same schedule up to the last of ``control_steps``: AMPN with further seeds, a uniform plan
+    (as many seeds, each continuing from the warm-up of AMPN with its seed) and as many shuffles of AMPN's own
+    plan (continuing from AMPN's warm-up)."""
     flags = ["--preset", "robuq", *common_flags(config, config.steps), *recipe_flags(FROZEN)]
-    warm0 = warmup_checkpoint(config, work, AMPN_A2)
-    warm1 = warmup_checkpoint(config, work, "control: AMPN seed 1")
     until = max(control_steps(config))
-    runs = [Run("control: AMPN seed 1", ["ampn", "run", "--budget", "2", "--warmup-qat-steps", str(config.ampn_warmup),
-                                         "--calibration-images", str(config.calibration_images), *flags, "--seed", "1"],
-                until=until)]
-    runs.append(Run("control: uniform A2 seed 0", ["qat", "--act-bits", "2", *flags, "--continue-from", str(warm0)],
-                    until=until))
-    runs.append(Run("control: uniform A2 seed 1", ["qat", "--act-bits", "2", *flags, "--seed", "1", "--continue-from",
-                                                   str(warm1)], until=until))
-    for k in (1, 2):
+    seeds = range(config.control_seeds)
+    runs = [Run(ampn_seed_name(seed), ["ampn", "run", "--budget", "2", "--warmup-qat-steps", str(config.ampn_warmup),
+                                       "--calibration-images", str(config.calibration_images), *flags, "--seed", str(seed)],
+                until=until) for seed in seeds if seed]
+    for seed in seeds:
+        warm = warmup_checkpoint(config, work, ampn_seed_name(seed))
+        runs.append(Run(f"control: uniform A2 seed {seed}", ["qat", "--act-bits", "2", *flags,
+                                                             *(["--seed", str(seed)] if seed else []),
+                                                             "--continue-from", str(warm)], until=until))
+    for k in range(1, config.control_seeds + 1):
         plan = work / "plans" / f"shuffled-{k}.json"
         runs.append(Run(f"control: shuffled AMPN plan {k}", ["qat", "--act-bits", "2", "--plan", str(plan), *flags,
-                                                             "--continue-from", str(warm0)], until=until))
+                                                             "--continue-from", str(warmup_checkpoint(config, work, AMPN_A2))],
+                        until=until))
     return runs
+
+
+def ampn_seed_name(seed: int) -> str:
+    """AMPN A2 with a training seed: the headline row itself for seed 0, a control otherwise."""
+    return AMPN_A2 if seed == 0 else f"control: AMPN seed {seed}"
+
+
+def run_seed(name: str) -> int:
+    """The training seed a row's name carries ("… seed 3"); 0 for the others (the shuffles train with seed 0)."""
+    head, _, tail = name.rpartition(" seed ")
+    return int(tail) if head and tail.isdigit() else 0
 
 
 def run_dir(work: Path, name: str) -> Path:
@@ -352,7 +369,7 @@ def pilot_summary(config: ConvergenceConfig, work: Path) -> list[dict]:
 
 
 def prepare_controls(config: ConvergenceConfig, work: Path) -> None:
-    """Two shuffles of AMPN A2's own per-layer bits (the budget stays exact), once its plan exists."""
+    """Shuffles of AMPN A2's own per-layer bits (the budget stays exact), once its plan exists."""
     plan_file = run_dir(work, AMPN_A2) / "plan.json"
     if not plan_file.is_file():
         plan_file = kept_dir(config) / "logs" / f"{slug(AMPN_A2)}-plan.json"
@@ -361,7 +378,7 @@ def prepare_controls(config: ConvergenceConfig, work: Path) -> None:
         return
     bits = json.loads(plan_file.read_text())["bits"]
     names = list(bits)
-    for k in (1, 2):
+    for k in range(1, config.control_seeds + 1):
         out = work / "plans" / f"shuffled-{k}.json"
         if out.is_file():
             continue
@@ -371,7 +388,7 @@ def prepare_controls(config: ConvergenceConfig, work: Path) -> None:
         out.write_text(json.dumps({"bits": shuffled, "source": f"{slug(AMPN_A2)}'s plan shuffled with seed {k}"}, indent=2) + "\n")
     # The controls continue from AMPN's warm-up checkpoints. Training is exact, so a session that lacks them (a
     # new machine) trains the warm-up again and gets the same weights; the plan it measures must then be the same.
-    for name in (AMPN_A2, "control: AMPN seed 1"):
+    for name in map(ampn_seed_name, range(config.control_seeds)):
         run = next(r for r in headline_runs(config) + control_runs(config, work) if r.name == name)
         if not warmup_checkpoint(config, work, name).is_file():
             train(config, work, run, until=config.ampn_warmup)
@@ -685,7 +702,7 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
             if summary:
                 entry_spaces[space] = summary
         if headline_final or control:
-            seeds = [1] if "seed 1" in p.name else [0]
+            seeds = [run_seed(p.name)]
             final.append({"name": p.name, "act_bits": row_bits(p.name) if not p.name.startswith("control") else 2,
                           "ampn": row_ampn(p.name), "steps": p.step, "samples": p.samples, "seeds": seeds,
                           "interval_method": interval_method(scores, config),
@@ -709,9 +726,11 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
     probe_curves = {run.name: [{"step": r["step"], "probe_rel_mse": r["probe_rel_mse"],
                                 "probe_guided_rel_mse": r.get("probe_guided_rel_mse")} for r in probes(run_log(work, run, config))]
                     for run in headline_runs(config) + control_runs(config, work)}
+    over_runs = chance_over_runs(final, config.samples_control)
     payload = {"pilot": pilot_summary(config, work), "recipe": {"today": TODAY, "new": NEW, "frozen": FROZEN},
                "teacher": teacher, "final": final, "curves": curves, "probe_curves": probe_curves,
-               "comparisons": comparisons, "claims": read_claims(final, comparisons, teacher, config.steps),
+               "comparisons": comparisons, "over_runs": over_runs,
+               "claims": read_claims(final, comparisons, teacher, config.steps, over_runs),
                "progress": progress_of(config, work),
                "settings": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("stage", "only")}}
     write_result("convergence", payload, markdown(payload, config), results, argv)
@@ -750,11 +769,12 @@ def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> list[t
         at = {name: key[(name, ctl, config.samples_control)] for name in
               [AMPN_A2, *(r.name for r in control_runs(config, Path(config.work_dir)))]}
         for name in at:
-            if name.startswith("control: ") and name != "control: AMPN seed 1":
+            if name.startswith("control: ") and not name.startswith("control: AMPN seed"):
                 wanted.append((f"AMPN A2 − {name.removeprefix('control: ')}", at[AMPN_A2], at[name], "chance", ctl))
-        wanted.append(("uniform A2 seed 0 − seed 1", at["control: uniform A2 seed 0"], at["control: uniform A2 seed 1"],
-                       "training noise", ctl))
-        wanted.append(("AMPN A2 seed 0 − seed 1", at[AMPN_A2], at["control: AMPN seed 1"], "training noise", ctl))
+        for seed in range(1, config.control_seeds):
+            wanted.append((f"uniform A2 seed 0 − seed {seed}", at["control: uniform A2 seed 0"],
+                           at[f"control: uniform A2 seed {seed}"], "training noise", ctl))
+            wanted.append((f"AMPN A2 seed 0 − seed {seed}", at[AMPN_A2], at[ampn_seed_name(seed)], "training noise", ctl))
     return wanted
 
 
@@ -792,11 +812,68 @@ def read_difference(c: dict, noise: dict[tuple[int, str], float]) -> str:
     return "a ahead" if c["difference_high"] < 0 else "b ahead"
 
 
-def read_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps: int) -> list[dict]:
+def chance_over_runs(final: list[dict], samples: int) -> list[dict]:
+    """Per control step and feature space: the mean FID of AMPN's A2 runs (every seed) minus the mean of the
+    uniform-plan runs, and minus the mean of the shuffled-plan runs, with a 95% Welch t-interval over runs.
+    Each run's FID carries its training noise and the part of its sample noise not shared with the others (all
+    rows draw the same labels and noise), so the spread between runs is the noise the comparison is read
+    against. Needs two runs on each side; with two, the interval is wide by design."""
+    from scipy import stats
+
+    out = []
+    for step in sorted({e["steps"] for e in final if e["samples"] == samples and e["ampn"] in ("uniform", "random")}):
+        at = [e for e in final if e["samples"] == samples and e["steps"] == step and e["act_bits"] == 2]
+        for space in ("classifier", "inception"):
+            ampn = [e[space]["fid"] for e in at if e["ampn"] is True and space in e]
+            for control, kind in (("uniform plan", "uniform"), ("shuffled AMPN plan", "random")):
+                other = [e[space]["fid"] for e in at if e["ampn"] == kind and space in e]
+                if len(ampn) < 2 or len(other) < 2:
+                    continue
+                va, vb = np.var(ampn, ddof=1) / len(ampn), np.var(other, ddof=1) / len(other)
+                difference = float(np.mean(ampn) - np.mean(other))
+                se = math.sqrt(va + vb)
+                df = (va + vb) ** 2 / (va ** 2 / (len(ampn) - 1) + vb ** 2 / (len(other) - 1)) if se else math.inf
+                half = float(stats.t.ppf(0.975, df)) * se if se else 0.0
+                out.append({"step": step, "space": space, "control": control, "ampn_runs": len(ampn),
+                            "control_runs": len(other), "ampn_mean": float(np.mean(ampn)),
+                            "control_mean": float(np.mean(other)), "difference": difference,
+                            "difference_low": difference - half, "difference_high": difference + half, "df": df,
+                            "runs_to_resolve": runs_to_resolve(difference, ampn, other)})
+    return out
+
+
+def runs_to_resolve(difference: float, a: list[float], b: list[float], most: int = 100) -> int | None:
+    """Runs a side at which a 95% interval would exclude 0 if the gap and the pooled spread stayed as measured
+    (a planning figure for the next runs, not a result); None beyond ``most`` or with no gap."""
+    from scipy import stats
+
+    spread = math.sqrt(((len(a) - 1) * np.var(a, ddof=1) + (len(b) - 1) * np.var(b, ddof=1)) / (len(a) + len(b) - 2))
+    if difference == 0:
+        return None
+    for n in range(2, most + 1):
+        if stats.t.ppf(0.975, 2 * n - 2) * spread * math.sqrt(2 / n) < abs(difference):
+            return n
+    return None
+
+
+def read_over_runs(entry: dict) -> str:
+    if entry["difference_high"] < 0:
+        return "AMPN ahead"
+    if entry["difference_low"] > 0:
+        return "AMPN behind"
+    return "tie (inside the spread between runs)"
+
+
+def read_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps: int,
+                over_runs: list[dict] | None = None) -> list[dict]:
     """The issue's done-when criteria, each read from what was measured: "met", "missed", "tie" (the two are
-    inside the noise) or "not measured yet", with the figures it rests on."""
+    inside the noise) or "not measured yet", with the figures it rests on. AMPN against chance is read on the
+    means over runs (``chance_over_runs``), at the last step where both controls are measured in every space."""
     spaces = sorted(teacher)
-    rows = {e["name"]: e for e in final if e["steps"] == steps}
+    rows: dict[str, dict] = {}
+    for e in final:  # a row scored twice at the last step (its own samples and a control's) reads the larger
+        if e["steps"] == steps and e["samples"] >= rows.get(e["name"], {"samples": 0})["samples"]:
+            rows[e["name"]] = e
     claims = []
     for name, (bits, preset, _) in HEADLINE.items():
         if preset == "baseline":
@@ -809,24 +886,46 @@ def read_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps
         met = all(row[s]["ratio"] <= TARGETS[bits] for s in spaces)
         claims.append({"claim": claim, "verdict": "met" if met else "missed",
                        "evidence": "; ".join(f"{s} {fmt_interval(row[s], 'ratio')}×" for s in spaces)})
-    noise = training_noise(comparisons)
-    for kind, claim in (("baseline", "RobuQ + AMPN ahead of the strong baseline at A2"),
-                        ("chance", "AMPN's plan ahead of the uniform plans and the shuffles of its own plan at A2, "
-                                   "outside the sample and the training noise")):
-        # Read at the last step where every comparison of the kind is measured in every space.
-        wanted = {(c["label"], c["space"]) for c in comparisons if c["kind"] == kind}
-        complete = [step for step in sorted({c["step"] for c in comparisons if c["kind"] == kind}, reverse=True)
-                    if {(c["label"], c["space"]) for c in comparisons if c["kind"] == kind and c["step"] == step} == wanted]
-        ours = [c for c in comparisons if c["kind"] == kind and complete and c["step"] == complete[0]]
-        if not ours or any(s not in {c["space"] for c in ours} for s in spaces):
-            claims.append({"claim": claim, "verdict": "not measured yet", "evidence": ""})
-            continue
-        readings = [read_difference(c, noise) for c in ours]
-        verdict = ("met" if all(r == "a ahead" for r in readings)
-                   else "missed" if any(r == "b ahead" for r in readings) else "tie")
-        evidence = "; ".join(f"{c['comparison']}, {c['space']}: {c['difference']:+.2f} ({r})" for c, r in zip(ours, readings))
-        claims.append({"claim": claim, "verdict": verdict, "evidence": evidence})
+    claims.append(read_baseline_claim(comparisons, spaces))
+    claims.append(read_chance_claim(over_runs or [], spaces))
     return claims
+
+
+def read_baseline_claim(comparisons: list[dict], spaces: list[str]) -> dict:
+    """AMPN A2 against the strong baseline A2, at the last step measured in every space, each difference read
+    against the sample interval and the training noise (``read_difference``)."""
+    claim = "RobuQ + AMPN ahead of the strong baseline at A2"
+    ours = [c for c in comparisons if c["kind"] == "baseline"]
+    complete = [step for step in sorted({c["step"] for c in ours}, reverse=True)
+                if {c["space"] for c in ours if c["step"] == step} >= set(spaces)]
+    ours = [c for c in ours if complete and c["step"] == complete[0]]
+    if not ours or not spaces:
+        return {"claim": claim, "verdict": "not measured yet", "evidence": ""}
+    noise = training_noise(comparisons)
+    readings = [read_difference(c, noise) for c in ours]
+    verdict = ("met" if all(r == "a ahead" for r in readings)
+               else "missed" if any(r == "b ahead" for r in readings) else "tie")
+    evidence = "; ".join(f"{c['comparison']}, {c['space']}: {c['difference']:+.2f} ({r})" for c, r in zip(ours, readings))
+    return {"claim": claim, "verdict": verdict, "evidence": evidence}
+
+
+def read_chance_claim(over_runs: list[dict], spaces: list[str]) -> dict:
+    """AMPN against the uniform plan and the shuffles of its plan, on the means over runs, at the last step
+    where both controls are measured in every space."""
+    claim = ("AMPN's plan ahead of the uniform plan and of shuffles of its own plan at A2: the mean FID of its runs "
+             "lower, outside a 95% interval over runs")
+    wanted = {(control, space) for control in ("uniform plan", "shuffled AMPN plan") for space in spaces}
+    complete = [step for step in sorted({e["step"] for e in over_runs}, reverse=True)
+                if {(e["control"], e["space"]) for e in over_runs if e["step"] == step} >= wanted]
+    ours = [e for e in over_runs if complete and e["step"] == complete[0]]
+    if not ours or not spaces:
+        return {"claim": claim, "verdict": "not measured yet", "evidence": ""}
+    readings = [read_over_runs(e) for e in ours]
+    verdict = ("met" if all(r == "AMPN ahead" for r in readings)
+               else "missed" if any(r == "AMPN behind" for r in readings) else "tie")
+    evidence = "; ".join(f"step {e['step']}, {e['space']}: AMPN − {e['control']} {fmt_interval(e, 'difference')} "
+                         f"({e['ampn_runs']} vs {e['control_runs']} runs; {r})" for e, r in zip(ours, readings))
+    return {"claim": claim, "verdict": verdict, "evidence": evidence}
 
 
 def progress_of(config: ConvergenceConfig, work: Path) -> dict:
@@ -879,7 +978,8 @@ TARGETS = {4: 1.2, 3: 1.5, 2: 2.0}
 def markdown(payload: dict, config: ConvergenceConfig) -> str:
     lines = ["## Claims, read from the measurements", "",
              "Each criterion of the benchmark against what was measured; \"tie\" means the difference is inside the "
-             "noise (the sample interval, or the largest FID gap between two seeds of one pipeline).", "",
+             "noise: for the baseline, its sample interval or the largest FID gap between two seeds of one pipeline; "
+             "for AMPN against chance, a 95% interval over runs.", "",
              "| claim | verdict | evidence |", "|---|---|---|"]
     lines += [f"| {c['claim']} | **{c['verdict']}** | {c['evidence'] or '—'} |" for c in payload["claims"]]
     lines += ["", pilot_markdown(payload["pilot"]), ""]
@@ -918,9 +1018,24 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
                       "default, every core): " + "; ".join(f"{n}: {', '.join(t) if t else 'unset'}" for n, t in threads.items())
                       + ". The thread count changes only the order of float sums."]
         lines.append("")
+    if payload.get("over_runs"):
+        lines += ["## AMPN against chance, over runs", "",
+                  "At A2, the mean FID of AMPN's runs (its seeds, each measuring its own plan) minus the mean of the "
+                  "uniform-plan runs (as many seeds) and of the runs with a shuffle of AMPN's plan (as many shuffles), "
+                  "with a 95% Welch t-interval over runs: the spread between runs carries their training noise and the "
+                  "part of their sample noise they do not share. A difference whose interval contains 0 is a tie. "
+                  "Runs to resolve: how many runs a side would put 0 outside the interval if the gap and the pooled "
+                  "spread stayed as measured — a plan for the next runs, not a result.", "",
+                  "| step | space | AMPN mean (runs) | control | control mean (runs) | difference [95%] | reading | runs to resolve |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in payload["over_runs"]:
+            lines.append(f"| {e['step']} | {e['space']} | {e['ampn_mean']:.2f} ({e['ampn_runs']}) | {e['control']} "
+                         f"| {e['control_mean']:.2f} ({e['control_runs']}) | {fmt_interval(e, 'difference')} "
+                         f"| {read_over_runs(e)} | {e.get('runs_to_resolve') or '> 100'} |")
+        lines.append("")
     if payload["comparisons"]:
         noise = training_noise(payload["comparisons"])
-        lines += ["## Differences a claim rests on", "",
+        lines += ["## Differences between single runs", "",
                   "FID(a) − FID(b) with a 95% paired half-sampling interval (lower FID is better). A difference is a "
                   "tie when its interval contains 0, or when it is no larger than the training noise: the largest gap "
                   "between two seeds of one pipeline in that feature space at that step, or the nearest step measured ("
@@ -1074,6 +1189,9 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(config.work_dir)
     if work.resolve().is_relative_to(ROOT.resolve()):
         raise SystemExit(f"--work-dir {work} lies inside the checkout; give a folder outside it (checkpoints are large)")
+    if config.control_seeds < 2:
+        raise SystemExit(f"--control-seeds {config.control_seeds}: the comparison with chance needs at least 2 runs on "
+                         "each side to measure their spread; give 2 or more")
     work.mkdir(parents=True, exist_ok=True)
     stages = ("pilot", "headline", "controls", "score", "report") if config.stage == "all" else (config.stage,)
     for stage in stages:

@@ -490,22 +490,39 @@ def test_convergence_intervals_cover_the_expected_fid_at_the_sample_count():
 
 def test_convergence_shuffled_plans_keep_the_budget_and_intervals_read_ties(tmp_path):
     convergence = _load("convergence")
-    config = convergence.ConvergenceConfig(work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"))
+    config = convergence.ConvergenceConfig(work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"),
+                                           control_seeds=3)
     work = Path(config.work_dir)
     plan = {f"blocks.{i}.{r}": b for i, (r, b) in enumerate(zip(["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"] * 3,
                                                                    [1, 2, 3, 4, 2, 2, 1, 3, 2, 2, 4, 1]))}
     folder = convergence.run_dir(work, convergence.AMPN_A2)
     folder.mkdir(parents=True)
     (folder / "plan.json").write_text(json.dumps({"bits": plan}))
-    for name in (convergence.AMPN_A2, "control: AMPN seed 1"):  # as if the warm-ups had run
-        checkpoint = convergence.warmup_checkpoint(config, work, name)
-        checkpoint.parent.mkdir(parents=True)
-        checkpoint.write_bytes(b"")
+    warm = {}
+    for seed in range(3):  # as if the warm-ups had run
+        warm[seed] = convergence.warmup_checkpoint(config, work, convergence.ampn_seed_name(seed))
+        warm[seed].parent.mkdir(parents=True)
+        warm[seed].write_bytes(b"")
     convergence.prepare_controls(config, work)
-    shuffles = [json.loads((work / "plans" / f"shuffled-{k}.json").read_text())["bits"] for k in (1, 2)]
+    shuffles = [json.loads((work / "plans" / f"shuffled-{k}.json").read_text())["bits"] for k in (1, 2, 3)]
     for shuffled in shuffles:
         assert set(shuffled) == set(plan) and sorted(shuffled.values()) == sorted(plan.values()) and shuffled != plan
-    assert shuffles[0] != shuffles[1]
+    assert len({json.dumps(s, sort_keys=True) for s in shuffles}) == 3
+    # Three runs a side: AMPN seeds 1 and 2 beside the headline row, a uniform plan continuing from the warm-up
+    # of AMPN with the same seed, and three shuffles continuing from AMPN's own warm-up.
+    runs = {r.name: r.command for r in convergence.control_runs(config, work)}
+    assert list(runs) == ["control: AMPN seed 1", "control: AMPN seed 2", "control: uniform A2 seed 0",
+                          "control: uniform A2 seed 1", "control: uniform A2 seed 2", "control: shuffled AMPN plan 1",
+                          "control: shuffled AMPN plan 2", "control: shuffled AMPN plan 3"]
+
+    def flag(command, name):
+        return command[command.index(name) + 1] if name in command else None
+
+    for seed in range(3):
+        uniform = runs[f"control: uniform A2 seed {seed}"]
+        assert flag(uniform, "--continue-from") == str(warm[seed]) and flag(uniform, "--seed") == (str(seed) if seed else None)
+    assert {flag(runs[f"control: shuffled AMPN plan {k}"], "--continue-from") for k in (1, 2, 3)} == {str(warm[0])}
+    assert [convergence.run_seed(n) for n in ("control: AMPN seed 2", convergence.AMPN_A2, "control: shuffled AMPN plan 3")] == [2, 0, 0]
     scores = {"a": {"fid": 10.0, "replicates": [9.0, 10.0, 11.0, 10.0] * 10, "rounds": 40},
               "b": {"fid": 10.2, "replicates": [8.9, 10.4, 11.1, 10.4] * 10, "rounds": 40},
               "c": {"fid": 20.0, "replicates": [19.0, 20.0, 21.0, 20.0] * 10, "rounds": 40}}
@@ -523,7 +540,7 @@ def test_convergence_claims_read_targets_and_both_noises():
     convergence = _load("convergence")
 
     def row(name, ratio):
-        return {"name": name, "steps": 3000, "classifier": {"ratio": ratio, "ratio_low": ratio - 0.01, "ratio_high": ratio + 0.01}}
+        return {"name": name, "steps": 3000, "samples": 2000, "classifier": {"ratio": ratio, "ratio_low": ratio - 0.01, "ratio_high": ratio + 0.01}}
 
     def gap(name, kind, difference, step=1000, half_width=0.5):
         return {"comparison": f"{name} (step {step})", "label": name, "kind": kind, "step": step, "space": "classifier",
@@ -532,28 +549,69 @@ def test_convergence_claims_read_targets_and_both_noises():
     teacher = {"classifier": {"fid": 80.0}}
     final = [row("RobuQ W1.58A4", 1.05), row("RobuQ + AMPN W1.58A3", 1.6), row("strong baseline W1.58A2", 2.5)]
     noise = [gap("uniform seeds", "training noise", 1.5), gap("AMPN seeds", "training noise", -3.0)]
-    chance = [gap("vs uniform", "chance", -4.0), gap("vs shuffle", "chance", -2.0)]
     claims = {c["claim"].split(" within")[0].split(" ahead")[0]: c
-              for c in convergence.read_claims(final, [gap("vs baseline", "baseline", -6.0), *chance, *noise], teacher, 3000)}
+              for c in convergence.read_claims(final, [gap("vs baseline", "baseline", -6.0), *noise], teacher, 3000)}
     assert claims["RobuQ W1.58A4"]["verdict"] == "met" and "1.05" in claims["RobuQ W1.58A4"]["evidence"]
     assert claims["RobuQ + AMPN W1.58A3"]["verdict"] == "missed"
     assert claims["RobuQ + AMPN W1.58A2"]["verdict"] == "not measured yet"
     assert claims["RobuQ + AMPN"]["verdict"] == "met"
-    # −2.0 is outside its sample interval but inside the 3.0 two seeds put apart: a tie, so not met.
-    assert claims["AMPN's plan"]["verdict"] == "tie" and "inside the training noise, 3.00" in claims["AMPN's plan"]["evidence"]
+    assert claims["AMPN's plan"]["verdict"] == "not measured yet"
+    # −2.0 is outside its sample interval but inside the 3.0 two seeds put apart: a tie.
+    (close,) = [c for c in convergence.read_claims(final, [gap("vs baseline", "baseline", -2.0), *noise], teacher, 3000)
+                if "baseline" in c["claim"]]
+    assert close["verdict"] == "tie" and "inside the training noise, 3.00" in close["evidence"]
     behind = convergence.read_claims(final, [gap("vs baseline", "baseline", 5.0), *noise], teacher, 3000)
     assert [c["verdict"] for c in behind if "baseline" in c["claim"]] == ["missed"]
     assert convergence.read_difference(gap("x", "chance", -4.0), {}) == "tie until the training noise is measured"
-    # With the controls scored again later, the claim is read at the last step where all of them are measured,
-    # against that step's training noise.
-    later = [gap("vs uniform", "chance", -4.0, 3000), gap("vs shuffle", "chance", -5.0, 3000),
-             gap("AMPN seeds", "training noise", 1.0, 3000), gap("uniform seeds", "training noise", 0.5, 3000)]
-    (read,) = [c for c in convergence.read_claims(final, [*chance, *noise, *later], teacher, 3000) if "plan" in c["claim"]]
-    assert read["verdict"] == "met" and "(step 3000)" in read["evidence"] and "(step 1000)" not in read["evidence"]
-    partial = [c for c in convergence.read_claims(final, [*chance, *noise, *later[:1], *later[2:]], teacher, 3000)
-               if "plan" in c["claim"]]
-    assert "(step 1000)" in partial[0]["evidence"]
     assert convergence.read_difference(gap("x", "chance", 0.2), {"classifier": 0.1}) == "tie (inside the sample noise)"
+
+
+def test_convergence_reads_ampn_against_chance_over_runs():
+    """AMPN against chance is read on the mean FID of its runs against the controls' means, with a Welch
+    interval over runs (the same as scipy's Welch test), at the last step where both controls are measured."""
+    from scipy import stats
+
+    convergence = _load("convergence")
+
+    def rows(step, ampn, uniform, shuffled):
+        names = ([(convergence.ampn_seed_name(i), True, f) for i, f in enumerate(ampn)]
+                 + [(f"control: uniform A2 seed {i}", "uniform", f) for i, f in enumerate(uniform)]
+                 + [(f"control: shuffled AMPN plan {i + 1}", "random", f) for i, f in enumerate(shuffled)])
+        return [{"name": n, "act_bits": 2, "ampn": kind, "steps": step, "samples": 1000,
+                 "classifier": {"fid": f, "ratio": f / 80, "ratio_low": f / 80, "ratio_high": f / 80}} for n, kind, f in names]
+
+    teacher = {"classifier": {"fid": 80.0}}
+    clear = rows(3000, [140.0, 141.5, 139.0], [150.0, 151.0, 148.5], [152.0, 149.0, 151.5])
+    # A headline point of AMPN A2 at another sample count must not enter the means.
+    clear.insert(0, {"name": convergence.AMPN_A2, "act_bits": 2, "ampn": True, "steps": 3000, "samples": 2000,
+                     "classifier": {"fid": 240.0, "ratio": 3.0, "ratio_low": 2.9, "ratio_high": 3.1}})
+    over = convergence.chance_over_runs(clear, 1000)
+    assert [(e["control"], e["ampn_runs"], e["control_runs"]) for e in over] == [("uniform plan", 3, 3),
+                                                                               ("shuffled AMPN plan", 3, 3)]
+    expected = stats.ttest_ind([140.0, 141.5, 139.0], [150.0, 151.0, 148.5], equal_var=False).confidence_interval(0.95)
+    assert over[0]["difference"] == pytest.approx(140.1667 - 149.8333, abs=1e-3)
+    assert (over[0]["difference_low"], over[0]["difference_high"]) == pytest.approx((expected.low, expected.high))
+    # Resolved with three runs a side; the gap 8 points apart runs put inside their spread needs more of them.
+    assert over[0]["runs_to_resolve"] <= 3
+    wide = convergence.chance_over_runs(rows(3000, [136.0, 144.0], [150.0, 149.0], [151.0, 152.0]), 1000)
+    assert wide[0]["runs_to_resolve"] > 2
+
+    def chance_claim(final):
+        (claim,) = [c for c in convergence.read_claims(final, [], teacher, 3000, convergence.chance_over_runs(final, 1000))
+                    if "plan" in c["claim"]]
+        return claim
+
+    assert chance_claim(clear)["verdict"] == "met" and "3 vs 3 runs" in chance_claim(clear)["evidence"]
+    # The A2 target is read on the row's own 2,000 samples, not on the control's 1,000 at the same step.
+    (a2,) = [c for c in convergence.read_claims(clear, [], teacher, 3000) if c["claim"].startswith(convergence.AMPN_A2)]
+    assert a2["verdict"] == "missed" and "3.00" in a2["evidence"]
+    # Two runs a side 8 points apart: the same mean gap is inside the spread between runs.
+    assert chance_claim(rows(3000, [136.0, 144.0], [150.0, 149.0], [151.0, 152.0]))["verdict"] == "tie"
+    assert chance_claim(rows(3000, [150.0, 151.0, 149.0], [140.0, 141.0, 139.5], [150.0, 151.0, 152.0]))["verdict"] == "missed"
+    assert chance_claim(rows(3000, [140.0], [150.0, 151.0], [150.0, 152.0]))["verdict"] == "not measured yet"
+    # Read at the last step where both controls are measured: step 3000 lacks its shuffles, so step 1000 counts.
+    partial = rows(1000, [140.0, 141.5, 139.0], [150.0, 151.0, 148.5], [152.0, 149.0, 151.5]) + rows(3000, [150.0, 151.0], [140.0, 141.0], [])
+    assert chance_claim(partial)["verdict"] == "met" and "step 1000" in chance_claim(partial)["evidence"]
 
 
 def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch):
