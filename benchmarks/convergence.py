@@ -868,7 +868,7 @@ def read_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps
                 over_runs: list[dict] | None = None) -> list[dict]:
     """The issue's done-when criteria, each read from what was measured: "met", "missed", "tie" (the two are
     inside the noise) or "not measured yet", with the figures it rests on. AMPN against chance is read on the
-    means over runs (``chance_over_runs``), at the last step where both controls are measured in every space."""
+    means over runs (``chance_over_runs``)."""
     spaces = sorted(teacher)
     rows: dict[str, dict] = {}
     for e in final:  # a row scored twice at the last step (its own samples and a control's) reads the larger
@@ -910,14 +910,17 @@ def read_baseline_claim(comparisons: list[dict], spaces: list[str]) -> dict:
 
 
 def read_chance_claim(over_runs: list[dict], spaces: list[str]) -> dict:
-    """AMPN against the uniform plan and the shuffles of its plan, on the means over runs, at the last step
-    where both controls are measured in every space."""
+    """AMPN against the uniform plan and the shuffles of its plan, on the means over runs, at the step where
+    both controls are measured in every space with the most runs on the thinner side (the later step on a
+    tie): more runs at an earlier step say more than two at a later one."""
     claim = ("AMPN's plan ahead of the uniform plan and of shuffles of its own plan at A2: the mean FID of its runs "
              "lower, outside a 95% interval over runs")
     wanted = {(control, space) for control in ("uniform plan", "shuffled AMPN plan") for space in spaces}
-    complete = [step for step in sorted({e["step"] for e in over_runs}, reverse=True)
+    complete = [step for step in {e["step"] for e in over_runs}
                 if {(e["control"], e["space"]) for e in over_runs if e["step"] == step} >= wanted]
-    ours = [e for e in over_runs if complete and e["step"] == complete[0]]
+    thinnest = {step: min(min(e["ampn_runs"], e["control_runs"]) for e in over_runs if e["step"] == step) for step in complete}
+    chosen = max(complete, key=lambda step: (thinnest[step], step), default=None)
+    ours = [e for e in over_runs if e["step"] == chosen]
     if not ours or not spaces:
         return {"claim": claim, "verdict": "not measured yet", "evidence": ""}
     readings = [read_over_runs(e) for e in ours]

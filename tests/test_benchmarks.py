@@ -568,7 +568,7 @@ def test_convergence_claims_read_targets_and_both_noises():
 
 def test_convergence_reads_ampn_against_chance_over_runs():
     """AMPN against chance is read on the mean FID of its runs against the controls' means, with a Welch
-    interval over runs (the same as scipy's Welch test), at the last step where both controls are measured."""
+    interval over runs (the same as scipy's Welch test), at the step where both controls have the most runs."""
     from scipy import stats
 
     convergence = _load("convergence")
@@ -612,6 +612,11 @@ def test_convergence_reads_ampn_against_chance_over_runs():
     # Read at the last step where both controls are measured: step 3000 lacks its shuffles, so step 1000 counts.
     partial = rows(1000, [140.0, 141.5, 139.0], [150.0, 151.0, 148.5], [152.0, 149.0, 151.5]) + rows(3000, [150.0, 151.0], [140.0, 141.0], [])
     assert chance_claim(partial)["verdict"] == "met" and "step 1000" in chance_claim(partial)["evidence"]
+    # Three runs a side at step 1000 say more than two at step 3000; with as many runs, the later step counts.
+    thinner = rows(1000, [140.0, 141.5, 139.0], [150.0, 151.0, 148.5], [152.0, 149.0, 151.5]) + rows(3000, [150.0, 151.0], [140.0, 141.0], [150.0, 152.0])
+    assert "step 1000" in chance_claim(thinner)["evidence"] and "step 3000" not in chance_claim(thinner)["evidence"]
+    later = rows(1000, [140.0, 141.5], [150.0, 151.0], [152.0, 149.0]) + rows(3000, [150.0, 151.0], [140.0, 141.0], [150.0, 152.0])
+    assert "step 3000" in chance_claim(later)["evidence"]
 
 
 def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch):
