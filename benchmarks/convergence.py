@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -46,6 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, invocation, parse_config, write_result
+from convergence_stats import (TARGETS, FixedReferenceFID, chance_over_runs, fmt_interval, half_sample_indices,
+                               interval_summary, read_claims, read_difference, read_over_runs, training_noise)
 from robuq.core.options import option
 
 STAGES = ("pilot", "headline", "controls", "score", "report", "all")
@@ -177,6 +178,11 @@ def headline_runs(config: ConvergenceConfig) -> list[Run]:
 
 
 AMPN_A2 = "RobuQ + AMPN W1.58A2"
+
+
+def headline_targets() -> dict[str, float]:
+    """The RobuQ rows' largest ratio to the teacher's FID at the end (the strong baseline has none)."""
+    return {name: TARGETS[bits] for name, (bits, preset, _) in HEADLINE.items() if preset != "baseline"}
 
 
 def control_runs(config: ConvergenceConfig, work: Path) -> list[Run]:
@@ -561,61 +567,6 @@ def score_all(config: ConvergenceConfig, work: Path) -> None:
             cached_features(work, f"{point.key}-{ident}", lambda: kept_images(npz), extract)
 
 
-# ------------------------------------------------------------------------------------------------ intervals
-
-
-class FixedReferenceFID:
-    """FID against one reference set, fast enough to resample: with R = Σ_ref^½ computed once,
-    tr (Σ_ref Σ)^½ = tr (R Σ R)^½ = Σ √λ of the smaller of (X R)(X R)ᵀ and (X R)ᵀ(X R) (X centred, scaled)."""
-
-    def __init__(self, reference: np.ndarray):
-        import numpy as np
-
-        ref = reference.astype(np.float64)
-        self.mu = ref.mean(axis=0)
-        sigma = np.cov(ref, rowvar=False)
-        values, vectors = np.linalg.eigh(sigma)
-        self.root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-        self.trace = float(np.trace(sigma))
-
-    def __call__(self, features: np.ndarray) -> float:
-        import numpy as np
-
-        x = features.astype(np.float64)
-        mu = x.mean(axis=0)
-        centred = (x - mu) / math.sqrt(len(x) - 1)
-        y = centred @ self.root
-        gram = y @ y.T if len(x) < x.shape[1] else y.T @ y
-        roots = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0, None)).sum()
-        diff = mu - self.mu
-        return float(diff @ diff + self.trace + (centred * centred).sum() - 2 * roots)
-
-
-def half_sample_indices(n: int, rounds: int) -> list[np.ndarray]:
-    """``rounds`` random halves of ``range(n)``, drawn without replacement; the same for every row with ``n``
-    samples, so that rows scored on the same labels and noise are compared on the same images."""
-    rng = np.random.default_rng(n)
-    return [np.sort(rng.permutation(n)[: n // 2]) for _ in range(rounds)]
-
-
-def centred_replicates(score: dict) -> np.ndarray:
-    """A point's half-sample FIDs moved to centre on its full-sample FID.
-
-    Why halves and not a bootstrap with replacement: a resample with duplicates has fewer distinct images and
-    so a larger FID; in Inception's 2,048 dimensions with 2,000 samples its spread is several times the spread
-    of the FID itself over fresh sample sets, and its percentiles sit above the estimate. A half drawn without
-    replacement from n samples varies about as much as a fresh n-sample FID does (for a mean, var of a
-    half = (2σ²/n)(1 − ½) = σ²/n); its mean is shifted by the smaller set's bias, which centring removes.
-    tests/test_benchmarks.py checks the coverage of the resulting intervals on Gaussian features."""
-    replicates = np.asarray(score["replicates"], dtype=np.float64)
-    return score["fid"] + replicates - replicates.mean()
-
-
-def percentile_interval(values: np.ndarray) -> tuple[float, float]:
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
-
-
 def resampled_scores(config: ConvergenceConfig, work: Path, points: list[Point], space: str) -> dict:
     """Per point: FID, and its FIDs on half-samples paired across points (the same halves for every point
     with the same sample count; the reference held fixed)."""
@@ -642,25 +593,6 @@ def resampled_scores(config: ConvergenceConfig, work: Path, points: list[Point],
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(out[key]))
     return out
-
-
-def interval_summary(scores: dict, key: str, reference: str | None = None, ratio: bool = True) -> dict | None:
-    """A point's FID with its interval; with ``reference``, also the ratio (or difference) to it with its
-    interval, both from the paired centred replicates."""
-    if key not in scores or (reference is not None and reference not in scores):
-        return None
-    a = centred_replicates(scores[key])
-    low, high = percentile_interval(a)
-    result = {"fid": scores[key]["fid"], "low": low, "high": high}
-    if reference is not None:
-        b = centred_replicates(scores[reference])
-        if ratio:
-            result["ratio"] = scores[key]["fid"] / scores[reference]["fid"]
-            result["ratio_low"], result["ratio_high"] = percentile_interval(a / b)
-        else:
-            result["difference"] = scores[key]["fid"] - scores[reference]["fid"]
-            result["difference_low"], result["difference_high"] = percentile_interval(a - b)
-    return result
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -730,7 +662,7 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
     payload = {"pilot": pilot_summary(config, work), "recipe": {"today": TODAY, "new": NEW, "frozen": FROZEN},
                "teacher": teacher, "final": final, "curves": curves, "probe_curves": probe_curves,
                "comparisons": comparisons, "over_runs": over_runs,
-               "claims": read_claims(final, comparisons, teacher, config.steps, over_runs),
+               "claims": read_claims(final, comparisons, teacher, config.steps, headline_targets(), over_runs),
                "progress": progress_of(config, work),
                "settings": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("stage", "only")}}
     write_result("convergence", payload, markdown(payload, config), results, argv)
@@ -778,159 +710,6 @@ def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> list[t
     return wanted
 
 
-def training_noise(comparisons: list[dict]) -> dict[tuple[int, str], float]:
-    """Per (step, feature space), the larger |FID difference| between two seeds of one pipeline: how far
-    apart training alone puts two runs. Two seed pairs make it a coarse gauge, not an interval."""
-    noise: dict[tuple[int, str], float] = {}
-    for c in comparisons:
-        if c["kind"] == "training noise":
-            at = (c["step"], c["space"])
-            noise[at] = max(noise.get(at, 0.0), abs(c["difference"]))
-    return noise
-
-
-def noise_for(c: dict, noise: dict[tuple[int, str], float]) -> float | None:
-    """The training noise a difference is read against: at its own step, else at the nearest step measured
-    (the baseline comparison's step has no seed pairs of its own)."""
-    steps = [step for step, space in noise if space == c["space"]]
-    if not steps:
-        return None
-    return noise[(min(steps, key=lambda step: (abs(step - c["step"]), -step)), c["space"])]
-
-
-def read_difference(c: dict, noise: dict[tuple[int, str], float]) -> str:
-    """"a ahead" or "b ahead" only when the difference is outside the sample interval and larger than the
-    training noise; otherwise a tie, saying which noise it is inside. Lower FID is better."""
-    if c["difference_low"] <= 0 <= c["difference_high"]:
-        return "tie (inside the sample noise)"
-    if c["kind"] != "training noise":
-        gauge = noise_for(c, noise)
-        if gauge is None:
-            return "tie until the training noise is measured"
-        if abs(c["difference"]) <= gauge:
-            return f"tie (inside the training noise, {gauge:.2f})"
-    return "a ahead" if c["difference_high"] < 0 else "b ahead"
-
-
-def chance_over_runs(final: list[dict], samples: int) -> list[dict]:
-    """Per control step and feature space: the mean FID of AMPN's A2 runs (every seed) minus the mean of the
-    uniform-plan runs, and minus the mean of the shuffled-plan runs, with a 95% Welch t-interval over runs.
-    Each run's FID carries its training noise and the part of its sample noise not shared with the others (all
-    rows draw the same labels and noise), so the spread between runs is the noise the comparison is read
-    against. Needs two runs on each side; with two, the interval is wide by design."""
-    from scipy import stats
-
-    out = []
-    for step in sorted({e["steps"] for e in final if e["samples"] == samples and e["ampn"] in ("uniform", "random")}):
-        at = [e for e in final if e["samples"] == samples and e["steps"] == step and e["act_bits"] == 2]
-        for space in ("classifier", "inception"):
-            ampn = [e[space]["fid"] for e in at if e["ampn"] is True and space in e]
-            for control, kind in (("uniform plan", "uniform"), ("shuffled AMPN plan", "random")):
-                other = [e[space]["fid"] for e in at if e["ampn"] == kind and space in e]
-                if len(ampn) < 2 or len(other) < 2:
-                    continue
-                va, vb = np.var(ampn, ddof=1) / len(ampn), np.var(other, ddof=1) / len(other)
-                difference = float(np.mean(ampn) - np.mean(other))
-                se = math.sqrt(va + vb)
-                df = (va + vb) ** 2 / (va ** 2 / (len(ampn) - 1) + vb ** 2 / (len(other) - 1)) if se else math.inf
-                half = float(stats.t.ppf(0.975, df)) * se if se else 0.0
-                out.append({"step": step, "space": space, "control": control, "ampn_runs": len(ampn),
-                            "control_runs": len(other), "ampn_mean": float(np.mean(ampn)),
-                            "control_mean": float(np.mean(other)), "difference": difference,
-                            "difference_low": difference - half, "difference_high": difference + half, "df": df,
-                            "runs_to_resolve": runs_to_resolve(difference, ampn, other)})
-    return out
-
-
-def runs_to_resolve(difference: float, a: list[float], b: list[float], most: int = 100) -> int | None:
-    """Runs a side at which a 95% interval would exclude 0 if the gap and the pooled spread stayed as measured
-    (a planning figure for the next runs, not a result); None beyond ``most`` or with no gap."""
-    from scipy import stats
-
-    spread = math.sqrt(((len(a) - 1) * np.var(a, ddof=1) + (len(b) - 1) * np.var(b, ddof=1)) / (len(a) + len(b) - 2))
-    if difference == 0:
-        return None
-    for n in range(2, most + 1):
-        if stats.t.ppf(0.975, 2 * n - 2) * spread * math.sqrt(2 / n) < abs(difference):
-            return n
-    return None
-
-
-def read_over_runs(entry: dict) -> str:
-    if entry["difference_high"] < 0:
-        return "AMPN ahead"
-    if entry["difference_low"] > 0:
-        return "AMPN behind"
-    return "tie (inside the spread between runs)"
-
-
-def read_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps: int,
-                over_runs: list[dict] | None = None) -> list[dict]:
-    """The issue's done-when criteria, each read from what was measured: "met", "missed", "tie" (the two are
-    inside the noise) or "not measured yet", with the figures it rests on. AMPN against chance is read on the
-    means over runs (``chance_over_runs``)."""
-    spaces = sorted(teacher)
-    rows: dict[str, dict] = {}
-    for e in final:  # a row scored twice at the last step (its own samples and a control's) reads the larger
-        if e["steps"] == steps and e["samples"] >= rows.get(e["name"], {"samples": 0})["samples"]:
-            rows[e["name"]] = e
-    claims = []
-    for name, (bits, preset, _) in HEADLINE.items():
-        if preset == "baseline":
-            continue
-        claim = f"{name} within {TARGETS[bits]}× the teacher's FID in every feature space at {steps} steps"
-        row = rows.get(name)
-        if row is None or not spaces or any(s not in row for s in spaces):
-            claims.append({"claim": claim, "verdict": "not measured yet", "evidence": ""})
-            continue
-        met = all(row[s]["ratio"] <= TARGETS[bits] for s in spaces)
-        claims.append({"claim": claim, "verdict": "met" if met else "missed",
-                       "evidence": "; ".join(f"{s} {fmt_interval(row[s], 'ratio')}×" for s in spaces)})
-    claims.append(read_baseline_claim(comparisons, spaces))
-    claims.append(read_chance_claim(over_runs or [], spaces))
-    return claims
-
-
-def read_baseline_claim(comparisons: list[dict], spaces: list[str]) -> dict:
-    """AMPN A2 against the strong baseline A2, at the last step measured in every space, each difference read
-    against the sample interval and the training noise (``read_difference``)."""
-    claim = "RobuQ + AMPN ahead of the strong baseline at A2"
-    ours = [c for c in comparisons if c["kind"] == "baseline"]
-    complete = [step for step in sorted({c["step"] for c in ours}, reverse=True)
-                if {c["space"] for c in ours if c["step"] == step} >= set(spaces)]
-    ours = [c for c in ours if complete and c["step"] == complete[0]]
-    if not ours or not spaces:
-        return {"claim": claim, "verdict": "not measured yet", "evidence": ""}
-    noise = training_noise(comparisons)
-    readings = [read_difference(c, noise) for c in ours]
-    verdict = ("met" if all(r == "a ahead" for r in readings)
-               else "missed" if any(r == "b ahead" for r in readings) else "tie")
-    evidence = "; ".join(f"{c['comparison']}, {c['space']}: {c['difference']:+.2f} ({r})" for c, r in zip(ours, readings))
-    return {"claim": claim, "verdict": verdict, "evidence": evidence}
-
-
-def read_chance_claim(over_runs: list[dict], spaces: list[str]) -> dict:
-    """AMPN against the uniform plan and the shuffles of its plan, on the means over runs, at the step where
-    both controls are measured in every space with the most runs on the thinner side (the later step on a
-    tie): more runs at an earlier step say more than two at a later one."""
-    claim = ("AMPN's plan ahead of the uniform plan and of shuffles of its own plan at A2: the mean FID of its runs "
-             "lower, outside a 95% interval over runs")
-    wanted = {(control, space) for control in ("uniform plan", "shuffled AMPN plan") for space in spaces}
-    complete = [step for step in {e["step"] for e in over_runs}
-                if {(e["control"], e["space"]) for e in over_runs if e["step"] == step} >= wanted]
-    thinnest = {step: min(min(e["ampn_runs"], e["control_runs"]) for e in over_runs if e["step"] == step) for step in complete}
-    chosen = max(complete, key=lambda step: (thinnest[step], step), default=None)
-    ours = [e for e in over_runs if e["step"] == chosen]
-    if not ours or not spaces:
-        return {"claim": claim, "verdict": "not measured yet", "evidence": ""}
-    readings = [read_over_runs(e) for e in ours]
-    verdict = ("met" if all(r == "AMPN ahead" for r in readings)
-               else "missed" if any(r == "AMPN behind" for r in readings) else "tie")
-    evidence = "; ".join(f"step {e['step']}, {e['space']}: AMPN − {e['control']} {fmt_interval(e, 'difference')} "
-                         f"({e['ampn_runs']} vs {e['control_runs']} runs; {r})" for e, r in zip(ours, readings))
-    return {"claim": claim, "verdict": verdict, "evidence": evidence}
-
-
 def progress_of(config: ConvergenceConfig, work: Path) -> dict:
     """Each run's last step so far, for a report written while runs are still going."""
     out = {}
@@ -967,15 +746,6 @@ def export_model(config: ConvergenceConfig, work: Path, run: Run) -> str | None:
         subprocess.run([sys.executable, "-m", "robuq.cli", "export", str(checkpoint), "--out", str(target)], env=env,
                        check=True, stdout=subprocess.DEVNULL)
     return str(target.relative_to(Path(config.results_dir))) if target.is_file() else None
-
-
-def fmt_interval(entry: dict, key: str = "fid", digits: int = 2) -> str:
-    low, high = {"fid": ("low", "high"), "ratio": ("ratio_low", "ratio_high"),
-                 "difference": ("difference_low", "difference_high")}[key]
-    return f"{entry[key]:.{digits}f} [{entry[low]:.{digits}f}, {entry[high]:.{digits}f}]"
-
-
-TARGETS = {4: 1.2, 3: 1.5, 2: 2.0}
 
 
 def markdown(payload: dict, config: ConvergenceConfig) -> str:

@@ -446,41 +446,41 @@ def test_rank_agreement_counts_the_pairs_ordered_apart():
 def test_convergence_fid_for_the_intervals_is_robuqs_fid():
     from robuq.eval.metrics import FeatureStats, fid
 
-    convergence = _load("convergence")
+    convergence_stats = _load("convergence_stats")
     g = torch.Generator().manual_seed(0)
     reference = torch.randn(400, 24, generator=g).double().numpy()
     for n in (10, 300):  # fewer samples than dimensions, and more
         samples = (1.3 * torch.randn(n, 24, generator=g) + 0.2).double().numpy()
         expected = fid(FeatureStats.of(reference), FeatureStats.of(samples))
-        assert convergence.FixedReferenceFID(reference)(samples) == pytest.approx(expected, rel=1e-6)
+        assert convergence_stats.FixedReferenceFID(reference)(samples) == pytest.approx(expected, rel=1e-6)
 
 
 def test_convergence_intervals_cover_the_expected_fid_at_the_sample_count():
     """On Gaussian features, whose FID at n samples can be averaged over many fresh sample sets, the centred
     half-sample intervals cover that mean (and the ratio and difference of two such means) about as often as
     they claim; a bootstrap with replacement, as the report once used, mostly misses it."""
-    convergence = _load("convergence")
+    convergence_stats = _load("convergence_stats")
     rng = np.random.default_rng(0)
     d, n, trials, rounds = 16, 200, 60, 100
-    fid_of = convergence.FixedReferenceFID(rng.standard_normal((2000, d)))
+    fid_of = convergence_stats.FixedReferenceFID(rng.standard_normal((2000, d)))
     draw_a = lambda: 1.15 * rng.standard_normal((n, d)) + 0.2  # noqa: E731
     draw_b = lambda: 1.05 * rng.standard_normal((n, d)) + 0.1  # noqa: E731
     mean_a = np.mean([fid_of(draw_a()) for _ in range(600)])
     mean_b = np.mean([fid_of(draw_b()) for _ in range(600)])
-    halves = convergence.half_sample_indices(n, rounds)
+    halves = convergence_stats.half_sample_indices(n, rounds)
     covered = {"fid": 0, "ratio": 0, "difference": 0, "with replacement": 0}
     for _ in range(trials):
         a, b = draw_a(), draw_b()
         scores = {key: {"fid": fid_of(x), "replicates": [fid_of(x[i]) for i in halves], "rounds": rounds}
                   for key, x in (("a", a), ("b", b))}
-        ratio = convergence.interval_summary(scores, "a", "b")
-        difference = convergence.interval_summary(scores, "a", "b", ratio=False)
+        ratio = convergence_stats.interval_summary(scores, "a", "b")
+        difference = convergence_stats.interval_summary(scores, "a", "b", ratio=False)
         assert ratio["low"] <= ratio["fid"] <= ratio["high"]
         covered["fid"] += ratio["low"] <= mean_a <= ratio["high"]
         covered["ratio"] += ratio["ratio_low"] <= mean_a / mean_b <= ratio["ratio_high"]
         covered["difference"] += difference["difference_low"] <= mean_a - mean_b <= difference["difference_high"]
         with_replacement = [fid_of(a[rng.integers(0, n, n)]) for _ in range(rounds)]
-        low, high = convergence.percentile_interval(np.asarray(with_replacement))
+        low, high = convergence_stats.percentile_interval(np.asarray(with_replacement))
         covered["with replacement"] += low <= mean_a <= high
     rates = {k: v / trials for k, v in covered.items()}
     # 95% nominal; with 60 trials a rate's standard error is about 0.03
@@ -490,6 +490,7 @@ def test_convergence_intervals_cover_the_expected_fid_at_the_sample_count():
 
 def test_convergence_shuffled_plans_keep_the_budget_and_intervals_read_ties(tmp_path):
     convergence = _load("convergence")
+    convergence_stats = _load("convergence_stats")
     config = convergence.ConvergenceConfig(work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"),
                                            control_seeds=3)
     work = Path(config.work_dir)
@@ -526,18 +527,18 @@ def test_convergence_shuffled_plans_keep_the_budget_and_intervals_read_ties(tmp_
     scores = {"a": {"fid": 10.0, "replicates": [9.0, 10.0, 11.0, 10.0] * 10, "rounds": 40},
               "b": {"fid": 10.2, "replicates": [8.9, 10.4, 11.1, 10.4] * 10, "rounds": 40},
               "c": {"fid": 20.0, "replicates": [19.0, 20.0, 21.0, 20.0] * 10, "rounds": 40}}
-    tie = convergence.interval_summary(scores, "a", "b", ratio=False)
+    tie = convergence_stats.interval_summary(scores, "a", "b", ratio=False)
     assert tie["difference_low"] <= 0 <= tie["difference_high"]
-    ahead = convergence.interval_summary(scores, "a", "c", ratio=False)
+    ahead = convergence_stats.interval_summary(scores, "a", "c", ratio=False)
     assert ahead["difference_high"] < 0
-    ratio = convergence.interval_summary(scores, "c", "a")
+    ratio = convergence_stats.interval_summary(scores, "c", "a")
     assert ratio["ratio"] == pytest.approx(2.0) and ratio["ratio_low"] <= 2.0 <= ratio["ratio_high"]
 
 
 def test_convergence_claims_read_targets_and_both_noises():
     """A claim is met only by the measurements: a ratio over its target misses, and AMPN counts as ahead of a
     control only when the gap is outside the sample interval and larger than the gap between two seeds."""
-    convergence = _load("convergence")
+    convergence_stats = _load("convergence_stats")
 
     def row(name, ratio):
         return {"name": name, "steps": 3000, "samples": 2000, "classifier": {"ratio": ratio, "ratio_low": ratio - 0.01, "ratio_high": ratio + 0.01}}
@@ -547,23 +548,25 @@ def test_convergence_claims_read_targets_and_both_noises():
                 "difference": difference, "difference_low": difference - half_width, "difference_high": difference + half_width}
 
     teacher = {"classifier": {"fid": 80.0}}
+    targets = {"RobuQ W1.58A4": 1.2, "RobuQ + AMPN W1.58A3": 1.5, "RobuQ + AMPN W1.58A2": 2.0}
     final = [row("RobuQ W1.58A4", 1.05), row("RobuQ + AMPN W1.58A3", 1.6), row("strong baseline W1.58A2", 2.5)]
     noise = [gap("uniform seeds", "training noise", 1.5), gap("AMPN seeds", "training noise", -3.0)]
     claims = {c["claim"].split(" within")[0].split(" ahead")[0]: c
-              for c in convergence.read_claims(final, [gap("vs baseline", "baseline", -6.0), *noise], teacher, 3000)}
+              for c in convergence_stats.read_claims(final, [gap("vs baseline", "baseline", -6.0), *noise], teacher, 3000,
+                                                     targets)}
     assert claims["RobuQ W1.58A4"]["verdict"] == "met" and "1.05" in claims["RobuQ W1.58A4"]["evidence"]
     assert claims["RobuQ + AMPN W1.58A3"]["verdict"] == "missed"
     assert claims["RobuQ + AMPN W1.58A2"]["verdict"] == "not measured yet"
     assert claims["RobuQ + AMPN"]["verdict"] == "met"
     assert claims["AMPN's plan"]["verdict"] == "not measured yet"
     # −2.0 is outside its sample interval but inside the 3.0 two seeds put apart: a tie.
-    (close,) = [c for c in convergence.read_claims(final, [gap("vs baseline", "baseline", -2.0), *noise], teacher, 3000)
-                if "baseline" in c["claim"]]
+    (close,) = [c for c in convergence_stats.read_claims(final, [gap("vs baseline", "baseline", -2.0), *noise], teacher,
+                                                         3000, targets) if "baseline" in c["claim"]]
     assert close["verdict"] == "tie" and "inside the training noise, 3.00" in close["evidence"]
-    behind = convergence.read_claims(final, [gap("vs baseline", "baseline", 5.0), *noise], teacher, 3000)
+    behind = convergence_stats.read_claims(final, [gap("vs baseline", "baseline", 5.0), *noise], teacher, 3000, targets)
     assert [c["verdict"] for c in behind if "baseline" in c["claim"]] == ["missed"]
-    assert convergence.read_difference(gap("x", "chance", -4.0), {}) == "tie until the training noise is measured"
-    assert convergence.read_difference(gap("x", "chance", 0.2), {"classifier": 0.1}) == "tie (inside the sample noise)"
+    assert convergence_stats.read_difference(gap("x", "chance", -4.0), {}) == "tie until the training noise is measured"
+    assert convergence_stats.read_difference(gap("x", "chance", 0.2), {"classifier": 0.1}) == "tie (inside the sample noise)"
 
 
 def test_convergence_reads_ampn_against_chance_over_runs():
@@ -572,6 +575,7 @@ def test_convergence_reads_ampn_against_chance_over_runs():
     from scipy import stats
 
     convergence = _load("convergence")
+    convergence_stats = _load("convergence_stats")
 
     def rows(step, ampn, uniform, shuffled):
         names = ([(convergence.ampn_seed_name(i), True, f) for i, f in enumerate(ampn)]
@@ -581,11 +585,13 @@ def test_convergence_reads_ampn_against_chance_over_runs():
                  "classifier": {"fid": f, "ratio": f / 80, "ratio_low": f / 80, "ratio_high": f / 80}} for n, kind, f in names]
 
     teacher = {"classifier": {"fid": 80.0}}
+    targets = convergence.headline_targets()
+    assert targets == {"RobuQ W1.58A4": 1.2, "RobuQ + AMPN W1.58A3": 1.5, "RobuQ + AMPN W1.58A2": 2.0}
     clear = rows(3000, [140.0, 141.5, 139.0], [150.0, 151.0, 148.5], [152.0, 149.0, 151.5])
     # A headline point of AMPN A2 at another sample count must not enter the means.
     clear.insert(0, {"name": convergence.AMPN_A2, "act_bits": 2, "ampn": True, "steps": 3000, "samples": 2000,
                      "classifier": {"fid": 240.0, "ratio": 3.0, "ratio_low": 2.9, "ratio_high": 3.1}})
-    over = convergence.chance_over_runs(clear, 1000)
+    over = convergence_stats.chance_over_runs(clear, 1000)
     assert [(e["control"], e["ampn_runs"], e["control_runs"]) for e in over] == [("uniform plan", 3, 3),
                                                                                ("shuffled AMPN plan", 3, 3)]
     expected = stats.ttest_ind([140.0, 141.5, 139.0], [150.0, 151.0, 148.5], equal_var=False).confidence_interval(0.95)
@@ -593,17 +599,19 @@ def test_convergence_reads_ampn_against_chance_over_runs():
     assert (over[0]["difference_low"], over[0]["difference_high"]) == pytest.approx((expected.low, expected.high))
     # Resolved with three runs a side; the gap 8 points apart runs put inside their spread needs more of them.
     assert over[0]["runs_to_resolve"] <= 3
-    wide = convergence.chance_over_runs(rows(3000, [136.0, 144.0], [150.0, 149.0], [151.0, 152.0]), 1000)
+    wide = convergence_stats.chance_over_runs(rows(3000, [136.0, 144.0], [150.0, 149.0], [151.0, 152.0]), 1000)
     assert wide[0]["runs_to_resolve"] > 2
 
     def chance_claim(final):
-        (claim,) = [c for c in convergence.read_claims(final, [], teacher, 3000, convergence.chance_over_runs(final, 1000))
+        (claim,) = [c for c in convergence_stats.read_claims(final, [], teacher, 3000, targets,
+                                                              convergence_stats.chance_over_runs(final, 1000))
                     if "plan" in c["claim"]]
         return claim
 
     assert chance_claim(clear)["verdict"] == "met" and "3 vs 3 runs" in chance_claim(clear)["evidence"]
     # The A2 target is read on the row's own 2,000 samples, not on the control's 1,000 at the same step.
-    (a2,) = [c for c in convergence.read_claims(clear, [], teacher, 3000) if c["claim"].startswith(convergence.AMPN_A2)]
+    (a2,) = [c for c in convergence_stats.read_claims(clear, [], teacher, 3000, targets)
+             if c["claim"].startswith(convergence.AMPN_A2)]
     assert a2["verdict"] == "missed" and "3.00" in a2["evidence"]
     # Two runs a side 8 points apart: the same mean gap is inside the spread between runs.
     assert chance_claim(rows(3000, [136.0, 144.0], [150.0, 149.0], [151.0, 152.0]))["verdict"] == "tie"
