@@ -918,7 +918,8 @@ def plot(payload: dict, config: ConvergenceConfig, path: Path) -> None:
 
 def plot_chance(payload: dict, ax) -> None:
     """Each A2 model scored at a control step: its FID in both spaces (intervals over the samples), one group
-    per step, so that AMPN's two seeds sit beside the uniform and shuffled plans."""
+    per step, so that AMPN's seeds sit beside the uniform and shuffled plans; a dashed line marks each arm's
+    mean over its runs."""
     wanted = set(step_list(payload["settings"]["control_steps"]))
     rows = [e for e in payload["final"] if e["samples"] == payload["settings"]["samples_control"] and e["steps"] in wanted
             and (e["name"] == AMPN_A2 or e["name"].startswith("control: "))]
@@ -939,11 +940,18 @@ def plot_chance(payload: dict, ax) -> None:
                 ax.errorbar([x], [fid["fid"]], yerr=[[fid["fid"] - fid["low"]], [fid["high"] - fid["fid"]]],
                             marker=marker, color=colours[e["ampn"]], capsize=2, ls="none",
                             mfc="white" if space == "inception" else colours[e["ampn"]])
+        for j, step in enumerate(steps):  # each arm's mean over its runs, the quantity the claim reads
+            for arm, colour in colours.items():
+                xs = [j * (len(names) + 1) + i for i, name in enumerate(names)
+                      if any(e["name"] == name and e["steps"] == step and e["ampn"] == arm and space in e for e in rows)]
+                fids = [e[space]["fid"] for e in rows if e["steps"] == step and e["ampn"] == arm and space in e]
+                if len(fids) > 1:
+                    ax.hlines(np.mean(fids), min(xs) - 0.3, max(xs) + 0.3, colors=colour, linestyles="--", lw=1)
     ax.set_xticks([j * (len(names) + 1) + i for j in range(len(steps)) for i in range(len(names))],
                   [f"{n.removeprefix('control: ').replace('RobuQ + AMPN W1.58A2', 'AMPN seed 0')}\n@{s}"
                    for s in steps for n in names], rotation=60, ha="right", fontsize=6)
     ax.set(ylabel="FID (● classifier, ○ Inception; 95% interval)",
-           title="A2: AMPN (green) against uniform (blue) and shuffled plans (red)")
+           title="A2: AMPN (green), uniform (blue), shuffled plans (red); dashed: mean of runs")
 
 
 # ------------------------------------------------------------------------------------------------ main
