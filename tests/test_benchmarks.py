@@ -627,6 +627,25 @@ def test_convergence_reads_ampn_against_chance_over_runs():
     assert "step 3000" in chance_claim(later)["evidence"]
 
 
+def test_convergence_chance_plot_marks_each_arms_mean():
+    """The chance panel draws every run with its interval and, per arm with two runs or more, a dashed line at
+    the mean the claim reads."""
+    from matplotlib.figure import Figure
+
+    convergence = _load("convergence")
+    fids = {convergence.AMPN_A2: (True, 140.0), "control: AMPN seed 1": (True, 136.0),
+            "control: uniform A2 seed 0": ("uniform", 141.0), "control: uniform A2 seed 1": ("uniform", 139.0),
+            "control: shuffled AMPN plan 1": ("random", 144.0), "control: shuffled AMPN plan 2": ("random", 146.0)}
+    final = [{"name": name, "ampn": arm, "steps": 1000, "samples": 1000,
+              **{space: {"fid": fid + shift, "low": fid + shift - 2, "high": fid + shift + 2}
+                 for space, shift in (("classifier", 0.0), ("inception", -40.0))}} for name, (arm, fid) in fids.items()]
+    ax = Figure().subplots()
+    convergence.plot_chance({"final": final, "settings": {"control_steps": "1000,3000", "samples_control": 1000}}, ax)
+    flat = sorted(round(float(seg[0][1]), 6) for c in ax.collections for seg in c.get_segments()
+                  if len(seg) == 2 and seg[0][1] == seg[1][1] and seg[0][0] != seg[1][0])
+    assert flat == sorted([138.0, 140.0, 145.0, 98.0, 100.0, 105.0])
+
+
 def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch):
     """The pilot, one headline row and the scoring, end to end through the `robuq` commands the benchmark
     runs: logs, kept samples (the same labels for every row), the exported model and the report's JSON."""
