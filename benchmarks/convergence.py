@@ -188,7 +188,7 @@ def headline_targets() -> dict[str, float]:
 def control_runs(config: ConvergenceConfig, work: Path) -> list[Run]:
     """At A2, in the same schedule up to the last of ``control_steps``: AMPN with further seeds, a uniform plan
     (as many seeds, each continuing from the warm-up of AMPN with its seed) and as many shuffles of AMPN's own
-    plan (continuing from AMPN's warm-up)."""
+    plan (each continuing from the warm-up of AMPN with its ``shuffle_seed``)."""
     flags = ["--preset", "robuq", *common_flags(config, config.steps), *recipe_flags(FROZEN)]
     until = max(control_steps(config))
     seeds = range(config.control_seeds)
@@ -202,10 +202,19 @@ def control_runs(config: ConvergenceConfig, work: Path) -> list[Run]:
                                                              "--continue-from", str(warm)], until=until))
     for k in range(1, config.control_seeds + 1):
         plan = work / "plans" / f"shuffled-{k}.json"
+        seed = shuffle_seed(k)
         runs.append(Run(f"control: shuffled AMPN plan {k}", ["qat", "--act-bits", "2", "--plan", str(plan), *flags,
-                                                             "--continue-from", str(warmup_checkpoint(config, work, AMPN_A2))],
+                                                             *(["--seed", str(seed)] if seed else []), "--continue-from",
+                                                             str(warmup_checkpoint(config, work, ampn_seed_name(seed)))],
                         until=until))
     return runs
+
+
+def shuffle_seed(k: int) -> int:
+    """The training seed of shuffle ``k``. Shuffles 1 and 2 train with seed 0 (the first design); shuffle k ≥ 3
+    with seed k − 1, so that more shuffles also spread over training seeds: a seed every shuffle shared would
+    move their mean by an offset their spread cannot show, and the interval over runs would be too narrow."""
+    return 0 if k <= 2 else k - 1
 
 
 def ampn_seed_name(seed: int) -> str:
@@ -214,9 +223,12 @@ def ampn_seed_name(seed: int) -> str:
 
 
 def run_seed(name: str) -> int:
-    """The training seed a row's name carries ("… seed 3"); 0 for the others (the shuffles train with seed 0)."""
+    """The training seed of a row: the one its name carries ("… seed 3"), a shuffle's ``shuffle_seed``, else 0."""
     head, _, tail = name.rpartition(" seed ")
-    return int(tail) if head and tail.isdigit() else 0
+    if head and tail.isdigit():
+        return int(tail)
+    shuffle = name.removeprefix("control: shuffled AMPN plan ")
+    return shuffle_seed(int(shuffle)) if shuffle.isdigit() else 0
 
 
 def run_dir(work: Path, name: str) -> Path:
@@ -452,7 +464,12 @@ def score_points(config: ConvergenceConfig, work: Path) -> list[Point]:
         for run in [by_name[AMPN_A2], *control_runs(config, work)]:
             points.append(Point(run.name, step, config.samples_control, config.inception, checkpoint_at(work, run, step),
                                 run_dir(work, run.name)))
-    return points
+    unique: dict[str, Point] = {}
+    for p in points:  # wanted twice (equal sample counts, or the end of the schedule a control step): scored once
+        if p.key in unique:
+            p = dataclasses.replace(p, inception=p.inception or unique[p.key].inception)
+        unique[p.key] = p
+    return list(unique.values())
 
 
 def step_list(text: str) -> list[int]:
@@ -673,7 +690,7 @@ def interval_method(scores: dict, config: ConvergenceConfig) -> str:
     rounds = {space: next(iter(s.values()))["rounds"] for space, s in scores.items() if s}
     return ("paired half-sampling: FIDs of random halves of the samples drawn without replacement (the same halves "
             "for every row and the teacher at that sample count; reference images held fixed), centred on the "
-            f"full-sample FID, 95% percentile interval; halves: {rounds}; training noise from the two-seed controls, "
+            f"full-sample FID, 95% percentile interval; halves: {rounds}; training noise from the controls' seeds, "
             "not in these intervals")
 
 
@@ -798,13 +815,14 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
                   "with a 95% Welch t-interval over runs: the spread between runs carries their training noise and the "
                   "part of their sample noise they do not share. A difference whose interval contains 0 is a tie. "
                   "Runs to resolve: how many runs a side would put 0 outside the interval if the gap and the pooled "
-                  "spread stayed as measured — a plan for the next runs, not a result.", "",
+                  "spread stayed as measured (optimistic when the two arms spread differently) — a plan for the next "
+                  "runs, not a result.", "",
                   "| step | space | AMPN mean (runs) | control | control mean (runs) | difference [95%] | reading | runs to resolve |",
                   "|---|---|---|---|---|---|---|---|"]
         for e in payload["over_runs"]:
             lines.append(f"| {e['step']} | {e['space']} | {e['ampn_mean']:.2f} ({e['ampn_runs']}) | {e['control']} "
                          f"| {e['control_mean']:.2f} ({e['control_runs']}) | {fmt_interval(e, 'difference')} "
-                         f"| {read_over_runs(e)} | {e.get('runs_to_resolve') or '> 100'} |")
+                         f"| {read_over_runs(e)} | {e['runs_to_resolve'] or ('—' if e['difference'] == 0 else '> 100')} |")
         lines.append("")
     if payload["comparisons"]:
         noise = training_noise(payload["comparisons"])

@@ -90,7 +90,7 @@ def interval_summary(scores: dict, key: str, reference: str | None = None, ratio
 
 def training_noise(comparisons: list[dict]) -> dict[tuple[int, str], float]:
     """Per (step, feature space), the larger |FID difference| between two seeds of one pipeline: how far
-    apart training alone puts two runs. Two seed pairs make it a coarse gauge, not an interval."""
+    apart training alone puts two runs. A few seed pairs make it a coarse gauge, not an interval."""
     noise: dict[tuple[int, str], float] = {}
     for c in comparisons:
         if c["kind"] == "training noise":
@@ -127,7 +127,9 @@ def chance_over_runs(final: list[dict], samples: int) -> list[dict]:
     uniform-plan runs, and minus the mean of the shuffled-plan runs, with a 95% Welch t-interval over runs.
     Each run's FID carries its training noise and the part of its sample noise not shared with the others (all
     rows draw the same labels and noise), so the spread between runs is the noise the comparison is read
-    against. Needs two runs on each side; with two, the interval is wide by design."""
+    against. Needs two runs on each side; with two, the interval is wide by design. A training seed shared
+    across the sides (uniform seed s and AMPN seed s) makes it conservative; one seed shared by more than two
+    runs of one side would make it too narrow, so the benchmark spreads further shuffles over seeds."""
     from scipy import stats
 
     out = []
@@ -140,10 +142,12 @@ def chance_over_runs(final: list[dict], samples: int) -> list[dict]:
                 if len(ampn) < 2 or len(other) < 2:
                     continue
                 va, vb = np.var(ampn, ddof=1) / len(ampn), np.var(other, ddof=1) / len(other)
+                if va + vb == 0:
+                    continue  # no spread between runs measured: nothing to read the gap against
                 difference = float(np.mean(ampn) - np.mean(other))
                 se = math.sqrt(va + vb)
-                df = (va + vb) ** 2 / (va ** 2 / (len(ampn) - 1) + vb ** 2 / (len(other) - 1)) if se else math.inf
-                half = float(stats.t.ppf(0.975, df)) * se if se else 0.0
+                df = (va + vb) ** 2 / (va ** 2 / (len(ampn) - 1) + vb ** 2 / (len(other) - 1))
+                half = float(stats.t.ppf(0.975, df)) * se
                 out.append({"step": step, "space": space, "control": control, "ampn_runs": len(ampn),
                             "control_runs": len(other), "ampn_mean": float(np.mean(ampn)),
                             "control_mean": float(np.mean(other)), "difference": difference,
@@ -154,7 +158,8 @@ def chance_over_runs(final: list[dict], samples: int) -> list[dict]:
 
 def runs_to_resolve(difference: float, a: list[float], b: list[float], most: int = 100) -> int | None:
     """Runs a side at which a 95% interval would exclude 0 if the gap and the pooled spread stayed as measured
-    (a planning figure for the next runs, not a result); None beyond ``most`` or with no gap."""
+    (a planning figure for the next runs, not a result; optimistic when the arms spread differently, which the
+    Welch reading accounts for); None beyond ``most`` or with no gap."""
     from scipy import stats
 
     spread = math.sqrt(((len(a) - 1) * np.var(a, ddof=1) + (len(b) - 1) * np.var(b, ddof=1)) / (len(a) + len(b) - 2))

@@ -6,6 +6,7 @@ results/<name>.json and .md with the machine, the command and the date, finite n
 shows the JSON's figures, and the facts that hold at any size (shapes, file sizes, nested grids).
 No timing is asserted.
 """
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -19,9 +20,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-
-import pytest
-import torch
 
 from robuq.eval.classifier import ClassifierTrainConfig, train_classifier
 from robuq.core.files import save_tensors
@@ -522,8 +520,16 @@ def test_convergence_shuffled_plans_keep_the_budget_and_intervals_read_ties(tmp_
     for seed in range(3):
         uniform = runs[f"control: uniform A2 seed {seed}"]
         assert flag(uniform, "--continue-from") == str(warm[seed]) and flag(uniform, "--seed") == (str(seed) if seed else None)
-    assert {flag(runs[f"control: shuffled AMPN plan {k}"], "--continue-from") for k in (1, 2, 3)} == {str(warm[0])}
-    assert [convergence.run_seed(n) for n in ("control: AMPN seed 2", convergence.AMPN_A2, "control: shuffled AMPN plan 3")] == [2, 0, 0]
+    # Shuffles 1 and 2 train with seed 0 as in the first design; a third spreads to another seed.
+    assert [flag(runs[f"control: shuffled AMPN plan {k}"], "--continue-from") for k in (1, 2, 3)] == [str(warm[0]), str(warm[0]),
+                                                                                                   str(warm[2])]
+    assert [flag(runs[f"control: shuffled AMPN plan {k}"], "--seed") for k in (1, 2, 3)] == [None, None, "2"]
+    assert [convergence.run_seed(n) for n in ("control: AMPN seed 2", convergence.AMPN_A2, "control: shuffled AMPN plan 1",
+                                              "control: shuffled AMPN plan 3")] == [2, 0, 0, 2]
+    # A point wanted twice (the controls' sample count equal to the headline's) is scored once.
+    same = dataclasses.replace(config, samples_control=config.samples_headline)
+    keys = [p.key for p in convergence.score_points(same, work)]
+    assert len(keys) == len(set(keys)) and f"{convergence.slug(convergence.AMPN_A2)}-step3000-n2000" in keys
     scores = {"a": {"fid": 10.0, "replicates": [9.0, 10.0, 11.0, 10.0] * 10, "rounds": 40},
               "b": {"fid": 10.2, "replicates": [8.9, 10.4, 11.1, 10.4] * 10, "rounds": 40},
               "c": {"fid": 20.0, "replicates": [19.0, 20.0, 21.0, 20.0] * 10, "rounds": 40}}
@@ -536,8 +542,8 @@ def test_convergence_shuffled_plans_keep_the_budget_and_intervals_read_ties(tmp_
 
 
 def test_convergence_claims_read_targets_and_both_noises():
-    """A claim is met only by the measurements: a ratio over its target misses, and AMPN counts as ahead of a
-    control only when the gap is outside the sample interval and larger than the gap between two seeds."""
+    """A claim is met only by the measurements: a ratio over its target misses, and AMPN counts as ahead of the
+    strong baseline only when the gap is outside the sample interval and larger than the gap between two seeds."""
     convergence_stats = _load("convergence_stats")
 
     def row(name, ratio):
@@ -588,9 +594,14 @@ def test_convergence_reads_ampn_against_chance_over_runs():
     targets = convergence.headline_targets()
     assert targets == {"RobuQ W1.58A4": 1.2, "RobuQ + AMPN W1.58A3": 1.5, "RobuQ + AMPN W1.58A2": 2.0}
     clear = rows(3000, [140.0, 141.5, 139.0], [150.0, 151.0, 148.5], [152.0, 149.0, 151.5])
-    # A headline point of AMPN A2 at another sample count must not enter the means.
+    # A headline point of AMPN A2 at another sample count, and the A3 row and the strong baseline even at the
+    # controls' sample count, must not enter the means.
     clear.insert(0, {"name": convergence.AMPN_A2, "act_bits": 2, "ampn": True, "steps": 3000, "samples": 2000,
                      "classifier": {"fid": 240.0, "ratio": 3.0, "ratio_low": 2.9, "ratio_high": 3.1}})
+    clear += [{"name": "RobuQ + AMPN W1.58A3", "act_bits": 3, "ampn": True, "steps": 3000, "samples": 1000,
+               "classifier": {"fid": 300.0, "ratio": 3.75, "ratio_low": 3.7, "ratio_high": 3.8}},
+              {"name": "strong baseline W1.58A2", "act_bits": 2, "ampn": False, "steps": 3000, "samples": 1000,
+               "classifier": {"fid": 10.0, "ratio": 0.125, "ratio_low": 0.12, "ratio_high": 0.13}}]
     over = convergence_stats.chance_over_runs(clear, 1000)
     assert [(e["control"], e["ampn_runs"], e["control_runs"]) for e in over] == [("uniform plan", 3, 3),
                                                                                ("shuffled AMPN plan", 3, 3)]
@@ -598,9 +609,11 @@ def test_convergence_reads_ampn_against_chance_over_runs():
     assert over[0]["difference"] == pytest.approx(140.1667 - 149.8333, abs=1e-3)
     assert (over[0]["difference_low"], over[0]["difference_high"]) == pytest.approx((expected.low, expected.high))
     # Resolved with three runs a side; the gap 8 points apart runs put inside their spread needs more of them.
-    assert over[0]["runs_to_resolve"] <= 3
+    assert over[0]["runs_to_resolve"] == 2  # pooled sd 1.26: t(2 df) · 1.26 · √(2/2) = 5.4 < 9.7
     wide = convergence_stats.chance_over_runs(rows(3000, [136.0, 144.0], [150.0, 149.0], [151.0, 152.0]), 1000)
     assert wide[0]["runs_to_resolve"] > 2
+    # Runs with no spread at all give nothing to read a gap against: no reading, rather than a certain one.
+    assert convergence_stats.chance_over_runs(rows(3000, [140.0, 140.0], [150.0, 150.0], [150.0, 150.0]), 1000) == []
 
     def chance_claim(final):
         (claim,) = [c for c in convergence_stats.read_claims(final, [], teacher, 3000, targets,
