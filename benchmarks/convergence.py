@@ -969,7 +969,8 @@ def plot_chance(payload: dict, ax) -> None:
                   [f"{n.removeprefix('control: ').replace('RobuQ + AMPN W1.58A2', 'AMPN seed 0')}\n@{s}"
                    for s in steps for n in names], rotation=60, ha="right", fontsize=6)
     ax.set(ylabel="FID (● classifier, ○ Inception; 95% interval)",
-           title="A2: AMPN (green), uniform (blue), shuffled plans (red); dashed: mean of runs")
+           title="A2 plans: AMPN green, uniform blue, shuffled red")
+    ax.text(0.01, 0.99, "dashed: each plan's mean over runs", transform=ax.transAxes, ha="left", va="top", fontsize=7)
 
 
 # ------------------------------------------------------------------------------------------------ main
