@@ -124,35 +124,46 @@ def read_difference(c: dict, noise: dict[tuple[int, str], float]) -> str:
 
 def chance_over_runs(final: list[dict], samples: int) -> list[dict]:
     """Per control step and feature space: the mean FID of AMPN's A2 runs (every seed) minus the mean of the
-    uniform-plan runs, and minus the mean of the shuffled-plan runs, with a 95% Welch t-interval over runs.
-    Each run's FID carries its training noise and the part of its sample noise not shared with the others (all
-    rows draw the same labels and noise), so the spread between runs is the noise the comparison is read
-    against. Needs two runs on each side; with two, the interval is wide by design. A training seed shared
-    across the sides (uniform seed s and AMPN seed s) makes it conservative; one seed shared by more than two
-    runs of one side would make it too narrow, so the benchmark spreads further shuffles over seeds."""
+    uniform-plan runs, and minus the mean of the shuffled-plan runs, with a 95% Welch t-interval over runs
+    (``means_over_runs``). Each run's FID carries its training noise and the part of its sample noise not
+    shared with the others (all rows draw the same labels and noise), so the spread between runs is the noise
+    the comparison is read against."""
+    groups: dict[tuple[int, str], dict] = {}
+    for e in final:
+        if e["samples"] == samples and e["act_bits"] == 2:
+            for space in ("classifier", "inception"):
+                if space in e:
+                    groups.setdefault((e["steps"], space), {}).setdefault(e["ampn"], []).append(e[space]["fid"])
+    return means_over_runs(groups)
+
+
+def means_over_runs(groups: dict[tuple[int, str], dict]) -> list[dict]:
+    """For each (step, measure) with values per arm (True: AMPN's runs, "uniform", "random": the shuffles),
+    AMPN's mean minus each control's, with a 95% Welch t-interval over runs. Needs two runs on each side;
+    with two, the interval is wide by design. A training seed shared across the sides (uniform seed s and
+    AMPN seed s) makes it conservative; one seed shared by more than two runs of one side would make it too
+    narrow, so the benchmark spreads further shuffles over seeds."""
     from scipy import stats
 
     out = []
-    for step in sorted({e["steps"] for e in final if e["samples"] == samples and e["ampn"] in ("uniform", "random")}):
-        at = [e for e in final if e["samples"] == samples and e["steps"] == step and e["act_bits"] == 2]
-        for space in ("classifier", "inception"):
-            ampn = [e[space]["fid"] for e in at if e["ampn"] is True and space in e]
-            for control, kind in (("uniform plan", "uniform"), ("shuffled AMPN plan", "random")):
-                other = [e[space]["fid"] for e in at if e["ampn"] == kind and space in e]
-                if len(ampn) < 2 or len(other) < 2:
-                    continue
-                va, vb = np.var(ampn, ddof=1) / len(ampn), np.var(other, ddof=1) / len(other)
-                if va + vb == 0:
-                    continue  # no spread between runs measured: nothing to read the gap against
-                difference = float(np.mean(ampn) - np.mean(other))
-                se = math.sqrt(va + vb)
-                df = (va + vb) ** 2 / (va ** 2 / (len(ampn) - 1) + vb ** 2 / (len(other) - 1))
-                half = float(stats.t.ppf(0.975, df)) * se
-                out.append({"step": step, "space": space, "control": control, "ampn_runs": len(ampn),
-                            "control_runs": len(other), "ampn_mean": float(np.mean(ampn)),
-                            "control_mean": float(np.mean(other)), "difference": difference,
-                            "difference_low": difference - half, "difference_high": difference + half, "df": df,
-                            "runs_to_resolve": runs_to_resolve(difference, ampn, other)})
+    for (step, space), arms in sorted(groups.items()):
+        ampn = arms.get(True, [])
+        for control, kind in (("uniform plan", "uniform"), ("shuffled AMPN plan", "random")):
+            other = arms.get(kind, [])
+            if len(ampn) < 2 or len(other) < 2:
+                continue
+            va, vb = np.var(ampn, ddof=1) / len(ampn), np.var(other, ddof=1) / len(other)
+            if va + vb == 0:
+                continue  # no spread between runs measured: nothing to read the gap against
+            difference = float(np.mean(ampn) - np.mean(other))
+            se = math.sqrt(va + vb)
+            df = (va + vb) ** 2 / (va ** 2 / (len(ampn) - 1) + vb ** 2 / (len(other) - 1))
+            half = float(stats.t.ppf(0.975, df)) * se
+            out.append({"step": step, "space": space, "control": control, "ampn_runs": len(ampn),
+                        "control_runs": len(other), "ampn_mean": float(np.mean(ampn)),
+                        "control_mean": float(np.mean(other)), "difference": difference,
+                        "difference_low": difference - half, "difference_high": difference + half, "df": df,
+                        "runs_to_resolve": runs_to_resolve(difference, ampn, other)})
     return out
 
 

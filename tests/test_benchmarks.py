@@ -630,6 +630,19 @@ def test_convergence_reads_ampn_against_chance_over_runs():
     assert chance_claim(rows(3000, [136.0, 144.0], [150.0, 149.0], [151.0, 152.0]))["verdict"] == "tie"
     assert chance_claim(rows(3000, [150.0, 151.0, 149.0], [140.0, 141.0, 139.5], [150.0, 151.0, 152.0]))["verdict"] == "missed"
     assert chance_claim(rows(3000, [140.0], [150.0, 151.0], [150.0, 152.0]))["verdict"] == "not measured yet"
+    # The held-out probe, read the same way over the A2 runs only (not the A3 row, not the strong baseline).
+    def curve(value):
+        return [{"step": 900, "probe_guided_rel_mse": 1.0}, {"step": 1000, "probe_guided_rel_mse": value}]
+
+    curves = {convergence.AMPN_A2: curve(0.010), "control: AMPN seed 1": curve(0.011),
+              "control: uniform A2 seed 0": curve(0.013), "control: uniform A2 seed 1": curve(0.012),
+              "control: shuffled AMPN plan 1": curve(0.013),
+              "control: shuffled AMPN plan 2": [{"step": 1000, "probe_guided_rel_mse": None}],
+              "RobuQ + AMPN W1.58A3": curve(0.0), "strong baseline W1.58A2": curve(0.5)}
+    (only,) = convergence.probe_over_runs(curves, [1000, 3000])  # a shuffle without a probe value: no shuffle reading
+    assert (only["control"], only["step"], only["space"]) == ("uniform plan", 1000, "probe")
+    assert (only["ampn_runs"], only["control_runs"]) == (2, 2)
+    assert only["ampn_mean"] == pytest.approx(0.0105) and only["difference"] == pytest.approx(-0.002)
     # Read at the last step where both controls are measured: step 3000 lacks its shuffles, so step 1000 counts.
     partial = rows(1000, [140.0, 141.5, 139.0], [150.0, 151.0, 148.5], [152.0, 149.0, 151.5]) + rows(3000, [150.0, 151.0], [140.0, 141.0], [])
     assert chance_claim(partial)["verdict"] == "met" and "step 1000" in chance_claim(partial)["evidence"]
