@@ -833,27 +833,15 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
                   "part of their sample noise they do not share. A difference whose interval contains 0 is a tie. "
                   "Runs to resolve: how many runs a side would put 0 outside the interval if the gap and the pooled "
                   "spread stayed as measured (optimistic when the two arms spread differently) — a plan for the next "
-                  "runs, not a result.", "",
-                  "| step | space | AMPN mean (runs) | control | control mean (runs) | difference [95%] | reading | runs to resolve |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for e in payload["over_runs"]:
-            lines.append(f"| {e['step']} | {e['space']} | {e['ampn_mean']:.2f} ({e['ampn_runs']}) | {e['control']} "
-                         f"| {e['control_mean']:.2f} ({e['control_runs']}) | {fmt_interval(e, 'difference')} "
-                         f"| {read_over_runs(e)} | {e['runs_to_resolve'] or ('—' if e['difference'] == 0 else '> 100')} |")
-        lines.append("")
+                  "runs, not a result.", ""]
+        lines += over_runs_rows(payload["over_runs"], digits=2) + [""]
     if payload.get("probe_over_runs"):
         lines += ["## AMPN against chance on the held-out probe", "",
                   "The same means over runs on the probe: the EMA's guided (cfg 1.5) output error against the teacher on "
                   "128 held-out images, relative to the teacher's output variance (lower is better). It has far less "
                   "sample noise than FID but measures closeness to the teacher, not sample quality: it supports the "
-                  "claim above and does not replace it.", "",
-                  "| step | AMPN mean (runs) | control | control mean (runs) | difference [95%] | reading |",
-                  "|---|---|---|---|---|---|"]
-        for e in payload["probe_over_runs"]:
-            lines.append(f"| {e['step']} | {e['ampn_mean']:.5f} ({e['ampn_runs']}) | {e['control']} "
-                         f"| {e['control_mean']:.5f} ({e['control_runs']}) | {fmt_interval(e, 'difference', 5)} "
-                         f"| {read_over_runs(e)} |")
-        lines.append("")
+                  "claim above and does not replace it.", ""]
+        lines += over_runs_rows(payload["probe_over_runs"], digits=5) + [""]
     if payload["comparisons"]:
         noise = training_noise(payload["comparisons"])
         lines += ["## Differences between single runs", "",
@@ -876,6 +864,18 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
                                  f"| {fmt_interval(p['classifier'], 'ratio', 3)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def over_runs_rows(entries: list[dict], digits: int) -> list[str]:
+    """A Markdown table of means over runs (``means_over_runs``), FID and probe alike."""
+    lines = ["| step | measure | AMPN mean (runs) | control | control mean (runs) | difference [95%] | reading "
+             "| runs to resolve |", "|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        resolve = e["runs_to_resolve"] or ("—" if e["difference"] == 0 else "> 100")
+        lines.append(f"| {e['step']} | {e['space']} | {e['ampn_mean']:.{digits}f} ({e['ampn_runs']}) | {e['control']} "
+                     f"| {e['control_mean']:.{digits}f} ({e['control_runs']}) | {fmt_interval(e, 'difference', digits)} "
+                     f"| {read_over_runs(e)} | {resolve} |")
+    return lines
 
 
 def pilot_markdown(rows: list[dict]) -> str:

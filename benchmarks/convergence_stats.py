@@ -216,6 +216,12 @@ def read_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps
     return claims
 
 
+def verdict_of(readings: list[str], ahead: str, behind: str) -> str:
+    """A claim over several differences: "met" when every one reads ``ahead``, "missed" when any reads
+    ``behind``, otherwise "tie"."""
+    return "met" if all(r == ahead for r in readings) else "missed" if any(r == behind for r in readings) else "tie"
+
+
 def read_baseline_claim(comparisons: list[dict], spaces: list[str]) -> dict:
     """AMPN A2 against the strong baseline A2, at the last step measured in every space, each difference read
     against the sample interval and the training noise (``read_difference``)."""
@@ -228,8 +234,7 @@ def read_baseline_claim(comparisons: list[dict], spaces: list[str]) -> dict:
         return {"claim": claim, "verdict": "not measured yet", "evidence": ""}
     noise = training_noise(comparisons)
     readings = [read_difference(c, noise) for c in ours]
-    verdict = ("met" if all(r == "a ahead" for r in readings)
-               else "missed" if any(r == "b ahead" for r in readings) else "tie")
+    verdict = verdict_of(readings, ahead="a ahead", behind="b ahead")
     evidence = "; ".join(f"{c['comparison']}, {c['space']}: {c['difference']:+.2f} ({r})" for c, r in zip(ours, readings))
     return {"claim": claim, "verdict": verdict, "evidence": evidence}
 
@@ -249,8 +254,7 @@ def read_chance_claim(over_runs: list[dict], spaces: list[str]) -> dict:
     if not ours or not spaces:
         return {"claim": claim, "verdict": "not measured yet", "evidence": ""}
     readings = [read_over_runs(e) for e in ours]
-    verdict = ("met" if all(r == "AMPN ahead" for r in readings)
-               else "missed" if any(r == "AMPN behind" for r in readings) else "tie")
+    verdict = verdict_of(readings, ahead="AMPN ahead", behind="AMPN behind")
     evidence = "; ".join(f"step {e['step']}, {e['space']}: AMPN − {e['control']} {fmt_interval(e, 'difference')} "
                          f"({e['ampn_runs']} vs {e['control_runs']} runs; {r})" for e, r in zip(ours, readings))
     return {"claim": claim, "verdict": verdict, "evidence": evidence}
