@@ -50,7 +50,7 @@ from convergence_stats import (TARGETS, FixedReferenceFID, chance_over_runs, fmt
                                training_noise)
 from robuq.core.options import option
 
-STAGES = ("pilot", "headline", "controls", "score", "report", "all")
+STAGES = ("pilot", "headline", "controls", "rank", "score", "report", "all")
 
 
 @dataclass
@@ -179,6 +179,27 @@ def headline_runs(config: ConvergenceConfig) -> list[Run]:
 
 
 AMPN_A2 = "RobuQ + AMPN W1.58A2"
+
+# The A4 and AMPN A2 rows again with the low-rank branch at the paper's share of the width (16 of 1,152: rank 3
+# at DiT-T's 192) and without it: how much of each row's quality the full-precision branch carries.
+RANK_ROWS = {  # name → (act bits, AMPN, low-rank flags)
+    "RobuQ W1.58A4 rank 3": (4, False, ["--lowrank-share", repr(16 / 1152)]),
+    "RobuQ + AMPN W1.58A2 rank 3": (2, True, ["--lowrank-share", repr(16 / 1152)]),
+    "RobuQ W1.58A4 rank 0": (4, False, ["--lowrank-rank", "0"]),
+    "RobuQ + AMPN W1.58A2 rank 0": (2, True, ["--lowrank-rank", "0"]),
+}
+
+
+def rank_runs(config: ConvergenceConfig) -> list[Run]:
+    runs = []
+    for name, (bits, ampn, rank_flags) in RANK_ROWS.items():
+        flags = ["--preset", "robuq", *rank_flags, *common_flags(config, config.steps), *recipe_flags(FROZEN)]
+        if ampn:
+            runs.append(Run(name, ["ampn", "run", "--budget", str(bits), "--warmup-qat-steps", str(config.ampn_warmup),
+                                   "--calibration-images", str(config.calibration_images), *flags]))
+        else:
+            runs.append(Run(name, ["qat", "--act-bits", str(bits), *flags]))
+    return runs
 
 
 def headline_targets() -> dict[str, float]:
@@ -1032,6 +1053,8 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "controls":
             prepare_controls(config, work)
             run_all(config, work, control_runs(config, work))
+        elif stage == "rank":
+            run_all(config, work, rank_runs(config), keep=False)
         elif stage == "score":
             score_all(config, work)
         report(config, work, invocation(__file__, argv))

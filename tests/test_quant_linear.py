@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from robuq.quant.attention import QuantAttentionCore
-from robuq.quant.linear import LinearQuantConfig, QuantLinear
+from robuq.quant.linear import PAPER_LOWRANK_SHARE, LinearQuantConfig, QuantLinear
 
 
 def _relative_error(a, b):
@@ -73,7 +73,21 @@ def test_exported_levels_reproduce_the_forward(linear):
     assert torch.allclose(y, q(x), atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,rank", [((192, 576), 3), ((768, 192), 3), ((1152, 4608), 16), ((3072, 12288), 43)])
+def test_lowrank_share_scales_the_rank_with_the_width(shape, rank):
+    config = LinearQuantConfig(hadamard=True, lowrank_rank=16, lowrank_share=PAPER_LOWRANK_SHARE)
+    assert QuantLinear(*shape, True, config).rank == rank
+
+
+def test_rank_zero_and_share_zero_build_no_branch(linear):
+    for config in (LinearQuantConfig(lowrank_rank=0), LinearQuantConfig(lowrank_rank=16, lowrank_share=0.0)):
+        q = QuantLinear.from_linear(linear, config)
+        assert q.rank == 0 and not hasattr(q, "lowrank_up")
+
+
 def test_bad_linear_configs_fail_clearly():
+    with pytest.raises(ValueError, match="share of the layer's width"):
+        LinearQuantConfig(lowrank_share=1.5)
     with pytest.raises(ValueError, match="weight format"):
         LinearQuantConfig(weight="int9")
     with pytest.raises(ValueError, match="lowrank_input"):

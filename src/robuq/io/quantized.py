@@ -55,12 +55,16 @@ class QuantizeConfig:
     act_bits: int = option(4, "activation bits of the four block linears")
     plan: str | None = option(None, "per-layer activation bits (a plan JSON, e.g. from `robuq ampn allocate`)")
     config: str | None = option(None, "a policy file (YAML/JSON) instead of --preset/--act-bits")
+    lowrank_rank: int = option(16, "rank of the full-precision low-rank branch of the baseline and robuq presets")
+    lowrank_share: float | None = option(None, "the branch's rank as a share of each layer's width instead (the paper's "
+                                               "16 of 1,152: 0.013889)")
     out: str = option("quantized.safetensors", "where to write the quantized model")
 
 
 def quantize_checkpoint(config: QuantizeConfig) -> tuple[DiT, Path]:
     """Load a full-precision checkpoint, ``quantize_`` it (post-training initialisation), save it."""
-    policy = resolve_policy(config.preset, config.act_bits, config.config, config.plan)
+    policy = resolve_policy(config.preset, config.act_bits, config.config, config.plan, config.lowrank_rank,
+                            config.lowrank_share)
     source = config.ckpt or default_teacher_path()
     model = quantize_(load_dit(source), policy)
     return model, save_quantized(model, config.out, policy, {"source": str(source)})

@@ -21,6 +21,7 @@ class PresetOptions:
     weight: str = "ternary"  # rtn's weight format; the other presets are ternary by definition
     lowrank_rank: int = 16
     hadamard_signs: bool = True
+    lowrank_share: float | None = None
 
 
 # A recipe gives each block role ("qkv", "proj", "fc1", "fc2") its LinearQuantConfig; an empty dict means
@@ -64,7 +65,7 @@ def _bitnet_v2(options: PresetOptions) -> dict[str, LinearQuantConfig]:
 
 def _strong(options: PresetOptions) -> LinearQuantConfig:
     return LinearQuantConfig(act_bits=options.act_bits, hadamard=True, hadamard_signs=options.hadamard_signs,
-                             lowrank_rank=options.lowrank_rank)
+                             lowrank_rank=options.lowrank_rank, lowrank_share=options.lowrank_share)
 
 
 @register_preset("baseline")
@@ -94,6 +95,7 @@ def preset(
     adaln: str = "int4",
     adaln_act_bits: int | None = 4,
     hadamard_signs: bool = True,
+    lowrank_share: float | None = None,
 ) -> QuantConfig:
     """The policy of a registered method (``PRESETS``) at ``act_bits`` (block linears), or with a per-layer ``plan``.
 
@@ -106,6 +108,10 @@ def preset(
     "diffusers": ``DiTTransformer2DModel``); the default "auto" writes them for both, and ``quantize_``
     finds the model's by its structure.
 
+    ``lowrank_rank`` is the rank of the full-precision branch of ``baseline`` and ``robuq``; ``lowrank_share``
+    gives it instead as a share of each layer's width (``PAPER_LOWRANK_SHARE``, 16/1152, is the paper's
+    proportion: rank 16 at DiT-XL/2's width 1,152, 3 at DiT-T's 192).
+
     ``hadamard_signs`` adds random sign flips before each Hadamard transform. They matter: fc2's input
     (GELU outputs) has a large per-token mean, which a plain Hadamard concentrates into one huge
     coordinate; with the flips the token becomes Gaussian (results/activation_stats.md).
@@ -116,7 +122,7 @@ def preset(
     check_bits(act_bits)
     layouts = list(LAYOUTS.values()) if layout == AUTO else [LAYOUTS[layout]]
     attention = tuple(p for roles in layouts for p in roles["attention"])
-    block = PRESETS[name](PresetOptions(act_bits, weight, lowrank_rank, hadamard_signs))
+    block = PRESETS[name](PresetOptions(act_bits, weight, lowrank_rank, hadamard_signs, lowrank_share))
     if not block:
         return QuantConfig(name=name, rules=[], attention_bits=None, attention_patterns=attention, layout=layout)
     rules = _rules(layouts, {**block, "adaln": LinearQuantConfig(weight=adaln, act_bits=adaln_act_bits)})
@@ -127,10 +133,14 @@ def preset(
 
 
 def resolve_policy(preset_name: str = "robuq", act_bits: int = 4, config_file: str | os.PathLike | None = None,
-                   plan: BitPlan | Mapping[str, int] | str | os.PathLike | None = None) -> QuantConfig:
-    """A job's policy: the policy file ``config_file`` if given, else the preset at ``act_bits``; a bit
-    plan, if given, replaces the policy's own."""
-    config = QuantConfig.load(config_file) if config_file else preset(preset_name, act_bits)
+                   plan: BitPlan | Mapping[str, int] | str | os.PathLike | None = None, lowrank_rank: int = 16,
+                   lowrank_share: float | None = None) -> QuantConfig:
+    """A job's policy: the policy file ``config_file`` if given, else the preset at ``act_bits`` (with its
+    low-rank branch's ``lowrank_rank`` or ``lowrank_share``); a bit plan, if given, replaces the policy's own."""
+    if config_file and (lowrank_rank != 16 or lowrank_share is not None):
+        raise ValueError("a policy file sets its own low-rank ranks; drop --lowrank-rank/--lowrank-share or edit the file")
+    config = QuantConfig.load(config_file) if config_file else preset(preset_name, act_bits, lowrank_rank=lowrank_rank,
+                                                                       lowrank_share=lowrank_share)
     if plan is not None:
         config.plan = as_bits(plan)
     return config

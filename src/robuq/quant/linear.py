@@ -23,6 +23,10 @@ from robuq.quant.primitives import in_fp32
 from robuq.quant.weights import fake_quantize_weight, parse_weight_format, quantize_weight
 
 
+# The paper's low-rank branch: rank 16 in DiT-XL/2, whose width is 1,152.
+PAPER_LOWRANK_SHARE = 16 / 1152
+
+
 @dataclass
 class LinearQuantConfig:
     """How one linear layer is quantized. Serialises to plain JSON/YAML via ``to_dict``."""
@@ -35,6 +39,7 @@ class LinearQuantConfig:
     hadamard: bool = False
     hadamard_signs: bool = False  # random ±1 flips before H (QuaRot-style)
     lowrank_rank: int = 0
+    lowrank_share: float | None = None  # rank as a share of the layer's width min(in, out); replaces lowrank_rank
     lowrank_trainable: bool = True
     lowrank_input: str = "fp"  # the branch sees the full-precision ("fp") or the quantized ("quantized") x'
 
@@ -45,11 +50,21 @@ class LinearQuantConfig:
             check_bits(self.act_bits)
         if self.lowrank_rank < 0:
             raise ValueError(f"lowrank_rank must be ≥ 0, got {self.lowrank_rank}")
+        if self.lowrank_share is not None and not 0 <= self.lowrank_share <= 1:
+            raise ValueError(f"lowrank_share must lie in [0, 1] (a share of the layer's width), got {self.lowrank_share}")
         if self.lowrank_input not in ("fp", "quantized"):
             raise ValueError(f"lowrank_input must be 'fp' or 'quantized', got {self.lowrank_input!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def rank_for(self, in_features: int, out_features: int) -> int:
+        """The low-rank branch's rank in a layer of this shape: ``lowrank_rank``, or ``lowrank_share`` of the
+        width min(in, out) rounded to the nearest integer — the model width for a DiT block's four linears,
+        so that the paper's 16 of 1,152 (``PAPER_LOWRANK_SHARE``) gives 3 at width 192 and 43 at 3,072."""
+        width = min(in_features, out_features)
+        rank = self.lowrank_rank if self.lowrank_share is None else int(self.lowrank_share * width + 0.5)
+        return min(rank, width)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LinearQuantConfig":
@@ -68,7 +83,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("hadamard_signs", random_signs(in_features, seed))
         else:
             self.hadamard_signs = None
-        rank = min(config.lowrank_rank, in_features, out_features)
+        rank = config.rank_for(in_features, out_features)
         self.rank = rank
         if rank:
             self.lowrank_down = nn.Parameter(torch.zeros(rank, in_features), requires_grad=config.lowrank_trainable)

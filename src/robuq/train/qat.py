@@ -52,6 +52,9 @@ class QATConfig(LoopConfig):
     act_bits: int = option(4, "activation bits of the four block linears (a --plan overrides them per layer)")
     plan: str | None = option(None, "per-layer activation bits: a plan JSON, e.g. from `robuq ampn allocate`")
     quant_config: str | None = option(None, "a policy file (YAML/JSON, QuantConfig.save) instead of --preset/--act-bits")
+    lowrank_rank: int = option(16, "rank of the full-precision low-rank branch of the baseline and robuq presets")
+    lowrank_share: float | None = option(None, "the branch's rank as a share of each layer's width instead (the paper's "
+                                               "16 of 1,152: 0.013889, rank 3 at width 192)")
     init_student: str | None = option(None, "start from this quantized model's weights (AMPN: its warm-up run)")
     loss: str = option("mix", "diffusion: the plain DiT loss; distill: MSE to the teacher's output; mix: both",
                        choices=("diffusion", "distill", "mix"))
@@ -83,7 +86,8 @@ class QATConfig(LoopConfig):
 
     def quantization(self, plan: BitPlan | None = None) -> QuantConfig:
         """The student's policy: --quant-config or --preset at --act-bits, with ``plan`` (or --plan) on top."""
-        return resolve_policy(self.preset, self.act_bits, self.quant_config, plan if plan is not None else self.plan)
+        return resolve_policy(self.preset, self.act_bits, self.quant_config, plan if plan is not None else self.plan,
+                              self.lowrank_rank, self.lowrank_share)
 
 
 def _teacher_path(config: QATConfig) -> str:
