@@ -1,11 +1,12 @@
 """quantize_ finds the layout by structure, refuses a policy that matches nothing, and quantizes the
-attention matmuls of diffusers models through robuq's attention processor."""
+attention matmuls of diffusers models by routing their attention to robuq's core."""
 import pytest
 import torch
 
 from conftest import run_diffusers, tiny_config, tiny_diffusers_dit
 from robuq.models.convert_diffusers import dit_to_diffusers
-from robuq.models.diffusers_attention import RobuqAttnProcessor
+from robuq.models.attention_routing import route_attention
+from robuq.models.dit import AttentionCore
 from robuq.models.dit import DiT
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import QuantLinear
@@ -41,13 +42,25 @@ def test_a_layout_the_model_does_not_have_is_an_error(layout, model):
         quantize_(model, foreign)
 
 
-def test_robuq_processor_in_full_precision_is_diffusers_attention():
+def test_routed_attention_in_full_precision_is_diffusers_attention():
     model = tiny_diffusers_dit()
     with torch.no_grad():
         reference = run_diffusers(model)
         for block in model.transformer_blocks:
-            block.attn1.set_processor(RobuqAttnProcessor())
+            route_attention(block.attn1, AttentionCore())
         torch.testing.assert_close(run_diffusers(model), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_ends_with_the_forward_even_when_it_raises():
+    model = tiny_diffusers_dit()
+    attn = model.transformer_blocks[0].attn1
+    route_attention(attn, QuantAttentionCore(8))
+    with pytest.raises(RuntimeError):
+        attn(torch.randn(1, 4, 7))  # wrong width
+    q = torch.randn(1, 1, 4, 8)
+    # Outside the attention, SDPA is PyTorch's again.
+    torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, q, q),
+                               AttentionCore()(q, q, q))
 
 
 def test_8bit_attention_matches_robuq_dit_attention():

@@ -78,8 +78,9 @@ def test_every_preset_runs_forward_and_backward(tiny_dit, name, bits):
 
 def test_presets_differ_where_the_paper_says():
     bitnet, base, robust = (preset(n, act_bits=3) for n in ("bitnet-v2", "baseline", "robuq"))
-    hadamard = {r.role: r.linear.hadamard for r in bitnet.rules}
+    hadamard = {r.role.rsplit(".", 1)[-1]: r.linear.hadamard for r in bitnet.rules}  # "txt.qkv" is a qkv too
     assert hadamard == {"qkv": False, "proj": True, "fc1": False, "fc2": True, "adaln": False}
+    assert len({(r.role.rsplit(".", 1)[-1], r.linear.hadamard) for r in bitnet.rules}) == 5
     assert all(r.linear.hadamard and r.linear.lowrank_rank == 16 for r in base.rules if r.role != "adaln")
     assert {r.linear.act_rule for r in robust.rules if r.role != "adaln"} == {"gaussian"}
     assert {r.linear.act_rule for r in base.rules} == {"minmax"}

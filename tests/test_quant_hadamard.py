@@ -82,3 +82,49 @@ def test_cuda_matches_cpu():
     x = torch.randn(64, 1152)
     signs = random_signs(1152, 3)
     assert torch.allclose(hadamard_transform(x.cuda(), signs.cuda()).cpu(), hadamard_transform(x, signs), atol=1e-4)
+
+
+# The block-linear input widths of today's DiT families (PixArt-Σ, SD3.5 medium/large, FLUX.1, FLUX.2 klein/dev,
+# Sana 600M/1.6B), including joined widths that are split before quantization, and the tiny test configs'.
+FAMILY_SIZES = [8, 20, 24, 32, 40, 96, 128, 160, 1152, 1536, 2240, 2432, 2880, 3072, 4608, 5600, 6144, 9216, 9728,
+                12288, 15360, 18432, 24576]
+
+
+def _kronecker_rows(n: int, rows: list[int]) -> torch.Tensor:
+    """Rows of the normalised H_n read off the definition of a Kronecker product (no dense n×n matrix):
+    H[i, j] = Π_f h_f[i_f, j_f] over the mixed-radix digits of i and j."""
+    factors = [hadamard_matrix(f, torch.float64) * math.sqrt(f) for f in hadamard_factors(n)]
+    out = torch.ones(len(rows), n, dtype=torch.float64)
+    stride = n
+    for h in factors:
+        r = h.shape[0]
+        stride //= r
+        i_digit = torch.tensor([(i // stride) % r for i in rows])
+        j_digit = (torch.arange(n) // stride) % r
+        out *= h[i_digit][:, j_digit]
+    return out / math.sqrt(n)
+
+
+@pytest.mark.parametrize("n", FAMILY_SIZES)
+def test_family_widths_are_exact_hadamard_transforms(n):
+    assert is_supported_size(n)
+    rows = [0, 1, n // 3, n - 1]
+    basis = torch.zeros(len(rows), n, dtype=torch.float64)
+    basis[range(len(rows)), rows] = 1.0
+    expected = _kronecker_rows(n, rows)  # H is symmetric: H e_i is row i
+    torch.testing.assert_close(hadamard_transform(basis), expected, rtol=0, atol=1e-12)
+    assert torch.all(expected.abs().sub(n**-0.5).abs() < 1e-12)  # ±1/√n entries: a Hadamard matrix
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    y = hadamard_transform(x)
+    torch.testing.assert_close(y.norm(dim=1), x.norm(dim=1))  # orthogonal
+    torch.testing.assert_close(hadamard_transform(y), x)  # symmetric and orthogonal: its own inverse
+    if n <= 2432:
+        torch.testing.assert_close(y, x @ hadamard_matrix(n, torch.float64))  # the dense matrix, where it is small
+
+
+@pytest.mark.parametrize("n", [2240, 2880, 5600, 15360])
+def test_family_widths_through_the_cpu_kernel_match_float64(n):
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(1))
+    signs = random_signs(n, 3)
+    exact = hadamard_transform(x.double(), signs.double()).float()
+    torch.testing.assert_close(hadamard_transform(x, signs), exact, rtol=1e-4, atol=1e-5)

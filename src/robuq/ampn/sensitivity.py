@@ -123,14 +123,14 @@ def measure_sensitivity(
 
 
 def _tokens(model: nn.Module, batch: CalibrationBatch) -> int:
-    if model_family(model) == DIT:
+    if model_family(model) == DIT.name:
         return model.x_embedder.num_patches
     return (batch.x_t.shape[-1] // model.config.patch_size) ** 2
 
 
 def _partial_forward(model: nn.Module, b: CalibrationBatch):
     """(output_from(start), depth): the model's output on ``b`` recomputed from block ``start`` on."""
-    if model_family(model) != DIT:
+    if model_family(model) != DIT.name:
         return (lambda start: model_output(model, b.x_t, b.t, b.y)), len(model.transformer_blocks)
     c = model.condition(b.t, b.y)
     hidden = [model.x_embedder(b.x_t) + model.pos_embed]

@@ -126,7 +126,7 @@ def _skeleton(meta: dict[str, Any]) -> nn.Module:
     file's tensors are assigned into it, so no random initialisation and (for integer inference) no float
     copy of the packed weights is ever allocated. Not for diffusers' model, whose positional table is a
     buffer computed at construction and not saved."""
-    with meta_skeleton() if meta.get("model_family", DIT) == DIT else contextlib.nullcontext():
+    with meta_skeleton() if meta.get("model_family", DIT.name) == DIT.name else contextlib.nullcontext():
         model = model_from_record(meta)
         quantize_(model, QuantConfig.from_dict(meta["quant_config"]), plan=meta.get("plan") or None, initialize=False)
     return model

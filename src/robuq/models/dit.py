@@ -92,8 +92,9 @@ class LabelEmbedder(nn.Module):
 class AttentionCore(nn.Module):
     """softmax(Q Kᵀ / √d) V as its own module, so quantization can replace the two matmuls."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                scale: float | None = None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 class Attention(nn.Module):

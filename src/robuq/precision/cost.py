@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from robuq.models.diffusers_attention import RobuqAttnProcessor, is_diffusers_attention
-from robuq.models.dit import AttentionCore
-from robuq.models.families import example_inputs, model_output
+from torch.overrides import TorchFunctionMode
+
+from robuq.models.families import UnknownFamilyError, example_inputs, family_of, model_output, run_model
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
 from robuq.quant.weights import parse_weight_format
@@ -37,6 +37,8 @@ class ModuleCost:
 @dataclass
 class CostSummary:
     modules: list[ModuleCost] = field(default_factory=list)
+    family: str = ""
+    kept: dict[str, str] = field(default_factory=dict)  # full-precision parts of the family's map → why
     params: int = 0
     weight_storage_bits: float = 0.0
     fp_weight_storage_bits: float = 0.0
@@ -56,7 +58,7 @@ class CostSummary:
 
     def to_dict(self) -> dict:
         return {
-            "params": self.params, "macs": self.macs, "bops": self.bops, "fp_bops": self.fp_bops,
+            "family": self.family, "kept_full_precision": self.kept, "params": self.params, "macs": self.macs, "bops": self.bops, "fp_bops": self.fp_bops,
             "bops_reduction": self.fp_bops / self.bops if self.bops else 1.0,
             "weight_storage_bits": self.weight_storage_bits,
             "compression": self.fp_weight_storage_bits / self.weight_storage_bits if self.weight_storage_bits else 1.0,
@@ -73,6 +75,10 @@ class CostSummary:
                     f"{m.macs / 1e6:>9.2f} {m.bops / 1e9:>9.2f}"
                 )
         d = self.to_dict()
+        if self.family:
+            quantized = [m for m in self.modules if m.kind == "QuantLinear"]
+            lines.append(f"family {self.family}: {len(quantized)} quantized linears; kept in full precision: "
+                         + "; ".join(f"{k} ({v})" for k, v in self.kept.items()))
         lines.append(
             f"total: {self.params:,} parameters, {self.weight_storage_bits / 8 / 2**20:.2f} MiB of weights "
             f"({d['compression']:.1f}× smaller than the fp32 model), {self.macs / 1e9:.3f} GMACs, {self.bops / 1e12:.3f} TBOPs "
@@ -111,12 +117,42 @@ def _is_quantized_linear(module: nn.Module) -> bool:
     return isinstance(module, QuantLinear) or isinstance(getattr(module, "config", None), LinearQuantConfig)
 
 
+class _CountAttention(TorchFunctionMode):
+    """Counts the full-precision softmax attentions (SDPA calls) of a forward, wherever a family runs them."""
+
+    def __init__(self, summary: CostSummary):
+        super().__init__()
+        self.summary = summary
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
+            heads_tokens = q.shape[:-2].numel() * q.shape[-2] * k.shape[-2]
+            macs = heads_tokens * (q.shape[-1] + v.shape[-1])
+            self.summary.modules.append(ModuleCost("attention", "Attention", "-", FP_BITS, FP_BITS, macs, macs * FP_BITS**2))
+        return func(*args, **kwargs)
+
+
+def _run(model: nn.Module, inputs: tuple | dict | None):
+    if isinstance(inputs, dict):
+        return run_model(model, inputs)
+    if inputs is None:
+        return run_model(model, example_inputs(model))
+    return model_output(model, *inputs)
+
+
 @torch.no_grad()
-def cost_summary(model: nn.Module, inputs: tuple | None = None) -> CostSummary:
-    """Cost of one forward pass on ``inputs`` ((x, t, y); default: one image at the model's own size), for
-    robuq's DiT or a diffusers DiTTransformer2DModel."""
-    inputs = inputs if inputs is not None else example_inputs(model)
+def cost_summary(model: nn.Module, inputs: tuple | dict | None = None) -> CostSummary:
+    """Cost of one forward pass on ``inputs`` (a class-conditional DiT's (x, t, y), or forward keyword
+    arguments; default: one batch at the model's own size), with the family's full-precision parts named."""
     summary = CostSummary()
+    try:
+        family = family_of(model)
+        summary.family, summary.kept = family.name, dict(family.kept)
+        summary.kept.update({note: "by the family's map" for note in family.notes})
+    except UnknownFamilyError:
+        pass
     hooks = []
 
     def record(name: str, module: nn.Module):
@@ -138,31 +174,23 @@ def cost_summary(model: nn.Module, inputs: tuple | None = None) -> CostSummary:
             elif isinstance(mod, nn.Conv2d):
                 macs = out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size)
                 summary.modules.append(ModuleCost(name, "Conv2d", "fp", FP_BITS, FP_BITS, macs, macs * FP_BITS**2))
-            elif is_diffusers_attention(mod):  # diffusers' own processor: full-precision matmuls
-                batch, tokens, channels = x.shape
-                qk = pv = batch * tokens * tokens * channels
-                summary.modules.append(ModuleCost(name, "Attention", "-", FP_BITS, FP_BITS, qk + pv, (qk + pv) * FP_BITS**2))
-            elif isinstance(mod, (AttentionCore, QuantAttentionCore)):
-                q, k, v = args
+            elif isinstance(mod, QuantAttentionCore):
+                q, k, v = args[:3]
                 heads_tokens = q.shape[:-2].numel() * q.shape[-2] * k.shape[-2]
                 qk, pv = heads_tokens * q.shape[-1], heads_tokens * v.shape[-1]
-                bits = mod.bits if isinstance(mod, QuantAttentionCore) else FP_BITS
-                probs = mod.probs_bits if isinstance(mod, QuantAttentionCore) else FP_BITS
-                bops = qk * bits * bits + pv * probs * bits  # QKᵀ: Q̂·K̂; softmax·V: P̂·V̂
-                summary.modules.append(ModuleCost(name, type(mod).__name__, "-", bits, bits, qk + pv, bops))
+                bops = qk * mod.bits * mod.bits + pv * mod.probs_bits * mod.bits  # QKᵀ: Q̂·K̂; softmax·V: P̂·V̂
+                summary.modules.append(ModuleCost(name, type(mod).__name__, "-", mod.bits, mod.bits, qk + pv, bops))
 
         return hook
 
     for name, module in model.named_modules():
-        # An attention running robuq's processor is counted by the processor's core.
-        own_processor = is_diffusers_attention(module) and isinstance(getattr(module, "processor", None), RobuqAttnProcessor)
-        if _is_quantized_linear(module) or isinstance(module, (nn.Linear, nn.Conv2d, AttentionCore, QuantAttentionCore)) or (
-                is_diffusers_attention(module) and not own_processor):
+        if _is_quantized_linear(module) or isinstance(module, (nn.Linear, nn.Conv2d, QuantAttentionCore)):
             hooks.append(module.register_forward_hook(record(name, module)))
     was_training = model.training
     model.eval()
     try:
-        model_output(model, *inputs)
+        with _CountAttention(summary):
+            _run(model, inputs)
     finally:
         for h in hooks:
             h.remove()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,41 +20,25 @@ import torch.nn as nn
 from robuq.core.files import atomic_write_text
 from robuq.core.options import check_known_fields, option
 from robuq.core.quantizer_spec import MAX_BITS, MIN_BITS, check_bits
-from robuq.models.diffusers_attention import install_attention_core, is_diffusers_attention
+from robuq.models.attention_routing import route_attention
 from robuq.models.dit import AttentionCore
+from robuq.models.families import BLOCK_KINDS, FAMILIES, Family, UnknownFamilyError, family_of
+from robuq.models.reshape import JoinedInputLinear, PointwiseConv
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
 from robuq.precision.plan import BitPlan, PlanError, as_bits
 
-# The four block linears, the adaLN linear and the attention core of each supported model family.
-LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "dit": {
-        "qkv": ("blocks.*.attn.qkv",),
-        "proj": ("blocks.*.attn.proj",),
-        "fc1": ("blocks.*.mlp.fc1",),
-        "fc2": ("blocks.*.mlp.fc2",),
-        "adaln": ("blocks.*.adaLN_modulation.1",),
-        "attention": ("blocks.*.attn.core",),
-    },
-    # diffusers' DiTTransformer2DModel: the attention matmuls run in robuq's attention processor
-    # (robuq.models.diffusers_attention), whose core quantize_ swaps like a DiT block's.
-    "diffusers": {
-        "qkv": ("transformer_blocks.*.attn1.to_q", "transformer_blocks.*.attn1.to_k", "transformer_blocks.*.attn1.to_v"),
-        "proj": ("transformer_blocks.*.attn1.to_out.0",),
-        "fc1": ("transformer_blocks.*.ff.net.0.proj",),
-        "fc2": ("transformer_blocks.*.ff.net.2",),
-        "adaln": ("transformer_blocks.*.norm1.linear",),
-        "attention": ("transformer_blocks.*.attn1",),
-    },
-}
-BLOCK_ROLES = ("qkv", "proj", "fc1", "fc2")
-AUTO = "auto"  # a policy for every layout: quantize_ finds out which one the model has
+# Each family's roles (its block linears, "adaln" for modulation, "attention"), read off its declaration.
+LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {name: family.roles() for name, family in FAMILIES.items()}
+BLOCK_ROLES = BLOCK_KINDS
+AUTO = "auto"  # a policy for every family: quantize_ finds out which one the model is
 
 
 def layout_patterns(layout: str, roles: tuple[str, ...] = BLOCK_ROLES) -> list[str]:
-    """The name patterns of ``roles`` in ``layout`` ("auto": in every layout)."""
+    """The name patterns of the block linears whose kind is in ``roles`` ("qkv" also finds "txt.qkv"), in
+    ``layout`` ("auto": in every layout)."""
     layouts = LAYOUTS.values() if layout == AUTO else [LAYOUTS[check_layout(layout)]]
-    return [p for patterns in layouts for role in roles for p in patterns[role]]
+    return [p for patterns in layouts for role, ps in patterns.items() if role.rsplit(".", 1)[-1] in roles for p in ps]
 
 
 def check_layout(layout: str) -> str:
@@ -64,25 +49,21 @@ def check_layout(layout: str) -> str:
 
 
 def detect_layout(model: nn.Module) -> str | None:
-    """The layout whose block linears ``model`` has (by module names and types), or None."""
-    names = [name for name, _ in model.named_modules()]
-    for layout, roles in LAYOUTS.items():
-        if any(fnmatch.fnmatchcase(n, p) for p in roles["qkv"] for n in names):
-            return layout
-    return None
+    """The family ``model`` belongs to, or None."""
+    try:
+        return family_of(model).name
+    except UnknownFamilyError:
+        return None
 
 
-def _role_of(name: str, layout: str) -> str | None:
-    return next((role for role, patterns in LAYOUTS[layout].items() for p in patterns if fnmatch.fnmatchcase(name, p)), None)
-
-
-def layer_role(name: str) -> str:
-    """The role ("qkv", "proj", "fc1", "fc2", "adaln") of a block linear's qualified name, in any layout."""
-    for layout in LAYOUTS:
-        role = _role_of(name, layout)
-        if role is not None and role != "attention":
+def layer_role(name: str, family: str | None = None) -> str:
+    """The role ("qkv", "txt.fc1", "adaln", …) of a quantized linear's qualified name, in ``family`` or the
+    first family that declares it."""
+    for layout in ([family] if family else LAYOUTS):
+        role = FAMILIES[layout].role_of(name)
+        if role not in (None, "attention", "kept"):
             return role
-    raise ValueError(f"{name!r} is not a block linear of any known layout ({', '.join(layout_patterns(AUTO))})")
+    raise ValueError(f"{name!r} is not a block linear or modulation of any known family ({', '.join(LAYOUTS)})")
 
 
 def _yaml():
@@ -98,6 +79,7 @@ class QuantRule:
     pattern: str  # fnmatch pattern on the module's qualified name, e.g. "blocks.*.mlp.fc2"
     linear: LinearQuantConfig
     role: str = ""  # what the rule is for ("qkv", "adaln", …); informational
+    family: str = ""  # the family whose map the rule comes from; empty: any model
 
 
 @dataclass
@@ -127,7 +109,8 @@ class QuantConfig:
             rule = check_known_fields(rule, QuantRule, "policy rule")
             if not isinstance(rule.get("pattern"), str) or "linear" not in rule:
                 raise ValueError(f"a policy rule needs a name pattern and its linear settings, got {rule}")
-            rules.append(QuantRule(rule["pattern"], LinearQuantConfig.from_dict(rule["linear"]), rule.get("role", "")))
+            rules.append(QuantRule(rule["pattern"], LinearQuantConfig.from_dict(rule["linear"]), rule.get("role", ""),
+                                   rule.get("family", "")))
         patterns = tuple(data.pop("attention_patterns", ()))
         return cls(rules=rules, attention_patterns=patterns, **data)
 
@@ -161,8 +144,10 @@ class QuantConfig:
         except ValueError as exc:
             raise ValueError(f"policy file {path}: {exc}") from None
 
-    def rule_for(self, name: str) -> QuantRule | None:
-        return next((r for r in self.rules if fnmatch.fnmatchcase(name, r.pattern)), None)
+    def rule_for(self, name: str, family: str | None = None) -> QuantRule | None:
+        """The first rule matching ``name`` among those written for ``family`` (or for any model)."""
+        return next((r for r in self.rules if r.family in ("", family or r.family) and fnmatch.fnmatchcase(name, r.pattern)),
+                    None)
 
 
 def validate_plan(plan: Mapping[str, object], quantized_names: list[str]) -> dict[str, int | None]:
@@ -188,38 +173,116 @@ def validate_plan(plan: Mapping[str, object], quantized_names: list[str]) -> dic
     return {name: None if bits is None else int(bits) for name, bits in plan.items()}
 
 
+class CoverageError(ValueError):
+    """A model holds linears its family's precision map does not account for."""
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1)
+
+
+def uncovered_linears(model: nn.Module, family: Family) -> list[str]:
+    """Linears and 1×1 convolutions that ``family``'s map neither quantizes nor keeps in full precision."""
+    reshaped = (*family.joined_inputs, *family.pointwise_convs)
+    inside = [name for name, m in model.named_modules() if isinstance(m, (JoinedInputLinear, PointwiseConv))]
+    missing = []
+    for name, module in model.named_modules():
+        if not _is_linear_like(module) or isinstance(module, QuantLinear):
+            continue
+        if family.role_of(name) is None and not any(fnmatch.fnmatchcase(name, p) for p in reshaped) and not any(
+                name.startswith(parent + ".") and family.role_of(name) for parent in inside):
+            missing.append(name)
+    return missing
+
+
+def _refuse_uncovered(model: nn.Module, family: Family, allow_partial: bool) -> None:
+    missing = uncovered_linears(model, family)
+    if not missing:
+        return
+    listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    hint = (" (fused projections: call unfuse_qkv_projections() first)" if any("to_qkv" in m and "mlp" not in m for m in missing)
+            else "")
+    message = (f"the {family.name} precision map does not cover {len(missing)} linear layer(s) of "
+               f"{type(model).__name__}: {listed}{hint}")
+    if not allow_partial:
+        raise CoverageError(message + ". Nothing was quantized; pass allow_partial=True (--allow-partial) to quantize "
+                                      "what the map covers and keep these in full precision")
+    warnings.warn(message + "; they stay in full precision (allow_partial)", stacklevel=3)
+
+
+def _reshape(model: nn.Module, family: Family) -> None:
+    """Split the family's joined-input linears and turn its 1×1 convolutions into linears (exact)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in family.joined_inputs):
+            parts = next(f for p, f in family.joined_inputs.items() if fnmatch.fnmatchcase(name, p))(model, name)
+            model.set_submodule(name, JoinedInputLinear.from_linear(module, parts))
+        elif isinstance(module, nn.Conv2d) and any(fnmatch.fnmatchcase(name, p) for p in family.pointwise_convs):
+            model.set_submodule(name, PointwiseConv.from_conv(module))
+
+
+def _refuse_fusing(*args, **kwargs):
+    raise ValueError("this attention's projections are quantized (rotated, ternary, with a low-rank branch): fusing them "
+                     "into one plain linear would lose that. Fuse before quantizing, or leave them unfused")
+
+
+def _attention_patterns(config: QuantConfig, family: Family | None) -> tuple[str, ...]:
+    if family is None or config.layout != AUTO:
+        return config.attention_patterns
+    return tuple(p for p in config.attention_patterns if p in family.attention)  # another family's patterns do not apply
+
+
 def quantize_(
-    model: nn.Module, config: QuantConfig, plan: BitPlan | Mapping[str, object] | None = None, initialize: bool = True
+    model: nn.Module, config: QuantConfig, plan: BitPlan | Mapping[str, object] | None = None, initialize: bool = True,
+    allow_partial: bool = False,
 ) -> nn.Module:
     """Replace, in place, the linears and attention cores ``config`` names; returns ``model``.
 
-    ``plan`` (or ``config.plan``) then sets per-layer activation bits. ``initialize=False`` skips the
-    SVD of the low-rank branches, for when a saved state_dict is loaded right after.
+    The model's family (``robuq.models.families``) must account for every linear layer: one it does not
+    is refused with a ``CoverageError`` naming it, unless ``allow_partial`` (then a warning names what
+    stays in full precision). A model of no known family is refused unless ``allow_partial``, when the
+    policy's patterns apply as they are. ``plan`` (or ``config.plan``) then sets per-layer activation bits.
+    ``initialize=False`` skips the SVD of the low-rank branches, for when a saved state_dict is loaded
+    right after.
     """
-    layout = detect_layout(model)
-    if config.layout != AUTO and layout is not None and layout != config.layout:
+    try:
+        family = family_of(model)
+    except UnknownFamilyError as exc:
+        if not allow_partial:
+            raise
+        warnings.warn(f"{exc}; applying the policy's patterns without a family map (allow_partial)", stacklevel=2)
+        family = None
+    if family is not None and config.layout != AUTO and family.name != config.layout:
         raise ValueError(f"policy {config.name!r} is written for layout {config.layout!r}, but this "
-                         f"{type(model).__name__} has the {layout!r} layout; use layout={layout!r} or 'auto'")
+                         f"{type(model).__name__} is a {family.name!r} model; use layout={family.name!r} or 'auto'")
+    if config.rules and family is not None:
+        _refuse_uncovered(model, family, allow_partial)
+        _reshape(model, family)
+    name_of_family = family.name if family is not None else None
     targets: list[tuple[str, nn.Module]] = []
-    cores: list[str] = []
+    routed: list[str] = []
+    attention = _attention_patterns(config, family)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and config.rule_for(name):
+        rule = config.rule_for(name, name_of_family) if isinstance(module, nn.Linear) else None
+        if rule is not None:
             # Seeded by name, so a layer's sign flips do not depend on which other modules a policy swaps.
             seed = zlib.crc32(name.encode())
-            targets.append((name, QuantLinear.from_linear(module, config.rule_for(name).linear, seed=seed, initialize=initialize)))
-        elif config.attention_bits is not None and any(fnmatch.fnmatchcase(name, p) for p in config.attention_patterns):
+            targets.append((name, QuantLinear.from_linear(module, rule.linear, seed=seed, initialize=initialize)))
+        elif config.attention_bits is not None and any(fnmatch.fnmatchcase(name, p) for p in attention):
             if isinstance(module, AttentionCore):
                 targets.append((name, QuantAttentionCore(check_bits(config.attention_bits, "attention bits"))))
-            elif is_diffusers_attention(module):
-                cores.append(name)
+            elif hasattr(module, "processor"):
+                routed.append(name)
     if config.rules and not targets:
-        found = f"; it looks like the {layout!r} layout" if layout else "; robuq knows the layouts " + ", ".join(LAYOUTS)
+        found = f"; it is a {family.name!r} model" if family else "; robuq knows the families " + ", ".join(LAYOUTS)
         raise ValueError(f"policy {config.name!r} (layout {config.layout!r}) matches no linear layer of "
-                         f"{type(model).__name__}{found}: pass layout='auto' or the model's layout to preset()")
+                         f"{type(model).__name__}{found}: pass layout='auto' or the model's family to preset()")
     for name, module in targets:
         model.set_submodule(name, module)
-    for name in cores:
-        install_attention_core(model.get_submodule(name), QuantAttentionCore(check_bits(config.attention_bits, "attention bits")))
+    for name in routed:
+        route_attention(model.get_submodule(name), QuantAttentionCore(check_bits(config.attention_bits, "attention bits")))
+    for module in model.modules():
+        if hasattr(module, "fuse_projections") and any(isinstance(m, QuantLinear) for m in module.children()):
+            module.fuse_projections = _refuse_fusing  # diffusers' fuse_qkv_projections would rebuild plain linears
     plan = plan if plan is not None else config.plan
     if plan is not None:
         apply_plan(model, plan)

@@ -10,7 +10,8 @@ from typing import Mapping
 from robuq.quant.activation import check_bits
 from robuq.quant.linear import LinearQuantConfig
 from robuq.precision.plan import BitPlan, as_bits
-from robuq.precision.policy import AUTO, BLOCK_ROLES, LAYOUTS, QuantConfig, QuantRule, check_layout
+from robuq.models.families import FAMILIES, Family, role_kind
+from robuq.precision.policy import AUTO, BLOCK_ROLES, QuantConfig, QuantRule, check_layout
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,11 @@ def _robuq(options: PresetOptions) -> dict[str, LinearQuantConfig]:
     return {role: replace(_strong(options), act_rule="gaussian") for role in BLOCK_ROLES}
 
 
-def _rules(layouts: list[dict[str, tuple[str, ...]]], per_role: dict[str, LinearQuantConfig]) -> list[QuantRule]:
-    return [QuantRule(p, cfg, role) for layout in layouts for role, cfg in per_role.items() for p in layout[role]]
+def _rules(families: list[Family], per_kind: dict[str, LinearQuantConfig], adaln: LinearQuantConfig) -> list[QuantRule]:
+    """Each family's block linears with the recipe's config for their kind, and its modulation with ``adaln``."""
+    rules = [QuantRule(p, per_kind[role_kind(role)], role, f.name)
+             for f in families for role, patterns in f.block_linears.items() for p in patterns]
+    return rules + [QuantRule(p, adaln, "adaln", f.name) for f in families for p in f.modulation]
 
 
 def preset(
@@ -104,9 +108,9 @@ def preset(
     ``attention_bits`` and adaLN at W4A4 (``adaln``, ``adaln_act_bits``); embedders and the final layer
     stay full precision.
 
-    ``layout`` names the model family the rules are written for ("dit": robuq's and the reference DiT,
-    "diffusers": ``DiTTransformer2DModel``); the default "auto" writes them for both, and ``quantize_``
-    finds the model's by its structure.
+    ``layout`` names the model family the rules are written for (``robuq.models.families.FAMILIES``: "dit",
+    "diffusers", "pixart", "sd3", "flux", "flux2", "sana"); the default "auto" writes them for every family,
+    and ``quantize_`` applies the model's own.
 
     ``lowrank_rank`` is the rank of the full-precision branch of ``baseline`` and ``robuq``; ``lowrank_share``
     gives it instead as a share of each layer's width (``PAPER_LOWRANK_SHARE``, 16/1152, is the paper's
@@ -120,12 +124,12 @@ def preset(
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     check_layout(layout)
     check_bits(act_bits)
-    layouts = list(LAYOUTS.values()) if layout == AUTO else [LAYOUTS[layout]]
-    attention = tuple(p for roles in layouts for p in roles["attention"])
+    families = list(FAMILIES.values()) if layout == AUTO else [FAMILIES[layout]]
+    attention = tuple(dict.fromkeys(p for f in families for p in f.attention))
     block = PRESETS[name](PresetOptions(act_bits, weight, lowrank_rank, hadamard_signs, lowrank_share))
     if not block:
         return QuantConfig(name=name, rules=[], attention_bits=None, attention_patterns=attention, layout=layout)
-    rules = _rules(layouts, {**block, "adaln": LinearQuantConfig(weight=adaln, act_bits=adaln_act_bits)})
+    rules = _rules(families, block, LinearQuantConfig(weight=adaln, act_bits=adaln_act_bits))
     return QuantConfig(
         name=f"{name}-a{act_bits}" if plan is None else f"{name}-plan", rules=rules, attention_bits=attention_bits,
         attention_patterns=attention, plan=as_bits(plan) if plan is not None else None, layout=layout,

@@ -37,13 +37,19 @@ class QuantAttentionCore(nn.Module):
         v = quantize_activation(v.transpose(-2, -1), self.bits, "token", "minmax")[0].transpose(-2, -1)
         return q, k, v
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        backend = None if wants_grad((q, k, v)) else backend_for("attention", q, k, v)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                scale: float | None = None) -> torch.Tensor:
+        """softmax(Q̂ K̂ᵀ·scale + mask) V̂; ``mask`` as SDPA takes it (boolean: True attends; float: added),
+        ``scale`` 1/√d unless given."""
+        plain = mask is None and scale is None
+        backend = None if wants_grad((q, k, v)) or not plain else backend_for("attention", q, k, v)
         if backend is not None:
             # Inference: the same quantizers, the two matmuls on integer levels (robuq's C kernels on the CPU).
             return backend.run(q, k, v, self.bits, self.probs_bits)
         q, k, v = in_fp32(self._quantized_operands, q, k, v)
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = in_fp32(lambda s: quantize_probabilities(s.softmax(dim=-1), self.probs_bits), scores)
         return probs @ v
 

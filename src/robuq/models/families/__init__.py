@@ -1,0 +1,78 @@
+"""The model families robuq quantizes, each declared in one module of this package (see ``base.Family``),
+and the few calls that differ between them: how to run one, how to describe it in a file header, how to
+rebuild it from that description."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from robuq.models.families.base import BLOCK_KINDS, Family, class_name, role_kind
+from robuq.models.families.dit import DIFFUSERS_DIT, DIT
+from robuq.models.families.flux import FLUX
+from robuq.models.families.flux2 import FLUX2
+from robuq.models.families.pixart import PIXART
+from robuq.models.families.sana import SANA
+from robuq.models.families.sd3 import SD3
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (DIT, DIFFUSERS_DIT, PIXART, SD3, FLUX, FLUX2, SANA)}
+
+
+class UnknownFamilyError(ValueError):
+    """A model of a class no family declares."""
+
+
+def supported_families() -> str:
+    return "; ".join(f"{f.name}: {f.summary}" for f in FAMILIES.values())
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family ``model`` belongs to; UnknownFamilyError (listing the supported ones) for any other."""
+    for family in FAMILIES.values():
+        if family.matches(model):
+            return family
+    raise UnknownFamilyError(f"robuq has no precision map for {class_name(model)}; it supports {supported_families()}")
+
+
+def model_family(model: nn.Module) -> str:
+    """The name of ``model``'s family ("dit", "diffusers", "pixart", "sd3", "flux", "flux2", "sana")."""
+    return family_of(model).name
+
+
+def model_record(model: nn.Module) -> dict[str, Any]:
+    """The header entries that rebuild ``model``'s structure: its family, class and config."""
+    return family_of(model).record(model)
+
+
+def model_from_record(meta: dict[str, Any]) -> nn.Module:
+    """A model with random weights of the structure ``model_record`` described (files without a family are DiTs)."""
+    name = meta.get("model_family", DIT.name)
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r} in the file's header; robuq knows {', '.join(FAMILIES)}")
+    return FAMILIES[name].build(meta)
+
+
+def example_inputs(model: nn.Module, batch: int = 1) -> dict[str, Any]:
+    """Forward keyword arguments of one batch at the model's own sizes (for costs, calibration and tests)."""
+    return family_of(model).example_inputs(model, batch)
+
+
+def run_model(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """The model's prediction for forward arguments such as ``example_inputs`` gives."""
+    return family_of(model).run(model, inputs)
+
+
+def model_output(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """The prediction of a class-conditional DiT (either layout) for noisy ``x`` at timesteps ``t`` with labels ``y``."""
+    family = family_of(model)
+    if family is DIFFUSERS_DIT:
+        return model(x, timestep=t, class_labels=y, return_dict=False)[0]
+    if family is not DIT:
+        raise ValueError(f"{family.name} models take text conditioning, not class labels; run them with run_model")
+    return model(x, t, y)
+
+
+__all__ = ["BLOCK_KINDS", "DIFFUSERS_DIT", "DIT", "FAMILIES", "Family", "UnknownFamilyError", "example_inputs",
+           "family_of", "model_family", "model_from_record", "model_output", "model_record", "role_kind", "run_model",
+           "supported_families"]
