@@ -20,13 +20,17 @@ from torch.utils.data import Dataset
 from robuq.ampn.plan_files import format_plan, plan_from_sensitivity, write_plan
 from robuq.ampn.sensitivity import METRICS, Sensitivity, measure_sensitivity
 from robuq.core.distributed import DistInfo, barrier, init_distributed, shutdown
-from robuq.core.files import atomic_write_text
+from robuq.core.files import atomic_write_text, load_tensors
 from robuq.core.options import check_choice, option, with_default
 from robuq.core.runtime import default_teacher_path, device_context, resolve_device
+from robuq.io.model_files import load_any
 from robuq.io.quantized import load_quantized
 from robuq.models.checkpoint import load_dit
+from robuq.models.families import model_family
+from robuq.models.families.base import forward_embeddings
 from robuq.precision.plan import BitPlan
-from robuq.train.calibration import calibration_batch
+from robuq.sample.to_files import CLASS_CONDITIONAL
+from robuq.train.calibration import calibration_batch, family_calibration_batch
 from robuq.train.qat import QATConfig, calibration_images, qat, teacher_dataset
 from robuq.train.state import checkpoint_path, list_checkpoints
 
@@ -78,6 +82,8 @@ class SensitivityConfig:
     metric: str = option("perturbation", "perturbation (output change) or error-increase (error against the teacher)",
                          choices=METRICS)
     seed: int = option(0, "seed of the calibration batch's noise")
+    prompt_embeds: str | None = option(None, "text-to-image families: cached prompt embeddings (the file `robuq sample` "
+                                             "takes) whose rows condition the calibration inputs; default: random")
     device: str = with_default(QATConfig, "device", "auto")
     out: str = option("sensitivity.json", "where to write the sensitivities (JSON)")
 
@@ -99,11 +105,24 @@ def sensitivity_of(config: SensitivityConfig, progress: bool = True, dataset: Da
         raise ValueError("give the quantized model whose sensitivities to measure: --model FILE")
     device = resolve_device(config.device)
     model, _ = load_quantized(config.model, map_location=str(device))
+    if model_family(model) not in CLASS_CONDITIONAL:
+        return _family_sensitivity(config, model, device, progress)
     teacher = load_dit(config.teacher or default_teacher_path(), map_location=str(device)).eval()
     dataset = teacher_dataset(QATConfig(data=config.data, data_dir=config.data_dir, latents=config.latents,
                                         teacher=config.teacher), teacher, dataset)
     images, labels = calibration_images(dataset, config.calibration_images, teacher.num_classes > 0)
     batch = calibration_batch(teacher, images, labels, config.seed, with_null=True)
+    return measure_sensitivity(model, batch, progress=progress, metric=config.metric)
+
+
+def _family_sensitivity(config: SensitivityConfig, model, device, progress: bool) -> Sensitivity:
+    """A text-to-image family's sensitivities on Gaussian latents over the schedule with the cached prompts."""
+    teacher = load_any(config.teacher, map_location=str(device)).eval() if config.teacher else None
+    if config.metric == "error-increase" and teacher is None:
+        raise ValueError("--metric error-increase measures against a teacher: give --teacher (the full-precision "
+                         "model folder), or use --metric perturbation")
+    embeds = forward_embeddings(load_tensors(config.prompt_embeds)[0]) if config.prompt_embeds else None
+    batch = family_calibration_batch(model, config.calibration_images, embeds, config.seed, reference=teacher)
     return measure_sensitivity(model, batch, progress=progress, metric=config.metric)
 
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from robuq.train.calibration import CalibrationBatch
-from robuq.models.families import DIT, model_family, model_output
+from robuq.train.calibration import CalibrationBatch, FamilyBatch
+from robuq.models.families import DIT, model_family, model_output, run_model
 from robuq.quant.linear import QuantLinear
 from robuq.precision.policy import AUTO, layer_role, layout_patterns
 
@@ -41,7 +41,7 @@ def block_layers(model: nn.Module, layout: str = AUTO) -> list[str]:
 
 def block_index(name: str) -> int:
     """The block a layer belongs to, from its name (``blocks.N.…`` or diffusers' ``transformer_blocks.N.…``)."""
-    match = re.match(r"(?:transformer_)?blocks\.(\d+)\.", name)
+    match = re.match(r"(?:single_)?(?:transformer_)?blocks\.(\d+)\.", name)
     if match is None:
         raise ValueError(f"{name!r} is not inside a DiT block (blocks.N.… or transformer_blocks.N.…)")
     return int(match.group(1))
@@ -67,7 +67,7 @@ class Sensitivity:
 
 @torch.no_grad()
 def measure_sensitivity(
-    model: nn.Module, batch: CalibrationBatch, choices: tuple[int, ...] = (1, 2, 3, 4), layers: list[str] | None = None,
+    model: nn.Module, batch: CalibrationBatch | FamilyBatch, choices: tuple[int, ...] = (1, 2, 3, 4), layers: list[str] | None = None,
     progress: bool = True, chunk: int = 64, metric: str = "perturbation",
 ) -> Sensitivity:
     """For every layer and every b in ``choices``, the relative output change (``metric``, see the module
@@ -85,23 +85,21 @@ def measure_sensitivity(
     layers = layers if layers is not None else block_layers(model)
     was_training = model.training
     model.eval()
-    scale = batch.target.var().item() * batch.target.numel()
+    targets = batch.targets if isinstance(batch, FamilyBatch) else [batch.target]
+    scale = torch.cat([t.flatten() for t in targets]).var().item() * sum(t.numel() for t in targets)
     squared: dict[str, dict[int, float]] = {name: {bits: 0.0 for bits in choices} for name in layers}
     baseline = 0.0
-    bar = tqdm(total=len(layers) * math.ceil(len(batch.t) / chunk), desc="sensitivity", disable=not progress,
-               dynamic_ncols=True)
+    parts = list(_parts(model, batch, chunk, device))
+    bar = tqdm(total=len(layers) * len(parts), desc="sensitivity", disable=not progress, dynamic_ncols=True)
     try:
-        for i in range(0, len(batch.t), chunk):
-            part = CalibrationBatch(batch.x_t[i:i + chunk], batch.t[i:i + chunk],
-                                    None if batch.y is None else batch.y[i:i + chunk], batch.target[i:i + chunk]).to(device)
-            output_from, depth = _partial_forward(model, part)
+        for output_from, depth, target in parts:
             as_is = output_from(depth)
-            baseline += float((as_is - part.target).pow(2).sum())
-            reference = as_is if metric == "perturbation" else part.target
+            baseline += float((as_is - target).pow(2).sum())
+            reference = as_is if metric == "perturbation" else target
             unchanged = float((as_is - reference).pow(2).sum())  # a layer at its own bits: the model as it is
             for name in layers:
                 layer: QuantLinear = model.get_submodule(name)
-                start, original = block_index(name), layer.act_bits
+                start, original = block_index(name) if depth else 0, layer.act_bits
                 try:
                     for bits in choices:
                         if bits == original:
@@ -117,9 +115,41 @@ def measure_sensitivity(
         model.train(was_training)
     offset = baseline if metric == "error-increase" else 0.0
     table = {name: {bits: (squared[name][bits] - offset) / scale for bits in choices} for name in layers}
-    tokens = _tokens(model, batch)
-    macs = {name: tokens * model.get_submodule(name).in_features * model.get_submodule(name).out_features for name in layers}
-    return Sensitivity(table, baseline / scale, macs, metric)
+    return Sensitivity(table, baseline / scale, _layer_macs(model, batch, layers), metric)
+
+
+def _parts(model: nn.Module, batch, chunk: int, device):
+    """(output_from(start), depth, target) per chunk of the batch; depth 0: the model reruns whole."""
+    if isinstance(batch, FamilyBatch):
+        for inputs, target in zip(batch.inputs, batch.targets):
+            yield (lambda start, inputs=inputs: run_model(model, inputs)), 0, target.to(device)
+        return
+    for i in range(0, len(batch.t), chunk):
+        part = CalibrationBatch(batch.x_t[i:i + chunk], batch.t[i:i + chunk],
+                                None if batch.y is None else batch.y[i:i + chunk], batch.target[i:i + chunk]).to(device)
+        output_from, depth = _partial_forward(model, part)
+        yield output_from, depth, part.target
+
+
+def _layer_macs(model: nn.Module, batch, layers: list[str]) -> dict[str, int]:
+    """Each layer's MACs in one forward of one calibration input."""
+    if isinstance(batch, FamilyBatch):
+        tokens: dict[str, int] = {}
+
+        def count(name: str):
+            def hook(module, args, out) -> None:  # returns None: the output stays the layer's
+                tokens.setdefault(name, args[0].numel() // module.in_features)
+            return hook
+
+        hooks = [model.get_submodule(n).register_forward_hook(count(n)) for n in layers]
+        try:
+            run_model(model, batch.inputs[0])
+        finally:
+            for h in hooks:
+                h.remove()
+        return {n: tokens.get(n, 0) * model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in layers}
+    count = _tokens(model, batch)
+    return {n: count * model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in layers}
 
 
 def _tokens(model: nn.Module, batch: CalibrationBatch) -> int:

@@ -5,13 +5,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.nn as nn
 from safetensors import SafetensorError
 
 from robuq.core.options import option
 from robuq.deploy.export import export_model, load_exported
 from robuq.core.files import read_meta
-from robuq.models.checkpoint import load_dit
 from robuq.models.dit import DiT
+from robuq.io.full_precision import load_full_precision
 from robuq.io.quantized import load_quantized
 
 
@@ -35,15 +36,15 @@ def file_kind(path: str | os.PathLike) -> str:
     return QUANTIZED if "quant_config" in meta else FULL_PRECISION
 
 
-def load_any(path: str | os.PathLike, map_location: str = "cpu", retain_memory: bool = False) -> DiT:
-    """The model in ``path``, whichever of robuq's (or the reference's) formats it is in
+def load_any(path: str | os.PathLike, map_location: str = "cpu", retain_memory: bool = False) -> nn.Module:
+    """The model in ``path``, whichever of robuq's (or the reference's, or diffusers') formats it is in
     (``retain_memory``: see ``load_exported``)."""
     kind = file_kind(path)
     if kind == EXPORTED:
         return load_exported(path, retain_memory=retain_memory).to(map_location)
     if kind == QUANTIZED:
         return load_quantized(path, map_location=map_location)[0]
-    return load_dit(path, map_location=map_location)
+    return load_full_precision(path, map_location=map_location)
 
 
 @dataclass

@@ -12,7 +12,8 @@ import torch.nn as nn
 from robuq.core.files import save_tensors
 from robuq.core.options import option
 from robuq.core.runtime import default_teacher_path
-from robuq.models.checkpoint import CheckpointError, check_compatible, load_dit, read_state_dict
+from robuq.io.full_precision import load_full_precision
+from robuq.models.checkpoint import CheckpointError, check_compatible, read_state_dict
 from robuq.models.dit import DiT
 from robuq.models.families import model_from_record, model_record
 from robuq.precision.policy import QuantConfig, current_plan, quantize_
@@ -58,6 +59,8 @@ class QuantizeConfig:
     lowrank_rank: int = option(16, "rank of the full-precision low-rank branch of the baseline and robuq presets")
     lowrank_share: float | None = option(None, "the branch's rank as a share of each layer's width instead (the paper's "
                                                "16 of 1,152: 0.013889)")
+    allow_partial: bool = option(False, "quantize what the model's family map covers and keep the linears it does not "
+                                        "name in full precision, with a warning naming them (otherwise: refused)")
     out: str = option("quantized.safetensors", "where to write the quantized model")
 
 
@@ -66,7 +69,7 @@ def quantize_checkpoint(config: QuantizeConfig) -> tuple[DiT, Path]:
     policy = resolve_policy(config.preset, config.act_bits, config.config, config.plan, config.lowrank_rank,
                             config.lowrank_share)
     source = config.ckpt or default_teacher_path()
-    model = quantize_(load_dit(source), policy)
+    model = quantize_(load_full_precision(source), policy, allow_partial=config.allow_partial)
     return model, save_quantized(model, config.out, policy, {"source": str(source)})
 
 

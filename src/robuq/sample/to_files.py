@@ -14,7 +14,11 @@ from robuq.core.runtime import DEVICE_HELP, PRECISIONS, default_teacher_path, de
 from robuq.io.model_files import load_any
 from robuq.data.vae import decode, load_vae, vae_geometry
 from robuq.sample.at_scale import sample_shards
+from robuq.models.families import model_family
 from robuq.sample.generate import generate, save_grid, to_uint8
+from robuq.sample.text_to_image import sample_text_to_image
+
+CLASS_CONDITIONAL = ("dit", "diffusers")  # the families robuq samples with its own diffusion code
 
 
 @dataclass
@@ -36,7 +40,8 @@ class SampleConfig:
                                             "for its published numbers); default: all")
     sampler: str = option("ddpm", "respaced DDPM or deterministic DDIM", choices=("ddpm", "ddim"))
     steps: int = option(100, "sampling steps (respaced from the 1,000 training steps)")
-    cfg_scale: float = option(1.5, "classifier-free guidance scale (1: none)")
+    cfg_scale: float = option(1.5, "classifier-free guidance scale (1: none); text-to-image families keep their "
+                                   "pipeline's own default unless another value is given")
     seed: int = option(0, "seed of all sampling noise (the same seed gives the same images on any device)")
     batch_size: int = option(100, "images per forward pass")
     dist_timeout_hours: float = option(DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP)
@@ -45,6 +50,26 @@ class SampleConfig:
     device: str = option("auto", DEVICE_HELP)
     retain_memory: bool = option(True, "exported models: keep freed memory in the process instead of returning it "
                                        "to the OS (faster integer inference; see load_exported)")
+    pipeline: str | None = option(None, "text-to-image families (PixArt, SD3, FLUX, Sana): a local folder of the family's "
+                                        "diffusers pipeline whose VAE and scheduler sample the model (no text encoder is read)")
+    prompt_embeds: str | None = option(None, "text-to-image families: a safetensors file of cached prompt embeddings "
+                                             "(prompt_embeds, and pooled_prompt_embeds / masks / negative_* where the "
+                                             "family's pipeline takes them), one image per row")
+    height: int | None = option(None, "text-to-image families: image height (default: the pipeline's)")
+    width: int | None = option(None, "text-to-image families: image width (default: the pipeline's)")
+
+
+def _sample_text_to_image(config: SampleConfig, model, device) -> dict[str, Path]:
+    if not config.pipeline or not config.prompt_embeds:
+        raise ValueError(f"a {model_family(model)} model samples through its diffusers pipeline from cached prompt "
+                         "embeddings: give --pipeline FOLDER (its vae/ and scheduler/) and --prompt-embeds FILE")
+    pixels = sample_text_to_image(model, config.pipeline, config.prompt_embeds, config.steps, config.height, config.width,
+                                  config.seed, None if config.cfg_scale == SampleConfig.cfg_scale else config.cfg_scale)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    npz = out / "samples.npz"
+    save_npz(npz, arr_0=pixels, labels=np.arange(len(pixels)))  # labels: the prompt's row in --prompt-embeds
+    return {"grid": save_grid(pixels, out / "grid.png", min(8, len(pixels)), scale=1), "npz": npz}
 
 
 def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Path]:
@@ -54,6 +79,8 @@ def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Pa
     check_choice(config, "precision")
     device = resolve_device(config.device)
     model = load_any(config.ckpt or default_teacher_path(), retain_memory=config.retain_memory).to(device)
+    if model_family(model) not in CLASS_CONDITIONAL:
+        return _sample_text_to_image(config, model, device)
     vae = load_vae(config.vae, config.vae_config, device) if config.vae else None
     if vae is not None and vae_geometry(vae).channels != model.in_channels:
         raise ValueError(f"--vae {config.vae} makes {vae_geometry(vae).channels}-channel latents but the model denoises "

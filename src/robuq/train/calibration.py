@@ -8,6 +8,7 @@ of the guided prediction itself be measured.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn as nn
 
 from robuq.diffusion.gaussian import create_diffusion
 from robuq.models.dit import DiT
-from robuq.models.families import model_family, model_output
+from robuq.models.families import family_of, model_family, model_output, run_model
 
 
 @dataclass
@@ -63,6 +64,49 @@ def calibration_batch(teacher: DiT, images: torch.Tensor, labels: torch.Tensor |
     target = model_output(teacher, x_t.to(device), t.to(device), None if labels is None else labels.to(device)).cpu()
     teacher.train(was_training)
     return CalibrationBatch(x_t, t, labels, target, null is not None)
+
+
+@dataclass
+class FamilyBatch:
+    """A calibration batch of a text-to-image family: forward arguments in chunks, and the reference output
+    of each chunk (a teacher's, or the model's own where no teacher is given)."""
+
+    inputs: list[dict]
+    targets: list[torch.Tensor]
+
+
+def _rows(value, index: int):
+    return value[index:index + 1] if isinstance(value, torch.Tensor) and value.ndim >= 2 else value
+
+
+@torch.no_grad()
+def family_calibration_batch(model: nn.Module, count: int, prompt_embeds: dict[str, torch.Tensor] | None = None,
+                             seed: int = 0, reference: nn.Module | None = None) -> FamilyBatch:
+    """``count`` inputs of the model's family: Gaussian latents (the noisy input's distribution over most of
+    the schedule) at timesteps spread evenly over it, each with a row of ``prompt_embeds`` in turn (cached
+    embeddings, under the family's forward-argument names, e.g. ``encoder_hidden_states``) or random
+    embeddings; targets from ``reference`` (default: the model itself)."""
+    family = family_of(model)
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    accepted = set(inspect.signature(model.forward).parameters)
+    unknown = sorted(set(prompt_embeds or {}) - accepted)
+    if unknown:
+        raise ValueError(f"{family.name} models take no {', '.join(unknown)} (their forward takes {', '.join(sorted(accepted))})")
+    inputs = []
+    for i in range(count):
+        one = family.example_inputs(model, 1)
+        one["hidden_states"] = torch.randn(one["hidden_states"].shape, generator=g).to(device)
+        one["timestep"] = torch.full_like(one["timestep"], (i + 0.5) / count * family.timestep_scale)
+        for name, value in (prompt_embeds or {}).items():
+            one[name] = value[i % len(value)][None].to(device)
+        inputs.append(one)
+    reference = reference if reference is not None else model
+    was_training = reference.training
+    reference.eval()
+    targets = [run_model(reference, one).cpu() for one in inputs]
+    reference.train(was_training)
+    return FamilyBatch(inputs, targets)
 
 
 def guided(output: torch.Tensor, scale: float) -> torch.Tensor:

@@ -3,12 +3,15 @@ and the few calls that differ between them: how to run one, how to describe it i
 rebuild it from that description."""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from robuq.models.families.base import BLOCK_KINDS, Family, class_name, role_kind
+from robuq.models.families.base import BLOCK_KINDS, Family, class_name, diffusers_module, role_kind
 from robuq.models.families.dit import DIFFUSERS_DIT, DIT
 from robuq.models.families.flux import FLUX
 from robuq.models.families.flux2 import FLUX2
@@ -53,6 +56,31 @@ def model_from_record(meta: dict[str, Any]) -> nn.Module:
     return FAMILIES[name].build(meta)
 
 
+def folder_class(path: str | os.PathLike) -> str | None:
+    """The model class a diffusers ``save_pretrained`` folder holds (its config.json's ``_class_name``), or None."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        name = json.loads(config.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def load_family_folder(path: str | os.PathLike) -> nn.Module:
+    """The full-precision diffusers model in a local ``save_pretrained`` folder (config.json + safetensors), of
+    any family robuq supports; nothing is downloaded."""
+    name = folder_class(path)
+    cls = getattr(diffusers_module(), str(name), None)
+    if cls is None:
+        raise UnknownFamilyError(f"{path} holds a {name!r}, which is no diffusers model class robuq supports "
+                                 f"({supported_families()})")
+    model = cls.from_pretrained(str(path), local_files_only=True)
+    family_of(model)  # refuses a class without a precision map
+    return model.eval()
+
+
 def example_inputs(model: nn.Module, batch: int = 1) -> dict[str, Any]:
     """Forward keyword arguments of one batch at the model's own sizes (for costs, calibration and tests)."""
     return family_of(model).example_inputs(model, batch)
@@ -74,5 +102,5 @@ def model_output(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Te
 
 
 __all__ = ["BLOCK_KINDS", "DIFFUSERS_DIT", "DIT", "FAMILIES", "Family", "UnknownFamilyError", "example_inputs",
-           "family_of", "model_family", "model_from_record", "model_output", "model_record", "role_kind", "run_model",
+           "family_of", "folder_class", "load_family_folder", "model_family", "model_from_record", "model_output", "model_record", "role_kind", "run_model",
            "supported_families"]

@@ -47,6 +47,7 @@ class Family:
     pointwise_convs: tuple[str, ...] = ()  # 1×1 convolutions quantized as linears
     pipeline: str | None = None  # the diffusers pipeline class that runs the family
     notes: tuple[str, ...] = ()  # what the map leaves in full precision beyond ``kept``, said in the summary
+    timestep_scale: float = 1000.0  # the forward's timestep at the start of the schedule (FLUX takes [0, 1])
 
     def roles(self) -> dict[str, tuple[str, ...]]:
         """Every role's patterns: the block linears, "adaln" (modulation) and "attention"."""
@@ -130,6 +131,22 @@ def diffusers_build(meta: dict[str, Any]) -> nn.Module:
     if cls is None:
         raise ValueError(f"this diffusers ({diffusers_module().__version__}) has no model class {name!r}")
     return cls.from_config(meta["model_config"])
+
+
+# The embedding arguments of the families' pipelines, as their transformers' forward names them.
+PIPELINE_TO_FORWARD = {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections",
+                       "prompt_attention_mask": "encoder_attention_mask"}
+
+
+def forward_embeddings(pipeline_embeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cached pipeline embeddings (``prompt_embeds``, ``pooled_prompt_embeds``, masks, ``negative_*``) as the
+    transformer's forward arguments, the negative prompts' rows after the prompts' (guidance runs both)."""
+    out = {}
+    for name, forward in PIPELINE_TO_FORWARD.items():
+        if name in pipeline_embeds:
+            rows = [pipeline_embeds[name]] + ([pipeline_embeds[f"negative_{name}"]] if f"negative_{name}" in pipeline_embeds else [])
+            out[forward] = torch.cat(rows)
+    return out
 
 
 def run_diffusers(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:

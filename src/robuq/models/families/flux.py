@@ -68,5 +68,6 @@ FLUX = Family(
     record=diffusers_record("flux"),
     build=diffusers_build,
     joined_inputs={"single_transformer_blocks.*.proj_out": _single_proj_out_parts},
+    timestep_scale=1.0,
     pipeline="FluxPipeline",
 )

@@ -56,5 +56,6 @@ FLUX2 = Family(
     record=diffusers_record("flux2"),
     build=diffusers_build,
     joined_inputs={"single_transformer_blocks.*.attn.to_out": _to_out_parts},
+    timestep_scale=1.0,
     pipeline="Flux2Pipeline",
 )
