@@ -2,6 +2,7 @@
 the map names, splits joined inputs exactly, refuses what it cannot account for, and the result exports,
 reloads and runs on integers."""
 import copy
+import json
 import warnings
 
 import pytest
@@ -146,3 +147,38 @@ def test_cost_summary_names_the_family_and_what_stays_full_precision(family):
     assert {"QuantLinear", "QuantAttentionCore"} <= kinds
     assert f"family {family}" in summary.format(per_module=False)
     assert summary.to_dict()["bops_reduction"] > 1
+
+
+@pytest.mark.parametrize("family", ["flux", "pixart", "sana"])
+def test_diffusers_loading_path_quantizes_and_reloads(family, tmp_path):
+    import diffusers
+
+    from robuq.integrations.diffusers import DiffusersConfig
+
+    model = tiny_family_model(family)
+    model.save_pretrained(tmp_path / "fp")
+    cls = type(model)
+    quantized = cls.from_pretrained(tmp_path / "fp", quantization_config=DiffusersConfig(act_bits=3))
+    assert any(isinstance(m, QuantLinear) for m in quantized.modules())
+    inputs = example_inputs(model, 1)
+    direct = quantize_(tiny_family_model(family), robuq.preset("robuq", act_bits=3))
+    out = _run(quantized.eval(), inputs)
+    torch.testing.assert_close(out, _run(direct, inputs), rtol=1e-4, atol=1e-5)
+    quantized.save_pretrained(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "robuq"
+    reloaded = cls.from_pretrained(tmp_path / "q")  # its policy from config.json; robuq registered itself above
+    saved, loaded = quantized.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    # Equal tensors, but in other memory layouts after loading: the kernels may sum in another order.
+    torch.testing.assert_close(_run(reloaded.eval(), inputs), out, rtol=1e-5, atol=1e-6)
+    assert diffusers.__version__ in robuq.integrations.diffusers.TESTED_DIFFUSERS
+
+
+def test_an_untested_diffusers_is_refused_by_name(monkeypatch):
+    import diffusers
+
+    from robuq.integrations import diffusers as adapter
+
+    monkeypatch.setattr(diffusers, "__version__", "0.1.0")
+    with pytest.raises(RuntimeError, match="tested with diffusers .* not 0.1.0"):
+        adapter._check_version(diffusers)

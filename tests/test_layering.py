@@ -17,7 +17,7 @@ FLOORS = {
     "robuq.kernels": 2,
     "robuq.precision": 3,
     "robuq.deploy": 4,
-    "robuq.io": 5,
+    "robuq.io": 5, "robuq.integrations": 5,
     "robuq.sample": 6, "robuq.train": 6, "robuq.eval": 6,
     "robuq.ampn": 7,
     "robuq.cli": 8,

@@ -18,15 +18,16 @@ from robuq.quant.linear import LinearQuantConfig
 from robuq.precision import (
     BitPlan, PlanError, QuantConfig, QuantRule, cost_summary, preset, quantize_, register_preset, resolve_policy,
 )
+from robuq.integrations.diffusers import DiffusersConfig, register_diffusers
 from robuq.sample.generate import generate
 from robuq.data.encode_latents import LatentsConfig, encode_latents
 from robuq.train.trainer import TrainConfig, train
 
 
 __all__ = [
-    "DIT_MODELS", "BitPlan", "CheckpointError", "DiT", "DiTConfig", "GaussianDiffusion", "LatentDataset", "LatentsConfig",
+    "DIT_MODELS", "BitPlan", "CheckpointError", "DiT", "DiTConfig", "DiffusersConfig", "GaussianDiffusion", "LatentDataset", "LatentsConfig",
     "LinearQuantConfig", "PlanError", "QuantConfig", "QuantRule", "StreamingImageFolder", "TrainConfig", "cost_summary",
     "create_diffusion", "create_dit", "encode_latents", "export_model", "generate", "load_any", "load_dit",
-    "load_exported", "load_quantized", "load_vae", "preset", "quantize_", "register_preset", "resolve_policy",
-    "save_quantized", "train",
+    "load_exported", "load_quantized", "load_vae", "preset", "quantize_", "register_diffusers", "register_preset",
+    "resolve_policy", "save_quantized", "train",
 ]

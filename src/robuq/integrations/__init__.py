@@ -1,0 +1,1 @@
+"""Adapters that plug robuq into other libraries' loading paths (diffusers' quantizer mapping)."""
