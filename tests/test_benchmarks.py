@@ -804,3 +804,19 @@ def test_deploy_resumes_a_model_from_what_an_earlier_run_kept(tmp_path, capfd):
     assert "kept from" in capfd.readouterr().out and again == first
     deploy.main([*argv[:-2], "--act-bits", "2", "--results-dir", str(tmp_path)])
     assert len(list(kept.glob("native-toy-*.json"))) == 2
+
+
+def test_families_sizes_and_block_speed_at_toy_size(tmp_path):
+    pytest.importorskip("diffusers")
+    argv = ["--toy", "--peers", "", "--rounds", "1", "--repeats", "1", "--results-dir", str(tmp_path)]
+    _load("families").main(argv)
+    data, markdown = _record(tmp_path, "families", "families", argv)
+    assert {r["family"] for r in data["sizes"]} == {"pixart", "sd3", "flux", "flux2", "sana"}
+    for r in data["sizes"]:
+        roles = r["params_by_role"]
+        assert roles["block linears"] + roles["modulation"] + roles["full precision"] == r["fp_params"]
+        assert r["export_bytes"] > 0 and r["kept"]  # at toy widths a rank-16 branch outweighs its layer
+        assert f"| {r['model']} |" in markdown
+    for r in data["speed"]:
+        assert r["ms"]["robuq export"] > 0 and r["speedup_of_export"]["fp32 eager"] > 0
+    assert len(data["speed"]) == 6 and "| FLUX.1 single block (3072) |" in markdown
