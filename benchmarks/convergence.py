@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,9 +46,9 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, invocation, parse_config, write_result
-from convergence_stats import (TARGETS, FixedReferenceFID, chance_over_runs, fmt_interval, half_sample_indices,
-                               interval_summary, means_over_runs, read_claims, read_difference, read_over_runs,
-                               training_noise)
+from convergence_stats import (TARGETS, FixedReferenceFID, centred_replicates, chance_over_runs, fmt_interval,
+                               half_sample_indices, interval_summary, means_over_runs, percentile_interval, read_claims,
+                               read_difference, read_over_runs, training_noise)
 from robuq.core.options import option
 
 STAGES = ("pilot", "headline", "controls", "rank", "score", "report", "all")
@@ -461,6 +462,7 @@ class Point:
     inception: bool
     checkpoint: Path | None  # the teacher: its file, or None for the shipped one
     library_folder: Path  # whose recorded commit samples it
+    seed: int = 0  # sampling seed: labels and noise (every row shares seed 0; the held-out teacher set has its own)
 
     @property
     def key(self) -> str:
@@ -468,6 +470,10 @@ class Point:
 
 
 TEACHER = "full-precision teacher"
+# The teacher again, from other labels and noise: the reference "FID against the teacher's own samples"
+# measures against (its FID to the teacher's seed-0 samples is that measure's floor).
+TEACHER_HELDOUT = "full-precision teacher (held-out samples)"
+HELDOUT_SEED = 1
 
 
 def score_points(config: ConvergenceConfig, work: Path) -> list[Point]:
@@ -475,7 +481,12 @@ def score_points(config: ConvergenceConfig, work: Path) -> list[Point]:
     points = [Point(TEACHER, None, n, inception, teacher, work / "teacher")
               for n, inception in ((config.samples_headline, config.inception), (config.samples_control, config.inception),
                                    (config.samples_curve, False))]
-    by_name = {r.name: r for r in headline_runs(config) + control_runs(config, work)}
+    points.append(Point(TEACHER_HELDOUT, None, config.samples_headline, config.inception, teacher, work / "teacher",
+                        HELDOUT_SEED))
+    by_name = {r.name: r for r in headline_runs(config) + control_runs(config, work) + rank_runs(config)}
+    for name in RANK_ROWS:
+        points.append(Point(name, config.steps, config.samples_headline, config.inception,
+                            checkpoint_at(work, by_name[name], config.steps), run_dir(work, name)))
     for name in HEADLINE:
         run = by_name[name]
         points.append(Point(name, config.steps, config.samples_headline, config.inception, checkpoint_at(work, run, config.steps),
@@ -517,7 +528,7 @@ def sample_point(config: ConvergenceConfig, work: Path, point: Point) -> Path | 
     kept = kept_samples(config, point)
     if kept.is_file():
         return kept
-    for larger in sorted(kept.parent.glob(f"{point.key.rsplit('-n', 1)[0]}-n*.npz")):
+    for larger in sorted(kept.parent.glob(f"{point.key.rsplit('-n', 1)[0]}-n*.npz")) if point.seed == 0 else []:
         count = int(larger.stem.rsplit("-n", 1)[1])
         if count > point.samples and point.samples % config.shard_size == 0:
             # Shard k's labels and noise depend only on (seed, k): a smaller count's samples are the larger's first.
@@ -528,13 +539,13 @@ def sample_point(config: ConvergenceConfig, work: Path, point: Point) -> Path | 
             return kept
     out = work / "samples" / point.key
     if not (out / "samples.npz").is_file():
-        if point.name != TEACHER and not point.checkpoint.is_file():
+        if point.name not in (TEACHER, TEACHER_HELDOUT) and not point.checkpoint.is_file():
             return None
         point.library_folder.mkdir(parents=True, exist_ok=True)
         _, env = library(config, work, point.library_folder)
         command = [sys.executable, "-m", "robuq.cli", "sample", "--num-samples", str(point.samples), "--labels", "uniform",
                    "--shard-size", str(config.shard_size), "--sampler", "ddim", "--steps", str(config.sample_steps),
-                   "--cfg-scale", str(config.cfg_scale), "--seed", "0", "--device", config.device, "--out", str(out),
+                   "--cfg-scale", str(config.cfg_scale), "--seed", str(point.seed), "--device", config.device, "--out", str(out),
                    "--no-progress"]
         if point.checkpoint is not None:
             command += ["--ckpt", str(point.checkpoint)]
@@ -650,14 +661,21 @@ def row_ampn(name: str) -> bool | str:
 
 
 def row_bits(name: str) -> int:
-    return int(name.rsplit("A", 1)[1]) if name.rsplit("A", 1)[-1].isdigit() else 2
+    found = re.search(r"W1\.58A(\d)", name)
+    return int(found.group(1)) if found else 2
+
+
+def row_rank(name: str) -> int:
+    """The low-rank branch's rank of a row: its name's ("… rank 3"), else the default 16."""
+    found = re.search(r" rank (\d+)$", name)
+    return int(found.group(1)) if found else 16
 
 
 def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
     """results/convergence.{json,md,png} from whatever the work directory holds now (partial runs included,
     with their step counts), the runs' logs and plans under results/convergence/, the headline models exported."""
     results = Path(config.results_dir)
-    for run in pilot_runs(config) + headline_runs(config) + control_runs(config, work):
+    for run in pilot_runs(config) + headline_runs(config) + control_runs(config, work) + rank_runs(config):
         keep_run_files(config, work, run)  # runs trained before their files were kept, or stopped early
     points = score_points(config, work)
     scores = {space: resampled_scores(config, work, points, space) for space in ("classifier", "inception")}
@@ -665,7 +683,7 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
     for p in points:
         if p.name == TEACHER or p.key not in scores["classifier"]:
             continue
-        headline_final = p.name in HEADLINE and p.step == config.steps
+        headline_final = (p.name in HEADLINE or p.name in RANK_ROWS) and p.step == config.steps
         control = p.samples == config.samples_control and p.step in control_steps(config)
         entry_spaces = {}
         for space in ("classifier", "inception"):
@@ -675,7 +693,8 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
         if headline_final or control:
             seeds = [run_seed(p.name)]
             final.append({"name": p.name, "act_bits": row_bits(p.name) if not p.name.startswith("control") else 2,
-                          "ampn": row_ampn(p.name), "steps": p.step, "samples": p.samples, "seeds": seeds,
+                          "ampn": row_ampn(p.name), "rank": row_rank(p.name), "steps": p.step, "samples": p.samples,
+                          "seeds": seeds,
                           "interval_method": interval_method(scores, config),
                           "commit": library_commit(p.library_folder), "threads": training_threads(p.library_folder),
                           **entry_spaces})
@@ -689,7 +708,7 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
                                     "space": space, **summary})
     teacher = {space: {"fid": scores[space][teacher_key(points, config.samples_headline)]["fid"]}
                for space in ("classifier", "inception") if teacher_key(points, config.samples_headline) in scores[space]}
-    for run in headline_runs(config):
+    for run in headline_runs(config) + rank_runs(config):
         model = export_model(config, work, run)
         for entry in final:
             if entry["name"] == run.name and model:
@@ -698,11 +717,17 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
                                 "probe_guided_rel_mse": r.get("probe_guided_rel_mse")} for r in probes(run_log(work, run, config))]
                     for run in headline_runs(config) + control_runs(config, work)}
     over_runs = chance_over_runs(final, config.samples_control)
+    add_seed_spread(final, config.steps)
+    teacher_samples = vs_teacher_samples(config, work, points, final)
+    if teacher_samples:
+        teacher["vs_teacher_samples"] = teacher_samples
+    claims = read_claims(final, comparisons, teacher, config.steps, headline_targets(), over_runs)
+    claims += read_rank_claims(final, comparisons, teacher, config.steps)
     payload = {"pilot": pilot_summary(config, work), "recipe": {"today": TODAY, "new": NEW, "frozen": FROZEN},
                "teacher": teacher, "final": final, "curves": curves, "probe_curves": probe_curves,
                "comparisons": comparisons, "over_runs": over_runs,
                "probe_over_runs": probe_over_runs(probe_curves, control_steps(config)),
-               "claims": read_claims(final, comparisons, teacher, config.steps, headline_targets(), over_runs),
+               "claims": claims,
                "progress": progress_of(config, work),
                "settings": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("stage", "only")}}
     write_result("convergence", payload, markdown(payload, config), results, argv)
@@ -759,16 +784,98 @@ def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> list[t
             if name.startswith("control: ") and not name.startswith("control: AMPN seed"):
                 wanted.append((f"AMPN A2 − {name.removeprefix('control: ')}", at[AMPN_A2], at[name], "chance", ctl))
         for seed in range(1, config.control_seeds):
+            if (f"control: uniform A2 seed {seed}", ctl, config.samples_control) not in key:
+                continue
             wanted.append((f"uniform A2 seed 0 − seed {seed}", at["control: uniform A2 seed 0"],
                            at[f"control: uniform A2 seed {seed}"], "training noise", ctl))
             wanted.append((f"AMPN A2 seed 0 − seed {seed}", at[AMPN_A2], at[ampn_seed_name(seed)], "training noise", ctl))
+    rows = {"A4": ("RobuQ W1.58A4", "RobuQ W1.58A4 rank 3", "RobuQ W1.58A4 rank 0"),
+            "AMPN A2": (AMPN_A2, "RobuQ + AMPN W1.58A2 rank 3", "RobuQ + AMPN W1.58A2 rank 0")}
+    for label, (r16, r3, r0) in rows.items():
+        for a, b, what in ((r16, r3, "rank 16 − rank 3"), (r3, r0, "rank 3 − rank 0"), (r16, r0, "rank 16 − rank 0")):
+            ka, kb = key.get((a, end, config.samples_headline)), key.get((b, end, config.samples_headline))
+            if ka and kb:
+                wanted.append((f"{label} {what}", ka, kb, "rank", end))
     return wanted
+
+
+def add_seed_spread(final: list[dict], steps: int) -> None:
+    """Each final row's FIDs per training seed where another seed of the same pipeline was trained to the end
+    (AMPN A2: the chance controls' AMPN seeds), in ``seeds_fid`` (seed → space → FID, with its sample count)."""
+    ampn = [e for e in final if e["steps"] == steps and (e["name"] == AMPN_A2 or e["name"].startswith("control: AMPN seed"))]
+    for e in final:
+        same = ampn if e["name"] == AMPN_A2 else [e]
+        best: dict[int, dict] = {}
+        for r in same:
+            seed = r["seeds"][0]
+            if r["samples"] >= best.get(seed, {"samples": 0})["samples"]:
+                best[seed] = r
+        e["seeds_fid"] = {str(seed): {"samples": r["samples"], **{s: r[s]["fid"] for s in ("classifier", "inception") if s in r}}
+                          for seed, r in sorted(best.items())}
+        e["seeds"] = sorted(best)
+
+
+def vs_teacher_samples(config: ConvergenceConfig, work: Path, points: list[Point], final: list[dict]) -> dict:
+    """FID of every final row (and of the teacher's seed-0 samples: the floor) against the teacher's held-out
+    samples, in each space, with a 95% half-sampling interval over the row's samples (the reference held fixed).
+    Written into each entry as ``vs_teacher_samples``; returns the teacher's floor."""
+    heldout = next(p for p in points if p.name == TEACHER_HELDOUT)
+    floor: dict = {}
+    for space, ident in (("classifier", "classifier"), ("inception", "inception-adm")):
+        ref = work / "features" / f"{heldout.key}-{ident}.npy"
+        if not ref.is_file():
+            continue
+        fid_of = FixedReferenceFID(np.load(ref))
+        rounds = config.resamples if space == "classifier" else max(20, config.resamples // 5)
+        targets = [(e, next((p.key for p in points if p.name == e["name"] and p.step == e["steps"]
+                             and p.samples == e["samples"]), None)) for e in final]
+        targets.append((None, teacher_key(points, config.samples_headline)))
+        for entry, key in targets:
+            path = work / "features" / f"{key}-{ident}.npy"
+            if key is None or not path.is_file():
+                continue
+            features = np.load(path)
+            score = {"fid": fid_of(features),
+                     "replicates": [fid_of(features[idx]) for idx in half_sample_indices(len(features), rounds)]}
+            low, high = percentile_interval(centred_replicates(score))
+            summary = {"fid": score["fid"], "low": low, "high": high}
+            if entry is None:
+                floor[space] = summary
+            else:
+                entry.setdefault("vs_teacher_samples", {})[space] = summary
+    return floor
+
+
+def read_rank_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps: int) -> list[dict]:
+    """The targets read again at the paper's rank share (rank 3 at width 192), against the sample interval
+    widened by the largest gap between two training seeds of one pipeline (half of it each side); and how much
+    of each row's quality the branch carries (rank 16 against 3 against 0, paired differences)."""
+    noise = training_noise(comparisons)
+    spaces = sorted(s for s in teacher if s in ("classifier", "inception"))
+    rows = {e["name"]: e for e in final if e["steps"] == steps and e["name"] in RANK_ROWS}
+    claims = []
+    for name, target in (("RobuQ W1.58A4 rank 3", TARGETS[4]), ("RobuQ + AMPN W1.58A2 rank 3", TARGETS[2])):
+        claim = f"{name} (the paper's rank share) within {target}× the teacher's FID at {steps} steps"
+        row = rows.get(name)
+        if row is None or any(s not in row for s in spaces) or not spaces:
+            claims.append({"claim": claim, "verdict": "not measured yet", "evidence": ""})
+            continue
+        readings, evidence = [], []
+        for s in spaces:
+            seed_gap = noise.get((steps, s), max((v for (_, space), v in noise.items() if space == s), default=0.0))
+            gap = seed_gap / 2 / teacher[s]["fid"]
+            low, high = row[s]["ratio_low"] - gap, row[s]["ratio_high"] + gap
+            readings.append("met" if high <= target else "missed" if low > target else "tie")
+            evidence.append(f"{s} {fmt_interval(row[s], 'ratio')}× (with seed spread [{low:.2f}, {high:.2f}])")
+        verdict = "met" if all(r == "met" for r in readings) else "missed" if any(r == "missed" for r in readings) else "tie"
+        claims.append({"claim": claim, "verdict": verdict, "evidence": "; ".join(evidence)})
+    return claims
 
 
 def progress_of(config: ConvergenceConfig, work: Path) -> dict:
     """Each run's last step so far, for a report written while runs are still going."""
     out = {}
-    for run in pilot_runs(config) + headline_runs(config) + control_runs(config, work):
+    for run in pilot_runs(config) + headline_runs(config) + control_runs(config, work) + rank_runs(config):
         log = run_log(work, run, config)
         stop = run.until or _steps_of(run)
         out[run.name] = {"step": log[-1]["step"] if log else 0, "stop": stop}
@@ -803,6 +910,60 @@ def export_model(config: ConvergenceConfig, work: Path, run: Run) -> str | None:
     return str(target.relative_to(Path(config.results_dir))) if target.is_file() else None
 
 
+def rank_markdown(payload: dict, config: ConvergenceConfig) -> list[str]:
+    """The rows at the paper's rank share and without the branch, each seed's FIDs, and FID against the
+    teacher's own samples."""
+    lines = []
+    ranked = [e for e in payload["final"] if e["steps"] == config.steps and not e["name"].startswith("control")]
+    if any(e["name"] in RANK_ROWS for e in payload["final"]):
+        lines += ["## The low-rank branch at the paper's share of the width", "",
+                  "The paper's rank 16 is 1.4 % of DiT-XL/2's width 1,152; at DiT-T/4's width 192 that share is rank 3. "
+                  "The A4 and AMPN A2 rows trained again at rank 3 and at rank 0 (no branch), everything else equal, "
+                  "one training seed each. Differences: FID(a) − FID(b), 95% paired half-sampling interval (the "
+                  "training noise, the largest seed gap, is in the section on single runs).", "",
+                  "| row | rank | classifier FID | × teacher | Inception FID | × teacher |", "|---|---|---|---|---|---|"]
+        for e in sorted((e for e in ranked if e["name"] in RANK_ROWS or e["name"] in ("RobuQ W1.58A4", AMPN_A2)),
+                        key=lambda e: (e["act_bits"], -e["rank"])):
+            cells = [c for s in ("classifier", "inception") for c in
+                     ((fmt_interval(e[s]), fmt_interval(e[s], "ratio")) if s in e else ("—", "—"))]
+            lines.append(f"| {e['name']} | {e['rank']} | {' | '.join(cells)} |")
+        rank_pairs = [c for c in payload["comparisons"] if c["kind"] == "rank"]
+        if rank_pairs:
+            noise = training_noise(payload["comparisons"])
+            lines += ["", "| what the branch carries | space | difference | reading |", "|---|---|---|---|"]
+            lines += [f"| {c['label']} | {c['space']} | {fmt_interval(c, 'difference')} | {read_difference(c, noise)} |"
+                      for c in rank_pairs]
+        lines.append("")
+    seeded = [e for e in ranked if len(e.get("seeds", [])) > 1]
+    if seeded:
+        lines += ["## Training seeds of the final rows", "",
+                  "Each seed's FID at the last step (its own sample count), beside the row's sample interval.", "",
+                  "| row | seed | samples | classifier FID | Inception FID |", "|---|---|---|---|---|"]
+        for e in seeded:
+            for seed, v in e["seeds_fid"].items():
+                lines.append(f"| {e['name']} | {seed} | {v['samples']} | {v.get('classifier', float('nan')):.2f} | "
+                             f"{v.get('inception', float('nan')):.2f} |")
+        lines.append("")
+    floor = payload["teacher"].get("vs_teacher_samples")
+    if floor:
+        lines += ["## FID against the teacher's own samples", "",
+                  f"Each row's samples against {config.samples_headline} held-out teacher samples (other labels and noise, "
+                  f"seed {HELDOUT_SEED}), 95% half-sampling interval over the row's samples. A weak teacher compresses "
+                  "ratios to its FID against the data; this measures the damage itself. The floor is the teacher's "
+                  "own seed-0 samples: "
+                  + ", ".join(f"{s} {fmt_interval(v)}" for s, v in floor.items()) + ".", "",
+                  "| row | rank | samples | classifier FID | ÷ floor | Inception FID | ÷ floor |", "|---|---|---|---|---|---|---|"]
+        for e in ranked:
+            v = e.get("vs_teacher_samples")
+            if not v:
+                continue
+            cells = [c for s in ("classifier", "inception") for c in
+                     ((fmt_interval(v[s]), f"{v[s]['fid'] / floor[s]['fid']:.2f}") if s in v and s in floor else ("—", "—"))]
+            lines.append(f"| {e['name']} | {e['rank']} | {e['samples']} | {' | '.join(cells)} |")
+        lines.append("")
+    return lines
+
+
 def markdown(payload: dict, config: ConvergenceConfig) -> str:
     lines = ["## Claims, read from the measurements", "",
              "Each criterion of the benchmark against what was measured; \"tie\" means the difference is inside the "
@@ -821,7 +982,7 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
                   "FID with a 95% interval over the samples (paired half-sampling); × teacher = the ratio to the full-precision "
                   "teacher's FID on the same labels and noise, with its interval. "
                   + f"Teacher ({config.samples_headline} samples): "
-                  + ", ".join(f"{space} FID {v['fid']:.2f}" for space, v in teacher.items()) + ".", ""]
+                  + ", ".join(f"{space} FID {v['fid']:.2f}" for space, v in teacher.items() if space != "vs_teacher_samples") + ".", ""]
         if payload["final"]:
             lines += ["| row | AMPN | steps | samples | classifier FID | × teacher | Inception FID | × teacher | target |",
                       "|---|---|---|---|---|---|---|---|---|"]
@@ -840,12 +1001,15 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
                 met = [e[s]["ratio"] <= target for s in ("classifier", "inception") if s in e]
                 verdict = f"≤ {target}×: " + ("met" if met and all(met) else "missed")
             lines.append(f"| {e['name']} | {e['ampn']} | {e['steps']} | {e['samples']} | {' | '.join(cells)} | {verdict} |")
+        lines += ["", "Rows without a rank in their name use rank 16 (8 % of DiT-T/4's width 192: six times the paper's "
+                  "share; the rank rows below use the paper's)."]
         threads = {e["name"]: e.get("threads") for e in payload["final"]}
         if any(threads.values()):
             lines += ["", "Training threads (OMP_NUM_THREADS per launch; \"unset\" and rows without a record: PyTorch's "
                       "default, every core): " + "; ".join(f"{n}: {', '.join(t) if t else 'unset'}" for n, t in threads.items())
                       + ". The thread count changes only the order of float sums."]
         lines.append("")
+    lines += rank_markdown(payload, config)
     if payload.get("over_runs"):
         lines += ["## AMPN against chance, over runs", "",
                   "At A2, the mean FID of AMPN's runs (its seeds, each measuring its own plan) minus the mean of the "

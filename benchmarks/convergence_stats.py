@@ -196,7 +196,7 @@ def read_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps
     the noise) or "not measured yet", with the figures it rests on. ``targets``: row name → the largest ratio
     to the teacher's FID it may reach at ``steps``. AMPN against chance is read on the means over runs
     (``chance_over_runs``)."""
-    spaces = sorted(teacher)
+    spaces = sorted(s for s in teacher if s in ("classifier", "inception"))  # not its vs_teacher_samples
     rows: dict[str, dict] = {}
     for e in final:  # a row scored twice at the last step (its own samples and a control's) reads the larger
         if e["steps"] == steps and e["samples"] >= rows.get(e["name"], {"samples": 0})["samples"]:

@@ -682,6 +682,7 @@ def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch
     convergence.main(["--stage", "pilot", "--only", "pilot: new recipe", *common])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as when two runs share the machine; the report says so
     convergence.main(["--stage", "headline", "--only", "RobuQ + AMPN W1.58A2", *common])
+    convergence.main(["--stage", "rank", "--only", "RobuQ W1.58A4 rank 0", *common])
     monkeypatch.delenv("OMP_NUM_THREADS")
     argv = ["--stage", "score", *common]
     convergence.main(argv)
@@ -689,8 +690,14 @@ def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch
     (pilot,) = data["pilot"]
     assert pilot["name"] == "pilot: new recipe" and pilot["finished"] and pilot["probe_guided_rel_mse"] > 0
     assert data["teacher"]["classifier"]["fid"] > 0 and "inception" not in data["teacher"]
-    (row,) = [e for e in data["final"] if e["steps"] == 12]
+    row, rank0 = sorted((e for e in data["final"] if e["steps"] == 12), key=lambda e: -e["rank"])
     assert row["name"] == "RobuQ + AMPN W1.58A2" and row["ampn"] is True and row["samples"] == 20
+    assert row["rank"] == 16 and row["seeds"] == [0] and row["seeds_fid"]["0"]["classifier"] == row["classifier"]["fid"]
+    assert rank0["name"] == "RobuQ W1.58A4 rank 0" and rank0["rank"] == 0 and rank0["act_bits"] == 4
+    floor = data["teacher"]["vs_teacher_samples"]["classifier"]
+    assert floor["low"] <= floor["fid"] <= floor["high"]
+    assert row["vs_teacher_samples"]["classifier"]["fid"] > 0
+    assert "## FID against the teacher's own samples" in markdown and "| RobuQ W1.58A4 rank 0 | 0 |" in markdown
     c = row["classifier"]
     assert c["low"] <= c["fid"] <= c["high"] and c["ratio_low"] <= c["ratio"] <= c["ratio_high"]
     assert row["model"] == "convergence/models/robuq---ampn-w1-58a2.robuq.safetensors"
