@@ -602,11 +602,15 @@ def reference_images(config: ConvergenceConfig) -> np.ndarray:
 
 
 def score_all(config: ConvergenceConfig, work: Path) -> None:
-    """Sample every point whose checkpoint exists and cache its features in each space it is scored in."""
+    """Sample every point whose checkpoint exists (``--only``: the points of those rows) and cache its features
+    in each space it is scored in."""
     spaces = feature_extractors(config)
     for space, (extract, ident) in spaces.items():
         cached_features(work, f"reference-{ident}-{config.reference_images}", lambda: reference_images(config), extract)
+    wanted = {s.strip() for s in config.only.split(",")} if config.only else None
     for point in score_points(config, work):
+        if wanted is not None and point.name not in wanted:
+            continue
         npz = sample_point(config, work, point)
         if npz is None:
             print(f"[convergence] {point.key}: no checkpoint yet", flush=True)
@@ -678,6 +682,13 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
     for run in pilot_runs(config) + headline_runs(config) + control_runs(config, work) + rank_runs(config):
         keep_run_files(config, work, run)  # runs trained before their files were kept, or stopped early
     points = score_points(config, work)
+    unscored = unscored_points(config, work, points)
+    if unscored:
+        # A new machine's work directory has the kept samples but not their features: a report from it would
+        # drop every row already reported. Score first (--stage score), then report.
+        print(f"[convergence] not writing the report: {len(unscored)} kept sample sets have no features here yet "
+              f"({', '.join(unscored[:4])}…); run --stage score first", flush=True)
+        return
     scores = {space: resampled_scores(config, work, points, space) for space in ("classifier", "inception")}
     final, curves, comparisons = [], {}, []
     for p in points:
@@ -732,6 +743,15 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
                "settings": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("stage", "only")}}
     write_result("convergence", payload, markdown(payload, config), results, argv)
     plot(payload, config, results / "convergence.png")
+
+
+def unscored_points(config: ConvergenceConfig, work: Path, points: list[Point]) -> list[str]:
+    """Points whose samples the results keep but whose features this work directory lacks, in a space they
+    are scored in."""
+    spaces = [("classifier", True), ("inception-adm", None)] if config.inception else [("classifier", True)]
+    return [p.key for p in points if kept_samples(config, p).is_file()
+            and any((need or p.inception) and not (work / "features" / f"{p.key}-{ident}.npy").is_file()
+                    for ident, need in spaces)]
 
 
 def probe_over_runs(probe_curves: dict[str, list[dict]], steps: list[int]) -> list[dict]:

@@ -716,6 +716,10 @@ def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch
     assert "## Claims, read from the measurements" in markdown
     assert row["threads"] == ["1"] and "RobuQ + AMPN W1.58A2: 1" in markdown
     assert (results / "convergence.png").stat().st_size > 0
+    next((work / "features").glob("robuq---ampn-w1-58a2-step12-*-classifier.npy")).unlink()  # a new machine's state
+    before = (results / "convergence.json").read_text()
+    convergence.main(["--stage", "report", *common])
+    assert (results / "convergence.json").read_text() == before  # a report that would drop scored rows is not written
 
 
 def test_gpu_check_references_never_enter_a_kernel(monkeypatch):
