@@ -32,6 +32,20 @@ def test_every_option_of_every_command_has_a_help_text():
     assert not undocumented, undocumented
 
 
+def test_no_help_ends_in_a_default_of_none():
+    """An option whose default is None says in its help what happens without it, not "(default: None)"."""
+    for path, parser in _subparsers(build_parser()):
+        assert "(default: None)" not in parser.format_help(), f"robuq {' '.join(path)} --help"
+
+
+def test_only_rank_0_says_what_a_job_wrote(tmp_path, capsys, monkeypatch):
+    args = ["quantize", "--act-bits", "4", "--out", str(tmp_path / "q.safetensors")]
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 0 and "wrote" not in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "0")
+    assert main(args) == 0 and "wrote" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command, cls", [
     (["train"], "robuq.train.trainer:TrainConfig"), (["qat"], "robuq.train.qat:QATConfig"),
     (["ampn", "run"], "robuq.ampn.pipeline:AMPNConfig"), (["run"], "robuq.cli.quickstart:QuickstartConfig"),

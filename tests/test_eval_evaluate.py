@@ -51,3 +51,17 @@ def test_cli_and_clear_errors(tmp_path, fmnist_dir, classifier, capsys):
     assert "absent.pth not found" in capsys.readouterr().err
     assert main(["eval", "metrics", "--samples", str(samples), "--protocol", "adm"]) == 2
     assert "--extractor inception" in capsys.readouterr().err
+
+
+def test_too_few_samples_are_named_instead_of_scipys_warnings(tmp_path, fmnist_dir, classifier, capsys):
+    import warnings
+
+    samples = _test_split_as_samples(fmnist_dir, tmp_path / "s.npz")
+    with np.load(samples) as data:
+        np.savez(tmp_path / "ten.npz", arr_0=data["arr_0"][:10])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither SciPy's "Matrix is singular" nor PyTorch's read-only array warning
+        assert main(["eval", "metrics", "--samples", str(tmp_path / "ten.npz"), "--classifier", classifier,
+                     "--data-dir", str(fmnist_dir), "--cache-dir", str(tmp_path / "c"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "10 samples are no more than the" in err and "Inception Score" in err

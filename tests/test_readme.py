@@ -25,3 +25,11 @@ def test_ci_runs_the_readme_test_command():
     test_command = _shell_blocks(setup)[1]
     ci = ROOT.joinpath(".ci", "run").read_text()
     assert test_command in ci.splitlines(), f"{test_command!r} is not a line of .ci/run"
+
+
+def test_the_python_example_runs_as_written(tmp_path, monkeypatch):
+    text = ROOT.joinpath("README.md").read_text().split("## In Python", 1)[1]
+    example = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    assert (tmp_path / "t4-w158a3.safetensors").is_file() and (tmp_path / "t4-w158a3.robuq.safetensors").is_file()

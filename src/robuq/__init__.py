@@ -4,6 +4,7 @@ Importing robuq also registers its C and Triton kernels as back-ends of the quan
 (``robuq.kernels``); nothing else happens at import.
 """
 import robuq.kernels  # noqa: F401  (registers the kernels' back-ends)
+from robuq.core.runtime import default_teacher_path as shipped_teacher
 from robuq.core.version import __version__  # noqa: F401
 from robuq.data.image_stream import StreamingImageFolder
 from robuq.data.latents import LatentDataset
@@ -29,5 +30,5 @@ __all__ = [
     "LinearQuantConfig", "PlanError", "QuantConfig", "QuantRule", "StreamingImageFolder", "TrainConfig", "cost_summary",
     "create_diffusion", "create_dit", "encode_latents", "export_model", "generate", "load_any", "load_dit",
     "load_exported", "load_quantized", "load_vae", "preset", "quantize_", "register_diffusers", "register_preset",
-    "resolve_policy", "save_quantized", "train",
+    "resolve_policy", "save_quantized", "shipped_teacher", "train",
 ]

@@ -45,7 +45,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: Colle
         else:
             parser.add_argument("--" + field.name.replace("_", "-"), dest=_dest(path), type=_scalar_type(hints[field.name]),
                                 default=value, choices=choices, metavar=None if choices else field.name.upper(),
-                                help=f"{text} (default: %(default)s)")
+                                help=text if value is None or "default" in text else f"{text} (default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace, cls: type, defaults: Any = None, _prefix: str = "") -> Any:

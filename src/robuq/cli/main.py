@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -42,21 +43,21 @@ def _job(sub: argparse._SubParsersAction, name: str, help: str, config: type, ru
 def _run_train(config, args) -> int:
     from robuq.train.trainer import train
 
-    print(f"wrote {train(config, resume=args.resume, until=args.until, progress=not args.no_progress)}")
+    _say(f"wrote {train(config, resume=args.resume, until=args.until, progress=not args.no_progress)}")
     return 0
 
 
 def _run_qat(config, args) -> int:
     from robuq.train.qat import qat
 
-    print(f"wrote {qat(config, resume=args.resume, until=args.until, progress=not args.no_progress)}")
+    _say(f"wrote {qat(config, resume=args.resume, until=args.until, progress=not args.no_progress)}")
     return 0
 
 
 def _run_latents(config, args) -> int:
     from robuq.data.encode_latents import encode_latents
 
-    print(f"wrote {encode_latents(config, progress=not args.no_progress)}")
+    _say(f"wrote {encode_latents(config, progress=not args.no_progress)}")
     return 0
 
 
@@ -74,14 +75,14 @@ def _run_ampn_allocate(config, args) -> int:
 
     plan, path = allocate_from_file(config)
     print(format_plan(plan))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    _say(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 
 
 def _run_ampn_run(config, args) -> int:
     from robuq.ampn.pipeline import ampn_run
 
-    print(f"wrote {ampn_run(config, progress=not args.no_progress, until=args.until)}")
+    _say(f"wrote {ampn_run(config, progress=not args.no_progress, until=args.until)}")
     return 0
 
 
@@ -124,7 +125,7 @@ def _run_quantize(config, args) -> int:
 
     model, path = quantize_checkpoint(config)
     print(cost_summary(model).format(per_module=False))
-    print(f"wrote {path}")
+    _say(f"wrote {path}")
     return 0
 
 
@@ -147,7 +148,7 @@ def _run_export(config, args) -> int:
     from robuq.io.model_files import export_file
 
     path, model = export_file(config)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+    _say(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
     if config.report:
         report = file_report(path)
         for kind, size in report["groups"].items():
@@ -159,21 +160,30 @@ def _run_export(config, args) -> int:
 
 # ---------------------------------------------------------------- evaluation
 
+def _say(text: str) -> None:
+    """Print once per job: under torchrun, only rank 0 reports what the job wrote."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text)
+
+
 def _run_eval_metrics(config, args) -> int:
     from robuq.core.files import atomic_write_text
     from robuq.eval.evaluate import evaluate
 
-    text = json.dumps(evaluate(config), indent=2)
+    result = evaluate(config)
+    text = json.dumps(result, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")
     print(text)
+    for warning in result["warnings"]:
+        print(f"robuq eval metrics: {warning}", file=sys.stderr)
     return 0
 
 
 def _run_eval_ref_stats(config, args) -> int:
     from robuq.eval.adm import write_reference_batch_from
 
-    print(f"wrote {write_reference_batch_from(config, progress=not args.no_progress)}")
+    _say(f"wrote {write_reference_batch_from(config, progress=not args.no_progress)}")
     return 0
 
 

@@ -23,7 +23,7 @@ from robuq.core.options import option
 from robuq.models.checkpoint import load_dit
 from robuq.io.quantized import load_quantized
 from robuq.core.runtime import default_teacher_path
-from robuq.sample.generate import generate, save_comparison, save_grid, to_uint8
+from robuq.sample.generate import generate, row_names, save_comparison, save_grid, to_uint8
 from robuq.precision.plan import BitPlan
 from robuq.train.qat import QATConfig
 
@@ -67,11 +67,11 @@ def run_quickstart(config: QuickstartConfig, progress: bool = True) -> dict:
     for name, model in (("teacher", teacher), ("quantized", student)):
         images = generate(model, labels, n, config.sampler, config.sample_steps, config.cfg_scale, qat.seed, progress=progress)
         pixels[name] = to_uint8(images)
-        grids[name] = save_grid(pixels[name], out / f"{name}_grid.png", columns)
+        grids[name] = save_grid(pixels[name], out / f"{name}_grid.png", columns, row_labels=row_names(teacher))
     compare = save_comparison({"teacher (full precision)": pixels["teacher"], "W1.58, AMPN activation bits": pixels["quantized"]},
                               out / "compare.png", columns,
                               f"{qat.preset} W1.58, AMPN at a {ampn.budget:g}-bit budget, {qat.steps} QAT steps: "
-                              f"same noise and labels, a row per class")
+                              f"same noise and labels, a row per class", row_labels=row_names(teacher))
 
     plan = BitPlan.load(out / "ampn" / "plan.json")
     cost_q, cost_fp = cost_summary(student), cost_summary(teacher)

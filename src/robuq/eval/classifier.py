@@ -49,7 +49,7 @@ class FashionClassifier(nn.Module):
 def to_classifier_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC (RGB or gray, any size) or float NCHW in [−1, 1] → float (N, 1, 28, 28) in [−1, 1]."""
     if isinstance(images, np.ndarray):
-        x = torch.from_numpy(images).float()
+        x = torch.tensor(images, dtype=torch.float32)  # a copy: read-only arrays (np.load) stay untouched
         x = x.mean(dim=-1) if x.dim() == 4 else x  # RGB replicated from gray → gray
         x = (x / 127.5 - 1).unsqueeze(1)
     else:

@@ -157,6 +157,19 @@ def paired_psnr(a: NpzImages, b: NpzImages, batch_size: int) -> float:
     return psnr_of_mse(squared / count)
 
 
+def small_sample_warnings(count: int, feature_dims: int) -> list[str]:
+    """What a sample count too small for the metrics does to them, said instead of SciPy's warnings."""
+    said = []
+    if count <= feature_dims:
+        said.append(f"{count} samples are no more than the {feature_dims} feature dimensions: their covariance is "
+                    "singular, so FID and sFID are biased upwards and not comparable with published figures (those use "
+                    "10,000 or 50,000 samples)")
+    if count < 1000:
+        said.append(f"the Inception Score splits {count} samples into chunks of {max(1, count // 10)}: it is close to 1 "
+                    "whatever the model, not a measurement (use 1,000 or more)")
+    return said
+
+
 def evaluate(config: EvalConfig) -> dict:
     """The metrics of ``config.samples`` against ``config.reference``, under the protocol ``config`` resolves to."""
     extractor, protocol = resolve(config)
@@ -182,6 +195,7 @@ def evaluate(config: EvalConfig) -> dict:
         "num_samples": len(samples), "num_reference": len(ref["pool"]), "extractor": extractor_id, "protocol": protocol,
         "reference_statistics": "stored in the reference file" if stored else f"from {len(ref['pool'])} reference images",
     }
+    result["warnings"] = small_sample_warnings(len(samples), gen["pool"].shape[1])
     if is_mean is None:
         from robuq.eval.inception_weights import NEEDS_FC, resolve_weights
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -73,7 +74,11 @@ class StatsAccumulator:
 
 def _sqrtm(matrix: np.ndarray) -> np.ndarray:
     # SciPy < 1.16 returned (sqrtm, error) with disp=False; newer releases return the matrix alone.
-    result = linalg.sqrtm(matrix)
+    with warnings.catch_warnings():
+        # Singular covariances (fewer samples than features) are expected here; the evaluation says what they
+        # mean for the number, in words, instead of SciPy's "Matrix is singular".
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        result = linalg.sqrtm(matrix)
     return result[0] if isinstance(result, tuple) else result
 
 

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from robuq.core.files import atomic_write
 from robuq.core.runtime import PRECISIONS, precision_context
+from robuq.data.fashion_mnist import CLASS_NAMES
 from robuq.diffusion.gaussian import create_diffusion
 from robuq.models.dit import DiT
 
@@ -107,10 +108,40 @@ def _save(picture: Image.Image, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
-def save_grid(images: np.ndarray, path: str | Path, columns: int, scale: int = 2, pad: int = 2) -> Path:
-    """Tile uint8 NHWC images into one PNG, ``columns`` per row, each enlarged ``scale`` times."""
+def row_names(model) -> list[str] | None:
+    """A class-conditional model's class names for the rows of its grids: Fashion-MNIST's for a 10-class
+    grey-image DiT (the models robuq ships and trains), "class k" for any other, None when unconditional."""
+    count = getattr(model, "num_classes", 0)
+    if not count:
+        return None
+    return list(CLASS_NAMES) if count == len(CLASS_NAMES) and getattr(model, "in_channels", 0) == 1 else [
+        f"class {k}" for k in range(count)]
+
+
+def _label_rows(picture: Image.Image, labels: list[str], row_height: int, top: int = 0) -> Image.Image:
+    """``picture`` with a white margin on the left holding each row's label, centred on its row."""
+    from PIL import ImageDraw
+
+    font = _font(12)
+    margin = max(int(font.getlength(label)) for label in labels) + 8
+    canvas = Image.new(picture.mode, (picture.width + margin, picture.height), "white")
+    canvas.paste(picture, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    ink = 0 if canvas.mode == "L" else (0, 0, 0)
+    for r, label in enumerate(labels):
+        draw.text((4, top + r * row_height + row_height // 2 - 7), label, fill=ink, font=font)
+    return canvas
+
+
+def save_grid(images: np.ndarray, path: str | Path, columns: int, scale: int = 2, pad: int = 2,
+              row_labels: list[str] | None = None) -> Path:
+    """Tile uint8 NHWC images into one PNG, ``columns`` per row, each enlarged ``scale`` times; ``row_labels``
+    name the rows in a left margin."""
     picture = _picture(tile(images, columns, pad))
-    return _save(picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST), path)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    if row_labels:
+        picture = _label_rows(picture, row_labels, (images.shape[1] + pad) * scale, pad * scale)
+    return _save(picture, path)
 
 
 def _font(size: int):
@@ -122,9 +153,10 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def save_comparison(panels: dict[str, np.ndarray], path: str | Path, columns: int, title: str, scale: int = 2) -> Path:
-    """Grids of the same noise and labels side by side, each headed by its name, under a title: one PNG a
-    reader can tell the models apart in."""
+def save_comparison(panels: dict[str, np.ndarray], path: str | Path, columns: int, title: str, scale: int = 2,
+                    row_labels: list[str] | None = None) -> Path:
+    """Grids of the same noise and labels side by side, each headed by its name, under a title (and each row
+    named by ``row_labels`` on the left): one PNG a reader can tell the models apart in."""
     from PIL import ImageDraw
 
     grids = [_picture(tile(images, columns)) for images in panels.values()]
@@ -140,4 +172,7 @@ def save_comparison(panels: dict[str, np.ndarray], path: str | Path, columns: in
         draw.text((x + 4, line + 3), name, fill=ink, font=font)
         canvas.paste(grid, (x, 2 * line))
         x += grid.width + gap
+    if row_labels:
+        first = next(iter(panels.values()))
+        canvas = _label_rows(canvas, row_labels, (first.shape[1] + 2) * scale, 2 * line + 2 * scale)
     return _save(canvas, path)

@@ -15,7 +15,7 @@ from robuq.io.model_files import load_any
 from robuq.data.vae import decode, load_vae, vae_geometry
 from robuq.sample.at_scale import sample_shards
 from robuq.models.families import model_family
-from robuq.sample.generate import generate, save_grid, to_uint8
+from robuq.sample.generate import generate, row_names, save_grid, to_uint8
 from robuq.sample.text_to_image import sample_text_to_image
 
 CLASS_CONDITIONAL = ("dit", "diffusers")  # the families robuq samples with its own diffusion code
@@ -113,4 +113,5 @@ def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Pa
     out.mkdir(parents=True, exist_ok=True)
     npz = out / "samples.npz"
     save_npz(npz, arr_0=pixels, labels=labels.numpy() if labels is not None else np.zeros(n, dtype=np.int64))
-    return {"grid": save_grid(pixels, out / "grid.png", columns), "npz": npz}
+    names = row_names(model) if labels is not None else None
+    return {"grid": save_grid(pixels, out / "grid.png", columns, row_labels=names), "npz": npz}
