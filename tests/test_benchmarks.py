@@ -404,8 +404,59 @@ def test_gpu_check_skips_cleanly_without_cuda(tmp_path, capsys, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _load("gpu_check").main([]) == 0
-    assert "skipped" in capsys.readouterr().out
+    assert _load("gpu_check").main(["--out", str(tmp_path / "check")]) == 0
+    assert "skipped" in capsys.readouterr().out and not (tmp_path / "check").exists()
+
+
+def test_gpu_check_keeps_every_other_section_when_one_fails(tmp_path, monkeypatch):
+    """A CPU rehearsal of every section at tiny size, one made to fail: the others' results are on disk, the
+    failure is recorded with its traceback, and the summary answers from what ran."""
+    pytest.importorskip("diffusers")
+    gpu_check = _load("gpu_check")
+
+    def broken(config, device):
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    sections = [(n, broken if n == "sampling" else f, limit) for n, f, limit in gpu_check.SECTIONS]
+    monkeypatch.setattr(gpu_check, "SECTIONS", sections)
+    out = tmp_path / "check"
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--no-tests", "--out", str(out)]) == 0
+    failed = json.loads((out / "sampling.json").read_text())
+    assert failed["status"] == "error" and "injected" in failed["traceback"]
+    for name, _, _ in sections:
+        assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file()
+        if name != "sampling":
+            assert json.loads((out / f"{name}.json").read_text())["status"] == "ok", name
+    correct = json.loads((out / "kernels_correct.json").read_text())["result"]
+    assert correct["pass"] and all(r["relative_error"] < 1e-5 for r in correct["rows"] if "relative_error" in r)
+    qat = json.loads((out / "qat_step.json").read_text())["result"]["rows"]
+    assert {r["grad_checkpoint"] for r in qat} == {False, True} and all(r["ema"] and r["loss"] == "mix" for r in qat)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdicts"]["correct"] == "yes" and summary["sections"]["sampling"] == "error"
+    assert "gpu_check: sampling: error" in (out / "stdout.txt").read_text()
+
+
+def test_gpu_check_stops_before_its_budget_and_limits_each_section(tmp_path, monkeypatch):
+    import time
+
+    gpu_check = _load("gpu_check")
+    slow = lambda config, device: time.sleep(30)  # noqa: E731
+    monkeypatch.setattr(gpu_check, "SECTIONS", [("stuck", slow, 1), ("next", lambda c, d: time.sleep(3) or {"rows": []}, 20),
+                                                ("late", lambda c, d: {}, 20)])
+    out = tmp_path / "check"
+    start = time.perf_counter()
+    gpu_check.main(["--device", "cpu", "--tiny", "--out", str(out), "--budget-s", "22"])
+    assert time.perf_counter() - start < 10
+    assert "limit" in json.loads((out / "stuck.json").read_text())["error"]
+    assert json.loads((out / "next.json").read_text())["status"] == "ok"
+    assert json.loads((out / "late.json").read_text())["status"] == "skipped"  # under 20 s of budget were left
+
+
+def test_gpu_check_errors_are_relative_to_the_reference_scale():
+    gpu_check = _load("gpu_check")
+    reference = torch.tensor([1e-6, -2e-6, 0.0])
+    assert gpu_check.relative_error(reference * (1 + 1e-7), reference) < 1e-6  # tiny outputs: a tiny relative error
+    assert gpu_check.relative_error(reference + 1e-6, reference) == pytest.approx(0.5)
 
 
 def test_deploy_times_every_gemm_path_and_tabulates_them(tmp_path):
