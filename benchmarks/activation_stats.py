@@ -10,6 +10,7 @@ Because H is orthogonal, the error measured in the rotated basis equals the erro
     python benchmarks/activation_stats.py   # → results/activation_stats.{json,md,png}
     python benchmarks/activation_stats.py --ckpt tiny.safetensors --images 4 --timesteps 100,900 --data-dir DIR   # a check
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -54,7 +55,11 @@ def collect(model, images, labels, timesteps, seed: int) -> dict[str, torch.Tens
     hooks = []
     for name, module in model.named_modules():
         if name.endswith(ROLES) and name.startswith("blocks."):
-            hooks.append(module.register_forward_hook(lambda m, a, o, n=name: captured[n].append(a[0].reshape(-1, a[0].shape[-1]))))
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, a, o, n=name: captured[n].append(a[0].reshape(-1, a[0].shape[-1]))
+                )
+            )
     diffusion = create_diffusion(learn_sigma=model.out_channels != model.in_channels)
     g = torch.Generator().manual_seed(seed)
     try:
@@ -109,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
 
     keys = ["kurtosis", "max_over_std"] + [f"mse_a{b}_{r}" for b in (2, 3, 4) for r in ("minmax", "gaussian")]
     bases = ("before", "after", "after_signs")
-    by_role = {role: {f"{k}_{basis}": mean_over(role, f"{k}_{basis}") for k in keys for basis in bases} for role in ROLES}
+    by_role = {
+        role: {f"{k}_{basis}": mean_over(role, f"{k}_{basis}") for k in keys for basis in bases} for role in ROLES
+    }
     lines = [
         "Per-role means over layers of the per-layer median token statistic (kurtosis, max/σ) and of the relative "
         "quantization MSE (error power ÷ token variance). Gaussian tokens have excess kurtosis 0. Each cell reads "
@@ -124,15 +131,27 @@ def main(argv: list[str] | None = None) -> None:
 
     for role, r in by_role.items():
         quant_cells = [cell(r, f"mse_a{b}_{rule}", ".4f") for b in (2, 3, 4) for rule in ("minmax", "gaussian")]
-        lines.append(f"| {role} | {cell(r, 'kurtosis', '.2f')} | {cell(r, 'max_over_std', '.1f')} | " + " | ".join(quant_cells) + " |")
+        lines.append(
+            f"| {role} | {cell(r, 'kurtosis', '.2f')} | {cell(r, 'max_over_std', '.1f')} | "
+            + " | ".join(quant_cells)
+            + " |"
+        )
     figure = Path(config.results_dir) / "activation_stats.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
     plot(pooled, acts, figure)
     write_result(
         "activation_stats",
-        {"ckpt": str(config.ckpt or default_teacher_path().name), "images": config.images, "timesteps": timesteps,
-         "by_role": by_role, "per_layer": per_layer, "figure": figure.name},
-        "\n".join(lines) + f"\n\n![histograms]({figure.name})", figure.parent, invocation(__file__, argv),
+        {
+            "ckpt": str(config.ckpt or default_teacher_path().name),
+            "images": config.images,
+            "timesteps": timesteps,
+            "by_role": by_role,
+            "per_layer": per_layer,
+            "figure": figure.name,
+        },
+        "\n".join(lines) + f"\n\n![histograms]({figure.name})",
+        figure.parent,
+        invocation(__file__, argv),
     )
     print("\n".join(lines))
 
@@ -156,13 +175,16 @@ def plot(pooled, acts, path) -> None:
     x = acts[name]
     token = token_stats(x)["kurtosis"].argmax()
     signs = random_signs(x.shape[1], 0)
-    shown = ((x[token], "tab:red", BASIS_LABELS["before"]), (hadamard_transform(x[token]), "tab:orange", BASIS_LABELS["after"]),
-             (hadamard_transform(x[token], signs), "tab:blue", BASIS_LABELS["after_signs"]))
+    shown = (
+        (x[token], "tab:red", BASIS_LABELS["before"]),
+        (hadamard_transform(x[token]), "tab:orange", BASIS_LABELS["after"]),
+        (hadamard_transform(x[token], signs), "tab:blue", BASIS_LABELS["after_signs"]),
+    )
     for tensor, colour, label in shown:
         z = ((tensor - tensor.mean()) / tensor.std()).numpy()
         axes[2].hist(z, bins=80, alpha=0.5, color=colour, label=label, density=True)
     grid = np.linspace(-5, 5, 200)
-    axes[2].plot(grid, np.exp(-grid**2 / 2) / np.sqrt(2 * np.pi), "k--", label="N(0, 1)")
+    axes[2].plot(grid, np.exp(-(grid**2) / 2) / np.sqrt(2 * np.pi), "k--", label="N(0, 1)")
     axes[2].set(title=f"most heavy-tailed token of {name}", xlabel="standardised value", xlim=(-8, 8))
     for ax in axes:
         ax.legend()

@@ -12,6 +12,7 @@ process of each, in alternating order; the ratio new ÷ old is taken per round a
 the spread, so that a machine that slows for a while slows both sides of a ratio. Every process also
 hashes its output: both versions must give the same bits.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,12 @@ def run_worker(source: Path, job: str, path: Path, config: CodeABConfig, threads
     env = setting_environment(setting)
     env["PYTHONPATH"] = str(source) + os.pathsep + env.get("PYTHONPATH", "")
     last = str(config.act_bits if job == "export" else config.repeats)
-    out = subprocess.run([sys.executable, "-c", WORKER, job, str(path), config.model, str(threads),
-                          str(Path(__file__).parent), last], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, job, str(path), config.model, str(threads), str(Path(__file__).parent), last],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if out.returncode:
         raise SystemExit(f"the {job} worker failed under {source}:\n{out.stderr[-3000:]}")
     if job == "export":
@@ -96,31 +101,52 @@ def compare(config: CodeABConfig, base_src: Path, new_src: Path, path: Path) -> 
             for r in range(config.rounds):
                 order = ("old", "new") if r % 2 == 0 else ("new", "old")
                 for version in order:
-                    runs[version].append(run_worker(base_src if version == "old" else new_src, "time", path, config,
-                                                    threads, setting))
+                    runs[version].append(
+                        run_worker(base_src if version == "old" else new_src, "time", path, config, threads, setting)
+                    )
             ratios = [n["ms"] / o["ms"] for n, o in zip(runs["new"], runs["old"])]
             hashes = {v: sorted({r["output_sha256"] for r in runs[v]}) for v in runs}
-            rows.append({"setting": setting, "threads": threads, "rounds": config.rounds,
-                         "old_ms": [r["ms"] for r in runs["old"]], "new_ms": [r["ms"] for r in runs["new"]],
-                         "ratio_rounds": ratios, "ratio_median": statistics.median(ratios),
-                         "same_output": hashes["old"] == hashes["new"] and len(hashes["old"]) == 1,
-                         "output_sha256": hashes})
-            print(f"[code_ab] {setting}, {threads} threads: new ÷ old {rows[-1]['ratio_median']:.3f} "
-                  f"({min(ratios):.3f}–{max(ratios):.3f}), same output: {rows[-1]['same_output']}", flush=True)
+            rows.append(
+                {
+                    "setting": setting,
+                    "threads": threads,
+                    "rounds": config.rounds,
+                    "old_ms": [r["ms"] for r in runs["old"]],
+                    "new_ms": [r["ms"] for r in runs["new"]],
+                    "ratio_rounds": ratios,
+                    "ratio_median": statistics.median(ratios),
+                    "same_output": hashes["old"] == hashes["new"] and len(hashes["old"]) == 1,
+                    "output_sha256": hashes,
+                }
+            )
+            print(
+                f"[code_ab] {setting}, {threads} threads: new ÷ old {rows[-1]['ratio_median']:.3f} "
+                f"({min(ratios):.3f}–{max(ratios):.3f}), same output: {rows[-1]['same_output']}",
+                flush=True,
+            )
     return rows
 
 
 def markdown(rows: list[dict], config: CodeABConfig, base: str, head: str) -> str:
-    what = (f"`{config.export}`" if config.export else
-            f"Exported {config.model} (robuq preset, A{config.act_bits}), written by the base's code")
-    lines = [f"{what}, loaded by both versions; forward of batch 8. old = `{base[:12]}`, new = `{head[:12]}` (uncommitted changes "
-             f"included where there were any). Per process: median of {config.repeats} forwards; ratio: new ÷ old per "
-             "round, median (lowest–highest round).", "",
-             "| setting | threads | old ms (median) | new ms (median) | new ÷ old | same output bits |", "|---|---|---|---|---|---|"]
+    what = (
+        f"`{config.export}`"
+        if config.export
+        else f"Exported {config.model} (robuq preset, A{config.act_bits}), written by the base's code"
+    )
+    lines = [
+        f"{what}, loaded by both versions; forward of batch 8. old = `{base[:12]}`, new = `{head[:12]}` (uncommitted changes "
+        f"included where there were any). Per process: median of {config.repeats} forwards; ratio: new ÷ old per "
+        "round, median (lowest–highest round).",
+        "",
+        "| setting | threads | old ms (median) | new ms (median) | new ÷ old | same output bits |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['threads']} | {statistics.median(r['old_ms']):.1f} | "
-                     f"{statistics.median(r['new_ms']):.1f} | **{r['ratio_median']:.3f}** ({min(r['ratio_rounds']):.3f}–"
-                     f"{max(r['ratio_rounds']):.3f}) | {'yes' if r['same_output'] else 'NO'} |")
+        lines.append(
+            f"| {r['setting']} | {r['threads']} | {statistics.median(r['old_ms']):.1f} | "
+            f"{statistics.median(r['new_ms']):.1f} | **{r['ratio_median']:.3f}** ({min(r['ratio_rounds']):.3f}–"
+            f"{max(r['ratio_rounds']):.3f}) | {'yes' if r['same_output'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
@@ -141,10 +167,20 @@ def main(argv: list[str] | None = None) -> None:
             rows = compare(config, tree / "src", ROOT / "src", path)
         finally:
             git("worktree", "remove", "--force", str(tree))
-    payload = {"base": base, "head": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "src")),
-               "rows": rows, "settings": {k: getattr(config, k) for k in config.__dataclass_fields__}}
-    write_result(config.name, payload, markdown(rows, config, base, payload["head"]),
-                 Path(config.results_dir) if config.results_dir else None, invocation(__file__, argv))
+    payload = {
+        "base": base,
+        "head": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "src")),
+        "rows": rows,
+        "settings": {k: getattr(config, k) for k in config.__dataclass_fields__},
+    }
+    write_result(
+        config.name,
+        payload,
+        markdown(rows, config, base, payload["head"]),
+        Path(config.results_dir) if config.results_dir else None,
+        invocation(__file__, argv),
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """What every benchmark records beside its numbers: the machine, the exact command and the date."""
+
 from __future__ import annotations
 
 import datetime
@@ -37,8 +38,15 @@ def create_model(name: str, input_size: int = 32) -> DiT:
 
 # Environment variables that hold PyTorch, oneDNN, MKL, fbgemm or robuq below what the CPU can do: a run
 # that sets them measured a forced, not a native, setting.
-FORCING = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS",
-           "ROBUQ_MARCH", "ROBUQ_GEMM", "ROBUQ_NATIVE")
+FORCING = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "FBGEMM_ENABLE_INSTRUCTIONS",
+    "ROBUQ_MARCH",
+    "ROBUQ_GEMM",
+    "ROBUQ_NATIVE",
+)
 
 
 # The CPU settings the speed benchmarks measure under, as environment variables of a fresh process (PyTorch
@@ -46,8 +54,13 @@ FORCING = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS
 # built for Haswell, which is what an AVX2-only CPU runs, on this CPU's cores.
 CPU_SETTINGS = {
     "native": {},
-    "avx2-forced": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-                    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ROBUQ_MARCH": "haswell"},
+    "avx2-forced": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+        "ROBUQ_MARCH": "haswell",
+    },
 }
 
 
@@ -63,12 +76,16 @@ def machine() -> dict:
     from robuq.deploy import gemm
 
     info = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_model": gemm.cpu_model(), "cpu_isa": sorted(gemm.cpu_flags()),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_model": gemm.cpu_model(),
+        "cpu_isa": sorted(gemm.cpu_flags()),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "robuq_gemm": {**gemm.cpu_capability().to_dict(), "chosen": gemm.auto_path()},
         "forced": {k: os.environ[k] for k in FORCING if k in os.environ},
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
     }
     if torch.cuda.is_available():
@@ -76,7 +93,9 @@ def machine() -> dict:
     return info
 
 
-def time_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, device: str = "cpu", clock: str = "wall") -> float:
+def time_ms(
+    fn: Callable[[], object], repeats: int = 7, warmup: int = 2, device: str = "cpu", clock: str = "wall"
+) -> float:
     """Median time of ``fn`` in milliseconds (median: the machine is shared and noisy): wall time, or with
     ``clock="cpu"`` the process's CPU time, which other processes on a crowded machine do not inflate (at
     one thread it is the latency the machine alone would give)."""
@@ -109,7 +128,9 @@ def header(name: str, provenance: dict) -> str:
     return f"# {name}\n\n`{provenance['command']}` on {provenance['date']}\n\nmachine: {json.dumps(provenance['machine'])}\n\n"
 
 
-def write_result(name: str, payload: dict, markdown: str, out: Path | None = None, argv: list[str] | None = None) -> Path:
+def write_result(
+    name: str, payload: dict, markdown: str, out: Path | None = None, argv: list[str] | None = None
+) -> Path:
     """results/<name>.json (payload + provenance) and results/<name>.md (the table a person reads);
     ``argv`` is the command that ran it (``invocation``), by default the process's."""
     out = out or ROOT / "results"

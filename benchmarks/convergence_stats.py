@@ -5,6 +5,7 @@ interval on each FID, each ratio to the teacher and each difference between rows
 between two seeds of one pipeline, and, for AMPN against chance, a Welch t-interval over runs. Everything
 here is a pure function of features or of the scores derived from them.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,11 @@ TARGETS = {4: 1.2, 3: 1.5, 2: 2.0}
 
 
 def fmt_interval(entry: dict, key: str = "fid", digits: int = 2) -> str:
-    low, high = {"fid": ("low", "high"), "ratio": ("ratio_low", "ratio_high"),
-                 "difference": ("difference_low", "difference_high")}[key]
+    low, high = {
+        "fid": ("low", "high"),
+        "ratio": ("ratio_low", "ratio_high"),
+        "difference": ("difference_low", "difference_high"),
+    }[key]
     return f"{entry[key]:.{digits}f} [{entry[low]:.{digits}f}, {entry[high]:.{digits}f}]"
 
 
@@ -109,7 +113,7 @@ def noise_for(c: dict, noise: dict[tuple[int, str], float]) -> float | None:
 
 
 def read_difference(c: dict, noise: dict[tuple[int, str], float]) -> str:
-    """"a ahead" or "b ahead" only when the difference is outside the sample interval and larger than the
+    """ "a ahead" or "b ahead" only when the difference is outside the sample interval and larger than the
     training noise; otherwise a tie, saying which noise it is inside. Lower FID is better."""
     if c["difference_low"] <= 0 <= c["difference_high"]:
         return "tie (inside the sample noise)"
@@ -157,13 +161,24 @@ def means_over_runs(groups: dict[tuple[int, str], dict]) -> list[dict]:
                 continue  # no spread between runs measured: nothing to read the gap against
             difference = float(np.mean(ampn) - np.mean(other))
             se = math.sqrt(va + vb)
-            df = (va + vb) ** 2 / (va ** 2 / (len(ampn) - 1) + vb ** 2 / (len(other) - 1))
+            df = (va + vb) ** 2 / (va**2 / (len(ampn) - 1) + vb**2 / (len(other) - 1))
             half = float(stats.t.ppf(0.975, df)) * se
-            out.append({"step": step, "space": space, "control": control, "ampn_runs": len(ampn),
-                        "control_runs": len(other), "ampn_mean": float(np.mean(ampn)),
-                        "control_mean": float(np.mean(other)), "difference": difference,
-                        "difference_low": difference - half, "difference_high": difference + half, "df": df,
-                        "runs_to_resolve": runs_to_resolve(difference, ampn, other)})
+            out.append(
+                {
+                    "step": step,
+                    "space": space,
+                    "control": control,
+                    "ampn_runs": len(ampn),
+                    "control_runs": len(other),
+                    "ampn_mean": float(np.mean(ampn)),
+                    "control_mean": float(np.mean(other)),
+                    "difference": difference,
+                    "difference_low": difference - half,
+                    "difference_high": difference + half,
+                    "df": df,
+                    "runs_to_resolve": runs_to_resolve(difference, ampn, other),
+                }
+            )
     return out
 
 
@@ -190,8 +205,14 @@ def read_over_runs(entry: dict) -> str:
     return "tie (inside the spread between runs)"
 
 
-def read_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps: int, targets: dict[str, float],
-                over_runs: list[dict] | None = None) -> list[dict]:
+def read_claims(
+    final: list[dict],
+    comparisons: list[dict],
+    teacher: dict,
+    steps: int,
+    targets: dict[str, float],
+    over_runs: list[dict] | None = None,
+) -> list[dict]:
     """The benchmark's criteria, each read from what was measured: "met", "missed", "tie" (the two are inside
     the noise) or "not measured yet", with the figures it rests on. ``targets``: row name → the largest ratio
     to the teacher's FID it may reach at ``steps``. AMPN against chance is read on the means over runs
@@ -209,8 +230,13 @@ def read_claims(final: list[dict], comparisons: list[dict], teacher: dict, steps
             claims.append({"claim": claim, "verdict": "not measured yet", "evidence": ""})
             continue
         met = all(row[s]["ratio"] <= target for s in spaces)
-        claims.append({"claim": claim, "verdict": "met" if met else "missed",
-                       "evidence": "; ".join(f"{s} {fmt_interval(row[s], 'ratio')}×" for s in spaces)})
+        claims.append(
+            {
+                "claim": claim,
+                "verdict": "met" if met else "missed",
+                "evidence": "; ".join(f"{s} {fmt_interval(row[s], 'ratio')}×" for s in spaces),
+            }
+        )
     claims.append(read_baseline_claim(comparisons, spaces))
     claims.append(read_chance_claim(over_runs or [], spaces))
     return claims
@@ -227,15 +253,20 @@ def read_baseline_claim(comparisons: list[dict], spaces: list[str]) -> dict:
     against the sample interval and the training noise (``read_difference``)."""
     claim = "RobuQ + AMPN ahead of the strong baseline at A2"
     ours = [c for c in comparisons if c["kind"] == "baseline"]
-    complete = [step for step in sorted({c["step"] for c in ours}, reverse=True)
-                if {c["space"] for c in ours if c["step"] == step} >= set(spaces)]
+    complete = [
+        step
+        for step in sorted({c["step"] for c in ours}, reverse=True)
+        if {c["space"] for c in ours if c["step"] == step} >= set(spaces)
+    ]
     ours = [c for c in ours if complete and c["step"] == complete[0]]
     if not ours or not spaces:
         return {"claim": claim, "verdict": "not measured yet", "evidence": ""}
     noise = training_noise(comparisons)
     readings = [read_difference(c, noise) for c in ours]
     verdict = verdict_of(readings, ahead="a ahead", behind="b ahead")
-    evidence = "; ".join(f"{c['comparison']}, {c['space']}: {c['difference']:+.2f} ({r})" for c, r in zip(ours, readings))
+    evidence = "; ".join(
+        f"{c['comparison']}, {c['space']}: {c['difference']:+.2f} ({r})" for c, r in zip(ours, readings)
+    )
     return {"claim": claim, "verdict": verdict, "evidence": evidence}
 
 
@@ -243,18 +274,28 @@ def read_chance_claim(over_runs: list[dict], spaces: list[str]) -> dict:
     """AMPN against the uniform plan and the shuffles of its plan, on the means over runs, at the step where
     both controls are measured in every space with the most runs on the thinner side (the later step on a
     tie): more runs at an earlier step say more than two at a later one."""
-    claim = ("AMPN's plan ahead of the uniform plan and of shuffles of its own plan at A2: the mean FID of its runs "
-             "lower, outside a 95% interval over runs")
+    claim = (
+        "AMPN's plan ahead of the uniform plan and of shuffles of its own plan at A2: the mean FID of its runs "
+        "lower, outside a 95% interval over runs"
+    )
     wanted = {(control, space) for control in ("uniform plan", "shuffled AMPN plan") for space in spaces}
-    complete = [step for step in {e["step"] for e in over_runs}
-                if {(e["control"], e["space"]) for e in over_runs if e["step"] == step} >= wanted]
-    thinnest = {step: min(min(e["ampn_runs"], e["control_runs"]) for e in over_runs if e["step"] == step) for step in complete}
+    complete = [
+        step
+        for step in {e["step"] for e in over_runs}
+        if {(e["control"], e["space"]) for e in over_runs if e["step"] == step} >= wanted
+    ]
+    thinnest = {
+        step: min(min(e["ampn_runs"], e["control_runs"]) for e in over_runs if e["step"] == step) for step in complete
+    }
     chosen = max(complete, key=lambda step: (thinnest[step], step), default=None)
     ours = [e for e in over_runs if e["step"] == chosen]
     if not ours or not spaces:
         return {"claim": claim, "verdict": "not measured yet", "evidence": ""}
     readings = [read_over_runs(e) for e in ours]
     verdict = verdict_of(readings, ahead="AMPN ahead", behind="AMPN behind")
-    evidence = "; ".join(f"step {e['step']}, {e['space']}: AMPN − {e['control']} {fmt_interval(e, 'difference')} "
-                         f"({e['ampn_runs']} vs {e['control_runs']} runs; {r})" for e, r in zip(ours, readings))
+    evidence = "; ".join(
+        f"step {e['step']}, {e['space']}: AMPN − {e['control']} {fmt_interval(e, 'difference')} "
+        f"({e['ampn_runs']} vs {e['control_runs']} runs; {r})"
+        for e, r in zip(ours, readings)
+    )
     return {"claim": claim, "verdict": verdict, "evidence": evidence}

@@ -8,6 +8,7 @@ inputs: the block linear's input pass (Hadamard + per-token quantization, and th
 matmul), a whole IntegerLinear (fc1's with its GELU in the epilogue), the 8-bit attention core, tanh-GELU,
 and a block's elementwise work (LayerNorm + modulate, gated residuals).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -54,21 +55,43 @@ def cases(tokens: int, models: tuple[str, ...] = MODELS) -> list[tuple[str, str,
             layer.gelu = name == "fc1"  # as use_native_kernels sets it
             x = torch.randn(tokens, n_in)
             if name != "fc1":
-                rows.append((model, f"{name} input pass: Hadamard + A2 levels ({tokens}×{n_in})",
-                             lambda layer=layer, x=x: layer.input_levels(x)))
+                rows.append(
+                    (
+                        model,
+                        f"{name} input pass: Hadamard + A2 levels ({tokens}×{n_in})",
+                        lambda layer=layer, x=x: layer.input_levels(x),
+                    )
+                )
             gelu = " + GELU" if layer.gelu else ""
-            rows.append((model, f"{name} IntegerLinear{gelu}, whole ({tokens}×{n_in}→{n_out})", lambda layer=layer, x=x: layer(x)))
+            rows.append(
+                (
+                    model,
+                    f"{name} IntegerLinear{gelu}, whole ({tokens}×{n_in}→{n_out})",
+                    lambda layer=layer, x=x: layer(x),
+                )
+            )
         qkv = torch.randn(8, tokens // 8, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
         core = QuantAttentionCore(8)
-        rows.append((model, f"8-bit attention core (8×{heads} heads, {tokens // 8} tokens)", lambda core=core, qkv=qkv: core(qkv[0], qkv[1], qkv[2])))
+        rows.append(
+            (
+                model,
+                f"8-bit attention core (8×{heads} heads, {tokens // 8} tokens)",
+                lambda core=core, qkv=qkv: core(qkv[0], qkv[1], qkv[2]),
+            )
+        )
         hidden = torch.randn(tokens, 4 * width)
         rows.append((model, f"tanh-GELU ({tokens}×{4 * width})", lambda h=hidden: NativeGELU()(h)))
         block = DiTBlock(width, heads)
         block.attn, block.mlp = torch.nn.Identity(), torch.nn.Identity()  # the block's elementwise work alone
         block = use_native_kernels(torch.nn.Sequential(block))[0]
         tokens_x, c = torch.randn(8, tokens // 8, width), torch.randn(8, width)
-        rows.append((model, f"block elementwise: 2× LayerNorm+modulate, 2× gated residual (8×{tokens // 8}×{width})",
-                     lambda block=block, x=tokens_x, c=c: block(x, c)))
+        rows.append(
+            (
+                model,
+                f"block elementwise: 2× LayerNorm+modulate, 2× gated residual (8×{tokens // 8}×{width})",
+                lambda block=block, x=tokens_x, c=c: block(x, c),
+            )
+        )
     return rows
 
 
@@ -91,11 +114,21 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         for model, what, fn in cases(config.tokens, tuple(config.models.split(","))):
             c_ms, torch_ms = side_by_side(fn, config.repeats)
-            results.append({"model": model, "what": what, "c_kernels_ms": c_ms, "pytorch_ms": torch_ms, "speedup": torch_ms / c_ms})
+            results.append(
+                {"model": model, "what": what, "c_kernels_ms": c_ms, "pytorch_ms": torch_ms, "speedup": torch_ms / c_ms}
+            )
     lines = ["| model | what | C kernels ms | PyTorch ms | speed-up |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['what']} | {r['c_kernels_ms']:.2f} | {r['pytorch_ms']:.2f} | {r['speedup']:.2f}× |" for r in results]
-    write_result("cpu_kernels", {"rows": results, "threads": config.threads, "tokens": config.tokens, "repeats": config.repeats},
-                 "\n".join(lines), Path(config.results_dir) if config.results_dir else None, invocation(__file__, argv))
+    lines += [
+        f"| {r['model']} | {r['what']} | {r['c_kernels_ms']:.2f} | {r['pytorch_ms']:.2f} | {r['speedup']:.2f}× |"
+        for r in results
+    ]
+    write_result(
+        "cpu_kernels",
+        {"rows": results, "threads": config.threads, "tokens": config.tokens, "repeats": config.repeats},
+        "\n".join(lines),
+        Path(config.results_dir) if config.results_dir else None,
+        invocation(__file__, argv),
+    )
     print("\n".join(lines))
 
 

@@ -25,6 +25,7 @@ dynamic_int8,fp32_compiled`` leaves it out.
 Random weights are fine here: sizes and speeds do not depend on the values. Each speed figure is a
 ratio of two timings taken alternately in one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,17 @@ from pathlib import Path
 
 import torch
 
-from common import (CPU_SETTINGS, create_model, header, invocation, machine, parse_config, setting_environment,
-                    time_ms, write_result)
+from common import (
+    CPU_SETTINGS,
+    create_model,
+    header,
+    invocation,
+    machine,
+    parse_config,
+    setting_environment,
+    time_ms,
+    write_result,
+)
 from robuq.core.options import option
 import robuq
 from robuq.deploy import gemm
@@ -69,7 +79,9 @@ def layouts(act_bits: int) -> dict[str, robuq.QuantConfig]:
 def information_bytes(model: torch.nn.Module, packing: str, half_bytes: int = 2) -> float:
     """What the plan says the file must hold: packed levels at the format's bits, everything else fp16."""
     bits = 0.0
-    quantized = {id(m.weight): m for m in model.modules() if isinstance(m, QuantLinear) and m.quantized_weight() is not None}
+    quantized = {
+        id(m.weight): m for m in model.modules() if isinstance(m, QuantLinear) and m.quantized_weight() is not None
+    }
     for p in model.parameters():
         layer = quantized.get(id(p))
         if layer is None:
@@ -88,11 +100,18 @@ def size_rows(names: list[str], packing: str, tmp: Path) -> list[dict]:
             path = export_model(model, config, tmp / "m.safetensors", packing, "fp16")
             report = file_report(path)
             info = information_bytes(model, packing)
-            rows.append({
-                "name": name, "layout": layout, "packing": packing, "file_bytes": report["file_bytes"],
-                "size_ratio_fp32": report["ratio_fp32"], "size_ratio_fp16": report["ratio_fp16"],
-                "information_bytes": info, "overhead_vs_information": report["file_bytes"] / info - 1,
-            })
+            rows.append(
+                {
+                    "name": name,
+                    "layout": layout,
+                    "packing": packing,
+                    "file_bytes": report["file_bytes"],
+                    "size_ratio_fp32": report["ratio_fp32"],
+                    "size_ratio_fp16": report["ratio_fp16"],
+                    "information_bytes": info,
+                    "overhead_vs_information": report["file_bytes"] / info - 1,
+                }
+            )
             path.unlink()
             del model
     return rows
@@ -105,8 +124,10 @@ def linear_rows(repeats: int, tokens: int = 2048, width: int = 1152) -> list[dic
     shapes = {"qkv": (width, 3 * width), "proj": (width, width), "fc1": (width, 4 * width), "fc2": (4 * width, width)}
     for name, (cin, cout) in shapes.items():
         linear = torch.nn.Linear(cin, cout)
-        q = QuantLinear.from_linear(linear, LinearQuantConfig(act_bits=2, act_rule="gaussian", hadamard=True,
-                                                              hadamard_signs=True, lowrank_rank=16))
+        q = QuantLinear.from_linear(
+            linear,
+            LinearQuantConfig(act_bits=2, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=16),
+        )
         integer = IntegerLinear(q)
         x = torch.randn(tokens, cin)
         with torch.no_grad():
@@ -114,15 +135,24 @@ def linear_rows(repeats: int, tokens: int = 2048, width: int = 1152) -> list[dic
             for _ in range(3):
                 fp.append(time_ms(lambda: linear(x), repeats))
                 it.append(time_ms(lambda: integer(x), repeats))
-        rows.append({"layer": name, "shape": [tokens, cin, cout], "fp32_ms": statistics.median(fp),
-                     "integer_ms": statistics.median(it), "speedup": statistics.median(fp) / statistics.median(it)})
+        rows.append(
+            {
+                "layer": name,
+                "shape": [tokens, cin, cout],
+                "fp32_ms": statistics.median(fp),
+                "integer_ms": statistics.median(it),
+                "speedup": statistics.median(fp) / statistics.median(it),
+            }
+        )
     return rows
 
 
 PARTS = ("sizes", "linears", "speed", "paths", "memory", "breakdown")
 # The block linears of DiT-S/2 and DiT-B/2 (in, out), at batch 8 × 256 tokens.
-PATH_SHAPES = {"DiT-S/2": {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)},
-               "DiT-B/2": {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}}
+PATH_SHAPES = {
+    "DiT-S/2": {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)},
+    "DiT-B/2": {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)},
+}
 
 
 def dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -173,8 +203,15 @@ def export_random(name: str, path: Path, act_bits: int = 2) -> Path:
     return export_model(model, config, path, "ternary-2bit", "fp16")
 
 
-def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str = "wall", rounds: int = 5,
-               peers: list[str] = list(PEERS)) -> dict:
+def end_to_end(
+    name: str,
+    repeats: int,
+    tmp: Path,
+    act_bits: int = 2,
+    clock: str = "wall",
+    rounds: int = 5,
+    peers: list[str] = list(PEERS),
+) -> dict:
     """fp32 forward vs its peers (``PEERS``) vs the exported forward, alternately; also fp32 with robuq's
     elementwise C kernels (GELU, LayerNorm+modulate, gated residuals), which the exported model uses, so that
     the part of the speed-up that does not come from quantization shows.
@@ -194,7 +231,7 @@ def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str
     times = {kind: [] for kind in models}
     with torch.no_grad():
         for r in range(rounds):
-            for kind, model in (models.items() if r % 2 == 0 else reversed(models.items())):
+            for kind, model in models.items() if r % 2 == 0 else reversed(models.items()):
                 times[kind].append(time_ms(lambda: model(x, t, y), repeats, clock=clock))
     ms = {kind: statistics.median(v) for kind, v in times.items()}
     paths = {m.gemm for m in models["exported"].modules() if isinstance(m, IntegerLinear)}
@@ -205,21 +242,33 @@ def end_to_end(name: str, repeats: int, tmp: Path, act_bits: int = 2, clock: str
         return statistics.median(per_round), per_round
 
     (fp32, fp32_rounds), (elementwise, _) = (ratio(k) for k in ("fp32", "fp32_native_elementwise"))
-    result = {**{f"{kind}_ms": v for kind, v in ms.items()}, "act_bits": act_bits, "gemm_path": ",".join(sorted(paths)),
-              "layer_paths": layer_paths, "rounds_ms": times, "cpu_speedup": fp32, "cpu_speedup_rounds": fp32_rounds,
-              "cpu_speedup_vs_fp32_native_elementwise": elementwise, "export_path": str(path),
-              "peers": {peer: dict(zip(("speedup", "rounds"), ratio(peer)), first_call_s=first_call[peer])
-                        for peer in peer_models},
-              "peers_missing": missing}
+    result = {
+        **{f"{kind}_ms": v for kind, v in ms.items()},
+        "act_bits": act_bits,
+        "gemm_path": ",".join(sorted(paths)),
+        "layer_paths": layer_paths,
+        "rounds_ms": times,
+        "cpu_speedup": fp32,
+        "cpu_speedup_rounds": fp32_rounds,
+        "cpu_speedup_vs_fp32_native_elementwise": elementwise,
+        "export_path": str(path),
+        "peers": {
+            peer: dict(zip(("speedup", "rounds"), ratio(peer)), first_call_s=first_call[peer]) for peer in peer_models
+        },
+        "peers_missing": missing,
+    }
     if "dynamic_int8" in peer_models:  # the keys results written before the other peers carry
         result["speedup_vs_dynamic_int8"], result["speedup_vs_dynamic_int8_rounds"] = ratio("dynamic_int8")
     return result
 
 
 # Where a forward's time goes: each DiT block's modules by role (suffixes of their names in a block).
-BREAKDOWN = {"block linears (+ GELU)": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.act", "mlp.fc2"),
-             "attention core (QKᵀ, softmax, ·V)": ("attn.core",), "adaLN modulation": ("adaLN_modulation",),
-             "LayerNorm+modulate, gated residuals": ("norm1", "norm2", "residual")}
+BREAKDOWN = {
+    "block linears (+ GELU)": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.act", "mlp.fc2"),
+    "attention core (QKᵀ, softmax, ·V)": ("attn.core",),
+    "adaLN modulation": ("adaLN_modulation",),
+    "LayerNorm+modulate, gated residuals": ("norm1", "norm2", "residual"),
+}
 
 
 def time_parts(model: torch.nn.Module, x, t, y, repeats: int) -> dict:
@@ -236,8 +285,11 @@ def time_parts(model: torch.nn.Module, x, t, y, repeats: int) -> dict:
         if role is None:
             continue
         handles.append(module.register_forward_pre_hook(lambda m, _i: started.__setitem__(id(m), time.perf_counter())))
-        handles.append(module.register_forward_hook(
-            lambda m, _i, _o, role=role: spent.__setitem__(role, spent[role] + time.perf_counter() - started[id(m)])))
+        handles.append(
+            module.register_forward_hook(
+                lambda m, _i, _o, role=role: spent.__setitem__(role, spent[role] + time.perf_counter() - started[id(m)])
+            )
+        )
     try:
         with torch.no_grad():
             model(x, t, y)  # warm-up
@@ -256,11 +308,14 @@ def time_parts(model: torch.nn.Module, x, t, y, repeats: int) -> dict:
 # The exported forward's kernels by what they do in the model: robuq.kernels.native's entry points, and
 # the integer GEMM by whichever path robuq.deploy.gemm.matmul takes (on the AVX2 path, ternary layers at 4
 # bits or fewer run input pass, GEMM and epilogue as one kernel, native.linear_ternary).
-KERNELS = {"ternary linear, fused (input pass, lookup GEMM, epilogue)": (native.linear_ternary,),
-           "input pass (Hadamard, quantize, V·x)": (native.hadamard_quantize, native.hadamard),
-           "integer GEMM": (gemm.matmul,), "epilogue (rescale, U·branch, GELU)": (native.rescale, native.gelu_tanh),
-           "attention (8-bit, fused)": (native.attention,),
-           "LayerNorm+modulate, gated residuals": (native.layer_norm_modulate, native.gated_residual)}
+KERNELS = {
+    "ternary linear, fused (input pass, lookup GEMM, epilogue)": (native.linear_ternary,),
+    "input pass (Hadamard, quantize, V·x)": (native.hadamard_quantize, native.hadamard),
+    "integer GEMM": (gemm.matmul,),
+    "epilogue (rescale, U·branch, GELU)": (native.rescale, native.gelu_tanh),
+    "attention (8-bit, fused)": (native.attention,),
+    "LayerNorm+modulate, gated residuals": (native.layer_norm_modulate, native.gated_residual),
+}
 
 
 def time_kernels(model: torch.nn.Module, x, t, y, repeats: int) -> dict:
@@ -282,8 +337,10 @@ def time_kernels(model: torch.nn.Module, x, t, y, repeats: int) -> dict:
     # unwrap: the kernels' entry points are wrapped (kept out of torch.compile's graphs); cProfile keys the
     # functions' own code.
     codes = {group: [inspect.unwrap(f).__code__ for f in functions] for group, functions in KERNELS.items()}
-    spent = {group: sum(stats.get((c.co_filename, c.co_firstlineno, c.co_name), (0, 0, 0, 0.0))[3] for c in group_codes)
-             for group, group_codes in codes.items()}
+    spent = {
+        group: sum(stats.get((c.co_filename, c.co_firstlineno, c.co_name), (0, 0, 0, 0.0))[3] for c in group_codes)
+        for group, group_codes in codes.items()
+    }
     ms = {group: 1000 * v / repeats for group, v in spent.items()}
     return {**ms, "rest": 1000 * total / repeats - sum(ms.values()), "forward": 1000 * total / repeats}
 
@@ -297,8 +354,11 @@ def breakdown(name: str, repeats: int, tmp: Path, act_bits: int) -> dict:
     c = fp.config
     x = torch.randn(8, c.in_channels, c.input_size, c.input_size)
     t, y = torch.randint(0, 1000, (8,)), torch.randint(0, c.num_classes, (8,))
-    return {"fp32": time_parts(fp, x, t, y, repeats), "exported": time_parts(exported, x, t, y, repeats),
-            "exported_kernels": time_kernels(exported, x, t, y, repeats)}
+    return {
+        "fp32": time_parts(fp, x, t, y, repeats),
+        "exported": time_parts(exported, x, t, y, repeats),
+        "exported_kernels": time_kernels(exported, x, t, y, repeats),
+    }
 
 
 def available_paths() -> list[str]:
@@ -306,14 +366,19 @@ def available_paths() -> list[str]:
     return [p for p in gemm.PATHS if p != "avx2" or native.integer_isa() in ("avx2", "avx512_vnni")]
 
 
-def path_rows(repeats: int, tokens: int = 2048, models: tuple[str, ...] = tuple(PATH_SHAPES), clock: str = "wall") -> list[dict]:
+def path_rows(
+    repeats: int, tokens: int = 2048, models: tuple[str, ...] = tuple(PATH_SHAPES), clock: str = "wall"
+) -> list[dict]:
     """Every available GEMM path on the block linears' shapes (int8 levels 0…7, ternary weights), beside an
     fp32 matmul of the same shape and PyTorch's dynamic int8 linear (which also quantizes its input)."""
     rows = []
     for model, shapes in ((m, PATH_SHAPES[m]) for m in models):
         for layer, (cin, cout) in shapes.items():
             torch.manual_seed(0)
-            a, b = torch.randint(0, 8, (tokens, cin), dtype=torch.int8), torch.randint(-1, 2, (cin, cout), dtype=torch.int8)
+            a, b = (
+                torch.randint(0, 8, (tokens, cin), dtype=torch.int8),
+                torch.randint(-1, 2, (cin, cout), dtype=torch.int8),
+            )
             sums = b.sum(dim=0, dtype=torch.int32)
             x, w = torch.randn(tokens, cin), torch.randn(cin, cout)
             peer = dynamic_int8(torch.nn.Sequential(torch.nn.Linear(cin, cout)))
@@ -322,8 +387,12 @@ def path_rows(repeats: int, tokens: int = 2048, models: tuple[str, ...] = tuple(
             # avx2 path's ternary lookup kernel), and beside it the multiply-add kernel it takes for other weights
             avx2 = "avx2" in available_paths()
             packed = gemm.pack_avx2(b, act_shift=0, act_top=7) if avx2 else None
-            runs.update({f"{p}_gemm": (lambda p=p: gemm.matmul(p, a, b, sums, 1, packed=packed, act_shift=0, act_top=7))
-                         for p in available_paths()})
+            runs.update(
+                {
+                    f"{p}_gemm": (lambda p=p: gemm.matmul(p, a, b, sums, 1, packed=packed, act_shift=0, act_top=7))
+                    for p in available_paths()
+                }
+            )
             if avx2:
                 madd = native.pack_gemm_weights(b)
                 runs["avx2_multiply_add_gemm"] = lambda: native.gemm_s8(a, madd, cout, sums, 0, gemm.avx2_flush(1, 7))
@@ -332,8 +401,14 @@ def path_rows(repeats: int, tokens: int = 2048, models: tuple[str, ...] = tuple(
                 for _ in range(3):
                     for kind, fn in runs.items():
                         times[kind].append(time_ms(fn, repeats, clock=clock))
-            rows.append({"model": model, "layer": layer, "shape": [tokens, cin, cout],
-                         **{f"{kind}_ms": statistics.median(v) for kind, v in times.items()}})
+            rows.append(
+                {
+                    "model": model,
+                    "layer": layer,
+                    "shape": [tokens, cin, cout],
+                    **{f"{kind}_ms": statistics.median(v) for kind, v in times.items()},
+                }
+            )
     return rows
 
 
@@ -368,16 +443,27 @@ def peak_memory_ratio(name: str, export_path: str, runs: int = 3) -> dict:
     for kind in ("fp32", "exported"):
         baselines, peaks = [], []
         for _ in range(runs):
-            out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, export_path, name, str(Path(__file__).parent)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", PEAK_SCRIPT, kind, export_path, name, str(Path(__file__).parent)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             baseline, peak = map(int, out.stdout.strip().splitlines()[-1].split())
             baselines.append(baseline)
             peaks.append(peak)
         peak, baseline = statistics.median(peaks), statistics.median(baselines)
-        result.update({f"{kind}_peak_bytes": peak, f"{kind}_peak_above_import_bytes": peak - baseline,
-                       f"{kind}_peak_bytes_runs": peaks})
+        result.update(
+            {
+                f"{kind}_peak_bytes": peak,
+                f"{kind}_peak_above_import_bytes": peak - baseline,
+                f"{kind}_peak_bytes_runs": peaks,
+            }
+        )
     result["peak_mem_ratio"] = result["fp32_peak_bytes"] / result["exported_peak_bytes"]
-    result["peak_mem_ratio_above_import"] = result["fp32_peak_above_import_bytes"] / result["exported_peak_above_import_bytes"]
+    result["peak_mem_ratio_above_import"] = (
+        result["fp32_peak_above_import_bytes"] / result["exported_peak_above_import_bytes"]
+    )
     return result
 
 
@@ -389,8 +475,13 @@ def measure_setting(args: argparse.Namespace, tmp: Path) -> dict:
     for name in args.models:
         result["models"][name] = resumable(args, name, lambda name=name: model_entry(args, name, tmp))
     for name in set(args.memory_models) - set(args.models) if "memory" in args.parts else ():
-        result["models"][name] = resumable(args, f"{name}-memory", lambda name=name: peak_memory_ratio(
-            name, str(export_random(name, tmp / "memory.safetensors", args.act_bits)), args.memory_runs))
+        result["models"][name] = resumable(
+            args,
+            f"{name}-memory",
+            lambda name=name: peak_memory_ratio(
+                name, str(export_random(name, tmp / "memory.safetensors", args.act_bits)), args.memory_runs
+            ),
+        )
     if "paths" in args.parts:
         result["paths"] = path_rows(args.repeats, clock=args.clock)
     return result
@@ -413,9 +504,13 @@ def resumable(args: argparse.Namespace, what: str, measure) -> dict:
     """``measure()``, or what an earlier run with the same options and setting kept in ``--resume-dir``."""
     if not args.resume_dir:
         return measure()
-    options = {k: getattr(args, k) for k in ("parts", "repeats", "rounds", "act_bits", "clock", "threads", "peers",
-                                             "memory_runs", "memory_models")}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True).stdout
+    options = {
+        k: getattr(args, k)
+        for k in ("parts", "repeats", "rounds", "act_bits", "clock", "threads", "peers", "memory_runs", "memory_models")
+    }
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+    ).stdout
     key = hashlib.sha256(json.dumps([options, commit.strip()], sort_keys=True).encode()).hexdigest()[:12]
     kept = Path(args.resume_dir) / f"{args.worker.stem}-{what.replace('/', '_')}-{key}.json"
     if kept.is_file():
@@ -433,16 +528,39 @@ def run_setting(setting: str, args: argparse.Namespace, tmp: Path) -> dict:
     """``measure_setting`` in a fresh process under ``setting``'s environment (PyTorch reads its
     capability once, at import)."""
     out = tmp / f"{setting}.json"
-    worker = [sys.executable, __file__, "--worker", str(out), "--threads", str(args.threads), "--repeats",
-              str(args.repeats), "--rounds", str(args.rounds), "--act-bits", str(args.act_bits), "--clock", args.clock,
-              "--memory-runs", str(args.memory_runs), "--peers", ",".join(args.peers),
-              *(["--resume-dir", args.resume_dir] if args.resume_dir else []), "--parts", ",".join(args.parts), "--models", ",".join(args.models), "--memory-models", ",".join(args.memory_models)]
+    worker = [
+        sys.executable,
+        __file__,
+        "--worker",
+        str(out),
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--rounds",
+        str(args.rounds),
+        "--act-bits",
+        str(args.act_bits),
+        "--clock",
+        args.clock,
+        "--memory-runs",
+        str(args.memory_runs),
+        "--peers",
+        ",".join(args.peers),
+        *(["--resume-dir", args.resume_dir] if args.resume_dir else []),
+        "--parts",
+        ",".join(args.parts),
+        "--models",
+        ",".join(args.models),
+        "--memory-models",
+        ",".join(args.memory_models),
+    ]
     subprocess.run(worker, env=setting_environment(setting), check=True)
     return {"setting": setting, "environment": CPU_SETTINGS[setting], **json.loads(out.read_text())}
 
 
 def _spread(entry: dict, key: str) -> str:
-    """ (lowest–highest round), where the result has its rounds (older results do not)."""
+    """(lowest–highest round), where the result has its rounds (older results do not)."""
     rounds = entry.get(key)
     return f" ({min(rounds):.2f}–{max(rounds):.2f})" if rounds else ""
 
@@ -451,108 +569,176 @@ def _mib(v: float) -> str:
     return f"{v / 2**20:.0f}"
 
 
-PEER_NAMES = {"dynamic_int8": "PyTorch dynamic int8 (torch.ao, eager)", "fp32_compiled": "fp32, torch.compile",
-              "torchao_int8_compiled": "torchao int8 dynamic activations + int8 weights, torch.compile"}
+PEER_NAMES = {
+    "dynamic_int8": "PyTorch dynamic int8 (torch.ao, eager)",
+    "fp32_compiled": "fp32, torch.compile",
+    "torchao_int8_compiled": "torchao int8 dynamic activations + int8 weights, torch.compile",
+}
 
 
 def peers_of(entry: dict) -> dict:
     """A speed entry's peers; results written before the compiled peers had the dynamic int8 model alone."""
     if "peers" in entry:
         return entry["peers"]
-    return {"dynamic_int8": {"speedup": entry["speedup_vs_dynamic_int8"],
-                             "rounds": entry.get("speedup_vs_dynamic_int8_rounds"), "first_call_s": None}}
+    return {
+        "dynamic_int8": {
+            "speedup": entry["speedup_vs_dynamic_int8"],
+            "rounds": entry.get("speedup_vs_dynamic_int8_rounds"),
+            "first_call_s": None,
+        }
+    }
 
 
 def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args: argparse.Namespace) -> str:
     lines = []
     for s in settings:
         m = s["machine"]
-        lines.append(f"- **{s['setting']}**: {m['cpu_model']}, CPU flags {', '.join(m['cpu_isa'])}; PyTorch capability "
-                     f"{m['torch_cpu_capability']}, robuq's C kernels {m['robuq_gemm']['robuq_kernels']}, GEMM path chosen "
-                     f"`{m['robuq_gemm']['chosen']}`" + (f"; forced by {m['forced']}" if m["forced"] else "") + ".")
+        lines.append(
+            f"- **{s['setting']}**: {m['cpu_model']}, CPU flags {', '.join(m['cpu_isa'])}; PyTorch capability "
+            f"{m['torch_cpu_capability']}, robuq's C kernels {m['robuq_gemm']['robuq_kernels']}, GEMM path chosen "
+            f"`{m['robuq_gemm']['chosen']}`" + (f"; forced by {m['forced']}" if m["forced"] else "") + "."
+        )
     if any(s["setting"] == "avx2-forced" for s in settings):
-        lines += ["", "The avx2-forced figures are forced, not native: this CPU's PyTorch, oneDNN, MKL and fbgemm held "
-                  "to AVX2 by their environment variables and robuq's C kernels built with -march=haswell, on cores that "
-                  "have AVX-512. Held so, oneDNN still runs `torch._int_mm` at about an fp32 matmul's speed, so its "
-                  "column does not show the 33× slow-down measured once on a native AVX2-only CPU."]
+        lines += [
+            "",
+            "The avx2-forced figures are forced, not native: this CPU's PyTorch, oneDNN, MKL and fbgemm held "
+            "to AVX2 by their environment variables and robuq's C kernels built with -march=haswell, on cores that "
+            "have AVX-512. Held so, oneDNN still runs `torch._int_mm` at about an fp32 matmul's speed, so its "
+            "column does not show the 33× slow-down measured once on a native AVX2-only CPU.",
+        ]
     if sizes:
-        lines += ["", "| model | layout | packing | MiB | ×fp32 | ×fp16 | over information |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| model | layout | packing | MiB | ×fp32 | ×fp16 | over information |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in sizes:
-            lines.append(f"| {r['name']} | {r['layout']} | {r['packing']} | {r['file_bytes'] / 2**20:.1f} | {r['size_ratio_fp32']:.1f} "
-                         f"| {r['size_ratio_fp16']:.1f} | {100 * r['overhead_vs_information']:.2f}% |")
+            lines.append(
+                f"| {r['name']} | {r['layout']} | {r['packing']} | {r['file_bytes'] / 2**20:.1f} | {r['size_ratio_fp32']:.1f} "
+                f"| {r['size_ratio_fp16']:.1f} | {100 * r['overhead_vs_information']:.2f}% |"
+            )
     speed = [(s, name, e) for s in settings for name, e in s["models"].items() if "cpu_speedup" in e]
     if speed:
         clock = "CPU time of the process" if args.clock == "cpu" else "wall time"
         # Results written before the rounds were kept hold ratios of medians.
-        method = ("ms: medians over alternating rounds; a speed-up is the median of the rounds' ratios, lowest–highest "
-                  "round in brackets" if all("cpu_speedup_rounds" in e for _, _, e in speed) else "ms")
-        lines += ["", f"Forward of batch 8 at 32×32 latents, `robuq` preset at A{args.act_bits}, {args.threads} threads, {clock} ({method}):", "",
-                  "| setting | model | fp32 eager ms | exported ms | GEMM path | layer paths | × fp32 "
-                  "| × fp32 with robuq's elementwise kernels |", "|---|---|---|---|---|---|---|---|"]
+        method = (
+            "ms: medians over alternating rounds; a speed-up is the median of the rounds' ratios, lowest–highest "
+            "round in brackets"
+            if all("cpu_speedup_rounds" in e for _, _, e in speed)
+            else "ms"
+        )
+        lines += [
+            "",
+            f"Forward of batch 8 at 32×32 latents, `robuq` preset at A{args.act_bits}, {args.threads} threads, {clock} ({method}):",
+            "",
+            "| setting | model | fp32 eager ms | exported ms | GEMM path | layer paths | × fp32 "
+            "| × fp32 with robuq's elementwise kernels |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for s, name, e in speed:
-            lines.append(f"| {s['setting']} | {name} | {e['fp32_ms']:.0f} | {e['exported_ms']:.0f} | {e['gemm_path']} "
-                         f"| {', '.join(e.get('layer_paths', [])) or '—'} | **{e['cpu_speedup']:.2f}×**{_spread(e, 'cpu_speedup_rounds')} "
-                         f"| {e['cpu_speedup_vs_fp32_native_elementwise']:.2f}× |")
-        lines += ["", "The exported model against the peers a CPU user would try instead, timed in the same rounds "
-                  "(× = the peer's time ÷ the exported model's: above 1 robuq is faster, below 1 the peer is; first call = "
-                  "its compilation, where it has one):", "",
-                  "| setting | model | peer | peer ms | exported ms | exported × peer | first call s |", "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {s['setting']} | {name} | {e['fp32_ms']:.0f} | {e['exported_ms']:.0f} | {e['gemm_path']} "
+                f"| {', '.join(e.get('layer_paths', [])) or '—'} | **{e['cpu_speedup']:.2f}×**{_spread(e, 'cpu_speedup_rounds')} "
+                f"| {e['cpu_speedup_vs_fp32_native_elementwise']:.2f}× |"
+            )
+        lines += [
+            "",
+            "The exported model against the peers a CPU user would try instead, timed in the same rounds "
+            "(× = the peer's time ÷ the exported model's: above 1 robuq is faster, below 1 the peer is; first call = "
+            "its compilation, where it has one):",
+            "",
+            "| setting | model | peer | peer ms | exported ms | exported × peer | first call s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for s, name, e in speed:
             for peer, p in peers_of(e).items():
                 first = "—" if p.get("first_call_s") is None else f"{p['first_call_s']:.0f}"
-                lines.append(f"| {s['setting']} | {name} | {PEER_NAMES.get(peer, peer)} | {e[f'{peer}_ms']:.0f} "
-                             f"| {e['exported_ms']:.0f} | **{p['speedup']:.2f}×**{_spread(p, 'rounds')} | {first} |")
+                lines.append(
+                    f"| {s['setting']} | {name} | {PEER_NAMES.get(peer, peer)} | {e[f'{peer}_ms']:.0f} "
+                    f"| {e['exported_ms']:.0f} | **{p['speedup']:.2f}×**{_spread(p, 'rounds')} | {first} |"
+                )
             for peer, why in e.get("peers_missing", {}).items():
                 lines.append(f"| {s['setting']} | {name} | {PEER_NAMES.get(peer, peer)} | not run: {why} | | | |")
     memory = [(s, name, e) for s in settings for name, e in s["models"].items() if "peak_mem_ratio" in e]
     if memory:
-        lines += ["", "Peak resident memory of a short sampling run (medians of processes; exported peaks per process):", "",
-                  "| setting | model | fp32 MiB | exported MiB | fp32 ÷ exported | same, above the import footprint | exported runs |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Peak resident memory of a short sampling run (medians of processes; exported peaks per process):",
+            "",
+            "| setting | model | fp32 MiB | exported MiB | fp32 ÷ exported | same, above the import footprint | exported runs |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for s, name, e in memory:
-            lines.append(f"| {s['setting']} | {name} | {_mib(e['fp32_peak_bytes'])} | {_mib(e['exported_peak_bytes'])} "
-                         f"| {e['peak_mem_ratio']:.2f}× | {e['peak_mem_ratio_above_import']:.2f}× "
-                         f"({_mib(e['fp32_peak_above_import_bytes'])} / {_mib(e['exported_peak_above_import_bytes'])}) "
-                         f"| {', '.join(_mib(b) for b in e['exported_peak_bytes_runs'])} |")
+            lines.append(
+                f"| {s['setting']} | {name} | {_mib(e['fp32_peak_bytes'])} | {_mib(e['exported_peak_bytes'])} "
+                f"| {e['peak_mem_ratio']:.2f}× | {e['peak_mem_ratio_above_import']:.2f}× "
+                f"({_mib(e['fp32_peak_above_import_bytes'])} / {_mib(e['exported_peak_above_import_bytes'])}) "
+                f"| {', '.join(_mib(b) for b in e['exported_peak_bytes_runs'])} |"
+            )
     parts = [(s, name, e["breakdown"]) for s in settings for name, e in s["models"].items() if "breakdown" in e]
     if parts:
-        lines += ["", "Where a forward's time goes (ms per forward, one timed loop with forward hooks on the blocks' "
-                  "modules; the rest is embedders, final layer and Python between modules):", "",
-                  "| setting | model | part | fp32 ms | exported ms | share of the exported forward |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Where a forward's time goes (ms per forward, one timed loop with forward hooks on the blocks' "
+            "modules; the rest is embedders, final layer and Python between modules):",
+            "",
+            "| setting | model | part | fp32 ms | exported ms | share of the exported forward |",
+            "|---|---|---|---|---|---|",
+        ]
         for s, name, b in parts:
             for role in [*BREAKDOWN, "rest", "forward"]:
-                lines.append(f"| {s['setting']} | {name} | {role} | {b['fp32'][role]:.0f} | {b['exported'][role]:.0f} "
-                             f"| {100 * b['exported'][role] / b['exported']['forward']:.0f}% |")
+                lines.append(
+                    f"| {s['setting']} | {name} | {role} | {b['fp32'][role]:.0f} | {b['exported'][role]:.0f} "
+                    f"| {100 * b['exported'][role] / b['exported']['forward']:.0f}% |"
+                )
     kernels = [(s, name, b["exported_kernels"]) for s, name, b in parts if "exported_kernels" in b]
     if kernels:
-        lines += ["", "The exported forward by kernel (ms per forward, a loop under cProfile: each kernel's wrapper in "
-                  "robuq.kernels.native, the C call included, and the integer GEMM by whichever path it takes; the rest "
-                  "is PyTorch ops, Python and the embedders):", "",
-                  "| setting | model | kernel | ms | share of the forward |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "The exported forward by kernel (ms per forward, a loop under cProfile: each kernel's wrapper in "
+            "robuq.kernels.native, the C call included, and the integer GEMM by whichever path it takes; the rest "
+            "is PyTorch ops, Python and the embedders):",
+            "",
+            "| setting | model | kernel | ms | share of the forward |",
+            "|---|---|---|---|---|",
+        ]
         for s, name, k in kernels:
             for group in [*(g for g in KERNELS if k.get(g)), "rest", "forward"]:  # the kernels this setting ran
-                lines.append(f"| {s['setting']} | {name} | {group} | {k[group]:.0f} | {100 * k[group] / k['forward']:.0f}% |")
+                lines.append(
+                    f"| {s['setting']} | {name} | {group} | {k[group]:.0f} | {100 * k[group] / k['forward']:.0f}% |"
+                )
     kinds = ["fp32_matmul", "dynamic_int8_linear", *[f"{p}_gemm" for p in gemm.PATHS], "avx2_multiply_add_gemm"]
     for s in settings:
         if not s["paths"]:
             continue
         present = [k for k in kinds if f"{k}_ms" in s["paths"][0]]
-        lines += ["", f"Each GEMM path on the block linears' shapes, **{s['setting']}** (ms; × fp32 matmul in brackets; "
-                  "the dynamic int8 linear also quantizes its float input; avx2 gemm is the path as a ternary 3-bit layer takes "
-                  "it, the table-lookup kernel, and avx2 multiply add gemm the vpmaddubsw kernel it uses for other weights; "
-                  "where a column is missing, that run did not time it):", "",
-                  "| model | layer | tokens×in×out | " + " | ".join(k.replace("_", " ") for k in present) + " |",
-                  "|---|---|---|" + "---|" * len(present)]
+        lines += [
+            "",
+            f"Each GEMM path on the block linears' shapes, **{s['setting']}** (ms; × fp32 matmul in brackets; "
+            "the dynamic int8 linear also quantizes its float input; avx2 gemm is the path as a ternary 3-bit layer takes "
+            "it, the table-lookup kernel, and avx2 multiply add gemm the vpmaddubsw kernel it uses for other weights; "
+            "where a column is missing, that run did not time it):",
+            "",
+            "| model | layer | tokens×in×out | " + " | ".join(k.replace("_", " ") for k in present) + " |",
+            "|---|---|---|" + "---|" * len(present),
+        ]
         for r in s["paths"]:
-            cells = [f"{r[f'{k}_ms']:.1f}" + ("" if k == "fp32_matmul" else f" ({r['fp32_matmul_ms'] / r[f'{k}_ms']:.2f}×)")
-                     for k in present]
+            cells = [
+                f"{r[f'{k}_ms']:.1f}" + ("" if k == "fp32_matmul" else f" ({r['fp32_matmul_ms'] / r[f'{k}_ms']:.2f}×)")
+                for k in present
+            ]
             lines.append(f"| {r['model']} | {r['layer']} | {r['shape']} | " + " | ".join(cells) + " |")
     if linears:
         lines += ["", "| DiT-XL/2 linear | tokens×in×out | fp32 ms | integer ms | speedup |", "|---|---|---|---|---|"]
         for r in linears:
-            lines.append(f"| {r['layer']} | {r['shape']} | {r['fp32_ms']:.1f} | {r['integer_ms']:.1f} | {r['speedup']:.2f}× |")
-    lines += ["", f"Models ran with glibc's allocator thresholds raised (robuq.deploy.allocator); threads: {args.threads}; "
-              f"timings are medians, taken alternately in one process per setting."]
+            lines.append(
+                f"| {r['layer']} | {r['shape']} | {r['fp32_ms']:.1f} | {r['integer_ms']:.1f} | {r['speedup']:.2f}× |"
+            )
+    lines += [
+        "",
+        f"Models ran with glibc's allocator thresholds raised (robuq.deploy.allocator); threads: {args.threads}; "
+        f"timings are medians, taken alternately in one process per setting.",
+    ]
     return "\n".join(lines)
 
 
@@ -579,12 +765,21 @@ class DeployConfig:
     memory_runs: int | None = option(None, "processes per peak-memory measurement (default 3, quick 1)")
     rounds: int | None = option(None, "alternating rounds of the end-to-end timing (default 5, quick 3)")
     act_bits: int = option(3, "activation bits of the exported models")
-    peers: str = option(",".join(PEERS), f"models the export is timed against, comma-separated: {','.join(PEERS)} "
-                                         "(torchao_int8_compiled needs the bench extra: pip install 'robuq[bench]')")
-    resume_dir: str | None = option(None, "keep each model's figures here as they finish; a rerun with the same options "
-                                          "takes them from here (for DiT-XL/2, hours on 2 cores)")
-    clock: str = option("wall", "wall, or cpu: time by the process's CPU time (with --threads 1, immune to a crowded "
-                                "machine)", choices=("wall", "cpu"))
+    peers: str = option(
+        ",".join(PEERS),
+        f"models the export is timed against, comma-separated: {','.join(PEERS)} "
+        "(torchao_int8_compiled needs the bench extra: pip install 'robuq[bench]')",
+    )
+    resume_dir: str | None = option(
+        None,
+        "keep each model's figures here as they finish; a rerun with the same options "
+        "takes them from here (for DiT-XL/2, hours on 2 cores)",
+    )
+    clock: str = option(
+        "wall",
+        "wall, or cpu: time by the process's CPU time (with --threads 1, immune to a crowded machine)",
+        choices=("wall", "cpu"),
+    )
     name: str = option("deploy", "results/<name>.json and .md")
     render: str | None = option(None, "rewrite the .md of a results JSON from its numbers")
     linear_width: int = option(1152, "block-linear rows at this model width (DiT-XL/2's)")
@@ -599,13 +794,21 @@ def main(argv: list[str] | None = None) -> None:
         worker, argv = Path(argv[1]), argv[2:]
     config = parse_config(DeployConfig, argv, __doc__)
     lists = ("parts", "settings", "models", "memory_models", "size_models", "peers")
-    args = argparse.Namespace(**{**dataclasses.asdict(config), "worker": worker,
-                                 **{k: [v for v in getattr(config, k).split(",") if v] if getattr(config, k) else None
-                                    for k in lists}})
+    args = argparse.Namespace(
+        **{
+            **dataclasses.asdict(config),
+            "worker": worker,
+            **{k: [v for v in getattr(config, k).split(",") if v] if getattr(config, k) else None for k in lists},
+        }
+    )
     if args.render:
         render(Path(args.render))
         return
-    if unknown := set(args.parts) - set(PARTS) or set(args.settings) - set(CPU_SETTINGS) or set(args.peers or []) - set(PEERS):
+    if (
+        unknown := set(args.parts) - set(PARTS)
+        or set(args.settings) - set(CPU_SETTINGS)
+        or set(args.peers or []) - set(PEERS)
+    ):
         raise SystemExit(f"unknown parts or settings: {', '.join(sorted(unknown))}")
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.memory_runs = args.memory_runs or (1 if args.quick else 3)
@@ -623,16 +826,33 @@ def main(argv: list[str] | None = None) -> None:
             args.worker.write_text(json.dumps(measure_setting(args, tmp)))
             return
         size_models = args.size_models or (["DiT-S/2"] if args.quick else ["DiT-XL/2", "DiT-B/2", "DiT-S/2"])
-        sizes = (size_rows(size_models, "ternary-trits", tmp) + size_rows(size_models, "ternary-2bit", tmp)
-                 if "sizes" in args.parts else [])
+        sizes = (
+            size_rows(size_models, "ternary-trits", tmp) + size_rows(size_models, "ternary-2bit", tmp)
+            if "sizes" in args.parts
+            else []
+        )
         linears = linear_rows(args.repeats, args.linear_tokens, args.linear_width) if "linears" in args.parts else []
         worker_parts = set(args.parts) & {"speed", "paths", "memory", "breakdown"}
         settings = [run_setting(s, args, tmp) for s in args.settings] if worker_parts else []
     text = markdown(sizes, linears, settings, args)
-    write_result(args.name, {"clock": args.clock, "sizes": sizes, "linears": linears, "settings": settings, "quick": args.quick,
-                            "threads": args.threads, "act_bits": args.act_bits, "parts": args.parts,
-                            "repeats": args.repeats, "cpu_kernels": native.enabled()}, text,
-                 Path(args.results_dir) if args.results_dir else None, invocation(__file__, argv))
+    write_result(
+        args.name,
+        {
+            "clock": args.clock,
+            "sizes": sizes,
+            "linears": linears,
+            "settings": settings,
+            "quick": args.quick,
+            "threads": args.threads,
+            "act_bits": args.act_bits,
+            "parts": args.parts,
+            "repeats": args.repeats,
+            "cpu_kernels": native.enabled(),
+        },
+        text,
+        Path(args.results_dir) if args.results_dir else None,
+        invocation(__file__, argv),
+    )
     print(text)
 
 

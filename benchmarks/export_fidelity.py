@@ -10,6 +10,7 @@ against itself on other kernels is the floor: at 2–4 bits a float rounding dif
 activation to the next level, and 25 sampling steps carry it on, so no integer path can agree more
 closely than that. Writes results/export_fidelity.{json,md,png}.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -36,9 +37,11 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 
 
 def compare(reference: np.ndarray, other: np.ndarray) -> dict:
-    return {"psnr_db": psnr(reference, other),
-            "max_abs_diff": float(np.abs(reference - other).max()),
-            "within_2_levels": float((np.abs(reference - other) <= 2).mean())}
+    return {
+        "psnr_db": psnr(reference, other),
+        "max_abs_diff": float(np.abs(reference - other).max()),
+        "within_2_levels": float((np.abs(reference - other) <= 2).mean()),
+    }
 
 
 def quantized_models(paths: list[str]) -> list[tuple[str, torch.nn.Module, robuq.QuantConfig]]:
@@ -47,8 +50,13 @@ def quantized_models(paths: list[str]) -> list[tuple[str, torch.nn.Module, robuq
     models = []
     for bits in (4, 2):
         config = robuq.preset("robuq", act_bits=bits)
-        models.append((f"shipped teacher, robuq preset A{bits} (no QAT)",
-                       robuq.quantize_(robuq.load_dit(str(default_teacher_path())), config), config))
+        models.append(
+            (
+                f"shipped teacher, robuq preset A{bits} (no QAT)",
+                robuq.quantize_(robuq.load_dit(str(default_teacher_path())), config),
+                config,
+            )
+        )
     return models
 
 
@@ -60,16 +68,27 @@ def measure(name: str, model: torch.nn.Module, config, per_class: int, steps: in
         reference = sample(model)
     with native.use(True):
         floor = sample(model)
-        exported = {dtype: sample(load_exported(export_model(model, config, tmp / f"{dtype}.safetensors", "ternary-trits", dtype)))
-                    for dtype in ("fp32", "fp16")}
+        exported = {
+            dtype: sample(
+                load_exported(export_model(model, config, tmp / f"{dtype}.safetensors", "ternary-trits", dtype))
+            )
+            for dtype in ("fp32", "fp16")
+        }
     # Rows: reference, exported (fp32 parts), and their difference ×4, the first 8 samples of each.
     shown = slice(0, min(8, len(labels)))
     diff = np.clip(np.abs(reference - exported["fp32"]) * 4, 0, 255)
-    save_grid(np.concatenate([reference[shown], exported["fp32"][shown], diff[shown]]).astype(np.uint8), grid, shown.stop)
-    return {"model": name, "samples": len(labels), "ddim_steps": steps,
-            "training_model_c_kernels": compare(reference, floor),
-            "exported_fp32": compare(reference, exported["fp32"]), "exported_fp16": compare(reference, exported["fp16"]),
-            "grid": grid.name}
+    save_grid(
+        np.concatenate([reference[shown], exported["fp32"][shown], diff[shown]]).astype(np.uint8), grid, shown.stop
+    )
+    return {
+        "model": name,
+        "samples": len(labels),
+        "ddim_steps": steps,
+        "training_model_c_kernels": compare(reference, floor),
+        "exported_fp32": compare(reference, exported["fp32"]),
+        "exported_fp16": compare(reference, exported["fp16"]),
+        "grid": grid.name,
+    }
 
 
 @dataclass
@@ -92,14 +111,21 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for i, (name, model, config) in enumerate(quantized_models([m for m in options.model.split(",") if m])):
-            rows.append(measure(name, model, config, options.per_class, options.steps, Path(folder), grids / f"model-{i}.png"))
-    lines = ["PSNR (dB) of each way of sampling against the training model on PyTorch's kernels; same labels and noise.", "",
-             "| model | training model, C kernels (floor) | exported, fp32 parts | exported, fp16 parts | max pixel diff (fp32 parts) | grid |",
-             "|---|---|---|---|---|---|"]
+            rows.append(
+                measure(name, model, config, options.per_class, options.steps, Path(folder), grids / f"model-{i}.png")
+            )
+    lines = [
+        "PSNR (dB) of each way of sampling against the training model on PyTorch's kernels; same labels and noise.",
+        "",
+        "| model | training model, C kernels (floor) | exported, fp32 parts | exported, fp16 parts | max pixel diff (fp32 parts) | grid |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['training_model_c_kernels']['psnr_db']:.1f} | {r['exported_fp32']['psnr_db']:.1f} "
-                     f"| {r['exported_fp16']['psnr_db']:.1f} | {r['exported_fp32']['max_abs_diff']:.0f} "
-                     f"| [grid](export_fidelity_grids/{r['grid']}) |")
+        lines.append(
+            f"| {r['model']} | {r['training_model_c_kernels']['psnr_db']:.1f} | {r['exported_fp32']['psnr_db']:.1f} "
+            f"| {r['exported_fp16']['psnr_db']:.1f} | {r['exported_fp32']['max_abs_diff']:.0f} "
+            f"| [grid](export_fidelity_grids/{r['grid']}) |"
+        )
     lines += ["", "Grids: the reference samples, the exported model's (fp32 parts), and 4× their absolute difference."]
     write_result("export_fidelity", {"rows": rows}, "\n".join(lines), results_dir, invocation(__file__, argv))
     print("\n".join(lines))

@@ -16,6 +16,7 @@ random weights: fp32 eager, fp32 under torch.compile, torchao's int8 dynamic-act
 torch.compile, and robuq's export (W1.58A4, integer kernels), each timed once per round in alternating order;
 a speed-up is the median over rounds of that round's ratio. Time it only on a quiet machine.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,12 +41,29 @@ from robuq.quant.linear import QuantLinear
 
 # family → (diffusers class, the published configuration robuq is sized against, its name)
 REAL = {
-    "pixart": ("PixArtTransformer2DModel", dict(caption_channels=4096, sample_size=128, interpolation_scale=2,
-                                                use_additional_conditions=False), "PixArt-Σ XL/2 1024"),
-    "sd3": ("SD3Transformer2DModel", dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38,
-                                          attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
-                                          caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
-                                          pos_embed_max_size=192, qk_norm="rms_norm"), "SD3.5 Large"),
+    "pixart": (
+        "PixArtTransformer2DModel",
+        dict(caption_channels=4096, sample_size=128, interpolation_scale=2, use_additional_conditions=False),
+        "PixArt-Σ XL/2 1024",
+    ),
+    "sd3": (
+        "SD3Transformer2DModel",
+        dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=38,
+            attention_head_dim=64,
+            num_attention_heads=38,
+            joint_attention_dim=4096,
+            caption_projection_dim=2432,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=192,
+            qk_norm="rms_norm",
+        ),
+        "SD3.5 Large",
+    ),
     "flux": ("FluxTransformer2DModel", dict(guidance_embeds=True), "FLUX.1 [dev]"),
     "flux2": ("Flux2Transformer2DModel", dict(), "FLUX.2 [dev]"),
     "sana": ("SanaTransformer2DModel", dict(), "Sana 1.6B 1024"),
@@ -59,17 +77,56 @@ BLOCKS = [
     ("flux2", "FLUX.2 double block (6144)", dict(num_layers=1, num_single_layers=0), 1024, 512),
     ("sana", "Sana 1.6B block (2240)", dict(num_layers=1), 1024, 300),
 ]
-TOY_SIZES = {"pixart": dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, caption_channels=32,
-                            cross_attention_dim=16, sample_size=8),
-             "sd3": dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, joint_attention_dim=32,
-                         caption_projection_dim=16, pooled_projection_dim=32, sample_size=8, pos_embed_max_size=16),
-             "flux": dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
-                          joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8), in_channels=4),
-             "flux2": dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
-                           joint_attention_dim=32, axes_dims_rope=(4, 4, 4, 4), in_channels=4),
-             "sana": dict(num_layers=1, num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
-                          cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8, in_channels=4,
-                          out_channels=4)}
+TOY_SIZES = {
+    "pixart": dict(
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        caption_channels=32,
+        cross_attention_dim=16,
+        sample_size=8,
+    ),
+    "sd3": dict(
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        sample_size=8,
+        pos_embed_max_size=16,
+    ),
+    "flux": dict(
+        num_layers=1,
+        num_single_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        in_channels=4,
+    ),
+    "flux2": dict(
+        num_layers=1,
+        num_single_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        in_channels=4,
+    ),
+    "sana": dict(
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        in_channels=4,
+        out_channels=4,
+    ),
+}
 
 
 @dataclass
@@ -81,8 +138,10 @@ class FamiliesConfig:
     act_bits: int = option(4, "activation bits of the quantized models")
     rounds: int = option(3, "speed: rounds, each timing every path once")
     repeats: int = option(2, "speed: forwards per path and round (their median is the round's time)")
-    peers: str = option("fp32_compiled,torchao_int8_compiled", "speed: PyTorch paths beside fp32 eager and the export "
-                                                               "(comma-separated; empty for none)")
+    peers: str = option(
+        "fp32_compiled,torchao_int8_compiled",
+        "speed: PyTorch paths beside fp32 eager and the export (comma-separated; empty for none)",
+    )
     results_dir: str = option(str(ROOT / "results"), "where families.{json,md} go")
     toy: bool = option(False, "tiny configurations and token counts everywhere (tests)", cli=True)
 
@@ -132,17 +191,29 @@ def size_row(family: str, config: FamiliesConfig) -> dict:
         w4a4_bytes += count // 2 + module.out_features * 2 + bias * 2
     rest = sum(p.numel() for p in model.parameters() if id(p) not in inside)
     roles["full precision"] = rest
-    saved_buffers = sum(b.numel() for n, b in model.named_buffers() if "hadamard_signs" not in n and b.is_floating_point())
+    saved_buffers = sum(
+        b.numel() for n, b in model.named_buffers() if "hadamard_signs" not in n and b.is_floating_point()
+    )
     export_bytes += (rest + saved_buffers) * 2  # e.g. SD3's positional table is a saved buffer
     w4a4_bytes += (rest + saved_buffers) * 2
     block_weights = roles["block linears"]
-    return {"family": family, "model": REAL[family][2], "class": REAL[family][0], "fp_params": fp_params,
-            "params_by_role": roles, "export_bytes": export_bytes, "bf16_bytes": fp_params * 2, "w4a4_bytes": w4a4_bytes,
-            "lowrank_bytes": lowrank_bytes,
-            "block_bits_per_weight": block_bytes * 8 / block_weights if block_weights else 0.0,
-            "ratio_bf16": fp_params * 2 / export_bytes, "ratio_w4a4": w4a4_bytes / export_bytes,
-            "quantized_share": (roles["block linears"] + roles["modulation"]) / fp_params,
-            "kept": dict(fam.kept), "notes": list(fam.notes)}
+    return {
+        "family": family,
+        "model": REAL[family][2],
+        "class": REAL[family][0],
+        "fp_params": fp_params,
+        "params_by_role": roles,
+        "export_bytes": export_bytes,
+        "bf16_bytes": fp_params * 2,
+        "w4a4_bytes": w4a4_bytes,
+        "lowrank_bytes": lowrank_bytes,
+        "block_bits_per_weight": block_bytes * 8 / block_weights if block_weights else 0.0,
+        "ratio_bf16": fp_params * 2 / export_bytes,
+        "ratio_w4a4": w4a4_bytes / export_bytes,
+        "quantized_share": (roles["block linears"] + roles["modulation"]) / fp_params,
+        "kept": dict(fam.kept),
+        "notes": list(fam.notes),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ speed
@@ -175,8 +246,9 @@ def _peer(peer: str, fp: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model)
 
 
-def speed_row(family: str, label: str, changes: dict, image_tokens: int, text_tokens: int, config: FamiliesConfig,
-              tmp: Path) -> dict:
+def speed_row(
+    family: str, label: str, changes: dict, image_tokens: int, text_tokens: int, config: FamiliesConfig, tmp: Path
+) -> dict:
     torch.manual_seed(0)
     fp = build(family, config, **changes).eval()
     if config.toy:
@@ -184,7 +256,10 @@ def speed_row(family: str, label: str, changes: dict, image_tokens: int, text_to
     inputs = block_inputs(fp, image_tokens, text_tokens)
     policy = robuq.preset("robuq", act_bits=config.act_bits)
     quantized = robuq.quantize_(copy.deepcopy(fp), policy, initialize=False)
-    models = {"fp32 eager": fp, "robuq export": robuq.load_exported(robuq.export_model(quantized, policy, tmp / "m.safetensors"))}
+    models = {
+        "fp32 eager": fp,
+        "robuq export": robuq.load_exported(robuq.export_model(quantized, policy, tmp / "m.safetensors")),
+    }
     missing = {}
     for peer in [p for p in config.peers.split(",") if p]:
         try:
@@ -197,12 +272,19 @@ def speed_row(family: str, label: str, changes: dict, image_tokens: int, text_to
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.no_grad():
         for r in range(config.rounds):
-            for kind, model in (models.items() if r % 2 == 0 else reversed(models.items())):
+            for kind, model in models.items() if r % 2 == 0 else reversed(models.items()):
                 times[kind].append(time_ms(lambda: model(**inputs, return_dict=False), config.repeats, warmup=1))
     export = times["robuq export"]
     speedups = {k: statistics.median(t / e for t, e in zip(v, export)) for k, v in times.items() if k != "robuq export"}
-    return {"family": family, "block": label, "image_tokens": image_tokens, "text_tokens": text_tokens,
-            "ms": {k: statistics.median(v) for k, v in times.items()}, "speedup_of_export": speedups, "missing": missing}
+    return {
+        "family": family,
+        "block": label,
+        "image_tokens": image_tokens,
+        "text_tokens": text_tokens,
+        "ms": {k: statistics.median(v) for k, v in times.items()},
+        "speedup_of_export": speedups,
+        "missing": missing,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -211,34 +293,48 @@ def speed_row(family: str, label: str, changes: dict, image_tokens: int, text_to
 def markdown(payload: dict) -> str:
     lines = []
     if payload.get("sizes"):
-        lines += ["## What is quantized, and what the export weighs", "",
-                  f"The `robuq` preset at A{payload['act_bits']} (block linears ternary, modulation W4A4), "
-                  "built from each model's published configuration on the meta device.", "",
-                  "| model | parameters | block linears | modulation | full precision | low-rank (added) | export | "
-                  "bits/weight (block linears) | × smaller than bf16 | × smaller than W4A4 |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## What is quantized, and what the export weighs",
+            "",
+            f"The `robuq` preset at A{payload['act_bits']} (block linears ternary, modulation W4A4), "
+            "built from each model's published configuration on the meta device.",
+            "",
+            "| model | parameters | block linears | modulation | full precision | low-rank (added) | export | "
+            "bits/weight (block linears) | × smaller than bf16 | × smaller than W4A4 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in payload["sizes"]:
             p = r["params_by_role"]
-            lines.append(f"| {r['model']} | {r['fp_params'] / 1e9:.2f} B | {p['block linears'] / 1e9:.2f} B | "
-                         f"{p['modulation'] / 1e9:.3f} B | {p['full precision'] / 1e9:.3f} B | "
-                         f"{p['low-rank branches (added)'] / 1e6:.1f} M | {r['export_bytes'] / 2**30:.2f} GiB | "
-                         f"{r['block_bits_per_weight']:.2f} | {r['ratio_bf16']:.1f}× | {r['ratio_w4a4']:.2f}× |")
+            lines.append(
+                f"| {r['model']} | {r['fp_params'] / 1e9:.2f} B | {p['block linears'] / 1e9:.2f} B | "
+                f"{p['modulation'] / 1e9:.3f} B | {p['full precision'] / 1e9:.3f} B | "
+                f"{p['low-rank branches (added)'] / 1e6:.1f} M | {r['export_bytes'] / 2**30:.2f} GiB | "
+                f"{r['block_bits_per_weight']:.2f} | {r['ratio_bf16']:.1f}× | {r['ratio_w4a4']:.2f}× |"
+            )
         lines += ["", "Kept in full precision, per family:", ""]
         for r in payload["sizes"]:
             kept = "; ".join(f"`{k}` ({v})" for k, v in r["kept"].items())
             notes = "".join(f"; {n}" for n in r["notes"])
             lines.append(f"- **{r['model']}**: {kept}{notes}.")
     if payload.get("speed"):
-        lines += ["", "## One real-width block, batch 1, on this CPU", "",
-                  "Median over rounds of each round's ratio (alternating order); `ms`: median time of a forward.", "",
-                  "| block | tokens (image + text) | fp32 eager ms | export ms | export vs fp32 eager | vs fp32 compiled | "
-                  "vs torchao int8 compiled |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## One real-width block, batch 1, on this CPU",
+            "",
+            "Median over rounds of each round's ratio (alternating order); `ms`: median time of a forward.",
+            "",
+            "| block | tokens (image + text) | fp32 eager ms | export ms | export vs fp32 eager | vs fp32 compiled | "
+            "vs torchao int8 compiled |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in payload["speed"]:
             s = r["speedup_of_export"]
             cell = lambda k: f"{s[k]:.2f}×" if k in s else "not run"  # noqa: E731
-            lines.append(f"| {r['block']} | {r['image_tokens']} + {r['text_tokens']} | {r['ms']['fp32 eager']:.0f} | "
-                         f"{r['ms']['robuq export']:.0f} | {cell('fp32 eager')} | {cell('fp32_compiled')} | "
-                         f"{cell('torchao_int8_compiled')} |")
+            lines.append(
+                f"| {r['block']} | {r['image_tokens']} + {r['text_tokens']} | {r['ms']['fp32 eager']:.0f} | "
+                f"{r['ms']['robuq export']:.0f} | {cell('fp32 eager')} | {cell('fp32_compiled')} | "
+                f"{cell('torchao_int8_compiled')} |"
+            )
         missing = {f"{r['block']}: {k}": v for r in payload["speed"] for k, v in r["missing"].items()}
         if missing:
             lines += ["", "Peers that could not run: " + "; ".join(f"{k} ({v})" for k, v in missing.items())]
@@ -251,15 +347,20 @@ def main(argv: list[str] | None = None) -> dict:
     families = [f.strip() for f in config.families.split(",") if f.strip()]
     unknown = [f for f in families if f not in REAL]
     if unknown or not parts <= {"sizes", "speed"}:
-        raise SystemExit(f"unknown families {unknown} or parts {sorted(parts - {'sizes', 'speed'})}; "
-                         f"families: {', '.join(REAL)}; parts: sizes, speed")
+        raise SystemExit(
+            f"unknown families {unknown} or parts {sorted(parts - {'sizes', 'speed'})}; "
+            f"families: {', '.join(REAL)}; parts: sizes, speed"
+        )
     payload = {"act_bits": config.act_bits, "settings": dataclasses.asdict(config)}
     if "sizes" in parts:
         payload["sizes"] = [size_row(f, config) for f in families]
     if "speed" in parts:
         with tempfile.TemporaryDirectory() as tmp:
-            payload["speed"] = [speed_row(f, label, changes, it, tt, config, Path(tmp))
-                                for f, label, changes, it, tt in BLOCKS if f in families]
+            payload["speed"] = [
+                speed_row(f, label, changes, it, tt, config, Path(tmp))
+                for f, label, changes, it, tt in BLOCKS
+                if f in families
+            ]
     write_result("families", payload, markdown(payload), Path(config.results_dir), invocation(__file__, argv))
     return payload
 

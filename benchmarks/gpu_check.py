@@ -23,6 +23,7 @@ and ``OUT/stdout.txt`` keeps everything printed.
 6. ``nccl``: with two or more GPUs, one 2-rank DDP QAT step over NCCL (skipped on one GPU).
 7. ``triton_tests``: tests/test_kernels_triton.py on the device, its whole output kept.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,10 +52,13 @@ TINY_WIDTHS = (192, 2240)
 class GPUCheckConfig:
     """Options of this benchmark."""
 
-    out: str = option(str(ROOT / "results" / "gpu_check"), "folder for each section's JSON and Markdown, the summary "
-                                                               "and the whole stdout")
-    budget_s: float = option(480.0, "stop starting sections once this many seconds have passed (each section also has "
-                                    "its own limit)")
+    out: str = option(
+        str(ROOT / "results" / "gpu_check"),
+        "folder for each section's JSON and Markdown, the summary and the whole stdout",
+    )
+    budget_s: float = option(
+        480.0, "stop starting sections once this many seconds have passed (each section also has its own limit)"
+    )
     device: str = option("cuda", "cuda, or cpu for a rehearsal of every section (with --tiny)", choices=("cuda", "cpu"))
     tiny: bool = option(False, "tiny models and shapes everywhere (a CPU rehearsal, and the tests)", cli=True)
     batches: str = option("8,32", "two QAT batch sizes, comma-separated (for the memory fit)")
@@ -88,7 +92,10 @@ def quantize_reference(rotated: torch.Tensor, bits: int, rule: str):
 def lowbit_reference(levels, weight_levels, scale, offset, alpha, level_sums_alpha, bias) -> torch.Tensor:
     """s·(q Lᵀ)·α + o·(ΣL·α) + b in float64 (cuBLAS or the CPU's matmul, not robuq's kernel)."""
     acc = levels.double() @ weight_levels.double()
-    out = scale.double()[:, None] * acc * alpha.double()[None, :] + offset.double()[:, None] * level_sums_alpha.double()[None, :]
+    out = (
+        scale.double()[:, None] * acc * alpha.double()[None, :]
+        + offset.double()[:, None] * level_sums_alpha.double()[None, :]
+    )
     return (out + bias.double()[None, :]).float()
 
 
@@ -98,8 +105,12 @@ def _kernel_ops(device: torch.device):
     if device.type == "cuda":
         from robuq.kernels import triton_ops
 
-        return (triton_ops.hadamard, lambda x, s: triton_ops.hadamard_quantize(x, s, 2, "gaussian", None)[1:],
-                triton_ops, "triton")
+        return (
+            triton_ops.hadamard,
+            lambda x, s: triton_ops.hadamard_quantize(x, s, 2, "gaussian", None)[1:],
+            triton_ops,
+            "triton",
+        )
     from robuq.quant.activation import activation_levels
     from robuq.quant.hadamard import hadamard_transform
 
@@ -120,14 +131,27 @@ def kernels_correct(config: GPUCheckConfig, device: torch.device) -> dict:
         x = torch.randn(tokens, n, device=device)
         signs = random_signs(n).to(device)
         ref = hadamard_reference(x, signs)
-        rows.append({"kernel": f"hadamard ({name})", "n": n, "relative_error": relative_error(hadamard(x, signs), ref),
-                     "threshold": 1e-5})
+        rows.append(
+            {
+                "kernel": f"hadamard ({name})",
+                "n": n,
+                "relative_error": relative_error(hadamard(x, signs), ref),
+                "threshold": 1e-5,
+            }
+        )
         levels, scale, _ = fused(x, signs)
         own = quantize_reference(ref, 2, "gaussian")
         shift = spec.int8_level_shift(2) if triton is not None else 0
         differing = float((levels.float() != (own.levels - shift).float()).float().mean())
-        rows.append({"kernel": f"hadamard + quantize A2 ({name})", "n": n, "levels_differing_fraction": differing,
-                     "scale_relative_error": relative_error(scale, own.scale.squeeze(1)), "threshold": 1e-3})
+        rows.append(
+            {
+                "kernel": f"hadamard + quantize A2 ({name})",
+                "n": n,
+                "levels_differing_fraction": differing,
+                "scale_relative_error": relative_error(scale, own.scale.squeeze(1)),
+                "threshold": 1e-3,
+            }
+        )
     if triton is not None:
         m, k, n = (64, 192, 96) if config.tiny else (4096, 1152, 4608)
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -140,10 +164,18 @@ def kernels_correct(config: GPUCheckConfig, device: torch.device) -> dict:
         for packed in (False, True):
             weight = triton.pack_ternary_columns(ternary) if packed else ternary
             out = triton.lowbit_matmul(levels, weight, packed, scale, offset, alpha, sums, bias)
-            rows.append({"kernel": f"lowbit_matmul {'packed ternary' if packed else 'int8'} ({name})", "n": n,
-                         "relative_error": relative_error(out, ref), "threshold": 1e-5})
+            rows.append(
+                {
+                    "kernel": f"lowbit_matmul {'packed ternary' if packed else 'int8'} ({name})",
+                    "n": n,
+                    "relative_error": relative_error(out, ref),
+                    "threshold": 1e-5,
+                }
+            )
     for r in rows:
-        worst = max(r.get("relative_error", 0.0), r.get("scale_relative_error", 0.0), r.get("levels_differing_fraction", 0.0))
+        worst = max(
+            r.get("relative_error", 0.0), r.get("scale_relative_error", 0.0), r.get("levels_differing_fraction", 0.0)
+        )
         r["pass"] = worst <= r["threshold"]
     return {"rows": rows, "pass": all(r["pass"] for r in rows)}
 
@@ -163,14 +195,27 @@ def kernels_fast(config: GPUCheckConfig, device: torch.device) -> dict:
     for n in TINY_WIDTHS if config.tiny else (1152, 4608, 3072, 12288):
         x = torch.randn(tokens, n, device=device)
         signs = random_signs(n).to(device)
-        pairs = {"hadamard": (lambda: hadamard(x, signs), lambda: torch_hadamard(x, signs)),
-                 "hadamard + quantize A2": (lambda: fused(x, signs),
-                                            lambda: activation_levels(torch_hadamard(x, signs), 2, "token", "gaussian"))}
+        pairs = {
+            "hadamard": (lambda: hadamard(x, signs), lambda: torch_hadamard(x, signs)),
+            "hadamard + quantize A2": (
+                lambda: fused(x, signs),
+                lambda: activation_levels(torch_hadamard(x, signs), 2, "token", "gaussian"),
+            ),
+        }
         for kernel, (ours, theirs) in pairs.items():
             ms, torch_ms = time_ms(ours, 5, 2, device=sync), time_ms(theirs, 5, 2, device=sync)
-            rows.append({"kernel": f"{kernel} ({name})", "against": "PyTorch (Kronecker matmuls, PyTorch quantizer)",
-                         "n": n, "ms": ms, "torch_ms": torch_ms, "speedup": torch_ms / ms, "threshold": 1.0,
-                         "pass": torch_ms / ms >= 1.0})
+            rows.append(
+                {
+                    "kernel": f"{kernel} ({name})",
+                    "against": "PyTorch (Kronecker matmuls, PyTorch quantizer)",
+                    "n": n,
+                    "ms": ms,
+                    "torch_ms": torch_ms,
+                    "speedup": torch_ms / ms,
+                    "threshold": 1.0,
+                    "pass": torch_ms / ms >= 1.0,
+                }
+            )
     return {"rows": rows, "pass": all(r["pass"] for r in rows)}
 
 
@@ -224,8 +269,9 @@ def qat_step(config: GPUCheckConfig, device: torch.device) -> dict:
     ema = [p.detach().clone() for p in student.parameters()]
     own_group = _setup_single_process_group(device)
     try:
-        wrapped = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
-                                          gradient_as_bucket_view=True)
+        wrapped = DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+        )
         objective = qat_objective(create_diffusion(learn_sigma=True), teacher, "mix", 1.0)
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
         rows = []
@@ -250,10 +296,20 @@ def qat_step(config: GPUCheckConfig, device: torch.device) -> dict:
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
                 ms = time_ms(step, repeats=3, warmup=1, device="cuda" if device.type == "cuda" else "cpu")
-                pair.append({"model": model, "batch": batch, "grad_checkpoint": checkpoint, "step_ms": ms,
-                             "images_per_s": batch / ms * 1e3, "peak_gib": _peak_gib(device),
-                             "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "loss": "mix", "ema": True,
-                             "ddp": "gradient_as_bucket_view"})
+                pair.append(
+                    {
+                        "model": model,
+                        "batch": batch,
+                        "grad_checkpoint": checkpoint,
+                        "step_ms": ms,
+                        "images_per_s": batch / ms * 1e3,
+                        "peak_gib": _peak_gib(device),
+                        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+                        "loss": "mix",
+                        "ema": True,
+                        "ddp": "gradient_as_bucket_view",
+                    }
+                )
             if pair[0]["peak_gib"] is not None:
                 per_sample = (pair[1]["peak_gib"] - pair[0]["peak_gib"]) / (batches[1] - batches[0])
                 for r in pair:
@@ -266,8 +322,12 @@ def qat_step(config: GPUCheckConfig, device: torch.device) -> dict:
     fits = None
     if total and rows[-1].get("per_sample_gib") is not None:
         ckpt = rows[-1]
-        fits = {"gpu_gib": total, "largest_batch_with_checkpointing": int((0.9 * total - ckpt["fixed_gib"]) /
-                                                                          max(ckpt["per_sample_gib"], 1e-6))}
+        fits = {
+            "gpu_gib": total,
+            "largest_batch_with_checkpointing": int(
+                (0.9 * total - ckpt["fixed_gib"]) / max(ckpt["per_sample_gib"], 1e-6)
+            ),
+        }
     return {"rows": rows, "fits": fits}
 
 
@@ -288,8 +348,13 @@ def sampling(config: GPUCheckConfig, device: torch.device) -> dict:
     precision = "bf16" if device.type == "cuda" else "fp32"
     with torch.no_grad(), precision_context(precision, device):  # what `robuq sample --precision bf16` runs under
         ms = time_ms(lambda: denoise(x, t, y), repeats=5, warmup=2, device="cuda" if device.type == "cuda" else "cpu")
-    return {"model": model_name, "batch": batch, "precision": precision, "denoiser_ms": ms,
-            "images_per_s_250_steps": batch / (ms * 250) * 1e3}
+    return {
+        "model": model_name,
+        "batch": batch,
+        "precision": precision,
+        "denoiser_ms": ms,
+        "images_per_s_250_steps": batch / (ms * 250) * 1e3,
+    }
 
 
 def flux_block(config: GPUCheckConfig, device: torch.device) -> dict:
@@ -301,8 +366,14 @@ def flux_block(config: GPUCheckConfig, device: torch.device) -> dict:
 
     kwargs = dict(num_layers=1, num_single_layers=0)
     if config.tiny:
-        kwargs.update(num_attention_heads=2, attention_head_dim=16, joint_attention_dim=32, pooled_projection_dim=32,
-                      axes_dims_rope=(4, 4, 8), in_channels=4)
+        kwargs.update(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=(4, 4, 8),
+            in_channels=4,
+        )
     torch.manual_seed(0)
     model = diffusers.FluxTransformer2DModel(**kwargs).to(device)
     robuq.quantize_(model, robuq.preset("robuq", act_bits=4), initialize=not config.tiny)
@@ -329,19 +400,30 @@ def flux_block(config: GPUCheckConfig, device: torch.device) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     ms = time_ms(step, repeats=3, warmup=1, device="cuda" if device.type == "cuda" else "cpu")
-    return {"block": "FLUX.1 double block", "width": model.inner_dim, "tokens": [image, text], "step_ms": ms,
-            "peak_gib": _peak_gib(device)}
+    return {
+        "block": "FLUX.1 double block",
+        "width": model.inner_dim,
+        "tokens": [image, text],
+        "step_ms": ms,
+        "peak_gib": _peak_gib(device),
+    }
 
 
 def nccl(config: GPUCheckConfig, device: torch.device) -> dict:
     if device.type != "cuda" or torch.cuda.device_count() < 2:
         return {"skipped": "needs two GPUs"}
-    script = ("import torch, torch.distributed as dist, os\n"
-              "dist.init_process_group('nccl'); r = dist.get_rank(); torch.cuda.set_device(r)\n"
-              "x = torch.ones(1 << 20, device='cuda') * (r + 1); dist.all_reduce(x)\n"
-              "assert float(x[0]) == 3.0, float(x[0]); print('ok', r)\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-c",
-                           script], capture_output=True, text=True, timeout=120)
+    script = (
+        "import torch, torch.distributed as dist, os\n"
+        "dist.init_process_group('nccl'); r = dist.get_rank(); torch.cuda.set_device(r)\n"
+        "x = torch.ones(1 << 20, device='cuda') * (r + 1); dist.all_reduce(x)\n"
+        "assert float(x[0]) == 3.0, float(x[0]); print('ok', r)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return {"returncode": done.returncode, "output": (done.stdout + done.stderr)[-4000:], "pass": done.returncode == 0}
 
 
@@ -349,17 +431,39 @@ def triton_tests(config: GPUCheckConfig, device: torch.device) -> dict:
     """tests/test_kernels_triton.py on this GPU, with its whole output (a CPU rehearsal runs it too: it skips)."""
     if not config.tests:
         return {"skipped": "--no-tests"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(ROOT / "tests" / "test_kernels_triton.py")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=240)
-    return {"returncode": done.returncode, "output": done.stdout + done.stderr,
-            "summary": (done.stdout.strip().splitlines() or [""])[-1], "pass": done.returncode == 0}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "tests" / "test_kernels_triton.py"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    return {
+        "returncode": done.returncode,
+        "output": done.stdout + done.stderr,
+        "summary": (done.stdout.strip().splitlines() or [""])[-1],
+        "pass": done.returncode == 0,
+    }
 
 
 # (name, function, its own time limit in seconds), in order of value.
-SECTIONS = [("kernels_correct", kernels_correct, 90), ("kernels_fast", kernels_fast, 90), ("qat_step", qat_step, 180),
-            ("sampling", sampling, 60), ("flux_block", flux_block, 90), ("nccl", nccl, 130),
-            ("triton_tests", triton_tests, 250)]
+SECTIONS = [
+    ("kernels_correct", kernels_correct, 90),
+    ("kernels_fast", kernels_fast, 90),
+    ("qat_step", qat_step, 180),
+    ("sampling", sampling, 60),
+    ("flux_block", flux_block, 90),
+    ("nccl", nccl, 130),
+    ("triton_tests", triton_tests, 250),
+]
 
 
 # ------------------------------------------------------------------------------------------------ runner
@@ -372,6 +476,7 @@ class SectionTimeout(Exception):
 @contextlib.contextmanager
 def time_limit(seconds: float):
     """Raise SectionTimeout in the main thread after ``seconds`` (a section stuck in a kernel launch or compile)."""
+
     def expire(signum, frame):
         raise SectionTimeout(f"over its {seconds:.0f} s limit")
 
@@ -414,6 +519,7 @@ def section_markdown(name: str, result: dict) -> str:
 
 def verdicts(results: dict[str, dict]) -> dict[str, str]:
     """Correct, fast, fits: from the sections that ran ("not measured" where a section did not finish)."""
+
     def read(name: str, ok) -> str:
         r = results.get(name)
         if r is None or r["status"] != "ok":
@@ -423,8 +529,14 @@ def verdicts(results: dict[str, dict]) -> dict[str, str]:
     return {
         "correct": read("kernels_correct", lambda r: "yes" if r["pass"] else "NO: see kernels_correct.md"),
         "fast": read("kernels_fast", lambda r: "yes" if r["pass"] else "not everywhere: see kernels_fast.md"),
-        "fits": read("qat_step", lambda r: (f"batch ≤ {r['fits']['largest_batch_with_checkpointing']} per GPU with "
-                                            "checkpointing" if r.get("fits") else "no GPU memory figure (CPU)")),
+        "fits": read(
+            "qat_step",
+            lambda r: (
+                f"batch ≤ {r['fits']['largest_batch_with_checkpointing']} per GPU with checkpointing"
+                if r.get("fits")
+                else "no GPU memory figure (CPU)"
+            ),
+        ),
     }
 
 
@@ -452,8 +564,11 @@ def main(argv: list[str] | None = None) -> int:
                     with time_limit(min(limit, left)):
                         results[name] = {"status": "ok", "result": run(config, device)}
                 except Exception as error:  # noqa: BLE001 - every failure is a result; the next section runs
-                    results[name] = {"status": "error", "error": f"{type(error).__name__}: {error}",
-                                     "traceback": traceback.format_exc()}
+                    results[name] = {
+                        "status": "error",
+                        "error": f"{type(error).__name__}: {error}",
+                        "traceback": traceback.format_exc(),
+                    }
                 results[name]["seconds"] = time.perf_counter() - t0
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -461,12 +576,25 @@ def main(argv: list[str] | None = None) -> int:
             (out / f"{name}.md").write_text(section_markdown(name, results[name]))
             print(f"gpu_check: {name}: {results[name]['status']} ({results[name]['seconds']:.1f} s)", flush=True)
         answer = verdicts(results)
-        summary = {"device": str(device), "tiny": config.tiny, "seconds": time.perf_counter() - start,
-                   "verdicts": answer, "sections": {n: r["status"] for n, r in results.items()}, "machine": machine(),
-                   "command": " ".join([Path(sys.executable).name, *(sys.argv if argv is None else ["benchmarks/gpu_check.py", *argv])])}
+        summary = {
+            "device": str(device),
+            "tiny": config.tiny,
+            "seconds": time.perf_counter() - start,
+            "verdicts": answer,
+            "sections": {n: r["status"] for n, r in results.items()},
+            "machine": machine(),
+            "command": " ".join(
+                [Path(sys.executable).name, *(sys.argv if argv is None else ["benchmarks/gpu_check.py", *argv])]
+            ),
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        (out / "summary.md").write_text("# gpu_check\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in answer.items())
-                                        + "\n\n" + "\n".join(f"- {n}: {s}" for n, s in summary["sections"].items()) + "\n")
+        (out / "summary.md").write_text(
+            "# gpu_check\n\n"
+            + "\n".join(f"- **{k}**: {v}" for k, v in answer.items())
+            + "\n\n"
+            + "\n".join(f"- {n}: {s}" for n, s in summary["sections"].items())
+            + "\n"
+        )
         print(json.dumps(answer, indent=2), flush=True)
     finally:
         sys.stdout = old_stdout

@@ -7,6 +7,7 @@
 ``pytorch`` is its PyTorch fallback (a small matmul per Kronecker factor). All are timed side by side
 in one run; compare the ratios, not the absolute times.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,15 @@ def measure(shape: tuple[int, int], device: str, repeats: int) -> dict:
     copy = time_ms(lambda: x.clone(), repeats, device=device)
     error = (hadamard_transform(x) - x @ H).abs().max().item()
     return {
-        "shape": list(shape), "device": device, "factors": list(hadamard_factors(shape[1])), "fast_ms": fast,
-        "pytorch_ms": pytorch, "dense_ms": dense, "copy_ms": copy, "dense_over_fast": dense / fast, "fast_over_copy": fast / copy,
+        "shape": list(shape),
+        "device": device,
+        "factors": list(hadamard_factors(shape[1])),
+        "fast_ms": fast,
+        "pytorch_ms": pytorch,
+        "dense_ms": dense,
+        "copy_ms": copy,
+        "dense_over_fast": dense / fast,
+        "fast_over_copy": fast / copy,
         "max_abs_diff": error,
     }
 
@@ -53,16 +61,23 @@ def main(argv: list[str] | None = None) -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     shapes = [tuple(int(n) for n in shape.split("x")) for shape in config.shapes.split(",")]
     rows = [measure(shape, d, config.repeats) for d in devices for shape in shapes]
-    table = ["| shape | device | factors | fast ms | PyTorch path ms | dense ms | copy ms | dense/fast | fast/copy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| shape | device | factors | fast ms | PyTorch path ms | dense ms | copy ms | dense/fast | fast/copy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         pytorch = "—" if r["pytorch_ms"] is None else f"{r['pytorch_ms']:.1f}"
         table.append(
             f"| {r['shape']} | {r['device']} | {r['factors']} | {r['fast_ms']:.1f} | {pytorch} | {r['dense_ms']:.1f} | {r['copy_ms']:.1f} "
             f"| {r['dense_over_fast']:.1f}× | {r['fast_over_copy']:.1f}× |"
         )
-    write_result("hadamard", {"rows": rows, "repeats": config.repeats}, "\n".join(table),
-                 Path(config.results_dir) if config.results_dir else None, invocation(__file__, argv))
+    write_result(
+        "hadamard",
+        {"rows": rows, "repeats": config.repeats},
+        "\n".join(table),
+        Path(config.results_dir) if config.results_dir else None,
+        invocation(__file__, argv),
+    )
     print("\n".join(table))
 
 

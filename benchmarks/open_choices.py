@@ -9,6 +9,7 @@ the branch sees full-precision or quantized inputs — each at A4, A3 and A2.
     python benchmarks/open_choices.py     # → results/open_choices.{json,md}
     python benchmarks/open_choices.py --ckpt tiny.safetensors --images 8 --data-dir DIR   # a check of the script
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -37,7 +38,12 @@ VARIANTS = {
     "fp weights, no Hadamard, min–max": {"weight": "fp", "hadamard": False, "lowrank_rank": 0},
     "fp weights, Hadamard+signs, min–max": {"weight": "fp", "lowrank_rank": 0},
     "fp weights, Hadamard+signs, Gaussian": {"weight": "fp", "lowrank_rank": 0, "act_rule": "gaussian"},
-    "fp weights, Hadamard, no signs, Gaussian": {"weight": "fp", "lowrank_rank": 0, "act_rule": "gaussian", "hadamard_signs": False},
+    "fp weights, Hadamard, no signs, Gaussian": {
+        "weight": "fp",
+        "lowrank_rank": 0,
+        "act_rule": "gaussian",
+        "hadamard_signs": False,
+    },
     # A first measurement showed the Gaussian rule hurting qkv/proj and helping fc1/fc2; these rows test it.
     "fp weights, Gaussian on fc1/fc2 only": {"weight": "fp", "lowrank_rank": 0, "gaussian_roles": ("fc1", "fc2")},
     "ternary, Gaussian on fc1/fc2 only": {"gaussian_roles": ("fc1", "fc2")},
@@ -80,12 +86,21 @@ def main(argv: list[str] | None = None) -> None:
             row[f"a{bits}"] = relative_error(build_student(teacher, policy(bits, changes)), batch)
         rows.append(row)
         print(row)
-    lines = ["Relative output MSE against the teacher (÷ the teacher output's variance) right after quantization, "
-             f"{config.images} training images at timesteps spread over [0, 1000). Lower is better.", "",
-             "| variant | A4 | A3 | A2 |", "|---|---|---|---|"]
+    lines = [
+        "Relative output MSE against the teacher (÷ the teacher output's variance) right after quantization, "
+        f"{config.images} training images at timesteps spread over [0, 1000). Lower is better.",
+        "",
+        "| variant | A4 | A3 | A2 |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['variant']} | {r['a4']:.4f} | {r['a3']:.4f} | {r['a2']:.4f} |" for r in rows]
-    write_result("open_choices", {"rows": rows, "images": config.images, "ckpt": str(config.ckpt or default_teacher_path().name)},
-                 "\n".join(lines), Path(config.results_dir) if config.results_dir else None, invocation(__file__, argv))
+    write_result(
+        "open_choices",
+        {"rows": rows, "images": config.images, "ckpt": str(config.ckpt or default_teacher_path().name)},
+        "\n".join(lines),
+        Path(config.results_dir) if config.results_dir else None,
+        invocation(__file__, argv),
+    )
     print("\n".join(lines))
 
 

@@ -20,6 +20,7 @@ A configuration whose predicted peak exceeds the memory available (with ``--marg
 started and is recorded as skipped, so the script never pushes a shared machine into swapping or the
 OOM killer.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,7 +79,9 @@ def prepare(spec: dict) -> None:
         for p in teacher.parameters():
             p.add_(0.02 * torch.randn_like(p))
     teacher.eval().requires_grad_(False)
-    save_tensors(Path(spec["work"]) / "teacher.safetensors", teacher.state_dict(), {"model_config": teacher.config.to_dict()})
+    save_tensors(
+        Path(spec["work"]) / "teacher.safetensors", teacher.state_dict(), {"model_config": teacher.config.to_dict()}
+    )
     quantization = resolve_policy(spec["preset"], spec["act_bits"], None, None)
     save_quantized(build_student(teacher, quantization), Path(spec["work"]) / "student.safetensors", quantization)
     (Path(spec["work"]) / PREPARED).write_text(json.dumps(_model_spec(spec)) + "\n")
@@ -108,8 +111,15 @@ def measure(spec: dict) -> dict:
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
     baseline = torch.cuda.memory_allocated() if cuda else _status_kib("VmRSS") * 1024
-    config = QATConfig(precision=spec["precision"], grad_checkpoint=spec["grad_checkpoint"], lr=1e-5, warmup_steps=0,
-                       steps=2, global_batch_size=spec["batch"], device=spec["device"])
+    config = QATConfig(
+        precision=spec["precision"],
+        grad_checkpoint=spec["grad_checkpoint"],
+        lr=1e-5,
+        warmup_steps=0,
+        steps=2,
+        global_batch_size=spec["batch"],
+        device=spec["device"],
+    )
     teacher = load_dit(Path(spec["work"]) / "teacher.safetensors").to(device).eval().requires_grad_(False)
     student = load_quantized(Path(spec["work"]) / "student.safetensors")[0].to(device).train()
     student.grad_checkpoint = spec["grad_checkpoint"]
@@ -142,23 +152,37 @@ def measure(spec: dict) -> dict:
         torch.cuda.synchronize()
     step_s = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
-    return {**{k: v for k, v in spec.items() if k != "work"}, "peak_gib": peak / 2**30, "held_before_step_gib": held / 2**30,
-            "tensors_gib": tensors / 2**30,
-            "baseline_gib": baseline / 2**30, "student_params": sum(p.numel() for p in student.parameters()),
-            "loss": float(loss.detach()), "step_s": step_s,
-            "measure": "torch.cuda.max_memory_allocated" if cuda else "VmHWM (peak resident memory of the process)"}
+    return {
+        **{k: v for k, v in spec.items() if k != "work"},
+        "peak_gib": peak / 2**30,
+        "held_before_step_gib": held / 2**30,
+        "tensors_gib": tensors / 2**30,
+        "baseline_gib": baseline / 2**30,
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "loss": float(loss.detach()),
+        "step_s": step_s,
+        "measure": "torch.cuda.max_memory_allocated" if cuda else "VmHWM (peak resident memory of the process)",
+    }
 
 
 def _subprocess(flag: str, spec: dict, timeout_s: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, __file__, flag, json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout_s, env={**os.environ, **MALLOC_ENV})
+    return subprocess.run(
+        [sys.executable, __file__, flag, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, **MALLOC_ENV},
+    )
 
 
 def run_isolated(spec: dict, timeout_s: float) -> dict:
     """``measure(spec)`` in a fresh interpreter: the peak of one configuration, not of all before it."""
     done = _subprocess("--worker", spec, timeout_s)
     if done.returncode != 0:
-        return {**spec, "failed": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}"}
+        return {
+            **spec,
+            "failed": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}",
+        }
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -180,8 +204,12 @@ def bound(rows: list[dict]) -> dict | None:
     if len(measured) != 1:
         return None
     r = measured[0]
-    return {"fixed_gib": r["held_before_step_gib"], "per_sample_gib": (r["peak_gib"] - r["held_before_step_gib"]) / r["batch"],
-            "batches": [r["batch"]], "bound": True}
+    return {
+        "fixed_gib": r["held_before_step_gib"],
+        "per_sample_gib": (r["peak_gib"] - r["held_before_step_gib"]) / r["batch"],
+        "batches": [r["batch"]],
+        "bound": True,
+    }
 
 
 def predicted_gib(rows: list[dict], batch: int) -> float | None:
@@ -220,8 +248,11 @@ class QATMemoryConfig:
     threads: int = option(2, "CPU threads")
     margin_gib: float = option(2.0, "memory to leave free when deciding what to start")
     timeout_s: float = option(900.0, "limit of one configuration's process")
-    work_dir: str | None = option(None, "build the teacher and student here, or reuse the ones an earlier run built here "
-                                        "for the same --model/--preset/--act-bits (default: a temporary folder)")
+    work_dir: str | None = option(
+        None,
+        "build the teacher and student here, or reuse the ones an earlier run built here "
+        "for the same --model/--preset/--act-bits (default: a temporary folder)",
+    )
     results_dir: str | None = option(None, "where the JSON and Markdown go (default: results/)")
 
 
@@ -238,14 +269,24 @@ def main(argv: list[str] | None = None) -> int:
     for name, allowed in (("precisions", PRECISIONS), ("checkpointing", ("off", "on"))):
         if not lists[name] or set(lists[name]) - set(allowed):
             raise SystemExit(f"--{name} {getattr(args, name)}: give some of {','.join(allowed)}, comma-separated")
-    args = dataclasses.replace(args, precisions=lists["precisions"], checkpointing=lists["checkpointing"],
-                               batches=[int(b) for b in args.batches.split(",")] if args.batches else None)
+    args = dataclasses.replace(
+        args,
+        precisions=lists["precisions"],
+        checkpointing=lists["checkpointing"],
+        batches=[int(b) for b in args.batches.split(",")] if args.batches else None,
+    )
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     batches = args.batches or ([1, 2] if device == "cpu" else [4, 8, 16])
     t0 = time.perf_counter()
     work = tempfile.TemporaryDirectory(prefix="qat_memory-") if args.work_dir is None else None
-    common = {"model": args.model, "input_size": model_config(args.model, args.input_size).input_size, "preset": args.preset,
-              "act_bits": args.act_bits, "threads": args.threads, "work": work.name if work else args.work_dir}
+    common = {
+        "model": args.model,
+        "input_size": model_config(args.model, args.input_size).input_size,
+        "preset": args.preset,
+        "act_bits": args.act_bits,
+        "threads": args.threads,
+        "work": work.name if work else args.work_dir,
+    }
     Path(common["work"]).mkdir(parents=True, exist_ok=True)
     if not is_prepared(common):
         made = _subprocess("--prepare", common, args.timeout_s)
@@ -256,13 +297,21 @@ def main(argv: list[str] | None = None) -> int:
         for checkpointing in args.checkpointing:
             group = []
             for batch in sorted(batches):
-                spec = {**common, "batch": batch, "precision": precision, "grad_checkpoint": checkpointing == "on",
-                        "device": device}
+                spec = {
+                    **common,
+                    "batch": batch,
+                    "precision": precision,
+                    "grad_checkpoint": checkpointing == "on",
+                    "device": device,
+                }
                 need = predicted_gib(group, batch) if group else None
                 need = need if need is not None else rough_fixed_gib(args.model, args.input_size)
                 free = available_gib() if device == "cpu" else torch.cuda.mem_get_info()[0] / 2**30
                 if need + args.margin_gib > free:
-                    row = {**spec, "skipped": f"predicted {need:.1f} GiB + {args.margin_gib:g} GiB margin > {free:.1f} GiB available"}
+                    row = {
+                        **spec,
+                        "skipped": f"predicted {need:.1f} GiB + {args.margin_gib:g} GiB margin > {free:.1f} GiB available",
+                    }
                 else:
                     row = run_isolated(spec, args.timeout_s)
                 row.pop("work", None)
@@ -272,12 +321,25 @@ def main(argv: list[str] | None = None) -> int:
             f = fit(group) or bound(group)
             if f is not None:
                 fits.append({"precision": precision, "grad_checkpoint": checkpointing == "on", **f})
-    result = {"model": args.model, "input_size": common["input_size"], "preset": args.preset, "act_bits": args.act_bits,
-              "device": device, "rows": rows, "fits": fits, "seconds": time.perf_counter() - t0}
+    result = {
+        "model": args.model,
+        "input_size": common["input_size"],
+        "preset": args.preset,
+        "act_bits": args.act_bits,
+        "device": device,
+        "rows": rows,
+        "fits": fits,
+        "seconds": time.perf_counter() - t0,
+    }
     if work is not None:
         work.cleanup()
-    write_result("qat_memory", result, table(result), Path(args.results_dir) if args.results_dir else None,
-                 invocation(__file__, argv))
+    write_result(
+        "qat_memory",
+        result,
+        table(result),
+        Path(args.results_dir) if args.results_dir else None,
+        invocation(__file__, argv),
+    )
     print(table(result))
     return 0
 
@@ -286,38 +348,57 @@ def table(result: dict) -> str:
     """The Markdown of a result: one line per configuration, then the fits, then what the figures are."""
     cpu = result["device"] == "cpu"
     what = "peak resident memory (GiB, VmHWM)" if cpu else "peak allocated (GiB)"
-    lines = [f"{result['model']} QAT step ({result['preset']} A{result['act_bits']}, latents {result['input_size']}², "
-             f"teacher + student + EMA + AdamW) on {result['device']}:", "",
-             f"| precision | grad ckpt | batch | {what} | held before the step | tensors held (weights, EMA, AdamW) | step s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{result['model']} QAT step ({result['preset']} A{result['act_bits']}, latents {result['input_size']}², "
+        f"teacher + student + EMA + AdamW) on {result['device']}:",
+        "",
+        f"| precision | grad ckpt | batch | {what} | held before the step | tensors held (weights, EMA, AdamW) | step s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         head = f"| {r['precision']} | {'on' if r['grad_checkpoint'] else 'off'} | {r['batch']} |"
         if "peak_gib" in r:
-            lines.append(f"{head} {r['peak_gib']:.2f} | {r['held_before_step_gib']:.2f} | {r['tensors_gib']:.2f} | {r['step_s']:.1f} |")
+            lines.append(
+                f"{head} {r['peak_gib']:.2f} | {r['held_before_step_gib']:.2f} | {r['tensors_gib']:.2f} | {r['step_s']:.1f} |"
+            )
         else:
             lines.append(f"{head} {r.get('skipped') or r.get('failed')} | | | |")
     lines += ["", "| precision | grad ckpt | fixed GiB | GiB per sample | from batches |", "|---|---|---|---|---|"]
-    lines += [f"| {f['precision']} | {'on' if f['grad_checkpoint'] else 'off'} | {'≥ ' if f.get('bound') else ''}{f['fixed_gib']:.2f} | "
-              f"{'≤ ' if f.get('bound') else ''}{f['per_sample_gib']:.3f} | {', '.join(map(str, f['batches']))} |"
-              for f in result["fits"]]
+    lines += [
+        f"| {f['precision']} | {'on' if f['grad_checkpoint'] else 'off'} | {'≥ ' if f.get('bound') else ''}{f['fixed_gib']:.2f} | "
+        f"{'≤ ' if f.get('bound') else ''}{f['per_sample_gib']:.3f} | {', '.join(map(str, f['batches']))} |"
+        for f in result["fits"]
+    ]
     if any(f.get("bound") for f in result["fits"]):
-        lines += ["", "≥ / ≤: only one batch fitted, so the fixed part is at least what the process held before the step "
-                  "and the per-sample part at most all that the step added (its gradients and temporaries included)."]
+        lines += [
+            "",
+            "≥ / ≤: only one batch fitted, so the fixed part is at least what the process held before the step "
+            "and the per-sample part at most all that the step added (its gradients and temporaries included).",
+        ]
     if any("skipped" in r for r in result["rows"]):
-        lines += ["", "A row marked 'predicted … > … available' was not started: by the figures measured before it, it "
-                  "would not have fitted in the memory this machine had free (with the margin), and the script does not "
-                  "push a shared machine into swapping or the OOM killer."]
+        lines += [
+            "",
+            "A row marked 'predicted … > … available' was not started: by the figures measured before it, it "
+            "would not have fitted in the memory this machine had free (with the margin), and the script does not "
+            "push a shared machine into swapping or the OOM killer.",
+        ]
     if cpu:
-        lines += ["", "Step times are not a speed measurement: every tensor of 64 KiB or more is a fresh mmap here, so "
-                  "the page faults make a step several times slower than a normal run's."]
-        lines += ["", "**These are host-memory figures of a CPU run, not GPU figures.** On a GPU the script reports "
-                  "`torch.cuda.max_memory_allocated` instead, which differs: it counts tensors only (no interpreter, "
-                  "libraries or allocator slack, which VmHWM includes), while the GPU process also needs what it "
-                  "leaves out: the CUDA context and cuBLAS workspaces (about 0.5–1 GiB), the caching allocator's "
-                  "reserve and fragmentation (`nvidia-smi` shows more than the figure), and under DDP each GPU's "
-                  "gradient buckets (about one more copy of the gradients). The operations are the same (the "
-                  "student's quantized attention materialises its score matrices on both), but cuBLAS and oneDNN "
-                  "keep different temporaries, so per-sample figures can differ by a few per cent."]
+        lines += [
+            "",
+            "Step times are not a speed measurement: every tensor of 64 KiB or more is a fresh mmap here, so "
+            "the page faults make a step several times slower than a normal run's.",
+        ]
+        lines += [
+            "",
+            "**These are host-memory figures of a CPU run, not GPU figures.** On a GPU the script reports "
+            "`torch.cuda.max_memory_allocated` instead, which differs: it counts tensors only (no interpreter, "
+            "libraries or allocator slack, which VmHWM includes), while the GPU process also needs what it "
+            "leaves out: the CUDA context and cuBLAS workspaces (about 0.5–1 GiB), the caching allocator's "
+            "reserve and fragmentation (`nvidia-smi` shows more than the figure), and under DDP each GPU's "
+            "gradient buckets (about one more copy of the gradients). The operations are the same (the "
+            "student's quantized attention materialises its score matrices on both), but cuBLAS and oneDNN "
+            "keep different temporaries, so per-sample figures can differ by a few per cent.",
+        ]
     return "\n".join(lines)
 
 

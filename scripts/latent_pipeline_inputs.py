@@ -4,6 +4,7 @@ SD-VAE class saved locally, and a reference .npz of the centre-cropped images fo
 
 Usage: python scripts/latent_pipeline_inputs.py OUT_DIR [PER_CLASS]
 """
+
 from __future__ import annotations
 
 import sys
@@ -30,8 +31,14 @@ def main(out: Path, per_class: int) -> None:
             Image.fromarray(rgb).resize((72, 64), Image.BICUBIC).save(out / "images" / name / f"{i:04d}.png")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        vae = AutoencoderKL(latent_channels=4, norm_num_groups=8, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        vae = AutoencoderKL(
+            latent_channels=4,
+            norm_num_groups=8,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        )
     vae.save_pretrained(out / "vae")
     folder = StreamingImageFolder(out / "images", 64)
     np.savez(out / "reference.npz", arr_0=np.stack([folder.load(i) for i in range(len(folder))]))

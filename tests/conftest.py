@@ -1,4 +1,5 @@
 """Shared fixtures: tiny data written by the tests themselves, so nothing depends on a download."""
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,16 @@ def tiny_diffusers_dit(seed: int = 0, shared_embedders: bool = False, **override
     """A small random diffusers DiTTransformer2DModel (skips the test without diffusers). ``shared_embedders``
     gives every block block 0's timestep/class embedder, as converted checkpoints have."""
     diffusers = pytest.importorskip("diffusers")
-    base = dict(num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=8, num_layers=2,
-                sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    base = dict(
+        num_attention_heads=2,
+        attention_head_dim=24,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    )
     base.update(overrides)
     torch.manual_seed(seed)
     model = diffusers.DiTTransformer2DModel(**base)

@@ -67,7 +67,9 @@ def test_fewer_bits_cost_more_when_activations_are_the_only_error(tiny_dit, seed
 def test_sensitivity_is_deterministic_and_matches_a_full_forward(student_and_batch, chunk):
     student, batch = student_and_batch
     first = measure_sensitivity(student, batch, progress=False, metric="error-increase", chunk=chunk)
-    assert first.table == measure_sensitivity(student, batch, progress=False, metric="error-increase", chunk=chunk).table
+    assert (
+        first.table == measure_sensitivity(student, batch, progress=False, metric="error-increase", chunk=chunk).table
+    )
     moved = measure_sensitivity(student, batch, progress=False, chunk=chunk)
     # The cached-prefix shortcut must equal a plain full forward with that one layer changed.
     from robuq.train.calibration import batch_output, relative_error
@@ -99,8 +101,10 @@ def test_sensitivities_of_the_shipped_teacher_rank_alike_and_fall_with_bits():
     teacher = load_dit(default_teacher_path()).eval()
     student = build_student(teacher, preset("robuq", act_bits=4))
     images, labels = calibration_images(FashionMNIST("train", 28), 32, True)
-    runs = [measure_sensitivity(student, calibration_batch(teacher, images, labels, seed, with_null=True), progress=False)
-            for seed in (0, 1)]
+    runs = [
+        measure_sensitivity(student, calibration_batch(teacher, images, labels, seed, with_null=True), progress=False)
+        for seed in (0, 1)
+    ]
     names = list(runs[0].table)
     for bits in (1, 2, 3):
         rho = spearmanr([runs[0].table[n][bits] for n in names], [runs[1].table[n][bits] for n in names]).statistic
@@ -111,7 +115,9 @@ def test_sensitivities_of_the_shipped_teacher_rank_alike_and_fall_with_bits():
 
 def test_plan_round_trip_and_figure(tmp_path, student_and_batch, tiny_dit):
     student, batch = student_and_batch
-    sensitivity = Sensitivity.from_dict(json.loads(json.dumps(measure_sensitivity(student, batch, progress=False).to_dict())))
+    sensitivity = Sensitivity.from_dict(
+        json.loads(json.dumps(measure_sensitivity(student, batch, progress=False).to_dict()))
+    )
     for weighting in ("plain", "macs"):
         plan = plan_from_sensitivity(sensitivity, 2.5, weighting)
         assert (plan.average_plain if weighting == "plain" else plan.average_macs) <= 2.5 + 1e-9
@@ -127,7 +133,23 @@ def test_cli_allocate(tmp_path, student_and_batch, capsys):
     student, batch = student_and_batch
     sens = tmp_path / "sens.json"
     sens.write_text(json.dumps(measure_sensitivity(student, batch, progress=False).to_dict()))
-    assert main(["ampn", "allocate", "--sensitivity", str(sens), "--budget", "2", "--weighting", "macs", "--out", str(tmp_path / "p.json")]) == 0
+    assert (
+        main(
+            [
+                "ampn",
+                "allocate",
+                "--sensitivity",
+                str(sens),
+                "--budget",
+                "2",
+                "--weighting",
+                "macs",
+                "--out",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "MAC-weighted" in out and "fc2" in out
     assert main(["ampn", "allocate", "--sensitivity", str(sens), "--budget", "0.5"]) == 2
@@ -135,19 +157,38 @@ def test_cli_allocate(tmp_path, student_and_batch, capsys):
 
 
 def test_ampn_run_end_to_end(tmp_path, tiny_dit, fmnist_dir):
-    teacher = str(save_tensors(tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}))
-    config = QATConfig(teacher=teacher, data_dir=str(fmnist_dir), out_dir=str(tmp_path / "ampn"), steps=4, global_batch_size=8,
-                       log_every=1, ckpt_every=2, probe_every=2, probe_images=4, warmup_steps=1, device="cpu")
+    teacher = str(
+        save_tensors(
+            tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}
+        )
+    )
+    config = QATConfig(
+        teacher=teacher,
+        data_dir=str(fmnist_dir),
+        out_dir=str(tmp_path / "ampn"),
+        steps=4,
+        global_batch_size=8,
+        log_every=1,
+        ckpt_every=2,
+        probe_every=2,
+        probe_images=4,
+        warmup_steps=1,
+        device="cpu",
+    )
     final = ampn_run(AMPNConfig(qat=config, budget=2.0, warmup_qat_steps=2, calibration_images=8), progress=False)
     plan = json.loads((tmp_path / "ampn" / "plan.json").read_text())
     assert plan["average_plain"] <= 2.0 and (tmp_path / "ampn" / "plan.png").is_file()
     model, _ = load_quantized(final / "model.safetensors")
     assert {n: b for n, b in current_plan(model).items() if n in plan["bits"]} == plan["bits"]
     # One schedule: the warm-up is steps 1-2 at 4 bits, the final run continues at step 3 from its checkpoint.
-    warm_log = [json.loads(line)["step"] for line in (tmp_path / "ampn" / "warmup" / "log.jsonl").read_text().splitlines()]
+    warm_log = [
+        json.loads(line)["step"] for line in (tmp_path / "ampn" / "warmup" / "log.jsonl").read_text().splitlines()
+    ]
     final_log = [json.loads(line)["step"] for line in (final / "log.jsonl").read_text().splitlines()]
     assert warm_log == [1, 2] and final_log == [3, 4]
-    assert json.loads((final / "config.json").read_text())["continue_from"].endswith("warmup/checkpoints/step-0000002.safetensors")
+    assert json.loads((final / "config.json").read_text())["continue_from"].endswith(
+        "warmup/checkpoints/step-0000002.safetensors"
+    )
     warm, _ = load_quantized(tmp_path / "ampn" / "warmup" / "checkpoints" / "step-0000002.safetensors")
     assert {b for n, b in current_plan(warm).items() if n in plan["bits"]} == {4}
     # A second call finds every stage done and changes nothing.
@@ -157,10 +198,26 @@ def test_ampn_run_end_to_end(tmp_path, tiny_dit, fmnist_dir):
 
 
 def test_ampn_run_stops_where_asked_and_refuses_a_warmup_outside_the_schedule(tmp_path, tiny_dit, fmnist_dir):
-    teacher = str(save_tensors(tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}))
-    config = QATConfig(teacher=teacher, data_dir=str(fmnist_dir), out_dir=str(tmp_path / "ampn"), steps=6, global_batch_size=8,
-                       log_every=1, ckpt_every=1, probe_every=0, warmup_steps=1, device="cpu")
-    final = ampn_run(AMPNConfig(qat=config, budget=2.0, warmup_qat_steps=2, calibration_images=8), progress=False, until=4)
+    teacher = str(
+        save_tensors(
+            tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}
+        )
+    )
+    config = QATConfig(
+        teacher=teacher,
+        data_dir=str(fmnist_dir),
+        out_dir=str(tmp_path / "ampn"),
+        steps=6,
+        global_batch_size=8,
+        log_every=1,
+        ckpt_every=1,
+        probe_every=0,
+        warmup_steps=1,
+        device="cpu",
+    )
+    final = ampn_run(
+        AMPNConfig(qat=config, budget=2.0, warmup_qat_steps=2, calibration_images=8), progress=False, until=4
+    )
     assert [json.loads(line)["step"] for line in (final / "log.jsonl").read_text().splitlines()] == [3, 4]
     assert not (final / "model.safetensors").exists()
     with pytest.raises(ValueError, match="inside the schedule"):
@@ -175,13 +232,50 @@ def test_ampn_run_under_torchrun_uses_one_process_group(tmp_path, tiny_dit, fmni
     import subprocess
     import sys
 
-    teacher = str(save_tensors(tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}))
+    teacher = str(
+        save_tensors(
+            tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}
+        )
+    )
     out = tmp_path / "a"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "robuq.cli", "ampn",
-           "run", "--teacher", teacher, "--data-dir", str(fmnist_dir), "--budget", "3", "--warmup-qat-steps", "2", "--steps", "4",
-           "--global-batch-size", "4", "--calibration-images", "8", "--probe-images", "8", "--ckpt-every", "2",
-           "--device", "cpu", "--out-dir", str(out), "--no-progress"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "robuq.cli",
+        "ampn",
+        "run",
+        "--teacher",
+        teacher,
+        "--data-dir",
+        str(fmnist_dir),
+        "--budget",
+        "3",
+        "--warmup-qat-steps",
+        "2",
+        "--steps",
+        "4",
+        "--global-batch-size",
+        "4",
+        "--calibration-images",
+        "8",
+        "--probe-images",
+        "8",
+        "--ckpt-every",
+        "2",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+        "--no-progress",
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("budget 3.0 bits") == 1  # the plan printed once, by rank 0
     model, _ = load_quantized(out / "final" / "model.safetensors")

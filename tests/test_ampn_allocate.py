@@ -46,7 +46,11 @@ def test_dp_matches_brute_force(instance):
 
 
 def test_real_valued_weights_are_exact_too():
-    sens = {"a": {1: 5.0, 2: 1.0, 3: 0.5, 4: 0.0}, "b": {1: 3.0, 2: 2.0, 3: 1.0, 4: 0.0}, "c": {1: 1, 2: 0.5, 3: 0.2, 4: 0}}
+    sens = {
+        "a": {1: 5.0, 2: 1.0, 3: 0.5, 4: 0.0},
+        "b": {1: 3.0, 2: 2.0, 3: 1.0, 4: 0.0},
+        "c": {1: 1, 2: 0.5, 3: 0.2, 4: 0},
+    }
     weights = {"a": 0.7, "b": 1.3, "c": 2.9}
     result = allocate_bits(sens, 2.0, weights)
     assert result.objective == pytest.approx(brute_force(sens, 2.0, weights))
@@ -72,7 +76,11 @@ def test_dit_xl_sized_instance_uses_the_budget():
     import random
 
     rng = random.Random(0)
-    sens = {f"blocks.{i}.{r}": {b: rng.random() * 2.0 ** (-2 * b) for b in CHOICES} for i in range(28) for r in ("qkv", "proj", "fc1", "fc2")}
+    sens = {
+        f"blocks.{i}.{r}": {b: rng.random() * 2.0 ** (-2 * b) for b in CHOICES}
+        for i in range(28)
+        for r in ("qkv", "proj", "fc1", "fc2")
+    }
     macs = {n: {"qkv": 3, "proj": 1, "fc1": 4, "fc2": 4}[n.split(".")[-1]] * 1152 * 1152 * 256 for n in sens}
     result = allocate_bits(sens, 2.0, macs)
     assert len(result.bits) == 112

@@ -1,5 +1,6 @@
 """Bad input through the command line, as a user meets it: exit code 2, one line on stderr that names the
 file or flag and the fix, no traceback, nothing written."""
+
 import collections
 import json
 import pickle
@@ -15,7 +16,9 @@ from robuq.eval.classifier import ClassifierTrainConfig
 
 @pytest.fixture
 def tiny_ckpt(tmp_path, tiny_dit):
-    return str(save_tensors(tmp_path / "tiny.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}))
+    return str(
+        save_tensors(tmp_path / "tiny.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()})
+    )
 
 
 def refused(capsys, argv: list[str]) -> str:
@@ -28,8 +31,10 @@ def refused(capsys, argv: list[str]) -> str:
 
 def test_a_missing_data_dir_is_refused_before_anything_is_built_or_written(tmp_path, capsys):
     out = tmp_path / "run"
-    line = refused(capsys, ["qat", "--data-dir", str(tmp_path / "nonexistent"), "--out-dir", str(out), "--steps", "2",
-                            "--no-progress"])
+    line = refused(
+        capsys,
+        ["qat", "--data-dir", str(tmp_path / "nonexistent"), "--out-dir", str(out), "--steps", "2", "--no-progress"],
+    )
     assert f"--data-dir {tmp_path / 'nonexistent'} is not a folder" in line
     assert not out.exists()
 
@@ -59,16 +64,24 @@ def test_a_yaml_policy_with_a_python_tag_is_refused_in_one_line(tmp_path, tiny_c
     assert not out.exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    ("[1, 2]", "must be an object"),
-    ('{"rules": [{"pattern": "blocks.*", "linear": {"weight": "ternary", "wieght_bits": 2}}]}', "unknown linear quantization fields: wieght_bits"),
-    ('{"rules": [{"linear": {}}]}', "needs a name pattern"),
-    ('{"nmae": "x"}', "unknown quantization policy fields: nmae"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[1, 2]", "must be an object"),
+        (
+            '{"rules": [{"pattern": "blocks.*", "linear": {"weight": "ternary", "wieght_bits": 2}}]}',
+            "unknown linear quantization fields: wieght_bits",
+        ),
+        ('{"rules": [{"linear": {}}]}', "needs a name pattern"),
+        ('{"nmae": "x"}', "unknown quantization policy fields: nmae"),
+    ],
+)
 def test_a_malformed_policy_names_what_is_wrong(tmp_path, tiny_ckpt, capsys, content, message):
     policy = tmp_path / "policy.json"
     policy.write_text(content)
-    line = refused(capsys, ["quantize", "--ckpt", tiny_ckpt, "--config", str(policy), "--out", str(tmp_path / "q.safetensors")])
+    line = refused(
+        capsys, ["quantize", "--ckpt", tiny_ckpt, "--config", str(policy), "--out", str(tmp_path / "q.safetensors")]
+    )
     assert "policy.json" in line and message in line
 
 
@@ -76,7 +89,9 @@ def test_a_binary_plan_or_policy_is_refused(tmp_path, tiny_ckpt, capsys):
     blob = tmp_path / "blob.json"
     blob.write_bytes(bytes(range(128, 256)))
     out = tmp_path / "q.safetensors"
-    assert "is not text; a plan is a JSON file" in refused(capsys, ["quantize", "--ckpt", tiny_ckpt, "--plan", str(blob), "--out", str(out)])
+    assert "is not text; a plan is a JSON file" in refused(
+        capsys, ["quantize", "--ckpt", tiny_ckpt, "--plan", str(blob), "--out", str(out)]
+    )
     assert "is not text" in refused(capsys, ["quantize", "--ckpt", tiny_ckpt, "--config", str(blob), "--out", str(out)])
     assert not out.exists()
 
@@ -106,7 +121,10 @@ def test_summary_counts_an_exports_packed_weights_and_names_the_kind(tmp_path, t
     assert e["params"] == q["params"] > fp["params"]  # the low-rank branches exist only once quantized
     assert e["weight_storage_bits"] == q["weight_storage_bits"] and e["compression"] > 1.5
     assert main(["summary", str(exported)]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == f"{exported}: an exported model (packed integer weights, for inference)"
+    assert (
+        capsys.readouterr().out.splitlines()[0]
+        == f"{exported}: an exported model (packed integer weights, for inference)"
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -119,14 +137,34 @@ def test_a_damaged_image_in_the_training_folder_is_named_and_no_run_is_left(tmp_
     for cls in ("a", "b"):
         (tmp_path / "images" / cls).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "images" / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / cls / f"{i}.png"
+            )
     bad = tmp_path / "images" / "b" / "2.png"
     # Cut into the image data's checksum only: PIL decodes every pixel of this file without complaint.
     bad.write_bytes(bad.read_bytes()[:-16] if damage == "truncated" else b"not an image\n")
     out = tmp_path / "run"
-    line = refused(capsys, ["train", "--data", str(tmp_path / "images"), "--model", "DiT-S/8", "--input-size", "16",
-                            "--steps", "2", "--global-batch-size", "6", "--num-workers", str(workers), "--out-dir", str(out),
-                            "--no-progress"])
+    line = refused(
+        capsys,
+        [
+            "train",
+            "--data",
+            str(tmp_path / "images"),
+            "--model",
+            "DiT-S/8",
+            "--input-size",
+            "16",
+            "--steps",
+            "2",
+            "--global-batch-size",
+            "6",
+            "--num-workers",
+            str(workers),
+            "--out-dir",
+            str(out),
+            "--no-progress",
+        ],
+    )
     assert f"cannot read image {bad}" in line and "remove or replace it" in line
     assert not out.exists()
 
@@ -150,12 +188,15 @@ def test_a_sample_file_of_the_wrong_dtype_is_refused(tmp_path, capsys):
     assert "floats.npz: arr_0 must be uint8 N×H×W×C" in line
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("text", "is not a model file"),
-    ("truncated", "is not a readable safetensors file"),
-    ("changed byte", "fails its checksum"),
-    ("wrong shapes", "does not fit this model configuration"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("text", "is not a model file"),
+        ("truncated", "is not a readable safetensors file"),
+        ("changed byte", "fails its checksum"),
+        ("wrong shapes", "does not fit this model configuration"),
+    ],
+)
 def test_a_damaged_checkpoint_is_refused_and_nothing_is_sampled(tmp_path, tiny_dit, capsys, damage, message):
     import torch
 
@@ -176,8 +217,23 @@ def test_a_damaged_checkpoint_is_refused_and_nothing_is_sampled(tmp_path, tiny_d
     else:  # a deeper model's tensors under a header that promises the tiny one
         save_tensors(path, DiT(tiny_config(depth=3)).state_dict(), {"model_config": tiny_dit.config.to_dict()})
     out = tmp_path / "samples"
-    line = refused(capsys, ["sample", "--ckpt", str(path), "--out", str(out), "--per-class", "1", "--steps", "2",
-                            "--device", "cpu", "--no-progress"])
+    line = refused(
+        capsys,
+        [
+            "sample",
+            "--ckpt",
+            str(path),
+            "--out",
+            str(out),
+            "--per-class",
+            "1",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
     assert path.name in line and message in line
     assert not out.exists()
 
@@ -186,4 +242,6 @@ def test_a_sample_file_of_the_wrong_shape_is_refused(tmp_path, capsys):
     import numpy as np
 
     np.savez(tmp_path / "flat.npz", arr_0=np.zeros((4, 192), np.uint8))
-    assert "flat.npz: arr_0 must be uint8 N×H×W×C" in refused(capsys, ["eval", "metrics", "--samples", str(tmp_path / "flat.npz")])
+    assert "flat.npz: arr_0 must be uint8 N×H×W×C" in refused(
+        capsys, ["eval", "metrics", "--samples", str(tmp_path / "flat.npz")]
+    )

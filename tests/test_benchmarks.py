@@ -6,6 +6,7 @@ results/<name>.json and .md with the machine, the command and the date, finite n
 shows the JSON's figures, and the facts that hold at any size (shapes, file sizes, nested grids).
 No timing is asserted.
 """
+
 import dataclasses
 import datetime
 import importlib.util
@@ -89,13 +90,19 @@ def _fp32_bytes(model: torch.nn.Module, tmp_path: Path) -> int:
 
 @pytest.fixture
 def teacher_file(tmp_path, tiny_dit):
-    return str(save_tensors(tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}))
+    return str(
+        save_tensors(
+            tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}
+        )
+    )
 
 
 @pytest.fixture
 def classifier_file(tmp_path, fmnist_dir):
     out = tmp_path / "clf.safetensors"
-    train_classifier(ClassifierTrainConfig(epochs=1, batch_size=32, width=8, data_dir=str(fmnist_dir), out=str(out)), progress=False)
+    train_classifier(
+        ClassifierTrainConfig(epochs=1, batch_size=32, width=8, data_dir=str(fmnist_dir), out=str(out)), progress=False
+    )
     return str(out)
 
 
@@ -121,22 +128,53 @@ def test_cpu_kernels(tmp_path):
     whats = [r["what"] for r in data["rows"]]
     # The toy is 48 wide with 2 heads: qkv 48→144, fc1 48→192, fc2 192→48; 16 tokens in batches of 8.
     assert whats == [
-        "qkv input pass: Hadamard + A2 levels (16×48)", "qkv IntegerLinear, whole (16×48→144)",
-        "fc1 IntegerLinear + GELU, whole (16×48→192)", "fc2 input pass: Hadamard + A2 levels (16×192)",
-        "fc2 IntegerLinear, whole (16×192→48)", "8-bit attention core (8×2 heads, 2 tokens)", "tanh-GELU (16×192)",
-        "block elementwise: 2× LayerNorm+modulate, 2× gated residual (8×2×48)"]
+        "qkv input pass: Hadamard + A2 levels (16×48)",
+        "qkv IntegerLinear, whole (16×48→144)",
+        "fc1 IntegerLinear + GELU, whole (16×48→192)",
+        "fc2 input pass: Hadamard + A2 levels (16×192)",
+        "fc2 IntegerLinear, whole (16×192→48)",
+        "8-bit attention core (8×2 heads, 2 tokens)",
+        "tanh-GELU (16×192)",
+        "block elementwise: 2× LayerNorm+modulate, 2× gated residual (8×2×48)",
+    ]
     for r in data["rows"]:
         assert r["c_kernels_ms"] > 0 and r["pytorch_ms"] > 0
-        assert f"| toy | {r['what']} | {r['c_kernels_ms']:.2f} | {r['pytorch_ms']:.2f} | {r['speedup']:.2f}× |" in markdown
+        assert (
+            f"| toy | {r['what']} | {r['c_kernels_ms']:.2f} | {r['pytorch_ms']:.2f} | {r['speedup']:.2f}× |" in markdown
+        )
 
 
 def test_deploy(tmp_path):
     deploy = _load("deploy")
     results = tmp_path / "results"
-    argv = ["--parts", "sizes,linears,speed,memory,breakdown", "--settings", "native", "--models", "toy", "--size-models", "toy",
-            "--memory-models", "toy", "--memory-runs", "1", "--linear-width", "48", "--linear-tokens", "16", "--repeats", "1",
-            "--rounds", "3", "--threads", "1", "--peers", "dynamic_int8,fp32_compiled,torchao_int8_compiled",
-            "--results-dir", str(results)]
+    argv = [
+        "--parts",
+        "sizes,linears,speed,memory,breakdown",
+        "--settings",
+        "native",
+        "--models",
+        "toy",
+        "--size-models",
+        "toy",
+        "--memory-models",
+        "toy",
+        "--memory-runs",
+        "1",
+        "--linear-width",
+        "48",
+        "--linear-tokens",
+        "16",
+        "--repeats",
+        "1",
+        "--rounds",
+        "3",
+        "--threads",
+        "1",
+        "--peers",
+        "dynamic_int8,fp32_compiled,torchao_int8_compiled",
+        "--results-dir",
+        str(results),
+    ]
     deploy.main(argv)
     data, markdown = _record(results, "deploy", "deploy", argv)
     _finite(data, "machine")
@@ -151,7 +189,11 @@ def test_deploy(tmp_path):
     for layout in ("paper (adaLN int4)", "ternary adaLN"):  # 5 trits a byte beat 4 codes a byte
         assert sizes[(layout, "ternary-trits")]["file_bytes"] < sizes[(layout, "ternary-2bit")]["file_bytes"]
     assert [(r["layer"], r["shape"]) for r in data["linears"]] == [
-        ("qkv", [16, 48, 144]), ("proj", [16, 48, 48]), ("fc1", [16, 48, 192]), ("fc2", [16, 192, 48])]
+        ("qkv", [16, 48, 144]),
+        ("proj", [16, 48, 48]),
+        ("fc1", [16, 48, 192]),
+        ("fc2", [16, 192, 48]),
+    ]
     (setting,) = data["settings"]
     toy = setting["models"]["toy"]
     assert setting["setting"] == "native" and min(toy["fp32_ms"], toy["dynamic_int8_ms"], toy["exported_ms"]) > 0
@@ -159,16 +201,20 @@ def test_deploy(tmp_path):
     rounds = toy["rounds_ms"]
     assert {len(v) for v in rounds.values()} == {3}
     ratios = [a / b for a, b in zip(rounds["fp32"], rounds["exported"])]
-    assert toy["cpu_speedup_rounds"] == pytest.approx(ratios) and toy["cpu_speedup"] == pytest.approx(statistics.median(ratios))
+    assert toy["cpu_speedup_rounds"] == pytest.approx(ratios) and toy["cpu_speedup"] == pytest.approx(
+        statistics.median(ratios)
+    )
     assert toy["speedup_vs_dynamic_int8"] == pytest.approx(
-        statistics.median([a / b for a, b in zip(rounds["dynamic_int8"], rounds["exported"])]))
+        statistics.median([a / b for a, b in zip(rounds["dynamic_int8"], rounds["exported"])])
+    )
     assert toy["fp32_ms"] == pytest.approx(statistics.median(rounds["fp32"]))
     # every peer either timed in the same rounds (its compilation apart) or reported with the reason it was not
     assert "fp32_compiled" in toy["peers"] and toy["peers"]["fp32_compiled"]["first_call_s"] > 0
     assert set(toy["peers"]) | set(toy["peers_missing"]) == {"dynamic_int8", "fp32_compiled", "torchao_int8_compiled"}
     for peer, entry in toy["peers"].items():
         assert len(rounds[peer]) == 3 and entry["speedup"] == pytest.approx(
-            statistics.median([a / b for a, b in zip(rounds[peer], rounds["exported"])]))
+            statistics.median([a / b for a, b in zip(rounds[peer], rounds["exported"])])
+        )
         assert f"| {deploy.PEER_NAMES[peer]} | {toy[f'{peer}_ms']:.0f} |" in markdown
     for peer, why in toy["peers_missing"].items():
         assert f"| {deploy.PEER_NAMES[peer]} | not run: {why} |" in markdown
@@ -194,7 +240,10 @@ def test_deploy(tmp_path):
     if deploy.native.enabled():
         assert kernels["attention (8-bit, fused)"] > 0
         if kernels["integer GEMM"] > 0:
-            assert kernels["input pass (Hadamard, quantize, V·x)"] > 0 and kernels["epilogue (rescale, U·branch, GELU)"] > 0
+            assert (
+                kernels["input pass (Hadamard, quantize, V·x)"] > 0
+                and kernels["epilogue (rescale, U·branch, GELU)"] > 0
+            )
     shown = "integer GEMM" if kernels["integer GEMM"] > 0 else fused
     assert f"| native | toy | {shown} | {kernels[shown]:.0f} |" in markdown
 
@@ -212,22 +261,50 @@ def test_qat_overhead(tmp_path):
 
 @pytest.mark.slow  # six fresh interpreters that import torch: about fifteen seconds
 def test_qat_memory(tmp_path):
-    argv = ["--model", "toy", "--batches", "1,3", "--precisions", "fp32,bf16", "--checkpointing", "on", "--threads", "1",
-            "--results-dir", str(tmp_path)]
+    argv = [
+        "--model",
+        "toy",
+        "--batches",
+        "1,3",
+        "--precisions",
+        "fp32,bf16",
+        "--checkpointing",
+        "on",
+        "--threads",
+        "1",
+        "--results-dir",
+        str(tmp_path),
+    ]
     _load("qat_memory").main(argv)
     data, markdown = _record(tmp_path, "qat_memory", "qat_memory", argv)
     _finite(data, "machine")
     assert data["model"] == "toy" and data["input_size"] == 8 and data["device"] == "cpu"
     rows = data["rows"]
     assert [(r["precision"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 3), ("bf16", 1), ("bf16", 3)]
-    assert all(r["grad_checkpoint"] and r["peak_gib"] >= r["held_before_step_gib"] > r["baseline_gib"] > 0 for r in rows)
+    assert all(
+        r["grad_checkpoint"] and r["peak_gib"] >= r["held_before_step_gib"] > r["baseline_gib"] > 0 for r in rows
+    )
     assert len({r["student_params"] for r in rows}) == 1 and "work" not in rows[0]
     for f, pair in zip(data["fits"], (rows[:2], rows[2:])):  # two batches: the line through both points
-        assert [f["fixed_gib"] + f["per_sample_gib"] * r["batch"] for r in pair] == pytest.approx([r["peak_gib"] for r in pair])
+        assert [f["fixed_gib"] + f["per_sample_gib"] * r["batch"] for r in pair] == pytest.approx(
+            [r["peak_gib"] for r in pair]
+        )
         assert f"| {f['precision']} | on | {f['fixed_gib']:.2f} | {f['per_sample_gib']:.3f} | 1, 3 |" in markdown
     assert f"| fp32 | on | 1 | {rows[0]['peak_gib']:.2f} |" in markdown and "not GPU figures" in markdown
-    skip = ["--model", "toy", "--batches", "1", "--precisions", "fp32", "--checkpointing", "off", "--margin-gib", "1e6",
-            "--results-dir", str(tmp_path / "skip")]
+    skip = [
+        "--model",
+        "toy",
+        "--batches",
+        "1",
+        "--precisions",
+        "fp32",
+        "--checkpointing",
+        "off",
+        "--margin-gib",
+        "1e6",
+        "--results-dir",
+        str(tmp_path / "skip"),
+    ]
     _load("qat_memory").main(skip)
     data, markdown = _record(tmp_path / "skip", "qat_memory", "qat_memory", skip)
     assert "GiB available" in data["rows"][0]["skipped"] and data["fits"] == []
@@ -236,9 +313,16 @@ def test_qat_memory(tmp_path):
 
 def test_qat_memory_fit_and_bound():
     qat_memory = _load("qat_memory")
-    rows = [{"batch": b, "peak_gib": 3.0 + 0.5 * b + noise, "held_before_step_gib": 2.5} for b, noise in ((1, 0.01), (2, -0.02), (4, 0.01))]
+    rows = [
+        {"batch": b, "peak_gib": 3.0 + 0.5 * b + noise, "held_before_step_gib": 2.5}
+        for b, noise in ((1, 0.01), (2, -0.02), (4, 0.01))
+    ]
     f = qat_memory.fit(rows)
-    assert f["batches"] == [1, 2, 4] and f["fixed_gib"] == pytest.approx(3.0, abs=0.05) and f["per_sample_gib"] == pytest.approx(0.5, abs=0.02)
+    assert (
+        f["batches"] == [1, 2, 4]
+        and f["fixed_gib"] == pytest.approx(3.0, abs=0.05)
+        and f["per_sample_gib"] == pytest.approx(0.5, abs=0.02)
+    )
     assert qat_memory.fit(rows[:1]) is None and qat_memory.bound(rows) is None
     one = qat_memory.bound(rows[:1])  # the step's whole addition counted per sample: fixed 2.5, 1.01 per sample
     assert one["bound"] and one["fixed_gib"] == 2.5 and one["per_sample_gib"] == pytest.approx(1.01)
@@ -248,7 +332,16 @@ def test_qat_memory_fit_and_bound():
 
 def test_open_choices(tmp_path, teacher_file, fmnist_dir):
     open_choices = _load("open_choices")
-    argv = ["--ckpt", teacher_file, "--images", "8", "--data-dir", str(fmnist_dir), "--results-dir", str(tmp_path / "results")]
+    argv = [
+        "--ckpt",
+        teacher_file,
+        "--images",
+        "8",
+        "--data-dir",
+        str(fmnist_dir),
+        "--results-dir",
+        str(tmp_path / "results"),
+    ]
     open_choices.main(argv)
     data, markdown = _record(tmp_path / "results", "open_choices", "open_choices", argv)
     _finite(data, "machine")
@@ -260,8 +353,18 @@ def test_open_choices(tmp_path, teacher_file, fmnist_dir):
 
 def test_activation_stats(tmp_path, teacher_file, fmnist_dir):
     stats = _load("activation_stats")
-    argv = ["--ckpt", teacher_file, "--images", "4", "--timesteps", "100,900", "--data-dir", str(fmnist_dir),
-            "--results-dir", str(tmp_path)]
+    argv = [
+        "--ckpt",
+        teacher_file,
+        "--images",
+        "4",
+        "--timesteps",
+        "100,900",
+        "--data-dir",
+        str(fmnist_dir),
+        "--results-dir",
+        str(tmp_path),
+    ]
     stats.main(argv)
     data, markdown = _record(tmp_path, "activation_stats", "activation_stats", argv)
     _finite(data, "machine")
@@ -281,8 +384,19 @@ def test_ampn_runs(tmp_path, teacher_file, fmnist_dir):
     from robuq.train.qat import QATConfig
 
     run = tmp_path / "runs" / "ampn-b2"
-    config = QATConfig(teacher=teacher_file, data_dir=str(fmnist_dir), out_dir=str(run), steps=4, global_batch_size=8,
-                       log_every=1, ckpt_every=2, probe_every=1, probe_images=4, warmup_steps=1, device="cpu")
+    config = QATConfig(
+        teacher=teacher_file,
+        data_dir=str(fmnist_dir),
+        out_dir=str(run),
+        steps=4,
+        global_batch_size=8,
+        log_every=1,
+        ckpt_every=2,
+        probe_every=1,
+        probe_images=4,
+        warmup_steps=1,
+        device="cpu",
+    )
     ampn_run(AMPNConfig(qat=config, budget=2.0, warmup_qat_steps=2, calibration_images=8), progress=False)
     argv = [str(run), "--results-dir", str(tmp_path / "results")]
     _load("ampn_runs").main(argv)
@@ -291,10 +405,19 @@ def test_ampn_runs(tmp_path, teacher_file, fmnist_dir):
     (summary,) = data["runs"]
     assert summary["run"] == "ampn-b2" and summary["budget"] == 2.0 and summary["average_plain"] <= 2.0
     assert set(summary["role_averages"]) == {"qkv", "proj", "fc1", "fc2"}
-    assert [step for step, _ in summary["start_bits_probe"]] == [1, 2] and [step for step, _ in summary["plan_probe"]] == [3, 4]
+    assert [step for step, _ in summary["start_bits_probe"]] == [1, 2] and [
+        step for step, _ in summary["plan_probe"]
+    ] == [3, 4]
     assert summary["warmup_seconds"] > 0 and summary["final_seconds"] > 0
     copied = tmp_path / "results" / "ampn" / "ampn-b2"
-    for name in ("plan.json", "plan.png", "sensitivity.json", "warmup-log.jsonl", "final-log.jsonl", "final-config.json"):
+    for name in (
+        "plan.json",
+        "plan.png",
+        "sensitivity.json",
+        "warmup-log.jsonl",
+        "final-log.jsonl",
+        "final-config.json",
+    ):
         assert (copied / name).stat().st_size > 0, name
     assert "[ampn-b2](ampn/ampn-b2/plan.png) | 2.0 |" in markdown
 
@@ -311,7 +434,9 @@ def test_export_fidelity(tmp_path, tiny_dit):
     (row,) = data["rows"]
     assert row["samples"] == 10 and row["ddim_steps"] == 2
     for way in ("training_model_c_kernels", "exported_fp32", "exported_fp16"):
-        assert row[way]["psnr_db"] > 10 and 0 <= row[way]["within_2_levels"] <= 1 and 0 <= row[way]["max_abs_diff"] <= 255
+        assert (
+            row[way]["psnr_db"] > 10 and 0 <= row[way]["within_2_levels"] <= 1 and 0 <= row[way]["max_abs_diff"] <= 255
+        )
     assert f"| {row['exported_fp32']['psnr_db']:.1f} |" in markdown
     assert (results / "export_fidelity_grids" / row["grid"]).stat().st_size > 0
     assert "floor" in markdown
@@ -319,9 +444,27 @@ def test_export_fidelity(tmp_path, tiny_dit):
 
 def _reproduce(reproduce, tmp_path, teacher, fmnist_dir, classifier, only, *extra):
     only = [only] if isinstance(only, str) else list(only)
-    argv = ["--quick", "--teacher", teacher, "--steps", "2", "--samples-per-class", "1", "--data-dir", str(fmnist_dir),
-            "--work-dir", str(tmp_path / "work"), "--only", "|".join(only), "--classifier", classifier, "--results-dir",
-            str(tmp_path / "results"), "--no-inception", *extra]
+    argv = [
+        "--quick",
+        "--teacher",
+        teacher,
+        "--steps",
+        "2",
+        "--samples-per-class",
+        "1",
+        "--data-dir",
+        str(fmnist_dir),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--only",
+        "|".join(only),
+        "--classifier",
+        classifier,
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--no-inception",
+        *extra,
+    ]
     reproduce.main(argv)
     return argv
 
@@ -338,15 +481,23 @@ def test_reproduce_rows_without_training(tmp_path, teacher_file, fmnist_dir, cla
     rows = data["rows"]
     # The --only runs join one table in the table's row order, guidance scales in order.
     assert [(r["method"], r["guidance"]) for r in rows] == [
-        ("real training images (reference)", 0.0), ("FP teacher", 1.5), ("FP teacher", 4.0), ("RTN W1.58A4 (no training)", 1.5)]
+        ("real training images (reference)", 0.0),
+        ("FP teacher", 1.5),
+        ("FP teacher", 4.0),
+        ("RTN W1.58A4 (no training)", 1.5),
+    ]
     assert [run["only"] for run in data["only_runs"]] == [["RTN", "no such row"]]
     for r in rows[1:]:
         _finite(r, "psnr_vs_fp")
         assert r["qat_seconds"] == 0.0  # neither row trains
     assert rows[1]["psnr_vs_fp"] == float("inf")  # the teacher's samples are the paired reference
     rtn = rows[3]
-    assert (rtn["w_bits"], rtn["a_bits"]) == (1.58, 4) and 0 < rtn["bops_ratio"] < 1 and math.isfinite(rtn["psnr_vs_fp"])
-    assert f"| {rtn['method']} | 1.5 | {rtn['fid']:.2f} | — | {rtn['sfid']:.2f} |" in markdown  # no Inception-FID asked for
+    assert (
+        (rtn["w_bits"], rtn["a_bits"]) == (1.58, 4) and 0 < rtn["bops_ratio"] < 1 and math.isfinite(rtn["psnr_vs_fp"])
+    )
+    assert (
+        f"| {rtn['method']} | 1.5 | {rtn['fid']:.2f} | — | {rtn['sfid']:.2f} |" in markdown
+    )  # no Inception-FID asked for
     assert (results / "reproduce_quick.png").stat().st_size > 0
     assert any((results / "reproduce_quick_grids").glob("*.png"))  # a quick table never overwrites the full one's grids
     assert not (results / "reproduce_grids").exists()
@@ -360,10 +511,28 @@ def test_reproduce_quick_path_with_ampn_rescore_and_restart(tmp_path, teacher_fi
         _reproduce(reproduce, tmp_path, teacher_file, fmnist_dir, classifier_file, only)
     rows = json.loads((results / "reproduce_quick.json").read_text())["rows"]
     assert [(r["method"], r["guidance"]) for r in rows] == [
-        ("real training images (reference)", 0.0), ("FP teacher", 1.5), ("FP teacher", 4.0), ("RTN W1.58A4 (no training)", 1.5),
-        ("RobuQ + AMPN W1.58A2", 1.5), ("RobuQ + AMPN W1.58A2", 4.0)]
-    required = {"method", "w_bits", "a_bits", "ampn", "guidance", "fid", "sfid", "is", "precision", "recall", "psnr_vs_fp",
-                "bops_ratio", "qat_seconds"}
+        ("real training images (reference)", 0.0),
+        ("FP teacher", 1.5),
+        ("FP teacher", 4.0),
+        ("RTN W1.58A4 (no training)", 1.5),
+        ("RobuQ + AMPN W1.58A2", 1.5),
+        ("RobuQ + AMPN W1.58A2", 4.0),
+    ]
+    required = {
+        "method",
+        "w_bits",
+        "a_bits",
+        "ampn",
+        "guidance",
+        "fid",
+        "sfid",
+        "is",
+        "precision",
+        "recall",
+        "psnr_vs_fp",
+        "bops_ratio",
+        "qat_seconds",
+    }
     assert required <= set(rows[4]) and rows[4]["ampn"] and rows[4]["qat_seconds"] > 0 and 0 < rows[4]["bops_ratio"] < 1
 
     # --rescore recomputes the metrics from the samples left in the work folder and keeps the rest; with
@@ -371,9 +540,22 @@ def test_reproduce_quick_path_with_ampn_rescore_and_restart(tmp_path, teacher_fi
     torch.manual_seed(0)
     torch.save(FIDInceptionV3().state_dict(), tmp_path / "inception.pth")
     (tmp_path / "work" / "fp-teacher" / "samples-cfg4.0.npz").rename(tmp_path / "moved.npz")
-    argv = ["--quick", "--rescore", "--data-dir", str(fmnist_dir), "--work-dir", str(tmp_path / "work"),
-            "--classifier", classifier_file, "--results-dir", str(results),
-            "--inception-weights", str(tmp_path / "inception.pth"), "--inception-reference", "4"]
+    argv = [
+        "--quick",
+        "--rescore",
+        "--data-dir",
+        str(fmnist_dir),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--classifier",
+        classifier_file,
+        "--results-dir",
+        str(results),
+        "--inception-weights",
+        str(tmp_path / "inception.pth"),
+        "--inception-reference",
+        "4",
+    ]
     reproduce.main(argv)
     (tmp_path / "moved.npz").rename(tmp_path / "work" / "fp-teacher" / "samples-cfg4.0.npz")
     rescored, table = _record(results, "reproduce_quick", "reproduce", argv)
@@ -441,8 +623,11 @@ def test_gpu_check_stops_before_its_budget_and_limits_each_section(tmp_path, mon
 
     gpu_check = _load("gpu_check")
     slow = lambda config, device: time.sleep(30)  # noqa: E731
-    monkeypatch.setattr(gpu_check, "SECTIONS", [("stuck", slow, 1), ("next", lambda c, d: time.sleep(3) or {"rows": []}, 20),
-                                                ("late", lambda c, d: {}, 20)])
+    monkeypatch.setattr(
+        gpu_check,
+        "SECTIONS",
+        [("stuck", slow, 1), ("next", lambda c, d: time.sleep(3) or {"rows": []}, 20), ("late", lambda c, d: {}, 20)],
+    )
     out = tmp_path / "check"
     start = time.perf_counter()
     gpu_check.main(["--device", "cpu", "--tiny", "--out", str(out), "--budget-s", "22"])
@@ -466,27 +651,56 @@ def test_deploy_times_every_gemm_path_and_tabulates_them(tmp_path):
     rows = deploy.path_rows(1, tokens=12, models=("DiT-S/2",))
     assert [r["layer"] for r in rows] == ["qkv", "proj", "fc1", "fc2"]
     for r in rows:
-        assert {f"{p}_gemm_ms" for p in deploy.available_paths()} | {"fp32_matmul_ms", "dynamic_int8_linear_ms"} <= set(r)
-    setting = {"setting": "native", "machine": deploy.machine(), "paths": rows,
-               "models": {"DiT-S/2": {"fp32_ms": 2.0, "fp32_native_elementwise_ms": 2.0, "dynamic_int8_ms": 1.5,
-                                      "exported_ms": 1.0, "gemm_path": "avx2", "cpu_speedup": 2.0,
-                                      "speedup_vs_dynamic_int8": 1.5, "cpu_speedup_vs_fp32_native_elementwise": 2.0}}}
+        assert {f"{p}_gemm_ms" for p in deploy.available_paths()} | {"fp32_matmul_ms", "dynamic_int8_linear_ms"} <= set(
+            r
+        )
+    setting = {
+        "setting": "native",
+        "machine": deploy.machine(),
+        "paths": rows,
+        "models": {
+            "DiT-S/2": {
+                "fp32_ms": 2.0,
+                "fp32_native_elementwise_ms": 2.0,
+                "dynamic_int8_ms": 1.5,
+                "exported_ms": 1.0,
+                "gemm_path": "avx2",
+                "cpu_speedup": 2.0,
+                "speedup_vs_dynamic_int8": 1.5,
+                "cpu_speedup_vs_fp32_native_elementwise": 2.0,
+            }
+        },
+    }
     text = deploy.markdown([], [], [setting], argparse.Namespace(act_bits=3, threads=2, clock="wall"))
     assert "| native | DiT-S/2 | 2 | 1 | avx2 | — | **2.00×** | 2.00× |" in text
     # a result written before the compiled peers: its dynamic int8 model is still a row of the peers' table
     assert "| native | DiT-S/2 | PyTorch dynamic int8 (torch.ao, eager) | 2 | 1 | **1.50×** | — |" in text
     assert setting["machine"]["cpu_model"] in text and "int mm gemm" in text
     result = tmp_path / "deploy.json"  # --render rebuilds the table from the numbers a run wrote
-    result.write_text(json.dumps({"sizes": [], "linears": [], "settings": [setting], "act_bits": 3, "threads": 2,
-                                  "command": "python deploy.py", "date": "today", "machine": setting["machine"]}))
+    result.write_text(
+        json.dumps(
+            {
+                "sizes": [],
+                "linears": [],
+                "settings": [setting],
+                "act_bits": 3,
+                "threads": 2,
+                "command": "python deploy.py",
+                "date": "today",
+                "machine": setting["machine"],
+            }
+        )
+    )
     deploy.render(result)
     assert text in result.with_suffix(".md").read_text()
 
 
 def test_rank_agreement_counts_the_pairs_ordered_apart():
     reproduce = _load("reproduce")
-    rows = [{"method": m, "guidance": 1.5, "fid": f, "fid_inception": i} for m, f, i in
-            [("a", 10.0, 1.0), ("b", 20.0, 3.0), ("c", 30.0, 2.0), ("d", 40.0, 4.0)]]
+    rows = [
+        {"method": m, "guidance": 1.5, "fid": f, "fid_inception": i}
+        for m, f, i in [("a", 10.0, 1.0), ("b", 20.0, 3.0), ("c", 30.0, 2.0), ("d", 40.0, 4.0)]
+    ]
     agreement = reproduce.rank_agreement(rows + [{"method": "e", "guidance": 1.5, "fid": 50.0}])
     assert agreement["rows"] == 4 and agreement["pairs"] == 6
     assert agreement["flipped"] == [("b (cfg 1.5)", "c (cfg 1.5)")] and agreement["spearman"] == pytest.approx(0.8)
@@ -520,8 +734,10 @@ def test_convergence_intervals_cover_the_expected_fid_at_the_sample_count():
     covered = {"fid": 0, "ratio": 0, "difference": 0, "with replacement": 0}
     for _ in range(trials):
         a, b = draw_a(), draw_b()
-        scores = {key: {"fid": fid_of(x), "replicates": [fid_of(x[i]) for i in halves], "rounds": rounds}
-                  for key, x in (("a", a), ("b", b))}
+        scores = {
+            key: {"fid": fid_of(x), "replicates": [fid_of(x[i]) for i in halves], "rounds": rounds}
+            for key, x in (("a", a), ("b", b))
+        }
         ratio = convergence_stats.interval_summary(scores, "a", "b")
         difference = convergence_stats.interval_summary(scores, "a", "b", ratio=False)
         assert ratio["low"] <= ratio["fid"] <= ratio["high"]
@@ -540,11 +756,16 @@ def test_convergence_intervals_cover_the_expected_fid_at_the_sample_count():
 def test_convergence_shuffled_plans_keep_the_budget_and_intervals_read_ties(tmp_path):
     convergence = _load("convergence")
     convergence_stats = _load("convergence_stats")
-    config = convergence.ConvergenceConfig(work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"),
-                                           control_seeds=3)
+    config = convergence.ConvergenceConfig(
+        work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), control_seeds=3
+    )
     work = Path(config.work_dir)
-    plan = {f"blocks.{i}.{r}": b for i, (r, b) in enumerate(zip(["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"] * 3,
-                                                                   [1, 2, 3, 4, 2, 2, 1, 3, 2, 2, 4, 1]))}
+    plan = {
+        f"blocks.{i}.{r}": b
+        for i, (r, b) in enumerate(
+            zip(["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"] * 3, [1, 2, 3, 4, 2, 2, 1, 3, 2, 2, 4, 1])
+        )
+    }
     folder = convergence.run_dir(work, convergence.AMPN_A2)
     folder.mkdir(parents=True)
     (folder / "plan.json").write_text(json.dumps({"bits": plan}))
@@ -561,29 +782,50 @@ def test_convergence_shuffled_plans_keep_the_budget_and_intervals_read_ties(tmp_
     # Three runs a side: AMPN seeds 1 and 2 beside the headline row, a uniform plan continuing from the warm-up
     # of AMPN with the same seed, and three shuffles continuing from AMPN's own warm-up.
     runs = {r.name: r.command for r in convergence.control_runs(config, work)}
-    assert list(runs) == ["control: AMPN seed 1", "control: AMPN seed 2", "control: uniform A2 seed 0",
-                          "control: uniform A2 seed 1", "control: uniform A2 seed 2", "control: shuffled AMPN plan 1",
-                          "control: shuffled AMPN plan 2", "control: shuffled AMPN plan 3"]
+    assert list(runs) == [
+        "control: AMPN seed 1",
+        "control: AMPN seed 2",
+        "control: uniform A2 seed 0",
+        "control: uniform A2 seed 1",
+        "control: uniform A2 seed 2",
+        "control: shuffled AMPN plan 1",
+        "control: shuffled AMPN plan 2",
+        "control: shuffled AMPN plan 3",
+    ]
 
     def flag(command, name):
         return command[command.index(name) + 1] if name in command else None
 
     for seed in range(3):
         uniform = runs[f"control: uniform A2 seed {seed}"]
-        assert flag(uniform, "--continue-from") == str(warm[seed]) and flag(uniform, "--seed") == (str(seed) if seed else None)
+        assert flag(uniform, "--continue-from") == str(warm[seed]) and flag(uniform, "--seed") == (
+            str(seed) if seed else None
+        )
     # Shuffles 1 and 2 train with seed 0 as in the first design; a third spreads to another seed.
-    assert [flag(runs[f"control: shuffled AMPN plan {k}"], "--continue-from") for k in (1, 2, 3)] == [str(warm[0]), str(warm[0]),
-                                                                                                   str(warm[2])]
+    assert [flag(runs[f"control: shuffled AMPN plan {k}"], "--continue-from") for k in (1, 2, 3)] == [
+        str(warm[0]),
+        str(warm[0]),
+        str(warm[2]),
+    ]
     assert [flag(runs[f"control: shuffled AMPN plan {k}"], "--seed") for k in (1, 2, 3)] == [None, None, "2"]
-    assert [convergence.run_seed(n) for n in ("control: AMPN seed 2", convergence.AMPN_A2, "control: shuffled AMPN plan 1",
-                                              "control: shuffled AMPN plan 3")] == [2, 0, 0, 2]
+    assert [
+        convergence.run_seed(n)
+        for n in (
+            "control: AMPN seed 2",
+            convergence.AMPN_A2,
+            "control: shuffled AMPN plan 1",
+            "control: shuffled AMPN plan 3",
+        )
+    ] == [2, 0, 0, 2]
     # A point wanted twice (the controls' sample count equal to the headline's) is scored once.
     same = dataclasses.replace(config, samples_control=config.samples_headline)
     keys = [p.key for p in convergence.score_points(same, work)]
     assert len(keys) == len(set(keys)) and f"{convergence.slug(convergence.AMPN_A2)}-step3000-n2000" in keys
-    scores = {"a": {"fid": 10.0, "replicates": [9.0, 10.0, 11.0, 10.0] * 10, "rounds": 40},
-              "b": {"fid": 10.2, "replicates": [8.9, 10.4, 11.1, 10.4] * 10, "rounds": 40},
-              "c": {"fid": 20.0, "replicates": [19.0, 20.0, 21.0, 20.0] * 10, "rounds": 40}}
+    scores = {
+        "a": {"fid": 10.0, "replicates": [9.0, 10.0, 11.0, 10.0] * 10, "rounds": 40},
+        "b": {"fid": 10.2, "replicates": [8.9, 10.4, 11.1, 10.4] * 10, "rounds": 40},
+        "c": {"fid": 20.0, "replicates": [19.0, 20.0, 21.0, 20.0] * 10, "rounds": 40},
+    }
     tie = convergence_stats.interval_summary(scores, "a", "b", ratio=False)
     assert tie["difference_low"] <= 0 <= tie["difference_high"]
     ahead = convergence_stats.interval_summary(scores, "a", "c", ratio=False)
@@ -598,32 +840,56 @@ def test_convergence_claims_read_targets_and_both_noises():
     convergence_stats = _load("convergence_stats")
 
     def row(name, ratio):
-        return {"name": name, "steps": 3000, "samples": 2000, "classifier": {"ratio": ratio, "ratio_low": ratio - 0.01, "ratio_high": ratio + 0.01}}
+        return {
+            "name": name,
+            "steps": 3000,
+            "samples": 2000,
+            "classifier": {"ratio": ratio, "ratio_low": ratio - 0.01, "ratio_high": ratio + 0.01},
+        }
 
     def gap(name, kind, difference, step=1000, half_width=0.5):
-        return {"comparison": f"{name} (step {step})", "label": name, "kind": kind, "step": step, "space": "classifier",
-                "difference": difference, "difference_low": difference - half_width, "difference_high": difference + half_width}
+        return {
+            "comparison": f"{name} (step {step})",
+            "label": name,
+            "kind": kind,
+            "step": step,
+            "space": "classifier",
+            "difference": difference,
+            "difference_low": difference - half_width,
+            "difference_high": difference + half_width,
+        }
 
     teacher = {"classifier": {"fid": 80.0}}
     targets = {"RobuQ W1.58A4": 1.2, "RobuQ + AMPN W1.58A3": 1.5, "RobuQ + AMPN W1.58A2": 2.0}
     final = [row("RobuQ W1.58A4", 1.05), row("RobuQ + AMPN W1.58A3", 1.6), row("strong baseline W1.58A2", 2.5)]
     noise = [gap("uniform seeds", "training noise", 1.5), gap("AMPN seeds", "training noise", -3.0)]
-    claims = {c["claim"].split(" within")[0].split(" ahead")[0]: c
-              for c in convergence_stats.read_claims(final, [gap("vs baseline", "baseline", -6.0), *noise], teacher, 3000,
-                                                     targets)}
+    claims = {
+        c["claim"].split(" within")[0].split(" ahead")[0]: c
+        for c in convergence_stats.read_claims(
+            final, [gap("vs baseline", "baseline", -6.0), *noise], teacher, 3000, targets
+        )
+    }
     assert claims["RobuQ W1.58A4"]["verdict"] == "met" and "1.05" in claims["RobuQ W1.58A4"]["evidence"]
     assert claims["RobuQ + AMPN W1.58A3"]["verdict"] == "missed"
     assert claims["RobuQ + AMPN W1.58A2"]["verdict"] == "not measured yet"
     assert claims["RobuQ + AMPN"]["verdict"] == "met"
     assert claims["AMPN's plan"]["verdict"] == "not measured yet"
     # −2.0 is outside its sample interval but inside the 3.0 two seeds put apart: a tie.
-    (close,) = [c for c in convergence_stats.read_claims(final, [gap("vs baseline", "baseline", -2.0), *noise], teacher,
-                                                         3000, targets) if "baseline" in c["claim"]]
+    (close,) = [
+        c
+        for c in convergence_stats.read_claims(
+            final, [gap("vs baseline", "baseline", -2.0), *noise], teacher, 3000, targets
+        )
+        if "baseline" in c["claim"]
+    ]
     assert close["verdict"] == "tie" and "inside the training noise, 3.00" in close["evidence"]
     behind = convergence_stats.read_claims(final, [gap("vs baseline", "baseline", 5.0), *noise], teacher, 3000, targets)
     assert [c["verdict"] for c in behind if "baseline" in c["claim"]] == ["missed"]
     assert convergence_stats.read_difference(gap("x", "chance", -4.0), {}) == "tie until the training noise is measured"
-    assert convergence_stats.read_difference(gap("x", "chance", 0.2), {"classifier": 0.1}) == "tie (inside the sample noise)"
+    assert (
+        convergence_stats.read_difference(gap("x", "chance", 0.2), {"classifier": 0.1})
+        == "tie (inside the sample noise)"
+    )
 
 
 def test_convergence_reads_ampn_against_chance_over_runs():
@@ -635,11 +901,22 @@ def test_convergence_reads_ampn_against_chance_over_runs():
     convergence_stats = _load("convergence_stats")
 
     def rows(step, ampn, uniform, shuffled):
-        names = ([(convergence.ampn_seed_name(i), True, f) for i, f in enumerate(ampn)]
-                 + [(f"control: uniform A2 seed {i}", "uniform", f) for i, f in enumerate(uniform)]
-                 + [(f"control: shuffled AMPN plan {i + 1}", "random", f) for i, f in enumerate(shuffled)])
-        return [{"name": n, "act_bits": 2, "ampn": kind, "steps": step, "samples": 1000,
-                 "classifier": {"fid": f, "ratio": f / 80, "ratio_low": f / 80, "ratio_high": f / 80}} for n, kind, f in names]
+        names = (
+            [(convergence.ampn_seed_name(i), True, f) for i, f in enumerate(ampn)]
+            + [(f"control: uniform A2 seed {i}", "uniform", f) for i, f in enumerate(uniform)]
+            + [(f"control: shuffled AMPN plan {i + 1}", "random", f) for i, f in enumerate(shuffled)]
+        )
+        return [
+            {
+                "name": n,
+                "act_bits": 2,
+                "ampn": kind,
+                "steps": step,
+                "samples": 1000,
+                "classifier": {"fid": f, "ratio": f / 80, "ratio_low": f / 80, "ratio_high": f / 80},
+            }
+            for n, kind, f in names
+        ]
 
     teacher = {"classifier": {"fid": 80.0}}
     targets = convergence.headline_targets()
@@ -647,15 +924,40 @@ def test_convergence_reads_ampn_against_chance_over_runs():
     clear = rows(3000, [140.0, 141.5, 139.0], [150.0, 151.0, 148.5], [152.0, 149.0, 151.5])
     # A headline point of AMPN A2 at another sample count, and the A3 row and the strong baseline even at the
     # controls' sample count, must not enter the means.
-    clear.insert(0, {"name": convergence.AMPN_A2, "act_bits": 2, "ampn": True, "steps": 3000, "samples": 2000,
-                     "classifier": {"fid": 240.0, "ratio": 3.0, "ratio_low": 2.9, "ratio_high": 3.1}})
-    clear += [{"name": "RobuQ + AMPN W1.58A3", "act_bits": 3, "ampn": True, "steps": 3000, "samples": 1000,
-               "classifier": {"fid": 300.0, "ratio": 3.75, "ratio_low": 3.7, "ratio_high": 3.8}},
-              {"name": "strong baseline W1.58A2", "act_bits": 2, "ampn": False, "steps": 3000, "samples": 1000,
-               "classifier": {"fid": 10.0, "ratio": 0.125, "ratio_low": 0.12, "ratio_high": 0.13}}]
+    clear.insert(
+        0,
+        {
+            "name": convergence.AMPN_A2,
+            "act_bits": 2,
+            "ampn": True,
+            "steps": 3000,
+            "samples": 2000,
+            "classifier": {"fid": 240.0, "ratio": 3.0, "ratio_low": 2.9, "ratio_high": 3.1},
+        },
+    )
+    clear += [
+        {
+            "name": "RobuQ + AMPN W1.58A3",
+            "act_bits": 3,
+            "ampn": True,
+            "steps": 3000,
+            "samples": 1000,
+            "classifier": {"fid": 300.0, "ratio": 3.75, "ratio_low": 3.7, "ratio_high": 3.8},
+        },
+        {
+            "name": "strong baseline W1.58A2",
+            "act_bits": 2,
+            "ampn": False,
+            "steps": 3000,
+            "samples": 1000,
+            "classifier": {"fid": 10.0, "ratio": 0.125, "ratio_low": 0.12, "ratio_high": 0.13},
+        },
+    ]
     over = convergence_stats.chance_over_runs(clear, 1000)
-    assert [(e["control"], e["ampn_runs"], e["control_runs"]) for e in over] == [("uniform plan", 3, 3),
-                                                                               ("shuffled AMPN plan", 3, 3)]
+    assert [(e["control"], e["ampn_runs"], e["control_runs"]) for e in over] == [
+        ("uniform plan", 3, 3),
+        ("shuffled AMPN plan", 3, 3),
+    ]
     expected = stats.ttest_ind([140.0, 141.5, 139.0], [150.0, 151.0, 148.5], equal_var=False).confidence_interval(0.95)
     assert over[0]["difference"] == pytest.approx(140.1667 - 149.8333, abs=1e-3)
     assert (over[0]["difference_low"], over[0]["difference_high"]) == pytest.approx((expected.low, expected.high))
@@ -667,40 +969,62 @@ def test_convergence_reads_ampn_against_chance_over_runs():
     assert convergence_stats.chance_over_runs(rows(3000, [140.0, 140.0], [150.0, 150.0], [150.0, 150.0]), 1000) == []
 
     def chance_claim(final):
-        (claim,) = [c for c in convergence_stats.read_claims(final, [], teacher, 3000, targets,
-                                                              convergence_stats.chance_over_runs(final, 1000))
-                    if "plan" in c["claim"]]
+        (claim,) = [
+            c
+            for c in convergence_stats.read_claims(
+                final, [], teacher, 3000, targets, convergence_stats.chance_over_runs(final, 1000)
+            )
+            if "plan" in c["claim"]
+        ]
         return claim
 
     assert chance_claim(clear)["verdict"] == "met" and "3 vs 3 runs" in chance_claim(clear)["evidence"]
     # The A2 target is read on the row's own 2,000 samples, not on the control's 1,000 at the same step.
-    (a2,) = [c for c in convergence_stats.read_claims(clear, [], teacher, 3000, targets)
-             if c["claim"].startswith(convergence.AMPN_A2)]
+    (a2,) = [
+        c
+        for c in convergence_stats.read_claims(clear, [], teacher, 3000, targets)
+        if c["claim"].startswith(convergence.AMPN_A2)
+    ]
     assert a2["verdict"] == "missed" and "3.00" in a2["evidence"]
     # Two runs a side 8 points apart: the same mean gap is inside the spread between runs.
     assert chance_claim(rows(3000, [136.0, 144.0], [150.0, 149.0], [151.0, 152.0]))["verdict"] == "tie"
-    assert chance_claim(rows(3000, [150.0, 151.0, 149.0], [140.0, 141.0, 139.5], [150.0, 151.0, 152.0]))["verdict"] == "missed"
+    assert (
+        chance_claim(rows(3000, [150.0, 151.0, 149.0], [140.0, 141.0, 139.5], [150.0, 151.0, 152.0]))["verdict"]
+        == "missed"
+    )
     assert chance_claim(rows(3000, [140.0], [150.0, 151.0], [150.0, 152.0]))["verdict"] == "not measured yet"
+
     # The held-out probe, read the same way over the A2 runs only (not the A3 row, not the strong baseline).
     def curve(value):
         return [{"step": 900, "probe_guided_rel_mse": 1.0}, {"step": 1000, "probe_guided_rel_mse": value}]
 
-    curves = {convergence.AMPN_A2: curve(0.010), "control: AMPN seed 1": curve(0.011),
-              "control: uniform A2 seed 0": curve(0.013), "control: uniform A2 seed 1": curve(0.012),
-              "control: shuffled AMPN plan 1": curve(0.013),
-              "control: shuffled AMPN plan 2": [{"step": 1000, "probe_guided_rel_mse": None}],
-              "RobuQ + AMPN W1.58A3": curve(0.0), "strong baseline W1.58A2": curve(0.5)}
+    curves = {
+        convergence.AMPN_A2: curve(0.010),
+        "control: AMPN seed 1": curve(0.011),
+        "control: uniform A2 seed 0": curve(0.013),
+        "control: uniform A2 seed 1": curve(0.012),
+        "control: shuffled AMPN plan 1": curve(0.013),
+        "control: shuffled AMPN plan 2": [{"step": 1000, "probe_guided_rel_mse": None}],
+        "RobuQ + AMPN W1.58A3": curve(0.0),
+        "strong baseline W1.58A2": curve(0.5),
+    }
     (only,) = convergence.probe_over_runs(curves, [1000, 3000])  # a shuffle without a probe value: no shuffle reading
     assert (only["control"], only["step"], only["space"]) == ("uniform plan", 1000, "probe")
     assert (only["ampn_runs"], only["control_runs"]) == (2, 2)
     assert only["ampn_mean"] == pytest.approx(0.0105) and only["difference"] == pytest.approx(-0.002)
     # Read at the last step where both controls are measured: step 3000 lacks its shuffles, so step 1000 counts.
-    partial = rows(1000, [140.0, 141.5, 139.0], [150.0, 151.0, 148.5], [152.0, 149.0, 151.5]) + rows(3000, [150.0, 151.0], [140.0, 141.0], [])
+    partial = rows(1000, [140.0, 141.5, 139.0], [150.0, 151.0, 148.5], [152.0, 149.0, 151.5]) + rows(
+        3000, [150.0, 151.0], [140.0, 141.0], []
+    )
     assert chance_claim(partial)["verdict"] == "met" and "step 1000" in chance_claim(partial)["evidence"]
     # Three runs a side at step 1000 say more than two at step 3000; with as many runs, the later step counts.
-    thinner = rows(1000, [140.0, 141.5, 139.0], [150.0, 151.0, 148.5], [152.0, 149.0, 151.5]) + rows(3000, [150.0, 151.0], [140.0, 141.0], [150.0, 152.0])
+    thinner = rows(1000, [140.0, 141.5, 139.0], [150.0, 151.0, 148.5], [152.0, 149.0, 151.5]) + rows(
+        3000, [150.0, 151.0], [140.0, 141.0], [150.0, 152.0]
+    )
     assert "step 1000" in chance_claim(thinner)["evidence"] and "step 3000" not in chance_claim(thinner)["evidence"]
-    later = rows(1000, [140.0, 141.5], [150.0, 151.0], [152.0, 149.0]) + rows(3000, [150.0, 151.0], [140.0, 141.0], [150.0, 152.0])
+    later = rows(1000, [140.0, 141.5], [150.0, 151.0], [152.0, 149.0]) + rows(
+        3000, [150.0, 151.0], [140.0, 141.0], [150.0, 152.0]
+    )
     assert "step 3000" in chance_claim(later)["evidence"]
 
 
@@ -710,16 +1034,35 @@ def test_convergence_chance_plot_marks_each_arms_mean():
     from matplotlib.figure import Figure
 
     convergence = _load("convergence")
-    fids = {convergence.AMPN_A2: (True, 140.0), "control: AMPN seed 1": (True, 136.0),
-            "control: uniform A2 seed 0": ("uniform", 141.0), "control: uniform A2 seed 1": ("uniform", 139.0),
-            "control: shuffled AMPN plan 1": ("random", 144.0), "control: shuffled AMPN plan 2": ("random", 146.0)}
-    final = [{"name": name, "ampn": arm, "steps": 1000, "samples": 1000,
-              **{space: {"fid": fid + shift, "low": fid + shift - 2, "high": fid + shift + 2}
-                 for space, shift in (("classifier", 0.0), ("inception", -40.0))}} for name, (arm, fid) in fids.items()]
+    fids = {
+        convergence.AMPN_A2: (True, 140.0),
+        "control: AMPN seed 1": (True, 136.0),
+        "control: uniform A2 seed 0": ("uniform", 141.0),
+        "control: uniform A2 seed 1": ("uniform", 139.0),
+        "control: shuffled AMPN plan 1": ("random", 144.0),
+        "control: shuffled AMPN plan 2": ("random", 146.0),
+    }
+    final = [
+        {
+            "name": name,
+            "ampn": arm,
+            "steps": 1000,
+            "samples": 1000,
+            **{
+                space: {"fid": fid + shift, "low": fid + shift - 2, "high": fid + shift + 2}
+                for space, shift in (("classifier", 0.0), ("inception", -40.0))
+            },
+        }
+        for name, (arm, fid) in fids.items()
+    ]
     ax = Figure().subplots()
     convergence.plot_chance({"final": final, "settings": {"control_steps": "1000,3000", "samples_control": 1000}}, ax)
-    flat = sorted(round(float(seg[0][1]), 6) for c in ax.collections for seg in c.get_segments()
-                  if len(seg) == 2 and seg[0][1] == seg[1][1] and seg[0][0] != seg[1][0])
+    flat = sorted(
+        round(float(seg[0][1]), 6)
+        for c in ax.collections
+        for seg in c.get_segments()
+        if len(seg) == 2 and seg[0][1] == seg[1][1] and seg[0][0] != seg[1][0]
+    )
     assert flat == sorted([138.0, 140.0, 145.0, 98.0, 100.0, 105.0])
 
 
@@ -728,8 +1071,19 @@ def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch
     runs: logs, kept samples (the same labels for every row), the exported model and the report's JSON."""
     convergence = _load("convergence")
     results, work = tmp_path / "results", tmp_path / "work"
-    common = ["--toy", "--installed", "--no-inception", "--teacher", teacher_file, "--data-dir", str(fmnist_dir),
-              "--work-dir", str(work), "--results-dir", str(results)]
+    common = [
+        "--toy",
+        "--installed",
+        "--no-inception",
+        "--teacher",
+        teacher_file,
+        "--data-dir",
+        str(fmnist_dir),
+        "--work-dir",
+        str(work),
+        "--results-dir",
+        str(results),
+    ]
     convergence.main(["--stage", "pilot", "--only", "pilot: new recipe", *common])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as when two runs share the machine; the report says so
     convergence.main(["--stage", "headline", "--only", "RobuQ + AMPN W1.58A2", *common])
@@ -793,8 +1147,10 @@ def test_gpu_check_references_never_enter_a_kernel(monkeypatch):
     monkeypatch.setattr(backends, "backend_for", refuse)
     rotated = gpu_check.hadamard_reference(x, signs)
     assert torch.allclose(rotated, expected, atol=1e-5)
-    assert torch.equal(gpu_check.quantize_reference(rotated, 2, "gaussian").levels,
-                       activation_levels(rotated, 2, "token", "gaussian").levels)
+    assert torch.equal(
+        gpu_check.quantize_reference(rotated, 2, "gaussian").levels,
+        activation_levels(rotated, 2, "token", "gaussian").levels,
+    )
     levels = torch.randint(0, 4, (5, 8), dtype=torch.int8)
     weight = torch.randint(-1, 2, (8, 3), dtype=torch.int8)
     scale, offset, alpha, bias = torch.rand(5), torch.randn(5), torch.rand(3), torch.randn(3)
@@ -840,8 +1196,24 @@ def test_code_ab_times_two_versions_on_one_export_at_toy_size(tmp_path):
         pytest.skip("not a git checkout")
     code_ab = _load("code_ab")
     before = subprocess.run(["git", "worktree", "list"], cwd=root, capture_output=True, text=True).stdout
-    code_ab.main(["--base", "HEAD", "--model", "toy", "--rounds", "2", "--repeats", "1", "--threads", "1",
-                  "--settings", "native", "--results-dir", str(tmp_path)])
+    code_ab.main(
+        [
+            "--base",
+            "HEAD",
+            "--model",
+            "toy",
+            "--rounds",
+            "2",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--settings",
+            "native",
+            "--results-dir",
+            str(tmp_path),
+        ]
+    )
     result = json.loads((tmp_path / "code_ab.json").read_text())
     (row,) = result["rows"]
     assert row["rounds"] == 2 and len(row["ratio_rounds"]) == 2 and all(r > 0 for r in row["ratio_rounds"])
@@ -855,8 +1227,26 @@ def test_deploy_resumes_a_model_from_what_an_earlier_run_kept(tmp_path, capfd):
     instead of measuring again (DiT-XL/2 takes hours on 2 cores); other options measure afresh."""
     deploy = _load("deploy")
     kept = tmp_path / "kept"
-    argv = ["--parts", "speed", "--settings", "native", "--models", "toy", "--repeats", "1", "--rounds", "1",
-            "--threads", "1", "--peers", "dynamic_int8", "--resume-dir", str(kept), "--results-dir", str(tmp_path)]
+    argv = [
+        "--parts",
+        "speed",
+        "--settings",
+        "native",
+        "--models",
+        "toy",
+        "--repeats",
+        "1",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+        "--peers",
+        "dynamic_int8",
+        "--resume-dir",
+        str(kept),
+        "--results-dir",
+        str(tmp_path),
+    ]
     deploy.main(argv)
     first = json.loads((tmp_path / "deploy.json").read_text())["settings"][0]["models"]["toy"]
     assert len(list(kept.glob("native-toy-*.json"))) == 1

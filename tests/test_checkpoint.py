@@ -34,7 +34,15 @@ def test_reference_plain_state_dict(tmp_path, tiny_dit):
 def test_reference_training_checkpoint_with_args_namespace(tmp_path, tiny_dit):
     other = DiT(tiny_dit.config)
     path = tmp_path / "0400000.pt"
-    torch.save({"model": other.state_dict(), "ema": tiny_dit.state_dict(), "opt": {}, "args": argparse.Namespace(model="DiT-XL/2")}, path)
+    torch.save(
+        {
+            "model": other.state_dict(),
+            "ema": tiny_dit.state_dict(),
+            "opt": {},
+            "args": argparse.Namespace(model="DiT-XL/2"),
+        },
+        path,
+    )
     assert _same_weights(load_dit(path, config=tiny_dit.config), tiny_dit)  # EMA preferred, as DiT's sample.py does
     assert _same_weights(load_dit(path, config=tiny_dit.config, prefer="model"), other)
 
@@ -77,8 +85,10 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_truncated_checkpoint(tmp_path, tiny_dit):
-    for name, save in (("m.pt", lambda p: torch.save(tiny_dit.state_dict(), p)),
-                       ("m.safetensors", lambda p: save_tensors(p, tiny_dit.state_dict()))):
+    for name, save in (
+        ("m.pt", lambda p: torch.save(tiny_dit.state_dict(), p)),
+        ("m.safetensors", lambda p: save_tensors(p, tiny_dit.state_dict())),
+    ):
         path = tmp_path / name
         save(path)
         data = path.read_bytes()
@@ -153,14 +163,23 @@ def test_a_writer_killed_mid_write_leaves_no_temporary_file_once_the_next_write_
     from robuq.core.files import atomic_write_text, save_tensors
 
     folder = tmp_path / "checkpoints"
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        "from robuq.core.files import atomic_write\n"
-        "def write(tmp):\n"
-        "    open(tmp, 'wb').write(b'partial')\n"
-        "    print('writing', flush=True)\n"
-        "    time.sleep(600)\n"
-        f"atomic_write({str(folder / 'step-0000250.safetensors')!r}, write)\n")], stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\n"
+                "from robuq.core.files import atomic_write\n"
+                "def write(tmp):\n"
+                "    open(tmp, 'wb').write(b'partial')\n"
+                "    print('writing', flush=True)\n"
+                "    time.sleep(600)\n"
+                f"atomic_write({str(folder / 'step-0000250.safetensors')!r}, write)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert writer.stdout.readline().strip() == "writing"
         live_leftover = [p.name for p in folder.iterdir()]

@@ -1,4 +1,5 @@
 """The command line, run in-process through robuq.cli.main."""
+
 import json
 
 import numpy as np
@@ -11,7 +12,9 @@ from robuq.core.files import save_tensors
 
 @pytest.fixture
 def tiny_ckpt(tmp_path, tiny_dit):
-    return str(save_tensors(tmp_path / "tiny.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}))
+    return str(
+        save_tensors(tmp_path / "tiny.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()})
+    )
 
 
 def test_models_json_lists_every_config(capsys):
@@ -24,7 +27,10 @@ def test_models_json_lists_every_config(capsys):
 
 def test_sample_writes_a_grid_row_per_class_and_an_npz(tmp_path, tiny_ckpt):
     out = tmp_path / "samples"
-    assert main(["sample", "--ckpt", tiny_ckpt, "--out", str(out), "--per-class", "3", "--steps", "4", "--device", "cpu"]) == 0
+    assert (
+        main(["sample", "--ckpt", tiny_ckpt, "--out", str(out), "--per-class", "3", "--steps", "4", "--device", "cpu"])
+        == 0
+    )
     arr = np.load(out / "samples.npz")["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (30, 8, 8, 3)
     grid = Image.open(out / "grid.png")
@@ -35,14 +41,34 @@ def test_quantize_summary_and_sample_from_a_quantized_file(tmp_path, tiny_ckpt, 
     q = tmp_path / "q.safetensors"
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"blocks.0.mlp.fc2": 2}))
-    assert main(["quantize", "--ckpt", tiny_ckpt, "--preset", "robuq", "--act-bits", "3", "--plan", str(plan), "--out", str(q)]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--ckpt",
+                tiny_ckpt,
+                "--preset",
+                "robuq",
+                "--act-bits",
+                "3",
+                "--plan",
+                str(plan),
+                "--out",
+                str(q),
+            ]
+        )
+        == 0
+    )
     assert "fewer than the fp32 model" in capsys.readouterr().out
     assert main(["summary", str(q), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     bits = {m["name"]: m["act_bits"] for m in summary["modules"]}
     assert bits["blocks.0.mlp.fc2"] == 2 and bits["blocks.0.mlp.fc1"] == 3 and summary["bops_reduction"] > 1
     out = tmp_path / "qs"
-    assert main(["sample", "--ckpt", str(q), "--out", str(out), "--per-class", "1", "--steps", "2", "--device", "cpu"]) == 0
+    assert (
+        main(["sample", "--ckpt", str(q), "--out", str(out), "--per-class", "1", "--steps", "2", "--device", "cpu"])
+        == 0
+    )
     assert np.load(out / "samples.npz")["arr_0"].shape == (10, 8, 8, 3)
 
 
@@ -73,6 +99,22 @@ def test_export_report_and_sample_from_the_export(tmp_path, tiny_ckpt, capsys):
     assert main(["export", str(q), "--out", str(exported), "--packing", "ternary-trits", "--report"]) == 0
     out = capsys.readouterr().out
     assert "packed weights" in out and "smaller than the fp32 checkpoint" in out
-    assert main(["sample", "--ckpt", str(exported), "--out", str(tmp_path / "s"), "--per-class", "1", "--steps", "2",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--ckpt",
+                str(exported),
+                "--out",
+                str(tmp_path / "s"),
+                "--per-class",
+                "1",
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (10, 8, 8, 3)

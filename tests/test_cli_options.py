@@ -1,5 +1,6 @@
 """The command line is generated from the jobs' config dataclasses: every option documented, every
 default the library's own, robuq's errors one line, bugs a traceback."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,17 @@ def test_only_rank_0_says_what_a_job_wrote(tmp_path, capsys, monkeypatch):
     assert main(args) == 0 and "wrote" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command, cls", [
-    (["train"], "robuq.train.trainer:TrainConfig"), (["qat"], "robuq.train.qat:QATConfig"),
-    (["ampn", "run"], "robuq.ampn.pipeline:AMPNConfig"), (["run"], "robuq.cli.quickstart:QuickstartConfig"),
-    (["sample"], "robuq.sample.to_files:SampleConfig"), (["export"], "robuq.io.model_files:ExportConfig"),
-])
+@pytest.mark.parametrize(
+    "command, cls",
+    [
+        (["train"], "robuq.train.trainer:TrainConfig"),
+        (["qat"], "robuq.train.qat:QATConfig"),
+        (["ampn", "run"], "robuq.ampn.pipeline:AMPNConfig"),
+        (["run"], "robuq.cli.quickstart:QuickstartConfig"),
+        (["sample"], "robuq.sample.to_files:SampleConfig"),
+        (["export"], "robuq.io.model_files:ExportConfig"),
+    ],
+)
 def test_defaults_on_the_command_line_are_the_dataclass_defaults(command, cls):
     import importlib
 
@@ -63,9 +70,16 @@ def test_defaults_on_the_command_line_are_the_dataclass_defaults(command, cls):
 def test_nested_options_reach_the_nested_config():
     from robuq.ampn.pipeline import AMPNConfig
 
-    args = build_parser().parse_args(["ampn", "run", "--budget", "2", "--lr", "5e-4", "--no-ema-warmup", "--loss", "distill"])
+    args = build_parser().parse_args(
+        ["ampn", "run", "--budget", "2", "--lr", "5e-4", "--no-ema-warmup", "--loss", "distill"]
+    )
     config = config_from_args(args, AMPNConfig)
-    assert config.budget == 2.0 and config.qat.lr == 5e-4 and config.qat.ema_warmup is False and config.qat.loss == "distill"
+    assert (
+        config.budget == 2.0
+        and config.qat.lr == 5e-4
+        and config.qat.ema_warmup is False
+        and config.qat.loss == "distill"
+    )
     assert config.qat.out_dir == AMPNConfig().qat.out_dir == "runs/ampn"
     with pytest.raises(SystemExit):  # set by AMPN itself, so not an option of `ampn run`
         build_parser().parse_args(["ampn", "run", "--plan", "p.json"])

@@ -40,8 +40,11 @@ def test_integer_layers_match_fake_quant_layers_on_real_inputs(tmp_path, quantiz
     model, config = quantized
     integer_model = load_exported(export_model(model, config, tmp_path / "m.safetensors", dtype="fp32"))
     inputs = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs.__setitem__(n, a[0]))
-             for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: inputs.__setitem__(n, a[0]))
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+    ]
     with torch.no_grad():
         model(*_inputs())
     for h in hooks:
@@ -66,8 +69,10 @@ def test_an_exported_model_runs_the_model_code_with_kernels_in_its_seams(tmp_pat
     model, config = quantized
     exported = load_exported(export_model(model, config, tmp_path / "m.safetensors", dtype="fp32"))
     assert all(type(b) is DiTBlock for b in exported.blocks) and type(exported.final_layer) is FinalLayer
-    assert all(isinstance(b.norm1, NativeModulatedLayerNorm) and isinstance(b.residual, NativeGatedResidual)
-               for b in exported.blocks)
+    assert all(
+        isinstance(b.norm1, NativeModulatedLayerNorm) and isinstance(b.residual, NativeGatedResidual)
+        for b in exported.blocks
+    )
     # An edit to the model's forward reaches the exported model: it has no copy of its own.
     ran = []
     original = DiTBlock.forward
@@ -83,8 +88,11 @@ def test_exported_blocks_give_the_same_bits_at_any_thread_count(tmp_path, quanti
     model, config = quantized
     exported = load_exported(export_model(model, config, tmp_path / "m.safetensors", dtype="fp32"))
     calls = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: calls.setdefault(n, (mod, args)) and None)
-             for n, m in exported.named_modules() if n.startswith("blocks.")]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, n=n: calls.setdefault(n, (mod, args)) and None)
+        for n, m in exported.named_modules()
+        if n.startswith("blocks.")
+    ]
     with torch.no_grad():
         exported(*_inputs())
     for h in hooks:
@@ -168,7 +176,11 @@ def test_cost_summary_of_an_exported_model_matches_its_training_model(tmp_path, 
     for integer in (True, False):
         b = cost_summary(load_exported(path, integer=integer))
         assert b.bops == pytest.approx(a.bops) and b.macs == a.macs
-        weights = {m.name: m.weight for m in b.modules if m.name.startswith("blocks.") and m.name.endswith(("qkv", "proj", "fc1", "fc2"))}
+        weights = {
+            m.name: m.weight
+            for m in b.modules
+            if m.name.startswith("blocks.") and m.name.endswith(("qkv", "proj", "fc1", "fc2"))
+        }
         assert weights and set(weights.values()) == {"ternary"}, weights
     assert cost_summary(load_exported(path, integer=False)).weight_storage_bits == pytest.approx(a.weight_storage_bits)
 

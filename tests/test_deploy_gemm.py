@@ -17,8 +17,9 @@ PATHS = [p for p in gemm.PATHS if p != "avx2" or native.integer_isa() in ("avx2"
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("m, k, n, largest", [(7, 5, 3, 1), (13, 33, 70, 1), (50, 64, 96, 8), (100, 385, 200, 64),
-                                               (9, 40, 64, 127)])
+@pytest.mark.parametrize(
+    "m, k, n, largest", [(7, 5, 3, 1), (13, 33, 70, 1), (50, 64, 96, 8), (100, 385, 200, 64), (9, 40, 64, 127)]
+)
 def test_every_path_gives_int_mm_exact_sums(path, m, k, n, largest):
     torch.manual_seed(m + k + n)
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8)  # the whole int8 range, 8-bit levels' worst case
@@ -83,8 +84,13 @@ def test_the_avx2_path_packs_for_the_lookup_kernel_only_ternary_weights_at_4_bit
         native.pack_ternary_weights(int4)
     if native.integer_isa() != "none":
         with pytest.raises(ValueError, match="top"):
-            native.gemm_ternary(torch.zeros(2, 12, dtype=torch.int8), native.pack_ternary_weights(ternary), 40,
-                                ternary.sum(dim=0, dtype=torch.int32), 16)
+            native.gemm_ternary(
+                torch.zeros(2, 12, dtype=torch.int8),
+                native.pack_ternary_weights(ternary),
+                40,
+                ternary.sum(dim=0, dtype=torch.int32),
+                16,
+            )
 
 
 def test_the_ternary_packing_puts_each_weight_where_the_kernel_reads_it():
@@ -115,11 +121,14 @@ def test_the_packing_puts_each_weight_where_the_kernel_reads_it():
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("options", [
-    dict(act_bits=3, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=4),
-    dict(act_bits=8, act_rule="minmax", lowrank_rank=0),
-    dict(act_bits=4, weight="int4", lowrank_rank=3, lowrank_input="quantized"),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(act_bits=3, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=4),
+        dict(act_bits=8, act_rule="minmax", lowrank_rank=0),
+        dict(act_bits=4, weight="int4", lowrank_rank=3, lowrank_input="quantized"),
+    ],
+)
 def test_integer_linear_on_every_path_matches_the_fake_quant_layer(path, options):
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(torch.nn.Linear(40, 72), LinearQuantConfig(**options)).eval()
@@ -180,7 +189,9 @@ def test_the_chooser_takes_int_mm_only_with_vnni():
     assert gemm.choose_path(_capability("AVX2", {"avx2", "avx512f", "avx512_vnni"}), never) == "avx2"
     # AVX-VNNI alone: measured once against the fallback
     asked = []
-    assert gemm.choose_path(_capability("AVX2", {"avx2", "avx_vnni"}), lambda f: asked.append(f) or "int_mm") == "int_mm"
+    assert (
+        gemm.choose_path(_capability("AVX2", {"avx2", "avx_vnni"}), lambda f: asked.append(f) or "int_mm") == "int_mm"
+    )
     assert asked == ["avx2"]
     assert gemm.choose_path(_capability("AVX2", {"avx2", "avx_vnni"})) == "avx2"
 
@@ -191,13 +202,21 @@ def test_the_running_cpu_does_not_take_int_mm_below_vnni():
         assert gemm.auto_path() != "int_mm", capability
 
 
-CHOICE = "from robuq.deploy import gemm; import json; print(json.dumps([gemm.auto_path(), gemm.cpu_capability().to_dict()]))"
+CHOICE = (
+    "from robuq.deploy import gemm; import json; print(json.dumps([gemm.auto_path(), gemm.cpu_capability().to_dict()]))"
+)
 
 
 def test_pytorch_held_to_avx2_is_below_vnni_and_never_takes_int_mm():
     """This CPU may have VNNI; with PyTorch and oneDNN held to AVX2 it is an AVX2-only CPU to them."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(robuq.__file__)), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "PYTHONPATH": os.pathsep.join(
+            [os.path.dirname(os.path.dirname(robuq.__file__)), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     out = subprocess.run([sys.executable, "-c", CHOICE], env=env, capture_output=True, text=True, check=True)
     path, capability = json.loads(out.stdout.strip().splitlines()[-1])
     assert capability["torch_capability"] == "AVX2"

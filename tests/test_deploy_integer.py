@@ -9,13 +9,16 @@ from robuq.quant.hadamard import hadamard_transform
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
 
 
-@pytest.mark.parametrize("options", [
-    dict(act_bits=2, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=4),
-    dict(act_bits=8, act_rule="minmax", lowrank_rank=0),
-    dict(act_bits=1, act_rule="minmax", hadamard=True, learn_clip=True),
-    dict(act_bits=3, act_granularity="tensor", act_rule="gaussian", hadamard=True, lowrank_rank=2),
-    dict(act_bits=4, weight="int4", lowrank_rank=3, lowrank_input="quantized"),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(act_bits=2, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=4),
+        dict(act_bits=8, act_rule="minmax", lowrank_rank=0),
+        dict(act_bits=1, act_rule="minmax", hadamard=True, learn_clip=True),
+        dict(act_bits=3, act_granularity="tensor", act_rule="gaussian", hadamard=True, lowrank_rank=2),
+        dict(act_bits=4, weight="int4", lowrank_rank=3, lowrank_input="quantized"),
+    ],
+)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kernels", ["native", "pytorch"])
 def test_integer_linear_matches_the_fake_quant_layer(options, bias, kernels):
@@ -63,8 +66,13 @@ def test_integer_linear_quantizes_its_input_by_the_definition(rule, bits, kernel
     with torch.no_grad():
         levels, scale, offset = integer.input_levels(x)
         expected, got = layer(x), integer(x)
-        ref = activation_levels(hadamard_transform(x, layer.hadamard_signs).reshape(-1, 48), bits, "token", rule,
-                                layer.act_quant.effective_clip_ratio())
+        ref = activation_levels(
+            hadamard_transform(x, layer.hadamard_signs).reshape(-1, 48),
+            bits,
+            "token",
+            rule,
+            layer.act_quant.effective_clip_ratio(),
+        )
     assert levels.dtype == torch.int8
     assert torch.allclose(scale, ref.scale, rtol=1e-5) and torch.allclose(offset, ref.offset, rtol=1e-5, atol=1e-5)
     # The rotation's float rounding may move a value across a rounding boundary: by one level, rarely.
@@ -76,8 +84,9 @@ def test_integer_linear_quantizes_its_input_by_the_definition(rule, bits, kernel
 def test_a_rule_the_kernels_lack_takes_the_pytorch_path(monkeypatch):
     from robuq.kernels import native
 
-    layer = QuantLinear.from_linear(torch.nn.Linear(48, 16), LinearQuantConfig(act_bits=3, act_rule="gaussian",
-                                                                               hadamard=True)).eval()
+    layer = QuantLinear.from_linear(
+        torch.nn.Linear(48, 16), LinearQuantConfig(act_bits=3, act_rule="gaussian", hadamard=True)
+    ).eval()
     x = torch.randn(5, 48)
     with torch.no_grad():
         expected = layer(x)
@@ -89,8 +98,9 @@ def test_a_rule_the_kernels_lack_takes_the_pytorch_path(monkeypatch):
 
 def _ternary_layer(act_bits=3, **options):
     torch.manual_seed(0)
-    config = LinearQuantConfig(act_bits=act_bits, act_rule="gaussian", hadamard=True, hadamard_signs=True,
-                               lowrank_rank=4, **options)
+    config = LinearQuantConfig(
+        act_bits=act_bits, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=4, **options
+    )
     return QuantLinear.from_linear(torch.nn.Linear(48, 40), config).eval()
 
 
@@ -147,7 +157,9 @@ def test_a_registered_path_is_taken_when_it_accepts_the_layer():
 
     before = backends.backends("integer_linear")
     try:
-        backends._registry["integer_linear"].insert(0, backends.Backend("recorded", lambda m: m.act_bits == 3, Recorded))
+        backends._registry["integer_linear"].insert(
+            0, backends.Backend("recorded", lambda m: m.act_bits == 3, Recorded)
+        )
         taken, passed = IntegerLinear(_ternary_layer()), IntegerLinear(_ternary_layer(act_bits=4))
         assert taken.path.name == "recorded" and passed.path.name != "recorded"
         with torch.no_grad():

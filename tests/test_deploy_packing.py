@@ -4,7 +4,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from robuq.deploy.packing import (
-    pack_int4, pack_ternary_2bit, pack_ternary_trits, unpack_int4, unpack_ternary_2bit, unpack_ternary_trits,
+    pack_int4,
+    pack_ternary_2bit,
+    pack_ternary_trits,
+    unpack_int4,
+    unpack_ternary_2bit,
+    unpack_ternary_trits,
 )
 
 sizes = st.integers(0, 300)

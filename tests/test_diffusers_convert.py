@@ -1,10 +1,16 @@
 """Reference DiT ⇄ diffusers DiTTransformer2DModel: exact both ways, through files on disk."""
+
 import pytest
 import torch
 
 from conftest import run_diffusers, tiny_config, tiny_diffusers_dit
 from robuq.models.checkpoint import load_dit
-from robuq.models.convert_diffusers import dit_config_from_diffusers, diffusers_to_dit, dit_to_diffusers, is_diffusers_folder
+from robuq.models.convert_diffusers import (
+    dit_config_from_diffusers,
+    diffusers_to_dit,
+    dit_to_diffusers,
+    is_diffusers_folder,
+)
 from robuq.models.dit import DiT
 
 diffusers = pytest.importorskip("diffusers")
@@ -18,8 +24,19 @@ SIZES = [  # (hidden, heads, depth, patch, input, learn_sigma, classes)
 
 def _random_dit(hidden, heads, depth, patch, size, learn_sigma, classes, **extra) -> DiT:
     torch.manual_seed(hidden + depth)
-    model = DiT(tiny_config(hidden_size=hidden, num_heads=heads, depth=depth, patch_size=patch, input_size=size,
-                            learn_sigma=learn_sigma, num_classes=classes, in_channels=4, **extra))
+    model = DiT(
+        tiny_config(
+            hidden_size=hidden,
+            num_heads=heads,
+            depth=depth,
+            patch_size=patch,
+            input_size=size,
+            learn_sigma=learn_sigma,
+            num_classes=classes,
+            in_channels=4,
+            **extra,
+        )
+    )
     with torch.no_grad():  # adaLN-Zero starts at zero: give every weight a random value
         for p in model.parameters():
             if p.requires_grad:
@@ -53,8 +70,21 @@ def test_reference_checkpoint_to_diffusers_and_back_is_exact(tmp_path, size):
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items() if k != "pos_embed")
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_attention_heads": 4, "attention_head_dim": 16, "out_channels": 4,
-                                            "num_layers": 3, "patch_size": 4, "sample_size": 16, "norm_eps": 1e-6}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {
+            "num_attention_heads": 4,
+            "attention_head_dim": 16,
+            "out_channels": 4,
+            "num_layers": 3,
+            "patch_size": 4,
+            "sample_size": 16,
+            "norm_eps": 1e-6,
+        },
+    ],
+)
 def test_diffusers_folder_to_dit_is_exact(tmp_path, overrides):
     transformer = tiny_diffusers_dit(shared_embedders=True, **overrides)
     transformer.save_pretrained(tmp_path / "transformer")
@@ -65,7 +95,9 @@ def test_diffusers_folder_to_dit_is_exact(tmp_path, overrides):
     x = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(2))
     t, y = torch.tensor([3, 811]), torch.tensor([1, 10])
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, y), transformer(x, timestep=t, class_labels=y).sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model(x, t, y), transformer(x, timestep=t, class_labels=y).sample, rtol=1e-5, atol=1e-5
+        )
         # and back into diffusers, saved and reloaded: diffusers' own convention is kept
         dit_to_diffusers(model).save_pretrained(tmp_path / "again")
         again = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "again", local_files_only=True)

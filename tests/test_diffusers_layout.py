@@ -1,5 +1,6 @@
 """quantize_ finds the layout by structure, refuses a policy that matches nothing, and quantizes the
 attention matmuls of diffusers models by routing their attention to robuq's core."""
+
 import pytest
 import torch
 
@@ -37,7 +38,9 @@ def test_a_layout_the_model_does_not_have_is_an_error(layout, model):
     with pytest.raises(ValueError, match=f"layout {layout!r}.*{type(model).__name__}|{type(model).__name__}.*layout"):
         quantize_(model, preset("baseline", layout=layout))
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
-    foreign = QuantConfig(name="foreign", rules=preset("baseline", layout=layout).rules)  # layout 'auto', rules of the other
+    foreign = QuantConfig(
+        name="foreign", rules=preset("baseline", layout=layout).rules
+    )  # layout 'auto', rules of the other
     with pytest.raises(ValueError, match=f"matches no linear layer of {type(model).__name__}"):
         quantize_(model, foreign)
 
@@ -59,8 +62,7 @@ def test_routing_ends_with_the_forward_even_when_it_raises():
         attn(torch.randn(1, 4, 7))  # wrong width
     q = torch.randn(1, 1, 4, 8)
     # Outside the attention, SDPA is PyTorch's again.
-    torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, q, q),
-                               AttentionCore()(q, q, q))
+    torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, q, q), AttentionCore()(q, q, q))
 
 
 def test_8bit_attention_matches_robuq_dit_attention():

@@ -1,4 +1,5 @@
 """A robuq-quantized, and an exported, transformer sampling inside diffusers' DiTPipeline with a tiny VAE."""
+
 import numpy as np
 import pytest
 import torch
@@ -19,11 +20,21 @@ CLASSES = 1000
 def _pipeline(tmp_path, transformer):
     """A DiTPipeline saved and reloaded from a local folder, its transformer then replaced by ``transformer``."""
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                                  latent_channels=4, norm_num_groups=8, layers_per_block=1, sample_size=16)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=16,
+    )
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
-    pipe = diffusers.DiTPipeline(transformer=tiny_diffusers_dit(num_embeds_ada_norm=CLASSES), vae=vae, scheduler=scheduler)
+    pipe = diffusers.DiTPipeline(
+        transformer=tiny_diffusers_dit(num_embeds_ada_norm=CLASSES), vae=vae, scheduler=scheduler
+    )
     pipe.save_pretrained(tmp_path / "pipe")
     pipe = diffusers.DiTPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True, low_cpu_mem_usage=False)
     pipe.transformer = transformer
@@ -32,8 +43,13 @@ def _pipeline(tmp_path, transformer):
 
 
 def _sample(pipe) -> np.ndarray:
-    return pipe(class_labels=[1, 7], num_inference_steps=3, guidance_scale=2.0,
-                generator=torch.Generator().manual_seed(0), output_type="np").images
+    return pipe(
+        class_labels=[1, 7],
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
 
 
 def test_quantized_and_exported_transformers_sample_in_dit_pipeline(tmp_path):

@@ -1,5 +1,6 @@
 """Every robuq verb on a diffusers DiTTransformer2DModel: cost, save/load, export with the integer path,
 AMPN sensitivity and allocation, and QAT from a save_pretrained folder."""
+
 import json
 
 import pytest
@@ -97,10 +98,32 @@ def test_qat_teacher_from_a_save_pretrained_folder(tmp_path, fmnist_dir):
     converted = load_dit(tmp_path / "teacher").eval()
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 600]), torch.tensor([4, 9])
     with torch.no_grad():
-        torch.testing.assert_close(converted(x, t, y), teacher(x, timestep=t, class_labels=y).sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            converted(x, t, y), teacher(x, timestep=t, class_labels=y).sample, rtol=1e-5, atol=1e-5
+        )
     out = tmp_path / "qat"
-    assert main(["qat", "--teacher", str(tmp_path / "teacher"), "--data-dir", str(fmnist_dir), "--out-dir", str(out),
-                 "--steps", "2", "--global-batch-size", "8", "--probe-images", "8", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "qat",
+                "--teacher",
+                str(tmp_path / "teacher"),
+                "--data-dir",
+                str(fmnist_dir),
+                "--out-dir",
+                str(out),
+                "--steps",
+                "2",
+                "--global-batch-size",
+                "8",
+                "--probe-images",
+                "8",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     student, _ = load_quantized(out / "model.safetensors")
     assert student.config.timestep_freq_shift == 1.0
     assert json.loads((out / "config.json").read_text())["teacher"] == str(tmp_path / "teacher")

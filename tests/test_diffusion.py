@@ -51,7 +51,9 @@ def test_respaced_diffusion_keeps_alphas_cumprod():
     assert np.allclose(spaced.alphas_cumprod, full.alphas_cumprod[kept])
     assert list(spaced.timestep_map) == kept
     seen = []
-    spaced.p_mean_variance(lambda x, t: (seen.append(t), torch.zeros(1, 2, 1))[1], torch.zeros(1, 1, 1), torch.tensor([3]))
+    spaced.p_mean_variance(
+        lambda x, t: (seen.append(t), torch.zeros(1, 2, 1))[1], torch.zeros(1, 1, 1), torch.tensor([3])
+    )
     assert seen[0].item() == kept[3]  # the denoiser sees the original timestep
 
 
@@ -77,7 +79,9 @@ def test_hybrid_loss_terms_and_gradient_split():
     d = create_diffusion(learn_sigma=True)
     x0 = torch.rand(3, 1, 4, 4) * 2 - 1
     out = torch.zeros(3, 2, 4, 4, requires_grad=True)
-    losses = d.losses_from_output(out, x0, d.q_sample(x0, torch.tensor([0, 1, 700])), torch.tensor([0, 1, 700]), torch.randn_like(x0))
+    losses = d.losses_from_output(
+        out, x0, d.q_sample(x0, torch.tensor([0, 1, 700])), torch.tensor([0, 1, 700]), torch.randn_like(x0)
+    )
     assert set(losses) == {"mse", "vb", "loss"} and torch.isfinite(losses["vb"]).all()
     losses["vb"].sum().backward()
     assert out.grad[:, :1].abs().sum() == 0 and out.grad[:, 1:].abs().sum() > 0  # VLB trains only the variance

@@ -37,7 +37,9 @@ def test_every_config_parameter_count(name):
     assert count_parameters(model) == expected_params(config.depth, config.hidden_size, config.patch_size)
 
 
-@pytest.mark.parametrize("name,gflops", [("DiT-S/2", 6.06), ("DiT-B/2", 23.01), ("DiT-L/2", 80.71), ("DiT-XL/2", 118.64)])
+@pytest.mark.parametrize(
+    "name,gflops", [("DiT-S/2", 6.06), ("DiT-B/2", 23.01), ("DiT-L/2", 80.71), ("DiT-XL/2", 118.64)]
+)
 def test_gflops_match_dit_paper(name, gflops):
     assert forward_macs(dit_config(name)) / 1e9 == pytest.approx(gflops, rel=0.005)
 
@@ -46,11 +48,18 @@ def test_reference_state_dict_keys_dit_s2():
     model = create_dit("DiT-S/2")
     keys = set(model.state_dict())
     expected = {
-        "pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
-        "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+        "pos_embed",
+        "x_embedder.proj.weight",
+        "x_embedder.proj.bias",
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.0.bias",
+        "t_embedder.mlp.2.weight",
+        "t_embedder.mlp.2.bias",
         "y_embedder.embedding_table.weight",
-        "final_layer.linear.weight", "final_layer.linear.bias",
-        "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
+        "final_layer.linear.weight",
+        "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
     }
     for i in range(12):
         for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"):
@@ -148,9 +157,11 @@ def test_meta_skeleton_leaves_torch_nn_init_as_it_found_it_and_skips_the_costly_
     assert all(p.is_meta for p in model.parameters())
     assert {name: getattr(torch.nn.init, name) for name in dir(torch.nn.init)} == before
     # In a fresh process: building a skeleton must not pull in torch._dynamo through the meta initialisers.
-    code = ("import sys, torch\nfrom robuq.models.skeleton import meta_skeleton\nfrom robuq.models.dit import DiT, DiTConfig\n"
-            "loaded = 'torch._dynamo' in sys.modules\n"
-            "with meta_skeleton():\n    DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=48, depth=2, num_heads=2))\n"
-            "print(loaded, 'torch._dynamo' in sys.modules)")
+    code = (
+        "import sys, torch\nfrom robuq.models.skeleton import meta_skeleton\nfrom robuq.models.dit import DiT, DiTConfig\n"
+        "loaded = 'torch._dynamo' in sys.modules\n"
+        "with meta_skeleton():\n    DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=48, depth=2, num_heads=2))\n"
+        "print(loaded, 'torch._dynamo' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[1] == out[0], f"torch._dynamo loaded by the skeleton: {out}"

@@ -1,4 +1,5 @@
 """Known answers for the ADM protocol: TF1 resize, Fréchet distance, IS splits, the sFID tap, reference batches."""
+
 import json
 
 import numpy as np
@@ -132,8 +133,13 @@ def test_adm_evaluation_reads_the_reference_statistics(tmp_path, weights):
     reference_images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=samples)
     np.savez(tmp_path / "plain_ref.npz", arr_0=reference_images)
-    config = dict(samples=str(tmp_path / "samples.npz"), inception_weights=str(weights), cache_dir=str(tmp_path / "c"),
-                  progress=False, device="cpu")
+    config = dict(
+        samples=str(tmp_path / "samples.npz"),
+        inception_weights=str(weights),
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+        device="cpu",
+    )
     plain = evaluate(EvalConfig(reference=str(tmp_path / "plain_ref.npz"), **config))
     assert plain["protocol"] == "adm" and plain["extractor"].startswith("inception-adm-")
     assert plain["fid"] > 0 and plain["reference_statistics"] == "from 6 reference images"
@@ -171,8 +177,27 @@ def test_ref_stats_command_writes_an_adm_reference_batch(tmp_path, weights):
     for i, size in enumerate([(40, 30), (30, 50), (64, 64)]):
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.png")
     out = tmp_path / "ref.npz"
-    assert main(["eval", "ref-stats", str(tmp_path / "images"), "--out", str(out), "--image-size", "16", "--max-images", "2",
-                 "--inception-weights", str(weights), "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "ref-stats",
+                str(tmp_path / "images"),
+                "--out",
+                str(out),
+                "--image-size",
+                "16",
+                "--max-images",
+                "2",
+                "--inception-weights",
+                str(weights),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with np.load(out) as data:
         assert data["arr_0"].shape == (2, 16, 16, 3) and data["arr_0"].dtype == np.uint8
         assert data["mu"].shape == (2048,) and data["sigma"].shape == (2048, 2048)
@@ -183,6 +208,8 @@ def test_ref_stats_command_writes_an_adm_reference_batch(tmp_path, weights):
     from robuq.eval.inception_weights import load_fid_inception
 
     images = np.stack([adm_center_crop(Image.open(folder / f"{i}.png").convert("RGB"), 16) for i in range(3)])
-    np.testing.assert_allclose(pool.mu, adm_activations(load_fid_inception(weights), images)["pool"].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        pool.mu, adm_activations(load_fid_inception(weights), images)["pool"].mean(0), rtol=1e-5, atol=1e-6
+    )
     assert main(["eval", "ref-stats", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     json.dumps(pool.mu.tolist()[:1])  # plain floats, as the npz promises

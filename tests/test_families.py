@@ -1,6 +1,7 @@
 """Every family's map covers every linear: quantize_ swaps each block linear and modulation, keeps what
 the map names, splits joined inputs exactly, refuses what it cannot account for, and the result exports,
 reloads and runs on integers."""
+
 import copy
 import json
 import warnings

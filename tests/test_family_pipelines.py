@@ -1,5 +1,6 @@
 """Every family through every verb on a diffusers model folder: quantize, summary, export, and sampling
 in the family's own diffusers pipeline from cached prompt embeddings, on integers (no text encoder)."""
+
 import json
 
 import numpy as np
@@ -19,12 +20,16 @@ pytest.importorskip("transformers")  # diffusers' pipeline classes need it, thou
 @pytest.fixture
 def family_files(tmp_path):
     """(model folder, pipeline folder, prompt-embeddings file) of a family, as a user would have them."""
+
     def make(family):
         model = tiny_family_model(family)
         model.save_pretrained(tmp_path / "transformer")
         tiny_pipeline(family, tiny_family_model(family)).save_pretrained(tmp_path / "pipeline")
-        save_file({k: v.contiguous() for k, v in tiny_prompt_embeddings(family).items()}, tmp_path / "prompts.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in tiny_prompt_embeddings(family).items()}, tmp_path / "prompts.safetensors"
+        )
         return tmp_path / "transformer", tmp_path / "pipeline", tmp_path / "prompts.safetensors"
+
     return make
 
 
@@ -39,8 +44,28 @@ def test_every_verb_on_a_family_folder(family, family_files, tmp_path, capsys):
     assert summary["family"] == family and summary["kept_full_precision"]
     assert {m["kind"] for m in summary["modules"]} >= {"QuantLinear", "QuantAttentionCore"}
     assert main(["export", str(quantized), "--out", str(exported)]) == 0
-    assert main(["sample", "--ckpt", str(exported), "--pipeline", str(pipeline), "--prompt-embeds", str(prompts),
-                 "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "samples")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--ckpt",
+                str(exported),
+                "--pipeline",
+                str(pipeline),
+                "--prompt-embeds",
+                str(prompts),
+                "--steps",
+                "2",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--out",
+                str(tmp_path / "samples"),
+            ]
+        )
+        == 0
+    )
     with np.load(tmp_path / "samples" / "samples.npz") as data:
         assert data["arr_0"].shape == (2, 32, 32, 3) and data["arr_0"].dtype == np.uint8
     assert (tmp_path / "samples" / "grid.png").is_file()
@@ -77,8 +102,24 @@ def test_ampn_sensitivity_and_allocation_on_a_family(family, family_files, tmp_p
     folder, _, prompts = family_files(family)
     quantized, sensitivity, plan = tmp_path / "q.safetensors", tmp_path / "s.json", tmp_path / "plan.json"
     assert main(["quantize", "--ckpt", str(folder), "--out", str(quantized)]) == 0
-    assert main(["ampn", "sensitivity", "--model", str(quantized), "--prompt-embeds", str(prompts),
-                 "--calibration-images", "4", "--out", str(sensitivity), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "ampn",
+                "sensitivity",
+                "--model",
+                str(quantized),
+                "--prompt-embeds",
+                str(prompts),
+                "--calibration-images",
+                "4",
+                "--out",
+                str(sensitivity),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     layers = json.loads(sensitivity.read_text())["layers"]
     model, _ = robuq.load_quantized(quantized)
     streams = {n.split(".")[0] for n in layers}

@@ -1,6 +1,7 @@
 """Every file robuq reads, damaged at random (truncated, bytes changed in the header or anywhere): each
 load either gives robuq's one-line error (what the CLI prints without a traceback) or loads; never another
 exception, never a hang, and a damaged header never loads as other weights."""
+
 from __future__ import annotations
 
 import signal
@@ -50,14 +51,23 @@ def valid_files(tmp_path_factory):
     torch.save(model.state_dict(), folder / "ckpt.pt")
     write_index(folder / "cache", LatentIndex(10, 5, (4, 4, 4), 0.18215, False, 32, ("a", "b"), "vae"))
     return {  # kind → (file, loader, how many leading bytes are header)
-        "checkpoint (safetensors)": (save_tensors(folder / "ckpt.safetensors", model.state_dict(),
-                                                  {"model_config": model.config.to_dict()}), load_dit, "safetensors"),
+        "checkpoint (safetensors)": (
+            save_tensors(folder / "ckpt.safetensors", model.state_dict(), {"model_config": model.config.to_dict()}),
+            load_dit,
+            "safetensors",
+        ),
         "checkpoint (PyTorch)": (folder / "ckpt.pt", load_dit, "whole"),
         "quantized model": (save_quantized(quantized, folder / "q.safetensors", policy), load_quantized, "safetensors"),
-        "export (2-bit)": (export_model(quantized, policy, folder / "e2.safetensors", "ternary-2bit"), load_exported,
-                           "safetensors"),
-        "export (trits)": (export_model(quantized, policy, folder / "e3.safetensors", "ternary-trits"), load_exported,
-                           "safetensors"),
+        "export (2-bit)": (
+            export_model(quantized, policy, folder / "e2.safetensors", "ternary-2bit"),
+            load_exported,
+            "safetensors",
+        ),
+        "export (trits)": (
+            export_model(quantized, policy, folder / "e3.safetensors", "ternary-trits"),
+            load_exported,
+            "safetensors",
+        ),
         "bit plan": (BitPlan({"blocks.0.mlp.fc2": 2}, budget=2.0).save(folder / "plan.json"), BitPlan.load, "whole"),
         "policy": (policy.save(folder / "policy.json"), QuantConfig.load, "whole"),
         "latent index": (folder / "cache" / "index.json", lambda p: read_index(Path(p).parent), "whole"),
@@ -82,8 +92,19 @@ def _timeout(*_):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["checkpoint (safetensors)", "checkpoint (PyTorch)", "quantized model", "export (2-bit)",
-                                  "export (trits)", "bit plan", "policy", "latent index"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "checkpoint (safetensors)",
+        "checkpoint (PyTorch)",
+        "quantized model",
+        "export (2-bit)",
+        "export (trits)",
+        "bit plan",
+        "policy",
+        "latent index",
+    ],
+)
 def test_damaged_files_give_robuqs_error_or_load_unchanged(valid_files, tmp_path, kind):
     path, load, header_kind = valid_files[kind]
     data = Path(path).read_bytes()
@@ -108,7 +129,11 @@ def test_damaged_files_give_robuqs_error_or_load_unchanged(valid_files, tmp_path
                 continue
             signal.alarm(0)
             outcomes["loaded"] += 1
-            if header_only and kind not in ("bit plan", "policy", "latent index") and not _same(_state(loaded), original):
+            if (
+                header_only
+                and kind not in ("bit plan", "policy", "latent index")
+                and not _same(_state(loaded), original)
+            ):
                 wrong.append("a damaged header loaded as other weights")
     finally:
         signal.alarm(0)

@@ -1,6 +1,7 @@
 """Training on an image folder streamed from disk: DataLoader workers, random flips chosen per sample and
 epoch by the loop's seed (exact on resume), corrupt files named by path. Real parts: a folder of RGB images
 written here, the real loop, a tiny DiT."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,19 @@ def folder(tmp_path_factory):
 
 
 def folder_config(out_dir, folder, **overrides) -> TrainConfig:
-    base = dict(data=str(folder), model="DiT-T/4", input_size=16, steps=4, global_batch_size=6, warmup_steps=1, log_every=1,
-                ckpt_every=2, out_dir=str(out_dir), device="cpu", num_workers=0)
+    base = dict(
+        data=str(folder),
+        model="DiT-T/4",
+        input_size=16,
+        steps=4,
+        global_batch_size=6,
+        warmup_steps=1,
+        log_every=1,
+        ckpt_every=2,
+        out_dir=str(out_dir),
+        device="cpu",
+        num_workers=0,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -71,7 +83,9 @@ def test_the_loop_flips_folder_images_per_sample_and_epoch(tmp_path, folder):
     dataset = StreamingImageFolder(folder, 16)
     seen = [which_samples(b, dataset) for b in seen_samples(folder_config(tmp_path / "a", folder), dataset)]
     assert_mirrors_redrawn_each_epoch(seen, 12)
-    unflipped = [which_samples(b, dataset) for b in seen_samples(folder_config(tmp_path / "b", folder, flip=False), dataset)]
+    unflipped = [
+        which_samples(b, dataset) for b in seen_samples(folder_config(tmp_path / "b", folder, flip=False), dataset)
+    ]
     assert [i % 12 for b in unflipped for i in b] == [i % 12 for b in seen for i in b] and max(map(max, unflipped)) < 12
 
 

@@ -1,5 +1,6 @@
 """Every Triton launch runs with the tensor's GPU current: Triton launches on the current device, so a rank
 whose tensors live on cuda:1 while cuda:0 is current would run its kernels on the wrong GPU."""
+
 import ast
 import inspect
 
@@ -31,7 +32,9 @@ def test_every_launch_sits_inside_the_tensors_device_context():
     assert len(launches) == 2  # hadamard_quantize_kernel and lowbit_matmul_kernel
     for call, withs in launches:
         contexts = [item.context_expr for w in withs for item in w.items]
-        assert any(isinstance(c, ast.Call) and getattr(c.func, "id", None) == "on_device" for c in contexts), ast.dump(call)[:200]
+        assert any(isinstance(c, ast.Call) and getattr(c.func, "id", None) == "on_device" for c in contexts), ast.dump(
+            call
+        )[:200]
 
 
 def test_on_device_enters_the_tensors_gpu(monkeypatch):
@@ -59,8 +62,10 @@ def test_on_device_enters_the_tensors_gpu(monkeypatch):
     assert entered == [torch.device("cuda", 1)]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not triton_ops.available(),
-                    reason="needs two GPUs and Triton")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not triton_ops.available(),
+    reason="needs two GPUs and Triton",
+)
 def test_a_kernel_launched_for_the_second_gpu_runs_there(monkeypatch):
     kernels = triton_ops._kernels()
     seen = []

@@ -1,4 +1,5 @@
 """robuq's C kernels (robuq/kernels/cpu_kernels.c) against the PyTorch code they replace."""
+
 import os
 import shutil
 import subprocess
@@ -18,8 +19,10 @@ from robuq.quant.hadamard import hadamard_transform, random_signs
 from robuq.quant.primitives import affine_levels
 
 # Skipped only without a compiler: with one, a build that fails must fail these tests, not hide them.
-pytestmark = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
-                                reason="no C compiler to build the kernels with")
+pytestmark = pytest.mark.skipif(
+    not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
+    reason="no C compiler to build the kernels with",
+)
 
 
 def test_kernels_build_where_there_is_a_compiler():
@@ -27,6 +30,7 @@ def test_kernels_build_where_there_is_a_compiler():
         warnings.simplefilter("error")  # a failed build warns and falls back; here that is a failure
         native._library.cache_clear()
         assert native.enabled()
+
 
 SIZES = [20, 24, 192, 384, 768, 1152, 1536, 4096, 4608]
 
@@ -46,7 +50,9 @@ def test_hadamard_equals_the_dense_matrix(n, inverse):
     signs = random_signs(n, seed=4)
     expected = x.double() @ transform_matrix(n, signs, inverse).t()
     assert torch.allclose(native.hadamard(x, signs, inverse).double(), expected, atol=1e-5)
-    assert torch.allclose(native.hadamard(x, None, inverse).double(), x.double() @ hadamard_matrix(n, torch.float64), atol=1e-5)
+    assert torch.allclose(
+        native.hadamard(x, None, inverse).double(), x.double() @ hadamard_matrix(n, torch.float64), atol=1e-5
+    )
 
 
 def test_mix12_plan_spells_out_the_order_12_hadamard_matrix():
@@ -66,7 +72,9 @@ def test_mix12_plan_spells_out_the_order_12_hadamard_matrix():
 def test_hadamard_any_supported_size(m, k, rows):
     n = m * 2**k
     x = torch.randn(rows, n)
-    assert torch.allclose(native.hadamard(x, None, False).double(), x.double() @ hadamard_matrix(n, torch.float64), atol=1e-5)
+    assert torch.allclose(
+        native.hadamard(x, None, False).double(), x.double() @ hadamard_matrix(n, torch.float64), atol=1e-5
+    )
 
 
 def test_hadamard_transform_takes_the_kernel_for_float32_and_keeps_its_gradient():
@@ -134,8 +142,26 @@ def test_the_c_code_itself_refuses_an_unknown_rule_id():
     unknown = max(spec.SCALE_RULES.values()) + 1
     for rule, top in ((unknown, 15), (spec.SCALE_RULES["minmax"], 256)):
         status = native._library().robuq_hadamard_quantize(
-            native._ptr(x), None, native._ptr(levels), native._ptr(stats[0]), native._ptr(stats[1]),
-            rows, n, 1, None, None, top, rule, 1.0, 1.0, 0, None, 0, None, 1)
+            native._ptr(x),
+            None,
+            native._ptr(levels),
+            native._ptr(stats[0]),
+            native._ptr(stats[1]),
+            rows,
+            n,
+            1,
+            None,
+            None,
+            top,
+            rule,
+            1.0,
+            1.0,
+            0,
+            None,
+            0,
+            None,
+            1,
+        )
         assert status == native._BAD_ARGUMENT
 
 
@@ -165,14 +191,26 @@ def test_rescale_is_the_integer_linear_epilogue(cols, rank, gelu):
     expected = acc.float() * s * alpha + o * w + b + branch @ up.t()
     if gelu:
         expected = F.gelu(expected, approximate="tanh")
-    out = native.rescale(acc, torch.empty(rows, cols), s, o, alpha, w, b, branch if rank else None,
-                         up.t().contiguous() if rank else None, gelu)
+    out = native.rescale(
+        acc,
+        torch.empty(rows, cols),
+        s,
+        o,
+        alpha,
+        w,
+        b,
+        branch if rank else None,
+        up.t().contiguous() if rank else None,
+        gelu,
+    )
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("rows, k, n", [(7, 40, 72), (100, 96, 33), (130, 384, 64)])  # partial chunks, groups, columns
-@pytest.mark.parametrize("rule, bits, rotate, rank, gelu", [("gaussian", 3, True, 4, True), ("minmax", 4, False, 0, False),
-                                                            ("gaussian", 2, True, 16, False)])
+@pytest.mark.parametrize(
+    "rule, bits, rotate, rank, gelu",
+    [("gaussian", 3, True, 4, True), ("minmax", 4, False, 0, False), ("gaussian", 2, True, 16, False)],
+)
 def test_the_fused_ternary_linear_is_the_three_kernels_bit_for_bit(rows, k, n, rule, bits, rotate, rank, gelu):
     """linear_ternary runs hadamard_quantize, gemm_ternary and rescale per block of rows in one pass: the same
     float operations in the same order, so the same bits, whatever the chunking."""
@@ -184,8 +222,9 @@ def test_the_fused_ternary_linear_is_the_three_kernels_bit_for_bit(rows, k, n, r
     alpha, w, b = torch.rand(n), torch.randn(n), torch.randn(n)
     down, up = (torch.randn(rank, k), torch.randn(rank, n)) if rank else (None, None)
     ratio = torch.tensor(0.9)
-    _, levels, scale, offset, branch = native.hadamard_quantize(x, signs, rotate, bits, rule, ratio, keep_rotated=False,
-                                                                down=down)
+    _, levels, scale, offset, branch = native.hadamard_quantize(
+        x, signs, rotate, bits, rule, ratio, keep_rotated=False, down=down
+    )
     acc = native.gemm_ternary(levels, code, n, sums, 2**bits - 1)
     expected = native.rescale(acc, torch.empty(rows, n), scale, offset, alpha, w, b, branch, up, gelu)
     layer = native.ternary_linear_args(k, n, signs, rotate, bits, rule, ratio, down, code, sums, alpha, w, b, up, gelu)
@@ -197,11 +236,16 @@ def test_the_fused_ternary_linear_refuses_what_the_lookup_gemm_cannot_take():
     weights = torch.randint(-1, 2, (12, 40), dtype=torch.int8)
     code, sums, ones = native.pack_ternary_weights(weights), weights.sum(dim=0, dtype=torch.int32), torch.ones(40)
     with pytest.raises(ValueError, match="at most 4 bits"):  # 8-bit levels are shifted into int8
-        native.ternary_linear_args(12, 40, None, False, 8, "minmax", None, None, code, sums, ones, ones, ones, None, False)
+        native.ternary_linear_args(
+            12, 40, None, False, 8, "minmax", None, None, code, sums, ones, ones, ones, None, False
+        )
     with pytest.raises(ValueError, match="at most 4 bits"):  # weights packed for another shape
-        native.ternary_linear_args(15, 40, None, False, 3, "minmax", None, None, code, sums, ones, ones, ones, None, False)
-    layer = native.ternary_linear_args(12, 40, None, False, 3, "minmax", None, None, code, sums, ones, ones, ones, None,
-                                       False)
+        native.ternary_linear_args(
+            15, 40, None, False, 3, "minmax", None, None, code, sums, ones, ones, ones, None, False
+        )
+    layer = native.ternary_linear_args(
+        12, 40, None, False, 3, "minmax", None, None, code, sums, ones, ones, ones, None, False
+    )
     with pytest.raises(ValueError, match=r"contiguous float32 CPU tensor of shape \(5, 40\)"):
         native.linear_ternary(torch.randn(5, 12), layer, torch.empty(40, 5).t())
     with pytest.raises(ValueError, match=r"of shape \(5, 40\)"):
@@ -385,16 +429,29 @@ def test_use_switches_the_kernels_for_its_block_only_and_leaves_the_environment_
     assert seen_elsewhere == [True]  # another thread is not switched off behind its back
     assert dict(os.environ) == before
 
+
 def test_the_declared_signatures_are_the_c_prototypes():
     """native._SIGNATURES is where ctypes learns each argument's position and type: it must say what the C
     functions take, parameter by parameter, names included (calls pass their arguments by these names)."""
     import re
 
-    c_types = {"const float *": "f32*", "float *": "f32*", "const int8_t *": "i8*", "int8_t *": "i8*",
-               "const int32_t *": "i32*", "int32_t *": "i32*", "int64_t": "i64", "int32_t": "i32", "int": "int",
-               "float": "float", "strides_t": "strides"}
+    c_types = {
+        "const float *": "f32*",
+        "float *": "f32*",
+        "const int8_t *": "i8*",
+        "int8_t *": "i8*",
+        "const int32_t *": "i32*",
+        "int32_t *": "i32*",
+        "int64_t": "i64",
+        "int32_t": "i32",
+        "int": "int",
+        "float": "float",
+        "strides_t": "strides",
+    }
     sources = "\n".join(f.read_text() for f in sorted(native.FAMILIES.glob("*.c")))
-    prototypes = {m.group(1): m.group(2) for m in re.finditer(r"^(?:int|void) (robuq_\w+)\(([^)]*)\)\s*\{", sources, re.M)}
+    prototypes = {
+        m.group(1): m.group(2) for m in re.finditer(r"^(?:int|void) (robuq_\w+)\(([^)]*)\)\s*\{", sources, re.M)
+    }
     assert set(prototypes) == set(native._SIGNATURES)
     for name, text in prototypes.items():
         parameters = [] if text.strip() == "void" else [" ".join(p.split()) for p in text.split(",")]
@@ -412,8 +469,10 @@ def test_a_kernel_call_with_a_wrong_argument_name_fails_before_c():
         native._call("robuq_gelu_tanh", x=0, y=0, count=4)
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                    reason="torch.compile's inductor back-end needs a C++ compiler on the CPU")
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="torch.compile's inductor back-end needs a C++ compiler on the CPU",
+)
 def test_compiled_code_calls_the_kernels_with_real_tensors():
     """Under torch.compile a kernel call must run outside the traced graph, on the real tensors: traced, it
     would be handed fake tensors' addresses (this once gave NaN losses in compiled QAT)."""

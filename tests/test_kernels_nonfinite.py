@@ -1,6 +1,7 @@
 """A NaN or an infinity reaching a kernel is never hidden: the rows PyTorch's fake-quantized path makes NaN
 come out NaN, and every other row is what it is without the bad value. Checked on each kernel the
 back-end registry lists and on each C entry point an exported model runs."""
+
 import pytest
 import torch
 
@@ -46,9 +47,23 @@ def test_the_fused_ternary_linear_leaves_a_bad_row_non_finite(value):
     x = torch.randn(rows, k)
     weights = torch.randint(-1, 2, (k, n), dtype=torch.int8)
     code, sums = native.pack_ternary_weights(weights), weights.sum(dim=0, dtype=torch.int32)
-    layer = native.ternary_linear_args(k, n, random_signs(k, 2), True, 3, "gaussian", torch.tensor(0.9),
-                                       torch.randn(4, k), code, sums, torch.rand(n), torch.randn(n), torch.randn(n),
-                                       torch.randn(4, n), True)
+    layer = native.ternary_linear_args(
+        k,
+        n,
+        random_signs(k, 2),
+        True,
+        3,
+        "gaussian",
+        torch.tensor(0.9),
+        torch.randn(4, k),
+        code,
+        sums,
+        torch.rand(n),
+        torch.randn(n),
+        torch.randn(n),
+        torch.randn(4, n),
+        True,
+    )
     clean = native.linear_ternary(x, layer, torch.empty(rows, n))
     x[9, 50] = value
     bad = torch.zeros(rows, dtype=torch.bool)

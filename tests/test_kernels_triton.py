@@ -4,6 +4,7 @@ runs only inside the subprocess that tests/test_kernels_interpreter.py starts wi
 
 On the CPU they prove the kernels' arithmetic and the dispatch around them, not GPU compilation or speed.
 """
+
 import os
 
 import pytest
@@ -98,8 +99,12 @@ def test_fused_hadamard_quantize_matches_the_pytorch_quantizer(rule, bits, ratio
     x = torch.randn(9, n) * torch.rand(9, 1) * 3 + torch.randn(9, 1)
     signs = random_signs(n, seed=2)
     clip = None if ratio is None else torch.tensor(ratio)
-    rotated, levels, scale, offset = (t.cpu() for t in triton_ops.hadamard_quantize(
-        x.to(DEVICE), signs.to(DEVICE), bits, rule, None if clip is None else clip.to(DEVICE), store_rotated=True))
+    rotated, levels, scale, offset = (
+        t.cpu()
+        for t in triton_ops.hadamard_quantize(
+            x.to(DEVICE), signs.to(DEVICE), bits, rule, None if clip is None else clip.to(DEVICE), store_rotated=True
+        )
+    )
     assert torch.allclose(rotated, x @ (hadamard_matrix(n) @ torch.diag(signs)).t(), atol=2e-5)
     ref = activation_levels(rotated, bits, "token", rule, clip)
     assert torch.allclose(scale, ref.scale.squeeze(1), rtol=1e-6)
@@ -154,7 +159,9 @@ def test_lowbit_matmul_is_exact_integer_arithmetic_plus_the_rescale(packed, shap
     torch.manual_seed(0)
     m, k, n = shape
     q = torch.randint(-128, 128, (m, k), dtype=torch.int8)
-    weights = torch.randint(-1, 2, (k, n), dtype=torch.int8) if packed else torch.randint(-8, 8, (k, n), dtype=torch.int8)
+    weights = (
+        torch.randint(-1, 2, (k, n), dtype=torch.int8) if packed else torch.randint(-8, 8, (k, n), dtype=torch.int8)
+    )
     s, o, alpha, sums, bias = torch.rand(m), torch.randn(m), torch.rand(n), torch.randn(n), torch.randn(n)
     w = triton_ops.pack_ternary_columns(weights) if packed else weights
     acc = (q.double() @ weights.double()).float()  # exact: every partial sum is an integer below 2^53
@@ -165,12 +172,15 @@ def test_lowbit_matmul_is_exact_integer_arithmetic_plus_the_rescale(packed, shap
         assert torch.allclose(got, expected, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("options", [
-    dict(act_bits=2, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=4),
-    dict(act_bits=8, act_rule="minmax", hadamard=True, lowrank_rank=2, lowrank_input="quantized"),
-    dict(act_bits=3, act_rule="minmax", lowrank_rank=0),  # no Hadamard: PyTorch quantizes, the kernel multiplies
-    dict(act_bits=4, weight="int4", hadamard=True, learn_clip=True, lowrank_rank=3),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(act_bits=2, act_rule="gaussian", hadamard=True, hadamard_signs=True, lowrank_rank=4),
+        dict(act_bits=8, act_rule="minmax", hadamard=True, lowrank_rank=2, lowrank_input="quantized"),
+        dict(act_bits=3, act_rule="minmax", lowrank_rank=0),  # no Hadamard: PyTorch quantizes, the kernel multiplies
+        dict(act_bits=4, weight="int4", hadamard=True, learn_clip=True, lowrank_rank=3),
+    ],
+)
 def test_integer_linear_on_the_kernels_matches_its_pytorch_path(monkeypatch, pytorch_path, options):
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(torch.nn.Linear(192, 72), LinearQuantConfig(**options)).eval()

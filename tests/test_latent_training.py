@@ -1,5 +1,6 @@
 """Training on latents and on any Dataset of (x, y); bf16 autocast and gradient checkpointing; the reference
 DiT-XL/2 layout. Real parts throughout: a latent cache encoded by a random AutoencoderKL, tiny DiTs."""
+
 from __future__ import annotations
 
 import json
@@ -34,25 +35,62 @@ def cache(tmp_path_factory):
     """12 images of 3 classes at 64 px → 8×8×4 latents, with their mirrored copies."""
     root = tmp_path_factory.mktemp("latent-data")
     images, vae = make_image_folder(root / "train"), make_vae(root / "vae")
-    return encode_latents(LatentsConfig(images=str(images), vae=str(vae), out=str(root / "cache"), image_size=64,
-                                        shard_size=8, batch_size=6, num_workers=0, flip=True, device="cpu"), progress=False)
+    return encode_latents(
+        LatentsConfig(
+            images=str(images),
+            vae=str(vae),
+            out=str(root / "cache"),
+            image_size=64,
+            shard_size=8,
+            batch_size=6,
+            num_workers=0,
+            flip=True,
+            device="cpu",
+        ),
+        progress=False,
+    )
 
 
 def latent_teacher(tmp_path) -> str:
     torch.manual_seed(0)
     model = perturbed(DiT(tiny_config(in_channels=4, num_classes=3)), 0.02)
-    return str(save_tensors(tmp_path / "teacher.safetensors", model.state_dict(), {"model_config": model.config.to_dict()}))
+    return str(
+        save_tensors(tmp_path / "teacher.safetensors", model.state_dict(), {"model_config": model.config.to_dict()})
+    )
 
 
 def small_qat(tmp_path, teacher, **overrides) -> QATConfig:
-    base = dict(teacher=teacher, out_dir=str(tmp_path / "qat"), steps=3, global_batch_size=6, log_every=1, ckpt_every=3,
-                probe_every=3, probe_images=6, act_bits=3, warmup_steps=1, device="cpu")
+    base = dict(
+        teacher=teacher,
+        out_dir=str(tmp_path / "qat"),
+        steps=3,
+        global_batch_size=6,
+        log_every=1,
+        ckpt_every=3,
+        probe_every=3,
+        probe_images=6,
+        act_bits=3,
+        warmup_steps=1,
+        device="cpu",
+    )
     return QATConfig(**{**base, **overrides})
 
 
 def test_train_and_qat_on_a_latent_cache(tmp_path, cache):
-    out = train(TrainConfig(latents=str(cache), model="DiT-T/4", input_size=8, steps=2, global_batch_size=6, ckpt_every=2,
-                            warmup_steps=1, device="cpu", out_dir=str(tmp_path / "fp")), progress=False)
+    out = train(
+        TrainConfig(
+            latents=str(cache),
+            model="DiT-T/4",
+            input_size=8,
+            steps=2,
+            global_batch_size=6,
+            ckpt_every=2,
+            warmup_steps=1,
+            device="cpu",
+            out_dir=str(tmp_path / "fp"),
+        ),
+        progress=False,
+    )
     trained, meta = load_tensors(out / "model.safetensors")
     assert meta["model_config"]["in_channels"] == 4 and meta["model_config"]["num_classes"] == 3
     teacher = latent_teacher(tmp_path)
@@ -66,18 +104,32 @@ def test_train_and_qat_on_a_latent_cache(tmp_path, cache):
 
 def test_the_loop_picks_the_cached_mirror_per_sample_and_epoch(tmp_path, cache):
     dataset = LatentDataset(cache)
-    config = TrainConfig(latents=str(cache), model="DiT-T/4", input_size=8, steps=4, global_batch_size=6, ckpt_every=4,
-                         warmup_steps=1, device="cpu", out_dir=str(tmp_path / "fp"))
+    config = TrainConfig(
+        latents=str(cache),
+        model="DiT-T/4",
+        input_size=8,
+        steps=4,
+        global_batch_size=6,
+        ckpt_every=4,
+        warmup_steps=1,
+        device="cpu",
+        out_dir=str(tmp_path / "fp"),
+    )
     assert_mirrors_redrawn_each_epoch([which_samples(b, dataset) for b in seen_samples(config, dataset)], 12)
 
 
 @pytest.mark.slow
 def test_latent_qat_resume_is_exact_with_workers(tmp_path, cache):
     teacher = latent_teacher(tmp_path)
-    straight = qat(small_qat(tmp_path / "a", teacher, latents=str(cache), steps=4, ckpt_every=2, num_workers=2), progress=False)
+    straight = qat(
+        small_qat(tmp_path / "a", teacher, latents=str(cache), steps=4, ckpt_every=2, num_workers=2), progress=False
+    )
     qat(small_qat(tmp_path / "b", teacher, latents=str(cache), steps=4, ckpt_every=2), until=2, progress=False)
-    split = qat(small_qat(tmp_path / "b", teacher, latents=str(cache), steps=4, ckpt_every=2, num_workers=2), resume=True,
-                progress=False)
+    split = qat(
+        small_qat(tmp_path / "b", teacher, latents=str(cache), steps=4, ckpt_every=2, num_workers=2),
+        resume=True,
+        progress=False,
+    )
     a, _ = load_tensors(straight / "model.safetensors")
     b, _ = load_tensors(split / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -100,9 +152,16 @@ def test_any_dataset_flows_through_qat_and_ampn(tmp_path):
     teacher = latent_teacher(tmp_path)
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(12, 4, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g))
-    final = ampn_run(AMPNConfig(qat=small_qat(tmp_path, teacher, steps=4, ckpt_every=2, probe_every=2,
-                                              out_dir=str(tmp_path / "ampn")),
-                                budget=2.0, warmup_qat_steps=2, calibration_images=6), progress=False, dataset=data)
+    final = ampn_run(
+        AMPNConfig(
+            qat=small_qat(tmp_path, teacher, steps=4, ckpt_every=2, probe_every=2, out_dir=str(tmp_path / "ampn")),
+            budget=2.0,
+            warmup_qat_steps=2,
+            calibration_images=6,
+        ),
+        progress=False,
+        dataset=data,
+    )
     model, _ = load_quantized(final / "model.safetensors")
     assert (tmp_path / "ampn" / "plan.json").is_file() and model.in_channels == 4
     wrong = TensorDataset(torch.randn(12, 3, 8, 8), torch.zeros(12, dtype=torch.long))
@@ -113,7 +172,9 @@ def test_any_dataset_flows_through_qat_and_ampn(tmp_path):
 def fmnist_teacher(tmp_path) -> str:
     torch.manual_seed(0)
     teacher = perturbed(DiT(tiny_config()), 0.05)
-    return str(save_tensors(tmp_path / "t.safetensors", teacher.state_dict(), {"model_config": teacher.config.to_dict()}))
+    return str(
+        save_tensors(tmp_path / "t.safetensors", teacher.state_dict(), {"model_config": teacher.config.to_dict()})
+    )
 
 
 def logged_losses(out) -> list[float]:
@@ -124,8 +185,20 @@ def test_bf16_qat_matches_fp32_closely(tmp_path, fmnist_dir):
     path = fmnist_teacher(tmp_path)
     losses = {}
     for precision in ("fp32", "bf16"):
-        out = qat(small_qat(tmp_path / precision, path, data_dir=str(fmnist_dir), steps=4, ckpt_every=4, probe_every=0,
-                            global_batch_size=8, precision=precision, loss="mix"), progress=False)
+        out = qat(
+            small_qat(
+                tmp_path / precision,
+                path,
+                data_dir=str(fmnist_dir),
+                steps=4,
+                ckpt_every=4,
+                probe_every=0,
+                global_batch_size=8,
+                precision=precision,
+                loss="mix",
+            ),
+            progress=False,
+        )
         losses[precision] = logged_losses(out)
     for a, b in zip(losses["fp32"], losses["bf16"]):
         assert b == pytest.approx(a, rel=0.05)
@@ -133,8 +206,10 @@ def test_bf16_qat_matches_fp32_closely(tmp_path, fmnist_dir):
 
 
 @pytest.mark.slow  # inductor compiles C++ for the CPU: about 20 s with a warm cache, a minute without
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                    reason="torch.compile's inductor back-end needs a C++ compiler on the CPU, and this machine has none")
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="torch.compile's inductor back-end needs a C++ compiler on the CPU, and this machine has none",
+)
 @pytest.mark.parametrize("kernels", [True, False], ids=["c-kernels", "pytorch-ops"])
 def test_compiled_qat_step_matches_eager(tmp_path, fmnist_dir, kernels):
     from torch._dynamo.utils import counters
@@ -148,8 +223,19 @@ def test_compiled_qat_step_matches_eager(tmp_path, fmnist_dir, kernels):
         losses = {}
         with native.use(kernels):  # off: the PyTorch ops dynamo traces into, as on a machine without a compiler
             for compile in (False, True):
-                out = qat(small_qat(tmp_path / str(compile), path, data_dir=str(fmnist_dir), steps=1, ckpt_every=1,
-                                    probe_every=0, global_batch_size=4, compile=compile), progress=False)
+                out = qat(
+                    small_qat(
+                        tmp_path / str(compile),
+                        path,
+                        data_dir=str(fmnist_dir),
+                        steps=1,
+                        ckpt_every=1,
+                        probe_every=0,
+                        global_batch_size=4,
+                        compile=compile,
+                    ),
+                    progress=False,
+                )
                 losses[compile] = logged_losses(out)
                 if not compile:
                     assert counters["stats"]["unique_graphs"] == 0
@@ -182,7 +268,9 @@ def test_quantizer_levels_are_decided_in_fp32_under_autocast():
 
             _, under, _ = in_fp32(layer._quantized_operands, x.bfloat16().float(), layer.weight)
             _, naive, _ = layer._quantized_operands(x.bfloat16(), layer.weight)
-    assert under.dtype == torch.float32 and torch.equal(under, layer._quantized_operands(x.bfloat16().float(), layer.weight)[1])
+    assert under.dtype == torch.float32 and torch.equal(
+        under, layer._quantized_operands(x.bfloat16().float(), layer.weight)[1]
+    )
     assert naive.dtype == torch.bfloat16  # what in_fp32 prevents: quantizing in bf16
 
 
@@ -204,16 +292,31 @@ def test_grad_checkpoint_gives_the_same_gradients():
 def _reference_layout(depth: int) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of facebookresearch/DiT's DiT-XL/2 (256 px: 32×32×4 latents, learned sigma), written
     out from its models.py rather than read off robuq."""
-    h, shapes = 1152, {
-        "pos_embed": (1, 256, 1152), "x_embedder.proj.weight": (1152, 4, 2, 2), "x_embedder.proj.bias": (1152,),
-        "t_embedder.mlp.0.weight": (1152, 256), "t_embedder.mlp.0.bias": (1152,), "t_embedder.mlp.2.weight": (1152, 1152),
-        "t_embedder.mlp.2.bias": (1152,), "y_embedder.embedding_table.weight": (1001, 1152),
-        "final_layer.linear.weight": (32, 1152), "final_layer.linear.bias": (32,),
-        "final_layer.adaLN_modulation.1.weight": (2304, 1152), "final_layer.adaLN_modulation.1.bias": (2304,),
-    }
+    h, shapes = (
+        1152,
+        {
+            "pos_embed": (1, 256, 1152),
+            "x_embedder.proj.weight": (1152, 4, 2, 2),
+            "x_embedder.proj.bias": (1152,),
+            "t_embedder.mlp.0.weight": (1152, 256),
+            "t_embedder.mlp.0.bias": (1152,),
+            "t_embedder.mlp.2.weight": (1152, 1152),
+            "t_embedder.mlp.2.bias": (1152,),
+            "y_embedder.embedding_table.weight": (1001, 1152),
+            "final_layer.linear.weight": (32, 1152),
+            "final_layer.linear.bias": (32,),
+            "final_layer.adaLN_modulation.1.weight": (2304, 1152),
+            "final_layer.adaLN_modulation.1.bias": (2304,),
+        },
+    )
     for b in range(depth):
-        for name, shape in {"attn.qkv": (3 * h, h), "attn.proj": (h, h), "mlp.fc1": (4 * h, h), "mlp.fc2": (h, 4 * h),
-                            "adaLN_modulation.1": (6 * h, h)}.items():
+        for name, shape in {
+            "attn.qkv": (3 * h, h),
+            "attn.proj": (h, h),
+            "mlp.fc1": (4 * h, h),
+            "mlp.fc2": (h, 4 * h),
+            "adaLN_modulation.1": (6 * h, h),
+        }.items():
             shapes[f"blocks.{b}.{name}.weight"], shapes[f"blocks.{b}.{name}.bias"] = shape, shape[:1]
     return shapes
 
@@ -256,8 +359,15 @@ def test_one_bf16_qat_step_of_a_reduced_depth_xl():
 def test_train_takes_any_dataset(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g))
-    config = TrainConfig(model="DiT-T/4", input_size=8, steps=1, global_batch_size=4, warmup_steps=1, device="cpu",
-                         out_dir=str(tmp_path / "t"))
+    config = TrainConfig(
+        model="DiT-T/4",
+        input_size=8,
+        steps=1,
+        global_batch_size=4,
+        warmup_steps=1,
+        device="cpu",
+        out_dir=str(tmp_path / "t"),
+    )
     with pytest.raises(ValueError, match="num_classes"):
         train(config, dataset=data, progress=False)
     data.num_classes = 3

@@ -1,6 +1,7 @@
 """The latent data path with real parts: an RGB class folder made here, a randomly initialised diffusers
 AutoencoderKL written by ``save_pretrained`` and read back through robuq's loader, the streaming folder,
 the sharded cache (resume, torchrun split) and the dataset reading it."""
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,17 @@ def make_vae(path, latent_channels: int = 4, blocks: int = 4, **scaling):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, norm_num_groups=8,
-                        block_out_channels=(8, 8, 16, 16)[:blocks], layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-                        **scaling)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        block_out_channels=(8, 8, 16, 16)[:blocks],
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        **scaling,
+    )
     vae.save_pretrained(path)
     return path
 
@@ -98,15 +106,27 @@ def test_vae_loads_from_folder_and_round_trips_shapes(vae_dir):
         load_vae(vae_dir.parent)
 
 
-@pytest.mark.parametrize("blocks, scaling", [(3, {"scaling_factor": 0.5, "shift_factor": 0.1}), (4, {"scaling_factor": 0.3})])
+@pytest.mark.parametrize(
+    "blocks, scaling", [(3, {"scaling_factor": 0.5, "shift_factor": 0.1}), (4, {"scaling_factor": 0.3})]
+)
 def test_the_cache_takes_its_geometry_from_the_vae(tmp_path, image_dir, blocks, scaling):
     """A VAE of another downsampling factor or scaling: the index records what the shards hold, the latents
     are shifted and scaled as its config says, decoding undoes exactly that, and training accepts the cache."""
     vae_dir = make_vae(tmp_path / "vae", blocks=blocks, **scaling)
     vae, factor = load_vae(vae_dir), 2 ** (blocks - 1)
     size = 6 * factor  # a multiple of the factor only: 24 for a 4× VAE, which the old 8× assumption refused
-    out = encode_latents(LatentsConfig(images=str(image_dir), vae=str(vae_dir), out=str(tmp_path / "cache"),
-                                       image_size=size, shard_size=6, num_workers=0, device="cpu"), progress=False)
+    out = encode_latents(
+        LatentsConfig(
+            images=str(image_dir),
+            vae=str(vae_dir),
+            out=str(tmp_path / "cache"),
+            image_size=size,
+            shard_size=6,
+            num_workers=0,
+            device="cpu",
+        ),
+        progress=False,
+    )
     index = read_index(out)
     scale, shift = scaling["scaling_factor"], scaling.get("shift_factor", 0.0)
     assert (index.downsample, index.latent_shape, index.scale, index.shift) == (factor, (4, 6, 6), scale, shift)
@@ -118,8 +138,30 @@ def test_the_cache_takes_its_geometry_from_the_vae(tmp_path, image_dir, blocks, 
     z = encode(vae, x)
     assert torch.allclose(decode(vae, z), vae.decode(z / scale + shift).sample.clamp(-1, 1), atol=1e-6)
     from robuq.cli import main
-    assert main(["train", "--latents", str(out), "--model", "DiT-S/2", "--input-size", "6", "--steps", "1", "--global-batch-size", "4",
-                 "--out-dir", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]) == 0
+
+    assert (
+        main(
+            [
+                "train",
+                "--latents",
+                str(out),
+                "--model",
+                "DiT-S/2",
+                "--input-size",
+                "6",
+                "--steps",
+                "1",
+                "--global-batch-size",
+                "4",
+                "--out-dir",
+                str(tmp_path / "run"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def ldm_layout(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
@@ -130,13 +172,25 @@ def ldm_layout(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, tor
     for name, value in state.items():
         name = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", name)
         name = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", name)
-        name = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.", name)
-        name = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.", name)
+        name = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.", name
+        )
+        name = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.",
+            name,
+        )
         name = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", name)
         name = name.replace("mid_block.attentions.0.", "mid.attn_1.").replace("conv_shortcut", "nin_shortcut")
         name = name.replace("conv_norm_out", "norm_out")
         if ".attn_1." in name:
-            for new, old in (("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")):
+            for new, old in (
+                ("norm.", "group_norm."),
+                ("q.", "to_q."),
+                ("k.", "to_k."),
+                ("v.", "to_v."),
+                ("proj_out.", "to_out.0."),
+            ):
                 name = name.replace(old, new)
             if value.ndim == 2:
                 value = value[:, :, None, None]
@@ -161,8 +215,12 @@ def test_vae_loads_from_a_single_file_with_its_config(tmp_path, vae_dir, image_d
     # Through `robuq latents`: the same cache as from the folder.
     common = dict(images=str(image_dir), image_size=32, shard_size=12, num_workers=0, device="cpu")
     one = encode_latents(LatentsConfig(vae=str(vae_dir), out=str(tmp_path / "a"), **common), progress=False)
-    two = encode_latents(LatentsConfig(vae=str(tmp_path / "vae-ldm.safetensors"), vae_config=str(config),
-                                       out=str(tmp_path / "b"), **common), progress=False)
+    two = encode_latents(
+        LatentsConfig(
+            vae=str(tmp_path / "vae-ldm.safetensors"), vae_config=str(config), out=str(tmp_path / "b"), **common
+        ),
+        progress=False,
+    )
     assert torch.equal(LatentDataset(one)[11][0], LatentDataset(two)[11][0])
     with pytest.raises(ValueError, match="--vae-config"):
         load_vae(tmp_path / "vae-ldm.safetensors")
@@ -172,8 +230,17 @@ def test_vae_loads_from_a_single_file_with_its_config(tmp_path, vae_dir, image_d
 
 
 def test_latent_cache_resumes_and_reads_back(tmp_path, image_dir, vae_dir):
-    config = LatentsConfig(images=str(image_dir), vae=str(vae_dir), out=str(tmp_path / "cache"), image_size=32,
-                           shard_size=5, batch_size=4, num_workers=0, flip=True, device="cpu")
+    config = LatentsConfig(
+        images=str(image_dir),
+        vae=str(vae_dir),
+        out=str(tmp_path / "cache"),
+        image_size=32,
+        shard_size=5,
+        batch_size=4,
+        num_workers=0,
+        flip=True,
+        device="cpu",
+    )
     out = encode_latents(config, progress=False)
     index = read_index(out)
     assert index.num_shards == 3 and index.latent_shape == (4, 4, 4) and index.class_names == CLASSES
@@ -207,15 +274,50 @@ def test_latent_cache_resumes_and_reads_back(tmp_path, image_dir, vae_dir):
 
 @pytest.mark.slow
 def test_latent_cache_under_torchrun_equals_one_process(tmp_path, image_dir, vae_dir):
-    args = ["latents", str(image_dir), "--vae", str(vae_dir), "--image-size", "32", "--shard-size", "3",
-            "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    args = [
+        "latents",
+        str(image_dir),
+        "--vae",
+        str(vae_dir),
+        "--image-size",
+        "32",
+        "--shard-size",
+        "3",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "robuq.cli", *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=300, env=env)
+    one = subprocess.run(
+        [sys.executable, "-m", "robuq.cli", *args, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "robuq.cli", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
-                         env=env)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "robuq.cli",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     index = json.loads((tmp_path / "one" / "index.json").read_text())
     assert index == json.loads((tmp_path / "two" / "index.json").read_text()) and index["num_shards"] == 4
@@ -229,8 +331,27 @@ def test_sampling_through_a_vae_of_other_latent_channels_is_refused(tmp_path, ti
 
     ckpt = save_tensors(tmp_path / "m.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()})
     out = tmp_path / "samples"
-    assert main(["sample", "--ckpt", str(ckpt), "--vae", str(vae_dir), "--out", str(out), "--per-class", "1",
-                 "--steps", "2", "--device", "cpu", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--ckpt",
+                str(ckpt),
+                "--vae",
+                str(vae_dir),
+                "--out",
+                str(out),
+                "--per-class",
+                "1",
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "makes 4-channel latents but the model denoises 1 channels" in err and "Traceback" not in err
     assert not out.exists()
@@ -242,16 +363,56 @@ def test_a_broken_vae_folder_or_cache_shard_is_one_line_naming_the_file(tmp_path
     broken = tmp_path / "vae"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    assert main(["latents", str(image_dir), "--vae", str(broken), "--out", str(tmp_path / "none"), "--image-size", "32",
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "latents",
+                str(image_dir),
+                "--vae",
+                str(broken),
+                "--out",
+                str(tmp_path / "none"),
+                "--image-size",
+                "32",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"--vae {broken} cannot be loaded as an AutoencoderKL" in err and "Traceback" not in err
     assert not (tmp_path / "none").exists()
 
-    cache = encode_latents(LatentsConfig(images=str(image_dir), vae=str(vae_dir), out=str(tmp_path / "cache"), image_size=32,
-                                         shard_size=5, num_workers=0, device="cpu"), progress=False)
-    train = ["train", "--latents", str(cache), "--model", "DiT-S/2", "--input-size", "4", "--steps", "1",
-             "--global-batch-size", "4", "--out-dir", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]
+    cache = encode_latents(
+        LatentsConfig(
+            images=str(image_dir),
+            vae=str(vae_dir),
+            out=str(tmp_path / "cache"),
+            image_size=32,
+            shard_size=5,
+            num_workers=0,
+            device="cpu",
+        ),
+        progress=False,
+    )
+    train = [
+        "train",
+        "--latents",
+        str(cache),
+        "--model",
+        "DiT-S/2",
+        "--input-size",
+        "4",
+        "--steps",
+        "1",
+        "--global-batch-size",
+        "4",
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     shard = shard_path(cache, 1)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])

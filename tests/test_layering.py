@@ -1,5 +1,6 @@
 """The package's floors: every robuq import points down (or stays inside its own package), and the
 module graph has no cycles — read off the source, so a new upward import fails here, not in review."""
+
 from __future__ import annotations
 
 import ast
@@ -13,12 +14,18 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # sampling, evaluation → AMPN → command line; robuq/__init__.py is the public face above them all.
 FLOORS = {
     "robuq.core": 0,
-    "robuq.quant": 1, "robuq.models": 1, "robuq.diffusion": 1, "robuq.data": 1,
+    "robuq.quant": 1,
+    "robuq.models": 1,
+    "robuq.diffusion": 1,
+    "robuq.data": 1,
     "robuq.kernels": 2,
     "robuq.precision": 3,
     "robuq.deploy": 4,
-    "robuq.io": 5, "robuq.integrations": 5,
-    "robuq.sample": 6, "robuq.train": 6, "robuq.eval": 6,
+    "robuq.io": 5,
+    "robuq.integrations": 5,
+    "robuq.sample": 6,
+    "robuq.train": 6,
+    "robuq.eval": 6,
     "robuq.ampn": 7,
     "robuq.cli": 8,
     "robuq": 9,
@@ -81,7 +88,7 @@ def test_module_graph_has_no_cycles():
         state[m] = 1
         for t in sorted(edges[m]):
             if state.get(t) == 1:
-                pytest.fail("import cycle: " + " → ".join(path[path.index(t):] + [t]) if t in path else t)
+                pytest.fail("import cycle: " + " → ".join(path[path.index(t) :] + [t]) if t in path else t)
             if t not in state:
                 visit(t, path + [t])
         state[m] = 2

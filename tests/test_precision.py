@@ -30,12 +30,22 @@ def test_quantize_replaces_exactly_the_policy_modules_on_dit_s2():
     assert _count(model, QuantAttentionCore) == 12 and _count(model, AttentionCore) == 0
     changed = {n for n, m in model.named_modules() if n in before and type(m) is not before[n]}
     assert changed == set(linears) | {f"blocks.{i}.attn.core" for i in range(12)}
-    for name in ("x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "final_layer.linear", "final_layer.adaLN_modulation.1"):
+    for name in (
+        "x_embedder.proj",
+        "t_embedder.mlp.0",
+        "t_embedder.mlp.2",
+        "final_layer.linear",
+        "final_layer.adaLN_modulation.1",
+    ):
         assert type(model.get_submodule(name)) in (nn.Linear, nn.Conv2d), name
 
 
 def _hadamard_signs(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m.hadamard_signs.clone() for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.hadamard_signs is not None}
+    return {
+        n: m.hadamard_signs.clone()
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear) and m.hadamard_signs is not None
+    }
 
 
 def test_hadamard_signs_follow_the_layer_name():
@@ -50,7 +60,7 @@ def test_hadamard_signs_follow_the_layer_name():
     assert len(square) == 6
     assert all(set(s.tolist()) == {-1.0, 1.0} for s in full.values())
     for i, a in enumerate(square):
-        for b in square[i + 1:]:
+        for b in square[i + 1 :]:
             assert not torch.equal(a, b)
 
     torch.manual_seed(1)
@@ -156,7 +166,11 @@ def test_save_and_load_quantized_model(tmp_path, tiny_dit):
         robuq.load_dit(path)
     with pytest.raises(robuq.CheckpointError, match="not a quantized"):
         fp = robuq.DiT(tiny_config())
-        load_quantized(robuq.core.files.save_tensors(tmp_path / "fp.safetensors", fp.state_dict(), {"model_config": fp.config.to_dict()}))
+        load_quantized(
+            robuq.core.files.save_tensors(
+                tmp_path / "fp.safetensors", fp.state_dict(), {"model_config": fp.config.to_dict()}
+            )
+        )
 
 
 def test_cost_summary_counts_bits_and_bops():

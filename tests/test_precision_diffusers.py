@@ -1,4 +1,5 @@
 """quantize_ works on any model whose linears match by name: diffusers' DiT, built offline from a config."""
+
 import pytest
 import torch
 
@@ -12,8 +13,14 @@ diffusers = pytest.importorskip("diffusers")
 def transformer():
     torch.manual_seed(0)
     return diffusers.DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+        num_attention_heads=2,
+        attention_head_dim=24,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
     )
 
 
@@ -28,8 +35,17 @@ def test_presets_swap_the_diffusers_block_linears(transformer, name):
     quantize_(transformer, preset(name, act_bits=4, layout="diffusers"))
     swapped = sorted(n for n, m in transformer.named_modules() if isinstance(m, QuantLinear))
     expected = sorted(
-        f"transformer_blocks.{i}.{suffix}" for i in range(2)
-        for suffix in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear")
+        f"transformer_blocks.{i}.{suffix}"
+        for i in range(2)
+        for suffix in (
+            "attn1.to_q",
+            "attn1.to_k",
+            "attn1.to_v",
+            "attn1.to_out.0",
+            "ff.net.0.proj",
+            "ff.net.2",
+            "norm1.linear",
+        )
     )
     assert swapped == expected
     assert type(transformer.get_submodule("proj_out_2")) is torch.nn.Linear

@@ -17,13 +17,27 @@ from robuq.train.trainer import TrainingDivergedError
 
 @pytest.fixture
 def teacher_file(tmp_path, tiny_dit):
-    return str(save_tensors(tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}))
+    return str(
+        save_tensors(
+            tmp_path / "teacher.safetensors", tiny_dit.state_dict(), {"model_config": tiny_dit.config.to_dict()}
+        )
+    )
 
 
 def qat_config(out, teacher, data_dir, **overrides):
     base = dict(
-        teacher=teacher, data_dir=str(data_dir), out_dir=str(out), steps=4, global_batch_size=8, log_every=1,
-        ckpt_every=2, probe_every=2, probe_images=8, act_bits=3, warmup_steps=1, device="cpu",
+        teacher=teacher,
+        data_dir=str(data_dir),
+        out_dir=str(out),
+        steps=4,
+        global_batch_size=8,
+        log_every=1,
+        ckpt_every=2,
+        probe_every=2,
+        probe_images=8,
+        act_bits=3,
+        warmup_steps=1,
+        device="cpu",
     )
     base.update(overrides)
     return QATConfig(**base)
@@ -82,11 +96,40 @@ def test_non_finite_teacher_stops_qat_and_keeps_the_checkpoint(tmp_path, teacher
 @pytest.mark.slow
 def test_torchrun_two_process_qat(tmp_path, teacher_file, fmnist_dir):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "robuq.cli", "qat",
-           "--teacher", teacher_file, "--data-dir", str(fmnist_dir), "--steps", "3", "--global-batch-size", "8",
-           "--ckpt-every", "3", "--log-every", "1", "--probe-every", "3", "--probe-images", "4", "--device", "cpu",
-           "--out-dir", str(out), "--no-progress"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "robuq.cli",
+        "qat",
+        "--teacher",
+        teacher_file,
+        "--data-dir",
+        str(fmnist_dir),
+        "--steps",
+        "3",
+        "--global-batch-size",
+        "8",
+        "--ckpt-every",
+        "3",
+        "--log-every",
+        "1",
+        "--probe-every",
+        "3",
+        "--probe-images",
+        "4",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+        "--no-progress",
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     model, _ = load_quantized(out / "model.safetensors")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -108,8 +151,12 @@ def test_every_full_precision_parameter_but_the_positional_embedding_trains_unle
     student = build_student(teacher, config.quantization())
     frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
     assert frozen == {"pos_embed"}
-    assert {"x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight",
-            "final_layer.linear.weight"} <= {n for n, p in student.named_parameters() if p.requires_grad}
+    assert {
+        "x_embedder.proj.weight",
+        "t_embedder.mlp.0.weight",
+        "y_embedder.embedding_table.weight",
+        "final_layer.linear.weight",
+    } <= {n for n, p in student.named_parameters() if p.requires_grad}
     kept = build_student(teacher, config.quantization(), freeze_fp=True)
     trainable = {n for n, p in kept.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("blocks.") for n in trainable)
@@ -136,8 +183,11 @@ def test_ternary_latent_weights_get_their_own_learning_rate(tmp_path, teacher_fi
     assert by_scale[5.0]["lr"] == pytest.approx(5 * learning_rate(config, config.steps - 1))
     assert by_scale[1.0]["lr"] == pytest.approx(learning_rate(config, config.steps - 1))
     student = build_student(load_dit(teacher_file), config.quantization())
-    ternary = sum(1 for n, _ in student.named_parameters() if n.endswith(("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight"))
-                  and n.startswith("blocks."))
+    ternary = sum(
+        1
+        for n, _ in student.named_parameters()
+        if n.endswith(("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight")) and n.startswith("blocks.")
+    )
     assert len(by_scale[5.0]["params"]) == ternary
 
 

@@ -86,8 +86,31 @@ def test_cuda_matches_cpu():
 
 # The block-linear input widths of today's DiT families (PixArt-Σ, SD3.5 medium/large, FLUX.1, FLUX.2 klein/dev,
 # Sana 600M/1.6B), including joined widths that are split before quantization, and the tiny test configs'.
-FAMILY_SIZES = [8, 20, 24, 32, 40, 96, 128, 160, 1152, 1536, 2240, 2432, 2880, 3072, 4608, 5600, 6144, 9216, 9728,
-                12288, 15360, 18432, 24576]
+FAMILY_SIZES = [
+    8,
+    20,
+    24,
+    32,
+    40,
+    96,
+    128,
+    160,
+    1152,
+    1536,
+    2240,
+    2432,
+    2880,
+    3072,
+    4608,
+    5600,
+    6144,
+    9216,
+    9728,
+    12288,
+    15360,
+    18432,
+    24576,
+]
 
 
 def _kronecker_rows(n: int, rows: list[int]) -> torch.Tensor:

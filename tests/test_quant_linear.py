@@ -40,15 +40,24 @@ def test_lowrank_branch_reduces_ternary_error(linear):
     x = torch.randn(16, 192)
     errors = []
     for rank in (0, 32):
-        q = QuantLinear.from_linear(linear, LinearQuantConfig(weight="ternary", act_bits=None, hadamard=True, lowrank_rank=rank))
+        q = QuantLinear.from_linear(
+            linear, LinearQuantConfig(weight="ternary", act_bits=None, hadamard=True, lowrank_rank=rank)
+        )
         errors.append(_relative_error(q(x), linear(x)))
     assert errors[1] < errors[0]
 
 
 @pytest.mark.parametrize("lowrank_input", ["fp", "quantized"])
 def test_gradients_reach_every_parameter(linear, lowrank_input):
-    config = LinearQuantConfig(weight="ternary", act_bits=2, act_rule="gaussian", learn_clip=True, hadamard=True,
-                               lowrank_rank=8, lowrank_input=lowrank_input)
+    config = LinearQuantConfig(
+        weight="ternary",
+        act_bits=2,
+        act_rule="gaussian",
+        learn_clip=True,
+        hadamard=True,
+        lowrank_rank=8,
+        lowrank_input=lowrank_input,
+    )
     q = QuantLinear.from_linear(linear, config)
     x = torch.randn(2, 5, 192, requires_grad=True)
     q(x).pow(2).mean().backward()
@@ -100,4 +109,6 @@ def test_quantized_attention_close_at_8_bits():
     q, k, v = (torch.randn(2, 3, 49, 64) for _ in range(3))
     exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert _relative_error(QuantAttentionCore(8)(q, k, v), exact) < 0.02
-    assert _relative_error(QuantAttentionCore(4)(q, k, v), exact) > _relative_error(QuantAttentionCore(8)(q, k, v), exact)
+    assert _relative_error(QuantAttentionCore(4)(q, k, v), exact) > _relative_error(
+        QuantAttentionCore(8)(q, k, v), exact
+    )

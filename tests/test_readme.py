@@ -1,4 +1,5 @@
 """The README's set-up commands are the ones CI runs, so they cannot drift apart."""
+
 from __future__ import annotations
 
 import re

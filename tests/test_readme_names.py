@@ -1,4 +1,5 @@
 """What the README and docs/ promise exists: every `robuq.…` name, every `robuq …` command, every relative link."""
+
 from __future__ import annotations
 
 import importlib
@@ -74,9 +75,12 @@ def test_every_command_named_exists(page, command):
 def test_every_relative_link_resolves(page):
     folder = (ROOT / page).parent
     links = re.findall(r"\]\(([^)\s]+)\)", TEXT[page])
-    broken = [link for link in links
-              if not link.startswith(("http://", "https://", "#", "mailto:"))
-              and not (folder / link.split("#", 1)[0]).exists()]
+    broken = [
+        link
+        for link in links
+        if not link.startswith(("http://", "https://", "#", "mailto:"))
+        and not (folder / link.split("#", 1)[0]).exists()
+    ]
     assert not broken, f"{page} links to {broken}, which do not exist"
 
 

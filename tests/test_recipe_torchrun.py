@@ -1,6 +1,7 @@
 """The paper's recipe as users run it — scripts/imagenet_dit_xl.sh: latents → AMPN (one schedule, warm-up,
 sensitivities, plan, QAT) → export → sampling at scale → metrics — under torchrun with two processes and gloo,
 at toy size on the CPU (a randomly initialised VAE, a 3-class latent DiT, a few images)."""
+
 import json
 import os
 import subprocess
@@ -21,19 +22,53 @@ def test_the_paper_recipe_script_runs_under_torchrun(tmp_path):
     from robuq.eval.inception_weights import fid_helper_weights
 
     inputs = tmp_path / "in"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "latent_pipeline_inputs.py"), str(inputs), "8"], check=True,
-                   cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "latent_pipeline_inputs.py"), str(inputs), "8"],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     teacher = latent_teacher(tmp_path)
     weights = fid_helper_weights()
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "STEPS": "4", "BATCH": "4", "SAMPLES": "6",
-           "IMAGE_SIZE": "64", "WARMUP_QAT": "2", "LR_WARMUP": "1", "CKPT_EVERY": "2", "PROBE_EVERY": "2",
-           "SAMPLE_STEPS": "2", "PRECISION": "bf16", "NUM_WORKERS": "0", "CALIBRATION": "4", "SHARD_SIZE": "4",
-           "LATENT_SHARD_SIZE": "8", "REFERENCE_NPZ": str(inputs / "reference.npz")}
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "STEPS": "4",
+        "BATCH": "4",
+        "SAMPLES": "6",
+        "IMAGE_SIZE": "64",
+        "WARMUP_QAT": "2",
+        "LR_WARMUP": "1",
+        "CKPT_EVERY": "2",
+        "PROBE_EVERY": "2",
+        "SAMPLE_STEPS": "2",
+        "PRECISION": "bf16",
+        "NUM_WORKERS": "0",
+        "CALIBRATION": "4",
+        "SHARD_SIZE": "4",
+        "LATENT_SHARD_SIZE": "8",
+        "REFERENCE_NPZ": str(inputs / "reference.npz"),
+    }
     if weights is not None:
         env["INCEPTION_WEIGHTS"] = str(weights)
     out = tmp_path / "out"
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "imagenet_dit_xl.sh"), str(inputs / "images"), str(inputs / "vae"),
-                             teacher, str(out), "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "scripts" / "imagenet_dit_xl.sh"),
+            str(inputs / "images"),
+            str(inputs / "vae"),
+            teacher,
+            str(out),
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert json.loads((out / "latents" / "index.json").read_text())["num_images"] == 24
     warm = [json.loads(line)["step"] for line in (out / "ampn" / "warmup" / "log.jsonl").read_text().splitlines()]

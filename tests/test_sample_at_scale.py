@@ -1,4 +1,5 @@
 """`robuq sample --num-samples`: shards, resumption, VAE decoding, label modes, guided channels, torchrun."""
+
 from __future__ import annotations
 
 import os
@@ -46,12 +47,19 @@ def test_sharded_sampling_decodes_and_resumes(tmp_path, parts):
     stamps = {p.name: p.stat().st_mtime_ns for p in shards}
     shards[1].unlink()  # a run killed before shard 1 was written
     sample_to_files(config(tmp_path / "s", parts), progress=False)
-    assert shards[0].stat().st_mtime_ns == stamps[shards[0].name] and shards[2].stat().st_mtime_ns == stamps[shards[2].name]
+    assert (
+        shards[0].stat().st_mtime_ns == stamps[shards[0].name]
+        and shards[2].stat().st_mtime_ns == stamps[shards[2].name]
+    )
     again = np.load(files["npz"])
     assert np.array_equal(again["arr_0"], data["arr_0"]) and np.array_equal(again["labels"], data["labels"])
-    guided3 = np.load(sample_to_files(config(tmp_path / "c3", parts, cfg_channels=3, cfg_scale=4.0), progress=False)["npz"])
+    guided3 = np.load(
+        sample_to_files(config(tmp_path / "c3", parts, cfg_channels=3, cfg_scale=4.0), progress=False)["npz"]
+    )
     guided4 = np.load(sample_to_files(config(tmp_path / "c4", parts, cfg_scale=4.0), progress=False)["npz"])
-    assert np.array_equal(guided3["labels"], guided4["labels"]) and not np.array_equal(guided3["arr_0"], guided4["arr_0"])
+    assert np.array_equal(guided3["labels"], guided4["labels"]) and not np.array_equal(
+        guided3["arr_0"], guided4["arr_0"]
+    )
 
 
 def test_label_modes():
@@ -66,15 +74,51 @@ def test_label_modes():
 @pytest.mark.slow
 def test_sampling_under_torchrun_equals_one_process(tmp_path, parts):
     ckpt, vae = parts
-    args = ["sample", "--ckpt", ckpt, "--vae", vae, "--num-samples", "7", "--shard-size", "2", "--steps", "2",
-            "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    args = [
+        "sample",
+        "--ckpt",
+        ckpt,
+        "--vae",
+        vae,
+        "--num-samples",
+        "7",
+        "--shard-size",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "robuq.cli", *args, "--out", str(tmp_path / "one")], capture_output=True,
-                         text=True, timeout=300, env=env)
+    one = subprocess.run(
+        [sys.executable, "-m", "robuq.cli", *args, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "robuq.cli", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
-                         env=env)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "robuq.cli",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
     assert a["arr_0"].shape == (7, 64, 64, 3)

@@ -1,4 +1,5 @@
 """Grids name their rows: a reader sees which class each row was asked for."""
+
 import numpy as np
 from PIL import Image
 

@@ -1,5 +1,6 @@
 """robuq's library calls leave the process as they found it: global RNG, process groups, matplotlib,
 the environment (kernels, allocator, torch.nn.init and the umask have tests beside their modules)."""
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,13 @@ def test_plan_figures_leave_pyplot_alone(tmp_path):
     had_pyplot = "matplotlib.pyplot" in sys.modules
     from robuq.precision import BitPlan
 
-    plan = BitPlan({"blocks.0.attn.qkv": 2, "blocks.0.mlp.fc2": 3}, budget=2.5, weighting="plain", average_plain=2.5,
-                   average_macs=2.5)
+    plan = BitPlan(
+        {"blocks.0.attn.qkv": 2, "blocks.0.mlp.fc2": 3},
+        budget=2.5,
+        weighting="plain",
+        average_plain=2.5,
+        average_macs=2.5,
+    )
     path = plot_plan(plan, tmp_path / "plan.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.rcParams["backend"] == backend
@@ -72,11 +78,28 @@ def test_the_suite_leaves_no_temporary_files_of_passing_tests(tmp_path):
         "    (folder / 'cache.bin').write_bytes(bytes(1000))\n"
         "    return folder\n"
         "def test_writes(tmp_path, shared):\n"
-        "    (tmp_path / 'checkpoint.bin').write_bytes(bytes(1000))\n")
+        "    (tmp_path / 'checkpoint.bin').write_bytes(bytes(1000))\n"
+    )
     root = tmp_path / "temproot"
     root.mkdir()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", str(project), "--rootdir", str(tmp_path / "case"),
-                             "-p", "no:cacheprovider", str(tmp_path / "case" / "test_case.py")],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTEST_DEBUG_TEMPROOT": str(root)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-c",
+            str(project),
+            "--rootdir",
+            str(tmp_path / "case"),
+            "-p",
+            "no:cacheprovider",
+            str(tmp_path / "case" / "test_case.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTEST_DEBUG_TEMPROOT": str(root)},
+    )
     assert result.returncode == 0, result.stdout[-2000:]
     assert [p for p in root.rglob("*") if p.is_file()] == []

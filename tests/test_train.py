@@ -14,8 +14,20 @@ from robuq.train.trainer import TrainConfig, TrainingDivergedError, learning_rat
 
 
 def small_config(out_dir, data_dir, **overrides) -> TrainConfig:
-    base = dict(model="DiT-T/4", input_size=28, data_dir=str(data_dir), steps=4, global_batch_size=8,
-                lr=1e-3, warmup_steps=2, log_every=1, ckpt_every=2, out_dir=str(out_dir), device="cpu", seed=3)
+    base = dict(
+        model="DiT-T/4",
+        input_size=28,
+        data_dir=str(data_dir),
+        steps=4,
+        global_batch_size=8,
+        lr=1e-3,
+        warmup_steps=2,
+        log_every=1,
+        ckpt_every=2,
+        out_dir=str(out_dir),
+        device="cpu",
+        seed=3,
+    )
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -90,10 +102,35 @@ def test_learning_rate_schedule():
 @pytest.mark.slow
 def test_torchrun_two_process_gloo(tmp_path, fmnist_dir):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "robuq.cli",
-           "train", "--model", "DiT-T/4", "--input-size", "28", "--data-dir", str(fmnist_dir), "--steps", "3",
-           "--global-batch-size", "8", "--ckpt-every", "3", "--log-every", "1", "--device", "cpu",
-           "--out-dir", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "robuq.cli",
+        "train",
+        "--model",
+        "DiT-T/4",
+        "--input-size",
+        "28",
+        "--data-dir",
+        str(fmnist_dir),
+        "--steps",
+        "3",
+        "--global-batch-size",
+        "8",
+        "--ckpt-every",
+        "3",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -103,7 +140,7 @@ def test_torchrun_two_process_gloo(tmp_path, fmnist_dir):
     assert [r["step"] for r in log] == [1, 2, 3]  # only rank 0 writes
 
 
-NAN_ON_RANK_1 = '''
+NAN_ON_RANK_1 = """
 import sys
 import torch
 from torch.utils.data import TensorDataset
@@ -123,7 +160,7 @@ try:
 except TrainingDivergedError as exc:
     print(f"rank {torch.distributed.get_rank() if torch.distributed.is_initialized() else '?'}: {exc}", flush=True)
     sys.exit(3)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -132,8 +169,19 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     all-reduce until the watchdog)."""
     script = tmp_path / "nan_rank.py"
     script.write_text(NAN_ON_RANK_1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "out")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path / "out"),
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode != 0
     assert "non-finite loss (nan) at step 0 on rank 1" in result.stdout, result.stdout + result.stderr[-2000:]
     assert "non-finite loss on another rank at step 0" in result.stdout, result.stdout + result.stderr[-2000:]

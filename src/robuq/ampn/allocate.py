@@ -6,6 +6,7 @@ assignments; a dominated partial assignment can never complete to a better optim
 exact — no greedy step anywhere. With integer weights (1 per layer, or MACs divided by their GCD) the
 front holds at most (max bits)·Σw points, so DiT-XL/2 (112 layers) solves in milliseconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,13 @@ class Allocation:
 
     def to_dict(self) -> dict:
         return {
-            "bits": self.bits, "budget": self.budget, "weighting": self.weighting, "objective": self.objective,
-            "average_plain": self.average_plain, "average_weighted": self.average_weighted, "weights": self.weights,
+            "bits": self.bits,
+            "budget": self.budget,
+            "weighting": self.weighting,
+            "objective": self.objective,
+            "average_plain": self.average_plain,
+            "average_weighted": self.average_weighted,
+            "weights": self.weights,
         }
 
 
@@ -106,7 +112,11 @@ def allocate_bits(
     plain = sum(bits.values()) / len(bits)
     weight_map = {n: raw[i] for i, n in enumerate(names)}
     return Allocation(
-        bits=bits, objective=front[end][1], budget=budget, average_plain=plain,
-        average_weighted=weighted_average(bits, weight_map), weighting="plain" if weights is None else "macs",
+        bits=bits,
+        objective=front[end][1],
+        budget=budget,
+        average_plain=plain,
+        average_weighted=weighted_average(bits, weight_map),
+        weighting="plain" if weights is None else "macs",
         weights=weight_map,
     )

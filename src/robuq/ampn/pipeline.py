@@ -8,6 +8,7 @@ error (trained at 2 bits, a layer given 3 can score worse than at 2, and the pla
 nothing). Each stage writes its result into the run folder and is skipped when that result already
 exists, so an interrupted run picks up where it stopped (QAT stages resume from their own checkpoints).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,29 +41,46 @@ class AMPNConfig:
     """``robuq ampn run``: the QAT runs' options (``qat``; the warm-up takes its bits from here, the
     final run its plan) and how bits are allocated."""
 
-    qat: QATConfig = option(help="the QAT schedule's options (--steps spans warm-up and final run together)",
-                            factory=lambda: QATConfig(out_dir="runs/ampn", steps=2000))
+    qat: QATConfig = option(
+        help="the QAT schedule's options (--steps spans warm-up and final run together)",
+        factory=lambda: QATConfig(out_dir="runs/ampn", steps=2000),
+    )
     budget: float = option(3.0, "average activation bits the plan may spend (the paper: 2 or 3)")
-    weighting: str = option("plain", "average over layers (plain) or weighted by each layer's MACs (macs)",
-                            choices=("plain", "macs"))
-    warmup_qat_steps: int = option(1000, "the first N of --steps run at uniform --start-bits before sensitivities are "
-                                         "measured; the rest continue with the plan")
+    weighting: str = option(
+        "plain", "average over layers (plain) or weighted by each layer's MACs (macs)", choices=("plain", "macs")
+    )
+    warmup_qat_steps: int = option(
+        1000,
+        "the first N of --steps run at uniform --start-bits before sensitivities are "
+        "measured; the rest continue with the plan",
+    )
     start_bits: int = option(4, "uniform activation bits of the warm-up (4: every candidate is a step down from it)")
-    calibration_images: int = option(128, "training images sensitivities are measured on (each with its label and "
-                                          "the null class, at timesteps spread over the schedule)")
-    sensitivity_metric: str = option("perturbation", "perturbation: how far a layer's lower bits move the output; "
-                                                     "error-increase: how much they raise the error against the teacher "
-                                                     "(noisier: it can fall as bits fall)", choices=METRICS)
+    calibration_images: int = option(
+        128,
+        "training images sensitivities are measured on (each with its label and "
+        "the null class, at timesteps spread over the schedule)",
+    )
+    sensitivity_metric: str = option(
+        "perturbation",
+        "perturbation: how far a layer's lower bits move the output; "
+        "error-increase: how much they raise the error against the teacher "
+        "(noisier: it can fall as bits fall)",
+        choices=METRICS,
+    )
 
     def validate(self) -> None:
         check_choice(self, "weighting")
         check_choice(self, "sensitivity_metric")
         if not 0 < self.warmup_qat_steps < self.qat.steps:
-            raise ValueError(f"--warmup-qat-steps {self.warmup_qat_steps} must lie inside the schedule's --steps "
-                             f"{self.qat.steps} (the warm-up is its first part)")
+            raise ValueError(
+                f"--warmup-qat-steps {self.warmup_qat_steps} must lie inside the schedule's --steps "
+                f"{self.qat.steps} (the warm-up is its first part)"
+            )
         if self.start_bits < math.ceil(self.budget):
-            raise ValueError(f"--start-bits {self.start_bits} is below the budget {self.budget}: the warm-up must train "
-                             "at least the bits the plan may give")
+            raise ValueError(
+                f"--start-bits {self.start_bits} is below the budget {self.budget}: the warm-up must train "
+                "at least the bits the plan may give"
+            )
 
 
 # The QAT options AMPN sets itself (the warm-up's uniform bits, the final run's plan and where it continues from).
@@ -79,11 +97,15 @@ class SensitivityConfig:
     data_dir: str | None = with_default(QATConfig, "data_dir", None)
     latents: str | None = with_default(QATConfig, "latents", None)
     calibration_images: int = with_default(AMPNConfig, "calibration_images", 128)
-    metric: str = option("perturbation", "perturbation (output change) or error-increase (error against the teacher)",
-                         choices=METRICS)
+    metric: str = option(
+        "perturbation", "perturbation (output change) or error-increase (error against the teacher)", choices=METRICS
+    )
     seed: int = option(0, "seed of the calibration batch's noise")
-    prompt_embeds: str | None = option(None, "text-to-image families: cached prompt embeddings (the file `robuq sample` "
-                                             "takes) whose rows condition the calibration inputs; default: random")
+    prompt_embeds: str | None = option(
+        None,
+        "text-to-image families: cached prompt embeddings (the file `robuq sample` "
+        "takes) whose rows condition the calibration inputs; default: random",
+    )
     device: str = with_default(QATConfig, "device", "auto")
     out: str = option("sensitivity.json", "where to write the sensitivities (JSON)")
 
@@ -108,8 +130,11 @@ def sensitivity_of(config: SensitivityConfig, progress: bool = True, dataset: Da
     if model_family(model) not in CLASS_CONDITIONAL:
         return _family_sensitivity(config, model, device, progress)
     teacher = load_dit(config.teacher or default_teacher_path(), map_location=str(device)).eval()
-    dataset = teacher_dataset(QATConfig(data=config.data, data_dir=config.data_dir, latents=config.latents,
-                                        teacher=config.teacher), teacher, dataset)
+    dataset = teacher_dataset(
+        QATConfig(data=config.data, data_dir=config.data_dir, latents=config.latents, teacher=config.teacher),
+        teacher,
+        dataset,
+    )
     images, labels = calibration_images(dataset, config.calibration_images, teacher.num_classes > 0)
     batch = calibration_batch(teacher, images, labels, config.seed, with_null=True)
     return measure_sensitivity(model, batch, progress=progress, metric=config.metric)
@@ -119,8 +144,10 @@ def _family_sensitivity(config: SensitivityConfig, model, device, progress: bool
     """A text-to-image family's sensitivities on Gaussian latents over the schedule with the cached prompts."""
     teacher = load_any(config.teacher, map_location=str(device)).eval() if config.teacher else None
     if config.metric == "error-increase" and teacher is None:
-        raise ValueError("--metric error-increase measures against a teacher: give --teacher (the full-precision "
-                         "model folder), or use --metric perturbation")
+        raise ValueError(
+            "--metric error-increase measures against a teacher: give --teacher (the full-precision "
+            "model folder), or use --metric perturbation"
+        )
     embeds = forward_embeddings(load_tensors(config.prompt_embeds)[0]) if config.prompt_embeds else None
     batch = family_calibration_batch(model, config.calibration_images, embeds, config.seed, reference=teacher)
     return measure_sensitivity(model, batch, progress=progress, metric=config.metric)
@@ -146,8 +173,13 @@ def allocate_from_file(config: AllocateConfig) -> tuple[BitPlan, Path]:
     return plan, write_plan(plan, config.out)
 
 
-def _qat_stage(config: QATConfig, progress: bool, plan: BitPlan | None = None, dataset: Dataset | None = None,
-               until: int | None = None) -> Path:
+def _qat_stage(
+    config: QATConfig,
+    progress: bool,
+    plan: BitPlan | None = None,
+    dataset: Dataset | None = None,
+    until: int | None = None,
+) -> Path:
     out = Path(config.out_dir)
     stop = config.steps if until is None else min(until, config.steps)
     if checkpoint_path(out, stop).is_file():
@@ -155,8 +187,13 @@ def _qat_stage(config: QATConfig, progress: bool, plan: BitPlan | None = None, d
     return qat(config, resume=bool(list_checkpoints(out)), until=until, progress=progress, plan=plan, dataset=dataset)
 
 
-def ampn_run(config: AMPNConfig, progress: bool = True, dataset: Dataset | None = None, until: int | None = None,
-             announce_plan: bool = True) -> Path:
+def ampn_run(
+    config: AMPNConfig,
+    progress: bool = True,
+    dataset: Dataset | None = None,
+    until: int | None = None,
+    announce_plan: bool = True,
+) -> Path:
     """The whole AMPN pipeline under ``config.qat.out_dir``, on ``dataset`` (any Dataset of (x, y); default:
     --latents or --data) for both QAT stages and the calibration batch; returns the final QAT run's folder.
     ``until`` stops the final stage at that step (the schedule still spans ``qat.steps``); ``announce_plan``
@@ -178,20 +215,35 @@ def ampn_run(config: AMPNConfig, progress: bool = True, dataset: Dataset | None 
         shutdown(info)
 
 
-def _ampn_stages(config: AMPNConfig, progress: bool, dataset: Dataset | None, until: int | None, info: DistInfo,
-                 announce_plan: bool) -> Path:
+def _ampn_stages(
+    config: AMPNConfig, progress: bool, dataset: Dataset | None, until: int | None, info: DistInfo, announce_plan: bool
+) -> Path:
     base = config.qat
     root = Path(base.out_dir)
     uniform = replace(base, act_bits=config.start_bits, plan=None, init_student=None, continue_from=None)
-    warm = _qat_stage(replace(uniform, out_dir=str(root / "warmup")), progress, dataset=dataset, until=config.warmup_qat_steps)
+    warm = _qat_stage(
+        replace(uniform, out_dir=str(root / "warmup")), progress, dataset=dataset, until=config.warmup_qat_steps
+    )
     warm_checkpoint = checkpoint_path(warm, config.warmup_qat_steps)
     teacher = json.loads((warm / "config.json").read_text())["teacher"]
     sens_path = root / "sensitivity.json"
     if info.is_main and not sens_path.is_file():
-        write_sensitivity(SensitivityConfig(
-            model=str(warm_checkpoint), teacher=teacher, data=base.data, data_dir=base.data_dir, latents=base.latents,
-            calibration_images=config.calibration_images, metric=config.sensitivity_metric, seed=base.seed, device=base.device,
-            out=str(sens_path)), progress, dataset)
+        write_sensitivity(
+            SensitivityConfig(
+                model=str(warm_checkpoint),
+                teacher=teacher,
+                data=base.data,
+                data_dir=base.data_dir,
+                latents=base.latents,
+                calibration_images=config.calibration_images,
+                metric=config.sensitivity_metric,
+                seed=base.seed,
+                device=base.device,
+                out=str(sens_path),
+            ),
+            progress,
+            dataset,
+        )
     barrier(info)
     sensitivity = Sensitivity.from_dict(json.loads(sens_path.read_text()))
     plan = plan_from_sensitivity(sensitivity, config.budget, config.weighting)

@@ -1,4 +1,5 @@
 """Bit plans as files people read: the per-layer bits, both averages, a per-layer-type table, a figure."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,8 +39,13 @@ def plan_from_sensitivity(sensitivity: Sensitivity, budget: float, weighting: st
     mac_average = sum(allocation.bits[n] * macs[n] for n in allocation.bits) / sum(macs[n] for n in allocation.bits)
     paper = PAPER_ROLE_AVERAGES.get(int(budget)) if float(budget).is_integer() else None
     return BitPlan(
-        bits=allocation.bits, budget=budget, weighting=weighting, objective=allocation.objective,
-        average_plain=allocation.average_plain, average_macs=mac_average, role_averages=role_averages(allocation.bits),
+        bits=allocation.bits,
+        budget=budget,
+        weighting=weighting,
+        objective=allocation.objective,
+        average_plain=allocation.average_plain,
+        average_macs=mac_average,
+        role_averages=role_averages(allocation.bits),
         paper_role_averages_dit_xl2=paper,
     )
 
@@ -78,9 +84,15 @@ def plot_plan(plan: BitPlan, path: str | Path) -> Path:
         points = sorted((block_index(n), b) for n, b in plan.bits.items() if layer_role(n) == role)
         if points:
             depth, bits = zip(*points)
-            ax.plot([d + (i - 1.5) * 0.08 for d in depth], bits, marker=markers[role], linestyle="-", alpha=0.8, label=role)
-    ax.set(xlabel="block", ylabel="activation bits", yticks=[1, 2, 3, 4],
-           title=f"AMPN plan: budget {plan.budget} ({plan.weighting}), achieved {plan.average_plain:.2f} plain / {plan.average_macs:.2f} MAC-weighted")
+            ax.plot(
+                [d + (i - 1.5) * 0.08 for d in depth], bits, marker=markers[role], linestyle="-", alpha=0.8, label=role
+            )
+    ax.set(
+        xlabel="block",
+        ylabel="activation bits",
+        yticks=[1, 2, 3, 4],
+        title=f"AMPN plan: budget {plan.budget} ({plan.weighting}), achieved {plan.average_plain:.2f} plain / {plan.average_macs:.2f} MAC-weighted",
+    )
     ax.set_ylim(0.5, 4.9)
     ax.legend(ncol=4, fontsize=8, loc="upper center")  # the top band stays free: bits never exceed 4
     fig.tight_layout()

@@ -11,6 +11,7 @@ Two metrics, both relative to the teacher's output variance on a fixed calibrati
   finite batch the cross term with the ternary weights' own error dominates: a layer can score better at 1
   bit than at 4, and the plan follows that noise.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -36,7 +37,11 @@ def block_layers(model: nn.Module, layout: str = AUTO) -> list[str]:
     """The QuantLinears AMPN allocates bits to: the block linears of every block (q, k and v apart in
     diffusers' layout), in depth order."""
     patterns = layout_patterns(layout)
-    return [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear) and any(fnmatch.fnmatchcase(n, p) for p in patterns)
+    ]
 
 
 def block_index(name: str) -> int:
@@ -55,20 +60,33 @@ class Sensitivity:
     metric: str = "error-increase"  # files written before the metric was recorded measured this
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric, "baseline_error": self.baseline_error, "macs": self.macs,
-                "layers": {n: {str(b): v for b, v in row.items()} for n, row in self.table.items()}}
+        return {
+            "metric": self.metric,
+            "baseline_error": self.baseline_error,
+            "macs": self.macs,
+            "layers": {n: {str(b): v for b, v in row.items()} for n, row in self.table.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Sensitivity":
         table = {n: {int(b): float(v) for b, v in row.items()} for n, row in data["layers"].items()}
-        return cls(table, float(data["baseline_error"]), {k: int(v) for k, v in data.get("macs", {}).items()},
-                   data.get("metric", "error-increase"))
+        return cls(
+            table,
+            float(data["baseline_error"]),
+            {k: int(v) for k, v in data.get("macs", {}).items()},
+            data.get("metric", "error-increase"),
+        )
 
 
 @torch.no_grad()
 def measure_sensitivity(
-    model: nn.Module, batch: CalibrationBatch | FamilyBatch, choices: tuple[int, ...] = (1, 2, 3, 4), layers: list[str] | None = None,
-    progress: bool = True, chunk: int = 64, metric: str = "perturbation",
+    model: nn.Module,
+    batch: CalibrationBatch | FamilyBatch,
+    choices: tuple[int, ...] = (1, 2, 3, 4),
+    layers: list[str] | None = None,
+    progress: bool = True,
+    chunk: int = 64,
+    metric: str = "perturbation",
 ) -> Sensitivity:
     """For every layer and every b in ``choices``, the relative output change (``metric``, see the module
     docstring) when that layer alone runs at b bits; a layer's own bits score 0 without a forward pass.
@@ -125,8 +143,12 @@ def _parts(model: nn.Module, batch, chunk: int, device):
             yield (lambda start, inputs=inputs: run_model(model, inputs)), 0, target.to(device)
         return
     for i in range(0, len(batch.t), chunk):
-        part = CalibrationBatch(batch.x_t[i:i + chunk], batch.t[i:i + chunk],
-                                None if batch.y is None else batch.y[i:i + chunk], batch.target[i:i + chunk]).to(device)
+        part = CalibrationBatch(
+            batch.x_t[i : i + chunk],
+            batch.t[i : i + chunk],
+            None if batch.y is None else batch.y[i : i + chunk],
+            batch.target[i : i + chunk],
+        ).to(device)
         output_from, depth = _partial_forward(model, part)
         yield output_from, depth, part.target
 
@@ -139,6 +161,7 @@ def _layer_macs(model: nn.Module, batch, layers: list[str]) -> dict[str, int]:
         def count(name: str):
             def hook(module, args, out) -> None:  # returns None: the output stays the layer's
                 tokens.setdefault(name, args[0].numel() // module.in_features)
+
             return hook
 
         hooks = [model.get_submodule(n).register_forward_hook(count(n)) for n in layers]
@@ -147,7 +170,10 @@ def _layer_macs(model: nn.Module, batch, layers: list[str]) -> dict[str, int]:
         finally:
             for h in hooks:
                 h.remove()
-        return {n: tokens.get(n, 0) * model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in layers}
+        return {
+            n: tokens.get(n, 0) * model.get_submodule(n).in_features * model.get_submodule(n).out_features
+            for n in layers
+        }
     count = _tokens(model, batch)
     return {n: count * model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in layers}
 

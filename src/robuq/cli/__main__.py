@@ -1,4 +1,5 @@
 """``python -m robuq.cli …`` (how torchrun starts robuq: ``torchrun … -m robuq.cli qat …``)."""
+
 import sys
 
 from robuq.cli.main import main

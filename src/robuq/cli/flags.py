@@ -1,5 +1,6 @@
 """Command-line options generated from a job's config dataclass (``robuq.core.options``): one flag per
 field, nested configs flattened, defaults and help texts taken from the dataclass itself."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ def _dest(path: str) -> str:
     return path.replace(".", "__")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: Collection[str] = (),
-                         defaults: Any = None, _prefix: str = "") -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type, skip: Collection[str] = (), defaults: Any = None, _prefix: str = ""
+) -> None:
     """Add a flag for every field of ``cls`` (``--global-batch-size`` for ``global_batch_size``), recursing
     into nested config fields; ``skip`` names fields (dotted for nested ones) the command sets itself."""
     defaults = defaults if defaults is not None else cls()
@@ -40,12 +42,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: Colle
         if field.metadata.get("positional"):
             parser.add_argument(_dest(path), nargs="?", default=value, help=text)
         elif isinstance(value, bool):
-            parser.add_argument("--" + field.name.replace("_", "-"), dest=_dest(path), action=argparse.BooleanOptionalAction,
-                                default=value, help=text)
+            parser.add_argument(
+                "--" + field.name.replace("_", "-"),
+                dest=_dest(path),
+                action=argparse.BooleanOptionalAction,
+                default=value,
+                help=text,
+            )
         else:
-            parser.add_argument("--" + field.name.replace("_", "-"), dest=_dest(path), type=_scalar_type(hints[field.name]),
-                                default=value, choices=choices, metavar=None if choices else field.name.upper(),
-                                help=text if value is None or "default" in text else f"{text} (default: %(default)s)")
+            parser.add_argument(
+                "--" + field.name.replace("_", "-"),
+                dest=_dest(path),
+                type=_scalar_type(hints[field.name]),
+                default=value,
+                choices=choices,
+                metavar=None if choices else field.name.upper(),
+                help=text if value is None or "default" in text else f"{text} (default: %(default)s)",
+            )
 
 
 def config_from_args(args: argparse.Namespace, cls: type, defaults: Any = None, _prefix: str = "") -> Any:

@@ -5,6 +5,7 @@ line share one set of defaults and help texts. Errors robuq raises on purpose (b
 a missing file) print as one line; anything else is a bug and keeps its traceback (``--debug`` shows
 the traceback of every error).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ def _add_no_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
 
 
-def _job(sub: argparse._SubParsersAction, name: str, help: str, config: type, run, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+def _job(
+    sub: argparse._SubParsersAction, name: str, help: str, config: type, run, skip: tuple[str, ...] = ()
+) -> argparse.ArgumentParser:
     """A subcommand whose options are ``config``'s fields; ``run(config, args)`` does the work."""
     p = sub.add_parser(name, help=help, description=help)
     add_config_arguments(p, config, skip)
@@ -39,6 +42,7 @@ def _job(sub: argparse._SubParsersAction, name: str, help: str, config: type, ru
 
 
 # ---------------------------------------------------------------- training
+
 
 def _run_train(config, args) -> int:
     from robuq.train.trainer import train
@@ -95,6 +99,7 @@ def _run_quickstart(config, args) -> int:
 
 # ---------------------------------------------------------------- models and files
 
+
 def _run_models(args: argparse.Namespace) -> int:
     from robuq.models.summary import model_table
 
@@ -102,7 +107,9 @@ def _run_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'model':<10} {'depth':>5} {'hidden':>6} {'heads':>5} {'patch':>5} {'tokens':>6} {'params':>14} {'GFLOPs':>9}")
+    print(
+        f"{'model':<10} {'depth':>5} {'hidden':>6} {'heads':>5} {'patch':>5} {'tokens':>6} {'params':>14} {'GFLOPs':>9}"
+    )
     for r in rows:
         print(
             f"{r['name']:<10} {r['depth']:>5} {r['hidden_size']:>6} {r['num_heads']:>5} {r['patch_size']:>5} "
@@ -153,12 +160,15 @@ def _run_export(config, args) -> int:
         report = file_report(path)
         for kind, size in report["groups"].items():
             print(f"  {kind:<22} {size / 2**20:9.3f} MiB")
-        print(f"  {report['ratio_fp32']:.1f}× smaller than the fp32 checkpoint, {report['ratio_fp16']:.1f}× smaller than fp16")
+        print(
+            f"  {report['ratio_fp32']:.1f}× smaller than the fp32 checkpoint, {report['ratio_fp16']:.1f}× smaller than fp16"
+        )
         print(cost_summary(model).format(per_module=False))
     return 0
 
 
 # ---------------------------------------------------------------- evaluation
+
 
 def _say(text: str) -> None:
     """Print once per job: under torchrun, only rank 0 reports what the job wrote."""
@@ -223,49 +233,136 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    _add_no_progress(_job(sub, "run", "the main job: RobuQ + AMPN on the shipped teacher, short QAT, grids and a summary",
-                          QuickstartConfig, _run_quickstart, skip=DERIVED))
+    _add_no_progress(
+        _job(
+            sub,
+            "run",
+            "the main job: RobuQ + AMPN on the shipped teacher, short QAT, grids and a summary",
+            QuickstartConfig,
+            _run_quickstart,
+            skip=DERIVED,
+        )
+    )
     m = sub.add_parser("models", help="list the DiT configurations with parameters and GFLOPs")
     m.add_argument("--input-size", type=int, default=32, help="latent (or image) side length (default: %(default)s)")
-    m.add_argument("--num-classes", type=int, default=1000, help="classes of a class-conditional model (default: %(default)s)")
-    m.add_argument("--in-channels", type=int, default=4, help="input channels: 4 for SD-VAE latents (default: %(default)s)")
+    m.add_argument(
+        "--num-classes", type=int, default=1000, help="classes of a class-conditional model (default: %(default)s)"
+    )
+    m.add_argument(
+        "--in-channels", type=int, default=4, help="input channels: 4 for SD-VAE latents (default: %(default)s)"
+    )
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     m.set_defaults(func=_run_models)
-    _add_no_progress(_job(sub, "latents", "encode an image folder (a sub-folder per class) through a VAE into a "
-                          "latent cache for --latents (resumable; split over torchrun's processes)", LatentsConfig, _run_latents))
-    _add_run_control(_job(sub, "train", "train a full-precision DiT (single process or under torchrun)", TrainConfig, _run_train))
-    _add_run_control(_job(sub, "qat", "quantize a full-precision DiT (default: the shipped teacher) and train it",
-                          QATConfig, _run_qat))
+    _add_no_progress(
+        _job(
+            sub,
+            "latents",
+            "encode an image folder (a sub-folder per class) through a VAE into a "
+            "latent cache for --latents (resumable; split over torchrun's processes)",
+            LatentsConfig,
+            _run_latents,
+        )
+    )
+    _add_run_control(
+        _job(sub, "train", "train a full-precision DiT (single process or under torchrun)", TrainConfig, _run_train)
+    )
+    _add_run_control(
+        _job(
+            sub, "qat", "quantize a full-precision DiT (default: the shipped teacher) and train it", QATConfig, _run_qat
+        )
+    )
 
     ampn = sub.add_parser("ampn", help="activation mixed precision: sensitivities, bit allocation, the whole pipeline")
     steps = ampn.add_subparsers(dest="ampn_command", required=True)
-    _add_no_progress(_job(steps, "sensitivity", "per-layer sensitivity of a quantized model to its activation bits",
-                          SensitivityConfig, _run_ampn_sensitivity))
-    _job(steps, "allocate", "exact DP allocation of per-layer bits under an average-bit budget", AllocateConfig, _run_ampn_allocate)
-    ampn_run_parser = _job(steps, "run", "warm-up QAT, sensitivity, allocation, QAT with the plan (one schedule)", AMPNConfig,
-                           _run_ampn_run, skip=SET_BY_AMPN)
-    ampn_run_parser.add_argument("--until", type=int, default=None,
-                                 help="stop the final stage at this step (the schedule still spans --steps; run again to go on)")
+    _add_no_progress(
+        _job(
+            steps,
+            "sensitivity",
+            "per-layer sensitivity of a quantized model to its activation bits",
+            SensitivityConfig,
+            _run_ampn_sensitivity,
+        )
+    )
+    _job(
+        steps,
+        "allocate",
+        "exact DP allocation of per-layer bits under an average-bit budget",
+        AllocateConfig,
+        _run_ampn_allocate,
+    )
+    ampn_run_parser = _job(
+        steps,
+        "run",
+        "warm-up QAT, sensitivity, allocation, QAT with the plan (one schedule)",
+        AMPNConfig,
+        _run_ampn_run,
+        skip=SET_BY_AMPN,
+    )
+    ampn_run_parser.add_argument(
+        "--until",
+        type=int,
+        default=None,
+        help="stop the final stage at this step (the schedule still spans --steps; run again to go on)",
+    )
     _add_no_progress(ampn_run_parser)
 
-    _add_no_progress(_job(sub, "sample", "generate images: a PNG grid and an ADM-style .npz (--num-samples: at scale, "
-                          "resumable, split over torchrun's processes)", SampleConfig, _run_sample))
-    _job(sub, "quantize", "apply a preset (and optional bit plan) to a checkpoint and save it", QuantizeConfig, _run_quantize)
+    _add_no_progress(
+        _job(
+            sub,
+            "sample",
+            "generate images: a PNG grid and an ADM-style .npz (--num-samples: at scale, "
+            "resumable, split over torchrun's processes)",
+            SampleConfig,
+            _run_sample,
+        )
+    )
+    _job(
+        sub,
+        "quantize",
+        "apply a preset (and optional bit plan) to a checkpoint and save it",
+        QuantizeConfig,
+        _run_quantize,
+    )
     s = sub.add_parser("summary", help="per-module quantizers, bits, MACs and BOPs of a model file")
     s.add_argument("path", nargs="?", default=None, help="model file (default: the shipped teacher)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=_run_summary)
-    _job(sub, "export", "write a quantized model as a compact file (packed weights) for inference", ExportConfig, _run_export)
+    _job(
+        sub,
+        "export",
+        "write a quantized model as a compact file (packed weights) for inference",
+        ExportConfig,
+        _run_export,
+    )
 
     ev = sub.add_parser("eval", help="sample-quality metrics, and the Fashion-MNIST feature classifier")
     evs = ev.add_subparsers(dest="eval_command", required=True)
-    metrics = _job(evs, "metrics", "FID, sFID, IS, precision/recall (and PSNR vs paired samples) of an .npz",
-                   EvalConfig, _run_eval_metrics)
+    metrics = _job(
+        evs,
+        "metrics",
+        "FID, sFID, IS, precision/recall (and PSNR vs paired samples) of an .npz",
+        EvalConfig,
+        _run_eval_metrics,
+    )
     metrics.add_argument("--out", default=None, help="also write the numbers as JSON here")
-    _add_no_progress(_job(evs, "ref-stats", "an ADM-style reference batch (mu, sigma, mu_s, sigma_s and up to 10,000 images)",
-                          RefStatsConfig, _run_eval_ref_stats))
-    _add_no_progress(_job(evs, "train-classifier", "train the Fashion-MNIST CNN whose features the metrics use",
-                          ClassifierTrainConfig, _run_train_classifier))
+    _add_no_progress(
+        _job(
+            evs,
+            "ref-stats",
+            "an ADM-style reference batch (mu, sigma, mu_s, sigma_s and up to 10,000 images)",
+            RefStatsConfig,
+            _run_eval_ref_stats,
+        )
+    )
+    _add_no_progress(
+        _job(
+            evs,
+            "train-classifier",
+            "train the Fashion-MNIST CNN whose features the metrics use",
+            ClassifierTrainConfig,
+            _run_train_classifier,
+        )
+    )
     return parser
 
 

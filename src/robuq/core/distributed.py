@@ -1,4 +1,5 @@
 """torchrun awareness: one process per rank, DDP over gloo (CPU) or NCCL (GPU)."""
+
 from __future__ import annotations
 
 import datetime
@@ -48,8 +49,12 @@ def init_distributed(device: torch.device, timeout_hours: float = DEFAULT_TIMEOU
             dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        owns_group=owns,
+    )
 
 
 def barrier(info: DistInfo) -> None:
@@ -66,15 +71,19 @@ def any_rank(info: DistInfo, flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
-def wait_for_files(paths: Iterable[Path], timeout_hours: float = DEFAULT_TIMEOUT_HOURS, poll_seconds: float = 2.0) -> None:
+def wait_for_files(
+    paths: Iterable[Path], timeout_hours: float = DEFAULT_TIMEOUT_HOURS, poll_seconds: float = 2.0
+) -> None:
     """Wait until every path exists (the files other ranks write as they finish uneven shares of work):
     polling, unlike a barrier, does not fail after the collective timeout of a process group."""
     waiting = [Path(p) for p in paths]
     deadline = time.monotonic() + timeout_hours * 3600
     while waiting := [p for p in waiting if not p.is_file()]:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_hours} h for {len(waiting)} files the other ranks write, first "
-                               f"{waiting[0]}; a rank may have died (see its log), then run the same command again")
+            raise TimeoutError(
+                f"waited {timeout_hours} h for {len(waiting)} files the other ranks write, first "
+                f"{waiting[0]}; a rank may have died (see its log), then run the same command again"
+            )
         time.sleep(poll_seconds)
 
 

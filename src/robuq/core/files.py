@@ -1,4 +1,5 @@
 """robuq's own files: safetensors tensors with a JSON document in the header, written atomically."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,11 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     leftover among them, though the resumed run writes other names); a live writer's file stays. Returns
     what was removed."""
     host = _host()
-    stale = [t for t in Path(folder).iterdir() if t.name.startswith(".") and t.name.endswith(".tmp")
-             and _writer_is_gone(t, host)]
+    stale = [
+        t
+        for t in Path(folder).iterdir()
+        if t.name.startswith(".") and t.name.endswith(".tmp") and _writer_is_gone(t, host)
+    ]
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale
@@ -70,7 +74,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
     tmp = _new_temporary(path)
-    mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask: what `write` must leave, as some writers replace the file
+    mode = (
+        os.stat(tmp).st_mode & 0o777
+    )  # 0666 less the umask: what `write` must leave, as some writers replace the file
     try:
         write(tmp)
         os.chmod(tmp, mode)  # safetensors writes a 0600 file of its own and renames it over ours

@@ -7,6 +7,7 @@ A size n is split as n = m · 2^k where m is the order of a known small Hadamard
 constructions, 12, 20, 28, 36, …) and 2^k is handled by Sylvester's construction. Every matrix built
 here is symmetric, so the normalised transform is its own inverse.
 """
+
 from __future__ import annotations
 
 import functools

@@ -3,6 +3,7 @@
 The command line is generated from these declarations (``robuq.cli.flags``), so a default or a help
 text exists in one place and cannot drift between the library and the CLI.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,15 +13,26 @@ from typing import Any
 _MISSING = dataclasses.MISSING
 
 
-def option(default: Any = _MISSING, help: str = "", *, choices: Sequence[Any] | None = None,
-           factory: Callable[[], Any] | None = None, positional: bool = False, cli: bool = True) -> Any:
+def option(
+    default: Any = _MISSING,
+    help: str = "",
+    *,
+    choices: Sequence[Any] | None = None,
+    factory: Callable[[], Any] | None = None,
+    positional: bool = False,
+    cli: bool = True,
+) -> Any:
     """A dataclass field with what a person needs to set it: ``help`` (required), ``choices``; a
     ``factory`` for mutable or nested-config defaults; ``positional`` for the CLI's bare argument;
     ``cli=False`` for a field the command line must not offer (set by the program itself)."""
     if not help:
         raise ValueError("every option needs a help text")
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "positional": positional,
-                "cli": cli}
+    metadata = {
+        "help": help,
+        "choices": tuple(choices) if choices is not None else None,
+        "positional": positional,
+        "cli": cli,
+    }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -15,6 +15,7 @@ For a row x (a token, or a whole sample) and b bits, with levels 0 … 2^b − 1
 
 ρ is the clip ratio (1 unless learned). This module imports nothing from robuq.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,8 +58,10 @@ def rule_error(rule: str, implemented: Iterable[str] = RULES, where: str = "") -
     implemented = tuple(implemented)
     if rule not in SCALE_RULES:
         return ValueError(f"unknown activation scale rule {rule!r}; use one of {RULES}")
-    return ValueError(f"{where or 'this implementation'} has no activation scale rule {rule!r}: it implements "
-                      f"{implemented}; use one of those, or add {rule!r} to it")
+    return ValueError(
+        f"{where or 'this implementation'} has no activation scale rule {rule!r}: it implements "
+        f"{implemented}; use one of those, or add {rule!r} to it"
+    )
 
 
 def check_rule(rule: str, implemented: Iterable[str] = RULES, where: str = "") -> int:

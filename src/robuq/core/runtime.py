@@ -1,5 +1,6 @@
 """Where robuq's shipped files live, which device "auto" means and how a precision is set up: the few facts
 every layer asks for."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,7 @@ def default_teacher_path() -> Path:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" means this rank's GPU when CUDA is available (``LOCAL_RANK`` under torchrun), else the CPU.
+    """ "auto" means this rank's GPU when CUDA is available (``LOCAL_RANK`` under torchrun), else the CPU.
 
     The device is returned, not made current: callers that want ``torch.cuda.set_device`` say so
     themselves (the trainer does, inside a ``torch.cuda.device`` context).

@@ -1,4 +1,5 @@
 """Fashion-MNIST from its standard IDX files (plain or gzipped), with no download at run time."""
+
 from __future__ import annotations
 
 import gzip
@@ -11,14 +12,30 @@ from torch.utils.data import Dataset
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 # IDX type codes (third byte of the magic number) we accept.
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -79,8 +96,10 @@ def find_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None 
         raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
     searched = candidate_dirs(data_dir)
     if data_dir and not Path(data_dir).is_dir():
-        raise DataNotFoundError(f"--data-dir {data_dir} is not a folder; give the folder that holds the Fashion-MNIST "
-                                "IDX files (or leave --data-dir out to use $ROBUQ_DATA or the Debian package)")
+        raise DataNotFoundError(
+            f"--data-dir {data_dir} is not a folder; give the folder that holds the Fashion-MNIST "
+            "IDX files (or leave --data-dir out to use $ROBUQ_DATA or the Debian package)"
+        )
     for directory in searched:
         images, labels = (_find(directory, stem) for stem in _FILES[split])
         if images and labels:
@@ -95,7 +114,9 @@ def find_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None 
     )
 
 
-def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(
+    split: str = "train", data_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(N, 28, 28) uint8 images and (N,) int64 labels."""
     images_path, labels_path = find_fashion_mnist(split, data_dir)
     images, labels = read_idx(images_path), read_idx(labels_path)

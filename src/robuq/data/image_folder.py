@@ -1,4 +1,5 @@
 """Image files on disk: which files count as images, and ADM's centre crop (shared by training data and evaluation)."""
+
 from __future__ import annotations
 
 import os

@@ -13,6 +13,7 @@ A corrupt or unreadable image stops the run with its path (``CorruptImageError``
 silently change which images — and, near a shard boundary, which labels — a latent cache or a training
 run holds. Remove or repair the file and run again (``robuq latents`` resumes where it stopped).
 """
+
 from __future__ import annotations
 
 import os
@@ -76,7 +77,9 @@ class StreamingImageFolder(Dataset):
         n = len(self.files)
         if not 0 <= index < 2 * n:
             raise IndexError(f"index {index} out of range for {n} images and their {n} mirrored copies")
-        arr = adm_center_crop(read_image(self.files[index % n][0], "L" if self.in_channels == 1 else "RGB"), self.image_size)
+        arr = adm_center_crop(
+            read_image(self.files[index % n][0], "L" if self.in_channels == 1 else "RGB"), self.image_size
+        )
         arr = arr.reshape(self.image_size, self.image_size, self.in_channels)
         return arr[:, ::-1] if index >= n else arr
 

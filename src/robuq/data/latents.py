@@ -11,6 +11,7 @@ Shard k holds images [k·shard_size, (k+1)·shard_size) of the folder's sorted l
 exists only once complete (written atomically), so a killed encoding run resumes by skipping the shards
 already there.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,15 +66,22 @@ class LatentIndex:
         sizes = (self.num_images, self.shard_size, self.image_size, self.downsample, *self.latent_shape)
         if not all(isinstance(name, str) for name in self.class_names):
             raise ValueError(f"latent cache index: class_names must be strings, got {self.class_names!r}")
-        if len(self.latent_shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) for n in self.latent_shape) \
-                or min(sizes) < 1:
-            raise ValueError(f"latent cache index: sizes must be positive integers and latent_shape (C, h, w), got "
-                             f"{self.num_images} images, shards of {self.shard_size}, latent_shape {self.latent_shape}")
+        if (
+            len(self.latent_shape) != 3
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in self.latent_shape)
+            or min(sizes) < 1
+        ):
+            raise ValueError(
+                f"latent cache index: sizes must be positive integers and latent_shape (C, h, w), got "
+                f"{self.num_images} images, shards of {self.shard_size}, latent_shape {self.latent_shape}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict) -> "LatentIndex":
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"not a robuq latent cache index (format {data.get('format') if isinstance(data, dict) else data!r})")
+            raise ValueError(
+                f"not a robuq latent cache index (format {data.get('format') if isinstance(data, dict) else data!r})"
+            )
         data = check_known_fields({k: v for k, v in data.items() if k != "num_shards"}, cls, "latent cache index")
         for key in ("latent_shape", "class_names"):
             if not isinstance(data.get(key), list):
@@ -106,7 +114,11 @@ def write_index(cache: str | os.PathLike, index: LatentIndex) -> None:
     if path.is_file():
         old = read_index(cache)
         if old != index:
-            diffs = [f"{k}: cache {v!r} vs now {getattr(index, k)!r}" for k, v in asdict(old).items() if getattr(index, k) != v]
+            diffs = [
+                f"{k}: cache {v!r} vs now {getattr(index, k)!r}"
+                for k, v in asdict(old).items()
+                if getattr(index, k) != v
+            ]
             raise ValueError(f"{cache} already holds a different latent cache ({'; '.join(diffs)}); use another folder")
         return
     atomic_write_text(path, json.dumps(index.to_dict(), indent=2) + "\n")
@@ -130,13 +142,17 @@ def _shard_labels(cache: Path, index: LatentIndex, shard: int) -> torch.Tensor:
             for key in wanted - {"labels"}:
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != (rows, *index.latent_shape):
-                    raise ValueError(f"latent cache {cache}: {path.name} holds {key} of shape {shape}, its index "
-                                     f"promises {(rows, *index.latent_shape)}; {redo}")
+                    raise ValueError(
+                        f"latent cache {cache}: {path.name} holds {key} of shape {shape}, its index "
+                        f"promises {(rows, *index.latent_shape)}; {redo}"
+                    )
             labels = f.get_tensor("labels")
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"latent cache {cache}: {path.name} is unreadable ({exc}); {redo}") from None
     if labels.shape != (rows,):
-        raise ValueError(f"latent cache {cache}: {path.name} holds {tuple(labels.shape)} labels for {rows} images; {redo}")
+        raise ValueError(
+            f"latent cache {cache}: {path.name} holds {tuple(labels.shape)} labels for {rows} images; {redo}"
+        )
     return labels.long()
 
 
@@ -152,8 +168,10 @@ class LatentDataset(Dataset):
         self.index = read_index(cache)
         missing = missing_shards(cache, self.index)
         if missing:
-            raise ValueError(f"latent cache {cache} is incomplete: {len(missing)} of {self.index.num_shards} shards missing "
-                             f"(first: {shard_path(cache, missing[0]).name}); finish it with the same `robuq latents` command")
+            raise ValueError(
+                f"latent cache {cache} is incomplete: {len(missing)} of {self.index.num_shards} shards missing "
+                f"(first: {shard_path(cache, missing[0]).name}); finish it with the same `robuq latents` command"
+            )
         self.has_mirrors = self.index.flip
         self.in_channels, self.input_size = self.index.latent_shape[0], self.index.latent_shape[-1]
         self.num_classes = self.index.num_classes
@@ -171,7 +189,9 @@ class LatentDataset(Dataset):
         i = int(i)
         n = self.index.num_images
         if not 0 <= i < (2 * n if self.has_mirrors else n):
-            raise IndexError(f"index {i} out of range for a cache of {n} images" + (" and their mirrors" if self.has_mirrors else ""))
+            raise IndexError(
+                f"index {i} out of range for a cache of {n} images" + (" and their mirrors" if self.has_mirrors else "")
+            )
         key, j = ("latents_flip", i - n) if i >= n else ("latents", i)
         shard, row = divmod(j, self.index.shard_size)
         if shard not in self._handles:

@@ -5,6 +5,7 @@ Nothing is fetched from a hub: a folder (``save_pretrained`` layout, e.g. stabil
 downloaded beforehand) or a single checkpoint file (the original LDM layout, e.g. vae-ft-ema-560000-ema-pruned,
 or diffusers' own) with ``config`` pointing at such a folder's config.json.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,12 @@ def vae_geometry(vae: nn.Module) -> VAEGeometry:
     config = vae.config
     scale = getattr(config, "scaling_factor", None)
     shift = getattr(config, "shift_factor", None)
-    return VAEGeometry(downsample=2 ** (len(config.block_out_channels) - 1), channels=int(config.latent_channels),
-                       scale=float(LATENT_SCALE if scale is None else scale), shift=float(shift or 0.0))
+    return VAEGeometry(
+        downsample=2 ** (len(config.block_out_channels) - 1),
+        channels=int(config.latent_channels),
+        scale=float(LATENT_SCALE if scale is None else scale),
+        shift=float(shift or 0.0),
+    )
 
 
 def _autoencoder_class():
@@ -63,27 +68,41 @@ def _load(build, path: Path) -> nn.Module:
         diffusers_logging.set_verbosity(verbosity)
 
 
-def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_vae(
+    path: str | os.PathLike,
+    config: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """An ``AutoencoderKL`` in eval mode without gradients, from a folder or a single file (local only)."""
     AutoencoderKL = _autoencoder_class()
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: give a folder written by AutoencoderKL.save_pretrained "
-                                    "(e.g. a local copy of stabilityai/sd-vae-ft-ema)")
+            raise FileNotFoundError(
+                f"{path} has no config.json: give a folder written by AutoencoderKL.save_pretrained "
+                "(e.g. a local copy of stabilityai/sd-vae-ft-ema)"
+            )
         vae = _load(lambda: AutoencoderKL.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype), path)
     elif path.is_file():
         if config is None:
-            raise ValueError(f"{path} is a single file: also give the folder of its config.json (--vae-config), "
-                             "robuq never fetches a configuration from a hub")
+            raise ValueError(
+                f"{path} is a single file: also give the folder of its config.json (--vae-config), "
+                "robuq never fetches a configuration from a hub"
+            )
         config = Path(config)
         folder = config.parent if config.name == "config.json" and config.is_file() else config
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"--vae-config {config} holds no config.json: give the folder of the VAE's config.json "
-                                    "(e.g. a local copy of stabilityai/sd-vae-ft-ema) or that file itself")
-        vae = _load(lambda: AutoencoderKL.from_single_file(str(path), config=str(folder), local_files_only=True,
-                                                           torch_dtype=dtype), path)
+            raise FileNotFoundError(
+                f"--vae-config {config} holds no config.json: give the folder of the VAE's config.json "
+                "(e.g. a local copy of stabilityai/sd-vae-ft-ema) or that file itself"
+            )
+        vae = _load(
+            lambda: AutoencoderKL.from_single_file(
+                str(path), config=str(folder), local_files_only=True, torch_dtype=dtype
+            ),
+            path,
+        )
     else:
         raise FileNotFoundError(f"VAE {path} does not exist; give a local folder or file")
     return vae.to(device).eval().requires_grad_(False)

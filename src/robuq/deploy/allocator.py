@@ -6,6 +6,7 @@ for zeroed pages on every call (on a 2-core CPU an exported DiT-S/2 forward took
 setting and 450 ms with it, in one side measurement, and its timings were bimodal). PyTorch's CPU performance guide recommends jemalloc or tcmalloc for the same reason;
 raising glibc's thresholds gets most of it without a preloaded library.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -8,6 +8,7 @@ is a LayerNorm, a multiply and an add). The model gives each its own module (``M
 blocks' own ``forward`` stays the model's. Anything but float32 CPU inference (gradients, other devices
 and dtypes) takes the PyTorch code of the module replaced.
 """
+
 from __future__ import annotations
 
 import itertools

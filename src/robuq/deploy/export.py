@@ -5,6 +5,7 @@ Layout (safetensors, no pickle): for every block linear with quantized weights a
 clip ratio; every other tensor of the model as it is, in ``dtype``. The header's JSON holds the model
 config, the quantization policy, the bit plan and, per packed layer, its format and shape.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,13 @@ def _weight_format(layer: QuantLinear, ternary_packing: str) -> str:
     raise ValueError(f"no packing for weight format {layer.config.weight!r} yet; export supports ternary and int2–int4")
 
 
-def export_model(model: nn.Module, config: QuantConfig, path: str | os.PathLike, ternary_packing: str = "ternary-2bit",
-                 dtype: str = "fp16") -> Path:
+def export_model(
+    model: nn.Module,
+    config: QuantConfig,
+    path: str | os.PathLike,
+    ternary_packing: str = "ternary-2bit",
+    dtype: str = "fp16",
+) -> Path:
     """Write ``model`` (robuq's DiT or a diffusers DiTTransformer2DModel, quantized with ``config``) as a
     compact file; returns its path."""
     if ternary_packing not in ("ternary-2bit", "ternary-trits"):
@@ -79,8 +85,12 @@ def export_model(model: nn.Module, config: QuantConfig, path: str | os.PathLike,
         else:
             tensors[key] = value.to(half)
     meta = {
-        "kind": "robuq-export", "format_version": FORMAT_VERSION, "dtype": dtype, **model_record(model),
-        "quant_config": config.to_dict(), "plan": current_plan(model),
+        "kind": "robuq-export",
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        **model_record(model),
+        "quant_config": config.to_dict(),
+        "plan": current_plan(model),
         "packed": packed,
     }
     return save_tensors(path, tensors, meta)
@@ -90,8 +100,9 @@ def _corrupt(path: Any, why: str) -> CheckpointError:
     return CheckpointError(f"{path} is not a usable robuq export: {why}. Re-export it with `robuq export`.")
 
 
-def load_exported(path: str | os.PathLike, integer: bool = True, retain_memory: bool = False,
-                  gemm: str | None = None) -> nn.Module:
+def load_exported(
+    path: str | os.PathLike, integer: bool = True, retain_memory: bool = False, gemm: str | None = None
+) -> nn.Module:
     """An inference model from an exported file: block linears run on integer levels (``integer=True``)
     or as the fake-quantized float layers they were trained as.
 
@@ -115,7 +126,9 @@ def _read_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     """The file's tensors and header, once the header says it is an export of this format."""
     tensors, meta = load_tensors(path)
     if meta.get("kind") != "robuq-export":
-        raise _corrupt(path, "its header does not describe a robuq export (is it a training checkpoint? use load_quantized)")
+        raise _corrupt(
+            path, "its header does not describe a robuq export (is it a training checkpoint? use load_quantized)"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
         raise _corrupt(path, f"format version {meta.get('format_version')} is not {FORMAT_VERSION}")
     return tensors, meta
@@ -132,8 +145,9 @@ def _skeleton(meta: dict[str, Any]) -> nn.Module:
     return model
 
 
-def _unpack_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                    model: nn.Module) -> dict[str, QuantizedTensor]:
+def _unpack_weights(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any], model: nn.Module
+) -> dict[str, QuantizedTensor]:
     """Each packed layer's levels and scales (popped from ``tensors``), checked against the header and the
     model: format, byte count, scale count, and a quantized linear of that shape to receive them."""
     weights = {}
@@ -155,13 +169,21 @@ def _unpack_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
         if not isinstance(modules.get(name), QuantLinear):
             raise _corrupt(path, f"packed weights for {name!r}, which the config does not quantize")
         if tuple(shape) != tuple(modules[name].weight.shape):
-            raise _corrupt(path, f"{name}.weight has shape {tuple(shape)}, the config needs {tuple(modules[name].weight.shape)}")
+            raise _corrupt(
+                path, f"{name}.weight has shape {tuple(shape)}, the config needs {tuple(modules[name].weight.shape)}"
+            )
         weights[name] = QuantizedTensor(packer.unpack(data, count).reshape(shape), scale.float().unsqueeze(1), 0.0)
     return weights
 
 
-def _assemble(path: str | os.PathLike, model: nn.Module, tensors: dict[str, torch.Tensor],
-              weights: dict[str, QuantizedTensor], integer: bool, gemm: str) -> nn.Module:
+def _assemble(
+    path: str | os.PathLike,
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    weights: dict[str, QuantizedTensor],
+    integer: bool,
+    gemm: str,
+) -> nn.Module:
     """``model`` with the file's values: layers that run on integers become IntegerLinears built from their
     levels, the others (float mode, or full-precision inputs) get α·L as their weight."""
     modules = dict(model.named_modules())
@@ -181,10 +203,14 @@ def _assemble(path: str | os.PathLike, model: nn.Module, tensors: dict[str, torc
             raise _corrupt(path, f"{key} has shape {tuple(value.shape)}, the config needs {tuple(expected[key].shape)}")
     model.load_state_dict(state, strict=False, assign=True)
     model.eval().requires_grad_(False)
-    for name in set(weights) - on_integers:  # the stored weights are already quantized: re-quantizing α·L would change α
+    for name in (
+        set(weights) - on_integers
+    ):  # the stored weights are already quantized: re-quantizing α·L would change α
         modules[name].stores_quantized_weight = True
         del weights[name]
-    convert_to_integer(model, weights, only_given=True, gemm=gemm)  # empties ``weights``: each layer's levels go as it is built
+    convert_to_integer(
+        model, weights, only_given=True, gemm=gemm
+    )  # empties ``weights``: each layer's levels go as it is built
     if integer:  # a float reload stays bit-exact with its training model
         use_native_kernels(model)
     unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -203,12 +229,24 @@ def file_report(path: str | os.PathLike) -> dict[str, Any]:
     params = sum(p.numel() for p in model.parameters())
     groups: dict[str, int] = {}
     for key, value in tensors.items():
-        kind = "packed weights" if key.endswith("weight_packed") else "scales" if key.endswith("weight_scale") else (
-            "low-rank branches" if "lowrank" in key else "full-precision parts")
+        kind = (
+            "packed weights"
+            if key.endswith("weight_packed")
+            else "scales"
+            if key.endswith("weight_scale")
+            else ("low-rank branches" if "lowrank" in key else "full-precision parts")
+        )
         groups[kind] = groups.get(kind, 0) + value.numel() * value.element_size()
     size = os.path.getsize(path)
-    return {"file_bytes": size, "groups": groups, "fp32_bytes": params * 4, "fp16_bytes": params * 2,
-            "ratio_fp32": params * 4 / size, "ratio_fp16": params * 2 / size, "params": params}
+    return {
+        "file_bytes": size,
+        "groups": groups,
+        "fp32_bytes": params * 4,
+        "fp16_bytes": params * 2,
+        "ratio_fp32": params * 4 / size,
+        "ratio_fp16": params * 2 / size,
+        "params": params,
+    }
 
 
 __all__ = ["IntegerLinear", "export_model", "file_report", "load_exported"]

@@ -18,6 +18,7 @@ Paths, all giving ``torch._int_mm``'s exact int32 result:
 ``ROBUQ_GEMM`` (``auto`` or a path) is read by ``robuq.load_exported`` when it loads a model, and its
 ``gemm=`` argument overrides it; the choice is then handed down to each layer explicitly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,10 +36,16 @@ ENVIRONMENT = "ROBUQ_GEMM"
 # The instruction sets that decide the path, as /proc/cpuinfo names them.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 # oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA) → the flags above it that PyTorch's int8 GEMM may still use.
-_ONEDNN_CAPS = {"SSE41": (), "AVX": (), "AVX2": ("avx2",), "AVX2_VNNI": ("avx2", "avx_vnni"),
-                "AVX2_VNNI_2": ("avx2", "avx_vnni"), "AVX512_CORE": ("avx2", "avx_vnni", "avx512f"),
-                "AVX512_CORE_VNNI": ("avx2", "avx_vnni", "avx512f", "avx512_vnni"),
-                "AVX512_CORE_BF16": ("avx2", "avx_vnni", "avx512f", "avx512_vnni")}
+_ONEDNN_CAPS = {
+    "SSE41": (),
+    "AVX": (),
+    "AVX2": ("avx2",),
+    "AVX2_VNNI": ("avx2", "avx_vnni"),
+    "AVX2_VNNI_2": ("avx2", "avx_vnni"),
+    "AVX512_CORE": ("avx2", "avx_vnni", "avx512f"),
+    "AVX512_CORE_VNNI": ("avx2", "avx_vnni", "avx512f", "avx512_vnni"),
+    "AVX512_CORE_BF16": ("avx2", "avx_vnni", "avx512f", "avx512_vnni"),
+}
 # A weight level beyond this lets vpmaddubsw's int16 pair sums saturate (2·255·64 < 2^15).
 AVX2_MAX_WEIGHT = 64
 
@@ -48,6 +55,7 @@ class CpuCapability:
     """What the GEMM choice depends on: PyTorch's CPU capability (``torch.backends.cpu.get_cpu_capability``:
     DEFAULT, AVX2, AVX512, …), the CPU's instruction sets among ``ISA_FLAGS`` that PyTorch may use, and
     what robuq's built C kernels use (``native.integer_isa``: none, plain, avx2, avx512_vnni)."""
+
     torch_capability: str
     flags: frozenset[str]
     kernels: str
@@ -82,6 +90,7 @@ def cpu_model() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         import platform
+
         return platform.processor() or platform.machine()
     fields = {}
     for line in info.splitlines():
@@ -147,10 +156,14 @@ def resolve(path: str | None) -> str:
     if path == "auto":
         return auto_path()
     if path not in PATHS:
-        raise ValueError(f"unknown GEMM path {path!r} (from gemm= or ${ENVIRONMENT}); use auto or one of {', '.join(PATHS)}")
+        raise ValueError(
+            f"unknown GEMM path {path!r} (from gemm= or ${ENVIRONMENT}); use auto or one of {', '.join(PATHS)}"
+        )
     if path == "avx2" and native.integer_isa() not in ("avx2", "avx512_vnni"):
-        raise ValueError("the avx2 GEMM path needs robuq's C kernels built for AVX2 (a C compiler, ROBUQ_NATIVE "
-                         "unset or 1, an x86-64 CPU with AVX2); use gemm='fp32' or 'int_mm' instead")
+        raise ValueError(
+            "the avx2 GEMM path needs robuq's C kernels built for AVX2 (a C compiler, ROBUQ_NATIVE "
+            "unset or 1, an x86-64 CPU with AVX2); use gemm='fp32' or 'int_mm' instead"
+        )
     return path
 
 
@@ -194,9 +207,17 @@ def float_matmul(a: torch.Tensor, b_float: torch.Tensor, max_weight: int) -> tor
     return torch.mm(a.double(), b_float.double()).to(torch.int32)
 
 
-def matmul(path: str, a: torch.Tensor, b: torch.Tensor | None, col_sums: torch.Tensor, max_weight: int,
-           b_float: torch.Tensor | None = None, packed: torch.Tensor | None = None, act_shift: int = 128,
-           act_top: int = 255) -> torch.Tensor:
+def matmul(
+    path: str,
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    col_sums: torch.Tensor,
+    max_weight: int,
+    b_float: torch.Tensor | None = None,
+    packed: torch.Tensor | None = None,
+    act_shift: int = 128,
+    act_top: int = 255,
+) -> torch.Tensor:
     """a (m, k) int8 · b (k, n) int8 → int32 by ``path`` (a concrete one of PATHS). ``col_sums`` and
     ``max_weight`` describe b (the AVX2 kernels need them; weights beyond AVX2_MAX_WEIGHT go to fp32);
     ``b_float`` is b as float32 and ``packed`` b as ``pack_avx2`` packs it, if the caller keeps them (b may
@@ -215,5 +236,17 @@ def matmul(path: str, a: torch.Tensor, b: torch.Tensor | None, col_sums: torch.T
     return float_matmul(a, b.float() if b_float is None else b_float, max_weight)
 
 
-__all__ = ["PATHS", "CpuCapability", "auto_path", "choose_path", "cpu_capability", "cpu_model", "largest_level", "matmul",
-           "pack_avx2", "resolve", "unpack_avx2", "uses_ternary_lookup"]
+__all__ = [
+    "PATHS",
+    "CpuCapability",
+    "auto_path",
+    "choose_path",
+    "cpu_capability",
+    "cpu_model",
+    "largest_level",
+    "matmul",
+    "pack_avx2",
+    "resolve",
+    "unpack_avx2",
+    "uses_ternary_lookup",
+]

@@ -25,6 +25,7 @@ path; weights packed for the AVX2 GEMM are unpacked on the way out and packed ag
 when the GELU is turned on. Whether robuq's C kernels are on (``ROBUQ_NATIVE``, ``native.use``) is read
 then too, not on each call. A path computes in float32 whatever the input's dtype, except PyTorch's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -137,8 +138,11 @@ class IntegerLinear(nn.Module):
     def _store_levels(self, levels: torch.Tensor) -> None:
         """Keep the (in, out) int8 levels as the layer's GEMM path wants them: packed once for robuq's AVX2
         kernels (on the CPU, for weights they take), else as they are."""
-        packs = (self.gemm == "avx2" and levels.device.type == "cpu"
-                 and gemm_paths.largest_level(levels) <= gemm_paths.AVX2_MAX_WEIGHT)
+        packs = (
+            self.gemm == "avx2"
+            and levels.device.type == "cpu"
+            and gemm_paths.largest_level(levels) <= gemm_paths.AVX2_MAX_WEIGHT
+        )
         self.weight_levels_t = None if packs else levels
         self._avx2_weight = gemm_paths.pack_avx2(levels, self.level_shift, self.act_top) if packs else None
 
@@ -157,8 +161,11 @@ class IntegerLinear(nn.Module):
             # V·(T x) = (V T) x: with the rotation folded into the branch, it reads the layer's input and no
             # float copy of the rotated input has to be written.
             down = self.lowrank_down
-            self.register_buffer("_lowrank_down_input", hadamard_transform(down, self.hadamard_signs, inverse=True)
-                                 if self.hadamard else down, persistent=False)
+            self.register_buffer(
+                "_lowrank_down_input",
+                hadamard_transform(down, self.hadamard_signs, inverse=True) if self.hadamard else down,
+                persistent=False,
+            )
         if self.rank:  # the epilogue kernel's layout of U: one row of output columns per rank
             self.register_buffer("_lowrank_up_rows", self.lowrank_up.t().contiguous(), persistent=False)
         self.path = choose_path(self)
@@ -170,8 +177,11 @@ class IntegerLinear(nn.Module):
             return self
         if self.weight_scale.device != device:  # the AVX2 packing lives on the CPU only: unpack it, or pack again
             packed = self._avx2_weight
-            levels = self.weight_levels_t if packed is None else gemm_paths.unpack_avx2(
-                packed.cpu(), self.in_features, self.out_features)
+            levels = (
+                self.weight_levels_t
+                if packed is None
+                else gemm_paths.unpack_avx2(packed.cpu(), self.in_features, self.out_features)
+            )
             self._store_levels(levels.to(self.weight_scale.device))
         self._derive()
         return self
@@ -186,18 +196,26 @@ class IntegerLinear(nn.Module):
 
     def extra_repr(self) -> str:
         gelu = ", then tanh-GELU" if self.gelu else ""
-        return (f"{self.in_features}→{self.out_features}, int8 weights, a={self.act_bits}, lowrank={self.rank}{gelu}, "
-                f"path={self.path.name}, cpu gemm={self.gemm}")
+        return (
+            f"{self.in_features}→{self.out_features}, int8 weights, a={self.act_bits}, lowrank={self.rank}{gelu}, "
+            f"path={self.path.name}, cpu gemm={self.gemm}"
+        )
 
 
-def convert_to_integer(model: nn.Module, weights: dict[str, QuantizedTensor] | None = None,
-                       only_given: bool = False, gemm: str = "auto") -> nn.Module:
+def convert_to_integer(
+    model: nn.Module, weights: dict[str, QuantizedTensor] | None = None, only_given: bool = False, gemm: str = "auto"
+) -> nn.Module:
     """Replace, in place, every QuantLinear with quantized weights and activations by an IntegerLinear
     (with the given levels and scales where ``weights`` has them, popped from it as they are used;
     ``only_given``: just those layers, whose float weights need not exist; ``gemm``: their CPU GEMM path)."""
     weights = weights or {}
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.act_bits is not None
-               and (n in weights if only_given else m.quantized_weight() is not None)]
+    targets = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+        and m.act_bits is not None
+        and (n in weights if only_given else m.quantized_weight() is not None)
+    ]
     for name, layer in targets:
         # pop: the caller's levels are freed layer by layer once the integer copy exists (peak memory).
         model.set_submodule(name, IntegerLinear(layer, weights.pop(name, None), gemm))

@@ -5,6 +5,7 @@ levels, and the low-rank branch while the rotated rows are in cache, with no flo
 integer product is the layer's CPU GEMM path; the rescale, branch and GELU are one C epilogue. The kernels
 compute in float32 whatever the input's dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,12 +34,30 @@ class CLinear(PyTorchLinear):
     def fused_input_pass(self, x: torch.Tensor, with_branch: bool = True):
         layer = self.layer
         _, levels, scale, offset, branch = native.hadamard_quantize(
-            x, layer.hadamard_signs, layer.hadamard, layer.act_bits, layer.act_rule, layer.clip_ratio,
-            keep_rotated=False, down=self.down if with_branch else None)
+            x,
+            layer.hadamard_signs,
+            layer.hadamard,
+            layer.act_bits,
+            layer.act_rule,
+            layer.clip_ratio,
+            keep_rotated=False,
+            down=self.down if with_branch else None,
+        )
         return levels, scale, offset, branch
 
-    def rescale(self, acc: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                branch: torch.Tensor | None) -> None:
+    def rescale(
+        self, acc: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, branch: torch.Tensor | None
+    ) -> None:
         layer = self.layer
-        native.rescale(acc, y, scale.contiguous(), (offset + layer.level_shift * scale).contiguous(), layer.weight_scale,
-                       layer._offset_rows[0], layer._offset_rows[1], branch, self.up_rows, layer.gelu)
+        native.rescale(
+            acc,
+            y,
+            scale.contiguous(),
+            (offset + layer.level_shift * scale).contiguous(),
+            layer.weight_scale,
+            layer._offset_rows[0],
+            layer._offset_rows[1],
+            branch,
+            self.up_rows,
+            layer.gelu,
+        )

@@ -5,6 +5,7 @@ temporaries beyond a block per thread. Its arguments (pointers into the layer's 
 are converted once, when the path is built; the layer builds a new path whenever those tensors are
 replaced or the GELU changes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,16 +22,34 @@ class CTernaryLinear(CLinear):
 
     @staticmethod
     def accepts(layer) -> bool:
-        return (CLinear.accepts(layer) and layer._avx2_weight is not None and layer.act_granularity == "token"
-                and layer.act_rule in native.RULES and (not layer.rank or layer.lowrank_input == "fp")
-                and gemm_paths.uses_ternary_lookup(layer._max_weight, layer.level_shift, layer.act_top))
+        return (
+            CLinear.accepts(layer)
+            and layer._avx2_weight is not None
+            and layer.act_granularity == "token"
+            and layer.act_rule in native.RULES
+            and (not layer.rank or layer.lowrank_input == "fp")
+            and gemm_paths.uses_ternary_lookup(layer._max_weight, layer.level_shift, layer.act_top)
+        )
 
     def __init__(self, layer) -> None:
         super().__init__(layer)
         self.arguments = native.ternary_linear_args(
-            layer.in_features, layer.out_features, layer.hadamard_signs, layer.hadamard, layer.act_bits,
-            layer.act_rule, layer.clip_ratio, self.down, layer._avx2_weight, layer._level_sums, layer.weight_scale,
-            layer._offset_rows[0], layer._offset_rows[1], self.up_rows, layer.gelu)
+            layer.in_features,
+            layer.out_features,
+            layer.hadamard_signs,
+            layer.hadamard,
+            layer.act_bits,
+            layer.act_rule,
+            layer.clip_ratio,
+            self.down,
+            layer._avx2_weight,
+            layer._level_sums,
+            layer.weight_scale,
+            layer._offset_rows[0],
+            layer._offset_rows[1],
+            self.up_rows,
+            layer.gelu,
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.layer.in_features)

@@ -4,6 +4,7 @@ It is what a layer runs where no faster path accepts it (``robuq.deploy.integer_
 path the others are checked against, and the frame the C path fills with its kernels: rows in blocks,
 each block rotated and quantized, multiplied on integers, then rescaled.
 """
+
 from __future__ import annotations
 
 import torch
@@ -72,11 +73,20 @@ class PyTorchLinear:
         layer = self.layer
         if not self.on_cpu:
             return cuda_int8_matmul(levels, layer.levels_t())
-        return gemm_paths.matmul(layer.gemm, levels, layer.weight_levels_t, layer._level_sums, layer._max_weight,
-                                 packed=layer._avx2_weight, act_shift=layer.level_shift, act_top=layer.act_top)
+        return gemm_paths.matmul(
+            layer.gemm,
+            levels,
+            layer.weight_levels_t,
+            layer._level_sums,
+            layer._max_weight,
+            packed=layer._avx2_weight,
+            act_shift=layer.level_shift,
+            act_top=layer.act_top,
+        )
 
-    def rescale(self, acc: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                branch: torch.Tensor | None) -> None:
+    def rescale(
+        self, acc: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, branch: torch.Tensor | None
+    ) -> None:
         """y = (s·acc + (o + shift·s)·ΣL)·α + b [+ U·branch] [then GELU]: two scalings and one rank-2 update,
         all in place."""
         layer = self.layer
@@ -86,8 +96,9 @@ class PyTorchLinear:
         finish(layer, y, branch)
 
 
-def low_rank_branch(layer, x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor,
-                    offset: torch.Tensor) -> torch.Tensor:
+def low_rank_branch(
+    layer, x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+) -> torch.Tensor:
     """V·x' (rows × rank) with x' the rotated input ("fp") or its fake-quantized levels ("quantized")."""
     if layer.lowrank_input == "fp":
         return F.linear(x, layer._lowrank_down_input)

@@ -4,6 +4,7 @@ One kernel rotates and quantizes the rows (where it splits the layer's width and
 else PyTorch does), a second multiplies the levels by the weights with the rescale fused; ternary weights go
 to it at 2 bits each, packed when the path is built (a quarter of int8's memory traffic).
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,9 +33,16 @@ class TritonLinear(PyTorchLinear):
         layer = self.layer
         rows = x.reshape(-1, layer.in_features)
         levels, scale, offset = self.input_levels(rows)
-        y = triton_ops.lowbit_matmul(levels, self.weight, self.packed, scale.reshape(-1).contiguous(),
-                                     (offset + layer.level_shift * scale).reshape(-1).contiguous(), layer.weight_scale,
-                                     layer._offset_rows[0].contiguous(), layer.bias)
+        y = triton_ops.lowbit_matmul(
+            levels,
+            self.weight,
+            self.packed,
+            scale.reshape(-1).contiguous(),
+            (offset + layer.level_shift * scale).reshape(-1).contiguous(),
+            layer.weight_scale,
+            layer._offset_rows[0].contiguous(),
+            layer.bias,
+        )
         finish(layer, y, low_rank_branch(layer, rows, levels, scale, offset) if layer.rank else None)
         return y.reshape(*x.shape[:-1], layer.out_features)
 
@@ -42,6 +50,7 @@ class TritonLinear(PyTorchLinear):
         layer = self.layer
         if self.fused_quantize and triton_ops.can_hadamard(x):  # the input's dtype and width: see can_hadamard
             _, levels, scale, offset = triton_ops.hadamard_quantize(
-                x, layer.hadamard_signs, layer.act_bits, layer.act_rule, layer.clip_ratio, store_rotated=False)
+                x, layer.hadamard_signs, layer.act_bits, layer.act_rule, layer.clip_ratio, store_rotated=False
+            )
             return levels, scale[:, None], offset[:, None], None
         return super().input_pass(x, with_branch)

@@ -3,6 +3,7 @@
 All packers take a flat integer tensor and return uint8 bytes; the unpacker needs the element count
 back, which the export file stores beside the bytes.
 """
+
 from __future__ import annotations
 
 import functools

@@ -4,6 +4,7 @@ Linear betas, ε-prediction, optionally learned variance (interpolated between t
 and β_t) trained with the hybrid loss MSE + VLB. Schedules are computed in float64 and gathered per
 timestep, so a respaced diffusion is the same class built from a subset of ᾱ_t.
 """
+
 from __future__ import annotations
 
 import math
@@ -140,7 +141,9 @@ class GaussianDiffusion:
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         n = x_t.ndim
-        return _gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t - _gather(self.sqrt_recipm1_alphas_cumprod, t, n) * eps
+        return (
+            _gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t - _gather(self.sqrt_recipm1_alphas_cumprod, t, n) * eps
+        )
 
     def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, x_start: torch.Tensor) -> torch.Tensor:
         n = x_t.ndim
@@ -148,7 +151,9 @@ class GaussianDiffusion:
             self.sqrt_recipm1_alphas_cumprod, t, n
         )
 
-    def split_output(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_output(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """ε and the log-variance of p(x_{t-1} | x_t) from the raw network output."""
         C = x_t.shape[1]
         if self.learn_sigma:
@@ -262,7 +267,9 @@ class GaussianDiffusion:
             eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
             alpha_bar = _gather(self.alphas_cumprod, t, x.ndim)
             alpha_bar_prev = _gather(self.alphas_cumprod_prev, t, x.ndim)
-            sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+            sigma = (
+                eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+            )
             mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
             if i > 0 and eta > 0:
                 z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)

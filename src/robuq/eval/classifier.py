@@ -4,6 +4,7 @@ Penultimate features (256-d) → FID and precision/recall; a spatial map of an i
 channels × 7 × 7) → sFID; softmax → Inception Score. Trained by ``robuq eval train-classifier`` and
 shipped with robuq, so the embedded benchmark needs nothing from the network.
 """
+
 from __future__ import annotations
 
 import time
@@ -94,8 +95,11 @@ class ClassifierTrainConfig:
     seed: int = option(0, "seed of the initial weights and the data order")
     data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files")
     # Not the shipped asset: every classifier FID robuq reports depends on it, so replacing it takes an explicit path.
-    out: str = option("fmnist-classifier.safetensors", "where to write the weights (accuracy and settings go in the "
-                      "file's header); score with them by `robuq eval metrics --classifier PATH`")
+    out: str = option(
+        "fmnist-classifier.safetensors",
+        "where to write the weights (accuracy and settings go in the "
+        "file's header); score with them by `robuq eval metrics --classifier PATH`",
+    )
 
 
 def accuracy(model: FashionClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -139,8 +143,11 @@ def _train_classifier(config: ClassifierTrainConfig, progress: bool) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    result = {"test_accuracy": accuracy(model, test_set.images, test_set.labels), "seconds": time.perf_counter() - t0,
-              "config": asdict(config)}
+    result = {
+        "test_accuracy": accuracy(model, test_set.images, test_set.labels),
+        "seconds": time.perf_counter() - t0,
+        "config": asdict(config),
+    }
     save_tensors(config.out, model.state_dict(), {"kind": "fmnist-classifier", "width": config.width, **result})
     return result
 
@@ -148,7 +155,9 @@ def _train_classifier(config: ClassifierTrainConfig, progress: bool) -> dict:
 def load_classifier(path: str | Path | None = None) -> FashionClassifier:
     path = Path(path) if path else ASSET
     if not path.is_file():
-        raise FileNotFoundError(f"the Fashion-MNIST classifier {path} is missing; train it with `robuq eval train-classifier`")
+        raise FileNotFoundError(
+            f"the Fashion-MNIST classifier {path} is missing; train it with `robuq eval train-classifier`"
+        )
     tensors, meta = load_tensors(path)
     if meta.get("kind") != "fmnist-classifier":
         raise ValueError(f"{path} is not a robuq Fashion-MNIST classifier (its header says {meta.get('kind')!r})")

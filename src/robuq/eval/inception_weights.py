@@ -9,6 +9,7 @@
   layer: features for FID, sFID and precision/recall, but no Inception Score. The archive is read
   by a restricted unpickler that rebuilds tensors and nothing else; its TorchScript code is never run.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -57,9 +58,16 @@ def resolve_weights(path: str | os.PathLike | None) -> Path:
 # --- TorchScript archives, read without running them -------------------------------------------------
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 
 
@@ -128,27 +136,76 @@ def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]
 
 # --- TF layer names (NVIDIA's conversion) → torchvision names ------------------------------------------
 
-_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3", "conv_3": "Conv2d_3b_1x1",
-         "conv_4": "Conv2d_4a_3x3"}
+_STEM = {
+    "conv": "Conv2d_1a_3x3",
+    "conv_1": "Conv2d_2a_3x3",
+    "conv_2": "Conv2d_2b_3x3",
+    "conv_3": "Conv2d_3b_1x1",
+    "conv_4": "Conv2d_4a_3x3",
+}
 _UNITS = {
-    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2", "tower_1.conv": "branch3x3dbl_1",
-          "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"},
-    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2", "tower.conv_2": "branch3x3dbl_3"},
-    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2", "tower.conv_2": "branch7x7_3",
-          **{f"tower_1.conv{s}": f"branch7x7dbl_{i + 1}" for i, s in enumerate(("", "_1", "_2", "_3", "_4"))},
-          "tower_2.conv": "branch_pool"},
-    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2", "tower_1.conv": "branch7x7x3_1",
-          "tower_1.conv_1": "branch7x7x3_2", "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"},
-    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
-          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
-          "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"},
+    "A": {
+        "conv": "branch1x1",
+        "tower.conv": "branch5x5_1",
+        "tower.conv_1": "branch5x5_2",
+        "tower_1.conv": "branch3x3dbl_1",
+        "tower_1.conv_1": "branch3x3dbl_2",
+        "tower_1.conv_2": "branch3x3dbl_3",
+        "tower_2.conv": "branch_pool",
+    },
+    "B": {
+        "conv": "branch3x3",
+        "tower.conv": "branch3x3dbl_1",
+        "tower.conv_1": "branch3x3dbl_2",
+        "tower.conv_2": "branch3x3dbl_3",
+    },
+    "C": {
+        "conv": "branch1x1",
+        "tower.conv": "branch7x7_1",
+        "tower.conv_1": "branch7x7_2",
+        "tower.conv_2": "branch7x7_3",
+        **{f"tower_1.conv{s}": f"branch7x7dbl_{i + 1}" for i, s in enumerate(("", "_1", "_2", "_3", "_4"))},
+        "tower_2.conv": "branch_pool",
+    },
+    "D": {
+        "tower.conv": "branch3x3_1",
+        "tower.conv_1": "branch3x3_2",
+        "tower_1.conv": "branch7x7x3_1",
+        "tower_1.conv_1": "branch7x7x3_2",
+        "tower_1.conv_2": "branch7x7x3_3",
+        "tower_1.conv_3": "branch7x7x3_4",
+    },
+    "E": {
+        "conv": "branch1x1",
+        "tower_conv": "branch3x3_1",
+        "tower_mixed_conv": "branch3x3_2a",
+        "tower_mixed_conv_1": "branch3x3_2b",
+        "tower_1_conv": "branch3x3dbl_1",
+        "tower_1_conv_1": "branch3x3dbl_2",
+        "tower_1_mixed_conv": "branch3x3dbl_3a",
+        "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+        "tower_2_conv": "branch_pool",
+    },
 }
 # TF's mixed, mixed_1, …, mixed_10 are torchvision's Mixed_5b … Mixed_7c.
-_BLOCKS = dict(zip(
-    ["mixed"] + [f"mixed_{i}" for i in range(1, 11)],
-    [("Mixed_5b", "A"), ("Mixed_5c", "A"), ("Mixed_5d", "A"), ("Mixed_6a", "B"), ("Mixed_6b", "C"), ("Mixed_6c", "C"),
-     ("Mixed_6d", "C"), ("Mixed_6e", "C"), ("Mixed_7a", "D"), ("Mixed_7b", "E"), ("Mixed_7c", "E")],
-))
+_BLOCKS = dict(
+    zip(
+        ["mixed"] + [f"mixed_{i}" for i in range(1, 11)],
+        [
+            ("Mixed_5b", "A"),
+            ("Mixed_5c", "A"),
+            ("Mixed_5d", "A"),
+            ("Mixed_6a", "B"),
+            ("Mixed_6b", "C"),
+            ("Mixed_6c", "C"),
+            ("Mixed_6d", "C"),
+            ("Mixed_6e", "C"),
+            ("Mixed_7a", "D"),
+            ("Mixed_7b", "E"),
+            ("Mixed_7c", "E"),
+        ],
+    )
+)
 _TF_UNIT_FIELDS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
 
 
@@ -188,6 +245,7 @@ def tf_named_to_torchvision(state: dict[str, torch.Tensor], path: str | os.PathL
 
 
 # --- one loader for every format -------------------------------------------------------------------------
+
 
 def read_inception_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
     """(state_dict under torchvision names, format) of an Inception weights file: "torchscript-tf" or "state_dict"."""
@@ -234,8 +292,13 @@ def load_fid_inception(path: str | os.PathLike) -> FIDInceptionV3:
     unexpected = sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        detail = (f"missing {', '.join(missing[:4])}" if missing else
-                  f"unexpected {', '.join(unexpected[:4])}" if unexpected else f"shape mismatch in {', '.join(wrong[:4])}")
+        detail = (
+            f"missing {', '.join(missing[:4])}"
+            if missing
+            else f"unexpected {', '.join(unexpected[:4])}"
+            if unexpected
+            else f"shape mismatch in {', '.join(wrong[:4])}"
+        )
         raise CheckpointError(f"{path} is not the FID Inception-v3 (pytorch-fid layout) weights: {detail}")
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -4,6 +4,7 @@ The Fréchet distance follows pytorch-fid and the ADM evaluator: SciPy's ``sqrtm
 result is not finite, add ε·I to both covariances; drop an imaginary part only when it is numerically
 zero on the diagonal (|imag| ≤ 1e-3), else fail — a complex result means the statistics are broken.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,7 +83,9 @@ def _sqrtm(matrix: np.ndarray) -> np.ndarray:
     return result[0] if isinstance(result, tuple) else result
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½)."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
@@ -187,8 +190,9 @@ def _covered(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: 
     return inside
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1000,
-                     dtype: str = "float64") -> tuple[float, float]:
+def precision_recall(
+    real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1000, dtype: str = "float64"
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019): k-NN balls around each set's points.
 
     Precision: the fraction of fake samples inside the real manifold; recall: the converse. Distances are

@@ -4,6 +4,7 @@
 evaluation at the machine's memory. ``NpzImages`` reads the array's header, then only the rows asked for,
 through the zip member (stored or compressed alike), as the ADM evaluator does.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,15 +38,19 @@ class NpzImages:
         try:
             self._member = self._zip.open(ARRAY)
             version = np.lib.format.read_magic(self._member)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran_order, dtype = read_header(self._member)
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
             self.close()
             raise ValueError(f"{what}: its arr_0 cannot be read ({exc})") from None
         if dtype != np.uint8 or len(shape) != 4 or fortran_order:
             self.close()
-            raise ValueError(f"{self.path}: arr_0 must be uint8 N×H×W×C in C order, got {dtype} {shape}"
-                             + (" in Fortran order" if fortran_order else ""))
+            raise ValueError(
+                f"{self.path}: arr_0 must be uint8 N×H×W×C in C order, got {dtype} {shape}"
+                + (" in Fortran order" if fortran_order else "")
+            )
         self._start = self._member.tell()
         self.shape = (shape[0] if limit is None else min(shape[0], limit), *shape[1:])
         self._row = int(np.prod(shape[1:]))

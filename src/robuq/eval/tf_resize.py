@@ -7,6 +7,7 @@ float32 quotient, the coordinate as a float32 product, the lower tap floor(x), t
 min(ceil(x), in − 1), and top = tl + (tr − tl)·Δx, bottom likewise, out = top + (bottom − top)·Δy — so that
 the result matches TF's kernel to the last bit or one ulp.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ It joins diffusers' quantizer mappings (as "robuq") only when asked — ``regist
 constructing a ``DiffusersConfig`` — never as a side effect of ``import robuq``. Pinned to the diffusers
 versions it is tested with (``TESTED_DIFFUSERS``): the mapping and the quantizer hooks are internals.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,7 +49,9 @@ class DiffusersConfig:
         if self.policy is not None:
             config = QuantConfig.from_dict(self.policy)
         else:
-            config = preset(self.preset, self.act_bits, lowrank_rank=self.lowrank_rank, lowrank_share=self.lowrank_share)
+            config = preset(
+                self.preset, self.act_bits, lowrank_rank=self.lowrank_rank, lowrank_share=self.lowrank_share
+            )
         if self.plan is not None:
             config.plan = as_bits(self.plan)
         return config
@@ -83,9 +86,11 @@ class DiffusersConfig:
 
 def _check_version(diffusers) -> None:
     if diffusers.__version__ not in TESTED_DIFFUSERS:
-        raise RuntimeError(f"robuq's diffusers quantizer is tested with diffusers {', '.join(TESTED_DIFFUSERS)}, not "
-                           f"{diffusers.__version__}: its quantizer hooks are internals that change between releases. "
-                           "Install a tested version, or quantize after loading with robuq.quantize_")
+        raise RuntimeError(
+            f"robuq's diffusers quantizer is tested with diffusers {', '.join(TESTED_DIFFUSERS)}, not "
+            f"{diffusers.__version__}: its quantizer hooks are internals that change between releases. "
+            "Install a tested version, or quantize after loading with robuq.quantize_"
+        )
 
 
 _REGISTERED: list[type] = []

@@ -1,4 +1,5 @@
 """Open a full-precision model of any family robuq supports."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Open any model file robuq reads: a full-precision checkpoint, a quantized model, or an export."""
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,11 @@ def file_kind(path: str | os.PathLike) -> str:
     is full precision; whether it loads is ``load_any``'s to say)."""
     try:  # the header alone: loading every tensor just to learn the format doubled the peak memory
         meta = read_meta(path)
-    except (SafetensorError, OSError, ValueError):  # not a safetensors file: load_dit reads .pt files and explains what is wrong
+    except (
+        SafetensorError,
+        OSError,
+        ValueError,
+    ):  # not a safetensors file: load_dit reads .pt files and explains what is wrong
         meta = {}
     if meta.get("kind") == "robuq-export":
         return EXPORTED
@@ -53,8 +58,11 @@ class ExportConfig:
 
     model: str | None = option(None, "quantized model file (from qat, quantize or ampn run)", positional=True)
     out: str = option("model.robuq.safetensors", "where to write the exported file")
-    packing: str = option("ternary-2bit", "ternary weights at 2 bits each, or 5 trits per byte (1.6 bits)",
-                          choices=("ternary-2bit", "ternary-trits"))
+    packing: str = option(
+        "ternary-2bit",
+        "ternary weights at 2 bits each, or 5 trits per byte (1.6 bits)",
+        choices=("ternary-2bit", "ternary-trits"),
+    )
     dtype: str = option("fp16", "precision of the full-precision parts", choices=("fp16", "bf16", "fp32"))
     report: bool = option(False, "print the file's size by kind of tensor and against fp32/fp16")
 

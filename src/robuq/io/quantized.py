@@ -1,5 +1,6 @@
 """Save and load quantized DiTs (robuq's or diffusers'): one safetensors file holding the state, the policy
 and the bit plan."""
+
 from __future__ import annotations
 
 import os
@@ -22,15 +23,24 @@ from robuq.precision.presets import resolve_policy
 
 def quantized_meta(model: nn.Module, config: QuantConfig) -> dict[str, Any]:
     """The JSON that rebuilds ``model``'s structure: model family and config, policy and the plan in force."""
-    return {"kind": "quantized-model", **model_record(model), "quant_config": config.to_dict(), "plan": current_plan(model)}
+    return {
+        "kind": "quantized-model",
+        **model_record(model),
+        "quant_config": config.to_dict(),
+        "plan": current_plan(model),
+    }
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike, config: QuantConfig, extra_meta: dict[str, Any] | None = None) -> Path:
+def save_quantized(
+    model: nn.Module, path: str | os.PathLike, config: QuantConfig, extra_meta: dict[str, Any] | None = None
+) -> Path:
     """Write ``model`` (already ``quantize_``d with ``config``) atomically as safetensors + JSON header."""
     return save_tensors(path, model.state_dict(), {**quantized_meta(model, config), **(extra_meta or {})})
 
 
-def load_quantized(path: str | os.PathLike, prefer: str = "ema", map_location: str = "cpu") -> tuple[nn.Module, QuantConfig]:
+def load_quantized(
+    path: str | os.PathLike, prefer: str = "ema", map_location: str = "cpu"
+) -> tuple[nn.Module, QuantConfig]:
     """The quantized model stored in ``path`` (a ``save_quantized`` file or a QAT training checkpoint):
     robuq's DiT, or a diffusers DiTTransformer2DModel if one was saved."""
     state, meta = read_state_dict(path, prefer=prefer)
@@ -57,17 +67,22 @@ class QuantizeConfig:
     plan: str | None = option(None, "per-layer activation bits (a plan JSON, e.g. from `robuq ampn allocate`)")
     config: str | None = option(None, "a policy file (YAML/JSON) instead of --preset/--act-bits")
     lowrank_rank: int = option(16, "rank of the full-precision low-rank branch of the baseline and robuq presets")
-    lowrank_share: float | None = option(None, "the branch's rank as a share of each layer's width instead (the paper's "
-                                               "16 of 1,152: 0.013889)")
-    allow_partial: bool = option(False, "quantize what the model's family map covers and keep the linears it does not "
-                                        "name in full precision, with a warning naming them (otherwise: refused)")
+    lowrank_share: float | None = option(
+        None, "the branch's rank as a share of each layer's width instead (the paper's 16 of 1,152: 0.013889)"
+    )
+    allow_partial: bool = option(
+        False,
+        "quantize what the model's family map covers and keep the linears it does not "
+        "name in full precision, with a warning naming them (otherwise: refused)",
+    )
     out: str = option("quantized.safetensors", "where to write the quantized model")
 
 
 def quantize_checkpoint(config: QuantizeConfig) -> tuple[DiT, Path]:
     """Load a full-precision checkpoint, ``quantize_`` it (post-training initialisation), save it."""
-    policy = resolve_policy(config.preset, config.act_bits, config.config, config.plan, config.lowrank_rank,
-                            config.lowrank_share)
+    policy = resolve_policy(
+        config.preset, config.act_bits, config.config, config.plan, config.lowrank_rank, config.lowrank_share
+    )
     source = config.ckpt or default_teacher_path()
     model = quantize_(load_full_precision(source), policy, allow_partial=config.allow_partial)
     return model, save_quantized(model, config.out, policy, {"source": str(source)})

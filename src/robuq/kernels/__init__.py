@@ -4,6 +4,7 @@ Importing this package registers them as back-ends of the primitives (``robuq.qu
 Triton ones first: they take CUDA tensors (and CPU tensors under Triton's interpreter), the C ones
 float32 CPU tensors. Every primitive keeps its PyTorch path for everything else.
 """
+
 from robuq.kernels import native, triton_ops
 from robuq.quant.backends import Backend, register_backend
 

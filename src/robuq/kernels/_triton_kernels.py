@@ -3,6 +3,7 @@
 Imported only through ``robuq.kernels.triton_ops``, which decides when they run. Under
 ``TRITON_INTERPRET=1`` Triton executes them on the CPU with NumPy, which is how CI tests them.
 """
+
 from __future__ import annotations
 
 import triton
@@ -28,11 +29,30 @@ def _round_half_even(v):
 
 @triton.jit
 def hadamard_quantize_kernel(
-    x_ptr, signs_ptr, ha_ptr, hb_t_ptr, y_ptr, levels_ptr, scale_ptr, offset_ptr, ratio_ptr,
-    A, n, stride_x, stride_y, stride_levels, step_factor, top, shift,
-    AP: tl.constexpr, B: tl.constexpr,
+    x_ptr,
+    signs_ptr,
+    ha_ptr,
+    hb_t_ptr,
+    y_ptr,
+    levels_ptr,
+    scale_ptr,
+    offset_ptr,
+    ratio_ptr,
+    A,
+    n,
+    stride_x,
+    stride_y,
+    stride_levels,
+    step_factor,
+    top,
+    shift,
+    AP: tl.constexpr,
+    B: tl.constexpr,
     SIGNS: tl.constexpr,  # 0: none, 1: before H (forward), 2: after H (inverse)
-    STORE_Y: tl.constexpr, QUANT: tl.constexpr, RULE: tl.constexpr, HAS_RATIO: tl.constexpr,
+    STORE_Y: tl.constexpr,
+    QUANT: tl.constexpr,
+    RULE: tl.constexpr,
+    HAS_RATIO: tl.constexpr,
 ):
     """One token per program. Its n = A·B values are viewed as an (A, B) matrix X, padded to AP rows;
     H = H_A ⊗ H_B makes the transform H_A · X · H_Bᵀ, two small dense products (exact in fp32)."""
@@ -83,9 +103,25 @@ def hadamard_quantize_kernel(
 
 @triton.jit
 def lowbit_matmul_kernel(
-    a_ptr, w_ptr, out_ptr, scale_ptr, offset_ptr, alpha_ptr, offset_row_ptr, bias_ptr,
-    M, N, K, stride_a, stride_w, stride_out,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    scale_ptr,
+    offset_ptr,
+    alpha_ptr,
+    offset_row_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    stride_a,
+    stride_w,
+    stride_out,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """out = s·(q Lᵀ)·α + o·(ΣL·α) + b for int8 activation levels q (M, K) and weight levels L.
 
@@ -103,18 +139,26 @@ def lowbit_matmul_kernel(
         quarter = K // 4
         for k in range(0, quarter, BK):
             kk = k + rk
-            packed = tl.load(w_ptr + kk[:, None] * stride_w + rn[None, :],
-                             mask=(kk[:, None] < quarter) & (rn[None, :] < N), other=0)
+            packed = tl.load(
+                w_ptr + kk[:, None] * stride_w + rn[None, :], mask=(kk[:, None] < quarter) & (rn[None, :] < N), other=0
+            )
             for part in tl.static_range(4):
-                a = tl.load(a_ptr + rm[:, None] * stride_a + (part * quarter + kk)[None, :],
-                            mask=(rm[:, None] < M) & (kk[None, :] < quarter), other=0)
+                a = tl.load(
+                    a_ptr + rm[:, None] * stride_a + (part * quarter + kk)[None, :],
+                    mask=(rm[:, None] < M) & (kk[None, :] < quarter),
+                    other=0,
+                )
                 w = ((packed >> (2 * part)) & 3).to(tl.int8) - 1
                 acc += tl.dot(a, w)
     else:
         for k in range(0, K, BK):
             kk = k + rk
-            a = tl.load(a_ptr + rm[:, None] * stride_a + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
-            w = tl.load(w_ptr + kk[:, None] * stride_w + rn[None, :], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0)
+            a = tl.load(
+                a_ptr + rm[:, None] * stride_a + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0
+            )
+            w = tl.load(
+                w_ptr + kk[:, None] * stride_w + rn[None, :], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0
+            )
             acc += tl.dot(a, w)
     s = tl.load(scale_ptr + rm, mask=rm < M, other=0.0)
     o = tl.load(offset_ptr + rm, mask=rm < M, other=0.0)

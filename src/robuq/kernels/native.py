@@ -7,6 +7,7 @@ build) replaces ``-march=native``: ``ROBUQ_MARCH=haswell`` builds for AVX2 alone
 (``takes``); every function converts its inputs to contiguous float32 CPU tensors before handing
 pointers to C, and allocates its outputs as such, whatever PyTorch's default dtype and device.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,12 +35,29 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")  # includes the kernel famili
 FAMILIES = Path(__file__).with_name("c")
 # -ffp-contract=off: no fused multiply-adds, so scales, offsets and levels round as PyTorch's do;
 # -fno-trapping-math lets rintf vectorize (no program here traps on floating-point exceptions).
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC",
-         "-std=c11", "-Wall", "-Werror=implicit-function-declaration"]
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fno-trapping-math",
+    "-fno-math-errno",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+    "-std=c11",
+    "-Wall",
+    "-Werror=implicit-function-declaration",
+]
 RULES = ("minmax", "gaussian")  # the scale rules cpu_kernels.c has a branch for
 # These return 0, or −1: out of memory.
-_ALLOCATING = ("robuq_hadamard", "robuq_hadamard_quantize", "robuq_attention_int8", "robuq_gemm_s8",
-               "robuq_gemm_ternary", "robuq_linear_ternary")
+_ALLOCATING = (
+    "robuq_hadamard",
+    "robuq_hadamard_quantize",
+    "robuq_attention_int8",
+    "robuq_gemm_s8",
+    "robuq_gemm_ternary",
+    "robuq_linear_ternary",
+)
 _BAD_ARGUMENT = -2  # cpu_kernels.c's answer to a rule or level range it does not implement
 # The AVX2 GEMM's weight packing: blocks of GEMM_PACK_COLUMNS columns (one register of int32 lanes), each
 # column's GEMM_PACK_DEPTH consecutive k side by side (the bytes one vpmaddubsw lane pair multiplies).
@@ -48,8 +66,12 @@ GEMM_PACK_COLUMNS, GEMM_PACK_DEPTH = 8, 4
 # up to sign is one of TERNARY_PATTERNS (slot 0 all-zero; every other pattern's first nonzero is +1), in
 # blocks of TERNARY_COLUMNS columns (one register of bytes); activation levels up to TERNARY_MAX_TOP (4 bits).
 TERNARY_GROUP, TERNARY_COLUMNS, TERNARY_MAX_TOP = 3, 32, 15
-TERNARY_PATTERNS = ((0, 0, 0), *((1, b, c) for b in (-1, 0, 1) for c in (-1, 0, 1)), *((0, 1, c) for c in (-1, 0, 1)),
-                    (0, 0, 1))
+TERNARY_PATTERNS = (
+    (0, 0, 0),
+    *((1, b, c) for b in (-1, 0, 1) for c in (-1, 0, 1)),
+    *((0, 1, c) for c in (-1, 0, 1)),
+    (0, 0, 1),
+)
 
 
 def definitions() -> list[str]:
@@ -57,12 +79,21 @@ def definitions() -> list[str]:
     rules = [f"-DRULE_{name.upper()}={rule_id}" for name, rule_id in spec.SCALE_RULES.items()]
     # repr: the shortest decimal that reads back as the same double; the f suffix rounds it to float as
     # PyTorch rounds the Python scalar when it clamps a float32 tensor.
-    return [*rules, f"-DSCALE_EPS={spec.SCALE_EPS!r}f", f"-DPROBABILITY_SCALE_EPS={spec.PROBABILITY_SCALE_EPS!r}f",
-            f"-DGEMM_PACK_COLUMNS={GEMM_PACK_COLUMNS}", f"-DGEMM_PACK_DEPTH={GEMM_PACK_DEPTH}",
-            f"-DTERNARY_GROUP={TERNARY_GROUP}", f"-DTERNARY_COLUMNS={TERNARY_COLUMNS}", f"-DTERNARY_MAX_TOP={TERNARY_MAX_TOP}",
-            *(f"-DTERNARY_PATTERN_{name}={{{','.join(str(p[i]) for p in TERNARY_PATTERNS)}}}"
-              for i, name in enumerate(("FIRST", "SECOND", "THIRD"))),
-            f"-DMIX12_PLAN={{{','.join(str(code) for code in _mix12_plan())}}}"]
+    return [
+        *rules,
+        f"-DSCALE_EPS={spec.SCALE_EPS!r}f",
+        f"-DPROBABILITY_SCALE_EPS={spec.PROBABILITY_SCALE_EPS!r}f",
+        f"-DGEMM_PACK_COLUMNS={GEMM_PACK_COLUMNS}",
+        f"-DGEMM_PACK_DEPTH={GEMM_PACK_DEPTH}",
+        f"-DTERNARY_GROUP={TERNARY_GROUP}",
+        f"-DTERNARY_COLUMNS={TERNARY_COLUMNS}",
+        f"-DTERNARY_MAX_TOP={TERNARY_MAX_TOP}",
+        *(
+            f"-DTERNARY_PATTERN_{name}={{{','.join(str(p[i]) for p in TERNARY_PATTERNS)}}}"
+            for i, name in enumerate(("FIRST", "SECOND", "THIRD"))
+        ),
+        f"-DMIX12_PLAN={{{','.join(str(code) for code in _mix12_plan())}}}",
+    ]
 
 
 def _mix12_plan() -> list[int]:
@@ -83,31 +114,40 @@ def _mix12_plan() -> list[int]:
 # The type names still say what the C side reads there.
 class _Strides(ctypes.Structure):
     """strides_t: where a (batch, heads, tokens, d) tensor's rows start, in floats."""
+
     _fields_ = [("batch", ctypes.c_int64), ("head", ctypes.c_int64), ("token", ctypes.c_int64)]
 
 
-_TYPES = {"f32*": ctypes.c_void_p, "i8*": ctypes.c_void_p, "i32*": ctypes.c_void_p, "i64": ctypes.c_int64,
-          "i32": ctypes.c_int32, "int": ctypes.c_int, "float": ctypes.c_float, "strides": _Strides}
+_TYPES = {
+    "f32*": ctypes.c_void_p,
+    "i8*": ctypes.c_void_p,
+    "i32*": ctypes.c_void_p,
+    "i64": ctypes.c_int64,
+    "i32": ctypes.c_int32,
+    "int": ctypes.c_int,
+    "float": ctypes.c_float,
+    "strides": _Strides,
+}
 
 # Each exported function's parameters, named and typed as in its C prototype (a test compares the two):
 # the one place the ctypes layer learns an argument's position. Calls name their arguments (``_call``).
 _SIGNATURES = {
     "robuq_hadamard": "x:f32* y:f32* rows:i64 n:i64 m:i64 hm:f32* signs:f32* inverse:int threads:int",
     "robuq_hadamard_quantize": "x:f32* y:f32* levels:i8* scale:f32* offset:f32* rows:i64 n:i64 m:i64 hm:f32* "
-                               "signs:f32* levels_top:int rule:int step_factor:float ratio:float shift:int down:f32* "
-                               "rank:i64 branch:f32* threads:int",
+    "signs:f32* levels_top:int rule:int step_factor:float ratio:float shift:int down:f32* "
+    "rank:i64 branch:f32* threads:int",
     "robuq_rescale": "acc:i32* y:f32* rows:i64 cols:i64 s:f32* o:f32* alpha:f32* w:f32* bias:f32* branch:f32* "
-                     "up:f32* rank:i64 gelu:int threads:int",
+    "up:f32* rank:i64 gelu:int threads:int",
     "robuq_gelu_tanh": "x:f32* y:f32* n:i64 threads:int",
     "robuq_layer_norm_modulate": "x:f32* shift:f32* scale:f32* y:f32* rows:i64 tokens:i64 n:i64 eps:float threads:int",
     "robuq_gated_residual": "x:f32* gate:f32* y:f32* out:f32* rows:i64 tokens:i64 n:i64 threads:int",
     "robuq_attention_int8": "q:f32* qs:strides k:f32* kst:strides v:f32* vst:strides batch:i64 heads:i64 nq:i64 "
-                            "nk:i64 d:i64 levels_top:int probs_top:int shift:int inv_sqrt_d:float out:f32* threads:int",
+    "nk:i64 d:i64 levels_top:int probs_top:int shift:int inv_sqrt_d:float out:f32* threads:int",
     "robuq_gemm_s8": "a:i8* shift:i32 packed:i8* out:i32* m:i64 k:i64 n:i64 col_sums:i32* flush:i64 threads:int",
     "robuq_gemm_ternary": "a:i8* top:i32 code:i8* out:i32* m:i64 k:i64 n:i64 col_sums:i32* threads:int",
     "robuq_linear_ternary": "x:f32* rows:i64 k:i64 m:i64 hm:f32* signs:f32* levels_top:int rule:int step_factor:float "
-                            "ratio:float down:f32* rank:i64 code:i8* n:i64 col_sums:i32* alpha:f32* w:f32* bias:f32* "
-                            "up:f32* gelu:int y:f32* threads:int",
+    "ratio:float down:f32* rank:i64 code:i8* n:i64 col_sums:i32* alpha:f32* w:f32* bias:f32* "
+    "up:f32* gelu:int y:f32* threads:int",
     "robuq_integer_isa": "",
 }
 
@@ -155,15 +195,18 @@ def _build(compiler: str, flags: list[str] | None = None) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     flags = [*(FLAGS if flags is None else flags), *definitions()]
     sources = [SOURCE.read_text(), *(f.read_text() for f in sorted(FAMILIES.iterdir()) if f.suffix in (".c", ".h"))]
-    key = hashlib.sha256("\0".join([*sources, " ".join(flags), version, platform.machine(),
-                                    _cpu_identity()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\0".join([*sources, " ".join(flags), version, platform.machine(), _cpu_identity()]).encode()
+    ).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, text=True
+        )
         os.replace(built, target)  # atomic: a concurrent process sees the whole library or none
     return target
 
@@ -227,7 +270,9 @@ def _mix_matrix(n: int) -> tuple[int, torch.Tensor]:
     """(m, H_m/√n): the dense factor of the (m, p) layout; the FWHT leaves its 1/√p to this matrix."""
     factors = hadamard_factors(n)
     m = factors[0] if factors[0] & (factors[0] - 1) else 1
-    return m, (hadamard_matrix(m, torch.float64) * math.sqrt(m) / math.sqrt(n)).to(device="cpu", dtype=torch.float32).contiguous()
+    return m, (hadamard_matrix(m, torch.float64) * math.sqrt(m) / math.sqrt(n)).to(
+        device="cpu", dtype=torch.float32
+    ).contiguous()
 
 
 # torch.compile must not trace into a call of the library: it would hand C the addresses of the fake tensors it
@@ -273,14 +318,33 @@ def hadamard(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool) -> torc
     rows = _input(x.reshape(-1, n))
     y = _empty(*rows.shape)
     signs = None if signs is None else _input(signs)
-    _check(_call("robuq_hadamard", x=_ptr(rows), y=_ptr(y), rows=rows.shape[0], n=n, m=m, hm=_ptr(hm), signs=_ptr(signs),
-                 inverse=int(inverse)))
+    _check(
+        _call(
+            "robuq_hadamard",
+            x=_ptr(rows),
+            y=_ptr(y),
+            rows=rows.shape[0],
+            n=n,
+            m=m,
+            hm=_ptr(hm),
+            signs=_ptr(signs),
+            inverse=int(inverse),
+        )
+    )
     return y.reshape(x.shape)
 
 
 @_outside_compiled_graphs
-def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool, bits: int, rule: str,
-                      clip_ratio: torch.Tensor | None, keep_rotated: bool, down: torch.Tensor | None = None):
+def hadamard_quantize(
+    x: torch.Tensor,
+    signs: torch.Tensor | None,
+    rotate: bool,
+    bits: int,
+    rule: str,
+    clip_ratio: torch.Tensor | None,
+    keep_rotated: bool,
+    down: torch.Tensor | None = None,
+):
     """(rotated rows or None, int8 levels − shift, scale (rows, 1), offset (rows, 1), branch or None) of x's
     rows in one pass (shift: ``int8_level_shift(bits)``); branch = (rotated rows)·downᵀ, (rows, rank), when
     ``down`` (rank, n) is given. A rule outside ``RULES`` or bits outside 1…8 are a ValueError, never
@@ -299,17 +363,46 @@ def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, rotate: bool,
     rank = 0 if down is None else down.shape[0]
     down = None if down is None else _input(down)
     branch = None if down is None else _empty(count, rank)
-    _check(_call("robuq_hadamard_quantize", x=_ptr(rows), y=_ptr(y), levels=_ptr(levels), scale=_ptr(scale),
-                 offset=_ptr(offset), rows=count, n=n, m=m, hm=_ptr(hm), signs=_ptr(signs), levels_top=top, rule=rule_id,
-                 step_factor=spec.gaussian_optimal_step(bits), ratio=ratio, shift=spec.int8_level_shift(bits),
-                 down=_ptr(down), rank=rank, branch=_ptr(branch)), f"rule {rule!r} at {bits} bits")
+    _check(
+        _call(
+            "robuq_hadamard_quantize",
+            x=_ptr(rows),
+            y=_ptr(y),
+            levels=_ptr(levels),
+            scale=_ptr(scale),
+            offset=_ptr(offset),
+            rows=count,
+            n=n,
+            m=m,
+            hm=_ptr(hm),
+            signs=_ptr(signs),
+            levels_top=top,
+            rule=rule_id,
+            step_factor=spec.gaussian_optimal_step(bits),
+            ratio=ratio,
+            shift=spec.int8_level_shift(bits),
+            down=_ptr(down),
+            rank=rank,
+            branch=_ptr(branch),
+        ),
+        f"rule {rule!r} at {bits} bits",
+    )
     return y, levels, scale, offset, branch
 
 
 @_outside_compiled_graphs
-def rescale(acc: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, alpha: torch.Tensor,
-            offset_weight: torch.Tensor, bias: torch.Tensor, branch: torch.Tensor | None = None,
-            up_rows: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+def rescale(
+    acc: torch.Tensor,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    alpha: torch.Tensor,
+    offset_weight: torch.Tensor,
+    bias: torch.Tensor,
+    branch: torch.Tensor | None = None,
+    up_rows: torch.Tensor | None = None,
+    gelu: bool = False,
+) -> torch.Tensor:
     """out = acc·scale·α + offset·w + b [+ branch·up_rows] [then tanh-GELU] in one pass (acc int32 (rows, cols);
     scale, offset per row; α, w, b per column; branch (rows, rank), up_rows (rank, cols)); ``out`` must be a
     contiguous float32 CPU tensor."""
@@ -320,9 +413,22 @@ def rescale(acc: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, offset: t
     scale, offset, alpha, offset_weight, bias = (_input(t) for t in (scale, offset, alpha, offset_weight, bias))
     rank = 0 if branch is None else branch.shape[1]
     branch, up_rows = (None, None) if branch is None else (_input(branch), _input(up_rows))
-    _call("robuq_rescale", acc=_ptr(acc), y=_ptr(out), rows=rows, cols=cols, s=_ptr(scale), o=_ptr(offset),
-          alpha=_ptr(alpha), w=_ptr(offset_weight), bias=_ptr(bias), branch=_ptr(branch), up=_ptr(up_rows), rank=rank,
-          gelu=int(gelu))
+    _call(
+        "robuq_rescale",
+        acc=_ptr(acc),
+        y=_ptr(out),
+        rows=rows,
+        cols=cols,
+        s=_ptr(scale),
+        o=_ptr(offset),
+        alpha=_ptr(alpha),
+        w=_ptr(offset_weight),
+        bias=_ptr(bias),
+        branch=_ptr(branch),
+        up=_ptr(up_rows),
+        rank=rank,
+        gelu=int(gelu),
+    )
     return out
 
 
@@ -350,8 +456,17 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     _, scale = _per_sample(x, scale)
     x, shift = _per_sample(x, shift)
     y = _empty(*x.shape)
-    _call("robuq_layer_norm_modulate", x=_ptr(x), shift=_ptr(shift), scale=_ptr(scale), y=_ptr(y),
-          rows=x.shape[0] * x.shape[1], tokens=x.shape[1], n=x.shape[2], eps=eps)
+    _call(
+        "robuq_layer_norm_modulate",
+        x=_ptr(x),
+        shift=_ptr(shift),
+        scale=_ptr(scale),
+        y=_ptr(y),
+        rows=x.shape[0] * x.shape[1],
+        tokens=x.shape[1],
+        n=x.shape[2],
+        eps=eps,
+    )
     return y
 
 
@@ -363,8 +478,16 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     if y.shape != x.shape:
         raise ValueError(f"residual branch of shape {tuple(y.shape)} does not match tokens of shape {tuple(x.shape)}")
     out = _empty(*x.shape)
-    _call("robuq_gated_residual", x=_ptr(x), gate=_ptr(gate), y=_ptr(y), out=_ptr(out), rows=x.shape[0] * x.shape[1],
-          tokens=x.shape[1], n=x.shape[2])
+    _call(
+        "robuq_gated_residual",
+        x=_ptr(x),
+        gate=_ptr(gate),
+        y=_ptr(y),
+        out=_ptr(out),
+        rows=x.shape[0] * x.shape[1],
+        tokens=x.shape[1],
+        n=x.shape[2],
+    )
     return out
 
 
@@ -387,9 +510,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, prob
     nk = k.shape[2]
     (q, qs), (k, ks), (v, vs) = (_head_rows(t) for t in (q, k, v))
     out = _empty(batch, nq, heads, d)
-    _check(_call("robuq_attention_int8", q=_ptr(q), qs=qs, k=_ptr(k), kst=ks, v=_ptr(v), vst=vs, batch=batch,
-                 heads=heads, nq=nq, nk=nk, d=d, levels_top=top, probs_top=probs_top, shift=spec.int8_level_shift(bits),
-                 inv_sqrt_d=1.0 / math.sqrt(d), out=_ptr(out)), f"{bits}-bit attention with {probs_bits}-bit probabilities")
+    _check(
+        _call(
+            "robuq_attention_int8",
+            q=_ptr(q),
+            qs=qs,
+            k=_ptr(k),
+            kst=ks,
+            v=_ptr(v),
+            vst=vs,
+            batch=batch,
+            heads=heads,
+            nq=nq,
+            nk=nk,
+            d=d,
+            levels_top=top,
+            probs_top=probs_top,
+            shift=spec.int8_level_shift(bits),
+            inv_sqrt_d=1.0 / math.sqrt(d),
+            out=_ptr(out),
+        ),
+        f"{bits}-bit attention with {probs_bits}-bit probabilities",
+    )
     return out.transpose(1, 2)
 
 
@@ -419,7 +561,9 @@ def unpack_gemm_weights(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
 
 
 @_outside_compiled_graphs
-def gemm_s8(a: torch.Tensor, packed: torch.Tensor, n: int, col_sums: torch.Tensor, shift: int, flush: int) -> torch.Tensor:
+def gemm_s8(
+    a: torch.Tensor, packed: torch.Tensor, n: int, col_sums: torch.Tensor, shift: int, flush: int
+) -> torch.Tensor:
     """a (m, k) int8 · b (k, n) int8 → int32, exactly ``torch._int_mm(a, b)``, by robuq's AVX2 kernel, with
     b given as ``pack_gemm_weights(b)`` and its int32 column sums.
 
@@ -427,15 +571,33 @@ def gemm_s8(a: torch.Tensor, packed: torch.Tensor, n: int, col_sums: torch.Tenso
     ``flush``: how many quads of int16 pair sums may add up before they are widened, 32767 // (2·top·max|b|),
     at least 1 (so max|b| ≤ 64)."""
     m, k = a.shape
-    if (a.dtype != torch.int8 or packed.dtype != torch.int8 or flush < 1 or shift not in (0, 128)
-            or packed.shape != (-(-n // GEMM_PACK_COLUMNS), -(-k // GEMM_PACK_DEPTH), GEMM_PACK_COLUMNS, GEMM_PACK_DEPTH)):
-        raise ValueError("gemm_s8 multiplies int8 (m, k) by pack_gemm_weights of an int8 (k, n) with max|b| ≤ 64, "
-                         "shift 0 or 128")
+    if (
+        a.dtype != torch.int8
+        or packed.dtype != torch.int8
+        or flush < 1
+        or shift not in (0, 128)
+        or packed.shape != (-(-n // GEMM_PACK_COLUMNS), -(-k // GEMM_PACK_DEPTH), GEMM_PACK_COLUMNS, GEMM_PACK_DEPTH)
+    ):
+        raise ValueError(
+            "gemm_s8 multiplies int8 (m, k) by pack_gemm_weights of an int8 (k, n) with max|b| ≤ 64, shift 0 or 128"
+        )
     a, packed = a.contiguous(), packed.contiguous()
     col_sums = col_sums.to(torch.int32).contiguous()
     out = _empty(m, n, dtype=torch.int32)
-    _check(_call("robuq_gemm_s8", a=_ptr(a), shift=shift, packed=_ptr(packed), out=_ptr(out), m=m, k=k, n=n,
-                 col_sums=_ptr(col_sums), flush=flush))
+    _check(
+        _call(
+            "robuq_gemm_s8",
+            a=_ptr(a),
+            shift=shift,
+            packed=_ptr(packed),
+            out=_ptr(out),
+            m=m,
+            k=k,
+            n=n,
+            col_sums=_ptr(col_sums),
+            flush=flush,
+        )
+    )
     return out
 
 
@@ -484,15 +646,33 @@ def gemm_ternary(a: torch.Tensor, code: torch.Tensor, n: int, col_sums: torch.Te
     ``torch._int_mm(a, b)``, by the lookup kernel, with b given as ``pack_ternary_weights(b)`` and its int32
     column sums."""
     m, k = a.shape
-    if (a.dtype != torch.int8 or code.dtype != torch.int8 or not 1 <= top <= TERNARY_MAX_TOP
-            or code.shape != _ternary_code_shape(k, n)):
-        raise ValueError(f"gemm_ternary multiplies int8 (m, k) levels in 0…top (1 ≤ top ≤ {TERNARY_MAX_TOP}) by "
-                         "pack_ternary_weights of a ternary (k, n)")
+    if (
+        a.dtype != torch.int8
+        or code.dtype != torch.int8
+        or not 1 <= top <= TERNARY_MAX_TOP
+        or code.shape != _ternary_code_shape(k, n)
+    ):
+        raise ValueError(
+            f"gemm_ternary multiplies int8 (m, k) levels in 0…top (1 ≤ top ≤ {TERNARY_MAX_TOP}) by "
+            "pack_ternary_weights of a ternary (k, n)"
+        )
     a, code = a.contiguous(), code.contiguous()
     col_sums = col_sums.to(torch.int32).contiguous()
     out = _empty(m, n, dtype=torch.int32)
-    _check(_call("robuq_gemm_ternary", a=_ptr(a), top=top, code=_ptr(code), out=_ptr(out), m=m, k=k, n=n,
-                 col_sums=_ptr(col_sums)), f"ternary GEMM with levels up to {top}")
+    _check(
+        _call(
+            "robuq_gemm_ternary",
+            a=_ptr(a),
+            top=top,
+            code=_ptr(code),
+            out=_ptr(out),
+            m=m,
+            k=k,
+            n=n,
+            col_sums=_ptr(col_sums),
+        ),
+        f"ternary GEMM with levels up to {top}",
+    )
     return out
 
 
@@ -502,6 +682,7 @@ class TernaryLinearArgs:
     (``ternary_linear_args``): converting and checking its ten tensors on each of a DiT-S/2 forward's 60
     calls cost about 1 ms of Python per forward. ``arguments`` are ``robuq_linear_ternary``'s by name, all
     but the input's, the output's and the thread count; ``tensors`` keeps alive what their addresses point into."""
+
     in_features: int
     out_features: int
     tensors: tuple[torch.Tensor | None, ...]
@@ -509,10 +690,23 @@ class TernaryLinearArgs:
     what: str
 
 
-def ternary_linear_args(k: int, n: int, signs: torch.Tensor | None, rotate: bool, bits: int, rule: str,
-                        clip_ratio: torch.Tensor | None, down: torch.Tensor | None, code: torch.Tensor,
-                        col_sums: torch.Tensor, alpha: torch.Tensor, offset_weight: torch.Tensor, bias: torch.Tensor,
-                        up_rows: torch.Tensor | None, gelu: bool) -> TernaryLinearArgs:
+def ternary_linear_args(
+    k: int,
+    n: int,
+    signs: torch.Tensor | None,
+    rotate: bool,
+    bits: int,
+    rule: str,
+    clip_ratio: torch.Tensor | None,
+    down: torch.Tensor | None,
+    code: torch.Tensor,
+    col_sums: torch.Tensor,
+    alpha: torch.Tensor,
+    offset_weight: torch.Tensor,
+    bias: torch.Tensor,
+    up_rows: torch.Tensor | None,
+    gelu: bool,
+) -> TernaryLinearArgs:
     """``linear_ternary``'s layer of k inputs and n outputs: ``hadamard_quantize``'s rotation (signs, rotate),
     bits, rule, clip ratio and low-rank ``down`` (rank, k) or None; ``gemm_ternary``'s weights
     (``pack_ternary_weights`` of a ternary (k, n)) and column sums; ``rescale``'s α, w, b (per output
@@ -520,10 +714,16 @@ def ternary_linear_args(k: int, n: int, signs: torch.Tensor | None, rotate: bool
     top ≤ TERNARY_MAX_TOP)."""
     rule_id = spec.check_rule(rule, RULES, "robuq's C kernels (robuq/kernels/cpu_kernels.c)")
     top = _levels_top(bits, "activation bits")
-    if (spec.int8_level_shift(bits) or top > TERNARY_MAX_TOP or code.dtype != torch.int8
-            or code.shape != _ternary_code_shape(k, n)):
-        raise ValueError(f"linear_ternary takes activations of at most {TERNARY_MAX_TOP.bit_length()} bits and "
-                         "pack_ternary_weights of a ternary (k, n)")
+    if (
+        spec.int8_level_shift(bits)
+        or top > TERNARY_MAX_TOP
+        or code.dtype != torch.int8
+        or code.shape != _ternary_code_shape(k, n)
+    ):
+        raise ValueError(
+            f"linear_ternary takes activations of at most {TERNARY_MAX_TOP.bit_length()} bits and "
+            "pack_ternary_weights of a ternary (k, n)"
+        )
     m, hm = _mix_matrix(k) if rotate else (1, None)
     signs = None if signs is None or not rotate else _input(signs)
     rank = 0 if down is None else down.shape[0]
@@ -532,10 +732,26 @@ def ternary_linear_args(k: int, n: int, signs: torch.Tensor | None, rotate: bool
     alpha, offset_weight, bias = (_input(t) for t in (alpha, offset_weight, bias))
     ratio = 1.0 if clip_ratio is None else float(clip_ratio)
     tensors = (hm, signs, down, code, col_sums, alpha, offset_weight, bias, up_rows)
-    arguments = dict(k=k, m=m, hm=_ptr(hm), signs=_ptr(signs), levels_top=top, rule=rule_id,
-                     step_factor=spec.gaussian_optimal_step(bits), ratio=ratio, down=_ptr(down), rank=rank,
-                     code=_ptr(code), n=n, col_sums=_ptr(col_sums), alpha=_ptr(alpha), w=_ptr(offset_weight),
-                     bias=_ptr(bias), up=_ptr(up_rows), gelu=int(gelu))
+    arguments = dict(
+        k=k,
+        m=m,
+        hm=_ptr(hm),
+        signs=_ptr(signs),
+        levels_top=top,
+        rule=rule_id,
+        step_factor=spec.gaussian_optimal_step(bits),
+        ratio=ratio,
+        down=_ptr(down),
+        rank=rank,
+        code=_ptr(code),
+        n=n,
+        col_sums=_ptr(col_sums),
+        alpha=_ptr(alpha),
+        w=_ptr(offset_weight),
+        bias=_ptr(bias),
+        up=_ptr(up_rows),
+        gelu=int(gelu),
+    )
     return TernaryLinearArgs(k, n, tensors, arguments, f"rule {rule!r} at {bits} bits")
 
 
@@ -545,9 +761,15 @@ def linear_ternary(x: torch.Tensor, layer: TernaryLinearArgs, out: torch.Tensor)
     the branch if the layer has one), ``gemm_ternary`` of their levels and ``rescale`` into ``out`` (rows,
     n), a contiguous float32 CPU tensor: the same numbers as those three calls."""
     rows = _input(x.reshape(-1, layer.in_features))
-    if not (out.is_contiguous() and out.dtype == torch.float32 and out.device.type == "cpu"
-            and out.shape == (rows.shape[0], layer.out_features)):
-        raise ValueError(f"linear_ternary writes into a contiguous float32 CPU tensor of shape ({rows.shape[0]}, "
-                         f"{layer.out_features})")
+    if not (
+        out.is_contiguous()
+        and out.dtype == torch.float32
+        and out.device.type == "cpu"
+        and out.shape == (rows.shape[0], layer.out_features)
+    ):
+        raise ValueError(
+            f"linear_ternary writes into a contiguous float32 CPU tensor of shape ({rows.shape[0]}, "
+            f"{layer.out_features})"
+        )
     _check(_call("robuq_linear_ternary", x=_ptr(rows), rows=rows.shape[0], y=_ptr(out), **layer.arguments), layer.what)
     return out

@@ -8,6 +8,7 @@ Launches turn off Triton's contraction of multiply-adds (``enable_fp_fusion=Fals
 with ``-ffp-contract=off``: a fused multiply-add rounds once where PyTorch rounds twice, and a value on a
 level boundary can then round to the neighbouring level.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,7 +55,9 @@ def _kernels() -> ModuleType:
     mode = interpreting()
     if mode not in _modules:
         path = os.path.join(os.path.dirname(__file__), "_triton_kernels.py")
-        spec = importlib.util.spec_from_file_location(f"robuq.kernels._triton_kernels_{'interp' if mode else 'jit'}", path)
+        spec = importlib.util.spec_from_file_location(
+            f"robuq.kernels._triton_kernels_{'interp' if mode else 'jit'}", path
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         _modules[mode] = module
@@ -102,7 +105,9 @@ def _shared_limit(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 48 * 1024))
+    return int(
+        getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 48 * 1024)
+    )
 
 
 def device_split(n: int, device: torch.device) -> tuple[int, int] | None:
@@ -137,8 +142,13 @@ def _split_matrices(a: int, b: int, device: torch.device) -> tuple[torch.Tensor,
     return _device_matrices[key]
 
 
-def _launch_hadamard(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool, store_y: bool,
-                     quant: tuple[int, str, torch.Tensor | None] | None):
+def _launch_hadamard(
+    x: torch.Tensor,
+    signs: torch.Tensor | None,
+    inverse: bool,
+    store_y: bool,
+    quant: tuple[int, str, torch.Tensor | None] | None,
+):
     n = x.shape[-1]
     a, b = device_split(n, x.device)
     ha, hb_t = _split_matrices(a, b, x.device)
@@ -159,11 +169,29 @@ def _launch_hadamard(x: torch.Tensor, signs: torch.Tensor | None, inverse: bool,
     if count:
         with on_device(x):
             kernels.hadamard_quantize_kernel[(count,)](
-                rows, signs_arg, ha, hb_t, y, levels, scale, offset, ratio_arg,
-                a, n, rows.stride(0), y.stride(0), levels.stride(0),
-                spec.gaussian_optimal_step(bits), top, spec.int8_level_shift(bits),
-                AP=ha.shape[0], B=b, SIGNS=0 if signs is None else (2 if inverse else 1),
-                STORE_Y=store_y, QUANT=quant is not None, enable_fp_fusion=False,
+                rows,
+                signs_arg,
+                ha,
+                hb_t,
+                y,
+                levels,
+                scale,
+                offset,
+                ratio_arg,
+                a,
+                n,
+                rows.stride(0),
+                y.stride(0),
+                levels.stride(0),
+                spec.gaussian_optimal_step(bits),
+                top,
+                spec.int8_level_shift(bits),
+                AP=ha.shape[0],
+                B=b,
+                SIGNS=0 if signs is None else (2 if inverse else 1),
+                STORE_Y=store_y,
+                QUANT=quant is not None,
+                enable_fp_fusion=False,
                 RULE=rule_id,
                 HAS_RATIO=ratio is not None,
             )
@@ -176,8 +204,14 @@ def hadamard(x: torch.Tensor, signs: torch.Tensor | None = None, inverse: bool =
     return y.reshape(x.shape)
 
 
-def hadamard_quantize(x: torch.Tensor, signs: torch.Tensor | None, bits: int, rule: str,
-                      clip_ratio: torch.Tensor | None, store_rotated: bool = False):
+def hadamard_quantize(
+    x: torch.Tensor,
+    signs: torch.Tensor | None,
+    bits: int,
+    rule: str,
+    clip_ratio: torch.Tensor | None,
+    store_rotated: bool = False,
+):
     """(rotated x or None, int8 levels (tokens, n), scale (tokens,), offset (tokens,)) in one pass.
 
     Levels follow the integer path's convention: 0 … 2^b − 1, shifted down by 128 at 8 bits to fit int8.
@@ -196,9 +230,16 @@ def pack_ternary_columns(levels_t: torch.Tensor) -> torch.Tensor:
     return codes[0] | (codes[1] << 2) | (codes[2] << 4) | (codes[3] << 6)
 
 
-def lowbit_matmul(levels: torch.Tensor, weight: torch.Tensor, packed: bool, scale: torch.Tensor,
-                  offset: torch.Tensor, alpha: torch.Tensor, level_sums_alpha: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
+def lowbit_matmul(
+    levels: torch.Tensor,
+    weight: torch.Tensor,
+    packed: bool,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    alpha: torch.Tensor,
+    level_sums_alpha: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     """s·(q Lᵀ)·α + o·(ΣL·α) + b with int32 accumulation; ``weight`` is (K, N) int8 or, if ``packed``, (K/4, N)."""
     m, k = levels.shape
     n = weight.shape[1]
@@ -208,8 +249,25 @@ def lowbit_matmul(levels: torch.Tensor, weight: torch.Tensor, packed: bool, scal
     if m and n:
         with on_device(levels):
             _kernels().lowbit_matmul_kernel[grid](
-                levels, weight, out, scale, offset, alpha, level_sums_alpha, bias if bias is not None else alpha,
-                m, n, k, levels.stride(0), weight.stride(0), out.stride(0),
-                BM=block, BN=block, BK=block, PACKED=packed, HAS_BIAS=bias is not None, enable_fp_fusion=False,
+                levels,
+                weight,
+                out,
+                scale,
+                offset,
+                alpha,
+                level_sums_alpha,
+                bias if bias is not None else alpha,
+                m,
+                n,
+                k,
+                levels.stride(0),
+                weight.stride(0),
+                out.stride(0),
+                BM=block,
+                BN=block,
+                BK=block,
+                PACKED=packed,
+                HAS_BIAS=bias is not None,
+                enable_fp_fusion=False,
             )
     return out

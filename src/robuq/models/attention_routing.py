@@ -6,6 +6,7 @@ diffusers' attention processors (self-, cross- and joint attention, RoPE, qk-nor
 ``attn.core``) and, while that module runs, sends its SDPA calls to the core: projections, norms and
 rotary embeddings stay the family's own code. Nothing here imports diffusers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,10 @@ class _ToCore(TorchFunctionMode):
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         call = {**dict(zip(names, args)), **kwargs}
         if call.get("is_causal") or call.get("enable_gqa") or (call.get("dropout_p") or 0.0) > 0:
-            raise ValueError(f"{self.where}: robuq's attention core supports neither causal masks, grouped-query "
-                             "attention nor attention dropout; leave this attention out of the policy")
+            raise ValueError(
+                f"{self.where}: robuq's attention core supports neither causal masks, grouped-query "
+                "attention nor attention dropout; leave this attention out of the policy"
+            )
         return self.core(call["query"], call["key"], call["value"], mask=call.get("attn_mask"), scale=call.get("scale"))
 
 

@@ -4,6 +4,7 @@ Accepted: robuq's safetensors files; facebookresearch/DiT checkpoints (a plain s
 training dict with "model"/"ema"/"opt"/"args"); any safetensors state_dict with the reference keys.
 Pickles are read with ``weights_only=True``: tensors and plain containers only, never arbitrary code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,17 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 # What torch's weights-only unpickler raises on bytes that are not a pickle it accepts (garbage hits any
 # of these, depending on the bytes); anything else — MemoryError, an interrupt — is not about the file.
-_NOT_A_PICKLE = (RuntimeError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-                 struct.error, OverflowError)
+_NOT_A_PICKLE = (
+    RuntimeError,
+    pickle.UnpicklingError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    struct.error,
+    OverflowError,
+)
 
 
 class CheckpointError(ValueError):
@@ -71,8 +81,12 @@ def _unpickler_reason(exc: BaseException) -> str:
     """What torch's weights-only unpickler objected to, without its advice to load the file unsafely."""
     text = str(exc).split("WeightsUnpickler error:")[-1]
     advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
-    kept = [" ".join(part.split()) for part in text.split("\n\n") if part.strip() and not part.strip().startswith(advice)]
-    return kept[0].split(". ", 1)[0].rstrip(".") if kept else type(exc).__name__  # its first sentence: the rest is advice
+    kept = [
+        " ".join(part.split()) for part in text.split("\n\n") if part.strip() and not part.strip().startswith(advice)
+    ]
+    return (
+        kept[0].split(". ", 1)[0].rstrip(".") if kept else type(exc).__name__
+    )  # its first sentence: the rest is advice
 
 
 def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -106,13 +120,15 @@ def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({exc}); download or copy it again") from exc
     except _NOT_A_PICKLE as exc:  # long texts from torch
         if _is_zip(path) and "zip archive" in str(exc):
-            raise CheckpointError(f"checkpoint {path} is truncated or corrupt (its zip archive is incomplete); "
-                                  "download or copy it again") from exc
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupt (its zip archive is incomplete); download or copy it again"
+            ) from exc
         if not (_is_zip(path) or _is_pickle(path)):
             with open(path, "rb") as f:
                 head = f.read(16)
-            raise CheckpointError(f"{path} is not a model file: neither safetensors nor a PyTorch checkpoint "
-                                  f"(it starts with {head!r})") from exc
+            raise CheckpointError(
+                f"{path} is not a model file: neither safetensors nor a PyTorch checkpoint (it starts with {head!r})"
+            ) from exc
         raise CheckpointError(
             f"{path} cannot be loaded safely: it holds more than tensors and plain containers "
             f"({_unpickler_reason(exc)}). robuq never runs code from a checkpoint; save the weights alone, "

@@ -12,6 +12,7 @@ What differs, read off diffusers 0.42 (``dit_transformer_2d.py``, ``attention.Ba
 - diffusers always keeps the null-class row of the label table and has no unconditional DiT.
 diffusers is imported only when a diffusers model is built, so robuq works without it.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,36 +64,58 @@ def is_diffusers_dit(model: nn.Module) -> bool:
 def diffusers_config(config: DiTConfig) -> dict[str, Any]:
     """The ``DiTTransformer2DModel`` keyword arguments of a DiTConfig (ValueError if diffusers cannot hold it)."""
     if config.num_classes <= 0:
-        raise ValueError("DiTTransformer2DModel is always class-conditional; an unconditional DiT has no diffusers form")
+        raise ValueError(
+            "DiTTransformer2DModel is always class-conditional; an unconditional DiT has no diffusers form"
+        )
     if config.mlp_ratio != 4.0:
         raise ValueError(f"DiTTransformer2DModel's MLP is 4× wide; this DiT's mlp_ratio is {config.mlp_ratio}")
     return {
-        "num_attention_heads": config.num_heads, "attention_head_dim": config.hidden_size // config.num_heads,
-        "in_channels": config.in_channels, "out_channels": config.in_channels * (2 if config.learn_sigma else 1),
-        "num_layers": config.depth, "sample_size": config.input_size, "patch_size": config.patch_size,
-        "num_embeds_ada_norm": config.num_classes, "norm_eps": config.mlp_norm_eps,
+        "num_attention_heads": config.num_heads,
+        "attention_head_dim": config.hidden_size // config.num_heads,
+        "in_channels": config.in_channels,
+        "out_channels": config.in_channels * (2 if config.learn_sigma else 1),
+        "num_layers": config.depth,
+        "sample_size": config.input_size,
+        "patch_size": config.patch_size,
+        "num_embeds_ada_norm": config.num_classes,
+        "norm_eps": config.mlp_norm_eps,
     }
 
 
 def dit_config_from_diffusers(config: Any) -> DiTConfig:
     """The DiTConfig of a ``DiTTransformer2DModel`` config (its ``.config`` or the dict of its config.json)."""
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    checks = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
-              "upcast_attention": False, "norm_elementwise_affine": False}
+    checks = {
+        "norm_type": "ada_norm_zero",
+        "activation_fn": "gelu-approximate",
+        "attention_bias": True,
+        "upcast_attention": False,
+        "norm_elementwise_affine": False,
+    }
     wrong = [f"{k}={get(k)!r}" for k, v in checks.items() if get(k, v) != v]
     if wrong:
-        raise ValueError(f"this DiTTransformer2DModel has {', '.join(wrong)}; robuq's DiT supports the defaults "
-                         f"({', '.join(f'{k}={v!r}' for k, v in checks.items())})")
+        raise ValueError(
+            f"this DiTTransformer2DModel has {', '.join(wrong)}; robuq's DiT supports the defaults "
+            f"({', '.join(f'{k}={v!r}' for k, v in checks.items())})"
+        )
     in_channels = get("in_channels", 4)
     out_channels = get("out_channels") or in_channels
     if out_channels not in (in_channels, 2 * in_channels):
         raise ValueError(f"out_channels {out_channels} is neither in_channels nor twice it (learned sigma)")
     heads, head_dim = get("num_attention_heads", 16), get("attention_head_dim", 72)
     return DiTConfig(
-        input_size=get("sample_size", 32), patch_size=get("patch_size", 2), in_channels=in_channels,
-        hidden_size=heads * head_dim, depth=get("num_layers", 28), num_heads=heads, mlp_ratio=4.0,
-        class_dropout_prob=0.1, num_classes=get("num_embeds_ada_norm", 1000), learn_sigma=out_channels == 2 * in_channels,
-        timestep_freq_shift=float(_DIFFUSERS_SHIFT), mlp_norm_eps=float(get("norm_eps", 1e-5)),
+        input_size=get("sample_size", 32),
+        patch_size=get("patch_size", 2),
+        in_channels=in_channels,
+        hidden_size=heads * head_dim,
+        depth=get("num_layers", 28),
+        num_heads=heads,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=get("num_embeds_ada_norm", 1000),
+        learn_sigma=out_channels == 2 * in_channels,
+        timestep_freq_shift=float(_DIFFUSERS_SHIFT),
+        mlp_norm_eps=float(get("norm_eps", 1e-5)),
     )
 
 
@@ -132,10 +155,14 @@ def diffusers_state_to_dit(state: dict[str, torch.Tensor], config: DiTConfig) ->
     for old, new in _EMBEDDER_KEYS.items():
         for p in ("weight",) if old.startswith("y_") else ("weight", "bias"):
             first = state[f"transformer_blocks.0.{new}.{p}"]
-            differ = [i for i in range(1, config.depth) if not torch.equal(state[f"transformer_blocks.{i}.{new}.{p}"], first)]
+            differ = [
+                i for i in range(1, config.depth) if not torch.equal(state[f"transformer_blocks.{i}.{new}.{p}"], first)
+            ]
             if differ:
-                raise ValueError(f"transformer_blocks {differ[:4]} have another {new}.{p} than block 0; robuq's DiT "
-                                 "(like the reference) shares one timestep/class embedder, so this model has no exact DiT form")
+                raise ValueError(
+                    f"transformer_blocks {differ[:4]} have another {new}.{p} than block 0; robuq's DiT "
+                    "(like the reference) shares one timestep/class embedder, so this model has no exact DiT form"
+                )
             out[f"{old}.{p}"] = first
     for i in range(config.depth):
         b, d = f"blocks.{i}", f"transformer_blocks.{i}"
@@ -190,7 +217,9 @@ def is_diffusers_folder(path: str | os.PathLike) -> bool:
 
 def load_diffusers_dit(path: str | os.PathLike) -> DiT:
     """robuq's DiT from a local ``save_pretrained`` folder of a ``DiTTransformer2DModel`` (no download)."""
-    transformer = _diffusers().DiTTransformer2DModel.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
+    transformer = _diffusers().DiTTransformer2DModel.from_pretrained(
+        str(path), local_files_only=True, low_cpu_mem_usage=False
+    )
     return diffusers_to_dit(transformer)
 
 
@@ -200,6 +229,14 @@ def diffusers_model_from_config(config: dict[str, Any]) -> nn.Module:
 
 
 __all__ = [
-    "diffusers_config", "diffusers_model_from_config", "diffusers_state_to_dit", "diffusers_to_dit", "dit_config_from_diffusers",
-    "dit_state_to_diffusers", "dit_to_diffusers", "is_diffusers_dit", "is_diffusers_folder", "load_diffusers_dit",
+    "diffusers_config",
+    "diffusers_model_from_config",
+    "diffusers_state_to_dit",
+    "diffusers_to_dit",
+    "dit_config_from_diffusers",
+    "dit_state_to_diffusers",
+    "dit_to_diffusers",
+    "is_diffusers_dit",
+    "is_diffusers_folder",
+    "load_diffusers_dit",
 ]

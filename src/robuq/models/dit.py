@@ -3,6 +3,7 @@
 Module names, parameter shapes and the state_dict layout follow the reference implementation so that
 its checkpoints load unchanged; the code itself is written independently.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,7 +56,9 @@ class TimestepEmbedder(nn.Module):
         """cos/sin features of ``t`` at frequencies max_period^(−i/(dim/2 − shift)); the reference uses
         shift 0, diffusers' DiT ports shift 1."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift)
+        )
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -92,8 +95,14 @@ class LabelEmbedder(nn.Module):
 class AttentionCore(nn.Module):
     """softmax(Q Kᵀ / √d) V as its own module, so quantization can replace the two matmuls."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                scale: float | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -192,15 +201,24 @@ class DiTConfig:
     learn_sigma: bool = True
     # Two details in which diffusers' DiTTransformer2DModel differs from the reference; the defaults
     # are the reference's, robuq.models.convert_diffusers sets them for models converted from diffusers.
-    timestep_freq_shift: float = option(0.0, "timestep features at frequencies 10000^(-i/(128 - shift)): 0 reference, 1 diffusers")
+    timestep_freq_shift: float = option(
+        0.0, "timestep features at frequencies 10000^(-i/(128 - shift)): 0 reference, 1 diffusers"
+    )
     mlp_norm_eps: float = option(1e-6, "epsilon of the LayerNorm before each block's MLP (diffusers: its norm_eps)")
 
     def __post_init__(self) -> None:
         check_field_types(self, "model config")
         sizes = (self.input_size, self.patch_size, self.in_channels, self.hidden_size, self.depth, self.num_heads)
-        if min(sizes) < 1 or self.num_classes < 0 or self.hidden_size % self.num_heads or self.input_size % self.patch_size:
-            raise ValueError(f"model config: sizes must be positive, hidden_size a multiple of num_heads and input_size of "
-                             f"patch_size; got {self.to_dict()}")
+        if (
+            min(sizes) < 1
+            or self.num_classes < 0
+            or self.hidden_size % self.num_heads
+            or self.input_size % self.patch_size
+        ):
+            raise ValueError(
+                f"model config: sizes must be positive, hidden_size a multiple of num_heads and input_size of "
+                f"patch_size; got {self.to_dict()}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,8 +250,10 @@ class DiT(nn.Module):
         # Fixed sin-cos embedding, stored as a frozen parameter because reference checkpoints carry it.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden, config.num_heads, mlp_ratio=config.mlp_ratio, mlp_norm_eps=config.mlp_norm_eps)
-             for _ in range(config.depth)]
+            [
+                DiTBlock(hidden, config.num_heads, mlp_ratio=config.mlp_ratio, mlp_norm_eps=config.mlp_norm_eps)
+                for _ in range(config.depth)
+            ]
         )
         self.final_layer = FinalLayer(hidden, config.patch_size, self.out_channels)
         self.grad_checkpoint = False  # training: recompute each block in the backward pass (memory for time)
@@ -277,7 +297,11 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, force_drop_ids: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        force_drop_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels (ignored when unconditional).
 
@@ -291,7 +315,9 @@ class DiT(nn.Module):
             x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False) if checkpointed else block(x, c)
         return self.head(x, c)
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor | None = None, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def condition(
+        self, t: torch.Tensor, y: torch.Tensor | None = None, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The conditioning vector c that modulates every block: timestep (+ label) embedding."""
         c = self.t_embedder(t)
         if self.y_embedder is not None:

@@ -5,6 +5,7 @@ reads ``[attention, MLP]``) as one linear per source, summed. ``PointwiseConv``:
 linear over channels. Both compute what the original computes (up to float summation order) and hold
 plain ``nn.Linear`` parts that ``quantize_`` swaps like any other linear.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,7 +54,12 @@ class PointwiseConv(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "PointwiseConv":
-        if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.stride != (1, 1) or conv.padding not in ((0, 0), "valid"):
+        if (
+            conv.kernel_size != (1, 1)
+            or conv.groups != 1
+            or conv.stride != (1, 1)
+            or conv.padding not in ((0, 0), "valid")
+        ):
             raise ValueError(f"{conv} is not a plain 1×1 convolution")
         linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
         linear = linear.to(conv.weight.device, conv.weight.dtype)

@@ -1,4 +1,5 @@
 """Build modules as shapes only: on the meta device, with their initialisers skipped."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,9 +10,24 @@ from torch.overrides import TorchFunctionMode
 
 # Everything a module's reset_parameters may call to fill a tensor: torch.nn.init's functions (each
 # dispatches through __torch_function__) and the in-place random and fill methods they use.
-_INITIALISERS = frozenset(getattr(torch.nn.init, n) for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_"))
-_FILL_METHODS = frozenset({"uniform_", "normal_", "zero_", "fill_", "erfinv_", "exponential_", "random_", "bernoulli_",
-                           "log_normal_", "cauchy_", "geometric_"})
+_INITIALISERS = frozenset(
+    getattr(torch.nn.init, n) for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")
+)
+_FILL_METHODS = frozenset(
+    {
+        "uniform_",
+        "normal_",
+        "zero_",
+        "fill_",
+        "erfinv_",
+        "exponential_",
+        "random_",
+        "bernoulli_",
+        "log_normal_",
+        "cauchy_",
+        "geometric_",
+    }
+)
 
 
 class _SkipInitialisers(TorchFunctionMode):
@@ -20,8 +36,10 @@ class _SkipInitialisers(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes its tensor by keyword
-        if isinstance(target, torch.Tensor) and target.is_meta and (
-            func in _INITIALISERS or getattr(func, "__name__", None) in _FILL_METHODS
+        if (
+            isinstance(target, torch.Tensor)
+            and target.is_meta
+            and (func in _INITIALISERS or getattr(func, "__name__", None) in _FILL_METHODS)
         ):
             return target
         return func(*args, **kwargs)

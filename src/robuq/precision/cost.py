@@ -4,6 +4,7 @@ BOPs of a matmul = MACs × weight bits × activation bits (full precision counts
 RobuQ and the binarisation literature use to compare W/A settings. Counts come from one real forward
 pass with hooks, so they hold for any input size and any model whose layers are standard modules.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,12 @@ class CostSummary:
 
     def to_dict(self) -> dict:
         return {
-            "family": self.family, "kept_full_precision": self.kept, "params": self.params, "macs": self.macs, "bops": self.bops, "fp_bops": self.fp_bops,
+            "family": self.family,
+            "kept_full_precision": self.kept,
+            "params": self.params,
+            "macs": self.macs,
+            "bops": self.bops,
+            "fp_bops": self.fp_bops,
             "bops_reduction": self.fp_bops / self.bops if self.bops else 1.0,
             "weight_storage_bits": self.weight_storage_bits,
             "compression": self.fp_weight_storage_bits / self.weight_storage_bits if self.weight_storage_bits else 1.0,
@@ -68,7 +74,9 @@ class CostSummary:
     def format(self, per_module: bool = True) -> str:
         lines = []
         if per_module:
-            lines.append(f"{'module':<32} {'kind':<18} {'weights':<8} {'W bits':>6} {'A bits':>6} {'MMACs':>9} {'GBOPs':>9}")
+            lines.append(
+                f"{'module':<32} {'kind':<18} {'weights':<8} {'W bits':>6} {'A bits':>6} {'MMACs':>9} {'GBOPs':>9}"
+            )
             for m in self.modules:
                 lines.append(
                     f"{m.name:<32} {m.kind:<18} {m.weight:<8} {m.weight_bits:>6.2f} {m.act_bits:>6.2f} "
@@ -77,8 +85,10 @@ class CostSummary:
         d = self.to_dict()
         if self.family:
             quantized = [m for m in self.modules if m.kind == "QuantLinear"]
-            lines.append(f"family {self.family}: {len(quantized)} quantized linears; kept in full precision: "
-                         + "; ".join(f"{k} ({v})" for k, v in self.kept.items()))
+            lines.append(
+                f"family {self.family}: {len(quantized)} quantized linears; kept in full precision: "
+                + "; ".join(f"{k} ({v})" for k, v in self.kept.items())
+            )
         lines.append(
             f"total: {self.params:,} parameters, {self.weight_storage_bits / 8 / 2**20:.2f} MiB of weights "
             f"({d['compression']:.1f}× smaller than the fp32 model), {self.macs / 1e9:.3f} GMACs, {self.bops / 1e12:.3f} TBOPs "
@@ -102,7 +112,9 @@ def _weight_storage(model: nn.Module) -> tuple[int, float, float]:
         lowrank = module.rank * (module.in_features + module.out_features)  # exists only after quantization
         width = parse_weight_format(module.config.weight)
         params += weights + bias + lowrank
-        bits += (weights * width + module.out_features * FP_BITS if width else weights * FP_BITS) + (bias + lowrank) * FP_BITS
+        bits += (weights * width + module.out_features * FP_BITS if width else weights * FP_BITS) + (
+            bias + lowrank
+        ) * FP_BITS
         fp_bits += (weights + bias) * FP_BITS
     for p in model.parameters():
         if id(p) not in inside:
@@ -127,10 +139,12 @@ class _CountAttention(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
+            q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args) :])[:3]
             heads_tokens = q.shape[:-2].numel() * q.shape[-2] * k.shape[-2]
             macs = heads_tokens * (q.shape[-1] + v.shape[-1])
-            self.summary.modules.append(ModuleCost("attention", "Attention", "-", FP_BITS, FP_BITS, macs, macs * FP_BITS**2))
+            self.summary.modules.append(
+                ModuleCost("attention", "Attention", "-", FP_BITS, FP_BITS, macs, macs * FP_BITS**2)
+            )
         return func(*args, **kwargs)
 
 
@@ -163,11 +177,17 @@ def cost_summary(model: nn.Module, inputs: tuple | dict | None = None) -> CostSu
                 w_bits = parse_weight_format(mod.config.weight) or FP_BITS
                 a_bits = mod.act_bits or FP_BITS
                 macs = tokens * mod.in_features * mod.out_features
-                summary.modules.append(ModuleCost(name, "QuantLinear", mod.config.weight, w_bits, a_bits, macs, macs * w_bits * a_bits))
+                summary.modules.append(
+                    ModuleCost(name, "QuantLinear", mod.config.weight, w_bits, a_bits, macs, macs * w_bits * a_bits)
+                )
                 if mod.rank:
                     lr_macs = tokens * mod.rank * (mod.in_features + mod.out_features)
                     lr_act = a_bits if mod.config.lowrank_input == "quantized" else FP_BITS
-                    summary.modules.append(ModuleCost(name + ".lowrank", LOWRANK, "fp", FP_BITS, lr_act, lr_macs, lr_macs * FP_BITS * lr_act))
+                    summary.modules.append(
+                        ModuleCost(
+                            name + ".lowrank", LOWRANK, "fp", FP_BITS, lr_act, lr_macs, lr_macs * FP_BITS * lr_act
+                        )
+                    )
             elif isinstance(mod, nn.Linear):
                 macs = x.numel() // mod.in_features * mod.in_features * mod.out_features
                 summary.modules.append(ModuleCost(name, "Linear", "fp", FP_BITS, FP_BITS, macs, macs * FP_BITS**2))

@@ -3,6 +3,7 @@
 AMPN writes plans, people read and edit them, QAT and ``quantize_`` apply them. On disk a plan is JSON:
 ``{"bits": {layer: bits, …}, "budget": …, …}``; a bare ``{layer: bits}`` object is read too.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,9 @@ class BitPlan:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except UnicodeDecodeError:
-            raise PlanError(f"bit plan {path} is not text; a plan is a JSON file (as `robuq ampn allocate` writes)") from None
+            raise PlanError(
+                f"bit plan {path} is not text; a plan is a JSON file (as `robuq ampn allocate` writes)"
+            ) from None
         except (OSError, json.JSONDecodeError) as exc:
             raise PlanError(f"cannot read the bit plan {path}: {exc}") from exc
         return cls.from_dict(data, str(path))

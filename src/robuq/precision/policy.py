@@ -5,6 +5,7 @@ the first rule whose pattern matches a linear layer's qualified name decides how
 layers no rule matches stay as they are. Presets are policies — the paper's baselines are
 configurations of this one code path, not separate implementations.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -59,7 +60,7 @@ def detect_layout(model: nn.Module) -> str | None:
 def layer_role(name: str, family: str | None = None) -> str:
     """The role ("qkv", "txt.fc1", "adaln", …) of a quantized linear's qualified name, in ``family`` or the
     first family that declares it."""
-    for layout in ([family] if family else LAYOUTS):
+    for layout in [family] if family else LAYOUTS:
         role = FAMILIES[layout].role_of(name)
         if role not in (None, "attention", "kept"):
             return role
@@ -91,8 +92,11 @@ class QuantConfig:
     attention_bits: int | None = 8  # None leaves attention matmuls in full precision
     attention_patterns: tuple[str, ...] = ()
     plan: dict[str, int] | None = None  # module name → activation bits, applied after the rules
-    layout: str = option(AUTO, "the model layout the rules are written for; auto: every layout, the model's found by quantize_",
-                         choices=(AUTO, *LAYOUTS))
+    layout: str = option(
+        AUTO,
+        "the model layout the rules are written for; auto: every layout, the model's found by quantize_",
+        choices=(AUTO, *LAYOUTS),
+    )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -109,15 +113,25 @@ class QuantConfig:
             rule = check_known_fields(rule, QuantRule, "policy rule")
             if not isinstance(rule.get("pattern"), str) or "linear" not in rule:
                 raise ValueError(f"a policy rule needs a name pattern and its linear settings, got {rule}")
-            rules.append(QuantRule(rule["pattern"], LinearQuantConfig.from_dict(rule["linear"]), rule.get("role", ""),
-                                   rule.get("family", "")))
+            rules.append(
+                QuantRule(
+                    rule["pattern"],
+                    LinearQuantConfig.from_dict(rule["linear"]),
+                    rule.get("role", ""),
+                    rule.get("family", ""),
+                )
+            )
         patterns = tuple(data.pop("attention_patterns", ()))
         return cls(rules=rules, attention_patterns=patterns, **data)
 
     def save(self, path: str | Path) -> Path:
         """Write as JSON (``.json``) or YAML (anything else; needs PyYAML: ``pip install 'robuq[yaml]'``)."""
         path = Path(path)
-        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else _yaml().safe_dump(self.to_dict(), sort_keys=False)
+        text = (
+            json.dumps(self.to_dict(), indent=2)
+            if path.suffix == ".json"
+            else _yaml().safe_dump(self.to_dict(), sort_keys=False)
+        )
         return atomic_write_text(path, text)
 
     @classmethod
@@ -146,8 +160,10 @@ class QuantConfig:
 
     def rule_for(self, name: str, family: str | None = None) -> QuantRule | None:
         """The first rule matching ``name`` among those written for ``family`` (or for any model)."""
-        return next((r for r in self.rules if r.family in ("", family or r.family) and fnmatch.fnmatchcase(name, r.pattern)),
-                    None)
+        return next(
+            (r for r in self.rules if r.family in ("", family or r.family) and fnmatch.fnmatchcase(name, r.pattern)),
+            None,
+        )
 
 
 def validate_plan(plan: Mapping[str, object], quantized_names: list[str]) -> dict[str, int | None]:
@@ -178,7 +194,9 @@ class CoverageError(ValueError):
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1)
+    return isinstance(module, nn.Linear) or (
+        isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+    )
 
 
 def uncovered_linears(model: nn.Module, family: Family) -> list[str]:
@@ -189,8 +207,11 @@ def uncovered_linears(model: nn.Module, family: Family) -> list[str]:
     for name, module in model.named_modules():
         if not _is_linear_like(module) or isinstance(module, QuantLinear):
             continue
-        if family.role_of(name) is None and not any(fnmatch.fnmatchcase(name, p) for p in reshaped) and not any(
-                name.startswith(parent + ".") and family.role_of(name) for parent in inside):
+        if (
+            family.role_of(name) is None
+            and not any(fnmatch.fnmatchcase(name, p) for p in reshaped)
+            and not any(name.startswith(parent + ".") and family.role_of(name) for parent in inside)
+        ):
             missing.append(name)
     return missing
 
@@ -200,13 +221,20 @@ def _refuse_uncovered(model: nn.Module, family: Family, allow_partial: bool) -> 
     if not missing:
         return
     listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-    hint = (" (fused projections: call unfuse_qkv_projections() first)" if any("to_qkv" in m and "mlp" not in m for m in missing)
-            else "")
-    message = (f"the {family.name} precision map does not cover {len(missing)} linear layer(s) of "
-               f"{type(model).__name__}: {listed}{hint}")
+    hint = (
+        " (fused projections: call unfuse_qkv_projections() first)"
+        if any("to_qkv" in m and "mlp" not in m for m in missing)
+        else ""
+    )
+    message = (
+        f"the {family.name} precision map does not cover {len(missing)} linear layer(s) of "
+        f"{type(model).__name__}: {listed}{hint}"
+    )
     if not allow_partial:
-        raise CoverageError(message + ". Nothing was quantized; pass allow_partial=True (--allow-partial) to quantize "
-                                      "what the map covers and keep these in full precision")
+        raise CoverageError(
+            message + ". Nothing was quantized; pass allow_partial=True (--allow-partial) to quantize "
+            "what the map covers and keep these in full precision"
+        )
     warnings.warn(message + "; they stay in full precision (allow_partial)", stacklevel=3)
 
 
@@ -221,18 +249,25 @@ def _reshape(model: nn.Module, family: Family) -> None:
 
 
 def _refuse_fusing(*args, **kwargs):
-    raise ValueError("this attention's projections are quantized (rotated, ternary, with a low-rank branch): fusing them "
-                     "into one plain linear would lose that. Fuse before quantizing, or leave them unfused")
+    raise ValueError(
+        "this attention's projections are quantized (rotated, ternary, with a low-rank branch): fusing them "
+        "into one plain linear would lose that. Fuse before quantizing, or leave them unfused"
+    )
 
 
 def _attention_patterns(config: QuantConfig, family: Family | None) -> tuple[str, ...]:
     if family is None or config.layout != AUTO:
         return config.attention_patterns
-    return tuple(p for p in config.attention_patterns if p in family.attention)  # another family's patterns do not apply
+    return tuple(
+        p for p in config.attention_patterns if p in family.attention
+    )  # another family's patterns do not apply
 
 
 def quantize_(
-    model: nn.Module, config: QuantConfig, plan: BitPlan | Mapping[str, object] | None = None, initialize: bool = True,
+    model: nn.Module,
+    config: QuantConfig,
+    plan: BitPlan | Mapping[str, object] | None = None,
+    initialize: bool = True,
     allow_partial: bool = False,
 ) -> nn.Module:
     """Replace, in place, the linears and attention cores ``config`` names; returns ``model``.
@@ -252,8 +287,10 @@ def quantize_(
         warnings.warn(f"{exc}; applying the policy's patterns without a family map (allow_partial)", stacklevel=2)
         family = None
     if family is not None and config.layout != AUTO and family.name != config.layout:
-        raise ValueError(f"policy {config.name!r} is written for layout {config.layout!r}, but this "
-                         f"{type(model).__name__} is a {family.name!r} model; use layout={family.name!r} or 'auto'")
+        raise ValueError(
+            f"policy {config.name!r} is written for layout {config.layout!r}, but this "
+            f"{type(model).__name__} is a {family.name!r} model; use layout={family.name!r} or 'auto'"
+        )
     if config.rules and family is not None:
         _refuse_uncovered(model, family, allow_partial)
         _reshape(model, family)
@@ -274,12 +311,16 @@ def quantize_(
                 routed.append(name)
     if config.rules and not targets:
         found = f"; it is a {family.name!r} model" if family else "; robuq knows the families " + ", ".join(LAYOUTS)
-        raise ValueError(f"policy {config.name!r} (layout {config.layout!r}) matches no linear layer of "
-                         f"{type(model).__name__}{found}: pass layout='auto' or the model's family to preset()")
+        raise ValueError(
+            f"policy {config.name!r} (layout {config.layout!r}) matches no linear layer of "
+            f"{type(model).__name__}{found}: pass layout='auto' or the model's family to preset()"
+        )
     for name, module in targets:
         model.set_submodule(name, module)
     for name in routed:
-        route_attention(model.get_submodule(name), QuantAttentionCore(check_bits(config.attention_bits, "attention bits")))
+        route_attention(
+            model.get_submodule(name), QuantAttentionCore(check_bits(config.attention_bits, "attention bits"))
+        )
     for module in model.modules():
         if hasattr(module, "fuse_projections") and any(isinstance(m, QuantLinear) for m in module.children()):
             module.fuse_projections = _refuse_fusing  # diffusers' fuse_qkv_projections would rebuild plain linears

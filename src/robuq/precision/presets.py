@@ -1,4 +1,5 @@
 """Named precision policies: the paper's method and its baselines as configurations of one code path."""
+
 from __future__ import annotations
 
 import os
@@ -37,6 +38,7 @@ def register_preset(name: str) -> Callable[[Recipe], Recipe]:
     >>> @register_preset("bitnet-v2-signless")
     ... def _(o): return {r: LinearQuantConfig(act_bits=o.act_bits) for r in BLOCK_ROLES}
     """
+
     def add(recipe: Recipe) -> Recipe:
         PRESETS[name] = recipe
         return recipe
@@ -65,8 +67,13 @@ def _bitnet_v2(options: PresetOptions) -> dict[str, LinearQuantConfig]:
 
 
 def _strong(options: PresetOptions) -> LinearQuantConfig:
-    return LinearQuantConfig(act_bits=options.act_bits, hadamard=True, hadamard_signs=options.hadamard_signs,
-                             lowrank_rank=options.lowrank_rank, lowrank_share=options.lowrank_share)
+    return LinearQuantConfig(
+        act_bits=options.act_bits,
+        hadamard=True,
+        hadamard_signs=options.hadamard_signs,
+        lowrank_rank=options.lowrank_rank,
+        lowrank_share=options.lowrank_share,
+    )
 
 
 @register_preset("baseline")
@@ -83,8 +90,12 @@ def _robuq(options: PresetOptions) -> dict[str, LinearQuantConfig]:
 
 def _rules(families: list[Family], per_kind: dict[str, LinearQuantConfig], adaln: LinearQuantConfig) -> list[QuantRule]:
     """Each family's block linears with the recipe's config for their kind, and its modulation with ``adaln``."""
-    rules = [QuantRule(p, per_kind[role_kind(role)], role, f.name)
-             for f in families for role, patterns in f.block_linears.items() for p in patterns]
+    rules = [
+        QuantRule(p, per_kind[role_kind(role)], role, f.name)
+        for f in families
+        for role, patterns in f.block_linears.items()
+        for p in patterns
+    ]
     return rules + [QuantRule(p, adaln, "adaln", f.name) for f in families for p in f.modulation]
 
 
@@ -131,20 +142,34 @@ def preset(
         return QuantConfig(name=name, rules=[], attention_bits=None, attention_patterns=attention, layout=layout)
     rules = _rules(families, block, LinearQuantConfig(weight=adaln, act_bits=adaln_act_bits))
     return QuantConfig(
-        name=f"{name}-a{act_bits}" if plan is None else f"{name}-plan", rules=rules, attention_bits=attention_bits,
-        attention_patterns=attention, plan=as_bits(plan) if plan is not None else None, layout=layout,
+        name=f"{name}-a{act_bits}" if plan is None else f"{name}-plan",
+        rules=rules,
+        attention_bits=attention_bits,
+        attention_patterns=attention,
+        plan=as_bits(plan) if plan is not None else None,
+        layout=layout,
     )
 
 
-def resolve_policy(preset_name: str = "robuq", act_bits: int = 4, config_file: str | os.PathLike | None = None,
-                   plan: BitPlan | Mapping[str, int] | str | os.PathLike | None = None, lowrank_rank: int = 16,
-                   lowrank_share: float | None = None) -> QuantConfig:
+def resolve_policy(
+    preset_name: str = "robuq",
+    act_bits: int = 4,
+    config_file: str | os.PathLike | None = None,
+    plan: BitPlan | Mapping[str, int] | str | os.PathLike | None = None,
+    lowrank_rank: int = 16,
+    lowrank_share: float | None = None,
+) -> QuantConfig:
     """A job's policy: the policy file ``config_file`` if given, else the preset at ``act_bits`` (with its
     low-rank branch's ``lowrank_rank`` or ``lowrank_share``); a bit plan, if given, replaces the policy's own."""
     if config_file and (lowrank_rank != 16 or lowrank_share is not None):
-        raise ValueError("a policy file sets its own low-rank ranks; drop --lowrank-rank/--lowrank-share or edit the file")
-    config = QuantConfig.load(config_file) if config_file else preset(preset_name, act_bits, lowrank_rank=lowrank_rank,
-                                                                       lowrank_share=lowrank_share)
+        raise ValueError(
+            "a policy file sets its own low-rank ranks; drop --lowrank-rank/--lowrank-share or edit the file"
+        )
+    config = (
+        QuantConfig.load(config_file)
+        if config_file
+        else preset(preset_name, act_bits, lowrank_rank=lowrank_rank, lowrank_share=lowrank_share)
+    )
     if plan is not None:
         config.plan = as_bits(plan)
     return config

@@ -8,6 +8,7 @@ Scale rules (docs/method.md §6):
 - either rule with ``learn_clip``: a learnable ratio ρ (one per layer, initialised at 1) scales the
   range (min–max) or the step (Gaussian), trained through the LSQ-style gradient of the fake quantizer.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-from robuq.core.quantizer_spec import (SCALE_EPS, check_bits, check_rule, gaussian_optimal_step, level_range,
-                                      rule_error)
+from robuq.core.quantizer_spec import SCALE_EPS, check_bits, check_rule, gaussian_optimal_step, level_range, rule_error
 from robuq.quant.primitives import QuantizedTensor, affine_fake_quantize, affine_levels
 
 GRANULARITIES = ("token", "tensor")
@@ -84,7 +84,9 @@ def activation_levels(
 class ActivationQuantizer(nn.Module):
     """A layer's activation quantizer; ``bits=None`` passes activations through unchanged."""
 
-    def __init__(self, bits: int | None = 4, granularity: str = "token", rule: str = "minmax", learn_clip: bool = False):
+    def __init__(
+        self, bits: int | None = 4, granularity: str = "token", rule: str = "minmax", learn_clip: bool = False
+    ):
         super().__init__()
         check_rule(rule)
         if granularity not in GRANULARITIES:

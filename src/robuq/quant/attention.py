@@ -1,4 +1,5 @@
 """Attention with quantized matmul operands: Q and K per token, V per channel, the softmax probabilities."""
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,14 @@ class QuantAttentionCore(nn.Module):
         v = quantize_activation(v.transpose(-2, -1), self.bits, "token", "minmax")[0].transpose(-2, -1)
         return q, k, v
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                scale: float | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         """softmax(Q̂ K̂ᵀ·scale + mask) V̂; ``mask`` as SDPA takes it (boolean: True attends; float: added),
         ``scale`` 1/√d unless given."""
         plain = mask is None and scale is None

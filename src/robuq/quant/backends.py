@@ -9,6 +9,7 @@ imported (``import robuq`` does that).
 paths): there ``accepts(layer)`` is asked when a layer is built, loaded or moved, not on every call, and
 ``run(layer)`` builds the path the layer then calls.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable

@@ -7,6 +7,7 @@ Kronecker structure — so it costs about (m + Σ 2^a) operations per element in
 Every matrix built here is symmetric, so the normalised transform is its own inverse; with sign flips
 D the transform is T = H D / √n and its inverse (and transpose) is D H / √n.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,9 @@ def _factor_matrices(n: int, dtype: torch.dtype, device: torch.device) -> tuple[
     key = (n, dtype, device)
     if key not in _device_cache:
         # Each factor carries its own 1/√r, so the product is normalised without a pass over x.
-        _device_cache[key] = tuple((h / math.sqrt(h.shape[0])).to(dtype=dtype, device=device) for h in factor_matrices(n))
+        _device_cache[key] = tuple(
+            (h / math.sqrt(h.shape[0])).to(dtype=dtype, device=device) for h in factor_matrices(n)
+        )
     return _device_cache[key]
 
 

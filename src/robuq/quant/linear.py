@@ -6,6 +6,7 @@
 where W T ᵀ = W_res + U V and U V is the rank-r truncated SVD of the rotated weight W Tᵀ, so that at
 full precision the layer computes exactly W x + b.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -51,7 +52,9 @@ class LinearQuantConfig:
         if self.lowrank_rank < 0:
             raise ValueError(f"lowrank_rank must be ≥ 0, got {self.lowrank_rank}")
         if self.lowrank_share is not None and not 0 <= self.lowrank_share <= 1:
-            raise ValueError(f"lowrank_share must lie in [0, 1] (a share of the layer's width), got {self.lowrank_share}")
+            raise ValueError(
+                f"lowrank_share must lie in [0, 1] (a share of the layer's width), got {self.lowrank_share}"
+            )
         if self.lowrank_input not in ("fp", "quantized"):
             raise ValueError(f"lowrank_input must be 'fp' or 'quantized', got {self.lowrank_input!r}")
 
@@ -88,13 +91,17 @@ class QuantLinear(nn.Module):
         if rank:
             self.lowrank_down = nn.Parameter(torch.zeros(rank, in_features), requires_grad=config.lowrank_trainable)
             self.lowrank_up = nn.Parameter(torch.zeros(out_features, rank), requires_grad=config.lowrank_trainable)
-        self.act_quant = ActivationQuantizer(config.act_bits, config.act_granularity, config.act_rule, config.learn_clip)
+        self.act_quant = ActivationQuantizer(
+            config.act_bits, config.act_granularity, config.act_rule, config.learn_clip
+        )
         # True when ``weight`` already holds α·L (an exported file's levels): quantizing it again would
         # change α, so the forward uses it as it is. The config still says what the layer is (ternary).
         self.stores_quantized_weight = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: LinearQuantConfig, seed: int = 0, initialize: bool = True) -> "QuantLinear":
+    def from_linear(
+        cls, linear: nn.Linear, config: LinearQuantConfig, seed: int = 0, initialize: bool = True
+    ) -> "QuantLinear":
         """Rotate ``linear``'s weight into the Hadamard basis, split off the SVD branch, keep the residual.
 
         ``initialize=False`` skips the (costly) SVD when a state_dict will be loaded over the result anyway.
@@ -134,7 +141,9 @@ class QuantLinear(nn.Module):
     def quantized_weight(self):
         """Levels and per-channel scales of the residual weight (None when weights are full precision)."""
         if self.stores_quantized_weight:
-            raise ValueError("this layer holds already-quantized weights (α·L from an export); its levels are in the file")
+            raise ValueError(
+                "this layer holds already-quantized weights (α·L from an export); its levels are in the file"
+            )
         return quantize_weight(self.weight.detach(), self.config.weight)
 
     def _quantized_operands(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -5,6 +5,7 @@ offset 0 and signed levels, activations unsigned levels 0 … 2^b − 1 with a p
 scale and offset. Keeping levels and scales apart is what lets the deployment code pack the levels and
 run integer kernels on exactly the numbers training saw.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,8 +50,9 @@ def _rounded(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | float)
     return (x - offset).div_(scale).round_()
 
 
-def affine_levels(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | float, low: int,
-                  high: int) -> torch.Tensor:
+def affine_levels(
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | float, low: int, high: int
+) -> torch.Tensor:
     """clamp(round((x − offset)/scale), low, high) as floats, without autograd: the levels alone, for inference."""
     with torch.no_grad():
         return _rounded(x, scale, offset).clamp_(low, high)

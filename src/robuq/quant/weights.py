@@ -1,4 +1,5 @@
 """Weight quantizers: ternary {−α, 0, +α} (BitNet b1.58) and symmetric k-bit, per output channel."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ from robuq.quant.primitives import QuantizedTensor
 
 
 def parse_weight_format(spec: str) -> float | None:
-    """"fp" → None, "ternary" → log2(3) bits, "int4" → 4 bits; anything else is an error naming the choices."""
+    """ "fp" → None, "ternary" → log2(3) bits, "int4" → 4 bits; anything else is an error naming the choices."""
     if spec == "fp":
         return None
     if spec == "ternary":

@@ -5,6 +5,7 @@ labels and noise come from a generator seeded by (seed, k) alone, so the merged 
 any number of processes, and a killed run resumes by skipping the shards already written (each is
 written atomically) — nothing finished is drawn again.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,9 @@ def shard_seed(seed: int, shard: int) -> int:
     return (seed * 1_000_003 + shard * 7919 + 17) % (2**63 - 1)
 
 
-def shard_labels(num_classes: int, num_samples: int, shard: int, shard_size: int, seed: int, balanced: bool) -> torch.Tensor | None:
+def shard_labels(
+    num_classes: int, num_samples: int, shard: int, shard_size: int, seed: int, balanced: bool
+) -> torch.Tensor | None:
     """Labels of shard ``shard``: uniform draws from its own generator, or a slice of one seeded permutation
     of ⌈N/C⌉ copies of every class (class-balanced); None for an unconditional model."""
     if num_classes == 0:
@@ -39,11 +42,25 @@ def shard_labels(num_classes: int, num_samples: int, shard: int, shard_size: int
     return torch.randint(0, num_classes, (len(rows),), generator=g)
 
 
-def sample_shards(model: nn.Module, out: str | Path, num_samples: int, info: DistInfo, *, vae: nn.Module | None = None,
-                  shard_size: int = 1000, balanced: bool = False, sampler: str = "ddpm", steps: int = 250,
-                  cfg_scale: float = 1.5, cfg_channels: int | None = None, seed: int = 0, batch_size: int = 100,
-                  progress: bool = True, precision: str = "fp32",
-                  timeout_hours: float = DEFAULT_TIMEOUT_HOURS) -> dict[str, Path]:
+def sample_shards(
+    model: nn.Module,
+    out: str | Path,
+    num_samples: int,
+    info: DistInfo,
+    *,
+    vae: nn.Module | None = None,
+    shard_size: int = 1000,
+    balanced: bool = False,
+    sampler: str = "ddpm",
+    steps: int = 250,
+    cfg_scale: float = 1.5,
+    cfg_channels: int | None = None,
+    seed: int = 0,
+    batch_size: int = 100,
+    progress: bool = True,
+    precision: str = "fp32",
+    timeout_hours: float = DEFAULT_TIMEOUT_HOURS,
+) -> dict[str, Path]:
     """Write ``out/shards/shard-*.npz`` (this rank's share of those missing), then rank 0 merges them into
     ``out/samples.npz`` (``arr_0``: uint8 NHWC, ``labels``) and ``out/grid.png`` (the first 64)."""
     out = Path(out)
@@ -51,15 +68,31 @@ def sample_shards(model: nn.Module, out: str | Path, num_samples: int, info: Dis
     path = lambda k: out / "shards" / f"shard-{k:05d}.npz"  # noqa: E731
     todo = [k for k in range(num_shards) if k % info.world_size == info.rank and not path(k).is_file()]
     total = sum(min(shard_size, num_samples - k * shard_size) for k in todo)
-    with tqdm(total=total, desc=f"sample (rank {info.rank})", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total, desc=f"sample (rank {info.rank})", unit="img", disable=not progress, dynamic_ncols=True
+    ) as bar:
         for k in todo:
             n = min(shard_size, num_samples - k * shard_size)
             labels = shard_labels(model.num_classes, num_samples, k, shard_size, seed, balanced)
-            images = generate(model, labels, n, sampler, steps, cfg_scale, shard_seed(seed, k), batch_size, progress=False,
-                              cfg_channels=cfg_channels, clip_denoised=vae is None, precision=precision)
+            images = generate(
+                model,
+                labels,
+                n,
+                sampler,
+                steps,
+                cfg_scale,
+                shard_seed(seed, k),
+                batch_size,
+                progress=False,
+                cfg_channels=cfg_channels,
+                clip_denoised=vae is None,
+                precision=precision,
+            )
             if vae is not None:
                 device = next(vae.parameters()).device
-                images = torch.cat([decode(vae, images[i : i + batch_size].to(device)).cpu() for i in range(0, n, batch_size)])
+                images = torch.cat(
+                    [decode(vae, images[i : i + batch_size].to(device)).cpu() for i in range(0, n, batch_size)]
+                )
             ys = labels.numpy() if labels is not None else np.zeros(n, dtype=np.int64)
             save_npz(path(k), arr_0=to_uint8(images), labels=ys)
             bar.update(n)

@@ -1,4 +1,5 @@
 """Generate images from a DiT, and turn them into pixels and grids people look at."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,9 @@ def guided(model: DiT, cfg_scale: float, cfg_channels: int | None = None):
 
     def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         null = torch.full_like(y, model.num_classes)
-        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), cfg_scale, cfg_channels)
+        out = model.forward_with_cfg(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), cfg_scale, cfg_channels
+        )
         return out[: len(x)]
 
     return denoise
@@ -60,7 +63,9 @@ def generate(
         raise ValueError("labels must hold one label per sample")
     model.eval()
     device = next(model.parameters()).device
-    diffusion = create_diffusion(str(steps) if sampler == "ddpm" else f"ddim{steps}", learn_sigma=model.out_channels != model.in_channels)
+    diffusion = create_diffusion(
+        str(steps) if sampler == "ddpm" else f"ddim{steps}", learn_sigma=model.out_channels != model.in_channels
+    )
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     model_call = guided(model, cfg_scale, cfg_channels)
@@ -78,8 +83,16 @@ def generate(
         noise = torch.randn(n, model.in_channels, size, size, generator=generator).to(device)
         kwargs = {} if labels is None else {"y": labels[start : start + n].to(device)}
         run = diffusion.ddpm_sample if sampler == "ddpm" else diffusion.ddim_sample
-        chunks.append(run(denoise, noise, generator=generator, model_kwargs=kwargs, progress=progress and len(starts) < 2,
-                          clip_denoised=clip_denoised).cpu())
+        chunks.append(
+            run(
+                denoise,
+                noise,
+                generator=generator,
+                model_kwargs=kwargs,
+                progress=progress and len(starts) < 2,
+                clip_denoised=clip_denoised,
+            ).cpu()
+        )
     return torch.cat(chunks)
 
 
@@ -114,8 +127,11 @@ def row_names(model) -> list[str] | None:
     count = getattr(model, "num_classes", 0)
     if not count:
         return None
-    return list(CLASS_NAMES) if count == len(CLASS_NAMES) and getattr(model, "in_channels", 0) == 1 else [
-        f"class {k}" for k in range(count)]
+    return (
+        list(CLASS_NAMES)
+        if count == len(CLASS_NAMES) and getattr(model, "in_channels", 0) == 1
+        else [f"class {k}" for k in range(count)]
+    )
 
 
 def _label_rows(picture: Image.Image, labels: list[str], row_height: int, top: int = 0) -> Image.Image:
@@ -133,8 +149,14 @@ def _label_rows(picture: Image.Image, labels: list[str], row_height: int, top: i
     return canvas
 
 
-def save_grid(images: np.ndarray, path: str | Path, columns: int, scale: int = 2, pad: int = 2,
-              row_labels: list[str] | None = None) -> Path:
+def save_grid(
+    images: np.ndarray,
+    path: str | Path,
+    columns: int,
+    scale: int = 2,
+    pad: int = 2,
+    row_labels: list[str] | None = None,
+) -> Path:
     """Tile uint8 NHWC images into one PNG, ``columns`` per row, each enlarged ``scale`` times; ``row_labels``
     name the rows in a left margin."""
     picture = _picture(tile(images, columns, pad))
@@ -153,8 +175,14 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def save_comparison(panels: dict[str, np.ndarray], path: str | Path, columns: int, title: str, scale: int = 2,
-                    row_labels: list[str] | None = None) -> Path:
+def save_comparison(
+    panels: dict[str, np.ndarray],
+    path: str | Path,
+    columns: int,
+    title: str,
+    scale: int = 2,
+    row_labels: list[str] | None = None,
+) -> Path:
     """Grids of the same noise and labels side by side, each headed by its name, under a title (and each row
     named by ``row_labels`` on the left): one PNG a reader can tell the models apart in."""
     from PIL import ImageDraw

@@ -5,6 +5,7 @@ pipeline's embedding arguments (``prompt_embeds`` and, where the family has them
 ``prompt_attention_mask`` and their ``negative_`` forms) as a safetensors file. The pipeline's VAE and
 scheduler come from a local pipeline folder; the transformer is robuq's (exported, quantized or not).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -20,8 +21,16 @@ from robuq.models.families import family_of
 from robuq.models.families.base import diffusers_module
 
 # Pipeline components robuq leaves out: prompts arrive as embeddings.
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3",
-                   "image_encoder", "feature_extractor")
+TEXT_COMPONENTS = (
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "image_encoder",
+    "feature_extractor",
+)
 
 
 def family_pipeline(model: nn.Module, pipeline_dir: str | os.PathLike):
@@ -31,8 +40,10 @@ def family_pipeline(model: nn.Module, pipeline_dir: str | os.PathLike):
     if family.pipeline is None:
         raise ValueError(f"the {family.name} family has no text-to-image pipeline")
     if not (Path(pipeline_dir) / "model_index.json").is_file():
-        raise FileNotFoundError(f"{pipeline_dir} is not a diffusers pipeline folder (no model_index.json); give the "
-                                f"folder a {family.pipeline}.save_pretrained wrote, with its vae/ and scheduler/")
+        raise FileNotFoundError(
+            f"{pipeline_dir} is not a diffusers pipeline folder (no model_index.json); give the "
+            f"folder a {family.pipeline}.save_pretrained wrote, with its vae/ and scheduler/"
+        )
     cls = getattr(diffusers_module(), family.pipeline)
     wanted = set(inspect.signature(cls.__init__).parameters)
     left_out = {name: None for name in TEXT_COMPONENTS if name in wanted}
@@ -46,15 +57,24 @@ def read_prompt_embeddings(path: str | os.PathLike, pipeline) -> dict[str, torch
     unknown = sorted(set(tensors) - accepted)
     if unknown:
         takes = sorted(a for a in accepted if "embeds" in a or "mask" in a)
-        raise ValueError(f"{path}: {type(pipeline).__name__} takes no {', '.join(unknown)}; it takes {', '.join(takes)}")
+        raise ValueError(
+            f"{path}: {type(pipeline).__name__} takes no {', '.join(unknown)}; it takes {', '.join(takes)}"
+        )
     if "prompt_embeds" not in tensors:
         raise ValueError(f"{path} holds no prompt_embeds (one row per prompt, as the family's text encoders give them)")
     return tensors
 
 
-def sample_text_to_image(model: nn.Module, pipeline_dir: str | os.PathLike, embeddings_file: str | os.PathLike,
-                         steps: int = 20, height: int | None = None, width: int | None = None, seed: int = 0,
-                         guidance_scale: float | None = None) -> np.ndarray:
+def sample_text_to_image(
+    model: nn.Module,
+    pipeline_dir: str | os.PathLike,
+    embeddings_file: str | os.PathLike,
+    steps: int = 20,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+) -> np.ndarray:
     """One image per row of the cached prompt embeddings, as uint8 (N, H, W, 3)."""
     pipeline = family_pipeline(model, pipeline_dir)
     pipeline.set_progress_bar_config(disable=True)
@@ -69,6 +89,12 @@ def sample_text_to_image(model: nn.Module, pipeline_dir: str | os.PathLike, embe
         if name in inspect.signature(pipeline.__call__).parameters:
             kwargs[name] = False  # sizes as asked, not snapped to the family's aspect-ratio table
     with torch.no_grad():
-        images = pipeline(**kwargs, num_inference_steps=steps, height=height, width=width, output_type="np",
-                          generator=torch.Generator(device="cpu").manual_seed(seed)).images
+        images = pipeline(
+            **kwargs,
+            num_inference_steps=steps,
+            height=height,
+            width=width,
+            output_type="np",
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+        ).images
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)

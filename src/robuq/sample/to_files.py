@@ -1,4 +1,5 @@
 """``robuq sample``: sample any model file into a PNG grid (a row per class) and an ADM-style ``.npz``."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,43 +29,80 @@ class SampleConfig:
     ckpt: str | None = option(None, "model file: full-precision, quantized or exported (default: the shipped teacher)")
     out: str = option("samples", "output folder for grid.png and samples.npz")
     per_class: int = option(8, "images per class (class-conditional models; a row per class in the grid)")
-    num_samples: int | None = option(None, "draw this many images for evaluation (e.g. 50000): labels at random "
-                                           "(--labels), per-process shards under torchrun, resumable, merged into "
-                                           "samples.npz; without it: --per-class images per class (unconditional: 64)")
-    labels: str = option("uniform", "labels with --num-samples: uniform at random (as DiT's sample_ddp.py) or "
-                                    "class-balanced", choices=("uniform", "balanced"))
+    num_samples: int | None = option(
+        None,
+        "draw this many images for evaluation (e.g. 50000): labels at random "
+        "(--labels), per-process shards under torchrun, resumable, merged into "
+        "samples.npz; without it: --per-class images per class (unconditional: 64)",
+    )
+    labels: str = option(
+        "uniform",
+        "labels with --num-samples: uniform at random (as DiT's sample_ddp.py) or class-balanced",
+        choices=("uniform", "balanced"),
+    )
     shard_size: int = option(1000, "images per shard file with --num-samples (the unit of resumption)")
-    vae: str | None = option(None, "decode latents through this local AutoencoderKL (folder, or file with --vae-config)")
+    vae: str | None = option(
+        None, "decode latents through this local AutoencoderKL (folder, or file with --vae-config)"
+    )
     vae_config: str | None = option(None, "the config.json (or its folder) of a single-file --vae")
-    cfg_channels: int | None = option(None, "guide only the first N noise channels (3: the reference DiT's behaviour, "
-                                            "for its published numbers); default: all")
+    cfg_channels: int | None = option(
+        None,
+        "guide only the first N noise channels (3: the reference DiT's behaviour, "
+        "for its published numbers); default: all",
+    )
     sampler: str = option("ddpm", "respaced DDPM or deterministic DDIM", choices=("ddpm", "ddim"))
     steps: int = option(100, "sampling steps (respaced from the 1,000 training steps)")
-    cfg_scale: float = option(1.5, "classifier-free guidance scale (1: none); text-to-image families keep their "
-                                   "pipeline's own default unless another value is given")
+    cfg_scale: float = option(
+        1.5,
+        "classifier-free guidance scale (1: none); text-to-image families keep their "
+        "pipeline's own default unless another value is given",
+    )
     seed: int = option(0, "seed of all sampling noise (the same seed gives the same images on any device)")
     batch_size: int = option(100, "images per forward pass")
     dist_timeout_hours: float = option(DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP)
-    precision: str = option("fp32", "fp32; tf32 (CUDA matmuls in TF32); bf16 (autocast; quantizer statistics, scales and "
-                                    "rounding stay fp32, as in training)", choices=PRECISIONS)
+    precision: str = option(
+        "fp32",
+        "fp32; tf32 (CUDA matmuls in TF32); bf16 (autocast; quantizer statistics, scales and "
+        "rounding stay fp32, as in training)",
+        choices=PRECISIONS,
+    )
     device: str = option("auto", DEVICE_HELP)
-    retain_memory: bool = option(True, "exported models: keep freed memory in the process instead of returning it "
-                                       "to the OS (faster integer inference; see load_exported)")
-    pipeline: str | None = option(None, "text-to-image families (PixArt, SD3, FLUX, Sana): a local folder of the family's "
-                                        "diffusers pipeline whose VAE and scheduler sample the model (no text encoder is read)")
-    prompt_embeds: str | None = option(None, "text-to-image families: a safetensors file of cached prompt embeddings "
-                                             "(prompt_embeds, and pooled_prompt_embeds / masks / negative_* where the "
-                                             "family's pipeline takes them), one image per row")
+    retain_memory: bool = option(
+        True,
+        "exported models: keep freed memory in the process instead of returning it "
+        "to the OS (faster integer inference; see load_exported)",
+    )
+    pipeline: str | None = option(
+        None,
+        "text-to-image families (PixArt, SD3, FLUX, Sana): a local folder of the family's "
+        "diffusers pipeline whose VAE and scheduler sample the model (no text encoder is read)",
+    )
+    prompt_embeds: str | None = option(
+        None,
+        "text-to-image families: a safetensors file of cached prompt embeddings "
+        "(prompt_embeds, and pooled_prompt_embeds / masks / negative_* where the "
+        "family's pipeline takes them), one image per row",
+    )
     height: int | None = option(None, "text-to-image families: image height (default: the pipeline's)")
     width: int | None = option(None, "text-to-image families: image width (default: the pipeline's)")
 
 
 def _sample_text_to_image(config: SampleConfig, model, device) -> dict[str, Path]:
     if not config.pipeline or not config.prompt_embeds:
-        raise ValueError(f"a {model_family(model)} model samples through its diffusers pipeline from cached prompt "
-                         "embeddings: give --pipeline FOLDER (its vae/ and scheduler/) and --prompt-embeds FILE")
-    pixels = sample_text_to_image(model, config.pipeline, config.prompt_embeds, config.steps, config.height, config.width,
-                                  config.seed, None if config.cfg_scale == SampleConfig.cfg_scale else config.cfg_scale)
+        raise ValueError(
+            f"a {model_family(model)} model samples through its diffusers pipeline from cached prompt "
+            "embeddings: give --pipeline FOLDER (its vae/ and scheduler/) and --prompt-embeds FILE"
+        )
+    pixels = sample_text_to_image(
+        model,
+        config.pipeline,
+        config.prompt_embeds,
+        config.steps,
+        config.height,
+        config.width,
+        config.seed,
+        None if config.cfg_scale == SampleConfig.cfg_scale else config.cfg_scale,
+    )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     npz = out / "samples.npz"
@@ -83,18 +121,33 @@ def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Pa
         return _sample_text_to_image(config, model, device)
     vae = load_vae(config.vae, config.vae_config, device) if config.vae else None
     if vae is not None and vae_geometry(vae).channels != model.in_channels:
-        raise ValueError(f"--vae {config.vae} makes {vae_geometry(vae).channels}-channel latents but the model denoises "
-                         f"{model.in_channels} channels; give the VAE whose latents it was trained on")
+        raise ValueError(
+            f"--vae {config.vae} makes {vae_geometry(vae).channels}-channel latents but the model denoises "
+            f"{model.in_channels} channels; give the VAE whose latents it was trained on"
+        )
     if config.num_samples is not None:
         info = init_distributed(device, config.dist_timeout_hours)
         current = device_context(device)
         try:
             with current:
-                return sample_shards(model, config.out, config.num_samples, info, vae=vae, shard_size=config.shard_size,
-                                     balanced=config.labels == "balanced", sampler=config.sampler, steps=config.steps,
-                                     cfg_scale=config.cfg_scale, cfg_channels=config.cfg_channels, seed=config.seed,
-                                     batch_size=config.batch_size, progress=progress, precision=config.precision,
-                                     timeout_hours=config.dist_timeout_hours)
+                return sample_shards(
+                    model,
+                    config.out,
+                    config.num_samples,
+                    info,
+                    vae=vae,
+                    shard_size=config.shard_size,
+                    balanced=config.labels == "balanced",
+                    sampler=config.sampler,
+                    steps=config.steps,
+                    cfg_scale=config.cfg_scale,
+                    cfg_channels=config.cfg_channels,
+                    seed=config.seed,
+                    batch_size=config.batch_size,
+                    progress=progress,
+                    precision=config.precision,
+                    timeout_hours=config.dist_timeout_hours,
+                )
         finally:
             shutdown(info)
     if model.num_classes > 0:
@@ -103,9 +156,20 @@ def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Pa
     else:
         labels, columns = None, 8
     n = len(labels) if labels is not None else 64
-    images = generate(model, labels, n, config.sampler, config.steps, config.cfg_scale, config.seed, config.batch_size,
-                      progress=progress, cfg_channels=config.cfg_channels, clip_denoised=vae is None,
-                      precision=config.precision)
+    images = generate(
+        model,
+        labels,
+        n,
+        config.sampler,
+        config.steps,
+        config.cfg_scale,
+        config.seed,
+        config.batch_size,
+        progress=progress,
+        cfg_channels=config.cfg_channels,
+        clip_denoised=vae is None,
+        precision=config.precision,
+    )
     if vae is not None:
         images = decode(vae, images.to(device)).cpu()
     pixels = to_uint8(images)

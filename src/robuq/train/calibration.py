@@ -6,6 +6,7 @@ each input twice, with its label and with the null class, so the batch can hold 
 noised image appears once labelled and once unlabelled (``with_null=True``), which also lets the error
 of the guided prediction itself be measured.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -27,7 +28,6 @@ class CalibrationBatch:
     target: torch.Tensor  # the teacher's output on (x_t, t, y)
     paired_null: bool = False  # the second half repeats the first with y = the null class
 
-
     @property
     def kwargs(self) -> dict:
         return {} if self.y is None else {"y": self.y}
@@ -44,13 +44,18 @@ def null_label(model: nn.Module) -> int | None:
         return embedder.num_classes if embedder is not None and embedder.dropout_prob > 0 else None
     return None  # diffusers' DiT: DiTPipeline feeds 1000, which only 1000-class models have
 
+
 @torch.no_grad()
-def calibration_batch(teacher: DiT, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0,
-                      with_null: bool = False) -> CalibrationBatch:
+def calibration_batch(
+    teacher: DiT, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0, with_null: bool = False
+) -> CalibrationBatch:
     """Clean ``images`` noised at timesteps spaced evenly over [0, T), with noise drawn from ``seed``;
     ``with_null`` adds each noised image again with the null class (when the teacher has one)."""
-    channels = (teacher.in_channels, teacher.out_channels) if model_family(teacher) == "dit" else (
-        teacher.config.in_channels, teacher.out_channels)  # a diffusers teacher
+    channels = (
+        (teacher.in_channels, teacher.out_channels)
+        if model_family(teacher) == "dit"
+        else (teacher.config.in_channels, teacher.out_channels)
+    )  # a diffusers teacher
     diffusion = create_diffusion(learn_sigma=channels[0] != channels[1])
     g = torch.Generator().manual_seed(seed)
     t = torch.linspace(0, diffusion.num_timesteps - 1, len(images)).long()
@@ -76,12 +81,17 @@ class FamilyBatch:
 
 
 def _rows(value, index: int):
-    return value[index:index + 1] if isinstance(value, torch.Tensor) and value.ndim >= 2 else value
+    return value[index : index + 1] if isinstance(value, torch.Tensor) and value.ndim >= 2 else value
 
 
 @torch.no_grad()
-def family_calibration_batch(model: nn.Module, count: int, prompt_embeds: dict[str, torch.Tensor] | None = None,
-                             seed: int = 0, reference: nn.Module | None = None) -> FamilyBatch:
+def family_calibration_batch(
+    model: nn.Module,
+    count: int,
+    prompt_embeds: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    reference: nn.Module | None = None,
+) -> FamilyBatch:
     """``count`` inputs of the model's family: Gaussian latents (the noisy input's distribution over most of
     the schedule) at timesteps spread evenly over it, each with a row of ``prompt_embeds`` in turn (cached
     embeddings, under the family's forward-argument names, e.g. ``encoder_hidden_states``) or random
@@ -92,7 +102,9 @@ def family_calibration_batch(model: nn.Module, count: int, prompt_embeds: dict[s
     accepted = set(inspect.signature(model.forward).parameters)
     unknown = sorted(set(prompt_embeds or {}) - accepted)
     if unknown:
-        raise ValueError(f"{family.name} models take no {', '.join(unknown)} (their forward takes {', '.join(sorted(accepted))})")
+        raise ValueError(
+            f"{family.name} models take no {', '.join(unknown)} (their forward takes {', '.join(sorted(accepted))})"
+        )
     inputs = []
     for i in range(count):
         one = family.example_inputs(model, 1)
@@ -134,8 +146,14 @@ def batch_output(model: nn.Module, batch: CalibrationBatch, chunk: int = 256) ->
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model_output(model, b.x_t[i:i + chunk], b.t[i:i + chunk], None if b.y is None else b.y[i:i + chunk])
-                          for i in range(0, len(b.t), chunk)])
+        return torch.cat(
+            [
+                model_output(
+                    model, b.x_t[i : i + chunk], b.t[i : i + chunk], None if b.y is None else b.y[i : i + chunk]
+                )
+                for i in range(0, len(b.t), chunk)
+            ]
+        )
     finally:
         model.train(was_training)
 

@@ -1,4 +1,5 @@
 """Finding where a training step stopped being finite, so the error names a module, not just a step."""
+
 from __future__ import annotations
 
 from typing import Callable

@@ -12,6 +12,7 @@ The probe logged during training is the EMA model's error against the teacher on
 train on (Fashion-MNIST's test split), each noised image once with its label and once with the null
 class, and the error of the guided prediction at ``probe_guidance``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,31 +43,54 @@ from robuq.io.quantized import quantized_meta
 from robuq.train.state import list_checkpoints
 from robuq.train.trainer import LoopConfig, check_data_fits, label_drops, loop_dataset, train_loop
 
+
 @dataclass
 class QATConfig(LoopConfig):
     """``robuq qat``: quantize a full-precision teacher and train it. The architecture, input size,
     channels and conditioning are the teacher's."""
 
-    teacher: str | None = option(None, "full-precision DiT checkpoint to quantize and distil from (default: the shipped teacher)")
+    teacher: str | None = option(
+        None, "full-precision DiT checkpoint to quantize and distil from (default: the shipped teacher)"
+    )
     preset: str = option("robuq", "quantization method (see the README's preset table; register_preset adds more)")
     act_bits: int = option(4, "activation bits of the four block linears (a --plan overrides them per layer)")
     plan: str | None = option(None, "per-layer activation bits: a plan JSON, e.g. from `robuq ampn allocate`")
-    quant_config: str | None = option(None, "a policy file (YAML/JSON, QuantConfig.save) instead of --preset/--act-bits")
+    quant_config: str | None = option(
+        None, "a policy file (YAML/JSON, QuantConfig.save) instead of --preset/--act-bits"
+    )
     lowrank_rank: int = option(16, "rank of the full-precision low-rank branch of the baseline and robuq presets")
-    lowrank_share: float | None = option(None, "the branch's rank as a share of each layer's width instead (the paper's "
-                                               "16 of 1,152: 0.013889, rank 3 at width 192)")
+    lowrank_share: float | None = option(
+        None,
+        "the branch's rank as a share of each layer's width instead (the paper's "
+        "16 of 1,152: 0.013889, rank 3 at width 192)",
+    )
     init_student: str | None = option(None, "start from this quantized model's weights (AMPN: its warm-up run)")
-    loss: str = option("mix", "diffusion: the plain DiT loss; distill: MSE to the teacher's output; mix: both",
-                       choices=("diffusion", "distill", "mix"))
+    loss: str = option(
+        "mix",
+        "diffusion: the plain DiT loss; distill: MSE to the teacher's output; mix: both",
+        choices=("diffusion", "distill", "mix"),
+    )
     distill_weight: float = option(1.0, "weight of the distillation term in --loss mix")
-    null_fraction: float | None = option(None, "fraction of samples given the null class, which guided sampling's "
-                                               "unconditional branch sees (default: the teacher's class dropout)")
-    ternary_lr_scale: float = option(5.0, "learning rate of the ternary layers' latent weights as a multiple of --lr: "
-                                          "a latent weight must move about half its channel's scale to change level")
-    freeze_fp: bool = option(False, "train only the quantized layers (and their low-rank branches); otherwise the "
-                                    "full-precision embedders and final layer train too")
-    probe_images: int = option(128, "held-out images in the fixed batch of the probe (error against the teacher; each "
-                                    "with its label and with the null class)")
+    null_fraction: float | None = option(
+        None,
+        "fraction of samples given the null class, which guided sampling's "
+        "unconditional branch sees (default: the teacher's class dropout)",
+    )
+    ternary_lr_scale: float = option(
+        5.0,
+        "learning rate of the ternary layers' latent weights as a multiple of --lr: "
+        "a latent weight must move about half its channel's scale to change level",
+    )
+    freeze_fp: bool = option(
+        False,
+        "train only the quantized layers (and their low-rank branches); otherwise the "
+        "full-precision embedders and final layer train too",
+    )
+    probe_images: int = option(
+        128,
+        "held-out images in the fixed batch of the probe (error against the teacher; each "
+        "with its label and with the null class)",
+    )
     probe_guidance: float = option(1.5, "guidance scale of the probe's guided error")
     probe_every: int = with_default(LoopConfig, "probe_every", 100)
     steps: int = with_default(LoopConfig, "steps", 1000)
@@ -86,16 +110,23 @@ class QATConfig(LoopConfig):
 
     def quantization(self, plan: BitPlan | None = None) -> QuantConfig:
         """The student's policy: --quant-config or --preset at --act-bits, with ``plan`` (or --plan) on top."""
-        return resolve_policy(self.preset, self.act_bits, self.quant_config, plan if plan is not None else self.plan,
-                              self.lowrank_rank, self.lowrank_share)
+        return resolve_policy(
+            self.preset,
+            self.act_bits,
+            self.quant_config,
+            plan if plan is not None else self.plan,
+            self.lowrank_rank,
+            self.lowrank_share,
+        )
 
 
 def _teacher_path(config: QATConfig) -> str:
     return config.teacher or str(default_teacher_path())
 
 
-def qat_objective(diffusion: GaussianDiffusion, teacher: DiT, loss: str, distill_weight: float,
-                  null_fraction: float | None = None) -> Callable[..., dict]:
+def qat_objective(
+    diffusion: GaussianDiffusion, teacher: DiT, loss: str, distill_weight: float, null_fraction: float | None = None
+) -> Callable[..., dict]:
     """Per-sample losses of a student on one batch; the teacher sees exactly the student's inputs. A sample
     gets the null class with probability ``null_fraction`` (default: the teacher's class dropout)."""
     if null_fraction is None:
@@ -126,8 +157,9 @@ def qat_objective(diffusion: GaussianDiffusion, teacher: DiT, loss: str, distill
     return objective
 
 
-def teacher_probe(teacher: DiT, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0,
-                  guidance: float = 1.5) -> Callable[[nn.Module], dict]:
+def teacher_probe(
+    teacher: DiT, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0, guidance: float = 1.5
+) -> Callable[[nn.Module], dict]:
     """``probe(model)`` → the model's output error against the teacher on a fixed batch of ``images``, each
     with its label and with the null class (relative to the teacher's output variance), and the error of
     the guided prediction at ``guidance``: what QAT logs to show how close the student is."""
@@ -159,8 +191,11 @@ def qat_param_groups(ternary_lr_scale: float) -> Callable[[nn.Module], list[dict
     """AdamW groups for the loop: the ternary layers' latent weights at ``ternary_lr_scale``·lr, the rest at lr."""
 
     def groups(model: nn.Module) -> list[dict]:
-        ternary = [m.weight for m in model.modules()
-                   if isinstance(m, QuantLinear) and m.config.weight == "ternary" and m.weight.requires_grad]
+        ternary = [
+            m.weight
+            for m in model.modules()
+            if isinstance(m, QuantLinear) and m.config.weight == "ternary" and m.weight.requires_grad
+        ]
         chosen = {id(p) for p in ternary}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
         return [{"params": rest}, {"params": ternary, "lr_scale": ternary_lr_scale}]
@@ -183,8 +218,14 @@ def calibration_images(dataset: Dataset, count: int, conditional: bool) -> tuple
     return images, (torch.stack([torch.as_tensor(y) for _, y in samples]).long() if conditional else None)
 
 
-def qat(config: QATConfig, resume: bool = False, until: int | None = None, progress: bool = True,
-        plan: BitPlan | None = None, dataset: Dataset | None = None) -> Path:
+def qat(
+    config: QATConfig,
+    resume: bool = False,
+    until: int | None = None,
+    progress: bool = True,
+    plan: BitPlan | None = None,
+    dataset: Dataset | None = None,
+) -> Path:
     """Quantize the teacher as ``config`` says (``plan``, if given, sets per-layer bits instead of
     ``config.plan``) and train it on ``dataset`` (any Dataset of (x, y); default: --latents or --data);
     returns the output folder (EMA weights in ``model.safetensors``, loadable with ``robuq.load_quantized``)."""
@@ -208,8 +249,9 @@ def qat(config: QATConfig, resume: bool = False, until: int | None = None, progr
     dataset = teacher_dataset(config, teacher, dataset)
     conditional = teacher.num_classes > 0
     probe_set, probe_source = probe_dataset(config, dataset)
-    probe = teacher_probe(teacher, *calibration_images(probe_set, config.probe_images, conditional), config.seed,
-                          config.probe_guidance)
+    probe = teacher_probe(
+        teacher, *calibration_images(probe_set, config.probe_images, conditional), config.seed, config.probe_guidance
+    )
     diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
     objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight, config.null_fraction)
     lap("data and probe")
@@ -222,19 +264,39 @@ def qat(config: QATConfig, resume: bool = False, until: int | None = None, progr
         load_student_weights(student, config.init_student)
     lap("student")
     rank = os.environ.get("RANK", "0")
-    print(f"set-up of rank {rank} in {config.out_dir} (s): " + ", ".join(f"{k} {v:.1f}" for k, v in setup.items()),
-          file=sys.stderr, flush=True)
+    print(
+        f"set-up of rank {rank} in {config.out_dir} (s): " + ", ".join(f"{k} {v:.1f}" for k, v in setup.items()),
+        file=sys.stderr,
+        flush=True,
+    )
     meta = {**quantized_meta(student, quantization), "probe_images_from": probe_source}
-    return train_loop(config, student, objective, dataset, resume=resume, until=until, extra_meta=meta,
-                      progress=progress, probe=probe, param_groups=qat_param_groups(config.ternary_lr_scale))
+    return train_loop(
+        config,
+        student,
+        objective,
+        dataset,
+        resume=resume,
+        until=until,
+        extra_meta=meta,
+        progress=progress,
+        probe=probe,
+        param_groups=qat_param_groups(config.ternary_lr_scale),
+    )
 
 
 def probe_dataset(config: LoopConfig, dataset: Dataset) -> tuple[Dataset, str]:
     """Images the probe may use without scoring the student on what it trained on: Fashion-MNIST's test
     split when the run trains on Fashion-MNIST's training split; otherwise (image folders, latent caches,
     a caller's dataset) the training data itself, which the returned description says."""
-    if not config.latents and config.data == "fashion-mnist" and isinstance(dataset, FashionMNIST) and dataset.split == "train":
-        return FashionMNIST("test", dataset.input_size, config.data_dir, dataset.conditional), "fashion-mnist test split"
+    if (
+        not config.latents
+        and config.data == "fashion-mnist"
+        and isinstance(dataset, FashionMNIST)
+        and dataset.split == "train"
+    ):
+        return FashionMNIST(
+            "test", dataset.input_size, config.data_dir, dataset.conditional
+        ), "fashion-mnist test split"
     return dataset, "training data (no held-out split)"
 
 
@@ -244,6 +306,8 @@ def teacher_dataset(config: LoopConfig, teacher: DiT, dataset: Dataset | None = 
     what = f"a {type(dataset).__name__}" if dataset is not None else (config.latents or config.data)
     if dataset is None:
         size = teacher.x_embedder.grid_size * teacher.patch_size
-        dataset = loop_dataset(config, size, teacher.num_classes > 0, teacher.in_channels if teacher.in_channels in (1, 3) else 3)
+        dataset = loop_dataset(
+            config, size, teacher.num_classes > 0, teacher.in_channels if teacher.in_channels in (1, 3) else 3
+        )
     check_data_fits(dataset, teacher, f"{what}, for the teacher {getattr(config, 'teacher', None) or ''}".rstrip())
     return dataset

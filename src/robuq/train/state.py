@@ -3,6 +3,7 @@
 No pickle anywhere: optimizer tensors are flattened into the tensor table and everything else
 (step, configs, param-group hyper-parameters) goes into the JSON header.
 """
+
 from __future__ import annotations
 
 import re

@@ -6,6 +6,7 @@ dropout) is drawn from a generator seeded with (seed, k, rank). A run stopped at
 therefore the same computation as one that never stopped. Randomness a model draws from the global
 RNG is seeded the same way inside ``torch.random.fork_rng``, so the caller's RNG is left as it was.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,15 @@ from robuq.core.files import atomic_write_text, read_meta, save_tensors
 from robuq.models.checkpoint import load_dit
 from robuq.models.dit import DiT, create_dit
 from robuq.train.guards import first_nonfinite_grad, first_nonfinite_module
-from robuq.core.distributed import (DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP, DistInfo, any_rank, barrier, init_distributed,
-                                    shutdown)
+from robuq.core.distributed import (
+    DEFAULT_TIMEOUT_HOURS,
+    TIMEOUT_HELP,
+    DistInfo,
+    any_rank,
+    barrier,
+    init_distributed,
+    shutdown,
+)
 from robuq.core.options import check_choice, check_known_fields, option
 from robuq.core.runtime import DEVICE_HELP, device_context, precision_context, resolve_device
 from robuq.train.state import checkpoint_path, list_checkpoints, load_training_state, save_training_state
@@ -42,24 +50,42 @@ class LoopConfig:
     """The training loop's options, shared by every job that trains (``train``, ``qat``); written to
     ``out_dir/config.json`` and into every checkpoint with the job's own options."""
 
-    data: str = option("fashion-mnist", "training data: 'fashion-mnist' or the path of an image folder (a sub-folder per class, "
-                                        "read from disk as it is used)")
-    data_dir: str | None = option(None, "folder of the Fashion-MNIST IDX files (default: $ROBUQ_DATA, then "
-                                        "/usr/share/datasets/fashion-mnist)")
+    data: str = option(
+        "fashion-mnist",
+        "training data: 'fashion-mnist' or the path of an image folder (a sub-folder per class, "
+        "read from disk as it is used)",
+    )
+    data_dir: str | None = option(
+        None, "folder of the Fashion-MNIST IDX files (default: $ROBUQ_DATA, then /usr/share/datasets/fashion-mnist)"
+    )
     latents: str | None = option(None, "train on a latent cache written by `robuq latents` instead of --data")
-    num_workers: int | None = option(None, "DataLoader worker processes feeding the loop (default: up to 8 for an image "
-                                           "folder, which decodes images, else 0; 0: read batches in the loop's process)")
-    flip: bool = option(True, "random horizontal flips, drawn per sample and epoch from --seed: image folders, and latent "
-                              "caches encoded with --flip (Fashion-MNIST is never flipped)")
-    precision: str = option("fp32", "fp32; tf32 (CUDA matmuls in TF32); bf16 (autocast; quantizer statistics, scales "
-                                    "and rounding stay fp32)", choices=("fp32", "tf32", "bf16"))
-    grad_checkpoint: bool = option(False, "recompute each DiT block in the backward pass instead of storing its activations")
+    num_workers: int | None = option(
+        None,
+        "DataLoader worker processes feeding the loop (default: up to 8 for an image "
+        "folder, which decodes images, else 0; 0: read batches in the loop's process)",
+    )
+    flip: bool = option(
+        True,
+        "random horizontal flips, drawn per sample and epoch from --seed: image folders, and latent "
+        "caches encoded with --flip (Fashion-MNIST is never flipped)",
+    )
+    precision: str = option(
+        "fp32",
+        "fp32; tf32 (CUDA matmuls in TF32); bf16 (autocast; quantizer statistics, scales and rounding stay fp32)",
+        choices=("fp32", "tf32", "bf16"),
+    )
+    grad_checkpoint: bool = option(
+        False, "recompute each DiT block in the backward pass instead of storing its activations"
+    )
     compile: bool = option(False, "torch.compile the model for the loop (the first steps are slow while it compiles)")
     steps: int = option(10_000, "optimizer steps of the whole run; the learning-rate schedule spans them")
     global_batch_size: int = option(128, "images per step, summed over all processes")
     lr: float = option(3e-4, "peak learning rate (AdamW)")
-    lr_schedule: str = option("cosine", "learning rate after warm-up: constant, or cosine down to --min-lr-ratio·lr",
-                              choices=("constant", "cosine"))
+    lr_schedule: str = option(
+        "cosine",
+        "learning rate after warm-up: constant, or cosine down to --min-lr-ratio·lr",
+        choices=("constant", "cosine"),
+    )
     min_lr_ratio: float = option(0.1, "where the cosine schedule ends, as a fraction of --lr")
     warmup_steps: int = option(200, "steps of linear learning-rate warm-up")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -70,11 +96,17 @@ class LoopConfig:
     log_every: int = option(25, "write a line to log.jsonl every N steps")
     ckpt_every: int = option(500, "write a resumable training checkpoint every N steps")
     keep_checkpoints: int = option(2, "how many of the newest training checkpoints to keep")
-    probe_every: int = option(0, "log a quality probe of the EMA weights every N steps (QAT: output error against the "
-                                 "teacher on held-out images); 0: never")
-    continue_from: str | None = option(None, "a training checkpoint of another run to carry on from: its step, weights, "
-                                             "EMA and optimizer state, under the same schedule (AMPN's final run "
-                                             "continues its warm-up this way)")
+    probe_every: int = option(
+        0,
+        "log a quality probe of the EMA weights every N steps (QAT: output error against the "
+        "teacher on held-out images); 0: never",
+    )
+    continue_from: str | None = option(
+        None,
+        "a training checkpoint of another run to carry on from: its step, weights, "
+        "EMA and optimizer state, under the same schedule (AMPN's final run "
+        "continues its warm-up this way)",
+    )
     out_dir: str = option("runs/train", "output folder: config.json, log.jsonl, checkpoints/, model.safetensors")
     device: str = option("auto", DEVICE_HELP)
     dist_timeout_hours: float = option(DEFAULT_TIMEOUT_HOURS, TIMEOUT_HELP)
@@ -108,8 +140,19 @@ class TrainConfig(LoopConfig):
 
 
 # Options that may differ between a run and its resumption without changing the computation.
-_RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_checkpoints", "probe_every", "device", "data_dir", "out_dir",
-                      "num_workers", "grad_checkpoint", "compile", "dist_timeout_hours"}
+_RESUMABLE_CHANGES = {
+    "log_every",
+    "ckpt_every",
+    "keep_checkpoints",
+    "probe_every",
+    "device",
+    "data_dir",
+    "out_dir",
+    "num_workers",
+    "grad_checkpoint",
+    "compile",
+    "dist_timeout_hours",
+}
 # What a run continued from another (``continue_from``) may set differently from it: the network it trains
 # (bits, plan) is the caller's business; the loop's schedule, data and randomness must be the same.
 _LOOP_FIELDS = {f.name for f in fields(LoopConfig)} - _RESUMABLE_CHANGES - {"continue_from"}
@@ -145,7 +188,13 @@ class StepBatches:
     def __init__(self, num_samples: int, global_batch: int, seed: int, info: DistInfo, mirrors: bool = False):
         if num_samples < global_batch:
             raise ValueError(f"the dataset has {num_samples} samples, fewer than one batch of {global_batch}")
-        self.num_samples, self.global_batch, self.seed, self.info, self.mirrors = num_samples, global_batch, seed, info, mirrors
+        self.num_samples, self.global_batch, self.seed, self.info, self.mirrors = (
+            num_samples,
+            global_batch,
+            seed,
+            info,
+            mirrors,
+        )
         self.steps_per_epoch = num_samples // global_batch
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
@@ -203,8 +252,10 @@ def check_data_fits(dataset: Dataset, model: nn.Module, what: str) -> None:
     channels, side = data_shape(dataset)
     size = model.x_embedder.grid_size * model.patch_size
     if (channels, side) != (model.in_channels, size):
-        raise ValueError(f"the data ({what}) holds {channels}×{side}×{side} samples but the model takes "
-                         f"{model.in_channels}×{size}×{size}; use data of the model's kind (latents for a latent DiT: --latents)")
+        raise ValueError(
+            f"the data ({what}) holds {channels}×{side}×{side} samples but the model takes "
+            f"{model.in_channels}×{size}×{size}; use data of the model's kind (latents for a latent DiT: --latents)"
+        )
 
 
 @torch.no_grad()
@@ -223,14 +274,18 @@ def label_drops(n: int, probability: float, generator: torch.Generator, device: 
     return (torch.rand(n, generator=generator) < probability).long().to(device)
 
 
-def diffusion_objective(diffusion: GaussianDiffusion, label_dropout: float = 0.0) -> Callable[..., dict[str, torch.Tensor]]:
+def diffusion_objective(
+    diffusion: GaussianDiffusion, label_dropout: float = 0.0
+) -> Callable[..., dict[str, torch.Tensor]]:
     """The plain DiT loss: per-sample hybrid (or MSE) loss at random timesteps, labels dropped with
     probability ``label_dropout`` (the model's own class_dropout_prob)."""
 
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator) -> dict:
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=generator).to(x.device)
         noise = torch.randn(x.shape, generator=generator).to(x.device)
-        kwargs = {} if y is None else {"y": y, "force_drop_ids": label_drops(len(y), label_dropout, generator, x.device)}
+        kwargs = (
+            {} if y is None else {"y": y, "force_drop_ids": label_drops(len(y), label_dropout, generator, x.device)}
+        )
         return diffusion.training_losses(model, x, t, noise, model_kwargs=kwargs)
 
     return objective
@@ -246,8 +301,11 @@ def initial_model(config: TrainConfig, in_channels: int, num_classes: int) -> Di
             )
         return model
     return create_dit(
-        config.model, input_size=config.input_size, num_classes=num_classes,
-        learn_sigma=config.learn_sigma, in_channels=in_channels,
+        config.model,
+        input_size=config.input_size,
+        num_classes=num_classes,
+        learn_sigma=config.learn_sigma,
+        in_channels=in_channels,
     )
 
 
@@ -292,14 +350,18 @@ def train(
     if model is None:
         channels, side = data_shape(dataset)
         if side != config.input_size and not config.init_from:
-            raise ValueError(f"the data holds {side}×{side} samples but --input-size is {config.input_size}; "
-                             f"pass --input-size {side}")
+            raise ValueError(
+                f"the data holds {side}×{side} samples but --input-size is {config.input_size}; "
+                f"pass --input-size {side}"
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # the initial weights are part of the run's reproducible state
             num_classes = getattr(dataset, "num_classes", None) if config.conditional else 0
             if num_classes is None:
-                raise ValueError(f"a class-conditional model needs the class count: give the {type(dataset).__name__} "
-                                 "a num_classes attribute, pass a model, or train with conditional=False")
+                raise ValueError(
+                    f"a class-conditional model needs the class count: give the {type(dataset).__name__} "
+                    "a num_classes attribute, pass a model, or train with conditional=False"
+                )
             model = initial_model(config, channels, num_classes)
     if isinstance(model, DiT):  # another nn.Module from the Python API states its own input shape
         check_data_fits(dataset, model, config.latents or config.data)
@@ -351,8 +413,15 @@ def _next_batch(loader) -> tuple[torch.Tensor, torch.Tensor]:
         raise CorruptImageError(str(exc).strip().splitlines()[-1].split("CorruptImageError: ", 1)[-1]) from None
 
 
-def _loop(config: LoopConfig, model: nn.Module, objective: Callable[..., dict[str, torch.Tensor]], dataset: Dataset,
-          run: LoopRun, device: torch.device, info: DistInfo) -> Path:
+def _loop(
+    config: LoopConfig,
+    model: nn.Module,
+    objective: Callable[..., dict[str, torch.Tensor]],
+    dataset: Dataset,
+    run: LoopRun,
+    device: torch.device,
+    info: DistInfo,
+) -> Path:
     resume, until, extra_meta, progress, probe = run.resume, run.until, run.extra_meta, run.progress, run.probe
     config.validate(info.world_size)
     out_dir = Path(config.out_dir)
@@ -379,10 +448,18 @@ def _loop(config: LoopConfig, model: nn.Module, objective: Callable[..., dict[st
     stop = min(config.steps, until) if until is not None else config.steps
     mirrors = config.flip and bool(getattr(dataset, "has_mirrors", False))
     batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info, mirrors)
-    loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatchSampler(batches, start, stop), num_workers=loader_workers(config, dataset, info),
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed)))  # not the global RNG
-    first = _next_batch(loader) if start < stop else None  # a first batch that cannot be read leaves no run folder behind
+    loader = iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=StepBatchSampler(batches, start, stop),
+            num_workers=loader_workers(config, dataset, info),
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+    )  # not the global RNG
+    first = (
+        _next_batch(loader) if start < stop else None
+    )  # a first batch that cannot be read leaves no run folder behind
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
@@ -390,14 +467,23 @@ def _loop(config: LoopConfig, model: nn.Module, objective: Callable[..., dict[st
 
     if config.grad_checkpoint:
         if not hasattr(model, "grad_checkpoint"):
-            raise ValueError(f"--grad-checkpoint needs a robuq DiT; {type(model).__name__} has no grad_checkpoint switch")
+            raise ValueError(
+                f"--grad-checkpoint needs a robuq DiT; {type(model).__name__} has no grad_checkpoint switch"
+            )
         model.grad_checkpoint = True
     net = DistributedDataParallel(model) if info.enabled else model
     if config.compile:
         net = torch.compile(net)
     state = StepState(net, model, ema, optimizer, objective, config, info, device)
     model.train()
-    bar = tqdm(range(start, stop), initial=start, total=stop, desc="train", disable=not (progress and info.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        range(start, stop),
+        initial=start,
+        total=stop,
+        desc="train",
+        disable=not (progress and info.is_main),
+        dynamic_ncols=True,
+    )
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
     for step in bar:
         x, y = first if step == start else _next_batch(loader)
@@ -412,8 +498,11 @@ def _loop(config: LoopConfig, model: nn.Module, objective: Callable[..., dict[st
         if info.is_main and (done % config.log_every == 0 or done == stop or probe_due):
             elapsed = time.perf_counter() - window_t0
             record = {
-                "step": done, "loss": window_loss / window_n, "lr": learning_rate(config, step),
-                "grad_norm": float(grad_norm), "images_per_s": window_n * config.global_batch_size / elapsed,
+                "step": done,
+                "loss": window_loss / window_n,
+                "lr": learning_rate(config, step),
+                "grad_norm": float(grad_norm),
+                "images_per_s": window_n * config.global_batch_size / elapsed,
                 "time": time.time(),
             }
             for key in ("mse", "vb", "distill"):
@@ -433,17 +522,24 @@ def _loop(config: LoopConfig, model: nn.Module, objective: Callable[..., dict[st
             barrier(info)
     bar.close()
     if info.is_main and stop == config.steps:
-        save_tensors(out_dir / "model.safetensors", ema.state_dict(), {**meta, "kind": "model", "step": stop, "weights": "ema"})
+        save_tensors(
+            out_dir / "model.safetensors", ema.state_dict(), {**meta, "kind": "model", "step": stop, "weights": "ema"}
+        )
     barrier(info)
     return out_dir
 
 
-def ema_and_optimizer(model: nn.Module, config: LoopConfig, param_groups: Callable[[nn.Module], list[dict]] | None = None
-                      ) -> tuple[nn.Module, torch.optim.Optimizer]:
+def ema_and_optimizer(
+    model: nn.Module, config: LoopConfig, param_groups: Callable[[nn.Module], list[dict]] | None = None
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The loop's frozen EMA copy of ``model`` and its AdamW over the trainable parameters (in the groups
     ``param_groups(model)`` gives, each with an ``lr_scale``; default one group at scale 1)."""
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    groups = param_groups(model) if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups = (
+        param_groups(model)
+        if param_groups is not None
+        else [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    )
     groups = [{"lr_scale": 1.0, **g, "params": list(g["params"])} for g in groups]
     groups = [g for g in groups if g["params"]]
     return ema, torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -476,7 +572,9 @@ class LoopRun:
     param_groups: Callable[[nn.Module], list[dict]] | None = None
 
 
-def train_step(state: StepState, x: torch.Tensor, y: torch.Tensor | None, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def train_step(
+    state: StepState, x: torch.Tensor, y: torch.Tensor | None, step: int
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Step ``step`` of the loop on the batch (x, y): the objective through ``state.net`` under the config's
     precision, its randomness drawn from (seed, step, rank); backward, clipping, AdamW at the scheduled
     learning rate, the EMA update. Returns (mean loss, gradient norm, losses).
@@ -496,6 +594,7 @@ def train_step(state: StepState, x: torch.Tensor, y: torch.Tensor | None, step: 
     if any_rank(info, not finite, device) and finite:
         raise TrainingDivergedError(f"non-finite loss on another rank at step {step}; the last checkpoint is intact")
     if not finite:
+
         def rerun() -> object:
             with torch.random.fork_rng(devices=rng_devices):
                 torch.manual_seed(step_seed(config.seed, step, rank))

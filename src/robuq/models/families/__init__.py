@@ -1,6 +1,7 @@
 """The model families robuq quantizes, each declared in one module of this package (see ``base.Family``),
 and the few calls that differ between them: how to run one, how to describe it in a file header, how to
 rebuild it from that description."""
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,9 @@ def load_family_folder(path: str | os.PathLike) -> nn.Module:
     name = folder_class(path)
     cls = getattr(diffusers_module(), str(name), None)
     if cls is None:
-        raise UnknownFamilyError(f"{path} holds a {name!r}, which is no diffusers model class robuq supports "
-                                 f"({supported_families()})")
+        raise UnknownFamilyError(
+            f"{path} holds a {name!r}, which is no diffusers model class robuq supports ({supported_families()})"
+        )
     model = cls.from_pretrained(str(path), local_files_only=True)
     family_of(model)  # refuses a class without a precision map
     return model.eval()
@@ -101,6 +103,22 @@ def model_output(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Te
     return model(x, t, y)
 
 
-__all__ = ["BLOCK_KINDS", "DIFFUSERS_DIT", "DIT", "FAMILIES", "Family", "UnknownFamilyError", "example_inputs",
-           "family_of", "folder_class", "load_family_folder", "model_family", "model_from_record", "model_output", "model_record", "role_kind", "run_model",
-           "supported_families"]
+__all__ = [
+    "BLOCK_KINDS",
+    "DIFFUSERS_DIT",
+    "DIT",
+    "FAMILIES",
+    "Family",
+    "UnknownFamilyError",
+    "example_inputs",
+    "family_of",
+    "folder_class",
+    "load_family_folder",
+    "model_family",
+    "model_from_record",
+    "model_output",
+    "model_record",
+    "role_kind",
+    "run_model",
+    "supported_families",
+]

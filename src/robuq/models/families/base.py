@@ -7,6 +7,7 @@ at 8 bits, which linears read a join of different sources (split into parts with
 which 1×1 convolutions are linears, and the forward arguments of one call. Everything else in robuq
 reads these declarations and stays family-agnostic.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -23,7 +24,7 @@ BLOCK_KINDS = ("qkv", "proj", "fc1", "fc2")
 
 
 def role_kind(role: str) -> str:
-    """"qkv", "proj", "fc1" or "fc2" of a role such as "txt.fc1"."""
+    """ "qkv", "proj", "fc1" or "fc2" of a role such as "txt.fc1"."""
     return role.rsplit(".", 1)[-1]
 
 
@@ -79,20 +80,31 @@ def joint_block_linears(ff_in: str, ff_out: str, blocks: str = "transformer_bloc
     the text stream's projections and MLP (``ff_in``/``ff_out`` under ``ff`` and ``ff_context``)."""
     attn = f"{blocks}.attn"
     return {
-        "qkv": projections(attn), "proj": (f"{attn}.to_out.0",), "fc1": (f"{blocks}.ff.{ff_in}",), "fc2": (f"{blocks}.ff.{ff_out}",),
-        "txt.qkv": projections(attn, ("add_q_proj", "add_k_proj", "add_v_proj")), "txt.proj": (f"{attn}.to_add_out",),
-        "txt.fc1": (f"{blocks}.ff_context.{ff_in}",), "txt.fc2": (f"{blocks}.ff_context.{ff_out}",),
+        "qkv": projections(attn),
+        "proj": (f"{attn}.to_out.0",),
+        "fc1": (f"{blocks}.ff.{ff_in}",),
+        "fc2": (f"{blocks}.ff.{ff_out}",),
+        "txt.qkv": projections(attn, ("add_q_proj", "add_k_proj", "add_v_proj")),
+        "txt.proj": (f"{attn}.to_add_out",),
+        "txt.fc1": (f"{blocks}.ff_context.{ff_in}",),
+        "txt.fc2": (f"{blocks}.ff_context.{ff_out}",),
     }
 
 
-def cross_attention_block_linears(ff_in: str, ff_out: str, blocks: str = "transformer_blocks.*") -> dict[str, tuple[str, ...]]:
+def cross_attention_block_linears(
+    ff_in: str, ff_out: str, blocks: str = "transformer_blocks.*"
+) -> dict[str, tuple[str, ...]]:
     """A block with self-attention ``attn1``, cross-attention ``attn2`` to caption tokens and an MLP (PixArt,
     Sana). The cross-attention's query and output read the image stream ("cross.*"); its key and value
     read caption tokens, whose statistics differ, so they are a stream of their own ("txt.qkv")."""
     return {
-        "qkv": projections(f"{blocks}.attn1"), "proj": (f"{blocks}.attn1.to_out.0",),
-        "cross.qkv": (f"{blocks}.attn2.to_q",), "txt.qkv": projections(f"{blocks}.attn2", ("to_k", "to_v")),
-        "cross.proj": (f"{blocks}.attn2.to_out.0",), "fc1": (f"{blocks}.ff.{ff_in}",), "fc2": (f"{blocks}.ff.{ff_out}",),
+        "qkv": projections(f"{blocks}.attn1"),
+        "proj": (f"{blocks}.attn1.to_out.0",),
+        "cross.qkv": (f"{blocks}.attn2.to_q",),
+        "txt.qkv": projections(f"{blocks}.attn2", ("to_k", "to_v")),
+        "cross.proj": (f"{blocks}.attn2.to_out.0",),
+        "fc1": (f"{blocks}.ff.{ff_in}",),
+        "fc2": (f"{blocks}.ff.{ff_out}",),
     }
 
 
@@ -121,6 +133,7 @@ def diffusers_record(family: str) -> Callable[[nn.Module], dict[str, Any]]:
     def record(model: nn.Module) -> dict[str, Any]:
         config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
         return {"model_family": family, "model_class": class_name(model), "model_config": config}
+
     return record
 
 
@@ -134,8 +147,11 @@ def diffusers_build(meta: dict[str, Any]) -> nn.Module:
 
 
 # The embedding arguments of the families' pipelines, as their transformers' forward names them.
-PIPELINE_TO_FORWARD = {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections",
-                       "prompt_attention_mask": "encoder_attention_mask"}
+PIPELINE_TO_FORWARD = {
+    "prompt_embeds": "encoder_hidden_states",
+    "pooled_prompt_embeds": "pooled_projections",
+    "prompt_attention_mask": "encoder_attention_mask",
+}
 
 
 def forward_embeddings(pipeline_embeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -144,7 +160,9 @@ def forward_embeddings(pipeline_embeds: dict[str, torch.Tensor]) -> dict[str, to
     out = {}
     for name, forward in PIPELINE_TO_FORWARD.items():
         if name in pipeline_embeds:
-            rows = [pipeline_embeds[name]] + ([pipeline_embeds[f"negative_{name}"]] if f"negative_{name}" in pipeline_embeds else [])
+            rows = [pipeline_embeds[name]] + (
+                [pipeline_embeds[f"negative_{name}"]] if f"negative_{name}" in pipeline_embeds else []
+            )
             out[forward] = torch.cat(rows)
     return out
 
@@ -164,7 +182,9 @@ def latent_grid(model: nn.Module, batch: int, default: int = 8) -> torch.Tensor:
     size = min(int(size), 16)  # a cost or calibration call needs the shapes, not the full resolution
     patch = getattr(config, "patch_size", 1) or 1
     size = max(patch, size - size % patch)
-    return torch.randn(batch, config.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(device_of(model))
+    return torch.randn(batch, config.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(
+        device_of(model)
+    )
 
 
 def text_tokens(model: nn.Module, batch: int, width: int, tokens: int = 8) -> torch.Tensor:

@@ -6,6 +6,7 @@ projects both back with one ``proj_out`` that reads ``[attention (d), MLP (4d)]`
 statistics differ by orders of magnitude, so ``proj_out`` is split into ``proj_out.attn`` and
 ``proj_out.mlp`` with their own Hadamard transform and quantizer (the sum is the original layer).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,8 +14,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from robuq.models.families.base import (Family, projections, joint_block_linears, device_of, diffusers_build, diffusers_record, is_class, run_diffusers,
-                                        text_tokens)
+from robuq.models.families.base import (
+    Family,
+    projections,
+    joint_block_linears,
+    device_of,
+    diffusers_build,
+    diffusers_record,
+    is_class,
+    run_diffusers,
+    text_tokens,
+)
 
 IMAGE_TOKENS, TEXT_TOKENS = 16, 8
 
@@ -30,11 +40,16 @@ def position_ids(tokens: int, axes: int, device: torch.device) -> torch.Tensor:
 
 def _inputs(model: nn.Module, batch: int) -> dict[str, Any]:
     config, device = model.config, device_of(model)
-    inputs = {"hidden_states": torch.randn(batch, IMAGE_TOKENS, config.in_channels, generator=torch.Generator().manual_seed(0)).to(device),
-              "encoder_hidden_states": text_tokens(model, batch, config.joint_attention_dim, TEXT_TOKENS),
-              "pooled_projections": torch.randn(batch, config.pooled_projection_dim).to(device),
-              "timestep": torch.full((batch,), 0.5, device=device),
-              "img_ids": position_ids(IMAGE_TOKENS, 3, device), "txt_ids": torch.zeros(TEXT_TOKENS, 3, device=device)}
+    inputs = {
+        "hidden_states": torch.randn(
+            batch, IMAGE_TOKENS, config.in_channels, generator=torch.Generator().manual_seed(0)
+        ).to(device),
+        "encoder_hidden_states": text_tokens(model, batch, config.joint_attention_dim, TEXT_TOKENS),
+        "pooled_projections": torch.randn(batch, config.pooled_projection_dim).to(device),
+        "timestep": torch.full((batch,), 0.5, device=device),
+        "img_ids": position_ids(IMAGE_TOKENS, 3, device),
+        "txt_ids": torch.zeros(TEXT_TOKENS, 3, device=device),
+    }
     if config.guidance_embeds:
         inputs["guidance"] = torch.full((batch,), 3.5, device=device)
     return inputs
@@ -57,11 +72,18 @@ FLUX = Family(
         "single.proj": ("single_transformer_blocks.*.proj_out.attn",),
         "single.fc2": ("single_transformer_blocks.*.proj_out.mlp",),
     },
-    modulation=("transformer_blocks.*.norm1.linear", "transformer_blocks.*.norm1_context.linear",
-                "single_transformer_blocks.*.norm.linear"),
-    kept={"x_embedder": "patch embedding", "context_embedder": "context projection (an embedder of T5's output)",
-          "time_text_embed.*": "timestep, guidance and pooled-text embedders",
-          "norm_out.linear": "final layer's modulation", "proj_out": "final layer"},
+    modulation=(
+        "transformer_blocks.*.norm1.linear",
+        "transformer_blocks.*.norm1_context.linear",
+        "single_transformer_blocks.*.norm.linear",
+    ),
+    kept={
+        "x_embedder": "patch embedding",
+        "context_embedder": "context projection (an embedder of T5's output)",
+        "time_text_embed.*": "timestep, guidance and pooled-text embedders",
+        "norm_out.linear": "final layer's modulation",
+        "proj_out": "final layer",
+    },
     attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
     example_inputs=_inputs,
     run=run_diffusers,

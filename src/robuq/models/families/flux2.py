@@ -6,6 +6,7 @@ single-stream blocks that fuse q, k, v and the MLP's input into one ``to_qkv_mlp
 different statistics are the weights' per-channel scales' business). Its ``to_out`` reads
 ``[attention (d), MLP (3d)]`` and is split into ``to_out.attn`` and ``to_out.mlp``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,18 +14,31 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from robuq.models.families.base import (Family, joint_block_linears, device_of, diffusers_build, diffusers_record, is_class, run_diffusers,
-                                        text_tokens)
+from robuq.models.families.base import (
+    Family,
+    joint_block_linears,
+    device_of,
+    diffusers_build,
+    diffusers_record,
+    is_class,
+    run_diffusers,
+    text_tokens,
+)
 from robuq.models.families.flux import IMAGE_TOKENS, TEXT_TOKENS, position_ids
 
 
 def _inputs(model: nn.Module, batch: int) -> dict[str, Any]:
     config, device = model.config, device_of(model)
     axes = len(config.axes_dims_rope)
-    inputs = {"hidden_states": torch.randn(batch, IMAGE_TOKENS, config.in_channels, generator=torch.Generator().manual_seed(0)).to(device),
-              "encoder_hidden_states": text_tokens(model, batch, config.joint_attention_dim, TEXT_TOKENS),
-              "timestep": torch.full((batch,), 0.5, device=device),
-              "img_ids": position_ids(IMAGE_TOKENS, axes, device), "txt_ids": torch.zeros(TEXT_TOKENS, axes, device=device)}
+    inputs = {
+        "hidden_states": torch.randn(
+            batch, IMAGE_TOKENS, config.in_channels, generator=torch.Generator().manual_seed(0)
+        ).to(device),
+        "encoder_hidden_states": text_tokens(model, batch, config.joint_attention_dim, TEXT_TOKENS),
+        "timestep": torch.full((batch,), 0.5, device=device),
+        "img_ids": position_ids(IMAGE_TOKENS, axes, device),
+        "txt_ids": torch.zeros(TEXT_TOKENS, axes, device=device),
+    }
     if config.guidance_embeds:
         inputs["guidance"] = torch.full((batch,), 3.5, device=device)
     return inputs
@@ -45,11 +59,18 @@ FLUX2 = Family(
         "single.proj": ("single_transformer_blocks.*.attn.to_out.attn",),
         "single.fc2": ("single_transformer_blocks.*.attn.to_out.mlp",),
     },
-    modulation=("double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
-                "single_stream_modulation.linear"),
-    kept={"x_embedder": "patch embedding", "context_embedder": "context projection (an embedder of the text encoder's output)",
-          "time_guidance_embed.*": "timestep and guidance embedders",
-          "norm_out.linear": "final layer's modulation", "proj_out": "final layer"},
+    modulation=(
+        "double_stream_modulation_img.linear",
+        "double_stream_modulation_txt.linear",
+        "single_stream_modulation.linear",
+    ),
+    kept={
+        "x_embedder": "patch embedding",
+        "context_embedder": "context projection (an embedder of the text encoder's output)",
+        "time_guidance_embed.*": "timestep and guidance embedders",
+        "norm_out.linear": "final layer's modulation",
+        "proj_out": "final layer",
+    },
     attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
     example_inputs=_inputs,
     run=run_diffusers,

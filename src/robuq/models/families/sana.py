@@ -6,6 +6,7 @@ depthwise 3×3 convolution is a per-channel spatial filter with nine weights per
 full precision. The linear attention has no softmax: its two matmuls (KᵀV, then Q·KᵀV) stay in full
 precision (the paper's 8-bit matmuls are QKᵀ and softmax·V); the cross-attention runs at 8 bits.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,14 +14,25 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from robuq.models.families.base import (Family, cross_attention_block_linears, device_of, diffusers_build, diffusers_record, is_class, latent_grid,
-                                        run_diffusers, text_tokens)
+from robuq.models.families.base import (
+    Family,
+    cross_attention_block_linears,
+    device_of,
+    diffusers_build,
+    diffusers_record,
+    is_class,
+    latent_grid,
+    run_diffusers,
+    text_tokens,
+)
 
 
 def _inputs(model: nn.Module, batch: int) -> dict[str, Any]:
-    return {"hidden_states": latent_grid(model, batch),
-            "encoder_hidden_states": text_tokens(model, batch, model.config.caption_channels),
-            "timestep": torch.full((batch,), 500, device=device_of(model))}
+    return {
+        "hidden_states": latent_grid(model, batch),
+        "encoder_hidden_states": text_tokens(model, batch, model.config.caption_channels),
+        "timestep": torch.full((batch,), 500, device=device_of(model)),
+    }
 
 
 SANA = Family(
@@ -29,10 +41,13 @@ SANA = Family(
     matches=is_class("SanaTransformer2DModel"),
     block_linears=cross_attention_block_linears("conv_inverted.linear", "conv_point.linear"),
     modulation=("time_embed.linear",),
-    kept={"patch_embed.proj": "patch embedding", "time_embed.emb.*": "timestep embedder",
-          "caption_projection.*": "caption projection (an embedder of the text encoder's output)",
-          "transformer_blocks.*.ff.conv_depth": "GLUMBConv's depthwise 3×3 convolution (nine weights per channel)",
-          "proj_out": "final layer"},
+    kept={
+        "patch_embed.proj": "patch embedding",
+        "time_embed.emb.*": "timestep embedder",
+        "caption_projection.*": "caption projection (an embedder of the text encoder's output)",
+        "transformer_blocks.*.ff.conv_depth": "GLUMBConv's depthwise 3×3 convolution (nine weights per channel)",
+        "proj_out": "final layer",
+    },
     attention=("transformer_blocks.*.attn2",),
     example_inputs=_inputs,
     run=run_diffusers,
