@@ -27,7 +27,6 @@ and ``OUT/stdout.txt`` keeps everything printed.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import signal

@@ -4,7 +4,6 @@ default the library's own, robuq's errors one line, bugs a traceback."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import pytest
 

@@ -4,7 +4,6 @@ reloads and runs on integers."""
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch

@@ -40,9 +40,9 @@ def test_int_weights_stay_in_range_and_reconstruct(seed, bits):
 
 def test_weight_ste_passes_gradient():
     w = torch.randn(4, 8, requires_grad=True)
-    for spec in ("ternary", "int4"):
+    for weight_format in ("ternary", "int4"):
         w.grad = None
-        (fake_quantize_weight(w, spec) * torch.arange(8.0)).sum().backward()
+        (fake_quantize_weight(w, weight_format) * torch.arange(8.0)).sum().backward()
         assert torch.equal(w.grad, torch.arange(8.0).expand(4, 8))
 
 

@@ -15,7 +15,6 @@ Two metrics, both relative to the teacher's output variance on a fixed calibrati
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from dataclasses import dataclass, field
 

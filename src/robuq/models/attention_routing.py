@@ -9,7 +9,6 @@ rotary embeddings stay the family's own code. Nothing here imports diffusers.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
