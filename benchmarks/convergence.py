@@ -961,8 +961,8 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
     for run in headline_runs(config) + rank_runs(config):
         model = export_model(config, work, run)
         for entry in final:
-            if entry["name"] == run.name and model:
-                entry["model"] = model
+            if entry["name"] == run.name and entry["steps"] == config.steps and model:
+                entry["model"] = model  # the model file is the last step's; a row's earlier points have none
     probe_curves = {
         run.name: [
             {
@@ -1345,7 +1345,9 @@ def markdown(payload: dict, config: ConvergenceConfig) -> str:
             "FID with a 95% interval over the samples (paired half-sampling); × teacher = the ratio to the full-precision "
             "teacher's FID on the same labels and noise, with its interval. "
             + f"Teacher ({config.samples_headline} samples): "
-            + ", ".join(f"{space} FID {v['fid']:.2f}" for space, v in teacher.items() if space != "vs_teacher_samples")
+            + ", ".join(
+                f"{space} FID {v['fid']:.2f}" for space, v in teacher.items() if space in ("classifier", "inception")
+            )
             + ".",
             "",
         ]

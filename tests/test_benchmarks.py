@@ -1099,6 +1099,7 @@ def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch
     assert row["name"] == "RobuQ + AMPN W1.58A2" and row["ampn"] is True and row["samples"] == 20
     assert row["rank"] == 16 and row["seeds"] == [0] and row["seeds_fid"]["0"]["classifier"] == row["classifier"]["fid"]
     assert rank0["name"] == "RobuQ W1.58A4 rank 0" and rank0["rank"] == 0 and rank0["act_bits"] == 4
+    assert data["teacher"]["commit"] == "installed"  # the library that sampled the teacher is recorded
     floor = data["teacher"]["vs_teacher_samples"]["classifier"]
     assert floor["low"] <= floor["fid"] <= floor["high"]
     assert row["vs_teacher_samples"]["classifier"]["fid"] > 0
