@@ -958,6 +958,8 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
         for space in ("classifier", "inception")
         if teacher_key(points, config.samples_headline) in scores[space]
     }
+    if teacher:
+        teacher["commit"] = library_commit(work / "teacher")  # the library that sampled it (and its held-out set)
     for run in headline_runs(config) + rank_runs(config):
         model = export_model(config, work, run)
         for entry in final:
