@@ -185,3 +185,29 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     assert result.returncode != 0
     assert "non-finite loss (nan) at step 0 on rank 1" in result.stdout, result.stdout + result.stderr[-2000:]
     assert "non-finite loss on another rank at step 0" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_ema_update_is_the_per_tensor_formula_bit_for_bit():
+    import copy
+
+    from conftest import tiny_config
+    from robuq.models.dit import DiT
+    from robuq.train.trainer import update_ema
+
+    torch.manual_seed(0)
+    model = DiT(tiny_config())
+    model.pos_embed.requires_grad_(False)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    expected = copy.deepcopy(ema)
+    with torch.no_grad():
+        for e, p in zip(expected.parameters(), model.parameters()):
+            if p.requires_grad:
+                e.mul_(0.999).add_(p, alpha=1 - 0.999)
+            else:
+                e.copy_(p)
+    update_ema(ema, model, 0.999)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), expected.parameters()))
+    assert torch.equal(ema.pos_embed, model.pos_embed)  # frozen: copied, not averaged
