@@ -9,6 +9,7 @@ import pytest
 
 from robuq.cli import build_parser, main
 from robuq.cli.flags import config_from_args
+from robuq.core.errors import RobuqError
 
 
 def _subparsers(parser: argparse.ArgumentParser, prefix=()):
@@ -113,6 +114,20 @@ def test_robuqs_own_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, 
     monkeypatch.setattr(to_files, "load_any", numpy_value_error)
     with pytest.raises(ValueError):
         main(["sample", "--out", str(tmp_path)])
+
+    def robuq_check(*args, **kwargs):
+        raise ValueError("an internal check failed")  # robuq's own code, but not a RobuqError: a bug
+
+    monkeypatch.setattr(to_files, "load_any", robuq_check)
+    with pytest.raises(ValueError, match="internal check"):
+        main(["sample", "--out", str(tmp_path)])
+
+    def user_error(*args, **kwargs):
+        raise RobuqError("give the model file: --ckpt FILE")  # decided by its type, wherever it is raised
+
+    monkeypatch.setattr(to_files, "load_any", user_error)
+    assert main(["sample", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "robuq sample: error: give the model file: --ckpt FILE"
 
 
 def test_a_registered_preset_is_a_policy_like_the_built_in_ones():

@@ -149,7 +149,7 @@ def test_cost_summary_names_the_family_and_what_stays_full_precision(family):
     assert summary.to_dict()["bops_reduction"] > 1
 
 
-@pytest.mark.parametrize("family", ["flux", "pixart", "sana"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_diffusers_loading_path_quantizes_and_reloads(family, tmp_path):
     import diffusers
 

@@ -5,6 +5,7 @@ Importing robuq also registers its C and Triton kernels as back-ends of the quan
 """
 
 import robuq.kernels  # noqa: F401  (registers the kernels' back-ends)
+from robuq.core.errors import RobuqError
 from robuq.core.runtime import default_teacher_path as shipped_teacher
 from robuq.core.version import __version__  # noqa: F401
 from robuq.data.image_stream import StreamingImageFolder
@@ -48,6 +49,7 @@ __all__ = [
     "PlanError",
     "QuantConfig",
     "QuantRule",
+    "RobuqError",
     "StreamingImageFolder",
     "TrainConfig",
     "cost_summary",

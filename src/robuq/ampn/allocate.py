@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
+from robuq.core.errors import RobuqError
 
 
 @dataclass
@@ -65,20 +66,20 @@ def allocate_bits(
     """
     names = list(sensitivity)
     if not names:
-        raise ValueError("no layers to allocate bits to")
+        raise RobuqError("no layers to allocate bits to")
     choices = sorted(set(int(b) for b in choices))
     for name in names:
         missing = [b for b in choices if b not in sensitivity[name]]
         if missing:
-            raise ValueError(f"sensitivity of {name!r} lacks bit-widths {missing}; measure every choice {choices}")
+            raise RobuqError(f"sensitivity of {name!r} lacks bit-widths {missing}; measure every choice {choices}")
     raw = [float(weights[n]) if weights is not None else 1.0 for n in names]
     if any(w <= 0 for w in raw):
-        raise ValueError("layer weights must be positive")
+        raise RobuqError("layer weights must be positive")
     ints = _integer_weights(raw)
     w = ints if ints is not None else raw
     capacity = budget * sum(w)
     if min(choices) * sum(w) > capacity + 1e-9 * sum(w):
-        raise ValueError(
+        raise RobuqError(
             f"budget {budget} bits is below the smallest choice ({min(choices)} bits for every layer); "
             f"raise the budget to at least {min(choices)}"
         )

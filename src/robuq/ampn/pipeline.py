@@ -34,6 +34,7 @@ from robuq.sample.to_files import CLASS_CONDITIONAL
 from robuq.train.calibration import calibration_batch, family_calibration_batch
 from robuq.train.qat import QATConfig, calibration_images, qat, teacher_dataset
 from robuq.train.state import checkpoint_path, list_checkpoints
+from robuq.core.errors import RobuqError
 
 
 @dataclass
@@ -72,12 +73,12 @@ class AMPNConfig:
         check_choice(self, "weighting")
         check_choice(self, "sensitivity_metric")
         if not 0 < self.warmup_qat_steps < self.qat.steps:
-            raise ValueError(
+            raise RobuqError(
                 f"--warmup-qat-steps {self.warmup_qat_steps} must lie inside the schedule's --steps "
                 f"{self.qat.steps} (the warm-up is its first part)"
             )
         if self.start_bits < math.ceil(self.budget):
-            raise ValueError(
+            raise RobuqError(
                 f"--start-bits {self.start_bits} is below the budget {self.budget}: the warm-up must train "
                 "at least the bits the plan may give"
             )
@@ -124,7 +125,7 @@ def sensitivity_of(config: SensitivityConfig, progress: bool = True, dataset: Da
     """Sensitivities of a quantized model file against its teacher on a fixed calibration batch drawn from
     ``dataset`` (default: --latents or --data)."""
     if not config.model:
-        raise ValueError("give the quantized model whose sensitivities to measure: --model FILE")
+        raise RobuqError("give the quantized model whose sensitivities to measure: --model FILE")
     device = resolve_device(config.device)
     model, _ = load_quantized(config.model, map_location=str(device))
     if model_family(model) not in CLASS_CONDITIONAL:
@@ -144,7 +145,7 @@ def _family_sensitivity(config: SensitivityConfig, model, device, progress: bool
     """A text-to-image family's sensitivities on Gaussian latents over the schedule with the cached prompts."""
     teacher = load_any(config.teacher, map_location=str(device)).eval() if config.teacher else None
     if config.metric == "error-increase" and teacher is None:
-        raise ValueError(
+        raise RobuqError(
             "--metric error-increase measures against a teacher: give --teacher (the full-precision "
             "model folder), or use --metric perturbation"
         )
@@ -164,11 +165,11 @@ def allocate_from_file(config: AllocateConfig) -> tuple[BitPlan, Path]:
     """The plan for a sensitivity file, written (with its figure) to ``config.out``."""
     check_choice(config, "weighting")
     if not config.sensitivity:
-        raise ValueError("give the sensitivities to allocate from: --sensitivity FILE (from `robuq ampn sensitivity`)")
+        raise RobuqError("give the sensitivities to allocate from: --sensitivity FILE (from `robuq ampn sensitivity`)")
     try:
         sensitivity = Sensitivity.from_dict(json.loads(Path(config.sensitivity).read_text()))
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"cannot read sensitivities from {config.sensitivity}: {exc}") from exc
+        raise RobuqError(f"cannot read sensitivities from {config.sensitivity}: {exc}") from exc
     plan = plan_from_sensitivity(sensitivity, config.budget, config.weighting)
     return plan, write_plan(plan, config.out)
 
@@ -204,7 +205,7 @@ def ampn_run(
     context, and the other ranks read them from the file after a barrier."""
     config.validate()
     if config.qat.quant_config:
-        raise ValueError("AMPN starts from a preset (--preset); a --quant-config policy file fixes its own bits")
+        raise RobuqError("AMPN starts from a preset (--preset); a --quant-config policy file fixes its own bits")
     device = resolve_device(config.qat.device)
     info = init_distributed(device)
     current = device_context(device)
@@ -249,7 +250,7 @@ def _ampn_stages(
     plan = plan_from_sensitivity(sensitivity, config.budget, config.weighting)
     plan_path = root / "plan.json"
     if plan_path.is_file() and BitPlan.load(plan_path).bits != plan.bits:
-        raise ValueError(
+        raise RobuqError(
             f"{plan_path} holds a different plan than budget {config.budget} ({config.weighting}) gives now; "
             "the final QAT was trained with it — use a new --out-dir for a new budget"
         )

@@ -8,6 +8,7 @@ from robuq.ampn.allocate import Allocation, allocate_bits
 from robuq.ampn.sensitivity import Sensitivity, block_index, layer_role
 from robuq.precision.plan import BitPlan
 from robuq.precision.policy import BLOCK_ROLES
+from robuq.core.errors import RobuqError
 
 # docs/method.md §7: average bits per layer type of the paper's DiT-XL/2 allocation, for comparison.
 PAPER_ROLE_AVERAGES = {
@@ -29,9 +30,9 @@ def role_averages(bits: dict[str, int]) -> dict[str, float]:
 def plan_from_sensitivity(sensitivity: Sensitivity, budget: float, weighting: str = "plain") -> BitPlan:
     """Allocate, and return the plan with everything needed to judge it."""
     if weighting not in ("plain", "macs"):
-        raise ValueError(f"weighting must be 'plain' or 'macs', not {weighting!r}")
+        raise RobuqError(f"weighting must be 'plain' or 'macs', not {weighting!r}")
     if weighting == "macs" and set(sensitivity.macs) != set(sensitivity.table):
-        raise ValueError("MAC-weighted allocation needs the MACs of every layer in the sensitivity file")
+        raise RobuqError("MAC-weighted allocation needs the MACs of every layer in the sensitivity file")
     weights = sensitivity.macs if weighting == "macs" else None
     choices = sorted(set.intersection(*(set(row) for row in sensitivity.table.values())))
     allocation: Allocation = allocate_bits(sensitivity.table, budget, weights, choices)

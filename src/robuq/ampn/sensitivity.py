@@ -26,6 +26,7 @@ from robuq.train.calibration import CalibrationBatch, FamilyBatch
 from robuq.models.families import DIT, model_family, model_output, run_model
 from robuq.quant.linear import QuantLinear
 from robuq.precision.policy import AUTO, layer_role, layout_patterns
+from robuq.core.errors import RobuqError
 
 __all__ = ["METRICS", "Sensitivity", "block_index", "block_layers", "layer_role", "measure_sensitivity"]
 
@@ -47,7 +48,7 @@ def block_index(name: str) -> int:
     """The block a layer belongs to, from its name (``blocks.N.…`` or diffusers' ``transformer_blocks.N.…``)."""
     match = re.match(r"(?:single_)?(?:transformer_)?blocks\.(\d+)\.", name)
     if match is None:
-        raise ValueError(f"{name!r} is not inside a DiT block (blocks.N.… or transformer_blocks.N.…)")
+        raise RobuqError(f"{name!r} is not inside a DiT block (blocks.N.… or transformer_blocks.N.…)")
     return int(match.group(1))
 
 
@@ -97,7 +98,7 @@ def measure_sensitivity(
     the raw timestep and label, and its output head is part of that forward, not a module of its own).
     """
     if metric not in METRICS:
-        raise ValueError(f"unknown sensitivity metric {metric!r}; use one of {', '.join(METRICS)}")
+        raise RobuqError(f"unknown sensitivity metric {metric!r}; use one of {', '.join(METRICS)}")
     device = next(model.parameters()).device
     layers = layers if layers is not None else block_layers(model)
     was_training = model.training

@@ -12,13 +12,12 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from robuq.cli.flags import add_config_arguments, config_from_args
+from robuq.core.errors import RobuqError
 from robuq.precision.cost import cost_summary
 
-_PACKAGE = Path(__file__).resolve().parent.parent  # robuq's own code: where deliberate errors come from
 
 
 def _add_run_control(p: argparse.ArgumentParser) -> None:
@@ -367,15 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _raised_on_purpose(exc: BaseException) -> bool:
-    """An error robuq raised itself for a person to read (its message says what to do): a ValueError,
-    FileNotFoundError or PermissionError whose raising frame lies in robuq's own code. The same types
-    raised inside PyTorch or NumPy, and every other error, are bugs or crashes and keep their traceback."""
-    if not isinstance(exc, (ValueError, FileNotFoundError, PermissionError)):
-        return False
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+    """An error robuq raised for a person to read (``RobuqError``: its message says what to do). Everything
+    else, robuq's bugs and errors raised inside PyTorch or NumPy included, keeps its traceback."""
+    return isinstance(exc, RobuqError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
+from robuq.core.errors import RobuqError
 
 META_KEY = "robuq"
 
@@ -129,4 +130,4 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     try:
         return load_file(str(path)), read_meta(path)
     except (SafetensorError, json.JSONDecodeError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt") from exc
+        raise RobuqError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt") from exc

@@ -14,6 +14,7 @@ import functools
 import math
 
 import torch
+from robuq.core.errors import RobuqError
 
 # Largest Sylvester block applied as one matrix product; larger powers of two are split into near-equal
 # blocks. Measured on a 2-core x86 CPU, (4096, 4608): one 128-wide block beat two smaller passes.
@@ -102,7 +103,7 @@ def hadamard_factors(n: int) -> tuple[int, ...]:
     Raises ValueError naming n when no construction is known.
     """
     if n < 1:
-        raise ValueError(f"Hadamard size must be positive, got {n}")
+        raise RobuqError(f"Hadamard size must be positive, got {n}")
     power = n & -n
     odd = n // power
     m = 1
@@ -112,7 +113,7 @@ def hadamard_factors(n: int) -> tuple[int, ...]:
                 m = candidate
                 break
         else:
-            raise ValueError(
+            raise RobuqError(
                 f"no Hadamard matrix of size {n} is available: {n} = {odd}·{power}, and robuq knows no Hadamard "
                 f"matrix of order {odd}·2^j dividing it (built-in orders: powers of two times one of "
                 f"{', '.join(map(str, list(small_hadamard_orders())[:12]))}, …). Turn the Hadamard transform off "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from robuq.core.errors import RobuqError
 
 _MISSING = dataclasses.MISSING
 
@@ -26,7 +27,7 @@ def option(
     ``factory`` for mutable or nested-config defaults; ``positional`` for the CLI's bare argument;
     ``cli=False`` for a field the command line must not offer (set by the program itself)."""
     if not help:
-        raise ValueError("every option needs a help text")
+        raise RobuqError("every option needs a help text")
     metadata = {
         "help": help,
         "choices": tuple(choices) if choices is not None else None,
@@ -43,10 +44,10 @@ def check_known_fields(data: Any, known: type | Sequence[str], what: str) -> dic
     else a ValueError naming ``what`` and the unknown keys (a file's typo must not be dropped silently)."""
     names = {f.name for f in dataclasses.fields(known)} if isinstance(known, type) else set(known)
     if not isinstance(data, Mapping):
-        raise ValueError(f"{what} must be an object of named fields, not {type(data).__name__}")
+        raise RobuqError(f"{what} must be an object of named fields, not {type(data).__name__}")
     unknown = sorted(map(str, set(data) - names))
     if unknown:
-        raise ValueError(f"unknown {what} fields: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        raise RobuqError(f"unknown {what} fields: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
     return dict(data)
 
 
@@ -56,7 +57,7 @@ def check_choice(config: object, name: str) -> None:
     choices = field.metadata.get("choices")
     value = getattr(config, name)
     if choices and value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, not {value!r}")
+        raise RobuqError(f"{name} must be one of {', '.join(map(str, choices))}, not {value!r}")
 
 
 def with_default(base: type, name: str, default: Any) -> Any:
@@ -81,4 +82,4 @@ def check_field_types(instance: object, what: str) -> None:
         allowed = tuple(t for n in names for t in _SIMPLE_TYPES[n])
         wrong_bool = isinstance(value, bool) and bool not in allowed
         if wrong_bool or not isinstance(value, allowed):
-            raise ValueError(f"{what}: {field.name} must be {' or '.join(names)}, not {value!r}")
+            raise RobuqError(f"{what}: {field.name} must be {' or '.join(names)}, not {value!r}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable
+from robuq.core.errors import RobuqError
 
 # Scale rules by name, and the integer id under which a kernel is told the rule.
 SCALE_RULES: dict[str, int] = {"minmax": 0, "gaussian": 1}
@@ -38,7 +39,7 @@ MIN_BITS, MAX_BITS = 1, 8  # 8: the integer kernels store levels as int8
 def check_bits(bits: object, what: str = "activation bits") -> int:
     """``bits`` if it is an integer from MIN_BITS to MAX_BITS, else a ValueError that says so."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+        raise RobuqError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
     return bits
 
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import torch
+from robuq.core.errors import RobuqFileNotFoundError
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEVICE_HELP = "'auto' (this rank's GPU when CUDA is available, else the CPU), 'cpu' or 'cuda[:N]'"
@@ -18,7 +19,9 @@ DEFAULT_TEACHER = ASSETS / "teacher-fmnist-dit-t4.safetensors"
 def default_teacher_path() -> Path:
     """The Fashion-MNIST DiT-T/4 shipped with robuq, which every quantization experiment starts from."""
     if not DEFAULT_TEACHER.is_file():
-        raise FileNotFoundError(f"the shipped teacher {DEFAULT_TEACHER} is missing; reinstall robuq or pass --ckpt")
+        raise RobuqFileNotFoundError(
+            f"the shipped teacher {DEFAULT_TEACHER} is missing; reinstall robuq or pass --ckpt"
+        )
     return DEFAULT_TEACHER
 
 

@@ -28,6 +28,7 @@ from robuq.core.distributed import (
     shutdown,
     wait_for_files,
 )
+from robuq.core.errors import RobuqError
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _shard_latents(
 def encode_latents(config: LatentsConfig, progress: bool = True) -> Path:
     """Encode ``config.images`` into the cache ``config.out`` (skipping finished shards); returns the folder."""
     if not config.images or not config.vae:
-        raise ValueError("give the image folder and the VAE: robuq latents IMAGES --vae VAE_DIR")
+        raise RobuqError("give the image folder and the VAE: robuq latents IMAGES --vae VAE_DIR")
     device = resolve_device(config.device)
     info = init_distributed(device, config.dist_timeout_hours)
     current = device_context(device)
@@ -95,7 +96,7 @@ def _encode(config: LatentsConfig, progress: bool, device: torch.device, info) -
     vae = load_vae(config.vae, config.vae_config, device)
     geometry = vae_geometry(vae)
     if config.image_size % geometry.downsample:
-        raise ValueError(
+        raise RobuqError(
             f"--image-size {config.image_size} is not a multiple of {geometry.downsample}, the factor "
             f"{config.vae} downsamples by"
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = (
@@ -38,7 +39,7 @@ _IDX_DTYPES = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(RobuqFileNotFoundError):
     """The IDX files are in none of the places robuq looks."""
 
 
@@ -49,15 +50,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise RobuqError(f"{path} is not an IDX file (bad magic number)")
     dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{path} is truncated: its header is incomplete")
+        raise RobuqError(f"{path} is truncated: its header is incomplete")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - header != expected:
-        raise ValueError(f"{path} holds {len(data) - header} bytes of data, but its header {shape} needs {expected}")
+        raise RobuqError(f"{path} holds {len(data) - header} bytes of data, but its header {shape} needs {expected}")
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -93,7 +94,7 @@ def _find(directory: Path, stem: str) -> Path | None:
 def find_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Paths of the images and labels IDX files of ``split`` ("train" or "test")."""
     if split not in _FILES:
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
+        raise RobuqError(f"unknown split {split!r}; use 'train' or 'test'")
     searched = candidate_dirs(data_dir)
     if data_dir and not Path(data_dir).is_dir():
         raise DataNotFoundError(
@@ -121,7 +122,7 @@ def load_fashion_mnist(
     images_path, labels_path = find_fashion_mnist(split, data_dir)
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{images_path} and {labels_path} do not form an image/label pair")
+        raise RobuqError(f"{images_path} and {labels_path} do not form an image/label pair")
     return images, labels.astype(np.int64)
 
 

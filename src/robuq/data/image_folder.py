@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -15,11 +16,11 @@ def image_files(root: str | os.PathLike) -> list[Path]:
     """Every image under ``root`` (recursively), sorted by path."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise RobuqFileNotFoundError(f"image folder {root} does not exist")
     return sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(RobuqError):
     """An image file could not be read whole; the message names its path."""
 
 

@@ -24,19 +24,20 @@ import torch
 from torch.utils.data import Dataset
 
 from robuq.data.image_folder import IMAGE_SUFFIXES, adm_center_crop, image_files, read_image
+from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 
 def list_class_folder(root: str | os.PathLike) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
     """(class names in sorted order, [(image path, class index)]) of a folder with one sub-folder per class."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise RobuqFileNotFoundError(f"image folder {root} does not exist")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
     if not class_dirs:
-        raise ValueError(f"{root} has no sub-folders; put each class's images in a sub-folder of its own")
+        raise RobuqError(f"{root} has no sub-folders; put each class's images in a sub-folder of its own")
     files = [(str(f), label) for label, d in enumerate(class_dirs) for f in image_files(d)]
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+        raise RobuqFileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
     return tuple(d.name for d in class_dirs), files
 
 
@@ -52,13 +53,13 @@ class StreamingImageFolder(Dataset):
 
     def __init__(self, root: str | os.PathLike, image_size: int = 256, channels: int = 3, conditional: bool = True):
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), not {channels}")
+            raise RobuqError(f"channels must be 1 (grayscale) or 3 (RGB), not {channels}")
         root = Path(root)
         flat = not conditional and root.is_dir() and not any(d.is_dir() for d in root.iterdir())
         if flat:  # unlabelled images
             files = image_files(root)
             if not files:
-                raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+                raise RobuqFileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
             self.class_names, self.files = ("all",), [(str(f), 0) for f in files]
         else:
             self.class_names, self.files = list_class_folder(root)

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from robuq.core.files import atomic_write_text
 from robuq.core.options import check_field_types, check_known_fields
+from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 FORMAT = "robuq-latent-cache"
 INDEX = "index.json"
@@ -65,13 +66,13 @@ class LatentIndex:
         check_field_types(self, "latent cache index")
         sizes = (self.num_images, self.shard_size, self.image_size, self.downsample, *self.latent_shape)
         if not all(isinstance(name, str) for name in self.class_names):
-            raise ValueError(f"latent cache index: class_names must be strings, got {self.class_names!r}")
+            raise RobuqError(f"latent cache index: class_names must be strings, got {self.class_names!r}")
         if (
             len(self.latent_shape) != 3
             or not all(isinstance(n, int) and not isinstance(n, bool) for n in self.latent_shape)
             or min(sizes) < 1
         ):
-            raise ValueError(
+            raise RobuqError(
                 f"latent cache index: sizes must be positive integers and latent_shape (C, h, w), got "
                 f"{self.num_images} images, shards of {self.shard_size}, latent_shape {self.latent_shape}"
             )
@@ -79,13 +80,13 @@ class LatentIndex:
     @classmethod
     def from_dict(cls, data: dict) -> "LatentIndex":
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(
+            raise RobuqError(
                 f"not a robuq latent cache index (format {data.get('format') if isinstance(data, dict) else data!r})"
             )
         data = check_known_fields({k: v for k, v in data.items() if k != "num_shards"}, cls, "latent cache index")
         for key in ("latent_shape", "class_names"):
             if not isinstance(data.get(key), list):
-                raise ValueError(f"latent cache index: {key} must be a list, not {data.get(key)!r}")
+                raise RobuqError(f"latent cache index: {key} must be a list, not {data.get(key)!r}")
         return cls(**{**data, "latent_shape": tuple(data["latent_shape"]), "class_names": tuple(data["class_names"])})
 
 
@@ -97,15 +98,15 @@ def read_index(cache: str | os.PathLike) -> LatentIndex:
     """The index of a cache folder; a clear error when the folder is not (yet) a cache."""
     path = Path(cache) / INDEX
     if not path.is_file():
-        raise FileNotFoundError(f"{cache} is not a latent cache (no {INDEX}); make one with `robuq latents`")
+        raise RobuqFileNotFoundError(f"{cache} is not a latent cache (no {INDEX}); make one with `robuq latents`")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not a readable latent cache index ({exc}); encode the cache again") from None
+        raise RobuqError(f"{path} is not a readable latent cache index ({exc}); encode the cache again") from None
     try:
         return LatentIndex.from_dict(data)
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise RobuqError(f"{path}: {exc}") from None
 
 
 def write_index(cache: str | os.PathLike, index: LatentIndex) -> None:
@@ -119,7 +120,7 @@ def write_index(cache: str | os.PathLike, index: LatentIndex) -> None:
                 for k, v in asdict(old).items()
                 if getattr(index, k) != v
             ]
-            raise ValueError(f"{cache} already holds a different latent cache ({'; '.join(diffs)}); use another folder")
+            raise RobuqError(f"{cache} already holds a different latent cache ({'; '.join(diffs)}); use another folder")
         return
     atomic_write_text(path, json.dumps(index.to_dict(), indent=2) + "\n")
 
@@ -138,19 +139,19 @@ def _shard_labels(cache: Path, index: LatentIndex, shard: int) -> torch.Tensor:
             keys = set(f.keys())
             wanted = {"latents", "labels"} | ({"latents_flip"} if index.flip else set())
             if not wanted <= keys:
-                raise ValueError(f"latent cache {cache}: {path.name} lacks {', '.join(sorted(wanted - keys))}; {redo}")
+                raise RobuqError(f"latent cache {cache}: {path.name} lacks {', '.join(sorted(wanted - keys))}; {redo}")
             for key in wanted - {"labels"}:
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != (rows, *index.latent_shape):
-                    raise ValueError(
+                    raise RobuqError(
                         f"latent cache {cache}: {path.name} holds {key} of shape {shape}, its index "
                         f"promises {(rows, *index.latent_shape)}; {redo}"
                     )
             labels = f.get_tensor("labels")
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"latent cache {cache}: {path.name} is unreadable ({exc}); {redo}") from None
+        raise RobuqError(f"latent cache {cache}: {path.name} is unreadable ({exc}); {redo}") from None
     if labels.shape != (rows,):
-        raise ValueError(
+        raise RobuqError(
             f"latent cache {cache}: {path.name} holds {tuple(labels.shape)} labels for {rows} images; {redo}"
         )
     return labels.long()
@@ -168,7 +169,7 @@ class LatentDataset(Dataset):
         self.index = read_index(cache)
         missing = missing_shards(cache, self.index)
         if missing:
-            raise ValueError(
+            raise RobuqError(
                 f"latent cache {cache} is incomplete: {len(missing)} of {self.index.num_shards} shards missing "
                 f"(first: {shard_path(cache, missing[0]).name}); finish it with the same `robuq latents` command"
             )

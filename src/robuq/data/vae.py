@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 # The SD VAE's ``scaling_factor``, which DiT's checkpoints were trained with; a VAE whose config lacks one gets it.
 LATENT_SCALE = 0.18215
@@ -63,7 +64,7 @@ def _load(build, path: Path) -> nn.Module:
         return build()
     except (OSError, ValueError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"--vae {path} cannot be loaded as an AutoencoderKL: {reason}") from None
+        raise RobuqError(f"--vae {path} cannot be loaded as an AutoencoderKL: {reason}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
 
@@ -79,21 +80,21 @@ def load_vae(
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise RobuqFileNotFoundError(
                 f"{path} has no config.json: give a folder written by AutoencoderKL.save_pretrained "
                 "(e.g. a local copy of stabilityai/sd-vae-ft-ema)"
             )
         vae = _load(lambda: AutoencoderKL.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype), path)
     elif path.is_file():
         if config is None:
-            raise ValueError(
+            raise RobuqError(
                 f"{path} is a single file: also give the folder of its config.json (--vae-config), "
                 "robuq never fetches a configuration from a hub"
             )
         config = Path(config)
         folder = config.parent if config.name == "config.json" and config.is_file() else config
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
+            raise RobuqFileNotFoundError(
                 f"--vae-config {config} holds no config.json: give the folder of the VAE's config.json "
                 "(e.g. a local copy of stabilityai/sd-vae-ft-ema) or that file itself"
             )
@@ -104,7 +105,7 @@ def load_vae(
             path,
         )
     else:
-        raise FileNotFoundError(f"VAE {path} does not exist; give a local folder or file")
+        raise RobuqFileNotFoundError(f"VAE {path} does not exist; give a local folder or file")
     return vae.to(device).eval().requires_grad_(False)
 
 

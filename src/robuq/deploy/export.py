@@ -29,6 +29,7 @@ from robuq.models.skeleton import meta_skeleton
 from robuq.quant.primitives import QuantizedTensor
 from robuq.quant.linear import QuantLinear
 from robuq.precision.policy import QuantConfig, current_plan, quantize_
+from robuq.core.errors import RobuqError
 
 FORMAT_VERSION = 1
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -44,7 +45,7 @@ def _weight_format(layer: QuantLinear, ternary_packing: str) -> str:
         return ternary_packing
     if layer.config.weight in ("int2", "int3", "int4"):
         return "int4"
-    raise ValueError(f"no packing for weight format {layer.config.weight!r} yet; export supports ternary and int2–int4")
+    raise RobuqError(f"no packing for weight format {layer.config.weight!r} yet; export supports ternary and int2–int4")
 
 
 def export_model(
@@ -57,9 +58,9 @@ def export_model(
     """Write ``model`` (robuq's DiT or a diffusers DiTTransformer2DModel, quantized with ``config``) as a
     compact file; returns its path."""
     if ternary_packing not in ("ternary-2bit", "ternary-trits"):
-        raise ValueError(f"ternary_packing must be 'ternary-2bit' or 'ternary-trits', not {ternary_packing!r}")
+        raise RobuqError(f"ternary_packing must be 'ternary-2bit' or 'ternary-trits', not {ternary_packing!r}")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        raise RobuqError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     half = DTYPES[dtype]
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, dict[str, Any]] = {}

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from robuq.kernels import native
+from robuq.core.errors import RobuqError
 
 PATHS = ("int_mm", "avx2", "fp32")
 ENVIRONMENT = "ROBUQ_GEMM"
@@ -156,11 +157,11 @@ def resolve(path: str | None) -> str:
     if path == "auto":
         return auto_path()
     if path not in PATHS:
-        raise ValueError(
+        raise RobuqError(
             f"unknown GEMM path {path!r} (from gemm= or ${ENVIRONMENT}); use auto or one of {', '.join(PATHS)}"
         )
     if path == "avx2" and native.integer_isa() not in ("avx2", "avx512_vnni"):
-        raise ValueError(
+        raise RobuqError(
             "the avx2 GEMM path needs robuq's C kernels built for AVX2 (a C compiler, ROBUQ_NATIVE "
             "unset or 1, an x86-64 CPU with AVX2); use gemm='fp32' or 'int_mm' instead"
         )

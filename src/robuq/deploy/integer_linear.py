@@ -41,6 +41,7 @@ from robuq.quant.backends import Backend, backend_for, register_backend
 from robuq.quant.hadamard import hadamard_transform
 from robuq.quant.linear import QuantLinear
 from robuq.quant.primitives import QuantizedTensor
+from robuq.core.errors import RobuqError
 
 # Tried in this order; a path registered later (a user's own) comes after these unless it takes one's name.
 for _path in (TritonLinear, CTernaryLinear, CLinear):
@@ -82,7 +83,7 @@ class IntegerLinear(nn.Module):
         super().__init__()
         q = weight if weight is not None else layer.quantized_weight()
         if q is None or layer.act_bits is None:
-            raise ValueError("IntegerLinear needs quantized weights and quantized activations")
+            raise RobuqError("IntegerLinear needs quantized weights and quantized activations")
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.config = layer.config  # what it was trained as: cost reports read it
         self.act_bits = layer.act_bits

@@ -11,13 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from robuq.core.errors import RobuqError
 
 TRITS_PER_BYTE = 5  # 3^5 = 243 ≤ 256
 
 
 def _check_range(levels: torch.Tensor, low: int, high: int, what: str) -> None:
     if levels.numel() and (levels.min() < low or levels.max() > high):
-        raise ValueError(f"{what} levels must lie in [{low}, {high}], got [{int(levels.min())}, {int(levels.max())}]")
+        raise RobuqError(f"{what} levels must lie in [{low}, {high}], got [{int(levels.min())}, {int(levels.max())}]")
 
 
 def _pad(values: torch.Tensor, multiple: int, fill: int) -> torch.Tensor:
@@ -37,7 +38,7 @@ def unpack_ternary_2bit(packed: torch.Tensor, count: int) -> torch.Tensor:
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
     codes = ((packed.unsqueeze(1) >> shifts) & 3).reshape(-1)[:count]
     if codes.numel() and int(codes.max()) > 2:
-        raise ValueError("corrupt 2-bit ternary data: code 3 stands for no level (−1, 0, 1 are 0, 1, 2)")
+        raise RobuqError("corrupt 2-bit ternary data: code 3 stands for no level (−1, 0, 1 are 0, 1, 2)")
     return codes.to(torch.int8) - 1
 
 
@@ -59,7 +60,7 @@ def _trit_table(device: str) -> torch.Tensor:
 
 def unpack_ternary_trits(packed: torch.Tensor, count: int) -> torch.Tensor:
     if packed.numel() and int(packed.max()) > 242:
-        raise ValueError("corrupt trit-packed data: a byte exceeds 242 (3^5 − 1)")
+        raise RobuqError("corrupt trit-packed data: a byte exceeds 242 (3^5 − 1)")
     return _trit_table(str(packed.device))[packed.long()].reshape(-1)[:count]
 
 

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from robuq.core.errors import RobuqError
 
 Denoiser = Callable[..., torch.Tensor]
 
@@ -36,7 +37,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Iterable[int
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot take exactly {desired} strided steps from {num_timesteps}")
+            raise RobuqError(f"cannot take exactly {desired} strided steps from {num_timesteps}")
         section_counts = [int(c) for c in section_counts.split(",")]
     counts = list(section_counts)
     size_per, extra = divmod(num_timesteps, len(counts))
@@ -45,7 +46,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Iterable[int
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if count > size:
-            raise ValueError(f"cannot take {count} steps from a section of {size} timesteps")
+            raise RobuqError(f"cannot take {count} steps from a section of {size} timesteps")
         if count <= 1:
             stride = 1.0
         else:
@@ -99,7 +100,7 @@ class GaussianDiffusion:
     def __init__(self, betas: np.ndarray, learn_sigma: bool = True, timestep_map: Iterable[int] | None = None):
         self.betas = betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
-            raise ValueError("betas must be a 1-D array in (0, 1]")
+            raise RobuqError("betas must be a 1-D array in (0, 1]")
         self.num_timesteps = len(betas)
         self.learn_sigma = learn_sigma
         self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(list(timestep_map))

@@ -33,6 +33,7 @@ from robuq.eval.inception import FIDInceptionV3
 from robuq.eval.metrics import FeatureStats, StatsAccumulator
 from robuq.eval.npz_images import NpzImages
 from robuq.eval.tf_resize import resize_bilinear_tf1
+from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 INPUT_SIZE = 299
 SPLIT_SIZE = 5000  # ADM's Inception Score splits
@@ -100,7 +101,7 @@ def reference_statistics(path: str | os.PathLike) -> tuple[FeatureStats, Feature
             return None
         missing = [k for k in ("sigma", "mu_s", "sigma_s") if k not in data.files]
         if missing:
-            raise ValueError(f"{path} has 'mu' but not {', '.join(missing)}: an ADM reference batch holds all four")
+            raise RobuqError(f"{path} has 'mu' but not {', '.join(missing)}: an ADM reference batch holds all four")
         return (
             FeatureStats(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), -1),
             FeatureStats(data["mu_s"].astype(np.float64), data["sigma_s"].astype(np.float64), -1),
@@ -113,7 +114,7 @@ def _source_batches(source: Path, image_size: int, batch_size: int) -> tuple[Ite
 
         files = image_files(source)
         if not files:
-            raise FileNotFoundError(f"no images found under {source}")
+            raise RobuqFileNotFoundError(f"no images found under {source}")
 
         def read() -> Iterator[np.ndarray]:
             for start in range(0, len(files), batch_size):
@@ -144,7 +145,7 @@ def write_reference_batch(
 
     source, out = Path(source), Path(out)
     if not source.exists():
-        raise FileNotFoundError(f"{source} does not exist: give an image folder or an .npz with arr_0")
+        raise RobuqFileNotFoundError(f"{source} does not exist: give an image folder or an .npz with arr_0")
     model = load_fid_inception(resolve_weights(weights))
     batches, total = _source_batches(source, image_size, batch_size)
     kept: list[np.ndarray] = []
@@ -185,7 +186,7 @@ class RefStatsConfig:
 def write_reference_batch_from(config: RefStatsConfig, progress: bool = True) -> Path:
     """``write_reference_batch`` for a ``robuq eval ref-stats`` job."""
     if not config.source:
-        raise ValueError("give the images: an image folder or an .npz with arr_0")
+        raise RobuqError("give the images: an image folder or an .npz with arr_0")
     return write_reference_batch(
         config.source,
         config.out,

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from robuq.core.options import option
 from robuq.data.fashion_mnist import FashionMNIST
 from robuq.core.files import load_tensors, save_tensors
+from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "fmnist-classifier.safetensors"
 INPUT_SIZE = 28
@@ -155,12 +156,12 @@ def _train_classifier(config: ClassifierTrainConfig, progress: bool) -> dict:
 def load_classifier(path: str | Path | None = None) -> FashionClassifier:
     path = Path(path) if path else ASSET
     if not path.is_file():
-        raise FileNotFoundError(
+        raise RobuqFileNotFoundError(
             f"the Fashion-MNIST classifier {path} is missing; train it with `robuq eval train-classifier`"
         )
     tensors, meta = load_tensors(path)
     if meta.get("kind") != "fmnist-classifier":
-        raise ValueError(f"{path} is not a robuq Fashion-MNIST classifier (its header says {meta.get('kind')!r})")
+        raise RobuqError(f"{path} is not a robuq Fashion-MNIST classifier (its header says {meta.get('kind')!r})")
     model = FashionClassifier(int(meta["width"]))
     model.load_state_dict(tensors)
     return model.eval()

@@ -35,6 +35,7 @@ from robuq.eval.metrics import (
     psnr_of_mse,
 )
 from robuq.eval.npz_images import NpzImages, file_fingerprint
+from robuq.core.errors import RobuqError
 
 EXTRACTORS = ("auto", "classifier", "inception")
 PROTOCOLS = ("auto", "adm", "pytorch-fid")
@@ -88,15 +89,15 @@ class EvalConfig:
 def resolve(config: EvalConfig) -> tuple[str, str]:
     """(extractor, protocol) that ``config`` asks for, with "auto" filled in."""
     if config.extractor not in EXTRACTORS:
-        raise ValueError(f"unknown extractor {config.extractor!r}; use one of {', '.join(EXTRACTORS)}")
+        raise RobuqError(f"unknown extractor {config.extractor!r}; use one of {', '.join(EXTRACTORS)}")
     if config.protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {config.protocol!r}; use one of {', '.join(PROTOCOLS)}")
+        raise RobuqError(f"unknown protocol {config.protocol!r}; use one of {', '.join(PROTOCOLS)}")
     extractor = config.extractor
     if extractor == "auto":
         extractor = "classifier" if config.reference == FASHION_MNIST_TEST else "inception"
     if extractor == "classifier":
         if config.protocol != "auto":
-            raise ValueError(f"--protocol {config.protocol} applies to the Inception; add --extractor inception")
+            raise RobuqError(f"--protocol {config.protocol} applies to the Inception; add --extractor inception")
         return extractor, "classifier"
     return extractor, "adm" if config.protocol == "auto" else config.protocol
 
@@ -179,7 +180,7 @@ def reference_features(config: EvalConfig, features_of: BatchFeatures, extractor
 def paired_psnr(a: NpzImages, b: NpzImages, batch_size: int) -> float:
     """PSNR between two sample files of the same shape, a batch at a time."""
     if a.shape != b.shape:
-        raise ValueError(f"--paired {b.path} holds {b.shape} images but the samples are {a.shape}")
+        raise RobuqError(f"--paired {b.path} holds {b.shape} images but the samples are {a.shape}")
     squared, count = 0.0, 0
     for start in range(0, len(a), batch_size):
         x, y = a[start : start + batch_size], b[start : start + batch_size]

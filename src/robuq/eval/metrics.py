@@ -18,6 +18,7 @@ import numpy as np
 from scipy import linalg
 
 from robuq.core.files import save_npz
+from robuq.core.errors import RobuqError
 
 
 @dataclass
@@ -32,7 +33,7 @@ class FeatureStats:
     def of(cls, features: np.ndarray) -> "FeatureStats":
         features = np.asarray(features, dtype=np.float64)
         if features.ndim != 2 or len(features) < 2:
-            raise ValueError(f"need at least 2 feature vectors as an (N, D) array, got shape {features.shape}")
+            raise RobuqError(f"need at least 2 feature vectors as an (N, D) array, got shape {features.shape}")
         return cls(features.mean(axis=0), np.cov(features, rowvar=False), len(features))
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -42,7 +43,7 @@ class FeatureStats:
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
         with np.load(path) as data:
             if "mu" not in data or "sigma" not in data:
-                raise ValueError(f"{path} holds no 'mu'/'sigma' statistics")
+                raise RobuqError(f"{path} holds no 'mu'/'sigma' statistics")
             return cls(data["mu"], data["sigma"], int(data["count"]) if "count" in data else -1)
 
 
@@ -67,7 +68,7 @@ class StatsAccumulator:
 
     def result(self) -> FeatureStats:
         if self.count < 2:
-            raise ValueError(f"need at least 2 feature vectors, got {self.count}")
+            raise RobuqError(f"need at least 2 feature vectors, got {self.count}")
         mean = self.total / self.count
         sigma = (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
         return FeatureStats(mean + self.shift, sigma, self.count)
@@ -90,7 +91,7 @@ def frechet_distance(
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics of different feature sizes: {mu1.shape} vs {mu2.shape}")
+        raise RobuqError(f"statistics of different feature sizes: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
     covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
@@ -98,7 +99,7 @@ def frechet_distance(
         covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"the matrix square root has a large imaginary part ({np.max(np.abs(covmean.imag)):.3g})")
+            raise RobuqError(f"the matrix square root has a large imaginary part ({np.max(np.abs(covmean.imag)):.3g})")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -201,10 +202,10 @@ def precision_recall(
     "float16" computes them as the ADM evaluator does, whose rounding puts more boundary ties inside a ball.
     """
     if dtype not in PR_DTYPES:
-        raise ValueError(f"precision/recall dtype must be one of {', '.join(PR_DTYPES)}, not {dtype!r}")
+        raise RobuqError(f"precision/recall dtype must be one of {', '.join(PR_DTYPES)}, not {dtype!r}")
     real, fake = np.asarray(real), np.asarray(fake)
     if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
+        raise RobuqError(f"precision/recall with k={k} needs more than {k} samples in each set")
     real_radii, fake_radii = _kth_neighbour_radii(real, k, chunk, dtype), _kth_neighbour_radii(fake, k, chunk, dtype)
     precision = _covered(fake, real, real_radii, chunk, dtype).mean()
     recall = _covered(real, fake, fake_radii, chunk, dtype).mean()
@@ -214,7 +215,7 @@ def precision_recall(
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB between two uint8 image sets of the same shape."""
     if a.shape != b.shape:
-        raise ValueError(f"PSNR needs images of one shape, got {a.shape} and {b.shape}")
+        raise RobuqError(f"PSNR needs images of one shape, got {a.shape} and {b.shape}")
     return psnr_of_mse(float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 

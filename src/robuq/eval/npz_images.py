@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 ARRAY = "arr_0.npy"
 
@@ -25,16 +26,16 @@ class NpzImages:
     def __init__(self, path: str | os.PathLike, limit: int | None = None):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path} does not exist")
+            raise RobuqFileNotFoundError(f"{self.path} does not exist")
         what = f"{self.path} is not an ADM-style sample file (an .npz whose arr_0 is uint8 N×H×W×C)"
         try:
             self._zip = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as exc:
-            raise ValueError(f"{what}: {exc}") from None
+            raise RobuqError(f"{what}: {exc}") from None
         names = [n.removesuffix(".npy") for n in self._zip.namelist()]
         if ARRAY not in self._zip.namelist():
             self.close()
-            raise ValueError(f"{what}: it holds {', '.join(names) or 'nothing'}, no arr_0")
+            raise RobuqError(f"{what}: it holds {', '.join(names) or 'nothing'}, no arr_0")
         try:
             self._member = self._zip.open(ARRAY)
             version = np.lib.format.read_magic(self._member)
@@ -44,10 +45,10 @@ class NpzImages:
             shape, fortran_order, dtype = read_header(self._member)
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
             self.close()
-            raise ValueError(f"{what}: its arr_0 cannot be read ({exc})") from None
+            raise RobuqError(f"{what}: its arr_0 cannot be read ({exc})") from None
         if dtype != np.uint8 or len(shape) != 4 or fortran_order:
             self.close()
-            raise ValueError(
+            raise RobuqError(
                 f"{self.path}: arr_0 must be uint8 N×H×W×C in C order, got {dtype} {shape}"
                 + (" in Fortran order" if fortran_order else "")
             )
@@ -67,7 +68,7 @@ class NpzImages:
         self._member.seek(self._start + start * self._row)  # forward from the last read: no re-reading
         data = self._member.read(count * self._row)
         if len(data) != count * self._row:
-            raise ValueError(f"{self.path} is truncated: arr_0 ends before image {start + len(data) // self._row}")
+            raise RobuqError(f"{self.path} is truncated: arr_0 ends before image {start + len(data) // self._row}")
         return np.frombuffer(data, dtype=np.uint8).reshape(count, *self.shape[1:])
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:

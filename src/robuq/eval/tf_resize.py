@@ -11,6 +11,7 @@ the result matches TF's kernel to the last bit or one ulp.
 from __future__ import annotations
 
 import torch
+from robuq.core.errors import RobuqError
 
 
 def _taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -25,7 +26,7 @@ def _taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tens
 def resize_bilinear_tf1(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(N, C, H, W) → (N, C, *size) float32, as TF1's resize_bilinear with align_corners=False."""
     if images.ndim != 4:
-        raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(images.shape)}")
+        raise RobuqError(f"expected an (N, C, H, W) batch, got shape {tuple(images.shape)}")
     x = images.to(torch.float32)
     y0, y1, dy = _taps(x.shape[2], size[0], x.device)
     x0, x1, dx = _taps(x.shape[3], size[1], x.device)

@@ -15,6 +15,7 @@ from robuq.core.files import read_meta
 from robuq.models.dit import DiT
 from robuq.io.full_precision import load_full_precision
 from robuq.io.quantized import load_quantized
+from robuq.core.errors import RobuqError
 
 
 EXPORTED, QUANTIZED, FULL_PRECISION = "exported", "quantized", "full-precision"
@@ -70,6 +71,6 @@ class ExportConfig:
 def export_file(config: ExportConfig) -> tuple[Path, DiT]:
     """Export the quantized model file ``config.model``; returns the new file and the model it holds."""
     if config.model is None:
-        raise ValueError("give the quantized model to export, e.g. runs/quickstart/ampn/final/model.safetensors")
+        raise RobuqError("give the quantized model to export, e.g. runs/quickstart/ampn/final/model.safetensors")
     model, policy = load_quantized(config.model)
     return export_model(model, policy, config.out, config.packing, config.dtype), model

@@ -30,6 +30,7 @@ import torch
 
 from robuq.core import quantizer_spec as spec
 from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
+from robuq.core.errors import RobuqError
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")  # includes the kernel families in c/: one translation unit
 FAMILIES = Path(__file__).with_name("c")
@@ -214,7 +215,7 @@ def _build(compiler: str, flags: list[str] | None = None) -> Path:
 def _flags_for(march: str) -> list[str]:
     """FLAGS for another target than this CPU (``-march=haswell``: AVX2 and FMA, no AVX-512)."""
     if not march.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"ROBUQ_MARCH={march!r} is not a -march value; use e.g. native or haswell")
+        raise RobuqError(f"ROBUQ_MARCH={march!r} is not a -march value; use e.g. native or haswell")
     # AVX2 builds pass 64-byte lane vectors between inlined helpers; GCC's note about their ABI is moot.
     extra = [] if march == "native" else ["-Wno-psabi"]
     return [f"-march={march}" if flag == "-march=native" else flag for flag in FLAGS] + extra
@@ -300,7 +301,7 @@ def _empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def _check(status: int, what: str = "") -> None:
     if status == _BAD_ARGUMENT:
-        raise ValueError(f"robuq's CPU kernels refused {what}: a rule or level range cpu_kernels.c does not implement")
+        raise RobuqError(f"robuq's CPU kernels refused {what}: a rule or level range cpu_kernels.c does not implement")
     if status:
         raise MemoryError("robuq's CPU kernels could not allocate their working memory")
 
@@ -407,7 +408,7 @@ def rescale(
     scale, offset per row; α, w, b per column; branch (rows, rank), up_rows (rank, cols)); ``out`` must be a
     contiguous float32 CPU tensor."""
     if not (out.is_contiguous() and out.dtype == torch.float32 and out.device.type == "cpu"):
-        raise ValueError("rescale writes into a contiguous float32 CPU tensor")
+        raise RobuqError("rescale writes into a contiguous float32 CPU tensor")
     rows, cols = acc.shape
     acc = acc.to(device="cpu", dtype=torch.int32).contiguous()
     scale, offset, alpha, offset_weight, bias = (_input(t) for t in (scale, offset, alpha, offset_weight, bias))
@@ -445,7 +446,7 @@ def _per_sample(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """x as (batch, tokens, n) rows and v, one n-vector per sample, both contiguous float32 CPU."""
     batch, n = v.shape
     if x.dim() != 3 or x.shape[0] != batch or x.shape[2] != n:
-        raise ValueError(f"per-sample vectors of shape {tuple(v.shape)} do not fit tokens of shape {tuple(x.shape)}")
+        raise RobuqError(f"per-sample vectors of shape {tuple(v.shape)} do not fit tokens of shape {tuple(x.shape)}")
     return _input(x), _input(v)
 
 
@@ -476,7 +477,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     x, gate = _per_sample(x, gate)
     y = _input(y)
     if y.shape != x.shape:
-        raise ValueError(f"residual branch of shape {tuple(y.shape)} does not match tokens of shape {tuple(x.shape)}")
+        raise RobuqError(f"residual branch of shape {tuple(y.shape)} does not match tokens of shape {tuple(x.shape)}")
     out = _empty(*x.shape)
     _call(
         "robuq_gated_residual",
@@ -578,7 +579,7 @@ def gemm_s8(
         or shift not in (0, 128)
         or packed.shape != (-(-n // GEMM_PACK_COLUMNS), -(-k // GEMM_PACK_DEPTH), GEMM_PACK_COLUMNS, GEMM_PACK_DEPTH)
     ):
-        raise ValueError(
+        raise RobuqError(
             "gemm_s8 multiplies int8 (m, k) by pack_gemm_weights of an int8 (k, n) with max|b| ≤ 64, shift 0 or 128"
         )
     a, packed = a.contiguous(), packed.contiguous()
@@ -620,7 +621,7 @@ def pack_ternary_weights(b: torch.Tensor) -> torch.Tensor:
     make their patterns canonical (0 for an all-zero group), zero-padded. Computed in int8 (a model's peak
     memory while it loads includes these temporaries)."""
     if b.numel() and (b.min() < -1 or b.max() > 1):
-        raise ValueError("pack_ternary_weights takes levels in {-1, 0, 1}")
+        raise RobuqError("pack_ternary_weights takes levels in {-1, 0, 1}")
     k, n = b.shape
     blocks, groups = _ternary_code_shape(k, n)[:2]
     padded = torch.zeros(groups * TERNARY_GROUP, blocks * TERNARY_COLUMNS, dtype=torch.int8, device=b.device)
@@ -652,7 +653,7 @@ def gemm_ternary(a: torch.Tensor, code: torch.Tensor, n: int, col_sums: torch.Te
         or not 1 <= top <= TERNARY_MAX_TOP
         or code.shape != _ternary_code_shape(k, n)
     ):
-        raise ValueError(
+        raise RobuqError(
             f"gemm_ternary multiplies int8 (m, k) levels in 0…top (1 ≤ top ≤ {TERNARY_MAX_TOP}) by "
             "pack_ternary_weights of a ternary (k, n)"
         )
@@ -720,7 +721,7 @@ def ternary_linear_args(
         or code.dtype != torch.int8
         or code.shape != _ternary_code_shape(k, n)
     ):
-        raise ValueError(
+        raise RobuqError(
             f"linear_ternary takes activations of at most {TERNARY_MAX_TOP.bit_length()} bits and "
             "pack_ternary_weights of a ternary (k, n)"
         )
@@ -767,7 +768,7 @@ def linear_ternary(x: torch.Tensor, layer: TernaryLinearArgs, out: torch.Tensor)
         and out.device.type == "cpu"
         and out.shape == (rows.shape[0], layer.out_features)
     ):
-        raise ValueError(
+        raise RobuqError(
             f"linear_ternary writes into a contiguous float32 CPU tensor of shape ({rows.shape[0]}, "
             f"{layer.out_features})"
         )

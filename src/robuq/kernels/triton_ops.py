@@ -22,6 +22,7 @@ import torch
 from robuq.core import quantizer_spec as spec
 from robuq.core.hadamard_matrices import hadamard_factors, hadamard_matrix
 from robuq.core.runtime import device_context
+from robuq.core.errors import RobuqError
 
 _MAX_B = 128  # columns of the (A, B) view of a token: one dense B×B product per token
 # Padded rows. At AP = 64, B = 128 the operands (H_A, H_B, one token) take 112 KiB of shared memory, which fits
@@ -225,7 +226,7 @@ def pack_ternary_columns(levels_t: torch.Tensor) -> torch.Tensor:
     """Ternary levels (K, N) → the matmul kernel's layout (K/4, N) uint8: field p of byte k is row p·K/4 + k."""
     k = levels_t.shape[0]
     if k % 4:
-        raise ValueError(f"packed ternary weights need K divisible by 4, got K={k}")
+        raise RobuqError(f"packed ternary weights need K divisible by 4, got K={k}")
     codes = (levels_t.to(torch.int16) + 1).to(torch.uint8).reshape(4, k // 4, -1)
     return codes[0] | (codes[1] << 2) | (codes[2] << 4) | (codes[3] << 6)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from robuq.core.errors import RobuqError
 
 _SDPA = F.scaled_dot_product_attention
 
@@ -28,7 +29,7 @@ class _ToCore(TorchFunctionMode):
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         call = {**dict(zip(names, args)), **kwargs}
         if call.get("is_causal") or call.get("enable_gqa") or (call.get("dropout_p") or 0.0) > 0:
-            raise ValueError(
+            raise RobuqError(
                 f"{self.where}: robuq's attention core supports neither causal masks, grouped-query "
                 "attention nor attention dropout; leave this attention out of the policy"
             )

@@ -7,6 +7,8 @@ Pickles are read with ``weights_only=True``: tensors and plain containers only, 
 
 from __future__ import annotations
 
+from robuq.core.errors import RobuqError
+
 import argparse
 import os
 import pickle
@@ -43,7 +45,7 @@ _NOT_A_PICKLE = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RobuqError):
     """A file that is not a usable DiT checkpoint; the message says why and what to do."""
 
 

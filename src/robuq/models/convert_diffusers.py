@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from robuq.models.dit import DiT, DiTConfig
+from robuq.core.errors import RobuqError
 
 DIFFUSERS_CLASS = "DiTTransformer2DModel"
 
@@ -51,7 +52,7 @@ def _diffusers():
     try:
         import diffusers
     except ImportError:
-        raise ValueError("diffusers models need diffusers: pip install 'robuq[diffusers]'") from None
+        raise RobuqError("diffusers models need diffusers: pip install 'robuq[diffusers]'") from None
     return diffusers
 
 
@@ -64,11 +65,11 @@ def is_diffusers_dit(model: nn.Module) -> bool:
 def diffusers_config(config: DiTConfig) -> dict[str, Any]:
     """The ``DiTTransformer2DModel`` keyword arguments of a DiTConfig (ValueError if diffusers cannot hold it)."""
     if config.num_classes <= 0:
-        raise ValueError(
+        raise RobuqError(
             "DiTTransformer2DModel is always class-conditional; an unconditional DiT has no diffusers form"
         )
     if config.mlp_ratio != 4.0:
-        raise ValueError(f"DiTTransformer2DModel's MLP is 4× wide; this DiT's mlp_ratio is {config.mlp_ratio}")
+        raise RobuqError(f"DiTTransformer2DModel's MLP is 4× wide; this DiT's mlp_ratio is {config.mlp_ratio}")
     return {
         "num_attention_heads": config.num_heads,
         "attention_head_dim": config.hidden_size // config.num_heads,
@@ -94,14 +95,14 @@ def dit_config_from_diffusers(config: Any) -> DiTConfig:
     }
     wrong = [f"{k}={get(k)!r}" for k, v in checks.items() if get(k, v) != v]
     if wrong:
-        raise ValueError(
+        raise RobuqError(
             f"this DiTTransformer2DModel has {', '.join(wrong)}; robuq's DiT supports the defaults "
             f"({', '.join(f'{k}={v!r}' for k, v in checks.items())})"
         )
     in_channels = get("in_channels", 4)
     out_channels = get("out_channels") or in_channels
     if out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(f"out_channels {out_channels} is neither in_channels nor twice it (learned sigma)")
+        raise RobuqError(f"out_channels {out_channels} is neither in_channels nor twice it (learned sigma)")
     heads, head_dim = get("num_attention_heads", 16), get("attention_head_dim", 72)
     return DiTConfig(
         input_size=get("sample_size", 32),
@@ -159,7 +160,7 @@ def diffusers_state_to_dit(state: dict[str, torch.Tensor], config: DiTConfig) ->
                 i for i in range(1, config.depth) if not torch.equal(state[f"transformer_blocks.{i}.{new}.{p}"], first)
             ]
             if differ:
-                raise ValueError(
+                raise RobuqError(
                     f"transformer_blocks {differ[:4]} have another {new}.{p} than block 0; robuq's DiT "
                     "(like the reference) shares one timestep/class embedder, so this model has no exact DiT form"
                 )

@@ -16,6 +16,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from robuq.core.options import check_field_types, check_known_fields, option
+from robuq.core.errors import RobuqError
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+            raise RobuqError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.patch_size = patch_size
         self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size**2
@@ -112,7 +113,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+            raise RobuqError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.core = AttentionCore()
@@ -215,7 +216,7 @@ class DiTConfig:
             or self.hidden_size % self.num_heads
             or self.input_size % self.patch_size
         ):
-            raise ValueError(
+            raise RobuqError(
                 f"model config: sizes must be positive, hidden_size a multiple of num_heads and input_size of "
                 f"patch_size; got {self.to_dict()}"
             )
@@ -322,7 +323,7 @@ class DiT(nn.Module):
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             if y is None:
-                raise ValueError("this DiT is class-conditional: pass labels y (use num_classes for the null class)")
+                raise RobuqError("this DiT is class-conditional: pass labels y (use num_classes for the null class)")
             c = c + self.y_embedder(y, self.training, force_drop_ids)
         return c
 
@@ -344,7 +345,7 @@ class DiT(nn.Module):
         out = self.forward(combined, t, y)
         guide = self.in_channels if channels is None else channels
         if not 0 < guide <= self.in_channels:
-            raise ValueError(f"cannot guide {guide} channels of a {self.in_channels}-channel DiT")
+            raise RobuqError(f"cannot guide {guide} channels of a {self.in_channels}-channel DiT")
         eps, rest = out[:, :guide], out[:, guide:]
         cond_eps, uncond_eps = eps.chunk(2, dim=0)
         guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
@@ -395,9 +396,9 @@ def dit_config(
         depth, hidden, heads = DIT_SIZES[prefix.removeprefix("DiT-")]
         patch_size = int(patch)
     except (ValueError, KeyError):
-        raise ValueError(f"unknown DiT model {name!r}; choose one of: {', '.join(DIT_MODELS)}") from None
+        raise RobuqError(f"unknown DiT model {name!r}; choose one of: {', '.join(DIT_MODELS)}") from None
     if patch_size not in (2, 4, 8):
-        raise ValueError(f"unknown DiT model {name!r}; patch size must be 2, 4 or 8")
+        raise RobuqError(f"unknown DiT model {name!r}; patch size must be 2, 4 or 8")
     return DiTConfig(
         input_size=input_size,
         patch_size=patch_size,

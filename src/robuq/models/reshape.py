@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from robuq.core.errors import RobuqError
 
 
 class JoinedInputLinear(nn.Module):
@@ -19,7 +20,7 @@ class JoinedInputLinear(nn.Module):
         super().__init__()
         widths = [w for _, w in parts]
         if sum(widths) != in_features or min(widths) <= 0:
-            raise ValueError(f"parts {parts} do not add up to the layer's {in_features} input features")
+            raise RobuqError(f"parts {parts} do not add up to the layer's {in_features} input features")
         self.in_features, self.out_features, self.widths = in_features, out_features, widths
         self.part_names = [n for n, _ in parts]
         for i, (name, width) in enumerate(parts):
@@ -60,7 +61,7 @@ class PointwiseConv(nn.Module):
             or conv.stride != (1, 1)
             or conv.padding not in ((0, 0), "valid")
         ):
-            raise ValueError(f"{conv} is not a plain 1×1 convolution")
+            raise RobuqError(f"{conv} is not a plain 1×1 convolution")
         linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
         linear = linear.to(conv.weight.device, conv.weight.dtype)
         with torch.no_grad():

@@ -6,6 +6,8 @@ AMPN writes plans, people read and edit them, QAT and ``quantize_`` apply them. 
 
 from __future__ import annotations
 
+from robuq.core.errors import RobuqError
+
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -15,7 +17,7 @@ from typing import Any, Mapping
 from robuq.core.files import atomic_write_text
 
 
-class PlanError(ValueError):
+class PlanError(RobuqError):
     """A per-layer bit plan that does not fit the model, or a plan file that cannot be read."""
 
 

@@ -28,6 +28,7 @@ from robuq.models.reshape import JoinedInputLinear, PointwiseConv
 from robuq.quant.attention import QuantAttentionCore
 from robuq.quant.linear import LinearQuantConfig, QuantLinear
 from robuq.precision.plan import BitPlan, PlanError, as_bits
+from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 # Each family's roles (its block linears, "adaln" for modulation, "attention"), read off its declaration.
 LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {name: family.roles() for name, family in FAMILIES.items()}
@@ -45,7 +46,7 @@ def layout_patterns(layout: str, roles: tuple[str, ...] = BLOCK_ROLES) -> list[s
 def check_layout(layout: str) -> str:
     """``layout`` if it is "auto" or a key of LAYOUTS, else a ValueError listing them."""
     if layout != AUTO and layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {AUTO}, {', '.join(LAYOUTS)}")
+        raise RobuqError(f"unknown layout {layout!r}; choose one of {AUTO}, {', '.join(LAYOUTS)}")
     return layout
 
 
@@ -64,14 +65,14 @@ def layer_role(name: str, family: str | None = None) -> str:
         role = FAMILIES[layout].role_of(name)
         if role not in (None, "attention", "kept"):
             return role
-    raise ValueError(f"{name!r} is not a block linear or modulation of any known family ({', '.join(LAYOUTS)})")
+    raise RobuqError(f"{name!r} is not a block linear or modulation of any known family ({', '.join(LAYOUTS)})")
 
 
 def _yaml():
     try:
         import yaml
     except ImportError:
-        raise ValueError("YAML policy files need PyYAML: pip install 'robuq[yaml]', or use a .json file") from None
+        raise RobuqError("YAML policy files need PyYAML: pip install 'robuq[yaml]', or use a .json file") from None
     return yaml
 
 
@@ -107,12 +108,12 @@ class QuantConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
         data = check_known_fields(data, cls, "quantization policy")
         if not isinstance(data.get("rules", []), list):
-            raise ValueError("a policy's rules must be a list of {pattern, linear, role} objects")
+            raise RobuqError("a policy's rules must be a list of {pattern, linear, role} objects")
         rules = []
         for rule in data.pop("rules", []):
             rule = check_known_fields(rule, QuantRule, "policy rule")
             if not isinstance(rule.get("pattern"), str) or "linear" not in rule:
-                raise ValueError(f"a policy rule needs a name pattern and its linear settings, got {rule}")
+                raise RobuqError(f"a policy rule needs a name pattern and its linear settings, got {rule}")
             rules.append(
                 QuantRule(
                     rule["pattern"],
@@ -139,11 +140,11 @@ class QuantConfig:
         """Read a policy file written by ``save`` (JSON, or YAML with PyYAML installed)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"policy file {path} does not exist")
+            raise RobuqFileNotFoundError(f"policy file {path} does not exist")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"policy file {path} is not text; a policy is JSON or YAML") from None
+            raise RobuqError(f"policy file {path} is not text; a policy is JSON or YAML") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
@@ -152,11 +153,11 @@ class QuantConfig:
                 data = yaml.safe_load(text)  # safe_load: a tag such as !!python/object is refused, never built
             except yaml.YAMLError as exc:
                 reason = " ".join(str(exc).split())
-                raise ValueError(f"policy file {path} is neither JSON nor plain YAML ({reason})") from None
+                raise RobuqError(f"policy file {path} is neither JSON nor plain YAML ({reason})") from None
         try:
             return cls.from_dict(data)
         except ValueError as exc:
-            raise ValueError(f"policy file {path}: {exc}") from None
+            raise RobuqError(f"policy file {path}: {exc}") from None
 
     def rule_for(self, name: str, family: str | None = None) -> QuantRule | None:
         """The first rule matching ``name`` among those written for ``family`` (or for any model)."""
@@ -189,7 +190,7 @@ def validate_plan(plan: Mapping[str, object], quantized_names: list[str]) -> dic
     return {name: None if bits is None else int(bits) for name, bits in plan.items()}
 
 
-class CoverageError(ValueError):
+class CoverageError(RobuqError):
     """A model holds linears its family's precision map does not account for."""
 
 
@@ -249,7 +250,7 @@ def _reshape(model: nn.Module, family: Family) -> None:
 
 
 def _refuse_fusing(*args, **kwargs):
-    raise ValueError(
+    raise RobuqError(
         "this attention's projections are quantized (rotated, ternary, with a low-rank branch): fusing them "
         "into one plain linear would lose that. Fuse before quantizing, or leave them unfused"
     )
@@ -287,7 +288,7 @@ def quantize_(
         warnings.warn(f"{exc}; applying the policy's patterns without a family map (allow_partial)", stacklevel=2)
         family = None
     if family is not None and config.layout != AUTO and family.name != config.layout:
-        raise ValueError(
+        raise RobuqError(
             f"policy {config.name!r} is written for layout {config.layout!r}, but this "
             f"{type(model).__name__} is a {family.name!r} model; use layout={family.name!r} or 'auto'"
         )
@@ -311,7 +312,7 @@ def quantize_(
                 routed.append(name)
     if config.rules and not targets:
         found = f"; it is a {family.name!r} model" if family else "; robuq knows the families " + ", ".join(LAYOUTS)
-        raise ValueError(
+        raise RobuqError(
             f"policy {config.name!r} (layout {config.layout!r}) matches no linear layer of "
             f"{type(model).__name__}{found}: pass layout='auto' or the model's family to preset()"
         )

@@ -13,6 +13,7 @@ from robuq.quant.linear import LinearQuantConfig
 from robuq.precision.plan import BitPlan, as_bits
 from robuq.models.families import FAMILIES, Family, role_kind
 from robuq.precision.policy import AUTO, BLOCK_ROLES, QuantConfig, QuantRule, check_layout
+from robuq.core.errors import RobuqError
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def preset(
     coordinate; with the flips the token becomes Gaussian (results/activation_stats.md).
     """
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise RobuqError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     check_layout(layout)
     check_bits(act_bits)
     families = list(FAMILIES.values()) if layout == AUTO else [FAMILIES[layout]]
@@ -162,7 +163,7 @@ def resolve_policy(
     """A job's policy: the policy file ``config_file`` if given, else the preset at ``act_bits`` (with its
     low-rank branch's ``lowrank_rank`` or ``lowrank_share``); a bit plan, if given, replaces the policy's own."""
     if config_file and (lowrank_rank != 16 or lowrank_share is not None):
-        raise ValueError(
+        raise RobuqError(
             "a policy file sets its own low-rank ranks; drop --lowrank-rank/--lowrank-share or edit the file"
         )
     config = (

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from robuq.core.quantizer_spec import SCALE_EPS, check_bits, check_rule, gaussian_optimal_step, level_range, rule_error
 from robuq.quant.primitives import QuantizedTensor, affine_fake_quantize, affine_levels
+from robuq.core.errors import RobuqError
 
 GRANULARITIES = ("token", "tensor")
 CLIP_RATIO_RANGE = (0.05, 4.0)  # where a learned clip ratio is clamped before use
@@ -30,7 +31,7 @@ def _reduce_dims(x: torch.Tensor, granularity: str) -> tuple[int, ...]:
         # One scale per sample, not per batch: a sample's output must not depend on its batch-mates
         # (classifier-free guidance runs the conditional and unconditional halves in one batch).
         return tuple(range(1, x.dim())) if x.dim() > 1 else (0,)
-    raise ValueError(f"unknown granularity {granularity!r}; use one of {GRANULARITIES}")
+    raise RobuqError(f"unknown granularity {granularity!r}; use one of {GRANULARITIES}")
 
 
 def activation_scale_offset(
@@ -90,7 +91,7 @@ class ActivationQuantizer(nn.Module):
         super().__init__()
         check_rule(rule)
         if granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {granularity!r}; use one of {GRANULARITIES}")
+            raise RobuqError(f"unknown granularity {granularity!r}; use one of {GRANULARITIES}")
         self.bits = None if bits is None else check_bits(bits)
         self.granularity, self.rule = granularity, rule
         self.clip_ratio = nn.Parameter(torch.ones(())) if learn_clip else None
@@ -107,7 +108,7 @@ class ActivationQuantizer(nn.Module):
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
         """Levels and scales of x, for packing and integer kernels."""
         if self.bits is None:
-            raise ValueError("this quantizer is full precision (bits=None); there are no levels to export")
+            raise RobuqError("this quantizer is full precision (bits=None); there are no levels to export")
         return quantize_activation(x, self.bits, self.granularity, self.rule, self.effective_clip_ratio())[1]
 
     def extra_repr(self) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from robuq.core.errors import RobuqError
 
 OPS = ("hadamard", "attention", "integer_linear")
 
@@ -36,7 +37,7 @@ def register_backend(op: str, backend: Backend) -> None:
     """Add ``backend`` for ``op`` after those already there (the first that accepts an input wins);
     registering a name again replaces the earlier entry in place."""
     if op not in _registry:
-        raise ValueError(f"unknown operation {op!r}; back-ends exist for {', '.join(OPS)}")
+        raise RobuqError(f"unknown operation {op!r}; back-ends exist for {', '.join(OPS)}")
     entries = _registry[op]
     for i, existing in enumerate(entries):
         if existing.name == backend.name:

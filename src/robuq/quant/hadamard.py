@@ -16,6 +16,7 @@ import torch
 
 from robuq.core.hadamard_matrices import factor_matrices, hadamard_factors
 from robuq.quant.backends import backend_for
+from robuq.core.errors import RobuqError
 
 _device_cache: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
@@ -84,7 +85,7 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, inver
     """
     hadamard_factors(x.shape[-1])  # fail early, naming the size
     if signs is not None and signs.shape != (x.shape[-1],):
-        raise ValueError(f"signs must have shape ({x.shape[-1]},), got {tuple(signs.shape)}")
+        raise RobuqError(f"signs must have shape ({x.shape[-1]},), got {tuple(signs.shape)}")
     if signs is not None:
         signs = signs.to(dtype=x.dtype, device=x.device)
     return _HadamardFunction.apply(x, signs, inverse)

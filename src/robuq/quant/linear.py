@@ -22,6 +22,7 @@ from robuq.quant.activation import ActivationQuantizer
 from robuq.quant.hadamard import hadamard_transform, random_signs
 from robuq.quant.primitives import in_fp32
 from robuq.quant.weights import fake_quantize_weight, parse_weight_format, quantize_weight
+from robuq.core.errors import RobuqError
 
 
 # The paper's low-rank branch: rank 16 in DiT-XL/2, whose width is 1,152.
@@ -50,13 +51,13 @@ class LinearQuantConfig:
         if self.act_bits is not None:
             check_bits(self.act_bits)
         if self.lowrank_rank < 0:
-            raise ValueError(f"lowrank_rank must be ≥ 0, got {self.lowrank_rank}")
+            raise RobuqError(f"lowrank_rank must be ≥ 0, got {self.lowrank_rank}")
         if self.lowrank_share is not None and not 0 <= self.lowrank_share <= 1:
-            raise ValueError(
+            raise RobuqError(
                 f"lowrank_share must lie in [0, 1] (a share of the layer's width), got {self.lowrank_share}"
             )
         if self.lowrank_input not in ("fp", "quantized"):
-            raise ValueError(f"lowrank_input must be 'fp' or 'quantized', got {self.lowrank_input!r}")
+            raise RobuqError(f"lowrank_input must be 'fp' or 'quantized', got {self.lowrank_input!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,7 +142,7 @@ class QuantLinear(nn.Module):
     def quantized_weight(self):
         """Levels and per-channel scales of the residual weight (None when weights are full precision)."""
         if self.stores_quantized_weight:
-            raise ValueError(
+            raise RobuqError(
                 "this layer holds already-quantized weights (α·L from an export); its levels are in the file"
             )
         return quantize_weight(self.weight.detach(), self.config.weight)

@@ -8,6 +8,7 @@ import torch
 
 from robuq.core.quantizer_spec import SCALE_EPS
 from robuq.quant.primitives import QuantizedTensor
+from robuq.core.errors import RobuqError
 
 
 def parse_weight_format(spec: str) -> float | None:
@@ -18,7 +19,7 @@ def parse_weight_format(spec: str) -> float | None:
         return math.log2(3)
     if spec.startswith("int") and spec[3:].isdigit() and 2 <= int(spec[3:]) <= 8:
         return float(int(spec[3:]))
-    raise ValueError(f"unknown weight format {spec!r}; use 'fp', 'ternary' or 'int2' … 'int8'")
+    raise RobuqError(f"unknown weight format {spec!r}; use 'fp', 'ternary' or 'int2' … 'int8'")
 
 
 def ternarize_weight(w: torch.Tensor) -> QuantizedTensor:

@@ -15,6 +15,7 @@ from robuq.core.runtime import PRECISIONS, precision_context
 from robuq.data.fashion_mnist import CLASS_NAMES
 from robuq.diffusion.gaussian import create_diffusion
 from robuq.models.dit import DiT
+from robuq.core.errors import RobuqError
 
 
 def guided(model: DiT, cfg_scale: float, cfg_channels: int | None = None):
@@ -58,16 +59,16 @@ def generate(
     sampled with ``clip_denoised=False``, as DiT does: latents do not live in [-1, 1].
     """
     if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {sampler!r}; use 'ddpm' or 'ddim'")
+        raise RobuqError(f"unknown sampler {sampler!r}; use 'ddpm' or 'ddim'")
     if labels is not None and len(labels) != num_samples:
-        raise ValueError("labels must hold one label per sample")
+        raise RobuqError("labels must hold one label per sample")
     model.eval()
     device = next(model.parameters()).device
     diffusion = create_diffusion(
         str(steps) if sampler == "ddpm" else f"ddim{steps}", learn_sigma=model.out_channels != model.in_channels
     )
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        raise RobuqError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     model_call = guided(model, cfg_scale, cfg_channels)
 
     def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch.nn as nn
 from robuq.core.files import load_tensors
 from robuq.models.families import family_of
 from robuq.models.families.base import diffusers_module
+from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 # Pipeline components robuq leaves out: prompts arrive as embeddings.
 TEXT_COMPONENTS = (
@@ -38,9 +39,9 @@ def family_pipeline(model: nn.Module, pipeline_dir: str | os.PathLike):
     scheduler of the local folder ``pipeline_dir``, and no text encoders."""
     family = family_of(model)
     if family.pipeline is None:
-        raise ValueError(f"the {family.name} family has no text-to-image pipeline")
+        raise RobuqError(f"the {family.name} family has no text-to-image pipeline")
     if not (Path(pipeline_dir) / "model_index.json").is_file():
-        raise FileNotFoundError(
+        raise RobuqFileNotFoundError(
             f"{pipeline_dir} is not a diffusers pipeline folder (no model_index.json); give the "
             f"folder a {family.pipeline}.save_pretrained wrote, with its vae/ and scheduler/"
         )
@@ -57,11 +58,11 @@ def read_prompt_embeddings(path: str | os.PathLike, pipeline) -> dict[str, torch
     unknown = sorted(set(tensors) - accepted)
     if unknown:
         takes = sorted(a for a in accepted if "embeds" in a or "mask" in a)
-        raise ValueError(
+        raise RobuqError(
             f"{path}: {type(pipeline).__name__} takes no {', '.join(unknown)}; it takes {', '.join(takes)}"
         )
     if "prompt_embeds" not in tensors:
-        raise ValueError(f"{path} holds no prompt_embeds (one row per prompt, as the family's text encoders give them)")
+        raise RobuqError(f"{path} holds no prompt_embeds (one row per prompt, as the family's text encoders give them)")
     return tensors
 
 

@@ -18,6 +18,7 @@ from robuq.sample.at_scale import sample_shards
 from robuq.models.families import model_family
 from robuq.sample.generate import generate, row_names, save_grid, to_uint8
 from robuq.sample.text_to_image import sample_text_to_image
+from robuq.core.errors import RobuqError
 
 CLASS_CONDITIONAL = ("dit", "diffusers")  # the families robuq samples with its own diffusion code
 
@@ -89,7 +90,7 @@ class SampleConfig:
 
 def _sample_text_to_image(config: SampleConfig, model, device) -> dict[str, Path]:
     if not config.pipeline or not config.prompt_embeds:
-        raise ValueError(
+        raise RobuqError(
             f"a {model_family(model)} model samples through its diffusers pipeline from cached prompt "
             "embeddings: give --pipeline FOLDER (its vae/ and scheduler/) and --prompt-embeds FILE"
         )
@@ -121,7 +122,7 @@ def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Pa
         return _sample_text_to_image(config, model, device)
     vae = load_vae(config.vae, config.vae_config, device) if config.vae else None
     if vae is not None and vae_geometry(vae).channels != model.in_channels:
-        raise ValueError(
+        raise RobuqError(
             f"--vae {config.vae} makes {vae_geometry(vae).channels}-channel latents but the model denoises "
             f"{model.in_channels} channels; give the VAE whose latents it was trained on"
         )

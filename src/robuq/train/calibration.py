@@ -18,6 +18,7 @@ import torch.nn as nn
 from robuq.diffusion.gaussian import create_diffusion
 from robuq.models.dit import DiT
 from robuq.models.families import family_of, model_family, model_output, run_model
+from robuq.core.errors import RobuqError
 
 
 @dataclass
@@ -102,7 +103,7 @@ def family_calibration_batch(
     accepted = set(inspect.signature(model.forward).parameters)
     unknown = sorted(set(prompt_embeds or {}) - accepted)
     if unknown:
-        raise ValueError(
+        raise RobuqError(
             f"{family.name} models take no {', '.join(unknown)} (their forward takes {', '.join(sorted(accepted))})"
         )
     inputs = []

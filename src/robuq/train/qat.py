@@ -42,6 +42,7 @@ from robuq.precision.presets import resolve_policy
 from robuq.io.quantized import quantized_meta
 from robuq.train.state import list_checkpoints
 from robuq.train.trainer import LoopConfig, check_data_fits, label_drops, loop_dataset, train_loop
+from robuq.core.errors import RobuqError
 
 
 @dataclass
@@ -104,9 +105,9 @@ class QATConfig(LoopConfig):
         super().validate(world_size)
         check_choice(self, "loss")
         if self.null_fraction is not None and not 0 <= self.null_fraction <= 1:
-            raise ValueError(f"null_fraction must lie in [0, 1], got {self.null_fraction}")
+            raise RobuqError(f"null_fraction must lie in [0, 1], got {self.null_fraction}")
         if self.ternary_lr_scale <= 0:
-            raise ValueError(f"ternary_lr_scale must be positive, got {self.ternary_lr_scale}")
+            raise RobuqError(f"ternary_lr_scale must be positive, got {self.ternary_lr_scale}")
 
     def quantization(self, plan: BitPlan | None = None) -> QuantConfig:
         """The student's policy: --quant-config or --preset at --act-bits, with ``plan`` (or --plan) on top."""

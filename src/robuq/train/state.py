@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from robuq.core.files import load_tensors, save_tensors
+from robuq.core.errors import RobuqError
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)\.safetensors$")
 
@@ -75,7 +76,7 @@ def load_training_state(
     """Restore model, EMA and optimizer in place; returns the checkpoint's JSON header."""
     tensors, meta = load_tensors(path)
     if meta.get("kind") != "training-state":
-        raise ValueError(f"{path} is not a robuq training checkpoint")
+        raise RobuqError(f"{path} is not a robuq training checkpoint")
     groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
     for name, value in tensors.items():
         head, rest = name.split(".", 1)

@@ -43,6 +43,7 @@ from robuq.core.distributed import (
 from robuq.core.options import check_choice, check_known_fields, option
 from robuq.core.runtime import DEVICE_HELP, device_context, precision_context, resolve_device
 from robuq.train.state import checkpoint_path, list_checkpoints, load_training_state, save_training_state
+from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 
 @dataclass
@@ -120,9 +121,9 @@ class LoopConfig:
 
     def validate(self, world_size: int = 1) -> None:
         if self.steps <= 0 or self.global_batch_size <= 0:
-            raise ValueError("steps and global_batch_size must be positive")
+            raise RobuqError("steps and global_batch_size must be positive")
         if self.global_batch_size % world_size:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by {world_size} processes")
+            raise RobuqError(f"global_batch_size {self.global_batch_size} is not divisible by {world_size} processes")
         check_choice(self, "lr_schedule")
         check_choice(self, "precision")
 
@@ -187,7 +188,7 @@ class StepBatches:
 
     def __init__(self, num_samples: int, global_batch: int, seed: int, info: DistInfo, mirrors: bool = False):
         if num_samples < global_batch:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one batch of {global_batch}")
+            raise RobuqError(f"the dataset has {num_samples} samples, fewer than one batch of {global_batch}")
         self.num_samples, self.global_batch, self.seed, self.info, self.mirrors = (
             num_samples,
             global_batch,
@@ -252,7 +253,7 @@ def check_data_fits(dataset: Dataset, model: nn.Module, what: str) -> None:
     channels, side = data_shape(dataset)
     size = model.x_embedder.grid_size * model.patch_size
     if (channels, side) != (model.in_channels, size):
-        raise ValueError(
+        raise RobuqError(
             f"the data ({what}) holds {channels}×{side}×{side} samples but the model takes "
             f"{model.in_channels}×{size}×{size}; use data of the model's kind (latents for a latent DiT: --latents)"
         )
@@ -302,7 +303,7 @@ def initial_model(config: TrainConfig, in_channels: int, num_classes: int) -> Di
     if config.init_from:
         model = load_dit(config.init_from)
         if model.in_channels != in_channels or model.num_classes != num_classes:
-            raise ValueError(
+            raise RobuqError(
                 f"{config.init_from} has {model.in_channels} channels and {model.num_classes} classes, "
                 f"the data has {in_channels} and {num_classes}"
             )
@@ -328,14 +329,14 @@ def _check_resumable(saved: dict[str, Any], current: LoopConfig, path: Path, onl
     ]
     if diffs:
         verb = "continue" if only is not None else "resume"
-        raise ValueError(f"cannot {verb} from {path}: the run's settings changed ({'; '.join(diffs)})")
+        raise RobuqError(f"cannot {verb} from {path}: the run's settings changed ({'; '.join(diffs)})")
 
 
 def _check_same_meta(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """What the caller says defines the network (QAT: policy and bit plan) must match the checkpoint's."""
     changed = sorted(k for k, v in current.items() if k != "kind" and k in saved and saved[k] != v)
     if changed:
-        raise ValueError(
+        raise RobuqError(
             f"cannot resume from {path}: the run's {', '.join(changed)} changed since it was written "
             "(a different bit plan or quantization policy); start a new --out-dir"
         )
@@ -357,7 +358,7 @@ def train(
     if model is None:
         channels, side = data_shape(dataset)
         if side != config.input_size and not config.init_from:
-            raise ValueError(
+            raise RobuqError(
                 f"the data holds {side}×{side} samples but --input-size is {config.input_size}; "
                 f"pass --input-size {side}"
             )
@@ -365,7 +366,7 @@ def train(
             torch.manual_seed(config.seed)  # the initial weights are part of the run's reproducible state
             num_classes = getattr(dataset, "num_classes", None) if config.conditional else 0
             if num_classes is None:
-                raise ValueError(
+                raise RobuqError(
                     f"a class-conditional model needs the class count: give the {type(dataset).__name__} "
                     "a num_classes attribute, pass a model, or train with conditional=False"
                 )
@@ -440,7 +441,7 @@ def _loop(
     start = 0
     found = list_checkpoints(out_dir) if resume else []
     if resume and not found:
-        raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
+        raise RobuqFileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
     if found:
         start, path = found[-1]
         header = read_meta(path)
@@ -474,7 +475,7 @@ def _loop(
 
     if config.grad_checkpoint:
         if not hasattr(model, "grad_checkpoint"):
-            raise ValueError(
+            raise RobuqError(
                 f"--grad-checkpoint needs a robuq DiT; {type(model).__name__} has no grad_checkpoint switch"
             )
         model.grad_checkpoint = True

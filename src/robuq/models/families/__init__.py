@@ -19,11 +19,12 @@ from robuq.models.families.flux2 import FLUX2
 from robuq.models.families.pixart import PIXART
 from robuq.models.families.sana import SANA
 from robuq.models.families.sd3 import SD3
+from robuq.core.errors import RobuqError
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (DIT, DIFFUSERS_DIT, PIXART, SD3, FLUX, FLUX2, SANA)}
 
 
-class UnknownFamilyError(ValueError):
+class UnknownFamilyError(RobuqError):
     """A model of a class no family declares."""
 
 
@@ -53,7 +54,7 @@ def model_from_record(meta: dict[str, Any]) -> nn.Module:
     """A model with random weights of the structure ``model_record`` described (files without a family are DiTs)."""
     name = meta.get("model_family", DIT.name)
     if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r} in the file's header; robuq knows {', '.join(FAMILIES)}")
+        raise RobuqError(f"unknown model family {name!r} in the file's header; robuq knows {', '.join(FAMILIES)}")
     return FAMILIES[name].build(meta)
 
 
@@ -99,7 +100,7 @@ def model_output(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Te
     if family is DIFFUSERS_DIT:
         return model(x, timestep=t, class_labels=y, return_dict=False)[0]
     if family is not DIT:
-        raise ValueError(f"{family.name} models take text conditioning, not class labels; run them with run_model")
+        raise RobuqError(f"{family.name} models take text conditioning, not class labels; run them with run_model")
     return model(x, t, y)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from robuq.core.errors import RobuqError
 
 # The kinds a block linear's role ends in; a role may carry a stream before it ("txt.qkv": the text stream
 # of a joint block, "cross.qkv": a cross-attention's projections), with its own quantizers and AMPN bits.
@@ -115,7 +116,7 @@ def diffusers_module():
     try:
         import diffusers
     except ImportError:
-        raise ValueError("diffusers models need diffusers: pip install 'robuq[diffusers]'") from None
+        raise RobuqError("diffusers models need diffusers: pip install 'robuq[diffusers]'") from None
     return diffusers
 
 
@@ -142,7 +143,7 @@ def diffusers_build(meta: dict[str, Any]) -> nn.Module:
     name = meta.get("model_class")
     cls = getattr(diffusers_module(), str(name), None)
     if cls is None:
-        raise ValueError(f"this diffusers ({diffusers_module().__version__}) has no model class {name!r}")
+        raise RobuqError(f"this diffusers ({diffusers_module().__version__}) has no model class {name!r}")
     return cls.from_config(meta["model_config"])
 
 
