@@ -19,7 +19,6 @@ from robuq.core.errors import RobuqError
 from robuq.precision.cost import cost_summary
 
 
-
 def _add_run_control(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.add_argument("--until", type=int, default=None, help="stop at this step (the schedule still spans --steps)")
