@@ -36,10 +36,6 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _LAYER_EXTRAS = ("bias", "hadamard_signs", "lowrank_down", "lowrank_up", "act_quant.clip_ratio")
 
 
-def _packable(layer: QuantLinear) -> bool:
-    return layer.quantized_weight() is not None and layer.act_bits is not None
-
-
 def _weight_format(layer: QuantLinear, ternary_packing: str) -> str:
     if layer.config.weight == "ternary":
         return ternary_packing
@@ -57,8 +53,9 @@ def export_model(
 ) -> Path:
     """Write ``model`` (robuq's DiT or a diffusers DiTTransformer2DModel, quantized with ``config``) as a
     compact file; returns its path."""
-    if ternary_packing not in ("ternary-2bit", "ternary-trits"):
-        raise RobuqError(f"ternary_packing must be 'ternary-2bit' or 'ternary-trits', not {ternary_packing!r}")
+    ternary_packings = [name for name in PACKERS if name.startswith("ternary")]
+    if ternary_packing not in ternary_packings:
+        raise RobuqError(f"ternary_packing must be one of {', '.join(ternary_packings)}, not {ternary_packing!r}")
     if dtype not in DTYPES:
         raise RobuqError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     half = DTYPES[dtype]
@@ -66,10 +63,12 @@ def export_model(
     packed: dict[str, dict[str, Any]] = {}
     covered: set[str] = set()
     for name, layer in model.named_modules():
-        if not isinstance(layer, QuantLinear) or not _packable(layer):
+        if not isinstance(layer, QuantLinear) or layer.act_bits is None:
+            continue
+        q = layer.quantized_weight()  # once per layer: the levels and scales the file keeps
+        if q is None:  # full-precision weights: stored as they are, below
             continue
         fmt = _weight_format(layer, ternary_packing)
-        q = layer.quantized_weight()
         tensors[f"{name}.weight_packed"] = PACKERS[fmt].pack(q.levels.to(torch.int8))
         # In the file's dtype (fp16 by default, as the paper's layout counts it); dtype="fp32" exports
         # reproduce the training model bit for bit.
@@ -222,9 +221,7 @@ def _assemble(
 
 def file_report(path: str | os.PathLike) -> dict[str, Any]:
     """Bytes per kind of tensor in an exported file, and the ratio to fp32/fp16 checkpoints of the same model."""
-    tensors, meta = load_tensors(path)
-    if meta.get("kind") != "robuq-export":
-        raise _corrupt(path, "its header does not describe a robuq export")
+    tensors, meta = _read_export(path)  # the same header checks as load_exported, version included
     with meta_skeleton():
         model = model_from_record(meta)
     params = sum(p.numel() for p in model.parameters())

@@ -174,8 +174,15 @@ def learning_rate(config: LoopConfig, step: int) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
+# A step's noise, timesteps and label drops come from one generator seeded by (run seed, step, rank), and an
+# epoch's data order from (run seed, epoch): exact on resume and independent of the worker count. The
+# multipliers are distinct primes larger than any step count or rank robuq meets, so that two different
+# triples do not collide in practice; their values are arbitrary but fixed (changing them changes every run).
+SEED_PRIME, STEP_PRIME, RANK_PRIME, EPOCH_SEED_PRIME = 1_000_003, 7919, 104_729, 65_537
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+    return (seed * SEED_PRIME + step * STEP_PRIME + rank * RANK_PRIME) % (2**63 - 1)
 
 
 class StepBatches:
@@ -202,7 +209,7 @@ class StepBatches:
     def indices(self, step: int) -> torch.Tensor:
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 65_537 + epoch)
+            g = torch.Generator().manual_seed(self.seed * EPOCH_SEED_PRIME + epoch)
             perm = torch.randperm(self.num_samples, generator=g)
             if self.mirrors:  # drawn after the permutation, which thus stays what it is without flips
                 flipped = torch.rand(self.num_samples, generator=g) < 0.5
