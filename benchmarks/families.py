@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import statistics
 import sys
 import tempfile
@@ -138,6 +139,7 @@ class FamiliesConfig:
     act_bits: int = option(4, "activation bits of the quantized models")
     rounds: int = option(3, "speed: rounds, each timing every path once")
     repeats: int = option(2, "speed: forwards per path and round (their median is the round's time)")
+    blocks: str = option("all", "speed: the blocks to time, by words of their labels (comma-separated, e.g. 'FLUX.1')")
     peers: str = option(
         "fp32_compiled,torchao_int8_compiled",
         "speed: PyTorch paths beside fp32 eager and the export (comma-separated; empty for none)",
@@ -238,11 +240,14 @@ def block_inputs(model: torch.nn.Module, image_tokens: int, text_tokens: int) ->
 
 
 def _peer(peer: str, fp: torch.nn.Module) -> torch.nn.Module:
-    model = copy.deepcopy(fp)
-    if peer == "torchao_int8_compiled":
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    """A peer of ``fp``. torch.compile leaves the module as it is, so the compiled fp32 peer shares its
+    weights; torchao's is a copy whose fp32 weights give way to int8 ones (a FLUX.2 block is 4 GB in fp32)."""
+    if peer != "torchao_int8_compiled":
+        return torch.compile(fp)
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-        quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    model = copy.deepcopy(fp)
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
     return torch.compile(model)
 
 
@@ -256,10 +261,9 @@ def speed_row(
     inputs = block_inputs(fp, image_tokens, text_tokens)
     policy = robuq.preset("robuq", act_bits=config.act_bits)
     quantized = robuq.quantize_(copy.deepcopy(fp), policy, initialize=False)
-    models = {
-        "fp32 eager": fp,
-        "robuq export": robuq.load_exported(robuq.export_model(quantized, policy, tmp / "m.safetensors")),
-    }
+    path = robuq.export_model(quantized, policy, tmp / "m.safetensors")
+    del quantized  # only the export is timed: its fp32 latent weights would double the memory held
+    models = {"fp32 eager": fp, "robuq export": robuq.load_exported(path)}
     missing = {}
     for peer in [p for p in config.peers.split(",") if p]:
         try:
@@ -335,10 +339,33 @@ def markdown(payload: dict) -> str:
                 f"{r['ms']['robuq export']:.0f} | {cell('fp32 eager')} | {cell('fp32_compiled')} | "
                 f"{cell('torchao_int8_compiled')} |"
             )
+        earlier = [r for r in payload["speed"] if "measured" in r]
+        if earlier:
+            lines += [
+                "",
+                "Rows timed by an earlier run of this benchmark on this machine: "
+                + "; ".join(f"{r['block']} ({r['measured']['date']})" for r in earlier)
+                + ".",
+            ]
         missing = {f"{r['block']}: {k}": v for r in payload["speed"] for k, v in r["missing"].items()}
         if missing:
             lines += ["", "Peers that could not run: " + "; ".join(f"{k} ({v})" for k, v in missing.items())]
     return "\n".join(lines)
+
+
+def keep_earlier_rows(payload: dict, previous: Path) -> None:
+    """Blocks timed by an earlier run of this benchmark and not now keep their rows, each with that run's date
+    and command (so that a long speed run can be split into parts on a quiet machine)."""
+    if "speed" not in payload or not previous.is_file():
+        return
+    earlier = json.loads(previous.read_text())
+    measured = {r["block"] for r in payload["speed"]}
+    for row in earlier.get("speed", []):
+        if row["block"] not in measured:
+            row.setdefault("measured", {"date": earlier.get("date"), "command": earlier.get("command")})
+            payload["speed"].append(row)
+    if "sizes" not in payload and "sizes" in earlier:
+        payload["sizes"] = earlier["sizes"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -356,11 +383,13 @@ def main(argv: list[str] | None = None) -> dict:
         payload["sizes"] = [size_row(f, config) for f in families]
     if "speed" in parts:
         with tempfile.TemporaryDirectory() as tmp:
+            wanted = [b.strip() for b in config.blocks.split(",") if b.strip() and config.blocks != "all"]
             payload["speed"] = [
                 speed_row(f, label, changes, it, tt, config, Path(tmp))
                 for f, label, changes, it, tt in BLOCKS
-                if f in families
+                if f in families and (not wanted or any(w in label for w in wanted))
             ]
+    keep_earlier_rows(payload, Path(config.results_dir) / "families.json")
     write_result("families", payload, markdown(payload), Path(config.results_dir), invocation(__file__, argv))
     return payload
 
