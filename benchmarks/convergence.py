@@ -61,6 +61,7 @@ from convergence_stats import (
     read_difference,
     read_over_runs,
     training_noise,
+    verdict_of,
 )
 from robuq.core.options import option
 
@@ -1189,9 +1190,7 @@ def read_rank_claims(final: list[dict], comparisons: list[dict], teacher: dict, 
             low, high = row[s]["ratio_low"] - gap, row[s]["ratio_high"] + gap
             readings.append("met" if high <= target else "missed" if low > target else "tie")
             evidence.append(f"{s} {fmt_interval(row[s], 'ratio')}× (with seed spread [{low:.2f}, {high:.2f}])")
-        verdict = (
-            "met" if all(r == "met" for r in readings) else "missed" if any(r == "missed" for r in readings) else "tie"
-        )
+        verdict = verdict_of(readings, "met", "missed")
         claims.append({"claim": claim, "verdict": verdict, "evidence": "; ".join(evidence)})
     return claims
 

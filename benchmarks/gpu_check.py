@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import subprocess
 import sys
@@ -361,7 +360,8 @@ def flux_block(config: GPUCheckConfig, device: torch.device) -> dict:
     import diffusers
 
     import robuq
-    from robuq.models.families import example_inputs, run_model
+    from robuq.models.families import run_model
+    from robuq.models.families.flux import packed_inputs
 
     kwargs = dict(num_layers=1, num_single_layers=0)
     if config.tiny:
@@ -377,14 +377,8 @@ def flux_block(config: GPUCheckConfig, device: torch.device) -> dict:
     model = diffusers.FluxTransformer2DModel(**kwargs).to(device)
     robuq.quantize_(model, robuq.preset("robuq", act_bits=4), initialize=not config.tiny)
     model.train()
-    inputs = example_inputs(model, 1)
     image, text = (16, 8) if config.tiny else (1024, 512)
-    inputs["hidden_states"] = torch.randn(1, image, model.config.in_channels, device=device)
-    inputs["encoder_hidden_states"] = torch.randn(1, text, model.config.joint_attention_dim, device=device)
-    side = int(math.isqrt(image))
-    ids = torch.zeros(image, 3, device=device)
-    ids[:, 1], ids[:, 2] = torch.arange(image, device=device) // side, torch.arange(image, device=device) % side
-    inputs["img_ids"], inputs["txt_ids"] = ids, torch.zeros(text, 3, device=device)
+    inputs = packed_inputs(model, 1, image, text)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> None:

@@ -84,11 +84,11 @@ def sample_text_to_image(
     kwargs = {k: v.to(device) for k, v in embeddings.items()}
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
-    if "negative_prompt" in inspect.signature(pipeline.__call__).parameters and "negative_prompt_embeds" in kwargs:
+    takes = inspect.signature(pipeline.__call__).parameters
+    if "negative_prompt" in takes and "negative_prompt_embeds" in kwargs:
         kwargs["negative_prompt"] = None  # some pipelines default it to "" and refuse it beside negative_prompt_embeds
-    for name in ("use_resolution_binning",):
-        if name in inspect.signature(pipeline.__call__).parameters:
-            kwargs[name] = False  # sizes as asked, not snapped to the family's aspect-ratio table
+    if "use_resolution_binning" in takes:
+        kwargs["use_resolution_binning"] = False  # sizes as asked, not snapped to the family's aspect-ratio table
     with torch.no_grad():
         images = pipeline(
             **kwargs,

@@ -9,7 +9,6 @@ statistics differ by orders of magnitude, so ``proj_out`` is split into ``proj_o
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -38,18 +37,23 @@ def position_ids(tokens: int, axes: int, device: torch.device) -> torch.Tensor:
     return ids
 
 
-def _inputs(model: nn.Module, batch: int) -> dict[str, Any]:
+def packed_inputs(model: nn.Module, batch: int, image_tokens: int = IMAGE_TOKENS, caption_tokens: int = TEXT_TOKENS):
+    """Forward arguments of the FLUX layout (FLUX.1 and FLUX.2): packed image tokens on a square grid with
+    their RoPE ids, caption tokens, the timestep in [0, 1], the pooled text where the model takes it and the
+    guidance where it embeds it."""
     config, device = model.config, device_of(model)
+    axes = len(config.axes_dims_rope)
     inputs = {
         "hidden_states": torch.randn(
-            batch, IMAGE_TOKENS, config.in_channels, generator=torch.Generator().manual_seed(0)
+            batch, image_tokens, config.in_channels, generator=torch.Generator().manual_seed(0)
         ).to(device),
-        "encoder_hidden_states": text_tokens(model, batch, config.joint_attention_dim, TEXT_TOKENS),
-        "pooled_projections": torch.randn(batch, config.pooled_projection_dim).to(device),
+        "encoder_hidden_states": text_tokens(model, batch, config.joint_attention_dim, caption_tokens),
         "timestep": torch.full((batch,), 0.5, device=device),
-        "img_ids": position_ids(IMAGE_TOKENS, 3, device),
-        "txt_ids": torch.zeros(TEXT_TOKENS, 3, device=device),
+        "img_ids": position_ids(image_tokens, axes, device),
+        "txt_ids": torch.zeros(caption_tokens, axes, device=device),
     }
+    if getattr(config, "pooled_projection_dim", None):
+        inputs["pooled_projections"] = torch.randn(batch, config.pooled_projection_dim).to(device)
     if config.guidance_embeds:
         inputs["guidance"] = torch.full((batch,), 3.5, device=device)
     return inputs
@@ -85,7 +89,7 @@ FLUX = Family(
         "proj_out": "final layer",
     },
     attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
-    example_inputs=_inputs,
+    example_inputs=packed_inputs,
     run=run_diffusers,
     record=diffusers_record("flux"),
     build=diffusers_build,

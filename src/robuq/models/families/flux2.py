@@ -9,39 +9,18 @@ different statistics are the weights' per-channel scales' business). Its ``to_ou
 
 from __future__ import annotations
 
-from typing import Any
 
-import torch
 import torch.nn as nn
 
 from robuq.models.families.base import (
     Family,
     joint_block_linears,
-    device_of,
     diffusers_build,
     diffusers_record,
     is_class,
     run_diffusers,
-    text_tokens,
 )
-from robuq.models.families.flux import IMAGE_TOKENS, TEXT_TOKENS, position_ids
-
-
-def _inputs(model: nn.Module, batch: int) -> dict[str, Any]:
-    config, device = model.config, device_of(model)
-    axes = len(config.axes_dims_rope)
-    inputs = {
-        "hidden_states": torch.randn(
-            batch, IMAGE_TOKENS, config.in_channels, generator=torch.Generator().manual_seed(0)
-        ).to(device),
-        "encoder_hidden_states": text_tokens(model, batch, config.joint_attention_dim, TEXT_TOKENS),
-        "timestep": torch.full((batch,), 0.5, device=device),
-        "img_ids": position_ids(IMAGE_TOKENS, axes, device),
-        "txt_ids": torch.zeros(TEXT_TOKENS, axes, device=device),
-    }
-    if config.guidance_embeds:
-        inputs["guidance"] = torch.full((batch,), 3.5, device=device)
-    return inputs
+from robuq.models.families.flux import packed_inputs
 
 
 def _to_out_parts(model: nn.Module, name: str) -> tuple[tuple[str, int], ...]:
@@ -72,7 +51,7 @@ FLUX2 = Family(
         "proj_out": "final layer",
     },
     attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
-    example_inputs=_inputs,
+    example_inputs=packed_inputs,
     run=run_diffusers,
     record=diffusers_record("flux2"),
     build=diffusers_build,
