@@ -49,6 +49,13 @@ def _run_train(config, args) -> int:
     return 0
 
 
+def _run_train_t2i(config, args) -> int:
+    from robuq.train.text_to_image import train_text_teacher
+
+    _say(f"wrote {train_text_teacher(config, resume=args.resume, until=args.until, progress=not args.no_progress)}")
+    return 0
+
+
 def _run_qat(config, args) -> int:
     from robuq.train.qat import qat
 
@@ -224,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     from robuq.sample.to_files import SampleConfig
     from robuq.data.encode_latents import LatentsConfig
     from robuq.train.qat import QATConfig
+    from robuq.train.text_to_image import TextTeacherConfig
     from robuq.train.trainer import TrainConfig
 
     parser = argparse.ArgumentParser(prog="robuq", description=__doc__.split("\n\n")[0])
@@ -263,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_control(
         _job(sub, "train", "train a full-precision DiT (single process or under torchrun)", TrainConfig, _run_train)
+    )
+    _add_run_control(
+        _job(
+            sub,
+            "train-t2i",
+            "train a miniature text-to-image teacher (FLUX or PixArt layout, with its text encoder) on "
+            "captioned Fashion-MNIST",
+            TextTeacherConfig,
+            _run_train_t2i,
+        )
     )
     _add_run_control(
         _job(

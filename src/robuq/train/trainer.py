@@ -440,7 +440,8 @@ def _loop(
     resume, until, extra_meta, progress, probe = run.resume, run.until, run.extra_meta, run.progress, run.probe
     config.validate(info.world_size)
     out_dir = Path(config.out_dir)
-    num_classes = getattr(model, "num_classes", 0)
+    # Labels (or a text-conditioned model's caption ids) reach the objective; an unconditional model gets None.
+    conditioned = getattr(model, "num_classes", 0) > 0 or getattr(model, "text_conditioned", False)
     model = model.to(device)
     ema, optimizer = ema_and_optimizer(model, config, run.param_groups)
     meta = {"train_config": config.to_dict(), "model_config": model.config.to_dict(), **extra_meta}
@@ -504,7 +505,7 @@ def _loop(
     for step in bar:
         x, y = first if step == start else _next_batch(loader)
         x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True) if num_classes > 0 else None
+        y = y.to(device, non_blocking=True) if conditioned else None
 
         loss, grad_norm, losses = train_step(state, x, y, step)
 

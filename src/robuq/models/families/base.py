@@ -50,6 +50,13 @@ class Family:
     pipeline: str | None = None  # the diffusers pipeline class that runs the family
     notes: tuple[str, ...] = ()  # what the map leaves in full precision beyond ``kept``, said in the summary
     timestep_scale: float = 1000.0  # the forward's timestep at the start of the schedule (FLUX takes [0, 1])
+    # Training: "ddpm" (ε, and the variance where the output has twice the input's channels, on the DDPM
+    # schedule) or "flow" (velocity on the rectified-flow schedule, its noise levels shifted by ``flow_shift``).
+    objective: str = "ddpm"
+    flow_shift: Callable[[int, int], float] = lambda height, width: 1.0  # of the latents' height and width
+    # The prediction for latents (B, C, H, W) at forward timesteps t with text conditioning (forward
+    # argument name → tensor), in the latents' layout; None where robuq does not train the family.
+    predict: Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     def roles(self) -> dict[str, tuple[str, ...]]:
         """Every role's patterns: the block linears, "adaln" (modulation) and "attention"."""
@@ -170,6 +177,17 @@ def forward_embeddings(pipeline_embeds: dict[str, torch.Tensor]) -> dict[str, to
 
 def run_diffusers(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     return model(**inputs, return_dict=False)[0]
+
+
+def grid_predict(**extra: Any) -> Callable[..., torch.Tensor]:
+    """``Family.predict`` of a model that reads latents as a (B, C, H, W) grid, with ``extra`` forward arguments."""
+
+    def predict(
+        model: nn.Module, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        return model(hidden_states=latents, timestep=t, **text, **extra, return_dict=False)[0]
+
+    return predict
 
 
 def device_of(model: nn.Module) -> torch.device:

@@ -9,6 +9,7 @@ statistics differ by orders of magnitude, so ``proj_out`` is split into ``proj_o
 
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn as nn
@@ -59,6 +60,59 @@ def packed_inputs(model: nn.Module, batch: int, image_tokens: int = IMAGE_TOKENS
     return inputs
 
 
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents → (B, H/2 · W/2, 4C) tokens: each 2 × 2 patch one token, as FLUX's pipelines pack them."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of ``pack`` for latents of ``height`` × ``width``."""
+    b, _, d = tokens.shape
+    x = tokens.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def grid_ids(height: int, width: int, axes: int, device: torch.device) -> torch.Tensor:
+    """RoPE position ids of a ``height`` × ``width`` token grid (row, column in the last two axes)."""
+    ids = torch.zeros(height * width, axes, device=device)
+    ids[:, -2] = torch.arange(height * width, device=device) // width
+    ids[:, -1] = torch.arange(height * width, device=device) % width
+    return ids
+
+
+def predict_packed(
+    model: nn.Module, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """``Family.predict`` of the FLUX layout: latents packed 2 × 2 into tokens on their grid, caption tokens at
+    position 0, the guidance (where the model embeds it) at 1 — distilled guidance is not trained here."""
+    b, _, h, w = latents.shape
+    axes = len(model.config.axes_dims_rope)
+    text = dict(text)
+    text.pop("encoder_attention_mask", None)  # FLUX attends to every caption token: padding is part of the prompt
+    extra = (
+        {"guidance": torch.ones(b, device=latents.device)} if getattr(model.config, "guidance_embeds", False) else {}
+    )
+    out = model(
+        hidden_states=pack(latents),
+        timestep=t,
+        img_ids=grid_ids(h // 2, w // 2, axes, latents.device),
+        txt_ids=torch.zeros(text["encoder_hidden_states"].shape[1], axes, device=latents.device),
+        **text,
+        **extra,
+        return_dict=False,
+    )[0]
+    return unpack(out, h, w)
+
+
+def resolution_shift(height: int, width: int) -> float:
+    """FLUX's noise-level shift for latents of ``height`` × ``width`` (packed 2 × 2 into tokens): exp(μ), μ
+    log-linear in the token count from 0.5 at 256 tokens to 1.15 at 4,096, as FLUX's pipelines set it."""
+    tokens = (height // 2) * (width // 2)
+    return math.exp(0.5 + (tokens - 256) * (1.15 - 0.5) / (4096 - 256))
+
+
 def _single_proj_out_parts(model: nn.Module, name: str) -> tuple[tuple[str, int], ...]:
     block = model.get_submodule(name.rsplit(".", 1)[0])
     mlp = block.proj_mlp.out_features
@@ -96,4 +150,7 @@ FLUX = Family(
     joined_inputs={"single_transformer_blocks.*.proj_out": _single_proj_out_parts},
     timestep_scale=1.0,
     pipeline="FluxPipeline",
+    objective="flow",
+    flow_shift=resolution_shift,
+    predict=predict_packed,
 )

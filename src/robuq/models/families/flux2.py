@@ -20,7 +20,7 @@ from robuq.models.families.base import (
     is_class,
     run_diffusers,
 )
-from robuq.models.families.flux import packed_inputs
+from robuq.models.families.flux import packed_inputs, predict_packed, resolution_shift
 
 
 def _to_out_parts(model: nn.Module, name: str) -> tuple[tuple[str, int], ...]:
@@ -58,4 +58,7 @@ FLUX2 = Family(
     joined_inputs={"single_transformer_blocks.*.attn.to_out": _to_out_parts},
     timestep_scale=1.0,
     pipeline="Flux2Pipeline",
+    objective="flow",
+    flow_shift=resolution_shift,
+    predict=predict_packed,
 )

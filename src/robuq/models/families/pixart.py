@@ -18,6 +18,7 @@ from robuq.models.families.base import (
     device_of,
     diffusers_build,
     diffusers_record,
+    grid_predict,
     is_class,
     latent_grid,
     run_diffusers,
@@ -55,4 +56,5 @@ PIXART = Family(
     record=diffusers_record("pixart"),
     build=diffusers_build,
     pipeline="PixArtSigmaPipeline",
+    predict=grid_predict(added_cond_kwargs={"resolution": None, "aspect_ratio": None}),
 )

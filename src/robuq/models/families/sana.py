@@ -20,6 +20,7 @@ from robuq.models.families.base import (
     device_of,
     diffusers_build,
     diffusers_record,
+    grid_predict,
     is_class,
     latent_grid,
     run_diffusers,
@@ -55,5 +56,8 @@ SANA = Family(
     build=diffusers_build,
     pointwise_convs=("transformer_blocks.*.ff.conv_inverted", "transformer_blocks.*.ff.conv_point"),
     pipeline="SanaPipeline",
+    objective="flow",
+    flow_shift=lambda height, width: 3.0,  # the shift of Sana's scheduler at 1,024 px
+    predict=grid_predict(),
     notes=("linear self-attention matmuls (KᵀV, Q·KᵀV) in full precision: no softmax to quantize",),
 )

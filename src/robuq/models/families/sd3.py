@@ -21,6 +21,7 @@ from robuq.models.families.base import (
     device_of,
     diffusers_build,
     diffusers_record,
+    grid_predict,
     is_class,
     latent_grid,
     run_diffusers,
@@ -61,4 +62,7 @@ SD3 = Family(
     record=diffusers_record("sd3"),
     build=diffusers_build,
     pipeline="StableDiffusion3Pipeline",
+    objective="flow",
+    flow_shift=lambda height, width: 3.0,  # the shift of SD3's scheduler
+    predict=grid_predict(),
 )

@@ -1,0 +1,191 @@
+"""Training a text-to-image family's transformer with its text encoder: the teachers of robuq's miniature.
+
+A ``TextToImage`` holds a family's diffusers transformer and a small ``TextEncoder``; the loop trains both on
+captioned Fashion-MNIST (``robuq.data.captions``) with the family's own objective — ε and the variance on
+the DDPM schedule (PixArt), velocity on the rectified-flow schedule with the family's shift (SD3, FLUX,
+Sana). Captions are dropped (replaced by the empty caption) with ``caption_dropout`` so that the model
+learns the unconditional prediction classifier-free guidance needs. ``export_teacher`` then writes the
+transformer as a diffusers folder and the text encoder beside it, and ``cache_prompts`` the embeddings that
+quantization-aware training reads instead of a text encoder.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from robuq.core.errors import RobuqError
+from robuq.core.options import check_choice, option
+from robuq.data.captions import VOCABULARY, CaptionedFashionMNIST, MAX_TOKENS
+from robuq.diffusion.flow import RectifiedFlow
+from robuq.diffusion.gaussian import create_diffusion
+from robuq.models.families import family_of
+from robuq.models.families.base import class_name, diffusers_module
+from robuq.models.text_encoder import TextEncoder, TextEncoderConfig
+from robuq.train.trainer import LoopConfig, label_drops, train_loop
+
+TEXT_DIM = 128
+# The miniature's transformers: a few million parameters each, 49 image tokens from 28 × 28 images
+# (4 × 14 × 14 latents: FLUX packs them 2 × 2, PixArt patches them 2 × 2).
+MINIATURE_LAYOUTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "flux": (
+        "FluxTransformer2DModel",
+        dict(
+            patch_size=1,
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=32,
+            num_attention_heads=6,
+            joint_attention_dim=TEXT_DIM,
+            pooled_projection_dim=TEXT_DIM,
+            guidance_embeds=False,
+            axes_dims_rope=(8, 12, 12),
+        ),
+    ),
+    "pixart": (
+        "PixArtTransformer2DModel",
+        dict(
+            sample_size=14,
+            patch_size=2,
+            in_channels=4,
+            out_channels=8,
+            num_layers=6,
+            attention_head_dim=32,
+            num_attention_heads=6,
+            cross_attention_dim=192,
+            caption_channels=TEXT_DIM,
+            norm_type="ada_norm_single",
+            num_embeds_ada_norm=1000,
+            use_additional_conditions=False,
+        ),
+    ),
+}
+
+
+@dataclass
+class TextToImageRecord:
+    """What rebuilds a ``TextToImage``: the transformer's class and config, the text encoder's config."""
+
+    transformer_class: str
+    transformer_config: dict
+    text_encoder: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TextToImage(nn.Module):
+    """A family's transformer and the text encoder that conditions it, trained together."""
+
+    text_conditioned = True  # the loop passes each batch's caption ids
+
+    def __init__(self, transformer: nn.Module, text_encoder: TextEncoder):
+        super().__init__()
+        self.transformer, self.text_encoder = transformer, text_encoder
+        self.family = family_of(transformer)
+        if self.family.predict is None:
+            raise RobuqError(f"robuq does not train {self.family.name} models from text")
+        self.takes = set(inspect.signature(transformer.forward).parameters)
+
+    @property
+    def config(self) -> TextToImageRecord:
+        return TextToImageRecord(
+            class_name(self.transformer),
+            {k: v for k, v in dict(self.transformer.config).items() if not k.startswith("_")},
+            self.text_encoder.config.to_dict(),
+        )
+
+    def conditioning(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The transformer's text arguments for caption ids (0 pads; an all-zero row is the empty caption)."""
+        tokens, pooled = self.text_encoder(ids)
+        return forward_text(self.takes, tokens, pooled, ids != 0)
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.family.predict(self.transformer, latents, t, text)
+
+
+def forward_text(takes: set[str], tokens: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Text embeddings under the forward argument names a transformer taking ``takes`` reads."""
+    text = {"encoder_hidden_states": tokens}
+    if "pooled_projections" in takes:
+        text["pooled_projections"] = pooled
+    if "encoder_attention_mask" in takes:
+        # Keep one position for the empty caption: a row attending to nothing would give NaNs.
+        keep = mask | (~mask.any(1, keepdim=True) & (torch.arange(mask.shape[1], device=mask.device) == 0))
+        text["encoder_attention_mask"] = keep.to(tokens.dtype)
+    return text
+
+
+def build_miniature(layout: str, seed: int = 0) -> TextToImage:
+    """A freshly initialised miniature teacher in ``layout`` ("flux" or "pixart")."""
+    if layout not in MINIATURE_LAYOUTS:
+        raise RobuqError(f"no miniature layout {layout!r}; robuq has {', '.join(MINIATURE_LAYOUTS)}")
+    name, config = MINIATURE_LAYOUTS[layout]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = getattr(diffusers_module(), name)(**config)
+        text = TextEncoder(TextEncoderConfig(vocab_size=len(VOCABULARY), dim=TEXT_DIM, max_tokens=MAX_TOKENS))
+    return TextToImage(transformer, text)
+
+
+def diffusion_losses(model: TextToImage, x: torch.Tensor, text: dict, generator: torch.Generator) -> dict:
+    """Per-sample losses of the family's objective at noise levels drawn from ``generator``."""
+    family = model.family
+    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    if family.objective == "flow":
+        flow = RectifiedFlow(family.flow_shift(x.shape[-2], x.shape[-1]))
+        sigma = flow.training_sigmas(x.shape[0], generator).to(x.device)
+        return flow.training_losses(lambda xs, s: model.predict(xs, s * family.timestep_scale, text), x, sigma, noise)
+    diffusion = create_diffusion(learn_sigma=model.transformer.config.out_channels == 2 * x.shape[1])
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=generator).to(x.device)
+    return diffusion.training_losses(lambda xt, tt: model.predict(xt, tt, text), x, t, noise)
+
+
+def text_objective(caption_dropout: float):
+    """The teacher's loss: captions dropped to the empty caption with probability ``caption_dropout``."""
+
+    def objective(model: TextToImage, x: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> dict:
+        dropped = label_drops(len(ids), caption_dropout, generator, ids.device).bool()
+        ids = torch.where(dropped[:, None], torch.zeros_like(ids), ids)
+        return diffusion_losses(model, x, model.conditioning(ids), generator)
+
+    return objective
+
+
+@dataclass
+class TextTeacherConfig(LoopConfig):
+    """``robuq train-t2i``: a miniature text-to-image teacher on captioned Fashion-MNIST."""
+
+    layout: str = option("flux", "the family whose transformer is trained", choices=tuple(MINIATURE_LAYOUTS))
+    caption_dropout: float = option(0.1, "probability of training on the empty caption (for guidance)")
+    caption_seed: int = option(0, "seed of each training image's caption")
+
+    def validate(self, world_size: int = 1) -> None:
+        super().validate(world_size)
+        check_choice(self, "layout")
+        if self.data != "fashion-mnist" or self.latents:
+            raise RobuqError("train-t2i trains on captioned Fashion-MNIST only; leave --data and --latents unset")
+
+
+def train_text_teacher(
+    config: TextTeacherConfig, resume: bool = False, until: int | None = None, progress: bool = True
+) -> Path:
+    config.validate()
+    dataset = CaptionedFashionMNIST("train", config.data_dir, config.caption_seed)
+    model = build_miniature(config.layout, config.seed)
+    return train_loop(
+        config,
+        model,
+        text_objective(config.caption_dropout),
+        dataset,
+        resume=resume,
+        until=until,
+        progress=progress,
+        extra_meta={"kind": "text-to-image", "family": model.family.name},
+    )
