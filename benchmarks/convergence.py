@@ -65,7 +65,7 @@ from convergence_stats import (
 )
 from robuq.core.options import option
 
-STAGES = ("pilot", "headline", "controls", "rank", "score", "report", "all")
+STAGES = ("pilot", "headline", "controls", "rank", "seeds", "score", "report", "all")
 
 
 @dataclass
@@ -73,7 +73,10 @@ class ConvergenceConfig:
     """The convergence benchmark's options (declared once, as the library declares its own)."""
 
     stage: str = option(
-        "report", "what to run: pilot, headline, controls, score, report, or all of them in order", choices=STAGES
+        "report",
+        "what to run: pilot, headline, controls, rank (the low-rank branch's share), seeds (second training "
+        "seeds), score, report, or all of them in order",
+        choices=STAGES,
     )
     work_dir: str = option(
         os.environ.get("ROBUQ_CONVERGENCE_DIR", "/tmp/robuq-convergence"),
@@ -284,6 +287,35 @@ def rank_runs(config: ConvergenceConfig) -> list[Run]:
         else:
             runs.append(Run(name, ["qat", "--act-bits", str(bits), *flags]))
     return runs
+
+
+SECOND_SEED = 1
+
+
+def seed_name(name: str, seed: int = SECOND_SEED) -> str:
+    """A headline row trained again with another seed (AMPN A2's further seeds are the chance controls')."""
+    return ampn_seed_name(seed) if name == AMPN_A2 else f"{name} seed {seed}"
+
+
+def seed_runs(config: ConvergenceConfig) -> list[Run]:
+    """The headline rows again with a second training seed (initial weights of the student's new parts, data
+    order, noise, and AMPN's calibration): the spread over seeds beside the sample intervals."""
+    return [
+        Run(seed_name(run.name), [*run.command, "--seed", str(SECOND_SEED)])
+        for run in headline_runs(config)
+        if run.name != AMPN_A2
+    ]
+
+
+SEED_ROWS = tuple(seed_name(name) for name in HEADLINE if name != AMPN_A2)
+
+
+def pipeline_of(name: str) -> str:
+    """The row a seed row repeats: "RobuQ W1.58A4 seed 1" → "RobuQ W1.58A4"; AMPN's seed controls → AMPN A2."""
+    if name.startswith("control: AMPN seed"):
+        return AMPN_A2
+    head, _, tail = name.rpartition(" seed ")
+    return head if head and tail.isdigit() and not name.startswith("control: ") else name
 
 
 def headline_targets() -> dict[str, float]:
@@ -645,8 +677,10 @@ def score_points(config: ConvergenceConfig, work: Path) -> list[Point]:
     points.append(
         Point(TEACHER_HELDOUT, None, config.samples_headline, config.inception, teacher, work / "teacher", HELDOUT_SEED)
     )
-    by_name = {r.name: r for r in headline_runs(config) + control_runs(config, work) + rank_runs(config)}
-    for name in RANK_ROWS:
+    by_name = {
+        r.name: r for r in headline_runs(config) + control_runs(config, work) + rank_runs(config) + seed_runs(config)
+    }
+    for name in [*RANK_ROWS, *(r.name for r in seed_runs(config))]:
         points.append(
             Point(
                 name,
@@ -894,7 +928,9 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
     """results/convergence.{json,md,png} from whatever the work directory holds now (partial runs included,
     with their step counts), the runs' logs and plans under results/convergence/, the headline models exported."""
     results = Path(config.results_dir)
-    for run in pilot_runs(config) + headline_runs(config) + control_runs(config, work) + rank_runs(config):
+    for run in (
+        pilot_runs(config) + headline_runs(config) + control_runs(config, work) + rank_runs(config) + seed_runs(config)
+    ):
         keep_run_files(config, work, run)  # runs trained before their files were kept, or stopped early
     points = score_points(config, work)
     unscored = unscored_points(config, work, points)
@@ -912,7 +948,7 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
     for p in points:
         if p.name == TEACHER or p.key not in scores["classifier"]:
             continue
-        headline_final = (p.name in HEADLINE or p.name in RANK_ROWS) and p.step == config.steps
+        headline_final = (p.name in HEADLINE or p.name in RANK_ROWS or p.name in SEED_ROWS) and p.step == config.steps
         control = p.samples == config.samples_control and p.step in control_steps(config)
         entry_spaces = {}
         for space in ("classifier", "inception"):
@@ -1092,6 +1128,13 @@ def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> list[t
             wanted.append(
                 (f"AMPN A2 seed 0 − seed {seed}", at[AMPN_A2], at[ampn_seed_name(seed)], "training noise", ctl)
             )
+    for name in SEED_ROWS:
+        ka, kb = (
+            key.get((pipeline_of(name), end, config.samples_headline)),
+            key.get((name, end, config.samples_headline)),
+        )
+        if ka and kb:
+            wanted.append((f"{pipeline_of(name)} seed 0 − seed {SECOND_SEED}", ka, kb, "training noise", end))
     rows = {
         "A4": ("RobuQ W1.58A4", "RobuQ W1.58A4 rank 3", "RobuQ W1.58A4 rank 0"),
         "AMPN A2": (AMPN_A2, "RobuQ + AMPN W1.58A2 rank 3", "RobuQ + AMPN W1.58A2 rank 0"),
@@ -1106,12 +1149,11 @@ def comparisons_wanted(config: ConvergenceConfig, points: list[Point]) -> list[t
 
 def add_seed_spread(final: list[dict], steps: int) -> None:
     """Each final row's FIDs per training seed where another seed of the same pipeline was trained to the end
-    (AMPN A2: the chance controls' AMPN seeds), in ``seeds_fid`` (seed → space → FID, with its sample count)."""
-    ampn = [
-        e for e in final if e["steps"] == steps and (e["name"] == AMPN_A2 or e["name"].startswith("control: AMPN seed"))
-    ]
+    (its seed rows; AMPN A2: the chance controls' AMPN seeds), in ``seeds_fid`` (seed → space → FID, with its
+    sample count)."""
     for e in final:
-        same = ampn if e["name"] == AMPN_A2 else [e]
+        same = [r for r in final if r["steps"] == steps and pipeline_of(r["name"]) == pipeline_of(e["name"])]
+        same = same if e["steps"] == steps and not e["name"].startswith("control: ") else [e]
         best: dict[int, dict] = {}
         for r in same:
             seed = r["seeds"][0]
@@ -1686,7 +1728,7 @@ def main(argv: list[str] | None = None) -> None:
             "each side to measure their spread; give 2 or more"
         )
     work.mkdir(parents=True, exist_ok=True)
-    stages = ("pilot", "headline", "controls", "score", "report") if config.stage == "all" else (config.stage,)
+    stages = STAGES[:-1] if config.stage == "all" else (config.stage,)
     for stage in stages:
         if stage == "pilot":
             run_all(config, work, pilot_runs(config), keep=False)
@@ -1697,6 +1739,8 @@ def main(argv: list[str] | None = None) -> None:
             run_all(config, work, control_runs(config, work))
         elif stage == "rank":
             run_all(config, work, rank_runs(config), keep=False)
+        elif stage == "seeds":
+            run_all(config, work, seed_runs(config), keep=False)
         elif stage == "score":
             score_all(config, work)
         report(config, work, invocation(__file__, argv))
