@@ -16,12 +16,14 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from torch.utils.data import Dataset
 
 from robuq.ampn.plan_files import format_plan, plan_from_sensitivity, write_plan
 from robuq.ampn.sensitivity import METRICS, Sensitivity, measure_sensitivity
 from robuq.core.distributed import DistInfo, barrier, init_distributed, shutdown
-from robuq.core.files import atomic_write_text, load_tensors
+from robuq.core.files import atomic_write_text, load_tensors, read_meta
 from robuq.core.options import check_choice, option, with_default
 from robuq.core.runtime import default_teacher_path, device_context, resolve_device
 from robuq.io.model_files import load_any
@@ -31,7 +33,9 @@ from robuq.models.families import model_family
 from robuq.models.families.base import forward_embeddings
 from robuq.precision.plan import BitPlan
 from robuq.sample.to_files import CLASS_CONDITIONAL
-from robuq.train.calibration import calibration_batch, family_calibration_batch
+from robuq.io.prompts import load_prompt_table
+from robuq.train.calibration import calibration_batch, family_calibration_batch, family_data_batch
+from robuq.train.family_qat import probe_batch, text_model_takes
 from robuq.train.qat import QATConfig, calibration_images, qat, teacher_dataset
 from robuq.train.state import checkpoint_path, list_checkpoints
 from robuq.core.errors import RobuqError
@@ -149,8 +153,17 @@ def _family_sensitivity(config: SensitivityConfig, model, device, progress: bool
             "--metric error-increase measures against a teacher: give --teacher (the full-precision "
             "model folder), or use --metric perturbation"
         )
-    embeds = forward_embeddings(load_tensors(config.prompt_embeds)[0]) if config.prompt_embeds else None
-    batch = family_calibration_batch(model, config.calibration_images, embeds, config.seed, reference=teacher)
+    if config.prompt_embeds and read_meta(config.prompt_embeds).get("kind") == "prompt-table" and not config.latents:
+        # A prompt table and captioned data: real latents, each with its caption and with the empty prompt.
+        table = load_prompt_table(config.prompt_embeds)
+        latents, rows = probe_batch(table, config.calibration_images, config.data_dir, split="train")
+        takes = text_model_takes(model)
+        text = table.forward_arguments(rows, takes, torch.device("cpu"))
+        empty = table.forward_arguments(torch.zeros(1, dtype=torch.long), takes, torch.device("cpu"))
+        batch = family_data_batch(model, latents, text, empty, config.seed, reference=teacher)
+    else:
+        embeds = forward_embeddings(load_tensors(config.prompt_embeds)[0]) if config.prompt_embeds else None
+        batch = family_calibration_batch(model, config.calibration_images, embeds, config.seed, reference=teacher)
     return measure_sensitivity(model, batch, progress=progress, metric=config.metric)
 
 
@@ -239,6 +252,7 @@ def _ampn_stages(
                 calibration_images=config.calibration_images,
                 metric=config.sensitivity_metric,
                 seed=base.seed,
+                prompt_embeds=base.prompt_embeds,
                 device=base.device,
                 out=str(sens_path),
             ),

@@ -137,6 +137,7 @@ class CaptionedFashionMNIST(Dataset):
     """(latent 4 × 14 × 14, caption ids) per Fashion-MNIST image, with the image's class in ``labels``."""
 
     num_classes = len(CLASS_NAMES)
+    text_conditioning = True  # the second item is the caption, which the training loop passes on
 
     def __init__(self, split: str = "train", data_dir: str | os.PathLike | None = None, seed: int = 0):
         images, labels = load_fashion_mnist(split, data_dir)

@@ -1,7 +1,7 @@
 """Rectified flow as SD3, FLUX and Sana train and sample it.
 
 The noisy input at noise level σ ∈ [0, 1] is x_σ = (1 − σ) x₀ + σ ε, and the model predicts the velocity
-ε − x₀. Training draws σ from a logit-normal and shifts it towards noise by the family's ``shift``
+ε − x₀ (``robuq.train.family_objective`` forms the loss). Training draws σ from a logit-normal and shifts it towards noise by the family's ``shift``
 (σ' = s σ / (1 + (s − 1) σ)): larger images keep more of their structure at a given σ, so they need more
 noise to be trained where it matters. Sampling integrates from σ = 1 to 0 with Euler steps on the shifted grid.
 """
@@ -27,15 +27,6 @@ class RectifiedFlow:
     def training_sigmas(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Noise levels for n samples: logit-normal(0, 1), shifted."""
         return shifted(torch.sigmoid(torch.randn(n, generator=generator)), self.shift)
-
-    def training_losses(
-        self, velocity: Velocity, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Per-sample losses: "mse" of the velocity, which is also the "loss"."""
-        s = sigma.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-        x_sigma = (1 - s) * x0 + s * noise
-        mse = ((velocity(x_sigma, sigma) - (noise - x0)) ** 2).flatten(1).mean(1)
-        return {"loss": mse, "mse": mse}
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """The sampler's ``steps`` + 1 noise levels, from 1 down to 0."""

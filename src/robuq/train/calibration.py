@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from robuq.diffusion.gaussian import create_diffusion
+from robuq.train.family_objective import noisy_batch
 from robuq.models.dit import DiT
 from robuq.models.families import family_of, model_family, model_output, run_model
 from robuq.core.errors import RobuqError
@@ -85,6 +86,16 @@ def _rows(value, index: int):
     return value[index : index + 1] if isinstance(value, torch.Tensor) and value.ndim >= 2 else value
 
 
+def _outputs(model: nn.Module, inputs: list[dict]) -> list[torch.Tensor]:
+    """The model's output for each set of forward arguments, in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [run_model(model, one).cpu() for one in inputs]
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def family_calibration_batch(
     model: nn.Module,
@@ -114,12 +125,40 @@ def family_calibration_batch(
         for name, value in (prompt_embeds or {}).items():
             one[name] = value[i % len(value)][None].to(device)
         inputs.append(one)
-    reference = reference if reference is not None else model
-    was_training = reference.training
-    reference.eval()
-    targets = [run_model(reference, one).cpu() for one in inputs]
-    reference.train(was_training)
-    return FamilyBatch(inputs, targets)
+    return FamilyBatch(inputs, _outputs(reference if reference is not None else model, inputs))
+
+
+@torch.no_grad()
+def family_data_batch(
+    model: nn.Module,
+    latents: torch.Tensor,
+    text: dict[str, torch.Tensor],
+    empty: dict[str, torch.Tensor],
+    seed: int = 0,
+    reference: nn.Module | None = None,
+    chunk: int = 32,
+) -> FamilyBatch:
+    """A calibration batch of a text-to-image family from real latents (N, C, H, W), noised as the family
+    trains, each once with its caption's embeddings ``text`` and once with the empty prompt's ``empty`` (one
+    row, repeated): the inputs guided sampling runs. Targets from ``reference`` (default: the model itself)."""
+    family = family_of(model)
+    device = next(model.parameters()).device
+    noisy = noisy_batch(
+        family, model.config.out_channels or latents.shape[1], latents.to(device), torch.Generator().manual_seed(seed)
+    )
+    inputs = []
+    for start in range(0, len(latents), chunk):
+        rows = slice(start, start + chunk)
+        n = len(noisy.inputs[rows])
+        for condition in (
+            {k: v[rows] for k, v in text.items()},
+            {k: v.expand(n, *v.shape[1:]) for k, v in empty.items()},
+        ):
+            arguments = family.latent_arguments(
+                model, noisy.inputs[rows], noisy.timesteps[rows], {k: v.to(device) for k, v in condition.items()}
+            )
+            inputs.append(arguments)
+    return FamilyBatch(inputs, _outputs(reference if reference is not None else model, inputs))
 
 
 def guided(output: torch.Tensor, scale: float) -> torch.Tensor:

@@ -33,13 +33,15 @@ from robuq.core.runtime import default_teacher_path, resolve_device
 from torch.utils.data import Dataset
 from robuq.data import FashionMNIST
 from robuq.diffusion.gaussian import GaussianDiffusion, create_diffusion
-from robuq.models.checkpoint import check_compatible, load_dit, read_state_dict
+from robuq.models.checkpoint import check_compatible, read_state_dict
 from robuq.models.dit import DiT
 from robuq.quant.linear import QuantLinear
 from robuq.precision.plan import BitPlan
 from robuq.precision.policy import QuantConfig, quantize_
 from robuq.precision.presets import resolve_policy
+from robuq.io.full_precision import load_full_precision
 from robuq.io.quantized import quantized_meta
+from robuq.train.family_qat import family_probe, family_qat_objective, family_training_data, probe_batch, read_table
 from robuq.train.state import list_checkpoints
 from robuq.train.trainer import LoopConfig, check_data_fits, label_drops, loop_dataset, train_loop
 from robuq.core.errors import RobuqError
@@ -51,7 +53,9 @@ class QATConfig(LoopConfig):
     channels and conditioning are the teacher's."""
 
     teacher: str | None = option(
-        None, "full-precision DiT checkpoint to quantize and distil from (default: the shipped teacher)"
+        None,
+        "full-precision model to quantize and distil from: a DiT checkpoint (default: the shipped teacher) or a "
+        "diffusers folder of a text-to-image family, with --prompt-embeds",
     )
     preset: str = option("robuq", "quantization method (see the README's preset table; register_preset adds more)")
     act_bits: int = option(4, "activation bits of the four block linears (a --plan overrides them per layer)")
@@ -64,6 +68,11 @@ class QATConfig(LoopConfig):
         None,
         "the branch's rank as a share of each layer's width instead (the paper's "
         "16 of 1,152: 0.013889, rank 3 at width 192)",
+    )
+    prompt_embeds: str | None = option(
+        None,
+        "a text-to-image teacher's prompt table (cached embeddings, the empty prompt first; see "
+        "docs/diffusers.md), which conditions the student and the teacher",
     )
     init_student: str | None = option(None, "start from this quantized model's weights (AMPN: its warm-up run)")
     loss: str = option(
@@ -241,20 +250,28 @@ def qat(
     teacher_path = _teacher_path(config)
     # The teacher, and so the student's SVDs, on this rank's device: on the CPU they take minutes per rank for XL/2.
     device = resolve_device(config.device)
-    teacher = load_dit(teacher_path, map_location=str(device)).eval().requires_grad_(False)
+    teacher = load_full_precision(teacher_path, map_location=str(device)).eval().requires_grad_(False)
     config = replace(config, teacher=teacher_path)  # recorded, so a resumed run checks it is the same teacher
     config.validate()
     quantization = config.quantization(plan)
     lap("teacher")
     # The data before the student: a bad --data-dir should fail at once, not after minutes of SVDs.
-    dataset = teacher_dataset(config, teacher, dataset)
-    conditional = teacher.num_classes > 0
-    probe_set, probe_source = probe_dataset(config, dataset)
-    probe = teacher_probe(
-        teacher, *calibration_images(probe_set, config.probe_images, conditional), config.seed, config.probe_guidance
-    )
-    diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
-    objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight, config.null_fraction)
+    if isinstance(teacher, DiT):
+        dataset = teacher_dataset(config, teacher, dataset)
+        probe_set, probe_source = probe_dataset(config, dataset)
+        images = calibration_images(probe_set, config.probe_images, teacher.num_classes > 0)
+        probe = teacher_probe(teacher, *images, config.seed, config.probe_guidance)
+        diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
+        objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight, config.null_fraction)
+    else:
+        table = read_table(config.prompt_embeds, teacher)
+        dataset = dataset if dataset is not None else family_training_data(config, table)
+        latents, rows = probe_batch(table, config.probe_images, config.data_dir)
+        probe, probe_source = (
+            family_probe(teacher, table, latents, rows, config.seed, config.probe_guidance),
+            "test split",
+        )
+        objective = family_qat_objective(teacher, table, config.loss, config.distill_weight, config.null_fraction)
     lap("data and probe")
     # Weights that a checkpoint or another model will replace need no initial SVD split.
     replaced = bool(config.init_student or config.continue_from or (resume and list_checkpoints(config.out_dir)))

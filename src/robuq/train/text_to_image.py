@@ -12,6 +12,7 @@ quantization-aware training reads instead of a text encoder.
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,24 @@ import torch.nn as nn
 
 from robuq.core.errors import RobuqError
 from robuq.core.options import check_choice, option
-from robuq.data.captions import VOCABULARY, CaptionedFashionMNIST, MAX_TOKENS
-from robuq.diffusion.flow import RectifiedFlow
-from robuq.diffusion.gaussian import create_diffusion
-from robuq.models.families import family_of
+from robuq.core.files import save_tensors
+from robuq.data.captions import (
+    BRIGHTNESS,
+    CLASS_WORDS,
+    MAX_TOKENS,
+    TRAIN_TEMPLATES,
+    VOCABULARY,
+    CaptionedFashionMNIST,
+    fill,
+    prompt_set,
+    tokenize,
+)
+from robuq.io.prompts import save_prompt_table
+from robuq.models.checkpoint import read_state_dict
+from robuq.models.families import family_of, predict_latents
 from robuq.models.families.base import class_name, diffusers_module
 from robuq.models.text_encoder import TextEncoder, TextEncoderConfig
+from robuq.train.family_objective import noisy_batch
 from robuq.train.trainer import LoopConfig, label_drops, train_loop
 
 TEXT_DIM = 128
@@ -83,13 +96,11 @@ class TextToImageRecord:
 class TextToImage(nn.Module):
     """A family's transformer and the text encoder that conditions it, trained together."""
 
-    text_conditioned = True  # the loop passes each batch's caption ids
-
     def __init__(self, transformer: nn.Module, text_encoder: TextEncoder):
         super().__init__()
         self.transformer, self.text_encoder = transformer, text_encoder
         self.family = family_of(transformer)
-        if self.family.predict is None:
+        if self.family.latent_arguments is None:
             raise RobuqError(f"robuq does not train {self.family.name} models from text")
         self.takes = set(inspect.signature(transformer.forward).parameters)
 
@@ -107,7 +118,7 @@ class TextToImage(nn.Module):
         return forward_text(self.takes, tokens, pooled, ids != 0)
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.family.predict(self.transformer, latents, t, text)
+        return predict_latents(self.transformer, latents, t, text)
 
 
 def forward_text(takes: set[str], tokens: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -134,26 +145,14 @@ def build_miniature(layout: str, seed: int = 0) -> TextToImage:
     return TextToImage(transformer, text)
 
 
-def diffusion_losses(model: TextToImage, x: torch.Tensor, text: dict, generator: torch.Generator) -> dict:
-    """Per-sample losses of the family's objective at noise levels drawn from ``generator``."""
-    family = model.family
-    noise = torch.randn(x.shape, generator=generator).to(x.device)
-    if family.objective == "flow":
-        flow = RectifiedFlow(family.flow_shift(x.shape[-2], x.shape[-1]))
-        sigma = flow.training_sigmas(x.shape[0], generator).to(x.device)
-        return flow.training_losses(lambda xs, s: model.predict(xs, s * family.timestep_scale, text), x, sigma, noise)
-    diffusion = create_diffusion(learn_sigma=model.transformer.config.out_channels == 2 * x.shape[1])
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=generator).to(x.device)
-    return diffusion.training_losses(lambda xt, tt: model.predict(xt, tt, text), x, t, noise)
-
-
 def text_objective(caption_dropout: float):
     """The teacher's loss: captions dropped to the empty caption with probability ``caption_dropout``."""
 
     def objective(model: TextToImage, x: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> dict:
         dropped = label_drops(len(ids), caption_dropout, generator, ids.device).bool()
         ids = torch.where(dropped[:, None], torch.zeros_like(ids), ids)
-        return diffusion_losses(model, x, model.conditioning(ids), generator)
+        batch = noisy_batch(model.family, model.transformer.config.out_channels or x.shape[1], x, generator)
+        return batch.losses(model.predict(batch.inputs, batch.timesteps, model.conditioning(ids)))
 
     return objective
 
@@ -189,3 +188,58 @@ def train_text_teacher(
         progress=progress,
         extra_meta={"kind": "text-to-image", "family": model.family.name},
     )
+
+
+def load_text_to_image(path: str | os.PathLike) -> TextToImage:
+    """The ``TextToImage`` a ``train-t2i`` run wrote (``model.safetensors``: EMA weights, or a checkpoint)."""
+    state, meta = read_state_dict(path)
+    record = meta.get("model_config") or {}
+    if "transformer_class" not in record:
+        raise RobuqError(f"{path} was not written by robuq train-t2i")
+    transformer = getattr(diffusers_module(), record["transformer_class"]).from_config(record["transformer_config"])
+    model = TextToImage(transformer, TextEncoder(TextEncoderConfig(**record["text_encoder"])))
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
+
+
+def teacher_prompts() -> list[str]:
+    """The prompts a miniature teacher's table caches: the empty one, every training caption, every
+    evaluation prompt (held-out and training templates)."""
+    train = sorted({fill(t, label, shade, k) for t, label, shade, k in _caption_choices()})
+    evaluation = prompt_set(held_out=True)[0] + prompt_set(held_out=False)[0]
+    return ["", *dict.fromkeys(train + evaluation)]
+
+
+def _caption_choices():
+    for template in TRAIN_TEMPLATES:
+        for label, names in enumerate(CLASS_WORDS):
+            for shade in (b[2] for b in BRIGHTNESS):
+                for k in range(len(names)):
+                    yield template, label, shade, k
+
+
+@torch.no_grad()
+def export_text_teacher(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a trained miniature teacher as its users need it: ``transformer/`` (a diffusers folder, which every
+    robuq verb takes), ``text_encoder.safetensors`` and ``prompts.safetensors`` (the prompt table of
+    ``teacher_prompts``, which QAT and sampling read)."""
+    model = load_text_to_image(path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    save_tensors(
+        out / "text_encoder.safetensors",
+        model.text_encoder.state_dict(),
+        {"kind": "text-encoder", "config": model.text_encoder.config.to_dict(), "vocabulary": list(VOCABULARY)},
+    )
+    prompts = teacher_prompts()
+    ids = tokenize(prompts)
+    tokens, pooled = model.text_encoder(ids)
+    text = forward_text({"pooled_projections", "encoder_attention_mask"}, tokens, pooled, ids != 0)
+    embeddings = {"prompt_embeds": tokens}
+    if "pooled_projections" in model.takes:
+        embeddings["pooled_prompt_embeds"] = pooled
+    if "encoder_attention_mask" in model.takes:
+        embeddings["prompt_attention_mask"] = text["encoder_attention_mask"]
+    save_prompt_table(out / "prompts.safetensors", prompts, embeddings)
+    return out

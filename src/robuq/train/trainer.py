@@ -404,7 +404,8 @@ def train_loop(
     can be done in chunks with ``resume=True``. ``objective(model, x, y, generator)`` gives per-sample
     losses; ``probe(ema)`` is called with the EMA weights every ``config.probe_every`` steps on the main
     process and its numbers go into the log (e.g. QAT's error against the teacher). Labels are passed when
-    the model is class-conditional (``model.num_classes > 0``). ``param_groups(model)`` splits the trainable
+    the model is class-conditional (``model.num_classes > 0``) or the dataset's are text conditioning (its
+    ``text_conditioning`` is true: caption ids or prompt-table rows). ``param_groups(model)`` splits the trainable
     parameters into AdamW groups, each with an ``lr_scale`` on the schedule (default: one group).
     """
     device = resolve_device(config.device)
@@ -417,6 +418,12 @@ def train_loop(
             return _loop(config, model, objective, dataset, run, device, info)
     finally:
         shutdown(info)
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any]:
+    """The model's configuration as JSON-ready data (robuq's config objects, or a diffusers model's config)."""
+    config = model.config
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
 def _next_batch(loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -441,10 +448,10 @@ def _loop(
     config.validate(info.world_size)
     out_dir = Path(config.out_dir)
     # Labels (or a text-conditioned model's caption ids) reach the objective; an unconditional model gets None.
-    conditioned = getattr(model, "num_classes", 0) > 0 or getattr(model, "text_conditioned", False)
+    conditioned = getattr(model, "num_classes", 0) > 0 or getattr(dataset, "text_conditioning", False)
     model = model.to(device)
     ema, optimizer = ema_and_optimizer(model, config, run.param_groups)
-    meta = {"train_config": config.to_dict(), "model_config": model.config.to_dict(), **extra_meta}
+    meta = {"train_config": config.to_dict(), "model_config": _config_dict(model), **extra_meta}
 
     start = 0
     found = list_checkpoints(out_dir) if resume else []

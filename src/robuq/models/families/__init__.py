@@ -94,6 +94,17 @@ def run_model(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     return family_of(model).run(model, inputs)
 
 
+def predict_latents(
+    model: nn.Module, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """A text-to-image family's prediction for latents (B, C, H, W) at its forward timesteps ``t`` with text
+    conditioning (forward argument name → tensor), in the latents' layout."""
+    family = family_of(model)
+    if family.latent_arguments is None:
+        raise RobuqError(f"robuq does not run {family.name} models on latents with text conditioning")
+    return family.latent_output(family.run(model, family.latent_arguments(model, latents, t, text)), latents.shape)
+
+
 def model_output(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """The prediction of a class-conditional DiT (either layout) for noisy ``x`` at timesteps ``t`` with labels ``y``."""
     family = family_of(model)
@@ -119,6 +130,7 @@ __all__ = [
     "model_from_record",
     "model_output",
     "model_record",
+    "predict_latents",
     "role_kind",
     "run_model",
     "supported_families",

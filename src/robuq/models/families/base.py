@@ -54,9 +54,11 @@ class Family:
     # schedule) or "flow" (velocity on the rectified-flow schedule, its noise levels shifted by ``flow_shift``).
     objective: str = "ddpm"
     flow_shift: Callable[[int, int], float] = lambda height, width: 1.0  # of the latents' height and width
-    # The prediction for latents (B, C, H, W) at forward timesteps t with text conditioning (forward
-    # argument name → tensor), in the latents' layout; None where robuq does not train the family.
-    predict: Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None
+    # The forward arguments for latents (B, C, H, W) at forward timesteps t with text conditioning (forward
+    # argument name → tensor); None where robuq does not train the family. ``latent_output`` maps the output
+    # back to the latents' layout (FLUX unpacks its tokens).
+    latent_arguments: Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], dict] | None = None
+    latent_output: Callable[[torch.Tensor, torch.Size], torch.Tensor] = lambda out, shape: out
 
     def roles(self) -> dict[str, tuple[str, ...]]:
         """Every role's patterns: the block linears, "adaln" (modulation) and "attention"."""
@@ -179,15 +181,13 @@ def run_diffusers(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     return model(**inputs, return_dict=False)[0]
 
 
-def grid_predict(**extra: Any) -> Callable[..., torch.Tensor]:
-    """``Family.predict`` of a model that reads latents as a (B, C, H, W) grid, with ``extra`` forward arguments."""
+def grid_arguments(**extra: Any) -> Callable[..., dict]:
+    """``Family.latent_arguments`` of a model that reads latents as a (B, C, H, W) grid, with ``extra`` arguments."""
 
-    def predict(
-        model: nn.Module, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        return model(hidden_states=latents, timestep=t, **text, **extra, return_dict=False)[0]
+    def arguments(model: nn.Module, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> dict:
+        return {"hidden_states": latents, "timestep": t, **text, **extra}
 
-    return predict
+    return arguments
 
 
 def device_of(model: nn.Module) -> torch.device:

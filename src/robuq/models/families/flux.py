@@ -82,28 +82,27 @@ def grid_ids(height: int, width: int, axes: int, device: torch.device) -> torch.
     return ids
 
 
-def predict_packed(
-    model: nn.Module, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    """``Family.predict`` of the FLUX layout: latents packed 2 × 2 into tokens on their grid, caption tokens at
-    position 0, the guidance (where the model embeds it) at 1 — distilled guidance is not trained here."""
+def packed_arguments(model: nn.Module, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> dict:
+    """``Family.latent_arguments`` of the FLUX layout: latents packed 2 × 2 into tokens on their grid, caption
+    tokens at position 0, the guidance (where the model embeds it) at 1 — distilled guidance is not trained here."""
     b, _, h, w = latents.shape
     axes = len(model.config.axes_dims_rope)
-    text = dict(text)
-    text.pop("encoder_attention_mask", None)  # FLUX attends to every caption token: padding is part of the prompt
+    text = {k: v for k, v in text.items() if k != "encoder_attention_mask"}  # FLUX attends to every caption token
     extra = (
         {"guidance": torch.ones(b, device=latents.device)} if getattr(model.config, "guidance_embeds", False) else {}
     )
-    out = model(
-        hidden_states=pack(latents),
-        timestep=t,
-        img_ids=grid_ids(h // 2, w // 2, axes, latents.device),
-        txt_ids=torch.zeros(text["encoder_hidden_states"].shape[1], axes, device=latents.device),
+    return {
+        "hidden_states": pack(latents),
+        "timestep": t,
+        "img_ids": grid_ids(h // 2, w // 2, axes, latents.device),
+        "txt_ids": torch.zeros(text["encoder_hidden_states"].shape[1], axes, device=latents.device),
         **text,
         **extra,
-        return_dict=False,
-    )[0]
-    return unpack(out, h, w)
+    }
+
+
+def unpacked(out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return unpack(out, shape[-2], shape[-1])
 
 
 def resolution_shift(height: int, width: int) -> float:
@@ -152,5 +151,6 @@ FLUX = Family(
     pipeline="FluxPipeline",
     objective="flow",
     flow_shift=resolution_shift,
-    predict=predict_packed,
+    latent_arguments=packed_arguments,
+    latent_output=unpacked,
 )

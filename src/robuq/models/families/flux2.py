@@ -20,7 +20,7 @@ from robuq.models.families.base import (
     is_class,
     run_diffusers,
 )
-from robuq.models.families.flux import packed_inputs, predict_packed, resolution_shift
+from robuq.models.families.flux import packed_arguments, packed_inputs, resolution_shift, unpacked
 
 
 def _to_out_parts(model: nn.Module, name: str) -> tuple[tuple[str, int], ...]:
@@ -60,5 +60,6 @@ FLUX2 = Family(
     pipeline="Flux2Pipeline",
     objective="flow",
     flow_shift=resolution_shift,
-    predict=predict_packed,
+    latent_arguments=packed_arguments,
+    latent_output=unpacked,
 )

@@ -18,7 +18,7 @@ from robuq.models.families.base import (
     device_of,
     diffusers_build,
     diffusers_record,
-    grid_predict,
+    grid_arguments,
     is_class,
     latent_grid,
     run_diffusers,
@@ -56,5 +56,5 @@ PIXART = Family(
     record=diffusers_record("pixart"),
     build=diffusers_build,
     pipeline="PixArtSigmaPipeline",
-    predict=grid_predict(added_cond_kwargs={"resolution": None, "aspect_ratio": None}),
+    latent_arguments=grid_arguments(added_cond_kwargs={"resolution": None, "aspect_ratio": None}),
 )

@@ -20,7 +20,7 @@ from robuq.models.families.base import (
     device_of,
     diffusers_build,
     diffusers_record,
-    grid_predict,
+    grid_arguments,
     is_class,
     latent_grid,
     run_diffusers,
@@ -58,6 +58,6 @@ SANA = Family(
     pipeline="SanaPipeline",
     objective="flow",
     flow_shift=lambda height, width: 3.0,  # the shift of Sana's scheduler at 1,024 px
-    predict=grid_predict(),
+    latent_arguments=grid_arguments(),
     notes=("linear self-attention matmuls (KᵀV, Q·KᵀV) in full precision: no softmax to quantize",),
 )

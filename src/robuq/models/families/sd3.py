@@ -21,7 +21,7 @@ from robuq.models.families.base import (
     device_of,
     diffusers_build,
     diffusers_record,
-    grid_predict,
+    grid_arguments,
     is_class,
     latent_grid,
     run_diffusers,
@@ -64,5 +64,5 @@ SD3 = Family(
     pipeline="StableDiffusion3Pipeline",
     objective="flow",
     flow_shift=lambda height, width: 3.0,  # the shift of SD3's scheduler
-    predict=grid_predict(),
+    latent_arguments=grid_arguments(),
 )
