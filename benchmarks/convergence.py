@@ -943,6 +943,13 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
             flush=True,
         )
         return
+    if not config.inception and _reported_inception(results):
+        print(
+            "[convergence] not writing the report: the results hold Inception FIDs this --no-inception run "
+            "would drop; score with --inception, then report",
+            flush=True,
+        )
+        return
     scores = {space: resampled_scores(config, work, points, space) for space in ("classifier", "inception")}
     final, curves, comparisons = [], {}, []
     for p in points:
@@ -1036,6 +1043,14 @@ def report(config: ConvergenceConfig, work: Path, argv: list[str]) -> None:
     }
     write_result("convergence", payload, markdown(payload, config), results, argv)
     plot(payload, config, results / "convergence.png")
+
+
+def _reported_inception(results: Path) -> bool:
+    """Whether the committed report holds Inception FIDs (which a report without that space would lose)."""
+    path = results / "convergence.json"
+    if not path.is_file():
+        return False
+    return any("inception" in e for e in json.loads(path.read_text()).get("final", []))
 
 
 def unscored_points(config: ConvergenceConfig, work: Path, points: list[Point]) -> list[str]:

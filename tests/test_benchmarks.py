@@ -1131,6 +1131,12 @@ def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch
     before = (results / "convergence.json").read_text()
     convergence.main(["--stage", "report", *common])
     assert (results / "convergence.json").read_text() == before  # a report that would drop scored rows is not written
+    convergence.main(["--stage", "score", *common])  # the features back
+    data["final"][0]["inception"] = {"fid": 1.0}  # as the committed results, scored in both spaces
+    (results / "convergence.json").write_text(json.dumps(data))
+    before = (results / "convergence.json").read_text()
+    convergence.main(["--stage", "report", *common])
+    assert (results / "convergence.json").read_text() == before  # --no-inception would drop the Inception FIDs
 
 
 def test_gpu_check_references_never_enter_a_kernel(monkeypatch):
