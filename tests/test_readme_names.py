@@ -57,7 +57,7 @@ def test_every_dotted_robuq_name_exists(page):
 def _commands() -> list[tuple[str, list[str]]]:
     found = set()
     for page, text in TEXT.items():
-        for match in re.finditer(r"`robuq ((?:[a-z][a-z-]*)(?: (?:[a-z][a-z-]*))?)", text):
+        for match in re.finditer(r"`robuq ((?:[a-z][a-z0-9-]*)(?: (?:[a-z][a-z0-9-]*))?)", text):
             found.add((page, match.group(1)))
     return [(page, command.split()) for page, command in sorted(found)]
 
