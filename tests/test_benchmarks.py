@@ -1098,9 +1098,7 @@ def test_convergence_at_toy_size(tmp_path, teacher_file, fmnist_dir, monkeypatch
     assert data["teacher"]["classifier"]["fid"] > 0 and "inception" not in data["teacher"]
     (second,) = [e for e in data["final"] if e["name"] == "strong baseline W1.58A2 seed 1"]
     assert second["seeds"] == [1] and second["act_bits"] == 2 and second["ampn"] is False and second["rank"] == 16
-    row, rank0 = sorted(
-        (e for e in data["final"] if e["steps"] == 12 and e is not second), key=lambda e: -e["rank"]
-    )
+    row, rank0 = sorted((e for e in data["final"] if e["steps"] == 12 and e is not second), key=lambda e: -e["rank"])
     assert row["name"] == "RobuQ + AMPN W1.58A2" and row["ampn"] is True and row["samples"] == 20
     assert row["rank"] == 16 and row["seeds"] == [0] and row["seeds_fid"]["0"]["classifier"] == row["classifier"]["fid"]
     assert rank0["name"] == "RobuQ W1.58A4 rank 0" and rank0["rank"] == 0 and rank0["act_bits"] == 4

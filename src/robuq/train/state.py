@@ -11,6 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from robuq.core.files import load_tensors, save_tensors
 from robuq.core.errors import RobuqError
@@ -54,6 +62,40 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) holds the module's parameters as shards over the processes."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to the main process, on the CPU
+
+
+def model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's whole state dict; for a sharded module a collective every process calls, whose result only
+    the main process receives (the others get an empty dict)."""
+    return get_model_state_dict(module, options=_FULL) if is_sharded(module) else module.state_dict()
+
+
+def _positions(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Parameter name → its position over the optimizer's groups, the key an unsharded optimizer's state uses."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {name: i for i, name in enumerate(order)}
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict keyed by parameter position, sharded or not (a collective when sharded), so
+    that one checkpoint resumes a run with or without sharding."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    full = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    if not full:
+        return {}
+    at = _positions(model, optimizer)
+    groups = [{**g, "params": [at[n] for n in g["params"]]} for g in full["param_groups"]]
+    return {"state": {at[n]: v for n, v in full["state"].items()}, "param_groups": groups}
+
+
 def save_training_state(
     path: str | Path,
     model: torch.nn.Module,
@@ -61,11 +103,17 @@ def save_training_state(
     optimizer: torch.optim.Optimizer,
     step: int,
     meta: dict[str, Any],
-) -> Path:
-    """One file holding everything ``load_training_state`` needs to continue exactly at ``step``."""
-    optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    write: bool = True,
+) -> Path | None:
+    """One file holding everything ``load_training_state`` needs to continue exactly at ``step``. A sharded
+    model's state is gathered first: every process calls this, and only the one with ``write`` writes."""
+    optim = optimizer_state(model, optimizer)
+    model_tensors, ema_tensors = model_state(model), model_state(ema)
+    if not write:
+        return None
+    optim_tensors, optim_meta = _flatten_optimizer(optim)
+    tensors = {f"model.{k}": v for k, v in model_tensors.items()}
+    tensors.update({f"ema.{k}": v for k, v in ema_tensors.items()})
     tensors.update(optim_tensors)
     return save_tensors(path, tensors, {**meta, "kind": "training-state", "step": step, "optimizer": optim_meta})
 
@@ -81,7 +129,19 @@ def load_training_state(
     for name, value in tensors.items():
         head, rest = name.split(".", 1)
         groups[head][rest if head != "optim" else name] = value
+    optim = _unflatten_optimizer(groups["optim"], meta["optimizer"])
+    if is_sharded(model):
+        load = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, groups["model"], options=load)
+        set_model_state_dict(ema, groups["ema"], options=load)
+        name = {i: n for n, i in _positions(model, optimizer).items()}
+        named = {
+            "state": {name[i]: v for i, v in optim["state"].items()},
+            "param_groups": [{**g, "params": [name[i] for i in g["params"]]} for g in optim["param_groups"]],
+        }
+        set_optimizer_state_dict(model, optimizer, named, options=load)
+        return meta
     model.load_state_dict(groups["model"])
     ema.load_state_dict(groups["ema"])
-    optimizer.load_state_dict(_unflatten_optimizer(groups["optim"], meta["optimizer"]))
+    optimizer.load_state_dict(optim)
     return meta

@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -42,7 +45,14 @@ from robuq.core.distributed import (
 )
 from robuq.core.options import check_choice, check_known_fields, option
 from robuq.core.runtime import DEVICE_HELP, device_context, precision_context, resolve_device
-from robuq.train.state import checkpoint_path, list_checkpoints, load_training_state, save_training_state
+from robuq.train.state import (
+    checkpoint_path,
+    is_sharded,
+    list_checkpoints,
+    load_training_state,
+    model_state,
+    save_training_state,
+)
 from robuq.core.errors import RobuqError, RobuqFileNotFoundError
 
 
@@ -102,6 +112,12 @@ class LoopConfig:
         "log a quality probe of the EMA weights every N steps (QAT: output error against the "
         "teacher on held-out images); 0: never",
     )
+    shard: str = option(
+        "none",
+        "none: every process holds the whole model (DDP); fsdp: parameters, gradients, optimizer state and "
+        "EMA sharded over the processes with PyTorch's FSDP2, each block its own unit (under torchrun)",
+        choices=("none", "fsdp"),
+    )
     continue_from: str | None = option(
         None,
         "a training checkpoint of another run to carry on from: its step, weights, "
@@ -126,6 +142,7 @@ class LoopConfig:
             raise RobuqError(f"global_batch_size {self.global_batch_size} is not divisible by {world_size} processes")
         check_choice(self, "lr_schedule")
         check_choice(self, "precision")
+        check_choice(self, "shard")
 
 
 @dataclass
@@ -153,6 +170,7 @@ _RESUMABLE_CHANGES = {
     "grad_checkpoint",
     "compile",
     "dist_timeout_hours",
+    "shard",  # sharded or not, a step computes the same (checkpoints are written whole either way)
 }
 # What a run continued from another (``continue_from``) may set differently from it: the network it trains
 # (bits, plan) is the caller's business; the loop's schedule, data and randomness must be the same.
@@ -450,7 +468,13 @@ def _loop(
     # Labels (or a text-conditioned model's caption ids) reach the objective; an unconditional model gets None.
     conditioned = getattr(model, "num_classes", 0) > 0 or getattr(dataset, "text_conditioning", False)
     model = model.to(device)
-    ema, optimizer = ema_and_optimizer(model, config, run.param_groups)
+    sharded = config.shard == "fsdp"
+    if sharded and not info.enabled:
+        raise RobuqError("--shard fsdp shards the model over processes: run under torchrun with 2 or more")
+    ema, optimizer = ema_and_optimizer(model, config, run.param_groups, shard=sharded)
+    if sharded and info.is_main:
+        units = sum(1 for m in model.modules() if isinstance(m, FSDPModule))
+        print(f"FSDP2: {units} units sharded over {info.world_size} processes", file=sys.stderr, flush=True)
     meta = {"train_config": config.to_dict(), "model_config": _config_dict(model), **extra_meta}
 
     start = 0
@@ -495,7 +519,7 @@ def _loop(
             )
         model.grad_checkpoint = True
     # Gradients as views into DDP's buckets: one copy of them instead of two (1.3 GB at DiT-XL/2).
-    net = DistributedDataParallel(model, gradient_as_bucket_view=True) if info.enabled else model
+    net = DistributedDataParallel(model, gradient_as_bucket_view=True) if info.enabled and not sharded else model
     if config.compile:
         net = torch.compile(net)
     state = StepState(net, model, ema, optimizer, objective, config, info, device)
@@ -519,6 +543,8 @@ def _loop(
         window_loss, window_n = window_loss + loss.item(), window_n + 1
         done = step + 1
         probe_due = probe is not None and config.probe_every > 0 and (done % config.probe_every == 0 or done == stop)
+        # A sharded EMA runs its forward on every process (each gathers its blocks' weights from the others).
+        probed = probe(ema) if probe_due and (sharded or info.is_main) else {}
         if info.is_main and (done % config.log_every == 0 or done == stop or probe_due):
             elapsed = time.perf_counter() - window_t0
             record = {
@@ -532,33 +558,59 @@ def _loop(
             for key in ("mse", "vb", "distill"):
                 if key in losses:
                     record[key] = float(losses[key].detach().mean())
-            if probe_due:
-                record.update(probe(ema))
+            record.update(probed)
             with open(out_dir / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
             window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
         if done % config.ckpt_every == 0 or done == stop:
+            if info.is_main or sharded:
+                save_training_state(
+                    checkpoint_path(out_dir, done), model, ema, optimizer, done, meta, write=info.is_main
+                )
             if info.is_main:
-                save_training_state(checkpoint_path(out_dir, done), model, ema, optimizer, done, meta)
                 for _, old in list_checkpoints(out_dir)[: -config.keep_checkpoints]:
                     old.unlink()
             barrier(info)
     bar.close()
+    weights = model_state(ema) if stop == config.steps and (info.is_main or sharded) else None
     if info.is_main and stop == config.steps:
-        save_tensors(
-            out_dir / "model.safetensors", ema.state_dict(), {**meta, "kind": "model", "step": stop, "weights": "ema"}
-        )
+        save_tensors(out_dir / "model.safetensors", weights, {**meta, "kind": "model", "step": stop, "weights": "ema"})
     barrier(info)
     return out_dir
 
 
+def shard_blocks(model: nn.Module) -> None:
+    """FSDP2 over ``model``: each block of its outermost block lists (a DiT's ``blocks``, a diffusers model's
+    ``transformer_blocks`` and ``single_transformer_blocks``) one unit, gathered for its own forward and
+    backward only, and the rest (embedders, final layer) the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, nn.ModuleList):
+                for block in child:
+                    fully_shard(block)
+            else:
+                visit(child)
+
+    visit(model)
+    fully_shard(model)
+
+
 def ema_and_optimizer(
-    model: nn.Module, config: LoopConfig, param_groups: Callable[[nn.Module], list[dict]] | None = None
+    model: nn.Module,
+    config: LoopConfig,
+    param_groups: Callable[[nn.Module], list[dict]] | None = None,
+    shard: bool = False,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The loop's frozen EMA copy of ``model`` and its AdamW over the trainable parameters (in the groups
-    ``param_groups(model)`` gives, each with an ``lr_scale``; default one group at scale 1)."""
+    ``param_groups(model)`` gives, each with an ``lr_scale``; default one group at scale 1); with ``shard``,
+    model and EMA sharded alike (``shard_blocks``) before the optimizer takes the shards."""
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if shard:
+        shard_blocks(model)
+        shard_blocks(ema)
     groups = (
         param_groups(model)
         if param_groups is not None
@@ -624,7 +676,8 @@ def train_step(
                 torch.manual_seed(step_seed(config.seed, step, rank))
                 return objective(model, x, y, torch.Generator().manual_seed(step_seed(config.seed, step, rank)))
 
-        where = first_nonfinite_module(model, rerun)
+        # A sharded model cannot be re-run by this process alone: the others are not in the forward pass.
+        where = None if is_sharded(model) else first_nonfinite_module(model, rerun)
         origin = f", first in module {where!r}" if where else ""
         where_rank = f" on rank {rank}" if info.enabled else ""
         raise TrainingDivergedError(
@@ -636,8 +689,10 @@ def train_step(
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+    if isinstance(grad_norm, DTensor):  # sharded gradients: the norm over every process's shards
+        grad_norm = grad_norm.full_tensor()
     if not torch.isfinite(grad_norm):
-        where = first_nonfinite_grad(model)
+        where = None if is_sharded(model) else first_nonfinite_grad(model)
         origin = f", first in the gradient of {where!r}" if where else ""
         raise TrainingDivergedError(f"non-finite gradient norm at step {step}{origin}; the last checkpoint is intact")
     optimizer.step()
