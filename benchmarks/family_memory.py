@@ -9,8 +9,9 @@ Per GPU, in bytes, with P the model's parameters and R the low-rank branches rob
 - the student's latent weights in fp32 (4·(P+R)), their fp32 gradients (4·(P+R)), AdamW's two moments
   (8·(P+R)) and the EMA (4·(P+R)) — divided by the GPU count under ``--shard fsdp``, whole on each GPU
   under DDP (1 GPU: whole);
-- the frozen teacher in bf16 (2·P), whole on every GPU: robuq does not shard or offload it yet;
-- under FSDP, the largest block gathered whole for its forward and backward (fp32, twice: prefetch);
+- the frozen teacher in bf16 (2·P), sharded like the student under ``--shard fsdp``;
+- under FSDP, the largest block gathered whole, the student's (fp32) and the teacher's (bf16), twice
+  (the next one is prefetched);
 - activations under bf16 autocast with ``--grad-checkpoint``: each block's input kept (fp32 residual stream,
   4·s·h per sample per block) and one block's activations during its recomputation, by the per-layer rule of
   Korthikanti et al. (2022) at 16 bits, s·h·(34 + 5·a·s/h) bytes, plus 28·s·h for the fake-quantized linears'
@@ -42,7 +43,7 @@ QUANTIZER_COPIES = 28  # bytes per token and unit of width: the block linears' r
 @dataclass
 class MemoryConfig:
     batches: str = option("1,4", "batches per GPU (comma-separated)")
-    gpus: str = option("1,8", "GPU counts (comma-separated)")
+    gpus: str = option("1,8,16", "GPU counts (comma-separated)")
     gpu_gb: float = option(80.0, "memory of one GPU in GB")
     families: str = option(",".join(REAL), "families (comma-separated)")
     results_dir: str = option(str(ROOT / "results"), "where family_memory.{json,md} go")
@@ -74,8 +75,8 @@ def per_gpu(shape: dict, family: str, batch: int, gpus: int) -> dict:
     trained = shape["params"] + shape["lowrank"]
     sharded = gpus > 1
     state = 20 * trained / (gpus if sharded else 1)  # fp32 weights, grads, AdamW m and v, EMA
-    teacher = 2 * shape["params"]
-    gathered = 2 * 4 * shape["largest"] if sharded else 0
+    teacher = 2 * shape["params"] / (gpus if sharded else 1)
+    gathered = 2 * (4 + 2) * shape["largest"] if sharded else 0  # a student block (fp32) and a teacher block
     s = sum(TOKENS[family])
     h, a, layers = shape["width"], shape["heads"], shape["blocks"]
     kept = layers * 4 * s * h * batch

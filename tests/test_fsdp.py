@@ -71,7 +71,7 @@ def log_of(out) -> list[dict]:
 def test_fsdp_qat_matches_ddp_and_resumes_exactly(tmp_path, teacher_file, fmnist_dir):
     torchrun_qat(tmp_path / "ddp", teacher_file, fmnist_dir)
     said = torchrun_qat(tmp_path / "fsdp", teacher_file, fmnist_dir, "--shard", "fsdp")
-    assert "FSDP2: 3 units sharded over 2 processes" in said  # two blocks and the root
+    assert "FSDP2: 3 units sharded over 2 processes, and 3 of frozen modules" in said  # blocks, root; the teacher
     ddp, fsdp = log_of(tmp_path / "ddp"), log_of(tmp_path / "fsdp")
     assert [r["step"] for r in fsdp] == [1, 2, 3, 4]
     for a, b in zip(ddp, fsdp):

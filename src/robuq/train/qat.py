@@ -299,6 +299,7 @@ def qat(
         progress=progress,
         probe=probe,
         param_groups=qat_param_groups(config.ternary_lr_scale),
+        frozen=(teacher,),
     )
 
 

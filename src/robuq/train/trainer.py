@@ -415,6 +415,7 @@ def train_loop(
     progress: bool = True,
     probe: Callable[[nn.Module], dict[str, float]] | None = None,
     param_groups: Callable[[nn.Module], list[dict]] | None = None,
+    frozen: tuple[nn.Module, ...] = (),
 ) -> Path:
     """Run (or continue) the loop every robuq training job uses; returns the output folder.
 
@@ -424,7 +425,9 @@ def train_loop(
     process and its numbers go into the log (e.g. QAT's error against the teacher). Labels are passed when
     the model is class-conditional (``model.num_classes > 0``) or the dataset's are text conditioning (its
     ``text_conditioning`` is true: caption ids or prompt-table rows). ``param_groups(model)`` splits the trainable
-    parameters into AdamW groups, each with an ``lr_scale`` on the schedule (default: one group).
+    parameters into AdamW groups, each with an ``lr_scale`` on the schedule (default: one group). ``frozen``
+    modules (QAT's teacher) are sharded with the model under ``shard="fsdp"``; the objective must run them on
+    every process.
     """
     device = resolve_device(config.device)
     info = init_distributed(device, config.dist_timeout_hours)
@@ -432,7 +435,7 @@ def train_loop(
     current = device_context(device)
     try:
         with current:
-            run = LoopRun(resume, until, extra_meta or {}, progress, probe, param_groups)
+            run = LoopRun(resume, until, extra_meta or {}, progress, probe, param_groups, tuple(frozen))
             return _loop(config, model, objective, dataset, run, device, info)
     finally:
         shutdown(info)
@@ -472,9 +475,16 @@ def _loop(
     if sharded and not info.enabled:
         raise RobuqError("--shard fsdp shards the model over processes: run under torchrun with 2 or more")
     ema, optimizer = ema_and_optimizer(model, config, run.param_groups, shard=sharded)
+    for module in run.frozen if sharded else ():
+        shard_blocks(module)
     if sharded and info.is_main:
         units = sum(1 for m in model.modules() if isinstance(m, FSDPModule))
-        print(f"FSDP2: {units} units sharded over {info.world_size} processes", file=sys.stderr, flush=True)
+        frozen = sum(1 for f in run.frozen for m in f.modules() if isinstance(m, FSDPModule))
+        print(
+            f"FSDP2: {units} units sharded over {info.world_size} processes, and {frozen} of frozen modules",
+            file=sys.stderr,
+            flush=True,
+        )
     meta = {"train_config": config.to_dict(), "model_config": _config_dict(model), **extra_meta}
 
     start = 0
@@ -646,6 +656,7 @@ class LoopRun:
     progress: bool = True
     probe: Callable[[nn.Module], dict[str, float]] | None = None
     param_groups: Callable[[nn.Module], list[dict]] | None = None
+    frozen: tuple[nn.Module, ...] = ()  # modules the objective runs but does not train (QAT's teacher)
 
 
 def train_step(
