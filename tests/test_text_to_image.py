@@ -328,3 +328,32 @@ def test_the_family_sampler_is_deterministic_and_shards_nest(layout, exported_te
     assert torch.equal(three, again) and torch.allclose(three[:2], two, atol=1e-6)
     other = sample_latents(model, table, rows, (4, 14, 14), steps=3, guidance=2.0, shard_size=2, seed=1)
     assert not torch.allclose(three, other)
+
+
+def test_robuq_sample_draws_a_family_model_from_its_prompt_table(tmp_path, exported_teacher):
+    from robuq.cli.main import main
+
+    teacher = exported_teacher("flux")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dark photo of a coat\na light photo of a sneaker\n")
+    common = ["--ckpt", str(teacher / "transformer"), "--prompt-embeds", str(teacher / "prompts.safetensors")]
+    common += [
+        "--latent-decode",
+        "space-to-depth",
+        "--steps",
+        "2",
+        "--cfg-scale",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    assert main(["sample", *common, "--prompts", str(prompts), "--num-samples", "5", "--out", str(tmp_path / "a")]) == 0
+    with np.load(tmp_path / "a" / "samples.npz") as data:
+        images, labels = data["arr_0"], data["labels"]
+    assert images.shape == (5, 28, 28, 3) and images.dtype == np.uint8 and set(labels) <= {0, 1}
+    assert (images == images[..., :1]).all()  # grey
+    assert main(["sample", *common, "--out", str(tmp_path / "b")]) == 0  # every prompt of the table once
+    with np.load(tmp_path / "b" / "samples.npz") as data:
+        assert len(data["labels"]) == len(teacher_prompts()) - 1
+    assert main(["sample", *common, "--pipeline", str(tmp_path), "--out", str(tmp_path / "c")]) == 2

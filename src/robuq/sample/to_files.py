@@ -15,7 +15,10 @@ from robuq.core.runtime import DEVICE_HELP, PRECISIONS, default_teacher_path, de
 from robuq.io.model_files import load_any
 from robuq.data.vae import decode, load_vae, vae_geometry
 from robuq.sample.at_scale import sample_shards
-from robuq.models.families import model_family
+from robuq.data.captions import latents_to_pixels
+from robuq.io.prompts import load_prompt_table
+from robuq.models.families import family_of, model_family
+from robuq.sample.family_sampler import sample_latents
 from robuq.sample.generate import generate, row_names, save_grid, to_uint8
 from robuq.sample.text_to_image import sample_text_to_image
 from robuq.core.errors import RobuqError
@@ -86,9 +89,58 @@ class SampleConfig:
     )
     height: int | None = option(None, "text-to-image families: image height (default: the pipeline's)")
     width: int | None = option(None, "text-to-image families: image width (default: the pipeline's)")
+    latent_decode: str | None = option(
+        None,
+        "text-to-image families without --pipeline: sample the transformer directly from a prompt table "
+        "(--prompt-embeds) and turn latents into pixels by space-to-depth (robuq's text-to-image miniature: "
+        "each latent position holds 2 × 2 grey pixels)",
+        choices=(None, "space-to-depth"),
+    )
+    prompts: str | None = option(
+        None,
+        "with --latent-decode: a text file of prompts from the table, one per line, to sample (default: "
+        "every prompt but the empty one); --num-samples draws them at random, else each once",
+    )
 
 
-def _sample_text_to_image(config: SampleConfig, model, device) -> dict[str, Path]:
+def _sample_from_table(config: SampleConfig, model, progress: bool) -> dict[str, Path]:
+    """The transformer sampled directly from a prompt table, latents decoded as ``--latent-decode`` says;
+    ``labels`` in the .npz: each sample's prompt's line in ``--prompts`` (or row − 1 in the table)."""
+    table = load_prompt_table(config.prompt_embeds)
+    prompts = Path(config.prompts).read_text().splitlines() if config.prompts else table.prompts[1:]
+    rows = table.index(prompts)
+    if config.num_samples is not None:
+        which = torch.randint(
+            0, len(prompts), (config.num_samples,), generator=torch.Generator().manual_seed(config.seed)
+        )
+    else:
+        which = torch.arange(len(prompts))
+    side = (config.height or 28) // 2, (config.width or 28) // 2
+    latents = sample_latents(
+        model,
+        table,
+        rows[which],
+        (family_of(model).latent_channels(model), *side),
+        steps=config.steps,
+        guidance=config.cfg_scale,
+        seed=config.seed,
+        shard_size=config.shard_size,
+        progress=progress,
+    )
+    grey = latents_to_pixels(latents)
+    pixels = np.repeat(grey[..., None], 3, axis=-1)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    npz = out / "samples.npz"
+    save_npz(npz, arr_0=pixels, labels=which.numpy())
+    return {"grid": save_grid(pixels[:64], out / "grid.png", 8, scale=2), "npz": npz}
+
+
+def _sample_text_to_image(config: SampleConfig, model, device, progress: bool = True) -> dict[str, Path]:
+    if config.latent_decode and config.pipeline:
+        raise RobuqError("--latent-decode samples without a pipeline; give it or --pipeline, not both")
+    if config.latent_decode and config.prompt_embeds:
+        return _sample_from_table(config, model, progress)
     if not config.pipeline or not config.prompt_embeds:
         raise RobuqError(
             f"a {model_family(model)} model samples through its diffusers pipeline from cached prompt "
@@ -119,7 +171,7 @@ def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Pa
     device = resolve_device(config.device)
     model = load_any(config.ckpt or default_teacher_path(), retain_memory=config.retain_memory).to(device)
     if model_family(model) not in CLASS_CONDITIONAL:
-        return _sample_text_to_image(config, model, device)
+        return _sample_text_to_image(config, model, device, progress)
     vae = load_vae(config.vae, config.vae_config, device) if config.vae else None
     if vae is not None and vae_geometry(vae).channels != model.in_channels:
         raise RobuqError(

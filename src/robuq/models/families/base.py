@@ -59,6 +59,7 @@ class Family:
     # back to the latents' layout (FLUX unpacks its tokens).
     latent_arguments: Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], dict] | None = None
     latent_output: Callable[[torch.Tensor, torch.Size], torch.Tensor] = lambda out, shape: out
+    latent_channels: Callable[[nn.Module], int] = lambda model: model.config.in_channels  # of the (B, C, H, W) grid
 
     def roles(self) -> dict[str, tuple[str, ...]]:
         """Every role's patterns: the block linears, "adaln" (modulation) and "attention"."""

@@ -62,4 +62,5 @@ FLUX2 = Family(
     flow_shift=resolution_shift,
     latent_arguments=packed_arguments,
     latent_output=unpacked,
+    latent_channels=lambda model: model.config.in_channels // 4,  # packed 2 × 2
 )
