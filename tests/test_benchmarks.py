@@ -1298,3 +1298,45 @@ def test_family_memory_divides_the_sharded_state_and_teacher(tmp_path):
     assert one[(8, 1)]["teacher_gb"] == pytest.approx(one[(1, 1)]["teacher_gb"] / 8)
     assert one[(1, 2)]["activations_gb"] == pytest.approx(2 * one[(1, 1)]["activations_gb"])
     assert "| FLUX.1 [dev] | 11.90 B | 1 | none | 1 |" in markdown and "| no |" in markdown
+
+
+def test_families_convergence_at_toy_size(tmp_path, fmnist_dir):
+    """A miniature text-to-image teacher quantized by two rows, sampled on the held-out prompts and scored: FID
+    ratios to the teacher with intervals, prompt adherence with its interval, the claims read."""
+    pytest.importorskip("diffusers")
+    from test_text_to_image import train_tiny
+
+    from robuq.data.captions import prompt_set
+    from robuq.train.text_to_image import export_text_teacher
+
+    teacher = export_text_teacher(
+        train_tiny("flux", tmp_path / "t", fmnist_dir, steps=2) / "model.safetensors", tmp_path / "teacher"
+    )
+    families_convergence = _load("families_convergence")
+    results = tmp_path / "results"
+    common = ["--toy", "--installed", "--no-inception", "--teachers", f"tiny={teacher}", "--data-dir", str(fmnist_dir)]
+    common += ["--work-dir", str(tmp_path / "work"), "--results-dir", str(results)]
+    rows = "tiny: RobuQ + AMPN W1.58A2,tiny: strong baseline W1.58A2"
+    families_convergence.main(["--stage", "qat", "--only", rows, *common])
+    argv = ["--stage", "score", *common]
+    families_convergence.main(argv)
+    data, markdown = _record(results, "families_convergence", "families_convergence", argv)
+    t = data["teachers"]["tiny"]
+    assert t["layout"] == "flux" and t["steps"] == 2 and 0 <= t["prompt_accuracy"] <= 1 and t["classifier"]["fid"] > 0
+    assert t["vs_teacher_samples"]["classifier"]["fid"] > 0
+    names = {e["name"] for e in data["final"]}
+    assert names == {"tiny: RobuQ + AMPN W1.58A2", "tiny: strong baseline W1.58A2"}
+    for e in data["final"]:
+        c, acc = e["classifier"], e["prompt_accuracy"]
+        assert c["ratio_low"] <= c["ratio"] <= c["ratio_high"] and acc["low"] <= acc["value"] <= acc["high"]
+        assert e["steps"] == 4 and e["samples"] == 8 and e["commit"] == "installed" and "inception" not in e
+    assert "classifier" in t["ampn_minus_baseline"]
+    verdicts = {c["claim"]: c["verdict"] for c in data["claims"]}
+    assert verdicts["tiny: RobuQ W1.58A4 within 1.2× the teacher's FID"] == "not measured yet"
+    assert verdicts["tiny: RobuQ + AMPN W1.58A2 within 2.0× the teacher's FID"] in ("met", "missed", "tie")
+    assert verdicts[
+        "tiny: RobuQ + AMPN ahead of the strong baseline at A2, outside the sample and training noise"
+    ].startswith("tie until the training noise is measured")  # no second seeds trained here
+    kept = np.load(results / "families_convergence" / "samples" / "tiny-teacher.npz")
+    assert kept["images"].shape == (8, 28, 28) and kept["labels"].max() < len(prompt_set()[0])
+    assert "| tiny: strong baseline W1.58A2 | 2 | False | 0 |" in markdown

@@ -12,6 +12,7 @@ quantization-aware training reads instead of a text encoder.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch.nn as nn
 
 from robuq.core.errors import RobuqError
 from robuq.core.options import check_choice, option
-from robuq.core.files import save_tensors
+from robuq.core.files import atomic_write_text, read_meta, save_tensors
 from robuq.data.captions import (
     BRIGHTNESS,
     CLASS_WORDS,
@@ -221,11 +222,14 @@ def _caption_choices():
 @torch.no_grad()
 def export_text_teacher(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write a trained miniature teacher as its users need it: ``transformer/`` (a diffusers folder, which every
-    robuq verb takes), ``text_encoder.safetensors`` and ``prompts.safetensors`` (the prompt table of
-    ``teacher_prompts``, which QAT and sampling read)."""
+    robuq verb takes), ``text_encoder.safetensors``, ``prompts.safetensors`` (the prompt table of
+    ``teacher_prompts``, which QAT and sampling read) and ``teacher.json`` (its layout and training step)."""
     model = load_text_to_image(path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    step = read_meta(path).get("step")
+    record = {"layout": model.family.name, "step": step, "source": str(path)}
+    atomic_write_text(out / "teacher.json", json.dumps(record, indent=2) + "\n")
     model.transformer.save_pretrained(out / "transformer", safe_serialization=True)
     save_tensors(
         out / "text_encoder.safetensors",
