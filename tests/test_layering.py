@@ -10,8 +10,8 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# primitives → kernels (back-ends of the primitives) → model surgery → deploy → files → training,
-# sampling, evaluation → AMPN → command line; robuq/__init__.py is the public face above them all.
+# primitives → kernels (back-ends of the primitives) → model surgery → deploy → files → sampling, evaluation →
+# training (which may sample its teacher) → AMPN → command line; robuq/__init__.py is the public face above all.
 FLOORS = {
     "robuq.core": 0,
     "robuq.quant": 1,
@@ -24,11 +24,11 @@ FLOORS = {
     "robuq.io": 5,
     "robuq.integrations": 5,
     "robuq.sample": 6,
-    "robuq.train": 6,
+    "robuq.train": 7,
     "robuq.eval": 6,
-    "robuq.ampn": 7,
-    "robuq.cli": 8,
-    "robuq": 9,
+    "robuq.ampn": 8,
+    "robuq.cli": 9,
+    "robuq": 10,
 }
 
 

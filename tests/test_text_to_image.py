@@ -4,6 +4,7 @@ cached prompt embeddings, and the family sampler."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -357,3 +358,64 @@ def test_robuq_sample_draws_a_family_model_from_its_prompt_table(tmp_path, expor
     with np.load(tmp_path / "b" / "samples.npz") as data:
         assert len(data["labels"]) == len(teacher_prompts()) - 1
     assert main(["sample", *common, "--pipeline", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+
+
+def test_prompt_only_qat_trains_on_the_teachers_own_samples(tmp_path, exported_teacher):
+    """No images at all: the teacher samples its prompts once (kept, and read again on resumption), and QAT
+    trains the student on those samples."""
+    from robuq.core.files import load_tensors
+    from robuq.train.qat import QATConfig, qat
+
+    teacher = exported_teacher("pixart")
+    config = QATConfig(
+        teacher=str(teacher / "transformer"),
+        prompt_embeds=str(teacher / "prompts.safetensors"),
+        data_dir=str(tmp_path / "no-data-here"),
+        prompt_only=6,
+        prompt_only_steps=2,
+        steps=4,
+        global_batch_size=4,
+        probe_every=2,
+        probe_images=4,
+        ckpt_every=2,
+        out_dir=str(tmp_path / "qat"),
+        device="cpu",
+    )
+    qat(config, until=2, progress=False)
+    samples, meta = load_tensors(tmp_path / "qat" / "teacher-samples.safetensors")
+    assert samples["latents"].shape == (6, 4, 14, 14) and samples["rows"].min() >= 1 and meta["count"] == 6
+    out = qat(config, resume=True, progress=False)
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 4
+    again, _ = load_tensors(tmp_path / "qat" / "teacher-samples.safetensors")
+    assert torch.equal(again["latents"], samples["latents"])
+    with pytest.raises(RobuqError, match="other settings"):
+        qat(dataclasses.replace(config, prompt_only=5), resume=True, progress=False)
+
+
+def test_prompt_only_ampn_calibrates_on_the_teachers_samples(tmp_path, exported_teacher):
+    from robuq.ampn.pipeline import AMPNConfig, ampn_run
+    from robuq.core.files import load_tensors
+    from robuq.train.qat import QATConfig
+
+    teacher = exported_teacher("flux")
+    qat = QATConfig(
+        teacher=str(teacher / "transformer"),
+        prompt_embeds=str(teacher / "prompts.safetensors"),
+        data_dir=str(tmp_path / "no-data-here"),
+        prompt_only=6,
+        prompt_only_steps=2,
+        latent_size=14,
+        steps=4,
+        global_batch_size=4,
+        probe_every=2,
+        probe_images=4,
+        ckpt_every=2,
+        out_dir=str(tmp_path / "ampn"),
+        device="cpu",
+    )
+    final = ampn_run(
+        AMPNConfig(qat=qat, budget=3, warmup_qat_steps=2, calibration_images=4), progress=False, announce_plan=False
+    )
+    warm, _ = load_tensors(tmp_path / "ampn" / "warmup" / "teacher-samples.safetensors")
+    last, _ = load_tensors(final / "teacher-samples.safetensors")
+    assert torch.equal(warm["latents"], last["latents"]) and (final / "model.safetensors").is_file()

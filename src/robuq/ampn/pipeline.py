@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -111,6 +112,11 @@ class SensitivityConfig:
         "text-to-image families: cached prompt embeddings (the file `robuq sample` "
         "takes) whose rows condition the calibration inputs; default: random",
     )
+    teacher_samples: str | None = option(
+        None,
+        "text-to-image families: calibrate on these teacher samples (the file `qat --prompt-only` keeps) instead "
+        "of captioned data",
+    )
     device: str = with_default(QATConfig, "device", "auto")
     out: str = option("sensitivity.json", "where to write the sensitivities (JSON)")
 
@@ -156,7 +162,12 @@ def _family_sensitivity(config: SensitivityConfig, model, device, progress: bool
     if config.prompt_embeds and read_meta(config.prompt_embeds).get("kind") == "prompt-table" and not config.latents:
         # A prompt table and captioned data: real latents, each with its caption and with the empty prompt.
         table = load_prompt_table(config.prompt_embeds)
-        latents, rows = probe_batch(table, config.calibration_images, config.data_dir, split="train")
+        if config.teacher_samples:
+            kept = load_tensors(config.teacher_samples)[0]
+            pick = torch.linspace(0, len(kept["rows"]) - 1, min(config.calibration_images, len(kept["rows"]))).long()
+            latents, rows = kept["latents"][pick], kept["rows"][pick]
+        else:
+            latents, rows = probe_batch(table, config.calibration_images, config.data_dir, split="train")
         takes = text_model_takes(model)
         text = table.forward_arguments(rows, takes, torch.device("cpu"))
         empty = table.forward_arguments(torch.zeros(1, dtype=torch.long), takes, torch.device("cpu"))
@@ -253,6 +264,7 @@ def _ampn_stages(
                 metric=config.sensitivity_metric,
                 seed=base.seed,
                 prompt_embeds=base.prompt_embeds,
+                teacher_samples=str(warm / "teacher-samples.safetensors") if base.prompt_only else None,
                 device=base.device,
                 out=str(sens_path),
             ),
@@ -274,4 +286,8 @@ def _ampn_stages(
         if announce_plan:
             print(format_plan(plan))
     final = replace(uniform, continue_from=str(warm_checkpoint), out_dir=str(root / "final"))
+    kept = warm / "teacher-samples.safetensors"
+    if base.prompt_only and info.is_main and not (root / "final" / kept.name).is_file():
+        (root / "final").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kept, root / "final" / kept.name)  # the final stage trains on the warm-up's samples
     return _qat_stage(final, progress, plan=plan, dataset=dataset, until=until)

@@ -17,10 +17,15 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from pathlib import Path
+
+from robuq.core.distributed import wait_for_files
 from robuq.core.errors import RobuqError
+from robuq.core.files import load_tensors, save_tensors
 from robuq.data.captions import CaptionedFashionMNIST
 from robuq.io.prompts import PromptTable, load_prompt_table
 from robuq.models.families import family_of, predict_latents
+from robuq.sample.family_sampler import sample_latents
 from robuq.train.family_objective import noisy_batch
 from robuq.train.trainer import label_drops
 
@@ -128,10 +133,65 @@ def probe_batch(
     return held_out.latents[pick], held_out.rows[pick]
 
 
-def family_training_data(config, table: PromptTable) -> Dataset:
+class TeacherSamples(Dataset):
+    """The teacher's own samples as training data: (latent, its prompt's row in the table)."""
+
+    text_conditioning = True
+
+    def __init__(self, latents: torch.Tensor, rows: torch.Tensor):
+        self.latents, self.rows = latents, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.latents[index], self.rows[index]
+
+
+def teacher_samples(config, table: PromptTable, teacher: nn.Module) -> TeacherSamples:
+    """``config.prompt_only`` samples of the teacher, one per prompt drawn at random (not the empty one) from
+    the table, with its sampler at ``prompt_only_steps`` and ``prompt_only_guidance``; drawn once by the first
+    process and kept in ``out_dir`` (``teacher-samples.safetensors``), which the others and any resumption read."""
+    path = Path(config.out_dir) / "teacher-samples.safetensors"
+    wanted = {
+        "count": config.prompt_only,
+        "steps": config.prompt_only_steps,
+        "guidance": config.prompt_only_guidance,
+        "seed": config.seed,
+        "prompts": len(table),
+    }
+    if os.environ.get("RANK", "0") == "0" and not path.is_file():
+        side = config.latent_size or getattr(teacher.config, "sample_size", None)
+        if not side:
+            raise RobuqError(f"--prompt-only: give --latent-size (the {family_of(teacher).name} model names none)")
+        if len(table) < 2:
+            raise RobuqError("--prompt-only needs prompts in the table beyond the empty one")
+        rows = torch.randint(1, len(table), (config.prompt_only,), generator=torch.Generator().manual_seed(config.seed))
+        latents = sample_latents(
+            teacher,
+            table,
+            rows,
+            (family_of(teacher).latent_channels(teacher), side, side),
+            steps=config.prompt_only_steps,
+            guidance=config.prompt_only_guidance,
+            seed=config.seed,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(path, {"latents": latents.cpu(), "rows": rows}, {"kind": "teacher-samples", **wanted})
+    wait_for_files([path])
+    tensors, meta = load_tensors(path)
+    if {k: meta.get(k) for k in wanted} != wanted:
+        raise RobuqError(f"{path} holds teacher samples of other settings ({meta}); use a new --out-dir")
+    return TeacherSamples(tensors["latents"], tensors["rows"])
+
+
+def family_training_data(config, table: PromptTable, teacher: nn.Module) -> Dataset:
+    """Captioned Fashion-MNIST (the miniature), or with ``prompt_only`` the teacher's own samples."""
+    if config.prompt_only:
+        return teacher_samples(config, table, teacher)
     if config.latents or config.data != "fashion-mnist":
         raise RobuqError(
-            "QAT of a text-to-image family trains on captioned Fashion-MNIST (the miniature) for now; a latent "
-            "cache with caption rows is not supported yet"
+            "QAT of a text-to-image family trains on captioned Fashion-MNIST (the miniature) or, with "
+            "--prompt-only N, on its teacher's own samples; a latent cache with captions is not supported yet"
         )
     return CaptionRows(table, "train", config.data_dir)

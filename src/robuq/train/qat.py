@@ -74,6 +74,16 @@ class QATConfig(LoopConfig):
         "a text-to-image teacher's prompt table (cached embeddings, the empty prompt first; see "
         "docs/diffusers.md), which conditions the student and the teacher",
     )
+    prompt_only: int = option(
+        0,
+        "text-to-image families with no training data: sample the teacher once for this many prompts drawn from "
+        "--prompt-embeds (kept in --out-dir) and train on those samples, noised as in training; 0: train on --data",
+    )
+    prompt_only_steps: int = option(20, "--prompt-only: the teacher's sampling steps")
+    prompt_only_guidance: float = option(3.0, "--prompt-only: the teacher's guidance scale")
+    latent_size: int | None = option(
+        None, "--prompt-only: side of the latent grid the teacher samples (default: the model's sample_size)"
+    )
     init_student: str | None = option(None, "start from this quantized model's weights (AMPN: its warm-up run)")
     loss: str = option(
         "mix",
@@ -265,12 +275,14 @@ def qat(
         objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight, config.null_fraction)
     else:
         table = read_table(config.prompt_embeds, teacher)
-        dataset = dataset if dataset is not None else family_training_data(config, table)
-        latents, rows = probe_batch(table, config.probe_images, config.data_dir)
-        probe, probe_source = (
-            family_probe(teacher, table, latents, rows, config.seed, config.probe_guidance),
-            "test split",
-        )
+        dataset = dataset if dataset is not None else family_training_data(config, table, teacher)
+        if config.prompt_only:  # no held-out data: the first of the teacher's samples, which training sees too
+            latents, rows = dataset[: config.probe_images]
+            probe_source = "the teacher's own samples (training data; no held-out split)"
+        else:
+            latents, rows = probe_batch(table, config.probe_images, config.data_dir)
+            probe_source = "captioned Fashion-MNIST test split"
+        probe = family_probe(teacher, table, latents, rows, config.seed, config.probe_guidance)
         objective = family_qat_objective(teacher, table, config.loss, config.distill_weight, config.null_fraction)
     lap("data and probe")
     # Weights that a checkpoint or another model will replace need no initial SVD split.
