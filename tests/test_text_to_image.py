@@ -419,3 +419,69 @@ def test_prompt_only_ampn_calibrates_on_the_teachers_samples(tmp_path, exported_
     warm, _ = load_tensors(tmp_path / "ampn" / "warmup" / "teacher-samples.safetensors")
     last, _ = load_tensors(final / "teacher-samples.safetensors")
     assert torch.equal(warm["latents"], last["latents"]) and (final / "model.safetensors").is_file()
+
+
+def _family_qat_config(teacher, fmnist_dir, out, **changes):
+    from robuq.train.qat import QATConfig
+
+    base = dict(
+        teacher=str(teacher / "transformer"),
+        prompt_embeds=str(teacher / "prompts.safetensors"),
+        data_dir=str(fmnist_dir),
+        steps=4,
+        global_batch_size=8,
+        probe_every=2,
+        probe_images=4,
+        ckpt_every=2,
+        out_dir=str(out),
+        device="cpu",
+    )
+    return QATConfig(**{**base, **changes})
+
+
+def test_family_qat_resumes_exactly(tmp_path, fmnist_dir, exported_teacher):
+    from robuq.models.checkpoint import read_state_dict
+    from robuq.train.qat import qat
+
+    teacher = exported_teacher("flux")
+    straight = qat(_family_qat_config(teacher, fmnist_dir, tmp_path / "a"), progress=False)
+    qat(_family_qat_config(teacher, fmnist_dir, tmp_path / "b"), until=2, progress=False)
+    parts = qat(_family_qat_config(teacher, fmnist_dir, tmp_path / "b"), resume=True, progress=False)
+    a, _ = read_state_dict(straight / "model.safetensors")
+    b, _ = read_state_dict(parts / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_family_qat_in_bf16_recomputes_blocks_with_checkpointing(tmp_path, fmnist_dir, exported_teacher, monkeypatch):
+    import torch.utils.checkpoint as checkpointing
+
+    from robuq.train.qat import qat
+
+    calls = []
+    real = checkpointing.checkpoint
+    monkeypatch.setattr(checkpointing, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    teacher = exported_teacher("pixart")
+    config = _family_qat_config(teacher, fmnist_dir, tmp_path / "q", precision="bf16", grad_checkpoint=True, steps=2)
+    out = qat(config, progress=False)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert calls and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_family_qat_under_torchrun_with_fsdp(tmp_path, fmnist_dir, exported_teacher):
+    import os
+    import subprocess
+    import sys
+
+    teacher = exported_teacher("flux")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "robuq.cli"]
+    cmd += ["qat", "--teacher", str(teacher / "transformer"), "--prompt-embeds", str(teacher / "prompts.safetensors")]
+    cmd += ["--data-dir", str(fmnist_dir), "--steps", "2", "--global-batch-size", "8", "--ckpt-every", "2"]
+    cmd += ["--probe-every", "2", "--probe-images", "4", "--device", "cpu", "--no-progress", "--shard", "fsdp"]
+    cmd += ["--out-dir", str(tmp_path / "q")]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FSDP2: 3 units sharded over 2 processes, and 3 of frozen modules" in result.stderr
+    log = [json.loads(line) for line in (tmp_path / "q" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2 and "probe_rel_mse" in log[-1]
