@@ -103,3 +103,25 @@ def test_the_suite_leaves_no_temporary_files_of_passing_tests(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-2000:]
     assert [p for p in root.rglob("*") if p.is_file()] == []
+
+
+def test_merge_npz_joins_parts_as_np_savez_would(tmp_path):
+    import numpy as np
+
+    from robuq.core.errors import RobuqError
+    from robuq.core.files import merge_npz, save_npz
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for k, n in enumerate((3, 5, 1)):
+        parts.append(tmp_path / f"p{k}.npz")
+        save_npz(parts[-1], arr_0=rng.integers(0, 255, (n, 4, 4, 3)).astype(np.uint8), labels=np.arange(n) + 10 * k)
+    merge_npz(tmp_path / "all.npz", parts, ("arr_0", "labels"))
+    with np.load(tmp_path / "all.npz") as merged:
+        expected = [np.load(p) for p in parts]
+        assert np.array_equal(merged["arr_0"], np.concatenate([e["arr_0"] for e in expected]))
+        assert np.array_equal(merged["labels"], np.concatenate([e["labels"] for e in expected]))
+    save_npz(tmp_path / "odd.npz", arr_0=np.zeros((2, 5, 4, 3), np.uint8), labels=np.arange(2))
+    with pytest.raises(RobuqError, match="differ in shape"):
+        merge_npz(tmp_path / "bad.npz", [parts[0], tmp_path / "odd.npz"], ("arr_0", "labels"))
+    assert not (tmp_path / "bad.npz").exists()

@@ -23,10 +23,10 @@ from torch.utils.data import Dataset
 
 from robuq.ampn.plan_files import format_plan, plan_from_sensitivity, write_plan
 from robuq.ampn.sensitivity import METRICS, Sensitivity, measure_sensitivity
-from robuq.core.distributed import DistInfo, barrier, init_distributed, shutdown
+from robuq.core.distributed import DistInfo, barrier, init_distributed, shutdown, wait_for_files
 from robuq.core.files import atomic_write_text, load_tensors, read_meta
 from robuq.core.options import check_choice, option, with_default
-from robuq.core.runtime import default_teacher_path, device_context, resolve_device
+from robuq.core.runtime import default_teacher_path, device_context, release_memory, resolve_device
 from robuq.io.model_files import load_any
 from robuq.io.quantized import load_quantized
 from robuq.models.checkpoint import load_dit
@@ -209,7 +209,12 @@ def _qat_stage(
     stop = config.steps if until is None else min(until, config.steps)
     if checkpoint_path(out, stop).is_file():
         return out
-    return qat(config, resume=bool(list_checkpoints(out)), until=until, progress=progress, plan=plan, dataset=dataset)
+    try:
+        return qat(
+            config, resume=bool(list_checkpoints(out)), until=until, progress=progress, plan=plan, dataset=dataset
+        )
+    finally:
+        release_memory()  # the stage's student, EMA, optimizer and teacher, before the next stage builds its own
 
 
 def ampn_run(
@@ -271,7 +276,9 @@ def _ampn_stages(
             progress,
             dataset,
         )
-    barrier(info)
+    release_memory()  # the sensitivity pass's models and calibration batch
+    # Rank 0 measures for minutes while the others poll for its file: a barrier would hit the short timeout.
+    wait_for_files([sens_path])
     sensitivity = Sensitivity.from_dict(json.loads(sens_path.read_text()))
     plan = plan_from_sensitivity(sensitivity, config.budget, config.weighting)
     plan_path = root / "plan.json"

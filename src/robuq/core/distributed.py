@@ -29,10 +29,15 @@ class DistInfo:
         return self.world_size > 1
 
 
-# A collective that waits longer than this fails (NCCL's own default is 10 minutes: shorter than one rank's share
-# of uneven work, such as the last sample shards of 50,000 images).
-DEFAULT_TIMEOUT_HOURS = 6.0
-TIMEOUT_HELP = "how long a process waits for the others at a collective before failing (hours; torchrun only)"
+# A training collective that waits longer than this fails, so that a dead or hung rank stops the others within
+# half an hour. Work that is uneven by nature (rank 0's AMPN sensitivities, the last sample or latent shards) is
+# never waited for in a collective: the others poll for its files, for up to LONG_WAIT_HOURS.
+DEFAULT_TIMEOUT_HOURS = 0.5
+LONG_WAIT_HOURS = 6.0
+TIMEOUT_HELP = (
+    "how long a process waits for the others at a collective before failing (hours; torchrun only); uneven "
+    "work (sensitivities, sample shards) is waited for by polling its files instead, for up to 6 hours"
+)
 
 
 def init_distributed(device: torch.device, timeout_hours: float = DEFAULT_TIMEOUT_HOURS) -> DistInfo:
@@ -71,9 +76,7 @@ def any_rank(info: DistInfo, flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
-def wait_for_files(
-    paths: Iterable[Path], timeout_hours: float = DEFAULT_TIMEOUT_HOURS, poll_seconds: float = 2.0
-) -> None:
+def wait_for_files(paths: Iterable[Path], timeout_hours: float = LONG_WAIT_HOURS, poll_seconds: float = 2.0) -> None:
     """Wait until every path exists (the files other ranks write as they finish uneven shares of work):
     polling, unlike a barrier, does not fail after the collective timeout of a process group."""
     waiting = [Path(p) for p in paths]

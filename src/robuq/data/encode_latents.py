@@ -22,6 +22,7 @@ from robuq.data.latents import LatentIndex, missing_shards, shard_path, write_in
 from robuq.data.vae import encode, load_vae, vae_geometry
 from robuq.core.distributed import (
     DEFAULT_TIMEOUT_HOURS,
+    LONG_WAIT_HOURS,
     TIMEOUT_HELP,
     barrier,
     init_distributed,
@@ -136,5 +137,7 @@ def _encode(config: LatentsConfig, progress: bool, device: torch.device, info) -
                 )
             save_tensors(shard_path(out, k), tensors, {"kind": "latent-shard", "shard": k, "first": rows.start})
     if info.is_main:  # uneven shares of shards: poll for the others' files rather than wait in a barrier
-        wait_for_files([shard_path(out, k) for k in range(index.num_shards)], config.dist_timeout_hours)
+        wait_for_files(
+            [shard_path(out, k) for k in range(index.num_shards)], max(config.dist_timeout_hours, LONG_WAIT_HOURS)
+        )
     return out

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, DistInfo, wait_for_files
-from robuq.core.files import save_npz
+from robuq.core.distributed import DEFAULT_TIMEOUT_HOURS, LONG_WAIT_HOURS, DistInfo, wait_for_files
+from robuq.core.files import merge_npz, save_npz
 from robuq.data.vae import decode
 from robuq.sample.generate import generate, save_grid, to_uint8
 
@@ -100,9 +100,13 @@ def sample_shards(
     if info.is_main:
         # Shards are uneven work (50 over 8 ranks: some ranks draw one more); rank 0 polls for the others' files
         # instead of waiting in a barrier, which a process group's collective timeout would end.
-        wait_for_files([path(k) for k in range(num_shards)], timeout_hours)
-        parts = [np.load(path(k)) for k in range(num_shards)]
-        pixels = np.concatenate([p["arr_0"] for p in parts])
-        save_npz(result["npz"], arr_0=pixels, labels=np.concatenate([p["labels"] for p in parts]))
-        save_grid(pixels[:64], result["grid"], columns=8)
+        wait_for_files([path(k) for k in range(num_shards)], max(timeout_hours, LONG_WAIT_HOURS))
+        merge_npz(result["npz"], [path(k) for k in range(num_shards)], ("arr_0", "labels"))
+        shown = []
+        for k in range(num_shards):
+            if sum(map(len, shown)) >= 64:
+                break
+            with np.load(path(k)) as shard:
+                shown.append(shard["arr_0"][: 64 - sum(map(len, shown))])
+        save_grid(np.concatenate(shown), result["grid"], columns=8)
     return result

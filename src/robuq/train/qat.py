@@ -191,6 +191,19 @@ def teacher_probe(
     return probe
 
 
+def built_when_used(build: Callable[[], Callable[[nn.Module], dict]]) -> Callable[[nn.Module], dict]:
+    """A probe whose batch (the teacher's outputs on it) is made at its first call: only the processes that probe
+    pay for it (the main one; every one when the model is sharded)."""
+    made: list[Callable[[nn.Module], dict]] = []
+
+    def probe(model: nn.Module) -> dict:
+        if not made:
+            made.append(build())
+        return made[0](model)
+
+    return probe
+
+
 # Parameters that are fixed by construction, not learned (DiT's sin-cos positional embedding).
 FIXED_PARAMETERS = ("pos_embed",)
 
@@ -270,7 +283,7 @@ def qat(
         dataset = teacher_dataset(config, teacher, dataset)
         probe_set, probe_source = probe_dataset(config, dataset)
         images = calibration_images(probe_set, config.probe_images, teacher.num_classes > 0)
-        probe = teacher_probe(teacher, *images, config.seed, config.probe_guidance)
+        probe = built_when_used(lambda: teacher_probe(teacher, *images, config.seed, config.probe_guidance))
         diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
         objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight, config.null_fraction)
     else:
@@ -282,7 +295,7 @@ def qat(
         else:
             latents, rows = probe_batch(table, config.probe_images, config.data_dir)
             probe_source = "captioned Fashion-MNIST test split"
-        probe = family_probe(teacher, table, latents, rows, config.seed, config.probe_guidance)
+        probe = built_when_used(lambda: family_probe(teacher, table, latents, rows, config.seed, config.probe_guidance))
         objective = family_qat_objective(teacher, table, config.loss, config.distill_weight, config.null_fraction)
     lap("data and probe")
     # Weights that a checkpoint or another model will replace need no initial SVD split.
