@@ -168,9 +168,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(header[META_KEY]) if META_KEY in header else {}
 
 
-def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and the robuq JSON document of a safetensors file."""
+def load_tensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors (read straight onto ``device``) and the robuq JSON document of a safetensors file."""
     try:
-        return load_file(str(path)), read_meta(path)
+        return load_file(str(path), device=str(device)), read_meta(path)
     except (SafetensorError, json.JSONDecodeError, OSError) as exc:
         raise RobuqError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt") from exc

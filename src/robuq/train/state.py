@@ -119,10 +119,15 @@ def save_training_state(
 
 
 def load_training_state(
-    path: str | Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: str | Path,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Restore model, EMA and optimizer in place; returns the checkpoint's JSON header."""
-    tensors, meta = load_tensors(path)
+    """Restore model, EMA and optimizer in place; returns the checkpoint's JSON header. The file is read onto
+    ``device`` (each process's own GPU), not into host memory once per process."""
+    tensors, meta = load_tensors(path, device)
     if meta.get("kind") != "training-state":
         raise RobuqError(f"{path} is not a robuq training checkpoint")
     groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}

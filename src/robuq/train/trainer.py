@@ -508,12 +508,12 @@ def _loop(
         header = read_meta(path)
         _check_resumable(header.get("train_config", {}), config, path)
         _check_same_meta(header, extra_meta, path)
-        load_training_state(path, model, ema, optimizer)
+        load_training_state(path, model, ema, optimizer, device)
     elif config.continue_from:
         path = Path(config.continue_from)
         header = read_meta(path)
         _check_resumable(header.get("train_config", {}), config, path, only=_LOOP_FIELDS)
-        start = int(load_training_state(path, model, ema, optimizer)["step"])
+        start = int(load_training_state(path, model, ema, optimizer, device)["step"])
     stop = min(config.steps, until) if until is not None else config.steps
     mirrors = config.flip and bool(getattr(dataset, "has_mirrors", False))
     batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info, mirrors)
