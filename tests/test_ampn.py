@@ -226,8 +226,9 @@ def test_ampn_run_stops_where_asked_and_refuses_a_warmup_outside_the_schedule(tm
 
 @pytest.mark.slow
 def test_ampn_run_under_torchrun_uses_one_process_group(tmp_path, tiny_dit, fmnist_dir):
-    """Two processes with gloo: the warm-up, rank 0's sensitivities, the plan and the final stage in one group
-    (it hung after the plan when each QAT stage made and destroyed a group of its own)."""
+    """Two processes with gloo: the warm-up, the sensitivities (each process half of the layers), the plan and
+    the final stage in one group (it hung after the plan when each QAT stage made and destroyed a group of its
+    own)."""
     import os
     import subprocess
     import sys
@@ -281,3 +282,23 @@ def test_ampn_run_under_torchrun_uses_one_process_group(tmp_path, tiny_dit, fmni
     model, _ = load_quantized(out / "final" / "model.safetensors")
     plan = json.loads((out / "plan.json").read_text())["bits"]
     assert {n: b for n, b in current_plan(model).items() if n in plan} == plan
+    # Each process measured half of the layers; joined, they are what one process measures.
+    halves = [json.loads((out / f"sensitivity-part-{k}-of-2.json").read_text())["layers"] for k in (0, 1)]
+    assert halves[0] and halves[1] and not set(halves[0]) & set(halves[1])
+    from robuq.ampn.pipeline import SensitivityConfig, sensitivity_of
+
+    alone = sensitivity_of(
+        SensitivityConfig(
+            model=str(out / "warmup" / "checkpoints" / "step-0000002.safetensors"),
+            teacher=teacher,
+            data_dir=str(fmnist_dir),
+            calibration_images=8,
+            device="cpu",
+        ),
+        progress=False,
+    ).to_dict()
+    joined = json.loads((out / "sensitivity.json").read_text())
+    assert joined["layers"].keys() == alone["layers"].keys()
+    for name, row in alone["layers"].items():
+        for bits, value in row.items():
+            assert joined["layers"][name][bits] == pytest.approx(value, rel=1e-5, abs=1e-9), (name, bits)

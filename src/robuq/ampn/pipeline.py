@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from robuq.ampn.plan_files import format_plan, plan_from_sensitivity, write_plan
-from robuq.ampn.sensitivity import METRICS, Sensitivity, measure_sensitivity
+from robuq.ampn.sensitivity import METRICS, Sensitivity, block_layers, measure_sensitivity
 from robuq.core.distributed import DistInfo, barrier, init_distributed, shutdown, wait_for_files
 from robuq.core.files import atomic_write_text, load_tensors, read_meta
 from robuq.core.options import check_choice, option, with_default
@@ -131,15 +131,17 @@ class AllocateConfig:
     out: str = option("plan.json", "plan JSON; its figure goes beside it as .png")
 
 
-def sensitivity_of(config: SensitivityConfig, progress: bool = True, dataset: Dataset | None = None) -> Sensitivity:
+def sensitivity_of(
+    config: SensitivityConfig, progress: bool = True, dataset: Dataset | None = None, share: tuple[int, int] = (0, 1)
+) -> Sensitivity:
     """Sensitivities of a quantized model file against its teacher on a fixed calibration batch drawn from
-    ``dataset`` (default: --latents or --data)."""
+    ``dataset`` (default: --latents or --data); ``share`` = (k, n): only every n-th layer from the k-th."""
     if not config.model:
         raise RobuqError("give the quantized model whose sensitivities to measure: --model FILE")
     device = resolve_device(config.device)
     model, _ = load_quantized(config.model, map_location=str(device))
     if model_family(model) not in CLASS_CONDITIONAL:
-        return _family_sensitivity(config, model, device, progress)
+        return _family_sensitivity(config, model, device, progress, share)
     teacher = load_dit(config.teacher or default_teacher_path(), map_location=str(device)).eval()
     dataset = teacher_dataset(
         QATConfig(data=config.data, data_dir=config.data_dir, latents=config.latents, teacher=config.teacher),
@@ -148,10 +150,15 @@ def sensitivity_of(config: SensitivityConfig, progress: bool = True, dataset: Da
     )
     images, labels = calibration_images(dataset, config.calibration_images, teacher.num_classes > 0)
     batch = calibration_batch(teacher, images, labels, config.seed, with_null=True)
-    return measure_sensitivity(model, batch, progress=progress, metric=config.metric)
+    return measure_sensitivity(model, batch, layers=_share(model, share), progress=progress, metric=config.metric)
 
 
-def _family_sensitivity(config: SensitivityConfig, model, device, progress: bool) -> Sensitivity:
+def _share(model, share: tuple[int, int]) -> list[str]:
+    k, n = share
+    return block_layers(model)[k::n]
+
+
+def _family_sensitivity(config: SensitivityConfig, model, device, progress: bool, share=(0, 1)) -> Sensitivity:
     """A text-to-image family's sensitivities on Gaussian latents over the schedule with the cached prompts."""
     teacher = load_any(config.teacher, map_location=str(device)).eval() if config.teacher else None
     if config.metric == "error-increase" and teacher is None:
@@ -175,7 +182,7 @@ def _family_sensitivity(config: SensitivityConfig, model, device, progress: bool
     else:
         embeds = forward_embeddings(load_tensors(config.prompt_embeds)[0]) if config.prompt_embeds else None
         batch = family_calibration_batch(model, config.calibration_images, embeds, config.seed, reference=teacher)
-    return measure_sensitivity(model, batch, progress=progress, metric=config.metric)
+    return measure_sensitivity(model, batch, layers=_share(model, share), progress=progress, metric=config.metric)
 
 
 def write_sensitivity(config: SensitivityConfig, progress: bool = True, dataset: Dataset | None = None) -> Sensitivity:
@@ -257,27 +264,41 @@ def _ampn_stages(
     warm_checkpoint = checkpoint_path(warm, config.warmup_qat_steps)
     teacher = json.loads((warm / "config.json").read_text())["teacher"]
     sens_path = root / "sensitivity.json"
-    if info.is_main and not sens_path.is_file():
-        write_sensitivity(
-            SensitivityConfig(
-                model=str(warm_checkpoint),
-                teacher=teacher,
-                data=base.data,
-                data_dir=base.data_dir,
-                latents=base.latents,
-                calibration_images=config.calibration_images,
-                metric=config.sensitivity_metric,
-                seed=base.seed,
-                prompt_embeds=base.prompt_embeds,
-                teacher_samples=str(warm / "teacher-samples.safetensors") if base.prompt_only else None,
-                device=base.device,
-                out=str(sens_path),
-            ),
-            progress,
-            dataset,
+    if not sens_path.is_file():
+        # Every process measures its share of the layers on the same calibration batch; the parts join into
+        # what one process would measure. Files, not collectives: the shares are uneven work.
+        part = root / f"sensitivity-part-{info.rank}-of-{info.world_size}.json"
+        measured = (
+            None
+            if part.is_file()
+            else sensitivity_of(
+                SensitivityConfig(
+                    model=str(warm_checkpoint),
+                    teacher=teacher,
+                    data=base.data,
+                    data_dir=base.data_dir,
+                    latents=base.latents,
+                    calibration_images=config.calibration_images,
+                    metric=config.sensitivity_metric,
+                    seed=base.seed,
+                    prompt_embeds=base.prompt_embeds,
+                    teacher_samples=str(warm / "teacher-samples.safetensors") if base.prompt_only else None,
+                    device=base.device,
+                    out=str(sens_path),
+                ),
+                progress and info.is_main,
+                dataset,
+                share=(info.rank, info.world_size),
+            )
         )
-    release_memory()  # the sensitivity pass's models and calibration batch
-    # Rank 0 measures for minutes while the others poll for its file: a barrier would hit the short timeout.
+        if measured is not None:
+            atomic_write_text(part, json.dumps(measured.to_dict()) + "\n")
+        release_memory()  # the sensitivity pass's models and calibration batch
+        parts = [root / f"sensitivity-part-{k}-of-{info.world_size}.json" for k in range(info.world_size)]
+        wait_for_files(parts)
+        if info.is_main:
+            joined = Sensitivity.merged([Sensitivity.from_dict(json.loads(p.read_text())) for p in parts])
+            atomic_write_text(sens_path, json.dumps(joined.to_dict(), indent=2) + "\n")
     wait_for_files([sens_path])
     sensitivity = Sensitivity.from_dict(json.loads(sens_path.read_text()))
     plan = plan_from_sensitivity(sensitivity, config.budget, config.weighting)

@@ -68,6 +68,13 @@ class Sensitivity:
         }
 
     @classmethod
+    def merged(cls, parts: list["Sensitivity"]) -> "Sensitivity":
+        """One measurement from parts that each measured some of the layers on the same calibration batch."""
+        table = {name: row for part in parts for name, row in part.table.items()}
+        macs = {name: count for part in parts for name, count in part.macs.items()}
+        return cls(table, parts[0].baseline_error, macs, parts[0].metric)
+
+    @classmethod
     def from_dict(cls, data: dict) -> "Sensitivity":
         table = {n: {int(b): float(v) for b, v in row.items()} for n, row in data["layers"].items()}
         return cls(
