@@ -477,125 +477,162 @@ def _loop(
     device: torch.device,
     info: DistInfo,
 ) -> Path:
-    resume, until, extra_meta, progress, probe = run.resume, run.until, run.extra_meta, run.progress, run.probe
     config.validate(info.world_size)
     out_dir = Path(config.out_dir)
     # Labels (or a text-conditioned model's caption ids) reach the objective; an unconditional model gets None.
     conditioned = getattr(model, "num_classes", 0) > 0 or getattr(dataset, "text_conditioning", False)
-    model = model.to(device)
     sharded = config.shard == "fsdp"
     if sharded and not info.enabled:
         raise RobuqError("--shard fsdp shards the model over processes: run under torchrun with 2 or more")
+    model = model.to(device)
     ema, optimizer = ema_and_optimizer(model, config, run.param_groups, shard=sharded)
-    for module in run.frozen if sharded else ():
-        shard_blocks(module)
-    if sharded and info.is_main:
-        units = sum(1 for m in model.modules() if isinstance(m, FSDPModule))
-        frozen = sum(1 for f in run.frozen for m in f.modules() if isinstance(m, FSDPModule))
-        print(
-            f"FSDP2: {units} units sharded over {info.world_size} processes, and {frozen} of frozen modules",
-            file=sys.stderr,
-            flush=True,
-        )
-    meta = {"train_config": config.to_dict(), "model_config": _config_dict(model), **extra_meta}
+    if sharded:
+        _shard_frozen(model, run.frozen, info)
+    meta = {"train_config": config.to_dict(), "model_config": _config_dict(model), **run.extra_meta}
 
-    start = 0
-    found = list_checkpoints(out_dir) if resume else []
-    if resume and not found:
-        raise RobuqFileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
-    if found:
-        start, path = found[-1]
-        header = read_meta(path)
-        _check_resumable(header.get("train_config", {}), config, path)
-        _check_same_meta(header, extra_meta, path)
-        load_training_state(path, model, ema, optimizer, device)
-    elif config.continue_from:
-        path = Path(config.continue_from)
-        header = read_meta(path)
-        _check_resumable(header.get("train_config", {}), config, path, only=_LOOP_FIELDS)
-        start = int(load_training_state(path, model, ema, optimizer, device)["step"])
-    stop = min(config.steps, until) if until is not None else config.steps
-    mirrors = config.flip and bool(getattr(dataset, "has_mirrors", False))
-    batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info, mirrors)
-    loader = iter(
-        torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=StepBatchSampler(batches, start, stop),
-            num_workers=loader_workers(config, dataset, info),
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(config.seed),
-        )
-    )  # not the global RNG
-    first = (
-        _next_batch(loader) if start < stop else None
-    )  # a first batch that cannot be read leaves no run folder behind
+    start = _restore(config, run, model, ema, optimizer, device)
+    stop = min(config.steps, run.until) if run.until is not None else config.steps
+    loader = _batches(config, dataset, info, device, start, stop)
+    first = _next_batch(loader) if start < stop else None  # a first batch that cannot be read leaves no folder
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
         _truncate_log(out_dir / "log.jsonl", start)
-
     if config.grad_checkpoint:
         enable_grad_checkpointing(model)
     # Gradients as views into DDP's buckets: one copy of them instead of two (1.3 GB at DiT-XL/2).
     net = DistributedDataParallel(model, gradient_as_bucket_view=True) if info.enabled and not sharded else model
-    if config.compile:
-        net = torch.compile(net)
-    state = StepState(net, model, ema, optimizer, objective, config, info, device)
+    state = StepState(
+        torch.compile(net) if config.compile else net, model, ema, optimizer, objective, config, info, device
+    )
     model.train()
+
     bar = tqdm(
         range(start, stop),
         initial=start,
         total=stop,
         desc="train",
-        disable=not (progress and info.is_main),
+        disable=not (run.progress and info.is_main),
         dynamic_ncols=True,
     )
-    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+    window = LogWindow(out_dir / "log.jsonl", config.global_batch_size)
     for step in bar:
         x, y = first if step == start else _next_batch(loader)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True) if conditioned else None
-
         loss, grad_norm, losses = train_step(state, x, y, step)
-
-        window_loss, window_n = window_loss + loss.item(), window_n + 1
+        window.add(loss)
         done = step + 1
-        probe_due = probe is not None and config.probe_every > 0 and (done % config.probe_every == 0 or done == stop)
+        probe_due = (
+            run.probe is not None and config.probe_every > 0 and (done % config.probe_every == 0 or done == stop)
+        )
         # A sharded EMA runs its forward on every process (each gathers its blocks' weights from the others).
-        probed = probe(ema) if probe_due and (sharded or info.is_main) else {}
+        probed = run.probe(ema) if probe_due and (sharded or info.is_main) else {}
         if info.is_main and (done % config.log_every == 0 or done == stop or probe_due):
-            elapsed = time.perf_counter() - window_t0
-            record = {
-                "step": done,
-                "loss": window_loss / window_n,
-                "lr": learning_rate(config, step),
-                "grad_norm": float(grad_norm),
-                "images_per_s": window_n * config.global_batch_size / elapsed,
-                "time": time.time(),
-            }
-            for key in ("mse", "vb", "distill"):
-                if key in losses:
-                    record[key] = float(losses[key].detach().mean())
-            record.update(probed)
-            with open(out_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            record = window.write(done, learning_rate(config, step), grad_norm, losses, probed)
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-            window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
         if done % config.ckpt_every == 0 or done == stop:
-            if info.is_main or sharded:
-                save_training_state(
-                    checkpoint_path(out_dir, done), model, ema, optimizer, done, meta, write=info.is_main
-                )
-            if info.is_main:
-                for _, old in list_checkpoints(out_dir)[: -config.keep_checkpoints]:
-                    old.unlink()
-            barrier(info)
+            _checkpoint(state, out_dir, done, meta, sharded)
     bar.close()
     weights = model_state(ema) if stop == config.steps and (info.is_main or sharded) else None
     if info.is_main and stop == config.steps:
         save_tensors(out_dir / "model.safetensors", weights, {**meta, "kind": "model", "step": stop, "weights": "ema"})
     barrier(info)
     return out_dir
+
+
+def _shard_frozen(model: nn.Module, frozen: tuple[nn.Module, ...], info: DistInfo) -> None:
+    """Shard the modules the objective runs without training them, and say what is sharded."""
+    for module in frozen:
+        shard_blocks(module)
+    if info.is_main:
+        units = sum(1 for m in model.modules() if isinstance(m, FSDPModule))
+        others = sum(1 for f in frozen for m in f.modules() if isinstance(m, FSDPModule))
+        print(
+            f"FSDP2: {units} units sharded over {info.world_size} processes, and {others} of frozen modules",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _restore(
+    config: LoopConfig, run: LoopRun, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, device
+) -> int:
+    """The step the run starts at: its newest checkpoint's (``resume``), another run's (``continue_from``), or 0;
+    the weights, EMA and optimizer state restored from it after checking that the settings allow it."""
+    out_dir = Path(config.out_dir)
+    found = list_checkpoints(out_dir) if run.resume else []
+    if run.resume and not found:
+        raise RobuqFileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
+    if found:
+        start, path = found[-1]
+        header = read_meta(path)
+        _check_resumable(header.get("train_config", {}), config, path)
+        _check_same_meta(header, run.extra_meta, path)
+        load_training_state(path, model, ema, optimizer, device)
+        return start
+    if config.continue_from:
+        path = Path(config.continue_from)
+        _check_resumable(read_meta(path).get("train_config", {}), config, path, only=_LOOP_FIELDS)
+        return int(load_training_state(path, model, ema, optimizer, device)["step"])
+    return 0
+
+
+def _batches(config: LoopConfig, dataset: Dataset, info: DistInfo, device: torch.device, start: int, stop: int):
+    """An iterator over this process's batches of steps start … stop − 1, in the run's fixed order."""
+    mirrors = config.flip and bool(getattr(dataset, "has_mirrors", False))
+    batches = StepBatches(len(dataset), config.global_batch_size, config.seed, info, mirrors)
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=StepBatchSampler(batches, start, stop),
+            num_workers=loader_workers(config, dataset, info),
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(config.seed),  # not the global RNG
+        )
+    )
+
+
+class LogWindow:
+    """The losses since the last line of ``log.jsonl``, and the writing of that line."""
+
+    def __init__(self, path: Path, batch: int):
+        self.path, self.batch = path, batch
+        self.total, self.count, self.since = 0.0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total, self.count = self.total + loss.item(), self.count + 1
+
+    def write(self, step: int, lr: float, grad_norm, losses: dict[str, torch.Tensor], probed: dict) -> dict:
+        """One line: the window's mean loss, the step's learning rate, gradient norm and every loss term the
+        objective reported (its per-sample means), the throughput, and the probe's numbers when it ran."""
+        record = {
+            "step": step,
+            "loss": self.total / self.count,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "images_per_s": self.count * self.batch / (time.perf_counter() - self.since),
+            "time": time.time(),
+            **{k: float(v.detach().mean()) for k, v in losses.items() if k != "loss"},
+            **probed,
+        }
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.total, self.count, self.since = 0.0, 0, time.perf_counter()
+        return record
+
+
+def _checkpoint(state: "StepState", out_dir: Path, step: int, meta: dict, sharded: bool) -> None:
+    """The training state at ``step`` (gathered from every process when sharded), the oldest ones pruned."""
+    info, config = state.info, state.config
+    if info.is_main or sharded:
+        save_training_state(
+            checkpoint_path(out_dir, step), state.model, state.ema, state.optimizer, step, meta, write=info.is_main
+        )
+    if info.is_main:
+        for _, old in list_checkpoints(out_dir)[: -config.keep_checkpoints]:
+            old.unlink()
+    barrier(info)
 
 
 def shard_blocks(model: nn.Module) -> None:
