@@ -299,3 +299,13 @@ def read_chance_claim(over_runs: list[dict], spaces: list[str]) -> dict:
         for e, r in zip(ours, readings)
     )
     return {"claim": claim, "verdict": verdict, "evidence": evidence}
+
+
+def wilson_interval(hits: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of a proportion ``hits``/``n`` (a classifier's accuracy on n samples)."""
+    if n == 0:
+        return 0.0, 1.0
+    z, p = 1.96, hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from convergence_stats import (
     half_sample_indices,
     interval_summary,
     verdict_of,
+    wilson_interval,
 )
 from robuq.core.options import option
 
@@ -271,16 +271,6 @@ def scores_in(config: FamiliesConvergenceConfig, work: Path, keys: list[str], id
     return out
 
 
-def wilson(hits: int, n: int) -> tuple[float, float]:
-    """95% Wilson interval of a proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    z, p = 1.96, hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
 def adherence(config: FamiliesConvergenceConfig, work: Path, key: str, classes: list[int]) -> dict | None:
     """The classifier's accuracy on each sample's prompt class, with its interval."""
     from robuq.eval.classifier import ASSET, extract, load_classifier
@@ -292,7 +282,7 @@ def adherence(config: FamiliesConvergenceConfig, work: Path, key: str, classes: 
     with np.load(kept) as data:
         wanted = np.asarray(classes)[data["labels"]]
     hits = int((predicted == wanted).sum())
-    low, high = wilson(hits, len(wanted))
+    low, high = wilson_interval(hits, len(wanted))
     return {"value": hits / len(wanted), "low": low, "high": high}
 
 

@@ -1340,3 +1340,19 @@ def test_families_convergence_at_toy_size(tmp_path, fmnist_dir):
     kept = np.load(results / "families_convergence" / "samples" / "tiny-teacher.npz")
     assert kept["images"].shape == (8, 28, 28) and kept["labels"].max() < len(prompt_set()[0])
     assert "| tiny: strong baseline W1.58A2 | 2 | False | 0 |" in markdown
+
+
+def test_t2i_teacher_evidence_at_toy_size(tmp_path, fmnist_dir):
+    pytest.importorskip("diffusers")
+    from test_text_to_image import train_tiny
+
+    run = train_tiny("pixart", tmp_path / "run", fmnist_dir, steps=2)
+    argv = ["--run", str(run), "--name", "teacher", "--samples", "20", "--guidance", "1,2", "--steps", "2"]
+    argv += ["--results-dir", str(tmp_path / "results")]
+    _load("t2i_teacher").main(argv)
+    data, markdown = _record(tmp_path / "results", "teacher", "t2i_teacher", argv)
+    assert data["layout"] == "pixart" and data["step"] == 2 and set(data["prompt_accuracy"]) == {"1.0", "2.0"}
+    for a in data["prompt_accuracy"].values():
+        assert 0 <= a["low"] <= a["value"] <= a["high"] <= 1
+    assert (tmp_path / "results" / "teacher" / "grid.png").stat().st_size > 0
+    assert (tmp_path / "results" / "teacher" / "log.jsonl").is_file() and "| 2.0 |" in markdown
