@@ -1300,6 +1300,7 @@ def test_family_memory_divides_the_sharded_state_and_teacher(tmp_path):
     assert "| FLUX.1 [dev] | 11.90 B | 1 | none | 1 |" in markdown and "| no |" in markdown
 
 
+@pytest.mark.slow  # trains, samples and scores in subprocesses
 def test_families_convergence_at_toy_size(tmp_path, fmnist_dir):
     """A miniature text-to-image teacher quantized by two rows, sampled on the held-out prompts and scored: FID
     ratios to the teacher with intervals, prompt adherence with its interval, the claims read."""
@@ -1342,6 +1343,7 @@ def test_families_convergence_at_toy_size(tmp_path, fmnist_dir):
     assert "| tiny: strong baseline W1.58A2 | 2 | False | 0 |" in markdown
 
 
+@pytest.mark.slow  # trains, samples and scores in subprocesses
 def test_t2i_teacher_evidence_at_toy_size(tmp_path, fmnist_dir):
     pytest.importorskip("diffusers")
     from test_text_to_image import train_tiny
