@@ -310,6 +310,8 @@ def test_ampn_allocates_the_text_and_image_streams_of_a_flux_teacher(tmp_path, f
     assert any(".add_q_proj" in name for name in plan.bits) and any(".to_q" in name for name in plan.bits)
     assert any("single_transformer_blocks" in name for name in plan.bits)
     assert sum(plan.bits.values()) / len(plan.bits) <= 2 + 1e-9
+    # Every stream's layers are in the plan's summary (they were left out of it when it knew only DiT's four).
+    assert {"qkv", "txt.qkv", "single.qkv", "single.fc2"} <= set(plan.role_averages)
     sensitivity = json.loads((tmp_path / "ampn" / "sensitivity.json").read_text())
     assert sensitivity and (final / "model.safetensors").is_file()
 

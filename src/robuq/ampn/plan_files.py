@@ -18,13 +18,18 @@ PAPER_ROLE_AVERAGES = {
 
 
 def role_averages(bits: dict[str, int]) -> dict[str, float]:
-    """Average bits per layer type (qkv, proj, fc1, fc2)."""
-    out = {}
-    for role in BLOCK_ROLES:
-        chosen = [b for n, b in bits.items() if layer_role(n) == role]
-        if chosen:
-            out[role] = sum(chosen) / len(chosen)
-    return out
+    """Average bits per layer type (qkv, proj, fc1, fc2), each stream of a text-to-image family on its own
+    ("txt.qkv": the text stream's; "single.fc1": FLUX's single-stream blocks')."""
+    groups: dict[str, list[int]] = {}
+    for name, b in bits.items():
+        groups.setdefault(layer_role(name), []).append(b)
+
+    def place(role: str) -> tuple[str, int]:  # the image stream first, then each stream; qkv, proj, fc1, fc2 in each
+        stream, _, kind = role.rpartition(".")
+        return stream, BLOCK_ROLES.index(kind)
+
+    order = sorted(groups, key=place)
+    return {role: sum(groups[role]) / len(groups[role]) for role in order}
 
 
 def plan_from_sensitivity(sensitivity: Sensitivity, budget: float, weighting: str = "plain") -> BitPlan:
@@ -65,10 +70,10 @@ def format_plan(plan: BitPlan) -> str:
     lines = [
         f"budget {plan.budget} bits ({plan.weighting} average): achieved {plan.average_plain:.3f} plain, "
         f"{plan.average_macs:.3f} MAC-weighted; summed sensitivity {plan.objective:.5f}",
-        f"{'layer type':<10} {'bits':>6}" + (f" {'paper (DiT-XL/2)':>17}" if paper else ""),
+        f"{'layer type':<12} {'bits':>6}" + (f" {'paper (DiT-XL/2)':>17}" if paper else ""),
     ]
     for role, avg in plan.role_averages.items():
-        lines.append(f"{role:<10} {avg:>6.2f}" + (f" {paper[role]:>17.2f}" if paper else ""))
+        lines.append(f"{role:<12} {avg:>6.2f}" + (f" {paper[role]:>17.2f}" if paper and role in paper else ""))
     return "\n".join(lines)
 
 
@@ -81,13 +86,13 @@ def plot_plan(plan: BitPlan, path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     markers = {"qkv": "o", "proj": "s", "fc1": "^", "fc2": "v"}
-    for i, role in enumerate(BLOCK_ROLES):
+    roles = list(role_averages(plan.bits))  # every stream's roles ("txt.qkv", "single.fc1", …) as well
+    for i, role in enumerate(roles):
         points = sorted((block_index(n), b) for n, b in plan.bits.items() if layer_role(n) == role)
-        if points:
-            depth, bits = zip(*points)
-            ax.plot(
-                [d + (i - 1.5) * 0.08 for d in depth], bits, marker=markers[role], linestyle="-", alpha=0.8, label=role
-            )
+        depth, bits = zip(*points)
+        offset = (i - (len(roles) - 1) / 2) * 0.06
+        marker = markers[role.rsplit(".", 1)[-1]]
+        ax.plot([d + offset for d in depth], bits, marker=marker, linestyle="-", alpha=0.8, label=role)
     ax.set(
         xlabel="block",
         ylabel="activation bits",
