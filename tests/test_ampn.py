@@ -191,6 +191,24 @@ def test_ampn_run_end_to_end(tmp_path, tiny_dit, fmnist_dir):
     )
     warm, _ = load_quantized(tmp_path / "ampn" / "warmup" / "checkpoints" / "step-0000002.safetensors")
     assert {b for n, b in current_plan(warm).items() if n in plan["bits"]} == {4}
+    # The sensitivities are measured under the training's precision: bf16 autocast moves them, a little.
+    from robuq.ampn.pipeline import SensitivityConfig, sensitivity_of
+
+    def measured(precision: str) -> dict:
+        config = SensitivityConfig(
+            model=str(tmp_path / "ampn" / "warmup" / "checkpoints" / "step-0000002.safetensors"),
+            teacher=teacher,
+            data_dir=str(fmnist_dir),
+            calibration_images=8,
+            precision=precision,
+            device="cpu",
+        )
+        return sensitivity_of(config, progress=False).table
+
+    fp32, bf16 = measured("fp32"), measured("bf16")
+    assert fp32.keys() == bf16.keys()
+    moved = [abs(bf16[n][b] - fp32[n][b]) for n in fp32 for b in fp32[n] if fp32[n][b]]
+    assert max(moved) > 0 and all(v >= 0 for row in bf16.values() for v in row.values())
     # A second call finds every stage done and changes nothing.
     before = (final / "model.safetensors").stat().st_mtime_ns
     ampn_run(AMPNConfig(qat=config, budget=2.0, warmup_qat_steps=2, calibration_images=8), progress=False)

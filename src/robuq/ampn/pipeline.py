@@ -26,7 +26,13 @@ from robuq.ampn.sensitivity import METRICS, Sensitivity, block_layers, measure_s
 from robuq.core.distributed import DistInfo, barrier, init_distributed, shutdown, wait_for_files
 from robuq.core.files import atomic_write_text, load_tensors, read_meta
 from robuq.core.options import check_choice, option, with_default
-from robuq.core.runtime import default_teacher_path, device_context, release_memory, resolve_device
+from robuq.core.runtime import (
+    default_teacher_path,
+    device_context,
+    precision_context,
+    release_memory,
+    resolve_device,
+)
 from robuq.io.model_files import load_any
 from robuq.io.quantized import load_quantized
 from robuq.models.checkpoint import load_dit
@@ -117,6 +123,7 @@ class SensitivityConfig:
         "text-to-image families: calibrate on these teacher samples (the file `qat --prompt-only` keeps) instead "
         "of captioned data",
     )
+    precision: str = with_default(QATConfig, "precision", "fp32")
     device: str = with_default(QATConfig, "device", "auto")
     out: str = option("sensitivity.json", "where to write the sensitivities (JSON)")
 
@@ -133,6 +140,15 @@ class AllocateConfig:
 
 def sensitivity_of(
     config: SensitivityConfig, progress: bool = True, dataset: Dataset | None = None, share: tuple[int, int] = (0, 1)
+) -> Sensitivity:
+    """``_sensitivity_of`` under ``config.precision`` (AMPN: the training's), the teacher's reference included."""
+    check_choice(config, "precision")
+    with precision_context(config.precision, resolve_device(config.device)):
+        return _sensitivity_of(config, progress, dataset, share)
+
+
+def _sensitivity_of(
+    config: SensitivityConfig, progress: bool, dataset: Dataset | None, share: tuple[int, int]
 ) -> Sensitivity:
     """Sensitivities of a quantized model file against its teacher on a fixed calibration batch drawn from
     ``dataset`` (default: --latents or --data); ``share`` = (k, n): only every n-th layer from the k-th."""
@@ -281,6 +297,7 @@ def _ampn_stages(
                     calibration_images=config.calibration_images,
                     metric=config.sensitivity_metric,
                     seed=base.seed,
+                    precision=base.precision,
                     prompt_embeds=base.prompt_embeds,
                     teacher_samples=str(warm / "teacher-samples.safetensors") if base.prompt_only else None,
                     device=base.device,
