@@ -36,6 +36,7 @@ from robuq.core.options import option
 from robuq.deploy.export import _weight_format
 from robuq.deploy.packing import PACKERS
 from robuq.models.families import family_of
+from robuq.models.families.flux import packed_inputs
 from robuq.models.families.base import diffusers_module
 from robuq.models.skeleton import meta_skeleton
 from robuq.quant.linear import QuantLinear
@@ -229,14 +230,9 @@ def block_inputs(model: torch.nn.Module, image_tokens: int, text_tokens: int) ->
     if x.ndim == 4:  # (B, C, H, W): a square latent of that many patches
         side = int(image_tokens**0.5) * (getattr(model.config, "patch_size", 1) or 1)
         inputs["hidden_states"] = torch.randn(1, x.shape[1], side, side)
-    else:
-        inputs["hidden_states"] = torch.randn(1, image_tokens, x.shape[-1])
-        side = int(image_tokens**0.5)
-        ids = torch.zeros(image_tokens, inputs["img_ids"].shape[-1])
-        ids[:, -2], ids[:, -1] = torch.arange(image_tokens) // side, torch.arange(image_tokens) % side
-        inputs["img_ids"], inputs["txt_ids"] = ids, torch.zeros(text_tokens, ids.shape[-1])
-    inputs["encoder_hidden_states"] = torch.randn(1, text_tokens, inputs["encoder_hidden_states"].shape[-1])
-    return inputs
+        inputs["encoder_hidden_states"] = torch.randn(1, text_tokens, inputs["encoder_hidden_states"].shape[-1])
+        return inputs
+    return packed_inputs(model, 1, image_tokens, text_tokens)  # FLUX.1 and FLUX.2: tokens with their RoPE ids
 
 
 def _peer(peer: str, fp: torch.nn.Module) -> torch.nn.Module:

@@ -30,12 +30,9 @@ IMAGE_TOKENS, TEXT_TOKENS = 16, 8
 
 
 def position_ids(tokens: int, axes: int, device: torch.device) -> torch.Tensor:
-    """RoPE position ids of a square grid of ``tokens`` (row, column in the last two axes)."""
+    """RoPE position ids of ``tokens`` tokens laid out row by row on a square grid."""
     side = max(1, int(tokens**0.5))
-    ids = torch.zeros(tokens, axes, device=device)
-    ids[:, -2] = torch.arange(tokens, device=device) // side
-    ids[:, -1] = torch.arange(tokens, device=device) % side
-    return ids
+    return grid_ids(-(-tokens // side), side, axes, device)[:tokens]
 
 
 def packed_inputs(model: nn.Module, batch: int, image_tokens: int = IMAGE_TOKENS, caption_tokens: int = TEXT_TOKENS):
