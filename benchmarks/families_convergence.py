@@ -393,7 +393,8 @@ def claims(teachers: dict, final: list[dict], spaces: list[str]) -> list[dict]:
                 else "tie"
                 for sp in spaces
             ]
-            out.append({"claim": claim, "verdict": verdict_of(readings, "met", "missed")})
+            noise = "sample and training" if all(sp in gaps for sp in spaces) else "sample only (no second seed yet)"
+            out.append({"claim": claim, "verdict": verdict_of(readings, "met", "missed"), "noise": noise})
             drop = ADHERENCE_POINTS[bits]
             claim = f"{teacher}: {row} prompt adherence within {drop:.0f} points of the teacher's"
             if "prompt_accuracy" not in e or t.get("prompt_accuracy") is None:
@@ -467,8 +468,8 @@ def markdown(payload: dict) -> str:
         lines.append(
             f"| {e['name']} | {e['act_bits']} | {e['ampn']} | {e['seeds'][0]} | {cells[0]} | {cells[1]} | {acc_text} |"
         )
-    lines += ["", "## Claims", "", "| claim | verdict |", "|---|---|"]
-    lines += [f"| {c['claim']} | {c['verdict']} |" for c in payload["claims"]]
+    lines += ["", "## Claims", "", "| claim | verdict | noise read against |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['verdict']} | {c.get('noise', 'sample')} |" for c in payload["claims"]]
     return "\n".join(lines) + "\n"
 
 

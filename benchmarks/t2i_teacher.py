@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     scales = [float(g) for g in config.guidance.split(",")]
     adherence = {}
     for scale in scales:
-        latents = sample_latents(model, table, rows, (channels, 14, 14), config.steps, scale, config.seed)
+        latents = sample_latents(model, table, rows, (channels, 14, 14), config.steps, scale, config.seed, clip=True)
         grey = latents_to_pixels(latents)
         predicted = extract(classifier, np.repeat(grey[..., None], 3, axis=-1))["probs"].argmax(1)
         hits = int((predicted == wanted).sum())
@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     # The grid: a row per class, the first held-out prompt of each class, 8 noises each, at the largest scale.
     firsts = [next(p for p, c in zip(prompts, classes) if c == k) for k in range(len(CLASS_WORDS))]
     grid_rows = table.index([p for p in firsts for _ in range(8)])
-    grid = latents_to_pixels(sample_latents(model, table, grid_rows, (channels, 14, 14), config.steps, max(scales), 1))
+    grid = latents_to_pixels(
+        sample_latents(model, table, grid_rows, (channels, 14, 14), config.steps, max(scales), 1, clip=True)
+    )
     save_grid(np.repeat(grid[..., None], 3, axis=-1), out / "grid.png", 8, row_labels=firsts)
     for name in ("log.jsonl", "config.json"):
         if (run / name).is_file():

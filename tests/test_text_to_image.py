@@ -469,7 +469,9 @@ def test_family_qat_in_bf16_recomputes_blocks_with_checkpointing(tmp_path, fmnis
     assert calls and all(np.isfinite(r["loss"]) for r in log)
 
 
-def test_family_qat_under_torchrun_with_fsdp(tmp_path, fmnist_dir, exported_teacher):
+@pytest.mark.slow  # torchrun: two fresh interpreters
+@pytest.mark.parametrize("shard", ["none", "fsdp"])
+def test_family_qat_under_torchrun(shard, tmp_path, fmnist_dir, exported_teacher):
     import os
     import subprocess
     import sys
@@ -478,12 +480,49 @@ def test_family_qat_under_torchrun_with_fsdp(tmp_path, fmnist_dir, exported_teac
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "robuq.cli"]
     cmd += ["qat", "--teacher", str(teacher / "transformer"), "--prompt-embeds", str(teacher / "prompts.safetensors")]
     cmd += ["--data-dir", str(fmnist_dir), "--steps", "2", "--global-batch-size", "8", "--ckpt-every", "2"]
-    cmd += ["--probe-every", "2", "--probe-images", "4", "--device", "cpu", "--no-progress", "--shard", "fsdp"]
+    cmd += ["--probe-every", "2", "--probe-images", "4", "--device", "cpu", "--no-progress", "--shard", shard]
     cmd += ["--out-dir", str(tmp_path / "q")]
     result = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "FSDP2: 3 units sharded over 2 processes, and 3 of frozen modules" in result.stderr
+    assert ("FSDP2: 3 units sharded over 2 processes, and 3 of frozen modules" in result.stderr) == (shard == "fsdp")
     log = [json.loads(line) for line in (tmp_path / "q" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and "probe_rel_mse" in log[-1]
+
+
+@pytest.mark.slow  # torchrun: two fresh interpreters
+def test_a_teacher_trains_under_torchrun(tmp_path, fmnist_dir):
+    """DDP wraps the text-to-image model: the objective reaches its family and parts through the wrapper."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "robuq.cli"]
+    cmd += [
+        "train-t2i",
+        "--layout",
+        "pixart",
+        "--data-dir",
+        str(fmnist_dir),
+        "--steps",
+        "2",
+        "--global-batch-size",
+        "4",
+    ]
+    cmd += [
+        "--log-every",
+        "1",
+        "--ckpt-every",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out-dir",
+        str(tmp_path / "t"),
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_text_to_image(tmp_path / "t" / "model.safetensors").family.name == "pixart"

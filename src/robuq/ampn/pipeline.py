@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from robuq.ampn.plan_files import format_plan, plan_from_sensitivity, write_plan
 from robuq.ampn.sensitivity import METRICS, Sensitivity, block_layers, measure_sensitivity
 from robuq.core.distributed import DistInfo, barrier, init_distributed, shutdown, wait_for_files
-from robuq.core.files import atomic_write_text, load_tensors, read_meta
+from robuq.core.files import atomic_write, atomic_write_text, load_tensors, read_meta
 from robuq.core.options import check_choice, option, with_default
 from robuq.core.runtime import (
     default_teacher_path,
@@ -259,7 +259,7 @@ def ampn_run(
     if config.qat.quant_config:
         raise RobuqError("AMPN starts from a preset (--preset); a --quant-config policy file fixes its own bits")
     device = resolve_device(config.qat.device)
-    info = init_distributed(device)
+    info = init_distributed(device, config.qat.dist_timeout_hours)
     current = device_context(device)
     try:
         with current:
@@ -334,5 +334,6 @@ def _ampn_stages(
     kept = warm / "teacher-samples.safetensors"
     if base.prompt_only and info.is_main and not (root / "final" / kept.name).is_file():
         (root / "final").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(kept, root / "final" / kept.name)  # the final stage trains on the warm-up's samples
+        # The final stage trains on the warm-up's samples; the other processes wait for the whole file.
+        atomic_write(root / "final" / kept.name, lambda tmp: shutil.copyfile(kept, tmp))
     return _qat_stage(final, progress, plan=plan, dataset=dataset, until=until)

@@ -69,8 +69,10 @@ class Sensitivity:
 
     @classmethod
     def merged(cls, parts: list["Sensitivity"]) -> "Sensitivity":
-        """One measurement from parts that each measured some of the layers on the same calibration batch."""
-        table = {name: row for part in parts for name, row in part.table.items()}
+        """One measurement from the parts of ``share`` = (k, n), k = 0 … n − 1 in order, each having measured every
+        n-th layer from the k-th: the layers back in their own order (the allocation reads them in it)."""
+        rows = [list(part.table.items()) for part in parts]
+        table = dict(rows[i % len(rows)][i // len(rows)] for i in range(sum(map(len, rows))))
         macs = {name: count for part in parts for name, count in part.macs.items()}
         return cls(table, parts[0].baseline_error, macs, parts[0].metric)
 

@@ -231,7 +231,8 @@ def load_dit(
     with meta_skeleton():
         model = DiT(config)
     check_compatible(model, state, str(path))
-    model.load_state_dict(state, assign=True)
+    skeleton = model.state_dict()  # the file's tensors in the model's own dtypes (a half-precision file too)
+    model.load_state_dict({k: v.to(skeleton[k].dtype) if k in skeleton else v for k, v in state.items()}, assign=True)
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # a tensor the file does not hold
         model = DiT(config)
         model.load_state_dict(state)

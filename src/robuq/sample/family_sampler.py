@@ -40,8 +40,10 @@ def sample_latents(
     seed: int = 0,
     shard_size: int = 250,
     progress: bool = False,
+    clip: bool = False,
 ) -> torch.Tensor:
-    """Latents (N × C × H × W) for the prompts at ``rows`` of ``table``, guided against row 0 (the empty prompt)."""
+    """Latents (N × C × H × W) for the prompts at ``rows`` of ``table``, guided against row 0 (the empty prompt);
+    ``clip``: DDIM's x₀ estimates clipped to [-1, 1] (latents that are pixels; a VAE's latents reach beyond)."""
     family = family_of(model)
     device = next(model.parameters()).device
     takes = set(inspect.signature(model.forward).parameters)
@@ -64,5 +66,5 @@ def sample_latents(
         else:
             learn_sigma = (model.config.out_channels or channels) == 2 * channels
             diffusion = create_diffusion(f"ddim{steps}", learn_sigma=learn_sigma)
-            out.append(diffusion.ddim_sample(predict, noise))
+            out.append(diffusion.ddim_sample(predict, noise, clip_denoised=clip))
     return torch.cat(out)

@@ -126,6 +126,7 @@ def _sample_from_table(config: SampleConfig, model, progress: bool) -> dict[str,
         seed=config.seed,
         shard_size=config.shard_size,
         progress=progress,
+        clip=True,  # space-to-depth latents are pixels in [-1, 1]
     )
     grey = latents_to_pixels(latents)
     pixels = np.repeat(grey[..., None], 3, axis=-1)

@@ -102,9 +102,19 @@ def family_probe(
     inputs, timesteps = torch.cat([batch.inputs] * 2), torch.cat([batch.timesteps] * 2)
     channels = latents.shape[1]
 
-    def outputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            out = predict_latents(model, inputs, timesteps, text)[:, :channels]
+    def outputs(model: nn.Module, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():  # in chunks: the activations of one chunk at a time, at any probe size
+            out = torch.cat(
+                [
+                    predict_latents(
+                        model,
+                        inputs[i : i + chunk],
+                        timesteps[i : i + chunk],
+                        {k: v[i : i + chunk] for k, v in text.items()},
+                    )[:, :channels]
+                    for i in range(0, len(inputs), chunk)
+                ]
+            )
         cond, uncond = out.chunk(2)
         return out, uncond + guidance * (cond - uncond)
 
@@ -159,6 +169,8 @@ def teacher_samples(config, table: PromptTable, teacher: nn.Module) -> TeacherSa
         "guidance": config.prompt_only_guidance,
         "seed": config.seed,
         "prompts": len(table),
+        "latent_size": config.latent_size,
+        "teacher": str(config.teacher),
     }
     if os.environ.get("RANK", "0") == "0" and not path.is_file():
         side = config.latent_size or getattr(teacher.config, "sample_size", None)

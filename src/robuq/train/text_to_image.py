@@ -37,7 +37,7 @@ from robuq.data.captions import (
 )
 from robuq.io.prompts import save_prompt_table
 from robuq.models.checkpoint import read_state_dict
-from robuq.models.families import family_of, predict_latents
+from robuq.models.families import family_of, predict_latents, unwrapped
 from robuq.models.families.base import class_name, diffusers_module
 from robuq.models.text_encoder import TextEncoder, TextEncoderConfig
 from robuq.train.family_objective import noisy_batch
@@ -118,8 +118,10 @@ class TextToImage(nn.Module):
         tokens, pooled = self.text_encoder(ids)
         return forward_text(self.takes, tokens, pooled, ids != 0)
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        return predict_latents(self.transformer, latents, t, text)
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The prediction for noisy latents at forward timesteps ``t`` with the captions ``ids`` (one forward,
+        so that DDP sees the text encoder's and the transformer's parameters used together)."""
+        return predict_latents(self.transformer, latents, t, self.conditioning(ids))
 
 
 def forward_text(takes: set[str], tokens: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -152,8 +154,9 @@ def text_objective(caption_dropout: float):
     def objective(model: TextToImage, x: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> dict:
         dropped = label_drops(len(ids), caption_dropout, generator, ids.device).bool()
         ids = torch.where(dropped[:, None], torch.zeros_like(ids), ids)
-        batch = noisy_batch(model.family, model.transformer.config.out_channels or x.shape[1], x, generator)
-        return batch.losses(model.predict(batch.inputs, batch.timesteps, model.conditioning(ids)))
+        inner = unwrapped(model)  # DDP's wrapper hides the attributes; the forward goes through it
+        batch = noisy_batch(inner.family, inner.transformer.config.out_channels or x.shape[1], x, generator)
+        return batch.losses(model(batch.inputs, batch.timesteps, ids))
 
     return objective
 

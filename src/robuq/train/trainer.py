@@ -651,6 +651,9 @@ def shard_blocks(model: nn.Module) -> None:
 
     visit(model)
     fully_shard(model)
+    # FSDP2 leaves the root unit gathered after a forward with no backward (the EMA's probe, a frozen teacher):
+    # shard it again, or the next EMA update would mix whole tensors with shards (and hold the memory).
+    model.register_forward_hook(lambda module, args, output: module.reshard())
 
 
 def ema_and_optimizer(

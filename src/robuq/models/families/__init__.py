@@ -99,10 +99,21 @@ def predict_latents(
 ) -> torch.Tensor:
     """A text-to-image family's prediction for latents (B, C, H, W) at its forward timesteps ``t`` with text
     conditioning (forward argument name → tensor), in the latents' layout."""
-    family = family_of(model)
+    inner = unwrapped(model)
+    family = family_of(inner)
     if family.latent_arguments is None:
         raise RobuqError(f"robuq does not run {family.name} models on latents with text conditioning")
-    return family.latent_output(family.run(model, family.latent_arguments(model, latents, t, text)), latents.shape)
+    # The forward runs through ``model`` (DDP's or torch.compile's wrapper where there is one).
+    return family.latent_output(family.run(model, family.latent_arguments(inner, latents, t, text)), latents.shape)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DDP's (``module``) and torch.compile's (``_orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def model_output(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,4 +145,5 @@ __all__ = [
     "role_kind",
     "run_model",
     "supported_families",
+    "unwrapped",
 ]

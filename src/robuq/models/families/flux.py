@@ -48,7 +48,7 @@ def packed_inputs(model: nn.Module, batch: int, image_tokens: int = IMAGE_TOKENS
         "encoder_hidden_states": text_tokens(model, batch, config.joint_attention_dim, caption_tokens),
         "timestep": torch.full((batch,), 0.5, device=device),
         "img_ids": position_ids(image_tokens, axes, device),
-        "txt_ids": torch.zeros(caption_tokens, axes, device=device),
+        "txt_ids": text_ids(caption_tokens, axes, device),
     }
     if getattr(config, "pooled_projection_dim", None):
         inputs["pooled_projections"] = torch.randn(batch, config.pooled_projection_dim).to(device)
@@ -72,10 +72,19 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def grid_ids(height: int, width: int, axes: int, device: torch.device) -> torch.Tensor:
-    """RoPE position ids of a ``height`` × ``width`` token grid (row, column in the last two axes)."""
+    """RoPE position ids of a ``height`` × ``width`` token grid: row and column in axes 1 and 2 (FLUX.1's
+    (0, h, w); FLUX.2's (t = 0, h, w, l = 0))."""
     ids = torch.zeros(height * width, axes, device=device)
-    ids[:, -2] = torch.arange(height * width, device=device) // width
-    ids[:, -1] = torch.arange(height * width, device=device) % width
+    ids[:, 1] = torch.arange(height * width, device=device) // width
+    ids[:, 2] = torch.arange(height * width, device=device) % width
+    return ids
+
+
+def text_ids(tokens: int, axes: int, device: torch.device) -> torch.Tensor:
+    """RoPE position ids of the caption tokens: all at 0 in FLUX.1; FLUX.2 numbers them along its fourth axis."""
+    ids = torch.zeros(tokens, axes, device=device)
+    if axes == 4:
+        ids[:, 3] = torch.arange(tokens, device=device)
     return ids
 
 
@@ -92,7 +101,7 @@ def packed_arguments(model: nn.Module, latents: torch.Tensor, t: torch.Tensor, t
         "hidden_states": pack(latents),
         "timestep": t,
         "img_ids": grid_ids(h // 2, w // 2, axes, latents.device),
-        "txt_ids": torch.zeros(text["encoder_hidden_states"].shape[1], axes, device=latents.device),
+        "txt_ids": text_ids(text["encoder_hidden_states"].shape[1], axes, latents.device),
         **text,
         **extra,
     }
