@@ -100,7 +100,9 @@ def markdown(payload: dict, gpu_gb: float) -> str:
         "## Estimated memory per GPU of RobuQ QAT at the families' real sizes",
         "",
         "Estimates from parameter counts (see the script's docstring for every term), not measurements. "
-        f"'fits' compares the total with {gpu_gb:.0f} GB.",
+        f"'fits' compares the total with {gpu_gb:.0f} GB. The sharded rows assume each process builds and loads "
+        "only its shards (a bf16 teacher included); robuq does not yet: its processes build whole fp32 copies "
+        "before sharding, so the sharded totals are not reachable at these sizes today.",
         "",
         "| model | parameters | GPUs | shard | batch/GPU | weights, grads, AdamW, EMA | teacher (bf16) | "
         "gathered block | activations | total | fits |",
