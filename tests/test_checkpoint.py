@@ -214,3 +214,19 @@ def test_a_model_config_from_a_file_is_checked():
         DiTConfig.from_dict({**tiny_config().to_dict(), "depth": "2"})
     with pytest.raises(ValueError, match="multiple of num_heads"):
         DiTConfig.from_dict({**tiny_config().to_dict(), "num_heads": 5})
+
+
+def test_load_dit_skips_the_random_initialisation_and_keeps_fp32(tmp_path, tiny_dit, monkeypatch):
+    """The DiT is built as shapes and given the file's tensors (cast to its own dtype): no initialisation is
+    computed only to be overwritten (seconds per process at XL/2)."""
+    from robuq.core.files import save_tensors
+    from robuq.models.dit import DiT
+
+    half = {k: v.half() for k, v in tiny_dit.state_dict().items()}
+    path = save_tensors(tmp_path / "half.safetensors", half, {"model_config": tiny_dit.config.to_dict()})
+    on_meta = []  # where the model stood when its initialisation ran: shapes only, nothing computed
+    monkeypatch.setattr(DiT, "initialize_weights", lambda self: on_meta.append(next(self.parameters()).is_meta))
+    loaded = load_dit(path)
+    assert on_meta == [True]
+    assert all(p.dtype == torch.float32 and not p.is_meta for p in loaded.parameters())
+    assert all(torch.equal(p, q.half().float()) for p, q in zip(loaded.parameters(), tiny_dit.parameters()))

@@ -1,3 +1,4 @@
+import importlib
 import json
 import os
 import subprocess
@@ -235,3 +236,17 @@ def test_a_student_whose_weights_are_replaced_skips_the_svd(tmp_path, teacher_fi
     assert calls == []
     qat(qat_config(tmp_path / "fresh", teacher_file, fmnist_dir), until=1, progress=False)
     assert len(calls) == 8  # 2 blocks × 4 linears with a low-rank branch
+
+
+def test_the_probe_is_built_only_where_it_runs(tmp_path, teacher_file, fmnist_dir, monkeypatch):
+    """The probe's batch (the teacher's outputs on it) is made at its first use: a run that never probes (every
+    process but the main one, unsharded) pays nothing for it."""
+    qat_module = importlib.import_module("robuq.train.qat")
+
+    built = []
+    real = qat_module.teacher_probe
+    monkeypatch.setattr(qat_module, "teacher_probe", lambda *a, **k: built.append(1) or real(*a, **k))
+    qat(qat_config(tmp_path / "never", teacher_file, fmnist_dir, steps=2, probe_every=0), progress=False)
+    assert built == []
+    qat(qat_config(tmp_path / "probed", teacher_file, fmnist_dir, steps=4, probe_every=2), progress=False)
+    assert built == [1]  # once, however many probes
