@@ -25,13 +25,9 @@ from robuq.core.errors import RobuqError
 from robuq.core.options import check_choice, option
 from robuq.core.files import atomic_write_text, read_meta, save_tensors
 from robuq.data.captions import (
-    BRIGHTNESS,
-    CLASS_WORDS,
     MAX_TOKENS,
-    TRAIN_TEMPLATES,
     VOCABULARY,
     CaptionedFashionMNIST,
-    fill,
     prompt_set,
     tokenize,
 )
@@ -207,19 +203,10 @@ def load_text_to_image(path: str | os.PathLike) -> TextToImage:
 
 
 def teacher_prompts() -> list[str]:
-    """The prompts a miniature teacher's table caches: the empty one, every training caption, every
-    evaluation prompt (held-out and training templates)."""
-    train = sorted({fill(t, label, shade, k) for t, label, shade, k in _caption_choices()})
-    evaluation = prompt_set(held_out=True)[0] + prompt_set(held_out=False)[0]
-    return ["", *dict.fromkeys(train + evaluation)]
-
-
-def _caption_choices():
-    for template in TRAIN_TEMPLATES:
-        for label, names in enumerate(CLASS_WORDS):
-            for shade in (b[2] for b in BRIGHTNESS):
-                for k in range(len(names)):
-                    yield template, label, shade, k
+    """The prompts a miniature teacher's table caches: the empty one, every training caption (the training
+    templates' prompt set: every template, class, name and shade), every held-out evaluation prompt."""
+    train = prompt_set(held_out=False)[0]
+    return ["", *dict.fromkeys(sorted(set(train)) + prompt_set(held_out=True)[0] + train)]
 
 
 @torch.no_grad()
