@@ -81,7 +81,12 @@ def machine() -> dict:
         "cpu_model": gemm.cpu_model(),
         "cpu_isa": sorted(gemm.cpu_flags()),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "robuq_gemm": {**gemm.cpu_capability().to_dict(), "chosen": gemm.auto_path()},
+        # the path of layers the lookup cannot take, and of ternary layers at 3 bits (measured where it must be)
+        "robuq_gemm": {
+            **gemm.cpu_capability().to_dict(),
+            "chosen": gemm.auto_path(),
+            "chosen_ternary_a3": gemm.auto_path(lookup_top=7),
+        },
         "forced": {k: os.environ[k] for k in FORCING if k in os.environ},
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -211,6 +211,7 @@ def end_to_end(
     clock: str = "wall",
     rounds: int = 5,
     peers: list[str] = list(PEERS),
+    batch: int = 8,
 ) -> dict:
     """fp32 forward vs its peers (``PEERS``) vs the exported forward, alternately; also fp32 with robuq's
     elementwise C kernels (GELU, LayerNorm+modulate, gated residuals), which the exported model uses, so that
@@ -222,8 +223,8 @@ def end_to_end(
     torch.manual_seed(0)
     fp = create_model(name).eval()
     c = fp.config
-    x = torch.randn(8, c.in_channels, c.input_size, c.input_size)
-    t, y = torch.randint(0, 1000, (8,)), torch.randint(0, c.num_classes, (8,))
+    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size)
+    t, y = torch.randint(0, 1000, (batch,)), torch.randint(0, c.num_classes, (batch,))
     peer_models, first_call, missing = build_peers(peers, fp, (x, t, y))
     models = {"fp32": fp, "fp32_native_elementwise": use_native_kernels(copy.deepcopy(fp)), **peer_models}
     path = export_random(name, tmp / f"{name.replace('/', '_')}.safetensors", act_bits)
@@ -245,6 +246,7 @@ def end_to_end(
     result = {
         **{f"{kind}_ms": v for kind, v in ms.items()},
         "act_bits": act_bits,
+        "batch": batch,
         "gemm_path": ",".join(sorted(paths)),
         "layer_paths": layer_paths,
         "rounds_ms": times,
@@ -474,6 +476,14 @@ def measure_setting(args: argparse.Namespace, tmp: Path) -> dict:
     result = {"machine": machine(), "models": {}, "paths": []}
     for name in args.models:
         result["models"][name] = resumable(args, name, lambda name=name: model_entry(args, name, tmp))
+        for batch in sorted(set(args.batches) - {8}) if "speed" in args.parts else ():  # batch 8: the entry's own
+            result["models"][f"{name} at batch {batch}"] = resumable(
+                args,
+                f"{name}-batch-{batch}",
+                lambda name=name, batch=batch: end_to_end(
+                    name, args.repeats, tmp, args.act_bits, args.clock, args.rounds, args.peers, batch
+                ),
+            )
     for name in set(args.memory_models) - set(args.models) if "memory" in args.parts else ():
         result["models"][name] = resumable(
             args,
@@ -489,7 +499,7 @@ def measure_setting(args: argparse.Namespace, tmp: Path) -> dict:
 
 def model_entry(args: argparse.Namespace, name: str, tmp: Path) -> dict:
     entry = {}
-    if "speed" in args.parts:
+    if "speed" in args.parts and 8 in args.batches:
         entry.update(end_to_end(name, args.repeats, tmp, args.act_bits, args.clock, args.rounds, args.peers))
     if "breakdown" in args.parts:
         entry["breakdown"] = breakdown(name, args.repeats, tmp, args.act_bits)
@@ -506,7 +516,18 @@ def resumable(args: argparse.Namespace, what: str, measure) -> dict:
         return measure()
     options = {
         k: getattr(args, k)
-        for k in ("parts", "repeats", "rounds", "act_bits", "clock", "threads", "peers", "memory_runs", "memory_models")
+        for k in (
+            "parts",
+            "repeats",
+            "rounds",
+            "act_bits",
+            "clock",
+            "threads",
+            "peers",
+            "memory_runs",
+            "memory_models",
+            "batches",
+        )
     }
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
@@ -547,6 +568,8 @@ def run_setting(setting: str, args: argparse.Namespace, tmp: Path) -> dict:
         str(args.memory_runs),
         "--peers",
         ",".join(args.peers),
+        "--batches",
+        ",".join(map(str, args.batches)),
         *(["--resume-dir", args.resume_dir] if args.resume_dir else []),
         "--parts",
         ",".join(args.parts),
@@ -596,7 +619,14 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
         lines.append(
             f"- **{s['setting']}**: {m['cpu_model']}, CPU flags {', '.join(m['cpu_isa'])}; PyTorch capability "
             f"{m['torch_cpu_capability']}, robuq's C kernels {m['robuq_gemm']['robuq_kernels']}, GEMM path chosen "
-            f"`{m['robuq_gemm']['chosen']}`" + (f"; forced by {m['forced']}" if m["forced"] else "") + "."
+            f"`{m['robuq_gemm']['chosen']}`"
+            + (
+                f" (ternary A3 layers `{m['robuq_gemm']['chosen_ternary_a3']}`)"
+                if "chosen_ternary_a3" in m["robuq_gemm"]
+                else ""
+            )
+            + (f"; forced by {m['forced']}" if m["forced"] else "")
+            + "."
         )
     if any(s["setting"] == "avx2-forced" for s in settings):
         lines += [
@@ -629,7 +659,8 @@ def markdown(sizes: list[dict], linears: list[dict], settings: list[dict], args:
         )
         lines += [
             "",
-            f"Forward of batch 8 at 32×32 latents, `robuq` preset at A{args.act_bits}, {args.threads} threads, {clock} ({method}):",
+            f"Forward at 32×32 latents (batch 8 unless the model's name says otherwise; batch 2 is one image with "
+            f"guidance), `robuq` preset at A{args.act_bits}, {args.threads} threads, {clock} ({method}):",
             "",
             "| setting | model | fp32 eager ms | exported ms | GEMM path | layer paths | × fp32 "
             "| × fp32 with robuq's elementwise kernels |",
@@ -765,6 +796,7 @@ class DeployConfig:
     memory_runs: int | None = option(None, "processes per peak-memory measurement (default 3, quick 1)")
     rounds: int | None = option(None, "alternating rounds of the end-to-end timing (default 5, quick 3)")
     act_bits: int = option(3, "activation bits of the exported models")
+    batches: str = option("8", "batches of the end-to-end timing, comma-separated (2: one image with guidance)")
     peers: str = option(
         ",".join(PEERS),
         f"models the export is timed against, comma-separated: {','.join(PEERS)} "
@@ -793,7 +825,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--worker"]:  # this script's own child process for one setting (run_setting): its output file
         worker, argv = Path(argv[1]), argv[2:]
     config = parse_config(DeployConfig, argv, __doc__)
-    lists = ("parts", "settings", "models", "memory_models", "size_models", "peers")
+    lists = ("parts", "settings", "models", "memory_models", "size_models", "peers", "batches")
     args = argparse.Namespace(
         **{
             **dataclasses.asdict(config),
@@ -816,6 +848,7 @@ def main(argv: list[str] | None = None) -> None:
     args.models = args.models or (["DiT-S/2"] if args.quick else ["DiT-S/2", "DiT-B/2"])
     args.memory_models = args.memory_models or (["DiT-S/2"] if args.quick else ["DiT-XL/2", "DiT-B/2", "DiT-S/2"])
     args.peers = args.peers or []
+    args.batches = sorted({int(b) for b in args.batches or ["8"]})
     torch.set_num_threads(args.threads)
     # load_exported raises glibc's allocator thresholds for the process; doing it first puts the fp32
     # model under the same setting, so the ratios compare the models and not the allocator.

@@ -172,6 +172,8 @@ def test_deploy(tmp_path):
         "1",
         "--peers",
         "dynamic_int8,fp32_compiled,torchao_int8_compiled",
+        "--batches",
+        "2,8",
         "--results-dir",
         str(results),
     ]
@@ -219,7 +221,11 @@ def test_deploy(tmp_path):
     for peer, why in toy["peers_missing"].items():
         assert f"| {deploy.PEER_NAMES[peer]} | not run: {why} |" in markdown
     assert f"**{toy['cpu_speedup']:.2f}×** ({min(ratios):.2f}–{max(ratios):.2f})" in markdown
-    assert toy["gemm_path"] in ("int_mm", "avx2", "fp32") and data["repeats"] == 1
+    assert set(toy["gemm_path"].split(",")) <= {"int_mm", "avx2", "fp32"} and data["repeats"] == 1
+    # batch 2 (one image with guidance) timed in its own rounds, shown as its own row
+    pair = setting["models"]["toy at batch 2"]
+    assert pair["batch"] == 2 and toy["batch"] == 8 and len(pair["rounds_ms"]["exported"]) == 3
+    assert f"| native | toy at batch 2 | {pair['fp32_ms']:.0f} | {pair['exported_ms']:.0f} |" in markdown
     # peak memory of a short sampling run, each model in a fresh process, above what importing robuq takes
     for kind in ("fp32", "exported"):
         assert toy[f"{kind}_peak_bytes"] > toy[f"{kind}_peak_above_import_bytes"] > 0

@@ -52,11 +52,14 @@ def test_the_multiply_add_kernel_is_exact_for_unsigned_low_bit_levels(top, m, k,
 
 @pytest.mark.skipif(native.integer_isa() == "none", reason="robuq's C kernels are not built here")
 @pytest.mark.parametrize("top", [1, 2, 3, 7, 15])
-@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (4, 3, 32), (37, 385, 33), (73, 130, 100), (5, 4610, 40)])
+@pytest.mark.parametrize(
+    "m, k, n", [(1, 1, 1), (4, 3, 32), (37, 385, 33), (73, 130, 100), (5, 4610, 40), (41, 11, 130), (11, 6, 64)]
+)
 def test_the_ternary_lookup_kernel_is_exact(top, m, k, n):
-    """Levels 0…top against ternary weights, through the AVX2 path as an exported layer calls it: tails of
-    rows (tiles of 3, tasks of 36), of columns (blocks of 32) and of k (groups of 3), every level at its
-    top against +1 and against −1 (the int8 sums' extremes), and k = 4610 past one int16 span at 4 bits."""
+    """Levels 0…top against ternary weights, through the AVX2 path as an exported layer calls it, in the
+    built library's layout (32 columns a block for AVX2, 64 for AVX-512 VBMI): tails of rows (tiles of 3 or
+    6, tasks of 36), of columns, of k (groups of 3, table pairs of two groups), every level at its top
+    against +1 and against −1 (the int8 sums' extremes), and k = 4610 past one int16 span at 4 bits."""
     torch.manual_seed(top + m + k + n)
     a = torch.randint(0, top + 1, (m, k), dtype=torch.int8)
     b = torch.randint(-1, 2, (k, n), dtype=torch.int8)
@@ -65,7 +68,9 @@ def test_the_ternary_lookup_kernel_is_exact(top, m, k, n):
     b[:, -1] = -1
     assert gemm.uses_ternary_lookup(1, 0, top)
     packed = gemm.pack_avx2(b, act_shift=0, act_top=top)
-    assert packed.shape == (-(-n // 32), -(-k // 3), 2, 32)
+    columns = native.ternary_columns()
+    per_group = (2, 32) if columns == 32 else (64,)
+    assert packed.shape == (-(-n // columns), -(-k // 3), *per_group)
     assert torch.equal(gemm.unpack_avx2(packed, k, n), b)
     got = gemm.matmul("avx2", a, b, b.sum(dim=0, dtype=torch.int32), 1, packed=packed, act_shift=0, act_top=top)
     assert torch.equal(got, (a.double() @ b.double()).to(torch.int32))
@@ -74,7 +79,7 @@ def test_the_ternary_lookup_kernel_is_exact(top, m, k, n):
 def test_the_avx2_path_packs_for_the_lookup_kernel_only_ternary_weights_at_4_bits_or_fewer():
     ternary, int4 = torch.randint(-1, 2, (12, 40), dtype=torch.int8), torch.randint(-8, 8, (12, 40), dtype=torch.int8)
     ternary[0, 0], int4[0, 0] = 1, 7
-    assert gemm.pack_avx2(ternary, act_shift=0, act_top=15).shape[2:] == (2, 32)
+    assert native.is_ternary_code(gemm.pack_avx2(ternary, act_shift=0, act_top=15))
     assert gemm.pack_avx2(ternary, act_shift=0, act_top=31).shape[2:] == (8, 4)  # 5-bit levels: vpmaddubsw
     assert gemm.pack_avx2(ternary, act_shift=128, act_top=255).shape[2:] == (8, 4)
     assert gemm.pack_avx2(int4, act_shift=0, act_top=7).shape[2:] == (8, 4)
@@ -94,11 +99,11 @@ def test_the_avx2_path_packs_for_the_lookup_kernel_only_ternary_weights_at_4_bit
 
 
 def test_the_ternary_packing_puts_each_weight_where_the_kernel_reads_it():
-    """Column c's weights k = 3g…3g + 2 sit at block c // 32, group g, lane c % 32 as the slot of their
-    pattern up to sign (first nonzero made +1) and that sign; padding is zero."""
+    """AVX2's layout: column c's weights k = 3g…3g + 2 sit at block c // 32, group g, lane c % 32 as the slot
+    of their pattern up to sign (first nonzero made +1) and that sign; padding is zero."""
     torch.manual_seed(0)
     b = torch.randint(-1, 2, (7, 40), dtype=torch.int8)
-    packed = native.pack_ternary_weights(b)
+    packed = native.pack_ternary_weights(b, columns=32)
     padded = torch.zeros(9, 64, dtype=torch.int8)
     padded[:7, :40] = b
     for g in range(3):
@@ -108,6 +113,26 @@ def test_the_ternary_packing_puts_each_weight_where_the_kernel_reads_it():
             slot, stored_sign = packed[c // 32, g, :, c % 32].tolist()
             assert stored_sign == sign and native.TERNARY_PATTERNS[slot] == tuple(sign * v for v in triple)
             assert (slot == 0) == (sign == 0)
+    assert torch.equal(native.unpack_ternary_weights(packed, 7, 40), b)
+
+
+def test_the_wide_ternary_packing_numbers_each_pattern_where_the_kernel_reads_it():
+    """AVX-512's layout: column c's weights k = 3g…3g + 2 sit at block c // 64, group g, byte c % 64 as their
+    pattern's base-3 number Σ (w_i + 1)·3^(2−i), plus 32 in odd groups (the upper half of a table pair);
+    padding is the all-zero pattern, 13. Packed and unpacked on any CPU."""
+    torch.manual_seed(1)
+    b = torch.randint(-1, 2, (8, 70), dtype=torch.int8)
+    packed = native.pack_ternary_weights(b, columns=64)
+    assert packed.shape == (2, 3, 64)
+    padded = torch.zeros(9, 128, dtype=torch.int8)
+    padded[:8, :70] = b
+    for g in range(3):
+        for c in range(128):
+            w = padded[3 * g : 3 * g + 3, c].tolist()
+            number = (w[0] + 1) * 9 + (w[1] + 1) * 3 + (w[2] + 1)
+            assert packed[c // 64, g, c % 64] == number + 32 * (g % 2)
+    assert torch.equal(native.unpack_ternary_weights(packed, 8, 70), b)
+    assert native.is_ternary_code(packed) and native.is_ternary_code(native.pack_ternary_weights(b, columns=32))
 
 
 def test_the_packing_puts_each_weight_where_the_kernel_reads_it():
@@ -172,8 +197,8 @@ def test_unknown_paths_are_refused(monkeypatch):
         gemm.resolve(None)
 
 
-def _capability(torch_capability, flags, kernels="avx2"):
-    return gemm.CpuCapability(torch_capability, frozenset(flags), kernels)
+def _capability(torch_capability, flags, kernels="avx2", lookup_columns=32):
+    return gemm.CpuCapability(torch_capability, frozenset(flags), kernels, lookup_columns)
 
 
 def test_the_chooser_takes_int_mm_only_with_vnni():
@@ -194,6 +219,54 @@ def test_the_chooser_takes_int_mm_only_with_vnni():
     )
     assert asked == ["avx2"]
     assert gemm.choose_path(_capability("AVX2", {"avx2", "avx_vnni"})) == "avx2"
+
+
+def test_with_vnni_the_wide_lookup_takes_a_ternary_layer_only_where_measured_faster():
+    never = lambda *_: pytest.fail("no measurement expected")  # noqa: E731
+    vnni = ("AVX512", {"avx2", "avx512f", "avx512_vnni"}, "avx512_vnni")
+    asked = []
+    measure = lambda top: asked.append(top) or ("avx2" if top < 8 else "int_mm")  # noqa: E731
+    wide = _capability(*vnni, lookup_columns=64)
+    assert gemm.choose_path(wide, never, lookup_top=3, measure_lookup=measure) == "avx2"
+    assert gemm.choose_path(wide, never, lookup_top=15, measure_lookup=measure) == "int_mm"
+    assert asked == [3, 15]
+    # not a lookup layer, no wide lookup (AVX2's is slower than int_mm with VNNI), or no measurement: int_mm
+    assert gemm.choose_path(wide, never, lookup_top=None, measure_lookup=never) == "int_mm"
+    assert gemm.choose_path(_capability(*vnni), never, lookup_top=3, measure_lookup=never) == "int_mm"
+    assert gemm.choose_path(wide, never, lookup_top=3) == "int_mm"
+    assert gemm.choose_path(_capability(*vnni[:2], "none", 64), never, lookup_top=3, measure_lookup=never) == "int_mm"
+    # below VNNI nothing changes: robuq's kernels, whatever their width
+    assert gemm.choose_path(_capability("AVX2", {"avx2"}, lookup_columns=64), never, 3, never) == "avx2"
+
+
+def test_the_lookup_measurement_is_kept_per_cpu_build_and_level_range(monkeypatch, tmp_path):
+    monkeypatch.setenv("ROBUQ_CACHE", str(tmp_path))
+    gemm.lookup_beats_int_mm.cache_clear()
+    times = {3: {"int_mm": 2.0, "avx2": 1.0}, 15: {"int_mm": 2.0, "avx2": 1.9}}  # the second inside the 10% margin
+    monkeypatch.setattr(gemm, "time_lookup_against_int_mm", lambda top: times[top])
+    try:
+        assert gemm.lookup_beats_int_mm(3) == "avx2" and gemm.lookup_beats_int_mm(15) == "int_mm"
+        gemm.lookup_beats_int_mm.cache_clear()
+        monkeypatch.setattr(gemm, "time_lookup_against_int_mm", lambda top: pytest.fail("measured again"))
+        assert gemm.lookup_beats_int_mm(3) == "avx2"  # read back from the file
+        kept = json.loads((tmp_path / "kernels" / "gemm_choices.json").read_text())
+        assert sorted(v["path"] for v in kept.values()) == ["avx2", "int_mm"]
+        assert all(gemm.cpu_model() in key for key in kept)
+    finally:
+        gemm.lookup_beats_int_mm.cache_clear()
+
+
+@pytest.mark.skipif("avx2" not in PATHS, reason="robuq's C kernels are not built for AVX2 here")
+def test_auto_resolves_each_layer_by_its_kind(monkeypatch):
+    """A ternary layer at 3 bits may take the lookup while an int4 one keeps int_mm: auto is asked per layer."""
+    monkeypatch.setattr(gemm, "auto_path", lambda lookup_top=None: "avx2" if lookup_top == 7 else "int_mm")
+    torch.manual_seed(0)
+    ternary = QuantLinear.from_linear(torch.nn.Linear(40, 72), LinearQuantConfig(act_bits=3)).eval()
+    int4 = QuantLinear.from_linear(torch.nn.Linear(40, 72), LinearQuantConfig(act_bits=4, weight="int4")).eval()
+    assert IntegerLinear(ternary).gemm == "avx2" and IntegerLinear(int4).gemm == "int_mm"
+    assert gemm.requested("auto") == "auto" and gemm.requested("fp32") == "fp32"
+    monkeypatch.setenv("ROBUQ_GEMM", "int_mm")
+    assert gemm.requested(None) == "int_mm" and IntegerLinear(ternary, gemm=None).gemm == "int_mm"
 
 
 def test_the_running_cpu_does_not_take_int_mm_below_vnni():
@@ -241,6 +314,7 @@ def test_an_avx2_or_plain_build_gives_the_same_attention_and_gemm(monkeypatch, t
     native._library.cache_clear()
     try:
         assert native.integer_isa() == isa
+        assert native.ternary_columns() == 32  # the wide lookup needs AVX-512 VBMI
         other = native.attention(qkv[0], qkv[1], qkv[2], 8, 8)
         product = gemm.matmul("avx2", a, b, b.sum(dim=0, dtype=torch.int32), 1)
         low_product = gemm.matmul("avx2", low, b[:76], b[:76].sum(dim=0, dtype=torch.int32), 1, act_shift=0, act_top=7)
@@ -259,8 +333,10 @@ def test_the_avx2_path_keeps_one_int8_copy_of_the_weights_and_state_dicts_keep_t
     layer = QuantLinear.from_linear(torch.nn.Linear(40, 72), LinearQuantConfig(act_bits=3, lowrank_rank=4)).eval()
     packed, plain = IntegerLinear(layer, gemm="avx2"), IntegerLinear(layer, gemm="fp32")
     int8_bytes = lambda m: sum(b.numel() for b in m.buffers() if b.dtype == torch.int8)  # noqa: E731
-    # ternary weights at 3 bits: the lookup kernel's slots and signs, two bytes per three weights (padded)
-    assert packed._avx2_weight.shape == (3, 14, 2, 32)
+    # ternary weights at 3 bits: AVX2's slots and signs, two bytes per three weights (padded), or the wide
+    # layout's pattern numbers, one byte per three
+    wide = native.ternary_columns() == 64
+    assert packed._avx2_weight.shape == ((2, 14, 64) if wide else (3, 14, 2, 32))
     assert packed.weight_levels_t is None and int8_bytes(packed) <= int8_bytes(plain) == 40 * 72
     assert torch.equal(packed.levels_t(), plain.weight_levels_t)
     assert torch.equal(packed.state_dict()["weight_levels_t"], plain.weight_levels_t)

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from robuq.deploy.elementwise import use_native_kernels
 from robuq.deploy.allocator import retain_freed_memory
-from robuq.deploy.gemm import resolve as resolve_gemm
+from robuq.deploy.gemm import requested as requested_gemm
 from robuq.deploy.integer_linear import IntegerLinear, convert_to_integer
 from robuq.deploy.packing import PACKERS
 from robuq.core.files import load_tensors, save_tensors
@@ -111,9 +111,10 @@ def load_exported(
     reuse memory instead of fresh pages. It is off unless asked for: it changes how every later
     allocation of the process behaves (``robuq sample`` asks for it; ``--no-retain-memory`` declines).
     ``gemm`` picks the integer linears' CPU GEMM (``robuq.deploy.gemm``: ``auto``, ``int_mm``, ``avx2`` or
-    ``fp32``); None reads ``$ROBUQ_GEMM`` now, and ``auto`` where that is unset.
+    ``fp32``); None reads ``$ROBUQ_GEMM`` now, and ``auto`` where that is unset (each layer then takes the
+    path measured or known fastest for its kind on this CPU).
     """
-    gemm = resolve_gemm(gemm)
+    gemm = requested_gemm(gemm)
     if retain_memory:
         retain_freed_memory()
     tensors, meta = _read_export(path)

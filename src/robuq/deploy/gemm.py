@@ -1,4 +1,4 @@
-"""Which integer GEMM an exported model's linears run on this CPU, chosen once per process.
+"""Which integer GEMM an exported model's linears run on this CPU, chosen once per process and kind of layer.
 
 PyTorch's int8 GEMM (``torch._int_mm``) is fast where the CPU has VNNI (AVX-512 VNNI, AMX): 4–9× an fp32
 matmul on this project's AMD EPYC (results/deploy_cputime.md). On a CPU with AVX2 alone it took 33× an fp32 matmul's time
@@ -7,12 +7,17 @@ kernels (cpu_kernels.c: ``robuq_gemm_ternary``, table lookups, for ternary weigh
 at most 4 bits; ``robuq_gemm_s8``, vpmaddubsw, for the rest), and without its C kernels with an fp32
 matmul on the integer levels, the floor that is never slower than the float model.
 
+Built for a CPU with AVX-512 VBMI, the lookup kernel reads 64 columns per instruction pair and may beat
+``torch._int_mm`` even with VNNI. There ternary layers with low-bit activations are timed once per CPU
+model, library build and level range against ``int_mm`` (``lookup_beats_int_mm``; the answer is cached on
+disk beside the built library) and take robuq's kernel only where it wins: never slower than ``int_mm``.
+
 Paths, all giving ``torch._int_mm``'s exact int32 result:
 
 | path | what multiplies |
 |---|---|
 | ``int_mm`` | ``torch._int_mm`` (oneDNN; VNNI or AMX) |
-| ``avx2`` | robuq's AVX2 kernels on weights packed once per layer: ternary weights with activations of 4 bits or fewer by table lookups (vpshufb, three weights at a time), other weights by vpmaddubsw, low-bit sums kept in int16 |
+| ``avx2`` | robuq's own kernels on weights packed once per layer: ternary weights with activations of 4 bits or fewer by table lookups (three weights at a time: vpshufb on AVX2, vpermb where built with AVX-512 VBMI), other weights by AVX2's vpmaddubsw, low-bit sums kept in int16 |
 | ``fp32`` | an fp32 matmul of the levels, exact while |sum| < 2^24 (float64 beyond) |
 
 ``ROBUQ_GEMM`` (``auto`` or a path) is read by ``robuq.load_exported`` when it loads a model, and its
@@ -23,7 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,11 +62,18 @@ AVX2_MAX_WEIGHT = 64
 class CpuCapability:
     """What the GEMM choice depends on: PyTorch's CPU capability (``torch.backends.cpu.get_cpu_capability``:
     DEFAULT, AVX2, AVX512, …), the CPU's instruction sets among ``ISA_FLAGS`` that PyTorch may use, and
-    what robuq's built C kernels use (``native.integer_isa``: none, plain, avx2, avx512_vnni)."""
+    what robuq's built C kernels use (``native.integer_isa``: none, plain, avx2, avx512_vnni) and the columns
+    per block of their ternary lookup (``native.ternary_columns``: 64 where built with AVX-512 VBMI)."""
 
     torch_capability: str
     flags: frozenset[str]
     kernels: str
+    lookup_columns: int = native.TERNARY_COLUMNS
+
+    @property
+    def wide_lookup(self) -> bool:
+        """Whether robuq's ternary lookup runs at AVX-512 width here (and may beat ``int_mm``)."""
+        return self.kernels != "none" and self.lookup_columns == native.TERNARY_WIDE_COLUMNS
 
     @property
     def vnni(self) -> bool:
@@ -72,7 +86,12 @@ class CpuCapability:
         return bool(self.flags & {"avx512_vnni", "amx_int8"}) and self.torch_capability.startswith("AVX512")
 
     def to_dict(self) -> dict:
-        return {"torch_capability": self.torch_capability, "isa": sorted(self.flags), "robuq_kernels": self.kernels}
+        return {
+            "torch_capability": self.torch_capability,
+            "isa": sorted(self.flags),
+            "robuq_kernels": self.kernels,
+            "robuq_lookup_columns": self.lookup_columns,
+        }
 
 
 def cpu_flags() -> frozenset[str]:
@@ -108,20 +127,35 @@ def cpu_capability() -> CpuCapability:
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     if cap in _ONEDNN_CAPS:
         flags = flags & frozenset(_ONEDNN_CAPS[cap])
-    return CpuCapability(torch.backends.cpu.get_cpu_capability(), flags, native.integer_isa())
+    return CpuCapability(torch.backends.cpu.get_cpu_capability(), flags, native.integer_isa(), native.ternary_columns())
 
 
-def choose_path(capability: CpuCapability, measure=None) -> str:
+def choose_path(capability: CpuCapability, measure=None, lookup_top: int | None = None, measure_lookup=None) -> str:
     """The GEMM path for ``capability``: ``int_mm`` with AVX-512 VNNI or AMX; below VNNI robuq's ``avx2``
     kernel where it is built, else ``fp32``. With AVX-VNNI alone (client CPUs, where PyTorch's int8 speed
     was not measured here) ``measure(fallback)``, if given, times ``int_mm`` against that fallback once and
-    names the faster; without it the fallback is taken."""
+    names the faster; without it the fallback is taken. A layer the ternary lookup takes (``lookup_top``:
+    its activations' top level) on a CPU with VNNI and the wide lookup asks ``measure_lookup(lookup_top)``
+    instead, if given, which names ``avx2`` only where that is measured faster than ``int_mm``."""
     if capability.wide_vnni:
+        if lookup_top is not None and capability.wide_lookup and measure_lookup is not None:
+            return measure_lookup(lookup_top)
         return "int_mm"
     fallback = "avx2" if capability.kernels in ("avx2", "avx512_vnni") else "fp32"
     if capability.vnni and measure is not None:
         return measure(fallback)
     return fallback
+
+
+def _median_ms(run, repeats: int) -> float:
+    """The median of ``repeats`` timed calls of ``run`` after one untimed, in milliseconds."""
+    run()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[repeats // 2] * 1e3
 
 
 def _faster_than(fallback: str, repeats: int = 5) -> str:
@@ -131,31 +165,76 @@ def _faster_than(fallback: str, repeats: int = 5) -> str:
     a = torch.randint(0, 8, (256, 384), dtype=torch.int8)
     b = torch.randint(-1, 2, (384, 1536), dtype=torch.int8)
     sums, b_float = b.sum(dim=0, dtype=torch.int32), b.float()
-    times = {}
-    for name in ("int_mm", fallback):
-        run = lambda: matmul(name, a, b, sums, 1, b_float)  # noqa: E731
-        run()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            samples.append(time.perf_counter() - start)
-        times[name] = sorted(samples)[repeats // 2]
+    times = {
+        name: _median_ms(lambda name=name: matmul(name, a, b, sums, 1, b_float), repeats)
+        for name in ("int_mm", fallback)
+    }
     return "int_mm" if times["int_mm"] * 1.2 < times[fallback] else fallback
 
 
+# The shape the lookup is timed at: a DiT-S/2 fc1 at batch 2 (two 256-token images, one with guidance).
+LOOKUP_TIMING_SHAPE = (512, 384, 1536)
+
+
+def time_lookup_against_int_mm(top: int, repeats: int = 7) -> dict[str, float]:
+    """Milliseconds (medians) of ``int_mm`` and of the ``avx2`` path's lookup kernel on LOOKUP_TIMING_SHAPE
+    with ternary weights and levels 0…``top``, with PyTorch's thread count."""
+    m, k, n = LOOKUP_TIMING_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(0, top + 1, (m, k), dtype=torch.int8, generator=generator)
+    b = torch.randint(-1, 2, (k, n), dtype=torch.int8, generator=generator)
+    sums, packed = b.sum(dim=0, dtype=torch.int32), native.pack_ternary_weights(b)
+    return {
+        "int_mm": _median_ms(lambda: torch._int_mm(a, b), repeats),
+        "avx2": _median_ms(lambda: matmul("avx2", a, b, sums, 1, packed=packed, act_shift=0, act_top=top), repeats),
+    }
+
+
+def _choices_file() -> Path:
+    return native.cache_directory() / "gemm_choices.json"
+
+
 @functools.lru_cache(maxsize=None)
-def auto_path() -> str:
-    """The path ``choose_path`` picks for this process (measuring once if it must), cached."""
-    return choose_path(cpu_capability(), _faster_than)
+def lookup_beats_int_mm(top: int) -> str:
+    """``avx2`` where the lookup kernel is measured at least 10% faster than ``int_mm`` for levels 0…``top``
+    on this CPU, else ``int_mm``. Measured once per CPU model, built library, PyTorch version and thread
+    count, then read from the cache file (delete it to measure again)."""
+    key = "|".join([cpu_model(), native.build_identity(), torch.__version__, str(torch.get_num_threads()), str(top)])
+    path = _choices_file()
+    try:
+        choices = json.loads(path.read_text())
+    except (OSError, ValueError):
+        choices = {}
+    if key not in choices:
+        times = time_lookup_against_int_mm(top)
+        choices[key] = {"path": "avx2" if times["avx2"] * 1.1 < times["int_mm"] else "int_mm", "ms": times}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+            json.dump(choices, handle, indent=1)
+        os.replace(handle.name, path)  # atomic: a concurrent process reads the old file or the new one
+    return choices[key]["path"]
 
 
-def resolve(path: str | None) -> str:
-    """A concrete path from ``path`` (None: ``$ROBUQ_GEMM``, read now; ``"auto"``: ``auto_path()``), checked
-    against what this machine can run."""
+@functools.lru_cache(maxsize=None)
+def auto_path(lookup_top: int | None = None) -> str:
+    """The path ``choose_path`` picks for this process (measuring once if it must), cached; ``lookup_top``
+    for a layer the ternary lookup could take (ternary weights, activation levels 0…lookup_top)."""
+    return choose_path(cpu_capability(), _faster_than, lookup_top, lookup_beats_int_mm)
+
+
+def requested(path: str | None) -> str:
+    """``path`` (None: ``$ROBUQ_GEMM``, read now, ``auto`` where unset), checked: ``auto`` or one of PATHS
+    this machine can run. Layers resolve ``auto`` each for itself (``resolve``)."""
+    path = (os.environ.get(ENVIRONMENT) or "auto") if path is None else path
+    return path if path == "auto" else resolve(path)
+
+
+def resolve(path: str | None, lookup_top: int | None = None) -> str:
+    """A concrete path from ``path`` (None: ``$ROBUQ_GEMM``, read now; ``"auto"``: ``auto_path(lookup_top)``),
+    checked against what this machine can run."""
     path = (os.environ.get(ENVIRONMENT) or "auto") if path is None else path
     if path == "auto":
-        return auto_path()
+        return auto_path(lookup_top)
     if path not in PATHS:
         raise RobuqError(
             f"unknown GEMM path {path!r} (from gemm= or ${ENVIRONMENT}); use auto or one of {', '.join(PATHS)}"
@@ -195,7 +274,7 @@ def pack_avx2(b: torch.Tensor, act_shift: int, act_top: int) -> torch.Tensor:
 
 def unpack_avx2(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
     """The int8 (k, n) matrix that ``pack_avx2`` packed (each kernel's packing ends in its own block shape)."""
-    if packed.shape[2:] == (2, native.TERNARY_COLUMNS):
+    if native.is_ternary_code(packed):
         return native.unpack_ternary_weights(packed, k, n)
     return native.unpack_gemm_weights(packed, k, n)
 
@@ -245,8 +324,10 @@ __all__ = [
     "cpu_capability",
     "cpu_model",
     "largest_level",
+    "lookup_beats_int_mm",
     "matmul",
     "pack_avx2",
+    "requested",
     "resolve",
     "unpack_avx2",
     "uses_ternary_lookup",

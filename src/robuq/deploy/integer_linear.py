@@ -89,13 +89,15 @@ class IntegerLinear(nn.Module):
         self.act_bits = layer.act_bits
         self.level_shift = int8_level_shift(self.act_bits)  # the int8 levels are u − shift, u in 0…act_top
         self.act_top = 2**self.act_bits - 1
-        self.gemm = gemm_paths.resolve(gemm)
+        levels = q.levels.to(torch.int8).t().contiguous()  # (in, out): _int_mm's layout
+        lookup = gemm_paths.uses_ternary_lookup(gemm_paths.largest_level(levels), self.level_shift, self.act_top)
+        self.gemm = gemm_paths.resolve(gemm, lookup_top=self.act_top if lookup else None)
         self.act_granularity, self.act_rule = layer.config.act_granularity, layer.config.act_rule
         self.hadamard = layer.config.hadamard
         self.lowrank_input = layer.config.lowrank_input
         self.register_buffer("weight_levels_t", None)
         self.register_buffer("_avx2_weight", None, persistent=False)
-        self._store_levels(q.levels.to(torch.int8).t().contiguous())  # (in, out): _int_mm's layout
+        self._store_levels(levels)
         self.register_buffer("weight_scale", q.scale.reshape(-1).float())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
         # Rows per block: ~16 MiB of fp32 temporaries, under glibc's 32 MiB mmap ceiling, few Python round trips.

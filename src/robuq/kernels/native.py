@@ -66,7 +66,9 @@ GEMM_PACK_COLUMNS, GEMM_PACK_DEPTH = 8, 4
 # The ternary lookup GEMM (robuq_gemm_ternary): groups of TERNARY_GROUP consecutive k, whose weight pattern
 # up to sign is one of TERNARY_PATTERNS (slot 0 all-zero; every other pattern's first nonzero is +1), in
 # blocks of TERNARY_COLUMNS columns (one register of bytes); activation levels up to TERNARY_MAX_TOP (4 bits).
-TERNARY_GROUP, TERNARY_COLUMNS, TERNARY_MAX_TOP = 3, 32, 15
+# A build with AVX-512 VBMI looks up whole patterns by number instead, in blocks of TERNARY_WIDE_COLUMNS
+# (``ternary_columns`` says which layout the built library reads).
+TERNARY_GROUP, TERNARY_COLUMNS, TERNARY_WIDE_COLUMNS, TERNARY_MAX_TOP = 3, 32, 64, 15
 TERNARY_PATTERNS = (
     (0, 0, 0),
     *((1, b, c) for b in (-1, 0, 1) for c in (-1, 0, 1)),
@@ -88,6 +90,7 @@ def definitions() -> list[str]:
         f"-DGEMM_PACK_DEPTH={GEMM_PACK_DEPTH}",
         f"-DTERNARY_GROUP={TERNARY_GROUP}",
         f"-DTERNARY_COLUMNS={TERNARY_COLUMNS}",
+        f"-DTERNARY_WIDE_COLUMNS={TERNARY_WIDE_COLUMNS}",
         f"-DTERNARY_MAX_TOP={TERNARY_MAX_TOP}",
         *(
             f"-DTERNARY_PATTERN_{name}={{{','.join(str(p[i]) for p in TERNARY_PATTERNS)}}}"
@@ -150,7 +153,9 @@ _SIGNATURES = {
     "ratio:float down:f32* rank:i64 code:i8* n:i64 col_sums:i32* alpha:f32* w:f32* bias:f32* "
     "up:f32* gelu:int y:f32* threads:int",
     "robuq_integer_isa": "",
+    "robuq_ternary_columns": "",
 }
+_RETURNING = (*_ALLOCATING, "robuq_integer_isa", "robuq_ternary_columns")  # the others return nothing
 
 
 def _parameters(name: str) -> list[tuple[str, str]]:
@@ -179,8 +184,15 @@ def _call(name: str, **arguments):
     return getattr(_library(), name)(*values)
 
 
-def _cache_dir() -> Path:
+def cache_directory() -> Path:
+    """Where built libraries (and what is measured of them) are kept: ``$ROBUQ_CACHE/kernels``."""
     return Path(os.environ.get("ROBUQ_CACHE", Path.home() / ".cache" / "robuq")) / "kernels"
+
+
+def build_identity() -> str:
+    """The built library's file name (a hash of its sources, flags, compiler and CPU), "none" without one."""
+    library = _library()
+    return "none" if library is None else Path(library._name).name
 
 
 def _cpu_identity() -> str:
@@ -199,7 +211,7 @@ def _build(compiler: str, flags: list[str] | None = None) -> Path:
     key = hashlib.sha256(
         "\0".join([*sources, " ".join(flags), version, platform.machine(), _cpu_identity()]).encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    target = cache_directory() / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +247,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     for name in _SIGNATURES:
         getattr(library, name).argtypes = [_TYPES[kind] for _, kind in _parameters(name)]
-        getattr(library, name).restype = ctypes.c_int if name in _ALLOCATING or name == "robuq_integer_isa" else None
+        getattr(library, name).restype = ctypes.c_int if name in _RETURNING else None
     return library
 
 
@@ -610,34 +622,66 @@ def _slot_table(device: torch.device) -> torch.Tensor:
     return slots
 
 
-def _ternary_code_shape(k: int, n: int) -> tuple[int, int, int, int]:
-    """The shape of ``pack_ternary_weights`` of a (k, n) matrix: (column blocks, groups, 2, TERNARY_COLUMNS)."""
-    return -(-n // TERNARY_COLUMNS), -(-k // TERNARY_GROUP), 2, TERNARY_COLUMNS
+def ternary_columns() -> int:
+    """Columns per block of the ternary lookup GEMM's packing in the built library: TERNARY_WIDE_COLUMNS where
+    it was built with AVX-512 VBMI, else TERNARY_COLUMNS (also without a built library)."""
+    library = _library()
+    return TERNARY_COLUMNS if library is None else _call("robuq_ternary_columns")
 
 
-def pack_ternary_weights(b: torch.Tensor) -> torch.Tensor:
-    """b (k, n) with levels in {−1, 0, 1} in the ternary lookup GEMM's layout: (⌈n/32⌉, ⌈k/3⌉, 2, 32) int8,
-    per column block and group of TERNARY_GROUP k the columns' TERNARY_PATTERNS slots, then the signs that
-    make their patterns canonical (0 for an all-zero group), zero-padded. Computed in int8 (a model's peak
-    memory while it loads includes these temporaries)."""
-    if b.numel() and (b.min() < -1 or b.max() > 1):
-        raise RobuqError("pack_ternary_weights takes levels in {-1, 0, 1}")
+def _ternary_code_shape(k: int, n: int, columns: int) -> tuple[int, ...]:
+    """The shape of ``pack_ternary_weights`` of a (k, n) matrix in blocks of ``columns``: (column blocks,
+    groups, 2, 32) for AVX2's slots and signs, (column blocks, groups, 64) for the wide numbers."""
+    per_group = (2, TERNARY_COLUMNS) if columns == TERNARY_COLUMNS else (TERNARY_WIDE_COLUMNS,)
+    return -(-n // columns), -(-k // TERNARY_GROUP), *per_group
+
+
+def is_ternary_code(packed: torch.Tensor) -> bool:
+    """Whether ``packed`` is in a ternary lookup layout (either width), not the multiply-add GEMM's."""
+    return packed.shape[2:] in ((2, TERNARY_COLUMNS), (TERNARY_WIDE_COLUMNS,))
+
+
+def _pattern_numbers(b: torch.Tensor, columns: int) -> tuple[torch.Tensor, int, int]:
+    """b (k, n) zero-padded to whole groups and blocks of ``columns``, as the base-3 number of each column's
+    group Σ (w_i + 1)·3^(2−i) (13: all zero), shape (groups, blocks·columns); and the blocks and groups."""
     k, n = b.shape
-    blocks, groups = _ternary_code_shape(k, n)[:2]
-    padded = torch.zeros(groups * TERNARY_GROUP, blocks * TERNARY_COLUMNS, dtype=torch.int8, device=b.device)
+    blocks, groups = -(-n // columns), -(-k // TERNARY_GROUP)
+    padded = torch.zeros(groups * TERNARY_GROUP, blocks * columns, dtype=torch.int8, device=b.device)
     padded[:k, :n] = b
     w = padded.reshape(groups, TERNARY_GROUP, -1).unbind(1)  # each (groups, columns)
-    sign = torch.where(w[0] != 0, w[0], torch.where(w[1] != 0, w[1], w[2]))  # the first nonzero, or 0
-    number = (w[0] * sign + 1) * 9 + (w[1] * sign + 1) * 3 + (w[2] * sign + 1)  # of the canonical pattern
-    code = torch.stack([_slot_table(b.device)[number.long()], sign], dim=1)  # (groups, 2, columns)
-    return code.reshape(groups, 2, blocks, TERNARY_COLUMNS).permute(2, 0, 1, 3).contiguous()
+    return (w[0] + 1) * 9 + (w[1] + 1) * 3 + (w[2] + 1), blocks, groups
+
+
+def pack_ternary_weights(b: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+    """b (k, n) with levels in {−1, 0, 1} in the layout of the built ternary lookup GEMM (``columns``: None
+    for ``ternary_columns()``). AVX2's: (⌈n/32⌉, ⌈k/3⌉, 2, 32) int8, per column block and group of
+    TERNARY_GROUP k the columns' TERNARY_PATTERNS slots, then the signs that make their patterns canonical
+    (0 for an all-zero group). The wide one: (⌈n/64⌉, ⌈k/3⌉, 64), each column's pattern number, plus 32 in
+    odd groups (their half of a table pair). Zero-padded; computed in int8 (a model's peak memory while it
+    loads includes these temporaries)."""
+    if b.numel() and (b.min() < -1 or b.max() > 1):
+        raise RobuqError("pack_ternary_weights takes levels in {-1, 0, 1}")
+    columns = ternary_columns() if columns is None else columns
+    number, blocks, groups = _pattern_numbers(b, columns)
+    if columns == TERNARY_WIDE_COLUMNS:
+        odd = (torch.arange(groups, device=b.device) % 2 * 32).to(torch.int8)[:, None]
+        return (number + odd).reshape(groups, blocks, columns).permute(1, 0, 2).contiguous()
+    digits = [number // 9 - 1, number // 3 % 3 - 1, number % 3 - 1]
+    sign = torch.where(digits[0] != 0, digits[0], torch.where(digits[1] != 0, digits[1], digits[2]))
+    canonical = (digits[0] * sign + 1) * 9 + (digits[1] * sign + 1) * 3 + (digits[2] * sign + 1)
+    code = torch.stack([_slot_table(b.device)[canonical.long()], sign], dim=1)  # (groups, 2, columns)
+    return code.reshape(groups, 2, blocks, columns).permute(2, 0, 1, 3).contiguous()
 
 
 def unpack_ternary_weights(code: torch.Tensor, k: int, n: int) -> torch.Tensor:
-    """The int8 (k, n) matrix that ``pack_ternary_weights`` packed."""
-    table = torch.tensor(TERNARY_PATTERNS, dtype=torch.int8, device=code.device)
-    slots, signs = code[:, :, 0].long(), code[:, :, 1]  # (blocks, groups, 32)
-    weights = table[slots] * signs[..., None]  # (blocks, groups, 32, 3)
+    """The int8 (k, n) matrix that ``pack_ternary_weights`` packed, in either layout."""
+    if code.dim() == 3:  # the wide numbers
+        number = (code % 32).long()  # (blocks, groups, 64)
+        weights = torch.stack([number // 9 - 1, number // 3 % 3 - 1, number % 3 - 1], dim=-1).to(torch.int8)
+    else:
+        table = torch.tensor(TERNARY_PATTERNS, dtype=torch.int8, device=code.device)
+        slots, signs = code[:, :, 0].long(), code[:, :, 1]  # (blocks, groups, 32)
+        weights = table[slots] * signs[..., None]  # (blocks, groups, 32, 3)
     return weights.permute(1, 3, 0, 2).reshape(code.shape[1] * TERNARY_GROUP, -1)[:k, :n].contiguous()
 
 
@@ -651,11 +695,11 @@ def gemm_ternary(a: torch.Tensor, code: torch.Tensor, n: int, col_sums: torch.Te
         a.dtype != torch.int8
         or code.dtype != torch.int8
         or not 1 <= top <= TERNARY_MAX_TOP
-        or code.shape != _ternary_code_shape(k, n)
+        or code.shape != _ternary_code_shape(k, n, ternary_columns())
     ):
         raise RobuqError(
             f"gemm_ternary multiplies int8 (m, k) levels in 0…top (1 ≤ top ≤ {TERNARY_MAX_TOP}) by "
-            "pack_ternary_weights of a ternary (k, n)"
+            "pack_ternary_weights of a ternary (k, n), packed for this build's layout"
         )
     a, code = a.contiguous(), code.contiguous()
     col_sums = col_sums.to(torch.int32).contiguous()
@@ -719,7 +763,7 @@ def ternary_linear_args(
         spec.int8_level_shift(bits)
         or top > TERNARY_MAX_TOP
         or code.dtype != torch.int8
-        or code.shape != _ternary_code_shape(k, n)
+        or code.shape != _ternary_code_shape(k, n, ternary_columns())
     ):
         raise RobuqError(
             f"linear_ternary takes activations of at most {TERNARY_MAX_TOP.bit_length()} bits and "

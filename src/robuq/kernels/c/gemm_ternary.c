@@ -18,15 +18,38 @@
 #if !defined(TERNARY_GROUP) || !defined(TERNARY_COLUMNS) || !defined(TERNARY_MAX_TOP) || !defined(TERNARY_PATTERN_FIRST)
 #error "build through robuq/kernels/native.py: it defines the ternary GEMM's patterns and packing"
 #endif
-#if TERNARY_GROUP != 3 || TERNARY_COLUMNS != 32
-#error "the ternary GEMM's tables are three weights wide and its vectors 32 columns: native.py's packing must match"
+#if TERNARY_GROUP != 3 || TERNARY_COLUMNS != 32 || TERNARY_WIDE_COLUMNS != 64
+#error "the ternary GEMM's tables are three weights wide and its vectors 32 or 64 columns: native.py's packing must match"
 #endif
+
+/* Which lookup this build runs, fixed at compile time (native.ternary_columns tells Python, which packs for it):
+ * TERNARY_WIDE where AVX-512 VBMI gives a 64-byte lookup (vpermb), else AVX2's 16-byte one, else plain C. */
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__) && !defined(ROBUQ_PORTABLE)
+#define TERNARY_WIDE 1
+#define TERNARY_AVX2 0
+#define TERNARY_BLOCK TERNARY_WIDE_COLUMNS
+#elif defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+#define TERNARY_WIDE 0
+#define TERNARY_AVX2 1
+#define TERNARY_BLOCK TERNARY_COLUMNS
+#else
+#define TERNARY_WIDE 0
+#define TERNARY_AVX2 0
+#define TERNARY_BLOCK TERNARY_COLUMNS
+#endif
+
+/* Columns per packed block, what native.pack_ternary_weights must lay out for this build. */
+int robuq_ternary_columns(void) { return TERNARY_BLOCK; }
 static const int8_t TERNARY_PATTERNS[TERNARY_GROUP][16] = {TERNARY_PATTERN_FIRST, TERNARY_PATTERN_SECOND,
                                                            TERNARY_PATTERN_THIRD};
 /* Rows per register tile (three int8 sums, six int16 ones, the slots, signs, a table and a lookup fill
  * AVX2's 16 registers; more rows spill) and per task (a multiple of the tile:
  * the chunk's tables stay in L2 while every column block walks them). */
+#if TERNARY_WIDE
+#define TERNARY_ROWS 6 /* a sum and two int16 halves per row: 18 of AVX-512's 32 registers */
+#else
 #define TERNARY_ROWS 3
+#endif
 #define TERNARY_CHUNK_ROWS 36
 
 static int ternary_zero(int top) { return (top + 1) / 2; }
@@ -40,7 +63,7 @@ static void ternary_center(const int8_t *restrict a, int64_t k, int64_t rows, in
         for (int64_t i = 0; i < k; i++) c[r * cstride + i] = (int8_t)(a[r * k + i] - zero);
 }
 
-#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+#if TERNARY_AVX2
 /* acc + sign(table[slots], signs) in acc's own register (as ACCUMULATE_INTO: GCC otherwise copies every sum). */
 static inline __attribute__((always_inline)) __m256i lookup_into(__m256i acc, __m256i table, __m256i slots,
                                                                  __m256i signs) {
@@ -81,7 +104,7 @@ static void ternary_tables(const int8_t *restrict c, int64_t cstride, int64_t ro
 
 /* out rows [0, ROWS) × 32 columns from c0: groups [g0, g1) of the rows' tables against one column block's
  * slots and signs, plus `fix` (the first int16 span), or added into out where fix is NULL (the later ones). */
-static inline __attribute__((always_inline)) void ternary_tile(const int8_t *restrict tables, int64_t groups,
+static inline __attribute__((always_inline)) void ternary_tile(const int8_t *restrict tables, int64_t stride,
                                                                const int8_t *restrict code, int64_t g0, int64_t g1,
                                                                int64_t flush, const int32_t *restrict fix,
                                                                int32_t *restrict out, int64_t n, int64_t c0,
@@ -99,7 +122,7 @@ static inline __attribute__((always_inline)) void ternary_tile(const int8_t *res
             const __m256i slots = _mm256_loadu_si256((const __m256i *)(code + 2 * TERNARY_COLUMNS * g));
             const __m256i signs = _mm256_loadu_si256((const __m256i *)(code + 2 * TERNARY_COLUMNS * g + TERNARY_COLUMNS));
             for (int r = 0; r < ROWS; r++) {
-                const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(tables + (r * groups + g) * 16)));
+                const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(tables + r * stride + g * 16)));
                 sums[r] = lookup_into(sums[r], table, slots, signs);
             }
         }
@@ -131,15 +154,83 @@ static inline __attribute__((always_inline)) void ternary_tile(const int8_t *res
     }
 }
 
-#define TERNARY_TILE(R)                                                                                              \
-    static void ternary_tile_##R(const int8_t *tables, int64_t groups, const int8_t *code, int64_t g0, int64_t g1,     \
-                                 int64_t flush, const int32_t *fix, int32_t *out, int64_t n, int64_t c0) {             \
-        ternary_tile(tables, groups, code, g0, g1, flush, fix, out, n, c0, R);                                         \
+#elif TERNARY_WIDE
+/* The same GEMM at AVX-512 width, where VBMI's vpermb looks up 64 bytes by six-bit indices: a column's group
+ * is stored as its full pattern's base-3 number Σ (w_i + 1)·3^(2−i) (0…26; 13 is all-zero), plus 32 in odd
+ * groups, and a row's table for a pair of groups holds the 27 sums c·pattern of the even group in bytes 0–26
+ * and of the odd one in 32–58. 64 columns of one group are then one vpermb and one vpaddb: no sign to apply,
+ * 192 products per two instructions. Packing (native.pack_ternary_weights): blocks of TERNARY_WIDE_COLUMNS
+ * columns, per group the 64 numbers. */
+static void ternary_tables(const int8_t *restrict c, int64_t cstride, int64_t rows, int64_t groups,
+                           int8_t *restrict tables) {
+    const int64_t pairs = (groups + 1) / 2;
+    int8_t spread_bytes[TERNARY_GROUP][64];
+    __m512i spread[TERNARY_GROUP];
+    __mmask64 plus[TERNARY_GROUP] = {0}, minus[TERNARY_GROUP] = {0};
+    for (int i = 0; i < TERNARY_GROUP; i++) {
+        for (int j = 0; j < 64; j++) spread_bytes[i][j] = (int8_t)(j < 32 ? i : TERNARY_GROUP + i);
+        spread[i] = _mm512_loadu_si512(spread_bytes[i]);
+        for (int number = 0, power = i == 0 ? 9 : i == 1 ? 3 : 1; number < 27; number++) {
+            const int w = number / power % 3 - 1;
+            const __mmask64 both = (__mmask64)1 << number | (__mmask64)1 << (number + 32);
+            if (w > 0) plus[i] |= both;
+            if (w < 0) minus[i] |= both;
+        }
     }
-TERNARY_TILE(1) TERNARY_TILE(2) TERNARY_TILE(3)
-typedef void (*ternary_tile_fn)(const int8_t *, int64_t, const int8_t *, int64_t, int64_t, int64_t, const int32_t *,
-                                int32_t *, int64_t, int64_t);
-static const ternary_tile_fn TERNARY_TILES[TERNARY_ROWS] = {ternary_tile_1, ternary_tile_2, ternary_tile_3};
+    for (int64_t r = 0; r < rows; r++) {
+        const int8_t *row = c + r * cstride;
+        for (int64_t p = 0; p < pairs; p++) {
+            const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(row + 2 * TERNARY_GROUP * p)));
+            __m512i entry = _mm512_setzero_si512();
+            for (int i = 0; i < TERNARY_GROUP; i++) {
+                const __m512i level = _mm512_permutexvar_epi8(spread[i], levels);
+                entry = _mm512_mask_add_epi8(entry, plus[i], entry, level);
+                entry = _mm512_mask_sub_epi8(entry, minus[i], entry, level);
+            }
+            _mm512_store_si512(tables + (r * pairs + p) * 64, entry);
+        }
+    }
+}
+
+/* As the AVX2 tile, 64 columns wide: int8 sums widened in column order into two int16 halves. */
+static inline __attribute__((always_inline)) void ternary_tile(const int8_t *restrict tables, int64_t stride,
+                                                               const int8_t *restrict code, int64_t g0, int64_t g1,
+                                                               int64_t flush, const int32_t *restrict fix,
+                                                               int32_t *restrict out, int64_t n, int64_t c0,
+                                                               const int ROWS) {
+    __m512i low[TERNARY_ROWS], high[TERNARY_ROWS];
+    for (int r = 0; r < ROWS; r++) low[r] = high[r] = _mm512_setzero_si512();
+    for (int64_t q0 = g0; q0 < g1; q0 += flush) {
+        const int64_t q1 = g1 < q0 + flush ? g1 : q0 + flush;
+        __m512i sums[TERNARY_ROWS];
+        for (int r = 0; r < ROWS; r++) sums[r] = _mm512_setzero_si512();
+        for (int64_t g = q0; g < q1; g++) {
+            const __m512i numbers = _mm512_loadu_si512(code + TERNARY_WIDE_COLUMNS * g);
+            const int8_t *pair = tables + g / 2 * 64;
+            for (int r = 0; r < ROWS; r++)
+                sums[r] = _mm512_add_epi8(sums[r], _mm512_permutexvar_epi8(numbers, _mm512_load_si512(pair + r * stride)));
+        }
+        for (int r = 0; r < ROWS; r++) {
+            low[r] = _mm512_add_epi16(low[r], _mm512_cvtepi8_epi16(_mm512_castsi512_si256(sums[r])));
+            high[r] = _mm512_add_epi16(high[r], _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(sums[r], 1)));
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        const __m512i sixteen[4] = {_mm512_cvtepi16_epi32(_mm512_castsi512_si256(low[r])),
+                                    _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(low[r], 1)),
+                                    _mm512_cvtepi16_epi32(_mm512_castsi512_si256(high[r])),
+                                    _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(high[r], 1))};
+        for (int e = 0; e < 4; e++) {
+            const int64_t c = c0 + 16 * e;
+            if (c >= n) break;
+            const __mmask16 inside = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+            int32_t *o = out + r * n + c;
+            const __m512i before = fix ? _mm512_loadu_si512(fix + 16 * e) : _mm512_maskz_loadu_epi32(inside, o);
+            _mm512_mask_storeu_epi32(o, inside, _mm512_add_epi32(sixteen[e], before));
+        }
+    }
+}
+
 #else
 /* The same sums one at a time, for a build without AVX2: the weight of column j, k = 3g + i is
  * sign·pattern_i(slot) (the sums are exact whatever their order). */
@@ -160,20 +251,40 @@ static void ternary_plain(const int8_t *restrict c, int64_t cstride, int64_t row
 }
 #endif
 
+#if TERNARY_AVX2 || TERNARY_WIDE
+/* One function per tile height, each with ROWS known when ternary_tile is inlined: its sums stay in registers. */
+#define TERNARY_TILE(R)                                                                                              \
+    static void ternary_tile_##R(const int8_t *tables, int64_t stride, const int8_t *code, int64_t g0, int64_t g1,     \
+                                 int64_t flush, const int32_t *fix, int32_t *out, int64_t n, int64_t c0) {             \
+        ternary_tile(tables, stride, code, g0, g1, flush, fix, out, n, c0, R);                                         \
+    }
+typedef void (*ternary_tile_fn)(const int8_t *, int64_t, const int8_t *, int64_t, int64_t, int64_t, const int32_t *,
+                                int32_t *, int64_t, int64_t);
+TERNARY_TILE(1) TERNARY_TILE(2) TERNARY_TILE(3)
+#if TERNARY_ROWS == 6
+TERNARY_TILE(4) TERNARY_TILE(5) TERNARY_TILE(6)
+static const ternary_tile_fn TERNARY_TILES[TERNARY_ROWS] = {ternary_tile_1, ternary_tile_2, ternary_tile_3,
+                                                            ternary_tile_4, ternary_tile_5, ternary_tile_6};
+#else
+static const ternary_tile_fn TERNARY_TILES[TERNARY_ROWS] = {ternary_tile_1, ternary_tile_2, ternary_tile_3};
+#endif
+#endif
+
 /* The shapes of one ternary GEMM: k = TERNARY_GROUP·groups (padded), n columns in `blocks` packed blocks,
  * and (AVX2) how many groups add up in int8 (flush) and in int16 (span) before their sums are widened. */
 typedef struct {
     const int8_t *code;
     const int32_t *col_sums;
-    int64_t k, n, groups, blocks, cstride, flush, span;
+    int64_t k, n, groups, blocks, cstride, stride, flush, span; /* stride: bytes of one row's tables */
     int zero;
 } ternary_t;
 
 static ternary_t ternary_shapes(const int8_t *code, const int32_t *col_sums, int64_t k, int64_t n, int top) {
-    ternary_t tg = {code, col_sums, k, n, (k + TERNARY_GROUP - 1) / TERNARY_GROUP, (n + TERNARY_COLUMNS - 1) / TERNARY_COLUMNS,
-                    0, 1, 1, ternary_zero(top)};
+    ternary_t tg = {code, col_sums, k, n, (k + TERNARY_GROUP - 1) / TERNARY_GROUP, (n + TERNARY_BLOCK - 1) / TERNARY_BLOCK,
+                    0, 0, 1, 1, ternary_zero(top)};
     tg.cstride = (TERNARY_GROUP * tg.groups + 16 + 63) / 64 * 64; /* 16 bytes past the last group: see ternary_tables */
-#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+    tg.stride = TERNARY_WIDE ? (tg.groups + 1) / 2 * 64 : tg.groups * 16;
+#if TERNARY_AVX2 || TERNARY_WIDE
     const int largest = TERNARY_GROUP * (tg.zero > top - tg.zero ? tg.zero : top - tg.zero); /* max |table entry| */
     tg.flush = 127 / largest;
     tg.span = 32767 / largest / tg.flush * tg.flush;
@@ -188,8 +299,8 @@ typedef struct {
 } ternary_scratch_t;
 
 static ternary_scratch_t ternary_scratch(const ternary_t *tg, int64_t rows) {
-#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
-    return (ternary_scratch_t){aligned_buffer((size_t)(rows * tg->cstride)), aligned_buffer((size_t)(rows * tg->groups * 16))};
+#if TERNARY_AVX2 || TERNARY_WIDE
+    return (ternary_scratch_t){aligned_buffer((size_t)(rows * tg->cstride)), aligned_buffer((size_t)(rows * tg->stride))};
 #else
     /* the plain sums read the centered levels themselves; tables is c again, so that the checks hold */
     int8_t *c = aligned_buffer((size_t)(rows * tg->cstride));
@@ -205,24 +316,24 @@ static void free_ternary_scratch(ternary_scratch_t t) {
 /* out (rows, n) = a (rows, k) · w, for one chunk of rows that fits the scratch. */
 static void ternary_chunk(const ternary_t *tg, const int8_t *a, int64_t rows, ternary_scratch_t scratch, int32_t *out) {
     const int64_t groups = tg->groups, n = tg->n;
-    int32_t fix[TERNARY_COLUMNS];
+    int32_t fix[TERNARY_BLOCK];
     ternary_center(a, tg->k, rows, tg->zero, scratch.c, tg->cstride);
-#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+#if TERNARY_AVX2 || TERNARY_WIDE
     ternary_tables(scratch.c, tg->cstride, rows, groups, scratch.tables);
 #endif
     for (int64_t b = 0; b < tg->blocks; b++) {
-        for (int j = 0; j < TERNARY_COLUMNS; j++) {
-            const int64_t column = b * TERNARY_COLUMNS + j;
+        for (int j = 0; j < TERNARY_BLOCK; j++) {
+            const int64_t column = b * TERNARY_BLOCK + j;
             fix[j] = column < n ? tg->zero * tg->col_sums[column] : 0;
         }
-        const int8_t *block = tg->code + b * groups * 2 * TERNARY_COLUMNS;
-#if defined(__AVX2__) && !defined(ROBUQ_PORTABLE)
+        const int8_t *block = tg->code + b * groups * 2 * TERNARY_COLUMNS; /* a block's groups: 64 bytes each */
+#if TERNARY_AVX2 || TERNARY_WIDE
         for (int64_t g0 = 0; g0 < groups; g0 += tg->span) {
             const int64_t g1 = groups < g0 + tg->span ? groups : g0 + tg->span;
             for (int64_t t = 0; t < rows; t += TERNARY_ROWS) {
                 const int height = rows - t < TERNARY_ROWS ? (int)(rows - t) : TERNARY_ROWS;
-                TERNARY_TILES[height - 1](scratch.tables + t * groups * 16, groups, block, g0, g1, tg->flush,
-                                          g0 ? NULL : fix, out + t * n, n, b * TERNARY_COLUMNS);
+                TERNARY_TILES[height - 1](scratch.tables + t * tg->stride, tg->stride, block, g0, g1, tg->flush,
+                                          g0 ? NULL : fix, out + t * n, n, b * TERNARY_BLOCK);
             }
         }
 #else
