@@ -31,12 +31,45 @@ static inline void load_8x8(const float *restrict x, int64_t n, __m256 sign, flo
 }
 #endif
 
+#if LANES == 16 && defined(__AVX512F__)
+/* The same at AVX-512 width: 16 rows of 16 floats times 16 signs into 16 tile rows by 64 shuffles, where
+ * lane-by-lane loads took 256 strided scalar loads (they were most of the input pass at 16 lanes). Within
+ * each 128-bit lane, unpacks and shuffles make 4×4 transposes (b[4g + j], lane q: rows 4g…4g + 3 of
+ * column 4q + j); whole-lane shuffles then gather each column's four lanes. */
+static inline void load_16x16(const float *restrict x, int64_t n, __m512 sign, float *restrict t) {
+    __m512 r[16], a[16], b[16];
+    for (int l = 0; l < 16; l++) r[l] = _mm512_mul_ps(_mm512_loadu_ps(x + l * n), sign);
+    for (int l = 0; l < 16; l += 2) {
+        a[l] = _mm512_unpacklo_ps(r[l], r[l + 1]);
+        a[l + 1] = _mm512_unpackhi_ps(r[l], r[l + 1]);
+    }
+    for (int l = 0; l < 16; l += 4) {
+        b[l] = _mm512_shuffle_ps(a[l], a[l + 2], 0x44);
+        b[l + 1] = _mm512_shuffle_ps(a[l], a[l + 2], 0xEE);
+        b[l + 2] = _mm512_shuffle_ps(a[l + 1], a[l + 3], 0x44);
+        b[l + 3] = _mm512_shuffle_ps(a[l + 1], a[l + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        const __m512 low_lanes = _mm512_shuffle_f32x4(b[j], b[4 + j], 0x44), high_lanes = _mm512_shuffle_f32x4(b[j], b[4 + j], 0xEE);
+        const __m512 low_rest = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0x44), high_rest = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0xEE);
+        _mm512_store_ps(t + j * 16, _mm512_shuffle_f32x4(low_lanes, low_rest, 0x88));
+        _mm512_store_ps(t + (4 + j) * 16, _mm512_shuffle_f32x4(low_lanes, low_rest, 0xDD));
+        _mm512_store_ps(t + (8 + j) * 16, _mm512_shuffle_f32x4(high_lanes, high_rest, 0x88));
+        _mm512_store_ps(t + (12 + j) * 16, _mm512_shuffle_f32x4(high_lanes, high_rest, 0xDD));
+    }
+}
+#endif
+
 /* Rows [0, count) of x (row length n) into the tile, times signs if given; unused lanes hold zeros. */
 static void load_tile(const float *restrict x, int64_t count, int64_t n, const float *restrict signs, float *restrict t) {
     int64_t i = 0;
 #if LANES == 8 && defined(__AVX2__)
     if (count == LANES)
         for (; i + 8 <= n; i += 8) load_8x8(x + i, n, signs ? _mm256_loadu_ps(signs + i) : _mm256_set1_ps(1.0f), t + i * 8);
+#endif
+#if LANES == 16 && defined(__AVX512F__)
+    if (count == LANES)
+        for (; i + 16 <= n; i += 16) load_16x16(x + i, n, signs ? _mm512_loadu_ps(signs + i) : _mm512_set1_ps(1.0f), t + i * 16);
 #endif
     for (; i < n; i++) {
         const float sign = signs ? signs[i] : 1.0f;
