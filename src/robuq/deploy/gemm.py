@@ -41,8 +41,8 @@ from robuq.core.errors import RobuqError
 
 PATHS = ("int_mm", "avx2", "fp32")
 ENVIRONMENT = "ROBUQ_GEMM"
-# The instruction sets that decide the path, as /proc/cpuinfo names them.
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+# The instruction sets that decide the path (VBMI: the lookup's width), as /proc/cpuinfo names them.
+ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vbmi", "avx512_vnni", "avx_vnni", "amx_int8")
 # oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA) → the flags above it that PyTorch's int8 GEMM may still use.
 _ONEDNN_CAPS = {
     "SSE41": (),
