@@ -309,3 +309,24 @@ def wilson_interval(hits: int, n: int) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+def paired_difference_interval(first: np.ndarray, second: np.ndarray) -> dict:
+    """95% interval of p₁ − p₂ for two proportions measured on the same items (``first``/``second``: each
+    item's success, e.g. whether the teacher's and a row's sample for one prompt and noise show the prompt's
+    class): Newcombe's hybrid score interval for paired data (1998, method 10), which combines each
+    proportion's Wilson interval with the correlation of the pairs, so that shared prompts and noise narrow
+    it where an unpaired comparison would not."""
+    first, second = np.asarray(first, dtype=bool), np.asarray(second, dtype=bool)
+    if first.shape != second.shape or first.ndim != 1:
+        raise ValueError("paired_difference_interval takes two equal-length 1-D arrays of successes")
+    n = len(first)
+    both, only_first = int((first & second).sum()), int((first & ~second).sum())
+    only_second, neither = int((~first & second).sum()), n - int((first | second).sum())
+    p1, p2 = (both + only_first) / max(n, 1), (both + only_second) / max(n, 1)
+    (l1, u1), (l2, u2) = wilson_interval(both + only_first, n), wilson_interval(both + only_second, n)
+    margins = (both + only_first) * (only_second + neither) * (both + only_second) * (only_first + neither)
+    phi = (both * neither - only_first * only_second) / math.sqrt(margins) if margins else 0.0
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return {"difference": p1 - p2, "low": p1 - p2 - below, "high": p1 - p2 + above, "pairs": n}

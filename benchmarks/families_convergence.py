@@ -37,6 +37,7 @@ from convergence_stats import (
     FixedReferenceFID,
     half_sample_indices,
     interval_summary,
+    paired_difference_interval,
     verdict_of,
     wilson_interval,
 )
@@ -271,8 +272,10 @@ def scores_in(config: FamiliesConvergenceConfig, work: Path, keys: list[str], id
     return out
 
 
-def adherence(config: FamiliesConvergenceConfig, work: Path, key: str, classes: list[int]) -> dict | None:
-    """The classifier's accuracy on each sample's prompt class, with its interval."""
+def prompt_hits(
+    config: FamiliesConvergenceConfig, key: str, classes: list[int]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Whether the classifier reads each kept sample as its prompt's class, and the samples' prompt indices."""
     from robuq.eval.classifier import ASSET, extract, load_classifier
 
     kept = kept_samples(config, key)
@@ -280,10 +283,27 @@ def adherence(config: FamiliesConvergenceConfig, work: Path, key: str, classes: 
         return None
     predicted = extract(load_classifier(ASSET), base.kept_images(kept))["probs"].argmax(1)
     with np.load(kept) as data:
-        wanted = np.asarray(classes)[data["labels"]]
-    hits = int((predicted == wanted).sum())
-    low, high = wilson_interval(hits, len(wanted))
-    return {"value": hits / len(wanted), "low": low, "high": high}
+        prompts = data["labels"]
+    return predicted == np.asarray(classes)[prompts], prompts
+
+
+def adherence(
+    config: FamiliesConvergenceConfig, key: str, classes: list[int], teacher_key: str | None = None
+) -> dict | None:
+    """The classifier's accuracy on each sample's prompt class, with its Wilson interval; with ``teacher_key``,
+    also the teacher's accuracy minus this one on the same prompts and noise, with its paired interval."""
+    found = prompt_hits(config, key, classes)
+    if found is None:
+        return None
+    hits, prompts = found
+    low, high = wilson_interval(int(hits.sum()), len(hits))
+    result = {"value": float(hits.mean()), "low": low, "high": high}
+    teacher = prompt_hits(config, teacher_key, classes) if teacher_key else None
+    if teacher is not None:
+        if not np.array_equal(teacher[1], prompts):
+            raise SystemExit(f"{key}: its samples' prompts differ from the teacher's, so they cannot be paired")
+        result["drop_from_teacher"] = paired_difference_interval(teacher[0], hits)
+    return result
 
 
 def teacher_steps(folder: Path) -> int | None:
@@ -316,7 +336,7 @@ def report(config: FamiliesConvergenceConfig, work: Path, argv: list[str]) -> No
             "steps": teacher_steps(folder),
             "prompt_accuracy": None,
         }
-        accuracy = adherence(config, work, teacher_key, classes)
+        accuracy = adherence(config, teacher_key, classes)
         entry["prompt_accuracy"] = accuracy["value"] if accuracy else None
         entry["prompt_accuracy_interval"] = accuracy
         for space, (data_scores, _) in by_space.items():
@@ -349,7 +369,7 @@ def report(config: FamiliesConvergenceConfig, work: Path, argv: list[str]) -> No
                 t = interval_summary(own, p["key"])
                 if t:
                     e.setdefault("vs_teacher_samples", {})[space] = t
-            accuracy = adherence(config, work, p["key"], classes)
+            accuracy = adherence(config, p["key"], classes, teacher_key)
             if accuracy:
                 e["prompt_accuracy"] = accuracy
             if any(space in e for space in spaces):
@@ -397,14 +417,14 @@ def claims(teachers: dict, final: list[dict], spaces: list[str]) -> list[dict]:
             out.append({"claim": claim, "verdict": verdict_of(readings, "met", "missed"), "noise": noise})
             drop = ADHERENCE_POINTS[bits]
             claim = f"{teacher}: {row} prompt adherence within {drop:.0f} points of the teacher's"
-            if "prompt_accuracy" not in e or t.get("prompt_accuracy") is None:
+            paired = e.get("prompt_accuracy", {}).get("drop_from_teacher")
+            if paired is None:
                 out.append({"claim": claim, "verdict": "not measured yet"})
                 continue
-            gap_high = 100 * (t["prompt_accuracy"] - e["prompt_accuracy"]["low"])
-            gap_low = 100 * (t["prompt_accuracy"] - e["prompt_accuracy"]["high"])
-            out.append(
-                {"claim": claim, "verdict": "met" if gap_high <= drop else "missed" if gap_low > drop else "tie"}
-            )
+            # The drop's paired interval (same prompts, same noise) against the allowed drop.
+            gap_low, gap_high = 100 * paired["low"], 100 * paired["high"]
+            verdict = "met" if gap_high <= drop else "missed" if gap_low > drop else "tie"
+            out.append({"claim": claim, "verdict": verdict, "noise": "sample, paired by prompt and noise"})
         claim = f"{teacher}: RobuQ + AMPN ahead of the strong baseline at A2, outside the sample and training noise"
         d = t.get("ampn_minus_baseline", {})
         if any(s not in d for s in spaces):
@@ -451,10 +471,12 @@ def markdown(payload: dict) -> str:
         "## Rows at the end of the schedule",
         "",
         "FID with its 95% paired half-sample interval; ratio to the "
-        "teacher's FID; prompt accuracy with a 95% Wilson interval.",
+        "teacher's FID; prompt accuracy with a 95% Wilson interval, and its drop from the teacher's on the same "
+        "prompts and noise with a 95% paired interval (Newcombe's hybrid score).",
         "",
-        "| row | act bits | AMPN | seed | classifier FID (× teacher) | Inception FID (× teacher) | prompt accuracy |",
-        "|---|---|---|---|---|---|---|",
+        "| row | act bits | AMPN | seed | classifier FID (× teacher) | Inception FID (× teacher) | prompt accuracy "
+        "| drop from the teacher (points) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for e in payload["final"]:
         cells = []
@@ -465,8 +487,13 @@ def markdown(payload: dict) -> str:
             )
         acc = e.get("prompt_accuracy")
         acc_text = f"{100 * acc['value']:.1f} % [{100 * acc['low']:.1f}, {100 * acc['high']:.1f}]" if acc else "—"
+        drop = (acc or {}).get("drop_from_teacher")
+        drop_text = (
+            f"{100 * drop['difference']:+.1f} [{100 * drop['low']:+.1f}, {100 * drop['high']:+.1f}]" if drop else "—"
+        )
         lines.append(
-            f"| {e['name']} | {e['act_bits']} | {e['ampn']} | {e['seeds'][0]} | {cells[0]} | {cells[1]} | {acc_text} |"
+            f"| {e['name']} | {e['act_bits']} | {e['ampn']} | {e['seeds'][0]} | {cells[0]} | {cells[1]} | {acc_text} "
+            f"| {drop_text} |"
         )
     lines += ["", "## Claims", "", "| claim | verdict | noise read against |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {c['verdict']} | {c.get('noise', 'sample')} |" for c in payload["claims"]]

@@ -1307,6 +1307,36 @@ def test_family_memory_divides_the_sharded_state_and_teacher(tmp_path):
 
 
 @pytest.mark.slow  # trains, samples and scores in subprocesses
+def test_the_paired_adherence_interval_covers_and_gains_from_pairing():
+    """Newcombe's paired interval: it contains the observed difference, turns over when the pair is swapped,
+    covers the true difference about 95% of the time, and is narrower than the unpaired one when the two
+    arms succeed on the same items (as a teacher and its quantized student do on shared prompts and noise)."""
+    stats = _load("convergence_stats")
+    rng = np.random.default_rng(0)
+    covered, paired_widths, unpaired_widths = 0, [], []
+    trials, n, truth = 400, 300, 0.05
+    for _ in range(trials):
+        shared = rng.random(n)  # how easy each item is: both arms tend to get the same items right
+        first, second = shared < 0.80, shared < 0.80 - truth
+        flip = rng.random(n) < 0.1  # some items each arm gets right or wrong on its own
+        second = np.where(flip, rng.random(n) < 0.75, second)
+        first = np.where(rng.random(n) < 0.1, rng.random(n) < 0.80, first)
+        d = stats.paired_difference_interval(first, second)
+        assert d["low"] <= d["difference"] <= d["high"] and d["pairs"] == n
+        swapped = stats.paired_difference_interval(second, first)
+        assert swapped["difference"] == pytest.approx(-d["difference"])
+        assert (swapped["low"], swapped["high"]) == pytest.approx((-d["high"], -d["low"]))
+        expected = 0.80 - (0.9 * (0.80 - truth) + 0.1 * 0.75)
+        covered += d["low"] <= expected <= d["high"]
+        paired_widths.append(d["high"] - d["low"])
+        (l1, u1), (l2, u2) = (stats.wilson_interval(int(a.sum()), n) for a in (first, second))
+        unpaired_widths.append(np.hypot(u1 - l1, u2 - l2))
+    assert 0.92 <= covered / trials <= 0.99
+    assert np.median(paired_widths) < 0.8 * np.median(unpaired_widths)
+    with pytest.raises(ValueError, match="equal-length"):
+        stats.paired_difference_interval(np.ones(3, bool), np.ones(4, bool))
+
+
 def test_families_convergence_at_toy_size(tmp_path, fmnist_dir):
     """A miniature text-to-image teacher quantized by two rows, sampled on the held-out prompts and scored: FID
     ratios to the teacher with intervals, prompt adherence with its interval, the claims read."""
@@ -1336,6 +1366,9 @@ def test_families_convergence_at_toy_size(tmp_path, fmnist_dir):
     for e in data["final"]:
         c, acc = e["classifier"], e["prompt_accuracy"]
         assert c["ratio_low"] <= c["ratio"] <= c["ratio_high"] and acc["low"] <= acc["value"] <= acc["high"]
+        drop = acc["drop_from_teacher"]  # paired with the teacher's samples: the same prompts and noise
+        assert drop["pairs"] == 8 and drop["low"] <= drop["difference"] <= drop["high"]
+        assert drop["difference"] == pytest.approx(t["prompt_accuracy"] - acc["value"])
         assert e["steps"] == 4 and e["samples"] == 8 and e["commit"] == "installed" and "inception" not in e
     assert "classifier" in t["ampn_minus_baseline"]
     verdicts = {c["claim"]: c["verdict"] for c in data["claims"]}
