@@ -3,7 +3,9 @@ guidance scales, and a sample grid (a row per class), from a ``robuq train-t2i``
 
     python benchmarks/t2i_teacher.py --run runs/flux-teacher --name t2i_teacher_flux
 
-Writes results/NAME.{json,md}, results/NAME/grid.png, and a copy of the run's log.jsonl and command. Prompt
+Writes results/NAME.{json,md}, results/NAME/grid.png, a copy of the run's log.jsonl and command, and (unless
+``--no-keep-teacher``) the teacher as its users take it, in results/NAME/teacher/: ``transformer/`` (a diffusers
+folder), the text encoder, the prompt table and ``teacher.json`` (``export_text_teacher``). Prompt
 adherence: the shipped Fashion-MNIST classifier's accuracy on the class each sample's prompt names, over
 ``--samples`` samples on prompts drawn at random from the held-out templates, with a 95% Wilson interval.
 """
@@ -31,6 +33,7 @@ class TeacherEvalConfig:
     guidance: str = option("1,3", "guidance scales (comma-separated)")
     steps: int = option(20, "sampling steps")
     seed: int = option(0, "seed of the prompts and the noise")
+    keep_teacher: bool = option(True, "keep the exported teacher in results/NAME/teacher (what QAT and sampling take)")
     results_dir: str = option(str(ROOT / "results"), "where the results go")
 
 
@@ -60,9 +63,12 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(config.results_dir) / config.name
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        export_text_teacher(weights, tmp)
-        model = load_family_folder(Path(tmp) / "transformer")
-        table = load_prompt_table(Path(tmp) / "prompts.safetensors")
+        exported = out / "teacher" if config.keep_teacher else Path(tmp)
+        if exported.exists():
+            shutil.rmtree(exported)  # a teacher from an earlier step must not mix with this one
+        export_text_teacher(weights, exported)
+        model = load_family_folder(exported / "transformer")
+        table = load_prompt_table(exported / "prompts.safetensors")
     channels = family_of(model).latent_channels(model)
     prompts, classes = prompt_set(held_out=True)
     pick = torch.randint(0, len(prompts), (config.samples,), generator=torch.Generator().manual_seed(config.seed))

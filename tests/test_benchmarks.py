@@ -1397,3 +1397,6 @@ def test_t2i_teacher_evidence_at_toy_size(tmp_path, fmnist_dir):
         assert 0 <= a["low"] <= a["value"] <= a["high"] <= 1
     assert (tmp_path / "results" / "teacher" / "grid.png").stat().st_size > 0
     assert (tmp_path / "results" / "teacher" / "log.jsonl").is_file() and "| 2.0 |" in markdown
+    kept = tmp_path / "results" / "teacher" / "teacher"  # the exported teacher, as QAT and sampling take it
+    assert json.loads((kept / "teacher.json").read_text())["step"] == 2
+    assert (kept / "transformer" / "config.json").is_file() and (kept / "prompts.safetensors").is_file()
