@@ -264,37 +264,26 @@ def _attention_patterns(config: QuantConfig, family: Family | None) -> tuple[str
     )  # another family's patterns do not apply
 
 
-def quantize_(
-    model: nn.Module,
-    config: QuantConfig,
-    plan: BitPlan | Mapping[str, object] | None = None,
-    initialize: bool = True,
-    allow_partial: bool = False,
-) -> nn.Module:
-    """Replace, in place, the linears and attention cores ``config`` names; returns ``model``.
-
-    The model's family (``robuq.models.families``) must account for every linear layer: one it does not
-    is refused with a ``CoverageError`` naming it, unless ``allow_partial`` (then a warning names what
-    stays in full precision). A model of no known family is refused unless ``allow_partial``, when the
-    policy's patterns apply as they are. ``plan`` (or ``config.plan``) then sets per-layer activation bits.
-    ``initialize=False`` skips the SVD of the low-rank branches, for when a saved state_dict is loaded
-    right after.
-    """
+def _family_for(model: nn.Module, config: QuantConfig, allow_partial: bool):
+    """The model's family, checked against the policy's layout; None for an unknown class under allow_partial."""
     try:
         family = family_of(model)
     except UnknownFamilyError as exc:
         if not allow_partial:
             raise
-        warnings.warn(f"{exc}; applying the policy's patterns without a family map (allow_partial)", stacklevel=2)
-        family = None
-    if family is not None and config.layout != AUTO and family.name != config.layout:
+        warnings.warn(f"{exc}; applying the policy's patterns without a family map (allow_partial)", stacklevel=3)
+        return None
+    if config.layout != AUTO and family.name != config.layout:
         raise RobuqError(
             f"policy {config.name!r} is written for layout {config.layout!r}, but this "
             f"{type(model).__name__} is a {family.name!r} model; use layout={family.name!r} or 'auto'"
         )
-    if config.rules and family is not None:
-        _refuse_uncovered(model, family, allow_partial)
-        _reshape(model, family)
+    return family
+
+
+def _replacements(model: nn.Module, config: QuantConfig, family, initialize: bool):
+    """(name, quantized module) for every linear and attention core the policy names, and the names of the
+    attention modules whose processor's matmuls are routed to a quantized core instead."""
     name_of_family = family.name if family is not None else None
     targets: list[tuple[str, nn.Module]] = []
     routed: list[str] = []
@@ -316,6 +305,10 @@ def quantize_(
             f"policy {config.name!r} (layout {config.layout!r}) matches no linear layer of "
             f"{type(model).__name__}{found}: pass layout='auto' or the model's family to preset()"
         )
+    return targets, routed
+
+
+def _install(model: nn.Module, config: QuantConfig, targets, routed: list[str]) -> None:
     for name, module in targets:
         model.set_submodule(name, module)
     for name in routed:
@@ -325,6 +318,30 @@ def quantize_(
     for module in model.modules():
         if hasattr(module, "fuse_projections") and any(isinstance(m, QuantLinear) for m in module.children()):
             module.fuse_projections = _refuse_fusing  # diffusers' fuse_qkv_projections would rebuild plain linears
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    plan: BitPlan | Mapping[str, object] | None = None,
+    initialize: bool = True,
+    allow_partial: bool = False,
+) -> nn.Module:
+    """Replace, in place, the linears and attention cores ``config`` names; returns ``model``.
+
+    The model's family (``robuq.models.families``) must account for every linear layer: one it does not
+    is refused with a ``CoverageError`` naming it, unless ``allow_partial`` (then a warning names what
+    stays in full precision). A model of no known family is refused unless ``allow_partial``, when the
+    policy's patterns apply as they are. ``plan`` (or ``config.plan``) then sets per-layer activation bits.
+    ``initialize=False`` skips the SVD of the low-rank branches, for when a saved state_dict is loaded
+    right after.
+    """
+    family = _family_for(model, config, allow_partial)
+    if config.rules and family is not None:
+        _refuse_uncovered(model, family, allow_partial)
+        _reshape(model, family)
+    targets, routed = _replacements(model, config, family, initialize)
+    _install(model, config, targets, routed)
     plan = plan if plan is not None else config.plan
     if plan is not None:
         apply_plan(model, plan)
