@@ -53,36 +53,21 @@ def weighted_average(bits: Mapping[str, int], weights: Mapping[str, float]) -> f
     return sum(bits[name] * weights[name] for name in bits) / total
 
 
-def allocate_bits(
-    sensitivity: Mapping[str, Mapping[int, float]],
-    budget: float,
-    weights: Mapping[str, float] | None = None,
-    choices: Sequence[int] = (1, 2, 3, 4),
-) -> Allocation:
-    """Per-layer bits minimising the summed sensitivity with (weighted) average bits ≤ ``budget``.
-
-    ``sensitivity[layer][b]`` is the cost of running ``layer`` at ``b`` bits; ``weights`` (e.g. each
-    layer's MACs) turn the plain average into a weighted one. Raises ValueError when no assignment fits.
-    """
-    names = list(sensitivity)
-    if not names:
+def _checked_choices(sensitivity: Mapping[str, Mapping[int, float]], choices: Sequence[int]) -> list[int]:
+    """The bit choices, sorted, once every layer has a sensitivity at each."""
+    if not sensitivity:
         raise RobuqError("no layers to allocate bits to")
     choices = sorted(set(int(b) for b in choices))
-    for name in names:
-        missing = [b for b in choices if b not in sensitivity[name]]
+    for name, costs in sensitivity.items():
+        missing = [b for b in choices if b not in costs]
         if missing:
             raise RobuqError(f"sensitivity of {name!r} lacks bit-widths {missing}; measure every choice {choices}")
-    raw = [float(weights[n]) if weights is not None else 1.0 for n in names]
-    if any(w <= 0 for w in raw):
-        raise RobuqError("layer weights must be positive")
-    ints = _integer_weights(raw)
-    w = ints if ints is not None else raw
-    capacity = budget * sum(w)
-    if min(choices) * sum(w) > capacity + 1e-9 * sum(w):
-        raise RobuqError(
-            f"budget {budget} bits is below the smallest choice ({min(choices)} bits for every layer); "
-            f"raise the budget to at least {min(choices)}"
-        )
+    return choices
+
+
+def _pareto_dp(names, sensitivity, w, choices, capacity) -> tuple[dict[str, int], float]:
+    """The exact DP over layers, keeping per layer only the Pareto front of (weighted bits, summed
+    sensitivity); the least-sensitive assignment within ``capacity`` and its summed sensitivity."""
     # front: list of (cost, sensitivity, back-pointer index into history[layer]).
     front: list[tuple[float, float, int]] = [(0.0, 0.0, -1)]
     history: list[list[tuple[int, int]]] = []  # per layer: (parent index, bits) of each front entry
@@ -91,7 +76,7 @@ def allocate_bits(
         for parent, (cost, sens, _) in enumerate(front):
             for b in choices:
                 c = cost + w[i] * b
-                if c <= capacity + 1e-9 * sum(w):
+                if c <= capacity:
                     candidates.append((c, sens + float(sensitivity[name][b]), parent, b))
         candidates.sort(key=lambda t: (t[0], t[1]))
         new_front, links, best = [], [], math.inf
@@ -109,12 +94,39 @@ def allocate_bits(
         parent, b = history[i][index]
         bits[names[i]] = b
         index = parent
-    bits = {n: bits[n] for n in names}
+    return {n: bits[n] for n in names}, front[end][1]
+
+
+def allocate_bits(
+    sensitivity: Mapping[str, Mapping[int, float]],
+    budget: float,
+    weights: Mapping[str, float] | None = None,
+    choices: Sequence[int] = (1, 2, 3, 4),
+) -> Allocation:
+    """Per-layer bits minimising the summed sensitivity with (weighted) average bits ≤ ``budget``.
+
+    ``sensitivity[layer][b]`` is the cost of running ``layer`` at ``b`` bits; ``weights`` (e.g. each
+    layer's MACs) turn the plain average into a weighted one. Raises ValueError when no assignment fits.
+    """
+    names = list(sensitivity)
+    choices = _checked_choices(sensitivity, choices)
+    raw = [float(weights[n]) if weights is not None else 1.0 for n in names]
+    if any(w <= 0 for w in raw):
+        raise RobuqError("layer weights must be positive")
+    ints = _integer_weights(raw)
+    w = ints if ints is not None else raw
+    capacity = budget * sum(w)
+    if min(choices) * sum(w) > capacity + 1e-9 * sum(w):
+        raise RobuqError(
+            f"budget {budget} bits is below the smallest choice ({min(choices)} bits for every layer); "
+            f"raise the budget to at least {min(choices)}"
+        )
+    bits, objective = _pareto_dp(names, sensitivity, w, choices, capacity + 1e-9 * sum(w))
     plain = sum(bits.values()) / len(bits)
     weight_map = {n: raw[i] for i, n in enumerate(names)}
     return Allocation(
         bits=bits,
-        objective=front[end][1],
+        objective=objective,
         budget=budget,
         average_plain=plain,
         average_weighted=weighted_average(bits, weight_map),
