@@ -735,6 +735,23 @@ class TernaryLinearArgs:
     what: str
 
 
+def _ternary_linear_top(k: int, n: int, bits: int, code: torch.Tensor) -> int:
+    """The top activation level of a layer ``linear_ternary`` can take: low-bit levels, weights packed for
+    this build's lookup."""
+    top = _levels_top(bits, "activation bits")
+    if (
+        spec.int8_level_shift(bits)
+        or top > TERNARY_MAX_TOP
+        or code.dtype != torch.int8
+        or code.shape != _ternary_code_shape(k, n, ternary_columns())
+    ):
+        raise RobuqError(
+            f"linear_ternary takes activations of at most {TERNARY_MAX_TOP.bit_length()} bits and "
+            "pack_ternary_weights of a ternary (k, n)"
+        )
+    return top
+
+
 def ternary_linear_args(
     k: int,
     n: int,
@@ -758,17 +775,7 @@ def ternary_linear_args(
     column), ``up_rows`` (rank, n) and GELU. The activations must be low-bit (``int8_level_shift(bits)`` 0,
     top ≤ TERNARY_MAX_TOP)."""
     rule_id = spec.check_rule(rule, RULES, "robuq's C kernels (robuq/kernels/cpu_kernels.c)")
-    top = _levels_top(bits, "activation bits")
-    if (
-        spec.int8_level_shift(bits)
-        or top > TERNARY_MAX_TOP
-        or code.dtype != torch.int8
-        or code.shape != _ternary_code_shape(k, n, ternary_columns())
-    ):
-        raise RobuqError(
-            f"linear_ternary takes activations of at most {TERNARY_MAX_TOP.bit_length()} bits and "
-            "pack_ternary_weights of a ternary (k, n)"
-        )
+    top = _ternary_linear_top(k, n, bits, code)
     m, hm = _mix_matrix(k) if rotate else (1, None)
     signs = None if signs is None or not rotate else _input(signs)
     rank = 0 if down is None else down.shape[0]
