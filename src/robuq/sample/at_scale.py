@@ -89,10 +89,7 @@ def sample_shards(
                 precision=precision,
             )
             if vae is not None:
-                device = next(vae.parameters()).device
-                images = torch.cat(
-                    [decode(vae, images[i : i + batch_size].to(device)).cpu() for i in range(0, n, batch_size)]
-                )
+                images = _decoded(vae, images, batch_size)
             ys = labels.numpy() if labels is not None else np.zeros(n, dtype=np.int64)
             save_npz(path(k), arr_0=to_uint8(images), labels=ys)
             bar.update(n)
@@ -100,13 +97,27 @@ def sample_shards(
     if info.is_main:
         # Shards are uneven work (50 over 8 ranks: some ranks draw one more); rank 0 polls for the others' files
         # instead of waiting in a barrier, which a process group's collective timeout would end.
-        wait_for_files([path(k) for k in range(num_shards)], max(timeout_hours, LONG_WAIT_HOURS))
-        merge_npz(result["npz"], [path(k) for k in range(num_shards)], ("arr_0", "labels"))
-        shown = []
-        for k in range(num_shards):
-            if sum(map(len, shown)) >= 64:
-                break
-            with np.load(path(k)) as shard:
-                shown.append(shard["arr_0"][: 64 - sum(map(len, shown))])
-        save_grid(np.concatenate(shown), result["grid"], columns=8)
+        shards = [path(k) for k in range(num_shards)]
+        wait_for_files(shards, max(timeout_hours, LONG_WAIT_HOURS))
+        merge_npz(result["npz"], shards, ("arr_0", "labels"))
+        save_grid(_first_images(shards, 64), result["grid"], columns=8)
     return result
+
+
+def _decoded(vae: nn.Module, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Latents through the VAE's decoder in batches on its device, back on the CPU."""
+    device = next(vae.parameters()).device
+    return torch.cat(
+        [decode(vae, latents[i : i + batch_size].to(device)).cpu() for i in range(0, len(latents), batch_size)]
+    )
+
+
+def _first_images(shards: list[Path], count: int) -> np.ndarray:
+    """The first ``count`` images of the shards in order, reading no more shards than it needs."""
+    shown: list[np.ndarray] = []
+    for shard_path in shards:
+        if sum(map(len, shown)) >= count:
+            break
+        with np.load(shard_path) as shard:
+            shown.append(shard["arr_0"][: count - sum(map(len, shown))])
+    return np.concatenate(shown)
