@@ -180,30 +180,40 @@ def sample_to_files(config: SampleConfig, progress: bool = True) -> dict[str, Pa
             f"{model.in_channels} channels; give the VAE whose latents it was trained on"
         )
     if config.num_samples is not None:
-        info = init_distributed(device, config.dist_timeout_hours)
-        current = device_context(device)
-        try:
-            with current:
-                return sample_shards(
-                    model,
-                    config.out,
-                    config.num_samples,
-                    info,
-                    vae=vae,
-                    shard_size=config.shard_size,
-                    balanced=config.labels == "balanced",
-                    sampler=config.sampler,
-                    steps=config.steps,
-                    cfg_scale=config.cfg_scale,
-                    cfg_channels=config.cfg_channels,
-                    seed=config.seed,
-                    batch_size=config.batch_size,
-                    progress=progress,
-                    precision=config.precision,
-                    timeout_hours=config.dist_timeout_hours,
-                )
-        finally:
-            shutdown(info)
+        return _sample_at_scale(config, model, vae, device, progress)
+    return _sample_a_grid(config, model, vae, device, progress)
+
+
+def _sample_at_scale(config: SampleConfig, model, vae, device: torch.device, progress: bool) -> dict[str, Path]:
+    """``num_samples`` samples in resumable shards, split over torchrun's processes (robuq.sample.at_scale)."""
+    info = init_distributed(device, config.dist_timeout_hours)
+    current = device_context(device)
+    try:
+        with current:
+            return sample_shards(
+                model,
+                config.out,
+                config.num_samples,
+                info,
+                vae=vae,
+                shard_size=config.shard_size,
+                balanced=config.labels == "balanced",
+                sampler=config.sampler,
+                steps=config.steps,
+                cfg_scale=config.cfg_scale,
+                cfg_channels=config.cfg_channels,
+                seed=config.seed,
+                batch_size=config.batch_size,
+                progress=progress,
+                precision=config.precision,
+                timeout_hours=config.dist_timeout_hours,
+            )
+    finally:
+        shutdown(info)
+
+
+def _sample_a_grid(config: SampleConfig, model, vae, device: torch.device, progress: bool) -> dict[str, Path]:
+    """``per_class`` samples of every class, a row each (64 samples of an unconditional model)."""
     if model.num_classes > 0:
         labels = torch.arange(model.num_classes).repeat_interleave(config.per_class)
         columns = config.per_class
