@@ -268,21 +268,20 @@ def ampn_run(
         shutdown(info)
 
 
-def _ampn_stages(
-    config: AMPNConfig, progress: bool, dataset: Dataset | None, until: int | None, info: DistInfo, announce_plan: bool
-) -> Path:
-    base = config.qat
-    root = Path(base.out_dir)
-    uniform = replace(base, act_bits=config.start_bits, plan=None, init_student=None, continue_from=None)
-    warm = _qat_stage(
-        replace(uniform, out_dir=str(root / "warmup")), progress, dataset=dataset, until=config.warmup_qat_steps
-    )
-    warm_checkpoint = checkpoint_path(warm, config.warmup_qat_steps)
-    teacher = json.loads((warm / "config.json").read_text())["teacher"]
-    sens_path = root / "sensitivity.json"
+def _measure_sensitivity(
+    config: AMPNConfig,
+    warm: Path,
+    warm_checkpoint: Path,
+    sens_path: Path,
+    progress: bool,
+    dataset: Dataset | None,
+    info: DistInfo,
+) -> None:
+    """``sens_path``, measured from the warm-up checkpoint unless it exists: every process measures its share
+    of the layers on the same calibration batch and rank 0 joins the parts into what one process would
+    measure. Files, not collectives: the shares are uneven work. Every process returns once the file exists."""
+    base, root = config.qat, sens_path.parent
     if not sens_path.is_file():
-        # Every process measures its share of the layers on the same calibration batch; the parts join into
-        # what one process would measure. Files, not collectives: the shares are uneven work.
         part = root / f"sensitivity-part-{info.rank}-of-{info.world_size}.json"
         measured = (
             None
@@ -290,7 +289,7 @@ def _ampn_stages(
             else sensitivity_of(
                 SensitivityConfig(
                     model=str(warm_checkpoint),
-                    teacher=teacher,
+                    teacher=json.loads((warm / "config.json").read_text())["teacher"],
                     data=base.data,
                     data_dir=base.data_dir,
                     latents=base.latents,
@@ -317,6 +316,20 @@ def _ampn_stages(
             joined = Sensitivity.merged([Sensitivity.from_dict(json.loads(p.read_text())) for p in parts])
             atomic_write_text(sens_path, json.dumps(joined.to_dict(), indent=2) + "\n")
     wait_for_files([sens_path])
+
+
+def _ampn_stages(
+    config: AMPNConfig, progress: bool, dataset: Dataset | None, until: int | None, info: DistInfo, announce_plan: bool
+) -> Path:
+    base = config.qat
+    root = Path(base.out_dir)
+    uniform = replace(base, act_bits=config.start_bits, plan=None, init_student=None, continue_from=None)
+    warm = _qat_stage(
+        replace(uniform, out_dir=str(root / "warmup")), progress, dataset=dataset, until=config.warmup_qat_steps
+    )
+    warm_checkpoint = checkpoint_path(warm, config.warmup_qat_steps)
+    sens_path = root / "sensitivity.json"
+    _measure_sensitivity(config, warm, warm_checkpoint, sens_path, progress, dataset, info)
     sensitivity = Sensitivity.from_dict(json.loads(sens_path.read_text()))
     plan = plan_from_sensitivity(sensitivity, config.budget, config.weighting)
     plan_path = root / "plan.json"
