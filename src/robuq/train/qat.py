@@ -251,6 +251,32 @@ def calibration_images(dataset: Dataset, count: int, conditional: bool) -> tuple
     return images, (torch.stack([torch.as_tensor(y) for _, y in samples]).long() if conditional else None)
 
 
+def _dit_training(config: QATConfig, teacher: DiT, dataset: Dataset | None):
+    """(dataset, probe, where the probe's images come from, objective) for a DiT teacher."""
+    dataset = teacher_dataset(config, teacher, dataset)
+    probe_set, probe_source = probe_dataset(config, dataset)
+    images = calibration_images(probe_set, config.probe_images, teacher.num_classes > 0)
+    probe = built_when_used(lambda: teacher_probe(teacher, *images, config.seed, config.probe_guidance))
+    diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
+    objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight, config.null_fraction)
+    return dataset, probe, probe_source, objective
+
+
+def _family_training(config: QATConfig, teacher: nn.Module, dataset: Dataset | None):
+    """The same for a text-to-image family's teacher, conditioned by the prompt table."""
+    table = read_table(config.prompt_embeds, teacher)
+    dataset = dataset if dataset is not None else family_training_data(config, table, teacher)
+    if config.prompt_only:  # no held-out data: the first of the teacher's samples, which training sees too
+        latents, rows = dataset[: config.probe_images]
+        probe_source = "the teacher's own samples (training data; no held-out split)"
+    else:
+        latents, rows = probe_batch(table, config.probe_images, config.data_dir)
+        probe_source = "captioned Fashion-MNIST test split"
+    probe = built_when_used(lambda: family_probe(teacher, table, latents, rows, config.seed, config.probe_guidance))
+    objective = family_qat_objective(teacher, table, config.loss, config.distill_weight, config.null_fraction)
+    return dataset, probe, probe_source, objective
+
+
 def qat(
     config: QATConfig,
     resume: bool = False,
@@ -279,24 +305,8 @@ def qat(
     quantization = config.quantization(plan)
     lap("teacher")
     # The data before the student: a bad --data-dir should fail at once, not after minutes of SVDs.
-    if isinstance(teacher, DiT):
-        dataset = teacher_dataset(config, teacher, dataset)
-        probe_set, probe_source = probe_dataset(config, dataset)
-        images = calibration_images(probe_set, config.probe_images, teacher.num_classes > 0)
-        probe = built_when_used(lambda: teacher_probe(teacher, *images, config.seed, config.probe_guidance))
-        diffusion = create_diffusion(learn_sigma=teacher.out_channels != teacher.in_channels)
-        objective = qat_objective(diffusion, teacher, config.loss, config.distill_weight, config.null_fraction)
-    else:
-        table = read_table(config.prompt_embeds, teacher)
-        dataset = dataset if dataset is not None else family_training_data(config, table, teacher)
-        if config.prompt_only:  # no held-out data: the first of the teacher's samples, which training sees too
-            latents, rows = dataset[: config.probe_images]
-            probe_source = "the teacher's own samples (training data; no held-out split)"
-        else:
-            latents, rows = probe_batch(table, config.probe_images, config.data_dir)
-            probe_source = "captioned Fashion-MNIST test split"
-        probe = built_when_used(lambda: family_probe(teacher, table, latents, rows, config.seed, config.probe_guidance))
-        objective = family_qat_objective(teacher, table, config.loss, config.distill_weight, config.null_fraction)
+    training = _dit_training if isinstance(teacher, DiT) else _family_training
+    dataset, probe, probe_source, objective = training(config, teacher, dataset)
     lap("data and probe")
     # Weights that a checkpoint or another model will replace need no initial SVD split.
     replaced = bool(config.init_student or config.continue_from or (resume and list_checkpoints(config.out_dir)))
