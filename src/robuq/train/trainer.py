@@ -468,6 +468,38 @@ def _next_batch(loader) -> tuple[torch.Tensor, torch.Tensor]:
         raise CorruptImageError(str(exc).strip().splitlines()[-1].split("CorruptImageError: ", 1)[-1]) from None
 
 
+def _steps(state: StepState, run: LoopRun, batches, start: int, stop: int, conditioned: bool, meta: dict) -> None:
+    """Steps start … stop − 1, one batch each: the step, then the probe, the log and the checkpoint due after it."""
+    config, info, device = state.config, state.info, state.device
+    out_dir, sharded = Path(config.out_dir), config.shard == "fsdp"
+    bar = tqdm(
+        range(start, stop),
+        initial=start,
+        total=stop,
+        desc="train",
+        disable=not (run.progress and info.is_main),
+        dynamic_ncols=True,
+    )
+    window = LogWindow(out_dir / "log.jsonl", config.global_batch_size)
+    for step, (x, y) in zip(bar, batches):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True) if conditioned else None
+        loss, grad_norm, losses = train_step(state, x, y, step)
+        window.add(loss)
+        done = step + 1
+        probe_due = (
+            run.probe is not None and config.probe_every > 0 and (done % config.probe_every == 0 or done == stop)
+        )
+        # A sharded EMA runs its forward on every process (each gathers its blocks' weights from the others).
+        probed = run.probe(state.ema) if probe_due and (sharded or info.is_main) else {}
+        if info.is_main and (done % config.log_every == 0 or done == stop or probe_due):
+            record = window.write(done, learning_rate(config, step), grad_norm, losses, probed)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        if done % config.ckpt_every == 0 or done == stop:
+            _checkpoint(state, out_dir, done, meta, sharded)
+    bar.close()
+
+
 def _loop(
     config: LoopConfig,
     model: nn.Module,
@@ -506,34 +538,8 @@ def _loop(
         torch.compile(net) if config.compile else net, model, ema, optimizer, objective, config, info, device
     )
     model.train()
-
-    bar = tqdm(
-        range(start, stop),
-        initial=start,
-        total=stop,
-        desc="train",
-        disable=not (run.progress and info.is_main),
-        dynamic_ncols=True,
-    )
-    window = LogWindow(out_dir / "log.jsonl", config.global_batch_size)
-    for step in bar:
-        x, y = first if step == start else _next_batch(loader)
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True) if conditioned else None
-        loss, grad_norm, losses = train_step(state, x, y, step)
-        window.add(loss)
-        done = step + 1
-        probe_due = (
-            run.probe is not None and config.probe_every > 0 and (done % config.probe_every == 0 or done == stop)
-        )
-        # A sharded EMA runs its forward on every process (each gathers its blocks' weights from the others).
-        probed = run.probe(ema) if probe_due and (sharded or info.is_main) else {}
-        if info.is_main and (done % config.log_every == 0 or done == stop or probe_due):
-            record = window.write(done, learning_rate(config, step), grad_norm, losses, probed)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-        if done % config.ckpt_every == 0 or done == stop:
-            _checkpoint(state, out_dir, done, meta, sharded)
-    bar.close()
+    batches = ((first if step == start else _next_batch(loader)) for step in range(start, stop))
+    _steps(state, run, batches, start, stop, conditioned, meta)
     weights = model_state(ema) if stop == config.steps and (info.is_main or sharded) else None
     if info.is_main and stop == config.steps:
         save_tensors(out_dir / "model.safetensors", weights, {**meta, "kind": "model", "step": stop, "weights": "ema"})
