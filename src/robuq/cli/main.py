@@ -12,7 +12,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from robuq.cli.flags import add_config_arguments, config_from_args
 from robuq.core.errors import RobuqError
@@ -220,35 +221,166 @@ def _version() -> str:
     return f"robuq {__version__} (PyTorch {torch.__version__}, Python {platform.python_version()})"
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class _Job:
+    """A command whose options are ``config``'s fields: ``words`` ("qat", "ampn run"), its help, the function
+    that runs it, config fields the command line does not set, and what adds its options beyond the config's."""
+
+    words: str
+    help: str
+    config: type
+    run: Callable
+    skip: tuple[str, ...] = ()
+    extras: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A command with subcommands (``robuq ampn …``)."""
+
+    name: str
+    help: str
+
+
+def _commands() -> list:
+    """Every command in the order ``robuq --help`` lists them: jobs, groups, and functions that add a
+    hand-built parser. The configs are imported here, when a parser is built, not when robuq.cli is."""
     from robuq.ampn.pipeline import SET_BY_AMPN, AllocateConfig, AMPNConfig, SensitivityConfig
     from robuq.cli.quickstart import DERIVED, QuickstartConfig
+    from robuq.data.encode_latents import LatentsConfig
     from robuq.eval.adm import RefStatsConfig
     from robuq.eval.classifier import ClassifierTrainConfig
     from robuq.eval.evaluate import EvalConfig
     from robuq.io.model_files import ExportConfig
     from robuq.io.quantized import QuantizeConfig
     from robuq.sample.to_files import SampleConfig
-    from robuq.data.encode_latents import LatentsConfig
     from robuq.train.qat import QATConfig
     from robuq.train.text_to_image import TextTeacherConfig
     from robuq.train.trainer import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="robuq", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--debug", action="store_true", help="print the full traceback of any error")
-    parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    _add_no_progress(
-        _job(
-            sub,
+    return [
+        _Job(
             "run",
             "the main job: RobuQ + AMPN on the shipped teacher, short QAT, grids and a summary",
             QuickstartConfig,
             _run_quickstart,
-            skip=DERIVED,
-        )
+            DERIVED,
+            _add_no_progress,
+        ),
+        _models_parser,
+        _Job(
+            "latents",
+            "encode an image folder (a sub-folder per class) through a VAE into a latent cache for --latents "
+            "(resumable; split over torchrun's processes)",
+            LatentsConfig,
+            _run_latents,
+            extras=_add_no_progress,
+        ),
+        _Job(
+            "train",
+            "train a full-precision DiT (single process or under torchrun)",
+            TrainConfig,
+            _run_train,
+            extras=_add_run_control,
+        ),
+        _Job(
+            "train-t2i",
+            "train a miniature text-to-image teacher (FLUX or PixArt layout, with its text encoder) on "
+            "captioned Fashion-MNIST",
+            TextTeacherConfig,
+            _run_train_t2i,
+            extras=_add_run_control,
+        ),
+        _Job(
+            "qat",
+            "quantize a full-precision DiT (default: the shipped teacher) and train it",
+            QATConfig,
+            _run_qat,
+            extras=_add_run_control,
+        ),
+        _Group("ampn", "activation mixed precision: sensitivities, bit allocation, the whole pipeline"),
+        _Job(
+            "ampn sensitivity",
+            "per-layer sensitivity of a quantized model to its activation bits",
+            SensitivityConfig,
+            _run_ampn_sensitivity,
+            extras=_add_no_progress,
+        ),
+        _Job(
+            "ampn allocate",
+            "exact DP allocation of per-layer bits under an average-bit budget",
+            AllocateConfig,
+            _run_ampn_allocate,
+        ),
+        _Job(
+            "ampn run",
+            "warm-up QAT, sensitivity, allocation, QAT with the plan (one schedule)",
+            AMPNConfig,
+            _run_ampn_run,
+            SET_BY_AMPN,
+            _add_final_stage_control,
+        ),
+        _Job(
+            "sample",
+            "generate images: a PNG grid and an ADM-style .npz (--num-samples: at scale, resumable, split over "
+            "torchrun's processes)",
+            SampleConfig,
+            _run_sample,
+            extras=_add_no_progress,
+        ),
+        _Job(
+            "quantize",
+            "apply a preset (and optional bit plan) to a checkpoint and save it",
+            QuantizeConfig,
+            _run_quantize,
+        ),
+        _summary_parser,
+        _Job(
+            "export",
+            "write a quantized model as a compact file (packed weights) for inference",
+            ExportConfig,
+            _run_export,
+        ),
+        _Group("eval", "sample-quality metrics, and the Fashion-MNIST feature classifier"),
+        _Job(
+            "eval metrics",
+            "FID, sFID, IS, precision/recall (and PSNR vs paired samples) of an .npz",
+            EvalConfig,
+            _run_eval_metrics,
+            extras=_add_json_out,
+        ),
+        _Job(
+            "eval ref-stats",
+            "an ADM-style reference batch (mu, sigma, mu_s, sigma_s and up to 10,000 images)",
+            RefStatsConfig,
+            _run_eval_ref_stats,
+            extras=_add_no_progress,
+        ),
+        _Job(
+            "eval train-classifier",
+            "train the Fashion-MNIST CNN whose features the metrics use",
+            ClassifierTrainConfig,
+            _run_train_classifier,
+            extras=_add_no_progress,
+        ),
+    ]
+
+
+def _add_final_stage_control(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--until",
+        type=int,
+        default=None,
+        help="stop the final stage at this step (the schedule still spans --steps; run again to go on)",
     )
+    _add_no_progress(p)
+
+
+def _add_json_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="also write the numbers as JSON here")
+
+
+def _models_parser(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("models", help="list the DiT configurations with parameters and GFLOPs")
     m.add_argument("--input-size", type=int, default=32, help="latent (or image) side length (default: %(default)s)")
     m.add_argument(
@@ -259,126 +391,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     m.set_defaults(func=_run_models)
-    _add_no_progress(
-        _job(
-            sub,
-            "latents",
-            "encode an image folder (a sub-folder per class) through a VAE into a "
-            "latent cache for --latents (resumable; split over torchrun's processes)",
-            LatentsConfig,
-            _run_latents,
-        )
-    )
-    _add_run_control(
-        _job(sub, "train", "train a full-precision DiT (single process or under torchrun)", TrainConfig, _run_train)
-    )
-    _add_run_control(
-        _job(
-            sub,
-            "train-t2i",
-            "train a miniature text-to-image teacher (FLUX or PixArt layout, with its text encoder) on "
-            "captioned Fashion-MNIST",
-            TextTeacherConfig,
-            _run_train_t2i,
-        )
-    )
-    _add_run_control(
-        _job(
-            sub, "qat", "quantize a full-precision DiT (default: the shipped teacher) and train it", QATConfig, _run_qat
-        )
-    )
 
-    ampn = sub.add_parser("ampn", help="activation mixed precision: sensitivities, bit allocation, the whole pipeline")
-    steps = ampn.add_subparsers(dest="ampn_command", required=True)
-    _add_no_progress(
-        _job(
-            steps,
-            "sensitivity",
-            "per-layer sensitivity of a quantized model to its activation bits",
-            SensitivityConfig,
-            _run_ampn_sensitivity,
-        )
-    )
-    _job(
-        steps,
-        "allocate",
-        "exact DP allocation of per-layer bits under an average-bit budget",
-        AllocateConfig,
-        _run_ampn_allocate,
-    )
-    ampn_run_parser = _job(
-        steps,
-        "run",
-        "warm-up QAT, sensitivity, allocation, QAT with the plan (one schedule)",
-        AMPNConfig,
-        _run_ampn_run,
-        skip=SET_BY_AMPN,
-    )
-    ampn_run_parser.add_argument(
-        "--until",
-        type=int,
-        default=None,
-        help="stop the final stage at this step (the schedule still spans --steps; run again to go on)",
-    )
-    _add_no_progress(ampn_run_parser)
 
-    _add_no_progress(
-        _job(
-            sub,
-            "sample",
-            "generate images: a PNG grid and an ADM-style .npz (--num-samples: at scale, "
-            "resumable, split over torchrun's processes)",
-            SampleConfig,
-            _run_sample,
-        )
-    )
-    _job(
-        sub,
-        "quantize",
-        "apply a preset (and optional bit plan) to a checkpoint and save it",
-        QuantizeConfig,
-        _run_quantize,
-    )
+def _summary_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("summary", help="per-module quantizers, bits, MACs and BOPs of a model file")
     s.add_argument("path", nargs="?", default=None, help="model file (default: the shipped teacher)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=_run_summary)
-    _job(
-        sub,
-        "export",
-        "write a quantized model as a compact file (packed weights) for inference",
-        ExportConfig,
-        _run_export,
-    )
 
-    ev = sub.add_parser("eval", help="sample-quality metrics, and the Fashion-MNIST feature classifier")
-    evs = ev.add_subparsers(dest="eval_command", required=True)
-    metrics = _job(
-        evs,
-        "metrics",
-        "FID, sFID, IS, precision/recall (and PSNR vs paired samples) of an .npz",
-        EvalConfig,
-        _run_eval_metrics,
-    )
-    metrics.add_argument("--out", default=None, help="also write the numbers as JSON here")
-    _add_no_progress(
-        _job(
-            evs,
-            "ref-stats",
-            "an ADM-style reference batch (mu, sigma, mu_s, sigma_s and up to 10,000 images)",
-            RefStatsConfig,
-            _run_eval_ref_stats,
-        )
-    )
-    _add_no_progress(
-        _job(
-            evs,
-            "train-classifier",
-            "train the Fashion-MNIST CNN whose features the metrics use",
-            ClassifierTrainConfig,
-            _run_train_classifier,
-        )
-    )
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robuq", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of any error")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+    groups = {"": sub}
+    for entry in _commands():
+        if isinstance(entry, _Group):
+            group = sub.add_parser(entry.name, help=entry.help)
+            groups[entry.name] = group.add_subparsers(dest=f"{entry.name}_command", required=True)
+        elif isinstance(entry, _Job):
+            group, _, name = entry.words.rpartition(" ")
+            p = _job(groups[group], name, entry.help, entry.config, entry.run, entry.skip)
+            if entry.extras is not None:
+                entry.extras(p)
+        else:
+            entry(sub)
     return parser
 
 
