@@ -28,6 +28,29 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _token_scale_offset(y, valid, n, top, step_factor, ratio, RULE: tl.constexpr):
+    """The scale and offset of one token's rotated values ``y`` (where ``valid``) by the scale rule."""
+    if RULE == RULE_MINMAX:
+        lo = tl.min(tl.min(tl.where(valid, y, float("inf")), axis=1), axis=0)
+        hi = tl.max(tl.max(tl.where(valid, y, float("-inf")), axis=1), axis=0)
+        half = (hi - lo) / 2 * ratio
+        scale = tl.maximum(2 * half / top, SCALE_EPS)
+        offset = (lo + hi) / 2 - half
+    else:  # RULE_GAUSSIAN (the kernel refuses any other id)
+        mean = tl.sum(tl.sum(tl.where(valid, y, 0.0), axis=1), axis=0) / n
+        centred = tl.where(valid, y - mean, 0.0)
+        std = tl.sqrt_rn(tl.sum(tl.sum(centred * centred, axis=1), axis=0)) / tl.sqrt_rn(n * 1.0)
+        scale = tl.maximum(step_factor * std * ratio, SCALE_EPS)
+        offset = mean - scale * (top / 2)
+    # A NaN or infinity in the row: NaN scale and offset, so its outputs are NaN as on PyTorch's path
+    # (min, max and the clamps to the levels would hide it).
+    bad = tl.sum(tl.sum(tl.where(valid, y - y, 0.0), axis=1), axis=0)
+    scale = tl.where(bad == 0.0, scale, float("nan"))
+    offset = tl.where(bad == 0.0, offset, float("nan"))
+    return scale, offset
+
+
+@triton.jit
 def hadamard_quantize_kernel(
     x_ptr,
     signs_ptr,
@@ -73,32 +96,58 @@ def hadamard_quantize_kernel(
     if STORE_Y:
         tl.store(y_ptr + row * stride_y + index, y.to(y_ptr.dtype.element_ty), mask=valid)
     if QUANT:
+        tl.static_assert(
+            (RULE == RULE_MINMAX) | (RULE == RULE_GAUSSIAN),
+            "hadamard_quantize_kernel has minmax and gaussian rules only",
+        )
         ratio = 1.0
         if HAS_RATIO:
             ratio = tl.load(ratio_ptr)
-        if RULE == RULE_MINMAX:
-            lo = tl.min(tl.min(tl.where(valid, y, float("inf")), axis=1), axis=0)
-            hi = tl.max(tl.max(tl.where(valid, y, float("-inf")), axis=1), axis=0)
-            half = (hi - lo) / 2 * ratio
-            scale = tl.maximum(2 * half / top, SCALE_EPS)
-            offset = (lo + hi) / 2 - half
-        else:
-            tl.static_assert(RULE == RULE_GAUSSIAN, "hadamard_quantize_kernel has minmax and gaussian rules only")
-            mean = tl.sum(tl.sum(tl.where(valid, y, 0.0), axis=1), axis=0) / n
-            centred = tl.where(valid, y - mean, 0.0)
-            std = tl.sqrt_rn(tl.sum(tl.sum(centred * centred, axis=1), axis=0)) / tl.sqrt_rn(n * 1.0)
-            scale = tl.maximum(step_factor * std * ratio, SCALE_EPS)
-            offset = mean - scale * (top / 2)
-        # A NaN or infinity in the row: NaN scale and offset, so its outputs are NaN as on PyTorch's path
-        # (min, max and the clamps to the levels would hide it).
-        bad = tl.sum(tl.sum(tl.where(valid, y - y, 0.0), axis=1), axis=0)
-        scale = tl.where(bad == 0.0, scale, float("nan"))
-        offset = tl.where(bad == 0.0, offset, float("nan"))
+        scale, offset = _token_scale_offset(y, valid, n, top, step_factor, ratio, RULE)
         u = _round_half_even(tl.div_rn(y - offset, scale))
         u = tl.minimum(tl.maximum(u, 0.0), top * 1.0) - shift
         tl.store(levels_ptr + row * stride_levels + index, u.to(tl.int8), mask=valid)
         tl.store(scale_ptr + row, scale)
         tl.store(offset_ptr + row, offset)
+
+
+@triton.jit
+def _packed_ternary_products(
+    a_ptr, w_ptr, rm, rn, M, N, K, stride_a, stride_w, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
+):
+    """q Lᵀ (int32) of one output tile for L ternary in lowbit_matmul_kernel's 2-bit packing."""
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    quarter = K // 4
+    for k in range(0, quarter, BK):
+        kk = k + rk
+        packed = tl.load(
+            w_ptr + kk[:, None] * stride_w + rn[None, :], mask=(kk[:, None] < quarter) & (rn[None, :] < N), other=0
+        )
+        for part in tl.static_range(4):
+            a = tl.load(
+                a_ptr + rm[:, None] * stride_a + (part * quarter + kk)[None, :],
+                mask=(rm[:, None] < M) & (kk[None, :] < quarter),
+                other=0,
+            )
+            w = ((packed >> (2 * part)) & 3).to(tl.int8) - 1
+            acc += tl.dot(a, w)
+    return acc
+
+
+@triton.jit
+def _int8_products(
+    a_ptr, w_ptr, rm, rn, M, N, K, stride_a, stride_w, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
+):
+    """q Lᵀ (int32) of one output tile for int8 weight levels L (K, N)."""
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k in range(0, K, BK):
+        kk = k + rk
+        a = tl.load(a_ptr + rm[:, None] * stride_a + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
+        w = tl.load(w_ptr + kk[:, None] * stride_w + rn[None, :], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0)
+        acc += tl.dot(a, w)
+    return acc
 
 
 @triton.jit
@@ -133,33 +182,10 @@ def lowbit_matmul_kernel(
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
     if PACKED:
-        quarter = K // 4
-        for k in range(0, quarter, BK):
-            kk = k + rk
-            packed = tl.load(
-                w_ptr + kk[:, None] * stride_w + rn[None, :], mask=(kk[:, None] < quarter) & (rn[None, :] < N), other=0
-            )
-            for part in tl.static_range(4):
-                a = tl.load(
-                    a_ptr + rm[:, None] * stride_a + (part * quarter + kk)[None, :],
-                    mask=(rm[:, None] < M) & (kk[None, :] < quarter),
-                    other=0,
-                )
-                w = ((packed >> (2 * part)) & 3).to(tl.int8) - 1
-                acc += tl.dot(a, w)
+        acc = _packed_ternary_products(a_ptr, w_ptr, rm, rn, M, N, K, stride_a, stride_w, BM, BN, BK)
     else:
-        for k in range(0, K, BK):
-            kk = k + rk
-            a = tl.load(
-                a_ptr + rm[:, None] * stride_a + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0
-            )
-            w = tl.load(
-                w_ptr + kk[:, None] * stride_w + rn[None, :], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0
-            )
-            acc += tl.dot(a, w)
+        acc = _int8_products(a_ptr, w_ptr, rm, rn, M, N, K, stride_a, stride_w, BM, BN, BK)
     s = tl.load(scale_ptr + rm, mask=rm < M, other=0.0)
     o = tl.load(offset_ptr + rm, mask=rm < M, other=0.0)
     alpha = tl.load(alpha_ptr + rn, mask=rn < N, other=0.0)
