@@ -9,6 +9,7 @@ the traceback of every error).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -228,9 +229,9 @@ class _Job:
 
     words: str
     help: str
-    config: type
+    config: str  # "module:ConfigClass"
     run: Callable
-    skip: tuple[str, ...] = ()
+    skip: str | None = None  # "module:NAMES", a tuple of field names
     extras: Callable[[argparse.ArgumentParser], None] | None = None
 
 
@@ -240,130 +241,6 @@ class _Group:
 
     name: str
     help: str
-
-
-def _commands() -> list:
-    """Every command in the order ``robuq --help`` lists them: jobs, groups, and functions that add a
-    hand-built parser. The configs are imported here, when a parser is built, not when robuq.cli is."""
-    from robuq.ampn.pipeline import SET_BY_AMPN, AllocateConfig, AMPNConfig, SensitivityConfig
-    from robuq.cli.quickstart import DERIVED, QuickstartConfig
-    from robuq.data.encode_latents import LatentsConfig
-    from robuq.eval.adm import RefStatsConfig
-    from robuq.eval.classifier import ClassifierTrainConfig
-    from robuq.eval.evaluate import EvalConfig
-    from robuq.io.model_files import ExportConfig
-    from robuq.io.quantized import QuantizeConfig
-    from robuq.sample.to_files import SampleConfig
-    from robuq.train.qat import QATConfig
-    from robuq.train.text_to_image import TextTeacherConfig
-    from robuq.train.trainer import TrainConfig
-
-    return [
-        _Job(
-            "run",
-            "the main job: RobuQ + AMPN on the shipped teacher, short QAT, grids and a summary",
-            QuickstartConfig,
-            _run_quickstart,
-            DERIVED,
-            _add_no_progress,
-        ),
-        _models_parser,
-        _Job(
-            "latents",
-            "encode an image folder (a sub-folder per class) through a VAE into a latent cache for --latents "
-            "(resumable; split over torchrun's processes)",
-            LatentsConfig,
-            _run_latents,
-            extras=_add_no_progress,
-        ),
-        _Job(
-            "train",
-            "train a full-precision DiT (single process or under torchrun)",
-            TrainConfig,
-            _run_train,
-            extras=_add_run_control,
-        ),
-        _Job(
-            "train-t2i",
-            "train a miniature text-to-image teacher (FLUX or PixArt layout, with its text encoder) on "
-            "captioned Fashion-MNIST",
-            TextTeacherConfig,
-            _run_train_t2i,
-            extras=_add_run_control,
-        ),
-        _Job(
-            "qat",
-            "quantize a full-precision DiT (default: the shipped teacher) and train it",
-            QATConfig,
-            _run_qat,
-            extras=_add_run_control,
-        ),
-        _Group("ampn", "activation mixed precision: sensitivities, bit allocation, the whole pipeline"),
-        _Job(
-            "ampn sensitivity",
-            "per-layer sensitivity of a quantized model to its activation bits",
-            SensitivityConfig,
-            _run_ampn_sensitivity,
-            extras=_add_no_progress,
-        ),
-        _Job(
-            "ampn allocate",
-            "exact DP allocation of per-layer bits under an average-bit budget",
-            AllocateConfig,
-            _run_ampn_allocate,
-        ),
-        _Job(
-            "ampn run",
-            "warm-up QAT, sensitivity, allocation, QAT with the plan (one schedule)",
-            AMPNConfig,
-            _run_ampn_run,
-            SET_BY_AMPN,
-            _add_final_stage_control,
-        ),
-        _Job(
-            "sample",
-            "generate images: a PNG grid and an ADM-style .npz (--num-samples: at scale, resumable, split over "
-            "torchrun's processes)",
-            SampleConfig,
-            _run_sample,
-            extras=_add_no_progress,
-        ),
-        _Job(
-            "quantize",
-            "apply a preset (and optional bit plan) to a checkpoint and save it",
-            QuantizeConfig,
-            _run_quantize,
-        ),
-        _summary_parser,
-        _Job(
-            "export",
-            "write a quantized model as a compact file (packed weights) for inference",
-            ExportConfig,
-            _run_export,
-        ),
-        _Group("eval", "sample-quality metrics, and the Fashion-MNIST feature classifier"),
-        _Job(
-            "eval metrics",
-            "FID, sFID, IS, precision/recall (and PSNR vs paired samples) of an .npz",
-            EvalConfig,
-            _run_eval_metrics,
-            extras=_add_json_out,
-        ),
-        _Job(
-            "eval ref-stats",
-            "an ADM-style reference batch (mu, sigma, mu_s, sigma_s and up to 10,000 images)",
-            RefStatsConfig,
-            _run_eval_ref_stats,
-            extras=_add_no_progress,
-        ),
-        _Job(
-            "eval train-classifier",
-            "train the Fashion-MNIST CNN whose features the metrics use",
-            ClassifierTrainConfig,
-            _run_train_classifier,
-            extras=_add_no_progress,
-        ),
-    ]
 
 
 def _add_final_stage_control(p: argparse.ArgumentParser) -> None:
@@ -400,19 +277,136 @@ def _summary_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_run_summary)
 
 
+# Every command in the order ``robuq --help`` lists them: jobs, groups, and functions that add a hand-built
+# parser. Configs (and the fields a command does not set) are named "module:attribute" and imported when a
+# parser is built, not when robuq.cli is.
+COMMANDS = [
+    _Job(
+        "run",
+        "the main job: RobuQ + AMPN on the shipped teacher, short QAT, grids and a summary",
+        "robuq.cli.quickstart:QuickstartConfig",
+        _run_quickstart,
+        "robuq.cli.quickstart:DERIVED",
+        _add_no_progress,
+    ),
+    _models_parser,
+    _Job(
+        "latents",
+        "encode an image folder (a sub-folder per class) through a VAE into a latent cache for --latents "
+        "(resumable; split over torchrun's processes)",
+        "robuq.data.encode_latents:LatentsConfig",
+        _run_latents,
+        extras=_add_no_progress,
+    ),
+    _Job(
+        "train",
+        "train a full-precision DiT (single process or under torchrun)",
+        "robuq.train.trainer:TrainConfig",
+        _run_train,
+        extras=_add_run_control,
+    ),
+    _Job(
+        "train-t2i",
+        "train a miniature text-to-image teacher (FLUX or PixArt layout, with its text encoder) on "
+        "captioned Fashion-MNIST",
+        "robuq.train.text_to_image:TextTeacherConfig",
+        _run_train_t2i,
+        extras=_add_run_control,
+    ),
+    _Job(
+        "qat",
+        "quantize a full-precision DiT (default: the shipped teacher) and train it",
+        "robuq.train.qat:QATConfig",
+        _run_qat,
+        extras=_add_run_control,
+    ),
+    _Group("ampn", "activation mixed precision: sensitivities, bit allocation, the whole pipeline"),
+    _Job(
+        "ampn sensitivity",
+        "per-layer sensitivity of a quantized model to its activation bits",
+        "robuq.ampn.pipeline:SensitivityConfig",
+        _run_ampn_sensitivity,
+        extras=_add_no_progress,
+    ),
+    _Job(
+        "ampn allocate",
+        "exact DP allocation of per-layer bits under an average-bit budget",
+        "robuq.ampn.pipeline:AllocateConfig",
+        _run_ampn_allocate,
+    ),
+    _Job(
+        "ampn run",
+        "warm-up QAT, sensitivity, allocation, QAT with the plan (one schedule)",
+        "robuq.ampn.pipeline:AMPNConfig",
+        _run_ampn_run,
+        "robuq.ampn.pipeline:SET_BY_AMPN",
+        _add_final_stage_control,
+    ),
+    _Job(
+        "sample",
+        "generate images: a PNG grid and an ADM-style .npz (--num-samples: at scale, resumable, split over "
+        "torchrun's processes)",
+        "robuq.sample.to_files:SampleConfig",
+        _run_sample,
+        extras=_add_no_progress,
+    ),
+    _Job(
+        "quantize",
+        "apply a preset (and optional bit plan) to a checkpoint and save it",
+        "robuq.io.quantized:QuantizeConfig",
+        _run_quantize,
+    ),
+    _summary_parser,
+    _Job(
+        "export",
+        "write a quantized model as a compact file (packed weights) for inference",
+        "robuq.io.model_files:ExportConfig",
+        _run_export,
+    ),
+    _Group("eval", "sample-quality metrics, and the Fashion-MNIST feature classifier"),
+    _Job(
+        "eval metrics",
+        "FID, sFID, IS, precision/recall (and PSNR vs paired samples) of an .npz",
+        "robuq.eval.evaluate:EvalConfig",
+        _run_eval_metrics,
+        extras=_add_json_out,
+    ),
+    _Job(
+        "eval ref-stats",
+        "an ADM-style reference batch (mu, sigma, mu_s, sigma_s and up to 10,000 images)",
+        "robuq.eval.adm:RefStatsConfig",
+        _run_eval_ref_stats,
+        extras=_add_no_progress,
+    ),
+    _Job(
+        "eval train-classifier",
+        "train the Fashion-MNIST CNN whose features the metrics use",
+        "robuq.eval.classifier:ClassifierTrainConfig",
+        _run_train_classifier,
+        extras=_add_no_progress,
+    ),
+]
+
+
+def _imported(where: str):
+    module, _, name = where.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robuq", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="print the full traceback of any error")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     groups = {"": sub}
-    for entry in _commands():
+    for entry in COMMANDS:
         if isinstance(entry, _Group):
             group = sub.add_parser(entry.name, help=entry.help)
             groups[entry.name] = group.add_subparsers(dest=f"{entry.name}_command", required=True)
         elif isinstance(entry, _Job):
             group, _, name = entry.words.rpartition(" ")
-            p = _job(groups[group], name, entry.help, entry.config, entry.run, entry.skip)
+            skip = _imported(entry.skip) if entry.skip else ()
+            p = _job(groups[group], name, entry.help, _imported(entry.config), entry.run, skip)
             if entry.extras is not None:
                 entry.extras(p)
         else:
