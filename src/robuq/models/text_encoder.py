@@ -25,6 +25,14 @@ class TextEncoderConfig:
         return asdict(self)
 
 
+def attended_positions(present: torch.Tensor) -> torch.Tensor:
+    """Where a caption is attended to, from where its tokens are (``present``, (batch, positions) bool): its
+    tokens, and an empty caption (the unconditional prompt) its first position, not nothing (softmax over
+    no positions would give NaNs). The text encoder and the transformer's attention mask share this rule."""
+    empty = ~present.any(dim=1, keepdim=True)
+    return present | (empty & (torch.arange(present.shape[1], device=present.device) == 0))
+
+
 class TextEncoder(nn.Module):
     """Word ids (N × L, 0 = padding) → per-token embeddings (N × L × dim) and pooled embeddings (N × dim)."""
 
@@ -42,9 +50,7 @@ class TextEncoder(nn.Module):
         nn.init.normal_(self.positions, std=0.02)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pad = ids == 0
-        # An empty caption (the unconditional prompt) attends to its first position rather than to nothing.
-        pad = pad & ~(pad.all(dim=1, keepdim=True) & (torch.arange(ids.shape[1], device=ids.device) == 0))
+        pad = ~attended_positions(ids != 0)
         x = self.words(ids) + self.positions[:, : ids.shape[1]]
         x = self.norm(self.layers(x, src_key_padding_mask=pad))
         keep = (~pad).unsqueeze(-1).to(x.dtype)

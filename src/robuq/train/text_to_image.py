@@ -35,7 +35,7 @@ from robuq.io.prompts import save_prompt_table
 from robuq.models.checkpoint import read_state_dict
 from robuq.models.families import family_of, predict_latents, unwrapped
 from robuq.models.families.base import class_name, diffusers_module
-from robuq.models.text_encoder import TextEncoder, TextEncoderConfig
+from robuq.models.text_encoder import TextEncoder, TextEncoderConfig, attended_positions
 from robuq.train.family_objective import noisy_batch
 from robuq.train.trainer import LoopConfig, label_drops, train_loop
 
@@ -126,9 +126,7 @@ def forward_text(takes: set[str], tokens: torch.Tensor, pooled: torch.Tensor, ma
     if "pooled_projections" in takes:
         text["pooled_projections"] = pooled
     if "encoder_attention_mask" in takes:
-        # Keep one position for the empty caption: a row attending to nothing would give NaNs.
-        keep = mask | (~mask.any(1, keepdim=True) & (torch.arange(mask.shape[1], device=mask.device) == 0))
-        text["encoder_attention_mask"] = keep.to(tokens.dtype)
+        text["encoder_attention_mask"] = attended_positions(mask).to(tokens.dtype)
     return text
 
 
