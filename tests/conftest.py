@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Before numpy and scipy load OpenBLAS, which reads this once: with two OpenBLAS threads on the shared 2-core
 # machine, scipy's sqrtm of a 256×256 matrix (every FID) took 4.1 s against 0.07 s with one, measured side by side.
@@ -121,3 +122,17 @@ def tensor_byte_offset(path) -> int:
         header = f.read(30)
     name_length, extra_length = struct.unpack("<HH", header[26:30])
     return info.header_offset + 30 + name_length + extra_length
+
+
+def robuq_under_torchrun(processes: int) -> list[str]:
+    """The start of a ``robuq`` command line run by torchrun in ``processes`` local processes (gloo on the CPU);
+    the subcommand and its options follow."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "robuq.cli",
+    ]

@@ -13,6 +13,7 @@ from robuq.core.files import save_tensors
 from robuq.precision import BitPlan, current_plan, load_plan, preset, quantize_
 from robuq.io.quantized import load_quantized
 from robuq.train.qat import QATConfig, build_student
+from conftest import robuq_under_torchrun
 
 
 @pytest.fixture
@@ -249,7 +250,6 @@ def test_ampn_run_under_torchrun_uses_one_process_group(tmp_path, tiny_dit, fmni
     own)."""
     import os
     import subprocess
-    import sys
 
     teacher = str(
         save_tensors(
@@ -258,14 +258,7 @@ def test_ampn_run_under_torchrun_uses_one_process_group(tmp_path, tiny_dit, fmni
     )
     out = tmp_path / "a"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "robuq.cli",
+        *robuq_under_torchrun(2),
         "ampn",
         "run",
         "--teacher",

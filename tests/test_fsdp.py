@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from robuq.core.files import save_tensors
 from robuq.models.checkpoint import read_state_dict
+from conftest import robuq_under_torchrun
 
 
 @pytest.fixture
@@ -26,13 +26,7 @@ def teacher_file(tmp_path, tiny_dit):
 
 def torchrun_qat(out, teacher, data_dir, *extra: str) -> str:
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "robuq.cli",
+        *robuq_under_torchrun(2),
         "qat",
         "--teacher",
         teacher,

@@ -21,7 +21,7 @@ from robuq.data.latents import LatentDataset, read_index, shard_path
 from robuq.data.vae import LATENT_SCALE, decode, encode, load_vae
 from robuq.data.encode_latents import LatentsConfig, encode_latents
 
-from conftest import CLASSES, make_image_folder
+from conftest import CLASSES, make_image_folder, robuq_under_torchrun
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -302,13 +302,7 @@ def test_latent_cache_under_torchrun_equals_one_process(tmp_path, image_dir, vae
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "robuq.cli",
+            *robuq_under_torchrun(2),
             *args,
             "--out",
             str(tmp_path / "two"),

@@ -2,7 +2,6 @@ import importlib
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from robuq.io.quantized import load_quantized
 from robuq.train.qat import QATConfig, build_student, qat
 from robuq.train.state import list_checkpoints
 from robuq.train.trainer import TrainingDivergedError
+from conftest import robuq_under_torchrun
 
 
 @pytest.fixture
@@ -98,13 +98,7 @@ def test_non_finite_teacher_stops_qat_and_keeps_the_checkpoint(tmp_path, teacher
 def test_torchrun_two_process_qat(tmp_path, teacher_file, fmnist_dir):
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "robuq.cli",
+        *robuq_under_torchrun(2),
         "qat",
         "--teacher",
         teacher_file,

@@ -8,25 +8,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from robuq.core.files import save_tensors
+from conftest import robuq_under_torchrun
 
 
 def command(teacher: str, data_dir, out: Path) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "8",
-        "-m",
-        "robuq.cli",
+        *robuq_under_torchrun(8),
         "ampn",
         "run",
         "--teacher",

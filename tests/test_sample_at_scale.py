@@ -15,7 +15,7 @@ from robuq.models.dit import DiT
 from robuq.sample.at_scale import shard_labels
 from robuq.sample.to_files import SampleConfig, sample_to_files
 
-from conftest import perturbed, tiny_config
+from conftest import perturbed, tiny_config, robuq_under_torchrun
 from test_latents import make_vae
 
 pytest.importorskip("diffusers")
@@ -103,13 +103,7 @@ def test_sampling_under_torchrun_equals_one_process(tmp_path, parts):
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "robuq.cli",
+            *robuq_under_torchrun(2),
             *args,
             "--out",
             str(tmp_path / "two"),
