@@ -230,22 +230,11 @@ def exported_teacher(tmp_path, fmnist_dir):
 def test_qat_of_a_family_teacher_trains_every_block_linear_and_loads(layout, tmp_path, fmnist_dir, exported_teacher):
     from robuq.io.quantized import load_quantized
     from robuq.quant.linear import QuantLinear
-    from robuq.train.qat import QATConfig, qat
+    from robuq.train.qat import qat
 
     teacher = exported_teacher(layout)
-    config = QATConfig(
-        teacher=str(teacher / "transformer"),
-        prompt_embeds=str(teacher / "prompts.safetensors"),
-        data_dir=str(fmnist_dir),
-        steps=4,
-        global_batch_size=8,
-        probe_every=2,
-        probe_images=8,
-        log_every=2,
-        ckpt_every=2,
-        lowrank_share=16 / 1152,
-        out_dir=str(tmp_path / "qat"),
-        device="cpu",
+    config = _family_qat_config(
+        teacher, fmnist_dir, tmp_path / "qat", probe_images=8, log_every=2, lowrank_share=16 / 1152
     )
     out = qat(config, progress=False)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -271,16 +260,10 @@ def test_qat_of_a_family_teacher_trains_every_block_linear_and_loads(layout, tmp
 
 
 def test_qat_of_a_family_teacher_needs_its_prompt_table(tmp_path, fmnist_dir, exported_teacher):
-    from robuq.train.qat import QATConfig, qat
+    from robuq.train.qat import qat
 
     teacher = exported_teacher("flux")
-    config = QATConfig(
-        teacher=str(teacher / "transformer"),
-        data_dir=str(fmnist_dir),
-        steps=2,
-        device="cpu",
-        out_dir=str(tmp_path / "q"),
-    )
+    config = _family_qat_config(teacher, fmnist_dir, tmp_path / "q", prompt_embeds=None, steps=2)
     with pytest.raises(RobuqError, match="--prompt-embeds"):
         qat(config, progress=False)
 
@@ -288,21 +271,9 @@ def test_qat_of_a_family_teacher_needs_its_prompt_table(tmp_path, fmnist_dir, ex
 def test_ampn_allocates_the_text_and_image_streams_of_a_flux_teacher(tmp_path, fmnist_dir, exported_teacher):
     from robuq.ampn.pipeline import AMPNConfig, ampn_run
     from robuq.precision.plan import BitPlan
-    from robuq.train.qat import QATConfig
 
     teacher = exported_teacher("flux")
-    qat = QATConfig(
-        teacher=str(teacher / "transformer"),
-        prompt_embeds=str(teacher / "prompts.safetensors"),
-        data_dir=str(fmnist_dir),
-        steps=4,
-        global_batch_size=8,
-        probe_every=2,
-        probe_images=8,
-        ckpt_every=2,
-        out_dir=str(tmp_path / "ampn"),
-        device="cpu",
-    )
+    qat = _family_qat_config(teacher, fmnist_dir, tmp_path / "ampn", probe_images=8)
     final = ampn_run(
         AMPNConfig(qat=qat, budget=2, warmup_qat_steps=2, calibration_images=8), progress=False, announce_plan=False
     )
@@ -366,22 +337,11 @@ def test_prompt_only_qat_trains_on_the_teachers_own_samples(tmp_path, exported_t
     """No images at all: the teacher samples its prompts once (kept, and read again on resumption), and QAT
     trains the student on those samples."""
     from robuq.core.files import load_tensors
-    from robuq.train.qat import QATConfig, qat
+    from robuq.train.qat import qat
 
     teacher = exported_teacher("pixart")
-    config = QATConfig(
-        teacher=str(teacher / "transformer"),
-        prompt_embeds=str(teacher / "prompts.safetensors"),
-        data_dir=str(tmp_path / "no-data-here"),
-        prompt_only=6,
-        prompt_only_steps=2,
-        steps=4,
-        global_batch_size=4,
-        probe_every=2,
-        probe_images=4,
-        ckpt_every=2,
-        out_dir=str(tmp_path / "qat"),
-        device="cpu",
+    config = _family_qat_config(
+        teacher, tmp_path / "no-data-here", tmp_path / "qat", prompt_only=6, prompt_only_steps=2, global_batch_size=4
     )
     qat(config, until=2, progress=False)
     samples, meta = load_tensors(tmp_path / "qat" / "teacher-samples.safetensors")
@@ -397,23 +357,16 @@ def test_prompt_only_qat_trains_on_the_teachers_own_samples(tmp_path, exported_t
 def test_prompt_only_ampn_calibrates_on_the_teachers_samples(tmp_path, exported_teacher):
     from robuq.ampn.pipeline import AMPNConfig, ampn_run
     from robuq.core.files import load_tensors
-    from robuq.train.qat import QATConfig
 
     teacher = exported_teacher("flux")
-    qat = QATConfig(
-        teacher=str(teacher / "transformer"),
-        prompt_embeds=str(teacher / "prompts.safetensors"),
-        data_dir=str(tmp_path / "no-data-here"),
+    qat = _family_qat_config(
+        teacher,
+        tmp_path / "no-data-here",
+        tmp_path / "ampn",
         prompt_only=6,
         prompt_only_steps=2,
         latent_size=14,
-        steps=4,
         global_batch_size=4,
-        probe_every=2,
-        probe_images=4,
-        ckpt_every=2,
-        out_dir=str(tmp_path / "ampn"),
-        device="cpu",
     )
     final = ampn_run(
         AMPNConfig(qat=qat, budget=3, warmup_qat_steps=2, calibration_images=4), progress=False, announce_plan=False
@@ -423,13 +376,14 @@ def test_prompt_only_ampn_calibrates_on_the_teachers_samples(tmp_path, exported_
     assert torch.equal(warm["latents"], last["latents"]) and (final / "model.safetensors").is_file()
 
 
-def _family_qat_config(teacher, fmnist_dir, out, **changes):
+def _family_qat_config(teacher, data_dir, out, **changes):
+    """A small QAT run of an exported miniature teacher on captioned Fashion-MNIST, with ``changes``."""
     from robuq.train.qat import QATConfig
 
     base = dict(
         teacher=str(teacher / "transformer"),
         prompt_embeds=str(teacher / "prompts.safetensors"),
-        data_dir=str(fmnist_dir),
+        data_dir=str(data_dir),
         steps=4,
         global_batch_size=8,
         probe_every=2,
