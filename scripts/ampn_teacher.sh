@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full AMPN pipeline on the shipped teacher at one average-bit budget (issue 4's reference runs):
+# The full AMPN pipeline on the shipped teacher at one average-bit budget (the reference runs of results/ampn.md):
 # one 2000-step QAT schedule: its first 1000 steps at 4 bits, sensitivities, exact allocation, 1000 steps with the plan.
 # Usage: scripts/ampn_teacher.sh BUDGET OUT_DIR [extra robuq ampn run flags]
 # Re-running the same command resumes: finished stages are skipped, QAT stages continue from checkpoints.
