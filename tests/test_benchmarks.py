@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import shlex
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -1400,3 +1401,27 @@ def test_t2i_teacher_evidence_at_toy_size(tmp_path, fmnist_dir):
     kept = tmp_path / "results" / "teacher" / "teacher"  # the exported teacher, as QAT and sampling take it
     assert json.loads((kept / "teacher.json").read_text())["step"] == 2
     assert (kept / "transformer" / "config.json").is_file() and (kept / "prompts.safetensors").is_file()
+
+
+def test_roofline_reads_each_kernel_against_measured_peaks(tmp_path):
+    """The roofline script compiles its peak loops, measures the copy bandwidth and times every kernel at every
+    shape; each row's fractions are its rate over the peak and bandwidth it names (a check, not a measurement)."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    roofline = _load("roofline")
+    argv = ["--quick", "--results-dir", str(tmp_path)]
+    payload = roofline.main(argv)
+    data, markdown = _record(tmp_path, "roofline", "roofline", argv)
+    assert data["peaks"] == payload["peaks"] and data["bandwidth_bytes_per_s"] > 0
+    assert data["peaks"]["lookup, AVX2 (vpshufb + vpsignb + vpaddb)"] > 0  # every x86-64 CI machine has AVX2
+    assert {(r["kernel"], r["shape"]) for r in data["kernels"]} == {
+        (kernel, shape)
+        for kernel in ("lookup GEMM", "torch._int_mm", "fused ternary linear")
+        for shape in roofline.SHAPES
+    }
+    for r in data["kernels"]:
+        assert r["products_per_s"] == pytest.approx(roofline.ROWS * r["k"] * r["n"] / (r["ms"] / 1e3))
+        assert r["of_bandwidth"] == pytest.approx(r["bytes_per_s"] / data["bandwidth_bytes_per_s"])
+        if r["of_instruction_peak"] is not None:
+            assert r["of_instruction_peak"] > 0
+    assert "| lookup GEMM | DiT-S/2 fc1 (384→1536) |" in markdown
