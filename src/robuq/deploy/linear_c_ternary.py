@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from robuq.deploy import gemm as gemm_paths
-from robuq.deploy.linear_c import CLinear
+from robuq.deploy.linear_c import CLinear, branch_down, fused_input_pass
 from robuq.kernels import native
 
 
-class CTernaryLinear(CLinear):
+class CTernaryLinear:
     """The layer in one ``native.linear_ternary`` call (``input_levels`` as the C path computes them)."""
 
     name = "c-ternary"
@@ -32,7 +32,7 @@ class CTernaryLinear(CLinear):
         )
 
     def __init__(self, layer) -> None:
-        super().__init__(layer)
+        self.layer = layer
         self.arguments = native.ternary_linear_args(
             layer.in_features,
             layer.out_features,
@@ -41,13 +41,13 @@ class CTernaryLinear(CLinear):
             layer.act_bits,
             layer.act_rule,
             layer.clip_ratio,
-            self.down,
+            branch_down(layer),
             layer._avx2_weight,
             layer._level_sums,
             layer.weight_scale,
             layer._offset_rows[0],
             layer._offset_rows[1],
-            self.up_rows,
+            layer._lowrank_up_rows if layer.rank else None,
             layer.gelu,
         )
 
@@ -55,3 +55,7 @@ class CTernaryLinear(CLinear):
         rows = x.reshape(-1, self.layer.in_features)
         out = torch.empty(rows.shape[0], self.layer.out_features, dtype=torch.float32)
         return native.linear_ternary(rows, self.arguments, out).reshape(*x.shape[:-1], self.layer.out_features)
+
+    def input_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(int8 levels, scale, offset) as the fused call computes them inside."""
+        return fused_input_pass(self.layer, x, None)[:3]

@@ -24,6 +24,59 @@ def cuda_int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)
 
 
+def in_row_blocks(layer, x: torch.Tensor, rows_into) -> torch.Tensor:
+    """The layer's output for ``x``, ``rows_into(rows, out_rows)`` filling it a block of rows at a time (blocks
+    keep the temporaries under glibc's mmap threshold, so their pages are reused rather than faulted in afresh
+    on every call; a per-sample scale spans a sample's tokens, so that granularity is one block)."""
+    flat = x.reshape(-1, layer.in_features)
+    out = torch.empty(flat.shape[0], layer.out_features, dtype=torch.float32, device=x.device)
+    if layer.act_granularity == "token":
+        for start in range(0, flat.shape[0], layer.block_rows):
+            rows_into(flat[start : start + layer.block_rows], out[start : start + layer.block_rows])
+    else:
+        rows_into(x, out)
+    return out.reshape(*x.shape[:-1], layer.out_features)
+
+
+def input_pass(layer, x: torch.Tensor):
+    """(int8 levels, scale, offset, None) of the rotated input rows in PyTorch operations: what the integer
+    GEMM multiplies (a fused pass may return the low-rank branch V·x' where None stands)."""
+    rotated = hadamard_transform(x, layer.hadamard_signs) if layer.hadamard else x
+    q = activation_levels(rotated, layer.act_bits, layer.act_granularity, layer.act_rule, layer.clip_ratio)
+    u = q.levels.sub_(layer.level_shift) if layer.level_shift else q.levels
+    levels = u.to(torch.int8).reshape(-1, layer.in_features)
+    rows, lead = levels.shape[0], rotated.shape[:-1]
+    return levels, q.scale.expand(*lead, 1).reshape(rows, 1), q.offset.expand(*lead, 1).reshape(rows, 1), None
+
+
+def integer_product(layer, levels: torch.Tensor) -> torch.Tensor:
+    """levels · the layer's weight levels, exact int32: by the layer's CPU GEMM path on the CPU, on a GPU by
+    ``torch._int_mm``."""
+    if layer.weight_scale.device.type != "cpu":
+        return cuda_int8_matmul(levels, layer.levels_t())
+    return gemm_paths.matmul(
+        layer.gemm,
+        levels,
+        layer.weight_levels_t,
+        layer._level_sums,
+        layer._max_weight,
+        packed=layer._avx2_weight,
+        act_shift=layer.level_shift,
+        act_top=layer.act_top,
+    )
+
+
+def rescale(
+    layer, acc: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, branch: torch.Tensor | None
+) -> None:
+    """y = (s·acc + (o + shift·s)·ΣL)·α + b [+ U·branch] [then GELU]: two scalings and one rank-2 update, all
+    in place."""
+    torch.mul(acc, scale, out=y)
+    y.mul_(layer.weight_scale)
+    y.addmm_(torch.cat([offset + layer.level_shift * scale, torch.ones_like(offset)], dim=1), layer._offset_rows)
+    finish(layer, y, branch)
+
+
 class PyTorchLinear:
     """The integer linear ``layer`` (an IntegerLinear) in PyTorch operations; the integer product by the
     layer's CPU GEMM path on the CPU (every path gives the exact int32 sums), by ``torch._int_mm`` on a GPU."""
@@ -32,68 +85,20 @@ class PyTorchLinear:
 
     def __init__(self, layer) -> None:
         self.layer = layer
-        self.on_cpu = layer.weight_scale.device.type == "cpu"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
-        flat = x.reshape(-1, layer.in_features)
-        out = torch.empty(flat.shape[0], layer.out_features, dtype=torch.float32, device=x.device)
-        if layer.act_granularity == "token":
-            # Blocks of rows keep the temporaries under glibc's mmap threshold, so their pages are reused
-            # rather than faulted in afresh on every call.
-            for start in range(0, flat.shape[0], layer.block_rows):
-                self.rows_into(flat[start : start + layer.block_rows], out[start : start + layer.block_rows])
-        else:  # a per-sample scale spans all of a sample's tokens: one block
-            self.rows_into(x, out)
-        return out.reshape(*x.shape[:-1], layer.out_features)
+        return in_row_blocks(self.layer, x, self.rows_into)
 
     def rows_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y (rows × out) = the layer applied to x's rows."""
-        levels, scale, offset, branch = self.input_pass(x)
-        if self.layer.rank and branch is None:
-            branch = low_rank_branch(self.layer, x.reshape(-1, self.layer.in_features), levels, scale, offset)
-        self.rescale(self.integer_product(levels), y, scale, offset, branch)
+        layer = self.layer
+        levels, scale, offset, _ = input_pass(layer, x)
+        branch = low_rank_branch(layer, x.reshape(-1, layer.in_features), levels, scale, offset) if layer.rank else None
+        rescale(layer, integer_product(layer, levels), y, scale, offset, branch)
 
     def input_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(int8 levels, scale, offset) of the rotated input rows: what the integer GEMM multiplies."""
-        return self.input_pass(x, with_branch=False)[:3]
-
-    def input_pass(self, x: torch.Tensor, with_branch: bool = True):
-        """input_levels, and the low-rank branch V·x' where the pass computes it on the way (else None;
-        here always None)."""
-        layer = self.layer
-        rotated = hadamard_transform(x, layer.hadamard_signs) if layer.hadamard else x
-        q = activation_levels(rotated, layer.act_bits, layer.act_granularity, layer.act_rule, layer.clip_ratio)
-        u = q.levels.sub_(layer.level_shift) if layer.level_shift else q.levels
-        levels = u.to(torch.int8).reshape(-1, layer.in_features)
-        rows, lead = levels.shape[0], rotated.shape[:-1]
-        return levels, q.scale.expand(*lead, 1).reshape(rows, 1), q.offset.expand(*lead, 1).reshape(rows, 1), None
-
-    def integer_product(self, levels: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
-        if not self.on_cpu:
-            return cuda_int8_matmul(levels, layer.levels_t())
-        return gemm_paths.matmul(
-            layer.gemm,
-            levels,
-            layer.weight_levels_t,
-            layer._level_sums,
-            layer._max_weight,
-            packed=layer._avx2_weight,
-            act_shift=layer.level_shift,
-            act_top=layer.act_top,
-        )
-
-    def rescale(
-        self, acc: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, branch: torch.Tensor | None
-    ) -> None:
-        """y = (s·acc + (o + shift·s)·ΣL)·α + b [+ U·branch] [then GELU]: two scalings and one rank-2 update,
-        all in place."""
-        layer = self.layer
-        torch.mul(acc, scale, out=y)
-        y.mul_(layer.weight_scale)
-        y.addmm_(torch.cat([offset + layer.level_shift * scale, torch.ones_like(offset)], dim=1), layer._offset_rows)
-        finish(layer, y, branch)
+        return input_pass(self.layer, x)[:3]
 
 
 def low_rank_branch(

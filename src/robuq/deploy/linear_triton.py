@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from robuq.deploy.linear_pytorch import PyTorchLinear, finish, low_rank_branch
+from robuq.deploy import linear_pytorch
+from robuq.deploy.linear_pytorch import finish, low_rank_branch
 from robuq.kernels import triton_ops
 
 
-class TritonLinear(PyTorchLinear):
+class TritonLinear:
     """The layer on robuq's Triton kernels (CUDA tensors, or CPU tensors under Triton's interpreter)."""
 
     name = "triton"
@@ -23,7 +24,7 @@ class TritonLinear(PyTorchLinear):
         return layer.act_granularity == "token" and triton_ops.enabled_for(layer.weight_scale)
 
     def __init__(self, layer) -> None:
-        super().__init__(layer)
+        self.layer = layer
         self.fused_quantize = layer.hadamard and layer.act_rule in triton_ops.RULES
         self.packed = layer.config.weight == "ternary" and layer.in_features % 4 == 0
         levels = layer.levels_t()
@@ -46,11 +47,11 @@ class TritonLinear(PyTorchLinear):
         finish(layer, y, low_rank_branch(layer, rows, levels, scale, offset) if layer.rank else None)
         return y.reshape(*x.shape[:-1], layer.out_features)
 
-    def input_pass(self, x: torch.Tensor, with_branch: bool = True):
+    def input_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         layer = self.layer
         if self.fused_quantize and triton_ops.can_hadamard(x):  # the input's dtype and width: see can_hadamard
             _, levels, scale, offset = triton_ops.hadamard_quantize(
                 x, layer.hadamard_signs, layer.act_bits, layer.act_rule, layer.clip_ratio, store_rotated=False
             )
-            return levels, scale[:, None], offset[:, None], None
-        return super().input_pass(x, with_branch)
+            return levels, scale[:, None], offset[:, None]
+        return linear_pytorch.input_pass(layer, x)[:3]
