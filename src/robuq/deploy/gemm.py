@@ -30,12 +30,12 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from robuq.core.files import atomic_write_text
 from robuq.kernels import native
 from robuq.core.errors import RobuqError
 
@@ -208,10 +208,7 @@ def lookup_beats_int_mm(top: int) -> str:
     if key not in choices:
         times = time_lookup_against_int_mm(top)
         choices[key] = {"path": "avx2" if times["avx2"] * 1.1 < times["int_mm"] else "int_mm", "ms": times}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-            json.dump(choices, handle, indent=1)
-        os.replace(handle.name, path)  # atomic: a concurrent process reads the old file or the new one
+        atomic_write_text(path, json.dumps(choices, indent=1))  # a concurrent process reads the old or the new
     return choices[key]["path"]
 
 
