@@ -652,6 +652,11 @@ def _pattern_numbers(b: torch.Tensor, columns: int) -> tuple[torch.Tensor, int, 
     return (w[0] + 1) * 9 + (w[1] + 1) * 3 + (w[2] + 1), blocks, groups
 
 
+def _pattern_weights(number: torch.Tensor) -> list[torch.Tensor]:
+    """The three weights (each in {−1, 0, 1}) a base-3 pattern number stands for: ``_pattern_numbers`` undone."""
+    return [number // 9 - 1, number // 3 % 3 - 1, number % 3 - 1]
+
+
 def pack_ternary_weights(b: torch.Tensor, columns: int | None = None) -> torch.Tensor:
     """b (k, n) with levels in {−1, 0, 1} in the layout of the built ternary lookup GEMM (``columns``: None
     for ``ternary_columns()``). AVX2's: (⌈n/32⌉, ⌈k/3⌉, 2, 32) int8, per column block and group of
@@ -666,7 +671,7 @@ def pack_ternary_weights(b: torch.Tensor, columns: int | None = None) -> torch.T
     if columns == TERNARY_WIDE_COLUMNS:
         odd = (torch.arange(groups, device=b.device) % 2 * 32).to(torch.int8)[:, None]
         return (number + odd).reshape(groups, blocks, columns).permute(1, 0, 2).contiguous()
-    digits = [number // 9 - 1, number // 3 % 3 - 1, number % 3 - 1]
+    digits = _pattern_weights(number)
     sign = torch.where(digits[0] != 0, digits[0], torch.where(digits[1] != 0, digits[1], digits[2]))
     canonical = (digits[0] * sign + 1) * 9 + (digits[1] * sign + 1) * 3 + (digits[2] * sign + 1)
     code = torch.stack([_slot_table(b.device)[canonical.long()], sign], dim=1)  # (groups, 2, columns)
@@ -676,8 +681,7 @@ def pack_ternary_weights(b: torch.Tensor, columns: int | None = None) -> torch.T
 def unpack_ternary_weights(code: torch.Tensor, k: int, n: int) -> torch.Tensor:
     """The int8 (k, n) matrix that ``pack_ternary_weights`` packed, in either layout."""
     if code.dim() == 3:  # the wide numbers
-        number = (code % 32).long()  # (blocks, groups, 64)
-        weights = torch.stack([number // 9 - 1, number // 3 % 3 - 1, number % 3 - 1], dim=-1).to(torch.int8)
+        weights = torch.stack(_pattern_weights(code % 32), dim=-1)  # (blocks, groups, 64, 3)
     else:
         table = torch.tensor(TERNARY_PATTERNS, dtype=torch.int8, device=code.device)
         slots, signs = code[:, :, 0].long(), code[:, :, 1]  # (blocks, groups, 32)
